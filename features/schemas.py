@@ -1,0 +1,331 @@
+"""Every Arrow schema of cohortcast, in one place.
+
+Stage: shared by all stages. In: nothing. Out: ``pyarrow.Schema`` objects for the landing-zone
+contracts a hospital points cohortcast at (notes, genomics and imaging tables; FHIR itself is
+described by the FHIR R4 specification), for the simulator's ground truth, and for every internal
+table: the normalized FHIR tables, ``quarantine``, the MEDS-form ``events``, ``labels``,
+``splits`` and ``scores``.
+
+Conventions, which every later stage relies on:
+
+* Times are ``timestamp[us]`` without a zone and always in UTC; dates of birth are ``date32``.
+* ``patient_id`` is the source system's identifier (the FHIR ``Patient.id``); ``subject_id`` is
+  the MEDS ``int64`` derived from it by :func:`features.identifiers.subject_ids`.
+* Codes carry their vocabulary as a prefix, MEDS style: ``LOINC//2160-0``, ``SNOMED//44054006``,
+  ``ICD10CM//I50.9``, ``RXNORM//309362``, ``GENE//CYP2C19``.
+* Units are in column names where a column has one unit (``duration_days``).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TIME = pa.timestamp("us")
+"""UTC instant without a zone (MEDS convention)."""
+
+# --------------------------------------------------------------------------------------------
+# Landing-zone contracts (what a hospital drops next to its FHIR export)
+# --------------------------------------------------------------------------------------------
+
+NOTES_INPUT = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("note_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        pa.field("note_type", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+"""A notes table (``notes/*.parquet`` or ``*.csv``): one clinical note per row."""
+
+GENOMICS_VARIANTS_INPUT = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("gene", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=False),
+        # Number of alternate alleles: 0 homozygous reference, 1 heterozygous, 2 homozygous alt.
+        pa.field("genotype", pa.int8(), nullable=False),
+    ]
+)
+"""Variant calls in long form (``genomics/*.parquet|tsv|csv``)."""
+
+GENOMICS_FEATURES_INPUT = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("feature", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+    ]
+)
+"""Numeric genomic features (expression, scores) in long form. The wide form has ``patient_id``
+and one float column per feature."""
+
+IMAGING_INPUT = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("study_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        # DICOM modality code: US, CT, MR, CR, ...
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("body_site", pa.string(), nullable=False),
+        # Produced by the site's image encoder; every row of one table has the same length.
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+"""Imaging study embeddings (``imaging/*.parquet``)."""
+
+# --------------------------------------------------------------------------------------------
+# Simulator ground truth (known only for simulated hospitals)
+# --------------------------------------------------------------------------------------------
+
+TRUTH = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("sex", pa.string(), nullable=False),
+        pa.field("age_years", pa.float64(), nullable=False),
+        # The index visit: the moment a prediction is made for this patient.
+        pa.field("prediction_time", TIME, nullable=False),
+        pa.field("horizon_days", pa.int32(), nullable=False),
+        # Hidden state. Each component is seen through one modality only.
+        pa.field("ehr_severity", pa.float64(), nullable=False),
+        pa.field("note_severity", pa.float64(), nullable=False),
+        pa.field("genomic_risk", pa.float64(), nullable=False),
+        pa.field("imaging_severity", pa.float64(), nullable=False),
+        pa.field("cyp2c19_lof_alleles", pa.int8(), nullable=False),
+        pa.field("lpa_risk_alleles", pa.int8(), nullable=False),
+        # Which modalities the landing zone holds for this patient.
+        pa.field("has_notes", pa.bool_(), nullable=False),
+        pa.field("has_genomics", pa.bool_(), nullable=False),
+        pa.field("has_imaging", pa.bool_(), nullable=False),
+        # Treatment decided at the index visit (clopidogrel started within the treatment window).
+        pa.field("treated", pa.bool_(), nullable=False),
+        pa.field("propensity", pa.float64(), nullable=False),
+        # log hazard ratio of the outcome under the treatment actually given; with the Weibull
+        # baseline stored in the schema metadata it gives the whole true survival curve.
+        pa.field("log_hazard_ratio", pa.float64(), nullable=False),
+        pa.field("true_risk", pa.float64(), nullable=False),
+        pa.field("true_risk_untreated", pa.float64(), nullable=False),
+        pa.field("true_risk_treated", pa.float64(), nullable=False),
+        # risk if treated minus risk if untreated at the horizon (negative = the drug helps).
+        pa.field("true_treatment_effect", pa.float64(), nullable=False),
+        pa.field("event_time_days", pa.float64(), nullable=False),
+        pa.field("censoring_time_days", pa.float64(), nullable=False),
+        pa.field("observed_time_days", pa.float64(), nullable=False),
+        pa.field("event_observed", pa.bool_(), nullable=False),
+        # myocardial_infarction, stroke, cardiovascular_death, or null when censored.
+        pa.field("event_type", pa.string(), nullable=True),
+        # Realised binary label: event within the horizon; null when censored before it.
+        pa.field("event_within_horizon", pa.bool_(), nullable=True),
+    ]
+)
+"""``truth.parquet``: what the simulator knows and a model can only estimate."""
+
+# --------------------------------------------------------------------------------------------
+# Internal tables
+# --------------------------------------------------------------------------------------------
+
+QUARANTINE = pa.schema(
+    [
+        # fhir, notes, genomics or imaging.
+        pa.field("source_kind", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON or CSV file, entry of a Bundle, row of a Parquet file;
+        # 0 when the whole file could not be read.
+        pa.field("record_number", pa.int64(), nullable=False),
+        pa.field("resource_type", pa.string(), nullable=True),
+        pa.field("resource_id", pa.string(), nullable=True),
+        # The record as found, cut to a few hundred characters.
+        pa.field("raw_text", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+"""Records that could not be used, one row each, with a one-line reason."""
+
+PATIENTS = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("birth_date", pa.date32(), nullable=True),
+        pa.field("sex", pa.string(), nullable=True),
+        pa.field("death_time", TIME, nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+
+ENCOUNTERS = pa.schema(
+    [
+        pa.field("encounter_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("start_time", TIME, nullable=False),
+        pa.field("end_time", TIME, nullable=True),
+        # FHIR v3 ActCode: AMB, IMP, EMER, ...
+        pa.field("encounter_class", pa.string(), nullable=True),
+        pa.field("type_code", pa.string(), nullable=True),
+        pa.field("reason_code", pa.string(), nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+
+CODED_EVENTS = pa.schema(
+    [
+        pa.field("resource_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("encounter_id", pa.string(), nullable=True),
+        pa.field("time", TIME, nullable=False),
+        pa.field("end_time", TIME, nullable=True),
+        # Every coding of the resource's code, vocabulary-prefixed, the first one primary.
+        pa.field("code", pa.string(), nullable=False),
+        pa.field("codes", pa.list_(pa.string()), nullable=False),
+        pa.field("display", pa.string(), nullable=True),
+        pa.field("status", pa.string(), nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+"""Shared shape of conditions, procedures, medications, immunizations and allergies."""
+
+OBSERVATIONS = pa.schema(
+    [
+        pa.field("resource_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("encounter_id", pa.string(), nullable=True),
+        pa.field("time", TIME, nullable=False),
+        # For a component, the component's code; ``parent_code`` then holds the panel's code.
+        pa.field("code", pa.string(), nullable=False),
+        pa.field("parent_code", pa.string(), nullable=True),
+        pa.field("numeric_value", pa.float64(), nullable=True),
+        pa.field("unit", pa.string(), nullable=True),
+        # valueCodeableConcept as a prefixed code, or valueString.
+        pa.field("text_value", pa.string(), nullable=True),
+        pa.field("category", pa.string(), nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+
+NOTES = pa.schema(
+    [
+        pa.field("note_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        pa.field("note_type", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        # sha256 of the text: the key of the note-embedding cache.
+        pa.field("text_sha256", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+
+IMAGING_STUDIES = pa.schema(
+    [
+        pa.field("study_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        pa.field("modality", pa.string(), nullable=True),
+        pa.field("body_site", pa.string(), nullable=True),
+        pa.field("description", pa.string(), nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+
+GENOMICS = pa.schema(
+    [
+        pa.field("patient_id", pa.string(), nullable=False),
+        # GENE//CYP2C19 with variant rs4244285, or FEATURE//IL6_expression for numeric features.
+        pa.field("code", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=True),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+    ]
+)
+"""Variant calls (value = alternate allele count) and numeric features in one long table."""
+
+IMAGING = IMAGING_INPUT.append(pa.field("source_file", pa.string(), nullable=False))
+
+EVENTS = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        # Null for static facts (sex, genotype), as in MEDS.
+        pa.field("time", TIME, nullable=True),
+        pa.field("code", pa.string(), nullable=False),
+        pa.field("numeric_value", pa.float32(), nullable=True),
+        pa.field("text_value", pa.string(), nullable=True),
+        # ehr, notes, genomics or imaging: the token family the fusion model gives the event.
+        pa.field("modality", pa.string(), nullable=False),
+        # The normalized table and record the event came from, for lineage.
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+"""MEDS-compatible long event table; every later stage reads it."""
+
+LABELS = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("prediction_time", TIME, nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        # Event within the horizon. Null when follow-up ended before the horizon without the
+        # event: such patients are excluded from the risk label, never counted as negatives.
+        pa.field("boolean_value", pa.bool_(), nullable=True),
+        pa.field("event", pa.bool_(), nullable=False),
+        # Days from prediction time to the event, or to the end of follow-up when censored.
+        pa.field("duration_days", pa.float64(), nullable=False),
+        # Null when the task defines no treatment.
+        pa.field("treated", pa.bool_(), nullable=True),
+    ]
+)
+
+SPLITS = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        # train, tuning or held_out; assigned per patient, never per row.
+        pa.field("split", pa.string(), nullable=False),
+    ]
+)
+
+EXPLANATION_ITEM = pa.struct(
+    [
+        pa.field("modality", pa.string()),
+        pa.field("item", pa.string()),
+        # Change in risk when the item is removed (positive = the item raised the risk).
+        pa.field("contribution", pa.float64()),
+    ]
+)
+
+SCORES = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("prediction_time", TIME, nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        # Calibrated probability of the outcome within the task's horizon.
+        pa.field("risk", pa.float64(), nullable=False),
+        pa.field("risk_tier", pa.string(), nullable=False),
+        pa.field("previous_risk", pa.float64(), nullable=True),
+        # Survival probability at each of ``survival_times_days``.
+        pa.field("survival_times_days", pa.list_(pa.float32()), nullable=False),
+        pa.field("survival_curve", pa.list_(pa.float32()), nullable=False),
+        # Risk if treated minus risk if untreated; null when the task defines no treatment.
+        pa.field("treatment_effect", pa.float64(), nullable=True),
+        pa.field("modality_shares", pa.map_(pa.string(), pa.float64()), nullable=False),
+        pa.field("top_items", pa.list_(EXPLANATION_ITEM), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+
+INTERNAL_TABLES: dict[str, pa.Schema] = {
+    "quarantine": QUARANTINE,
+    "patients": PATIENTS,
+    "encounters": ENCOUNTERS,
+    "conditions": CODED_EVENTS,
+    "procedures": CODED_EVENTS,
+    "medications": CODED_EVENTS,
+    "immunizations": CODED_EVENTS,
+    "allergies": CODED_EVENTS,
+    "observations": OBSERVATIONS,
+    "notes": NOTES,
+    "imaging_studies": IMAGING_STUDIES,
+    "genomics": GENOMICS,
+    "imaging": IMAGING,
+    "events": EVENTS,
+    "labels": LABELS,
+    "splits": SPLITS,
+    "scores": SCORES,
+}
+"""Name of each internal table -> its schema."""

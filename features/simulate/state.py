@@ -1,0 +1,268 @@
+"""Hidden per-patient state of the simulated hospital, and the ground truth it implies.
+
+Stage: source data. In: a :class:`~features.simulate.hospital.SimulationConfig`. Out: a
+:class:`HiddenState` of numpy arrays (one entry per patient) and the ``truth`` table
+(:data:`features.schemas.TRUTH`).
+
+The outcome is a major adverse cardiovascular event (MACE) after the index visit. Its hazard is a
+Weibull proportional-hazards model whose log hazard ratio is
+
+``0.035 (age - 66) + 0.25 male + 0.65 ehr + 0.55 note + 0.45 genomic + 0.35 lpa + 0.55 imaging
++ 0.35 imaging * note + treated * (-0.8 + 0.45 cyp2c19_lof)``
+
+where ``ehr``, ``note``, ``genomic`` and ``imaging`` are independent standard-normal severities,
+each written into exactly one modality (labs, vitals and diagnoses; note prose; an expression panel;
+image embeddings). ``lpa`` counts LPA risk alleles and ``cyp2c19_lof`` counts CYP2C19 loss-of-function
+alleles (both in the variant calls). Two parts of the signal live only across modalities: the
+``imaging * note`` term, and clopidogrel's benefit, which CYP2C19 poor metabolisers do not get
+(they cannot activate the pro-drug), so the treatment effect needs the medication record and the
+genotype together. Treatment is confounded by observed EHR severity, as in real practice, but every
+patient has a chance of either arm (propensity clipped to [0.05, 0.95]).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+
+from features.identifiers import subject_ids
+from features.schemas import TRUTH
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+WEIBULL_SHAPE = 1.2
+"""Hazard rises slowly with time since the index visit (shape > 1)."""
+WEIBULL_SCALE_DAYS = 2800.0
+"""Baseline scale: about one in six patients has an event within a year without treatment."""
+LOSS_TO_FOLLOW_UP_MEAN_DAYS = 2200.0
+"""Mean time until a patient leaves the health system (moves away, changes insurer)."""
+EVENT_TYPES = ("myocardial_infarction", "stroke", "cardiovascular_death")
+EVENT_TYPE_SHARES = (0.45, 0.30, 0.25)
+CYP2C19_LOF_ALLELE_FREQUENCY = 0.15
+LPA_RISK_ALLELE_FREQUENCY = 0.08
+
+
+@dataclass(frozen=True)
+class HiddenState:
+    """What the simulator knows about every patient; arrays of length ``n_patients``."""
+
+    patient_id: list[str]
+    is_male: BoolArray
+    age_years: FloatArray
+    # End of the index visit: the moment a prediction is made.
+    prediction_time: list[datetime]
+    history_days: FloatArray
+    ehr_severity: FloatArray
+    note_severity: FloatArray
+    genomic_risk: FloatArray
+    imaging_severity: FloatArray
+    cyp2c19_lof_alleles: IntArray
+    lpa_risk_alleles: IntArray
+    has_notes: BoolArray
+    has_notes_table: BoolArray
+    has_genomics: BoolArray
+    has_imaging: BoolArray
+    as_bundle: BoolArray
+    propensity: FloatArray
+    treated: BoolArray
+    log_hazard_untreated: FloatArray
+    log_hazard_treated: FloatArray
+    event_time_days: FloatArray
+    censoring_time_days: FloatArray
+    # Index into EVENT_TYPES; meaningful only where the event is observed.
+    event_type: IntArray
+
+    @property
+    def observed_time_days(self) -> FloatArray:
+        return np.minimum(self.event_time_days, self.censoring_time_days)
+
+    @property
+    def event_observed(self) -> BoolArray:
+        return self.event_time_days <= self.censoring_time_days
+
+    @property
+    def log_hazard(self) -> FloatArray:
+        return np.where(self.treated, self.log_hazard_treated, self.log_hazard_untreated)
+
+
+def _sigmoid(x: FloatArray) -> FloatArray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def true_survival(log_hazard_ratio: npt.ArrayLike, times_days: npt.ArrayLike) -> FloatArray:
+    """Return the true probability of being event-free at each time.
+
+    Parameters
+    ----------
+    log_hazard_ratio : array of shape (n_patients,)
+        The ``log_hazard_ratio`` column of ``truth.parquet``.
+    times_days : array of shape (n_times,)
+        Days since the prediction time.
+
+    Returns
+    -------
+    array of shape (n_patients, n_times), falling with time, in [0, 1].
+    """
+    lhr = np.asarray(log_hazard_ratio, dtype=np.float64)[:, None]
+    t = np.asarray(times_days, dtype=np.float64)[None, :]
+    return np.asarray(np.exp(-((t / WEIBULL_SCALE_DAYS) ** WEIBULL_SHAPE) * np.exp(lhr)))
+
+
+def draw_hidden_state(
+    n_patients: int,
+    seed: int,
+    index_start: datetime,
+    index_end: datetime,
+    export_time: datetime,
+    genomics_share: float,
+    imaging_share: float,
+    notes_share: float,
+    notes_table_share: float,
+    bundle_share: float,
+) -> HiddenState:
+    """Draw every patient's hidden state, treatment and outcome times from one seed."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
+    n = n_patients
+    patient_id = [str(uuid.UUID(bytes=raw, version=4)) for raw in _random_chunks(rng, n, 16)]
+    is_male = rng.random(n) < 0.5
+    age_years = np.clip(rng.normal(66.0, 11.0, n), 40.0, 95.0)
+    span_seconds = (index_end - index_start).total_seconds()
+    # Index visits happen during clinic hours, 08:00 to 17:00 site time (UTC-5 in winter).
+    day_offsets = np.floor(rng.random(n) * span_seconds / 86400.0)
+    minute_of_day = 13 * 60 + np.floor(rng.random(n) * 9 * 60)
+    prediction_time = [
+        index_start + timedelta(days=float(d), minutes=float(m) + 45.0)
+        for d, m in zip(day_offsets, minute_of_day, strict=True)
+    ]
+    history_days = rng.uniform(365.0, 8 * 365.0, n)
+
+    ehr = rng.standard_normal(n)
+    note = rng.standard_normal(n)
+    genomic = rng.standard_normal(n)
+    imaging = rng.standard_normal(n)
+    cyp2c19 = rng.binomial(2, CYP2C19_LOF_ALLELE_FREQUENCY, n).astype(np.int64)
+    lpa = rng.binomial(2, LPA_RISK_ALLELE_FREQUENCY, n).astype(np.int64)
+
+    # Sicker patients are imaged more often; genomics comes from a research biobank consent,
+    # unrelated to health.
+    has_genomics = rng.random(n) < genomics_share
+    logit_imaging = np.log(imaging_share / (1 - imaging_share)) + 0.4 * ehr
+    has_imaging = rng.random(n) < _sigmoid(logit_imaging)
+    has_notes = rng.random(n) < notes_share
+    has_notes_table = has_notes & (rng.random(n) < notes_table_share)
+    as_bundle = rng.random(n) < bundle_share
+
+    age_centred = (age_years - 66.0) / 11.0
+    propensity = np.clip(_sigmoid(-0.4 + 0.8 * ehr + 0.3 * age_centred), 0.05, 0.95)
+    treated = rng.random(n) < propensity
+
+    log_hazard_untreated = (
+        0.035 * (age_years - 66.0)
+        + 0.25 * is_male
+        + 0.65 * ehr
+        + 0.55 * note
+        + 0.45 * genomic
+        + 0.35 * lpa
+        + 0.55 * imaging
+        + 0.35 * imaging * note
+    )
+    log_hazard_treated = log_hazard_untreated + (-0.8 + 0.45 * cyp2c19)
+
+    log_hazard = np.where(treated, log_hazard_treated, log_hazard_untreated)
+    unit_exponential = rng.exponential(1.0, n)
+    event_time = WEIBULL_SCALE_DAYS * (unit_exponential / np.exp(log_hazard)) ** (1 / WEIBULL_SHAPE)
+    loss_to_follow_up = rng.exponential(LOSS_TO_FOLLOW_UP_MEAN_DAYS, n)
+    end_of_data = np.array(
+        [(export_time - t).total_seconds() / 86400.0 for t in prediction_time], dtype=np.float64
+    )
+    censoring_time = np.minimum(loss_to_follow_up, end_of_data)
+    event_type = rng.choice(len(EVENT_TYPES), size=n, p=EVENT_TYPE_SHARES).astype(np.int64)
+
+    return HiddenState(
+        patient_id=patient_id,
+        is_male=is_male,
+        age_years=age_years,
+        prediction_time=prediction_time,
+        history_days=history_days,
+        ehr_severity=ehr,
+        note_severity=note,
+        genomic_risk=genomic,
+        imaging_severity=imaging,
+        cyp2c19_lof_alleles=cyp2c19,
+        lpa_risk_alleles=lpa,
+        has_notes=has_notes,
+        has_notes_table=has_notes_table,
+        has_genomics=has_genomics,
+        has_imaging=has_imaging,
+        as_bundle=as_bundle,
+        propensity=propensity,
+        treated=treated,
+        log_hazard_untreated=log_hazard_untreated,
+        log_hazard_treated=log_hazard_treated,
+        event_time_days=event_time,
+        censoring_time_days=censoring_time,
+        event_type=event_type,
+    )
+
+
+def _random_chunks(rng: np.random.Generator, n: int, size: int) -> list[bytes]:
+    raw = rng.bytes(size * n)
+    return [raw[size * i : size * (i + 1)] for i in range(n)]
+
+
+def truth_table(state: HiddenState, horizon_days: int) -> pa.Table:
+    """Return ``truth.parquet``'s table: the truth the model is measured against."""
+    horizon = np.array([float(horizon_days)])
+    risk_untreated = 1.0 - true_survival(state.log_hazard_untreated, horizon)[:, 0]
+    risk_treated = 1.0 - true_survival(state.log_hazard_treated, horizon)[:, 0]
+    observed = state.event_observed
+    observed_time = state.observed_time_days
+    within = observed & (observed_time <= horizon_days)
+    # Censored before the horizon without the event: the binary outcome is unknown.
+    unknown = ~observed & (observed_time < horizon_days)
+    event_type = [EVENT_TYPES[k] if o else None for k, o in zip(state.event_type, observed, strict=True)]
+    columns = {
+        "patient_id": state.patient_id,
+        "subject_id": subject_ids(state.patient_id),
+        "sex": np.where(state.is_male, "male", "female"),
+        "age_years": state.age_years,
+        "prediction_time": state.prediction_time,
+        "horizon_days": np.full(len(state.patient_id), horizon_days, dtype=np.int32),
+        "ehr_severity": state.ehr_severity,
+        "note_severity": state.note_severity,
+        "genomic_risk": state.genomic_risk,
+        "imaging_severity": state.imaging_severity,
+        "cyp2c19_lof_alleles": state.cyp2c19_lof_alleles.astype(np.int8),
+        "lpa_risk_alleles": state.lpa_risk_alleles.astype(np.int8),
+        "has_notes": state.has_notes,
+        "has_genomics": state.has_genomics,
+        "has_imaging": state.has_imaging,
+        "treated": state.treated,
+        "propensity": state.propensity,
+        "log_hazard_ratio": state.log_hazard,
+        "true_risk": np.where(state.treated, risk_treated, risk_untreated),
+        "true_risk_untreated": risk_untreated,
+        "true_risk_treated": risk_treated,
+        "true_treatment_effect": risk_treated - risk_untreated,
+        "event_time_days": state.event_time_days,
+        "censoring_time_days": state.censoring_time_days,
+        "observed_time_days": observed_time,
+        "event_observed": observed,
+        "event_type": event_type,
+        "event_within_horizon": pa.array(
+            [None if u else bool(w) for u, w in zip(unknown, within, strict=True)], type=pa.bool_()
+        ),
+    }
+    metadata = {
+        b"weibull_shape": str(WEIBULL_SHAPE).encode(),
+        b"weibull_scale_days": str(WEIBULL_SCALE_DAYS).encode(),
+        b"survival": b"S(t) = exp(-(t / weibull_scale_days) ** weibull_shape * exp(log_hazard_ratio))",
+    }
+    return pa.table(columns, schema=TRUTH.with_metadata(metadata))

@@ -1,0 +1,47 @@
+"""External systems and storage locations, as Dagster resources.
+
+Stage: orchestration. In: the deployment's environment (``COHORTCAST_WORKSPACE``). Out: the
+resources every asset receives. This is the only module of cohortcast that reads environment
+variables.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+DEFAULT_WORKSPACE = "workspace"
+
+
+class Workspace(dg.ConfigurableResource):  # type: ignore[misc]
+    """The folder a cohortcast deployment reads from and writes to.
+
+    ``landing/`` is the landing zone (the hospital's export, or the simulator's), and every later
+    stage writes under its own sub-folder.
+    """
+
+    root: str = DEFAULT_WORKSPACE
+
+    @property
+    def root_dir(self) -> Path:
+        return Path(self.root).absolute()
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.root_dir / "landing"
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.root_dir / "warehouse"
+
+
+def workspace_root_from_environment() -> str:
+    """The workspace folder named by ``COHORTCAST_WORKSPACE``, else ``./workspace``."""
+    return os.environ.get("COHORTCAST_WORKSPACE", DEFAULT_WORKSPACE)
+
+
+def resources_for_deployment(workspace_root: str | None = None) -> dict[str, dg.ConfigurableResource]:
+    """Return the resources of one deployment; ``workspace_root`` overrides the environment."""
+    return {"workspace": Workspace(root=workspace_root or workspace_root_from_environment())}
