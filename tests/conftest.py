@@ -23,3 +23,13 @@ def shared_fhir_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"real FHIR exports not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 300-patient simulated landing zone (seed 7), shared by every test that only reads it."""
+    from features.simulate import SimulationConfig, simulate_hospital
+
+    out = tmp_path_factory.mktemp("hospital") / "landing"
+    simulate_hospital(out, SimulationConfig(n_patients=300, seed=7))
+    return out
