@@ -83,3 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     except CohortcastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,13 +18,27 @@ from pipelines.definitions import all_asset_checks, all_assets
 from pipelines.resources import resources_for_deployment
 
 
-def run_demo(workspace: Path, patients: int, seed: int, console: Console) -> dg.ExecuteInProcessResult:
-    """Materialize every asset into ``workspace`` and print where the outputs are."""
+def run_demo(
+    workspace: Path,
+    patients: int,
+    seed: int,
+    console: Console,
+    instance: dg.DagsterInstance | None = None,
+) -> dg.ExecuteInProcessResult:
+    """Materialize every asset into ``workspace`` and print where the outputs are.
+
+    ``instance`` defaults to the one ``DAGSTER_HOME`` names (so the runs show in ``dagster dev``),
+    or an ephemeral one when it is unset.
+    """
     workspace = workspace.absolute()
-    workspace.mkdir(parents=True, exist_ok=True)
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LandingZoneError(f"workspace {workspace} cannot be created ({exc.strerror})") from exc
     if not os.access(workspace, os.W_OK):
         raise LandingZoneError(f"workspace {workspace} is not writable")
-    instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
+    if instance is None:
+        instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
     run_config = {
         "ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}}},
         "loggers": {"console": {"config": {"log_level": "WARNING"}}},

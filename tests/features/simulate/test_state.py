@@ -1,0 +1,84 @@
+"""Tests that the simulator's truth is consistent with the outcomes it realises."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from features.simulate import true_survival
+from features.simulate.state import draw_hidden_state, truth_table
+
+
+@pytest.fixture(scope="module")
+def truth() -> pa.Table:
+    state = draw_hidden_state(
+        n_patients=20_000,
+        seed=5,
+        index_start=datetime(2022, 1, 1),
+        index_end=datetime(2024, 6, 30),
+        export_time=datetime(2025, 12, 31),
+        genomics_share=0.4,
+        imaging_share=0.45,
+        notes_share=0.9,
+        notes_table_share=0.35,
+        bundle_share=0.1,
+    )
+    return truth_table(state, horizon_days=365)
+
+
+def test_true_risk_ranks_realised_outcomes_well(truth: pa.Table) -> None:
+    t = truth.to_pandas()
+    labelled = t.dropna(subset=["event_within_horizon"])
+    auroc = roc_auc_score(labelled["event_within_horizon"].astype(bool), labelled["true_risk"])
+    assert auroc > 0.78
+
+
+def test_true_risk_matches_the_realised_event_rate(truth: pa.Table) -> None:
+    t = truth.to_pandas()
+    # Followed beyond the horizon: the label is then exactly "event time <= horizon".
+    followed = t[t.censoring_time_days >= 365]
+    realised = followed.event_within_horizon.astype(bool).mean()
+    expected = followed.true_risk.mean()
+    standard_error = np.sqrt(expected * (1 - expected) / len(followed))
+    assert abs(realised - expected) < 3 * standard_error
+    assert 0.10 < expected < 0.25
+
+
+def test_censored_before_horizon_without_event_has_unknown_label(truth: pa.Table) -> None:
+    t = truth.to_pandas()
+    unknown = t.event_within_horizon.isna()
+    expected_unknown = ~t.event_observed & (t.observed_time_days < 365)
+    assert (unknown == expected_unknown).all()
+    assert 0 < unknown.sum() < len(t) // 4
+    positives = t.event_within_horizon.fillna(False).astype(bool)
+    assert (positives == (t.event_observed & (t.observed_time_days <= 365))).all()
+
+
+def test_treatment_effect_depends_on_cyp2c19_genotype(truth: pa.Table) -> None:
+    t = truth.to_pandas()
+    effect_by_alleles = t.groupby("cyp2c19_lof_alleles").true_treatment_effect.mean()
+    # Clopidogrel is a pro-drug activated by CYP2C19: poor metabolisers lose the benefit.
+    assert effect_by_alleles[0] < -0.03
+    assert effect_by_alleles[0] < effect_by_alleles[1] < effect_by_alleles[2]
+    assert effect_by_alleles[2] > 0
+    assert np.allclose(t.true_treatment_effect, t.true_risk_treated - t.true_risk_untreated)
+
+
+def test_treatment_is_confounded_but_every_patient_could_get_either_arm(truth: pa.Table) -> None:
+    t = truth.to_pandas()
+    assert t.propensity.between(0.05, 0.95).all()
+    assert t.groupby("treated").ehr_severity.mean()[True] > t.groupby("treated").ehr_severity.mean()[False] + 0.5
+
+
+def test_true_survival_is_a_falling_curve_in_the_unit_interval(truth: pa.Table) -> None:
+    times = np.array([0.0, 30.0, 180.0, 365.0, 730.0])
+    curves = true_survival(truth.column("log_hazard_ratio").to_numpy(), times)
+    assert curves.shape == (truth.num_rows, 5)
+    assert np.all(curves[:, 0] == 1.0)
+    assert np.all(np.diff(curves, axis=1) <= 0)
+    assert np.all((curves >= 0) & (curves <= 1))
+    assert np.allclose(1 - curves[:, 3], truth.column("true_risk").to_numpy())

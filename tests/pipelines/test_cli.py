@@ -1,0 +1,66 @@
+"""Tests of the ``cohortcast`` command line: one-line errors, nothing written on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return int(exit_info.value.code or 0), captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--patients", "-5"], "error: patients must be at least 1 (got -5)\n"),
+        (["--patients", "many"], "error: Invalid value for '--patients': 'many' is not a valid integer.\n"),
+        (["--seed", "-1"], "error: seed must be a non-negative integer (got -1)\n"),
+        (["--workers", "0"], "error: Invalid value for '--workers': 0 is not in the range x>=1.\n"),
+    ],
+)
+def test_simulate_bad_arguments_print_one_line_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, _out, err = run_cli(["simulate", "--out", str(tmp_path / "landing"), *args], capsys)
+    assert code == 2
+    assert err == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simulate_refuses_a_non_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "export.ndjson").write_text("{}\n")
+    code, _out, err = run_cli(["simulate", "--out", str(tmp_path), "--patients", "3"], capsys)
+    assert code == 2
+    assert err == f"error: output folder {tmp_path} is not empty (pass --overwrite to replace it)\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["export.ndjson"]
+
+
+def test_simulate_refuses_an_unwritable_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _out, err = run_cli(["simulate", "--out", str(blocker / "landing"), "--patients", "3"], capsys)
+    assert code == 2
+    assert err.startswith(f"error: output folder {blocker / 'landing'} is not writable")
+    assert err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_simulate_writes_a_landing_zone_and_prints_counts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _err = run_cli(
+        ["simulate", "--out", str(tmp_path / "landing"), "--patients", "12", "--seed", "4"], capsys
+    )
+    assert code == 0
+    assert "FHIR Patient" in out
+    assert sorted(p.name for p in (tmp_path / "landing").iterdir()) == [
+        "fhir", "genomics", "imaging", "notes", "simulation.json", "truth.parquet",
+    ]
