@@ -416,7 +416,9 @@ def _genomics_tables(state: HiddenState, config: SimulationConfig) -> tuple[pa.T
         + state.genomic_risk[genotyped][:, None] * loadings[None, :]
         + rng.normal(0.0, 0.6, (n, n_features))
     )[with_expression]
-    expression = {"patient_id": [p for p, keep in zip(patient_ids, with_expression, strict=True) if keep]}
+    expression: dict[str, Any] = {
+        "patient_id": [p for p, keep in zip(patient_ids, with_expression, strict=True) if keep]
+    }
     for j, name in enumerate(v.EXPRESSION_FEATURES):
         expression[name] = np.round(values[:, j], 4)
     return variants, pa.table(expression)

@@ -181,7 +181,7 @@ def write_visit_note(rnd: random.Random, visit: VisitContext, heading: str) -> s
         + "."
     )
     plans = rnd.sample(_PLANS, k=rnd.randint(1, 3))
-    lines.append("A/P: " + "\n- ".join([""] + plans).lstrip("\n"))
+    lines.append("A/P: " + "\n- ".join(["", *plans]).lstrip("\n"))
     text = "\n".join(lines)
     if rnd.random() < 0.3:
         text = _typo(rnd, text)

@@ -232,7 +232,7 @@ class _PatientWriter:
                 "encounter": self.reference("Encounter", encounter),
                 "effectiveDateTime": fhir_time(time),
                 "issued": fhir_time(time + timedelta(hours=2)),
-                "valueQuantity": {"value": round(value, decimals) if decimals else int(round(value)),
+                "valueQuantity": {"value": round(value, decimals) if decimals else round(value),
                                   "unit": unit, "system": v.UCUM, "code": unit},
             }
         )
@@ -400,9 +400,9 @@ class _PatientWriter:
                 self.medications.append(short)
         age_centred = (s.age_years - 66.0) / 11.0
         ehr = s.ehr_severity
-        systolic = int(round(128 + 9 * ehr + 3 * age_centred + rnd.gauss(0, 10)))
-        diastolic = int(round(78 + 4 * ehr + rnd.gauss(0, 7)))
-        heart_rate = int(round(72 + 2 * ehr + rnd.gauss(0, 9)))
+        systolic = round(128 + 9 * ehr + 3 * age_centred + rnd.gauss(0, 10))
+        diastolic = round(78 + 4 * ehr + rnd.gauss(0, 7))
+        heart_rate = round(72 + 2 * ehr + rnd.gauss(0, 9))
         self.blood_pressure(systolic, diastolic, measured, encounter)
         self.observation(v.VITALS["heart_rate"], heart_rate, 0, measured, encounter, "vital-signs")
         if rnd.random() < 0.5:
