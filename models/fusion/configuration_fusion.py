@@ -1,0 +1,96 @@
+"""Configuration of the cohortcast fusion transformer.
+
+Stage: model. In: vocabulary sizes and architecture settings. Out: a ``FusionConfig``
+(``transformers.PretrainedConfig``) saved as ``config.json`` next to the weights, so a model folder
+says exactly what it was built for.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+MODALITIES = ("ehr", "notes", "genomics", "imaging")
+"""Token families, in the order of the modality embedding table."""
+
+
+class FusionConfig(PretrainedConfig):  # type: ignore[misc]
+    """Architecture of :class:`~models.fusion.modeling_fusion.FusionForRiskPrediction`.
+
+    Parameters
+    ----------
+    event_vocab_size
+        Coded-event tokens (EHR facts, variants, expression features), index 0 for padding.
+    n_value_bins
+        Quantile bins of numeric values per code; index 0 means "no value".
+    text_embedding_dim
+        Width of the note embeddings (384 for MiniLM-L6).
+    imaging_embedding_dim
+        Width of the site's image embeddings.
+    n_imaging_modalities
+        DICOM modalities known to the model, index 0 for unknown.
+    hidden_size, num_hidden_layers, num_attention_heads, intermediate_size
+        Transformer encoder size; ``hidden_size`` must be divisible by ``num_attention_heads``.
+    dropout
+        Dropout inside the encoder and heads.
+    modality_dropout
+        Probability, per patient and modality, of hiding the whole modality during training, so
+        the model copes with patients who lack it.
+    survival_bin_edges_days
+        Right edges of the discrete-time survival intervals (increasing, in days).
+    horizon_days
+        Horizon of the risk head; must be one of ``survival_bin_edges_days``.
+    """
+
+    model_type = "cohortcast_fusion"
+
+    def __init__(
+        self,
+        event_vocab_size: int = 2,
+        n_value_bins: int = 11,
+        text_embedding_dim: int = 384,
+        imaging_embedding_dim: int = 64,
+        n_imaging_modalities: int = 1,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        intermediate_size: int = 256,
+        dropout: float = 0.1,
+        modality_dropout: float = 0.15,
+        survival_bin_edges_days: tuple[float, ...] | list[float] = (30, 90, 180, 270, 365, 540, 730),
+        horizon_days: float = 365,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+            )
+        edges = [float(e) for e in survival_bin_edges_days]
+        if not edges or any(b <= a for a, b in zip([0.0, *edges], edges, strict=False)):
+            raise ValueError(f"survival_bin_edges_days must be positive and increasing (got {edges})")
+        if float(horizon_days) not in edges:
+            raise ValueError(f"horizon_days ({horizon_days}) must be one of survival_bin_edges_days {edges}")
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1) (got {modality_dropout})")
+        self.event_vocab_size = event_vocab_size
+        self.n_value_bins = n_value_bins
+        self.text_embedding_dim = text_embedding_dim
+        self.imaging_embedding_dim = imaging_embedding_dim
+        self.n_imaging_modalities = n_imaging_modalities
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        self.modality_dropout = modality_dropout
+        self.survival_bin_edges_days = edges
+        self.horizon_days = float(horizon_days)
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    @property
+    def horizon_bin(self) -> int:
+        """Index of the survival interval that ends at the horizon."""
+        return int(self.survival_bin_edges_days.index(self.horizon_days))
