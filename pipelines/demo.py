@@ -1,8 +1,9 @@
 """``cohortcast demo``: the main job on the embedded default data.
 
 Stage: orchestration. In: a workspace folder, a patient count and a seed. Out: a simulated hospital
-in ``WORKSPACE/landing`` and every asset of :mod:`pipelines.definitions` materialized from it, in a
-Dagster instance (``DAGSTER_HOME``) so the runs show in ``dagster dev``.
+in ``WORKSPACE/landing``, its ingest into ``WORKSPACE/warehouse`` and the demo task's inputs under
+``WORKSPACE/warehouse/tasks/<task>/``, each stage one Dagster run in the instance that
+``DAGSTER_HOME`` names (so the runs show in ``dagster dev``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ import dagster as dg
 from rich.console import Console
 
 from features.errors import LandingZoneError
-from pipelines.definitions import all_asset_checks, all_assets
+from pipelines.definitions import all_asset_checks, ingest_assets, task_assets
 from pipelines.resources import resources_for_deployment
+
+DEMO_TASK = "simulated_mace_1y"
+"""The task the simulated hospital is built for (``tasks/simulated_mace_1y.yaml``)."""
+
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
 def run_demo(
@@ -24,11 +30,10 @@ def run_demo(
     seed: int,
     console: Console,
     instance: dg.DagsterInstance | None = None,
-) -> dg.ExecuteInProcessResult:
-    """Materialize every asset into ``workspace`` and print where the outputs are.
+) -> list[dg.ExecuteInProcessResult]:
+    """Materialize every stage into ``workspace``, printing each stage and where its outputs are.
 
-    ``instance`` defaults to the one ``DAGSTER_HOME`` names (so the runs show in ``dagster dev``),
-    or an ephemeral one when it is unset.
+    ``instance`` defaults to the one ``DAGSTER_HOME`` names, or an ephemeral one when it is unset.
     """
     workspace = workspace.absolute()
     try:
@@ -39,21 +44,38 @@ def run_demo(
         raise LandingZoneError(f"workspace {workspace} is not writable")
     if instance is None:
         instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
-    run_config = {
-        "ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}}},
-        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
-    }
-    with console.status(f"materializing {len(all_assets)} assets on {patients:,} simulated patients"):
-        result = dg.materialize(
-            [*all_assets, *all_asset_checks],
-            run_config=run_config,
-            instance=instance,
-            resources=resources_for_deployment(str(workspace)),
-        )
-    console.print(f"run {result.run_id} succeeded")
-    for event in result.get_asset_materialization_events():
-        materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
-        path = materialization.metadata.get("path")
-        where = f" -> {path.value}" if path is not None else ""
-        console.print(f"  {materialization.asset_key.to_user_string()}{where}")
-    return result
+    resources = resources_for_deployment(str(workspace))
+    stages = [
+        (
+            f"simulate {patients:,} patients and ingest them",
+            ingest_assets,
+            None,
+            {"ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}}}},
+        ),
+        (f"build the inputs of task {DEMO_TASK}", task_assets, DEMO_TASK, {}),
+    ]
+    results = []
+    for number, (title, stage_assets, partition_key, run_config) in enumerate(stages, start=1):
+        console.rule(f"[{number}/{len(stages)}] {title}")
+        with console.status(title):
+            result = dg.materialize(
+                [*stage_assets, *all_asset_checks],
+                selection=dg.AssetSelection.assets(*stage_assets),
+                run_config={**run_config, **QUIET_LOGS},
+                instance=instance,
+                resources=resources,
+                partition_key=partition_key,
+            )
+        results.append(result)
+        for event in result.get_asset_materialization_events():
+            materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
+            path = materialization.metadata.get("path")
+            where = f" -> {path.value}" if path is not None else ""
+            console.print(f"  {materialization.asset_key.to_user_string()}{where}")
+        failed_checks = [
+            e.asset_check_key.name for e in result.get_asset_check_evaluations() if not e.passed
+        ]
+        if failed_checks:
+            console.print(f"  checks that did not pass: {', '.join(failed_checks)}", style="yellow")
+    console.print(f"done: every output is under {workspace}")
+    return results

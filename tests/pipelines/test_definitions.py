@@ -10,8 +10,9 @@ from pipelines.definitions import defs
 def test_definitions_load_with_every_asset_and_resource() -> None:
     asset_graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in asset_graph.get_all_asset_keys()}
-    assert "simulated_landing_zone" in keys
-    assert defs.resolve_job_def("demo") is not None
+    assert {"simulated_landing_zone", "events", "patients", "cohort", "labels", "event_tokens"} <= keys
+    for job in ("ingest", "task_inputs", "ingest_batch"):
+        assert defs.resolve_job_def(job) is not None
     assert "workspace" in defs.resources
 
 

@@ -5,19 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 from rich.console import Console
 
 from pipelines.definitions import all_assets
-from pipelines.demo import run_demo
+from pipelines.demo import DEMO_TASK, run_demo
 
 
 def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     with dg.instance_for_test() as instance:
-        result = run_demo(tmp_path / "workspace", patients=80, seed=1, console=console, instance=instance)
-    assert result.success
-    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+        results = run_demo(tmp_path / "workspace", patients=120, seed=1, console=console, instance=instance)
+    assert all(r.success for r in results)
+    materialized = {
+        e.asset_key.to_user_string() for r in results for e in r.get_asset_materialization_events()
+    }
     expected = {key.to_user_string() for assets_def in all_assets for key in assets_def.keys}
     assert materialized == expected
-    assert (tmp_path / "workspace" / "landing" / "truth.parquet").is_file()
-    assert "simulated_landing_zone" in console.export_text()
+    checks = [e for r in results for e in r.get_asset_check_evaluations()]
+    assert checks and all(e.passed for e in checks)
+    warehouse = tmp_path / "workspace" / "warehouse"
+    truth = pl.read_parquet(tmp_path / "workspace" / "landing" / "truth.parquet")
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 120
+    labels = pl.read_parquet(warehouse / "tasks" / DEMO_TASK / "labels.parquet")
+    assert labels.height == truth.height
+    output = console.export_text()
+    assert "[1/2] simulate 120 patients and ingest them" in output
+    assert f"[2/2] build the inputs of task {DEMO_TASK}" in output

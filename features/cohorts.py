@@ -1,0 +1,178 @@
+"""Cohort selection: who is in a task's cohort and when each patient's prediction is made.
+
+Stage: tasks. In: the ``events`` table (MEDS form, :data:`features.schemas.EVENTS`) and a
+:class:`~features.tasks.TaskDefinition`. Out: the ``cohort`` table (:data:`features.schemas.COHORT`,
+one row per patient with its ``prediction_time``) and the attrition: how many patients each rule
+removed, in order, so that nobody leaves the cohort without being counted.
+
+Every rule looks only at events at or before the prediction time, except the prediction-time rule
+itself (which defines it) and death before it (a dead patient cannot be predicted for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from features.tasks import CodeRule, TaskDefinition
+
+BIRTH_CODE = "MEDS_BIRTH"
+DEATH_CODE = "MEDS_DEATH"
+SEX_PREFIX = "SEX//"
+DAYS_PER_YEAR = 365.25
+
+
+@dataclass(frozen=True)
+class CohortSelection:
+    """The cohort and the patients each rule removed."""
+
+    # Columns of :data:`features.schemas.COHORT`, sorted by subject_id.
+    cohort: pl.DataFrame
+    # (rule, patients remaining after it), starting with ("patients in events", n).
+    attrition: tuple[tuple[str, int], ...]
+
+
+def as_frame(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """Accept events eagerly or lazily; the selection runs lazily either way."""
+    return events.lazy() if isinstance(events, pl.DataFrame) else events
+
+
+def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule) -> pl.LazyFrame:
+    """Subject ids whose record has one of the rule's codes in its window before prediction time.
+
+    Static facts (null time) are known at any prediction time, so they match any window.
+    """
+    hits = events.filter(pl.col("code").is_in(list(rule.codes))).join(
+        cohort.select("subject_id", "prediction_time"), on="subject_id"
+    )
+    in_window = pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time"))
+    if rule.window_days is not None:
+        in_window = pl.col("time").is_null() | (
+            (pl.col("time") <= pl.col("prediction_time"))
+            & (pl.col("time") >= pl.col("prediction_time")
+               - pl.duration(microseconds=_microseconds(rule.window_days * 86_400)))
+        )
+    return hits.filter(in_window).select("subject_id").unique()
+
+
+def prediction_times(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> pl.DataFrame:
+    """Return ``subject_id, prediction_time`` for every patient the prediction-time rule places.
+
+    With ``first_event`` it is the first event with one of the codes in ``[on_or_after, before)``
+    plus the offset; with ``fixed`` it is that instant for every patient with a timed record.
+    """
+    lazy = as_frame(events)
+    rule = task.cohort.prediction_time
+    if rule.fixed is not None:
+        placed = lazy.filter(pl.col("time").is_not_null()).select("subject_id").unique().with_columns(
+            pl.lit(rule.fixed + rule.offset).cast(pl.Datetime("us")).alias("prediction_time")
+        )
+    else:
+        index = lazy.filter(pl.col("code").is_in(list(rule.codes)) & pl.col("time").is_not_null())
+        if rule.on_or_after is not None:
+            index = index.filter(pl.col("time") >= rule.on_or_after)
+        if rule.before is not None:
+            index = index.filter(pl.col("time") < rule.before)
+        placed = index.group_by("subject_id").agg(
+            (pl.col("time").min() + pl.duration(microseconds=_microseconds(rule.offset.total_seconds())))
+            .alias("prediction_time")
+        )
+    return placed.sort("subject_id").collect()
+
+
+def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> CohortSelection:
+    """Apply a task's cohort rules to the events table.
+
+    Parameters
+    ----------
+    events
+        The ``events`` table (:data:`features.schemas.EVENTS`), eager or lazy.
+    task
+        The task whose ``cohort`` rules to apply.
+
+    Returns
+    -------
+    CohortSelection
+        The cohort (:data:`features.schemas.COHORT`) and the attrition counts, rule by rule.
+    """
+    lazy = as_frame(events)
+    definition = task.cohort
+    n_patients = lazy.select(pl.col("subject_id").n_unique()).collect().item()
+    attrition: list[tuple[str, int]] = [("patients in events", int(n_patients))]
+
+    cohort = prediction_times(lazy, task)
+    attrition.append(("prediction time placed", cohort.height))
+
+    # Patients who died at or before the prediction time have nothing to predict.
+    deaths = (lazy.filter(pl.col("code") == DEATH_CODE).group_by("subject_id")
+              .agg(pl.col("time").min().alias("death_time")).collect())
+    cohort = cohort.join(deaths, on="subject_id", how="left").filter(
+        pl.col("death_time").is_null() | (pl.col("death_time") > pl.col("prediction_time"))
+    ).drop("death_time")
+    attrition.append(("alive at prediction time", cohort.height))
+
+    # Minimum history: the first timed record (birth aside) must precede the prediction time by
+    # min_history_days; a fixed-date cohort also needs at least one record before the date.
+    first_seen = (lazy.filter(pl.col("time").is_not_null() & (pl.col("code") != BIRTH_CODE))
+                  .group_by("subject_id").agg(pl.col("time").min().alias("first_time")).collect())
+    cohort = cohort.join(first_seen, on="subject_id", how="left").filter(
+        pl.col("first_time").is_not_null()
+        & (pl.col("first_time") <= pl.col("prediction_time")
+           - pl.duration(microseconds=_microseconds(definition.min_history_days * 86_400)))
+    ).drop("first_time")
+    attrition.append((f"history >= {definition.min_history_days:g} days", cohort.height))
+
+    births = (lazy.filter(pl.col("code") == BIRTH_CODE).group_by("subject_id")
+              .agg(pl.col("time").min().alias("birth_time")).collect())
+    sexes = (lazy.filter(pl.col("code").str.starts_with(SEX_PREFIX)).group_by("subject_id")
+             .agg(pl.col("code").first().str.strip_prefix(SEX_PREFIX).alias("sex")).collect())
+    cohort = (
+        cohort.join(births, on="subject_id", how="left")
+        .with_columns(
+            ((pl.col("prediction_time") - pl.col("birth_time")).dt.total_microseconds()
+             / (86_400e6 * DAYS_PER_YEAR)).alias("age_years")
+        )
+        .drop("birth_time")
+        .join(sexes, on="subject_id", how="left")
+    )
+    if definition.min_age_years is not None or definition.max_age_years is not None:
+        # An unknown age cannot satisfy an age rule: such patients are excluded, and counted.
+        keep = pl.col("age_years").is_not_null()
+        if definition.min_age_years is not None:
+            keep &= pl.col("age_years") >= definition.min_age_years
+        if definition.max_age_years is not None:
+            keep &= pl.col("age_years") <= definition.max_age_years
+        cohort = cohort.filter(keep)
+        attrition.append(("age within limits", cohort.height))
+    if definition.sex:
+        cohort = cohort.filter(pl.col("sex").is_in(list(definition.sex)))
+        attrition.append((f"sex in {', '.join(definition.sex)}", cohort.height))
+
+    for i, rule in enumerate(definition.include):
+        matched = _rule_matches(lazy, cohort.lazy(), rule).collect()
+        cohort = cohort.join(matched, on="subject_id", how="semi")
+        attrition.append((f"include[{i}] {_describe_rule(rule)}", cohort.height))
+    for i, rule in enumerate(definition.exclude):
+        matched = _rule_matches(lazy, cohort.lazy(), rule).collect()
+        cohort = cohort.join(matched, on="subject_id", how="anti")
+        attrition.append((f"exclude[{i}] {_describe_rule(rule)}", cohort.height))
+
+    cohort = cohort.select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("prediction_time").cast(pl.Datetime("us")),
+        pl.lit(task.name).alias("task"),
+        pl.col("age_years").cast(pl.Float64),
+        pl.col("sex").cast(pl.String),
+    ).sort("subject_id")
+    return CohortSelection(cohort, tuple(attrition))
+
+
+def _microseconds(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+def _describe_rule(rule: CodeRule) -> str:
+    codes = ", ".join(rule.codes[:3]) + (", ..." if len(rule.codes) > 3 else "")
+    window = "any time" if rule.window_days is None else f"{rule.window_days:g} days"
+    return f"{codes} ({window})"

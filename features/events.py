@@ -1,0 +1,176 @@
+"""The MEDS-form ``events`` table, built from the normalized tables of the warehouse.
+
+Stage: ingest. In: the normalized tables (Parquet, read lazily). Out: rows of
+:data:`features.schemas.EVENTS`, streamed to Parquet. The event vocabulary:
+
+==================  ===================================  ==============================  =========
+table               code                                 value                           time
+==================  ===================================  ==============================  =========
+patients            ``MEDS_BIRTH``, ``MEDS_DEATH``,      -                               birth /
+                    ``SEX//<sex>``                                                       death /
+                                                                                         null
+encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<class>``    start
+                    ``ENCOUNTER//<class>`` without one
+conditions, ...     the primary coding (``SNOMED//..``)  -                               time
+observations        ``LOINC//..`` (components too)       numeric_value or text_value     time
+notes               ``NOTE//<note_type>``                text: note_id                   time
+imaging_studies     ``IMAGING_STUDY//<modality>``        text: study_id                  started
+imaging             ``IMAGING//<modality>``              text: study_id                  time
+genomics            ``GENE//<gene>``, ``EXPRESSION//..`` numeric (genotype or value),    null
+                                                         text: variant
+==================  ===================================  ==============================  =========
+
+``source`` is ``<table>/<record id>``. The note text and the image embedding stay in their tables:
+later stages embed them, keyed by the id in ``text_value``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from features.fhir.specs import CODED_TABLES
+from features.schemas import EVENTS
+
+SUBJECT = pl.col("subject_id")
+
+
+def _null(dtype: pl.DataType) -> pl.Expr:
+    return pl.lit(None, dtype=dtype)
+
+
+def _frame(
+    lf: pl.LazyFrame, code: pl.Expr, time: pl.Expr, numeric: pl.Expr, text: pl.Expr, modality: str, source: pl.Expr
+) -> pl.LazyFrame:
+    return lf.select(
+        SUBJECT.cast(pl.Int64),
+        time.cast(pl.Datetime("us")).alias("time"),
+        code.cast(pl.String).alias("code"),
+        numeric.cast(pl.Float32).alias("numeric_value"),
+        text.cast(pl.String).alias("text_value"),
+        pl.lit(modality).alias("modality"),
+        source.cast(pl.String).alias("source"),
+    )
+
+
+def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
+    """One lazy EVENTS-shaped frame per source of events. ``tables`` maps table name -> frame."""
+    patients = tables["patients"]
+    subjects = patients.select("patient_id", "subject_id")
+
+    def with_subject(name: str) -> pl.LazyFrame:
+        return tables[name].join(subjects, on="patient_id", how="inner", maintain_order="left")
+
+    no_num, no_text = _null(pl.Float32), _null(pl.String)
+    frames = [
+        _frame(
+            patients.filter(pl.col("birth_date").is_not_null()),
+            pl.lit("MEDS_BIRTH"),
+            pl.col("birth_date").cast(pl.Datetime("us")),
+            no_num,
+            no_text,
+            "ehr",
+            pl.lit("patients/") + pl.col("patient_id"),
+        ),
+        _frame(
+            patients.filter(pl.col("death_time").is_not_null()),
+            pl.lit("MEDS_DEATH"),
+            pl.col("death_time"),
+            no_num,
+            no_text,
+            "ehr",
+            pl.lit("patients/") + pl.col("patient_id"),
+        ),
+        _frame(
+            patients.filter(pl.col("sex").is_not_null()),
+            pl.lit("SEX//") + pl.col("sex"),
+            _null(pl.Datetime("us")),
+            no_num,
+            no_text,
+            "ehr",
+            pl.lit("patients/") + pl.col("patient_id"),
+        ),
+        _frame(
+            with_subject("encounters"),
+            # Coded by the visit's type (as MEDS ETLs code visits), so a task can name the kind of
+            # visit its prediction time follows; the class (ambulatory, inpatient, ...) is the value.
+            pl.coalesce(pl.col("type_code"), pl.lit("ENCOUNTER//") + pl.col("encounter_class").fill_null("UNKNOWN")),
+            pl.col("start_time"),
+            no_num,
+            pl.lit("ENCOUNTER//") + pl.col("encounter_class").fill_null("UNKNOWN"),
+            "ehr",
+            pl.lit("encounters/") + pl.col("encounter_id"),
+        ),
+    ]
+    for name in CODED_TABLES:
+        frames.append(
+            _frame(
+                with_subject(name),
+                pl.col("code"),
+                pl.col("time"),
+                no_num,
+                no_text,
+                "ehr",
+                pl.lit(f"{name}/") + pl.col("resource_id"),
+            )
+        )
+    frames += [
+        _frame(
+            with_subject("observations"),
+            pl.col("code"),
+            pl.col("time"),
+            pl.col("numeric_value"),
+            pl.col("text_value"),
+            "ehr",
+            pl.lit("observations/") + pl.col("resource_id"),
+        ),
+        _frame(
+            with_subject("notes"),
+            pl.lit("NOTE//") + pl.col("note_type"),
+            pl.col("time"),
+            no_num,
+            pl.col("note_id"),
+            "notes",
+            pl.lit("notes/") + pl.col("note_id"),
+        ),
+        _frame(
+            with_subject("imaging_studies"),
+            pl.lit("IMAGING_STUDY//") + pl.col("modality").fill_null("UNKNOWN"),
+            pl.col("time"),
+            no_num,
+            pl.col("study_id"),
+            "ehr",
+            pl.lit("imaging_studies/") + pl.col("study_id"),
+        ),
+        _frame(
+            with_subject("imaging"),
+            pl.lit("IMAGING//") + pl.col("modality"),
+            pl.col("time"),
+            no_num,
+            pl.col("study_id"),
+            "imaging",
+            pl.lit("imaging/") + pl.col("study_id"),
+        ),
+        _frame(
+            with_subject("genomics"),
+            pl.col("code"),
+            _null(pl.Datetime("us")),
+            pl.col("value"),
+            pl.col("variant"),
+            "genomics",
+            pl.lit("genomics/") + pl.col("patient_id"),
+        ),
+    ]
+    return frames
+
+
+def build_events(warehouse_dir: Path) -> pl.LazyFrame:
+    """The lazy ``events`` query over the normalized tables written in ``warehouse_dir``.
+
+    Every event's subject is a patient of ``patients`` (rows of other tables whose patient is not
+    there were quarantined before, and the inner join would drop nothing else).
+    """
+    names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
+    tables = {name: pl.scan_parquet(warehouse_dir / f"{name}.parquet") for name in names}
+    return pl.concat(event_frames(tables), how="vertical").select(EVENTS.names)

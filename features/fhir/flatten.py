@@ -1,0 +1,449 @@
+"""Flatten one FHIR resource into rows of its normalized table.
+
+Stage: ingest. In: one parsed resource (a ``dict``) and where it came from. Out: the name of its
+table (:data:`features.fhir.specs.TABLE_OF_TYPE`, or ``raw_unknown``) and its rows as tuples in the
+column order of that table's schema in :mod:`features.schemas`. A field the pipeline uses that is
+missing or malformed raises :class:`features.fhir.validate.RecordError`; nothing is guessed.
+
+This is the hot loop of the ingest (one call per resource), so it works on plain dicts and tuples.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from features.fhir.specs import PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, vocabulary_prefix
+from features.fhir.validate import (
+    FHIR_ID,
+    RecordError,
+    check_id,
+    check_number,
+    check_object,
+    parse_date,
+    parse_datetime,
+)
+from features.identifiers import subject_id_for
+
+Row = tuple[Any, ...]
+RAW_LIMIT = 100_000
+"""raw_unknown keeps each resource's JSON up to this many characters."""
+
+
+@dataclass
+class Origin:
+    """Where a resource was read: its file (relative to the landing zone) and record number."""
+
+    source_file: str
+    record_number: int
+    # The export time: no date may be later.
+    latest: datetime
+    # Inside a Bundle: entry fullUrl -> (resource type, id), to resolve urn:uuid references.
+    full_urls: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _reference(value: Any, where: str, target: str, origin: Origin) -> str:
+    """Resolve a reference to a ``target`` resource (``Patient/<id>``, ``urn:uuid:<id>``, URL)."""
+    if not isinstance(value, dict):
+        raise RecordError("bad_reference", f"{where} should be a Reference object, found {type(value).__name__}")
+    ref = value.get("reference")
+    if not isinstance(ref, str) or not ref:
+        raise RecordError("bad_reference", f"{where}.reference is missing or not a string")
+    resolved = origin.full_urls.get(ref)
+    if resolved is not None:
+        kind, ident = resolved
+    elif ref.startswith("urn:uuid:"):
+        kind, ident = target, ref[9:]
+    else:
+        parts = ref.split("/")
+        if len(parts) >= 4 and parts[-2] == "_history":
+            parts = parts[:-2]
+        if len(parts) < 2:
+            raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} is not Type/id or urn:uuid:id")
+        kind, ident = parts[-2], parts[-1]
+    if kind != target:
+        raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} does not point to a {target}")
+    if FHIR_ID.fullmatch(ident) is None:
+        raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} has an invalid id")
+    return ident
+
+
+def _optional_reference(value: Any, target: str, origin: Origin) -> str | None:
+    if value is None:
+        return None
+    try:
+        return _reference(value, "", target, origin)
+    except RecordError:
+        return None
+
+
+def _codes(concept: Any, where: str) -> list[str]:
+    """Every coding of a CodeableConcept as ``PREFIX//code``; raise if there is none."""
+    if not isinstance(concept, dict):
+        raise RecordError(
+            "missing_code", f"{where} is missing" if concept is None else f"{where} should be a CodeableConcept"
+        )
+    codings = concept.get("coding")
+    out: list[str] = []
+    if isinstance(codings, list):
+        for coding in codings:
+            if isinstance(coding, dict):
+                code = coding.get("code")
+                if isinstance(code, str) and code:
+                    system = coding.get("system")
+                    out.append(f"{vocabulary_prefix(system if isinstance(system, str) else None)}//{code}")
+    if not out:
+        raise RecordError("missing_code", f"{where} has no coding with a code")
+    return out
+
+
+def _display(concept: Any) -> str | None:
+    if not isinstance(concept, dict):
+        return None
+    text = concept.get("text")
+    if isinstance(text, str):
+        return text
+    codings = concept.get("coding")
+    if isinstance(codings, list) and codings and isinstance(codings[0], dict):
+        display = codings[0].get("display")
+        return display if isinstance(display, str) else None
+    return None
+
+
+def _first_code(concept: Any) -> str | None:
+    try:
+        return _codes(concept, "")[0]
+    except RecordError:
+        return None
+
+
+def _first_in_list(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value else None
+
+
+def _time(
+    resource: dict[str, Any], keys: tuple[str, ...], where: str, origin: Origin
+) -> tuple[datetime, datetime | None]:
+    """The first of ``keys`` present (a dateTime, or a Period's start and end)."""
+    for key in keys:
+        value = resource.get(key)
+        if value is None:
+            continue
+        if key.endswith(("Period", "period")):
+            period = check_object(value, f"{where}.{key}")
+            if period.get("start") is None:
+                raise RecordError("missing_date", f"{where}.{key}.start is missing")
+            start = parse_datetime(period["start"], f"{where}.{key}.start", origin.latest)
+            end = period.get("end")
+            return start, (parse_datetime(end, f"{where}.{key}.end", origin.latest) if end is not None else None)
+        return parse_datetime(value, f"{where}.{key}", origin.latest), None
+    raise RecordError("missing_date", f"{where} has none of {', '.join(keys)}")
+
+
+def _patient(resource: dict[str, Any], rt: str, origin: Origin) -> str:
+    key = PATIENT_REFERENCE_FIELD.get(rt, "subject")
+    value = resource.get(key)
+    if value is None:
+        raise RecordError("missing_reference", f"{rt}.{key} (the patient) is missing")
+    return _reference(value, f"{rt}.{key}", "Patient", origin)
+
+
+_GENDERS = {"male", "female", "other", "unknown"}
+
+
+def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    gender = res.get("gender")
+    if gender is not None and gender not in _GENDERS:
+        raise RecordError("bad_value", f"Patient.gender {gender!r:.40} is not male, female, other or unknown")
+    birth = res.get("birthDate")
+    birth_date = parse_date(birth, "Patient.birthDate", origin.latest) if birth is not None else None
+    death = res.get("deceasedDateTime")
+    death_time = parse_datetime(death, "Patient.deceasedDateTime", origin.latest) if death is not None else None
+    if death_time is not None and birth_date is not None and death_time.date() < birth_date:
+        raise RecordError("bad_date", f"Patient.deceasedDateTime {death!r} is before birthDate {birth!r}")
+    return [(rid, subject_id_for(rid), birth_date, gender, death_time, origin.source_file, origin.record_number)]
+
+
+def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    patient = _patient(res, "Encounter", origin)
+    start, end = _time(res, ("period",), "Encounter", origin) if "period" in res else (None, None)
+    if start is None:
+        raise RecordError("missing_date", "Encounter.period.start is missing")
+    if end is not None and end < start:
+        raise RecordError("bad_date", "Encounter.period.end is before period.start")
+    klass = res.get("class")
+    klass_code = klass.get("code") if isinstance(klass, dict) else None
+    return [
+        (
+            rid,
+            patient,
+            start,
+            end,
+            klass_code if isinstance(klass_code, str) else None,
+            _first_code(_first_in_list(res.get("type"))),
+            _first_code(_first_in_list(res.get("reasonCode"))),
+            origin.source_file,
+            origin.record_number,
+        )
+    ]
+
+
+_CODED: dict[str, tuple[str, tuple[str, ...], str]] = {
+    # type: (code field, time fields in order of preference, status field)
+    "Condition": ("code", ("onsetDateTime", "onsetPeriod", "recordedDate"), "clinicalStatus"),
+    "Procedure": ("code", ("performedDateTime", "performedPeriod"), "status"),
+    "MedicationRequest": ("medicationCodeableConcept", ("authoredOn",), "status"),
+    "MedicationStatement": (
+        "medicationCodeableConcept",
+        ("effectiveDateTime", "effectivePeriod", "dateAsserted"),
+        "status",
+    ),
+    "MedicationAdministration": ("medicationCodeableConcept", ("effectiveDateTime", "effectivePeriod"), "status"),
+    "Immunization": ("vaccineCode", ("occurrenceDateTime",), "status"),
+    "AllergyIntolerance": ("code", ("onsetDateTime", "recordedDate"), "clinicalStatus"),
+    "DiagnosticReport": ("code", ("effectiveDateTime", "effectivePeriod", "issued"), "status"),
+}
+
+
+def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]]:
+    code_field, time_fields, status_field = _CODED[rt]
+
+    def flatten(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+        patient = _patient(res, rt, origin)
+        if code_field == "medicationCodeableConcept" and code_field not in res and "medicationReference" in res:
+            raise RecordError(
+                "missing_code", f"{rt} names its drug by medicationReference; only medicationCodeableConcept is read"
+            )
+        concept = res.get(code_field)
+        codes = _codes(concept, f"{rt}.{code_field}")
+        time, end = _time(res, time_fields, rt, origin)
+        if rt == "Condition" and res.get("abatementDateTime") is not None:
+            end = parse_datetime(res["abatementDateTime"], "Condition.abatementDateTime", origin.latest)
+        status = res.get(status_field)
+        if isinstance(status, dict):
+            status = _first_code(status)
+            status = status.split("//", 1)[1] if status else None
+        return [
+            (
+                rid,
+                rt,
+                patient,
+                _optional_reference(res.get("encounter"), "Encounter", origin),
+                time,
+                end,
+                codes[0],
+                codes,
+                _display(concept),
+                status if isinstance(status, str) else None,
+                origin.source_file,
+                origin.record_number,
+            )
+        ]
+
+    return flatten
+
+
+def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None]:
+    """(numeric_value, unit, text_value) of an Observation or component ``value[x]``."""
+    if "valueQuantity" in holder:
+        quantity = check_object(holder["valueQuantity"], f"{where}.valueQuantity")
+        if "value" not in quantity:
+            raise RecordError("missing_value", f"{where}.valueQuantity.value is missing")
+        number = check_number(quantity["value"], f"{where}.valueQuantity.value")
+        unit = quantity.get("unit", quantity.get("code"))
+        return number, unit if isinstance(unit, str) else None, None
+    if "valueCodeableConcept" in holder:
+        return None, None, _codes(holder["valueCodeableConcept"], f"{where}.valueCodeableConcept")[0]
+    for key in ("valueInteger", "valueDecimal"):
+        if key in holder:
+            return check_number(holder[key], f"{where}.{key}"), None, None
+    if "valueBoolean" in holder:
+        if not isinstance(holder["valueBoolean"], bool):
+            raise RecordError("bad_type", f"{where}.valueBoolean should be true or false")
+        return float(holder["valueBoolean"]), None, None
+    for key in ("valueString", "valueDateTime", "valueTime"):
+        if key in holder:
+            value = holder[key]
+            if not isinstance(value, str):
+                raise RecordError("bad_type", f"{where}.{key} should be a string, found {type(value).__name__}")
+            return None, None, value
+    return None, None, None
+
+
+def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    patient = _patient(res, "Observation", origin)
+    code = _codes(res.get("code"), "Observation.code")[0]
+    time, _ = _time(res, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"), "Observation", origin)
+    encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
+    category = _first_code(_first_in_list(res.get("category")))
+    category = category.split("//", 1)[1] if category else None
+    tail = (category, origin.source_file, origin.record_number)
+    components = res.get("component")
+    rows: list[Row] = []
+    numeric, unit, text = _value(res, "Observation")
+    if numeric is not None or text is not None or not components:
+        rows.append((rid, patient, encounter, time, code, None, numeric, unit, text, *tail))
+    if components is not None:
+        if not isinstance(components, list):
+            raise RecordError("bad_type", "Observation.component should be a list")
+        for index, component in enumerate(components):
+            where = f"Observation.component[{index}]"
+            check_object(component, where)
+            c_numeric, c_unit, c_text = _value(component, where)
+            rows.append(
+                (
+                    rid,
+                    patient,
+                    encounter,
+                    time,
+                    _codes(component.get("code"), f"{where}.code")[0],
+                    code,
+                    c_numeric,
+                    c_unit,
+                    c_text,
+                    *tail,
+                )
+            )
+    return rows
+
+
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def _note_text(res: dict[str, Any]) -> str:
+    content = res.get("content")
+    if not isinstance(content, list) or not content:
+        raise RecordError("no_note_text", "DocumentReference.content is missing or empty")
+    urls = []
+    for index, item in enumerate(content):
+        attachment = item.get("attachment") if isinstance(item, dict) else None
+        if not isinstance(attachment, dict):
+            raise RecordError("bad_type", f"DocumentReference.content[{index}].attachment should be an object")
+        content_type = attachment.get("contentType") or "text/plain"
+        if not isinstance(content_type, str):
+            raise RecordError(
+                "bad_type", f"DocumentReference.content[{index}].attachment.contentType should be a string"
+            )
+        data = attachment.get("data")
+        if data is None:
+            if isinstance(attachment.get("url"), str):
+                urls.append(attachment["url"])
+            continue
+        mime, _, params = content_type.partition(";")
+        if not mime.strip().lower().startswith("text/"):
+            continue
+        charset = "utf-8"
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip():
+                charset = value.strip().strip('"')
+        if not isinstance(data, str):
+            raise RecordError(
+                "bad_type", f"DocumentReference.content[{index}].attachment.data should be a base64 string"
+            )
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise RecordError(
+                "bad_base64", f"DocumentReference.content[{index}].attachment.data is not valid base64"
+            ) from None
+        try:
+            return raw.decode(charset)
+        except LookupError:
+            raise RecordError(
+                "bad_charset", f"DocumentReference attachment charset {charset!r:.40} is unknown"
+            ) from None
+        except UnicodeDecodeError:
+            raise RecordError("bad_charset", f"DocumentReference attachment is not valid {charset} text") from None
+    if urls:
+        raise RecordError(
+            "no_note_text", f"DocumentReference has only URL attachments ({urls[0]!r:.60}); only inline data is read"
+        )
+    raise RecordError("no_note_text", "DocumentReference has no text/* attachment with inline data")
+
+
+def note_type_slug(label: str) -> str:
+    """``'History and physical note'`` -> ``'history_and_physical_note'``.
+
+    Examples
+    --------
+    >>> note_type_slug("Progress note")
+    'progress_note'
+    """
+    return _SLUG.sub("_", label.lower()).strip("_") or "document"
+
+
+def flatten_document_reference(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    patient = _patient(res, "DocumentReference", origin)
+    if res.get("date") is not None:
+        time = parse_datetime(res["date"], "DocumentReference.date", origin.latest)
+    else:
+        context = res.get("context")
+        period = context.get("period") if isinstance(context, dict) else None
+        if not isinstance(period, dict) or period.get("start") is None:
+            raise RecordError("missing_date", "DocumentReference has neither date nor context.period.start")
+        time = parse_datetime(period["start"], "DocumentReference.context.period.start", origin.latest)
+    text = _note_text(res)
+    note_type = note_type_slug(_display(res.get("type")) or "document")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return [(rid, patient, time, note_type, text, digest, origin.source_file, origin.record_number)]
+
+
+def flatten_imaging_study(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    patient = _patient(res, "ImagingStudy", origin)
+    time, _ = _time(res, ("started",), "ImagingStudy", origin)
+    modality = _first_in_list(res.get("modality"))
+    modality_code = modality.get("code") if isinstance(modality, dict) else None
+    series = _first_in_list(res.get("series"))
+    body_site = series.get("bodySite") if isinstance(series, dict) else None
+    site = None
+    if isinstance(body_site, dict):
+        site = body_site.get("display") or body_site.get("code")
+    if modality_code is None and isinstance(series, dict) and isinstance(series.get("modality"), dict):
+        modality_code = series["modality"].get("code")
+    description = res.get("description")
+    return [
+        (
+            rid,
+            patient,
+            time,
+            modality_code if isinstance(modality_code, str) else None,
+            site if isinstance(site, str) else None,
+            description if isinstance(description, str) else None,
+            origin.source_file,
+            origin.record_number,
+        )
+    ]
+
+
+FLATTENERS: dict[str, Callable[[dict[str, Any], str, Origin], list[Row]]] = {
+    "Patient": flatten_patient,
+    "Encounter": flatten_encounter,
+    "Observation": flatten_observation,
+    "DocumentReference": flatten_document_reference,
+    "ImagingStudy": flatten_imaging_study,
+    **{rt: _flatten_coded(rt) for rt in _CODED},
+}
+assert set(FLATTENERS) == set(TABLE_OF_TYPE)
+
+
+def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = None) -> tuple[str, list[Row]]:
+    """Return the table and rows of one resource whose ``resourceType`` is already checked.
+
+    Unused types go to ``raw_unknown`` with their JSON, so nothing is dropped silently.
+    """
+    rt = res["resourceType"]
+    rid = check_id(res.get("id"), f"{rt}.id")
+    flatten = FLATTENERS.get(rt)
+    if flatten is None:
+        text = (raw if raw is not None else orjson.dumps(res)).decode("utf-8", "replace")[:RAW_LIMIT]
+        return "raw_unknown", [(rid, rt, text, origin.source_file, origin.record_number)]
+    return TABLE_OF_TYPE[rt], flatten(res, rid, origin)

@@ -1,0 +1,230 @@
+"""Read FHIR files of a landing zone as numbered raw records, in bounded pieces.
+
+Stage: ingest. In: ``fhir/*.ndjson``, ``*.ndjson.gz`` (Bulk FHIR, one resource per line, any mix
+of types) and ``*.json`` (a ``Bundle`` of type collection, transaction, batch or searchset, or a
+single resource). Out: :class:`RawRecord` objects (record number, bytes, and for Bundles the
+entry's ``fullUrl`` map) and :class:`RawReject` objects for what cannot even be split into records
+(an unreadable file, a truncated ``.gz`` stream, a Bundle entry without a resource).
+
+Large NDJSON files are cut into :class:`ReadUnit` byte ranges at line boundaries, so that workers
+read them in parallel with bounded memory; record numbers stay the file's own line numbers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+FHIR_SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
+UNIT_BYTES = 16 * 1024 * 1024
+"""Target size of one NDJSON read unit: a worker holds about this much raw text at a time."""
+BUNDLE_TYPES = frozenset(
+    {
+        "collection",
+        "transaction",
+        "batch",
+        "searchset",
+        "transaction-response",
+        "batch-response",
+        "history",
+        "message",
+        "document",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """A piece of one FHIR file that one worker reads: a line range of NDJSON or a whole file."""
+
+    path: str
+    # The file relative to the landing zone: what quarantine rows and tables name.
+    source_file: str
+    kind: str  # "ndjson", "ndjson.gz" or "json"
+    start: int = 0
+    end: int = -1
+    # Line number of the first line at ``start`` (1-based).
+    first_line: int = 1
+
+
+@dataclass
+class RawRecord:
+    number: int
+    raw: bytes
+    # Parsed already (Bundle entries), else None.
+    parsed: object = None
+    full_urls: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class RawReject:
+    number: int
+    raw: str
+    code: str
+    reason: str
+
+
+def fhir_kind(path: Path) -> str | None:
+    """``ndjson``, ``ndjson.gz`` or ``json`` for a FHIR file name, else None."""
+    name = path.name.lower()
+    if name.endswith(".ndjson.gz"):
+        return "ndjson.gz"
+    if name.endswith(".ndjson"):
+        return "ndjson"
+    if name.endswith(".json"):
+        return "json"
+    return None
+
+
+def plan_units(path: Path, source_file: str, unit_bytes: int = UNIT_BYTES) -> list[ReadUnit]:
+    """Cut one FHIR file into read units (only plain NDJSON is cut; the rest is one unit)."""
+    kind = fhir_kind(path)
+    if kind is None:
+        raise ValueError(f"{path} is not a FHIR file")
+    size = path.stat().st_size
+    if kind != "ndjson" or size <= unit_bytes:
+        return [ReadUnit(str(path), source_file, kind)]
+    units: list[ReadUnit] = []
+    start, line = 0, 1
+    with path.open("rb") as handle:
+        while start < size:
+            handle.seek(start)
+            block = handle.read(unit_bytes)
+            cut = block.rfind(b"\n")
+            if cut < 0 or start + len(block) >= size:
+                # Last piece, or one line longer than a unit: read on to the next newline.
+                rest = b"" if start + len(block) >= size else handle.readline()
+                end = start + len(block) + len(rest)
+                units.append(ReadUnit(str(path), source_file, kind, start, end, line))
+                break
+            end = start + cut + 1
+            units.append(ReadUnit(str(path), source_file, kind, start, end, line))
+            line += block.count(b"\n", 0, cut + 1)
+            start = end
+    return units
+
+
+def _split_lines(data: bytes, first_line: int) -> Iterator[RawRecord]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for offset, line in enumerate(lines):
+        yield RawRecord(first_line + offset, line[:-1] if line.endswith(b"\r") else line)
+
+
+def iter_unit(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
+    """Yield every record of a read unit, and rejects for what is not a record."""
+    if unit.kind == "ndjson":
+        try:
+            with open(unit.path, "rb") as handle:
+                handle.seek(unit.start)
+                data = handle.read() if unit.end < 0 else handle.read(unit.end - unit.start)
+        except OSError as exc:
+            yield RawReject(0, "", "unreadable_file", f"file cannot be read: {exc.strerror or exc}")
+            return
+        if unit.start == 0 and not data:
+            yield RawReject(0, "", "empty_file", "file is empty")
+            return
+        yield from _split_lines(data, unit.first_line)
+    elif unit.kind == "ndjson.gz":
+        yield from _iter_gzip(unit)
+    else:
+        yield from _iter_json(unit)
+
+
+def _iter_gzip(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
+    number = 0
+    try:
+        with gzip.open(unit.path, "rb") as handle:
+            for line in handle:
+                number += 1
+                if line.endswith(b"\n"):
+                    line = line[:-1]
+                yield RawRecord(number, line[:-1] if line.endswith(b"\r") else line)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        detail = "the gzip stream ends early (truncated file)" if isinstance(exc, EOFError) else f"gzip error: {exc}"
+        yield RawReject(
+            number + 1,
+            "",
+            "truncated_gzip" if isinstance(exc, EOFError) else "bad_gzip",
+            f"{detail}; {number} lines before it were read",
+        )
+        return
+    if number == 0:
+        yield RawReject(0, "", "empty_file", "file is empty (no lines after decompression)")
+
+
+def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
+    try:
+        data = Path(unit.path).read_bytes()
+    except OSError as exc:
+        yield RawReject(0, "", "unreadable_file", f"file cannot be read: {exc.strerror or exc}")
+        return
+    if not data.strip():
+        yield RawReject(0, "", "empty_file", "file is empty")
+        return
+    preview = data[:300].decode("utf-8", "replace")
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        reason = "truncated" if "unexpected end" in str(exc).lower() or "eof" in str(exc).lower() else "not valid"
+        yield RawReject(0, preview, "invalid_json", f"whole file is not valid JSON ({reason}: {str(exc)[:120]})")
+        return
+    if not isinstance(document, dict):
+        yield RawReject(
+            0, preview, "not_object", f"file holds a JSON {type(document).__name__}, not a Bundle or resource"
+        )
+        return
+    if document.get("resourceType") != "Bundle":
+        yield RawRecord(1, data, document)
+        return
+    bundle_type = document.get("type")
+    entries = document.get("entry", [])
+    if bundle_type not in BUNDLE_TYPES or not isinstance(entries, list):
+        yield RawReject(
+            0,
+            preview,
+            "bad_bundle",
+            f"Bundle.type {bundle_type!r:.40} is not a known Bundle type or Bundle.entry is not a list",
+        )
+        return
+    full_urls: dict[str, tuple[str, str]] = {}
+    for entry in entries:
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("resource"), dict)
+            and isinstance(entry.get("fullUrl"), str)
+        ):
+            resource = entry["resource"]
+            if isinstance(resource.get("resourceType"), str) and isinstance(resource.get("id"), str):
+                full_urls[entry["fullUrl"]] = (resource["resourceType"], resource["id"])
+    for index, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            raw = orjson.dumps(entry).decode("utf-8", "replace")
+            what = (
+                "has no resource"
+                if isinstance(entry, dict) and "resource" not in entry
+                else "is not an object with a resource object"
+            )
+            yield RawReject(index, raw, "no_resource", f"Bundle entry {index} {what}")
+            continue
+        yield RawRecord(index, b"", entry["resource"], full_urls)
+
+
+def fetch_raw(path: Path, kind: str, numbers: set[int], limit: int = 500) -> dict[int, str]:
+    """Return the raw text of the given record numbers of a file (for quarantine rows)."""
+    found: dict[int, str] = {}
+    for record in iter_unit(ReadUnit(str(path), "", kind)):
+        if isinstance(record, RawRecord) and record.number in numbers:
+            raw = record.raw if record.parsed is None or kind != "json" else orjson.dumps(record.parsed)
+            if kind == "json" and record.number == 1 and record.raw:
+                raw = record.raw
+            found[record.number] = raw[: limit * 4].decode("utf-8", "replace")[:limit]
+            if len(found) == len(numbers):
+                break
+    return found

@@ -1,0 +1,102 @@
+"""What cohortcast takes from each FHIR resource type, and the vocabulary map.
+
+Stage: ingest. In: nothing. Out: the registry the flattener and the event builder read:
+
+* :data:`VOCABULARY_PREFIXES`, the one place that maps a FHIR coding ``system`` URL to the MEDS
+  vocabulary prefix of its codes (``http://loinc.org`` -> ``LOINC``);
+* :data:`TABLE_OF_TYPE`, the normalized table each used resource type goes to; resources of any
+  other valid R4 type go to ``raw_unknown``, kept raw and counted;
+* :data:`PATIENT_REFERENCE_FIELD`, where each type names its patient.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+VOCABULARY_PREFIXES: dict[str, str] = {
+    "http://loinc.org": "LOINC",
+    "http://snomed.info/sct": "SNOMED",
+    "http://www.nlm.nih.gov/research/umls/rxnorm": "RXNORM",
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD10CM",
+    "http://hl7.org/fhir/sid/icd-10": "ICD10",
+    "http://hl7.org/fhir/sid/icd-9-cm": "ICD9CM",
+    "http://hl7.org/fhir/sid/cvx": "CVX",
+    "http://hl7.org/fhir/sid/ndc": "NDC",
+    "http://www.ama-assn.org/go/cpt": "CPT",
+    "http://unitsofmeasure.org": "UCUM",
+    "http://dicom.nema.org/resources/ontology/DCM": "DCM",
+    "http://terminology.hl7.org/CodeSystem/v3-ActCode": "ACTCODE",
+    "http://terminology.hl7.org/CodeSystem/observation-category": "OBSCAT",
+    "urn:oid:2.16.840.1.113883.6.238": "CDCREC",
+}
+"""FHIR coding system URL -> vocabulary prefix. A system not listed keeps its URL's last path
+segment, upper-cased (``http://example.org/fhir/CodeSystem/local-labs`` -> ``LOCAL-LABS``), and a
+coding without a system is ``UNKNOWN//<code>``, so that no code is ever silently dropped."""
+
+TABLE_OF_TYPE: dict[str, str] = {
+    "Patient": "patients",
+    "Encounter": "encounters",
+    "Condition": "conditions",
+    "Observation": "observations",
+    "MedicationRequest": "medications",
+    "MedicationStatement": "medications",
+    "MedicationAdministration": "medications",
+    "Procedure": "procedures",
+    "Immunization": "immunizations",
+    "AllergyIntolerance": "allergies",
+    "DiagnosticReport": "diagnostic_reports",
+    "DocumentReference": "notes",
+    "ImagingStudy": "imaging_studies",
+}
+"""Used resource type -> normalized table. Other valid R4 types go to ``raw_unknown``."""
+
+CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
+"""Tables of the shared :data:`features.schemas.CODED_EVENTS` shape."""
+
+PATIENT_REFERENCE_FIELD: dict[str, str] = {
+    "Immunization": "patient",
+    "AllergyIntolerance": "patient",
+}
+"""Where a type names its patient when it is not ``subject``."""
+
+
+def vocabulary_prefix(system: str | None) -> str:
+    """Return the MEDS vocabulary prefix of a FHIR coding system URL.
+
+    Examples
+    --------
+    >>> vocabulary_prefix("http://loinc.org")
+    'LOINC'
+    >>> vocabulary_prefix("http://example.org/fhir/CodeSystem/local-labs")
+    'LOCAL-LABS'
+    >>> vocabulary_prefix(None)
+    'UNKNOWN'
+    """
+    if not system:
+        return "UNKNOWN"
+    prefix = VOCABULARY_PREFIXES.get(system)
+    if prefix is not None:
+        return prefix
+    tail = system.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    return tail.upper() or "UNKNOWN"
+
+
+@lru_cache(maxsize=512)
+def is_r4_resource_type(name: str) -> bool:
+    """Whether ``name`` is a resource type of FHIR R4 (as modelled by ``fhir.resources.R4B``).
+
+    Examples
+    --------
+    >>> is_r4_resource_type("Observation"), is_r4_resource_type("Address"), is_r4_resource_type("Foo")
+    (True, False, False)
+    """
+    if not name.isidentifier() or not name[:1].isupper():
+        return False
+    from fhir.resources.R4B import get_fhir_model_class
+    from fhir.resources.R4B.resource import Resource
+
+    try:
+        model = get_fhir_model_class(name)
+    except (ValueError, KeyError, ImportError, AttributeError):
+        return False
+    return issubclass(model, Resource)

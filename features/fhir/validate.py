@@ -1,0 +1,153 @@
+"""Validation of the FHIR fields cohortcast uses: the fast path, and full R4 validation (strict).
+
+Stage: ingest. In: one parsed FHIR resource (a ``dict``). Out: typed field values, or a
+:class:`RecordError` whose ``reason`` is the one line a data engineer reads in the quarantine table.
+
+The fast path checks only what the pipeline uses (ids, dates, references, codes, value types), with
+plain Python and no model objects; ``strict`` mode additionally validates each resource with the
+``fhir.resources.R4B`` pydantic models (FHIR R4 4.0.1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, date, datetime
+from functools import lru_cache
+from typing import Any
+
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+"""FHIR R4 ``id``: 1 to 64 letters, digits, '-' and '.'."""
+
+_DATETIME = re.compile(
+    r"([0-9]{4})(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01])"
+    r"(T([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)(\.[0-9]{1,9})?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))?)?)?)?"
+)
+EARLIEST = datetime(1800, 1, 1)
+"""Dates before this are taken as data-entry errors, not history."""
+
+
+class RecordError(ValueError):
+    """One record cannot be used. ``code`` is a stable slug (``bad_date``), ``reason`` one line."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def check_id(value: Any, where: str) -> str:
+    """Return ``value`` if it is a valid FHIR id, else raise :class:`RecordError`.
+
+    Examples
+    --------
+    >>> check_id("abc-1.2", "Patient.id")
+    'abc-1.2'
+    >>> check_id("a b", "Patient.id")
+    Traceback (most recent call last):
+    ...
+    features.fhir.validate.RecordError: Patient.id 'a b' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)
+    """
+    if value is None:
+        raise RecordError("missing_id", f"{where} is missing")
+    if not isinstance(value, str) or FHIR_ID.fullmatch(value) is None:
+        raise RecordError("bad_id", f"{where} {value!r:.80} is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")
+    return value
+
+
+def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
+    """Parse a FHIR ``date``, ``dateTime`` or ``instant`` to a naive UTC ``datetime``.
+
+    Partial dates (``2019``, ``2019-04``) mean their first instant; a date without a time is
+    midnight UTC. Dates before 1800 or after ``latest`` (the export time) are rejected.
+
+    Examples
+    --------
+    >>> parse_datetime("2016-03-14T11:40:00-04:00", "x", datetime(2030, 1, 1))
+    datetime.datetime(2016, 3, 14, 15, 40)
+    >>> parse_datetime("2019-04", "x", datetime(2030, 1, 1))
+    datetime.datetime(2019, 4, 1, 0, 0)
+    """
+    if not isinstance(value, str):
+        raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
+    match = _DATETIME.fullmatch(value)
+    if match is None:
+        raise RecordError("bad_date", f"{where} {value!r:.60} is not a FHIR date/dateTime")
+    try:
+        if match.group(4) is None:
+            parsed = datetime(int(match.group(1)), int(match.group(3) or 1), 1)
+        elif match.group(6) is None:
+            parsed = datetime.fromisoformat(value)
+        else:
+            text = value if match.group(9) is None or len(match.group(9)) <= 7 else value[:26] + value[match.end(9) :]
+            parsed = datetime.fromisoformat(text)
+            if parsed.tzinfo is not None:
+                parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    except ValueError as exc:
+        raise RecordError("bad_date", f"{where} {value!r:.60} is not a real date ({exc})") from None
+    if parsed < EARLIEST:
+        raise RecordError("bad_date", f"{where} {value!r:.60} is before 1800")
+    if parsed > latest:
+        raise RecordError("future_date", f"{where} {value!r:.60} is after the export time {latest:%Y-%m-%dT%H:%M:%S}")
+    return parsed
+
+
+def parse_date(value: Any, where: str, latest: datetime) -> date:
+    """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``."""
+    return parse_datetime(value, where, latest).date()
+
+
+def check_number(value: Any, where: str) -> float:
+    """Return a finite JSON number as ``float``; booleans, strings and non-finite values fail."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError("bad_type", f"{where} should be a number, found {type(value).__name__} {value!r:.40}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise RecordError("bad_value", f"{where} is not a finite number ({value!r})")
+    return number
+
+
+def check_object(value: Any, where: str) -> dict[str, Any]:
+    """Return ``value`` if it is a JSON object."""
+    if not isinstance(value, dict):
+        raise RecordError("bad_type", f"{where} should be an object, found {type(value).__name__}")
+    return value
+
+
+def check_string(value: Any, where: str) -> str:
+    """Return ``value`` if it is a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise RecordError(
+            "bad_type", f"{where} should be a non-empty string, found {type(value).__name__} {value!r:.40}"
+        )
+    return value
+
+
+@lru_cache(maxsize=256)
+def _model(resource_type: str) -> Any:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    return get_fhir_model_class(resource_type)
+
+
+def validate_r4(resource: dict[str, Any]) -> None:
+    """Validate one resource fully against its FHIR R4 model (``--strict``).
+
+    Raises
+    ------
+    RecordError
+        ``fhir_invalid`` with the first failing field and pydantic's message.
+    """
+    from pydantic import ValidationError
+
+    try:
+        _model(resource["resourceType"]).model_validate(resource)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+        location = ".".join(str(part) for part in first.get("loc", ()))
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RecordError(
+            "fhir_invalid",
+            f"FHIR R4 validation failed at {resource['resourceType']}.{location}: {first.get('msg', '')}{more}"[:300],
+        ) from None

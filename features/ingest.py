@@ -1,0 +1,655 @@
+"""The ingest stage: a landing zone into normalized tables, quarantine, MEDS events and accounting.
+
+Stage: ingest. In: a landing zone (``fhir/`` NDJSON, NDJSON.gz and Bundle files; ``notes/``,
+``genomics/`` and ``imaging/`` tables; anything else, such as a simulator's ``truth.parquet``, is
+ignored). Out, in the warehouse folder: one Parquet file per table of
+:data:`features.schemas.INTERNAL_TABLES` that ingest owns, ``quarantine.parquet`` and
+``ingest_summary.json``.
+
+How it runs, with memory bounded by the read unit and polars' streaming batches, not by the export:
+
+1. FHIR files are cut into read units (16 MB NDJSON line ranges, whole ``.gz`` and Bundle files);
+   ``workers`` processes parse, validate and flatten them, each unit staged as Parquet parts.
+2. The tables feeds are read row by row and staged the same way.
+3. Each table is finalized by a streaming polars query: duplicates (same type and id) resolve to
+   the first copy in file order (files sorted by path, then line or entry number); rows whose patient
+   is not in ``patients`` are dropped; both become quarantine rows naming why.
+4. ``events`` is streamed from the final tables; then the accounting is counted independently from
+   the inputs (records read) and the outputs (distinct records in tables plus quarantine rows).
+
+Every file is written atomically, so a killed run leaves the previous good warehouse readable.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.errors import LandingZoneError
+from features.events import build_events
+from features.fhir.flatten import Origin, Row, flatten_resource
+from features.fhir.read import RawReject, ReadUnit, fetch_raw, fhir_kind, iter_unit, plan_units
+from features.fhir.specs import CODED_TABLES, is_r4_resource_type
+from features.fhir.validate import RecordError, validate_r4
+from features.genomics import read_genomics_file
+from features.imaging import read_imaging_file
+from features.io import sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
+from features.notes import read_notes_file
+from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE
+from features.tables import TABLE_SUFFIXES, TableRead
+
+TABLES = [
+    "patients",
+    "encounters",
+    *CODED_TABLES,
+    "observations",
+    "notes",
+    "imaging_studies",
+    "genomics",
+    "imaging",
+    "raw_unknown",
+]
+"""The normalized tables ingest writes, patients first (every other table is checked against it)."""
+
+ID_COLUMNS: dict[str, list[str]] = {
+    "patients": ["patient_id"],
+    "encounters": ["encounter_id"],
+    **{name: ["resource_type", "resource_id"] for name in CODED_TABLES},
+    "observations": ["resource_id"],
+    "notes": ["note_id"],
+    "imaging_studies": ["study_id"],
+    "genomics": ["patient_id", "code", "variant"],
+    "imaging": ["study_id"],
+    "raw_unknown": ["resource_type", "resource_id"],
+}
+"""What makes two records duplicates, per table."""
+
+RESOURCE_TYPE_OF_TABLE = {
+    "patients": "Patient",
+    "encounters": "Encounter",
+    "observations": "Observation",
+    "imaging_studies": "ImagingStudy",
+}
+SUMMARY_FILE = "ingest_summary.json"
+RAW_LIMIT = 500
+_NAN = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Infinity)(?![A-Za-z\"])")
+
+
+@dataclass(frozen=True)
+class FileAccount:
+    """Records of one source file: every record read is either out (in a table) or quarantined."""
+
+    source_kind: str
+    source_file: str
+    records_in: int
+    records_out: int
+    quarantined: int
+
+    @property
+    def balanced(self) -> bool:
+        return self.records_in == self.records_out + self.quarantined
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one ingest run read, wrote and quarantined (``ingest_summary.json``)."""
+
+    landing_dir: str
+    warehouse_dir: str
+    # Nothing may be dated after this (naive UTC).
+    export_time: datetime
+    strict: bool
+    files: tuple[FileAccount, ...]
+    table_rows: dict[str, int]
+    quarantined_by_reason: dict[str, int]
+    # Records dropped as later copies of a record with the same type and id (also in quarantine).
+    duplicates: int
+    fhir_resources_in: int
+    elapsed_seconds: float
+
+    @property
+    def records_in(self) -> int:
+        return sum(account.records_in for account in self.files)
+
+    @property
+    def records_out(self) -> int:
+        return sum(account.records_out for account in self.files)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(account.quarantined for account in self.files)
+
+    @property
+    def balanced(self) -> bool:
+        return all(account.balanced for account in self.files)
+
+    def to_json(self) -> bytes:
+        document = asdict(self)
+        document["export_time"] = self.export_time.isoformat()
+        document["totals"] = {
+            "records_in": self.records_in,
+            "records_out": self.records_out,
+            "quarantined": self.quarantined,
+            "balanced": self.balanced,
+        }
+        return orjson.dumps(document, option=orjson.OPT_INDENT_2)
+
+    @classmethod
+    def from_json(cls, path: Path) -> IngestSummary:
+        document = orjson.loads(path.read_bytes())
+        document.pop("totals", None)
+        document["export_time"] = datetime.fromisoformat(document["export_time"])
+        document["files"] = tuple(FileAccount(**account) for account in document["files"])
+        return cls(**document)
+
+
+@dataclass
+class _UnitResult:
+    source_file: str
+    records_in: int
+    quarantined: int
+
+
+@dataclass
+class _Landing:
+    fhir: list[tuple[Path, str]] = field(default_factory=list)
+    notes: list[tuple[Path, str]] = field(default_factory=list)
+    genomics: list[tuple[Path, str]] = field(default_factory=list)
+    imaging: list[tuple[Path, str]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------
+# Staging
+# ------------------------------------------------------------------------------------------------
+
+
+def rows_to_table(rows: list[Row], schema: pa.Schema) -> pa.Table:
+    """Rows (tuples in schema order) as an Arrow table of ``schema``."""
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in schema.names]
+    return pa.Table.from_arrays(
+        [pa.array(column, type=f.type) for column, f in zip(columns, schema, strict=True)], schema=schema
+    )
+
+
+def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
+    if rows:
+        folder = staging / table
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(rows_to_table(rows, INTERNAL_TABLES[table]), folder / f"{part}.parquet")
+
+
+def _parse_line(raw: bytes) -> Any:
+    if not raw.strip():
+        raise RecordError("blank_line", "blank line (NDJSON holds one resource per line)")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise RecordError(
+            "byte_order_mark", "line starts with a UTF-8 byte-order mark (BOM); NDJSON must be UTF-8 without BOM"
+        )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise RecordError(
+                "not_utf8",
+                f"line is not UTF-8 text (bad byte {raw[bad.start : bad.start + 1]!r} at column {bad.start + 1})",
+            ) from None
+        if _NAN.search(raw):
+            raise RecordError(
+                "invalid_json", "line holds NaN or Infinity, which JSON does not allow"
+            ) from None
+        message = str(exc).split(":", 1)[0]
+        raise RecordError("invalid_json", f"line is not valid JSON ({message}; truncated or malformed)") from None
+
+
+def _resource_type(resource: Any) -> str:
+    if not isinstance(resource, dict):
+        kind = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}.get(
+            type(resource), "null"
+        )
+        raise RecordError("not_object", f"JSON {kind} is not a FHIR resource (expected an object)")
+    rt = resource.get("resourceType")
+    if rt is None:
+        raise RecordError("missing_resource_type", "object has no resourceType")
+    if not isinstance(rt, str) or not is_r4_resource_type(rt):
+        raise RecordError("unknown_resource_type", f"resourceType {rt!r:.60} is not a FHIR R4 resource type")
+    return rt
+
+
+def _process_unit(index: int, unit: ReadUnit, latest: datetime, strict: bool, staging: Path) -> _UnitResult:
+    """Parse, validate and flatten one read unit; stage its rows and rejects as Parquet parts."""
+    buffers: dict[str, list[Row]] = defaultdict(list)
+    rejects: list[Row] = []
+    records_in = 0
+    origin = Origin(unit.source_file, 0, latest)
+    for record in iter_unit(unit):
+        records_in += 1
+        if isinstance(record, RawReject):
+            rejects.append(
+                (
+                    "fhir",
+                    unit.source_file,
+                    record.number,
+                    None,
+                    None,
+                    record.raw[:RAW_LIMIT],
+                    record.code,
+                    record.reason,
+                )
+            )
+            continue
+        resource: Any = None
+        try:
+            resource = _parse_line(record.raw) if record.parsed is None else record.parsed
+            _resource_type(resource)
+            if strict:
+                validate_r4(resource)
+            origin.record_number = record.number
+            origin.full_urls = record.full_urls
+            table, rows = flatten_resource(resource, origin, record.raw or None)
+            buffers[table].extend(rows)
+        except RecordError as err:
+            is_dict = isinstance(resource, dict)
+            rt = resource.get("resourceType") if is_dict else None
+            rid = resource.get("id") if is_dict else None
+            raw = record.raw if record.raw else orjson.dumps(resource)
+            rejects.append(
+                (
+                    "fhir",
+                    unit.source_file,
+                    record.number,
+                    rt if isinstance(rt, str) else None,
+                    rid if isinstance(rid, str) else None,
+                    raw[: RAW_LIMIT * 4].decode("utf-8", "replace")[:RAW_LIMIT],
+                    err.code,
+                    err.reason,
+                )
+            )
+    part = f"{index:07d}"
+    for table, rows in buffers.items():
+        _stage(staging, table, rows, part)
+    _stage(staging, "quarantine", rejects, part)
+    return _UnitResult(unit.source_file, records_in, len(rejects))
+
+
+def _process_unit_star(args: tuple[int, ReadUnit, datetime, bool, Path]) -> _UnitResult:
+    return _process_unit(*args)
+
+
+def _stage_table_read(staging: Path, read: TableRead, part: str) -> _UnitResult:
+    for table, rows in read.rows.items():
+        _stage(staging, table, rows, part)
+    _stage(
+        staging,
+        "quarantine",
+        [
+            (read.source_kind, read.source_file, number, None, ident, raw, code, reason)
+            for number, ident, raw, code, reason in read.rejects
+        ],
+        part,
+    )
+    return _UnitResult(read.source_file, read.records_in, len(read.rejects))
+
+
+# ------------------------------------------------------------------------------------------------
+# Discovery
+# ------------------------------------------------------------------------------------------------
+
+
+def _discover(landing_dir: Path) -> _Landing:
+    """Find the landing zone's files, sorted by path (the order duplicates resolve in)."""
+    landing = _Landing()
+
+    def files(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    fhir_root = landing_dir / "fhir"
+    other = {"notes", "genomics", "imaging"}
+    if fhir_root.is_dir():
+        candidates = files(fhir_root)
+    else:
+        # A bare export folder (no fhir/ sub-folder): FHIR files anywhere but in the tables' folders.
+        candidates = [p for p in files(landing_dir) if p.relative_to(landing_dir).parts[0] not in other]
+    landing.fhir = [(p, p.relative_to(landing_dir).as_posix()) for p in candidates if fhir_kind(p) is not None]
+    for name in sorted(other):
+        folder = landing_dir / name
+        if folder.is_dir():
+            found = [
+                (p, p.relative_to(landing_dir).as_posix()) for p in files(folder) if p.suffix.lower() in TABLE_SUFFIXES
+            ]
+            setattr(landing, name, found)
+    return landing
+
+
+# ------------------------------------------------------------------------------------------------
+# Finalizing: duplicates, orphans, accounting
+# ------------------------------------------------------------------------------------------------
+
+
+def _empty(table: str) -> pl.LazyFrame:
+    return pl.from_arrow(INTERNAL_TABLES[table].empty_table()).lazy()  # type: ignore[union-attr]
+
+
+def _staged(staging: Path, table: str) -> pl.LazyFrame:
+    parts = sorted((staging / table).glob("*.parquet")) if (staging / table).is_dir() else []
+    return pl.scan_parquet(parts) if parts else _empty(table)
+
+
+def _finalize_table(
+    table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path
+) -> tuple[int, pl.DataFrame]:
+    """Write one final table; return its row count and the records dropped (with reason)."""
+    ids = ID_COLUMNS[table]
+    location = ["source_file", "record_number"]
+    keys = staged.select(*ids, *location).unique().sort(location).collect()
+    first = keys.group_by(ids, maintain_order=True).agg(
+        pl.col("source_file").first().alias("kept_file"), pl.col("record_number").first().alias("kept_record")
+    )
+    dropped = keys.join(first, on=ids, how="left", nulls_equal=True).filter(
+        (pl.col("source_file") != pl.col("kept_file")) | (pl.col("record_number") != pl.col("kept_record"))
+    )
+    rtype = pl.col("resource_type") if "resource_type" in ids else pl.lit(RESOURCE_TYPE_OF_TABLE.get(table))
+    label = (
+        pl.when(rtype.is_not_null())
+        .then(rtype + pl.lit("/") + pl.col(ids[-1]).cast(pl.String))
+        .otherwise(
+            pl.lit(f"{table} row ")
+            + pl.concat_str([pl.col(c).cast(pl.String) for c in ids], separator="/", ignore_nulls=True)
+        )
+    )
+    duplicates = dropped.select(
+        *location,
+        rtype.cast(pl.String).alias("resource_type"),
+        pl.col(ids[-1]).cast(pl.String).alias("resource_id"),
+        pl.lit("duplicate").alias("reason_code"),
+        (
+            pl.lit("duplicate of ")
+            + label
+            + pl.lit(": the copy in ")
+            + pl.col("kept_file")
+            + pl.lit(" record ")
+            + pl.col("kept_record").cast(pl.String)
+            + pl.lit(" is kept (first in file order)")
+        ).alias("reason"),
+    )
+    drop = duplicates.select(location)
+    if patient_ids is not None and "patient_id" in staged.collect_schema().names():
+        orphans = (
+            staged.filter(~pl.col("patient_id").is_in(patient_ids.implode()))
+            .join(drop.lazy(), on=location, how="anti")
+            .group_by(location, maintain_order=True)
+            .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "patient_id"]))
+            .collect()
+        )
+        orphans = orphans.select(
+            *location,
+            rtype.cast(pl.String).alias("resource_type"),
+            pl.col(ids[-1]).cast(pl.String).alias("resource_id"),
+            pl.lit("orphan_reference").alias("reason_code"),
+            (
+                pl.lit(f"{table} record refers to Patient/")
+                + pl.col("patient_id")
+                + pl.lit(", which is not in this export")
+            ).alias("reason"),
+        )
+        drop_all = pl.concat([duplicates, orphans])
+    else:
+        drop_all = duplicates
+    final = staged
+    if drop_all.height:
+        final = staged.join(drop_all.select(location).lazy(), on=location, how="anti", maintain_order="left")
+    path = sink_parquet_atomic(final, warehouse_dir / f"{table}.parquet", INTERNAL_TABLES[table])
+    return pq.read_metadata(path).num_rows, drop_all
+
+
+def _raw_texts(
+    dropped: pl.DataFrame, staged: dict[str, pl.LazyFrame], landing_dir: Path, fhir_kinds: dict[str, str]
+) -> list[str]:
+    """The raw text of each dropped record: re-read from its FHIR file, or its staged row."""
+    texts: dict[tuple[str, int], str] = {}
+    for (source_file,), group in dropped.group_by("source_file", maintain_order=True):
+        numbers = set(group["record_number"].to_list())
+        kind = fhir_kinds.get(str(source_file))
+        if kind is not None:
+            for number, text in fetch_raw(landing_dir / str(source_file), kind, numbers, RAW_LIMIT).items():
+                texts[(str(source_file), number)] = text
+        else:
+            table = str(group["table"][0])
+            rows = (
+                staged[table]
+                .filter((pl.col("source_file") == source_file) & pl.col("record_number").is_in(list(numbers)))
+                .drop("embedding", strict=False)
+                .collect()
+            )
+            for row in rows.iter_rows(named=True):
+                texts.setdefault(
+                    (str(source_file), row["record_number"]), orjson.dumps(row, default=str).decode()[:RAW_LIMIT]
+                )
+    return [texts.get((f, n), "") for f, n in zip(dropped["source_file"], dropped["record_number"], strict=True)]
+
+
+def _records_out(warehouse_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for table in TABLES:
+        per_file = (
+            pl.scan_parquet(warehouse_dir / f"{table}.parquet")
+            .select("source_file", "record_number")
+            .unique()
+            .group_by("source_file")
+            .len()
+            .collect()
+        )
+        for source_file, n in per_file.iter_rows():
+            counts[source_file] += n
+    return counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_dirs(landing_dir: Path, warehouse_dir: Path) -> None:
+    if not landing_dir.is_dir():
+        raise LandingZoneError(f"landing zone {landing_dir} is not a folder (missing or not a directory)")
+    try:
+        warehouse_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LandingZoneError(f"output folder {warehouse_dir} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(warehouse_dir, os.W_OK | os.X_OK):
+        raise LandingZoneError(f"output folder {warehouse_dir} is not writable")
+
+
+def _run_units(
+    units: list[ReadUnit],
+    latest: datetime,
+    strict: bool,
+    workers: int,
+    staging: Path,
+    progress: Callable[[int, int], None] | None,
+) -> Iterable[_UnitResult]:
+    jobs = [(index, unit, latest, strict, staging) for index, unit in enumerate(units)]
+    total = len(jobs)
+    if workers <= 1 or total <= 1:
+        for done, job in enumerate(jobs, start=1):
+            yield _process_unit_star(job)
+            if progress:
+                progress(done, total)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
+        for done, result in enumerate(pool.map(_process_unit_star, jobs), start=1):
+            yield result
+            if progress:
+                progress(done, total)
+
+
+def ingest_landing_zone(
+    landing_dir: Path,
+    warehouse_dir: Path,
+    strict: bool = False,
+    workers: int = 2,
+    export_time: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestSummary:
+    """Ingest a landing zone into ``warehouse_dir``; return (and write) the accounting.
+
+    Parameters
+    ----------
+    landing_dir
+        The landing zone: ``fhir/`` (or FHIR files directly), ``notes/``, ``genomics/``,
+        ``imaging/``.
+    warehouse_dir
+        Where the tables, ``quarantine.parquet`` and ``ingest_summary.json`` go.
+    strict
+        Also validate each FHIR resource fully with ``fhir.resources.R4B`` (slower).
+    workers
+        Processes reading FHIR in parallel; the output does not depend on it.
+    export_time
+        The time of the export (naive UTC, or aware): records dated later are quarantined.
+        Defaults to now.
+    progress
+        Called with (units done, units total) as FHIR read units finish.
+
+    Raises
+    ------
+    LandingZoneError
+        When nothing can run: the landing zone is missing, or the output folder is unwritable.
+        Bad records never raise: they are quarantined.
+    """
+    started = time.perf_counter()
+    landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
+    _check_dirs(landing_dir, warehouse_dir)
+    if export_time is None:
+        export_time = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    elif export_time.tzinfo is not None:
+        export_time = export_time.astimezone(UTC).replace(tzinfo=None)
+    landing = _discover(landing_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".ingest-staging-", dir=warehouse_dir))
+    try:
+        units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel)]
+        results: list[tuple[str, _UnitResult]] = [
+            ("fhir", result) for result in _run_units(units, export_time, strict, workers, staging, progress)
+        ]
+        part = len(units)
+        readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str], TableRead]]] = [
+            ("notes", landing.notes, lambda p, rel: read_notes_file(p, rel, export_time)),
+            ("genomics", landing.genomics, read_genomics_file),
+            ("imaging", landing.imaging, lambda p, rel: read_imaging_file(p, rel, export_time)),
+        ]
+        for kind, found, read in readers:
+            for path, rel in found:
+                results.append((kind, _stage_table_read(staging, read(path, rel), f"{part:07d}")))
+                part += 1
+
+        staged = {table: _staged(staging, table) for table in TABLES}
+        table_rows: dict[str, int] = {}
+        dropped: list[pl.DataFrame] = []
+        patient_ids: pl.Series | None = None
+        for table in TABLES:
+            table_rows[table], drops = _finalize_table(table, staged[table], patient_ids, warehouse_dir)
+            if table == "patients":
+                patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
+            if drops.height:
+                dropped.append(drops.with_columns(table=pl.lit(table)))
+        events_path = sink_parquet_atomic(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
+        table_rows["events"] = pq.read_metadata(events_path).num_rows
+
+        fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in landing.fhir}
+        kind_of_file = {result.source_file: kind for kind, result in results}
+        quarantine = _staged(staging, "quarantine").collect()
+        if dropped:
+            extra = pl.concat(dropped)
+            extra = extra.with_columns(
+                source_kind=pl.col("source_file").replace_strict(kind_of_file, default="fhir"),
+                raw_text=pl.Series(_raw_texts(extra, staged, landing_dir, fhir_kinds), dtype=pl.String),
+            )
+            quarantine = pl.concat([quarantine, extra.select(QUARANTINE.names)], how="vertical_relaxed")
+        quarantine = quarantine.sort("source_file", "record_number", "reason_code", maintain_order=True)
+        write_parquet_atomic(quarantine.to_arrow().cast(QUARANTINE), warehouse_dir / "quarantine.parquet")
+        table_rows["quarantine"] = quarantine.height
+
+        records_in: dict[str, int] = defaultdict(int)
+        for _, result in results:
+            records_in[result.source_file] += result.records_in
+        quarantined = dict(quarantine.group_by("source_file").len().iter_rows())
+        out = _records_out(warehouse_dir)
+        files = tuple(
+            FileAccount(kind_of_file[name], name, records_in[name], out.get(name, 0), quarantined.get(name, 0))
+            for name in sorted(records_in)
+        )
+        by_reason = dict(
+            sorted(quarantine.group_by("reason_code").len().iter_rows(), key=lambda item: (-item[1], item[0]))
+        )
+        summary = IngestSummary(
+            landing_dir=str(landing_dir),
+            warehouse_dir=str(warehouse_dir),
+            export_time=export_time,
+            strict=strict,
+            files=files,
+            table_rows=table_rows,
+            quarantined_by_reason=by_reason,
+            duplicates=by_reason.get("duplicate", 0),
+            fhir_resources_in=sum(result.records_in for kind, result in results if kind == "fhir"),
+            elapsed_seconds=round(time.perf_counter() - started, 3),
+        )
+        write_bytes_atomic(summary.to_json(), warehouse_dir / SUMMARY_FILE)
+        return summary
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Invariants of a written warehouse (the pipeline's asset checks call these)
+# ------------------------------------------------------------------------------------------------
+
+
+def events_without_patient(warehouse_dir: Path) -> int:
+    """Number of events whose ``subject_id`` is not in ``patients``."""
+    subjects = pl.scan_parquet(warehouse_dir / "patients.parquet").select("subject_id")
+    return int(
+        pl.scan_parquet(warehouse_dir / "events.parquet")
+        .join(subjects, on="subject_id", how="anti")
+        .select(pl.len())
+        .collect()
+        .item()
+    )
+
+
+def events_after(warehouse_dir: Path, export_time: datetime) -> int:
+    """Number of events dated after ``export_time``."""
+    return int(
+        pl.scan_parquet(warehouse_dir / "events.parquet")
+        .filter(pl.col("time") > export_time)
+        .select(pl.len())
+        .collect()
+        .item()
+    )
+
+
+def quarantined_duplicates(warehouse_dir: Path) -> int:
+    """Number of quarantine rows that are later copies of an already kept record."""
+    return int(
+        pl.scan_parquet(warehouse_dir / "quarantine.parquet")
+        .filter(pl.col("reason_code") == "duplicate")
+        .select(pl.len())
+        .collect()
+        .item()
+    )

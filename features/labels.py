@@ -1,0 +1,166 @@
+"""Labels of a task: the risk label, the time-to-event target and the treatment flag.
+
+Stage: tasks. In: the ``events`` table, a task's ``cohort`` (:data:`features.schemas.COHORT`) and
+its :class:`~features.tasks.TaskDefinition`. Out: the ``labels`` table
+(:data:`features.schemas.LABELS`) and :class:`LabelCounts`.
+
+Follow-up of a patient ends at the first of: death, the patient's last record of any kind (records
+that stop mean the patient left the health system) and the task's ``follow_up_end`` (the export
+date). The event is the first outcome code (or death, when the outcome includes it) strictly after
+the prediction time and no later than the end of follow-up.
+
+* ``event`` / ``duration_days``: the progression target, days to the event or to the end of
+  follow-up when censored.
+* ``boolean_value``: the risk label, true when the event falls within the horizon, false when the
+  patient was followed for the whole horizon without it, and **null** when follow-up ended before
+  the horizon without the event. Such patients are excluded from the risk label and counted, never
+  silently called negative: a patient lost after a month was not shown to be event-free for a year.
+* ``treated``: a treatment code in the task's window after the prediction time; null when the task
+  names no treatment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+
+from features.cohorts import DEATH_CODE, as_frame
+from features.schemas import LABELS
+from features.tasks import TaskDefinition
+
+MICROSECONDS_PER_DAY = 86_400_000_000
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """How the cohort splits over the labels."""
+
+    cohort: int
+    # Risk label: event within the horizon, followed past it without the event, and excluded.
+    positive: int
+    negative: int
+    censored_before_horizon: int
+    # Progression target: events observed at any time of follow-up.
+    events_observed: int
+    # Patients with no follow-up at all after the prediction time.
+    no_follow_up: int
+    # Null when the task names no treatment.
+    treated: int | None
+
+    @property
+    def positive_rate(self) -> float:
+        """Share of positives among patients with a risk label (nan when none has one)."""
+        labelled = self.positive + self.negative
+        return self.positive / labelled if labelled else float("nan")
+
+
+def _days(expr: pl.Expr) -> pl.Expr:
+    return expr.dt.total_microseconds().cast(pl.Float64) / MICROSECONDS_PER_DAY
+
+
+def build_labels(
+    events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame, task: TaskDefinition
+) -> tuple[pl.DataFrame, LabelCounts]:
+    """Return the ``labels`` table of a cohort and its counts.
+
+    Parameters
+    ----------
+    events
+        The ``events`` table, eager or lazy.
+    cohort
+        ``subject_id, prediction_time`` per patient (the ``cohort`` table).
+    task
+        The task: outcome, horizon, follow-up end and treatment.
+
+    Returns
+    -------
+    (pl.DataFrame, LabelCounts)
+        Labels in :data:`features.schemas.LABELS` order, one row per cohort patient, sorted by
+        ``subject_id``; and the counts.
+    """
+    lazy = as_frame(events)
+    index = cohort.lazy().select("subject_id", "prediction_time")
+    after = (
+        lazy.filter(pl.col("time").is_not_null())
+        .join(index, on="subject_id")
+        .filter(pl.col("time") > pl.col("prediction_time"))
+    )
+    if task.follow_up_end is not None:
+        after = after.filter(pl.col("time") <= task.follow_up_end)
+    last_record = after.group_by("subject_id").agg(pl.col("time").max().alias("last_time"))
+    death = (after.filter(pl.col("code") == DEATH_CODE).group_by("subject_id")
+             .agg(pl.col("time").min().alias("death_time")))
+    outcome_codes = list(task.outcome.codes) + ([DEATH_CODE] if task.outcome.death else [])
+    first_event = (after.filter(pl.col("code").is_in(outcome_codes)).group_by("subject_id")
+                   .agg(pl.col("time").min().alias("event_time")))
+
+    table = (
+        index.join(last_record, on="subject_id", how="left")
+        .join(death, on="subject_id", how="left")
+        .join(first_event, on="subject_id", how="left")
+        .with_columns(
+            # A patient with no record after the prediction time is censored at it.
+            pl.min_horizontal("last_time", "death_time").fill_null(pl.col("prediction_time"))
+            .alias("end_time")
+        )
+        .with_columns(
+            (pl.col("event_time").is_not_null() & (pl.col("event_time") <= pl.col("end_time"))).alias("event")
+        )
+        .with_columns(
+            _days(pl.when(pl.col("event")).then(pl.col("event_time")).otherwise(pl.col("end_time"))
+                  - pl.col("prediction_time")).alias("duration_days")
+        )
+        .with_columns(
+            pl.when(pl.col("event") & (pl.col("duration_days") <= task.horizon_days)).then(True)
+            .when(pl.col("duration_days") >= task.horizon_days).then(False)
+            .otherwise(None).alias("boolean_value")
+        )
+    )
+    if task.treatment is None:
+        table = table.with_columns(pl.lit(None, dtype=pl.Boolean).alias("treated"))
+    else:
+        start = round(task.treatment.window_start_days * MICROSECONDS_PER_DAY)
+        end = round(task.treatment.window_end_days * MICROSECONDS_PER_DAY)
+        treated = (
+            lazy.filter(pl.col("code").is_in(list(task.treatment.codes)) & pl.col("time").is_not_null())
+            .join(index, on="subject_id")
+            .filter(
+                (pl.col("time") >= pl.col("prediction_time") + pl.duration(microseconds=start))
+                & (pl.col("time") <= pl.col("prediction_time") + pl.duration(microseconds=end))
+            )
+            .select("subject_id").unique().with_columns(pl.lit(True).alias("treated"))
+        )
+        table = table.join(treated, on="subject_id", how="left").with_columns(
+            pl.col("treated").fill_null(False)
+        )
+
+    labels = (
+        table.select(
+            pl.col("subject_id").cast(pl.Int64),
+            pl.col("prediction_time").cast(pl.Datetime("us")),
+            pl.lit(task.name).alias("task"),
+            pl.col("boolean_value").cast(pl.Boolean),
+            pl.col("event").cast(pl.Boolean),
+            pl.col("duration_days").cast(pl.Float64),
+            pl.col("treated").cast(pl.Boolean),
+        )
+        .sort("subject_id")
+        .collect()
+    )
+    counts = LabelCounts(
+        cohort=labels.height,
+        positive=int(labels["boolean_value"].eq(True).sum()),
+        negative=int(labels["boolean_value"].eq(False).sum()),
+        censored_before_horizon=int(labels["boolean_value"].is_null().sum()),
+        events_observed=int(labels["event"].sum()),
+        no_follow_up=int(((labels["duration_days"] <= 0) & ~labels["event"]).sum()),
+        treated=None if task.treatment is None else int(labels["treated"].sum()),
+    )
+    return labels, counts
+
+
+def labels_to_arrow(labels: pl.DataFrame) -> pa.Table:
+    """The labels as an Arrow table with exactly the :data:`features.schemas.LABELS` schema."""
+    return labels.select(LABELS.names).to_arrow().cast(LABELS)

@@ -1,0 +1,155 @@
+"""Read the tabular landing-zone feeds (notes, genomics, imaging) row by row, strictly.
+
+Stage: ingest. In: ``.parquet``, ``.csv`` and ``.tsv`` files. Out: the file's column names and its
+rows as ``dict`` objects, numbered from 1, in bounded batches; plus the field converters the notes,
+genomics and imaging readers share. Converters accept a value of the right Arrow type, or (for
+CSV/TSV, where everything is text) a string that parses to it; anything else raises
+:class:`features.fhir.validate.RecordError`, which becomes one quarantine row.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow.parquet as pq
+
+from features.fhir.validate import FHIR_ID, RecordError, parse_datetime
+
+TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
+BATCH_ROWS = 20_000
+RAW_LIMIT = 500
+
+
+class FileError(Exception):
+    """A whole table file cannot be read; ``code`` and ``reason`` go to one quarantine row."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class TableRead:
+    """What one table file gave: rows per output table, rejects, and how many records it held."""
+
+    source_kind: str
+    source_file: str
+    records_in: int = 0
+    rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    # (record_number, resource_id, raw_text, reason_code, reason)
+    rejects: list[tuple[int, str | None, str, str, str]] = field(default_factory=list)
+
+    def reject(self, number: int, row: Any, code: str, reason: str, ident: str | None = None) -> None:
+        self.rejects.append((number, ident, raw_text(row), code, reason))
+
+
+def raw_text(row: Any) -> str:
+    """A row as short JSON text for the quarantine table."""
+    try:
+        return orjson.dumps(row, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()[:RAW_LIMIT]
+    except TypeError:
+        return repr(row)[:RAW_LIMIT]
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a table file, or :class:`FileError`."""
+    try:
+        if path.suffix.lower() == ".parquet":
+            return list(pq.read_schema(path).names)
+        with path.open(newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), None)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FileError("unreadable_file", f"file cannot be read as a table: {str(exc)[:150]}") from None
+    except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError) and others on non-Parquet bytes
+        raise FileError("unreadable_file", f"file is not a readable Parquet file: {str(exc)[:150]}") from None
+    if not header:
+        raise FileError("empty_file", "file is empty (no header line)")
+    return [name.strip() for name in header]
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(row number, row)`` of a table file; CSV/TSV values are strings, '' is None."""
+    if path.suffix.lower() == ".parquet":
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+        return
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = [name.strip() for name in next(reader)]
+        for number, values in enumerate(reader, start=1):
+            if len(values) != len(header):
+                yield number, {"__bad_width__": values}
+                continue
+            yield number, {name: (value if value != "" else None) for name, value in zip(header, values, strict=True)}
+
+
+def require(row: dict[str, Any], name: str) -> Any:
+    value = row.get(name)
+    if value is None:
+        raise RecordError("missing_value", f"column {name} is empty")
+    if isinstance(value, float) and math.isnan(value):
+        raise RecordError("missing_value", f"column {name} is NaN")
+    return value
+
+
+def to_patient_id(row: dict[str, Any]) -> str:
+    value = require(row, "patient_id")
+    if not isinstance(value, str) or FHIR_ID.fullmatch(value) is None:
+        raise RecordError("bad_id", f"patient_id {value!r:.60} is not a valid FHIR id")
+    return value
+
+
+def to_string(row: dict[str, Any], name: str) -> str:
+    value = require(row, name)
+    if not isinstance(value, str) or not value.strip():
+        raise RecordError("bad_type", f"column {name} should be text, found {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
+    value = require(row, name)
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        if value > latest:
+            raise RecordError("future_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is after the export time")
+        return value
+    if isinstance(value, date):
+        return to_time({name: datetime(value.year, value.month, value.day)}, name, latest)
+    if isinstance(value, str):
+        return parse_datetime(value.strip().replace(" ", "T", 1), f"column {name}", latest)
+    raise RecordError("bad_type", f"column {name} should be a time, found {type(value).__name__} {value!r:.40}")
+
+
+def to_float(row: dict[str, Any], name: str) -> float:
+    value = require(row, name)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise RecordError("bad_type", f"column {name} should be a number, found {value!r:.40}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError("bad_type", f"column {name} should be a number, found {type(value).__name__} {value!r:.40}")
+    if not math.isfinite(value):
+        raise RecordError("bad_value", f"column {name} is not a finite number ({value!r})")
+    return float(value)
+
+
+def to_int(row: dict[str, Any], name: str) -> int:
+    value = require(row, name)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError("bad_type", f"column {name} should be an integer, found {type(value).__name__} {value!r:.40}")
+    return value

@@ -1,0 +1,100 @@
+"""Tabular aggregates for the baseline models (logistic regression, gradient boosting).
+
+Stage: model inputs. In: the ``events`` table, a task's ``cohort`` and the ids of its train
+patients. Out: a wide table, one row per cohort patient: ``subject_id, prediction_time,
+last_input_time`` (:data:`features.schemas.TABULAR_FEATURES_KEY`), then ``age_years``,
+``sex_female``, counts per modality, and per selected code ``count__<code>`` (events before the
+prediction time), ``days_since__<code>`` (days since the latest one; null for static facts and when
+never seen) and, for codes with numeric values, ``last__<code>`` (the latest value).
+
+Which codes get columns is learned on the train split only (:func:`select_tabular_codes`), so the
+column set never depends on held-out patients.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from features.tokenize import MICROSECONDS_PER_DAY, events_before
+
+
+def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
+                         train_ids: pl.Series | list[int], max_codes: int) -> list[str]:
+    """The ``max_codes`` codes seen in the most train patients before their prediction time."""
+    train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
+    ranked = (
+        events_before(events, train)
+        .group_by("code").agg(pl.col("subject_id").n_unique().alias("patients"))
+        .sort(["patients", "code"], descending=[True, False])
+        .head(max_codes)
+        .collect()
+    )
+    return sorted(ranked["code"].to_list())
+
+
+def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
+                     codes: list[str]) -> pl.DataFrame:
+    """Return the wide tabular-features table of a cohort (see the module docstring).
+
+    Parameters
+    ----------
+    events
+        The ``events`` table, eager or lazy.
+    cohort
+        The ``cohort`` table (``subject_id, prediction_time, age_years, sex``).
+    codes
+        Codes that get their own columns, usually from :func:`select_tabular_codes`.
+    """
+    seen = events_before(events, cohort)
+    overall = (
+        seen.group_by("subject_id")
+        .agg(
+            pl.col("time").max().alias("last_input_time"),
+            *[(pl.col("modality") == m).sum().cast(pl.Float64).alias(f"n_{m}_events")
+              for m in ("ehr", "notes", "genomics", "imaging")],
+        )
+        .collect()
+    )
+    per_code = (
+        seen.filter(pl.col("code").is_in(codes))
+        .sort(["subject_id", "code", "time"], nulls_last=False)
+        .group_by(["subject_id", "code"])
+        .agg(
+            pl.len().cast(pl.Float64).alias("count"),
+            ((pl.col("prediction_time").first() - pl.col("time").max()).dt.total_microseconds()
+             .cast(pl.Float64) / MICROSECONDS_PER_DAY).alias("days_since"),
+            pl.col("numeric_value").drop_nulls().last().cast(pl.Float64).alias("last"),
+        )
+        .collect()
+    )
+    numeric_codes = set(per_code.filter(pl.col("last").is_not_null())["code"].to_list())
+    wide = cohort.select(
+        "subject_id", "prediction_time",
+        pl.col("age_years").cast(pl.Float64),
+        (pl.col("sex") == "female").cast(pl.Float64).alias("sex_female"),
+    ).join(overall, on="subject_id", how="left")
+    columns: list[pl.Expr] = []
+    for stat in ("count", "days_since", "last"):
+        if per_code.height == 0:
+            break
+        pivoted = per_code.pivot(on="code", index="subject_id", values=stat)
+        pivoted = pivoted.rename({c: f"{stat}__{c}" for c in pivoted.columns if c != "subject_id"})
+        wide = wide.join(pivoted, on="subject_id", how="left")
+    for code in codes:
+        for stat in ("count", "days_since", "last"):
+            name = f"{stat}__{code}"
+            if stat == "last" and code not in numeric_codes:
+                continue
+            if name not in wide.columns:
+                wide = wide.with_columns(pl.lit(None, dtype=pl.Float64).alias(name))
+            columns.append(pl.col(name).cast(pl.Float64))
+    counts = [c for c in wide.columns if c.startswith("n_") and c.endswith("_events")]
+    return (
+        wide.select(
+            "subject_id", "prediction_time", "last_input_time", "age_years", "sex_female",
+            *[pl.col(c).fill_null(0.0) for c in counts],
+            *columns,
+        )
+        .with_columns(pl.col(f"count__{c}").fill_null(0.0) for c in codes)
+        .sort("subject_id")
+    )

@@ -1,0 +1,248 @@
+"""One task's labels, splits and model inputs, written under ``WAREHOUSE/tasks/<task name>/``.
+
+Stage: tasks and model inputs. In: the warehouse's ``events.parquet`` (required), ``notes.parquet``
+and ``imaging.parquet`` (optional: a missing modality is simply absent) and a task. Out, in
+``tasks/<name>/``: ``cohort``, ``labels``, ``splits``, ``event_tokens`` (+ ``vocabulary.json``),
+``tabular_features``, ``note_embeddings`` and ``imaging_inputs`` Parquet files and
+``summary.json``. Each step is a function of the files of the steps before it, so the CLI runs them
+in a row and Dagster runs each as an asset; every file is written atomically.
+
+A step whose inputs (file sizes and modification times, the task definition and the step's
+settings) are those recorded in its ``.fingerprint`` file is skipped: a second run on unchanged data
+recomputes nothing. Note embeddings are further cached per note text across tasks and runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from features.cohorts import select_cohort
+from features.errors import LandingZoneError
+from features.io import write_bytes_atomic, write_parquet_atomic
+from features.labels import build_labels
+from features.leakage import find_leaks, find_negative_offsets, find_split_overlap
+from features.note_embeddings import NoteEncoder, embed_notes, imaging_before
+from features.schemas import COHORT, EVENT_TOKENS, IMAGING_INPUTS, LABELS, NOTE_EMBEDDINGS, SPLITS
+from features.splits import assign_splits
+from features.tabular import aggregate_before, select_tabular_codes
+from features.tasks import TaskDefinition
+from features.tokenize import EventTokenizer
+
+STEPS = ("cohort", "labels", "splits", "event_tokens", "tabular_features", "note_embeddings",
+         "imaging_inputs")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step wrote, and whether it had to compute it."""
+
+    path: Path
+    recomputed: bool
+    # Small, identifier-free numbers for logs and Dagster metadata.
+    stats: dict[str, Any]
+
+
+def task_dir(warehouse_dir: Path, task: TaskDefinition) -> Path:
+    return Path(warehouse_dir) / "tasks" / task.name
+
+
+def _file_key(path: Path) -> str:
+    if not path.exists():
+        return f"{path.name}:absent"
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _run_step(out: Path, inputs: list[Path], settings: str,
+              compute: Callable[[], tuple[pa.Table | None, dict[str, Any]]]) -> StepResult:
+    """Run ``compute`` unless ``out`` is up to date with ``inputs`` and ``settings``."""
+    key = hashlib.sha256("|".join([settings, *(_file_key(p) for p in inputs)]).encode()).hexdigest()
+    stamp = out.with_suffix(".fingerprint.json")
+    if out.exists() and stamp.exists():
+        recorded = json.loads(stamp.read_text(encoding="utf-8"))
+        if recorded.get("key") == key and recorded.get("output") == _file_key(out):
+            return StepResult(out, False, recorded.get("stats", {}))
+    table, stats = compute()
+    if table is not None:
+        write_parquet_atomic(table, out)
+    write_bytes_atomic(json.dumps({"key": key, "output": _file_key(out), "stats": stats},
+                                  indent=1).encode(), stamp)
+    return StepResult(out, True, stats)
+
+
+def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    return frame.select(schema.names).to_arrow().cast(schema)
+
+
+def _events(warehouse_dir: Path) -> pl.LazyFrame:
+    path = Path(warehouse_dir) / "events.parquet"
+    if not path.is_file():
+        raise LandingZoneError(f"warehouse {warehouse_dir} has no events.parquet (run the ingest first)")
+    return pl.scan_parquet(path)
+
+
+def _task_settings(task: TaskDefinition, *parts: object) -> str:
+    return json.dumps([asdict(task), *parts], default=str, sort_keys=True)
+
+
+def build_cohort(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    out = task_dir(warehouse_dir, task) / "cohort.parquet"
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        selection = select_cohort(_events(warehouse_dir), task)
+        return _arrow(selection.cohort, COHORT), {"patients": selection.cohort.height,
+                                                  "attrition": [list(a) for a in selection.attrition]}
+
+    return _run_step(out, [Path(warehouse_dir) / "events.parquet"], _task_settings(task), compute)
+
+
+def _cohort(warehouse_dir: Path, task: TaskDefinition) -> pl.DataFrame:
+    return pl.read_parquet(task_dir(warehouse_dir, task) / "cohort.parquet")
+
+
+def build_task_labels(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    folder = task_dir(warehouse_dir, task)
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        labels, counts = build_labels(_events(warehouse_dir), _cohort(warehouse_dir, task), task)
+        return _arrow(labels, LABELS), asdict(counts)
+
+    return _run_step(folder / "labels.parquet", [Path(warehouse_dir) / "events.parquet",
+                     folder / "cohort.parquet"], _task_settings(task), compute)
+
+
+def build_splits(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    folder = task_dir(warehouse_dir, task)
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        splits = assign_splits(_cohort(warehouse_dir, task)["subject_id"], task.splits)
+        overlap = find_split_overlap(splits)
+        stats = {str(k): int(v) for k, v in splits["split"].value_counts().iter_rows()}
+        stats["patients_in_two_splits"] = overlap.height
+        return _arrow(splits, SPLITS), stats
+
+    return _run_step(folder / "splits.parquet", [folder / "cohort.parquet"], _task_settings(task), compute)
+
+
+def _train_ids(warehouse_dir: Path, task: TaskDefinition) -> list[int]:
+    splits = pl.read_parquet(task_dir(warehouse_dir, task) / "splits.parquet")
+    return splits.filter(pl.col("split") == "train")["subject_id"].to_list()
+
+
+def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    folder = task_dir(warehouse_dir, task)
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
+        settings = task.inputs
+        tokenizer = EventTokenizer(settings.max_events, settings.value_bins, settings.min_code_count)
+        tokenizer.fit(events, cohort, _train_ids(warehouse_dir, task))
+        tokenizer.save(folder / "vocabulary.json")
+        tokens = tokenizer.transform(events, cohort)
+        lengths = tokens["token_ids"].list.len()
+        return _arrow(tokens, EVENT_TOKENS), {
+            "vocabulary_size": len(tokenizer.vocabulary_),
+            "mean_length": float(lengths.mean() or 0.0),
+            "truncated_patients": int((lengths >= settings.max_events).sum()),
+            "leaking_patients": find_leaks(tokens, cohort, "last_input_time").height
+            + find_negative_offsets(tokens).height,
+        }
+
+    return _run_step(folder / "event_tokens.parquet", [Path(warehouse_dir) / "events.parquet",
+                     folder / "cohort.parquet", folder / "splits.parquet"], _task_settings(task), compute)
+
+
+def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    folder = task_dir(warehouse_dir, task)
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
+        codes = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes)
+        table = aggregate_before(events, cohort, codes)
+        return table.to_arrow(), {"columns": table.width, "codes": len(codes)}
+
+    return _run_step(folder / "tabular_features.parquet", [Path(warehouse_dir) / "events.parquet",
+                     folder / "cohort.parquet", folder / "splits.parquet"], _task_settings(task), compute)
+
+
+def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: NoteEncoder) -> StepResult:
+    folder = task_dir(warehouse_dir, task)
+    notes_path = Path(warehouse_dir) / "notes.parquet"
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        cohort = _cohort(warehouse_dir, task)
+        if notes_path.is_file():
+            notes = pl.read_parquet(notes_path)
+        else:  # no notes feed: the modality is absent, not faked
+            notes = pl.DataFrame(schema={"note_id": pl.String, "patient_id": pl.String,
+                                         "time": pl.Datetime("us"), "note_type": pl.String,
+                                         "text": pl.String, "text_sha256": pl.String})
+        before = encoder.n_embedded
+        table = embed_notes(notes, cohort, encoder)
+        return _arrow(table, NOTE_EMBEDDINGS), {
+            "notes": table.height, "patients_with_notes": table["subject_id"].n_unique(),
+            "notes_embedded_now": encoder.n_embedded - before, "model": encoder.fingerprint,
+        }
+
+    return _run_step(folder / "note_embeddings.parquet", [notes_path, folder / "cohort.parquet"],
+                     _task_settings(task, encoder.fingerprint), compute)
+
+
+def build_imaging_inputs(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    folder = task_dir(warehouse_dir, task)
+    imaging_path = Path(warehouse_dir) / "imaging.parquet"
+
+    def compute() -> tuple[pa.Table, dict[str, Any]]:
+        cohort = _cohort(warehouse_dir, task)
+        if imaging_path.is_file():
+            table = imaging_before(pl.read_parquet(imaging_path), cohort)
+        else:
+            table = pl.from_arrow(IMAGING_INPUTS.empty_table())  # type: ignore[assignment]
+        return _arrow(table, IMAGING_INPUTS), {"studies": table.height,
+                                               "patients_with_imaging": table["subject_id"].n_unique()}
+
+    return _run_step(folder / "imaging_inputs.parquet", [imaging_path, folder / "cohort.parquet"],
+                     _task_settings(task), compute)
+
+
+def modality_coverage(warehouse_dir: Path, task: TaskDefinition) -> dict[str, float]:
+    """Share of cohort patients with at least one input of each modality before prediction time."""
+    folder = task_dir(warehouse_dir, task)
+    cohort = _cohort(warehouse_dir, task)
+    n = max(cohort.height, 1)
+    tokens = pl.read_parquet(folder / "event_tokens.parquet", columns=["subject_id", "modality_ids"])
+    exploded = tokens.explode("modality_ids").drop_nulls()
+    coverage = {}
+    for i, name in enumerate(("ehr", "notes", "genomics", "imaging")):
+        coverage[name] = exploded.filter(pl.col("modality_ids") == i)["subject_id"].n_unique() / n
+    notes = pl.read_parquet(folder / "note_embeddings.parquet", columns=["subject_id"])
+    imaging = pl.read_parquet(folder / "imaging_inputs.parquet", columns=["subject_id"])
+    coverage["note_embeddings"] = notes["subject_id"].n_unique() / n
+    coverage["imaging_embeddings"] = imaging["subject_id"].n_unique() / n
+    return coverage
+
+
+def build_all(warehouse_dir: Path, task: TaskDefinition, encoder: NoteEncoder) -> dict[str, StepResult]:
+    """Run every step of one task in order; return each step's result."""
+    results = {
+        "cohort": build_cohort(warehouse_dir, task),
+        "labels": build_task_labels(warehouse_dir, task),
+        "splits": build_splits(warehouse_dir, task),
+        "event_tokens": build_event_tokens(warehouse_dir, task),
+        "tabular_features": build_tabular_features(warehouse_dir, task),
+        "note_embeddings": build_note_embeddings(warehouse_dir, task, encoder),
+        "imaging_inputs": build_imaging_inputs(warehouse_dir, task),
+    }
+    summary = {name: {"recomputed": r.recomputed, **r.stats} for name, r in results.items()}
+    summary["modality_coverage"] = modality_coverage(warehouse_dir, task)  # type: ignore[assignment]
+    write_bytes_atomic(json.dumps(summary, indent=1, default=str).encode(),
+                       task_dir(warehouse_dir, task) / "summary.json")
+    return results

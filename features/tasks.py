@@ -1,0 +1,449 @@
+"""Task definitions: what to predict, for whom, and when, as written by researchers in YAML.
+
+Stage: tasks. In: a task YAML file. Out: a frozen :class:`TaskDefinition` (cohort rules, prediction
+time rule, outcome, horizon, optional treatment, split fractions and model-input settings). A
+malformed file raises :class:`~features.errors.CohortDefinitionError` naming the key, what was
+expected and what was found.
+
+A task file looks like this (every key but ``name``, ``cohort.prediction_time``, ``outcome`` and
+``horizon_days`` is optional)::
+
+    name: simulated_mace_1y
+    description: Major adverse cardiovascular event within a year of a consultation.
+    cohort:
+      prediction_time:
+        first_event:                      # or: fixed: 2020-01-01T00:00:00
+          codes: [SNOMED//11429006]
+          on_or_after: 2022-01-01
+          before: 2024-07-01
+        offset_minutes: 45                # predict at the end of the visit
+      min_age_years: 18
+      max_age_years: 100
+      sex: [female, male]
+      min_history_days: 0                 # first record at least this long before prediction
+      include:                            # every rule must match (codes seen in the window)
+        - codes: [SNOMED//59621000]
+          window_days: 1825               # look-back; omit for "any time before"
+      exclude:                            # any rule matching excludes the patient
+        - codes: [SNOMED//22298006]
+    outcome:
+      codes: [SNOMED//22298006, ICD10CM//I21.9]
+      death: true
+    horizon_days: 365
+    follow_up_end: 2025-12-31             # the data's cut-off (export date); optional
+    treatment:
+      codes: [RXNORM//309362]
+      window_days: [0, 30]
+    splits: {train: 0.7, tuning: 0.15, held_out: 0.15, seed: 0}
+    inputs: {max_events: 512, value_bins: 5, min_code_count: 5, tabular_codes: 200}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from features.errors import CohortDefinitionError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*//\S+$")
+SEXES = ("female", "male", "other", "unknown")
+
+
+@dataclass(frozen=True)
+class CodeRule:
+    """A set of codes seen in a look-back window before the prediction time."""
+
+    # Vocabulary-prefixed codes (``ICD10CM//I21.9``); any one of them matches.
+    codes: tuple[str, ...]
+    # Days before the prediction time that count; None means any time before it.
+    window_days: float | None = None
+
+
+@dataclass(frozen=True)
+class PredictionTimeRule:
+    """When the prediction is made for each patient."""
+
+    # The first event with one of these codes in [on_or_after, before) is the index event ...
+    codes: tuple[str, ...] = ()
+    on_or_after: datetime | None = None
+    before: datetime | None = None
+    # ... or, instead, one calendar instant for every patient.
+    fixed: datetime | None = None
+    # Added to the index event's time: an encounter is coded at its start, and a prediction made
+    # at the end of the visit may use the visit's own results.
+    offset: timedelta = timedelta(0)
+
+
+@dataclass(frozen=True)
+class CohortDefinition:
+    """Who is in the cohort and when they enter it."""
+
+    prediction_time: PredictionTimeRule
+    # Age at the prediction time, in years (365.25-day years); None means no limit.
+    min_age_years: float | None = None
+    max_age_years: float | None = None
+    # Administrative sexes allowed; empty means all.
+    sex: tuple[str, ...] = ()
+    # Days between the patient's first timed record and the prediction time: a minimum history
+    # keeps patients whose record starts at the index visit (no baseline) out of the cohort.
+    min_history_days: float = 0.0
+    # Every inclusion rule must match; any exclusion rule matching removes the patient.
+    include: tuple[CodeRule, ...] = ()
+    exclude: tuple[CodeRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutcomeDefinition:
+    """What counts as the event."""
+
+    # First of these codes strictly after the prediction time is the event.
+    codes: tuple[str, ...] = ()
+    # Death (``MEDS_DEATH``) is also the event; when false, death censors follow-up.
+    death: bool = False
+
+
+@dataclass(frozen=True)
+class TreatmentDefinition:
+    """Which treatment, started when, flags a patient as treated."""
+
+    codes: tuple[str, ...]
+    # [start, end] days after the prediction time in which a treatment code counts.
+    window_start_days: float = 0.0
+    window_end_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Shares of patients in each split, and the seed of the per-patient assignment."""
+
+    train: float = 0.7
+    tuning: float = 0.15
+    held_out: float = 0.15
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """How model inputs are built from the events before the prediction time."""
+
+    # Longest event-token sequence per patient; static facts are always kept, then the most
+    # recent timed events.
+    max_events: int = 512
+    # Quantile bins per numeric code, learned on the train split.
+    value_bins: int = 5
+    # Codes seen in fewer train patients than this become unknown (and are dropped).
+    min_code_count: int = 5
+    # Most frequent train codes that get tabular columns (count, last value, time since).
+    tabular_codes: int = 200
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    """One prediction task: the cohort, the outcome, the horizon and optionally a treatment."""
+
+    name: str
+    cohort: CohortDefinition
+    outcome: OutcomeDefinition
+    # Risk label: event within this many days after the prediction time.
+    horizon_days: float
+    description: str = ""
+    # End of the data (export date): follow-up never runs past it.
+    follow_up_end: datetime | None = None
+    treatment: TreatmentDefinition | None = None
+    splits: SplitFractions = field(default_factory=SplitFractions)
+    inputs: InputSettings = field(default_factory=InputSettings)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing, with errors that name the key
+# --------------------------------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads one mapping of the YAML file; every error names the task and the full key."""
+
+    def __init__(self, task: str, key: str, value: Any) -> None:
+        self.task, self.key = task, key
+        if not isinstance(value, dict):
+            self.fail(key, "a mapping", value)
+        self.value: dict[str, Any] = value
+
+    def fail(self, key: str, expected: str, found: Any) -> None:
+        raise CohortDefinitionError(
+            f"task '{self.task}': {key} must be {expected} (found {_describe(found)})"
+        )
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def check_keys(self, allowed: set[str], required: frozenset[str] | set[str] = frozenset()) -> None:
+        for name in self.value:
+            if name not in allowed:
+                raise CohortDefinitionError(
+                    f"task '{self.task}': unknown key {self.path(str(name))} "
+                    f"(expected one of {', '.join(sorted(allowed))})"
+                )
+        for name in sorted(required):
+            if name not in self.value:
+                raise CohortDefinitionError(f"task '{self.task}': missing key {self.path(name)}")
+
+    def child(self, name: str) -> _Reader:
+        return _Reader(self.task, self.path(name), self.value.get(name))
+
+    def number(self, name: str, default: float | None, minimum: float | None = None) -> float | None:
+        value = self.value.get(name, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(self.path(name), "a number", value)
+        if minimum is not None and value < minimum:
+            self.fail(self.path(name), f"a number >= {minimum:g}", value)
+        return float(value)
+
+    def integer(self, name: str, default: int, minimum: int) -> int:
+        value = self.value.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(self.path(name), f"an integer >= {minimum}", value)
+        return int(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.value.get(name, default)
+        if not isinstance(value, bool):
+            self.fail(self.path(name), "true or false", value)
+        return bool(value)
+
+    def string(self, name: str, default: str) -> str:
+        value = self.value.get(name, default)
+        if not isinstance(value, str):
+            self.fail(self.path(name), "a string", value)
+        return str(value)
+
+    def instant(self, name: str) -> datetime | None:
+        value = self.value.get(name)
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=None) if value.tzinfo is None else _to_naive_utc(value)
+        if isinstance(value, date):
+            return datetime(value.year, value.month, value.day)
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                pass
+            else:
+                return _to_naive_utc(parsed) if parsed.tzinfo is not None else parsed
+        self.fail(self.path(name), "a date or date-time like 2022-01-01 or 2022-01-01T00:00:00Z", value)
+        return None  # unreachable
+
+    def codes(self, name: str, required: bool) -> tuple[str, ...]:
+        value = self.value.get(name)
+        if value is None and not required:
+            return ()
+        if not isinstance(value, list) or (required and not value):
+            self.fail(self.path(name), "a non-empty list of codes like 'ICD10CM//I21.9'", value)
+        assert isinstance(value, list)
+        for i, code in enumerate(value):
+            if not isinstance(code, str):
+                self.fail(f"{self.path(name)}[{i}]", "a code string like 'ICD10CM//I21.9'", code)
+            if not _CODE.match(code):
+                raise CohortDefinitionError(
+                    f"task '{self.task}': {self.path(name)}[{i}] '{code}' has no vocabulary prefix "
+                    f"(expected like 'ICD10CM//{code.split('//')[-1] or 'I21.9'}')"
+                )
+        return tuple(value)
+
+
+def _to_naive_utc(value: datetime) -> datetime:
+    offset = value.utcoffset() or timedelta(0)
+    return (value - offset).replace(tzinfo=None)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _code_rules(reader: _Reader, name: str) -> tuple[CodeRule, ...]:
+    value = reader.value.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        reader.fail(reader.path(name), "a list of rules, each with codes and optionally window_days", value)
+    rules = []
+    for i, item in enumerate(value):
+        rule = _Reader(reader.task, f"{reader.path(name)}[{i}]", item)
+        rule.check_keys({"codes", "window_days"}, {"codes"})
+        rules.append(CodeRule(rule.codes("codes", True), rule.number("window_days", None, 0.0)))
+    return tuple(rules)
+
+
+def _prediction_time(reader: _Reader) -> PredictionTimeRule:
+    reader.check_keys({"first_event", "fixed", "offset_minutes"})
+    offset = timedelta(minutes=reader.number("offset_minutes", 0.0) or 0.0)
+    has_first, has_fixed = "first_event" in reader.value, "fixed" in reader.value
+    if has_first == has_fixed:
+        raise CohortDefinitionError(
+            f"task '{reader.task}': {reader.key} must have exactly one of first_event or fixed "
+            f"(found {'both' if has_first else 'neither'})"
+        )
+    if has_fixed:
+        fixed = reader.instant("fixed")
+        if fixed is None:
+            reader.fail(reader.path("fixed"), "a date or date-time", None)
+        return PredictionTimeRule(fixed=fixed, offset=offset)
+    first = reader.child("first_event")
+    first.check_keys({"codes", "on_or_after", "before"}, {"codes"})
+    start, end = first.instant("on_or_after"), first.instant("before")
+    if start is not None and end is not None and not start < end:
+        raise CohortDefinitionError(
+            f"task '{reader.task}': {first.key}.before must be after on_or_after "
+            f"(found {start.isoformat()} and {end.isoformat()})"
+        )
+    return PredictionTimeRule(codes=first.codes("codes", True), on_or_after=start, before=end, offset=offset)
+
+
+def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
+    """Build a :class:`TaskDefinition` from the parsed YAML mapping ``raw``.
+
+    Raises
+    ------
+    CohortDefinitionError
+        Naming the first key that is missing, unknown or of the wrong kind.
+
+    Examples
+    --------
+    >>> task = parse_task({"name": "t", "cohort": {"prediction_time": {"fixed": "2020-01-01"}},
+    ...                    "outcome": {"death": True}, "horizon_days": 365})
+    >>> task.cohort.prediction_time.fixed, task.outcome.death, task.treatment
+    (datetime.datetime(2020, 1, 1, 0, 0), True, None)
+    """
+    if not isinstance(raw, dict):
+        raise CohortDefinitionError(f"task file {source} must hold a mapping (found {_describe(raw)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise CohortDefinitionError(
+            f"task file {source}: name must be a string of letters, digits, '_', '.' or '-' "
+            f"(found {_describe(name)})"
+        )
+    top = _Reader(name, "", raw)
+    top.check_keys(
+        {"name", "description", "cohort", "outcome", "horizon_days", "follow_up_end", "treatment",
+         "splits", "inputs"},
+        {"cohort", "outcome", "horizon_days"},
+    )
+
+    cohort = top.child("cohort")
+    cohort.check_keys({"prediction_time", "min_age_years", "max_age_years", "sex", "min_history_days",
+                       "include", "exclude"}, {"prediction_time"})
+    sexes = cohort.value.get("sex", [])
+    if isinstance(sexes, str):
+        sexes = [sexes]
+    if not isinstance(sexes, list) or any(s not in SEXES for s in sexes):
+        cohort.fail("cohort.sex", f"a list drawn from {', '.join(SEXES)}", cohort.value.get("sex"))
+    min_age = cohort.number("min_age_years", None, 0.0)
+    max_age = cohort.number("max_age_years", None, 0.0)
+    if min_age is not None and max_age is not None and max_age < min_age:
+        cohort.fail("cohort.max_age_years", f"at least min_age_years ({min_age:g})", max_age)
+    cohort_definition = CohortDefinition(
+        prediction_time=_prediction_time(cohort.child("prediction_time")),
+        min_age_years=min_age,
+        max_age_years=max_age,
+        sex=tuple(sexes),
+        min_history_days=cohort.number("min_history_days", 0.0, 0.0) or 0.0,
+        include=_code_rules(cohort, "include"),
+        exclude=_code_rules(cohort, "exclude"),
+    )
+
+    outcome = top.child("outcome")
+    outcome.check_keys({"codes", "death"})
+    outcome_definition = OutcomeDefinition(outcome.codes("codes", False), outcome.boolean("death", False))
+    if not outcome_definition.codes and not outcome_definition.death:
+        raise CohortDefinitionError(
+            f"task '{name}': outcome must list codes or set death: true (found neither)"
+        )
+
+    horizon = top.number("horizon_days", None, 1.0)
+    assert horizon is not None
+
+    treatment_definition = None
+    if raw.get("treatment") is not None:
+        treatment = top.child("treatment")
+        treatment.check_keys({"codes", "window_days"}, {"codes"})
+        window = treatment.value.get("window_days", [0, 30])
+        if (not isinstance(window, list) or len(window) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in window)
+                or not 0 <= window[0] <= window[1]):
+            treatment.fail("treatment.window_days", "[start, end] days with 0 <= start <= end", window)
+        treatment_definition = TreatmentDefinition(
+            treatment.codes("codes", True), float(window[0]), float(window[1])
+        )
+
+    splits = SplitFractions()
+    if raw.get("splits") is not None:
+        s = top.child("splits")
+        s.check_keys({"train", "tuning", "held_out", "seed"})
+        shares = {k: s.number(k, getattr(splits, k), 0.0) for k in ("train", "tuning", "held_out")}
+        if abs(sum(v or 0.0 for v in shares.values()) - 1.0) > 1e-6:
+            s.fail("splits", "train + tuning + held_out = 1", sum(v or 0.0 for v in shares.values()))
+        if not shares["train"]:
+            s.fail("splits.train", "a share > 0 (the vocabulary is learned on train)", shares["train"])
+        splits = SplitFractions(
+            float(shares["train"] or 0.0), float(shares["tuning"] or 0.0), float(shares["held_out"] or 0.0),
+            s.integer("seed", 0, 0),
+        )
+
+    inputs = InputSettings()
+    if raw.get("inputs") is not None:
+        i = top.child("inputs")
+        i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes"})
+        inputs = InputSettings(
+            max_events=i.integer("max_events", inputs.max_events, 1),
+            value_bins=i.integer("value_bins", inputs.value_bins, 1),
+            min_code_count=i.integer("min_code_count", inputs.min_code_count, 1),
+            tabular_codes=i.integer("tabular_codes", inputs.tabular_codes, 0),
+        )
+
+    return TaskDefinition(
+        name=name,
+        description=top.string("description", ""),
+        cohort=cohort_definition,
+        outcome=outcome_definition,
+        horizon_days=horizon,
+        follow_up_end=top.instant("follow_up_end"),
+        treatment=treatment_definition,
+        splits=splits,
+        inputs=inputs,
+    )
+
+
+def load_task(path: Path) -> TaskDefinition:
+    """Read and validate one task YAML file.
+
+    Raises
+    ------
+    CohortDefinitionError
+        When the file is missing, is not YAML, or any key is malformed.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CohortDefinitionError(f"task file {path} cannot be read ({exc.__class__.__name__})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CohortDefinitionError(f"task file {path} is not valid YAML{where}") from exc
+    return parse_task(raw, str(path))

@@ -1,0 +1,203 @@
+"""Event tokens for the fusion transformer, cut at each patient's prediction time.
+
+Stage: model inputs. In: the ``events`` table, a task's ``cohort`` and the ids of its train
+patients. Out: the ``event_tokens`` table (:data:`features.schemas.EVENT_TOKENS`): per patient, the
+token ids, numeric-value bins, days before the prediction time and modality of each event.
+
+:class:`EventTokenizer` follows the scikit-learn pattern: ``fit`` sees only the train split and
+learns the vocabulary (``vocabulary_``) and the quantile bins of each numeric code
+(``bin_edges_``); ``transform`` applies them to any split. Learning them on all patients would
+let the held-out patients shape the inputs the model is judged on.
+
+A token is the event's code, with its coded value appended for EHR and genomics events whose
+``text_value`` is a code or variant (``LOINC//72166-2//SNOMED//8517006``,
+``GENE//CYP2C19//rs4244285``); notes and imaging events keep their bare code (their ``text_value``
+is a note or study id, joined to the note and imaging embeddings instead).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from features.cohorts import as_frame
+from features.io import write_bytes_atomic
+
+PAD, UNK = "[PAD]", "[UNK]"
+MODALITIES = ("ehr", "notes", "genomics", "imaging")
+"""Modality names in the order of their ids in ``modality_ids``."""
+
+MICROSECONDS_PER_DAY = 86_400_000_000
+
+
+def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.LazyFrame:
+    """Events of cohort patients known at their prediction time, with ``prediction_time`` joined.
+
+    Static facts (null time) are known at every prediction time. Events exactly at the prediction
+    time are kept: the prediction time is when the information is complete (e.g. a visit's end).
+    """
+    return (
+        as_frame(events)
+        .join(cohort.lazy().select("subject_id", "prediction_time"), on="subject_id")
+        .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
+    )
+
+
+def token_expr() -> pl.Expr:
+    """The token string of each event (see the module docstring)."""
+    with_value = pl.col("modality").is_in(["ehr", "genomics"]) & pl.col("text_value").is_not_null()
+    return (
+        pl.when(with_value)
+        .then(pl.concat_str([pl.col("code"), pl.lit("//"), pl.col("text_value")]))
+        .otherwise(pl.col("code"))
+        .alias("token")
+    )
+
+
+class EventTokenizer(BaseEstimator):  # type: ignore[misc]
+    """Learn a vocabulary and value bins on train patients; turn events into token sequences.
+
+    Parameters
+    ----------
+    max_events
+        Longest sequence per patient. Static facts are always kept; then the most recent timed
+        events, after out-of-vocabulary events (which carry no information) are dropped.
+    value_bins
+        Quantile bins per numeric token (fewer when a token has fewer distinct values).
+    min_code_count
+        A token must occur in at least this many train patients to enter the vocabulary: rare
+        codes would be memorised, and could identify a patient.
+    """
+
+    def __init__(self, max_events: int = 512, value_bins: int = 5, min_code_count: int = 5) -> None:
+        self.max_events = max_events
+        self.value_bins = value_bins
+        self.min_code_count = min_code_count
+
+    def fit(self, events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
+            train_ids: pl.Series | list[int]) -> EventTokenizer:
+        """Learn ``vocabulary_`` and ``bin_edges_`` from the train patients' events before their
+        prediction time. Returns ``self``."""
+        if self.max_events < 1:
+            raise ValueError(f"max_events ({self.max_events}) must be at least 1")
+        if self.value_bins < 1:
+            raise ValueError(f"value_bins ({self.value_bins}) must be at least 1")
+        train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
+        if train.height == 0:
+            raise ValueError("EventTokenizer.fit: no cohort patient is in the train split")
+        seen = events_before(events, train).with_columns(token_expr())
+        counts = (
+            seen.group_by("token").agg(pl.col("subject_id").n_unique().alias("patients"))
+            .filter(pl.col("patients") >= self.min_code_count)
+            .sort(["patients", "token"], descending=[True, False])
+            .collect()
+        )
+        vocabulary = {PAD: 0, UNK: 1}
+        for token in counts["token"]:
+            vocabulary[token] = len(vocabulary)
+        quantiles = [k / self.value_bins for k in range(1, self.value_bins)]
+        numeric = (
+            seen.filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()
+                        & pl.col("token").is_in(counts["token"].to_list()))
+            .group_by("token")
+            .agg([pl.col("numeric_value").cast(pl.Float64).quantile(q, "linear").alias(f"q{i}")
+                  for i, q in enumerate(quantiles)])
+            .sort("token")
+            .collect()
+        )
+        edges: dict[str, list[float]] = {}
+        for row in numeric.iter_rows(named=True):
+            edges[row["token"]] = sorted({float(row[f"q{i}"]) for i in range(len(quantiles))})
+        self.vocabulary_ = vocabulary
+        self.bin_edges_ = edges
+        return self
+
+    def transform(self, events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.DataFrame:
+        """Return the ``event_tokens`` table (one row per cohort patient, sorted by subject id)."""
+        check_is_fitted(self, ["vocabulary_", "bin_edges_"])
+        vocabulary = pl.DataFrame(
+            {"token": list(self.vocabulary_), "token_id": list(self.vocabulary_.values())},
+            schema={"token": pl.String, "token_id": pl.Int32},
+        )
+        seen = (
+            events_before(events, cohort)
+            .with_columns(token_expr())
+            .join(vocabulary.lazy(), on="token", how="inner")  # unknown tokens are dropped
+            .with_columns(
+                pl.col("modality").replace_strict(
+                    {m: i for i, m in enumerate(MODALITIES)}, default=0, return_dtype=pl.Int8
+                ).alias("modality_id"),
+                ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds().cast(pl.Float64)
+                 / MICROSECONDS_PER_DAY).cast(pl.Float32).alias("time_before_days"),
+            )
+            # Static facts first, then the most recent timed events up to the limit.
+            .with_columns(
+                pl.col("time").is_null().sum().over("subject_id").alias("n_static"),
+                pl.col("time").rank("ordinal", descending=True).over("subject_id").alias("recency"),
+            )
+            .filter(pl.col("time").is_null()
+                    | (pl.col("recency") <= pl.lit(self.max_events) - pl.col("n_static")))
+            .select("subject_id", "prediction_time", "time", "token", "token_id", "numeric_value",
+                    "time_before_days", "modality_id")
+            .collect()
+        )
+        seen = seen.with_columns(pl.Series("value_bin", self._bins(seen), dtype=pl.Int8))
+        sequences = (
+            seen.sort(["subject_id", "time", "token_id"], nulls_last=False)
+            .group_by("subject_id", maintain_order=True)
+            .agg(
+                pl.col("token_id").alias("token_ids"),
+                pl.col("value_bin").alias("value_bins"),
+                pl.col("time_before_days"),
+                pl.col("modality_id").alias("modality_ids"),
+                pl.col("time").max().alias("last_input_time"),
+            )
+        )
+        return (
+            cohort.select("subject_id", "prediction_time")
+            .join(sequences, on="subject_id", how="left")
+            .with_columns(
+                pl.col("token_ids").fill_null(pl.lit([], dtype=pl.List(pl.Int32))),
+                pl.col("value_bins").fill_null(pl.lit([], dtype=pl.List(pl.Int8))),
+                pl.col("time_before_days").fill_null(pl.lit([], dtype=pl.List(pl.Float32))),
+                pl.col("modality_ids").fill_null(pl.lit([], dtype=pl.List(pl.Int8))),
+            )
+            .sort("subject_id")
+        )
+
+    def _bins(self, seen: pl.DataFrame) -> np.ndarray:
+        """1-based quantile bin of each event's value; 0 when it has none or its token has no bins."""
+        values = seen["numeric_value"].cast(pl.Float64).to_numpy()
+        tokens = seen["token"].to_numpy()
+        bins = np.zeros(seen.height, dtype=np.int8)
+        has_value = ~np.isnan(np.where(seen["numeric_value"].is_null().to_numpy(), np.nan, values))
+        for token, edges in self.bin_edges_.items():
+            mask = has_value & (tokens == token)
+            if mask.any():
+                bins[mask] = 1 + np.searchsorted(np.asarray(edges), values[mask], side="right")
+        return bins
+
+    def save(self, path: Path) -> Path:
+        """Write the fitted vocabulary and bins as JSON (no pickle), atomically."""
+        check_is_fitted(self, ["vocabulary_", "bin_edges_"])
+        state: dict[str, Any] = {
+            "max_events": self.max_events, "value_bins": self.value_bins,
+            "min_code_count": self.min_code_count, "vocabulary": self.vocabulary_,
+            "bin_edges": self.bin_edges_,
+        }
+        return write_bytes_atomic(json.dumps(state, indent=1, sort_keys=True).encode(), path)
+
+    @classmethod
+    def load(cls, path: Path) -> EventTokenizer:
+        """Read a tokenizer written by :meth:`save`."""
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        tokenizer = cls(state["max_events"], state["value_bins"], state["min_code_count"])
+        tokenizer.vocabulary_ = {k: int(v) for k, v in state["vocabulary"].items()}
+        tokenizer.bin_edges_ = {k: [float(x) for x in v] for k, v in state["bin_edges"].items()}
+        return tokenizer

@@ -1,0 +1,119 @@
+"""Baseline models on the tabular aggregates, trained on the same splits as the fusion model.
+
+Stage: model. In: the task's ``tabular_features`` as a matrix, with labels of the train (and tuning)
+split. Out: fitted scikit-learn / LightGBM / scikit-survival estimators:
+
+* risk: L2 logistic regression and LightGBM (early-stopped on the tuning split);
+* progression: Cox proportional hazards (ridge-penalised) and a random survival forest;
+* treatment effect: a T-learner, one LightGBM per arm, effect = risk if treated - risk if not.
+
+Missing values (a lab never measured) are median-imputed for the linear and Cox models; LightGBM
+handles them natively. The baselines are the bar the fusion model has to clear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightgbm as lgb
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sksurv.ensemble import RandomSurvivalForest
+from sksurv.linear_model import CoxPHSurvivalAnalysis
+from sksurv.util import Surv
+
+KEY_COLUMNS = ("subject_id", "prediction_time", "last_input_time")
+Matrix = npt.NDArray[np.float64]
+
+
+def feature_matrix(tabular: pl.DataFrame, columns: list[str] | None = None) -> tuple[Matrix, list[str]]:
+    """Return the tabular features as a float matrix (NaN = missing) and its column names.
+
+    Pass the train split's ``columns`` when building the tuning and held-out matrices so that all
+    three share one column order.
+    """
+    names = columns if columns is not None else [c for c in tabular.columns if c not in KEY_COLUMNS]
+    missing = [c for c in names if c not in tabular.columns]
+    if missing:
+        raise ValueError(f"tabular features: columns {missing[:3]} of the train split are missing")
+    matrix = tabular.select([pl.col(c).cast(pl.Float64) for c in names]).to_numpy()
+    return np.asarray(matrix, dtype=np.float64), names
+
+
+def _lightgbm(seed: int) -> lgb.LGBMClassifier:
+    return lgb.LGBMClassifier(
+        n_estimators=2000, learning_rate=0.03, num_leaves=15, min_child_samples=20, subsample=0.8,
+        subsample_freq=1, colsample_bytree=0.8, reg_lambda=1.0, random_state=seed, n_jobs=2, verbose=-1,
+    )
+
+
+def fit_logistic(x: Matrix, y: npt.ArrayLike) -> Pipeline:
+    """L2-penalised logistic regression on standardised, median-imputed features."""
+    model = make_pipeline(
+        SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
+        LogisticRegression(C=0.1, max_iter=5000),
+    )
+    return model.fit(x, np.asarray(y, dtype=int))
+
+
+def fit_lightgbm(x: Matrix, y: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,
+                 seed: int = 0) -> lgb.LGBMClassifier:
+    """Gradient-boosted trees, stopped when the tuning log-loss has not improved for 50 rounds."""
+    model = _lightgbm(seed)
+    model.fit(
+        x, np.asarray(y, dtype=int), eval_X=x_tuning, eval_y=np.asarray(y_tuning, dtype=int),
+        callbacks=[lgb.early_stopping(50, verbose=False)],
+    )
+    return model
+
+
+def fit_cox(x: Matrix, event: npt.ArrayLike, duration_days: npt.ArrayLike) -> Pipeline:
+    """Cox proportional hazards with a ridge penalty (many correlated aggregates)."""
+    model = make_pipeline(
+        SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
+        CoxPHSurvivalAnalysis(alpha=10.0),
+    )
+    return model.fit(x, Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float)))
+
+
+def fit_random_survival_forest(x: Matrix, event: npt.ArrayLike, duration_days: npt.ArrayLike,
+                               seed: int = 0) -> Pipeline:
+    """Random survival forest (scikit-survival), median-imputed."""
+    model = make_pipeline(
+        SimpleImputer(strategy="median", keep_empty_features=True),
+        RandomSurvivalForest(n_estimators=200, min_samples_leaf=15, max_features="sqrt", n_jobs=2,
+                             random_state=seed),
+    )
+    return model.fit(x, Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float)))
+
+
+@dataclass
+class TLearner:
+    """One outcome model per treatment arm; the effect is the difference of their risks."""
+
+    untreated: lgb.LGBMClassifier
+    treated: lgb.LGBMClassifier
+
+    def effect(self, x: Matrix) -> Matrix:
+        return np.asarray(self.treated.predict_proba(x)[:, 1] - self.untreated.predict_proba(x)[:, 1])
+
+
+def fit_t_learner(x: Matrix, y: npt.ArrayLike, treated: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,
+                  treated_tuning: npt.ArrayLike, seed: int = 0) -> TLearner:
+    """Fit the T-learner; each arm's model early-stops on the same arm of the tuning split."""
+    a = np.asarray(treated, dtype=bool)
+    a_tuning = np.asarray(treated_tuning, dtype=bool)
+    outcome, outcome_tuning = np.asarray(y, dtype=int), np.asarray(y_tuning, dtype=int)
+    arms = []
+    for arm in (False, True):
+        if len(set(outcome[a == arm].tolist())) < 2:
+            raise ValueError(f"T-learner: the {'treated' if arm else 'untreated'} arm of the train split "
+                             "has only one outcome value")
+        arms.append(fit_lightgbm(x[a == arm], outcome[a == arm], x_tuning[a_tuning == arm],
+                                 outcome_tuning[a_tuning == arm], seed))
+    return TLearner(untreated=arms[0], treated=arms[1])

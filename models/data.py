@@ -1,0 +1,196 @@
+"""Model inputs as tensors: one task's tokens, note and imaging embeddings, and labels.
+
+Stage: model. In: the task's ``event_tokens`` (one row per patient: token ids, value bins, days
+before the prediction time, modality ids), ``note_embeddings`` and ``imaging_inputs`` (one row per
+note or study, already cut at the prediction time) and optionally ``labels``. Out: a
+:class:`FusionDataset` of per-patient arrays and :func:`collate`, which pads a list of patients into
+the tensors :class:`~models.fusion.FusionForRiskPrediction` takes.
+
+Tensors are built here, in memory, from the stored tables; they are never written to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import torch
+from torch.utils.data import Dataset
+
+IMAGING_MODALITIES = ("unknown", "US", "CT", "MR", "CR", "DX", "MG", "NM", "PT", "XA")
+"""DICOM modalities the imaging-modality embedding knows; others map to ``unknown``."""
+
+MICROSECONDS_PER_DAY = 86_400_000_000
+
+
+@dataclass(frozen=True)
+class PatientInputs:
+    subject_id: int
+    event_codes: npt.NDArray[np.int64]  # (Le,)
+    event_value_bins: npt.NDArray[np.int64]  # (Le,)
+    event_days: npt.NDArray[np.float32]  # (Le,)
+    event_modalities: npt.NDArray[np.int64]  # (Le,)
+    note_embeddings: npt.NDArray[np.float32]  # (Ln, Dt)
+    note_days: npt.NDArray[np.float32]  # (Ln,)
+    imaging_embeddings: npt.NDArray[np.float32]  # (Li, Di)
+    imaging_modalities: npt.NDArray[np.int64]  # (Li,)
+    imaging_days: npt.NDArray[np.float32]  # (Li,)
+    risk_label: float  # 0/1, NaN when unknown
+    event: float
+    duration_days: float
+    treated: float  # 0/1, NaN when the task has no treatment
+
+
+def _days_before(table: pl.DataFrame) -> pl.Expr:
+    return ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds() / MICROSECONDS_PER_DAY).cast(
+        pl.Float32
+    )
+
+
+def _group_arrays(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: int) -> dict[int, pl.DataFrame]:
+    """Group per-item rows by subject, keeping each patient's ``max_items`` most recent."""
+    if table is None or table.is_empty():
+        return {}
+    rows = (
+        table.join(cohort.select("subject_id", "prediction_time"), on="subject_id", how="inner")
+        .with_columns(_days_before(table).alias("days"))
+        .sort(["subject_id", "days"])
+        .group_by("subject_id", maintain_order=True)
+        .head(max_items)
+    )
+    return {int(key[0]): group for key, group in rows.group_by("subject_id", maintain_order=True)}
+
+
+class FusionDataset(Dataset[PatientInputs]):
+    """Per-patient model inputs of one task, in the order of ``event_tokens``.
+
+    Parameters
+    ----------
+    event_tokens
+        ``subject_id, prediction_time, token_ids, value_bins, time_before_days, modality_ids``.
+    note_embeddings
+        ``subject_id, time, embedding`` per note, or None when the task has no notes.
+    imaging_inputs
+        ``subject_id, time, modality, embedding`` per study, or None.
+    labels
+        ``subject_id, boolean_value, event, duration_days, treated``, or None when scoring.
+    text_embedding_dim, imaging_embedding_dim
+        Widths used for patients without notes or studies.
+    max_notes, max_studies
+        Most recent notes and studies kept per patient.
+    """
+
+    def __init__(
+        self,
+        event_tokens: pl.DataFrame,
+        note_embeddings: pl.DataFrame | None,
+        imaging_inputs: pl.DataFrame | None,
+        labels: pl.DataFrame | None,
+        text_embedding_dim: int,
+        imaging_embedding_dim: int,
+        max_notes: int = 16,
+        max_studies: int = 8,
+    ) -> None:
+        cohort = event_tokens.select("subject_id", "prediction_time")
+        notes = _group_arrays(note_embeddings, cohort, max_notes)
+        studies = _group_arrays(imaging_inputs, cohort, max_studies)
+        label_rows: dict[int, dict[str, object]] = {}
+        if labels is not None:
+            label_rows = {int(r["subject_id"]): r for r in labels.iter_rows(named=True)}
+            missing = set(cohort["subject_id"].to_list()) - set(label_rows)
+            if missing:
+                raise ValueError(f"labels: {len(missing)} patients of event_tokens have no label row")
+        modality_index = {m: i for i, m in enumerate(IMAGING_MODALITIES)}
+        self.patients: list[PatientInputs] = []
+        for row in event_tokens.iter_rows(named=True):
+            sid = int(row["subject_id"])
+            note = notes.get(sid)
+            study = studies.get(sid)
+            label = label_rows.get(sid, {})
+            treated = label.get("treated")
+            boolean_value = label.get("boolean_value")
+            self.patients.append(
+                PatientInputs(
+                    subject_id=sid,
+                    event_codes=np.asarray(row["token_ids"], dtype=np.int64),
+                    event_value_bins=np.asarray(row["value_bins"], dtype=np.int64),
+                    # Static facts (genotype, sex) have no time: they sit at the prediction time.
+                    event_days=np.nan_to_num(np.asarray(row["time_before_days"], dtype=np.float32), nan=0.0),
+                    event_modalities=np.asarray(row["modality_ids"], dtype=np.int64),
+                    note_embeddings=(
+                        np.asarray(note["embedding"].to_list(), dtype=np.float32)
+                        if note is not None else np.zeros((0, text_embedding_dim), dtype=np.float32)
+                    ),
+                    note_days=note["days"].to_numpy().astype(np.float32) if note is not None else np.zeros(0, np.float32),
+                    imaging_embeddings=(
+                        np.asarray(study["embedding"].to_list(), dtype=np.float32)
+                        if study is not None else np.zeros((0, imaging_embedding_dim), dtype=np.float32)
+                    ),
+                    imaging_modalities=(
+                        np.asarray([modality_index.get(m, 0) for m in study["modality"]], dtype=np.int64)
+                        if study is not None else np.zeros(0, np.int64)
+                    ),
+                    imaging_days=study["days"].to_numpy().astype(np.float32) if study is not None else np.zeros(
+                        0, np.float32),
+                    risk_label=float("nan") if boolean_value is None else float(bool(boolean_value)),
+                    event=float(bool(label.get("event", False))),
+                    duration_days=float(label.get("duration_days") or 0.0),  # type: ignore[arg-type]
+                    treated=float("nan") if treated is None else float(bool(treated)),
+                )
+            )
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    def __getitem__(self, index: int) -> PatientInputs:
+        return self.patients[index]
+
+    @property
+    def subject_ids(self) -> npt.NDArray[np.int64]:
+        return np.array([p.subject_id for p in self.patients], dtype=np.int64)
+
+    def label_arrays(self) -> dict[str, npt.NDArray[np.float64]]:
+        """risk_label, event, duration_days and treated of every patient, in order."""
+        return {
+            name: np.array([getattr(p, name) for p in self.patients], dtype=np.float64)
+            for name in ("risk_label", "event", "duration_days", "treated")
+        }
+
+
+def _pad(arrays: list[np.ndarray], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length arrays (L_i, ...) into (B, max(1, max L_i), ...) and a (B, L) mask."""
+    width = max(1, *(len(a) for a in arrays))
+    first = arrays[0]
+    out = np.full((len(arrays), width, *first.shape[1:]), fill, dtype=first.dtype)
+    mask = np.zeros((len(arrays), width), dtype=bool)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+        mask[i, : len(a)] = True
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+def collate(patients: list[PatientInputs]) -> dict[str, torch.Tensor]:
+    """Pad a list of patients into the keyword tensors of ``FusionForRiskPrediction.forward``."""
+    event_codes, event_mask = _pad([p.event_codes for p in patients])
+    note_embeddings, note_mask = _pad([p.note_embeddings for p in patients])
+    imaging_embeddings, imaging_mask = _pad([p.imaging_embeddings for p in patients])
+    return {
+        "event_codes": event_codes,
+        "event_value_bins": _pad([p.event_value_bins for p in patients])[0],
+        "event_days": _pad([p.event_days for p in patients])[0],
+        "event_modalities": _pad([p.event_modalities for p in patients])[0],
+        "event_mask": event_mask,
+        "note_embeddings": note_embeddings,
+        "note_days": _pad([p.note_days for p in patients])[0],
+        "note_mask": note_mask,
+        "imaging_embeddings": imaging_embeddings,
+        "imaging_modalities": _pad([p.imaging_modalities for p in patients])[0],
+        "imaging_days": _pad([p.imaging_days for p in patients])[0],
+        "imaging_mask": imaging_mask,
+        "risk_labels": torch.tensor([p.risk_label for p in patients], dtype=torch.float32),
+        "event": torch.tensor([p.event for p in patients], dtype=torch.float32),
+        "duration_days": torch.tensor([p.duration_days for p in patients], dtype=torch.float32),
+        "treated": torch.tensor([p.treated for p in patients], dtype=torch.float32),
+    }

@@ -1,0 +1,182 @@
+"""Training of the fusion model, with early stopping and calibration on the tuning split.
+
+Stage: model. In: a :class:`~models.fusion.FusionForRiskPrediction`, the train and tuning
+:class:`~models.data.FusionDataset`s and :class:`TrainingArguments`. Out: a
+:class:`TrainingResult` holding the best model (by tuning loss), its Platt calibrator and the
+per-epoch history.
+
+On a CUDA device the forward pass runs under bf16 autocast; on CPU in float32. When a process
+group is initialised (``torchrun`` sets one up; see ``pipelines``), the model is wrapped in
+DistributedDataParallel and every process trains on its own shard of the train split; every process
+evaluates the whole tuning split, so all take the same early-stopping decision.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models.calibration import PlattCalibrator
+from models.data import FusionDataset, collate
+from models.fusion import FusionForRiskPrediction
+
+
+@dataclass(frozen=True)
+class TrainingArguments:
+    """Optimisation settings (one comment per field, as in nanoGPT's config)."""
+
+    max_epochs: int = 30  # upper bound; early stopping usually ends sooner
+    batch_size: int = 128  # patients per step (per process under DDP)
+    learning_rate: float = 1e-3  # AdamW peak learning rate
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    patience: int = 4  # epochs without a better tuning loss before stopping
+    seed: int = 0  # seeds torch, numpy and python: same data and seed, same model on the same device
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    min_events: int = 10  # fewest known positive risk labels the train split must hold
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass
+class TrainingResult:
+    model: FusionForRiskPrediction
+    calibrator: PlattCalibrator
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: FusionForRiskPrediction, dataset: FusionDataset, batch_size: int = 256, device: torch.device | None = None
+) -> dict[str, np.ndarray]:
+    """Risk, hazard and arm logits of every patient of ``dataset``, in order, plus the mean loss."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    risk, hazard, arms, losses, weights = [], [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for batch in loader:
+        out = model(**_to(batch, device))
+        risk.append(out.risk_logits.float().cpu())
+        hazard.append(out.hazard_logits.float().cpu())
+        arms.append(out.arm_logits.float().cpu())
+        losses.append(float(out.loss))
+        weights.append(len(batch["event"]))
+    return {
+        "risk_logits": torch.cat(risk).numpy(),
+        "hazard_logits": torch.cat(hazard).numpy(),
+        "arm_logits": torch.cat(arms).numpy(),
+        "loss": np.array(np.average(losses, weights=weights)),
+    }
+
+
+def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
+    """Raise ``ValueError`` when a split cannot train or tune a risk model."""
+    labels = dataset.label_arrays()["risk_label"]
+    known = labels[~np.isnan(labels)]
+    n_pos = int(known.sum())
+    if len(dataset) == 0:
+        raise ValueError(f"{name} split: no patients (check the task's cohort rules and the split fractions)")
+    if n_pos < min_events or n_pos == len(known):
+        raise ValueError(
+            f"{name} split: {n_pos} patients with the outcome among {len(known)} with a known label "
+            f"(need at least {min_events} with and some without); use more patients, a longer horizon "
+            "or broader outcome codes"
+        )
+
+
+def train(
+    model: FusionForRiskPrediction,
+    train_dataset: FusionDataset,
+    tuning_dataset: FusionDataset,
+    args: TrainingArguments,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainingResult:
+    """Train ``model``; return the epoch with the lowest tuning loss, calibrated on the tuning split.
+
+    Raises
+    ------
+    ValueError
+        When the train or tuning split has too few outcomes to learn or calibrate a risk.
+    """
+    check_trainable("train", train_dataset, args.min_events)
+    check_trainable("tuning", tuning_dataset, 1)
+    seed_everything(args.seed)
+    device = args.resolve_device()
+    model.to(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    module: torch.nn.Module = (
+        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if distributed else model
+    )
+    sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed) if distributed else None
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(
+        train_dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+        collate_fn=collate, generator=generator, drop_last=len(train_dataset) > args.batch_size,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    total_steps = max(1, args.max_epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.learning_rate, total_steps=total_steps, pct_start=0.1
+    )
+    autocast = device.type == "cuda" and args.bf16
+    best_loss, best_epoch, best_state, stale = math.inf, -1, None, 0
+    history: list[dict[str, float]] = []
+    for epoch in range(args.max_epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        module.train()
+        running, seen = 0.0, 0
+        for batch in loader:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = module(**_to(batch, device))
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += float(out.loss.detach()) * len(batch["event"])
+            seen += len(batch["event"])
+        tuning = predict_logits(model, tuning_dataset, device=device)
+        record = {"epoch": float(epoch), "train_loss": running / max(seen, 1), "tuning_loss": float(tuning["loss"])}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if record["tuning_loss"] < best_loss - 1e-4:
+            best_loss, best_epoch, stale = record["tuning_loss"], epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= args.patience:
+                break
+    assert best_state is not None  # at least one epoch ran
+    model.load_state_dict(best_state)
+    model.eval()
+    tuning = predict_logits(model, tuning_dataset, device=device)
+    labels = tuning_dataset.label_arrays()["risk_label"]
+    known = ~np.isnan(labels)
+    calibrator = PlattCalibrator(min_positives=1).fit(tuning["risk_logits"][known], labels[known])
+    return TrainingResult(model=model, calibrator=calibrator, best_epoch=best_epoch, history=history)

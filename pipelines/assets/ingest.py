@@ -1,0 +1,126 @@
+"""Ingest assets: the landing zone into normalized tables, quarantine and MEDS ``events``.
+
+Stage: ingest. In: the workspace's ``landing/`` folder (the simulator's, or a hospital export named
+by ``IngestRunConfig.landing_dir``). Out: ``patients``, ``encounters``, ... ``events``,
+``quarantine`` as Parquet in the workspace's ``warehouse/``, all from one library call
+(:func:`features.ingest.ingest_landing_zone`); checks prove the accounting balances, every event's
+patient exists, nothing is dated after the export, and duplicates are reported.
+
+Nightly batches, one partition each, and the sensor that ingests them: :mod:`pipelines.sensors`.
+"""
+
+# No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from features.ingest import (
+    SUMMARY_FILE,
+    TABLES,
+    IngestSummary,
+    events_after,
+    events_without_patient,
+    ingest_landing_zone,
+    quarantined_duplicates,
+)
+from pipelines.resources import Workspace
+
+INGEST_ASSETS = [*TABLES, "events", "quarantine"]
+
+
+class IngestRunConfig(dg.Config):  # type: ignore[misc]
+    """How to run the ingest."""
+
+    # Validate every FHIR resource fully with fhir.resources (R4) as well: slower.
+    strict: bool = False
+    # Processes reading FHIR; the output does not depend on it.
+    workers: int = 2
+    # A hospital export to read instead of the workspace's landing/ folder.
+    landing_dir: str = ""
+
+
+def _metadata(summary: IngestSummary, warehouse: Path, table: str) -> dict[str, Any]:
+    # Counts and paths only: no identifiers or note text in Dagster metadata.
+    return {
+        "path": dg.MetadataValue.path(str(warehouse / f"{table}.parquet")),
+        "rows": summary.table_rows[table],
+        "dagster/row_count": summary.table_rows[table],
+    }
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(name, deps=["simulated_landing_zone"], group_name="ingest", kinds={"parquet"})
+        for name in INGEST_ASSETS
+    ],
+    can_subset=False,
+)
+def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, workspace: Workspace):  # type: ignore[no-untyped-def]
+    """Every normalized table, quarantine and events, from one ingest of the landing zone."""
+    landing = Path(config.landing_dir) if config.landing_dir else workspace.landing_dir
+    summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers)
+    context.log.info(
+        f"ingested {summary.records_in} records: {summary.records_out} out, "
+        f"{summary.quarantined} quarantined {summary.quarantined_by_reason}"
+    )
+    for name in INGEST_ASSETS:
+        metadata = _metadata(summary, workspace.warehouse_dir, name)
+        if name == "quarantine":
+            metadata.update({f"reason/{reason}": count for reason, count in summary.quarantined_by_reason.items()})
+        if name == "events":
+            metadata.update(
+                {
+                    "records_in": summary.records_in,
+                    "records_out": summary.records_out,
+                    "quarantined": summary.quarantined,
+                    "duplicates": summary.duplicates,
+                    "export_time": summary.export_time.isoformat(),
+                }
+            )
+        yield dg.MaterializeResult(asset_key=name, metadata=metadata)
+
+
+def _summary(workspace: Workspace) -> IngestSummary:
+    return IngestSummary.from_json(workspace.warehouse_dir / SUMMARY_FILE)
+
+
+@dg.asset_check(asset="events", blocking=True, description="records_in == records_out + quarantined, per file.")
+def ingest_accounting_balances(workspace: Workspace) -> dg.AssetCheckResult:
+    summary = _summary(workspace)
+    unbalanced = [account.source_file for account in summary.files if not account.balanced]
+    return dg.AssetCheckResult(
+        passed=not unbalanced,
+        metadata={
+            "records_in": summary.records_in,
+            "records_out": summary.records_out,
+            "quarantined": summary.quarantined,
+            "unbalanced_files": len(unbalanced),
+            "first_unbalanced": unbalanced[0] if unbalanced else "",
+        },
+    )
+
+
+@dg.asset_check(asset="events", blocking=True, description="Every event's subject is in patients.")
+def events_subjects_exist(workspace: Workspace) -> dg.AssetCheckResult:
+    missing = events_without_patient(workspace.warehouse_dir)
+    return dg.AssetCheckResult(passed=missing == 0, metadata={"events_without_patient": missing})
+
+
+@dg.asset_check(asset="events", blocking=True, description="No event is dated after the export time.")
+def events_not_after_export(workspace: Workspace) -> dg.AssetCheckResult:
+    summary = _summary(workspace)
+    late = events_after(workspace.warehouse_dir, summary.export_time)
+    return dg.AssetCheckResult(
+        passed=late == 0, metadata={"events_after_export": late, "export_time": summary.export_time.isoformat()}
+    )
+
+
+@dg.asset_check(asset="quarantine", description="Duplicate records are counted in the summary and quarantined.")
+def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:
+    summary = _summary(workspace)
+    quarantined = quarantined_duplicates(workspace.warehouse_dir)
+    return dg.AssetCheckResult(
+        passed=quarantined == summary.duplicates,
+        metadata={"duplicates": summary.duplicates, "quarantined_duplicates": quarantined},
+    )

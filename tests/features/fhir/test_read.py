@@ -1,0 +1,285 @@
+"""Bad FHIR input is quarantined with a clear reason, never a crash; the accounting still balances."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+
+from features.ingest import IngestSummary, ingest_landing_zone
+
+EXPORT = datetime(2025, 1, 1)
+PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-01-01"}
+
+
+def line(resource: object) -> bytes:
+    return orjson.dumps(resource)
+
+
+def condition(**changes: object) -> dict[str, object]:
+    resource: dict[str, object] = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+        "onsetDateTime": "2020-01-02T03:04:05Z",
+    }
+    resource.update(changes)
+    return resource
+
+
+def ingest_files(tmp_path: Path, files: dict[str, bytes]) -> tuple[IngestSummary, pl.DataFrame]:
+    landing = tmp_path / "landing"
+    for name, data in files.items():
+        path = landing / "fhir" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    out = tmp_path / "out"
+    summary = ingest_landing_zone(landing, out, workers=1, export_time=EXPORT)
+    assert summary.balanced
+    return summary, pl.read_parquet(out / "quarantine.parquet")
+
+
+def ingest_lines(tmp_path: Path, *lines: bytes) -> tuple[IngestSummary, pl.DataFrame]:
+    """One NDJSON file: a valid patient on line 1, then ``lines``."""
+    return ingest_files(tmp_path, {"mixed.ndjson": b"\n".join([line(PATIENT), *lines]) + b"\n"})
+
+
+def only_reject(quarantine: pl.DataFrame) -> dict[str, object]:
+    assert quarantine.height == 1, quarantine.to_dicts()
+    return quarantine.row(0, named=True)
+
+
+def test_valid_lines_pass(tmp_path: Path) -> None:
+    summary, quarantine = ingest_lines(tmp_path, line(condition()))
+    assert quarantine.height == 0
+    assert summary.table_rows["conditions"] == 1
+    assert summary.files[0].records_in == 2
+
+
+def test_truncated_json(tmp_path: Path) -> None:
+    summary, quarantine = ingest_lines(tmp_path, line(condition())[:40])
+    reject = only_reject(quarantine)
+    assert (reject["record_number"], reject["reason_code"]) == (2, "invalid_json")
+    assert reject["reason"].startswith("line is not valid JSON")
+    assert reject["raw_text"] == line(condition())[:40].decode()
+    assert reject["source_file"] == "fhir/mixed.ndjson"
+    assert summary.files[0].records_out == 1
+
+
+def test_not_json(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, b"hello, world")[1])
+    assert reject["reason_code"] == "invalid_json"
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, b'{"resourceType": "Patient", "id": "p\xff2"}')[1])
+    assert reject["reason_code"] == "not_utf8"
+    assert "bad byte b'\\xff'" in reject["reason"]
+
+
+def test_byte_order_mark(tmp_path: Path) -> None:
+    _summary, quarantine = ingest_files(tmp_path, {"p.ndjson": b"\xef\xbb\xbf" + line(PATIENT) + b"\n"})
+    reject = only_reject(quarantine)
+    assert (reject["record_number"], reject["reason_code"]) == (1, "byte_order_mark")
+
+
+def test_blank_line(tmp_path: Path) -> None:
+    summary, quarantine = ingest_lines(tmp_path, b"", line(condition()))
+    reject = only_reject(quarantine)
+    assert (reject["record_number"], reject["reason_code"]) == (2, "blank_line")
+    assert summary.table_rows["conditions"] == 1
+
+
+def test_json_not_an_object(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, b"[1, 2]")[1])
+    assert reject["reason_code"] == "not_object"
+    assert reject["reason"] == "JSON array is not a FHIR resource (expected an object)"
+
+
+def test_no_resource_type(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, b'{"id": "x"}')[1])
+    assert reject["reason_code"] == "missing_resource_type"
+
+
+def test_unknown_resource_type(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, b'{"resourceType": "Patientt", "id": "x"}')[1])
+    assert reject["reason"] == "resourceType 'Patientt' is not a FHIR R4 resource type"
+
+
+def test_reference_to_missing_patient(tmp_path: Path) -> None:
+    summary, quarantine = ingest_lines(tmp_path, line(condition(subject={"reference": "Patient/ghost"})))
+    reject = only_reject(quarantine)
+    assert reject["reason_code"] == "orphan_reference"
+    assert reject["reason"] == "conditions record refers to Patient/ghost, which is not in this export"
+    assert reject["resource_id"] == "c1"
+    assert reject["raw_text"].startswith('{"resourceType":"Condition"')
+    assert summary.table_rows["conditions"] == 0
+
+
+def test_reference_to_non_patient(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, line(condition(subject={"reference": "Group/g1"})))[1])
+    assert reject["reason_code"] == "bad_reference"
+
+
+def test_missing_subject(tmp_path: Path) -> None:
+    resource = condition()
+    del resource["subject"]
+    reject = only_reject(ingest_lines(tmp_path, line(resource))[1])
+    assert reject["reason"] == "Condition.subject (the patient) is missing"
+
+
+def test_value_of_wrong_type(tmp_path: Path) -> None:
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+        "effectiveDateTime": "2020-01-01",
+        "valueQuantity": {"value": "1.2", "unit": "mg/dL"},
+    }
+    reject = only_reject(ingest_lines(tmp_path, line(observation))[1])
+    assert reject["reason"] == "Observation.valueQuantity.value should be a number, found str '1.2'"
+
+
+def test_nan(tmp_path: Path) -> None:
+    raw = b'{"resourceType":"Observation","id":"o1","valueQuantity":{"value":NaN}}'
+    reject = only_reject(ingest_lines(tmp_path, raw)[1])
+    assert reject["reason"] == "line holds NaN or Infinity, which JSON does not allow"
+
+
+def test_impossible_date(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, line(condition(onsetDateTime="2021-02-30")))[1])
+    assert reject["reason_code"] == "bad_date"
+    assert "not a real date" in reject["reason"]
+
+
+def test_future_date(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, line(condition(onsetDateTime="2031-01-01")))[1])
+    assert reject["reason"] == "Condition.onsetDateTime '2031-01-01' is after the export time 2025-01-01T00:00:00"
+
+
+def test_invalid_fhir_id(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, line(condition(id="has space")))[1])
+    assert reject["reason_code"] == "bad_id"
+
+
+def test_duplicate_resource_first_copy_kept(tmp_path: Path) -> None:
+    later = condition(onsetDateTime="2021-01-01")
+    summary, quarantine = ingest_lines(tmp_path, line(condition()), line(later))
+    reject = only_reject(quarantine)
+    assert (reject["record_number"], reject["reason_code"]) == (3, "duplicate")
+    assert summary.duplicates == 1
+    kept = pl.read_parquet(tmp_path / "out" / "conditions.parquet")
+    assert kept["time"].to_list() == [datetime(2020, 1, 2, 3, 4, 5)]
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    _summary, quarantine = ingest_files(tmp_path, {"a.ndjson": line(PATIENT) + b"\n", "empty.ndjson": b""})
+    reject = only_reject(quarantine)
+    assert (reject["source_file"], reject["record_number"], reject["reason_code"]) == (
+        "fhir/empty.ndjson",
+        0,
+        "empty_file",
+    )
+
+
+def test_gzip_ndjson(tmp_path: Path) -> None:
+    summary, quarantine = ingest_files(
+        tmp_path, {"p.ndjson.gz": gzip.compress(line(PATIENT) + b"\n" + line(condition()) + b"\n")}
+    )
+    assert quarantine.height == 0
+    assert summary.table_rows["conditions"] == 1
+
+
+def test_truncated_gzip(tmp_path: Path) -> None:
+    body = b"".join(line({**PATIENT, "id": f"p{i}"}) + b"\n" for i in range(2000))
+    data = gzip.compress(body)
+    summary, quarantine = ingest_files(tmp_path, {"p.ndjson.gz": data[: len(data) // 2]})
+    reject = only_reject(quarantine.filter(pl.col("reason_code") != "invalid_json"))
+    assert reject["reason_code"] == "truncated_gzip"
+    assert summary.table_rows["patients"] > 0
+    assert summary.files[0].records_in == summary.table_rows["patients"] + quarantine.height
+
+
+def bundle(kind: str, entries: list[object]) -> bytes:
+    return orjson.dumps({"resourceType": "Bundle", "type": kind, "entry": entries})
+
+
+@pytest.mark.parametrize("kind", ["collection", "transaction", "batch", "searchset"])
+def test_bundle_types_with_urn_uuid(tmp_path: Path, kind: str) -> None:
+    entries = [
+        {"fullUrl": "urn:uuid:p9", "resource": {**PATIENT, "id": "p9"}},
+        {"fullUrl": "urn:uuid:c9", "resource": condition(id="c9", subject={"reference": "urn:uuid:p9"})},
+    ]
+    _summary, quarantine = ingest_files(tmp_path, {"b.json": bundle(kind, entries)})
+    assert quarantine.height == 0
+    conditions = pl.read_parquet(tmp_path / "out" / "conditions.parquet")
+    assert conditions.select("patient_id", "record_number").rows() == [("p9", 2)]
+
+
+def test_truncated_bundle_is_one_row(tmp_path: Path) -> None:
+    data = bundle("collection", [{"resource": PATIENT}] * 5)
+    summary, quarantine = ingest_files(tmp_path, {"b.json": data[:-30]})
+    reject = only_reject(quarantine)
+    assert (reject["record_number"], reject["reason_code"]) == (0, "invalid_json")
+    assert reject["reason"].startswith("whole file is not valid JSON")
+    assert summary.files[0].records_in == 1
+
+
+def test_bundle_entry_without_resource(tmp_path: Path) -> None:
+    data = bundle("transaction", [{"resource": PATIENT}, {"request": {"method": "DELETE", "url": "Patient/x"}}])
+    reject = only_reject(ingest_files(tmp_path, {"b.json": data})[1])
+    assert (reject["record_number"], reject["reason"]) == (2, "Bundle entry 2 has no resource")
+
+
+def document_reference(data: str, content_type: str = "text/plain; charset=utf-8") -> dict[str, object]:
+    return {
+        "resourceType": "DocumentReference",
+        "id": "d1",
+        "status": "current",
+        "subject": {"reference": "Patient/p1"},
+        "date": "2020-01-01T00:00:00Z",
+        "type": {"text": "Progress note"},
+        "content": [{"attachment": {"contentType": content_type, "data": data}}],
+    }
+
+
+def test_note_base64_and_charset(tmp_path: Path) -> None:
+    text = "Patiënt: naïve café"
+    data = base64.b64encode(text.encode("latin-1")).decode()
+    _summary, quarantine = ingest_lines(tmp_path, line(document_reference(data, "text/plain; charset=ISO-8859-1")))
+    assert quarantine.height == 0
+    notes = pl.read_parquet(tmp_path / "out" / "notes.parquet")
+    assert notes.select("text", "note_type").rows() == [(text, "progress_note")]
+
+
+def test_note_invalid_base64(tmp_path: Path) -> None:
+    reject = only_reject(ingest_lines(tmp_path, line(document_reference("not base64!!")))[1])
+    assert reject["reason"] == "DocumentReference.content[0].attachment.data is not valid base64"
+
+
+def test_note_bad_charset(tmp_path: Path) -> None:
+    data = base64.b64encode(b"\xff\xfe bad").decode()
+    reject = only_reject(ingest_lines(tmp_path, line(document_reference(data)))[1])
+    assert reject["reason"] == "DocumentReference attachment is not valid utf-8 text"
+
+
+def test_strict_mode_rejects_what_the_fast_path_allows(tmp_path: Path) -> None:
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    bad_status = condition(id="c2", clinicalStatus="active")  # a CodeableConcept in R4, not a string
+    (landing / "x.ndjson").write_bytes(line(PATIENT) + b"\n" + line(condition()) + b"\n" + line(bad_status) + b"\n")
+    fast = ingest_landing_zone(tmp_path / "landing", tmp_path / "fast", workers=1, export_time=EXPORT)
+    strict = ingest_landing_zone(tmp_path / "landing", tmp_path / "strict", workers=2, strict=True, export_time=EXPORT)
+    assert fast.quarantined == 0
+    assert strict.balanced
+    reject = only_reject(pl.read_parquet(tmp_path / "strict" / "quarantine.parquet"))
+    assert (reject["record_number"], reject["reason_code"]) == (3, "fhir_invalid")
+    assert reject["reason"].startswith("FHIR R4 validation failed at Condition.clinicalStatus")

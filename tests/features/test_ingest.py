@@ -1,0 +1,161 @@
+"""Ingest on real Synthea exports and on the simulated hospital: every record accounted for."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from features.errors import LandingZoneError
+from features.identifiers import subject_id_for
+from features.ingest import SUMMARY_FILE, IngestSummary, ingest_landing_zone
+from features.schemas import INTERNAL_TABLES
+
+EXPORT = datetime(2025, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def bulk(shared_fhir_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[IngestSummary, Path]:
+    out = tmp_path_factory.mktemp("bulk")
+    return ingest_landing_zone(shared_fhir_dir / "synthea-bulk-10", out, workers=1, export_time=EXPORT), out
+
+
+@pytest.fixture(scope="module")
+def bundles(shared_fhir_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[IngestSummary, Path]:
+    out = tmp_path_factory.mktemp("bundles")
+    return ingest_landing_zone(shared_fhir_dir / "synthea-bundles", out, workers=2, export_time=EXPORT), out
+
+
+def test_bulk_export_every_record_accounted(bulk: tuple[IngestSummary, Path]) -> None:
+    summary, out = bulk
+    assert summary.records_in == 7160
+    assert summary.records_out == 7160
+    assert summary.quarantined == 0
+    assert summary.balanced
+    assert summary.table_rows["patients"] == 13
+    assert summary.table_rows["encounters"] == 1215
+    assert summary.table_rows["conditions"] == 555
+    assert summary.table_rows["medications"] == 1745
+    assert summary.table_rows["procedures"] == 2056
+    assert summary.table_rows["immunizations"] == 161
+    assert summary.table_rows["allergies"] == 11
+    # Device, Location, Organization, Practitioner, PractitionerRole: kept raw and counted.
+    assert summary.table_rows["raw_unknown"] == 16 + 44 + 43 + 43 + 43
+    assert IngestSummary.from_json(out / SUMMARY_FILE) == summary
+
+
+def test_bulk_export_all_notes_decoded(bulk: tuple[IngestSummary, Path]) -> None:
+    _, out = bulk
+    notes = pl.read_parquet(out / "notes.parquet")
+    assert notes.height == 1215
+    assert notes["text"].str.len_chars().min() > 100
+    assert notes["note_type"].value_counts().sort("note_type").rows() == [
+        ("emergency_department_note", 303),
+        ("history_and_physical_note", 912),
+    ]
+    first = notes.filter(pl.col("note_id") == "00212c89-d070-985e-b695-b5f12fffd23e").row(0, named=True)
+    assert first["text"].startswith("\n1987-11-19\n\n# Chief Complaint\n- Cough")
+    assert first["time"] == datetime(1987, 11, 19, 5, 22, 16, 824000)  # -05:00 converted to UTC
+
+
+def test_bulk_export_patients(bulk: tuple[IngestSummary, Path]) -> None:
+    _, out = bulk
+    patients = pl.read_parquet(out / "patients.parquet")
+    assert patients.height == 13
+    assert patients["death_time"].is_not_null().sum() == 3
+    row = patients.filter(pl.col("patient_id") == "129c6ac7-8d06-89de-ad63-0204a93e76c3").row(0, named=True)
+    assert row["subject_id"] == subject_id_for("129c6ac7-8d06-89de-ad63-0204a93e76c3")
+
+
+def test_bundles_every_record_accounted(bundles: tuple[IngestSummary, Path]) -> None:
+    summary, _ = bundles
+    assert summary.records_in == 8036
+    assert summary.balanced
+    assert summary.table_rows["patients"] == 28
+    # Organizations and Practitioners repeat across the per-patient Bundles: later copies are
+    # quarantined as duplicates, the first kept.
+    assert summary.quarantined_by_reason == {"duplicate": 16}
+    assert summary.duplicates == 16
+    assert summary.records_out == 8036 - 16
+
+
+def test_bundles_observations_with_values_and_units(bundles: tuple[IngestSummary, Path]) -> None:
+    _, out = bundles
+    obs = pl.read_parquet(out / "observations.parquet")
+    # 3,584 Observations: 3,096 valueQuantity, 247 valueCodeableConcept, 241 panels of 2 components.
+    assert obs.height == 3096 + 247 + 2 * 241
+    assert obs["resource_id"].n_unique() == 3584
+    assert obs.filter(pl.col("numeric_value").is_not_null() & pl.col("unit").is_not_null()).height == 3096 + 482
+    assert obs.filter(pl.col("text_value").is_not_null()).height == 247
+    systolic = obs.filter(pl.col("resource_id") == "1754ec95-ae74-488e-b72f-514b5a9b6a16").sort("code").rows(named=True)
+    assert [(r["code"], r["parent_code"], r["unit"]) for r in systolic] == [
+        ("LOINC//8462-4", "LOINC//55284-4", "mm[Hg]"),
+        ("LOINC//8480-6", "LOINC//55284-4", "mm[Hg]"),
+    ]
+    assert systolic[1]["numeric_value"] == pytest.approx(129.9017326312195)
+
+
+def test_bundles_urn_uuid_references_resolve(bundles: tuple[IngestSummary, Path]) -> None:
+    _, out = bundles
+    patients = set(pl.read_parquet(out / "patients.parquet")["patient_id"])
+    for table in ("encounters", "conditions", "observations", "procedures", "immunizations"):
+        assert set(pl.read_parquet(out / f"{table}.parquet")["patient_id"]) <= patients
+
+
+def test_tables_match_their_schemas(bundles: tuple[IngestSummary, Path]) -> None:
+    _, out = bundles
+    for table in (*bundles[0].table_rows, "quarantine"):
+        assert pq.read_schema(out / f"{table}.parquet").equals(INTERNAL_TABLES[table], check_metadata=False), table
+
+
+def test_events_meds_codes(bundles: tuple[IngestSummary, Path]) -> None:
+    _, out = bundles
+    events = pl.read_parquet(out / "events.parquet")
+    prefixes = set(events["code"].str.split("//").list.first())
+    assert {"MEDS_BIRTH", "MEDS_DEATH", "SEX", "LOINC", "SNOMED", "RXNORM", "CVX"} <= prefixes
+    # Encounters are coded by their type; the class is the value.
+    encounters = events.filter(pl.col("source").str.starts_with("encounters/"))
+    assert encounters.height == pl.read_parquet(out / "encounters.parquet").height
+    assert set(encounters["text_value"].unique()) <= {"ENCOUNTER//AMB", "ENCOUNTER//IMP", "ENCOUNTER//EMER"}
+    assert encounters["code"].str.starts_with("SNOMED//").all()
+    assert events.filter(pl.col("code") == "MEDS_DEATH").height == 8
+    assert events.filter(pl.col("code").str.starts_with("SEX//"))["time"].is_null().all()
+    assert events["time"].max() <= EXPORT
+
+
+def test_simulated_hospital_all_modalities(small_hospital: Path, tmp_path: Path) -> None:
+    summary = ingest_landing_zone(small_hospital, tmp_path, workers=2)
+    assert summary.balanced
+    assert summary.quarantined == 0
+    assert "truth.parquet" not in {account.source_file for account in summary.files}
+    events = pl.read_parquet(tmp_path / "events.parquet")
+    assert set(events["modality"]) == {"ehr", "notes", "genomics", "imaging"}
+    subjects = set(pl.read_parquet(tmp_path / "patients.parquet")["subject_id"])
+    assert set(events["subject_id"]) <= subjects
+    assert summary.table_rows["patients"] == 300
+    assert summary.table_rows["imaging"] == pq.read_metadata(small_hospital / "imaging" / "embeddings.parquet").num_rows
+
+
+def test_result_does_not_depend_on_workers(small_hospital: Path, tmp_path: Path) -> None:
+    export = datetime(2030, 1, 1)
+    ingest_landing_zone(small_hospital, tmp_path / "one", workers=1, export_time=export)
+    ingest_landing_zone(small_hospital, tmp_path / "two", workers=2, export_time=export)
+    for table in ("events", "observations", "quarantine"):
+        assert pl.read_parquet(tmp_path / "one" / f"{table}.parquet").equals(
+            pl.read_parquet(tmp_path / "two" / f"{table}.parquet")
+        )
+
+
+def test_missing_landing_zone_raises(tmp_path: Path) -> None:
+    with pytest.raises(LandingZoneError, match="is not a folder"):
+        ingest_landing_zone(tmp_path / "nope", tmp_path / "out")
+
+
+def test_unwritable_output_raises(tmp_path: Path) -> None:
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LandingZoneError, match="cannot be created"):
+        ingest_landing_zone(tmp_path / "landing", tmp_path / "file" / "out")

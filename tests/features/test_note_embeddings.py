@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.identifiers import subject_id_for
+from features.note_embeddings import NoteEncoder, embed_notes, text_sha256
+from tests.features.task_fixtures import T0
+
+TEXTS = [
+    "Chest pain on exertion, relieved by rest. ECG unremarkable.",
+    "BP 162/95, started lisinopril 10mg daily.",
+    "Follow-up: feeling well, no dyspnea.",
+    "Troponin elevated, NSTEMI suspected; cardiology consulted.",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder_factory(tmp_path_factory: pytest.TempPathFactory) -> object:
+    cache = tmp_path_factory.mktemp("embedding_cache")
+    return lambda: NoteEncoder(cache_dir=cache, batch_size=2)
+
+
+def test_encode_shape_deterministic_and_cached(encoder_factory) -> None:  # type: ignore[no-untyped-def]
+    first = encoder_factory()
+    vectors = first.encode(TEXTS)
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert first.n_embedded == 4
+    second = encoder_factory()  # a new process would see the same on-disk cache
+    again = second.encode(TEXTS)
+    assert second.n_embedded == 0 and second._model is None
+    np.testing.assert_array_equal(vectors, again)
+    # Related notes are closer than unrelated ones.
+    assert vectors[0] @ vectors[3] > vectors[1] @ vectors[2] - 0.5
+    third = encoder_factory()
+    third.encode([TEXTS[0], "A new note."])
+    assert third.n_embedded == 1
+
+
+def test_embed_notes_keeps_only_notes_before_prediction_time(encoder_factory) -> None:  # type: ignore[no-untyped-def]
+    notes = pl.DataFrame({
+        "note_id": ["a", "b", "c"], "patient_id": ["p1", "p1", "p2"],
+        "time": [T0 - timedelta(days=3), T0 + timedelta(days=1), T0],
+        "note_type": ["progress", "discharge", "progress"], "text": TEXTS[:3],
+    })
+    cohort = pl.DataFrame({"subject_id": [subject_id_for("p1"), subject_id_for("p2")],
+                           "prediction_time": [T0, T0]})
+    table = embed_notes(notes, cohort, encoder_factory())
+    assert sorted(table["note_id"].to_list()) == ["a", "c"]
+    assert table["text_sha256"].to_list()[0] in {text_sha256(TEXTS[0]), text_sha256(TEXTS[2])}
+    assert table["embedding"].list.len().to_list() == [384, 384]
+
+
+def test_bad_model_path(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
+        NoteEncoder(model_path=tmp_path)

@@ -1,0 +1,155 @@
+"""Notes, genomics and imaging tables: good rows in, bad rows quarantined with a reason."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from features.ingest import IngestSummary, ingest_landing_zone
+from features.schemas import IMAGING_INPUT, NOTES_INPUT
+
+EXPORT = datetime(2025, 1, 1)
+PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-05"}
+
+
+def run(tmp_path: Path, files: dict[str, bytes | pa.Table]) -> tuple[IngestSummary, pl.DataFrame]:
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "Patient.ndjson").write_bytes(orjson.dumps(PATIENT) + b"\n")
+    for name, data in files.items():
+        path = landing / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, pa.Table):
+            pq.write_table(data, path)
+        else:
+            path.write_bytes(data)
+    summary = ingest_landing_zone(landing, tmp_path / "out", workers=1, export_time=EXPORT)
+    assert summary.balanced
+    return summary, pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
+
+
+def notes_table(**overrides: list[object]) -> pa.Table:
+    columns: dict[str, list[object]] = {
+        "patient_id": ["p1", "p1"],
+        "note_id": ["n1", "n2"],
+        "time": [datetime(2020, 1, 1), datetime(2020, 2, 1)],
+        "note_type": ["nursing_note"] * 2,
+        "text": ["Pt well.", "Pt short of breath."],
+    }
+    columns.update(overrides)
+    return pa.table(columns)
+
+
+def test_notes_table_ingested(tmp_path: Path) -> None:
+    _summary, quarantine = run(
+        tmp_path, {"notes/notes.parquet": pa.Table.from_pydict(notes_table().to_pydict(), schema=NOTES_INPUT)}
+    )
+    assert quarantine.height == 0
+    notes = pl.read_parquet(tmp_path / "out" / "notes.parquet")
+    assert notes.select("note_id", "text", "record_number").rows() == [
+        ("n1", "Pt well.", 1),
+        ("n2", "Pt short of breath.", 2),
+    ]
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "notes")
+    assert events.select("code", "text_value").rows() == [("NOTE//nursing_note", "n1"), ("NOTE//nursing_note", "n2")]
+
+
+def test_notes_missing_column_is_one_row(tmp_path: Path) -> None:
+    _summary, quarantine = run(tmp_path, {"notes/notes.parquet": notes_table().drop(["text"])})
+    assert quarantine.select("record_number", "reason_code").rows() == [(0, "missing_columns")]
+    assert "lacks column(s) text" in quarantine["reason"][0]
+
+
+def test_notes_row_with_missing_value(tmp_path: Path) -> None:
+    summary, quarantine = run(tmp_path, {"notes/notes.parquet": notes_table(text=["ok", None])})
+    assert quarantine.select("record_number", "reason").rows() == [(2, "column text is empty")]
+    assert summary.table_rows["notes"] == 1
+
+
+def test_notes_csv_wrong_type(tmp_path: Path) -> None:
+    csv = (
+        b"patient_id,note_id,time,note_type,text\n"
+        b"p1,n1,2020-01-01T00:00:00,nursing_note,fine\np1,n2,yesterday,nursing_note,x\n"
+    )
+    _summary, quarantine = run(tmp_path, {"notes/notes.csv": csv})
+    assert quarantine.select("record_number", "reason_code").rows() == [(2, "bad_date")]
+
+
+def test_notes_unknown_patient(tmp_path: Path) -> None:
+    _summary, quarantine = run(tmp_path, {"notes/notes.parquet": notes_table(patient_id=["p1", "ghost"])})
+    assert quarantine.select("source_kind", "record_number", "reason_code").rows() == [("notes", 2, "orphan_reference")]
+
+
+def test_genomics_long_variants(tmp_path: Path) -> None:
+    variants = pa.table(
+        {
+            "patient_id": ["p1", "p1"],
+            "gene": ["CYP2C19", "LPA"],
+            "variant": ["rs4244285", "rs10455872"],
+            "genotype": pa.array([1, 3], pa.int8()),
+        }
+    )
+    _summary, quarantine = run(tmp_path, {"genomics/variants.parquet": variants})
+    assert quarantine.select("record_number", "reason").rows() == [(2, "genotype 3 is not 0, 1 or 2 alternate alleles")]
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("code", "variant", "value").rows() == [("GENE//CYP2C19", "rs4244285", 1.0)]
+
+
+def test_genomics_wide_tsv_non_finite(tmp_path: Path) -> None:
+    tsv = b'"patient_id"\t"IL6"\t"CRP"\np1\t8.5\t12.1\np1\tnan\t3\np1\tabc\t1\n'
+    _summary, quarantine = run(tmp_path, {"genomics/expression_panel.tsv": tsv})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (2, "column IL6 is not a finite number (nan)"),
+        (3, "column IL6 should be a number, found 'abc'"),
+    ]
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("code", "value").rows() == [("EXPRESSION//IL6", 8.5), ("EXPRESSION//CRP", 12.1)]
+
+
+def test_genomics_long_features_missing_column(tmp_path: Path) -> None:
+    _summary, quarantine = run(tmp_path, {"genomics/scores.csv": b"patient_id,feature\np1,x\n"})
+    assert quarantine.select("record_number", "reason").rows() == [(0, "genomics features table lacks column(s) value")]
+
+
+def imaging_table(embeddings: list[list[float]]) -> pa.Table:
+    n = len(embeddings)
+    return pa.Table.from_pydict(
+        {
+            "patient_id": ["p1"] * n,
+            "study_id": [f"s{i}" for i in range(n)],
+            "time": [datetime(2020, 1, 1)] * n,
+            "modality": ["CT"] * n,
+            "body_site": ["heart"] * n,
+            "embedding": embeddings,
+        },
+        schema=IMAGING_INPUT,
+    )
+
+
+def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
+    table = imaging_table([[0.1, 0.2, 0.3], [0.1, 0.2], [0.1, math.inf, 0.3], [0.4, 0.5, 0.6]])
+    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": table})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (2, "embedding has 2 values, expected 3 (the file's usual length)"),
+        (3, "embedding holds a non-finite or non-numeric value (inf)"),
+    ]
+    imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet")
+    assert imaging["study_id"].to_list() == ["s0", "s3"]
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "imaging")
+    assert events.select("code", "text_value").rows() == [("IMAGING//CT", "s0"), ("IMAGING//CT", "s3")]
+
+
+def test_imaging_missing_column(tmp_path: Path) -> None:
+    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": imaging_table([[0.1]]).drop(["embedding"])})
+    assert quarantine.select("record_number", "reason_code").rows() == [(0, "missing_columns")]
+
+
+def test_unreadable_parquet_is_one_row(tmp_path: Path) -> None:
+    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": b"PAR1 not really"})
+    assert quarantine.select("record_number", "reason_code").rows() == [(0, "unreadable_file")]

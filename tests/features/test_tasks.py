@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from features.errors import CohortDefinitionError
+from features.tasks import load_task, parse_task
+from tests.features.task_fixtures import task
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "tasks").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_tasks_load(path: Path) -> None:
+    definition = load_task(path)
+    assert definition.name == path.stem
+    assert definition.horizon_days > 0
+
+
+def test_simulated_task_matches_simulator() -> None:
+    definition = load_task(REPO / "tasks" / "simulated_mace_1y.yaml")
+    rule = definition.cohort.prediction_time
+    assert rule.codes == ("SNOMED//11429006",)
+    assert rule.offset == timedelta(minutes=45)
+    assert rule.on_or_after == datetime(2022, 1, 1)
+    assert definition.treatment is not None and definition.treatment.codes == ("RXNORM//309362",)
+    assert definition.outcome.death
+
+
+def test_code_without_prefix_names_the_key() -> None:
+    expected = r"task 'toy': outcome.codes\[1\] 'I50' has no vocabulary prefix \(expected like 'ICD10CM//I50'\)"
+    with pytest.raises(CohortDefinitionError, match=expected):
+        task(outcome={"codes": ["SNOMED//22298006", "I50"]})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"horizon_days": "a year"}, r"horizon_days must be a number \(found str 'a year'\)"),
+        ({"horizon_days": 0}, r"horizon_days must be a number >= 1 \(found int 0\)"),
+        ({"outcome": {}}, r"outcome must list codes or set death: true"),
+        ({"colour": 1}, r"unknown key colour"),
+        ({"treatment": {"codes": ["RXNORM//1"], "window_days": [30, 0]}},
+         r"treatment.window_days must be \[start, end\]"),
+        ({"splits": {"train": 0.5, "tuning": 0.1, "held_out": 0.1}}, r"train \+ tuning \+ held_out = 1"),
+        ({"cohort": {"prediction_time": {}}}, r"cohort.prediction_time must have exactly one of"),
+        ({"cohort": {"prediction_time": {"fixed": "soon"}}}, r"cohort.prediction_time.fixed must be a date"),
+        ({"cohort": {"prediction_time": {"fixed": "2020-01-01"}, "sex": ["f"]}}, r"cohort.sex must be a list"),
+        ({"cohort": {"prediction_time": {"fixed": "2020-01-01"}, "include": [{"window_days": 3}]}},
+         r"missing key cohort.include\[0\].codes"),
+    ],
+)
+def test_malformed_task_names_key(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(CohortDefinitionError, match=message):
+        task(**overrides)
+
+
+def test_load_task_bad_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(CohortDefinitionError, match="is not valid YAML at line"):
+        load_task(path)
+    with pytest.raises(CohortDefinitionError, match="cannot be read"):
+        load_task(tmp_path / "missing.yaml")
+
+
+def test_missing_name() -> None:
+    with pytest.raises(CohortDefinitionError, match="name must be a string"):
+        parse_task({"cohort": {}})

@@ -1,0 +1,28 @@
+"""``cohortcast ingest``: prints a summary and exits 0 with quarantined records; one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+
+
+def test_ingest_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(b'{"resourceType":"Patient","id":"p1"}\nnot json\n')
+    main(["ingest", str(tmp_path / "landing"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert "invalid_json" in printed
+    assert "2 in = 1 out + 1 quarantined (balanced)" in printed
+    assert (tmp_path / "out" / "ingest_summary.json").is_file()
+
+
+def test_ingest_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: landing zone {tmp_path / 'nope'} is not a folder (missing or not a directory)"
