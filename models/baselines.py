@@ -86,7 +86,7 @@ def fit_random_survival_forest(x: Matrix, event: npt.ArrayLike, duration_days: n
     """Random survival forest (scikit-survival), median-imputed."""
     model = make_pipeline(
         SimpleImputer(strategy="median", keep_empty_features=True),
-        RandomSurvivalForest(n_estimators=200, min_samples_leaf=15, max_features="sqrt", n_jobs=2,
+        RandomSurvivalForest(n_estimators=100, min_samples_leaf=15, max_features="sqrt", n_jobs=2,
                              random_state=seed),
     )
     return model.fit(x, Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float)))

@@ -19,6 +19,8 @@ import polars as pl
 import torch
 from torch.utils.data import Dataset
 
+from models.fusion.configuration_fusion import MODALITIES
+
 IMAGING_MODALITIES = ("unknown", "US", "CT", "MR", "CR", "DX", "MG", "NM", "PT", "XA")
 """DICOM modalities the imaging-modality embedding knows; others map to ``unknown``."""
 
@@ -37,6 +39,9 @@ class PatientInputs:
     imaging_embeddings: npt.NDArray[np.float32]  # (Li, Di)
     imaging_modalities: npt.NDArray[np.int64]  # (Li,)
     imaging_days: npt.NDArray[np.float32]  # (Li,)
+    # Ids of the notes and studies, for explanations ("note 1a2b... raised the risk").
+    note_ids: tuple[str, ...]
+    study_ids: tuple[str, ...]
     risk_label: float  # 0/1, NaN when unknown
     event: float
     duration_days: float
@@ -63,6 +68,14 @@ def _group_arrays(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: i
     return {int(key[0]): group for key, group in rows.group_by("subject_id", maintain_order=True)}
 
 
+def _ids(group: pl.DataFrame | None, column: str) -> tuple[str, ...]:
+    if group is None:
+        return ()
+    if column not in group.columns:
+        return tuple(f"{column.removesuffix('_id')} {k + 1}" for k in range(group.height))
+    return tuple(str(v) for v in group[column])
+
+
 class FusionDataset(Dataset[PatientInputs]):
     """Per-patient model inputs of one task, in the order of ``event_tokens``.
 
@@ -80,6 +93,9 @@ class FusionDataset(Dataset[PatientInputs]):
         Widths used for patients without notes or studies.
     max_notes, max_studies
         Most recent notes and studies kept per patient.
+    modalities
+        Modalities the model may see (default all); the others are left out, as for a patient who
+        lacks them. Used to measure what each modality alone achieves.
     """
 
     def __init__(
@@ -92,8 +108,17 @@ class FusionDataset(Dataset[PatientInputs]):
         imaging_embedding_dim: int,
         max_notes: int = 16,
         max_studies: int = 8,
+        modalities: tuple[str, ...] = MODALITIES,
     ) -> None:
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown:
+            raise ValueError(f"modalities: {sorted(unknown)} are not among {list(MODALITIES)}")
         cohort = event_tokens.select("subject_id", "prediction_time")
+        if "notes" not in modalities:
+            note_embeddings = None
+        if "imaging" not in modalities:
+            imaging_inputs = None
+        kept_ids = [MODALITIES.index(m) for m in modalities]
         notes = _group_arrays(note_embeddings, cohort, max_notes)
         studies = _group_arrays(imaging_inputs, cohort, max_studies)
         label_rows: dict[int, dict[str, object]] = {}
@@ -106,6 +131,7 @@ class FusionDataset(Dataset[PatientInputs]):
         self.patients: list[PatientInputs] = []
         for row in event_tokens.iter_rows(named=True):
             sid = int(row["subject_id"])
+            keep = np.isin(np.asarray(row["modality_ids"], dtype=np.int64), kept_ids)
             note = notes.get(sid)
             study = studies.get(sid)
             label = label_rows.get(sid, {})
@@ -114,11 +140,11 @@ class FusionDataset(Dataset[PatientInputs]):
             self.patients.append(
                 PatientInputs(
                     subject_id=sid,
-                    event_codes=np.asarray(row["token_ids"], dtype=np.int64),
-                    event_value_bins=np.asarray(row["value_bins"], dtype=np.int64),
+                    event_codes=np.asarray(row["token_ids"], dtype=np.int64)[keep],
+                    event_value_bins=np.asarray(row["value_bins"], dtype=np.int64)[keep],
                     # Static facts (genotype, sex) have no time: they sit at the prediction time.
-                    event_days=np.nan_to_num(np.asarray(row["time_before_days"], dtype=np.float32), nan=0.0),
-                    event_modalities=np.asarray(row["modality_ids"], dtype=np.int64),
+                    event_days=np.nan_to_num(np.asarray(row["time_before_days"], dtype=np.float32), nan=0.0)[keep],
+                    event_modalities=np.asarray(row["modality_ids"], dtype=np.int64)[keep],
                     note_embeddings=(
                         np.asarray(note["embedding"].to_list(), dtype=np.float32)
                         if note is not None else np.zeros((0, text_embedding_dim), dtype=np.float32)
@@ -134,6 +160,8 @@ class FusionDataset(Dataset[PatientInputs]):
                     ),
                     imaging_days=study["days"].to_numpy().astype(np.float32) if study is not None else np.zeros(
                         0, np.float32),
+                    note_ids=_ids(note, "note_id"),
+                    study_ids=_ids(study, "study_id"),
                     risk_label=float("nan") if boolean_value is None else float(bool(boolean_value)),
                     event=float(bool(label.get("event", False))),
                     duration_days=float(label.get("duration_days") or 0.0),  # type: ignore[arg-type]

@@ -168,5 +168,53 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+@app.command()
+@click.option("--warehouse", type=click.Path(path_type=Path), required=True,
+              help="Warehouse folder whose tasks/<task>/ holds the task's inputs (from `cohortcast features`).")
+@click.option("--task", "task_path", type=click.Path(path_type=Path), required=True, help="Task YAML file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Model folder [default: WAREHOUSE/models/<task name>].")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--hidden-size", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--truth", type=click.Path(path_type=Path), default=None,
+              help="A simulator's truth.parquet, to report the treatment-effect error and the best possible scores.")
+@click.option("--no-baselines", is_flag=True, help="Skip the baseline models.")
+def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch_size: int, hidden_size: int,
+          layers: int, heads: int, seed: int, truth: Path | None, no_baselines: bool) -> None:
+    """Train, calibrate and evaluate the fusion model of one task (CUDA when present, else CPU)."""
+    from features.task_inputs import task_dir
+    from features.tasks import load_task
+    from models.task_model import metrics_table, train_task_model
+    from models.training import TrainingArguments
+
+    task = load_task(task_path)
+    folder = task_dir(warehouse, task)
+    model_dir = out or warehouse / "models" / task.name
+    args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed)
+    architecture = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,
+                    "intermediate_size": 2 * hidden_size}
+
+    def show(record: dict[str, float]) -> None:
+        console.print(f"epoch {int(record['epoch']) + 1:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
+                      f"tuning loss {record['tuning_loss']:.4f}")
+
+    metrics = train_task_model(folder, model_dir, task.horizon_days, args, architecture, truth,
+                               baselines=not no_baselines, on_epoch=show)
+    assert metrics is not None
+    table = Table(title=f"{task.name}: held-out metrics ({metrics['n_held_out']:,} patients)")
+    columns = ["auroc", "auprc", "brier", "calibration_error", "harrell_c", "uno_c", "pehe"]
+    table.add_column("model")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in metrics_table(metrics):
+        table.add_row(name, *[f"{row[c]:.3f}" if c in row else "" for c in columns])
+    console.print(table)
+    console.print(f"model folder: {model_dir} (model card: {model_dir / 'MODEL_CARD.md'})")
+
+
 if __name__ == "__main__":
     main()

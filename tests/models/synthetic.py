@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -46,3 +48,42 @@ def synthetic_task(n_patients: int, seed: int) -> tuple[pl.DataFrame, pl.DataFra
                                                   "time_before_days": pl.List(pl.Float32),
                                                   "modality_ids": pl.List(pl.Int8)})
     return tokens, pl.DataFrame(notes), pl.DataFrame(studies), pl.DataFrame(labels)
+
+
+def write_task_folder(warehouse: Path, n_patients: int, seed: int, name: str = "synthetic_1y") -> Path:
+    """Write a task YAML and a task folder like ``cohortcast features`` does, from :func:`synthetic_task`.
+
+    Returns the task YAML's path; the inputs are in ``warehouse/tasks/<name>/``.
+    """
+    tokens, notes, studies, labels = synthetic_task(n_patients, seed)
+    folder = warehouse / "tasks" / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    ids = tokens["subject_id"]
+    splits = np.where(rng.random(n_patients) < 0.6, "train", np.where(rng.random(n_patients) < 0.5, "tuning",
+                                                                          "held_out"))
+    pl.DataFrame({"subject_id": ids, "split": splits}).write_parquet(folder / "splits.parquet")
+    pl.DataFrame({
+        "subject_id": ids, "prediction_time": [PREDICTION_TIME] * n_patients, "task": [name] * n_patients,
+        "age_years": rng.uniform(40, 90, n_patients), "sex": rng.choice(["female", "male"], n_patients),
+    }).write_parquet(folder / "cohort.parquet")
+    labels.with_columns(pl.lit(name).alias("task"), pl.lit(PREDICTION_TIME).alias("prediction_time")).write_parquet(
+        folder / "labels.parquet")
+    tokens.write_parquet(folder / "event_tokens.parquet")
+    notes.with_columns(pl.col("embedding").cast(pl.List(pl.Float32))).write_parquet(folder / "note_embeddings.parquet")
+    studies.with_columns(pl.col("embedding").cast(pl.List(pl.Float32))).write_parquet(folder / "imaging_inputs.parquet")
+    vocabulary = {"[PAD]": 0, "[UNK]": 1, **{f"CODE//{i}": i for i in range(2, 12)}}
+    (folder / "vocabulary.json").write_text(json.dumps({"vocabulary": vocabulary, "value_bins": 5, "bin_edges": {},
+                                                        "max_events": 512, "min_code_count": 1}))
+    has_five = tokens["token_ids"].list.contains(5).cast(pl.Float64)
+    pl.DataFrame({
+        "subject_id": ids, "prediction_time": [PREDICTION_TIME] * n_patients,
+        "last_input_time": [PREDICTION_TIME] * n_patients, "count__CODE//5": has_five,
+        "noise": rng.normal(size=n_patients),
+    }).write_parquet(folder / "tabular_features.parquet")
+    task_path = warehouse / f"{name}.yaml"
+    task_path.write_text(
+        f"name: {name}\ncohort:\n  prediction_time:\n    fixed: 2023-01-01T00:00:00\noutcome:\n  death: true\n"
+        "horizon_days: 365\n"
+    )
+    return task_path

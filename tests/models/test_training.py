@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -57,3 +58,16 @@ def test_training_refuses_a_split_without_enough_events() -> None:
         object.__setattr__(p, "risk_label", 0.0)
     with pytest.raises(ValueError, match=r"train split: 0 patients with the outcome among 40 with a known label"):
         train(tiny_model(), data, data, TrainingArguments(max_epochs=1))
+
+
+def test_dataset_can_hide_modalities_to_measure_each_alone() -> None:
+    tokens, notes, studies, labels = synthetic_task(30, 5)
+    mixed = tokens.with_columns(tokens["modality_ids"].list.eval(pl.element() * 0 + 2).alias("modality_ids"))
+    only_notes = FusionDataset(mixed, notes, studies, labels, 8, 6, modalities=("notes",))
+    batch = collate(list(only_notes))
+    assert not batch["event_mask"].any() and not batch["imaging_mask"].any()
+    assert batch["note_mask"].sum().item() == notes.height
+    genomics = FusionDataset(mixed, notes, studies, labels, 8, 6, modalities=("genomics",))
+    assert collate(list(genomics))["event_mask"].sum().item() == mixed["token_ids"].list.len().sum()
+    with pytest.raises(ValueError, match=r"modalities: \['text'\] are not among"):
+        FusionDataset(mixed, notes, studies, labels, 8, 6, modalities=("text",))

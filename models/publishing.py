@@ -1,0 +1,196 @@
+"""Publishing: a versioned, queryable cohort for care teams, EHRs and researchers.
+
+Stage: publishing. In: a task's ``scores`` table, the ``patients`` table (to map subject ids back to
+the EHR's patient ids), the task's horizon and the run's lineage. Out, under the published folder:
+
+* ``<task>/v0001/scores.parquet`` — the scores with the patient id, tier and explanation;
+* ``<task>/v0001/risk_assessments.ndjson`` — FHIR R4 ``RiskAssessment`` resources for write-back;
+* ``<task>/v0001/manifest.json`` — model version, run id, data lineage, row counts;
+* ``<task>/CURRENT`` — the live version, switched atomically only once the version is complete;
+* ``cohortcast.duckdb`` — table ``published_scores`` (the live rows of every task) and
+  ``publications`` (every version ever published), for the web page and analysts.
+
+A version folder is never changed after it is written, so a consumer reading the previous version
+while a new one is published keeps a consistent view; a failed publish leaves ``CURRENT`` as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import polars as pl
+import pyarrow as pa
+
+from features.errors import CohortcastError
+
+PUBLISHED_FORMAT_VERSION = 1
+FORMAT_FILE = "cohortcast_published.json"
+DATABASE = "cohortcast.duckdb"
+
+
+class PublishError(CohortcastError):
+    """The published folder cannot take a new version."""
+
+
+@dataclass(frozen=True)
+class Publication:
+    task: str
+    version: str
+    folder: Path
+    n_patients: int
+    n_high_risk: int
+
+
+def check_published_root(root: Path) -> None:
+    """Raise :class:`PublishError` unless ``root`` is a published folder of this format, or empty."""
+    marker = root / FORMAT_FILE
+    if root.is_dir() and any(root.iterdir()) and not marker.is_file():
+        raise PublishError(f"published folder {root} was not written by cohortcast (no {FORMAT_FILE}); "
+                           "choose another folder")
+    if marker.is_file():
+        version = json.loads(marker.read_text()).get("format_version")
+        if version != PUBLISHED_FORMAT_VERSION:
+            raise PublishError(f"published folder {root} has format version {version!r}, this cohortcast writes "
+                               f"version {PUBLISHED_FORMAT_VERSION}; move it aside or migrate it before publishing")
+    probe = root if root.exists() else root.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PublishError(f"published folder {root} is not writable")
+
+
+def current_version(root: Path, task: str) -> str | None:
+    pointer = root / task / "CURRENT"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def current_scores(root: Path, task: str) -> pl.DataFrame | None:
+    """The live published scores of a task, or None before the first publication."""
+    version = current_version(root, task)
+    return pl.read_parquet(root / task / version / "scores.parquet") if version else None
+
+
+def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, model_version: str) -> dict[str, Any]:
+    """One FHIR R4 RiskAssessment for one scored patient."""
+    when = row["prediction_time"].replace(tzinfo=UTC)
+    basis = [{"reference": f"Patient/{row['patient_id']}"}]
+    for item in row["top_items"]:
+        if item["item"].startswith("note ") and item["contribution"] > 0:
+            basis.append({"reference": f"DocumentReference/{item['item'].removeprefix('note ')}"})
+        if item["item"].startswith("study ") and item["contribution"] > 0:
+            basis.append({"reference": f"ImagingStudy/{item['item'].removeprefix('study ')}"})
+    resource: dict[str, Any] = {
+        "resourceType": "RiskAssessment",
+        "id": f"{row['task']}-{row['subject_id']}".replace("_", "-")[:64],
+        "status": "final",
+        "method": {"text": f"cohortcast fusion model {model_version}"},
+        "subject": {"reference": f"Patient/{row['patient_id']}"},
+        "occurrenceDateTime": when.isoformat(timespec="seconds"),
+        "basis": basis,
+        "prediction": [{
+            "outcome": {"text": outcome},
+            "probabilityDecimal": round(float(row["risk"]), 6),
+            "qualitativeRisk": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/risk-probability",
+                "code": {"high": "high", "medium": "moderate", "low": "low"}[row["risk_tier"]],
+            }]},
+            "whenPeriod": {"start": when.isoformat(timespec="seconds"),
+                           "end": (when + timedelta(days=horizon_days)).isoformat(timespec="seconds")},
+        }],
+    }
+    if row["treatment_effect"] is not None:
+        resource["mitigation"] = (f"Estimated change in risk with the task's treatment: "
+                                  f"{row['treatment_effect'] * 100:+.1f} percentage points")
+    return resource
+
+
+def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, horizon_days: float, outcome: str,
+            lineage: dict[str, Any]) -> Publication:
+    """Write a new version of a task's cohort and make it the live one.
+
+    Raises
+    ------
+    PublishError
+        When ``root`` is not writable or holds another format version; nothing changes then.
+    """
+    check_published_root(root)
+    frame = pl.from_arrow(scores)
+    assert isinstance(frame, pl.DataFrame)
+    with_ids = frame.join(patients.select("subject_id", "patient_id"), on="subject_id", how="left")
+    missing = with_ids["patient_id"].null_count()
+    if missing:
+        raise PublishError(f"task {task!r}: {missing} scored subjects are not in the patients table")
+    task_root = root / task
+    task_root.mkdir(parents=True, exist_ok=True)
+    retire_partial_versions(root, task)
+    (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
+    existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
+    version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=task_root))
+    model_version = str(frame["model_version"][0]) if frame.height else ""
+    with_ids.write_parquet(staging / "scores.parquet")
+    lines = [orjson.dumps(risk_assessment(row, horizon_days, outcome, model_version))
+             for row in with_ids.iter_rows(named=True)]
+    (staging / "risk_assessments.ndjson").write_bytes(b"\n".join(lines) + (b"\n" if lines else b""))
+    n_high = int((frame["risk_tier"] == "high").sum())
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest = {"task": task, "version": version, "created": created, "n_patients": frame.height,
+                "n_high_risk": n_high, "model_version": model_version, "lineage": lineage}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    staging.rename(task_root / version)
+    _update_database(root / DATABASE, task, version, with_ids, manifest)
+    pointer = task_root / ".CURRENT.partial"
+    pointer.write_text(version + "\n")
+    os.replace(pointer, task_root / "CURRENT")
+    return Publication(task, version, task_root / version, frame.height, n_high)
+
+
+def _update_database(path: Path, task: str, version: str, rows: pl.DataFrame, manifest: dict[str, Any]) -> None:
+    """Replace the task's live rows and record the publication, in one transaction."""
+    flat = rows.select(
+        "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
+        "treatment_effect", "model_version",
+        pl.col("top_items").list.eval(pl.element().struct.field("item")).list.join("; ").alias("top_items"),
+        pl.lit(version).alias("version"),
+    ).to_arrow()
+    connection = duckdb.connect(str(path))
+    try:
+        connection.execute("BEGIN TRANSACTION")
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS published_scores (task VARCHAR, subject_id BIGINT, patient_id VARCHAR, "
+            "prediction_time TIMESTAMP, risk DOUBLE, risk_tier VARCHAR, previous_risk DOUBLE, "
+            "treatment_effect DOUBLE, model_version VARCHAR, top_items VARCHAR, version VARCHAR)"
+        )
+        connection.execute(
+            "CREATE TABLE IF NOT EXISTS publications (task VARCHAR, version VARCHAR, created VARCHAR, "
+            "n_patients BIGINT, n_high_risk BIGINT, model_version VARCHAR, lineage VARCHAR)"
+        )
+        connection.execute("DELETE FROM published_scores WHERE task = ?", [task])
+        connection.register("new_rows", flat)
+        connection.execute("INSERT INTO published_scores SELECT * FROM new_rows")
+        connection.execute(
+            "INSERT INTO publications VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [task, version, manifest["created"], manifest["n_patients"], manifest["n_high_risk"],
+             manifest["model_version"], json.dumps(manifest["lineage"], default=str)],
+        )
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    finally:
+        connection.close()
+
+
+def retire_partial_versions(root: Path, task: str) -> None:
+    """Remove version folders a killed publish left half-written (never the live one)."""
+    for partial in (root / task).glob(".v*"):
+        shutil.rmtree(partial, ignore_errors=True)

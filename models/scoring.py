@@ -1,0 +1,137 @@
+"""Scoring: every cohort patient of a task, with risk, survival, treatment effect, tier and explanation.
+
+Stage: scoring. In: a model folder (:func:`models.task_model.load_task_model`), the task folder the
+model inputs were built in, the tier thresholds, and optionally the previously published scores.
+Out: the ``scores`` table (:data:`features.schemas.SCORES`), one row per cohort patient, whatever
+their split: care teams need a score for every patient, not only held-out ones.
+
+The model must have been trained for this task and this vocabulary: token ids mean nothing under
+another vocabulary, so a mismatch is refused rather than scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from features.schemas import SCORES
+from models.data import FusionDataset
+from models.explain import explain
+from models.task_model import (
+    DEFAULT_IMAGING_DIM,
+    DEFAULT_TEXT_DIM,
+    ModelFolderError,
+    load_task_model,
+    predict,
+)
+
+
+@dataclass(frozen=True)
+class RiskTiers:
+    """Tiers by rank of risk: the top ``high_share`` is high, the next ``medium_share`` medium.
+
+    Ranking (rather than fixed probabilities) keeps the high-risk list the size a care team can act
+    on, whatever the base rate.
+    """
+
+    high_share: float = 0.05
+    medium_share: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not (0 < self.high_share <= 1 and 0 <= self.medium_share <= 1 and self.high_share + self.medium_share <= 1):
+            raise ValueError(f"risk tiers: high_share ({self.high_share}) and medium_share ({self.medium_share}) "
+                             "must be shares in (0, 1] that add up to at most 1")
+
+    def assign(self, risk: np.ndarray) -> list[str]:
+        order = np.argsort(-risk, kind="stable")
+        rank = np.empty(len(risk), dtype=np.int64)
+        rank[order] = np.arange(len(risk))
+        n_high = int(np.ceil(self.high_share * len(risk)))
+        n_medium = int(np.ceil((self.high_share + self.medium_share) * len(risk)))
+        return ["high" if r < n_high else "medium" if r < n_medium else "low" for r in rank]
+
+
+def vocabulary_fingerprint(path: Path) -> str:
+    """Hash of a vocabulary file's token-to-id map."""
+    vocabulary = json.loads(path.read_text())["vocabulary"]
+    return hashlib.sha256(json.dumps(vocabulary, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_version(model_dir: Path) -> str:
+    """A model's version: its task and a hash of its weights."""
+    info = json.loads((model_dir / "cohortcast_model.json").read_text())
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
+    return f"{info['task']}-{digest}"
+
+
+def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers,
+               previous: pl.DataFrame | None = None, explain_top_k: int = 5,
+               with_explanations: bool = True) -> pa.Table:
+    """Score every cohort patient of a task.
+
+    Raises
+    ------
+    ModelFolderError
+        When the model was trained for another task or another vocabulary, or its folder is broken.
+    """
+    model, calibrator, info = load_task_model(model_dir)
+    if info["task"] != task_name:
+        raise ModelFolderError(f"model {model_dir} was trained for task {info['task']!r}, not {task_name!r} "
+                               "(train a model for this task)")
+    if vocabulary_fingerprint(model_dir / "vocabulary.json") != vocabulary_fingerprint(task_dir / "vocabulary.json"):
+        raise ModelFolderError(f"model {model_dir} was trained with a different vocabulary than the inputs in "
+                               f"{task_dir} (the inputs were rebuilt since; train the model again)")
+    tokens = pl.read_parquet(task_dir / "event_tokens.parquet").sort("subject_id")
+    notes_path, imaging_path = task_dir / "note_embeddings.parquet", task_dir / "imaging_inputs.parquet"
+    dataset = FusionDataset(
+        tokens,
+        pl.read_parquet(notes_path) if notes_path.is_file() else None,
+        pl.read_parquet(imaging_path) if imaging_path.is_file() else None,
+        None,
+        model.config.text_embedding_dim or DEFAULT_TEXT_DIM,
+        model.config.imaging_embedding_dim or DEFAULT_IMAGING_DIM,
+    )
+    p = predict(model, calibrator, dataset)
+    n = len(dataset)
+    vocabulary = _inverse_vocabulary(model_dir / "vocabulary.json")
+    explanations = explain(model, calibrator, dataset.patients, vocabulary, explain_top_k) if with_explanations else []
+    previous_risk: list[float | None] = [None] * n
+    if previous is not None and previous.height:
+        before = dict(zip(previous["subject_id"].to_list(), previous["risk"].to_list(), strict=True))
+        previous_risk = [before.get(int(s)) for s in dataset.subject_ids]
+    times = [float(t) for t in model.config.survival_bin_edges_days]
+    has_treatment = "treatment" in info["targets"]
+    return pa.table(
+        {
+            "subject_id": dataset.subject_ids,
+            "prediction_time": tokens["prediction_time"].to_list(),
+            "task": [task_name] * n,
+            "risk": p.risk,
+            "risk_tier": tiers.assign(p.risk),
+            "previous_risk": pa.array(previous_risk, type=pa.float64()),
+            "survival_times_days": [times] * n,
+            "survival_curve": [row.astype(np.float32).tolist() for row in p.survival],
+            "treatment_effect": pa.array(p.treatment_effect if has_treatment else [None] * n, type=pa.float64()),
+            "modality_shares": [list(e.modality_shares.items()) for e in explanations] if explanations else [[]] * n,
+            "top_items": (
+                [[{"modality": m, "item": i, "contribution": c} for m, i, c in e.top_items] for e in explanations]
+                if explanations else [[]] * n
+            ),
+            "model_version": [model_version(model_dir)] * n,
+        },
+        schema=SCORES,
+    )
+
+
+def _inverse_vocabulary(path: Path) -> list[str]:
+    vocabulary: dict[str, int] = json.loads(path.read_text())["vocabulary"]
+    names = [""] * (max(vocabulary.values()) + 1)
+    for token, index in vocabulary.items():
+        names[index] = token
+    return names

@@ -1,0 +1,418 @@
+"""One task's fusion model: train it, evaluate it against the baselines, save and load it.
+
+Stage: model. In: a task folder written by :mod:`features.task_inputs` (``labels``, ``splits``,
+``cohort``, ``event_tokens``, ``vocabulary.json``, ``tabular_features`` and, when the task has
+them, ``note_embeddings`` and ``imaging_inputs``), optionally the simulator's ``truth.parquet``.
+Out: a model folder
+
+* ``config.json`` and ``model.safetensors`` (``save_pretrained``; loads without pickle),
+* ``vocabulary.json`` (the tokenizer the model was trained with) and ``calibration.json``,
+* ``metrics.json`` (held-out metrics of the model and of every baseline), ``history.json``,
+* ``MODEL_CARD.md`` (what the model is for, its data, its metrics, by subgroup, and its limits),
+* ``cohortcast_model.json`` (the format version and the task it was trained for).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import torch
+
+from models.baselines import (
+    feature_matrix,
+    fit_cox,
+    fit_lightgbm,
+    fit_logistic,
+    fit_random_survival_forest,
+    fit_t_learner,
+)
+from models.calibration import PlattCalibrator
+from models.data import IMAGING_MODALITIES, FusionDataset
+from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, survival_curve
+from models.metrics import (
+    auprc,
+    auroc,
+    brier,
+    expected_calibration_error,
+    harrell_c_index,
+    integrated_brier,
+    pehe,
+    policy_value,
+    time_dependent_auc,
+    uno_c_index,
+)
+from models.training import TrainingArguments, predict_logits, train
+
+MODEL_FORMAT_VERSION = 1
+MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
+MODEL_INFO_KEYS = ("format_version", "task", "targets")
+DEFAULT_TEXT_DIM, DEFAULT_IMAGING_DIM = 384, 64
+
+
+class ModelFolderError(ValueError):
+    """A model folder is incomplete or was written by another format version."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's tables, split into train / tuning / held_out."""
+
+    task: str
+    horizon_days: float
+    has_treatment: bool
+    datasets: dict[str, FusionDataset]
+    tabular: dict[str, pl.DataFrame]
+    cohort: dict[str, pl.DataFrame]
+    vocabulary_size: int
+    n_value_bins: int
+    text_embedding_dim: int
+    imaging_embedding_dim: int
+
+
+def _read_optional(path: Path) -> pl.DataFrame | None:
+    return pl.read_parquet(path) if path.is_file() else None
+
+
+def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, ...] = MODALITIES) -> TaskData:
+    """Read a task folder and build one dataset per split, with only ``modalities`` visible."""
+    required = ("labels.parquet", "splits.parquet", "cohort.parquet", "event_tokens.parquet", "vocabulary.json",
+                "tabular_features.parquet")
+    missing = [name for name in required if not (task_dir / name).is_file()]
+    if missing:
+        raise ModelFolderError(f"task folder {task_dir}: missing {', '.join(missing)} (run `cohortcast features` first)")
+    labels = pl.read_parquet(task_dir / "labels.parquet")
+    splits = pl.read_parquet(task_dir / "splits.parquet")
+    cohort = pl.read_parquet(task_dir / "cohort.parquet")
+    tokens = pl.read_parquet(task_dir / "event_tokens.parquet")
+    tabular = pl.read_parquet(task_dir / "tabular_features.parquet")
+    notes = _read_optional(task_dir / "note_embeddings.parquet")
+    imaging = _read_optional(task_dir / "imaging_inputs.parquet")
+    vocabulary = json.loads((task_dir / "vocabulary.json").read_text())
+    text_dim = len(notes["embedding"][0]) if notes is not None and notes.height else DEFAULT_TEXT_DIM
+    imaging_dim = len(imaging["embedding"][0]) if imaging is not None and imaging.height else DEFAULT_IMAGING_DIM
+    datasets, tables, cohorts = {}, {}, {}
+    for split in ("train", "tuning", "held_out"):
+        ids = splits.filter(pl.col("split") == split).select("subject_id")
+        split_tokens = tokens.join(ids, on="subject_id").sort("subject_id")
+        datasets[split] = FusionDataset(
+            split_tokens, notes, imaging, labels.join(ids, on="subject_id"), text_dim, imaging_dim,
+            modalities=modalities,
+        )
+        tables[split] = split_tokens.select("subject_id").join(tabular, on="subject_id", how="left")
+        cohorts[split] = split_tokens.select("subject_id").join(cohort, on="subject_id", how="left")
+    return TaskData(
+        task=str(labels["task"][0]) if labels.height else task_dir.name,
+        horizon_days=horizon_days,
+        has_treatment=labels["treated"].null_count() < labels.height,
+        datasets=datasets,
+        tabular=tables,
+        cohort=cohorts,
+        vocabulary_size=len(vocabulary["vocabulary"]),
+        n_value_bins=int(vocabulary["value_bins"]) + 1,
+        text_embedding_dim=text_dim,
+        imaging_embedding_dim=imaging_dim,
+    )
+
+
+def fusion_config(data: TaskData, **architecture: Any) -> FusionConfig:
+    """The model configuration a task's data needs, with architecture overrides."""
+    edges = sorted({30.0, 90.0, 180.0, data.horizon_days, 2 * data.horizon_days})
+    return FusionConfig(
+        event_vocab_size=data.vocabulary_size, n_value_bins=data.n_value_bins,
+        text_embedding_dim=data.text_embedding_dim, imaging_embedding_dim=data.imaging_embedding_dim,
+        n_imaging_modalities=len(IMAGING_MODALITIES), survival_bin_edges_days=edges,
+        horizon_days=data.horizon_days, task=data.task, **architecture,
+    )
+
+
+@dataclass
+class Predictions:
+    risk: npt.NDArray[np.float64]  # calibrated probability of the outcome within the horizon
+    survival: npt.NDArray[np.float64]  # (n, K) at config.survival_bin_edges_days
+    treatment_effect: npt.NDArray[np.float64]  # risk if treated - risk if untreated
+
+
+def predict(model: FusionForRiskPrediction, calibrator: PlattCalibrator, dataset: FusionDataset) -> Predictions:
+    logits = predict_logits(model, dataset)
+    arms = 1.0 / (1.0 + np.exp(-logits["arm_logits"].astype(np.float64)))
+    curve = survival_curve(torch.from_numpy(logits["hazard_logits"])).numpy().astype(np.float64)
+    return Predictions(calibrator.transform(logits["risk_logits"]), curve, arms[:, 1] - arms[:, 0])
+
+
+def _risk_metrics(y: np.ndarray, risk: np.ndarray) -> dict[str, float]:
+    return {"auroc": auroc(y, risk), "auprc": auprc(y, risk), "brier": brier(y, risk),
+            "calibration_error": expected_calibration_error(y, risk)}
+
+
+def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.ndarray], score: np.ndarray,
+                      horizon_days: float, survival: np.ndarray | None = None,
+                      times: list[float] | None = None) -> dict[str, float]:
+    args = (train_labels["event"], train_labels["duration_days"], labels["event"], labels["duration_days"])
+    # Evaluation times inside the held-out follow-up, where IPCW estimates are defined.
+    eval_times = np.array([t for t in (times or [90.0, 180.0, horizon_days]) if t < labels["duration_days"].max()])
+    metrics = {
+        "harrell_c": harrell_c_index(labels["event"], labels["duration_days"], score),
+        "uno_c": uno_c_index(*args, score, tau_days=horizon_days),
+        "time_dependent_auc": time_dependent_auc(*args, score, eval_times),
+    }
+    if survival is not None and times is not None:
+        keep = [i for i, t in enumerate(times) if t in eval_times]
+        metrics["integrated_brier"] = integrated_brier(*args, survival[:, keep], eval_times[: len(keep)])
+    return metrics
+
+
+def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: TaskData,
+             truth: pl.DataFrame | None = None, baselines: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Held-out metrics of the fusion model and, when ``baselines``, of every baseline."""
+    held_out = data.datasets["held_out"]
+    labels = held_out.label_arrays()
+    train_labels = data.datasets["train"].label_arrays()
+    known = ~np.isnan(labels["risk_label"])
+    y = labels["risk_label"][known]
+    p = predict(model, calibrator, held_out)
+    times = list(model.config.survival_bin_edges_days)
+    horizon = data.horizon_days
+    results: dict[str, Any] = {"n_held_out": len(held_out), "n_held_out_labelled": int(known.sum()),
+                               "held_out_event_rate": float(y.mean())}
+    fusion = _risk_metrics(y, p.risk[known])
+    fusion.update(_survival_metrics(train_labels, labels, 1 - p.survival[:, model.config.horizon_bin], horizon,
+                                    p.survival, times))
+    cohort = data.cohort["held_out"]
+    for name, mask in _subgroups(cohort).items():
+        sub = mask & known
+        if len(set(labels["risk_label"][sub].tolist())) == 2:
+            fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub])
+    models: dict[str, dict[str, float]] = {"fusion": fusion}
+    effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
+    if baselines:
+        models.update(_baselines(data, labels, known, horizon, effects, seed))
+    if data.has_treatment:
+        _treatment_metrics(models, effects, data, labels, known, truth)
+    if truth is not None:
+        models["truth"] = _truth_metrics(truth, held_out, labels, known, train_labels, horizon)
+    results["models"] = models
+    return results
+
+
+def _subgroups(cohort: pl.DataFrame) -> dict[str, np.ndarray]:
+    age = cohort["age_years"].to_numpy()
+    sex = cohort["sex"].to_numpy()
+    return {
+        "sex_female": sex == "female", "sex_male": sex == "male",
+        "age_under_65": age < 65, "age_65_to_79": (age >= 65) & (age < 80), "age_80_plus": age >= 80,
+    }
+
+
+def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray, horizon: float,
+               effects: dict[str, np.ndarray], seed: int) -> dict[str, dict[str, float]]:
+    x_train, columns = feature_matrix(data.tabular["train"])
+    x_tuning, _ = feature_matrix(data.tabular["tuning"], columns)
+    x_test, _ = feature_matrix(data.tabular["held_out"], columns)
+    train_labels = data.datasets["train"].label_arrays()
+    tuning_labels = data.datasets["tuning"].label_arrays()
+    k_train = ~np.isnan(train_labels["risk_label"])
+    k_tuning = ~np.isnan(tuning_labels["risk_label"])
+    y_train, y_tuning = train_labels["risk_label"][k_train], tuning_labels["risk_label"][k_tuning]
+    y = labels["risk_label"][known]
+    out: dict[str, dict[str, float]] = {}
+    logistic = fit_logistic(x_train[k_train], y_train)
+    out["logistic_regression"] = _risk_metrics(y, logistic.predict_proba(x_test[known])[:, 1])
+    boosted = fit_lightgbm(x_train[k_train], y_train, x_tuning[k_tuning], y_tuning, seed)
+    risk = boosted.predict_proba(x_test)[:, 1]
+    out["lightgbm"] = _risk_metrics(y, risk[known])
+    out["lightgbm"].update(_survival_metrics(train_labels, labels, risk, horizon))
+    for name, fit in (("cox_ph", fit_cox), ("random_survival_forest", fit_random_survival_forest)):
+        estimator = fit(x_train, train_labels["event"], train_labels["duration_days"])
+        out[name] = _survival_metrics(train_labels, labels, estimator.predict(x_test), horizon)
+    if data.has_treatment:
+        learner = fit_t_learner(
+            x_train[k_train], y_train, train_labels["treated"][k_train], x_tuning[k_tuning], y_tuning,
+            tuning_labels["treated"][k_tuning], seed,
+        )
+        effects["t_learner_lightgbm"] = learner.effect(x_test)
+        out["t_learner_lightgbm"] = {}
+    return out
+
+
+def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, np.ndarray], data: TaskData,
+                       labels: dict[str, np.ndarray], known: np.ndarray, truth: pl.DataFrame | None) -> None:
+    held_out = data.datasets["held_out"]
+    true_effect = None
+    if truth is not None:
+        by_subject = dict(zip(truth["subject_id"].to_list(), truth["true_treatment_effect"].to_list(), strict=True))
+        true_effect = np.array([by_subject[s] for s in held_out.subject_ids.tolist()])
+    # Propensity from the treatment actually given, for the policy value (observed data only).
+    x_train, columns = feature_matrix(data.tabular["train"])
+    x_test, _ = feature_matrix(data.tabular["held_out"], columns)
+    treated_train = data.datasets["train"].label_arrays()["treated"]
+    propensity = fit_logistic(x_train, treated_train).predict_proba(x_test)[:, 1]
+    for name, effect in effects.items():
+        metrics = models.setdefault(name, {})
+        if true_effect is not None:
+            metrics["pehe"] = pehe(effect, true_effect)
+        metrics["policy_event_rate"] = policy_value(effect[known], labels["treated"][known],
+                                                    labels["risk_label"][known], propensity[known])
+
+
+def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[str, np.ndarray],
+                   known: np.ndarray, train_labels: dict[str, np.ndarray], horizon: float) -> dict[str, float]:
+    """What the true risk achieves on the same patients: the best any model can do."""
+    ids = pl.DataFrame({"subject_id": held_out.subject_ids})
+    rows = ids.join(truth, on="subject_id", how="left")
+    if rows["true_risk_untreated"].null_count():
+        raise ValueError("truth: some held-out patients are missing from truth.parquet")
+    # At the prediction time the treatment is not yet decided: the best prediction averages the arms.
+    propensity = rows["propensity"].to_numpy()
+    risk = (propensity * rows["true_risk_treated"].to_numpy()
+            + (1 - propensity) * rows["true_risk_untreated"].to_numpy())
+    metrics = _risk_metrics(labels["risk_label"][known], risk[known])
+    metrics.update(_survival_metrics(train_labels, labels, risk, horizon))
+    return metrics
+
+
+def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, task_dir: Path,
+                    metrics: dict[str, Any], history: list[dict[str, float]], card: str,
+                    has_treatment: bool) -> Path:
+    """Write the model folder atomically (a sibling folder renamed into place)."""
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    shutil.copy(task_dir / "vocabulary.json", staging / "vocabulary.json")
+    calibrator.save(staging / "calibration.json")
+    (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    (staging / "history.json").write_text(json.dumps(history, indent=1))
+    (staging / "MODEL_CARD.md").write_text(card)
+    (staging / "cohortcast_model.json").write_text(json.dumps({
+        "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
+        "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }, indent=2))
+    if folder.exists():
+        retired = folder.with_name(f".{folder.name}.retired")
+        shutil.rmtree(retired, ignore_errors=True)
+        folder.rename(retired)
+        staging.rename(folder)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(folder)
+    return folder
+
+
+def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibrator, dict[str, Any]]:
+    """Load a model folder written by :func:`save_task_model`.
+
+    Raises
+    ------
+    ModelFolderError
+        When files are missing or the folder was written by another format version.
+    """
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {folder} does not exist (train a model first: `cohortcast train`)")
+    missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ModelFolderError(
+            f"model folder {folder} is missing {', '.join(missing)} (it is incomplete; train the model again)"
+        )
+    info = json.loads((folder / "cohortcast_model.json").read_text())
+    if info.get("format_version") == MODEL_FORMAT_VERSION and not set(MODEL_INFO_KEYS) <= set(info):
+        raise ModelFolderError(f"model folder {folder}: cohortcast_model.json lacks "
+                               f"{sorted(set(MODEL_INFO_KEYS) - set(info))} (train the model again)")
+    if info.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ModelFolderError(
+            f"model folder {folder} has format version {info.get('format_version')!r}, this cohortcast reads "
+            f"version {MODEL_FORMAT_VERSION} (train the model again with this version)"
+        )
+    model = FusionForRiskPrediction.from_pretrained(folder).eval()
+    return model, PlattCalibrator.load(folder / "calibration.json"), info
+
+
+def train_task_model(task_dir: Path, model_dir: Path, horizon_days: float, args: TrainingArguments,
+                     architecture: dict[str, Any] | None = None, truth_path: Path | None = None,
+                     baselines: bool = True, on_epoch: Any = None,
+                     is_main_process: bool = True, modalities: tuple[str, ...] = MODALITIES) -> dict[str, Any] | None:
+    """Train, calibrate and evaluate one task's model; write the model folder; return the metrics.
+
+    Under DistributedDataParallel every process trains, and only the main process
+    (``is_main_process``) evaluates and writes the folder; the others return None.
+    """
+    data = load_task_data(task_dir, horizon_days, modalities)
+    config = fusion_config(data, **(architecture or {}))
+    torch.manual_seed(args.seed)
+    model = FusionForRiskPrediction(config)
+    result = train(model, data.datasets["train"], data.datasets["tuning"], args, on_epoch=on_epoch)
+    if not is_main_process:
+        return None
+    truth = pl.read_parquet(truth_path) if truth_path is not None else None
+    metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
+    metrics["best_epoch"] = result.best_epoch
+    metrics["training_arguments"] = asdict(args)
+    metrics["split_sizes"] = {k: len(v) for k, v in data.datasets.items()}
+    card = model_card(data, config, metrics)
+    save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
+                    data.has_treatment)
+    return metrics
+
+
+def metrics_table(metrics: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """Rows (model name, metrics) in a stable order: fusion, baselines, truth."""
+    order = ["fusion", "logistic_regression", "lightgbm", "cox_ph", "random_survival_forest",
+             "t_learner_lightgbm", "truth"]
+    models = metrics["models"]
+    return [(name, models[name]) for name in order if name in models]
+
+
+def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) -> str:
+    """A markdown model card: purpose, data, architecture, metrics, subgroups and limits."""
+    columns = ["auroc", "auprc", "brier", "calibration_error", "harrell_c", "uno_c", "time_dependent_auc",
+               "integrated_brier", "pehe", "policy_event_rate"]
+    lines = [
+        f"# Model card: {data.task}",
+        "",
+        f"Fusion transformer (cohortcast) predicting the outcome of task `{data.task}` within "
+        f"{data.horizon_days:g} days of the prediction time, the survival curve up to "
+        f"{config.survival_bin_edges_days[-1]:g} days and, when the task names a treatment, the outcome under "
+        "each arm.",
+        "",
+        "## Data",
+        "",
+        f"Patients per split: {metrics['split_sizes']}. Held-out patients with a known outcome at the horizon: "
+        f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}). Patients whose "
+        "follow-up ended before the horizon without the event are excluded from the risk metrics and kept, "
+        "censored, in the survival metrics.",
+        "",
+        "## Architecture",
+        "",
+        f"hidden size {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+        f"vocabulary {config.event_vocab_size} tokens, modality dropout {config.modality_dropout}; "
+        f"best epoch {metrics['best_epoch']}; probabilities calibrated on the tuning split (Platt).",
+        "",
+        "## Held-out metrics",
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "| --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    for name, row in metrics_table(metrics):
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in columns) + " |")
+    subgroup = {k: v for k, v in metrics["models"]["fusion"].items() if k.startswith("auroc_")}
+    lines += ["", "## AUROC by subgroup", "", "| subgroup | AUROC |", "| --- | --- |"]
+    lines += [f"| {k.removeprefix('auroc_')} | {v:.3f} |" for k, v in sorted(subgroup.items())]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Trained on one site's data; check calibration before use elsewhere.",
+        "- The treatment effect is estimated from observational data: it assumes every confounder of the "
+        "treatment decision is in the record before the prediction time.",
+        "- A patient lacking a modality is scored from the others; check the explanation of each score.",
+        "",
+    ]
+    return "\n".join(lines)

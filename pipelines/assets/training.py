@@ -1,0 +1,81 @@
+"""Training assets: one fusion model per task, with its held-out evaluation.
+
+Stage: model. In: a task's inputs under ``WAREHOUSE/tasks/<task>/`` (the ``tasks`` and
+``model_inputs`` assets) and, for a simulated hospital, ``landing/truth.parquet``. Out:
+``fusion_model``, a model folder under ``WAREHOUSE/models/<task>/`` written by
+:func:`models.task_model.train_task_model`, and a blocking check of its held-out quality.
+"""
+
+# No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from features.tasks import load_task
+from models.task_model import train_task_model
+from models.training import TrainingArguments
+from pipelines.assets.tasks import TASKS_DIR, task_partitions
+from pipelines.resources import Workspace
+
+TASK_INPUTS = ["labels", "subject_splits", "event_tokens", "tabular_features", "note_embeddings", "imaging_inputs"]
+
+
+class TrainingRunConfig(dg.Config):  # type: ignore[misc]
+    """Training knobs; the defaults suit a few thousand patients on a laptop CPU."""
+
+    max_epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    seed: int = 0
+    baselines: bool = True
+    # Held-out quality the published model must reach (checked by fusion_model_quality).
+    min_auroc: float = 0.6
+    max_calibration_error: float = 0.05
+
+
+def model_dir(workspace: Workspace, task_name: str) -> Path:
+    return workspace.warehouse_dir / "models" / task_name
+
+
+@dg.asset(group_name="model", partitions_def=task_partitions, deps=TASK_INPUTS, kinds={"pytorch"})
+def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
+                 workspace: Workspace) -> dg.MaterializeResult:
+    """The task's fusion transformer, calibrated on the tuning split and evaluated on held-out patients."""
+    task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
+    truth = workspace.landing_dir / "truth.parquet"
+    args = TrainingArguments(max_epochs=config.max_epochs, batch_size=config.batch_size,
+                             learning_rate=config.learning_rate, seed=config.seed)
+    architecture = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+                    "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
+    folder = model_dir(workspace, task.name)
+    metrics = train_task_model(
+        workspace.warehouse_dir / "tasks" / task.name, folder, task.horizon_days, args, architecture,
+        truth if truth.is_file() else None, baselines=config.baselines,
+        on_epoch=lambda r: context.log.info(f"epoch {int(r['epoch'])}: train {r['train_loss']:.4f} "
+                                            f"tuning {r['tuning_loss']:.4f}"),
+    )
+    assert metrics is not None
+    fusion = metrics["models"]["fusion"]
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(folder)),
+        "model_card": dg.MetadataValue.md((folder / "MODEL_CARD.md").read_text()),
+        "best_epoch": metrics["best_epoch"],
+        **{f"held_out/{k}": float(v) for k, v in fusion.items()},
+    })
+
+
+@dg.asset_check(asset=fusion_model, blocking=True,
+                description="Held-out AUROC and calibration error meet the run's thresholds.")
+def fusion_model_quality(context: dg.AssetCheckExecutionContext, config: TrainingRunConfig,
+                         workspace: Workspace) -> dg.AssetCheckResult:
+    task_name = context.run.tags.get("dagster/partition", "")
+    fusion = json.loads((model_dir(workspace, task_name) / "metrics.json").read_text())["models"]["fusion"]
+    passed = fusion["auroc"] >= config.min_auroc and fusion["calibration_error"] <= config.max_calibration_error
+    return dg.AssetCheckResult(passed=passed, metadata={
+        "auroc": fusion["auroc"], "min_auroc": config.min_auroc,
+        "calibration_error": fusion["calibration_error"], "max_calibration_error": config.max_calibration_error,
+    })

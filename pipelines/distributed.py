@@ -1,0 +1,63 @@
+"""Multi-process training with ``torchrun`` (DistributedDataParallel).
+
+Stage: model. In: the same arguments as ``cohortcast train`` plus the process-group settings that
+``torchrun`` puts in the environment. Out: one model folder, written by the first process.
+
+Usage, two processes on one machine (CPU: gloo; GPUs: nccl, one process per GPU)::
+
+    torchrun --nproc_per_node=2 -m pipelines.distributed --warehouse W --task tasks/simulated_mace_1y.yaml
+
+and across machines the usual ``--nnodes``, ``--node_rank`` and ``--master_addr`` of ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from features.task_inputs import task_dir
+from features.tasks import load_task
+from models.task_model import train_task_model
+from models.training import TrainingArguments
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train one task's fusion model under torchrun.")
+    parser.add_argument("--warehouse", type=Path, required=True)
+    parser.add_argument("--task", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baselines", action="store_true")
+    args = parser.parse_args(argv)
+    # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    try:
+        task = load_task(args.task)
+        rank = dist.get_rank()
+        training = TrainingArguments(max_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                     device=f"cuda:{local_rank}" if use_cuda else "cpu")
+        architecture = {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}
+        model_dir = args.out or args.warehouse / "models" / task.name
+        train_task_model(task_dir(args.warehouse, task), model_dir, task.horizon_days, training, architecture,
+                         baselines=not args.no_baselines, is_main_process=rank == 0,
+                         on_epoch=lambda r: print(f"rank {rank}/{dist.get_world_size()} epoch {int(r['epoch'])} "
+                                                  f"train {r['train_loss']:.4f} tuning {r['tuning_loss']:.4f}",
+                                                  flush=True))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

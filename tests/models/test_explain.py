@@ -1,0 +1,59 @@
+"""Tests that occlusion explanations are complete and faithful to the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from models.data import FusionDataset
+from models.explain import Item, calibrated_risks, explain, remove
+from models.task_model import load_task_model
+from tests.models.conftest import TrainedTask
+
+
+def held_out_patients(trained_task: TrainedTask) -> list:
+    folder = trained_task.task_dir
+    dataset = FusionDataset(pl.read_parquet(folder / "event_tokens.parquet"),
+                            pl.read_parquet(folder / "note_embeddings.parquet"),
+                            pl.read_parquet(folder / "imaging_inputs.parquet"), None, 8, 6)
+    return dataset.patients[:120]
+
+
+def test_shares_sum_to_one_over_present_modalities(trained_task: TrainedTask) -> None:
+    model, calibrator, _ = load_task_model(trained_task.model_dir)
+    patients = held_out_patients(trained_task)
+    vocabulary = [f"CODE//{i}" for i in range(12)]
+    explanations = explain(model, calibrator, patients[:20], vocabulary, top_k=3)
+    for patient, e in zip(patients[:20], explanations, strict=True):
+        assert abs(sum(e.modality_shares.values()) - 1.0) < 1e-9
+        assert ("imaging" in e.modality_shares) == (len(patient.imaging_days) > 0)
+        n_items = len(set(patient.event_codes.tolist())) + len(patient.note_ids) + len(patient.study_ids)
+        assert len(e.top_items) == min(3, n_items)
+        contributions = [abs(c) for _, _, c in e.top_items]
+        assert contributions == sorted(contributions, reverse=True)
+        assert abs(e.risk - calibrated_risks(model, calibrator, [patient])[0]) < 1e-6
+
+
+def test_removing_the_top_items_lowers_risk_more_than_removing_random_items(trained_task: TrainedTask) -> None:
+    model, calibrator, _ = load_task_model(trained_task.model_dir)
+    patients = held_out_patients(trained_task)
+    vocabulary = [f"CODE//{i}" for i in range(12)]
+    explanations = explain(model, calibrator, patients, vocabulary, top_k=2, max_codes=24)
+    rng = np.random.default_rng(0)
+    top_drops, random_drops = [], []
+    for patient, e in zip(patients, explanations, strict=True):
+        raising = [name for _, name, c in e.top_items if c > 0]
+        codes = sorted({int(c) for c in patient.event_codes})
+        if not raising or len(codes) < 4:
+            continue
+        by_name = {f"CODE//{c}": c for c in codes}
+        top_codes = [by_name[n] for n in raising if n in by_name]
+        if not top_codes:
+            continue
+        chosen = rng.choice(codes, size=len(top_codes), replace=False)
+        for group, sink in ((top_codes, top_drops), (list(chosen), random_drops)):
+            positions = tuple(np.flatnonzero(np.isin(patient.event_codes, group)).tolist())
+            without = remove(patient, Item("ehr", "group", event_positions=positions))
+            sink.append(e.risk - calibrated_risks(model, calibrator, [without])[0])
+    assert len(top_drops) > 30
+    assert np.mean(top_drops) > np.mean(random_drops) + 0.01

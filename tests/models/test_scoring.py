@@ -1,0 +1,57 @@
+"""Tests of scoring: every cohort patient gets a complete score, and mismatched models are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from features.schemas import SCORES
+from models.scoring import RiskTiers, score_task
+from models.task_model import ModelFolderError
+from tests.models.conftest import TrainedTask
+
+
+def test_every_cohort_patient_is_scored_with_tier_curve_effect_and_explanation(trained_task: TrainedTask) -> None:
+    scores = score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(0.05, 0.15))
+    assert scores.schema.equals(SCORES)
+    frame = pl.from_arrow(scores)
+    assert frame.height == 800
+    assert frame["risk"].is_between(0, 1).all()
+    assert frame["risk_tier"].value_counts().sort("risk_tier").rows() == [("high", 40), ("low", 640), ("medium", 120)]
+    assert frame.filter(pl.col("risk_tier") == "high")["risk"].min() >= frame.filter(
+        pl.col("risk_tier") == "medium")["risk"].max()
+    curves = np.array(frame["survival_curve"].to_list())
+    assert (np.diff(curves, axis=1) <= 0).all() and ((curves >= 0) & (curves <= 1)).all()
+    assert frame["treatment_effect"].null_count() == 0
+    assert frame["top_items"].list.len().min() >= 1
+    assert frame["previous_risk"].null_count() == 800
+
+
+def test_previous_risk_is_carried_from_the_last_publication(trained_task: TrainedTask) -> None:
+    previous = pl.DataFrame({"subject_id": [1, 2], "risk": [0.5, 0.25]})
+    scores = pl.from_arrow(score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
+                                      previous, with_explanations=False))
+    carried = scores.filter(pl.col("previous_risk").is_not_null()).sort("subject_id")
+    assert carried.select("subject_id", "previous_risk").rows() == [(1, 0.5), (2, 0.25)]
+
+
+def test_a_model_for_another_task_or_vocabulary_is_refused(trained_task: TrainedTask, tmp_path: Path) -> None:
+    with pytest.raises(ModelFolderError, match="was trained for task 'synthetic_1y', not 'mace_1y'"):
+        score_task(trained_task.model_dir, trained_task.task_dir, "mace_1y", RiskTiers())
+    other_inputs = tmp_path / "inputs"
+    shutil.copytree(trained_task.task_dir, other_inputs)
+    vocabulary = json.loads((other_inputs / "vocabulary.json").read_text())
+    vocabulary["vocabulary"]["CODE//99"] = 12
+    (other_inputs / "vocabulary.json").write_text(json.dumps(vocabulary))
+    with pytest.raises(ModelFolderError, match="was trained with a different vocabulary"):
+        score_task(trained_task.model_dir, other_inputs, "synthetic_1y", RiskTiers())
+
+
+def test_tiers_must_be_shares() -> None:
+    with pytest.raises(ValueError, match=r"high_share \(0.9\) and medium_share \(0.2\) must be shares"):
+        RiskTiers(0.9, 0.2)

@@ -1,0 +1,77 @@
+"""Tests of a task's model: train, evaluate against baselines, save, load, and refuse broken folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.task_model import ModelFolderError, load_task_model, train_task_model
+from models.training import TrainingArguments
+from tests.models.synthetic import write_task_folder
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    warehouse = tmp_path_factory.mktemp("warehouse")
+    write_task_folder(warehouse, 900, seed=4)
+    model_dir = warehouse / "models" / "synthetic_1y"
+    metrics = train_task_model(
+        warehouse / "tasks" / "synthetic_1y", model_dir, 365.0,
+        TrainingArguments(max_epochs=10, batch_size=64, learning_rate=3e-3),
+        {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
+    )
+    return model_dir, metrics
+
+
+def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trained: tuple[Path, dict]) -> None:
+    model_dir, metrics = trained
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "MODEL_CARD.md", "calibration.json", "cohortcast_model.json", "config.json", "history.json",
+        "metrics.json", "model.safetensors", "vocabulary.json",
+    ]
+    assert json.loads((model_dir / "metrics.json").read_text())["models"]["fusion"] == metrics["models"]["fusion"]
+    card = (model_dir / "MODEL_CARD.md").read_text()
+    assert card.startswith("# Model card: synthetic_1y")
+    assert "| lightgbm |" in card and "| fusion |" in card
+
+
+def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tuple[Path, dict]) -> None:
+    _, metrics = trained
+    fusion = metrics["models"]["fusion"]
+    for key in ("auroc", "auprc", "brier", "calibration_error", "harrell_c", "uno_c", "time_dependent_auc",
+                "integrated_brier", "policy_event_rate", "auroc_sex_female", "auroc_sex_male"):
+        assert key in fusion, key
+    assert fusion["auroc"] > 0.65
+    assert set(metrics["models"]) == {"fusion", "logistic_regression", "lightgbm", "cox_ph",
+                                      "random_survival_forest", "t_learner_lightgbm"}
+    assert "policy_event_rate" in metrics["models"]["t_learner_lightgbm"]
+
+
+def test_loaded_model_matches_the_saved_one(trained: tuple[Path, dict]) -> None:
+    model_dir, _ = trained
+    model, calibrator, info = load_task_model(model_dir)
+    assert info["task"] == "synthetic_1y" and info["format_version"] == 1
+    assert model.config.hidden_size == 32
+    assert 0 < calibrator.transform([0.0])[0] < 1
+
+
+def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    model_dir, _ = trained
+    with pytest.raises(ModelFolderError, match=r"does not exist \(train a model first"):
+        load_task_model(tmp_path / "nothing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "vocabulary.json", "cohortcast_model.json"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    with pytest.raises(ModelFolderError, match="is missing model.safetensors, calibration.json"):
+        load_task_model(broken)
+    for name in ("model.safetensors", "calibration.json"):
+        (broken / name).write_bytes((model_dir / name).read_bytes())
+    (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
+    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 1"):
+        load_task_model(broken)

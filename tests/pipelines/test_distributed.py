@@ -1,0 +1,37 @@
+"""Multi-process training: two CPU processes under torchrun with the gloo backend."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.task_model import load_task_model
+from tests.conftest import REPO_ROOT
+from tests.models.synthetic import write_task_folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_torchrun_trains_one_model_on_two_gloo_processes(tmp_path: Path) -> None:
+    task_path = write_task_folder(tmp_path, 300, seed=2)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", "-m", "pipelines.distributed", "--warehouse", str(tmp_path),
+        "--task", str(task_path), "--epochs", "2", "--batch-size", "32", "--hidden-size", "16", "--no-baselines",
+    ]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Both processes trained, each knowing the world has two.
+    assert "rank 0/2 epoch 0" in done.stdout and "rank 1/2 epoch 0" in done.stdout
+    model, _calibrator, info = load_task_model(tmp_path / "models" / "synthetic_1y")
+    assert info["task"] == "synthetic_1y"
+    assert model.config.hidden_size == 16
