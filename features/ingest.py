@@ -8,8 +8,9 @@ ignored). Out, in the warehouse folder: one Parquet file per table of
 
 How it runs, with memory bounded by the read unit and polars' streaming batches, not by the export:
 
-1. FHIR files are cut into read units (16 MB NDJSON line ranges, whole ``.gz`` and Bundle files);
-   ``workers`` processes parse, validate and flatten them, each unit staged as Parquet parts.
+1. FHIR files are cut into read units (16 MB NDJSON line ranges, whole ``.gz`` and Bundle files),
+   and consecutive small units are grouped into batches of about 16 MB; ``workers`` processes
+   parse, validate and flatten the batches, each staged as one Parquet part per table.
 2. The tables feeds are read row by row and staged the same way.
 3. Each table is finalized by a streaming polars query: duplicates (same type and id) resolve to
    the first copy in file order (files sorted by path, then line or entry number); rows whose patient
@@ -22,6 +23,7 @@ Every file is written atomically, so a killed run leaves the previous good wareh
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import re
@@ -44,7 +46,7 @@ import pyarrow.parquet as pq
 from features.errors import LandingZoneError
 from features.events import build_events
 from features.fhir.flatten import Origin, Row, flatten_resource
-from features.fhir.read import RawReject, ReadUnit, fetch_raw, fhir_kind, iter_unit, plan_units
+from features.fhir.read import UNIT_BYTES, RawReject, ReadUnit, fetch_raw, fhir_kind, iter_unit, plan_units
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, validate_r4
 from features.genomics import read_genomics_file
@@ -195,15 +197,17 @@ def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
 
 
 def _parse_line(raw: bytes) -> Any:
-    if not raw.strip():
-        raise RecordError("blank_line", "blank line (NDJSON holds one resource per line)")
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raise RecordError(
-            "byte_order_mark", "line starts with a UTF-8 byte-order mark (BOM); NDJSON must be UTF-8 without BOM"
-        )
+    # orjson rejects blank input and a byte-order mark, so a line it parses needs no other check;
+    # the checks that name what is wrong run only for lines that fail.
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if not raw.strip():
+            raise RecordError("blank_line", "blank line (NDJSON holds one resource per line)") from None
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raise RecordError(
+                "byte_order_mark", "line starts with a UTF-8 byte-order mark (BOM); NDJSON must be UTF-8 without BOM"
+            ) from None
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:
@@ -212,9 +216,7 @@ def _parse_line(raw: bytes) -> Any:
                 f"line is not UTF-8 text (bad byte {raw[bad.start : bad.start + 1]!r} at column {bad.start + 1})",
             ) from None
         if _NAN.search(raw):
-            raise RecordError(
-                "invalid_json", "line holds NaN or Infinity, which JSON does not allow"
-            ) from None
+            raise RecordError("invalid_json", "line holds NaN or Infinity, which JSON does not allow") from None
         message = str(exc).split(":", 1)[0]
         raise RecordError("invalid_json", f"line is not valid JSON ({message}; truncated or malformed)") from None
 
@@ -233,11 +235,12 @@ def _resource_type(resource: Any) -> str:
     return rt
 
 
-def _process_unit(index: int, unit: ReadUnit, latest: datetime, strict: bool, staging: Path) -> _UnitResult:
-    """Parse, validate and flatten one read unit; stage its rows and rejects as Parquet parts."""
-    buffers: dict[str, list[Row]] = defaultdict(list)
-    rejects: list[Row] = []
+def _read_unit(
+    unit: ReadUnit, latest: datetime, strict: bool, buffers: dict[str, list[Row]], rejects: list[Row]
+) -> _UnitResult:
+    """Parse, validate and flatten one read unit, appending its rows and rejects to the buffers."""
     records_in = 0
+    rejected = len(rejects)
     origin = Origin(unit.source_file, 0, latest)
     for record in iter_unit(unit):
         records_in += 1
@@ -282,15 +285,70 @@ def _process_unit(index: int, unit: ReadUnit, latest: datetime, strict: bool, st
                     err.reason,
                 )
             )
+    return _UnitResult(unit.source_file, records_in, len(rejects) - rejected)
+
+
+def _process_batch(
+    index: int, units: list[ReadUnit], latest: datetime, strict: bool, staging: Path
+) -> list[_UnitResult]:
+    """Read a batch of consecutive read units; stage their rows and rejects as one Parquet part per table.
+
+    Small files (one Bundle per encounter, say) are batched so that each table gets one part per
+    ~:data:`UNIT_BYTES` of input, not one per file: a Parquet file costs milliseconds to open, write
+    and later scan, far more than the few rows a small Bundle gives. Units are read in order, so
+    rows stay in file order.
+    """
+    buffers: dict[str, list[Row]] = defaultdict(list)
+    rejects: list[Row] = []
+    # The loop makes millions of short-lived dicts and keeps hundreds of thousands of row tuples:
+    # with the cyclic garbage collector on, its passes over the growing buffers cost about as much
+    # as the JSON parsing itself. Nothing here makes reference cycles, so reference counting frees
+    # everything; the collector is back on before the batch returns.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        results = [_read_unit(unit, latest, strict, buffers, rejects) for unit in units]
+    finally:
+        if collecting:
+            gc.enable()
     part = f"{index:07d}"
     for table, rows in buffers.items():
         _stage(staging, table, rows, part)
     _stage(staging, "quarantine", rejects, part)
-    return _UnitResult(unit.source_file, records_in, len(rejects))
+    return results
 
 
-def _process_unit_star(args: tuple[int, ReadUnit, datetime, bool, Path]) -> _UnitResult:
-    return _process_unit(*args)
+def _process_batch_star(args: tuple[int, list[ReadUnit], datetime, bool, Path]) -> list[_UnitResult]:
+    return _process_batch(*args)
+
+
+def _unit_bytes(unit: ReadUnit) -> int:
+    if unit.end >= 0:
+        return unit.end - unit.start
+    try:
+        size = os.stat(unit.path).st_size
+    except OSError:
+        return 0
+    # A gzip stream holds several times its size in text.
+    return size * 5 if unit.kind == "ndjson.gz" else size
+
+
+def _batches(units: list[ReadUnit], limit: int | None = None) -> list[list[ReadUnit]]:
+    """Consecutive units grouped up to about ``limit`` (default :data:`UNIT_BYTES`) bytes of input each."""
+    limit = UNIT_BYTES if limit is None else limit
+    batches: list[list[ReadUnit]] = []
+    current: list[ReadUnit] = []
+    size = 0
+    for unit in units:
+        n = _unit_bytes(unit)
+        if current and size + n > limit:
+            batches.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += n
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _stage_table_read(staging: Path, read: TableRead, part: str) -> _UnitResult:
@@ -485,20 +543,25 @@ def _run_units(
     staging: Path,
     progress: Callable[[int, int], None] | None,
 ) -> Iterable[_UnitResult]:
-    jobs = [(index, unit, latest, strict, staging) for index, unit in enumerate(units)]
-    total = len(jobs)
-    if workers <= 1 or total <= 1:
-        for done, job in enumerate(jobs, start=1):
-            yield _process_unit_star(job)
+    batches = _batches(units)
+    starts = [0]
+    for batch in batches:
+        starts.append(starts[-1] + len(batch))
+    jobs = [(start, batch, latest, strict, staging) for start, batch in zip(starts, batches, strict=False)]
+    total = len(units)
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            results = _process_batch_star(job)
+            yield from results
             if progress:
-                progress(done, total)
+                progress(job[0] + len(results), total)
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=context) as pool:
-        for done, result in enumerate(pool.map(_process_unit_star, jobs), start=1):
-            yield result
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        for job, results in zip(jobs, pool.map(_process_batch_star, jobs), strict=True):
+            yield from results
             if progress:
-                progress(done, total)
+                progress(job[0] + len(results), total)
 
 
 def ingest_landing_zone(

@@ -156,16 +156,19 @@ def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.
                       horizon_days: float, survival: np.ndarray | None = None,
                       times: list[float] | None = None) -> dict[str, float]:
     args = (train_labels["event"], train_labels["duration_days"], labels["event"], labels["duration_days"])
-    # Evaluation times inside the held-out follow-up, where IPCW estimates are defined.
-    eval_times = np.array([t for t in (times or [90.0, 180.0, horizon_days]) if t < labels["duration_days"].max()])
-    metrics = {
-        "harrell_c": harrell_c_index(labels["event"], labels["duration_days"], score),
-        "uno_c": uno_c_index(*args, score, tau_days=horizon_days),
-        "time_dependent_auc": time_dependent_auc(*args, score, eval_times),
-    }
-    if survival is not None and times is not None:
-        keep = [i for i, t in enumerate(times) if t in eval_times]
-        metrics["integrated_brier"] = integrated_brier(*args, survival[:, keep], eval_times[: len(keep)])
+    event, duration = labels["event"] > 0.5, labels["duration_days"]
+    # Time-dependent metrics need, at each time, a case (an event by then) and a control (still
+    # followed after it); in both splits, since the censoring weights come from the train split.
+    candidates = times or [90.0, 180.0, horizon_days]
+    eval_times = [t for t in candidates
+                  if (event & (duration <= t)).any() and (duration > t).any() and t < train_labels["duration_days"].max()]
+    metrics = {"harrell_c": harrell_c_index(event, duration, score)}
+    if eval_times:
+        metrics["uno_c"] = uno_c_index(*args, score, tau_days=max(eval_times))
+        metrics["time_dependent_auc"] = time_dependent_auc(*args, score, np.array(eval_times))
+        if survival is not None and times is not None:
+            keep = [times.index(t) for t in eval_times]
+            metrics["integrated_brier"] = integrated_brier(*args, survival[:, keep], np.array(eval_times))
     return metrics
 
 

@@ -7,8 +7,8 @@ below, the sensor and the deployment's resources.
 Jobs:
 
 * ``ingest`` — the landing zone (simulated for the demo) into the warehouse tables and events;
-* ``task_inputs`` — one task (a partition, named after its file in ``tasks/``): cohort, labels,
-  splits and model inputs;
+* ``task_pipeline`` — one task (a partition, named after its file in ``tasks/``): cohort, labels,
+  splits, model inputs, the fusion model, scores and the published cohort;
 * ``ingest_batch`` — one landing batch (a partition per export folder), started by the sensor.
 """
 
@@ -18,6 +18,7 @@ import dagster as dg
 
 from pipelines import assets
 from pipelines.resources import resources_for_deployment
+from pipelines.schedules import after_ingest_sensor, nightly_schedule
 from pipelines.sensors import ingest_batch_job, ingested_batch, landing_batch_sensor
 
 all_assets = dg.load_assets_from_package_module(assets)
@@ -32,16 +33,17 @@ ingest_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets(*ingest_assets),
     description="The landing zone into normalized tables, quarantine and MEDS events.",
 )
-task_inputs_job = dg.define_asset_job(
-    "task_inputs",
+task_pipeline_job = dg.define_asset_job(
+    "task_pipeline",
     selection=dg.AssetSelection.assets(*task_assets),
-    description="One task's cohort, labels, splits and model inputs (partition = task file name).",
+    description="One task from inputs to published cohort (partition = task file name).",
 )
 
 defs = dg.Definitions(
     assets=[*all_assets, ingested_batch],
     asset_checks=all_asset_checks,
-    jobs=[ingest_job, task_inputs_job, ingest_batch_job],
-    sensors=[landing_batch_sensor],
+    jobs=[ingest_job, task_pipeline_job, ingest_batch_job],
+    schedules=[nightly_schedule(task_pipeline_job)],
+    sensors=[landing_batch_sensor, after_ingest_sensor(ingest_job, task_pipeline_job)],
     resources=resources_for_deployment(),
 )

@@ -1,9 +1,10 @@
 """``cohortcast demo``: the main job on the embedded default data.
 
 Stage: orchestration. In: a workspace folder, a patient count and a seed. Out: a simulated hospital
-in ``WORKSPACE/landing``, its ingest into ``WORKSPACE/warehouse`` and the demo task's inputs under
-``WORKSPACE/warehouse/tasks/<task>/``, each stage one Dagster run in the instance that
-``DAGSTER_HOME`` names (so the runs show in ``dagster dev``).
+in ``WORKSPACE/landing``, its ingest into ``WORKSPACE/warehouse``, the demo task's inputs, model and
+scores, and the published cohort under ``WORKSPACE/published``: one Dagster run per stage in the
+instance that ``DAGSTER_HOME`` names (so the runs show in ``dagster dev``), then the top of the
+high-risk list.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import dagster as dg
 from rich.console import Console
+from rich.table import Table
 
 from features.errors import LandingZoneError
+from models.publishing import current_scores, current_version
 from pipelines.definitions import all_asset_checks, ingest_assets, task_assets
 from pipelines.resources import resources_for_deployment
 
@@ -24,16 +27,29 @@ DEMO_TASK = "simulated_mace_1y"
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
+class DemoFailed(LandingZoneError):
+    """A stage of the demo did not succeed."""
+
+
 def run_demo(
     workspace: Path,
     patients: int,
     seed: int,
     console: Console,
     instance: dg.DagsterInstance | None = None,
+    epochs: int = 12,
+    hidden_size: int = 64,
+    min_auroc: float = 0.6,
+    max_calibration_error: float = 0.1,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Materialize every stage into ``workspace``, printing each stage and where its outputs are.
+    """Materialize every stage into ``workspace``, printing each stage, its outputs and the high-risk list.
 
     ``instance`` defaults to the one ``DAGSTER_HOME`` names, or an ephemeral one when it is unset.
+
+    Raises
+    ------
+    DemoFailed
+        When a stage fails or a blocking check stops it; the message names the stage and the checks.
     """
     workspace = workspace.absolute()
     try:
@@ -45,6 +61,7 @@ def run_demo(
     if instance is None:
         instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
     resources = resources_for_deployment(str(workspace))
+    training = {"max_epochs": epochs, "hidden_size": hidden_size, "num_attention_heads": 4}
     stages = [
         (
             f"simulate {patients:,} patients and ingest them",
@@ -52,7 +69,16 @@ def run_demo(
             None,
             {"ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}}}},
         ),
-        (f"build the inputs of task {DEMO_TASK}", task_assets, DEMO_TASK, {}),
+        (
+            f"task {DEMO_TASK}: inputs, model, scores, publication",
+            task_assets,
+            DEMO_TASK,
+            {"ops": {
+                "fusion_model": {"config": training},
+                "fusion_model_fusion_model_quality": {"config": {
+                    "min_auroc": min_auroc, "max_calibration_error": max_calibration_error}},
+            }},
+        ),
     ]
     results = []
     for number, (title, stage_assets, partition_key, run_config) in enumerate(stages, start=1):
@@ -65,6 +91,7 @@ def run_demo(
                 instance=instance,
                 resources=resources,
                 partition_key=partition_key,
+                raise_on_error=False,
             )
         results.append(result)
         for event in result.get_asset_materialization_events():
@@ -72,10 +99,32 @@ def run_demo(
             path = materialization.metadata.get("path")
             where = f" -> {path.value}" if path is not None else ""
             console.print(f"  {materialization.asset_key.to_user_string()}{where}")
-        failed_checks = [
-            e.asset_check_key.name for e in result.get_asset_check_evaluations() if not e.passed
-        ]
+        failed_checks = [e.asset_check_key.name for e in result.get_asset_check_evaluations() if not e.passed]
         if failed_checks:
             console.print(f"  checks that did not pass: {', '.join(failed_checks)}", style="yellow")
-    console.print(f"done: every output is under {workspace}")
+        if not result.success:
+            failed = [e.step_key for e in result.get_step_failure_events()]
+            raise DemoFailed(f"stage '{title}' failed (steps: {', '.join(failed) or 'none'}; checks: "
+                             f"{', '.join(failed_checks) or 'none'}); run {result.run_id} in Dagster has details")
+    print_high_risk(workspace / "published", DEMO_TASK, console)
+    console.print(f"every output is under {workspace}: landing/, warehouse/ (tables, tasks/, models/, scores/), "
+                  "published/ (cohort versions, cohortcast.duckdb, FHIR RiskAssessments)")
     return results
+
+
+def print_high_risk(published: Path, task: str, console: Console, rows: int = 10) -> None:
+    """Print the top of the live high-risk list of a task."""
+    scores = current_scores(published, task)
+    if scores is None:
+        console.print(f"no published cohort for {task} yet")
+        return
+    top = scores.sort("risk", descending=True).head(rows)
+    table = Table(title=f"{task}: top of the high-risk list (published {current_version(published, task)}, "
+                        f"{(scores['risk_tier'] == 'high').sum()} high-risk of {scores.height})")
+    for column in ("patient", "risk", "tier", "treatment effect", "why (top items)"):
+        table.add_column(column)
+    for row in top.iter_rows(named=True):
+        effect = "" if row["treatment_effect"] is None else f"{row['treatment_effect'] * 100:+.1f} pts"
+        why = "; ".join(f"{i['item']} ({i['contribution'] * 100:+.1f})" for i in row["top_items"][:3])
+        table.add_row(row["patient_id"][:13], f"{row['risk']:.2f}", row["risk_tier"], effect, why)
+    console.print(table)

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -57,23 +58,34 @@ def _reference(value: Any, where: str, target: str, origin: Origin) -> str:
     ref = value.get("reference")
     if not isinstance(ref, str) or not ref:
         raise RecordError("bad_reference", f"{where}.reference is missing or not a string")
-    resolved = origin.full_urls.get(ref)
-    if resolved is not None:
-        kind, ident = resolved
-    elif ref.startswith("urn:uuid:"):
-        kind, ident = target, ref[9:]
-    else:
-        parts = ref.split("/")
-        if len(parts) >= 4 and parts[-2] == "_history":
-            parts = parts[:-2]
-        if len(parts) < 2:
-            raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} is not Type/id or urn:uuid:id")
-        kind, ident = parts[-2], parts[-1]
+    resolved = origin.full_urls.get(ref) if origin.full_urls else None
+    ident = _resolve(ref, target) if resolved is None else _check_resolved(resolved, target)
+    if type(ident) is tuple:
+        raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} {ident[0]}")
+    return ident  # type: ignore[return-value]
+
+
+def _check_resolved(resolved: tuple[str, str], target: str) -> str | tuple[str]:
+    kind, ident = resolved
     if kind != target:
-        raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} does not point to a {target}")
+        return (f"does not point to a {target}",)
     if FHIR_ID.fullmatch(ident) is None:
-        raise RecordError("bad_reference", f"{where}.reference {ref!r:.80} has an invalid id")
+        return ("has an invalid id",)
     return ident
+
+
+@lru_cache(maxsize=1 << 16)
+def _resolve(ref: str, target: str) -> str | tuple[str]:
+    """The id a reference string names (outside a Bundle), or (the reason it is bad,). Cached:
+    every resource of a patient repeats the same ``Patient/<id>``."""
+    if ref.startswith("urn:uuid:"):
+        return _check_resolved((target, ref[9:]), target)
+    parts = ref.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    if len(parts) < 2:
+        return ("is not Type/id or urn:uuid:id",)
+    return _check_resolved((parts[-2], parts[-1]), target)
 
 
 def _optional_reference(value: Any, target: str, origin: Origin) -> str | None:
@@ -99,10 +111,15 @@ def _codes(concept: Any, where: str) -> list[str]:
                 code = coding.get("code")
                 if isinstance(code, str) and code:
                     system = coding.get("system")
-                    out.append(f"{vocabulary_prefix(system if isinstance(system, str) else None)}//{code}")
+                    out.append(_code_text(system if isinstance(system, str) else None, code))
     if not out:
         raise RecordError("missing_code", f"{where} has no coding with a code")
     return out
+
+
+@lru_cache(maxsize=1 << 14)
+def _code_text(system: str | None, code: str) -> str:
+    return f"{vocabulary_prefix(system)}//{code}"
 
 
 def _display(concept: Any) -> str | None:

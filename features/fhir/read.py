@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import orjson
 
@@ -52,13 +53,23 @@ class ReadUnit:
     first_line: int = 1
 
 
-@dataclass
+_NO_URLS: Mapping[str, tuple[str, str]] = MappingProxyType({})
+
+
 class RawRecord:
-    number: int
-    raw: bytes
-    # Parsed already (Bundle entries), else None.
-    parsed: object = None
-    full_urls: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """One record of a file: its number, raw bytes, and for Bundle entries the parsed resource and
+    the Bundle's fullUrl map. A plain slotted class: one is made per resource, in the hot loop."""
+
+    __slots__ = ("full_urls", "number", "parsed", "raw")
+
+    def __init__(
+        self, number: int, raw: bytes, parsed: object = None, full_urls: Mapping[str, tuple[str, str]] = _NO_URLS
+    ) -> None:
+        self.number = number
+        self.raw = raw
+        # Parsed already (Bundle entries), else None.
+        self.parsed = parsed
+        self.full_urls = full_urls
 
 
 @dataclass

@@ -5,6 +5,10 @@ Stage: tasks and model inputs. In: the warehouse's ``events``, ``notes`` and ``i
 repository's ``tasks/`` folder (partition key = file stem = task name). Out: Parquet files under
 ``WAREHOUSE/tasks/<task>/`` written by :mod:`features.task_inputs`, and blocking asset checks that
 no input is dated after its patient's prediction time and no patient is in two splits.
+
+The checks are partitioned like their assets (``partitions_def=task_partitions``, a preview API in
+Dagster 1.13) and read their task from ``context.partition_key``, so a check run on its own, without
+its asset, still knows which task it checks.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
@@ -30,11 +34,14 @@ class NoteEncoderConfig(dg.Config):  # type: ignore[misc]
 
     model_path: str = ""
     batch_size: int = 64
+    # Tokens kept per note; the packaged MiniLM was trained on 256 (the simulator's notes are <= 185).
+    max_length: int = 256
 
 
 def _task(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> TaskDefinition:
-    key = context.partition_key if isinstance(context, dg.AssetExecutionContext) else None
-    return load_task(TASKS_DIR / f"{key}.yaml")
+    """The task of the partition being run: an asset's, or a check's (checks share the assets'
+    ``task_partitions``, so a check run alone still knows its task)."""
+    return load_task(TASKS_DIR / f"{context.partition_key}.yaml")
 
 
 def _result(step: task_inputs.StepResult) -> dg.MaterializeResult:
@@ -85,7 +92,7 @@ def note_embeddings(context: dg.AssetExecutionContext, config: NoteEncoderConfig
     """Text-encoder vectors of notes written before prediction time, cached by note hash."""
     encoder = NoteEncoder(Path(config.model_path) if config.model_path else None,
                           cache_dir=workspace.warehouse_dir / "cache" / "note_embeddings",
-                          batch_size=config.batch_size)
+                          batch_size=config.batch_size, max_length=config.max_length)
     return _result(task_inputs.build_note_embeddings(workspace.warehouse_dir, _task(context), encoder))
 
 
@@ -96,15 +103,12 @@ def imaging_inputs(context: dg.AssetExecutionContext, workspace: Workspace) -> d
     return _result(task_inputs.build_imaging_inputs(workspace.warehouse_dir, _task(context)))
 
 
-def _check_task(context: dg.AssetCheckExecutionContext) -> TaskDefinition:
-    return load_task(TASKS_DIR / f"{context.run.tags.get('dagster/partition', '')}.yaml")
-
-
 def _leak_check(name: str, time_column: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=name, name=f"{name}_before_prediction_time", blocking=True,
+                    partitions_def=task_partitions,
                     description=f"No {name} row is dated after its patient's prediction time.")
     def check(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
-        folder = task_inputs.task_dir(workspace.warehouse_dir, _check_task(context))
+        folder = task_inputs.task_dir(workspace.warehouse_dir, _task(context))
         inputs = pl.read_parquet(folder / f"{name}.parquet")
         leaks = find_leaks(inputs, pl.read_parquet(folder / "cohort.parquet"), time_column)
         if name == "event_tokens":
@@ -121,8 +125,9 @@ note_embeddings_leakage = _leak_check("note_embeddings", "time")
 imaging_inputs_leakage = _leak_check("imaging_inputs", "time")
 
 
-@dg.asset_check(asset=subject_splits, blocking=True, description="Every patient is in exactly one split.")
+@dg.asset_check(asset=subject_splits, blocking=True, partitions_def=task_partitions,
+                description="Every patient is in exactly one split.")
 def subject_splits_disjoint(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
-    folder = task_inputs.task_dir(workspace.warehouse_dir, _check_task(context))
+    folder = task_inputs.task_dir(workspace.warehouse_dir, _task(context))
     overlap = find_split_overlap(pl.read_parquet(folder / "splits.parquet"))
     return dg.AssetCheckResult(passed=overlap.height == 0, metadata={"patients_in_two_splits": overlap.height})

@@ -159,3 +159,22 @@ def test_unwritable_output_raises(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(LandingZoneError, match="cannot be created"):
         ingest_landing_zone(tmp_path / "landing", tmp_path / "file" / "out")
+
+
+def test_result_does_not_depend_on_batching(
+    shared_fhir_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small files (one Bundle per patient here) are read in batches of about UNIT_BYTES; with a
+    # batch per file instead, every table, the quarantine and the accounting come out the same.
+    import features.ingest
+
+    landing = shared_fhir_dir / "synthea-bundles"
+    batched = ingest_landing_zone(landing, tmp_path / "batched", workers=1, export_time=EXPORT)
+    monkeypatch.setattr(features.ingest, "UNIT_BYTES", 1)
+    one_each = ingest_landing_zone(landing, tmp_path / "one_each", workers=2, export_time=EXPORT)
+    assert batched.files == one_each.files
+    assert batched.table_rows == one_each.table_rows
+    for table in (*INTERNAL_TABLES, "events", "quarantine"):
+        path = tmp_path / "batched" / f"{table}.parquet"
+        if path.exists():
+            assert pl.read_parquet(path).equals(pl.read_parquet(tmp_path / "one_each" / f"{table}.parquet"))

@@ -6,16 +6,19 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pytest
 from rich.console import Console
 
 from pipelines.definitions import all_assets
 from pipelines.demo import DEMO_TASK, run_demo
 
 
+@pytest.mark.slow
 def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     with dg.instance_for_test() as instance:
-        results = run_demo(tmp_path / "workspace", patients=120, seed=1, console=console, instance=instance)
+        results = run_demo(tmp_path / "workspace", patients=300, seed=1, console=console, instance=instance,
+                           epochs=3, hidden_size=32, min_auroc=0.0, max_calibration_error=1.0)
     assert all(r.success for r in results)
     materialized = {
         e.asset_key.to_user_string() for r in results for e in r.get_asset_materialization_events()
@@ -26,9 +29,13 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert checks and all(e.passed for e in checks)
     warehouse = tmp_path / "workspace" / "warehouse"
     truth = pl.read_parquet(tmp_path / "workspace" / "landing" / "truth.parquet")
-    assert pl.read_parquet(warehouse / "patients.parquet").height == 120
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 300
     labels = pl.read_parquet(warehouse / "tasks" / DEMO_TASK / "labels.parquet")
     assert labels.height == truth.height
+    published = pl.read_parquet(tmp_path / "workspace" / "published" / DEMO_TASK / "v0001" / "scores.parquet")
+    assert published.height == 300
+    assert (published["risk_tier"] == "high").sum() == 15
     output = console.export_text()
-    assert "[1/2] simulate 120 patients and ingest them" in output
-    assert f"[2/2] build the inputs of task {DEMO_TASK}" in output
+    assert "[1/2] simulate 300 patients and ingest them" in output
+    assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
+    assert "top of the high-risk list (published v0001, 15 high-risk of 300)" in output

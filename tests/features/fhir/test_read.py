@@ -283,3 +283,22 @@ def test_strict_mode_rejects_what_the_fast_path_allows(tmp_path: Path) -> None:
     reject = only_reject(pl.read_parquet(tmp_path / "strict" / "quarantine.parquet"))
     assert (reject["record_number"], reject["reason_code"]) == (3, "fhir_invalid")
     assert reject["reason"].startswith("FHIR R4 validation failed at Condition.clinicalStatus")
+
+
+def test_cached_date_errors_name_each_field() -> None:
+    # Parsed dates are cached by their text; the reason still names the field each time.
+    from features.fhir.validate import RecordError, parse_datetime
+
+    for where in ("Condition.onsetDateTime", "Encounter.period.start"):
+        with pytest.raises(RecordError) as err:
+            parse_datetime("2021-02-30", where, EXPORT)
+        assert err.value.code == "bad_date"
+        assert err.value.reason.startswith(f"{where} '2021-02-30' is not a real date")
+    assert parse_datetime("2016-03-14T11:40:00-04:00", "x", EXPORT) == datetime(2016, 3, 14, 15, 40)
+
+
+def test_cached_reference_errors_name_each_field(tmp_path: Path) -> None:
+    # References are resolved through a cache; a bad one is still reported at its own field.
+    bad = condition(subject={"reference": "Practitioner/p1"})
+    reject = only_reject(ingest_lines(tmp_path, line(bad))[1])
+    assert reject["reason"] == "Condition.subject.reference 'Practitioner/p1' does not point to a Patient"

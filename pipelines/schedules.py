@@ -1,0 +1,45 @@
+"""Operations: the nightly schedule and the sensor that chains a finished ingest through to publishing.
+
+Stage: orchestration. In: the ``ingest`` and ``task_pipeline`` jobs of :mod:`pipelines.definitions`.
+Out: run requests, one per task (partition): every night, and after every successful ingest, each
+task's inputs are rebuilt, its model retrained when its inputs changed, and its cohort re-scored and
+published (gated by the blocking checks upstream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import dagster as dg
+
+from pipelines.assets.tasks import task_partitions
+
+
+def task_run_requests(job: dg.UnresolvedAssetJobDefinition, run_key_prefix: str) -> Iterator[dg.RunRequest]:
+    for task in task_partitions.get_partition_keys():
+        yield dg.RunRequest(run_key=f"{run_key_prefix}/{task}", partition_key=task, job_name=job.name)
+
+
+def nightly_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+    """Re-score (and re-publish) every task at 02:00 site time."""
+
+    @dg.schedule(cron_schedule="0 2 * * *", job=job, execution_timezone="America/New_York",
+                 name="nightly_rescore", default_status=dg.DefaultScheduleStatus.STOPPED)
+    def nightly_rescore(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
+        stamp = context.scheduled_execution_time.strftime("%Y-%m-%d")
+        yield from task_run_requests(job, f"nightly/{stamp}")
+
+    return nightly_rescore
+
+
+def after_ingest_sensor(ingest_job: dg.UnresolvedAssetJobDefinition,
+                        task_job: dg.UnresolvedAssetJobDefinition) -> dg.RunStatusSensorDefinition:
+    """When an ingest run succeeds, run every task's pipeline on the new data."""
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[ingest_job],
+                          request_job=task_job, name="publish_after_ingest",
+                          default_status=dg.DefaultSensorStatus.STOPPED)
+    def publish_after_ingest(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest]:
+        yield from task_run_requests(task_job, f"after-ingest/{context.dagster_run.run_id}")
+
+    return publish_after_ingest

@@ -1,0 +1,45 @@
+"""``build_all`` end to end on the real Synthea exports (``../shared/data/fhir``), ingested for real."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from features import task_inputs
+from features.note_embeddings import NoteEncoder
+from features.tasks import load_task
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: Path) -> None:
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(synthea_warehouse, warehouse)
+    definition = load_task(REPO / "tasks" / "synthea_death_1y.yaml")
+    # max_length 64 keeps the test fast; which notes are embedded does not depend on it.
+    encoder = NoteEncoder(cache_dir=warehouse / "cache", max_length=64)
+    results = task_inputs.build_all(warehouse, definition, encoder)
+
+    # 41 patients (13 bulk NDJSON + 28 Bundles); 7 died before 2016-01-01 and 8 of the living are
+    # under 18 then. The ingest quarantines 16 duplicate resources of the Bundles.
+    assert results["cohort"].stats["attrition"] == [
+        ["patients in events", 41], ["prediction time placed", 41], ["alive at prediction time", 34],
+        ["history >= 365 days", 34], ["age within limits", 26]]
+    labels = pl.read_parquet(results["labels"].path)
+    # One death within the year (2016-12-10); four deaths in all follow-up (2016 to 2021).
+    assert results["labels"].stats == {"cohort": 26, "positive": 1, "negative": 25, "censored_before_horizon": 0,
+                                       "events_observed": 4, "no_follow_up": 0, "treated": None}
+    assert labels.filter(pl.col("boolean_value"))["duration_days"].round(1).to_list() == [344.1]
+    assert {k: results["splits"].stats[k] for k in ("train", "tuning", "held_out")} == {
+        "train": 13, "tuning": 6, "held_out": 7}
+    # Only the bulk export carries DocumentReference notes: 191 notes of 7 cohort patients are
+    # dated before 2016-01-01; no genomics or imaging in Synthea.
+    assert results["note_embeddings"].stats["notes"] == 191 == encoder.n_embedded
+    assert results["note_embeddings"].stats["patients_with_notes"] == 7
+    assert results["imaging_inputs"].stats["studies"] == 0
+    assert results["event_tokens"].stats["leaking_patients"] == 0
+    assert results["tabular_features"].stats["codes"] == 100
