@@ -72,7 +72,7 @@ def model_version(model_dir: Path) -> str:
 
 def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers,
                previous: pl.DataFrame | None = None, explain_top_k: int = 5,
-               with_explanations: bool = True) -> pa.Table:
+               with_explanations: bool = True, bf16: bool = False) -> pa.Table:
     """Score every cohort patient of a task.
 
     Raises
@@ -97,7 +97,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         model.config.text_embedding_dim or DEFAULT_TEXT_DIM,
         model.config.imaging_embedding_dim or DEFAULT_IMAGING_DIM,
     )
-    p = predict(model, calibrator, dataset)
+    p = predict(model, calibrator, dataset, bf16=bf16)
     n = len(dataset)
     vocabulary = _inverse_vocabulary(model_dir / "vocabulary.json")
     explanations = explain(model, calibrator, dataset.patients, vocabulary, explain_top_k) if with_explanations else []

@@ -32,8 +32,7 @@ from transformers.utils import ModelOutput
 
 from models.fusion.configuration_fusion import MODALITIES, FusionConfig
 
-N_TIME_FREQUENCIES = 8
-MAX_LOOKBACK_DAYS = 3650.0
+TIME_BUCKET_EDGES_DAYS = (1.0, 7.0, 30.0, 91.0, 182.0, 365.0, 730.0, 1826.0, 3652.0)
 
 
 @dataclass
@@ -48,20 +47,22 @@ class FusionOutput(ModelOutput):  # type: ignore[misc]
 
 
 class TimeEncoding(nn.Module):
-    """Encode days before the prediction time on a log scale (recent days matter most)."""
+    """Embed how long before the prediction time a token was recorded, in clinical time buckets.
+
+    Buckets (same day, a week, a month, a quarter, half a year, a year, two, five, ten years,
+    older) keep neighbouring days together and separate what matters clinically; a learned
+    embedding per bucket starts as small as the code embeddings, so time refines a token's meaning
+    instead of drowning it (continuous sinusoidal features did, and the model then learned nothing).
+    """
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(2 * N_TIME_FREQUENCIES, hidden_size)
+        self.embedding = nn.Embedding(len(TIME_BUCKET_EDGES_DAYS) + 1, hidden_size)
 
     def forward(self, days: torch.Tensor) -> torch.Tensor:
         # days: (B, L) >= 0  ->  (B, L, H)
-        t = torch.log1p(days.clamp(min=0.0)) / math.log1p(MAX_LOOKBACK_DAYS)
-        # Built here, not stored: from_pretrained builds modules on the meta device, where
-        # non-persistent buffers would be lost.
-        frequencies = math.pi * 2.0 ** torch.arange(N_TIME_FREQUENCIES, dtype=t.dtype, device=t.device)
-        angles = t.unsqueeze(-1) * frequencies  # (B, L, F)
-        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1))
+        edges = torch.tensor(TIME_BUCKET_EDGES_DAYS, dtype=days.dtype, device=days.device)
+        return self.embedding(torch.bucketize(days.clamp(min=0.0).contiguous(), edges))
 
 
 class SelfAttention(nn.Module):
@@ -70,7 +71,6 @@ class SelfAttention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # x: (B, T, H), mask: (B, T) True for real tokens
@@ -78,8 +78,10 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(h, dim=2)
         q, k, v = (z.view(b, t, self.n_heads, h // self.n_heads).transpose(1, 2) for z in (q, k, v))
         attn_mask = mask[:, None, None, :]  # (B, 1, 1, T): every query sees only real keys
+        # No dropout on the attention weights: it would force PyTorch's slow reference kernel
+        # (5x slower training on CPU); dropout stays on the residual branches.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask
         )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(b, t, h))
 
