@@ -144,6 +144,18 @@ class InputSettings:
 
 
 @dataclass(frozen=True)
+class PublishingSettings:
+    """Who is flagged, and the model quality a publication needs."""
+
+    # Tiers by rank of risk: the top high_share of the cohort is high, the next medium_share medium.
+    high_share: float = 0.05
+    medium_share: float = 0.15
+    # Held-out quality gates: below them the cohort is not published and the last version stays live.
+    min_auroc: float = 0.6
+    max_calibration_error: float = 0.1
+
+
+@dataclass(frozen=True)
 class TaskDefinition:
     """One prediction task: the cohort, the outcome, the horizon and optionally a treatment."""
 
@@ -158,6 +170,7 @@ class TaskDefinition:
     treatment: TreatmentDefinition | None = None
     splits: SplitFractions = field(default_factory=SplitFractions)
     inputs: InputSettings = field(default_factory=InputSettings)
+    publishing: PublishingSettings = field(default_factory=PublishingSettings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +352,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
     top = _Reader(name, "", raw)
     top.check_keys(
         {"name", "description", "cohort", "outcome", "horizon_days", "follow_up_end", "treatment",
-         "splits", "inputs"},
+         "splits", "inputs", "publishing"},
         {"cohort", "outcome", "horizon_days"},
     )
 
@@ -414,6 +427,23 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
             tabular_codes=i.integer("tabular_codes", inputs.tabular_codes, 0),
         )
 
+    publishing = PublishingSettings()
+    if raw.get("publishing") is not None:
+        pub = top.child("publishing")
+        pub.check_keys({"high_share", "medium_share", "min_auroc", "max_calibration_error"})
+        publishing = PublishingSettings(
+            high_share=float(pub.number("high_share", publishing.high_share, 0.0) or 0.0),
+            medium_share=float(pub.number("medium_share", publishing.medium_share, 0.0) or 0.0),
+            min_auroc=float(pub.number("min_auroc", publishing.min_auroc, 0.0) or 0.0),
+            max_calibration_error=float(pub.number("max_calibration_error", publishing.max_calibration_error, 0.0)
+                                        or 0.0),
+        )
+        if not 0 < publishing.high_share <= 1 or publishing.high_share + publishing.medium_share > 1:
+            pub.fail("publishing.high_share", "a share in (0, 1] with high_share + medium_share <= 1",
+                     publishing.high_share)
+        if publishing.min_auroc > 1:
+            pub.fail("publishing.min_auroc", "an AUROC between 0 and 1", publishing.min_auroc)
+
     return TaskDefinition(
         name=name,
         description=top.string("description", ""),
@@ -424,6 +454,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         treatment=treatment_definition,
         splits=splits,
         inputs=inputs,
+        publishing=publishing,
     )
 
 

@@ -149,7 +149,8 @@ class FusionDataset(Dataset[PatientInputs]):
                         np.asarray(note["embedding"].to_list(), dtype=np.float32)
                         if note is not None else np.zeros((0, text_embedding_dim), dtype=np.float32)
                     ),
-                    note_days=note["days"].to_numpy().astype(np.float32) if note is not None else np.zeros(0, np.float32),
+                    note_days=(note["days"].to_numpy().astype(np.float32) if note is not None
+                               else np.zeros(0, np.float32)),
                     imaging_embeddings=(
                         np.asarray(study["embedding"].to_list(), dtype=np.float32)
                         if study is not None else np.zeros((0, imaging_embedding_dim), dtype=np.float32)

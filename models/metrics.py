@@ -27,7 +27,7 @@ def _check_binary(name: str, y: npt.ArrayLike) -> npt.NDArray[np.bool_]:
     if labels.size == 0:
         raise ValueError(f"{name}: no patients to evaluate")
     values = set(np.unique(labels).tolist())
-    if not values <= {0, 1, True, False}:
+    if not values <= {0, 1}:
         raise ValueError(f"{name}: labels must be 0/1 (found {sorted(values)[:5]})")
     if len(values) < 2:
         raise ValueError(f"{name}: needs both outcomes, found only {sorted(values)} among {labels.size} patients")

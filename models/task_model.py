@@ -87,7 +87,9 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
                 "tabular_features.parquet")
     missing = [name for name in required if not (task_dir / name).is_file()]
     if missing:
-        raise ModelFolderError(f"task folder {task_dir}: missing {', '.join(missing)} (run `cohortcast features` first)")
+        raise ModelFolderError(
+            f"task folder {task_dir}: missing {', '.join(missing)} (run `cohortcast features` first)"
+        )
     labels = pl.read_parquet(task_dir / "labels.parquet")
     splits = pl.read_parquet(task_dir / "splits.parquet")
     cohort = pl.read_parquet(task_dir / "cohort.parquet")
@@ -162,7 +164,8 @@ def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.
     # followed after it); in both splits, since the censoring weights come from the train split.
     candidates = times or [90.0, 180.0, horizon_days]
     eval_times = [t for t in candidates
-                  if (event & (duration <= t)).any() and (duration > t).any() and t < train_labels["duration_days"].max()]
+                  if (event & (duration <= t)).any() and (duration > t).any()
+                  and t < train_labels["duration_days"].max()]
     metrics = {"harrell_c": harrell_c_index(event, duration, score)}
     if eval_times:
         metrics["uno_c"] = uno_c_index(*args, score, tau_days=max(eval_times))

@@ -13,14 +13,14 @@ Each modality becomes tokens of width ``hidden_size``:
 * note: projected text-encoder embedding + time encoding;
 * imaging study: projected image embedding + DICOM-modality embedding + time encoding.
 
-A modality embedding (ehr, notes, genomics, imaging) is added to every token, a learned ``[CLS]`` token is prepended, and a stack of
+A modality embedding (ehr, notes, genomics, imaging) is added to every token, a learned ``[CLS]``
+token is prepended, and a stack of
 pre-norm transformer blocks (PyTorch scaled-dot-product attention with a key-padding mask) mixes
 them. A missing modality is simply absent: its tokens are padding, never zero-filled fakes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

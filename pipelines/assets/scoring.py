@@ -28,12 +28,12 @@ from pipelines.resources import Workspace
 
 
 class ScoringRunConfig(dg.Config):  # type: ignore[misc]
-    """Risk tiers (shares of the cohort, by rank) and explanations."""
+    """Explanations and precision; the risk tiers come from the task file (``publishing``)."""
 
-    high_share: float = 0.05
-    medium_share: float = 0.15
     explanations: bool = True
     top_items: int = 5
+    # bfloat16 autocast for the forward pass (faster on CPUs with AMX or AVX512-BF16).
+    bf16: bool = False
 
 
 def published_dir(workspace: Workspace) -> Path:
@@ -50,10 +50,11 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
                 workspace: Workspace) -> dg.MaterializeResult:
     """Risk, survival curve, treatment effect, tier and explanation of every cohort patient."""
     task = context.partition_key
+    tiers = load_task(TASKS_DIR / f"{task}.yaml").publishing
     previous = current_scores(published_dir(workspace), task)
     scores = score_task(model_dir(workspace, task), workspace.warehouse_dir / "tasks" / task, task,
-                        RiskTiers(config.high_share, config.medium_share), previous, config.top_items,
-                        with_explanations=config.explanations)
+                        RiskTiers(tiers.high_share, tiers.medium_share), previous, config.top_items,
+                        with_explanations=config.explanations, bf16=config.bf16)
     path = write_parquet_atomic(scores, scores_path(workspace, task))
     tiers = pl.from_arrow(scores.select(["risk_tier"])).to_series().value_counts()  # type: ignore[union-attr]
     return dg.MaterializeResult(metadata={

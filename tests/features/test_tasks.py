@@ -69,3 +69,14 @@ def test_load_task_bad_yaml(tmp_path: Path) -> None:
 def test_missing_name() -> None:
     with pytest.raises(CohortDefinitionError, match="name must be a string"):
         parse_task({"cohort": {}})
+
+
+def test_publishing_settings_come_from_the_task_file_and_are_checked(tmp_path: Path) -> None:
+    task = load_task(Path(__file__).resolve().parents[2] / "tasks" / "simulated_mace_1y.yaml")
+    assert (task.publishing.high_share, task.publishing.medium_share) == (0.05, 0.15)
+    assert (task.publishing.min_auroc, task.publishing.max_calibration_error) == (0.6, 0.1)
+    bad = tmp_path / "toy.yaml"
+    bad.write_text("name: toy\ncohort: {prediction_time: {fixed: 2020-01-01}}\noutcome: {death: true}\n"
+                   "horizon_days: 365\npublishing: {high_share: 0.9, medium_share: 0.2}\n")
+    with pytest.raises(CohortDefinitionError, match=r"task 'toy': publishing.high_share must be a share in \(0, 1\]"):
+        load_task(bad)

@@ -42,7 +42,8 @@ def test_feature_matrix_keeps_the_train_column_order_and_missing_values() -> Non
     assert np.isnan(x[1, 1])
     x_held_out, _ = feature_matrix(held_out, names)
     assert x_held_out.tolist() == [[70.0, 0.9]]
-    with pytest.raises(ValueError, match=r"columns \['age_years', 'last__LOINC//2160-0'\] of the train split are missing"):
+    expected = r"columns \['age_years', 'last__LOINC//2160-0'\] of the train split are missing"
+    with pytest.raises(ValueError, match=expected):
         feature_matrix(pl.DataFrame({"subject_id": [4]}), names)
 
 

@@ -11,7 +11,6 @@ from models.task_model import ModelFolderError, load_task_model, train_task_mode
 from models.training import TrainingArguments
 from tests.models.synthetic import write_task_folder
 
-
 pytestmark = pytest.mark.slow
 
 
@@ -68,7 +67,7 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     broken.mkdir()
     for name in ("config.json", "vocabulary.json", "cohortcast_model.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())
-    with pytest.raises(ModelFolderError, match="is missing model.safetensors, calibration.json"):
+    with pytest.raises(ModelFolderError, match=r"is missing model\.safetensors, calibration\.json"):
         load_task_model(broken)
     for name in ("model.safetensors", "calibration.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())

@@ -9,8 +9,9 @@ import polars as pl
 import pytest
 from rich.console import Console
 
-from pipelines.definitions import all_assets
+from pipelines.definitions import all_asset_checks, all_assets, task_assets
 from pipelines.demo import DEMO_TASK, run_demo
+from pipelines.resources import resources_for_deployment
 
 
 @pytest.mark.slow
@@ -39,3 +40,19 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert "[1/2] simulate 300 patients and ingest them" in output
     assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
     assert "top of the high-risk list (published v0001, 15 high-risk of 300)" in output
+
+    # A model below the task's quality gate is not published: the live version stays v0001.
+    with dg.instance_for_test() as instance:
+        gated = dg.materialize(
+            [*task_assets, *all_asset_checks], selection=dg.AssetSelection.assets(*task_assets),
+            partition_key=DEMO_TASK, instance=instance, raise_on_error=False,
+            resources=resources_for_deployment(str(tmp_path / "workspace")),
+            run_config={"ops": {"fusion_model": {"config": {"max_epochs": 1, "hidden_size": 32}},
+                                "fusion_model_fusion_model_quality": {"config": {"min_auroc": 1.0}}}},
+        )
+    assert not gated.success
+    quality = [e for e in gated.get_asset_check_evaluations() if e.asset_check_key.name == "fusion_model_quality"]
+    assert [e.passed for e in quality] == [False]
+    assert {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()} >= {"fusion_model"}
+    assert "published_cohort" not in {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()}
+    assert (tmp_path / "workspace" / "published" / DEMO_TASK / "CURRENT").read_text().strip() == "v0001"
