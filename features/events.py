@@ -62,7 +62,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
     def with_subject(name: str) -> pl.LazyFrame:
         return tables[name].join(subjects, on="patient_id", how="inner", maintain_order="left")
 
-    no_num, no_text = _null(pl.Float32), _null(pl.String)
+    no_num, no_text = _null(pl.Float32()), _null(pl.String())
     frames = [
         _frame(
             patients.filter(pl.col("birth_date").is_not_null()),

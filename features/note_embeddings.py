@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -154,8 +155,8 @@ class NoteEncoder:
         self.cache = EmbeddingCache(cache_dir, self.fingerprint) if cache_dir is not None else None
         # Texts actually run through the model (not served by the cache), for tests and logs.
         self.n_embedded = 0
-        self._model = None
-        self._tokenizer = None
+        self._model: Any = None
+        self._tokenizer: Any = None
 
     def _load_model(self) -> None:
         import torch

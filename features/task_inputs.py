@@ -150,7 +150,7 @@ def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
         lengths = tokens["token_ids"].list.len()
         return _arrow(tokens, EVENT_TOKENS), {
             "vocabulary_size": len(tokenizer.vocabulary_),
-            "mean_length": float(lengths.mean() or 0.0),
+            "mean_length": float(lengths.cast(pl.Float64).mean() or 0.0),  # type: ignore[arg-type]
             "truncated_patients": int((lengths >= settings.max_events).sum()),
             "leaking_patients": find_leaks(tokens, cohort, "last_input_time").height
             + find_negative_offsets(tokens).height,
@@ -241,8 +241,8 @@ def build_all(warehouse_dir: Path, task: TaskDefinition, encoder: NoteEncoder) -
         "note_embeddings": build_note_embeddings(warehouse_dir, task, encoder),
         "imaging_inputs": build_imaging_inputs(warehouse_dir, task),
     }
-    summary = {name: {"recomputed": r.recomputed, **r.stats} for name, r in results.items()}
-    summary["modality_coverage"] = modality_coverage(warehouse_dir, task)  # type: ignore[assignment]
+    summary: dict[str, Any] = {name: {"recomputed": r.recomputed, **r.stats} for name, r in results.items()}
+    summary["modality_coverage"] = modality_coverage(warehouse_dir, task)
     write_bytes_atomic(json.dumps(summary, indent=1, default=str).encode(),
                        task_dir(warehouse_dir, task) / "summary.json")
     return results

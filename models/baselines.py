@@ -100,7 +100,9 @@ class TLearner:
     treated: lgb.LGBMClassifier
 
     def effect(self, x: Matrix) -> Matrix:
-        return np.asarray(self.treated.predict_proba(x)[:, 1] - self.untreated.predict_proba(x)[:, 1])
+        treated = np.asarray(self.treated.predict_proba(x))
+        untreated = np.asarray(self.untreated.predict_proba(x))
+        return np.asarray(treated[:, 1] - untreated[:, 1])
 
 
 def fit_t_learner(x: Matrix, y: npt.ArrayLike, treated: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,

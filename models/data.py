@@ -11,6 +11,7 @@ Tensors are built here, in memory, from the stored tables; they are never writte
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +176,9 @@ class FusionDataset(Dataset[PatientInputs]):
 
     def __getitem__(self, index: int) -> PatientInputs:
         return self.patients[index]
+
+    def __iter__(self) -> Iterator[PatientInputs]:
+        return iter(self.patients)
 
     @property
     def subject_ids(self) -> npt.NDArray[np.int64]:

@@ -251,12 +251,13 @@ def survival_labels(
     if not horizon_days > 0:
         raise ValueError(f"survival_labels: horizon_days must be positive (got {horizon_days})")
     had_event = events.astype(bool)
-    value = np.where(had_event & (durations <= horizon_days), True, np.where(durations > horizon_days, False, None))
+    positive = had_event & (durations <= horizon_days)
+    value = [True if p else (False if d > horizon_days else None) for p, d in zip(positive, durations, strict=True)]
     return pl.DataFrame(
         {
             ID_COLUMN: ids.astype(np.int64),
             "prediction_time": pl.Series([prediction_time] * ids.size, dtype=pl.Datetime("us")),
-            "boolean_value": pl.Series(value.tolist(), dtype=pl.Boolean),
+            "boolean_value": pl.Series(value, dtype=pl.Boolean),
             "event": had_event,
             "duration_days": durations,
             "treated": pl.Series([None] * ids.size, dtype=pl.Boolean),

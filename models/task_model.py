@@ -231,9 +231,9 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     y = labels["risk_label"][known]
     out: dict[str, dict[str, float]] = {}
     logistic = fit_logistic(x_train[k_train], y_train)
-    out["logistic_regression"] = _risk_metrics(y, logistic.predict_proba(x_test[known])[:, 1])
+    out["logistic_regression"] = _risk_metrics(y, np.asarray(logistic.predict_proba(x_test[known]))[:, 1])
     boosted = fit_lightgbm(x_train[k_train], y_train, x_tuning[k_tuning], y_tuning, seed)
-    risk = boosted.predict_proba(x_test)[:, 1]
+    risk = np.asarray(boosted.predict_proba(x_test))[:, 1]
     out["lightgbm"] = _risk_metrics(y, risk[known])
     out["lightgbm"].update(_survival_metrics(train_labels, labels, risk, horizon))
     for name, fit in (("cox_ph", fit_cox), ("random_survival_forest", fit_random_survival_forest)):

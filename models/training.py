@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.calibration import PlattCalibrator
-from models.data import FusionDataset, collate
+from models.data import FusionDataset, PatientInputs, collate
 from models.fusion import FusionForRiskPrediction
 
 
@@ -137,13 +137,15 @@ def train(
     check_trainable("tuning", tuning_dataset, 1)
     seed_everything(args.seed)
     device = args.resolve_device()
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     distributed = dist.is_available() and dist.is_initialized()
     module: torch.nn.Module = (
         DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if distributed else model
     )
-    sampler = DistributedSampler(train_dataset, shuffle=True, seed=args.seed) if distributed else None
+    sampler: DistributedSampler[PatientInputs] | None = (
+        DistributedSampler(train_dataset, shuffle=True, seed=args.seed) if distributed else None
+    )
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(
         train_dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as hf_init
-from transformers.utils import ModelOutput
+from transformers.utils.generic import ModelOutput
 
 from models.fusion.configuration_fusion import MODALITIES, FusionConfig
 
