@@ -7,6 +7,7 @@ sibling and renamed into place, so a killed run leaves the previous good file re
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,3 +66,20 @@ def sink_parquet_atomic(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chun
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(staging: Path, target: Path) -> Path:
+    """Move a completed ``staging`` folder to ``target``, replacing what was there.
+
+    The old folder is renamed aside first and removed only once the new one is in place, so a
+    crash leaves either the old or the new folder under ``target`` (plus a hidden leftover).
+    """
+    if target.exists():
+        retired = target.with_name(f".{target.name}.retired")
+        shutil.rmtree(retired, ignore_errors=True)
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(target)
+    return target

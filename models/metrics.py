@@ -80,6 +80,15 @@ def harrell_c_index(event: npt.ArrayLike, duration_days: npt.ArrayLike, risk: np
     return float(result[0])
 
 
+def _survival_targets(train_event: npt.ArrayLike, train_duration_days: npt.ArrayLike, event: npt.ArrayLike,
+                      duration_days: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-survival targets of the train split (for the censoring weights) and the evaluated split."""
+    return (
+        Surv.from_arrays(np.asarray(train_event, dtype=bool), np.asarray(train_duration_days, dtype=float)),
+        Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float)),
+    )
+
+
 def uno_c_index(
     train_event: npt.ArrayLike,
     train_duration_days: npt.ArrayLike,
@@ -89,8 +98,7 @@ def uno_c_index(
     tau_days: float,
 ) -> float:
     """Uno's IPCW concordance up to ``tau_days``, censoring estimated on the training split."""
-    y_train = Surv.from_arrays(np.asarray(train_event, dtype=bool), np.asarray(train_duration_days, dtype=float))
-    y_test = Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float))
+    y_train, y_test = _survival_targets(train_event, train_duration_days, event, duration_days)
     return float(concordance_index_ipcw(y_train, y_test, np.asarray(risk, dtype=float), tau=tau_days)[0])
 
 
@@ -103,8 +111,7 @@ def time_dependent_auc(
     times_days: npt.ArrayLike,
 ) -> float:
     """Mean cumulative/dynamic AUC over ``times_days`` (scikit-survival)."""
-    y_train = Surv.from_arrays(np.asarray(train_event, dtype=bool), np.asarray(train_duration_days, dtype=float))
-    y_test = Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float))
+    y_train, y_test = _survival_targets(train_event, train_duration_days, event, duration_days)
     _aucs, mean_auc = cumulative_dynamic_auc(y_train, y_test, np.asarray(risk, dtype=float), np.asarray(times_days))
     return float(mean_auc)
 
@@ -118,8 +125,7 @@ def integrated_brier(
     times_days: npt.ArrayLike,
 ) -> float:
     """Integrated Brier score of survival curves ``survival`` (n_patients, n_times) at ``times_days``."""
-    y_train = Surv.from_arrays(np.asarray(train_event, dtype=bool), np.asarray(train_duration_days, dtype=float))
-    y_test = Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float))
+    y_train, y_test = _survival_targets(train_event, train_duration_days, event, duration_days)
     return float(integrated_brier_score(y_train, y_test, np.asarray(survival, dtype=float), np.asarray(times_days)))
 
 

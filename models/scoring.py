@@ -99,7 +99,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     )
     p = predict(model, calibrator, dataset, bf16=bf16)
     n = len(dataset)
-    vocabulary = _inverse_vocabulary(model_dir / "vocabulary.json")
+    vocabulary = inverse_vocabulary(model_dir / "vocabulary.json")
     explanations = explain(model, calibrator, dataset.patients, vocabulary, explain_top_k) if with_explanations else []
     previous_risk: list[float | None] = [None] * n
     if previous is not None and previous.height:
@@ -129,7 +129,8 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     )
 
 
-def _inverse_vocabulary(path: Path) -> list[str]:
+def inverse_vocabulary(path: Path) -> list[str]:
+    """Token strings by id, from a tokenizer's ``vocabulary.json``."""
     vocabulary: dict[str, int] = json.loads(path.read_text())["vocabulary"]
     names = [""] * (max(vocabulary.values()) + 1)
     for token, index in vocabulary.items():

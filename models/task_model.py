@@ -26,6 +26,7 @@ import numpy.typing as npt
 import polars as pl
 import torch
 
+from features.io import replace_dir
 from models.baselines import (
     feature_matrix,
     fit_cox,
@@ -303,15 +304,7 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }, indent=2))
-    if folder.exists():
-        retired = folder.with_name(f".{folder.name}.retired")
-        shutil.rmtree(retired, ignore_errors=True)
-        folder.rename(retired)
-        staging.rename(folder)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(folder)
-    return folder
+    return replace_dir(staging, folder)
 
 
 def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibrator, dict[str, Any]]:

@@ -32,6 +32,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError, SimulationError
+from features.io import replace_dir
 from features.schemas import GENOMICS_VARIANTS_INPUT, IMAGING_INPUT, NOTES_INPUT
 from features.simulate import vocabulary as v
 from features.simulate.records import (
@@ -157,22 +158,11 @@ def simulate_hospital(
         raise LandingZoneError(f"output folder {out_dir} is not writable ({exc.strerror})") from exc
     try:
         summary = _write_landing_zone(staging, config, workers)
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return SimulationSummary(**{**asdict(summary), "out_dir": out_dir})
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.retired")
-        shutil.rmtree(retired, ignore_errors=True)
-        out_dir.rename(retired)
-        staging.rename(out_dir)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(out_dir)
 
 
 def _utc(day: date) -> datetime:
