@@ -55,8 +55,19 @@ def _days_before(table: pl.DataFrame) -> pl.Expr:
     )
 
 
-def _group_arrays(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: int) -> dict[int, pl.DataFrame]:
-    """Group per-item rows by subject, keeping each patient's ``max_items`` most recent."""
+@dataclass(frozen=True)
+class _Items:
+    """One patient's notes or studies, most recent first."""
+
+    embeddings: npt.NDArray[np.float32]  # (n, D)
+    days: npt.NDArray[np.float32]  # (n,)
+    ids: tuple[str, ...]
+    modalities: tuple[str, ...]
+
+
+def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: int,
+                 id_column: str) -> dict[int, _Items]:
+    """Per subject, the ``max_items`` most recent rows, as numpy arrays sliced from whole columns."""
     if table is None or table.is_empty():
         return {}
     rows = (
@@ -66,15 +77,26 @@ def _group_arrays(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: i
         .group_by("subject_id", maintain_order=True)
         .head(max_items)
     )
-    return {int(key[0]): group for key, group in rows.group_by("subject_id", maintain_order=True)}
-
-
-def _ids(group: pl.DataFrame | None, column: str) -> tuple[str, ...]:
-    if group is None:
-        return ()
-    if column not in group.columns:
-        return tuple(f"{column.removesuffix('_id')} {k + 1}" for k in range(group.height))
-    return tuple(str(v) for v in group[column])
+    if rows.is_empty():
+        return {}
+    width = len(rows["embedding"][0])
+    # One conversion of the whole column; per-patient Python lists of floats cost seconds.
+    embeddings = rows["embedding"].cast(pl.List(pl.Float32)).list.to_array(width).to_numpy()
+    days = rows["days"].to_numpy().astype(np.float32)
+    subjects = rows["subject_id"].to_numpy()
+    ids = ([str(v) for v in rows[id_column]] if id_column in rows.columns else None)
+    modalities = rows["modality"].to_list() if "modality" in rows.columns else None
+    cuts = np.flatnonzero(np.diff(subjects)) + 1
+    groups = {}
+    for start, stop in zip([0, *cuts.tolist()], [*cuts.tolist(), len(subjects)], strict=True):
+        groups[int(subjects[start])] = _Items(
+            embeddings=embeddings[start:stop],
+            days=days[start:stop],
+            ids=tuple(ids[start:stop]) if ids is not None
+            else tuple(f"{id_column.removesuffix('_id')} {k + 1}" for k in range(stop - start)),
+            modalities=tuple(modalities[start:stop]) if modalities is not None else (),
+        )
+    return groups
 
 
 class FusionDataset(Dataset[PatientInputs]):
@@ -120,8 +142,8 @@ class FusionDataset(Dataset[PatientInputs]):
         if "imaging" not in modalities:
             imaging_inputs = None
         kept_ids = [MODALITIES.index(m) for m in modalities]
-        notes = _group_arrays(note_embeddings, cohort, max_notes)
-        studies = _group_arrays(imaging_inputs, cohort, max_studies)
+        notes = _group_items(note_embeddings, cohort, max_notes, "note_id")
+        studies = _group_items(imaging_inputs, cohort, max_studies, "study_id")
         label_rows: dict[int, dict[str, object]] = {}
         if labels is not None:
             label_rows = {int(r["subject_id"]): r for r in labels.iter_rows(named=True)}
@@ -146,24 +168,18 @@ class FusionDataset(Dataset[PatientInputs]):
                     # Static facts (genotype, sex) have no time: they sit at the prediction time.
                     event_days=np.nan_to_num(np.asarray(row["time_before_days"], dtype=np.float32), nan=0.0)[keep],
                     event_modalities=np.asarray(row["modality_ids"], dtype=np.int64)[keep],
-                    note_embeddings=(
-                        np.asarray(note["embedding"].to_list(), dtype=np.float32)
-                        if note is not None else np.zeros((0, text_embedding_dim), dtype=np.float32)
-                    ),
-                    note_days=(note["days"].to_numpy().astype(np.float32) if note is not None
-                               else np.zeros(0, np.float32)),
-                    imaging_embeddings=(
-                        np.asarray(study["embedding"].to_list(), dtype=np.float32)
-                        if study is not None else np.zeros((0, imaging_embedding_dim), dtype=np.float32)
-                    ),
+                    note_embeddings=(note.embeddings if note is not None
+                                     else np.zeros((0, text_embedding_dim), dtype=np.float32)),
+                    note_days=note.days if note is not None else np.zeros(0, np.float32),
+                    imaging_embeddings=(study.embeddings if study is not None
+                                        else np.zeros((0, imaging_embedding_dim), dtype=np.float32)),
                     imaging_modalities=(
-                        np.asarray([modality_index.get(m, 0) for m in study["modality"]], dtype=np.int64)
+                        np.asarray([modality_index.get(m, 0) for m in study.modalities], dtype=np.int64)
                         if study is not None else np.zeros(0, np.int64)
                     ),
-                    imaging_days=study["days"].to_numpy().astype(np.float32) if study is not None else np.zeros(
-                        0, np.float32),
-                    note_ids=_ids(note, "note_id"),
-                    study_ids=_ids(study, "study_id"),
+                    imaging_days=study.days if study is not None else np.zeros(0, np.float32),
+                    note_ids=note.ids if note is not None else (),
+                    study_ids=study.ids if study is not None else (),
                     risk_label=float("nan") if boolean_value is None else float(bool(boolean_value)),
                     event=float(bool(label.get("event", False))),
                     duration_days=float(label.get("duration_days") or 0.0),  # type: ignore[arg-type]
