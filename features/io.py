@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,31 +21,31 @@ if TYPE_CHECKING:
     import polars as pl
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
-    """Write ``table`` to ``path`` as Parquet, replacing any previous file only once complete."""
+@contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``, else it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
+    """Write ``table`` to ``path`` as Parquet, replacing any previous file only once complete."""
+    with atomic_target(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
 def write_bytes_atomic(data: bytes, path: Path) -> Path:
     """Write ``data`` to ``path``, replacing any previous file only once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
@@ -54,17 +56,9 @@ def sink_parquet_atomic(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chun
     so the file has exactly the contract's types), so memory stays bounded by the batch size, not
     by the size of the table.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for batch in frame.select(schema.names).collect_batches(chunk_size=chunk_size, engine="streaming"):
-                writer.write_table(batch.to_arrow().cast(schema))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for batch in frame.select(schema.names).collect_batches(chunk_size=chunk_size, engine="streaming"):
+            writer.write_table(batch.to_arrow().cast(schema))
     return path
 
 
