@@ -39,12 +39,13 @@ def run_demo(
     instance: dg.DagsterInstance | None = None,
     epochs: int = 12,
     hidden_size: int = 64,
-    min_auroc: float = 0.6,
-    max_calibration_error: float = 0.1,
+    min_auroc: float | None = None,
+    max_calibration_error: float | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
     """Materialize every stage into ``workspace``, printing each stage, its outputs and the high-risk list.
 
     ``instance`` defaults to the one ``DAGSTER_HOME`` names, or an ephemeral one when it is unset.
+    ``min_auroc`` and ``max_calibration_error`` override the task file's quality gates when given.
 
     Raises
     ------
@@ -75,6 +76,7 @@ def run_demo(
             DEMO_TASK,
             {"ops": {
                 "fusion_model": {"config": training},
+                # Unset overrides leave the task file's gates in force.
                 "fusion_model_fusion_model_quality": {"config": {
                     "min_auroc": min_auroc, "max_calibration_error": max_calibration_error}},
             }},
