@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from features.fhir.validate import FHIR_ID, RecordError
 from features.schemas import IMAGING_INPUT
-from features.tables import FileError, TableRead, iter_rows, table_columns, to_patient_id, to_string, to_time
+from features.tables import FileError, TableRead, iter_rows, require_columns, to_patient_id, to_string, to_time
 
 
 def _usual_length(path: Path) -> int | None:
@@ -36,13 +36,7 @@ def read_imaging_file(path: Path, source_file: str, latest: datetime) -> TableRe
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
-        columns = table_columns(path)
-        missing = [name for name in IMAGING_INPUT.names if name not in columns]
-        if missing:
-            raise FileError(
-                "missing_columns",
-                f"imaging table lacks column(s) {', '.join(missing)} (expected {', '.join(IMAGING_INPUT.names)})",
-            )
+        require_columns(path, "imaging table", IMAGING_INPUT.names)
         length = _usual_length(path)
         for number, row in iter_rows(path):
             result.records_in += 1

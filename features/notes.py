@@ -14,20 +14,14 @@ from pathlib import Path
 
 from features.fhir.validate import FHIR_ID, RecordError
 from features.schemas import NOTES_INPUT
-from features.tables import FileError, TableRead, iter_rows, table_columns, to_patient_id, to_string, to_time
+from features.tables import FileError, TableRead, iter_rows, require_columns, to_patient_id, to_string, to_time
 
 
 def read_notes_file(path: Path, source_file: str, latest: datetime) -> TableRead:
     """Read one notes table; every row becomes a ``notes`` row or a rejection."""
     result = TableRead("notes", source_file, rows={"notes": []})
     try:
-        columns = table_columns(path)
-        missing = [name for name in NOTES_INPUT.names if name not in columns]
-        if missing:
-            raise FileError(
-                "missing_columns",
-                f"notes table lacks column(s) {', '.join(missing)} (expected {', '.join(NOTES_INPUT.names)})",
-            )
+        require_columns(path, "notes table", NOTES_INPUT.names)
         rows = iter_rows(path)
         for number, row in rows:
             result.records_in += 1

@@ -75,6 +75,17 @@ def table_columns(path: Path) -> list[str]:
     return [name.strip() for name in header]
 
 
+def require_columns(path: Path, what: str, names: list[str]) -> list[str]:
+    """The table's columns, or :class:`FileError` naming the contract columns it lacks."""
+    columns = table_columns(path)
+    missing = [name for name in names if name not in columns]
+    if missing:
+        raise FileError(
+            "missing_columns", f"{what} lacks column(s) {', '.join(missing)} (expected {', '.join(names)})"
+        )
+    return columns
+
+
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(row number, row)`` of a table file; CSV/TSV values are strings, '' is None."""
     if path.suffix.lower() == ".parquet":
