@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import polars as pl
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
@@ -99,6 +100,63 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
     return groups
 
 
+@dataclass(frozen=True)
+class _FlatEvents:
+    """Every patient's event tokens end to end; patient ``i`` owns ``offsets[i]:offsets[i + 1]``."""
+
+    codes: npt.NDArray[np.int64]
+    value_bins: npt.NDArray[np.int64]
+    days: npt.NDArray[np.float32]
+    modalities: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]  # (n_patients + 1,)
+
+
+def _flat_values(column: pl.Series, dtype: type) -> np.ndarray:
+    """A list column's elements end to end (empty lists add nothing; null floats become NaN)."""
+    return np.asarray(pc.list_flatten(column.to_arrow()).to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def _flat_events(event_tokens: pl.DataFrame, kept_modality_ids: list[int]) -> _FlatEvents:
+    """The token list columns as flat arrays, keeping only tokens of the kept modalities."""
+    modalities = _flat_values(event_tokens["modality_ids"], np.int64)
+    keep = np.isin(modalities, kept_modality_ids)
+    lengths = event_tokens["modality_ids"].list.len().to_numpy().astype(np.int64)
+    patient = np.repeat(np.arange(len(lengths)), lengths)
+    kept_lengths = np.bincount(patient[keep], minlength=len(lengths))
+    days = _flat_values(event_tokens["time_before_days"], np.float32)
+    return _FlatEvents(
+        codes=_flat_values(event_tokens["token_ids"], np.int64)[keep],
+        value_bins=_flat_values(event_tokens["value_bins"], np.int64)[keep],
+        # Static facts (genotype, sex) have no time: they sit at the prediction time.
+        days=np.nan_to_num(days, nan=0.0)[keep],
+        modalities=modalities[keep],
+        offsets=np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int64),
+    )
+
+
+def _label_columns(cohort: pl.DataFrame, labels: pl.DataFrame | None) -> dict[str, npt.NDArray[np.float64]]:
+    """risk_label, event, duration_days and treated per cohort patient, in cohort order (NaN when unknown)."""
+    n = cohort.height
+    if labels is None:
+        nan = np.full(n, np.nan)
+        return {"risk_label": nan, "event": np.zeros(n), "duration_days": np.zeros(n), "treated": nan}
+    joined = cohort.select("subject_id").join(
+        labels.with_columns(pl.lit(True).alias("_labelled")), on="subject_id", how="left", maintain_order="left"
+    )
+    if joined.height != n:
+        raise ValueError(f"labels: {joined.height - n} duplicate label rows for patients of event_tokens")
+    missing = joined["_labelled"].null_count()
+    if missing:
+        raise ValueError(f"labels: {missing} patients of event_tokens have no label row")
+    treated = joined["treated"] if "treated" in joined.columns else pl.Series([None] * n, dtype=pl.Boolean)
+    return {
+        "risk_label": joined["boolean_value"].cast(pl.Float64).fill_null(np.nan).to_numpy(),
+        "event": joined["event"].fill_null(False).cast(pl.Float64).to_numpy(),
+        "duration_days": joined["duration_days"].cast(pl.Float64).fill_null(0.0).to_numpy(),
+        "treated": treated.cast(pl.Float64).fill_null(np.nan).to_numpy(),
+    }
+
+
 class FusionDataset(Dataset[PatientInputs]):
     """Per-patient model inputs of one task, in the order of ``event_tokens``.
 
@@ -141,49 +199,41 @@ class FusionDataset(Dataset[PatientInputs]):
             note_embeddings = None
         if "imaging" not in modalities:
             imaging_inputs = None
-        kept_ids = [MODALITIES.index(m) for m in modalities]
         notes = _group_items(note_embeddings, cohort, max_notes, "note_id")
         studies = _group_items(imaging_inputs, cohort, max_studies, "study_id")
-        label_rows: dict[int, dict[str, object]] = {}
-        if labels is not None:
-            label_rows = {int(r["subject_id"]): r for r in labels.iter_rows(named=True)}
-            missing = set(cohort["subject_id"].to_list()) - set(label_rows)
-            if missing:
-                raise ValueError(f"labels: {len(missing)} patients of event_tokens have no label row")
+        events = _flat_events(event_tokens, [MODALITIES.index(m) for m in modalities])
+        label_columns = _label_columns(cohort, labels)
         modality_index = {m: i for i, m in enumerate(IMAGING_MODALITIES)}
+        no_notes = np.zeros((0, text_embedding_dim), dtype=np.float32)
+        no_studies = np.zeros((0, imaging_embedding_dim), dtype=np.float32)
+        empty_days, empty_ids = np.zeros(0, np.float32), np.zeros(0, np.int64)
         self.patients: list[PatientInputs] = []
-        for row in event_tokens.iter_rows(named=True):
-            sid = int(row["subject_id"])
-            keep = np.isin(np.asarray(row["modality_ids"], dtype=np.int64), kept_ids)
-            note = notes.get(sid)
-            study = studies.get(sid)
-            label = label_rows.get(sid, {})
-            treated = label.get("treated")
-            boolean_value = label.get("boolean_value")
+        # One Python step per patient that only slices whole-column arrays: per-row conversions of
+        # token lists cost about a second per 10,000 patients, more than scoring them.
+        for i, sid in enumerate(cohort["subject_id"].to_list()):
+            start, stop = events.offsets[i], events.offsets[i + 1]
+            note, study = notes.get(sid), studies.get(sid)
             self.patients.append(
                 PatientInputs(
                     subject_id=sid,
-                    event_codes=np.asarray(row["token_ids"], dtype=np.int64)[keep],
-                    event_value_bins=np.asarray(row["value_bins"], dtype=np.int64)[keep],
-                    # Static facts (genotype, sex) have no time: they sit at the prediction time.
-                    event_days=np.nan_to_num(np.asarray(row["time_before_days"], dtype=np.float32), nan=0.0)[keep],
-                    event_modalities=np.asarray(row["modality_ids"], dtype=np.int64)[keep],
-                    note_embeddings=(note.embeddings if note is not None
-                                     else np.zeros((0, text_embedding_dim), dtype=np.float32)),
-                    note_days=note.days if note is not None else np.zeros(0, np.float32),
-                    imaging_embeddings=(study.embeddings if study is not None
-                                        else np.zeros((0, imaging_embedding_dim), dtype=np.float32)),
+                    event_codes=events.codes[start:stop],
+                    event_value_bins=events.value_bins[start:stop],
+                    event_days=events.days[start:stop],
+                    event_modalities=events.modalities[start:stop],
+                    note_embeddings=note.embeddings if note is not None else no_notes,
+                    note_days=note.days if note is not None else empty_days,
+                    imaging_embeddings=study.embeddings if study is not None else no_studies,
                     imaging_modalities=(
                         np.asarray([modality_index.get(m, 0) for m in study.modalities], dtype=np.int64)
-                        if study is not None else np.zeros(0, np.int64)
+                        if study is not None else empty_ids
                     ),
-                    imaging_days=study.days if study is not None else np.zeros(0, np.float32),
+                    imaging_days=study.days if study is not None else empty_days,
                     note_ids=note.ids if note is not None else (),
                     study_ids=study.ids if study is not None else (),
-                    risk_label=float("nan") if boolean_value is None else float(bool(boolean_value)),
-                    event=float(bool(label.get("event", False))),
-                    duration_days=float(label.get("duration_days") or 0.0),  # type: ignore[arg-type]
-                    treated=float("nan") if treated is None else float(bool(treated)),
+                    risk_label=float(label_columns["risk_label"][i]),
+                    event=float(label_columns["event"][i]),
+                    duration_days=float(label_columns["duration_days"][i]),
+                    treated=float(label_columns["treated"][i]),
                 )
             )
 
@@ -218,6 +268,10 @@ def _pad(arrays: list[np.ndarray], fill: float = 0.0) -> tuple[torch.Tensor, tor
         out[i, : len(a)] = a
         mask[i, : len(a)] = True
     return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+LABEL_KEYS = ("risk_labels", "event", "duration_days", "treated")
+"""Keys of a collated batch that carry outcomes: the loss needs them, scoring does not."""
 
 
 def collate(patients: list[PatientInputs]) -> dict[str, torch.Tensor]:

@@ -102,17 +102,31 @@ def detail_items(patient: PatientInputs, vocabulary: list[str], max_codes: int =
 
 
 def calibrated_risks(model: FusionForRiskPrediction, calibrator: PlattCalibrator,
-                     patients: list[PatientInputs], batch_size: int = 512) -> npt.NDArray[np.float64]:
+                     patients: list[PatientInputs], batch_size: int = 64) -> npt.NDArray[np.float64]:
     """Calibrated risk of each (possibly occluded) patient."""
     if not patients:
         return np.zeros(0)
-    logits = predict_logits(model, patients, batch_size=batch_size)["risk_logits"]  # type: ignore[arg-type]
+    logits = predict_logits(model, patients, batch_size=batch_size, with_loss=False)["risk_logits"]
     return calibrator.transform(logits)
 
 
 def explain(model: FusionForRiskPrediction, calibrator: PlattCalibrator, patients: list[PatientInputs],
-            vocabulary: list[str], top_k: int = 5, max_codes: int = 24) -> list[Explanation]:
-    """Explain every patient's calibrated risk by occluding modalities and items."""
+            vocabulary: list[str], top_k: int = 5, max_codes: int = 24,
+            patients_per_chunk: int = 256) -> list[Explanation]:
+    """Explain every patient's calibrated risk by occluding modalities and items.
+
+    Patients are explained ``patients_per_chunk`` at a time: each brings about 35 occluded copies of
+    its inputs, so building them all at once would hold gigabytes for a large cohort.
+    """
+    explanations: list[Explanation] = []
+    for start in range(0, len(patients), patients_per_chunk):
+        explanations += _explain_chunk(model, calibrator, patients[start : start + patients_per_chunk],
+                                       vocabulary, top_k, max_codes)
+    return explanations
+
+
+def _explain_chunk(model: FusionForRiskPrediction, calibrator: PlattCalibrator, patients: list[PatientInputs],
+                   vocabulary: list[str], top_k: int, max_codes: int) -> list[Explanation]:
     variants: list[PatientInputs] = []
     plans: list[tuple[list[Item], list[Item]]] = []
     for patient in patients:

@@ -145,7 +145,7 @@ class Predictions:
 
 def predict(model: FusionForRiskPrediction, calibrator: PlattCalibrator, dataset: FusionDataset,
             bf16: bool = False) -> Predictions:
-    logits = predict_logits(model, dataset, bf16=bf16)
+    logits = predict_logits(model, dataset, bf16=bf16, with_loss=False)
     arms = 1.0 / (1.0 + np.exp(-logits["arm_logits"].astype(np.float64)))
     curve = survival_curve(torch.from_numpy(logits["hazard_logits"])).numpy().astype(np.float64)
     return Predictions(calibrator.transform(logits["risk_logits"]), curve, arms[:, 1] - arms[:, 0])

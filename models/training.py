@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.calibration import PlattCalibrator
-from models.data import FusionDataset, PatientInputs, collate
+from models.data import LABEL_KEYS, FusionDataset, PatientInputs, collate
 from models.fusion import FusionForRiskPrediction
 
 
@@ -70,15 +70,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @torch.inference_mode()
 def predict_logits(
-    model: FusionForRiskPrediction, dataset: FusionDataset, batch_size: int = 256, device: torch.device | None = None,
-    bf16: bool = False,
+    model: FusionForRiskPrediction, dataset: Sequence[PatientInputs], batch_size: int = 64,
+    device: torch.device | None = None, bf16: bool = False, with_loss: bool = True,
 ) -> dict[str, np.ndarray]:
     """Risk, hazard and arm logits of every patient of ``dataset``, in order, plus the mean loss.
 
     Patients are batched by sequence length, so a batch pads to similar lengths (attention costs
     grow with the square of the longest sequence in the batch); results come back in dataset order.
+    Batches of 64 keep a block's activations in the CPU caches (256 was 30 % slower on 2 cores).
     ``bf16`` runs the forward pass under bfloat16 autocast (on CPUs with AMX or AVX512-BF16 about
-    1.5x faster; logits differ from float32 in the third decimal).
+    1.2x faster; logits differ from float32 in the third decimal). Without ``with_loss`` (scoring,
+    where outcomes are unknown) the loss is not computed and comes back as NaN.
     """
     device = device or next(model.parameters()).device
     model.eval()
@@ -87,20 +89,23 @@ def predict_logits(
     risk, hazard, arms, losses, weights = [], [], [], [], []
     for start in range(0, len(order), batch_size):
         batch = collate([dataset[int(i)] for i in order[start : start + batch_size]])
+        if not with_loss:
+            batch = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**_to(batch, device))
         risk.append(out.risk_logits.float().cpu())
         hazard.append(out.hazard_logits.float().cpu())
         arms.append(out.arm_logits.float().cpu())
-        losses.append(float(out.loss))
-        weights.append(len(batch["event"]))
+        if with_loss:
+            losses.append(float(out.loss))
+            weights.append(len(batch["event"]))
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return {
         "risk_logits": torch.cat(risk).numpy()[inverse],
         "hazard_logits": torch.cat(hazard).numpy()[inverse],
         "arm_logits": torch.cat(arms).numpy()[inverse],
-        "loss": np.array(np.average(losses, weights=weights)),
+        "loss": np.array(np.average(losses, weights=weights) if with_loss else np.nan),
     }
 
 
