@@ -27,6 +27,7 @@ import polars as pl
 import torch
 
 from features.io import replace_dir
+from features.simulate.state import risk_given_observed_modalities
 from models.baselines import (
     feature_matrix,
     fit_cox,
@@ -206,6 +207,8 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
         _treatment_metrics(models, effects, data, labels, known, truth)
     if truth is not None:
         models["truth"] = _truth_metrics(truth, held_out, labels, known, train_labels, horizon)
+        models["truth_observed_modalities"] = _truth_metrics(truth, held_out, labels, known, train_labels, horizon,
+                                                             observed_only=True)
     results["models"] = models
     return results
 
@@ -271,8 +274,14 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
 
 
 def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[str, np.ndarray],
-                   known: np.ndarray, train_labels: dict[str, np.ndarray], horizon: float) -> dict[str, float]:
-    """What the true risk achieves on the same patients: the best any model can do."""
+                   known: np.ndarray, train_labels: dict[str, np.ndarray], horizon: float,
+                   observed_only: bool = False) -> dict[str, float]:
+    """What the true risk achieves on the same patients: the best any model can do.
+
+    With ``observed_only``, the true risk knowing only the hidden terms of the modalities each
+    patient has (:func:`~features.simulate.state.risk_given_observed_modalities`): the best any
+    model can do from this data, since no model sees the genotype of a patient never sequenced.
+    """
     ids = pl.DataFrame({"subject_id": held_out.subject_ids})
     rows = ids.join(truth, on="subject_id", how="left")
     if rows["true_risk_untreated"].null_count():
@@ -281,6 +290,8 @@ def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[st
     propensity = rows["propensity"].to_numpy()
     risk = (propensity * rows["true_risk_treated"].to_numpy()
             + (1 - propensity) * rows["true_risk_untreated"].to_numpy())
+    if observed_only:
+        risk = risk_given_observed_modalities(rows.to_arrow(), horizon)
     metrics = _risk_metrics(labels["risk_label"][known], risk[known])
     metrics.update(_survival_metrics(train_labels, labels, risk, horizon))
     return metrics
@@ -365,7 +376,7 @@ def train_task_model(task_dir: Path, model_dir: Path, horizon_days: float, args:
 def metrics_table(metrics: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
     """Rows (model name, metrics) in a stable order: fusion, baselines, truth."""
     order = ["fusion", "logistic_regression", "lightgbm", "cox_ph", "random_survival_forest",
-             "t_learner_lightgbm", "truth"]
+             "t_learner_lightgbm", "truth_observed_modalities", "truth"]
     models = metrics["models"]
     return [(name, models[name]) for name in order if name in models]
 

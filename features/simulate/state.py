@@ -115,6 +115,61 @@ def true_survival(log_hazard_ratio: npt.ArrayLike, times_days: npt.ArrayLike) ->
     return np.asarray(np.exp(-((t / WEIBULL_SCALE_DAYS) ** WEIBULL_SHAPE) * np.exp(lhr)))
 
 
+def hidden_log_hazard(age_years: npt.ArrayLike, is_male: npt.ArrayLike, ehr: npt.ArrayLike, note: npt.ArrayLike,
+                      genomic: npt.ArrayLike, lpa: npt.ArrayLike, imaging: npt.ArrayLike, cyp2c19: npt.ArrayLike,
+                      treated: npt.ArrayLike) -> FloatArray:
+    """The log hazard ratio of the module docstring, elementwise (numpy broadcasting)."""
+    a, n, i = np.asarray(age_years, np.float64), np.asarray(note, np.float64), np.asarray(imaging, np.float64)
+    untreated = (0.035 * (a - 66.0) + 0.25 * np.asarray(is_male, np.float64) + 0.65 * np.asarray(ehr, np.float64)
+                 + 0.55 * n + 0.45 * np.asarray(genomic, np.float64) + 0.35 * np.asarray(lpa, np.float64)
+                 + 0.55 * i + 0.35 * i * n)
+    return np.asarray(untreated + np.asarray(treated, np.float64) * (-0.8 + 0.45 * np.asarray(cyp2c19, np.float64)))
+
+
+def risk_given_observed_modalities(truth: pa.Table, horizon_days: float, n_draws: int = 512,
+                                   seed: int = 0) -> FloatArray:
+    """Each patient's true risk at the horizon knowing only the hidden terms their data carry.
+
+    ``true_risk`` uses every hidden term, including those of modalities a patient lacks (the
+    expression panel and variant calls of a patient without genomics, the image severity of a
+    patient never imaged). No model can know those; the best it can do is average over them. This
+    risk does so, by Monte Carlo over the missing terms (standard-normal severities, binomial allele
+    counts), with the treatment arms averaged by the propensity as for ``true_risk`` at prediction
+    time. It is still an upper bound: the present modalities carry their terms with noise.
+    """
+    columns = {name: truth.column(name).to_numpy(zero_copy_only=False)
+               for name in ("age_years", "sex", "ehr_severity", "note_severity", "genomic_risk", "imaging_severity",
+                            "lpa_risk_alleles", "cyp2c19_lof_alleles", "has_notes", "has_genomics", "has_imaging",
+                            "propensity")}
+    rng = np.random.default_rng(seed)
+    n = len(columns["age_years"])
+    shape = (n, n_draws)
+
+    def known_or_drawn(value: FloatArray, known: BoolArray, draw: FloatArray) -> FloatArray:
+        return np.where(known[:, None], np.asarray(value, np.float64)[:, None], draw)
+
+    has_notes, has_genomics = columns["has_notes"].astype(bool), columns["has_genomics"].astype(bool)
+    has_imaging = columns["has_imaging"].astype(bool)
+    terms = {
+        "note": known_or_drawn(columns["note_severity"], has_notes, rng.standard_normal(shape)),
+        "genomic": known_or_drawn(columns["genomic_risk"], has_genomics, rng.standard_normal(shape)),
+        "lpa": known_or_drawn(columns["lpa_risk_alleles"], has_genomics,
+                              rng.binomial(2, LPA_RISK_ALLELE_FREQUENCY, shape).astype(np.float64)),
+        "cyp2c19": known_or_drawn(columns["cyp2c19_lof_alleles"], has_genomics,
+                                  rng.binomial(2, CYP2C19_LOF_ALLELE_FREQUENCY, shape).astype(np.float64)),
+        "imaging": known_or_drawn(columns["imaging_severity"], has_imaging, rng.standard_normal(shape)),
+    }
+    common = (columns["age_years"][:, None], (columns["sex"] == "male")[:, None], columns["ehr_severity"][:, None],
+              terms["note"], terms["genomic"], terms["lpa"], terms["imaging"], terms["cyp2c19"])
+    horizon = np.array([float(horizon_days)])
+    risk = {}
+    for treated in (False, True):
+        lhr = hidden_log_hazard(*common, treated)  # (n, n_draws)
+        risk[treated] = 1.0 - true_survival(lhr.ravel(), horizon)[:, 0].reshape(shape).mean(axis=1)
+    propensity = columns["propensity"].astype(np.float64)
+    return np.asarray(propensity * risk[True] + (1.0 - propensity) * risk[False])
+
+
 def draw_hidden_state(
     n_patients: int,
     seed: int,
@@ -163,17 +218,8 @@ def draw_hidden_state(
     propensity = np.clip(_sigmoid(-0.4 + 0.8 * ehr + 0.3 * age_centred), 0.05, 0.95)
     treated = rng.random(n) < propensity
 
-    log_hazard_untreated = (
-        0.035 * (age_years - 66.0)
-        + 0.25 * is_male
-        + 0.65 * ehr
-        + 0.55 * note
-        + 0.45 * genomic
-        + 0.35 * lpa
-        + 0.55 * imaging
-        + 0.35 * imaging * note
-    )
-    log_hazard_treated = log_hazard_untreated + (-0.8 + 0.45 * cyp2c19)
+    log_hazard_untreated = hidden_log_hazard(age_years, is_male, ehr, note, genomic, lpa, imaging, cyp2c19, False)
+    log_hazard_treated = hidden_log_hazard(age_years, is_male, ehr, note, genomic, lpa, imaging, cyp2c19, True)
 
     log_hazard = np.where(treated, log_hazard_treated, log_hazard_untreated)
     unit_exponential = rng.exponential(1.0, n)

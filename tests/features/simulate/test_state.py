@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features.simulate import true_survival
-from features.simulate.state import draw_hidden_state, truth_table
+from features.simulate.state import draw_hidden_state, risk_given_observed_modalities, truth_table
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,30 @@ def test_true_survival_is_a_falling_curve_in_the_unit_interval(truth: pa.Table) 
     assert np.all(np.diff(curves, axis=1) <= 0)
     assert np.all((curves >= 0) & (curves <= 1))
     assert np.allclose(1 - curves[:, 3], truth.column("true_risk").to_numpy())
+
+
+def _arm_averaged_true_risk(t: pa.Table) -> np.ndarray:
+    propensity = t.column("propensity").to_numpy()
+    return np.asarray(propensity * t.column("true_risk_treated").to_numpy()
+                      + (1 - propensity) * t.column("true_risk_untreated").to_numpy())
+
+
+def test_risk_given_observed_modalities_equals_the_truth_when_nothing_is_missing(truth: pa.Table) -> None:
+    complete = truth.filter(pa.compute.and_(pa.compute.and_(truth.column("has_notes"), truth.column("has_genomics")),
+                                            truth.column("has_imaging")))
+    assert complete.num_rows > 1000
+    np.testing.assert_allclose(risk_given_observed_modalities(complete, 365), _arm_averaged_true_risk(complete),
+                               rtol=1e-9)
+
+
+def test_risk_given_observed_modalities_averages_over_what_is_missing(truth: pa.Table) -> None:
+    # Law of total expectation: averaging out the missing terms keeps the mean risk of the group.
+    no_genomics = truth.filter(pa.compute.invert(truth.column("has_genomics")))
+    risk = risk_given_observed_modalities(no_genomics, 365, n_draws=2000)
+    assert risk.mean() == pytest.approx(_arm_averaged_true_risk(no_genomics).mean(), abs=0.003)
+    # ... and it ranks outcomes less well than the full truth, which knows the missing terms.
+    labelled = ~np.isnan(truth.column("event_within_horizon").to_numpy(zero_copy_only=False).astype(float))
+    outcome = truth.column("event_within_horizon").to_numpy(zero_copy_only=False)[labelled].astype(bool)
+    observed = roc_auc_score(outcome, risk_given_observed_modalities(truth, 365)[labelled])
+    full = roc_auc_score(outcome, _arm_averaged_true_risk(truth)[labelled])
+    assert 0.6 < observed < full - 0.02
