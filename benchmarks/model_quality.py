@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--no-ablations", action="store_true")
     args = parser.parse_args()
     workdir = args.workdir / f"{args.patients}_{args.seed}"
@@ -66,7 +67,8 @@ def main() -> None:
     task = load_task(TASK)
     folder = task_dir(warehouse, task)
     training = TrainingArguments(max_epochs=args.epochs, seed=args.seed, device=args.device)
-    architecture = {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}
+    architecture = {"hidden_size": args.hidden_size, "num_attention_heads": args.heads,
+                    "intermediate_size": 2 * args.hidden_size}
     device = training.resolve_device()
     epochs: list[float] = []
     started = time.perf_counter()

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--hidden-size", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--heads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--heads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--truth", type=click.Path(path_type=Path), default=None,
               help="A simulator's truth.parquet, to report the treatment-effect error and the best possible scores.")

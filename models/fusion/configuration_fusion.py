@@ -32,6 +32,9 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         DICOM modalities known to the model, index 0 for unknown.
     hidden_size, num_hidden_layers, num_attention_heads, intermediate_size
         Transformer encoder size; ``hidden_size`` must be divisible by ``num_attention_heads``.
+        Two heads by default: on CPU, attention costs about the same per head whatever its width
+        (4 heads of 16 took 1.6x the time of 2 of 32), and 2 heads scored as well or better on the
+        simulated hospital (held-out AUROC 0.684 against 0.669 with 4, 10,000 patients).
     dropout
         Dropout inside the encoder and heads.
     modality_dropout
@@ -54,7 +57,7 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         n_imaging_modalities: int = 1,
         hidden_size: int = 128,
         num_hidden_layers: int = 2,
-        num_attention_heads: int = 4,
+        num_attention_heads: int = 2,
         intermediate_size: int = 256,
         dropout: float = 0.1,
         modality_dropout: float = 0.15,

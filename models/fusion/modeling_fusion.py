@@ -8,8 +8,9 @@ each treatment arm (the individual treatment effect), plus the training loss whe
 Each modality becomes tokens of width ``hidden_size``:
 
 * coded event (EHR facts, and genomics: variants and expression features are coded tokens whose
-  genotype or value is binned): code embedding + value-bin embedding + time-before-prediction
-  encoding (static facts such as genotype sit at time zero);
+  genotype or value is binned): code embedding + value-bin embedding + an embedding of the
+  (code, value bin) pair + time-before-prediction encoding (static facts such as genotype sit at
+  time zero);
 * note: projected text-encoder embedding + time encoding;
 * imaging study: projected image embedding + DICOM-modality embedding + time encoding.
 
@@ -126,6 +127,9 @@ class FusionEncoder(FusionPreTrainedModel):
         h = config.hidden_size
         self.event_code = nn.Embedding(config.event_vocab_size, h, padding_idx=0)
         self.event_value = nn.Embedding(config.n_value_bins, h, padding_idx=0)
+        # A bin means something different for every code (the top quintile of troponin is not that
+        # of haemoglobin), so each (code, bin) pair also has its own embedding; row 0 is "no value".
+        self.event_code_value = nn.Embedding(config.event_vocab_size * config.n_value_bins, h, padding_idx=0)
         self.note_proj = nn.Linear(config.text_embedding_dim, h)
         self.imaging_proj = nn.Linear(config.imaging_embedding_dim, h)
         self.imaging_modality = nn.Embedding(config.n_imaging_modalities, h)
@@ -167,9 +171,10 @@ class FusionEncoder(FusionPreTrainedModel):
         imaging_mask: torch.Tensor,  # (B, Li) bool
     ) -> torch.Tensor:
         b = event_codes.shape[0]
+        code_value = torch.where(event_value_bins > 0, event_codes * self.config.n_value_bins + event_value_bins, 0)
         events = (
-            self.event_code(event_codes) + self.event_value(event_value_bins) + self.time(event_days)
-            + self.modality(event_modalities)
+            self.event_code(event_codes) + self.event_value(event_value_bins) + self.event_code_value(code_value)
+            + self.time(event_days) + self.modality(event_modalities)
         )  # (B, Le, H)
         notes = self.note_proj(note_embeddings) + self.time(note_days)  # (B, Ln, H)
         imaging = (

@@ -37,7 +37,7 @@ class TrainingRunConfig(dg.Config):  # type: ignore[misc]
     learning_rate: float = 1e-3
     hidden_size: int = 128
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    num_attention_heads: int = 2
     seed: int = 0
     baselines: bool = True
 

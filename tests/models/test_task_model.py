@@ -54,7 +54,7 @@ def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tu
 def test_loaded_model_matches_the_saved_one(trained: tuple[Path, dict]) -> None:
     model_dir, _ = trained
     model, calibrator, info = load_task_model(model_dir)
-    assert info["task"] == "synthetic_1y" and info["format_version"] == 1
+    assert info["task"] == "synthetic_1y" and info["format_version"] == 2
     assert model.config.hidden_size == 32
     assert 0 < calibrator.transform([0.0])[0] < 1
 
@@ -72,5 +72,5 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     for name in ("model.safetensors", "calibration.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())
     (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
-    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 1"):
+    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 2"):
         load_task_model(broken)
