@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--reuse-model", action="store_true",
+                        help="take the full model's metrics from the model folder a previous run left (ablations only)")
     args = parser.parse_args()
     workdir = args.workdir / f"{args.patients}_{args.seed}"
     truth, warehouse = prepare(workdir, args.patients, args.seed)
@@ -72,8 +74,11 @@ def main() -> None:
     device = training.resolve_device()
     epochs: list[float] = []
     started = time.perf_counter()
-    metrics = train_task_model(folder, workdir / "model", task.horizon_days, training, architecture, truth,
-                               on_epoch=lambda r: epochs.append(time.perf_counter()))
+    if args.reuse_model:
+        metrics = json.loads((workdir / "model" / "metrics.json").read_text())
+    else:
+        metrics = train_task_model(folder, workdir / "model", task.horizon_days, training, architecture, truth,
+                                   on_epoch=lambda r: epochs.append(time.perf_counter()))
     assert metrics is not None
     seconds = (epochs[-1] - started) if epochs else time.perf_counter() - started
     n_train = metrics["split_sizes"]["train"]
@@ -88,9 +93,10 @@ def main() -> None:
           f"{metrics['n_held_out']:,} ({metrics['n_held_out_labelled']:,} with a known 1-year outcome, "
           f"event rate {metrics['held_out_event_rate']:.3f})")
     print_table("held-out metrics (truth = the true risk: the best possible)", rows)
-    print(f"\ntraining on {device} ({torch.get_num_threads()} CPU threads): {len(epochs)} epochs of {n_train:,} "
-          f"patients in {seconds:.0f} s = {len(epochs) * n_train / seconds:,.0f} patients/s "
-          f"(best epoch {metrics['best_epoch']})")
+    if epochs:
+        print(f"\ntraining on {device} ({torch.get_num_threads()} CPU threads): {len(epochs)} epochs of {n_train:,} "
+              f"patients in {seconds:.0f} s = {len(epochs) * n_train / seconds:,.0f} patients/s "
+              f"(best epoch {metrics['best_epoch']})")
     (workdir / "benchmark.json").write_text(json.dumps({"rows": rows, "seconds": seconds, "epochs": len(epochs),
                                                         "n_train": n_train}, indent=1))
 

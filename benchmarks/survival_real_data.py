@@ -62,7 +62,7 @@ class FusionSettings:
 
     hidden_size: int = 64
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
+    num_attention_heads: int = 2
     intermediate_size: int = 128
     dropout: float = 0.1
     learning_rate: float = 1e-3
