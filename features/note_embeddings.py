@@ -223,7 +223,8 @@ class NoteEncoder:
         return np.stack([found[k] for k in keys]).astype(np.float32)
 
 
-def embed_notes(notes: pl.DataFrame, cohort: pl.DataFrame, encoder: NoteEncoder) -> pl.DataFrame:
+def embed_notes(notes: pl.DataFrame, cohort: pl.DataFrame, encoder: NoteEncoder,
+                max_notes_per_patient: int | None = None) -> pl.DataFrame:
     """Embed the notes of cohort patients written at or before their prediction time.
 
     Parameters
@@ -235,6 +236,8 @@ def embed_notes(notes: pl.DataFrame, cohort: pl.DataFrame, encoder: NoteEncoder)
         ``subject_id, prediction_time`` per patient.
     encoder
         The encoder (and its cache).
+    max_notes_per_patient
+        Keep only each patient's most recent notes (ties broken by note id); None keeps all.
 
     Returns
     -------
@@ -251,8 +254,11 @@ def embed_notes(notes: pl.DataFrame, cohort: pl.DataFrame, encoder: NoteEncoder)
         notes.join(mapping, on="patient_id")
         .join(cohort.select("subject_id", "prediction_time"), on="subject_id")
         .filter(pl.col("time") <= pl.col("prediction_time"))
-        .sort(["subject_id", "time", "note_id"])
+        .sort(["subject_id", "time", "note_id"], descending=[False, True, False])
     )
+    if max_notes_per_patient is not None:
+        selected = selected.group_by("subject_id", maintain_order=True).head(max_notes_per_patient)
+    selected = selected.sort(["subject_id", "time", "note_id"])
     matrix = encoder.encode(selected["text"].to_list(), selected["text_sha256"].to_list())
     return selected.select(
         pl.col("subject_id").cast(pl.Int64), "note_id", pl.col("time").cast(pl.Datetime("us")),

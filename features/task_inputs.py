@@ -186,7 +186,7 @@ def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: No
                                          "time": pl.Datetime("us"), "note_type": pl.String,
                                          "text": pl.String, "text_sha256": pl.String})
         before = encoder.n_embedded
-        table = embed_notes(notes, cohort, encoder)
+        table = embed_notes(notes, cohort, encoder, task.inputs.max_notes)
         return _arrow(table, NOTE_EMBEDDINGS), {
             "notes": table.height, "patients_with_notes": table["subject_id"].n_unique(),
             "notes_embedded_now": encoder.n_embedded - before, "model": encoder.fingerprint,

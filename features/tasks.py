@@ -141,6 +141,9 @@ class InputSettings:
     min_code_count: int = 5
     # Most frequent train codes that get tabular columns (count, last value, time since).
     tabular_codes: int = 200
+    # Most recent notes per patient that are embedded and read by the model: a long stay can
+    # bring hundreds of notes, and embedding is the costliest step of building the inputs.
+    max_notes: int = 16
 
 
 @dataclass(frozen=True)
@@ -419,12 +422,13 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
     inputs = InputSettings()
     if raw.get("inputs") is not None:
         i = top.child("inputs")
-        i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes"})
+        i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes", "max_notes"})
         inputs = InputSettings(
             max_events=i.integer("max_events", inputs.max_events, 1),
             value_bins=i.integer("value_bins", inputs.value_bins, 1),
             min_code_count=i.integer("min_code_count", inputs.min_code_count, 1),
             tabular_codes=i.integer("tabular_codes", inputs.tabular_codes, 0),
+            max_notes=i.integer("max_notes", inputs.max_notes, 1),
         )
 
     publishing = PublishingSettings()

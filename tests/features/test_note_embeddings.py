@@ -56,6 +56,21 @@ def test_embed_notes_keeps_only_notes_before_prediction_time(encoder_factory) ->
     assert table["embedding"].list.len().to_list() == [384, 384]
 
 
+def test_embed_notes_keeps_each_patients_most_recent_notes() -> None:
+    notes = pl.DataFrame({
+        "note_id": ["a", "b", "c", "d"], "patient_id": ["p1", "p1", "p1", "p2"],
+        "time": [T0 - timedelta(days=30), T0 - timedelta(days=2), T0 - timedelta(days=9), T0 - timedelta(days=99)],
+        "note_type": ["progress"] * 4, "text": TEXTS,
+    })
+    cohort = pl.DataFrame({"subject_id": [subject_id_for("p1"), subject_id_for("p2")],
+                           "prediction_time": [T0, T0]})
+    encoder = NoteEncoder(cache_dir=None, batch_size=2)
+    table = embed_notes(notes, cohort, encoder, max_notes_per_patient=2)
+    by_patient = {s: set(ids) for s, ids in table.group_by("subject_id").agg("note_id").iter_rows()}
+    assert by_patient == {subject_id_for("p1"): {"b", "c"}, subject_id_for("p2"): {"d"}}
+    assert encoder.n_embedded == 3  # note "a", which the model would never read, is not embedded
+
+
 def test_bad_model_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
         NoteEncoder(model_path=tmp_path)
