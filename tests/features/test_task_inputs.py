@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from features import task_inputs
+from features.identifiers import subject_id_for
 from features.note_embeddings import NoteEncoder
 from features.tasks import load_task
 
@@ -37,8 +38,16 @@ def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: P
     assert {k: results["splits"].stats[k] for k in ("train", "tuning", "held_out")} == {
         "train": 13, "tuning": 6, "held_out": 7}
     # Only the bulk export carries DocumentReference notes: 191 notes of 7 cohort patients are
-    # dated before 2016-01-01; no genomics or imaging in Synthea.
-    assert results["note_embeddings"].stats["notes"] == 191 == encoder.n_embedded
+    # dated before 2016-01-01, of which each patient's 16 most recent are embedded (inputs.max_notes);
+    # no genomics or imaging in Synthea.
+    notes = pl.read_parquet(warehouse / "notes.parquet").with_columns(
+        pl.col("patient_id").map_elements(subject_id_for, return_dtype=pl.Int64).alias("subject_id"))
+    before = notes.join(pl.read_parquet(results["cohort"].path), on="subject_id").filter(
+        pl.col("time") <= pl.col("prediction_time")).group_by("subject_id").len()
+    assert before["len"].sum() == 191 and before.height == 7
+    embedded = pl.read_parquet(results["note_embeddings"].path).group_by("subject_id").len()
+    assert embedded.sort("subject_id")["len"].to_list() == before.sort("subject_id")["len"].clip(upper_bound=16).to_list()
+    assert results["note_embeddings"].stats["notes"] == embedded["len"].sum() == encoder.n_embedded
     assert results["note_embeddings"].stats["patients_with_notes"] == 7
     assert results["imaging_inputs"].stats["studies"] == 0
     assert results["event_tokens"].stats["leaking_patients"] == 0
