@@ -10,7 +10,11 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
 
 1. FHIR files are cut into read units (16 MB NDJSON line ranges, whole ``.gz`` and Bundle files),
    and consecutive small units are grouped into batches of about 16 MB; ``workers`` processes
-   parse, validate and flatten the batches, each staged as one Parquet part per table.
+   parse, validate and flatten the batches, each staged as one Arrow IPC part per table. NDJSON
+   ranges and the batch's Bundle entries go through the columnar fast path
+   (:mod:`features.fhir.columnar`), which clears the records it can check column-wise; every other
+   record goes through the per-record path (:mod:`features.fhir.flatten`), which alone writes
+   quarantine reasons.
 2. The tables feeds are read row by row and staged the same way.
 3. Each table is finalized by a streaming polars query: duplicates (same type and id) resolve to
    the first copy in file order (files sorted by path, then line or entry number); rows whose patient
@@ -31,8 +35,9 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,13 +50,23 @@ import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError
 from features.events import build_events
+from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson
 from features.fhir.flatten import Origin, Row, flatten_resource
-from features.fhir.read import UNIT_BYTES, RawReject, ReadUnit, fetch_raw, fhir_kind, iter_unit, plan_units
+from features.fhir.read import (
+    UNIT_BYTES,
+    RawRecord,
+    RawReject,
+    ReadUnit,
+    fetch_raw,
+    fhir_kind,
+    iter_unit,
+    plan_units,
+)
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file
-from features.io import sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
+from features.io import atomic_target, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
 from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE
 from features.tables import TABLE_SUFFIXES, TableRead
@@ -189,11 +204,19 @@ def rows_to_table(rows: list[Row], schema: pa.Schema) -> pa.Table:
     )
 
 
+def _write_part(table: pa.Table, path: Path) -> None:
+    """Stage a part as an Arrow IPC file (LZ4): staging is read once, right after, where Parquet's
+    encoding costs more than it saves; LZ4 keeps the staged data about Parquet's size."""
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+
+
 def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
     if rows:
         folder = staging / table
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(rows_to_table(rows, INTERNAL_TABLES[table]), folder / f"{part}.parquet")
+        _write_part(rows_to_table(rows, INTERNAL_TABLES[table]), folder / f"{part}.arrow")
 
 
 def _parse_line(raw: bytes) -> Any:
@@ -235,20 +258,79 @@ def _resource_type(resource: Any) -> str:
     return rt
 
 
-def _read_unit(
-    unit: ReadUnit, latest: datetime, strict: bool, buffers: dict[str, list[Row]], rejects: list[Row]
+def _plan_unit(
+    unit_index: int,
+    unit: ReadUnit,
+    latest: datetime,
+    strict: bool,
+    frames: dict[str, list[pa.Table]],
+    pool: _EntryPool,
+) -> tuple[int, Iterable[RawRecord | RawReject]]:
+    """Start reading one unit: (records the fast path cleared, records left for the per-record path).
+
+    Plain NDJSON goes through the columnar fast path now (its tables go to ``frames``); Bundle
+    entries join ``pool``, cleared later for the whole batch at once; ``.gz`` files are read
+    record by record.
+    """
+    if unit.kind == "ndjson":
+        fast = _fast_ndjson(unit, latest, strict, frames)
+        if fast is not None:
+            return fast
+    if unit.kind == "json":
+        records = list(iter_unit(unit))
+        pool.add(unit_index, unit.source_file, records)
+        return 0, records
+    return 0, iter_unit(unit)
+
+
+def _fast_ndjson(
+    unit: ReadUnit, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]
+) -> tuple[int, list[RawRecord]] | None:
+    """Run the columnar fast path on an NDJSON unit: (records cleared, records left), or None when
+    the unit is for the per-record path alone (unreadable or empty)."""
+    try:
+        with open(unit.path, "rb") as handle:
+            handle.seek(unit.start)
+            data = handle.read() if unit.end < 0 else handle.read(unit.end - unit.start)
+    except OSError:
+        return None
+    if not data:
+        return None
+    read = read_ndjson(data, unit.source_file, unit.first_line, latest, strict)
+    for table, rows in read.tables.items():
+        if rows.num_rows:
+            frames[table].append(rows)
+    left = [
+        RawRecord(unit.first_line + index, _strip_cr(line))
+        for index, line in zip(read.slow.tolist(), read.slow_lines(data), strict=True)
+    ]
+    return len(read.starts) - len(left), left
+
+
+def _strip_cr(line: bytes) -> bytes:
+    return line[:-1] if line.endswith(b"\r") else line
+
+
+def _read_records(
+    records: Iterable[RawRecord | RawReject],
+    source_file: str,
+    cleared: int,
+    latest: datetime,
+    strict: bool,
+    buffers: dict[str, list[Row]],
+    rejects: list[Row],
 ) -> _UnitResult:
-    """Parse, validate and flatten one read unit, appending its rows and rejects to the buffers."""
-    records_in = 0
+    """The per-record path: ``cleared`` records of the unit were already read by the fast path."""
+    records_in = cleared
     rejected = len(rejects)
-    origin = Origin(unit.source_file, 0, latest)
-    for record in iter_unit(unit):
+    origin = Origin(source_file, 0, latest)
+    for record in records:
         records_in += 1
         if isinstance(record, RawReject):
             rejects.append(
                 (
                     "fhir",
-                    unit.source_file,
+                    source_file,
                     record.number,
                     None,
                     None,
@@ -276,7 +358,7 @@ def _read_unit(
             rejects.append(
                 (
                     "fhir",
-                    unit.source_file,
+                    source_file,
                     record.number,
                     rt if isinstance(rt, str) else None,
                     rid if isinstance(rid, str) else None,
@@ -285,20 +367,86 @@ def _read_unit(
                     err.reason,
                 )
             )
-    return _UnitResult(unit.source_file, records_in, len(rejects) - rejected)
+    return _UnitResult(source_file, records_in, len(rejects) - rejected)
+
+
+class _EntryPool:
+    """Bundle entries of a batch, by resource type, for the columnar fast path.
+
+    Bundles are small (one per patient or encounter), so their entries are pooled over the batch
+    and each type is decoded once, as NDJSON re-serialized by orjson; references resolve through
+    each Bundle's ``fullUrl`` map as in the per-record path.
+    """
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[bytes]] = defaultdict(list)
+        self.files: dict[str, list[str]] = defaultdict(list)
+        self.numbers: dict[str, list[int]] = defaultdict(list)
+        # (unit index, position of the record in its unit's list), per pooled line.
+        self.places: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self.urls: list[tuple[str, str, str, str]] = []
+        # Per unit: the positions of its records the pool does not take.
+        self.unpooled: dict[int, list[int]] = {}
+
+    def add(self, unit_index: int, source_file: str, records: list[RawRecord | RawReject]) -> None:
+        unpooled = self.unpooled.setdefault(unit_index, [])
+        urls_seen = False
+        for position, record in enumerate(records):
+            # Only Bundle entries (parsed, no raw text of their own); a lone resource keeps its text.
+            rt = (
+                record.parsed.get("resourceType")
+                if isinstance(record, RawRecord) and not record.raw and isinstance(record.parsed, dict)
+                else None
+            )
+            if not isinstance(rt, str) or rt not in SCHEMAS:
+                unpooled.append(position)
+                continue
+            assert isinstance(record, RawRecord)
+            self.lines[rt].append(orjson.dumps(record.parsed))
+            self.files[rt].append(source_file)
+            self.numbers[rt].append(record.number)
+            self.places[rt].append((unit_index, position))
+            if not urls_seen:
+                urls_seen = True
+                self.urls.extend((source_file, url, kind, ident) for url, (kind, ident) in record.full_urls.items())
+
+    def clear(self, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]) -> dict[int, list[int]]:
+        """Run the fast path per type; return, per unit, the positions of the records it left."""
+        left = {unit_index: list(positions) for unit_index, positions in self.unpooled.items()}
+        if not self.lines:
+            return left
+        urls = pl.DataFrame(
+            self.urls,
+            schema={"__file": pl.String, "__url": pl.String, "__url_type": pl.String, "__url_id": pl.String},
+            orient="row",
+        )
+        for rt, lines in self.lines.items():
+            files = pl.Series(self.files[rt], dtype=pl.String)
+            numbers = pl.Series(self.numbers[rt], dtype=pl.Int64)
+            read = read_lines(b"\n".join(lines) + b"\n", rt, files, numbers, Context(latest, urls, strict))
+            for table, rows in read.tables.items():
+                if rows.num_rows:
+                    frames[table].append(rows)
+            for index in read.slow.tolist():
+                unit_index, position = self.places[rt][index]
+                left[unit_index].append(position)
+        for positions in left.values():
+            positions.sort()
+        return left
 
 
 def _process_batch(
     index: int, units: list[ReadUnit], latest: datetime, strict: bool, staging: Path
 ) -> list[_UnitResult]:
-    """Read a batch of consecutive read units; stage their rows and rejects as one Parquet part per table.
+    """Read a batch of consecutive read units; stage their rows and rejects as one Arrow IPC part per table.
 
     Small files (one Bundle per encounter, say) are batched so that each table gets one part per
-    ~:data:`UNIT_BYTES` of input, not one per file: a Parquet file costs milliseconds to open, write
-    and later scan, far more than the few rows a small Bundle gives. Units are read in order, so
+    ~:data:`UNIT_BYTES` of input, not one per file: a part costs milliseconds to open, write and
+    later scan, far more than the few rows a small Bundle gives. Units are read in order, so
     rows stay in file order.
     """
     buffers: dict[str, list[Row]] = defaultdict(list)
+    frames: dict[str, list[pa.Table]] = defaultdict(list)
     rejects: list[Row] = []
     # The loop makes millions of short-lived dicts and keeps hundreds of thousands of row tuples:
     # with the cyclic garbage collector on, its passes over the growing buffers cost about as much
@@ -307,15 +455,54 @@ def _process_batch(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        results = [_read_unit(unit, latest, strict, buffers, rejects) for unit in units]
+        pool = _EntryPool()
+        planned = [_plan_unit(i, unit, latest, strict, frames, pool) for i, unit in enumerate(units)]
+        left = pool.clear(latest, strict, frames)
+        results = []
+        for i, (unit, (count, records)) in enumerate(zip(units, planned, strict=True)):
+            if i in left:
+                assert isinstance(records, list)
+                count = len(records) - len(left[i])
+                records = [records[position] for position in left[i]]
+            results.append(_read_records(records, unit.source_file, count, latest, strict, buffers, rejects))
     finally:
         if collecting:
             gc.enable()
     part = f"{index:07d}"
-    for table, rows in buffers.items():
-        _stage(staging, table, rows, part)
+    order = {unit.source_file: position for position, unit in enumerate(units)}
+    for table in sorted(set(buffers) | set(frames)):
+        _stage_parts(staging, table, frames.get(table, []), buffers.get(table, []), order, part)
     _stage(staging, "quarantine", rejects, part)
     return results
+
+
+def _stage_parts(
+    staging: Path, table: str, frames: list[pa.Table], rows: list[Row], order: dict[str, int], part: str
+) -> None:
+    """Stage a batch's fast-path tables and per-record rows of one table as one part, in file order.
+
+    The pieces come in the order their paths finished (NDJSON units, then the batch's Bundle
+    entries, then per-record rows), so a part of several pieces is sorted back to (unit, record
+    number) order, stably (an Observation's rows stay together in their order): the order the
+    per-record path alone would give.
+    """
+    if not frames:
+        _stage(staging, table, rows, part)
+        return
+    pieces = [*frames, rows_to_table(rows, INTERNAL_TABLES[table])] if rows else frames
+    combined = pa.concat_tables(pieces)
+    if len(pieces) > 1:
+        frame = pl.from_arrow(combined)
+        assert isinstance(frame, pl.DataFrame)
+        frame = frame.sort(
+            pl.col("source_file").replace_strict(order, return_dtype=pl.Int64),
+            pl.col("record_number"),
+            maintain_order=True,
+        )
+        combined = frame.to_arrow().cast(INTERNAL_TABLES[table])
+    folder = staging / table
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_part(combined, folder / f"{part}.arrow")
 
 
 def _process_batch_star(args: tuple[int, list[ReadUnit], datetime, bool, Path]) -> list[_UnitResult]:
@@ -406,8 +593,43 @@ def _empty(table: str) -> pl.LazyFrame:
 
 
 def _staged(staging: Path, table: str) -> pl.LazyFrame:
-    parts = sorted((staging / table).glob("*.parquet")) if (staging / table).is_dir() else []
-    return pl.scan_parquet(parts) if parts else _empty(table)
+    parts = sorted((staging / table).glob("*.arrow")) if (staging / table).is_dir() else []
+    return pl.scan_ipc(parts) if parts else _empty(table)
+
+
+_HIGH_CARDINALITY = re.compile(r"(_id|^text|_json|_sha256|^source|text_value)$")
+
+
+def _sink_table(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chunk_size: int = 100_000) -> Path:
+    """Stream a query into ``path`` as Parquet of ``schema``, atomically, batch by batch.
+
+    As :func:`features.io.sink_parquet_atomic`, with cheaper encoding: no dictionary for columns of
+    (nearly) unique values (ids, texts) and min/max statistics for non-text columns only. Both
+    cost about as much as the rest of the write on the large tables and serve no reader here.
+    """
+    dictionary = [name for name in schema.names if not _HIGH_CARDINALITY.search(name)]
+    statistics = [f.name for f in schema if not (pa.types.is_string(f.type) or pa.types.is_list(f.type))]
+    with (
+        atomic_target(path) as tmp,
+        pq.ParquetWriter(tmp, schema, use_dictionary=dictionary, write_statistics=statistics) as writer,
+    ):
+        for batch in frame.select(schema.names).collect_batches(chunk_size=chunk_size, engine="streaming"):
+            writer.write_table(batch.to_arrow().cast(schema))
+    return path
+
+
+def _repeated_ids(staged: pl.LazyFrame, ids: list[str]) -> pl.LazyFrame:
+    """The ids that may name records at two places: a superset of the duplicated ids.
+
+    Ids and places are compared by hash (a collision only adds an id), so that the exact search
+    for duplicates, with its sort of every record by place, runs on these ids alone: in a clean
+    export, on none.
+    """
+    hashed = staged.select(
+        pl.struct(ids).hash().alias("__id"), pl.struct("source_file", "record_number").hash().alias("__at"), *ids
+    )
+    repeated = hashed.select("__id", "__at").unique().group_by("__id").len().filter(pl.col("len") > 1)
+    return hashed.join(repeated, on="__id", how="semi").select(ids).unique()
 
 
 def _finalize_table(
@@ -416,7 +638,8 @@ def _finalize_table(
     """Write one final table; return its row count and the records dropped (with reason)."""
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
-    keys = staged.select(*ids, *location).unique().sort(location).collect()
+    candidates = staged.join(_repeated_ids(staged, ids), on=ids, how="semi", nulls_equal=True)
+    keys = candidates.select(*ids, *location).unique().sort(location).collect()
     first = keys.group_by(ids, maintain_order=True).agg(
         pl.col("source_file").first().alias("kept_file"), pl.col("record_number").first().alias("kept_record")
     )
@@ -473,7 +696,7 @@ def _finalize_table(
     final = staged
     if drop_all.height:
         final = staged.join(drop_all.select(location).lazy(), on=location, how="anti", maintain_order="left")
-    path = sink_parquet_atomic(final, warehouse_dir / f"{table}.parquet", INTERNAL_TABLES[table])
+    path = _sink_table(final, warehouse_dir / f"{table}.parquet", INTERNAL_TABLES[table])
     return pq.read_metadata(path).num_rows, drop_all
 
 
@@ -535,6 +758,27 @@ def _check_dirs(landing_dir: Path, warehouse_dir: Path) -> None:
         raise LandingZoneError(f"output folder {warehouse_dir} is not writable")
 
 
+@contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Start worker processes with polars on one thread each.
+
+    The workers already use every core between them; each one's polars thread pool (one thread
+    per core, spinning while it waits for work) made a 2-worker run on 2 cores spend about a third
+    more CPU time than the same work in one process. Polars reads its pool size once, from the
+    environment, when it is imported, so the setting is given to the child processes through the
+    environment they inherit, only while they start; this process's own polars is unaffected.
+    """
+    previous = os.environ.get("POLARS_MAX_THREADS")
+    os.environ["POLARS_MAX_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["POLARS_MAX_THREADS"]
+        else:
+            os.environ["POLARS_MAX_THREADS"] = previous
+
+
 def _run_units(
     units: list[ReadUnit],
     latest: datetime,
@@ -558,7 +802,10 @@ def _run_units(
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        for job, results in zip(jobs, pool.map(_process_batch_star, jobs), strict=True):
+        # map() starts the workers and submits every job before it returns.
+        with _single_threaded_children():
+            done = pool.map(_process_batch_star, jobs)
+        for job, results in zip(jobs, done, strict=True):
             yield from results
             if progress:
                 progress(job[0] + len(results), total)
@@ -632,7 +879,7 @@ def ingest_landing_zone(
                 patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
             if drops.height:
                 dropped.append(drops.with_columns(table=pl.lit(table)))
-        events_path = sink_parquet_atomic(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
+        events_path = _sink_table(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
         table_rows["events"] = pq.read_metadata(events_path).num_rows
 
         fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in landing.fhir}

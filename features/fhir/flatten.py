@@ -5,7 +5,10 @@ table (:data:`features.fhir.specs.TABLE_OF_TYPE`, or ``raw_unknown``) and its ro
 column order of that table's schema in :mod:`features.schemas`. A field the pipeline uses that is
 missing or malformed raises :class:`features.fhir.validate.RecordError`; nothing is guessed.
 
-This is the hot loop of the ingest (one call per resource), so it works on plain dicts and tuples.
+This is the per-record path of the ingest: it works on plain dicts and tuples, and it alone words
+quarantine reasons. :mod:`features.fhir.columnar` mirrors its rules column-wise for the common
+forms (the fast path); a change to what is read or checked here needs the same change there
+(``tests/features/fhir/test_columnar.py`` compares the two paths' outputs).
 """
 
 from __future__ import annotations

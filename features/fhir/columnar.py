@@ -1,0 +1,991 @@
+"""The columnar fast path of the ingest: NDJSON straight into Arrow, checked column-wise.
+
+Stage: ingest. In: a block of NDJSON lines with their record numbers (a read unit of a Bulk-FHIR
+file, read type by type, or a batch's Bundle entries of one type re-serialized one per line). Out:
+:class:`FastRead`: rows of the normalized tables (Arrow, in :mod:`features.schemas` order) for the
+records it could clear, and the record numbers of every other record, which the caller hands to the
+per-record Python path (:mod:`features.fhir.flatten`). That path alone writes quarantine reasons:
+this module only ever decides that a record is clean.
+
+How a record is cleared, conservatively (anything unusual goes to the Python path):
+
+1. Text checks on the raw line: it starts with ``{``, has no ``\\r``, no byte-order mark, no
+   ``null`` (so that a missing field and a null one, which the Python path tells apart, never
+   meet here), no ``NaN``/``Infinity`` (orjson rejects them, the Arrow decoder does not), is
+   valid UTF-8 and is not nested deeper than orjson allows.
+2. ``pyarrow.json`` decodes the block with an explicit schema holding only the fields the Python
+   path reads; it rejects a wrong JSON type in any of them, duplicate keys and malformed JSON, and
+   then the line it names (with its neighbours) goes to the Python path and the rest is decoded
+   again, a bounded number of times per block (:data:`MAX_DECODES`).
+3. Column checks mirror :mod:`features.fhir.flatten` for the common forms only: ids match the FHIR
+   id pattern; dates are ``YYYY-MM-DD`` or ``YYYY-MM-DDThh:mm:ss`` with optional microseconds and
+   zone, real, not before 1800 and not after the export; references are ``Type/<id>`` or ``urn:uuid:<id>``
+   (or an entry of the Bundle); code systems are in the vocabulary map; numbers are finite and
+   not zero (``-0`` and ``0`` differ once decoded); rare alternatives (``valueBoolean``, periods
+   where a dateTime is usual, a coding without a code first) are left to the Python path.
+4. In strict mode a line must also validate against its ``fhir.resources.R4B`` model.
+
+Rows come out in line order (an Observation's own row, then its components), as the Python path
+makes them, so that the caller can merge both paths' rows back into file order.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.json as pj
+
+from features.fhir.flatten import note_type_slug
+from features.fhir.specs import PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, VOCABULARY_PREFIXES
+from features.fhir.validate import EARLIEST, is_valid_r4, r4_model
+from features.identifiers import subject_ids
+from features.schemas import INTERNAL_TABLES
+
+MAX_BRACKETS = 500
+"""A line with more opening brackets may be nested deeper than orjson's limit (1024): Python path."""
+
+_ID = r"[A-Za-z0-9\-.]{1,64}"
+_DATE_TEXT = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"(T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))?)?$"
+)
+"""The date forms cleared here: a subset of :data:`features.fhir.validate._DATETIME` (no partial
+dates, at most microseconds, no leap second), so that parsing agrees with ``datetime.fromisoformat``."""
+
+# ------------------------------------------------------------------------------------------------
+# Explicit schemas: every field the Python path reads for a type, and nothing else
+# ------------------------------------------------------------------------------------------------
+
+_S = pa.string()
+_CODING = pa.struct([("system", _S), ("code", _S), ("display", _S)])
+_CONCEPT = pa.struct([("coding", pa.list_(_CODING)), ("text", _S)])
+# Where no display is read: every decoded field costs decoding time.
+_CODE = pa.struct([("system", _S), ("code", _S)])
+_CODES = pa.struct([("coding", pa.list_(_CODE))])
+_REF = pa.struct([("reference", _S)])
+_PERIOD = pa.struct([("start", _S), ("end", _S)])
+_QUANTITY = pa.struct([("value", pa.float64()), ("unit", _S), ("code", _S)])
+_VALUES = [("valueQuantity", _QUANTITY), ("valueCodeableConcept", _CODES)]
+_BASE = [("resourceType", _S), ("id", _S)]
+
+_CODED_FIELDS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
+    # type: (code field, time fields in order, status field, status is a CodeableConcept)
+    # (mirrors features.fhir.flatten._CODED)
+    "Condition": ("code", ("onsetDateTime", "onsetPeriod", "recordedDate"), "clinicalStatus", True),
+    "Procedure": ("code", ("performedDateTime", "performedPeriod"), "status", False),
+    "MedicationRequest": ("medicationCodeableConcept", ("authoredOn",), "status", False),
+    "MedicationStatement": (
+        "medicationCodeableConcept",
+        ("effectiveDateTime", "effectivePeriod", "dateAsserted"),
+        "status",
+        False,
+    ),
+    "MedicationAdministration": (
+        "medicationCodeableConcept",
+        ("effectiveDateTime", "effectivePeriod"),
+        "status",
+        False,
+    ),
+    "Immunization": ("vaccineCode", ("occurrenceDateTime",), "status", False),
+    "AllergyIntolerance": ("code", ("onsetDateTime", "recordedDate"), "clinicalStatus", True),
+    "DiagnosticReport": ("code", ("effectiveDateTime", "effectivePeriod", "issued"), "status", False),
+}
+
+
+def _coded_schema(rt: str) -> pa.Schema:
+    code_field, time_fields, status_field, status_concept = _CODED_FIELDS[rt]
+    fields = [
+        *_BASE,
+        (PATIENT_REFERENCE_FIELD.get(rt, "subject"), _REF),
+        ("encounter", _REF),
+        (code_field, _CONCEPT),
+        (status_field, _CODES if status_concept else _S),
+        *[(name, _PERIOD if name.endswith(("Period", "period")) else _S) for name in time_fields],
+    ]
+    if rt == "Condition":
+        fields.append(("abatementDateTime", _S))
+    if code_field == "medicationCodeableConcept":
+        fields.append(("medicationReference", _REF))
+    return pa.schema(fields)
+
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "Patient": pa.schema([*_BASE, ("gender", _S), ("birthDate", _S), ("deceasedDateTime", _S)]),
+    "Encounter": pa.schema(
+        [
+            *_BASE,
+            ("subject", _REF),
+            ("period", _PERIOD),
+            ("class", pa.struct([("code", _S)])),
+            ("type", pa.list_(_CODES)),
+            ("reasonCode", pa.list_(_CODES)),
+        ]
+    ),
+    "Observation": pa.schema(
+        [
+            *_BASE,
+            ("subject", _REF),
+            ("encounter", _REF),
+            ("code", _CODES),
+            ("effectiveDateTime", _S),
+            ("category", pa.list_(_CODES)),
+            *_VALUES,
+            ("component", pa.list_(pa.struct([("code", _CODES), *_VALUES]))),
+        ]
+    ),
+    "DocumentReference": pa.schema(
+        [
+            *_BASE,
+            ("subject", _REF),
+            ("date", _S),
+            ("type", _CONCEPT),
+            (
+                "content",
+                pa.list_(pa.struct([("attachment", pa.struct([("contentType", _S), ("data", _S), ("url", _S)]))])),
+            ),
+        ]
+    ),
+    "ImagingStudy": pa.schema(
+        [
+            *_BASE,
+            ("subject", _REF),
+            ("started", _S),
+            ("modality", pa.list_(_CODE)),
+            ("series", pa.list_(pa.struct([("modality", _CODE), ("bodySite", _CODING)]))),
+            ("description", _S),
+        ]
+    ),
+    **{rt: _coded_schema(rt) for rt in _CODED_FIELDS},
+}
+"""Resource types with a fast path, and the fields decoded for each."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Lines and text checks
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastRead:
+    """What the fast path made of a block: tables of cleared records, and the records it left."""
+
+    tables: dict[str, pa.Table]
+    # Indexes (0-based, into the block's lines) of the records for the Python path, ascending.
+    slow: np.ndarray
+    # Where each line of the block starts and ends (without its newline).
+    starts: np.ndarray
+    ends: np.ndarray
+
+    def slow_lines(self, data: bytes) -> list[bytes]:
+        """The text of the lines left to the Python path."""
+        return [data[self.starts[i] : self.ends[i]] for i in self.slow.tolist()]
+
+
+def line_bounds(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end offsets (end exclusive, without the newline) of every line of ``data``.
+
+    Lines are what :func:`features.fhir.read._split_lines` yields: a final newline ends the last
+    line, it does not start an empty one.
+    """
+    if not data:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    view = np.frombuffer(data, dtype=np.uint8)
+    newlines = np.flatnonzero(view == 10)
+    ends = newlines if data.endswith(b"\n") else np.append(newlines, len(data))
+    starts = np.concatenate(([0], newlines + 1))[: len(ends)]
+    return starts.astype(np.int64), ends.astype(np.int64)
+
+
+_SUSPICIOUS = r"\r|null|NaN|Infinity"
+"""Text that sends a line to the Python path: a carriage return (the Python path strips one at
+the end), ``null`` (a missing and a null field differ there), ``NaN``/``Infinity`` (not JSON). So
+does a line that does not start with ``{`` (blank, byte-order mark, not an object). Literal
+alternatives only: the regex engine then searches them all at once."""
+
+_PRESENCE_ONLY: dict[str, str] = {
+    "Observation": "|".join(
+        f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time")
+    ),
+}
+"""Fields whose mere presence sends a line to the Python path (rare forms it alone reads), found
+in the text so that the decoder need not build columns for them."""
+
+
+def line_texts(data: bytes, starts: np.ndarray) -> pl.Series:
+    """Every line as a string (with its newline), zero-copy over ``data``, which must be UTF-8."""
+    offsets = np.append(starts, len(data)).astype(np.int64)
+    array = pa.Array.from_buffers(pa.large_string(), len(starts), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    array.validate(full=True)
+    series = pl.from_arrow(array)
+    assert isinstance(series, pl.Series)
+    return series
+
+
+def suspicious_lines(lines: pl.Series, resource_type: str) -> np.ndarray:
+    """Lines the fast path must not decide on (a boolean mask), from their text alone."""
+    length = lines.str.len_bytes()
+    flagged = lines.str.contains(_SUSPICIOUS) | ~lines.str.starts_with("{") | (length <= 1)
+    if resource_type in _PRESENCE_ONLY:
+        # A separate search: one regex of many literals is several times slower than two of few.
+        flagged = flagged | lines.str.contains(_PRESENCE_ONLY[resource_type])
+    suspicious = flagged.to_numpy(writable=True)
+    # Deep nesting: orjson stops at 1024 levels, the decoder does not; only long lines can be deep.
+    long = np.flatnonzero((length > 2 * MAX_BRACKETS).to_numpy())
+    if len(long):
+        brackets = lines.gather(long).str.count_matches(r"[\[{]").to_numpy()
+        suspicious[long[brackets > MAX_BRACKETS]] = True
+    return suspicious
+
+
+def valid_utf8_lines(data: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """A boolean mask of the lines that are valid UTF-8 (orjson rejects the others)."""
+    valid = np.ones(len(starts), dtype=bool)
+    if data.isascii():
+        return valid
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        for line, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            try:
+                data[start:end].decode("utf-8")
+            except UnicodeDecodeError:
+                valid[line] = False
+    return valid
+
+
+def valid_r4_lines(data: bytes, starts: np.ndarray, ends: np.ndarray, resource_type: str) -> np.ndarray:
+    """A boolean mask of the lines that validate as ``resource_type`` against FHIR R4 (strict mode).
+
+    A line that fails goes to the Python path, which validates it again and words the reason.
+    """
+    model = r4_model(resource_type)
+    return np.fromiter(
+        (is_valid_r4(model, data[start:end]) for start, end in zip(starts.tolist(), ends.tolist(), strict=True)),
+        dtype=bool,
+        count=len(starts),
+    )
+
+
+def decode(data: bytes, resource_type: str) -> tuple[pa.Table | None, int | None]:
+    """Decode NDJSON lines with the type's explicit schema: (table, None), or (None, the row the
+    decoder stopped at, when its message names one)."""
+    try:
+        table = pj.read_json(
+            pa.py_buffer(data),
+            read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, len(data) + 1)),
+            parse_options=pj.ParseOptions(
+                explicit_schema=SCHEMAS[resource_type], unexpected_field_behavior="ignore", newlines_in_values=False
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        row = _ERROR_ROW.search(str(exc))
+        return None, int(row.group(1)) if row else None
+    return table, None
+
+
+_ERROR_ROW = re.compile(r"in row (\d+)")
+MAX_DECODES = 48
+"""Decoder calls allowed per block to work around lines it rejects; past them, the lines not yet
+decoded go to the Python path."""
+
+
+def decode_lines(lines: pl.Series, resource_type: str) -> tuple[pa.Table, np.ndarray]:
+    """Decode lines (each with its newline), working around the ones the decoder rejects.
+
+    Returns the table of the decoded lines and a mask of which lines they are. A range that fails
+    is split at the row the decoder names (with its neighbours: the row can be off by one) or,
+    when it names none or the range gave more rows than lines (two objects on a line), halved;
+    a single line that fails is the Python path's.
+    """
+    count = len(lines)
+    decoded = np.zeros(count, dtype=bool)
+    pieces: list[tuple[int, pa.Table]] = []
+    pending = [(0, count)]
+    calls = 0
+    while pending and calls < MAX_DECODES:
+        start, stop = pending.pop()
+        calls += 1
+        table, bad_row = decode(_joined(lines.slice(start, stop - start)), resource_type)
+        if table is not None and table.num_rows == stop - start:
+            pieces.append((start, table))
+            decoded[start:stop] = True
+        elif stop - start > 1:
+            if table is None and bad_row is not None and bad_row < stop - start:
+                ranges = [(start, start + max(bad_row - 1, 0)), (min(start + bad_row + 2, stop), stop)]
+            else:
+                middle = (start + stop) // 2
+                ranges = [(start, middle), (middle, stop)]
+            pending.extend(r for r in reversed(ranges) if r[1] > r[0])
+    pieces.sort(key=lambda piece: piece[0])
+    tables = [table for _, table in pieces]
+    return (pa.concat_tables(tables) if tables else SCHEMAS[resource_type].empty_table()), decoded
+
+
+def _joined(lines: pl.Series) -> bytes:
+    return str(lines.str.join("").item()).encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# Column checks (each returns the value and whether the row is clear)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A column expression and the rows on which the fast path may use it."""
+
+    value: pl.Expr
+    ok: pl.Expr
+
+
+def _text(expr: pl.Expr) -> pl.Expr:
+    return expr.is_not_null() & (expr.str.len_bytes() > 0)
+
+
+def fhir_id(expr: pl.Expr) -> pl.Expr:
+    """Whether a string column holds valid FHIR ids (as :func:`features.fhir.validate.check_id`)."""
+    return expr.is_not_null() & expr.str.contains(f"^{_ID}$")
+
+
+def fhir_time(expr: pl.Expr, latest: datetime) -> Checked:
+    """A FHIR date/dateTime string as naive UTC, cleared when it is in a common form and in range."""
+    # A date is its midnight and no zone is UTC, as in the Python path. Each form is parsed by its
+    # own format (a failed parse is cheap; rewriting every string to one form is not).
+    zoned = expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, time_unit="us", time_zone="UTC")
+    parsed = pl.coalesce(
+        zoned.dt.replace_time_zone(None),
+        expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us"),
+        expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us"),
+    )
+    # One use of ``parsed`` here (polars evaluates each use of an expression again).
+    ok = expr.str.contains(_DATE_TEXT) & parsed.is_between(EARLIEST, latest)
+    return Checked(parsed, ok.fill_null(False))
+
+
+def _prefix(system: pl.Expr) -> pl.Expr:
+    # Unlisted systems (their prefix is derived from the URL in Python) are left to the Python path.
+    mapped = system.replace_strict(VOCABULARY_PREFIXES, default=None, return_dtype=pl.String)
+    return pl.when(system.is_null() | (system == "")).then(pl.lit("UNKNOWN")).otherwise(mapped)
+
+
+def first_coding_code(concept: pl.Expr) -> Checked:
+    """The code (without vocabulary) of a CodeableConcept's first coding, as ``_first_code`` then
+    ``split('//')`` gives it; cleared when the concept is absent or its first coding has a code."""
+    code = concept.struct.field("coding").list.first().struct.field("code")
+    return Checked(code, concept.is_null() | _text(code))
+
+
+def first_code(concept: pl.Expr, required: bool) -> Checked:
+    """``PREFIX//code`` of a CodeableConcept's first coding (``_codes(...)[0]``, ``_first_code``)."""
+    coding = concept.struct.field("coding").list.first()
+    code = coding.struct.field("code")
+    prefix = _prefix(coding.struct.field("system"))
+    value = prefix + "//" + code
+    ok = _text(code) & prefix.is_not_null()
+    return Checked(value, ok if required else (concept.is_null() | ok))
+
+
+def all_codes(concept: pl.Expr) -> Checked:
+    """Every coding with a code as ``PREFIX//code`` (``_codes``); cleared when each has a known system."""
+    coding = pl.element()
+    code = coding.struct.field("code")
+    prefix = _prefix(coding.struct.field("system"))
+    codings = concept.struct.field("coding")
+    values = codings.list.eval(pl.when(_text(code)).then(prefix + "//" + code)).list.drop_nulls()
+    unknown = codings.list.eval(_text(code) & prefix.is_null()).list.any()
+    return Checked(values, (values.list.len() > 0) & ~unknown.fill_null(False))
+
+
+def display(concept: pl.Expr) -> pl.Expr:
+    """``_display``: the concept's text, else its first coding's display."""
+    return pl.coalesce(
+        concept.struct.field("text"), concept.struct.field("coding").list.first().struct.field("display")
+    )
+
+
+def reference(ref: pl.Expr, target: str, urls: pl.DataFrame | None, required: bool) -> Checked:
+    """The id a Reference names, for ``Type/<id>`` and ``urn:uuid:<id>`` (or a Bundle entry).
+
+    ``urls`` maps each Bundle entry's ``fullUrl`` to its type and id (columns ``__file``,
+    ``__url``, ``__url_type``, ``__url_id``); the caller joins it on beforehand as ``__ref_type``
+    and ``__ref_id`` of the same name prefix. Optional references that do not resolve are null in
+    the Python path, but only the plain forms are cleared here.
+    """
+    text = ref.struct.field("reference")
+    plain = text.str.extract(f"^(?:{target}/|urn:uuid:)({_ID})$", 1)
+    value = plain
+    ok = plain.is_not_null()
+    if urls is not None:
+        name = _ref_name(ref)
+        kind, ident = pl.col(f"{name}__type"), pl.col(f"{name}__id")
+        in_bundle = kind.is_not_null()
+        resolved = ident.str.contains(f"^{_ID}$") & (kind == target)
+        value = pl.when(in_bundle).then(ident).otherwise(plain)
+        ok = pl.when(in_bundle).then(resolved).otherwise(ok)
+    if required:
+        return Checked(value, ok.fill_null(False))
+    return Checked(value, (ref.is_null() | ok).fill_null(False))
+
+
+def _ref_name(ref: pl.Expr) -> str:
+    return ref.meta.output_name()
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-type builders: (frame of decoded records) -> (clear mask, rows per table)
+# ------------------------------------------------------------------------------------------------
+
+LOCATION = [pl.col("__file").alias("source_file"), pl.col("__line").alias("record_number")]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the builders need besides the records: the export time and Bundle fullUrls."""
+
+    latest: datetime
+    urls: pl.DataFrame | None = None
+    # Also validate each line fully against FHIR R4 (``--strict``).
+    strict: bool = False
+
+
+Built = tuple[pl.Series, dict[str, pl.DataFrame]]
+
+
+def _all(*checks: pl.Expr) -> pl.Expr:
+    ok = pl.lit(True)
+    for check in checks:
+        ok = ok & check.fill_null(False)
+    return ok
+
+
+def _time_fields(frame: pl.DataFrame, names: tuple[str, ...], latest: datetime) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(time, end, ok) from the first of ``names`` present: a dateTime, or a Period (``_time``)."""
+    time: pl.Expr = pl.lit(None, dtype=pl.Datetime("us"))
+    end: pl.Expr = pl.lit(None, dtype=pl.Datetime("us"))
+    ok: pl.Expr = pl.lit(False)
+    for name in reversed(names):
+        column = pl.col(name)
+        if name.endswith(("Period", "period")):
+            start = fhir_time(column.struct.field("start"), latest)
+            stop_text = column.struct.field("end")
+            stop = fhir_time(stop_text, latest)
+            this_ok = start.ok & (stop_text.is_null() | stop.ok)
+            this_time, this_end = start.value, stop.value
+        else:
+            checked = fhir_time(column, latest)
+            this_ok, this_time, this_end = checked.ok, checked.value, pl.lit(None, dtype=pl.Datetime("us"))
+        present = column.is_not_null()
+        time = pl.when(present).then(this_time).otherwise(time)
+        end = pl.when(present).then(this_end).otherwise(end)
+        ok = pl.when(present).then(this_ok).otherwise(ok)
+    return time, end, ok
+
+
+def _finish(frame: pl.DataFrame, ok: pl.Expr, table: str, columns: list[pl.Expr]) -> Built:
+    checked = frame.with_columns(__ok=ok.fill_null(False))
+    clear = checked.get_column("__ok")
+    rows = checked.filter(pl.col("__ok")).select(columns)
+    return clear, {table: rows}
+
+
+def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
+    birth = fhir_time(pl.col("birthDate"), ctx.latest)
+    death = fhir_time(pl.col("deceasedDateTime"), ctx.latest)
+    birth_date = birth.value.dt.date()
+    ok = _all(
+        pl.col("resourceType") == "Patient",
+        fhir_id(pl.col("id")),
+        pl.col("gender").is_null() | pl.col("gender").is_in(["male", "female", "other", "unknown"]),
+        pl.col("birthDate").is_null() | birth.ok,
+        pl.col("deceasedDateTime").is_null() | death.ok,
+        pl.col("birthDate").is_null() | pl.col("deceasedDateTime").is_null() | (death.value.dt.date() >= birth_date),
+    )
+    clear, tables = _finish(
+        frame,
+        ok,
+        "patients",
+        [
+            pl.col("id").alias("patient_id"),
+            pl.col("id").alias("subject_id"),
+            birth_date.alias("birth_date"),
+            pl.col("gender").alias("sex"),
+            death.value.alias("death_time"),
+            *LOCATION,
+        ],
+    )
+    patients = tables["patients"]
+    ids = subject_ids(patients.get_column("patient_id").to_list())
+    tables["patients"] = patients.with_columns(subject_id=pl.Series(ids, dtype=pl.Int64))
+    return clear, tables
+
+
+def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
+    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    start = fhir_time(pl.col("period").struct.field("start"), ctx.latest)
+    end_text = pl.col("period").struct.field("end")
+    end = fhir_time(end_text, ctx.latest)
+    type_code = first_code(pl.col("type").list.first(), required=False)
+    reason = first_code(pl.col("reasonCode").list.first(), required=False)
+    ok = _all(
+        pl.col("resourceType") == "Encounter",
+        fhir_id(pl.col("id")),
+        patient.ok,
+        start.ok,
+        end_text.is_null() | (end.ok & (end.value >= start.value)),
+        type_code.ok,
+        reason.ok,
+    )
+    return _finish(
+        frame,
+        ok,
+        "encounters",
+        [
+            pl.col("id").alias("encounter_id"),
+            patient.value.alias("patient_id"),
+            start.value.alias("start_time"),
+            end.value.alias("end_time"),
+            pl.col("class").struct.field("code").alias("encounter_class"),
+            type_code.value.alias("type_code"),
+            reason.value.alias("reason_code"),
+            *LOCATION,
+        ],
+    )
+
+
+def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
+    code_field, time_fields, status_field, status_concept = _CODED_FIELDS[rt]
+
+    def build(frame: pl.DataFrame, ctx: Context) -> Built:
+        patient = reference(pl.col(PATIENT_REFERENCE_FIELD.get(rt, "subject")), "Patient", ctx.urls, required=True)
+        encounter = reference(pl.col("encounter"), "Encounter", ctx.urls, required=False)
+        codes = all_codes(pl.col(code_field))
+        time, end, time_ok = _time_fields(frame, time_fields, ctx.latest)
+        checks = [pl.col("resourceType") == rt, fhir_id(pl.col("id")), patient.ok, encounter.ok, codes.ok, time_ok]
+        if rt == "Condition":
+            abatement = fhir_time(pl.col("abatementDateTime"), ctx.latest)
+            checks.append(pl.col("abatementDateTime").is_null() | abatement.ok)
+            end = pl.when(pl.col("abatementDateTime").is_not_null()).then(abatement.value).otherwise(end)
+        status: pl.Expr = pl.col(status_field)
+        if status_concept:
+            status_code = first_coding_code(status)
+            checks.append(status_code.ok)
+            status = status_code.value
+        return _finish(
+            frame,
+            _all(*checks),
+            TABLE_OF_TYPE[rt],
+            [
+                pl.col("id").alias("resource_id"),
+                pl.lit(rt).alias("resource_type"),
+                patient.value.alias("patient_id"),
+                pl.when(pl.col("encounter").is_not_null()).then(encounter.value).alias("encounter_id"),
+                time.alias("time"),
+                end.alias("end_time"),
+                codes.value.list.first().alias("code"),
+                codes.value.alias("codes"),
+                display(pl.col(code_field)).alias("display"),
+                status.alias("status"),
+                *LOCATION,
+            ],
+        )
+
+    return build
+
+
+def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, pl.Expr]:
+    """(numeric, unit, text) of ``value[x]`` (``_value``) for valueQuantity and valueCodeableConcept."""
+    quantity = holder("valueQuantity")
+    number = quantity.struct.field("value")
+    concept = holder("valueCodeableConcept")
+    concept_code = first_code(concept, required=True)
+    # The rarer value[x] forms never reach this point (see _PRESENCE_ONLY).
+    has_quantity = quantity.is_not_null()
+    ok = (
+        pl.when(has_quantity)
+        .then(number.is_not_null() & number.is_finite() & (number != 0))
+        .when(concept.is_not_null())
+        .then(concept_code.ok)
+        .otherwise(pl.lit(True))
+    )
+    numeric = pl.when(has_quantity).then(number)
+    unit = pl.when(has_quantity).then(pl.coalesce(quantity.struct.field("unit"), quantity.struct.field("code")))
+    text = pl.when(~has_quantity & concept.is_not_null()).then(concept_code.value)
+    return Checked(numeric, ok.fill_null(False)), unit, text
+
+
+def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
+    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    encounter = reference(pl.col("encounter"), "Encounter", ctx.urls, required=False)
+    code = first_code(pl.col("code"), required=True)
+    time = fhir_time(pl.col("effectiveDateTime"), ctx.latest)
+    category = first_coding_code(pl.col("category").list.first())
+    numeric, unit, text = _value_checks(pl.col)
+    frame = frame.with_row_index("__row").with_columns(
+        __patient=patient.value,
+        __encounter=pl.when(pl.col("encounter").is_not_null()).then(encounter.value),
+        __time=time.value,
+        __code=code.value,
+        __category=category.value,
+        __numeric=numeric.value,
+        __unit=unit,
+        __text=text,
+        __ok=_all(
+            pl.col("resourceType") == "Observation",
+            fhir_id(pl.col("id")),
+            patient.ok,
+            encounter.ok,
+            code.ok,
+            time.ok,
+            category.ok,
+            numeric.ok,
+        ),
+    )
+    components = _components(frame.filter(pl.col("component").list.len() > 0))
+    bad = components.filter(~pl.col("__c_ok")).get_column("__row").unique()
+    clear = frame.get_column("__ok") & ~frame.get_column("__row").is_in(bad.implode())
+    frame = frame.with_columns(__ok=clear)
+    shared = [
+        pl.col("id").alias("resource_id"),
+        pl.col("__patient").alias("patient_id"),
+        pl.col("__encounter").alias("encounter_id"),
+        pl.col("__time").alias("time"),
+    ]
+    tail = [pl.col("__category").alias("category"), *LOCATION]
+    main = frame.filter(
+        pl.col("__ok")
+        & (
+            pl.col("__numeric").is_not_null()
+            | pl.col("__text").is_not_null()
+            | (pl.col("component").list.len().fill_null(0) == 0)
+        )
+    ).select(
+        pl.col("__row"),
+        pl.lit(-1, dtype=pl.Int64).alias("__part"),
+        *shared,
+        pl.col("__code").alias("code"),
+        pl.lit(None, dtype=pl.String).alias("parent_code"),
+        pl.col("__numeric").alias("numeric_value"),
+        pl.col("__unit").alias("unit"),
+        pl.col("__text").alias("text_value"),
+        *tail,
+    )
+    parts = (
+        components.join(frame.select("__row", "__ok"), on="__row", how="inner")
+        .filter(pl.col("__ok"))
+        .select(
+            pl.col("__row"),
+            pl.col("__part").cast(pl.Int64),
+            *shared,
+            pl.col("__c_code").alias("code"),
+            pl.col("__code").alias("parent_code"),
+            pl.col("__c_numeric").alias("numeric_value"),
+            pl.col("__c_unit").alias("unit"),
+            pl.col("__c_text").alias("text_value"),
+            *tail,
+        )
+    )
+    rows = pl.concat([main, parts]).sort("__row", "__part").drop("__row", "__part")
+    return frame.get_column("__ok"), {"observations": rows}
+
+
+def _components(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per component (``__part`` its index) with its code, value and whether it is clear."""
+    exploded = frame.select(
+        "__row",
+        "__patient",
+        "__encounter",
+        "__time",
+        "__code",
+        "__category",
+        "__file",
+        "__line",
+        "id",
+        pl.col("component"),
+        pl.int_ranges(pl.col("component").list.len()).alias("__part"),
+    ).explode("component", "__part")
+
+    def field_of(name: str) -> pl.Expr:
+        return pl.col("component").struct.field(name)
+
+    code = first_code(field_of("code"), required=True)
+    numeric, unit, text = _value_checks(field_of)
+    return exploded.with_columns(
+        __c_code=code.value,
+        __c_numeric=numeric.value,
+        __c_unit=unit,
+        __c_text=text,
+        __c_ok=_all(code.ok, numeric.ok),
+    )
+
+
+def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
+    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    time = fhir_time(pl.col("date"), ctx.latest)
+    attachment = pl.col("content").list.first().struct.field("attachment")
+    ok = _all(
+        pl.col("resourceType") == "DocumentReference",
+        fhir_id(pl.col("id")),
+        patient.ok,
+        time.ok,
+        attachment.struct.field("data").is_not_null(),
+    )
+    checked = frame.with_row_index("__row").with_columns(
+        __ok=ok,
+        __patient=patient.value,
+        __time=time.value,
+        __content_type=attachment.struct.field("contentType"),
+        __data=attachment.struct.field("data"),
+        __display=display(pl.col("type")),
+    )
+    candidates = checked.filter(pl.col("__ok"))
+    texts = [
+        _note_text(data, content_type)
+        for data, content_type in zip(
+            candidates.get_column("__data").to_list(), candidates.get_column("__content_type").to_list(), strict=True
+        )
+    ]
+    labels = candidates.get_column("__display").drop_nulls().unique().to_list()
+    candidates = candidates.with_columns(
+        __note=pl.Series(texts, dtype=pl.String),
+        __type=pl.col("__display").replace_strict(
+            {label: note_type_slug(label or "document") for label in labels}, default="document", return_dtype=pl.String
+        ),
+    )
+    decoded = candidates.filter(pl.col("__note").is_not_null())
+    digests = [hashlib.sha256(text.encode("utf-8")).hexdigest() for text in decoded.get_column("__note").to_list()]
+    rows = decoded.with_columns(__digest=pl.Series(digests, dtype=pl.String)).select(
+        pl.col("id").alias("note_id"),
+        pl.col("__patient").alias("patient_id"),
+        pl.col("__time").alias("time"),
+        pl.col("__type").alias("note_type"),
+        pl.col("__note").alias("text"),
+        pl.col("__digest").alias("text_sha256"),
+        *LOCATION,
+    )
+    clear = checked.get_column("__row").is_in(decoded.get_column("__row").implode())
+    return clear, {"notes": rows}
+
+
+@lru_cache(maxsize=256)
+def _text_charset(content_type: str | None) -> str | None:
+    """The charset of a ``text/*`` attachment (``_note_text``'s parsing); None for other types."""
+    mime, _, params = (content_type or "text/plain").partition(";")
+    if not mime.strip().lower().startswith("text/"):
+        return None
+    charset = "utf-8"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            charset = value.strip().strip('"')
+    return charset
+
+
+def _note_text(data: str, content_type: str | None) -> str | None:
+    """The decoded note of the first attachment, or None when only the Python path can tell."""
+    charset = _text_charset(content_type)
+    if charset is None:
+        return None
+    try:
+        return base64.b64decode(data, validate=True).decode(charset)
+    except (binascii.Error, ValueError, LookupError):
+        # UnicodeDecodeError is a ValueError: every failure is the Python path's to explain.
+        return None
+
+
+def build_imaging_study(frame: pl.DataFrame, ctx: Context) -> Built:
+    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    time = fhir_time(pl.col("started"), ctx.latest)
+    series = pl.col("series").list.first()
+    site = series.struct.field("bodySite")
+    site_display = site.struct.field("display")
+    modality = pl.coalesce(
+        pl.col("modality").list.first().struct.field("code"), series.struct.field("modality").struct.field("code")
+    )
+    ok = _all(pl.col("resourceType") == "ImagingStudy", fhir_id(pl.col("id")), patient.ok, time.ok)
+    return _finish(
+        frame,
+        ok,
+        "imaging_studies",
+        [
+            pl.col("id").alias("study_id"),
+            patient.value.alias("patient_id"),
+            time.value.alias("time"),
+            modality.alias("modality"),
+            pl.when(_text(site_display)).then(site_display).otherwise(site.struct.field("code")).alias("body_site"),
+            pl.col("description").alias("description"),
+            *LOCATION,
+        ],
+    )
+
+
+BUILDERS: dict[str, Callable[[pl.DataFrame, Context], Built]] = {
+    "Patient": build_patient,
+    "Encounter": build_encounter,
+    "Observation": build_observation,
+    "DocumentReference": build_document_reference,
+    "ImagingStudy": build_imaging_study,
+    **{rt: _coded_builder(rt) for rt in _CODED_FIELDS},
+}
+assert set(BUILDERS) == set(SCHEMAS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry points
+# ------------------------------------------------------------------------------------------------
+
+
+def _cast(rows: pl.DataFrame, table: str) -> pa.Table:
+    schema = INTERNAL_TABLES[table]
+    return rows.select(schema.names).to_arrow().cast(schema)
+
+
+def read_lines(
+    data: bytes,
+    resource_type: str,
+    files: pl.Series,
+    numbers: pl.Series,
+    ctx: Context,
+) -> FastRead:
+    """Clear what the fast path can of ``data`` (NDJSON, every line meant as ``resource_type``).
+
+    ``files`` and ``numbers`` give each line's source file and record number. A type without a
+    fast path, or a block the decoder rejects, leaves every line to the caller. In strict mode
+    (``ctx.strict``) a line must also validate against its FHIR R4 model to be cleared.
+    """
+    starts, ends = line_bounds(data)
+    if len(starts) != len(numbers):
+        raise ValueError(f"read_lines: {len(numbers)} record numbers given for {len(starts)} lines")
+    everything = FastRead({}, np.arange(len(starts), dtype=np.int64), starts, ends)
+    if resource_type not in SCHEMAS or not len(starts):
+        return everything
+    usable = valid_utf8_lines(data, starts, ends)
+    if ctx.strict:
+        usable &= valid_r4_lines(data, starts, ends, resource_type)
+    keep = np.flatnonzero(usable)
+    kept_starts = starts
+    if len(keep) < len(starts):
+        data = b"".join(data[s:e] + b"\n" for s, e in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True))
+        kept_starts = line_bounds(data)[0]
+    lines = line_texts(data, kept_starts)
+    suspicious = suspicious_lines(lines, resource_type)
+    if suspicious.any():
+        lines = lines.filter(~pl.Series(suspicious))
+        keep = keep[~suspicious]
+    if suspicious.any() or len(keep) < len(starts):
+        decoded, ok = decode_lines(lines, resource_type)
+    else:
+        # The common case: the whole block decodes as it is, without a copy.
+        table, _ = decode(data, resource_type)
+        decoded, ok = (
+            (table, np.ones(len(keep), dtype=bool)) if table is not None else decode_lines(lines, resource_type)
+        )
+        if decoded.num_rows != len(keep):
+            decoded, ok = decode_lines(lines, resource_type)
+    keep = keep[ok]
+    if not len(keep):
+        return everything
+    taken = pl.Series(keep)
+    frame = pl.from_arrow(decoded)
+    assert isinstance(frame, pl.DataFrame)
+    frame = frame.with_columns(__file=files.gather(taken), __line=numbers.gather(taken))
+    if ctx.urls is not None:
+        frame = _join_urls(frame, ctx.urls)
+    clear, tables = BUILDERS[resource_type](frame, ctx)
+    slow = np.ones(len(starts), dtype=bool)
+    slow[keep[clear.to_numpy()]] = False
+    return FastRead({table: _cast(rows, table) for table, rows in tables.items()}, np.flatnonzero(slow), starts, ends)
+
+
+def _join_urls(frame: pl.DataFrame, urls: pl.DataFrame) -> pl.DataFrame:
+    """Attach the Bundle entry each reference names (``<field>__type``, ``<field>__id``)."""
+    for name in ("subject", "patient", "encounter"):
+        if name not in frame.columns:
+            continue
+        renamed = urls.rename({"__url": "__ref", "__url_type": f"{name}__type", "__url_id": f"{name}__id"})
+        frame = frame.with_columns(__ref=pl.col(name).struct.field("reference")).join(
+            renamed, on=["__file", "__ref"], how="left", maintain_order="left"
+        )
+        frame = frame.drop("__ref")
+    return frame
+
+
+_TYPE_AT = re.compile(rb'\{"resourceType":\s*"([A-Za-z]{1,64})"')
+"""A line's resource type, when it is the line's first field (as Bulk-FHIR servers write it)."""
+
+
+def line_types(data: bytes, starts: np.ndarray, ends: np.ndarray) -> dict[str | None, np.ndarray]:
+    """The indexes of the lines of each resource type (None: not found at the line's start).
+
+    A Bulk-FHIR file holds one type in practice (the contract allows any mix): every line is
+    compared with the first line's opening bytes at once, and only lines that differ are read one
+    by one.
+    """
+    count = len(starts)
+    first = _TYPE_AT.match(data)
+    same = np.zeros(count, dtype=bool)
+    if first is not None:
+        prefix = np.frombuffer(first.group(0), dtype=np.uint8)
+        view = np.frombuffer(data, dtype=np.uint8)
+        same = (ends - starts) >= len(prefix)
+        for offset, byte in enumerate(prefix.tolist()):
+            same[same] = view[starts[same] + offset] == byte
+        if same.all():
+            return {first.group(1).decode("ascii"): np.arange(count)}
+    names: list[str | None] = [first.group(1).decode("ascii") if first else None] * count
+    for line in np.flatnonzero(~same).tolist():
+        match = _TYPE_AT.match(data, int(starts[line]), int(ends[line]))
+        names[line] = match.group(1).decode("ascii") if match else None
+    kinds = np.array(names, dtype=object)
+    return {name: np.flatnonzero(kinds == name) for name in dict.fromkeys(names)}
+
+
+def read_ndjson(data: bytes, source_file: str, first_line: int, latest: datetime, strict: bool = False) -> FastRead:
+    """:func:`read_lines` for a range of a Bulk-FHIR file whose first line is ``first_line``.
+
+    Lines are grouped by resource type first, so a file mixing types is read type by type; lines
+    of a type without a fast path, or whose type is not found, go to the Python path.
+    """
+    starts, ends = line_bounds(data)
+    count = len(starts)
+    files = pl.repeat(source_file, count, dtype=pl.String, eager=True)
+    numbers = pl.int_range(first_line, first_line + count, dtype=pl.Int64, eager=True)
+    ctx = Context(latest, strict=strict)
+    groups = line_types(data, starts, ends)
+    if len(groups) == 1:
+        ((resource_type, _),) = groups.items()
+        if resource_type is not None:
+            return read_lines(data, resource_type, files, numbers, ctx)
+    slow: list[np.ndarray] = []
+    pieces: dict[str, list[pa.Table]] = {}
+    for resource_type, lines in groups.items():
+        if resource_type is None or resource_type not in SCHEMAS:
+            slow.append(lines)
+            continue
+        subset = b"".join(data[s:e] + b"\n" for s, e in zip(starts[lines].tolist(), ends[lines].tolist(), strict=True))
+        taken = pl.Series(lines)
+        read = read_lines(subset, resource_type, files.gather(taken), numbers.gather(taken), ctx)
+        slow.append(lines[read.slow])
+        for table, rows in read.tables.items():
+            pieces.setdefault(table, []).append(rows)
+    tables = {table: _in_line_order(rows, table) for table, rows in pieces.items()}
+    return FastRead(tables, np.sort(np.concatenate(slow)), starts, ends)
+
+
+def _in_line_order(pieces: list[pa.Table], table: str) -> pa.Table:
+    """Rows of one table from several types (MedicationRequest and MedicationStatement, say) back
+    in line order, stably (each resource's rows stay together in their order)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    frame = pl.from_arrow(pa.concat_tables(pieces))
+    assert isinstance(frame, pl.DataFrame)
+    return _cast(frame.sort("record_number", maintain_order=True), table)

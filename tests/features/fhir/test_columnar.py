@@ -1,0 +1,244 @@
+"""The columnar fast path gives exactly what the per-record path gives, and leaves it every bad line."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+import features.ingest as ingest
+from features.fhir.columnar import Context, read_lines, read_ndjson
+from features.ingest import ingest_landing_zone
+
+EXPORT = datetime(2026, 1, 1)
+
+
+def _lines(path: Path, count: int) -> list[bytes]:
+    return path.read_bytes().split(b"\n")[:count]
+
+
+def _edit(line: bytes, change: dict[str, object]) -> bytes:
+    resource = orjson.loads(line)
+    resource.update(change)
+    return orjson.dumps(resource)
+
+
+# What is done to the first Observation lines of the small hospital, and the quarantine reason
+# each damaged line gets (None: the line is fine and must reach the table, through either path).
+DAMAGE: list[tuple[str, str | None]] = [
+    ("null subject", "missing_reference"),
+    ("NaN in an unused field", "invalid_json"),
+    ("byte-order mark", "byte_order_mark"),
+    ("blank line", "blank_line"),
+    ("string value", "bad_type"),
+    ("impossible date", "bad_date"),
+    ("future date", "future_date"),
+    ("patient not in the export", "orphan_reference"),
+    ("invalid id", "bad_id"),
+    ("truncated", "invalid_json"),
+    ("not UTF-8", "not_utf8"),
+    ("two objects on a line", "invalid_json"),
+    ("copy of the line before", "duplicate"),
+    ("unlisted code system", None),
+    ("fractional seconds", None),
+    ("carriage return", None),
+    ("valueBoolean", None),
+    ("zero value", None),
+    ("urn:uuid reference", None),
+]
+
+
+def _damaged(line: bytes, previous: bytes, kind: str) -> bytes:
+    resource = orjson.loads(line)
+    edits: dict[str, bytes] = {
+        "null subject": line.replace(b'"subject":{', b'"subject":null,"x":{', 1),
+        "NaN in an unused field": line[:-1] + b',"extra":[NaN]}',
+        "byte-order mark": b"\xef\xbb\xbf" + line,
+        "blank line": b"",
+        "string value": _edit(line, {"valueQuantity": {"value": "136", "unit": "mg"}}),
+        "impossible date": _edit(line, {"effectiveDateTime": "2016-02-30T10:00:00+00:00"}),
+        "future date": _edit(line, {"effectiveDateTime": "2099-01-01"}),
+        "patient not in the export": _edit(line, {"subject": {"reference": "Patient/nobody"}}),
+        "invalid id": _edit(line, {"id": "a b"}),
+        "truncated": line[: len(line) // 2],
+        "not UTF-8": line.replace(b'"final"', b'"fin\xffl"', 1),
+        "two objects on a line": line + line,
+        "copy of the line before": previous,
+        "unlisted code system": _edit(
+            line, {"code": {"coding": [{"system": "http://example.org/fhir/CodeSystem/local-labs", "code": "X1"}]}}
+        ),
+        "fractional seconds": _edit(line, {"effectiveDateTime": "2019-05-01T10:11:12.345-04:00"}),
+        "carriage return": line + b"\r",
+        "valueBoolean": _edit(line, {"valueBoolean": True}),
+        "zero value": line.replace(b'"value":', b'"value":-0,"x":', 1),
+        "urn:uuid reference": _edit(
+            line, {"subject": {"reference": "urn:uuid:" + resource["subject"]["reference"].split("/")[1]}}
+        ),
+    }
+    return edits[kind]
+
+
+@pytest.fixture(scope="module")
+def damaged_landing(small_hospital: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Part of the small hospital (all patients, 3,000 Observations, 20 Bundles) with DAMAGE done
+    to Observation lines spread over the file, one kind every 97 lines."""
+    landing = tmp_path_factory.mktemp("damaged") / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    source = small_hospital / "fhir"
+    shutil.copy(source / "Patient.000.ndjson", landing / "fhir")
+    for bundle in sorted(source.glob("*.json"))[:20]:
+        shutil.copy(bundle, landing / "fhir")
+    lines = _lines(source / "Observation.000.ndjson", 3000)
+    for index, (kind, _) in enumerate(DAMAGE):
+        at = 97 * (index + 1)
+        lines[at] = _damaged(lines[at], lines[at - 1], kind)
+    (landing / "fhir" / "Observation.000.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    return landing
+
+
+def _per_record_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Switch the fast path off: every record goes through the per-record path."""
+    monkeypatch.setattr(ingest, "_fast_ndjson", lambda *args: None)
+    monkeypatch.setattr(ingest, "SCHEMAS", {})
+
+
+def _warehouse_frames(warehouse: Path) -> Iterator[tuple[str, pl.DataFrame]]:
+    for path in sorted(warehouse.glob("*.parquet")):
+        yield path.name, pl.read_parquet(path)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_fast_path_equals_per_record_path_3(
+    damaged_landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict: bool
+) -> None:
+    fast = ingest_landing_zone(damaged_landing, tmp_path / "fast", strict=strict, workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(damaged_landing, tmp_path / "slow", strict=strict, workers=1, export_time=EXPORT)
+
+    assert fast.files == slow.files and fast.table_rows == slow.table_rows
+    assert fast.quarantined_by_reason == slow.quarantined_by_reason
+    fast_frames = dict(_warehouse_frames(tmp_path / "fast"))
+    slow_frames = dict(_warehouse_frames(tmp_path / "slow"))
+    assert fast_frames.keys() == slow_frames.keys()
+    for name, frame in fast_frames.items():
+        assert_frame_equal(frame, slow_frames[name], check_exact=True)
+
+    if strict:
+        # Full R4 validation words some reasons first (fhir_invalid) and rejects one more line
+        # (valueBoolean beside valueQuantity); what matters here is that both paths agree.
+        return
+    expected: dict[str, int] = {}
+    for _, reason in DAMAGE:
+        if reason is not None:
+            expected[reason] = expected.get(reason, 0) + 1
+    assert fast.quarantined_by_reason == expected
+    observations = fast_frames["observations.parquet"].filter(pl.col("source_file") == "fhir/Observation.000.ndjson")
+    # 3,000 lines (the blank one a record too), 13 quarantined: every other one is in the table.
+    assert observations["record_number"].n_unique() == 3000 - sum(expected.values()) == 2987
+    quarantine = fast_frames["quarantine.parquet"]
+    assert sorted(quarantine["record_number"].to_list()) == [
+        97 * (index + 1) + 1 for index, (_, reason) in enumerate(DAMAGE) if reason is not None
+    ]
+
+
+def test_mixed_types_in_one_file_equal_per_record_path_3(
+    small_hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Bulk-FHIR file may mix types: every 7th line a Patient, Condition, Organization or a
+    # line whose type is not first, between Observations.
+    source = small_hospital / "fhir"
+    others = [
+        *_lines(source / "Patient.000.ndjson", 40),
+        *_lines(source / "Condition.000.ndjson", 40),
+        *_lines(source / "Organization.000.ndjson", 1),
+        b'{"id":"late-type","resourceType":"Patient","gender":"male"}',
+    ]
+    mixed: list[bytes] = []
+    for index, line in enumerate(_lines(source / "Observation.000.ndjson", 600)):
+        if index % 7 == 3 and others:
+            mixed.append(others.pop())
+        mixed.append(line)
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "mixed.ndjson").write_bytes(b"\n".join(mixed) + b"\n")
+    shutil.copy(source / "Patient.000.ndjson", landing / "fhir")
+
+    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
+    assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
+    for name, frame in _warehouse_frames(tmp_path / "fast"):
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    # The 40 Patients repeat those of Patient.000.ndjson (duplicates); "late-type" is new.
+    assert fast.quarantined_by_reason == {"duplicate": 40}
+    assert fast.table_rows["patients"] == (source / "Patient.000.ndjson").read_bytes().count(b"\n") + 1
+    assert fast.table_rows["conditions"] == 40 and fast.table_rows["raw_unknown"] == 1
+
+
+def test_fast_path_leaves_exactly_the_unusual_lines(small_hospital: Path) -> None:
+    source = _lines(small_hospital / "fhir" / "Observation.000.ndjson", 400)
+    lines = list(source)
+    for index, (kind, _) in enumerate(DAMAGE):
+        lines[20 * (index + 1)] = _damaged(source[20 * (index + 1)], source[20 * index], kind)
+    read = read_ndjson(b"\n".join(lines) + b"\n", "fhir/Observation.000.ndjson", 1, EXPORT)
+
+    # The copy of the line before and the orphan are fine per record (finalizing drops them); the
+    # urn:uuid reference and the fractional seconds are common forms; every other damaged or
+    # unusual line is left to the Python path, and so are the neighbours of a line the decoder
+    # rejects (the row its message names can be off by one).
+    cleared_kinds = {"copy of the line before", "patient not in the export", "urn:uuid reference", "fractional seconds"}
+    left = {20 * (index + 1) for index, (kind, _) in enumerate(DAMAGE) if kind not in cleared_kinds}
+    for index, (kind, _) in enumerate(DAMAGE):
+        if kind in ("string value", "truncated"):
+            left |= {20 * (index + 1) - 1, 20 * (index + 1) + 1}
+    assert set(read.slow.tolist()) == left
+    rows = read.tables["observations"]
+    assert pl.from_arrow(rows.select(["record_number"]))["record_number"].n_unique() == 400 - len(left)
+
+
+def test_bundle_entries_resolve_through_full_urls() -> None:
+    def observation(rid: str, subject: str) -> bytes:
+        return orjson.dumps(
+            {
+                "resourceType": "Observation",
+                "id": rid,
+                "subject": {"reference": subject},
+                "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+                "effectiveDateTime": "2020-01-01T00:00:00Z",
+                "valueQuantity": {"value": 1.2, "unit": "mg/dL"},
+            }
+        )
+
+    urls = pl.DataFrame(
+        {
+            "__file": ["b1.json", "b1.json", "b2.json"],
+            "__url": ["urn:uuid:u1", "urn:uuid:e1", "urn:uuid:u1"],
+            "__url_type": ["Patient", "Encounter", "Patient"],
+            "__url_id": ["p1", "e1", "p2"],
+        }
+    )
+    data = b"\n".join(
+        [
+            observation("o1", "urn:uuid:u1"),  # b1: the entry's Patient p1
+            observation("o2", "urn:uuid:e1"),  # b1: an Encounter, not a Patient: Python path
+            observation("o3", "urn:uuid:u1"),  # b2: the same fullUrl names p2 there
+            observation("o4", "urn:uuid:p9"),  # not an entry: the id after urn:uuid:
+        ]
+    )
+    read = read_lines(
+        data + b"\n",
+        "Observation",
+        pl.Series(["b1.json", "b1.json", "b2.json", "b2.json"]),
+        pl.Series([1, 2, 1, 2], dtype=pl.Int64),
+        Context(EXPORT, urls),
+    )
+    assert read.slow.tolist() == [1]
+    table = pl.from_arrow(read.tables["observations"])
+    assert isinstance(table, pl.DataFrame)
+    assert table.select("resource_id", "patient_id").rows() == [("o1", "p1"), ("o3", "p2"), ("o4", "p9")]
