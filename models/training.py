@@ -70,7 +70,7 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 @torch.inference_mode()
 def predict_logits(
-    model: FusionForRiskPrediction, dataset: Sequence[PatientInputs], batch_size: int = 64,
+    model: FusionForRiskPrediction, dataset: FusionDataset | Sequence[PatientInputs], batch_size: int = 64,
     device: torch.device | None = None, bf16: bool = False, with_loss: bool = True,
 ) -> dict[str, np.ndarray]:
     """Risk, hazard and arm logits of every patient of ``dataset``, in order, plus the mean loss.
