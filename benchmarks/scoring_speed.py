@@ -46,9 +46,11 @@ def main() -> None:
                             pl.read_parquet(task_dir / "imaging_inputs.parquet"), None,
                             model.config.text_embedding_dim, model.config.imaging_embedding_dim)
     sample = dataset.patients[: args.explain_sample]
-    started = time.perf_counter()
-    explain(model, calibrator, sample, inverse_vocabulary(model_dir / "vocabulary.json"))
-    rows.append(("explanations (occlusion, 24 codes + notes + studies)", len(sample), time.perf_counter() - started))
+    for bf16 in (False, True):
+        started = time.perf_counter()
+        explain(model, calibrator, sample, inverse_vocabulary(model_dir / "vocabulary.json"), bf16=bf16)
+        rows.append((f"explanations {'bf16' if bf16 else 'float32'} (occlusion: codes, notes, studies)", len(sample),
+                     time.perf_counter() - started))
     print(f"scoring speed, task {TASK}, {torch.get_num_threads()} CPU threads, model hidden size "
           f"{model.config.hidden_size}")
     header = f"{'what':<58}{'patients':>10}{'seconds':>10}{'patients/s':>12}"

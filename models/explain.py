@@ -102,31 +102,33 @@ def detail_items(patient: PatientInputs, vocabulary: list[str], max_codes: int =
 
 
 def calibrated_risks(model: FusionForRiskPrediction, calibrator: PlattCalibrator,
-                     patients: list[PatientInputs], batch_size: int = 64) -> npt.NDArray[np.float64]:
+                     patients: list[PatientInputs], batch_size: int = 64,
+                     bf16: bool = False) -> npt.NDArray[np.float64]:
     """Calibrated risk of each (possibly occluded) patient."""
     if not patients:
         return np.zeros(0)
-    logits = predict_logits(model, patients, batch_size=batch_size, with_loss=False)["risk_logits"]
+    logits = predict_logits(model, patients, batch_size=batch_size, bf16=bf16, with_loss=False)["risk_logits"]
     return calibrator.transform(logits)
 
 
 def explain(model: FusionForRiskPrediction, calibrator: PlattCalibrator, patients: list[PatientInputs],
             vocabulary: list[str], top_k: int = 5, max_codes: int = 24,
-            patients_per_chunk: int = 256) -> list[Explanation]:
+            patients_per_chunk: int = 256, bf16: bool = False) -> list[Explanation]:
     """Explain every patient's calibrated risk by occluding modalities and items.
 
     Patients are explained ``patients_per_chunk`` at a time: each brings about 35 occluded copies of
-    its inputs, so building them all at once would hold gigabytes for a large cohort.
+    its inputs, so building them all at once would hold gigabytes for a large cohort. ``bf16``
+    should match the scoring's precision, so the explained risk is the published one.
     """
     explanations: list[Explanation] = []
     for start in range(0, len(patients), patients_per_chunk):
         explanations += _explain_chunk(model, calibrator, patients[start : start + patients_per_chunk],
-                                       vocabulary, top_k, max_codes)
+                                       vocabulary, top_k, max_codes, bf16)
     return explanations
 
 
 def _explain_chunk(model: FusionForRiskPrediction, calibrator: PlattCalibrator, patients: list[PatientInputs],
-                   vocabulary: list[str], top_k: int, max_codes: int) -> list[Explanation]:
+                   vocabulary: list[str], top_k: int, max_codes: int, bf16: bool) -> list[Explanation]:
     variants: list[PatientInputs] = []
     plans: list[tuple[list[Item], list[Item]]] = []
     for patient in patients:
@@ -134,7 +136,7 @@ def _explain_chunk(model: FusionForRiskPrediction, calibrator: PlattCalibrator, 
         plans.append((by_modality, details))
         variants.append(patient)
         variants += [remove(patient, item) for item in by_modality + details]
-    risks = calibrated_risks(model, calibrator, variants)
+    risks = calibrated_risks(model, calibrator, variants, bf16=bf16)
     explanations, cursor = [], 0
     for by_modality, details in plans:
         full = float(risks[cursor])

@@ -30,6 +30,7 @@ from models.task_model import (
     load_task_model,
     predict,
 )
+from models.training import native_bf16
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,12 @@ def model_version(model_dir: Path) -> str:
 
 def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers,
                previous: pl.DataFrame | None = None, explain_top_k: int = 5,
-               with_explanations: bool = True, bf16: bool = False) -> pa.Table:
+               with_explanations: bool = True, bf16: bool | None = None) -> pa.Table:
     """Score every cohort patient of a task.
+
+    ``bf16`` runs the forward passes under bfloat16 autocast; None (the default) does so where the
+    hardware computes bfloat16 natively (:func:`models.training.native_bf16`), where it is about
+    1.2-1.4x faster and the risks differ from float32 ones by about 0.001.
 
     Raises
     ------
@@ -97,10 +102,13 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         model.config.text_embedding_dim or DEFAULT_TEXT_DIM,
         model.config.imaging_embedding_dim or DEFAULT_IMAGING_DIM,
     )
+    if bf16 is None:
+        bf16 = native_bf16(next(model.parameters()).device)
     p = predict(model, calibrator, dataset, bf16=bf16)
     n = len(dataset)
     vocabulary = inverse_vocabulary(model_dir / "vocabulary.json")
-    explanations = explain(model, calibrator, dataset.patients, vocabulary, explain_top_k) if with_explanations else []
+    explanations = (explain(model, calibrator, dataset.patients, vocabulary, explain_top_k, bf16=bf16)
+                    if with_explanations else [])
     previous_risk: list[float | None] = [None] * n
     if previous is not None and previous.height:
         before = dict(zip(previous["subject_id"].to_list(), previous["risk"].to_list(), strict=True))

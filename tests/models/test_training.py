@@ -71,3 +71,24 @@ def test_dataset_can_hide_modalities_to_measure_each_alone() -> None:
     assert collate(list(genomics))["event_mask"].sum().item() == mixed["token_ids"].list.len().sum()
     with pytest.raises(ValueError, match=r"modalities: \['text'\] are not among"):
         FusionDataset(mixed, notes, studies, labels, 8, 6, modalities=("text",))
+
+
+def test_predictions_do_not_depend_on_batching_or_threads() -> None:
+    data = dataset(150, seed=3)
+    model = tiny_model().eval()
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_batch = predict_logits(model, data, batch_size=150)
+        sequential = predict_logits(model, data, batch_size=16)
+        torch.set_num_threads(2)
+        threaded = predict_logits(model, data, batch_size=16)  # 10 batches, one core each
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.get_num_threads() == previous
+    for key in ("risk_logits", "hazard_logits", "arm_logits"):
+        np.testing.assert_allclose(threaded[key], one_batch[key], atol=1e-5)
+        np.testing.assert_allclose(threaded[key], sequential[key], atol=1e-6)
+    # The loss is a mean of batch means, so only the same batches give the same loss.
+    assert float(threaded["loss"]) == pytest.approx(float(sequential["loss"]), abs=1e-6)
+    assert np.isnan(predict_logits(model, data, with_loss=False)["loss"])
