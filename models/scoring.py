@@ -93,11 +93,10 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         raise ModelFolderError(f"model {model_dir} was trained with a different vocabulary than the inputs in "
                                f"{task_dir} (the inputs were rebuilt since; train the model again)")
     tokens = pl.read_parquet(task_dir / "event_tokens.parquet").sort("subject_id")
-    notes_path, imaging_path = task_dir / "note_embeddings.parquet", task_dir / "imaging_inputs.parquet"
     dataset = FusionDataset(
         tokens,
-        pl.read_parquet(notes_path) if notes_path.is_file() else None,
-        pl.read_parquet(imaging_path) if imaging_path.is_file() else None,
+        _read_present(task_dir / "note_embeddings.parquet", ["subject_id", "note_id", "time", "embedding"]),
+        _read_present(task_dir / "imaging_inputs.parquet", ["subject_id", "study_id", "time", "modality", "embedding"]),
         None,
         model.config.text_embedding_dim or DEFAULT_TEXT_DIM,
         model.config.imaging_embedding_dim or DEFAULT_IMAGING_DIM,
@@ -135,6 +134,15 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         },
         schema=SCORES,
     )
+
+
+def _read_present(path: Path, columns: list[str]) -> pl.DataFrame | None:
+    """The ``columns`` of a Parquet file that it has (the note table is mostly vectors: reading
+    only what the model and the explanations use saves time), or None when there is no file."""
+    if not path.is_file():
+        return None
+    present = pl.read_parquet_schema(path)
+    return pl.read_parquet(path, columns=[c for c in columns if c in present])
 
 
 def inverse_vocabulary(path: Path) -> list[str]:
