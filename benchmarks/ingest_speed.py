@@ -12,7 +12,8 @@ so the rates compare like with like on the same machine:
 (b) ``default``: :func:`features.ingest.ingest_landing_zone` (fast-path validation, all tables);
 (c) ``strict``: the same with ``strict=True`` (every resource also validated by fhir.resources R4B);
 (d) ``r4b``: ``orjson.loads`` + ``fhir.resources.R4B`` ``model_validate`` one by one in one process,
-    on the first ``--r4b-sample`` resources (it is slow), rate extrapolated.
+    on ``--r4b-sample`` resources (it is slow) taken from the head of every NDJSON file in proportion
+    to its lines, so the sample has the export's mix of resource types; rate extrapolated.
 
 The table also gives each mode's CPU time (user + sys of its process and workers): on a machine
 shared with other jobs it is the steadier figure.
@@ -40,7 +41,7 @@ def _fhir_files(landing: Path) -> list[Path]:
     return sorted(p for p in (landing / "fhir").rglob("*") if p.name.endswith((".ndjson", ".json", ".ndjson.gz")))
 
 
-def child(mode: str, landing: Path, sample: int) -> dict[str, float]:
+def child(mode: str, landing: Path, quotas_json: str) -> dict[str, float]:
     """Run one mode in this process; return the resources it handled."""
     import orjson
 
@@ -59,22 +60,28 @@ def child(mode: str, landing: Path, sample: int) -> dict[str, float]:
         from fhir.resources.R4B import get_fhir_model_class
 
         count = 0
-        for path in _fhir_files(landing):
-            if path.name.endswith(".json"):
-                continue
-            with path.open("rb") as handle:
-                for line in handle:
+        # The quotas are counted by the parent: reading every file to count lines is not validation.
+        for name, quota in json.loads(Path(quotas_json).read_text()).items():
+            with Path(name).open("rb") as handle:
+                for _, line in zip(range(quota), handle, strict=False):
                     res = orjson.loads(line)
                     get_fhir_model_class(res["resourceType"]).model_validate(res)
                     count += 1
-                    if count >= sample:
-                        return {"resources": count}
         return {"resources": count}
     from features.ingest import ingest_landing_zone
 
     with tempfile.TemporaryDirectory() as out:
         summary = ingest_landing_zone(landing, Path(out), strict=mode == "strict", workers=2)
     return {"resources": summary.fhir_resources_in, "records": summary.records_in, "balanced": float(summary.balanced)}
+
+
+def r4b_quotas(landing: Path, sample: int) -> dict[Path, int]:
+    """Lines to validate from the head of each NDJSON file: ``sample`` in all, shared in proportion
+    to the files' line counts, so the sample has the export's mix of resource types (validation
+    cost differs a lot by type: an Observation or a DocumentReference costs more than an allergy)."""
+    lines = {path: path.read_bytes().count(b"\n") for path in _fhir_files(landing) if path.name.endswith(".ndjson")}
+    total = sum(lines.values())
+    return {path: max(1, round(sample * n / total)) for path, n in lines.items() if n}
 
 
 def _children_cpu() -> float:
@@ -88,12 +95,17 @@ def measure(mode: str, landing: Path, sample: int) -> dict[str, float]:
     The CPU time (user + sys of the process and its workers) is the figure to compare when other
     jobs share the machine: they stretch the wall time, much less the CPU time.
     """
-    cpu = _children_cpu()
-    start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, __file__, CHILD, mode, str(landing), str(sample)], check=True, capture_output=True, text=True
-    )
-    wall = time.perf_counter() - start
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as quotas:
+        if mode == "r4b":
+            json.dump({str(path): n for path, n in r4b_quotas(landing, sample).items()}, quotas)
+            quotas.flush()
+        cpu = _children_cpu()
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, __file__, CHILD, mode, str(landing), quotas.name], check=True, capture_output=True,
+            text=True,
+        )
+        wall = time.perf_counter() - start
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["seconds"] = wall
     result["cpu_seconds"] = _children_cpu() - cpu
@@ -134,7 +146,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == CHILD:
-        out = child(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]))
+        out = child(sys.argv[2], Path(sys.argv[3]), sys.argv[4])
         peak_kib = max(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         )
