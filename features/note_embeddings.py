@@ -254,10 +254,13 @@ def embed_notes(notes: pl.DataFrame, cohort: pl.DataFrame, encoder: NoteEncoder,
         notes.join(mapping, on="patient_id")
         .join(cohort.select("subject_id", "prediction_time"), on="subject_id")
         .filter(pl.col("time") <= pl.col("prediction_time"))
-        .sort(["subject_id", "time", "note_id"], descending=[False, True, False])
     )
     if max_notes_per_patient is not None:
-        selected = selected.group_by("subject_id", maintain_order=True).head(max_notes_per_patient)
+        selected = (
+            selected.sort(["subject_id", "time", "note_id"], descending=[False, True, False])
+            .group_by("subject_id", maintain_order=True)
+            .head(max_notes_per_patient)
+        )
     selected = selected.sort(["subject_id", "time", "note_id"])
     matrix = encoder.encode(selected["text"].to_list(), selected["text_sha256"].to_list())
     return selected.select(

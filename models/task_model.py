@@ -286,12 +286,13 @@ def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[st
     rows = ids.join(truth, on="subject_id", how="left")
     if rows["true_risk_untreated"].null_count():
         raise ValueError("truth: some held-out patients are missing from truth.parquet")
-    # At the prediction time the treatment is not yet decided: the best prediction averages the arms.
-    propensity = rows["propensity"].to_numpy()
-    risk = (propensity * rows["true_risk_treated"].to_numpy()
-            + (1 - propensity) * rows["true_risk_untreated"].to_numpy())
     if observed_only:
         risk = risk_given_observed_modalities(rows.to_arrow(), horizon)
+    else:
+        # At the prediction time the treatment is not yet decided: the best prediction averages the arms.
+        propensity = rows["propensity"].to_numpy()
+        risk = (propensity * rows["true_risk_treated"].to_numpy()
+                + (1 - propensity) * rows["true_risk_untreated"].to_numpy())
     metrics = _risk_metrics(labels["risk_label"][known], risk[known])
     metrics.update(_survival_metrics(train_labels, labels, risk, horizon))
     return metrics

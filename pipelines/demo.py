@@ -62,7 +62,7 @@ def run_demo(
     if instance is None:
         instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
     resources = resources_for_deployment(str(workspace))
-    training = {"max_epochs": epochs, "hidden_size": hidden_size, "num_attention_heads": 2}
+    training = {"max_epochs": epochs, "hidden_size": hidden_size}
     stages = [
         (
             f"simulate {patients:,} patients and ingest them",
