@@ -66,7 +66,7 @@ from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file
-from features.io import atomic_target, write_bytes_atomic, write_parquet_atomic
+from features.io import sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
 from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE
 from features.tables import TABLE_SUFFIXES, TableRead
@@ -600,22 +600,14 @@ def _staged(staging: Path, table: str) -> pl.LazyFrame:
 _HIGH_CARDINALITY = re.compile(r"(_id|^text|_json|_sha256|^source|text_value)$")
 
 
-def _sink_table(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chunk_size: int = 100_000) -> Path:
-    """Stream a query into ``path`` as Parquet of ``schema``, atomically, batch by batch.
-
-    As :func:`features.io.sink_parquet_atomic`, with cheaper encoding: no dictionary for columns of
+def _sink_table(frame: pl.LazyFrame, path: Path, schema: pa.Schema) -> Path:
+    """:func:`features.io.sink_parquet_atomic` with cheaper encoding: no dictionary for columns of
     (nearly) unique values (ids, texts) and min/max statistics for non-text columns only. Both
     cost about as much as the rest of the write on the large tables and serve no reader here.
     """
     dictionary = [name for name in schema.names if not _HIGH_CARDINALITY.search(name)]
     statistics = [f.name for f in schema if not (pa.types.is_string(f.type) or pa.types.is_list(f.type))]
-    with (
-        atomic_target(path) as tmp,
-        pq.ParquetWriter(tmp, schema, use_dictionary=dictionary, write_statistics=statistics) as writer,
-    ):
-        for batch in frame.select(schema.names).collect_batches(chunk_size=chunk_size, engine="streaming"):
-            writer.write_table(batch.to_arrow().cast(schema))
-    return path
+    return sink_parquet_atomic(frame, path, schema, use_dictionary=dictionary, write_statistics=statistics)
 
 
 def _repeated_ids(staged: pl.LazyFrame, ids: list[str]) -> pl.LazyFrame:

@@ -49,14 +49,19 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
     return path
 
 
-def sink_parquet_atomic(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chunk_size: int = 100_000) -> Path:
+def sink_parquet_atomic(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chunk_size: int = 100_000,
+                        use_dictionary: bool | list[str] = True, write_statistics: bool | list[str] = True) -> Path:
     """Stream a polars query into ``path`` as Parquet with the Arrow ``schema``, atomically.
 
     The query runs on polars' streaming engine and is written batch by batch (cast to ``schema``,
     so the file has exactly the contract's types), so memory stays bounded by the batch size, not
-    by the size of the table.
+    by the size of the table. ``use_dictionary`` and ``write_statistics`` are Parquet's encoding
+    choices (all columns, none, or the named ones), as in :class:`pyarrow.parquet.ParquetWriter`.
     """
-    with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with (
+        atomic_target(path) as tmp,
+        pq.ParquetWriter(tmp, schema, use_dictionary=use_dictionary, write_statistics=write_statistics) as writer,
+    ):
         for batch in frame.select(schema.names).collect_batches(chunk_size=chunk_size, engine="streaming"):
             writer.write_table(batch.to_arrow().cast(schema))
     return path
