@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -862,15 +862,23 @@ def ingest_landing_zone(
                 part += 1
 
         staged = {table: _staged(staging, table) for table in TABLES}
-        table_rows: dict[str, int] = {}
-        dropped: list[pl.DataFrame] = []
-        patient_ids: pl.Series | None = None
-        for table in TABLES:
-            table_rows[table], drops = _finalize_table(table, staged[table], patient_ids, warehouse_dir)
-            if table == "patients":
-                patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
-            if drops.height:
-                dropped.append(drops.with_columns(table=pl.lit(table)))
+        finalized = {"patients": _finalize_table("patients", staged["patients"], None, warehouse_dir)}
+        patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
+        # The other tables only need the patients: they are written side by side (polars and the
+        # Parquet writer run outside the interpreter lock, so threads share the cores).
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
+            pending = {
+                table: threads.submit(_finalize_table, table, staged[table], patient_ids, warehouse_dir)
+                for table in TABLES
+                if table != "patients"
+            }
+            finalized.update({table: job.result() for table, job in pending.items()})
+        table_rows = {table: finalized[table][0] for table in TABLES}
+        dropped = [
+            drops.with_columns(table=pl.lit(table))
+            for table in TABLES
+            if (drops := finalized[table][1]).height
+        ]
         events_path = _sink_table(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
         table_rows["events"] = pq.read_metadata(events_path).num_rows
 

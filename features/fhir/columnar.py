@@ -855,14 +855,16 @@ def read_lines(
     files: pl.Series,
     numbers: pl.Series,
     ctx: Context,
+    bounds: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> FastRead:
     """Clear what the fast path can of ``data`` (NDJSON, every line meant as ``resource_type``).
 
-    ``files`` and ``numbers`` give each line's source file and record number. A type without a
-    fast path, or a block the decoder rejects, leaves every line to the caller. In strict mode
-    (``ctx.strict``) a line must also validate against its FHIR R4 model to be cleared.
+    ``files`` and ``numbers`` give each line's source file and record number; ``bounds`` the
+    lines' :func:`line_bounds`, when the caller has them already. A type without a fast path, or a
+    block the decoder rejects, leaves every line to the caller. In strict mode (``ctx.strict``) a
+    line must also validate against its FHIR R4 model to be cleared.
     """
-    starts, ends = line_bounds(data)
+    starts, ends = line_bounds(data) if bounds is None else bounds
     if len(starts) != len(numbers):
         raise ValueError(f"read_lines: {len(numbers)} record numbers given for {len(starts)} lines")
     everything = FastRead({}, np.arange(len(starts), dtype=np.int64), starts, ends)
@@ -964,7 +966,7 @@ def read_ndjson(data: bytes, source_file: str, first_line: int, latest: datetime
     if len(groups) == 1:
         ((resource_type, _),) = groups.items()
         if resource_type is not None:
-            return read_lines(data, resource_type, files, numbers, ctx)
+            return read_lines(data, resource_type, files, numbers, ctx, (starts, ends))
     slow: list[np.ndarray] = []
     pieces: dict[str, list[pa.Table]] = {}
     for resource_type, lines in groups.items():
