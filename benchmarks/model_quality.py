@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--ablations", nargs="+", choices=MODALITIES, default=list(MODALITIES),
+                        help="the single-modality models to train (default: every modality)")
     parser.add_argument("--reuse-model", action="store_true",
                         help="take the full model's metrics from the model folder a previous run left (ablations only)")
     args = parser.parse_args()
@@ -84,7 +86,7 @@ def main() -> None:
     n_train = metrics["split_sizes"]["train"]
     rows = metrics_table(metrics)
     if not args.no_ablations:
-        for modality in MODALITIES:
+        for modality in args.ablations:
             alone = train_task_model(folder, workdir / f"model_{modality}", task.horizon_days, training,
                                      architecture, truth, baselines=False, modalities=(modality,))
             assert alone is not None

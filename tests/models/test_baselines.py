@@ -12,8 +12,10 @@ from models.baselines import (
     fit_cox,
     fit_lightgbm,
     fit_logistic,
+    fit_logistic_tuned,
     fit_random_survival_forest,
     fit_t_learner,
+    mean_embeddings,
 )
 from models.metrics import auroc, harrell_c_index
 
@@ -62,3 +64,31 @@ def test_risk_and_treatment_baselines_find_a_planted_signal() -> None:
     learner = fit_t_learner(x[fit], y[fit], treated[fit], x[tune], y[tune], treated[tune])
     effect = learner.effect(x[test])
     assert effect[x[test, 1] < -0.5].mean() < effect[x[test, 1] > 0.5].mean() - 0.1
+
+
+def test_mean_embeddings_average_each_patients_vectors_and_count_them() -> None:
+    embeddings = pl.DataFrame(
+        {"subject_id": [7, 3, 7, 9], "embedding": [[1.0, 2.0], [5.0, 5.0], [3.0, 4.0], [0.5, 0.5]]}
+    )
+    means = mean_embeddings(np.array([3, 7, 8]), embeddings, dim=2)
+    # Patient 9 is not asked for; patient 8 has no embedding.
+    assert means.tolist() == [[5.0, 5.0, 1.0], [2.0, 3.0, 2.0], [0.0, 0.0, 0.0]]
+    assert mean_embeddings(np.array([3]), None, dim=2).tolist() == [[0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match=r"embeddings of length 2\.\.2 \(expected 3\)"):
+        mean_embeddings(np.array([3]), embeddings, dim=3)
+
+
+def test_tuned_logistic_regression_penalises_many_noise_features_more() -> None:
+    rng = np.random.default_rng(1)
+    # One informative feature among 300 of noise, 400 training patients: the weak penalty over-fits.
+    x = rng.normal(size=(1400, 301))
+    y = rng.random(1400) < 1 / (1 + np.exp(-1.5 * x[:, 0]))
+    fit, tune, test = slice(0, 400), slice(400, 900), slice(900, None)
+    tuned = fit_logistic_tuned(x[fit], y[fit], x[tune], y[tune])
+    chosen = tuned[-1].C
+    assert chosen < 0.1
+    assert auroc(y[test], tuned.predict_proba(x[test])[:, 1]) > auroc(
+        y[test], fit_logistic(x[fit], y[fit], 0.1).predict_proba(x[test])[:, 1]
+    )
+    with pytest.raises(ValueError, match="tuning split has 500 outcomes of one class"):
+        fit_logistic_tuned(x[fit], y[fit], x[tune], np.zeros(500, dtype=bool))

@@ -46,8 +46,8 @@ def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tu
                 "integrated_brier", "policy_event_rate", "auroc_sex_female", "auroc_sex_male"):
         assert key in fusion, key
     assert fusion["auroc"] > 0.65
-    assert set(metrics["models"]) == {"fusion", "logistic_regression", "lightgbm", "cox_ph",
-                                      "random_survival_forest", "t_learner_lightgbm"}
+    assert set(metrics["models"]) == {"fusion", "logistic_regression", "logistic_regression_all_modalities",
+                                      "lightgbm", "cox_ph", "random_survival_forest", "t_learner_lightgbm"}
     assert "policy_event_rate" in metrics["models"]["t_learner_lightgbm"]
 
 
