@@ -11,12 +11,13 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
 1. FHIR files are cut into read units (16 MB NDJSON line ranges, whole ``.gz`` and Bundle files),
    and consecutive small units are grouped into batches of about 16 MB; ``workers`` processes
    parse, validate and flatten the batches, each staged as one Arrow IPC part per table. NDJSON
-   ranges and the batch's Bundle entries go through the columnar fast path
-   (:mod:`features.fhir.columnar`), which clears the records it can check column-wise; every other
-   record goes through the per-record path (:mod:`features.fhir.flatten`), which alone writes
-   quarantine reasons.
+   ranges, ``.gz`` files (in blocks of decompressed lines) and the batch's Bundle entries go
+   through the columnar fast path (:mod:`features.fhir.columnar`), which clears the records it
+   can check column-wise; every other record goes through the per-record path
+   (:mod:`features.fhir.flatten`), which alone writes quarantine reasons.
 2. The tables feeds are read row by row and staged the same way.
-3. Each table is finalized by a streaming polars query: duplicates (same type and id) resolve to
+3. The patients table is finalized first, then the others side by side on threads, each by a
+   streaming polars query: duplicates (same type and id) resolve to
    the first copy in file order (files sorted by path, then line or entry number); rows whose patient
    is not in ``patients`` are dropped; both become quarantine rows naming why.
 4. ``events`` is streamed from the final tables; then the accounting is counted independently from
@@ -59,6 +60,7 @@ from features.fhir.read import (
     ReadUnit,
     fetch_raw,
     fhir_kind,
+    iter_gzip_blocks,
     iter_unit,
     plan_units,
 )
@@ -268,14 +270,15 @@ def _plan_unit(
 ) -> tuple[int, Iterable[RawRecord | RawReject]]:
     """Start reading one unit: (records the fast path cleared, records left for the per-record path).
 
-    Plain NDJSON goes through the columnar fast path now (its tables go to ``frames``); Bundle
-    entries join ``pool``, cleared later for the whole batch at once; ``.gz`` files are read
-    record by record.
+    NDJSON, plain or gzipped, goes through the columnar fast path now (its tables go to
+    ``frames``); Bundle entries join ``pool``, cleared later for the whole batch at once.
     """
     if unit.kind == "ndjson":
         fast = _fast_ndjson(unit, latest, strict, frames)
         if fast is not None:
             return fast
+    if unit.kind == "ndjson.gz":
+        return _fast_gzip(unit, latest, strict, frames)
     if unit.kind == "json":
         records = list(iter_unit(unit))
         pool.add(unit_index, unit.source_file, records)
@@ -305,6 +308,34 @@ def _fast_ndjson(
         for index, line in zip(read.slow.tolist(), read.slow_lines(data), strict=True)
     ]
     return len(read.starts) - len(left), left
+
+
+def _fast_gzip(
+    unit: ReadUnit, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]
+) -> tuple[int, list[RawRecord | RawReject]]:
+    """Run the columnar fast path on a ``.ndjson.gz`` file: (records cleared, records left).
+
+    The file is decompressed in blocks of whole lines of about :data:`UNIT_BYTES` (so memory
+    stays bounded whatever its size), by the reader the per-record path uses too: a damaged
+    stream ends at the same line, with the same quarantine row.
+    """
+    cleared = 0
+    left: list[RawRecord | RawReject] = []
+    for block in iter_gzip_blocks(unit, UNIT_BYTES):
+        if isinstance(block, RawReject):
+            left.append(block)
+            continue
+        first_line, data = block
+        read = read_ndjson(data, unit.source_file, first_line, latest, strict)
+        for table, rows in read.tables.items():
+            if rows.num_rows:
+                frames[table].append(rows)
+        cleared += len(read.starts) - len(read.slow)
+        left.extend(
+            RawRecord(first_line + index, _strip_cr(line))
+            for index, line in zip(read.slow.tolist(), read.slow_lines(data), strict=True)
+        )
+    return cleared, left
 
 
 def _strip_cr(line: bytes) -> bytes:

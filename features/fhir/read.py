@@ -148,16 +148,43 @@ def iter_unit(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
         yield from _iter_json(unit)
 
 
-def _iter_gzip(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
+GZIP_READ_BYTES = 8192
+"""Decompressed bytes asked of the gzip stream per read: the buffer a line-by-line reader uses, so
+a damaged stream gives up at the same point, with the same lines read before it."""
+
+
+def iter_gzip_blocks(unit: ReadUnit, block_bytes: int = UNIT_BYTES) -> Iterator[tuple[int, bytes] | RawReject]:
+    """Yield a ``.ndjson.gz`` file as (number of its first line, block of whole lines), each block
+    about ``block_bytes`` of text; then, for a damaged or empty stream, one reject.
+
+    A block's lines end with a newline, except the file's last line when the file has none. What a
+    truncated or corrupt stream yields is every whole line decompressed before the damage.
+    """
     number = 0
+    pending: list[bytes] = []
+    pending_bytes = 0
+
+    def whole_lines(final: bool) -> Iterator[tuple[int, bytes]]:
+        nonlocal number, pending, pending_bytes
+        data = b"".join(pending)
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        pending, pending_bytes = ([data[cut:]], len(data) - cut) if cut < len(data) else ([], 0)
+        if cut:
+            block = data[:cut]
+            yield number + 1, block
+            number += block.count(b"\n") + (not block.endswith(b"\n"))
+
     try:
         with gzip.open(unit.path, "rb") as handle:
-            for line in handle:
-                number += 1
-                if line.endswith(b"\n"):
-                    line = line[:-1]
-                yield RawRecord(number, line[:-1] if line.endswith(b"\r") else line)
+            while chunk := handle.read1(GZIP_READ_BYTES):
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                # Cut only at a newline just read: a line longer than a block is not re-joined
+                # for every piece of it.
+                if pending_bytes >= block_bytes and b"\n" in chunk:
+                    yield from whole_lines(final=False)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        yield from whole_lines(final=False)
         detail = "the gzip stream ends early (truncated file)" if isinstance(exc, EOFError) else f"gzip error: {exc}"
         yield RawReject(
             number + 1,
@@ -166,8 +193,17 @@ def _iter_gzip(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             f"{detail}; {number} lines before it were read",
         )
         return
+    yield from whole_lines(final=True)
     if number == 0:
         yield RawReject(0, "", "empty_file", "file is empty (no lines after decompression)")
+
+
+def _iter_gzip(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
+    for block in iter_gzip_blocks(unit):
+        if isinstance(block, RawReject):
+            yield block
+        else:
+            yield from _split_lines(block[1], block[0])
 
 
 def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from collections.abc import Iterator
 from datetime import datetime
@@ -105,6 +106,7 @@ def damaged_landing(small_hospital: Path, tmp_path_factory: pytest.TempPathFacto
 def _per_record_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Switch the fast path off: every record goes through the per-record path."""
     monkeypatch.setattr(ingest, "_fast_ndjson", lambda *args: None)
+    monkeypatch.setattr(ingest, "_fast_gzip", lambda unit, *args: (0, ingest.iter_unit(unit)))
     monkeypatch.setattr(ingest, "SCHEMAS", {})
 
 
@@ -242,3 +244,43 @@ def test_bundle_entries_resolve_through_full_urls() -> None:
     table = pl.from_arrow(read.tables["observations"])
     assert isinstance(table, pl.DataFrame)
     assert table.select("resource_id", "patient_id").rows() == [("o1", "p1"), ("o3", "p2"), ("o4", "p9")]
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_gzipped_ndjson_equals_per_record_path_3(
+    damaged_landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, truncated: bool
+) -> None:
+    # The damaged Observations gzipped, read in blocks of 64 KiB of text (about 80 lines each); a
+    # truncated copy stops part-way, with one truncated_gzip row after the last whole line.
+    landing = tmp_path / "landing"
+    shutil.copytree(damaged_landing, landing)
+    plain = landing / "fhir" / "Observation.000.ndjson"
+    packed = gzip.compress(plain.read_bytes())
+    kept = packed[: len(packed) * 2 // 3] if truncated else packed
+    (landing / "fhir" / "Observation.000.ndjson.gz").write_bytes(kept)
+    plain.unlink()
+    monkeypatch.setattr(ingest, "UNIT_BYTES", 64 * 1024)
+    blocks: list[int] = []
+
+    def counted(data: bytes, source_file: str, *args: object) -> object:
+        if source_file.endswith(".gz"):
+            blocks.append(data.count(b"\n"))
+        return read_ndjson(data, source_file, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest, "read_ndjson", counted)
+    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
+
+    assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
+    for name, frame in _warehouse_frames(tmp_path / "fast"):
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    gz = next(account for account in fast.files if account.source_file.endswith(".gz"))
+    # Every line read went to the fast path, in blocks; the truncated_gzip row is not a line.
+    assert len(blocks) > 20 and sum(blocks) == gz.records_in - int(truncated)
+    if truncated:
+        assert fast.quarantined_by_reason["truncated_gzip"] == 1
+        assert 1000 < gz.records_in < 3000
+    else:
+        assert "truncated_gzip" not in fast.quarantined_by_reason
+        assert (gz.records_in, gz.quarantined) == (3000, 13)

@@ -11,6 +11,7 @@ import orjson
 import polars as pl
 import pytest
 
+from features.fhir.read import RawReject, ReadUnit, iter_gzip_blocks
 from features.ingest import IngestSummary, ingest_landing_zone
 
 EXPORT = datetime(2025, 1, 1)
@@ -206,6 +207,30 @@ def test_truncated_gzip(tmp_path: Path) -> None:
     assert reject["reason_code"] == "truncated_gzip"
     assert summary.table_rows["patients"] > 0
     assert summary.files[0].records_in == summary.table_rows["patients"] + quarantine.height
+
+
+def test_gzip_blocks_hold_whole_lines_and_number_them(tmp_path: Path) -> None:
+    path = tmp_path / "p.ndjson.gz"
+    text = b"".join(b"line %05d\r\n" % i for i in range(6000)) + b"last, no newline"
+    path.write_bytes(gzip.compress(text))
+    blocks = list(iter_gzip_blocks(ReadUnit(str(path), "p.ndjson.gz", "ndjson.gz"), block_bytes=10_000))
+    assert len(blocks) > 3 and all(isinstance(block, tuple) for block in blocks)
+    assert b"".join(block[1] for block in blocks) == text  # type: ignore[index]
+    firsts = [block[0] for block in blocks]  # type: ignore[index]
+    counts = [block[1].count(b"\n") for block in blocks]  # type: ignore[index]
+    assert firsts == [1 + sum(counts[:i]) for i in range(len(blocks))]
+    assert all(block[1].endswith(b"\n") for block in blocks[:-1])  # type: ignore[index]
+
+    path.write_bytes(gzip.compress(b""))
+    (empty,) = iter_gzip_blocks(ReadUnit(str(path), "p.ndjson.gz", "ndjson.gz"))
+    assert isinstance(empty, RawReject) and (empty.number, empty.code) == (0, "empty_file")
+
+    path.write_bytes(gzip.compress(text)[:-20])
+    *lines, reject = iter_gzip_blocks(ReadUnit(str(path), "p.ndjson.gz", "ndjson.gz"), block_bytes=10_000)
+    read = sum(block[1].count(b"\n") for block in lines)  # type: ignore[index]
+    assert isinstance(reject, RawReject) and reject.code == "truncated_gzip"
+    assert reject.number == read + 1 and read >= 5990
+    assert reject.reason == f"the gzip stream ends early (truncated file); {read} lines before it were read"
 
 
 def bundle(kind: str, entries: list[object]) -> bytes:
