@@ -95,6 +95,13 @@ def main() -> None:
           f"{metrics['n_held_out']:,} ({metrics['n_held_out_labelled']:,} with a known 1-year outcome, "
           f"event rate {metrics['held_out_event_rate']:.3f})")
     print_table("held-out metrics (truth = the true risk: the best possible)", rows)
+    fusion = metrics["models"]["fusion"]
+    if "calibration_slope" in fusion:
+        print(f"\nfusion calibration: slope {fusion['calibration_slope']:.3f}, observed / expected "
+              f"{fusion['observed_expected_ratio']:.3f}, error {fusion['calibration_error']:.3f}; a perfectly "
+              f"calibrated model with these predictions shows {fusion['calibration_error_if_calibrated']:.3f} "
+              f"(95th percentile {fusion['calibration_error_if_calibrated_95']:.3f}) on these "
+              f"{metrics['n_held_out_labelled']:,} patients")
     if epochs:
         print(f"\ntraining on {device} ({torch.get_num_threads()} CPU threads): {len(epochs)} epochs of {n_train:,} "
               f"patients in {seconds:.0f} s = {len(epochs) * n_train / seconds:,.0f} patients/s "

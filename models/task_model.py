@@ -45,9 +45,12 @@ from models.metrics import (
     auprc,
     auroc,
     brier,
+    calibration_error_if_calibrated,
+    calibration_slope,
     expected_calibration_error,
     harrell_c_index,
     integrated_brier,
+    observed_expected_ratio,
     pehe,
     policy_value,
     time_dependent_auc,
@@ -200,6 +203,11 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     results: dict[str, Any] = {"n_held_out": len(held_out), "n_held_out_labelled": int(known.sum()),
                                "held_out_event_rate": float(y.mean())}
     fusion = _risk_metrics(y, p.risk[known])
+    fusion["calibration_slope"] = calibration_slope(y, p.risk[known])
+    fusion["observed_expected_ratio"] = observed_expected_ratio(y, p.risk[known])
+    floor_mean, floor_95 = calibration_error_if_calibrated(p.risk[known])
+    fusion["calibration_error_if_calibrated"] = floor_mean
+    fusion["calibration_error_if_calibrated_95"] = floor_95
     fusion.update(_survival_metrics(train_labels, labels, 1 - p.survival[:, model.config.horizon_bin], horizon,
                                     p.survival, times))
     cohort = data.cohort["held_out"]
@@ -438,7 +446,19 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
     ]
     for name, row in metrics_table(metrics):
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" if c in row else "" for c in columns) + " |")
-    subgroup = {k: v for k, v in metrics["models"]["fusion"].items() if k.startswith("auroc_")}
+    fusion = metrics["models"]["fusion"]
+    if "calibration_slope" in fusion:
+        lines += [
+            "",
+            "## Calibration",
+            "",
+            f"Calibration slope {fusion['calibration_slope']:.2f} (1 is ideal; below 1, risks too extreme), "
+            f"observed / expected events {fusion['observed_expected_ratio']:.2f} (1 is ideal). Expected "
+            f"calibration error {fusion['calibration_error']:.3f}; a perfectly calibrated model would show "
+            f"{fusion['calibration_error_if_calibrated']:.3f} on this many patients from sampling alone "
+            f"(95th percentile {fusion['calibration_error_if_calibrated_95']:.3f}).",
+        ]
+    subgroup = {k: v for k, v in fusion.items() if k.startswith("auroc_")}
     lines += ["", "## AUROC by subgroup", "", "| subgroup | AUROC |", "| --- | --- |"]
     lines += [f"| {k.removeprefix('auroc_')} | {v:.3f} |" for k, v in sorted(subgroup.items())]
     lines += [
