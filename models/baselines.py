@@ -129,11 +129,16 @@ def fit_cox(x: Matrix, event: npt.ArrayLike, duration_days: npt.ArrayLike) -> Pi
 
 def fit_random_survival_forest(x: Matrix, event: npt.ArrayLike, duration_days: npt.ArrayLike,
                                seed: int = 0) -> Pipeline:
-    """Random survival forest (scikit-survival), median-imputed."""
+    """Random survival forest (scikit-survival), median-imputed.
+
+    Only its risk score (``predict``) is used, so the forest keeps that per leaf
+    (``low_memory``): keeping each leaf's whole cumulative hazard over every distinct follow-up
+    time took more than 16 GB on 14,000 patients.
+    """
     model = make_pipeline(
         SimpleImputer(strategy="median", keep_empty_features=True),
         RandomSurvivalForest(n_estimators=100, min_samples_leaf=15, max_features="sqrt", n_jobs=2,
-                             random_state=seed),
+                             random_state=seed, low_memory=True),
     )
     return model.fit(x, Surv.from_arrays(np.asarray(event, dtype=bool), np.asarray(duration_days, dtype=float)))
 
