@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 
 import features.ingest as ingest
 from features.fhir.columnar import Context, read_lines, read_ndjson
-from features.ingest import ingest_landing_zone
+from features.ingest import IngestSummary, ingest_landing_zone
 
 EXPORT = datetime(2026, 1, 1)
 
@@ -115,6 +115,18 @@ def _warehouse_frames(warehouse: Path) -> Iterator[tuple[str, pl.DataFrame]]:
         yield path.name, pl.read_parquet(path)
 
 
+def _fast_equals_per_record(landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> IngestSummary:
+    """Ingest ``landing`` with the fast path, then per record only; assert both wrote the same
+    accounting and tables; return the fast run's summary."""
+    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
+    assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
+    for name, frame in _warehouse_frames(tmp_path / "fast"):
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    return fast
+
+
 @pytest.mark.parametrize("strict", [False, True])
 def test_fast_path_equals_per_record_path_3(
     damaged_landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict: bool
@@ -171,12 +183,7 @@ def test_mixed_types_in_one_file_equal_per_record_path_3(
     (landing / "fhir" / "mixed.ndjson").write_bytes(b"\n".join(mixed) + b"\n")
     shutil.copy(source / "Patient.000.ndjson", landing / "fhir")
 
-    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
-    _per_record_only(monkeypatch)
-    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
-    assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
-    for name, frame in _warehouse_frames(tmp_path / "fast"):
-        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     # The 40 Patients repeat those of Patient.000.ndjson (duplicates); "late-type" is new.
     assert fast.quarantined_by_reason == {"duplicate": 40}
     assert fast.table_rows["patients"] == (source / "Patient.000.ndjson").read_bytes().count(b"\n") + 1
@@ -268,13 +275,7 @@ def test_gzipped_ndjson_equals_per_record_path_3(
         return read_ndjson(data, source_file, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(ingest, "read_ndjson", counted)
-    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
-    _per_record_only(monkeypatch)
-    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
-
-    assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
-    for name, frame in _warehouse_frames(tmp_path / "fast"):
-        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     gz = next(account for account in fast.files if account.source_file.endswith(".gz"))
     # Every line read went to the fast path, in blocks; the truncated_gzip row is not a line.
     assert len(blocks) > 20 and sum(blocks) == gz.records_in - int(truncated)
