@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +53,6 @@ from models.training import TrainingArguments, predict_logits, train
 
 N_FOLDS = 5
 N_SURVIVAL_BINS = 8  # discrete-time intervals of the survival head
-N_VALUE_BINS = 10  # quantile bins per numeric covariate
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,13 @@ class FusionSettings:
     dropout: float = 0.1
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
-    batch_size: int = 64
+    batch_size: int = 32
     max_epochs: int = 60
     patience: int = 10
     tuning_fraction: float = 0.2
+    n_value_bins: int = 1  # quantile bins per numeric covariate (1: the value alone, no bins)
+    value_scaling: Literal["standard", "normal_scores"] | None = "normal_scores"  # value per numeric token
+    modality_dropout: float = 0.0
 
 
 FUSION = FusionSettings()
@@ -96,7 +98,16 @@ def load(name: str) -> Dataset:
     if name == "whas500":
         x, y = load_whas500()
         return Dataset(name, x, y["fstat"], y["lenfol"].astype(float), [])
-    raise ValueError(f"dataset: unknown name {name!r} (expected gbsg2, breast_cancer or whas500)")
+    if name == "whas500_wide":
+        # Development stand-in for breast_cancer's shape: 200 whas500 patients, 70 pure-noise
+        # "genomics" covariates beside the 14 real ones.
+        x, y = load_whas500()
+        rng = np.random.default_rng(0)
+        rows = np.sort(rng.choice(len(x), size=200, replace=False))
+        noise = pd.DataFrame(rng.standard_normal((200, 70)), columns=[f"noise_{i}" for i in range(70)])
+        x = pd.concat([x.iloc[rows].reset_index(drop=True), noise], axis=1)
+        return Dataset(name, x, y["fstat"][rows], y["lenfol"][rows].astype(float), list(noise.columns))
+    raise ValueError(f"dataset: unknown name {name!r} (expected gbsg2, breast_cancer, whas500 or whas500_wide)")
 
 
 def to_polars(x: pd.DataFrame) -> pl.DataFrame:
@@ -139,7 +150,8 @@ def init_head_biases(model: FusionForRiskPrediction, event: npt.NDArray[np.bool_
 
 def fusion_risk(data: Dataset, table: pl.DataFrame, train_idx: npt.NDArray[np.int64],
                 test_idx: npt.NDArray[np.int64], seeds: int, settings: FusionSettings) -> npt.NDArray[np.float64]:
-    tokenizer = TabularTokenizer(n_bins=N_VALUE_BINS, genomics_columns=data.genomics_columns).fit(table[train_idx])
+    tokenizer = TabularTokenizer(n_bins=settings.n_value_bins, genomics_columns=data.genomics_columns,
+                                 value_scaling=settings.value_scaling).fit(table[train_idx])
     tokens = tokenizer.transform(table)
     edges, horizon = survival_edges(data.event[train_idx], data.duration_days[train_idx])
     labels = survival_labels(table["subject_id"].to_numpy(), data.event, data.duration_days, horizon)
@@ -154,10 +166,11 @@ def fusion_risk(data: Dataset, table: pl.DataFrame, train_idx: npt.NDArray[np.in
             train_idx, test_size=settings.tuning_fraction, random_state=seed, stratify=data.event[train_idx])
         torch.manual_seed(seed)
         config = FusionConfig(
-            event_vocab_size=len(tokenizer.vocabulary_), n_value_bins=N_VALUE_BINS + 1, text_embedding_dim=1,
+            event_vocab_size=len(tokenizer.vocabulary_), n_value_bins=settings.n_value_bins + 1, text_embedding_dim=1,
             imaging_embedding_dim=1, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_hidden_layers,
             num_attention_heads=settings.num_attention_heads, intermediate_size=settings.intermediate_size,
-            dropout=settings.dropout, modality_dropout=0.0, survival_bin_edges_days=edges, horizon_days=horizon,
+            dropout=settings.dropout, modality_dropout=settings.modality_dropout, survival_bin_edges_days=edges,
+            horizon_days=horizon, numeric_value_embedding=settings.value_scaling is not None,
         )
         args = TrainingArguments(
             max_epochs=settings.max_epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
@@ -168,7 +181,7 @@ def fusion_risk(data: Dataset, table: pl.DataFrame, train_idx: npt.NDArray[np.in
         result = train(model, dataset(inner_train), dataset(inner_tuning), args)
         hazard = torch.from_numpy(predict_logits(result.model, test)["hazard_logits"])
         risks.append(1.0 - survival_curve(hazard)[:, config.horizon_bin].numpy())
-    return np.mean(risks, axis=0)
+    return np.asarray(np.mean(risks, axis=0), dtype=np.float64)
 
 
 def _predict(fit: Callable[..., Any], x_train: npt.NDArray[np.float64], event: npt.NDArray[np.bool_],
@@ -176,10 +189,11 @@ def _predict(fit: Callable[..., Any], x_train: npt.NDArray[np.float64], event: n
     return np.asarray(fit(x_train, event, duration).predict(x_test), dtype=np.float64)
 
 
-def run(data: Dataset, seeds: int, settings: FusionSettings) -> dict[str, list[tuple[float, float]]]:
+def run(data: Dataset, seeds: int, settings: FusionSettings, split_seed: int = 0,
+        models: tuple[str, ...] = ("cox", "random_survival_forest", "fusion")) -> dict[str, list[tuple[float, float]]]:
     table = to_polars(data.x)
-    folds = StratifiedKFold(n_splits=N_FOLDS, shuffle=True, random_state=0).split(data.x, data.event)
-    scores: dict[str, list[tuple[float, float]]] = {"cox": [], "random_survival_forest": [], "fusion": []}
+    folds = StratifiedKFold(n_splits=N_FOLDS, shuffle=True, random_state=split_seed).split(data.x, data.event)
+    scores: dict[str, list[tuple[float, float]]] = {model: [] for model in models}
     for fold, (train_idx, test_idx) in enumerate(folds):
         encoder = OneHotEncoder().fit(data.x.iloc[train_idx])
         x_train = encoder.transform(data.x.iloc[train_idx]).to_numpy(dtype=float)
@@ -192,7 +206,8 @@ def run(data: Dataset, seeds: int, settings: FusionSettings) -> dict[str, list[t
             "random_survival_forest": partial(_predict, fit_random_survival_forest, x_train, e_train, t_train, x_test),
             "fusion": partial(fusion_risk, data, table, train_idx, test_idx, seeds, settings),
         }
-        for model, fit_predict in fitters.items():
+        for model in models:
+            fit_predict = fitters[model]
             start = time.perf_counter()
             risk = fit_predict()
             harrell = harrell_c_index(e_test, t_test, risk)

@@ -48,6 +48,8 @@ class PatientInputs:
     event: float
     duration_days: float
     treated: float  # 0/1, NaN when the task has no treatment
+    # Continuous value of each event token (NaN: none), when event_tokens has a "values" column.
+    event_values: npt.NDArray[np.float32] | None = None  # (Le,)
 
 
 def _days_before(table: pl.DataFrame) -> pl.Expr:
@@ -109,6 +111,7 @@ class _FlatEvents:
     days: npt.NDArray[np.float32]
     modalities: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int64]  # (n_patients + 1,)
+    values: npt.NDArray[np.float32] | None = None  # when event_tokens has a "values" column
 
 
 def _flat_values(column: pl.Series, dtype: type) -> np.ndarray:
@@ -124,6 +127,8 @@ def _flat_events(event_tokens: pl.DataFrame, kept_modality_ids: list[int]) -> _F
     patient = np.repeat(np.arange(len(lengths)), lengths)
     kept_lengths = np.bincount(patient[keep], minlength=len(lengths))
     days = _flat_values(event_tokens["time_before_days"], np.float32)
+    values = (_flat_values(event_tokens["values"], np.float32)[keep] if "values" in event_tokens.columns
+              else None)
     return _FlatEvents(
         codes=_flat_values(event_tokens["token_ids"], np.int64)[keep],
         value_bins=_flat_values(event_tokens["value_bins"], np.int64)[keep],
@@ -131,6 +136,7 @@ def _flat_events(event_tokens: pl.DataFrame, kept_modality_ids: list[int]) -> _F
         days=np.nan_to_num(days, nan=0.0)[keep],
         modalities=modalities[keep],
         offsets=np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int64),
+        values=values,
     )
 
 
@@ -163,7 +169,9 @@ class FusionDataset(Dataset[PatientInputs]):
     Parameters
     ----------
     event_tokens
-        ``subject_id, prediction_time, token_ids, value_bins, time_before_days, modality_ids``.
+        ``subject_id, prediction_time, token_ids, value_bins, time_before_days, modality_ids``, and
+        optionally ``values`` (each token's continuous value, null or NaN for none; for models with
+        ``numeric_value_embedding``).
     note_embeddings
         ``subject_id, time, embedding`` per note, or None when the task has no notes.
     imaging_inputs
@@ -234,6 +242,7 @@ class FusionDataset(Dataset[PatientInputs]):
                     event=float(label_columns["event"][i]),
                     duration_days=float(label_columns["duration_days"][i]),
                     treated=float(label_columns["treated"][i]),
+                    event_values=events.values[start:stop] if events.values is not None else None,
                 )
             )
 
@@ -275,10 +284,15 @@ LABEL_KEYS = ("risk_labels", "event", "duration_days", "treated")
 
 
 def collate(patients: list[PatientInputs]) -> dict[str, torch.Tensor]:
-    """Pad a list of patients into the keyword tensors of ``FusionForRiskPrediction.forward``."""
+    """Pad a list of patients into the keyword tensors of ``FusionForRiskPrediction.forward``.
+
+    ``event_values`` (padded with NaN) is included only when every patient has them.
+    """
     event_codes, event_mask = _pad([p.event_codes for p in patients])
     note_embeddings, note_mask = _pad([p.note_embeddings for p in patients])
     imaging_embeddings, imaging_mask = _pad([p.imaging_embeddings for p in patients])
+    event_values = [p.event_values for p in patients if p.event_values is not None]
+    values = ({"event_values": _pad(event_values, fill=np.nan)[0]} if len(event_values) == len(patients) else {})
     return {
         "event_codes": event_codes,
         "event_value_bins": _pad([p.event_value_bins for p in patients])[0],
@@ -296,4 +310,5 @@ def collate(patients: list[PatientInputs]) -> dict[str, torch.Tensor]:
         "event": torch.tensor([p.event for p in patients], dtype=torch.float32),
         "duration_days": torch.tensor([p.duration_days for p in patients], dtype=torch.float32),
         "treated": torch.tensor([p.treated for p in patients], dtype=torch.float32),
+        **values,
     }

@@ -14,8 +14,10 @@ rows would let the test patients shape the inputs the model is judged on.
 
 Every covariate is one token, all measured at the prediction time (``time_before_days`` 0):
 
-* numeric column: the column's code, with the value's 1-based quantile bin (0 is "no value");
-* categorical column: the code of the column's level (``grade=II``), with value bin 0.
+* numeric column: the column's code, with the value's 1-based quantile bin (0 is "no value") and,
+  with ``value_scaling``, the value itself on a common scale (a ``values`` column, for models with
+  ``numeric_value_embedding``; the scale is learned in ``fit`` too);
+* categorical column: the code of the column's level (``grade=II``), with value bin 0 (value NaN).
 
 A missing value gives no token: the model sees the covariate as absent, never as an imputed value.
 """
@@ -24,10 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
+from scipy.special import ndtri
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
@@ -41,6 +45,11 @@ TABLE_TIME = datetime(1970, 1, 1)
 NUMERIC_DTYPES = (pl.Float32, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32,
                   pl.UInt64)
 CATEGORICAL_DTYPES = (pl.String, pl.Categorical, pl.Enum, pl.Boolean)
+VALUE_SCALINGS = ("standard", "normal_scores")
+N_VALUE_QUANTILES = 1001
+"""Training-quantile grid of ``value_scaling="normal_scores"`` (every 0.1 %)."""
+STANDARD_CLIP = 5.0
+"""``value_scaling="standard"`` clips values to this many training standard deviations."""
 
 
 def _feature_columns(table: pl.DataFrame) -> list[str]:
@@ -72,6 +81,12 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
         ``genomics`` (id 2), all others ``ehr`` (id 0).
     prediction_time
         Prediction time written for every patient when the table has no ``prediction_time`` column.
+    value_scaling
+        None (default): tokens carry only the value bin. ``"standard"``: they also carry the value as
+        ``(value - mean) / sd`` of the train split, clipped to +-5; ``"normal_scores"``: as the
+        standard-normal quantile of its rank among the train split's values (interpolated between
+        the train split's quantiles, ties averaged; within +-3.1), which tames skewed columns such
+        as counts. Either adds a ``values`` column (NaN for categorical tokens).
 
     Attributes
     ----------
@@ -82,6 +97,11 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
         Inner quantile edges of each numeric column; value bin ``1 + #(edges <= value)``.
     numeric_columns_, categorical_columns_ : list[str]
         Feature columns by kind, in the order of the training table.
+    value_quantiles_ : dict[str, list[float]]
+        Train-split quantiles of each numeric column at ``0, 0.001, ..., 1`` (for ``normal_scores``).
+    value_mean_, value_sd_ : dict[str, float]
+        Train-split mean and standard deviation of each numeric column (for ``standard``; sd 1 for
+        constant columns).
 
     Examples
     --------
@@ -95,10 +115,12 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
     """
 
     def __init__(self, n_bins: int = 10, genomics_columns: Sequence[str] = (),
-                 prediction_time: datetime = TABLE_TIME) -> None:
+                 prediction_time: datetime = TABLE_TIME,
+                 value_scaling: Literal["standard", "normal_scores"] | None = None) -> None:
         self.n_bins = n_bins
         self.genomics_columns = genomics_columns
         self.prediction_time = prediction_time
+        self.value_scaling = value_scaling
 
     def fit(self, table: pl.DataFrame) -> TabularTokenizer:
         """Learn the bin edges and category levels from the training rows ``table``.
@@ -106,11 +128,14 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
         Raises
         ------
         ValueError
-            When ``n_bins`` is below 1, ``subject_id`` is missing, null or duplicated, a genomics
-            column is not in the table, a column has an unsupported type or is entirely null.
+            When ``n_bins`` is below 1, ``value_scaling`` is unknown, ``subject_id`` is missing, null
+            or duplicated, a genomics column is not in the table, a column has an unsupported type
+            or is entirely null.
         """
         if not isinstance(self.n_bins, int) or self.n_bins < 1 or self.n_bins > 126:
             raise ValueError(f"n_bins must be an integer in [1, 126] (got {self.n_bins!r})")
+        if self.value_scaling is not None and self.value_scaling not in VALUE_SCALINGS:
+            raise ValueError(f"value_scaling must be None or one of {VALUE_SCALINGS} (got {self.value_scaling!r})")
         _check_ids(table, "fit table")
         features = _feature_columns(table)
         if not features:
@@ -132,6 +157,9 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
                 raise ValueError(f"fit table.{column}: all {table.height} values are null")
         vocabulary = {PAD: 0, UNK: 1}
         bin_edges: dict[str, list[float]] = {}
+        value_quantiles: dict[str, list[float]] = {}
+        value_mean: dict[str, float] = {}
+        value_sd: dict[str, float] = {}
         quantiles = np.arange(1, self.n_bins) / self.n_bins
         for column in features:
             if column in numeric:
@@ -139,6 +167,9 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
                 if values.size == 0:
                     raise ValueError(f"fit table.{column}: no finite values")
                 bin_edges[column] = np.unique(np.quantile(values, quantiles)).tolist() if quantiles.size else []
+                value_quantiles[column] = np.quantile(values, np.linspace(0.0, 1.0, N_VALUE_QUANTILES)).tolist()
+                value_mean[column] = float(values.mean())
+                value_sd[column] = float(values.std()) or 1.0
                 vocabulary[column] = len(vocabulary)
             else:
                 levels = sorted(str(v) for v in table[column].drop_nulls().unique().to_list())
@@ -146,6 +177,9 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
                     vocabulary[f"{column}={level}"] = len(vocabulary)
         self.vocabulary_ = vocabulary
         self.bin_edges_ = bin_edges
+        self.value_quantiles_ = value_quantiles
+        self.value_mean_ = value_mean
+        self.value_sd_ = value_sd
         self.numeric_columns_ = numeric
         self.categorical_columns_ = categorical
         return self
@@ -167,7 +201,7 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
         n = table.height
         genomics = set(self.genomics_columns)
         # Per column: (n,) token ids, value bins and presence, stacked then read row by row.
-        codes, bins, present, modality = [], [], [], []
+        codes, bins, present, modality, scaled = [], [], [], [], []
         for column in self.numeric_columns_:
             if not isinstance(table.schema[column], NUMERIC_DTYPES):
                 raise ValueError(f"transform table.{column}: type {table.schema[column]} (numeric in fit)")
@@ -178,21 +212,24 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
             codes.append(np.full(n, self.vocabulary_[column]))
             present.append(finite)
             modality.append(MODALITIES.index("genomics" if column in genomics else "ehr"))
+            scaled.append(np.where(finite, self._scale(column, np.nan_to_num(values)), np.nan))
         for column in self.categorical_columns_:
             levels = table[column].cast(pl.String).to_list()
             codes.append(np.array([self.vocabulary_.get(f"{column}={v}", 1) for v in levels]))
             bins.append(np.zeros(n, dtype=np.int64))
+            scaled.append(np.full(n, np.nan))
             present.append(np.array([v is not None for v in levels], dtype=bool))
             modality.append(MODALITIES.index("genomics" if column in genomics else "ehr"))
         code_matrix = np.stack(codes, axis=1)  # (n, n_columns)
         bin_matrix = np.stack(bins, axis=1)
+        value_matrix = np.stack(scaled, axis=1)
         mask = np.stack(present, axis=1)
         modalities = np.asarray(modality)
         rows = [(code_matrix[i][mask[i]].tolist(), bin_matrix[i][mask[i]].tolist(),
-                 modalities[mask[i]].tolist()) for i in range(n)]
+                 modalities[mask[i]].tolist(), value_matrix[i][mask[i]].tolist()) for i in range(n)]
         prediction_time = (table["prediction_time"] if "prediction_time" in table.columns
                            else pl.Series([self.prediction_time] * n))
-        return pl.DataFrame(
+        tokens = pl.DataFrame(
             {
                 ID_COLUMN: table[ID_COLUMN].cast(pl.Int64),
                 "prediction_time": prediction_time.cast(pl.Datetime("us")),
@@ -205,6 +242,22 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
             schema_overrides={"token_ids": pl.List(pl.Int32), "value_bins": pl.List(pl.Int8),
                               "time_before_days": pl.List(pl.Float32), "modality_ids": pl.List(pl.Int8)},
         )
+        if self.value_scaling is None:
+            return tokens
+        return tokens.with_columns(pl.Series("values", [r[3] for r in rows], dtype=pl.List(pl.Float32)))
+
+    def _scale(self, column: str, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``values`` of a numeric column on the common scale of ``value_scaling`` (NaN when None)."""
+        if self.value_scaling == "standard":
+            z = (values - self.value_mean_[column]) / self.value_sd_[column]
+            return np.asarray(np.clip(z, -STANDARD_CLIP, STANDARD_CLIP))
+        if self.value_scaling == "normal_scores":
+            grid = np.linspace(0.0, 1.0, N_VALUE_QUANTILES)
+            q = np.asarray(self.value_quantiles_[column])
+            # Ties among the quantiles (a count's many zeros): average the rank seen from both sides.
+            rank = 0.5 * (np.interp(values, q, grid) - np.interp(-values, -q[::-1], -grid[::-1]))
+            return np.asarray(ndtri(np.clip(rank, 0.001, 0.999)))
+        return np.full(values.shape, np.nan)
 
     def fit_transform(self, table: pl.DataFrame) -> pl.DataFrame:
         return self.fit(table).transform(table)

@@ -44,6 +44,11 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         Right edges of the discrete-time survival intervals (increasing, in days).
     horizon_days
         Horizon of the risk head; must be one of ``survival_bin_edges_days``.
+    numeric_value_embedding
+        Also embed each coded event's continuous value (``event_values``, standardised, NaN when it
+        has none) as ``value * w_code``, one learned vector per code (the numerical embedding of
+        FT-Transformer): the value bins give a step function of the value, this a trend that
+        neighbouring bins share. Off by default (the model then takes no ``event_values``).
     """
 
     model_type = "cohortcast_fusion"
@@ -64,6 +69,7 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         survival_bin_edges_days: tuple[float, ...] | list[float] = (30, 90, 180, 270, 365, 540, 730),
         horizon_days: float = 365,
         initializer_range: float = 0.02,
+        numeric_value_embedding: bool = False,
         **kwargs: Any,
     ) -> None:
         if hidden_size % num_attention_heads != 0:
@@ -91,6 +97,7 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         self.survival_bin_edges_days = edges
         self.horizon_days = float(horizon_days)
         self.initializer_range = initializer_range
+        self.numeric_value_embedding = bool(numeric_value_embedding)
         super().__init__(**kwargs)
 
     @property

@@ -10,7 +10,8 @@ Each modality becomes tokens of width ``hidden_size``:
 * coded event (EHR facts, and genomics: variants and expression features are coded tokens whose
   genotype or value is binned): code embedding + value-bin embedding + an embedding of the
   (code, value bin) pair + time-before-prediction encoding (static facts such as genotype sit at
-  time zero);
+  time zero); with ``numeric_value_embedding``, plus the continuous value times a learned vector
+  of its code;
 * note: projected text-encoder embedding + time encoding;
 * imaging study: projected image embedding + DICOM-modality embedding + time encoding.
 
@@ -130,6 +131,9 @@ class FusionEncoder(FusionPreTrainedModel):
         # A bin means something different for every code (the top quintile of troponin is not that
         # of haemoglobin), so each (code, bin) pair also has its own embedding; row 0 is "no value".
         self.event_code_value = nn.Embedding(config.event_vocab_size * config.n_value_bins, h, padding_idx=0)
+        # Optional (config.numeric_value_embedding): value * a vector per code, a trend across bins.
+        self.event_code_slope = (nn.Embedding(config.event_vocab_size, h, padding_idx=0)
+                                 if config.numeric_value_embedding else None)
         self.note_proj = nn.Linear(config.text_embedding_dim, h)
         self.imaging_proj = nn.Linear(config.imaging_embedding_dim, h)
         self.imaging_modality = nn.Embedding(config.n_imaging_modalities, h)
@@ -169,6 +173,7 @@ class FusionEncoder(FusionPreTrainedModel):
         imaging_modalities: torch.Tensor,  # (B, Li) long, DICOM modality ids
         imaging_days: torch.Tensor,  # (B, Li)
         imaging_mask: torch.Tensor,  # (B, Li) bool
+        event_values: torch.Tensor | None = None,  # (B, Le) float, NaN = no value; read when configured
     ) -> torch.Tensor:
         b = event_codes.shape[0]
         code_value = torch.where(event_value_bins > 0, event_codes * self.config.n_value_bins + event_value_bins, 0)
@@ -176,6 +181,12 @@ class FusionEncoder(FusionPreTrainedModel):
             self.event_code(event_codes) + self.event_value(event_value_bins) + self.event_code_value(code_value)
             + self.time(event_days) + self.modality(event_modalities)
         )  # (B, Le, H)
+        if self.event_code_slope is not None:
+            if event_values is None:
+                raise ValueError("FusionEncoder.forward: config.numeric_value_embedding is set, so event_values "
+                                 "(B, Le) are expected (found None)")
+            values = torch.nan_to_num(event_values.to(events.dtype), nan=0.0)  # no value: no trend term
+            events = events + values.unsqueeze(-1) * self.event_code_slope(event_codes)
         notes = self.note_proj(note_embeddings) + self.time(note_days)  # (B, Ln, H)
         imaging = (
             self.imaging_proj(imaging_embeddings) + self.imaging_modality(imaging_modalities)
@@ -225,11 +236,12 @@ class FusionForRiskPrediction(FusionPreTrainedModel):
         event: torch.Tensor | None = None,  # (B,) 0/1
         duration_days: torch.Tensor | None = None,  # (B,)
         treated: torch.Tensor | None = None,  # (B,) 0/1, NaN when the task has no treatment
+        event_values: torch.Tensor | None = None,  # (B, Le) float; only with config.numeric_value_embedding
     ) -> FusionOutput:
         pooled = self.encoder(
             event_codes, event_value_bins, event_days, event_modalities, event_mask,
             note_embeddings, note_days, note_mask,
-            imaging_embeddings, imaging_modalities, imaging_days, imaging_mask,
+            imaging_embeddings, imaging_modalities, imaging_days, imaging_mask, event_values,
         )  # (B, H)
         z = self.head_drop(pooled)
         risk_logits = self.risk_head(z).squeeze(-1)  # (B,)

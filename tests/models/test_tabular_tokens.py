@@ -7,10 +7,12 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from polars.testing import assert_frame_equal
 from sklearn.exceptions import NotFittedError
 
 from models.data import FusionDataset, collate
+from models.fusion import FusionConfig, FusionForRiskPrediction
 from models.tabular_tokens import TABLE_TIME, TabularTokenizer, survival_labels
 
 
@@ -105,10 +107,75 @@ def test_survival_labels_exact() -> None:
     assert_frame_equal(result, expected)
 
 
+def test_value_scaling_adds_values_learned_on_train_only() -> None:
+    train = pl.DataFrame({"subject_id": [1, 2, 3, 4], "x": [0.0, 0.0, 2.0, 6.0], "g": ["a", "b", "a", "b"]})
+    test = pl.DataFrame({"subject_id": [5, 6, 7], "x": [2.0, 100.0, None], "g": ["a", "a", "b"]})
+
+    standard = TabularTokenizer(n_bins=2, value_scaling="standard").fit(train).transform(test)
+    scores = TabularTokenizer(n_bins=2, value_scaling="normal_scores").fit(train).transform(test)
+
+    # Train mean 2, sd sqrt(6); 100 is clipped at 5 sd; categorical tokens have no value; no x, no token.
+    assert np.allclose(standard["values"].to_list()[0], [0.0, np.nan], equal_nan=True)
+    assert np.allclose(standard["values"].to_list()[1], [5.0, np.nan], equal_nan=True)
+    assert np.allclose(standard["values"].to_list()[2], [np.nan], equal_nan=True)
+    # 2.0 is the train split's 2/3 quantile (linear interpolation), 0.4307 on the normal scale;
+    # above the train maximum: the 99.9th percentile.
+    assert scores["values"].to_list()[0][0] == pytest.approx(0.4307, abs=2e-3)
+    assert np.allclose(scores["values"].to_list()[1][0], 3.0902, atol=1e-4)
+    assert "values" not in TabularTokenizer(n_bins=2).fit(train).transform(test).columns
+
+
+def test_normal_scores_average_the_rank_of_tied_values() -> None:
+    train = pl.DataFrame({"subject_id": list(range(8)), "n": [0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]})
+    tokenizer = TabularTokenizer(n_bins=2, value_scaling="normal_scores").fit(train)
+
+    values = tokenizer.transform(train)["values"].list.first().to_numpy()
+
+    # Half of the train split is 0: the train quantiles 0 to 3/7 are all 0, so 0 gets the middle
+    # rank 3/14 (not 0 or 3/7), -0.7926 on the normal scale; the scale keeps the order.
+    assert values[0] == pytest.approx(-0.7926, abs=1e-3)
+    assert np.all(np.diff(values[3:]) > 0)
+
+
+def test_values_reach_a_model_with_the_numeric_value_embedding() -> None:
+    table = covariates()
+    labels = survival_labels(table["subject_id"], [1, 0, 0, 1, 0], [100.0, 400.0, 200.0, 500.0, 365.0], 365)
+    tokenizer = TabularTokenizer(n_bins=2, genomics_columns=["GENE_A"], value_scaling="standard").fit(table)
+    tokens = tokenizer.transform(table)
+    config = FusionConfig(event_vocab_size=len(tokenizer.vocabulary_), n_value_bins=3, text_embedding_dim=4,
+                          imaging_embedding_dim=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                          dropout=0.0, numeric_value_embedding=True)
+    torch.manual_seed(0)
+    model = FusionForRiskPrediction(config).eval()
+
+    batch = collate(list(FusionDataset(tokens, None, None, labels, text_embedding_dim=4, imaging_embedding_dim=2)))
+    shifted = collate(list(FusionDataset(tokens.with_columns(pl.col("values").list.eval(pl.element() + 1.0)), None,
+                                         None, labels, text_embedding_dim=4, imaging_embedding_dim=2)))
+    plain = collate(list(FusionDataset(TabularTokenizer(n_bins=2).fit_transform(table), None, None, labels,
+                                       text_embedding_dim=4, imaging_embedding_dim=2)))
+
+    # Padded with NaN; patient 14 has GENE_A (a value) and grade=III (none).
+    assert batch["event_values"].shape == batch["event_codes"].shape
+    assert batch["event_values"][4].isnan().tolist() == [False, True, True]
+    assert "event_values" not in plain
+    with torch.no_grad():
+        out, moved = model(**batch).risk_logits, model(**shifted).risk_logits
+        assert torch.isfinite(out).all()
+        assert not torch.allclose(out, moved)  # the values are read, not only the bins
+        with pytest.raises(ValueError, match=r"numeric_value_embedding is set, so event_values"):
+            model(**plain)
+        # A model without the embedding ignores values and has no extra weights.
+        torch.manual_seed(0)
+        without = FusionForRiskPrediction(FusionConfig(**{**config.to_dict(), "numeric_value_embedding": False}))
+        assert torch.equal(without.eval()(**batch).risk_logits, without(**shifted).risk_logits)
+        assert not any("slope" in name for name in without.state_dict())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "table", "match"),
     [
         ({"n_bins": 0}, covariates(), r"n_bins must be an integer in \[1, 126\] \(got 0\)"),
+        ({"value_scaling": "log"}, covariates(), r"value_scaling must be None or one of \('standard', "),
         ({}, covariates().drop("subject_id"), r"fit table: no 'subject_id' column"),
         ({}, covariates().with_columns(pl.lit(1).alias("subject_id")), r"fit table.subject_id: 4 duplicated ids"),
         ({}, covariates().select("subject_id"), r"fit table: no feature columns"),
@@ -149,3 +216,4 @@ def test_transform_rejects_bad_input() -> None:
 def test_survival_labels_rejects_bad_input(args: tuple[object, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         survival_labels(*args)  # type: ignore[arg-type]
+
