@@ -63,6 +63,7 @@ from features.fhir.read import (
     iter_gzip_blocks,
     iter_unit,
     plan_units,
+    read_ndjson_range,
 )
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, validate_r4
@@ -286,28 +287,35 @@ def _plan_unit(
     return 0, iter_unit(unit)
 
 
+def _fast_block(
+    data: bytes, source_file: str, first_line: int, latest: datetime, strict: bool,
+    frames: dict[str, list[pa.Table]],
+) -> tuple[int, list[RawRecord]]:
+    """Run the columnar fast path on a block of NDJSON lines whose first is ``first_line``: its
+    tables go to ``frames``; return (records cleared, records left for the per-record path)."""
+    read = read_ndjson(data, source_file, first_line, latest, strict)
+    for table, rows in read.tables.items():
+        if rows.num_rows:
+            frames[table].append(rows)
+    left = [
+        RawRecord(first_line + index, _strip_cr(line))
+        for index, line in zip(read.slow.tolist(), read.slow_lines(data), strict=True)
+    ]
+    return len(read.starts) - len(left), left
+
+
 def _fast_ndjson(
     unit: ReadUnit, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]
 ) -> tuple[int, list[RawRecord]] | None:
     """Run the columnar fast path on an NDJSON unit: (records cleared, records left), or None when
     the unit is for the per-record path alone (unreadable or empty)."""
     try:
-        with open(unit.path, "rb") as handle:
-            handle.seek(unit.start)
-            data = handle.read() if unit.end < 0 else handle.read(unit.end - unit.start)
+        data = read_ndjson_range(unit)
     except OSError:
         return None
     if not data:
         return None
-    read = read_ndjson(data, unit.source_file, unit.first_line, latest, strict)
-    for table, rows in read.tables.items():
-        if rows.num_rows:
-            frames[table].append(rows)
-    left = [
-        RawRecord(unit.first_line + index, _strip_cr(line))
-        for index, line in zip(read.slow.tolist(), read.slow_lines(data), strict=True)
-    ]
-    return len(read.starts) - len(left), left
+    return _fast_block(data, unit.source_file, unit.first_line, latest, strict, frames)
 
 
 def _fast_gzip(
@@ -325,16 +333,9 @@ def _fast_gzip(
         if isinstance(block, RawReject):
             left.append(block)
             continue
-        first_line, data = block
-        read = read_ndjson(data, unit.source_file, first_line, latest, strict)
-        for table, rows in read.tables.items():
-            if rows.num_rows:
-                frames[table].append(rows)
-        cleared += len(read.starts) - len(read.slow)
-        left.extend(
-            RawRecord(first_line + index, _strip_cr(line))
-            for index, line in zip(read.slow.tolist(), read.slow_lines(data), strict=True)
-        )
+        count, slow = _fast_block(block[1], unit.source_file, block[0], latest, strict, frames)
+        cleared += count
+        left.extend(slow)
     return cleared, left
 
 

@@ -128,13 +128,18 @@ def _split_lines(data: bytes, first_line: int) -> Iterator[RawRecord]:
         yield RawRecord(first_line + offset, line[:-1] if line.endswith(b"\r") else line)
 
 
+def read_ndjson_range(unit: ReadUnit) -> bytes:
+    """The bytes of a plain NDJSON unit (its line range of the file). Raises OSError."""
+    with open(unit.path, "rb") as handle:
+        handle.seek(unit.start)
+        return handle.read() if unit.end < 0 else handle.read(unit.end - unit.start)
+
+
 def iter_unit(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
     """Yield every record of a read unit, and rejects for what is not a record."""
     if unit.kind == "ndjson":
         try:
-            with open(unit.path, "rb") as handle:
-                handle.seek(unit.start)
-                data = handle.read() if unit.end < 0 else handle.read(unit.end - unit.start)
+            data = read_ndjson_range(unit)
         except OSError as exc:
             yield RawReject(0, "", "unreadable_file", f"file cannot be read: {exc.strerror or exc}")
             return
