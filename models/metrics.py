@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 from sksurv.metrics import (
     concordance_index_censored,
@@ -19,6 +18,8 @@ from sksurv.metrics import (
     integrated_brier_score,
 )
 from sksurv.util import Surv
+
+from models.calibration import PlattCalibrator
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -94,8 +95,8 @@ def calibration_slope(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
     spread as much as observed ones, below 1 when they are too extreme (over-fitting)."""
     labels = _check_binary("calibration_slope", y)
     p = np.clip(np.asarray(risk, dtype=np.float64), 1e-6, 1 - 1e-6)
-    logit = np.log(p / (1 - p)).reshape(-1, 1)
-    return float(LogisticRegression(C=1e6, max_iter=1000).fit(logit, labels).coef_[0, 0])
+    # The recalibration is a Platt scaling of the risks' logits: its slope is the answer.
+    return PlattCalibrator(min_positives=1).fit(np.log(p / (1 - p)), labels).slope_
 
 
 def observed_expected_ratio(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
