@@ -53,6 +53,7 @@ def remove(patient: PatientInputs, item: Item) -> PatientInputs:
         event_value_bins=patient.event_value_bins[keep_events],
         event_days=patient.event_days[keep_events],
         event_modalities=patient.event_modalities[keep_events],
+        event_values=None if patient.event_values is None else patient.event_values[keep_events],
         note_embeddings=patient.note_embeddings[keep_notes],
         note_days=patient.note_days[keep_notes],
         note_ids=tuple(patient.note_ids[k] for k in keep_notes),

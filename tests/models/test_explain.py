@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
 
@@ -57,3 +59,14 @@ def test_removing_the_top_items_lowers_risk_more_than_removing_random_items(trai
             sink.append(e.risk - calibrated_risks(model, calibrator, [without])[0])
     assert len(top_drops) > 30
     assert np.mean(top_drops) > np.mean(random_drops) + 0.01
+
+
+def test_remove_drops_the_values_of_removed_event_tokens(trained_task: TrainedTask) -> None:
+    patient = held_out_patients(trained_task)[0]
+    n = len(patient.event_codes)
+    values = np.arange(n, dtype=np.float32)
+    with_values = replace(patient, event_values=values)
+    without = remove(with_values, Item("ehr", "first two", event_positions=(0, 1)))
+    np.testing.assert_array_equal(without.event_values, values[2:])
+    np.testing.assert_array_equal(without.event_codes, patient.event_codes[2:])
+    assert remove(patient, Item("ehr", "first", event_positions=(0,))).event_values is None
