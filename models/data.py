@@ -68,18 +68,18 @@ class _Items:
     modalities: tuple[str, ...]
 
 
-def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: int,
+def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: int | None,
                  id_column: str) -> dict[int, _Items]:
-    """Per subject, the ``max_items`` most recent rows, as numpy arrays sliced from whole columns."""
+    """Per subject, the ``max_items`` most recent rows (all when None), as numpy arrays sliced from whole columns."""
     if table is None or table.is_empty():
         return {}
     rows = (
         table.join(cohort.select("subject_id", "prediction_time"), on="subject_id", how="inner")
         .with_columns(_days_before(table).alias("days"))
         .sort(["subject_id", "days"])
-        .group_by("subject_id", maintain_order=True)
-        .head(max_items)
     )
+    if max_items is not None:
+        rows = rows.group_by("subject_id", maintain_order=True).head(max_items)
     if rows.is_empty():
         return {}
     width = len(rows["embedding"][0])
@@ -181,7 +181,8 @@ class FusionDataset(Dataset[PatientInputs]):
     text_embedding_dim, imaging_embedding_dim
         Widths used for patients without notes or studies.
     max_notes, max_studies
-        Most recent notes and studies kept per patient.
+        Most recent notes and studies kept per patient; None keeps every row given (the task's
+        ``note_embeddings`` already hold only its ``inputs.max_notes`` most recent notes).
     modalities
         Modalities the model may see (default all); the others are left out, as for a patient who
         lacks them. Used to measure what each modality alone achieves.
@@ -195,8 +196,8 @@ class FusionDataset(Dataset[PatientInputs]):
         labels: pl.DataFrame | None,
         text_embedding_dim: int,
         imaging_embedding_dim: int,
-        max_notes: int = 16,
-        max_studies: int = 8,
+        max_notes: int | None = None,
+        max_studies: int | None = 8,
         modalities: tuple[str, ...] = MODALITIES,
     ) -> None:
         unknown = set(modalities) - set(MODALITIES)

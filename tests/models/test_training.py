@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import polars as pl
 import pytest
@@ -71,6 +73,21 @@ def test_dataset_can_hide_modalities_to_measure_each_alone() -> None:
     assert collate(list(genomics))["event_mask"].sum().item() == mixed["token_ids"].list.len().sum()
     with pytest.raises(ValueError, match=r"modalities: \['text'\] are not among"):
         FusionDataset(mixed, notes, studies, labels, 8, 6, modalities=("text",))
+
+
+def test_dataset_keeps_every_note_given_unless_capped() -> None:
+    tokens, notes, studies, labels = synthetic_task(5, 5)
+    first = int(notes["subject_id"][0])
+    # 20 notes for one patient, one per day before the prediction time: more than any fixed cap.
+    many = pl.concat([notes.filter(pl.col("subject_id") != first)] + [
+        notes.filter(pl.col("subject_id") == first).with_columns(pl.col("time") - timedelta(days=k))
+        for k in range(20)
+    ])
+    every = next(p for p in FusionDataset(tokens, many, studies, labels, 8, 6).patients if p.subject_id == first)
+    assert len(every.note_days) == 20
+    capped = FusionDataset(tokens, many, studies, labels, 8, 6, max_notes=4)
+    recent = next(p for p in capped.patients if p.subject_id == first)
+    np.testing.assert_array_equal(recent.note_days, np.sort(every.note_days)[:4])  # the 4 most recent
 
 
 def test_predictions_do_not_depend_on_batching_or_threads() -> None:
