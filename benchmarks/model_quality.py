@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def main() -> None:
     parser.add_argument("--reuse-model", action="store_true",
                         help="take the full model's metrics from the model folder a previous run left (ablations only)")
     args = parser.parse_args()
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("features.note_embeddings").setLevel(logging.INFO)  # progress of the long note step
     workdir = args.workdir / f"{args.patients}_{args.seed}"
     truth, warehouse = prepare(workdir, args.patients, args.seed)
     task = load_task(TASK)
@@ -76,11 +79,17 @@ def main() -> None:
     device = training.resolve_device()
     epochs: list[float] = []
     started = time.perf_counter()
+
+    def log_epoch(record: dict[str, float]) -> None:
+        epochs.append(time.perf_counter())
+        print(f"epoch {int(record['epoch'])}: train loss {record['train_loss']:.4f}, tuning loss "
+              f"{record['tuning_loss']:.4f} ({epochs[-1] - started:.0f} s)", flush=True)
+
     if args.reuse_model:
         metrics = json.loads((workdir / "model" / "metrics.json").read_text())
     else:
         metrics = train_task_model(folder, workdir / "model", task.horizon_days, training, architecture, truth,
-                                   on_epoch=lambda r: epochs.append(time.perf_counter()))
+                                   on_epoch=log_epoch)
     assert metrics is not None
     seconds = (epochs[-1] - started) if epochs else time.perf_counter() - started
     n_train = metrics["split_sizes"]["train"]

