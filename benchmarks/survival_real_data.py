@@ -232,7 +232,8 @@ def run(data: Dataset, seeds: int, settings: FusionSettings, split_seed: int = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["gbsg2", "breast_cancer"])
+    parser.add_argument("--datasets", nargs="+", default=["whas500", "gbsg2", "breast_cancer"],
+                        help="whas500 is the development set the settings were chosen on")
     parser.add_argument("--seeds", type=int, default=5, help="fusion ensemble members per fold")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matrices: one thread per process, datasets may run side by side
