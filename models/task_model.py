@@ -58,7 +58,7 @@ from models.metrics import (
 )
 from models.training import TrainingArguments, predict_logits, train
 
-MODEL_FORMAT_VERSION = 2  # 2: each (code, value bin) pair has its own embedding
+MODEL_FORMAT_VERSION = 3  # 2: each (code, value bin) pair has its own embedding; 3: modality summary path
 MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
 MODEL_INFO_KEYS = ("format_version", "task", "targets")
 DEFAULT_TEXT_DIM, DEFAULT_IMAGING_DIM = 384, 64

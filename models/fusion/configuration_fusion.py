@@ -49,6 +49,12 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         has none) as ``value * w_code``, one learned vector per code (the numerical embedding of
         FT-Transformer): the value bins give a step function of the value, this a trend that
         neighbouring bins share. Off by default (the model then takes no ``event_values``).
+    modality_summary
+        Add to the pooled ``[CLS]`` vector a linear map of each modality's mean token (a late-fusion
+        path beside the attention). A patient's notes each carry the same underlying severity with
+        their own noise, so their mean is the best single estimate of it; attention from one
+        ``[CLS]`` token shared with hundreds of EHR events dilutes that mean, the direct path does
+        not.
     """
 
     model_type = "cohortcast_fusion"
@@ -70,6 +76,7 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         horizon_days: float = 365,
         initializer_range: float = 0.02,
         numeric_value_embedding: bool = False,
+        modality_summary: bool = True,
         **kwargs: Any,
     ) -> None:
         if hidden_size % num_attention_heads != 0:
@@ -98,6 +105,7 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         self.horizon_days = float(horizon_days)
         self.initializer_range = initializer_range
         self.numeric_value_embedding = bool(numeric_value_embedding)
+        self.modality_summary = bool(modality_summary)
         super().__init__(**kwargs)
 
     @property

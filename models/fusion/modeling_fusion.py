@@ -16,9 +16,11 @@ Each modality becomes tokens of width ``hidden_size``:
 * imaging study: projected image embedding + DICOM-modality embedding + time encoding.
 
 A modality embedding (ehr, notes, genomics, imaging) is added to every token, a learned ``[CLS]``
-token is prepended, and a stack of
-pre-norm transformer blocks (PyTorch scaled-dot-product attention with a key-padding mask) mixes
-them. A missing modality is simply absent: its tokens are padding, never zero-filled fakes.
+token is prepended, and a stack of pre-norm transformer blocks (PyTorch scaled-dot-product attention
+with a key-padding mask) mixes them. The pooled vector is the ``[CLS]`` output plus a linear map of
+each modality's mean input token (``modality_summary``), so the average of many noisy notes or
+images reaches the heads directly. A missing modality is simply absent: its tokens are padding,
+never zero-filled fakes.
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class FusionEncoder(FusionPreTrainedModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, h))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_hidden_layers)])
+        # Optional (config.modality_summary): each modality's mean token, mapped into the pooled vector.
+        self.summary = nn.Linear(len(MODALITIES) * h, h) if config.modality_summary else None
         self.ln_f = nn.LayerNorm(h)
         self.post_init()
 
@@ -201,9 +205,24 @@ class FusionEncoder(FusionPreTrainedModel):
         x = torch.cat([self.cls_token.expand(b, -1, -1), events, notes, imaging], dim=1)  # (B, 1 + T, H)
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), mask], dim=1)
         x = self.drop(x)
+        summary = self.modality_means(x[:, 1:], token_modalities, mask[:, 1:]) if self.summary is not None else None
         for block in self.blocks:
             x = block(x, mask)
-        return self.ln_f(x[:, 0])  # (B, H): the [CLS] token
+        pooled = x[:, 0]  # (B, H): the [CLS] token
+        if summary is not None:
+            pooled = pooled + self.summary(summary)
+        return self.ln_f(pooled)
+
+    @staticmethod
+    def modality_means(tokens: torch.Tensor, token_modalities: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean token of each modality, zeros for a modality the patient lacks (or had dropped).
+
+        tokens: (B, T, H); token_modalities, mask: (B, T). Returns (B, M * H), modalities in order.
+        """
+        member = F.one_hot(token_modalities, len(MODALITIES)).to(tokens.dtype) * mask.unsqueeze(-1)  # (B, T, M)
+        counts = member.sum(dim=1).clamp(min=1.0)  # (B, M)
+        means = torch.einsum("btm,bth->bmh", member, tokens) / counts.unsqueeze(-1)  # (B, M, H)
+        return means.flatten(1)
 
 
 class FusionForRiskPrediction(FusionPreTrainedModel):

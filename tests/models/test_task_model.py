@@ -57,7 +57,7 @@ def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tu
 def test_loaded_model_matches_the_saved_one(trained: tuple[Path, dict]) -> None:
     model_dir, _ = trained
     model, calibrator, info = load_task_model(model_dir)
-    assert info["task"] == "synthetic_1y" and info["format_version"] == 2
+    assert info["task"] == "synthetic_1y" and info["format_version"] == 3
     assert model.config.hidden_size == 32
     assert 0 < calibrator.transform([0.0])[0] < 1
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.fusion import FusionConfig, FusionForRiskPrediction, survival_curve
+from models.fusion.modeling_fusion import FusionEncoder
 
 
 def tiny_config(**overrides: object) -> FusionConfig:
@@ -99,6 +100,27 @@ def test_modality_dropout_never_hides_all_of_a_patients_tokens() -> None:
     # Whole modalities go together: the two ehr tokens are kept or dropped as one.
     assert torch.equal(dropped[:, 0], dropped[:, 1])
     assert 0 < dropped[:, 2].float().mean() < 1
+
+
+def test_modality_means_average_each_modalitys_real_tokens_only() -> None:
+    tokens = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [10.0, 10.0], [5.0, 7.0]]])  # (1, 4, 2)
+    modalities = torch.tensor([[0, 0, 0, 3]])  # three ehr tokens (one of them padding), one imaging
+    mask = torch.tensor([[True, True, False, True]])
+    means = FusionEncoder.modality_means(tokens, modalities, mask)
+    # ehr: mean of the two real tokens; notes and genomics absent: zeros; imaging: its one token.
+    assert torch.equal(means, torch.tensor([[2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 5.0, 7.0]]))
+
+
+def test_modality_summary_is_optional_and_changes_the_pooled_vector() -> None:
+    torch.manual_seed(0)
+    with_summary = FusionForRiskPrediction(tiny_config()).eval()
+    torch.manual_seed(0)
+    without = FusionForRiskPrediction(tiny_config(modality_summary=False)).eval()
+    assert with_summary.encoder.summary is not None and without.encoder.summary is None
+    assert set(with_summary.state_dict()) - set(without.state_dict()) == {"encoder.summary.weight",
+                                                                          "encoder.summary.bias"}
+    with torch.no_grad():
+        assert not torch.allclose(with_summary(**tiny_batch()).pooled, without(**tiny_batch()).pooled)
 
 
 def test_survival_loss_matches_the_discrete_time_likelihood() -> None:
