@@ -75,5 +75,5 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     for name in ("model.safetensors", "calibration.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())
     (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
-    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 2"):
+    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 3"):
         load_task_model(broken)
