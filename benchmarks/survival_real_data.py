@@ -85,6 +85,9 @@ class FusionSettings:
     n_value_bins: int = 1  # quantile bins per numeric covariate (1: the value alone, no bins)
     value_scaling: Literal["standard", "normal_scores"] | None = "normal_scores"  # value per numeric token
     modality_dropout: float = 0.0
+    # One modality of a few dozen covariates: the mean-token path adds a linear model over every
+    # covariate beside the attention. On whas500 it scored 0.774 against 0.780 without it.
+    modality_summary: bool = False
 
 
 FUSION = FusionSettings()
@@ -183,6 +186,7 @@ def fusion_risk(data: Dataset, table: pl.DataFrame, train_idx: npt.NDArray[np.in
             num_attention_heads=settings.num_attention_heads, intermediate_size=settings.intermediate_size,
             dropout=settings.dropout, modality_dropout=settings.modality_dropout, survival_bin_edges_days=edges,
             horizon_days=horizon, numeric_value_embedding=settings.value_scaling is not None,
+            modality_summary=settings.modality_summary,
         )
         args = TrainingArguments(
             max_epochs=settings.max_epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
