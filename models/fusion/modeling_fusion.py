@@ -221,7 +221,7 @@ class FusionEncoder(FusionPreTrainedModel):
         """
         member = F.one_hot(token_modalities, len(MODALITIES)).to(tokens.dtype) * mask.unsqueeze(-1)  # (B, T, M)
         counts = member.sum(dim=1).clamp(min=1.0)  # (B, M)
-        means = torch.einsum("btm,bth->bmh", member, tokens) / counts.unsqueeze(-1)  # (B, M, H)
+        means = torch.bmm(member.transpose(1, 2), tokens) / counts.unsqueeze(-1)  # (B, M, H)
         return means.flatten(1)
 
 
