@@ -436,7 +436,8 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         "## Architecture",
         "",
         f"hidden size {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
-        f"vocabulary {config.event_vocab_size} tokens, modality dropout {config.modality_dropout}; "
+        f"vocabulary {config.event_vocab_size} tokens, modality dropout {config.modality_dropout}, "
+        f"modality summary path {'on' if config.modality_summary else 'off'}; "
         f"best epoch {metrics['best_epoch']}; probabilities calibrated on the tuning split (Platt).",
         "",
         "## Held-out metrics",

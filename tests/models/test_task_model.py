@@ -37,6 +37,7 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     card = (model_dir / "MODEL_CARD.md").read_text()
     assert card.startswith("# Model card: synthetic_1y")
     assert "| lightgbm |" in card and "| fusion |" in card
+    assert "modality summary path on;" in card
     fusion = metrics["models"]["fusion"]
     assert f"Calibration slope {fusion['calibration_slope']:.2f}" in card
     assert 0 < fusion["calibration_error_if_calibrated"] < fusion["calibration_error_if_calibrated_95"]
