@@ -333,7 +333,8 @@ def _fast_gzip(
         if isinstance(block, RawReject):
             left.append(block)
             continue
-        count, slow = _fast_block(block[1], unit.source_file, block[0], latest, strict, frames)
+        first_line, data = block
+        count, slow = _fast_block(data, unit.source_file, first_line, latest, strict, frames)
         cleared += count
         left.extend(slow)
     return cleared, left
