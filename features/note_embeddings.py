@@ -289,16 +289,28 @@ def embed_notes(notes: pl.DataFrame, cohort: pl.DataFrame, encoder: NoteEncoder,
     ).with_columns(pl.Series("embedding", matrix.reshape(len(selected), encoder.dim)).cast(pl.List(pl.Float32)))
 
 
-def imaging_before(imaging: pl.DataFrame, cohort: pl.DataFrame) -> pl.DataFrame:
+def imaging_before(imaging: pl.DataFrame, cohort: pl.DataFrame,
+                   max_studies_per_patient: int | None = None) -> pl.DataFrame:
     """Imaging study embeddings of cohort patients taken at or before their prediction time
-    (:data:`features.schemas.IMAGING_INPUTS` columns)."""
+    (:data:`features.schemas.IMAGING_INPUTS` columns), sorted by subject id, time and study id;
+    with ``max_studies_per_patient``, only each patient's most recent studies (ties broken by
+    study id)."""
     ids = imaging.select(pl.col("patient_id").unique())
     mapping = ids.with_columns(
         pl.col("patient_id").map_elements(subject_id_for, return_dtype=pl.Int64).alias("subject_id"))
-    return (
+    selected = (
         imaging.join(mapping, on="patient_id")
         .join(cohort.select("subject_id", "prediction_time"), on="subject_id")
         .filter(pl.col("time") <= pl.col("prediction_time"))
+    )
+    if max_studies_per_patient is not None:
+        selected = (
+            selected.sort(["subject_id", "time", "study_id"], descending=[False, True, False])
+            .group_by("subject_id", maintain_order=True)
+            .head(max_studies_per_patient)
+        )
+    return (
+        selected
         .select(pl.col("subject_id").cast(pl.Int64), "study_id", pl.col("time").cast(pl.Datetime("us")),
                 "modality", "body_site", pl.col("embedding").cast(pl.List(pl.Float32)))
         .sort(["subject_id", "time", "study_id"])

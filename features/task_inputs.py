@@ -203,7 +203,7 @@ def build_imaging_inputs(warehouse_dir: Path, task: TaskDefinition) -> StepResul
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort = _cohort(warehouse_dir, task)
         if imaging_path.is_file():
-            table = imaging_before(pl.read_parquet(imaging_path), cohort)
+            table = imaging_before(pl.read_parquet(imaging_path), cohort, task.inputs.max_studies)
         else:
             table = pl.from_arrow(IMAGING_INPUTS.empty_table())  # type: ignore[assignment]
         return _arrow(table, IMAGING_INPUTS), {"studies": table.height,

@@ -144,6 +144,9 @@ class InputSettings:
     # Most recent notes per patient that are embedded and read by the model: a long stay can
     # bring hundreds of notes, and embedding is the costliest step of building the inputs.
     max_notes: int = 16
+    # Most recent imaging studies per patient that the model reads: follow-up imaging repeats the
+    # same views, and the latest studies carry the current state.
+    max_studies: int = 8
 
 
 @dataclass(frozen=True)
@@ -422,13 +425,14 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
     inputs = InputSettings()
     if raw.get("inputs") is not None:
         i = top.child("inputs")
-        i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes", "max_notes"})
+        i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes", "max_notes", "max_studies"})
         inputs = InputSettings(
             max_events=i.integer("max_events", inputs.max_events, 1),
             value_bins=i.integer("value_bins", inputs.value_bins, 1),
             min_code_count=i.integer("min_code_count", inputs.min_code_count, 1),
             tabular_codes=i.integer("tabular_codes", inputs.tabular_codes, 0),
             max_notes=i.integer("max_notes", inputs.max_notes, 1),
+            max_studies=i.integer("max_studies", inputs.max_studies, 1),
         )
 
     publishing = PublishingSettings()

@@ -182,7 +182,8 @@ class FusionDataset(Dataset[PatientInputs]):
         Widths used for patients without notes or studies.
     max_notes, max_studies
         Most recent notes and studies kept per patient; None keeps every row given (the task's
-        ``note_embeddings`` already hold only its ``inputs.max_notes`` most recent notes).
+        ``note_embeddings`` and ``imaging_inputs`` already hold only its ``inputs.max_notes`` and
+        ``inputs.max_studies`` most recent).
     modalities
         Modalities the model may see (default all); the others are left out, as for a patient who
         lacks them. Used to measure what each modality alone achieves.
@@ -197,7 +198,7 @@ class FusionDataset(Dataset[PatientInputs]):
         text_embedding_dim: int,
         imaging_embedding_dim: int,
         max_notes: int | None = None,
-        max_studies: int | None = 8,
+        max_studies: int | None = None,
         modalities: tuple[str, ...] = MODALITIES,
     ) -> None:
         unknown = set(modalities) - set(MODALITIES)

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from features.identifiers import subject_id_for
-from features.note_embeddings import NoteEncoder, embed_notes, text_sha256
+from features.note_embeddings import NoteEncoder, embed_notes, imaging_before, text_sha256
 from tests.features.task_fixtures import T0
 
 TEXTS = [
@@ -70,6 +70,27 @@ def test_embed_notes_keeps_each_patients_most_recent_notes() -> None:
     by_patient = {s: set(ids) for s, ids in table.group_by("subject_id").agg("note_id").iter_rows()}
     assert by_patient == {subject_id_for("p1"): {"b", "c"}, subject_id_for("p2"): {"d"}}
     assert encoder.n_embedded == 3  # note "a", which the model would never read, is not embedded
+
+
+def test_imaging_before_keeps_each_patients_most_recent_studies() -> None:
+    days = [40, 3, 3, 10, 1, 500]
+    imaging = pl.DataFrame({
+        "study_id": ["s1", "s2", "s3", "s4", "late", "other"], "patient_id": ["p1"] * 5 + ["p2"],
+        "time": [T0 - timedelta(days=d) for d in days[:4]] + [T0 + timedelta(days=1), T0 - timedelta(days=500)],
+        "modality": ["CT"] * 6, "body_site": ["chest"] * 6, "embedding": [[float(d), 0.0] for d in days],
+    })
+    cohort = pl.DataFrame({"subject_id": [subject_id_for("p1"), subject_id_for("p2")],
+                           "prediction_time": [T0, T0]})
+    p1, p2 = subject_id_for("p1"), subject_id_for("p2")
+    every = imaging_before(imaging, cohort)
+    assert sorted(every["study_id"].to_list()) == ["other", "s1", "s2", "s3", "s4"]  # "late" is after T0
+    capped = imaging_before(imaging, cohort, max_studies_per_patient=2)
+    # s2 and s3 share the latest date; s4 is older: the two most recent are s2 and s3.
+    assert {s: sorted(ids) for s, ids in capped.group_by("subject_id").agg("study_id").iter_rows()} == {
+        p1: ["s2", "s3"], p2: ["other"]}
+    assert capped.filter(pl.col("subject_id") == p1)["study_id"].to_list() == ["s2", "s3"]  # in time order
+    one = imaging_before(imaging, cohort, max_studies_per_patient=1)
+    assert one.filter(pl.col("subject_id") == p1)["study_id"].to_list() == ["s2"]  # tie broken by study id
 
 
 def test_bad_model_path(tmp_path: Path) -> None:

@@ -50,11 +50,18 @@ def test_code_without_prefix_names_the_key() -> None:
         ({"cohort": {"prediction_time": {"fixed": "2020-01-01"}, "sex": ["f"]}}, r"cohort.sex must be a list"),
         ({"cohort": {"prediction_time": {"fixed": "2020-01-01"}, "include": [{"window_days": 3}]}},
          r"missing key cohort.include\[0\].codes"),
+        ({"inputs": {"max_studies": 0}}, r"inputs.max_studies must be an integer >= 1 \(found int 0\)"),
     ],
 )
 def test_malformed_task_names_key(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(CohortDefinitionError, match=message):
         task(**overrides)
+
+
+def test_input_caps_come_from_the_task_file() -> None:
+    definition = task(inputs={"max_notes": 3, "max_studies": 2})
+    assert (definition.inputs.max_notes, definition.inputs.max_studies) == (3, 2)
+    assert task().inputs.max_studies == 8
 
 
 def test_load_task_bad_yaml(tmp_path: Path) -> None:

@@ -88,6 +88,14 @@ def test_dataset_keeps_every_note_given_unless_capped() -> None:
     capped = FusionDataset(tokens, many, studies, labels, 8, 6, max_notes=4)
     recent = next(p for p in capped.patients if p.subject_id == first)
     np.testing.assert_array_equal(recent.note_days, np.sort(every.note_days)[:4])  # the 4 most recent
+    # Studies likewise: the task's imaging_inputs hold its inputs.max_studies most recent already.
+    first_study = int(studies["subject_id"][0])
+    scans = pl.concat([studies.filter(pl.col("subject_id") != first_study)] + [
+        studies.filter(pl.col("subject_id") == first_study).head(1).with_columns(pl.col("time") - timedelta(days=k))
+        for k in range(12)
+    ])
+    all_scans = FusionDataset(tokens, many, scans, labels, 8, 6).patients
+    assert len(next(p for p in all_scans if p.subject_id == first_study).imaging_days) == 12
 
 
 def test_predictions_do_not_depend_on_batching_or_threads() -> None:
