@@ -586,6 +586,12 @@ def _stage_table_read(staging: Path, read: TableRead, part: str) -> _UnitResult:
     return _UnitResult(read.source_file, read.records_in, len(read.rejects))
 
 
+def _read_and_stage(
+    staging: Path, read: Callable[[Path, str], TableRead], path: Path, rel: str, part: str
+) -> _UnitResult:
+    return _stage_table_read(staging, read(path, rel), part)
+
+
 # ------------------------------------------------------------------------------------------------
 # Discovery
 # ------------------------------------------------------------------------------------------------
@@ -880,19 +886,23 @@ def ingest_landing_zone(
     staging = Path(tempfile.mkdtemp(prefix=".ingest-staging-", dir=warehouse_dir))
     try:
         units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel)]
-        results: list[tuple[str, _UnitResult]] = [
-            ("fhir", result) for result in _run_units(units, export_time, strict, workers, staging, progress)
-        ]
-        part = len(units)
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str], TableRead]]] = [
             ("notes", landing.notes, lambda p, rel: read_notes_file(p, rel, export_time)),
             ("genomics", landing.genomics, read_genomics_file),
             ("imaging", landing.imaging, lambda p, rel: read_imaging_file(p, rel, export_time)),
         ]
-        for kind, found, read in readers:
-            for path, rel in found:
-                results.append((kind, _stage_table_read(staging, read(path, rel), f"{part:07d}")))
-                part += 1
+        tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
+        # The notes, genomics and imaging tables are read on a thread while the FHIR workers run:
+        # this process would otherwise wait idle for them.
+        with ThreadPoolExecutor(max_workers=1) as side:
+            side_reads = [
+                (kind, side.submit(_read_and_stage, staging, read, path, rel, f"{len(units) + i:07d}"))
+                for i, (kind, path, rel, read) in enumerate(tables)
+            ]
+            results: list[tuple[str, _UnitResult]] = [
+                ("fhir", result) for result in _run_units(units, export_time, strict, workers, staging, progress)
+            ]
+            results.extend((kind, job.result()) for kind, job in side_reads)
 
         staged = {table: _staged(staging, table) for table in TABLES}
         finalized = {"patients": _finalize_table("patients", staged["patients"], None, warehouse_dir)}
