@@ -3,9 +3,13 @@
 Stage: benchmark. In: a patient count and a seed (the hospital is simulated, ingested and turned into
 the task's inputs under ``--workdir``, reused when already there). Out: printed tables of held-out
 metrics for the fusion model, each single-modality fusion model, the baselines and the true risk
-(the best any model can do on that data), and the training speed in patients per second.
+(the best any model can do on that data); the fusion model minus each of them in AUROC and Harrell's
+C on the same held-out patients, with paired bootstrap 95 % intervals; and the training speed in
+patients per second.
 
-Run: ``.venv/bin/python benchmarks/model_quality.py --patients 20000 [--device cuda]``
+Run: ``.venv/bin/python benchmarks/model_quality.py --patients 20000 [--device cuda]``; with
+``--reuse-model --reuse-ablations`` the model folders a previous run left are evaluated again instead of
+trained again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import torch
 
 from features.ingest import ingest_landing_zone
@@ -24,7 +30,17 @@ from features.simulate import SimulationConfig, simulate_hospital
 from features.task_inputs import build_all, task_dir
 from features.tasks import load_task
 from models.fusion import MODALITIES
-from models.task_model import metrics_table, train_task_model
+from models.task_model import (
+    Scores,
+    compare_with_fusion,
+    evaluate,
+    format_difference,
+    load_task_data,
+    load_task_model,
+    metrics_table,
+    predict,
+    train_task_model,
+)
 from models.training import TrainingArguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +68,27 @@ def print_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
         print(f"{name:<32}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in COLUMNS))
 
 
+def print_comparisons(comparisons: dict[str, dict[str, float]]) -> None:
+    print("\nfusion minus each model on the same held-out patients (95 % paired bootstrap interval)")
+    header = f"{'model':<32}{'AUROC difference':>28}{'Harrell C difference':>28}"
+    print(header)
+    print("-" * len(header))
+    for name, row in comparisons.items():
+        print(f"{name:<32}" + "".join(f"{format_difference(row, m):>28}" for m in ("auroc", "harrell_c")))
+
+
+def held_out_scores(folder: Path, model_dir: Path, horizon_days: float,
+                    modalities: tuple[str, ...] = MODALITIES) -> tuple[Scores, dict[str, np.ndarray], np.ndarray]:
+    """A saved model's held-out scores, and the held-out labels and which have a known outcome."""
+    data = load_task_data(folder, horizon_days, modalities)
+    model, calibrator, _ = load_task_model(model_dir)
+    held_out = data.datasets["held_out"]
+    labels = held_out.label_arrays()
+    known = ~np.isnan(labels["risk_label"])
+    p = predict(model, calibrator, held_out)
+    return Scores(p.risk[known], 1 - p.survival[:, model.config.horizon_bin]), labels, known
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=20000)
@@ -65,7 +102,9 @@ def main() -> None:
     parser.add_argument("--ablations", nargs="+", choices=MODALITIES, default=list(MODALITIES),
                         help="the single-modality models to train (default: every modality)")
     parser.add_argument("--reuse-model", action="store_true",
-                        help="take the full model's metrics from the model folder a previous run left (ablations only)")
+                        help="evaluate the model folder a previous run left (with the baselines) instead of training")
+    parser.add_argument("--reuse-ablations", action="store_true",
+                        help="evaluate the single-modality model folders a previous run left instead of training")
     args = parser.parse_args()
     logging.basicConfig(format="%(message)s")
     logging.getLogger("features.note_embeddings").setLevel(logging.INFO)  # progress of the long note step
@@ -86,7 +125,10 @@ def main() -> None:
               f"{record['tuning_loss']:.4f} ({epochs[-1] - started:.0f} s)", flush=True)
 
     if args.reuse_model:
-        metrics = json.loads((workdir / "model" / "metrics.json").read_text())
+        saved = json.loads((workdir / "model" / "metrics.json").read_text())
+        model, calibrator, _ = load_task_model(workdir / "model")
+        metrics = {**saved, **evaluate(model, calibrator, load_task_data(folder, task.horizon_days),
+                                       pl.read_parquet(truth), seed=args.seed)}
     else:
         metrics = train_task_model(folder, workdir / "model", task.horizon_days, training, architecture, truth,
                                    on_epoch=log_epoch)
@@ -94,16 +136,27 @@ def main() -> None:
     seconds = (epochs[-1] - started) if epochs else time.perf_counter() - started
     n_train = metrics["split_sizes"]["train"]
     rows = metrics_table(metrics)
+    comparisons = dict(metrics["comparisons"])
     if not args.no_ablations:
+        fusion_scores, labels, known = held_out_scores(folder, workdir / "model", task.horizon_days)
         for modality in args.ablations:
-            alone = train_task_model(folder, workdir / f"model_{modality}", task.horizon_days, training,
-                                     architecture, truth, baselines=False, modalities=(modality,))
+            alone_dir = workdir / f"model_{modality}"
+            if args.reuse_ablations:
+                alone = json.loads((alone_dir / "metrics.json").read_text())
+            else:
+                alone = train_task_model(folder, alone_dir, task.horizon_days, training, architecture, truth,
+                                         baselines=False, modalities=(modality,))
             assert alone is not None
-            rows.insert(1, (f"fusion, {modality} only", alone["models"]["fusion"]))
+            name = f"fusion, {modality} only"
+            rows.insert(1, (name, alone["models"]["fusion"]))
+            alone_scores, _, _ = held_out_scores(folder, alone_dir, task.horizon_days, (modality,))
+            comparisons[name] = compare_with_fusion({"fusion": fusion_scores, name: alone_scores}, labels, known,
+                                                    args.seed)[name]
     print(f"task {task.name}: {args.patients:,} simulated patients (seed {args.seed}), held-out "
           f"{metrics['n_held_out']:,} ({metrics['n_held_out_labelled']:,} with a known 1-year outcome, "
           f"event rate {metrics['held_out_event_rate']:.3f})")
     print_table("held-out metrics (truth = the true risk: the best possible)", rows)
+    print_comparisons(comparisons)
     fusion = metrics["models"]["fusion"]
     if "calibration_slope" in fusion:
         print(f"\nfusion calibration: slope {fusion['calibration_slope']:.3f}, observed / expected "

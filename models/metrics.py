@@ -184,3 +184,95 @@ def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt
     follows = recommend == a
     weights = np.where(a, 1.0 / e, 1.0 / (1.0 - e))
     return float(np.sum(follows * weights * outcome) / np.sum(follows * weights))
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired comparison of two models on the same patients
+# ------------------------------------------------------------------------------------------------
+
+TIED_SCORE_TOLERANCE = 1e-8
+"""Scores this close count as tied (half a concordant pair), as in scikit-survival."""
+
+
+def weighted_concordance_difference(
+    event: npt.ArrayLike,
+    score: npt.ArrayLike,
+    reference: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    duration_days: npt.ArrayLike | None = None,
+) -> tuple[FloatArray, FloatArray]:
+    """For each row of ``weights`` (patients' multiplicities), the concordance of ``score`` minus
+    that of ``reference`` times the number of comparable pairs, and that number.
+
+    Concordance is AUROC when ``duration_days`` is None (``event`` the 0/1 outcome) and Harrell's
+    C-index otherwise. A patient of weight k counts as k copies, so weights drawn as bootstrap
+    counts give the metrics of bootstrap resamples, from pairs of the original patients.
+    """
+    events = np.asarray(event, dtype=bool)
+    a, b = np.asarray(score, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float32))
+    n = events.size
+    if a.shape != (n,) or b.shape != (n,) or w.shape[1] != n:
+        raise ValueError(f"weighted_concordance_difference: scores of shape {a.shape} and {b.shape} and weights "
+                         f"of shape {w.shape} for {n} patients")
+    # For AUROC a positive "happens before" every negative.
+    time = (~events).astype(np.float64) if duration_days is None else np.asarray(duration_days, dtype=np.float64)
+    pairs = np.zeros(len(w), dtype=np.float64)
+    gained = np.zeros(len(w), dtype=np.float64)
+    for start in range(0, n, 512):
+        rows = slice(start, min(start + 512, n))
+        # Harrell's comparable pairs (row i, column j): i had the event and j was still followed
+        # after it, or was censored at the same time (scikit-survival's rule); for AUROC, a
+        # positive and a negative.
+        later = time[None, :] > time[rows, None]
+        censored_same_time = (time[None, :] == time[rows, None]) & ~events[None, :]
+        comparable = events[rows, None] & (later | censored_same_time)
+        concordance = [
+            np.where(np.abs(s[rows, None] - s[None, :]) <= TIED_SCORE_TOLERANCE, 0.5, s[rows, None] > s[None, :])
+            for s in (a, b)
+        ]
+        difference = np.where(comparable, concordance[0] - concordance[1], 0.0).astype(np.float32)
+        pairs += np.einsum("ri,ir->r", w[:, rows], comparable.astype(np.float32) @ w.T)
+        gained += np.einsum("ri,ir->r", w[:, rows], difference @ w.T)
+    return gained, pairs
+
+
+def paired_concordance_difference(
+    event: npt.ArrayLike,
+    score: npt.ArrayLike,
+    reference: npt.ArrayLike,
+    duration_days: npt.ArrayLike | None = None,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """How much better ``score`` ranks the patients than ``reference``: the difference in AUROC
+    (``duration_days`` None, ``event`` the 0/1 outcome) or in Harrell's C-index, with a paired
+    percentile bootstrap interval.
+
+    Both scores are judged on the same resampled patients, so the interval reflects the
+    uncertainty of the *difference*, which is much narrower than either metric's own interval
+    when the two models rank mostly alike. The cost is about ``n_resamples * n**2`` operations
+    (:func:`weighted_concordance_difference`): a second or two for 3,000 patients.
+
+    Returns
+    -------
+    (difference, low, high)
+        The difference on the patients as given, and the ``level`` percentile interval of the
+        resampled differences.
+    """
+    events = np.asarray(event, dtype=bool)
+    if duration_days is None:
+        _check_binary("paired_concordance_difference", events)
+    n = events.size
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(n), *(np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_resamples))])
+    gained, pairs = weighted_concordance_difference(events, score, reference, weights, duration_days)
+    if pairs[0] == 0:
+        raise ValueError("paired_concordance_difference: no comparable pair of patients (no event, or no one "
+                         "followed after one)")
+    # A resample without a comparable pair (no event drawn) has no concordance: it is left out.
+    drawn = pairs[1:] > 0
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(gained[1:][drawn] / pairs[1:][drawn], [tail, 1.0 - tail])
+    return float(gained[0] / pairs[0]), float(low), float(high)

@@ -1,5 +1,5 @@
 """Calibration metrics: the slope and observed/expected ratio of a recalibration, and the error a
-perfectly calibrated model shows from sampling alone."""
+perfectly calibrated model shows from sampling alone; paired comparisons of two models' rankings."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 
 from models.metrics import (
+    auroc,
     calibration_error_if_calibrated,
     calibration_slope,
     expected_calibration_error,
+    harrell_c_index,
     observed_expected_ratio,
+    paired_concordance_difference,
+    weighted_concordance_difference,
 )
 
 
@@ -45,3 +49,42 @@ def test_calibration_error_of_a_calibrated_model_shrinks_with_patients() -> None
     assert expected_calibration_error(_outcomes(risk), risk) < p95_1k
     with pytest.raises(ValueError, match="no patients to evaluate"):
         calibration_error_if_calibrated(np.array([]))
+
+
+def test_weighted_concordance_equals_the_metrics_of_resampled_patients() -> None:
+    rng = np.random.default_rng(3)
+    n = 60
+    event = rng.random(n) < 0.3
+    duration = np.round(rng.exponential(200, n))  # rounded: ties in time
+    score = rng.random(n) + 0.4 * event
+    reference = np.round(rng.random(n) + 0.2 * event, 1)  # rounded: ties in score
+    draws = [rng.integers(0, n, n) for _ in range(6)]
+    weights = [np.bincount(d, minlength=n) for d in draws]
+    gained, pairs = weighted_concordance_difference(event, score, reference, weights, duration)
+    expected = [harrell_c_index(event[d], duration[d], score[d]) - harrell_c_index(event[d], duration[d], reference[d])
+                for d in draws]
+    np.testing.assert_allclose(gained / pairs, expected, rtol=1e-6, atol=1e-12)
+    gained, pairs = weighted_concordance_difference(event, score, reference, weights)
+    np.testing.assert_allclose(gained / pairs, [auroc(event[d], score[d]) - auroc(event[d], reference[d])
+                                                for d in draws], rtol=1e-6, atol=1e-12)
+
+
+def test_paired_difference_and_its_interval() -> None:
+    rng = np.random.default_rng(0)
+    n = 800
+    event = rng.random(n) < 0.2
+    duration = rng.exponential(300, n)
+    signal = rng.normal(size=n) + 1.0 * event
+    better, worse = signal + 0.3 * rng.normal(size=n), signal + 1.5 * rng.normal(size=n)
+    d, low, high = paired_concordance_difference(event, better, worse, seed=1)
+    assert d == pytest.approx(auroc(event, better) - auroc(event, worse))
+    assert 0 < low < d < high
+    assert paired_concordance_difference(event, better, worse, seed=1) == (d, low, high)  # seeded
+    d, low, high = paired_concordance_difference(event, better, worse, duration, seed=1)
+    assert d == pytest.approx(harrell_c_index(event, duration, better) - harrell_c_index(event, duration, worse))
+    assert low < d < high
+    assert paired_concordance_difference(event, better, better, duration) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"paired_concordance_difference: needs both outcomes"):
+        paired_concordance_difference(np.zeros(5), better[:5], worse[:5])
+    with pytest.raises(ValueError, match=r"scores of shape \(800,\) and \(5,\)"):
+        weighted_concordance_difference(event, better, worse[:5], np.ones((1, n)))

@@ -55,6 +55,29 @@ def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tu
     assert "policy_event_rate" in metrics["models"]["t_learner_lightgbm"]
 
 
+def test_fusion_is_compared_with_each_baseline_on_the_same_patients(trained: tuple[Path, dict]) -> None:
+    model_dir, metrics = trained
+    comparisons = metrics["comparisons"]
+    models = metrics["models"]
+    for name in ("logistic_regression", "logistic_regression_all_modalities", "lightgbm"):
+        row = comparisons[name]
+        assert row["auroc_difference"] == pytest.approx(models["fusion"]["auroc"] - models[name]["auroc"])
+        assert row["auroc_difference_low"] < row["auroc_difference"] < row["auroc_difference_high"]
+    for name in ("lightgbm", "cox_ph", "random_survival_forest"):
+        row = comparisons[name]
+        assert row["harrell_c_difference"] == pytest.approx(models["fusion"]["harrell_c"] - models[name]["harrell_c"])
+        assert row["harrell_c_difference_low"] < row["harrell_c_difference"] < row["harrell_c_difference_high"]
+    assert "auroc_difference" not in comparisons["cox_ph"] and "harrell_c_difference" not in comparisons[
+        "logistic_regression"]
+    # The T-learner estimates treatment effects only: it has no ranking of risk to compare.
+    assert set(comparisons) == {"logistic_regression", "logistic_regression_all_modalities", "lightgbm", "cox_ph",
+                                "random_survival_forest"}
+    card = (model_dir / "MODEL_CARD.md").read_text()
+    lightgbm = comparisons["lightgbm"]
+    assert (f"| lightgbm | {lightgbm['auroc_difference']:+.3f} ({lightgbm['auroc_difference_low']:+.3f} to "
+            f"{lightgbm['auroc_difference_high']:+.3f}) |") in card
+
+
 def test_loaded_model_matches_the_saved_one(trained: tuple[Path, dict]) -> None:
     model_dir, _ = trained
     model, calibrator, info = load_task_model(model_dir)
