@@ -188,7 +188,7 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
     """Train, calibrate and evaluate the fusion model of one task (CUDA when present, else CPU)."""
     from features.task_inputs import task_dir
     from features.tasks import load_task
-    from models.task_model import metrics_table, train_task_model
+    from models.task_model import format_difference, metrics_table, train_task_model
     from models.training import TrainingArguments
 
     task = load_task(task_path)
@@ -213,6 +213,14 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
     for name, row in metrics_table(metrics):
         table.add_row(name, *[f"{row[c]:.3f}" if c in row else "" for c in columns])
     console.print(table)
+    comparisons = {name: row for name, row in metrics["comparisons"].items() if row}
+    if comparisons:
+        differences = Table(title="fusion minus each model, same patients (95 % paired bootstrap interval)")
+        for column in ("model", "AUROC difference", "Harrell C difference"):
+            differences.add_column(column, justify="left" if column == "model" else "right")
+        for name, row in comparisons.items():
+            differences.add_row(name, format_difference(row, "auroc"), format_difference(row, "harrell_c"))
+        console.print(differences)
     console.print(f"model folder: {model_dir} (model card: {model_dir / 'MODEL_CARD.md'})")
 
 

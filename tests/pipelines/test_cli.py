@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from models.task_model import format_difference
+from pipelines import cli
 from pipelines.cli import main
+from tests.models.synthetic import write_task_folder
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -64,3 +68,20 @@ def test_simulate_writes_a_landing_zone_and_prints_counts(
     assert sorted(p.name for p in (tmp_path / "landing").iterdir()) == [
         "fhir", "genomics", "imaging", "notes", "simulation.json", "truth.parquet",
     ]
+
+
+def test_train_prints_the_metrics_and_fusion_against_each_baseline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli.console, "width", 160)  # a wide terminal: no cell wrapped
+    task_yaml = write_task_folder(tmp_path, 400, seed=2)
+    code, out, err = run_cli(
+        ["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "2", "--hidden-size", "16",
+         "--layers", "1", "--batch-size", "64"], capsys
+    )
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "models" / "synthetic_1y" / "metrics.json").read_text())
+    assert "synthetic_1y: held-out metrics" in out and "fusion minus each model" in out
+    lightgbm = metrics["comparisons"]["lightgbm"]
+    assert format_difference(lightgbm, "auroc") in out
+    assert format_difference(metrics["comparisons"]["cox_ph"], "harrell_c") in out
