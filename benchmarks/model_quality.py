@@ -68,8 +68,9 @@ def print_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> None:
         print(f"{name:<32}" + "".join(f"{row[c]:>13.3f}" if c in row else f"{'':>13}" for c in COLUMNS))
 
 
-def print_comparisons(comparisons: dict[str, dict[str, float]]) -> None:
-    print("\nfusion minus each model on the same held-out patients (95 % paired bootstrap interval)")
+def print_comparisons(comparisons: dict[str, dict[str, float]], n_resamples: int) -> None:
+    print(f"\nfusion minus each model on the same held-out patients (95 % paired bootstrap interval, "
+          f"{n_resamples:,} resamples)")
     header = f"{'model':<32}{'AUROC difference':>28}{'Harrell C difference':>28}"
     print(header)
     print("-" * len(header))
@@ -151,12 +152,12 @@ def main() -> None:
             rows.insert(1, (name, alone["models"]["fusion"]))
             alone_scores, _, _ = held_out_scores(folder, alone_dir, task.horizon_days, (modality,))
             comparisons[name] = compare_with_fusion({"fusion": fusion_scores, name: alone_scores}, labels, known,
-                                                    args.seed)[name]
+                                                    args.seed, metrics["comparison_resamples"])[name]
     print(f"task {task.name}: {args.patients:,} simulated patients (seed {args.seed}), held-out "
           f"{metrics['n_held_out']:,} ({metrics['n_held_out_labelled']:,} with a known 1-year outcome, "
           f"event rate {metrics['held_out_event_rate']:.3f})")
     print_table("held-out metrics (truth = the true risk: the best possible)", rows)
-    print_comparisons(comparisons)
+    print_comparisons(comparisons, metrics["comparison_resamples"])
     fusion = metrics["models"]["fusion"]
     if "calibration_slope" in fusion:
         print(f"\nfusion calibration: slope {fusion['calibration_slope']:.3f}, observed / expected "

@@ -73,6 +73,7 @@ def test_fusion_is_compared_with_each_baseline_on_the_same_patients(trained: tup
     assert set(comparisons) == {"logistic_regression", "logistic_regression_all_modalities", "lightgbm", "cox_ph",
                                 "random_survival_forest"}
     card = (model_dir / "MODEL_CARD.md").read_text()
+    assert metrics["comparison_resamples"] == 1000 and "(1,000 resamples of the patients)" in card
     lightgbm = comparisons["lightgbm"]
     assert (f"| lightgbm | {lightgbm['auroc_difference']:+.3f} ({lightgbm['auroc_difference_low']:+.3f} to "
             f"{lightgbm['auroc_difference_high']:+.3f}) |") in card
