@@ -57,7 +57,9 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     )
     per_code = (
         seen.filter(pl.col("code").is_in(codes))
-        .sort(["subject_id", "code", "time"], nulls_last=False)
+        # The value as the last key: of two values charted at the same time, "last" is then the
+        # same one on every run (the larger), whatever order the join left them in.
+        .sort(["subject_id", "code", "time", "numeric_value"], nulls_last=False)
         .group_by(["subject_id", "code"])
         .agg(
             pl.len().cast(pl.Float64).alias("count"),

@@ -136,6 +136,10 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
                 ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds().cast(pl.Float64)
                  / MICROSECONDS_PER_DAY).cast(pl.Float32).alias("time_before_days"),
             )
+            # A total order first: the join above does not keep one, and events at the same time
+            # (two weights charted in the same minute) must be cut and listed the same way on every
+            # run. The ordinal rank then breaks ties in time by that order.
+            .sort(["subject_id", "time", "token_id", "numeric_value"], nulls_last=False)
             # Static facts first, then the most recent timed events up to the limit.
             .with_columns(
                 pl.col("time").is_null().sum().over("subject_id").alias("n_static"),
@@ -149,7 +153,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         )
         seen = seen.with_columns(pl.Series("value_bin", self._bins(seen), dtype=pl.Int8))
         sequences = (
-            seen.sort(["subject_id", "time", "token_id"], nulls_last=False)
+            seen.sort(["subject_id", "time", "token_id", "numeric_value"], nulls_last=False)
             .group_by("subject_id", maintain_order=True)
             .agg(
                 pl.col("token_id").alias("token_ids"),

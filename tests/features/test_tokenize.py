@@ -4,6 +4,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 from sklearn.exceptions import NotFittedError
 
 from features.cohorts import select_cohort
@@ -65,3 +66,20 @@ def test_not_fitted_and_roundtrip(tmp_path: Path) -> None:
     tokenizer, cohort = fitted()
     loaded = EventTokenizer.load(tokenizer.save(tmp_path / "vocabulary.json"))
     assert loaded.transform(toy_events(), cohort).equals(tokenizer.transform(toy_events(), cohort))
+
+
+def test_events_at_the_same_time_are_listed_and_cut_the_same_way_in_any_row_order() -> None:
+    tokenizer, cohort = fitted(max_events=4)
+    # Patient 1: three blood pressures in the same minute before day 0; the limit cuts among them.
+    tied = events_frame([(1, day(-10), BP, v, None, "ehr") for v in (150.0, 105.0, 125.0)])
+    events = pl.concat([toy_events(), tied])
+    results = [tokenizer.transform(frame, cohort) for frame in (events, events.reverse(), events.sample(
+        fraction=1.0, shuffle=True, seed=5))]
+    first = results[0].row(0, named=True)
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    # Static sex, then the 3 most recent timed events: the visit and two of the three tied blood
+    # pressures (ties in time are ordered by value: 105 and 125 are kept, 150 is cut).
+    assert [names[t] for t in first["token_ids"]] == ["SEX//female", BP, BP, "SNOMED//11429006"]
+    assert first["value_bins"] == [0, 1, 2, 0]  # 105 < 120 <= 125
+    for other in results[1:]:
+        assert_frame_equal(other, results[0])
