@@ -94,7 +94,7 @@ def mean_embeddings(subject_ids: npt.ArrayLike, embeddings: pl.DataFrame | None,
         return out
     rows = pl.DataFrame({"subject_id": ids, "__row": np.arange(len(ids), dtype=np.int64)})
     found = embeddings.select("subject_id", "embedding").join(rows, on="subject_id", how="inner")
-    lengths = found["embedding"].list.len()
+    lengths = found["embedding"].list.len().to_numpy()
     if found.height and (lengths.min() != dim or lengths.max() != dim):
         raise ValueError(f"mean_embeddings: embeddings of length {lengths.min()}..{lengths.max()} "
                          f"(expected {dim})")

@@ -293,15 +293,15 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     y = labels["risk_label"][known]
     out: dict[str, dict[str, float]] = {}
     logistic = fit_logistic(x_train[k_train], y_train)
-    scores["logistic_regression"] = Scores(np.asarray(logistic.predict_proba(x_test[known]))[:, 1], None)
     fused = {split: _late_fusion_matrix(data, split, x) for split, x in
              (("train", x_train), ("tuning", x_tuning), ("held_out", x_test))}
     late = fit_logistic_tuned(fused["train"][k_train], y_train, fused["tuning"][k_tuning], y_tuning)
-    scores["logistic_regression_all_modalities"] = Scores(
-        np.asarray(late.predict_proba(fused["held_out"][known]))[:, 1], None
-    )
-    for name in ("logistic_regression", "logistic_regression_all_modalities"):
-        out[name] = _risk_metrics(y, scores[name].risk)
+    for name, risk in (
+        ("logistic_regression", np.asarray(logistic.predict_proba(x_test[known]))[:, 1]),
+        ("logistic_regression_all_modalities", np.asarray(late.predict_proba(fused["held_out"][known]))[:, 1]),
+    ):
+        scores[name] = Scores(risk, None)
+        out[name] = _risk_metrics(y, risk)
     boosted = fit_lightgbm(x_train[k_train], y_train, x_tuning[k_tuning], y_tuning, seed)
     risk = np.asarray(boosted.predict_proba(x_test))[:, 1]
     scores["lightgbm"] = Scores(risk[known], risk)
@@ -309,8 +309,9 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     out["lightgbm"].update(_survival_metrics(train_labels, labels, risk, horizon))
     for name, fit in (("cox_ph", fit_cox), ("random_survival_forest", fit_random_survival_forest)):
         estimator = fit(x_train, train_labels["event"], train_labels["duration_days"])
-        scores[name] = Scores(None, np.asarray(estimator.predict(x_test), dtype=np.float64))
-        out[name] = _survival_metrics(train_labels, labels, scores[name].survival, horizon)
+        score = np.asarray(estimator.predict(x_test), dtype=np.float64)
+        scores[name] = Scores(None, score)
+        out[name] = _survival_metrics(train_labels, labels, score, horizon)
     if data.has_treatment:
         learner = fit_t_learner(
             x_train[k_train], y_train, train_labels["treated"][k_train], x_tuning[k_tuning], y_tuning,

@@ -209,7 +209,7 @@ class FusionEncoder(FusionPreTrainedModel):
         for block in self.blocks:
             x = block(x, mask)
         pooled = x[:, 0]  # (B, H): the [CLS] token
-        if summary is not None:
+        if self.summary is not None and summary is not None:
             pooled = pooled + self.summary(summary)
         return self.ln_f(pooled)
 
