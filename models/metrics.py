@@ -194,6 +194,62 @@ TIED_SCORE_TOLERANCE = 1e-8
 """Scores this close count as tied (half a concordant pair), as in scikit-survival."""
 
 
+def _tie_ranks(score: FloatArray) -> npt.NDArray[np.int64]:
+    """1-based ranks of the scores, equal for scores within :data:`TIED_SCORE_TOLERANCE` of the
+    next lower one."""
+    order = np.argsort(score, kind="stable")
+    step = np.diff(score[order]) > TIED_SCORE_TOLERANCE
+    ranks = np.empty(score.size, dtype=np.int64)
+    ranks[order] = np.concatenate(([1], 1 + np.cumsum(step)))
+    return ranks
+
+
+def _weighted_concordance(events: npt.NDArray[np.bool_], time: FloatArray, score: FloatArray,
+                          weights: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Per column of ``weights`` (n, R): the weighted sum of concordance over comparable pairs,
+    and of the pairs.
+
+    Patients are taken from the latest time down, and each one's weight is added to a Fenwick
+    tree over score ranks (one column per resample): when a patient with the event is reached,
+    the tree holds exactly the patients comparable with them (followed longer, or censored at the
+    same time: scikit-survival's rule), so two prefix sums give those with a lower and an equal
+    score. About ``n log n`` row operations, whatever the number of resamples.
+    """
+    ranks = _tie_ranks(score)
+    size = int(ranks.max())
+    tree = np.zeros((size + 1, weights.shape[1]))
+
+    def add(position: int, value: FloatArray) -> None:
+        while position <= size:
+            tree[position] += value
+            position += position & -position
+
+    def below_or_at(position: int) -> FloatArray:
+        total = np.zeros(weights.shape[1])
+        while position > 0:
+            total += tree[position]
+            position -= position & -position
+        return total
+
+    inserted = np.zeros(weights.shape[1])
+    gained = np.zeros(weights.shape[1])
+    pairs = np.zeros(weights.shape[1])
+    order = np.lexsort((events, -time))  # latest first; at one time, the censored first
+    bounds = np.flatnonzero(np.diff(time[order])) + 1
+    for group in np.split(order, bounds):
+        for k in group[~events[group]]:
+            add(int(ranks[k]), weights[k])
+            inserted += weights[k]
+        for k in group[events[group]]:
+            lower, up_to = below_or_at(int(ranks[k]) - 1), below_or_at(int(ranks[k]))
+            gained += weights[k] * (lower + 0.5 * (up_to - lower))
+            pairs += weights[k] * inserted
+        for k in group[events[group]]:
+            add(int(ranks[k]), weights[k])
+            inserted += weights[k]
+    return gained, pairs
+
+
 def weighted_concordance_difference(
     event: npt.ArrayLike,
     score: npt.ArrayLike,
@@ -210,30 +266,22 @@ def weighted_concordance_difference(
     """
     events = np.asarray(event, dtype=bool)
     a, b = np.asarray(score, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    w = np.atleast_2d(np.asarray(weights, dtype=np.float32))
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     n = events.size
     if a.shape != (n,) or b.shape != (n,) or w.shape[1] != n:
         raise ValueError(f"weighted_concordance_difference: scores of shape {a.shape} and {b.shape} and weights "
                          f"of shape {w.shape} for {n} patients")
     # For AUROC a positive "happens before" every negative.
     time = (~events).astype(np.float64) if duration_days is None else np.asarray(duration_days, dtype=np.float64)
-    pairs = np.zeros(len(w), dtype=np.float64)
-    gained = np.zeros(len(w), dtype=np.float64)
-    for start in range(0, n, 512):
-        rows = slice(start, min(start + 512, n))
-        # Harrell's comparable pairs (row i, column j): i had the event and j was still followed
-        # after it, or was censored at the same time (scikit-survival's rule); for AUROC, a
-        # positive and a negative.
-        later = time[None, :] > time[rows, None]
-        censored_same_time = (time[None, :] == time[rows, None]) & ~events[None, :]
-        comparable = events[rows, None] & (later | censored_same_time)
-        concordance = [
-            np.where(np.abs(s[rows, None] - s[None, :]) <= TIED_SCORE_TOLERANCE, 0.5, s[rows, None] > s[None, :])
-            for s in (a, b)
-        ]
-        difference = np.where(comparable, concordance[0] - concordance[1], 0.0).astype(np.float32)
-        pairs += np.einsum("ri,ir->r", w[:, rows], comparable.astype(np.float32) @ w.T)
-        gained += np.einsum("ri,ir->r", w[:, rows], difference @ w.T)
+    gained, pairs = np.zeros(len(w)), np.zeros(len(w))
+    # Resamples in chunks: the tree holds (distinct scores x resamples) numbers, kept near 64 MB.
+    chunk = max(16, 8_000_000 // (n + 1))
+    for start in range(0, len(w), chunk):
+        rows = slice(start, start + chunk)
+        columns = np.ascontiguousarray(w[rows].T)  # (n, resamples in the chunk)
+        gained_a, pairs[rows] = _weighted_concordance(events, time, a, columns)
+        gained_b, _ = _weighted_concordance(events, time, b, columns)
+        gained[rows] = gained_a - gained_b
     return gained, pairs
 
 
@@ -252,8 +300,9 @@ def paired_concordance_difference(
 
     Both scores are judged on the same resampled patients, so the interval reflects the
     uncertainty of the *difference*, which is much narrower than either metric's own interval
-    when the two models rank mostly alike. The cost is about ``n_resamples * n**2`` operations
-    (:func:`weighted_concordance_difference`): a second or two for 3,000 patients.
+    when the two models rank mostly alike. Each resample's concordance is a weighted sum over
+    the original patients (:func:`weighted_concordance_difference`), about ``n log n`` operations
+    on rows of ``n_resamples`` numbers: a fraction of a second for 3,000 patients.
 
     Returns
     -------
