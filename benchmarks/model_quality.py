@@ -32,6 +32,7 @@ from features.tasks import load_task
 from models.fusion import MODALITIES
 from models.task_model import (
     Scores,
+    TaskData,
     compare_with_fusion,
     evaluate,
     format_difference,
@@ -39,6 +40,7 @@ from models.task_model import (
     load_task_model,
     metrics_table,
     predict,
+    survival_risk_score,
     train_task_model,
 )
 from models.training import TrainingArguments
@@ -78,16 +80,14 @@ def print_comparisons(comparisons: dict[str, dict[str, float]], n_resamples: int
         print(f"{name:<32}" + "".join(f"{format_difference(row, m):>28}" for m in ("auroc", "harrell_c")))
 
 
-def held_out_scores(folder: Path, model_dir: Path, horizon_days: float,
-                    modalities: tuple[str, ...] = MODALITIES) -> tuple[Scores, dict[str, np.ndarray], np.ndarray]:
+def held_out_scores(data: TaskData, model_dir: Path) -> tuple[Scores, dict[str, np.ndarray], np.ndarray]:
     """A saved model's held-out scores, and the held-out labels and which have a known outcome."""
-    data = load_task_data(folder, horizon_days, modalities)
     model, calibrator, _ = load_task_model(model_dir)
     held_out = data.datasets["held_out"]
     labels = held_out.label_arrays()
     known = ~np.isnan(labels["risk_label"])
     p = predict(model, calibrator, held_out)
-    return Scores(p.risk[known], 1 - p.survival[:, model.config.horizon_bin]), labels, known
+    return Scores(p.risk[known], survival_risk_score(p, model.config.horizon_bin)), labels, known
 
 
 def main() -> None:
@@ -125,11 +125,12 @@ def main() -> None:
         print(f"epoch {int(record['epoch'])}: train loss {record['train_loss']:.4f}, tuning loss "
               f"{record['tuning_loss']:.4f} ({epochs[-1] - started:.0f} s)", flush=True)
 
+    data: TaskData | None = None  # every modality's inputs, loaded once when needed
     if args.reuse_model:
         saved = json.loads((workdir / "model" / "metrics.json").read_text())
         model, calibrator, _ = load_task_model(workdir / "model")
-        metrics = {**saved, **evaluate(model, calibrator, load_task_data(folder, task.horizon_days),
-                                       pl.read_parquet(truth), seed=args.seed)}
+        data = load_task_data(folder, task.horizon_days)
+        metrics = {**saved, **evaluate(model, calibrator, data, pl.read_parquet(truth), seed=args.seed)}
     else:
         metrics = train_task_model(folder, workdir / "model", task.horizon_days, training, architecture, truth,
                                    on_epoch=log_epoch)
@@ -139,7 +140,8 @@ def main() -> None:
     rows = metrics_table(metrics)
     comparisons = dict(metrics["comparisons"])
     if not args.no_ablations:
-        fusion_scores, labels, known = held_out_scores(folder, workdir / "model", task.horizon_days)
+        data = data or load_task_data(folder, task.horizon_days)
+        fusion_scores, labels, known = held_out_scores(data, workdir / "model")
         for modality in args.ablations:
             alone_dir = workdir / f"model_{modality}"
             if args.reuse_ablations:
@@ -150,7 +152,7 @@ def main() -> None:
             assert alone is not None
             name = f"fusion, {modality} only"
             rows.insert(1, (name, alone["models"]["fusion"]))
-            alone_scores, _, _ = held_out_scores(folder, alone_dir, task.horizon_days, (modality,))
+            alone_scores, _, _ = held_out_scores(load_task_data(folder, task.horizon_days, (modality,)), alone_dir)
             comparisons[name] = compare_with_fusion({"fusion": fusion_scores, name: alone_scores}, labels, known,
                                                     args.seed, metrics["comparison_resamples"])[name]
     print(f"task {task.name}: {args.patients:,} simulated patients (seed {args.seed}), held-out "

@@ -178,6 +178,11 @@ class Scores:
     survival: np.ndarray | None
 
 
+def survival_risk_score(predictions: Predictions, horizon_bin: int) -> np.ndarray:
+    """The fusion model's score for the survival metrics: ``1 - S(horizon)`` from its curve."""
+    return 1 - predictions.survival[:, horizon_bin]
+
+
 def _risk_metrics(y: np.ndarray, risk: np.ndarray) -> dict[str, float]:
     return {"auroc": auroc(y, risk), "auprc": auprc(y, risk), "brier": brier(y, risk),
             "calibration_error": expected_calibration_error(y, risk)}
@@ -223,8 +228,9 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     floor_mean, floor_95 = calibration_error_if_calibrated(p.risk[known])
     fusion["calibration_error_if_calibrated"] = floor_mean
     fusion["calibration_error_if_calibrated_95"] = floor_95
-    fusion.update(_survival_metrics(train_labels, labels, 1 - p.survival[:, model.config.horizon_bin], horizon,
-                                    p.survival, times))
+    survival_score = survival_risk_score(p, model.config.horizon_bin)
+    fusion.update(_survival_metrics(train_labels, labels, survival_score, horizon, p.survival, times))
+    scores: dict[str, Scores] = {"fusion": Scores(p.risk[known], survival_score)}
     cohort = data.cohort["held_out"]
     for name, mask in _subgroups(cohort).items():
         sub = mask & known
@@ -232,7 +238,6 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
             fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub])
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
-    scores: dict[str, Scores] = {"fusion": Scores(p.risk[known], 1 - p.survival[:, model.config.horizon_bin])}
     if baselines:
         models.update(_baselines(data, labels, known, horizon, effects, scores, seed))
     if data.has_treatment:
@@ -248,7 +253,7 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
 
 
 def compare_with_fusion(scores: dict[str, Scores], labels: dict[str, np.ndarray], known: np.ndarray,
-                        seed: int = 0, n_resamples: int = 1000) -> dict[str, dict[str, float]]:
+                        seed: int = 0, n_resamples: int = COMPARISON_RESAMPLES) -> dict[str, dict[str, float]]:
     """Fusion minus every other model in AUROC and Harrell's C on the same held-out patients, with
     paired bootstrap 95 % intervals (``<metric>_difference``, ``_low``, ``_high``).
 
