@@ -24,6 +24,8 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
    the inputs (records read) and the outputs (distinct records in tables plus quarantine rows).
 
 Every file is written atomically, so a killed run leaves the previous good warehouse readable.
+:func:`promote_warehouse` makes the tables of an ingest written elsewhere (a landing batch's) the
+warehouse's, file by file in the same way.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file
-from features.io import sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
+from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
 from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE
 from features.tables import TABLE_SUFFIXES, TableRead
@@ -967,6 +969,45 @@ def ingest_landing_zone(
         return summary
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def warehouse_files() -> list[str]:
+    """The files an ingest writes into its warehouse folder, the accounting last."""
+    return [*(f"{table}.parquet" for table in (*TABLES, "events", "quarantine")), SUMMARY_FILE]
+
+
+def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:
+    """Make the tables of an ingest written in ``ingested_dir`` (a landing batch's) those of ``warehouse_dir``.
+
+    A batch is a whole export (a nightly Bulk ``$export``, say), so its tables replace the
+    warehouse's rather than add to them: each file is put in place by one rename (a hard link, no
+    copy, on the same file system) and ``ingest_summary.json`` last, so the accounting always
+    describes complete tables. Returns the batch's accounting.
+
+    Raises
+    ------
+    LandingZoneError
+        When ``ingested_dir`` holds no complete ingest (a file is missing) or its accounting does not
+        balance; the warehouse is then left as it was.
+    """
+    ingested_dir, warehouse_dir = Path(ingested_dir), Path(warehouse_dir)
+    names = warehouse_files()
+    missing = [name for name in names if not (ingested_dir / name).is_file()]
+    if missing:
+        raise LandingZoneError(
+            f"promote {ingested_dir}: {missing[0]} is missing ({len(missing)} of {len(names)} ingest files); "
+            "ingest the batch (again) before promoting it"
+        )
+    summary = IngestSummary.from_json(ingested_dir / SUMMARY_FILE)
+    if not summary.balanced:
+        raise LandingZoneError(
+            f"promote {ingested_dir}: records_in != records_out + quarantined in {SUMMARY_FILE}; "
+            "the warehouse keeps its current tables"
+        )
+    _check_dirs(ingested_dir, warehouse_dir)
+    for name in names:
+        link_file_atomic(ingested_dir / name, warehouse_dir / name)
+    return summary
 
 
 # ------------------------------------------------------------------------------------------------

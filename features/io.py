@@ -6,6 +6,7 @@ sibling and renamed into place, so a killed run leaves the previous good file re
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -46,6 +47,25 @@ def write_bytes_atomic(data: bytes, path: Path) -> Path:
     """Write ``data`` to ``path``, replacing any previous file only once complete."""
     with atomic_target(path) as tmp:
         tmp.write_bytes(data)
+    return path
+
+
+def link_file_atomic(source: Path, path: Path) -> Path:
+    """Make ``path`` hold the file ``source``: a hard link (no copy) where both share a file system,
+    else a copy, in either case put in place by one rename, so a reader sees the old or the new file.
+
+    Every writer here replaces files (never rewrites them in place), so the two names sharing one
+    file is safe: a later write to either gives that name a new file.
+    """
+    with atomic_target(path) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            # Another file system (EXDEV), or one without hard links (EPERM, ENOTSUP): copy instead.
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+                raise
+            shutil.copyfile(source, tmp)
     return path
 
 

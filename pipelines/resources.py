@@ -18,8 +18,8 @@ DEFAULT_WORKSPACE = "workspace"
 class Workspace(dg.ConfigurableResource):  # type: ignore[misc]
     """The folder a cohortcast deployment reads from and writes to.
 
-    ``landing/`` is the landing zone (the hospital's export, or the simulator's), and every later
-    stage writes under its own sub-folder.
+    ``landing/`` is the landing zone (the hospital's export, or the simulator's), ``batches/`` the
+    nightly exports as they land, and every later stage writes under its own sub-folder.
     """
 
     root: str = DEFAULT_WORKSPACE
@@ -35,6 +35,15 @@ class Workspace(dg.ConfigurableResource):  # type: ignore[misc]
     @property
     def warehouse_dir(self) -> Path:
         return self.root_dir / "warehouse"
+
+    @property
+    def batches_dir(self) -> Path:
+        """Where landing batches arrive, one export folder each: ``batches/<name>/``."""
+        return self.root_dir / "batches"
+
+    def batch_warehouse_dir(self, batch: str) -> Path:
+        """Where a landing batch is ingested, before it is promoted to ``warehouse/``."""
+        return self.warehouse_dir / "batches" / batch
 
 
 def workspace_root_from_environment() -> str:

@@ -1,42 +1,45 @@
-"""Landing batches: one Dagster partition per export folder, and the sensor that ingests new ones.
+"""Landing batches: one Dagster partition per export folder, the sensor that ingests new ones and the
+one that makes the newest the warehouse.
 
 Stage: ingest. In: export folders under ``<workspace>/batches/``. Out: ``ingested_batch``, one
 partition per folder, each ingested into ``<workspace>/warehouse/batches/<name>/`` by
-:func:`features.ingest.ingest_landing_zone`. Land a batch atomically: copy it into ``.name`` (hidden
-folders are ignored), then rename it to ``name``; the sensor adds the partition and starts its run.
+:func:`features.ingest.ingest_landing_zone`, with its own quarantine and accounting; then the newest
+ingested batch promoted to ``<workspace>/warehouse/`` by the ``ingest`` job (``from_batch``), whose
+success starts every task's pipeline (``publish_after_ingest``).
+
+A batch is a whole export (a nightly Bulk ``$export``): the newest replaces the warehouse's tables,
+it does not add to them. Batch names sort in landing order (``2024-06-01``, ``2024-06-02``, ...), and
+a batch ingested after a newer one is kept in its partition but never promoted. Land a batch
+atomically: copy it into ``.name`` (hidden folders are ignored), then rename it to ``name``.
 
 The asset lives here, not in ``pipelines/assets``, because it is partitioned while the demo graph is
-not: ``pipelines.definitions`` registers it with its own job and sensor.
+not: ``pipelines.definitions`` registers it with its own job and sensors.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from features.ingest import SUMMARY_FILE, ingest_landing_zone
-from pipelines.assets.ingest import IngestRunConfig
+from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
+
+if TYPE_CHECKING:
+    from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 BATCH_PARTITIONS = dg.DynamicPartitionsDefinition(name="landing_batches")
 
 
-# ------------------------------------------------------------------------------------------------
-
-
-def batches_dir(workspace: Workspace) -> Path:
-    """Where landing batches arrive: ``<workspace>/batches/<name>/``."""
-    return workspace.root_dir / "batches"
-
-
 @dg.asset(partitions_def=BATCH_PARTITIONS, group_name="ingest", kinds={"parquet"})
 def ingested_batch(
-    context: dg.AssetExecutionContext, config: IngestRunConfig, workspace: Workspace
+    context: dg.AssetExecutionContext, config: BatchIngestRunConfig, workspace: Workspace
 ) -> dg.MaterializeResult:
     """One landing batch (an export folder under ``batches/``) ingested into its own warehouse folder."""
     batch = context.partition_key
-    out = workspace.warehouse_dir / "batches" / batch
-    summary = ingest_landing_zone(batches_dir(workspace) / batch, out, strict=config.strict, workers=config.workers)
+    out = workspace.batch_warehouse_dir(batch)
+    summary = ingest_landing_zone(workspace.batches_dir / batch, out, strict=config.strict, workers=config.workers)
     if not summary.balanced:
         raise dg.Failure(f"batch {batch}: records_in != records_out + quarantined; see {out / SUMMARY_FILE}")
     return dg.MaterializeResult(
@@ -65,8 +68,36 @@ def new_batches(root: Path, known: set[str]) -> list[str]:
 def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspace) -> dg.SensorResult:
     """Start an ingest for every new batch folder under ``<workspace>/batches/``."""
     known = set(context.instance.get_dynamic_partitions(BATCH_PARTITIONS.name))
-    fresh = new_batches(batches_dir(workspace), known)
+    fresh = new_batches(workspace.batches_dir, known)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in fresh],
         dynamic_partitions_requests=[BATCH_PARTITIONS.build_add_request(fresh)] if fresh else [],
     )
+
+
+def promote_batch_request(batch: str, ingested: set[str]) -> dg.RunRequest | dg.SkipReason:
+    """Promote ``batch`` when no newer batch has been ingested; else say which one has."""
+    newer = sorted(name for name in ingested if name > batch)
+    if newer:
+        return dg.SkipReason(f"batch {batch} is not promoted: batch {newer[-1]}, ingested already, is newer")
+    return dg.RunRequest(
+        run_key=f"promote/{batch}",
+        run_config={"ops": {"ingested_tables": {"config": {"from_batch": batch}}}},
+        tags={"cohortcast/batch": batch},
+    )
+
+
+def promote_batch_sensor(ingest_job: "UnresolvedAssetJobDefinition") -> dg.RunStatusSensorDefinition:
+    """When a batch's ingest succeeds, run ``ingest_job`` to make that batch the warehouse (if newest)."""
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[ingest_batch_job],
+                          request_job=ingest_job, name="promote_newest_batch",
+                          default_status=dg.DefaultSensorStatus.STOPPED)
+    def promote_newest_batch(context: dg.RunStatusSensorContext) -> dg.RunRequest | dg.SkipReason:
+        batch = context.dagster_run.tags.get("dagster/partition")
+        if batch is None:
+            return dg.SkipReason(f"run {context.dagster_run.run_id} of ingest_batch has no batch partition")
+        ingested = context.instance.get_materialized_partitions(ingested_batch.key)
+        return promote_batch_request(batch, ingested)
+
+    return promote_newest_batch

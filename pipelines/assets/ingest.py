@@ -6,7 +6,8 @@ by ``IngestRunConfig.landing_dir``). Out: ``patients``, ``encounters``, ... ``ev
 (:func:`features.ingest.ingest_landing_zone`); checks prove the accounting balances, every event's
 patient exists, nothing is dated after the export, and duplicates are reported.
 
-Nightly batches, one partition each, and the sensor that ingests them: :mod:`pipelines.sensors`.
+Nightly batches, one partition each, the sensor that ingests them and the one that promotes the
+newest to the warehouse (``from_batch``): :mod:`pipelines.sensors`.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
@@ -22,6 +23,7 @@ from features.ingest import (
     events_after,
     events_without_patient,
     ingest_landing_zone,
+    promote_warehouse,
     quarantined_duplicates,
 )
 from pipelines.resources import Workspace
@@ -29,15 +31,23 @@ from pipelines.resources import Workspace
 INGEST_ASSETS = [*TABLES, "events", "quarantine"]
 
 
-class IngestRunConfig(dg.Config):  # type: ignore[misc]
-    """How to run the ingest."""
+class BatchIngestRunConfig(dg.Config):  # type: ignore[misc]
+    """How to run an ingest."""
 
     # Validate every FHIR resource fully with fhir.resources (R4) as well: slower.
     strict: bool = False
     # Processes reading FHIR; the output does not depend on it.
     workers: int = 2
+
+
+class IngestRunConfig(BatchIngestRunConfig):
+    """How to run the warehouse's ingest, and from what."""
+
     # A hospital export to read instead of the workspace's landing/ folder.
     landing_dir: str = ""
+    # A landing batch, already ingested by `ingested_batch`, whose tables become the warehouse's
+    # (no second read of the export); set by the `promote_newest_batch` sensor.
+    from_batch: str = ""
 
 
 def _metadata(summary: IngestSummary, warehouse: Path, table: str) -> dict[str, Any]:
@@ -57,9 +67,17 @@ def _metadata(summary: IngestSummary, warehouse: Path, table: str) -> dict[str, 
     can_subset=False,
 )
 def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, workspace: Workspace):  # type: ignore[no-untyped-def]
-    """Every normalized table, quarantine and events, from one ingest of the landing zone."""
-    landing = Path(config.landing_dir) if config.landing_dir else workspace.landing_dir
-    summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers)
+    """Every normalized table, quarantine and events, from one ingest of the landing zone (or a batch's)."""
+    if config.from_batch and config.landing_dir:
+        raise dg.Failure(
+            f"ingested_tables: landing_dir {config.landing_dir!r} and from_batch {config.from_batch!r} are both set "
+            "(expected one: an export to ingest, or an ingested batch to promote)"
+        )
+    if config.from_batch:
+        summary = promote_warehouse(workspace.batch_warehouse_dir(config.from_batch), workspace.warehouse_dir)
+    else:
+        landing = Path(config.landing_dir) if config.landing_dir else workspace.landing_dir
+        summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers)
     context.log.info(
         f"ingested {summary.records_in} records: {summary.records_out} out, "
         f"{summary.quarantined} quarantined {summary.quarantined_by_reason}"

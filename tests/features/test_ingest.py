@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
-from features.ingest import SUMMARY_FILE, IngestSummary, ingest_landing_zone
+from features.ingest import SUMMARY_FILE, IngestSummary, ingest_landing_zone, promote_warehouse, warehouse_files
 from features.schemas import INTERNAL_TABLES
 
 EXPORT = datetime(2025, 1, 1)
@@ -159,6 +160,44 @@ def test_unwritable_output_raises(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(LandingZoneError, match="cannot be created"):
         ingest_landing_zone(tmp_path / "landing", tmp_path / "file" / "out")
+
+
+def test_promote_warehouse_puts_every_file_of_a_batch_in_place(
+    bulk: tuple[IngestSummary, Path], bundles: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    summary, batch = bulk
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(bundles[1], warehouse)
+    promoted = promote_warehouse(batch, warehouse)
+    assert promoted == IngestSummary.from_json(batch / SUMMARY_FILE) == summary
+    for name in warehouse_files():
+        # A hard link: the batch's file itself, not a copy.
+        assert (warehouse / name).samefile(batch / name), name
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 13
+    assert IngestSummary.from_json(warehouse / SUMMARY_FILE).landing_dir.endswith("synthea-bulk-10")
+
+
+def test_promote_warehouse_refuses_an_incomplete_or_unbalanced_batch(
+    bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    (warehouse / "patients.parquet").write_bytes(b"the previous tables")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(bulk[1], incomplete)
+    (incomplete / "events.parquet").unlink()
+    count = len(warehouse_files())
+    missing = rf"events.parquet is missing \(1 of {count} ingest files\); ingest the batch"
+    with pytest.raises(LandingZoneError, match=missing):
+        promote_warehouse(incomplete, warehouse)
+    unbalanced = tmp_path / "unbalanced"
+    shutil.copytree(bulk[1], unbalanced)
+    text = (unbalanced / SUMMARY_FILE).read_text()
+    (unbalanced / SUMMARY_FILE).write_text(text.replace('"records_out": ', '"records_out": 1', 1))
+    with pytest.raises(LandingZoneError, match="records_in != records_out \\+ quarantined"):
+        promote_warehouse(unbalanced, warehouse)
+    assert sorted(p.name for p in warehouse.iterdir()) == ["patients.parquet"]
+    assert (warehouse / "patients.parquet").read_bytes() == b"the previous tables"
 
 
 def test_result_does_not_depend_on_batching(

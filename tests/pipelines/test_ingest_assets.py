@@ -8,7 +8,9 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+from features.ingest import warehouse_files
 from pipelines.assets.ingest import (
+    INGEST_ASSETS,
     duplicates_reported,
     events_not_after_export,
     events_subjects_exist,
@@ -84,8 +86,91 @@ def test_sensor_adds_partition_and_ingests_batch(small_hospital: Path, tmp_path:
         assert again.run_requests == []
 
 
+def test_newest_ingested_batch_becomes_the_warehouse(small_hospital: Path, tmp_path: Path) -> None:
+    from pipelines.definitions import defs
+
+    batches = tmp_path / "batches"
+    shutil.copytree(small_hospital, batches / "2024-06-02")
+    shutil.copytree(small_hospital / "fhir", batches / "2024-06-01" / "fhir")
+    workspace = Workspace(root=str(tmp_path))
+    promote = defs.resolve_sensor_def("promote_newest_batch")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS.name, ["2024-06-01", "2024-06-02"])
+        runs = {
+            batch: dg.materialize(
+                [ingested_batch], partition_key=batch, instance=instance, resources={"workspace": workspace},
+                run_config={"ops": {"ingested_batch": {"config": {"workers": 1}}}},
+            )
+            for batch in ("2024-06-02", "2024-06-01")  # the older batch ingested last
+        }
+
+        def sensor_result(batch: str) -> dg.RunRequest | dg.SkipReason:
+            context = dg.build_run_status_sensor_context(
+                sensor_name="promote_newest_batch", dagster_instance=instance,
+                dagster_run=runs[batch].dagster_run, dagster_event=runs[batch].get_run_success_event(),
+            )
+            return promote(context)  # type: ignore[operator,no-any-return]
+
+        skipped = sensor_result("2024-06-01")
+        assert isinstance(skipped, dg.SkipReason)
+        assert skipped.skip_message == (
+            "batch 2024-06-01 is not promoted: batch 2024-06-02, ingested already, is newer"
+        )
+        request = sensor_result("2024-06-02")
+        assert isinstance(request, dg.RunRequest)
+        assert request.run_key == "promote/2024-06-02"
+        assert promote.job_name == "ingest"
+        promoted = dg.materialize(
+            [ingested_tables, *CHECKS], run_config=request.run_config, instance=instance,
+            resources={"workspace": workspace},
+        )
+    assert promoted.success
+    assert all(e.passed for e in promoted.get_asset_check_evaluations())
+    assert len(promoted.get_asset_check_evaluations()) == len(CHECKS)
+    warehouse = tmp_path / "warehouse"
+    for name in warehouse_files():
+        assert (warehouse / name).samefile(warehouse / "batches" / "2024-06-02" / name), name
+    events = {e.asset_key.to_user_string(): e for e in promoted.get_asset_materialization_events()}
+    assert set(events) == set(INGEST_ASSETS)
+    rows = events["events"].event_specific_data.materialization.metadata["rows"].value  # type: ignore[union-attr]
+    assert rows == pl.scan_parquet(warehouse / "events.parquet").select(pl.len()).collect().item()
+    assert not (warehouse / "simulated_landing_zone").exists()
+
+
+def test_promoting_a_batch_that_was_not_ingested_fails_and_keeps_the_warehouse(tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [ingested_tables], instance=instance, resources={"workspace": Workspace(root=str(tmp_path))},
+            run_config={"ops": {"ingested_tables": {"config": {"from_batch": "2024-07-01"}}}},
+            raise_on_error=False,
+        )
+    assert not result.success
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.cause.message  # type: ignore[union-attr]
+    assert "patients.parquet is missing" in message and "ingest the batch (again)" in message
+    assert not (tmp_path / "warehouse" / "patients.parquet").exists()
+
+
+def test_ingest_refuses_both_an_export_and_a_batch(small_hospital: Path, tmp_path: Path) -> None:
+    config = {"landing_dir": str(small_hospital), "from_batch": "2024-06-01"}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [ingested_tables], instance=instance, resources={"workspace": Workspace(root=str(tmp_path))},
+            run_config={"ops": {"ingested_tables": {"config": config}}}, raise_on_error=False,
+        )
+    (failure,) = result.get_step_failure_events()
+    assert (
+        f"ingested_tables: landing_dir '{small_hospital}' and from_batch '2024-06-01' are both set (expected one"
+        in failure.step_failure_data.error.message  # type: ignore[union-attr]
+    )
+
+
 def test_definitions_load() -> None:
     from pipelines.definitions import defs
 
     assert defs.resolve_job_def("ingest_batch") is not None
     assert defs.resolve_sensor_def("landing_batch_sensor") is not None
+    assert defs.resolve_sensor_def("promote_newest_batch") is not None
+    # A deployment's ingest never re-runs the simulator.
+    ingest = defs.resolve_job_def("ingest")
+    assert "simulated_landing_zone" not in {node.name for node in ingest.graph.node_defs}
