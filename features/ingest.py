@@ -633,6 +633,11 @@ def _empty(table: str) -> pl.LazyFrame:
     return pl.from_arrow(INTERNAL_TABLES[table].empty_table()).lazy()  # type: ignore[union-attr]
 
 
+def _staged_bytes(staging: Path, table: str) -> int:
+    folder = staging / table
+    return sum(part.stat().st_size for part in folder.glob("*.arrow")) if folder.is_dir() else 0
+
+
 def _staged(staging: Path, table: str) -> pl.LazyFrame:
     parts = sorted((staging / table).glob("*.arrow")) if (staging / table).is_dir() else []
     return pl.scan_ipc(parts) if parts else _empty(table)
@@ -667,8 +672,9 @@ def _repeated_ids(staged: pl.LazyFrame, ids: list[str]) -> pl.LazyFrame:
 
 def _finalize_table(
     table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path
-) -> tuple[int, pl.DataFrame]:
-    """Write one final table; return its row count and the records dropped (with reason)."""
+) -> tuple[int, pl.DataFrame, dict[str, int]]:
+    """Write one final table; return its row count, the records dropped (with reason) and the
+    records it holds per source file (counted from the written file, for the accounting)."""
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
     candidates = staged.join(_repeated_ids(staged, ids), on=ids, how="semi", nulls_equal=True)
@@ -730,7 +736,7 @@ def _finalize_table(
     if drop_all.height:
         final = staged.join(drop_all.select(location).lazy(), on=location, how="anti", maintain_order="left")
     path = _sink_table(final, warehouse_dir / f"{table}.parquet", INTERNAL_TABLES[table])
-    return pq.read_metadata(path).num_rows, drop_all
+    return pq.read_metadata(path).num_rows, drop_all, _records_out(path)
 
 
 def _raw_texts(
@@ -759,20 +765,12 @@ def _raw_texts(
     return [texts.get((f, n), "") for f, n in zip(dropped["source_file"], dropped["record_number"], strict=True)]
 
 
-def _records_out(warehouse_dir: Path) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for table in TABLES:
-        per_file = (
-            pl.scan_parquet(warehouse_dir / f"{table}.parquet")
-            .select("source_file", "record_number")
-            .unique()
-            .group_by("source_file")
-            .len()
-            .collect()
-        )
-        for source_file, n in per_file.iter_rows():
-            counts[source_file] += n
-    return counts
+def _records_out(path: Path) -> dict[str, int]:
+    """Distinct records (source file and record number) per source file in a written table."""
+    per_file = (
+        pl.scan_parquet(path).select("source_file", "record_number").unique().group_by("source_file").len().collect()
+    )
+    return dict(per_file.iter_rows())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -812,12 +810,34 @@ def _single_threaded_children() -> Iterator[None]:
             os.environ["POLARS_MAX_THREADS"] = previous
 
 
+def _ready() -> None:
+    """A worker's first task: nothing, once its interpreter has started and imported this module."""
+
+
+@contextmanager
+def _worker_pool(workers: int, input_bytes: int) -> Iterator[ProcessPoolExecutor | None]:
+    """The processes that read the FHIR batches, started at once: each one's start (an interpreter
+    and the imports, about half a second) then overlaps the planning of the read units, which
+    reads every large file once to number its lines. None when one process will do (one worker
+    asked for, or input for a single batch)."""
+    if workers <= 1 or input_bytes <= UNIT_BYTES:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # Each submit while no worker is idle starts one more process, up to ``workers``.
+        with _single_threaded_children():
+            for _ in range(workers):
+                pool.submit(_ready)
+        yield pool
+
+
 def _run_units(
     units: list[ReadUnit],
     latest: datetime,
     strict: bool,
-    workers: int,
     staging: Path,
+    pool: ProcessPoolExecutor | None,
     progress: Callable[[int, int], None] | None,
 ) -> Iterable[_UnitResult]:
     batches = _batches(units)
@@ -826,22 +846,11 @@ def _run_units(
         starts.append(starts[-1] + len(batch))
     jobs = [(start, batch, latest, strict, staging) for start, batch in zip(starts, batches, strict=False)]
     total = len(units)
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            results = _process_batch_star(job)
-            yield from results
-            if progress:
-                progress(job[0] + len(results), total)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        # map() starts the workers and submits every job before it returns.
-        with _single_threaded_children():
-            done = pool.map(_process_batch_star, jobs)
-        for job, results in zip(jobs, done, strict=True):
-            yield from results
-            if progress:
-                progress(job[0] + len(results), total)
+    done = map(_process_batch_star, jobs) if pool is None or len(jobs) <= 1 else pool.map(_process_batch_star, jobs)
+    for job, results in zip(jobs, done, strict=True):
+        yield from results
+        if progress:
+            progress(job[0] + len(results), total)
 
 
 def ingest_landing_zone(
@@ -887,22 +896,24 @@ def ingest_landing_zone(
     landing = _discover(landing_dir)
     staging = Path(tempfile.mkdtemp(prefix=".ingest-staging-", dir=warehouse_dir))
     try:
-        units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel)]
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str], TableRead]]] = [
             ("notes", landing.notes, lambda p, rel: read_notes_file(p, rel, export_time)),
             ("genomics", landing.genomics, read_genomics_file),
             ("imaging", landing.imaging, lambda p, rel: read_imaging_file(p, rel, export_time)),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
+        fhir_bytes = sum(path.stat().st_size for path, _ in landing.fhir)
         # The notes, genomics and imaging tables are read on a thread while the FHIR workers run:
-        # this process would otherwise wait idle for them.
-        with ThreadPoolExecutor(max_workers=1) as side:
+        # this process would otherwise wait idle for them. Their parts ("t...") sort after the
+        # FHIR parts (numbers), as their folders do after fhir/.
+        with _worker_pool(workers, fhir_bytes) as pool, ThreadPoolExecutor(max_workers=1) as side:
             side_reads = [
-                (kind, side.submit(_read_and_stage, staging, read, path, rel, f"{len(units) + i:07d}"))
+                (kind, side.submit(_read_and_stage, staging, read, path, rel, f"t{i:07d}"))
                 for i, (kind, path, rel, read) in enumerate(tables)
             ]
+            units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel)]
             results: list[tuple[str, _UnitResult]] = [
-                ("fhir", result) for result in _run_units(units, export_time, strict, workers, staging, progress)
+                ("fhir", result) for result in _run_units(units, export_time, strict, staging, pool, progress)
             ]
             results.extend((kind, job.result()) for kind, job in side_reads)
 
@@ -911,11 +922,12 @@ def ingest_landing_zone(
         patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
         # The other tables only need the patients: they are written side by side (polars and the
         # Parquet writer run outside the interpreter lock, so threads share the cores).
+        # Largest first, so that the threads end together rather than on the largest table alone.
+        others = sorted((table for table in TABLES if table != "patients"), key=lambda t: -_staged_bytes(staging, t))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
                 table: threads.submit(_finalize_table, table, staged[table], patient_ids, warehouse_dir)
-                for table in TABLES
-                if table != "patients"
+                for table in others
             }
             finalized.update({table: job.result() for table, job in pending.items()})
         table_rows = {table: finalized[table][0] for table in TABLES}
@@ -945,7 +957,10 @@ def ingest_landing_zone(
         for _, result in results:
             records_in[result.source_file] += result.records_in
         quarantined = dict(quarantine.group_by("source_file").len().iter_rows())
-        out = _records_out(warehouse_dir)
+        out: dict[str, int] = defaultdict(int)
+        for table in TABLES:
+            for source_file, n in finalized[table][2].items():
+                out[source_file] += n
         files = tuple(
             FileAccount(kind_of_file[name], name, records_in[name], out.get(name, 0), quarantined.get(name, 0))
             for name in sorted(records_in)
