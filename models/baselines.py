@@ -57,18 +57,25 @@ def _lightgbm(seed: int) -> lgb.LGBMClassifier:
     )
 
 
-def fit_logistic(x: Matrix, y: npt.ArrayLike, inverse_penalty: float = 0.1) -> Pipeline:
-    """L2-penalised logistic regression on standardised, median-imputed features."""
+def fit_logistic(x: Matrix, y: npt.ArrayLike, inverse_penalty: float = 0.1,
+                 sample_weight: npt.ArrayLike | None = None) -> Pipeline:
+    """L2-penalised logistic regression on standardised, median-imputed features.
+
+    ``sample_weight``: the risk labels' censoring weights (``models.censoring``), as the fusion
+    model is trained with.
+    """
     model = make_pipeline(
         SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
         LogisticRegression(C=inverse_penalty, max_iter=5000),
     )
-    return model.fit(x, np.asarray(y, dtype=int))
+    return model.fit(x, np.asarray(y, dtype=int), logisticregression__sample_weight=sample_weight)
 
 
 def fit_logistic_tuned(x: Matrix, y: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,
-                       inverse_penalties: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)) -> Pipeline:
-    """:func:`fit_logistic` with the penalty that gives the lowest log loss on the tuning split.
+                       inverse_penalties: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1),
+                       sample_weight: npt.ArrayLike | None = None,
+                       tuning_weight: npt.ArrayLike | None = None) -> Pipeline:
+    """:func:`fit_logistic` with the penalty that gives the lowest (weighted) log loss on the tuning split.
 
     Hundreds of embedding dimensions beside a few thousand patients need a stronger penalty than
     the aggregates alone; the tuning split picks it, as it early-stops LightGBM.
@@ -77,8 +84,9 @@ def fit_logistic_tuned(x: Matrix, y: npt.ArrayLike, x_tuning: Matrix, y_tuning: 
     if len(set(labels.tolist())) < 2:
         raise ValueError(f"logistic regression: the tuning split has {len(labels)} outcomes of one class "
                          "(need both to choose the penalty)")
-    fits = [fit_logistic(x, y, c) for c in inverse_penalties]
-    losses = [log_loss(labels, fit.predict_proba(x_tuning)[:, 1], labels=[0, 1]) for fit in fits]
+    fits = [fit_logistic(x, y, c, sample_weight) for c in inverse_penalties]
+    losses = [log_loss(labels, fit.predict_proba(x_tuning)[:, 1], labels=[0, 1], sample_weight=tuning_weight)
+              for fit in fits]
     return fits[int(np.argmin(losses))]
 
 
@@ -108,11 +116,14 @@ def mean_embeddings(subject_ids: npt.ArrayLike, embeddings: pl.DataFrame | None,
 
 
 def fit_lightgbm(x: Matrix, y: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,
-                 seed: int = 0) -> lgb.LGBMClassifier:
-    """Gradient-boosted trees, stopped when the tuning log-loss has not improved for 50 rounds."""
+                 seed: int = 0, sample_weight: npt.ArrayLike | None = None,
+                 tuning_weight: npt.ArrayLike | None = None) -> lgb.LGBMClassifier:
+    """Gradient-boosted trees, stopped when the (weighted) tuning log-loss has not improved for 50 rounds."""
     model = _lightgbm(seed)
     model.fit(
-        x, np.asarray(y, dtype=int), eval_X=x_tuning, eval_y=np.asarray(y_tuning, dtype=int),
+        x, np.asarray(y, dtype=int), sample_weight=sample_weight, eval_X=x_tuning,
+        eval_y=np.asarray(y_tuning, dtype=int),
+        eval_sample_weight=None if tuning_weight is None else [np.asarray(tuning_weight, dtype=np.float64)],
         callbacks=[lgb.early_stopping(50, verbose=False)],
     )
     return model
@@ -157,16 +168,20 @@ class TLearner:
 
 
 def fit_t_learner(x: Matrix, y: npt.ArrayLike, treated: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,
-                  treated_tuning: npt.ArrayLike, seed: int = 0) -> TLearner:
-    """Fit the T-learner; each arm's model early-stops on the same arm of the tuning split."""
+                  treated_tuning: npt.ArrayLike, seed: int = 0, sample_weight: npt.ArrayLike | None = None,
+                  tuning_weight: npt.ArrayLike | None = None) -> TLearner:
+    """Fit the T-learner; each arm's model early-stops on the same arm of the tuning split (weights:
+    the risk labels' censoring weights, or none)."""
     a = np.asarray(treated, dtype=bool)
     a_tuning = np.asarray(treated_tuning, dtype=bool)
     outcome, outcome_tuning = np.asarray(y, dtype=int), np.asarray(y_tuning, dtype=int)
+    w = np.ones(len(a)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w_tuning = np.ones(len(a_tuning)) if tuning_weight is None else np.asarray(tuning_weight, dtype=np.float64)
     arms = []
     for arm in (False, True):
         if len(set(outcome[a == arm].tolist())) < 2:
             raise ValueError(f"T-learner: the {'treated' if arm else 'untreated'} arm of the train split "
                              "has only one outcome value")
         arms.append(fit_lightgbm(x[a == arm], outcome[a == arm], x_tuning[a_tuning == arm],
-                                 outcome_tuning[a_tuning == arm], seed))
+                                 outcome_tuning[a_tuning == arm], seed, w[a == arm], w_tuning[a_tuning == arm]))
     return TLearner(untreated=arms[0], treated=arms[1])

@@ -1,9 +1,10 @@
 """Probability calibration on the tuning split.
 
-Stage: model. In: the model's risk logits and the known binary outcomes of the tuning split. Out: a
-fitted :class:`PlattCalibrator` that maps logits to calibrated probabilities, saved as JSON next to
-the model weights. Platt scaling (a logistic regression on the logit) has two parameters, so it
-cannot over-fit the tuning split the way isotonic regression does when positives are few.
+Stage: model. In: the model's risk logits, the known binary outcomes of the tuning split and their
+censoring weights. Out: a fitted :class:`PlattCalibrator` that maps logits to calibrated
+probabilities, saved as JSON next to the model weights. Platt scaling (a logistic regression on the
+logit) has two parameters, so it cannot over-fit the tuning split the way isotonic regression does
+when positives are few.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ class PlattCalibrator:
     def __init__(self, min_positives: int = 5) -> None:
         self.min_positives = min_positives
 
-    def fit(self, logits: npt.ArrayLike, y: npt.ArrayLike) -> PlattCalibrator:
+    def fit(
+        self, logits: npt.ArrayLike, y: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None
+    ) -> PlattCalibrator:
+        """Fit on the tuning split's logits and outcomes; ``sample_weight`` are censoring weights
+        (:func:`models.censoring.censoring_weights`), so the calibrated risk is the population's,
+        not the complete cases'."""
         x = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
         labels = np.asarray(y, dtype=bool)
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
@@ -37,7 +43,7 @@ class PlattCalibrator:
                 f"calibration: the tuning split has {n_pos} positive and {n_neg} negative outcomes "
                 f"(need at least {self.min_positives} of each); use more patients or a longer horizon"
             )
-        regression = LogisticRegression(C=1e6, max_iter=1000).fit(x, labels)
+        regression = LogisticRegression(C=1e6, max_iter=1000).fit(x, labels, sample_weight=sample_weight)
         self.slope_ = float(regression.coef_[0, 0])
         self.intercept_ = float(regression.intercept_[0])
         return self

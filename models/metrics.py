@@ -46,17 +46,31 @@ def auprc(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
     return float(average_precision_score(_check_binary("auprc", y), np.asarray(risk, dtype=np.float64)))
 
 
-def brier(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
-    """Mean squared error of the predicted probabilities."""
-    return float(brier_score_loss(_check_binary("brier", y), np.asarray(risk, dtype=np.float64)))
+def _weights(name: str, sample_weight: npt.ArrayLike | None, n: int) -> FloatArray:
+    if sample_weight is None:
+        return np.ones(n)
+    weights = np.asarray(sample_weight, dtype=np.float64)
+    if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"{name}: sample_weight must hold {n} finite non-negative weights, not all 0 "
+                         f"(found shape {weights.shape})")
+    return weights
 
 
-def expected_calibration_error(y: npt.ArrayLike, risk: npt.ArrayLike, n_bins: int = 10) -> float:
+def brier(y: npt.ArrayLike, risk: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None) -> float:
+    """Mean squared error of the predicted probabilities (weighted: the IPCW Brier score at the horizon)."""
+    labels = _check_binary("brier", y)
+    weights = _weights("brier", sample_weight, labels.size)
+    return float(brier_score_loss(labels, np.asarray(risk, dtype=np.float64), sample_weight=weights))
+
+
+def expected_calibration_error(y: npt.ArrayLike, risk: npt.ArrayLike, n_bins: int = 10,
+                               sample_weight: npt.ArrayLike | None = None) -> float:
     """Expected calibration error over equal-count bins of predicted risk.
 
     The weighted mean absolute gap between mean predicted risk and observed event rate per bin.
     Equal-count bins keep the estimate stable when most predictions are small, as they are for
-    rare outcomes.
+    rare outcomes. With ``sample_weight`` (censoring weights), each bin's rates and its share of
+    the total are weighted.
 
     Examples
     --------
@@ -65,45 +79,52 @@ def expected_calibration_error(y: npt.ArrayLike, risk: npt.ArrayLike, n_bins: in
     """
     labels = np.asarray(y, dtype=np.float64)
     p = np.asarray(risk, dtype=np.float64)
+    weights = _weights("expected_calibration_error", sample_weight, p.size)
     order = np.argsort(p, kind="stable")
     gaps = [
-        len(chunk) * abs(labels[chunk].mean() - p[chunk].mean())
+        weights[chunk].sum() * abs(np.average(labels[chunk], weights=weights[chunk])
+                                   - np.average(p[chunk], weights=weights[chunk]))
         for chunk in np.array_split(order, min(n_bins, len(p)))
-        if len(chunk)
+        if weights[chunk].sum() > 0
     ]
-    return float(np.sum(gaps) / len(p))
+    return float(np.sum(gaps) / weights.sum())
 
 
-def calibration_error_if_calibrated(risk: npt.ArrayLike, n_draws: int = 200, seed: int = 0) -> tuple[float, float]:
+def calibration_error_if_calibrated(risk: npt.ArrayLike, n_draws: int = 200, seed: int = 0,
+                                    sample_weight: npt.ArrayLike | None = None) -> tuple[float, float]:
     """The expected calibration error a perfectly calibrated model would still show.
 
     Outcomes are drawn from the predictions themselves (each patient has the event with probability
     ``risk``) ``n_draws`` times; returns the mean and the 95th percentile of
-    :func:`expected_calibration_error` over the draws. With a thousand patients it is about 0.02:
-    a measured error below that cannot be told from sampling noise.
+    :func:`expected_calibration_error` (with the same weights) over the draws. With a thousand
+    patients it is about 0.02: a measured error below that cannot be told from sampling noise.
     """
     p = np.asarray(risk, dtype=np.float64)
     if p.size == 0:
         raise ValueError("calibration_error_if_calibrated: no patients to evaluate")
     rng = np.random.default_rng(seed)
-    draws = [expected_calibration_error(rng.random(p.size) < p, p) for _ in range(n_draws)]
+    draws = [expected_calibration_error(rng.random(p.size) < p, p, sample_weight=sample_weight)
+             for _ in range(n_draws)]
     return float(np.mean(draws)), float(np.quantile(draws, 0.95))
 
 
-def calibration_slope(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
+def calibration_slope(y: npt.ArrayLike, risk: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None) -> float:
     """Slope of the logistic recalibration ``logit P(y) = a + b logit(risk)``: 1 when predicted risks
     spread as much as observed ones, below 1 when they are too extreme (over-fitting)."""
     labels = _check_binary("calibration_slope", y)
+    weights = _weights("calibration_slope", sample_weight, labels.size)
     p = np.clip(np.asarray(risk, dtype=np.float64), 1e-6, 1 - 1e-6)
     # The recalibration is a Platt scaling of the risks' logits: its slope is the answer.
-    return PlattCalibrator(min_positives=1).fit(np.log(p / (1 - p)), labels).slope_
+    return PlattCalibrator(min_positives=1).fit(np.log(p / (1 - p)), labels, sample_weight=weights).slope_
 
 
-def observed_expected_ratio(y: npt.ArrayLike, risk: npt.ArrayLike) -> float:
+def observed_expected_ratio(y: npt.ArrayLike, risk: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None) -> float:
     """Observed events over expected events (calibration in the large): 1 is right, above 1 the model
-    under-predicts on average."""
+    under-predicts on average. Weighted by censoring weights, the observed rate is the IPCW (Kaplan-
+    Meier-like) risk at the horizon rather than the rate among complete cases."""
     labels = _check_binary("observed_expected_ratio", y)
-    return float(labels.mean() / np.asarray(risk, dtype=np.float64).mean())
+    weights = _weights("observed_expected_ratio", sample_weight, labels.size)
+    return float(np.average(labels, weights=weights) / np.average(np.asarray(risk, dtype=np.float64), weights=weights))
 
 
 def harrell_c_index(event: npt.ArrayLike, duration_days: npt.ArrayLike, risk: npt.ArrayLike) -> float:

@@ -39,6 +39,7 @@ from models.baselines import (
     mean_embeddings,
 )
 from models.calibration import PlattCalibrator
+from models.censoring import censoring_weights
 from models.data import IMAGING_MODALITIES, FusionDataset
 from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, survival_curve
 from models.metrics import (
@@ -183,9 +184,24 @@ def survival_risk_score(predictions: Predictions, horizon_bin: int) -> np.ndarra
     return 1 - predictions.survival[:, horizon_bin]
 
 
-def _risk_metrics(y: np.ndarray, risk: np.ndarray) -> dict[str, float]:
-    return {"auroc": auroc(y, risk), "auprc": auprc(y, risk), "brier": brier(y, risk),
-            "calibration_error": expected_calibration_error(y, risk)}
+def _weighted_rate(metrics: dict[str, Any]) -> str:
+    rate = metrics.get("held_out_event_rate_weighted")
+    return "n/a" if rate is None else f"{rate:.3f}"
+
+
+def _risk_metrics(y: np.ndarray, risk: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    # Discrimination on the patients with a known outcome; Brier and calibration weighted by the
+    # censoring weights, so that they compare the risk with the cohort's, not the complete cases'.
+    return {"auroc": auroc(y, risk), "auprc": auprc(y, risk), "brier": brier(y, risk, weights),
+            "calibration_error": expected_calibration_error(y, risk, sample_weight=weights)}
+
+
+def label_weights(data: TaskData, split: str) -> np.ndarray:
+    """Censoring weights of a split's risk labels (0 where unknown), the censoring distribution
+    estimated on the train split (:func:`models.censoring.censoring_weights`)."""
+    labels, train = data.datasets[split].label_arrays(), data.datasets["train"].label_arrays()
+    return censoring_weights(labels["risk_label"], labels["event"], labels["duration_days"], data.horizon_days,
+                             train["event"], train["duration_days"])
 
 
 def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.ndarray], score: np.ndarray,
@@ -220,12 +236,14 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     p = predict(model, calibrator, held_out)
     times = list(model.config.survival_bin_edges_days)
     horizon = data.horizon_days
+    w = label_weights(data, "held_out")[known]
     results: dict[str, Any] = {"n_held_out": len(held_out), "n_held_out_labelled": int(known.sum()),
-                               "held_out_event_rate": float(y.mean())}
-    fusion = _risk_metrics(y, p.risk[known])
-    fusion["calibration_slope"] = calibration_slope(y, p.risk[known])
-    fusion["observed_expected_ratio"] = observed_expected_ratio(y, p.risk[known])
-    floor_mean, floor_95 = calibration_error_if_calibrated(p.risk[known])
+                               "held_out_event_rate": float(y.mean()),
+                               "held_out_event_rate_weighted": float(np.average(y, weights=w))}
+    fusion = _risk_metrics(y, p.risk[known], w)
+    fusion["calibration_slope"] = calibration_slope(y, p.risk[known], w)
+    fusion["observed_expected_ratio"] = observed_expected_ratio(y, p.risk[known], w)
+    floor_mean, floor_95 = calibration_error_if_calibrated(p.risk[known], sample_weight=w)
     fusion["calibration_error_if_calibrated"] = floor_mean
     fusion["calibration_error_if_calibrated_95"] = floor_95
     survival_score = survival_risk_score(p, model.config.horizon_bin)
@@ -239,12 +257,12 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
     if baselines:
-        models.update(_baselines(data, labels, known, horizon, effects, scores, seed))
+        models.update(_baselines(data, labels, known, w, horizon, effects, scores, seed))
     if data.has_treatment:
         _treatment_metrics(models, effects, data, labels, known, truth)
     if truth is not None:
         for name, observed_only in (("truth", False), ("truth_observed_modalities", True)):
-            models[name], scores[name] = _truth_metrics(truth, held_out, labels, known, train_labels, horizon,
+            models[name], scores[name] = _truth_metrics(truth, held_out, labels, known, w, train_labels, horizon,
                                                         observed_only)
     results["models"] = models
     results["comparison_resamples"] = COMPARISON_RESAMPLES
@@ -288,8 +306,9 @@ def _subgroups(cohort: pl.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
-def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray, horizon: float,
+def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray, w: np.ndarray, horizon: float,
                effects: dict[str, np.ndarray], scores: dict[str, Scores], seed: int) -> dict[str, dict[str, float]]:
+    """Every baseline on the same splits; the risk models learn from the censoring-weighted labels."""
     x_train, columns = feature_matrix(data.tabular["train"])
     x_tuning, _ = feature_matrix(data.tabular["tuning"], columns)
     x_test, _ = feature_matrix(data.tabular["held_out"], columns)
@@ -298,22 +317,24 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     k_train = ~np.isnan(train_labels["risk_label"])
     k_tuning = ~np.isnan(tuning_labels["risk_label"])
     y_train, y_tuning = train_labels["risk_label"][k_train], tuning_labels["risk_label"][k_tuning]
+    w_train, w_tuning = label_weights(data, "train")[k_train], label_weights(data, "tuning")[k_tuning]
     y = labels["risk_label"][known]
     out: dict[str, dict[str, float]] = {}
-    logistic = fit_logistic(x_train[k_train], y_train)
+    logistic = fit_logistic(x_train[k_train], y_train, sample_weight=w_train)
     fused = {split: _late_fusion_matrix(data, split, x) for split, x in
              (("train", x_train), ("tuning", x_tuning), ("held_out", x_test))}
-    late = fit_logistic_tuned(fused["train"][k_train], y_train, fused["tuning"][k_tuning], y_tuning)
+    late = fit_logistic_tuned(fused["train"][k_train], y_train, fused["tuning"][k_tuning], y_tuning,
+                              sample_weight=w_train, tuning_weight=w_tuning)
     for name, risk in (
         ("logistic_regression", np.asarray(logistic.predict_proba(x_test[known]))[:, 1]),
         ("logistic_regression_all_modalities", np.asarray(late.predict_proba(fused["held_out"][known]))[:, 1]),
     ):
         scores[name] = Scores(risk, None)
-        out[name] = _risk_metrics(y, risk)
-    boosted = fit_lightgbm(x_train[k_train], y_train, x_tuning[k_tuning], y_tuning, seed)
+        out[name] = _risk_metrics(y, risk, w)
+    boosted = fit_lightgbm(x_train[k_train], y_train, x_tuning[k_tuning], y_tuning, seed, w_train, w_tuning)
     risk = np.asarray(boosted.predict_proba(x_test))[:, 1]
     scores["lightgbm"] = Scores(risk[known], risk)
-    out["lightgbm"] = _risk_metrics(y, risk[known])
+    out["lightgbm"] = _risk_metrics(y, risk[known], w)
     out["lightgbm"].update(_survival_metrics(train_labels, labels, risk, horizon))
     for name, fit in (("cox_ph", fit_cox), ("random_survival_forest", fit_random_survival_forest)):
         estimator = fit(x_train, train_labels["event"], train_labels["duration_days"])
@@ -323,7 +344,7 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     if data.has_treatment:
         learner = fit_t_learner(
             x_train[k_train], y_train, train_labels["treated"][k_train], x_tuning[k_tuning], y_tuning,
-            tuning_labels["treated"][k_tuning], seed,
+            tuning_labels["treated"][k_tuning], seed, w_train, w_tuning,
         )
         effects["t_learner_lightgbm"] = learner.effect(x_test)
         out["t_learner_lightgbm"] = {}
@@ -361,7 +382,7 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
 
 
 def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[str, np.ndarray],
-                   known: np.ndarray, train_labels: dict[str, np.ndarray], horizon: float,
+                   known: np.ndarray, w: np.ndarray, train_labels: dict[str, np.ndarray], horizon: float,
                    observed_only: bool = False) -> tuple[dict[str, float], Scores]:
     """What the true risk achieves on the same patients: the best any model can do.
 
@@ -380,7 +401,7 @@ def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[st
         propensity = rows["propensity"].to_numpy()
         risk = (propensity * rows["true_risk_treated"].to_numpy()
                 + (1 - propensity) * rows["true_risk_untreated"].to_numpy())
-    metrics = _risk_metrics(labels["risk_label"][known], risk[known])
+    metrics = _risk_metrics(labels["risk_label"][known], risk[known], w)
     metrics.update(_survival_metrics(train_labels, labels, risk, horizon))
     return metrics, Scores(risk[known], risk)
 
@@ -515,16 +536,20 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         "## Data",
         "",
         f"Patients per split: {metrics['split_sizes']}. Held-out patients with a known outcome at the horizon: "
-        f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}). Patients whose "
-        "follow-up ended before the horizon without the event are excluded from the risk metrics and kept, "
-        "censored, in the survival metrics.",
+        f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}; "
+        f"{_weighted_rate(metrics)} weighted for censoring). Patients whose follow-up ended before the horizon "
+        "without the event have no risk label: the labelled ones carry inverse probability of censoring weights "
+        "(Kaplan-Meier, train split) in training, calibration, Brier score and calibration error, so the risk "
+        "is the cohort's and not that of the patients followed to the horizon; AUROC and AUPRC are over the "
+        "labelled patients; the survival metrics keep everyone, censored.",
         "",
         "## Architecture",
         "",
         f"hidden size {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
         f"vocabulary {config.event_vocab_size} tokens, modality dropout {config.modality_dropout}, "
         f"modality summary path {'on' if config.modality_summary else 'off'}; "
-        f"best epoch {metrics['best_epoch']}; probabilities calibrated on the tuning split (Platt).",
+        f"best epoch {metrics['best_epoch']}; probabilities calibrated on the tuning split (Platt, "
+        "censoring-weighted).",
         "",
         "## Held-out metrics",
         "",

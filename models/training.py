@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from models.calibration import PlattCalibrator
+from models.censoring import censoring_weights
 from models.data import LABEL_KEYS, FusionDataset, PatientInputs, collate
 from models.fusion import FusionForRiskPrediction
 
@@ -154,6 +155,16 @@ def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
         )
 
 
+def with_censoring_weights(dataset: FusionDataset, reference: FusionDataset, horizon_days: float) -> FusionDataset:
+    """``dataset`` with the censoring weights of its risk labels, the censoring distribution
+    estimated on ``reference`` (the train split)."""
+    labels, known = dataset.label_arrays(), reference.label_arrays()
+    return dataset.with_risk_weights(censoring_weights(
+        labels["risk_label"], labels["event"], labels["duration_days"], horizon_days,
+        known["event"], known["duration_days"],
+    ))
+
+
 def train(
     model: FusionForRiskPrediction,
     train_dataset: FusionDataset,
@@ -163,6 +174,10 @@ def train(
 ) -> TrainingResult:
     """Train ``model``; return the epoch with the lowest tuning loss, calibrated on the tuning split.
 
+    The risk labels of both splits carry censoring weights (:func:`with_censoring_weights`) in the
+    loss and in the calibration, so the calibrated risk estimates the whole cohort's risk at the
+    horizon rather than that of the patients followed to it.
+
     Raises
     ------
     ValueError
@@ -170,6 +185,9 @@ def train(
     """
     check_trainable("train", train_dataset, args.min_events)
     check_trainable("tuning", tuning_dataset, 1)
+    horizon = model.config.horizon_days
+    train_patients = with_censoring_weights(train_dataset, train_dataset, horizon)
+    tuning_patients = with_censoring_weights(tuning_dataset, train_dataset, horizon)
     seed_everything(args.seed)
     device = args.resolve_device()
     model.to(device)  # type: ignore[arg-type]
@@ -179,11 +197,11 @@ def train(
         if distributed else model
     )
     sampler: DistributedSampler[PatientInputs] | None = (
-        DistributedSampler(train_dataset, shuffle=True, seed=args.seed) if distributed else None
+        DistributedSampler(train_patients, shuffle=True, seed=args.seed) if distributed else None
     )
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(
-        train_dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
+        train_patients, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
         collate_fn=collate, generator=generator, drop_last=len(train_dataset) > args.batch_size,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -209,7 +227,7 @@ def train(
             scheduler.step()
             running += float(out.loss.detach()) * len(batch["event"])
             seen += len(batch["event"])
-        tuning = predict_logits(model, tuning_dataset, device=device)
+        tuning = predict_logits(model, tuning_patients, device=device)
         record = {"epoch": float(epoch), "train_loss": running / max(seen, 1), "tuning_loss": float(tuning["loss"])}
         history.append(record)
         if on_epoch is not None:
@@ -224,8 +242,11 @@ def train(
     assert best_state is not None  # at least one epoch ran
     model.load_state_dict(best_state)
     model.eval()
-    tuning = predict_logits(model, tuning_dataset, device=device)
+    tuning = predict_logits(model, tuning_patients, device=device)
     labels = tuning_dataset.label_arrays()["risk_label"]
     known = ~np.isnan(labels)
-    calibrator = PlattCalibrator(min_positives=1).fit(tuning["risk_logits"][known], labels[known])
+    weights = np.array([patient.risk_weight for patient in tuning_patients])
+    calibrator = PlattCalibrator(min_positives=1).fit(
+        tuning["risk_logits"][known], labels[known], sample_weight=weights[known]
+    )
     return TrainingResult(model=model, calibrator=calibrator, best_epoch=best_epoch, history=history)

@@ -8,6 +8,7 @@ import pytest
 
 from models.metrics import (
     auroc,
+    brier,
     calibration_error_if_calibrated,
     calibration_slope,
     expected_calibration_error,
@@ -88,3 +89,18 @@ def test_paired_difference_and_its_interval() -> None:
         paired_concordance_difference(np.zeros(5), better[:5], worse[:5])
     with pytest.raises(ValueError, match=r"scores of shape \(800,\) and \(5,\)"):
         weighted_concordance_difference(event, better, worse[:5], np.ones((1, n)))
+
+
+def test_weighted_calibration_metrics_equal_the_metrics_of_repeated_patients() -> None:
+    y = np.array([1, 0, 0, 1, 0, 0])
+    risk = np.array([0.9, 0.2, 0.4, 0.6, 0.1, 0.3])
+    weights = np.array([1, 2, 1, 3, 1, 2])
+    repeated_y, repeated_risk = np.repeat(y, weights), np.repeat(risk, weights)
+    assert brier(y, risk, weights) == pytest.approx(brier(repeated_y, repeated_risk))
+    expected = observed_expected_ratio(repeated_y, repeated_risk)
+    assert observed_expected_ratio(y, risk, weights) == pytest.approx(expected)
+    # One bin: calibration in the large, |weighted event rate - weighted mean risk| = |4/10 - 4.2/10|.
+    assert expected_calibration_error(y, risk, n_bins=1, sample_weight=weights) == pytest.approx(0.02)
+    assert calibration_slope(y, risk, weights) == pytest.approx(calibration_slope(repeated_y, repeated_risk), rel=1e-4)
+    with pytest.raises(ValueError, match="brier: sample_weight must hold 6 finite non-negative weights"):
+        brier(y, risk, weights[:3])

@@ -41,6 +41,10 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     fusion = metrics["models"]["fusion"]
     assert f"Calibration slope {fusion['calibration_slope']:.2f}" in card
     assert 0 < fusion["calibration_error_if_calibrated"] < fusion["calibration_error_if_calibrated_95"]
+    # Early non-events have no label, so the censoring-weighted event rate is below the complete cases'.
+    assert metrics["held_out_event_rate_weighted"] < metrics["held_out_event_rate"]
+    assert (f"(event rate {metrics['held_out_event_rate']:.3f}; {metrics['held_out_event_rate_weighted']:.3f} "
+            "weighted for censoring)") in card
 
 
 def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tuple[Path, dict]) -> None:

@@ -1,0 +1,63 @@
+"""Censoring weights of the risk label: hand-computed values, the Kaplan-Meier risk they recover
+where complete cases are biased, and the errors for labels they cannot weigh."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sksurv.nonparametric import kaplan_meier_estimator
+
+from models.censoring import censoring_survival, censoring_weights
+
+
+def test_weights_by_hand() -> None:
+    # Reference: censored at 100, 100 and 300; events at 100 and 200; followed to 500.
+    ref_event = np.array([0, 0, 0, 1, 1, 0])
+    ref_duration = np.array([100, 100, 300, 100, 200, 500])
+    times, survival = censoring_survival(ref_event, ref_duration)
+    # At 100 six are at risk and two are censored (the event at 100 comes first); at 300, two at risk, one censored.
+    np.testing.assert_allclose(times, [100, 200, 300, 500])
+    np.testing.assert_allclose(survival, [4 / 6, 4 / 6, 4 / 6 * 1 / 2, 0.0])
+    weights = censoring_weights(
+        risk_label=[1, 1, 0, np.nan],
+        event=[1, 1, 0, 0],
+        duration_days=[100, 250, 400, 150],
+        horizon_days=365,
+        reference_event=ref_event,
+        reference_duration_days=ref_duration,
+    )
+    # Raw weights: a case at 100 is uncensored just before it (G(100-) = 1), a case at 250 with
+    # G(250-) = 4/6, a control at the horizon with G(365) = 1/3; the unlabelled patient weighs 0.
+    raw = np.array([1.0, 6 / 4, 3.0])
+    np.testing.assert_allclose(weights, [*(raw / raw.mean()), 0.0])
+
+
+def test_weighted_labels_recover_the_kaplan_meier_risk_that_complete_cases_overstate() -> None:
+    rng = np.random.default_rng(0)
+    event_time, censoring_time = rng.exponential(900.0, 4000), rng.uniform(0.0, 1500.0, 4000)
+    duration = np.minimum(event_time, censoring_time)
+    event = event_time <= censoring_time
+    horizon = 365.0
+    label = np.where(event & (duration <= horizon), 1.0, np.where(duration >= horizon, 0.0, np.nan))
+    known = ~np.isnan(label)
+    weights = censoring_weights(label, event, duration, horizon, event, duration)
+    times, survival = kaplan_meier_estimator(event, duration)
+    km_risk = 1.0 - survival[times <= horizon][-1]
+    complete_cases = label[known].mean()
+    weighted = np.average(label[known], weights=weights[known])
+    assert complete_cases - km_risk > 0.03  # early events kept, early non-events dropped
+    assert weighted == pytest.approx(km_risk, abs=0.002)
+    assert weighted == pytest.approx(1.0 - np.exp(-horizon / 900.0), abs=0.02)  # the true risk
+    assert weights[known].mean() == pytest.approx(1.0)
+    assert (weights[~known] == 0).all()
+
+
+def test_weights_refuse_what_they_cannot_weigh() -> None:
+    with pytest.raises(ValueError, match="none of 2 patients has a known risk label"):
+        censoring_weights([np.nan, np.nan], [0, 0], [10, 20], 365, [0, 1], [400, 50])
+    with pytest.raises(ValueError, match="no patient of the reference split is still followed at 365 days"):
+        censoring_weights([0.0], [0], [400], 365, [0, 0], [100, 200])
+    with pytest.raises(ValueError, match=r"risk_label \(2,\), event \(1,\) and duration_days \(2,\)"):
+        censoring_weights([0.0, 1.0], [0], [400, 30], 365, [0], [400])
+    with pytest.raises(ValueError, match="duration_days must be finite and non-negative"):
+        censoring_weights([0.0], [0], [400], 365, [0], [-1.0])
