@@ -11,9 +11,8 @@ Tensors are built here, in memory, from the stored tables; they are never writte
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -51,8 +50,6 @@ class PatientInputs:
     treated: float  # 0/1, NaN when the task has no treatment
     # Continuous value of each event token (NaN: none), when event_tokens has a "values" column.
     event_values: npt.NDArray[np.float32] | None = None  # (Le,)
-    # Censoring weight of the risk label (models.censoring); set for training, 1 otherwise.
-    risk_weight: float = 1.0
 
 
 def _days_before(table: pl.DataFrame) -> pl.Expr:
@@ -264,15 +261,6 @@ class FusionDataset(Dataset[PatientInputs]):
     def subject_ids(self) -> npt.NDArray[np.int64]:
         return np.array([p.subject_id for p in self.patients], dtype=np.int64)
 
-    def with_risk_weights(self, weights: npt.ArrayLike) -> FusionDataset:
-        """The same patients, carrying one censoring weight each for their risk label."""
-        values = np.asarray(weights, dtype=np.float64)
-        if values.shape != (len(self.patients),):
-            raise ValueError(f"risk weights: {values.shape} given for {len(self.patients)} patients")
-        weighted = copy.copy(self)
-        weighted.patients = [replace(p, risk_weight=float(w)) for p, w in zip(self.patients, values, strict=True)]
-        return weighted
-
     def label_arrays(self) -> dict[str, npt.NDArray[np.float64]]:
         """risk_label, event, duration_days and treated of every patient, in order."""
         return {
@@ -293,7 +281,7 @@ def _pad(arrays: list[np.ndarray], fill: float = 0.0) -> tuple[torch.Tensor, tor
     return torch.from_numpy(out), torch.from_numpy(mask)
 
 
-LABEL_KEYS = ("risk_labels", "event", "duration_days", "treated", "risk_weights")
+LABEL_KEYS = ("risk_labels", "event", "duration_days", "treated")
 """Keys of a collated batch that carry outcomes: the loss needs them, scoring does not."""
 
 
@@ -324,6 +312,5 @@ def collate(patients: list[PatientInputs]) -> dict[str, torch.Tensor]:
         "event": torch.tensor([p.event for p in patients], dtype=torch.float32),
         "duration_days": torch.tensor([p.duration_days for p in patients], dtype=torch.float32),
         "treated": torch.tensor([p.treated for p in patients], dtype=torch.float32),
-        "risk_weights": torch.tensor([p.risk_weight for p in patients], dtype=torch.float32),
         **values,
     }

@@ -39,7 +39,6 @@ from models.baselines import (
     mean_embeddings,
 )
 from models.calibration import PlattCalibrator
-from models.censoring import censoring_weights
 from models.data import IMAGING_MODALITIES, FusionDataset
 from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, survival_curve
 from models.metrics import (
@@ -58,7 +57,7 @@ from models.metrics import (
     time_dependent_auc,
     uno_c_index,
 )
-from models.training import TrainingArguments, predict_logits, train
+from models.training import TrainingArguments, label_censoring_weights, predict_logits, train
 
 MODEL_FORMAT_VERSION = 3  # 2: each (code, value bin) pair has its own embedding; 3: modality summary path
 MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
@@ -199,9 +198,7 @@ def _risk_metrics(y: np.ndarray, risk: np.ndarray, weights: np.ndarray) -> dict[
 def label_weights(data: TaskData, split: str) -> np.ndarray:
     """Censoring weights of a split's risk labels (0 where unknown), the censoring distribution
     estimated on the train split (:func:`models.censoring.censoring_weights`)."""
-    labels, train = data.datasets[split].label_arrays(), data.datasets["train"].label_arrays()
-    return censoring_weights(labels["risk_label"], labels["event"], labels["duration_days"], data.horizon_days,
-                             train["event"], train["duration_days"])
+    return label_censoring_weights(data.datasets[split], data.datasets["train"], data.horizon_days)
 
 
 def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.ndarray], score: np.ndarray,
@@ -539,9 +536,9 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}; "
         f"{_weighted_rate(metrics)} weighted for censoring). Patients whose follow-up ended before the horizon "
         "without the event have no risk label: the labelled ones carry inverse probability of censoring weights "
-        "(Kaplan-Meier, train split) in training, calibration, Brier score and calibration error, so the risk "
-        "is the cohort's and not that of the patients followed to the horizon; AUROC and AUPRC are over the "
-        "labelled patients; the survival metrics keep everyone, censored.",
+        "(Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier score and the calibration "
+        "error, so the risk is the cohort's and not that of the patients followed to the horizon; AUROC and AUPRC "
+        "are over the labelled patients; the survival metrics keep everyone, censored.",
         "",
         "## Architecture",
         "",

@@ -255,7 +255,6 @@ class FusionForRiskPrediction(FusionPreTrainedModel):
         event: torch.Tensor | None = None,  # (B,) 0/1
         duration_days: torch.Tensor | None = None,  # (B,)
         treated: torch.Tensor | None = None,  # (B,) 0/1, NaN when the task has no treatment
-        risk_weights: torch.Tensor | None = None,  # (B,) censoring weights of the risk labels; None: all 1
         event_values: torch.Tensor | None = None,  # (B, Le) float; only with config.numeric_value_embedding
     ) -> FusionOutput:
         pooled = self.encoder(
@@ -269,26 +268,20 @@ class FusionForRiskPrediction(FusionPreTrainedModel):
         arm_logits = self.arm_head(z)  # (B, 2)
         loss = None
         if risk_labels is not None and event is not None and duration_days is not None:
-            loss = (self.risk_loss(risk_logits, risk_labels, risk_weights)
-                    + self.survival_loss(hazard_logits, event, duration_days))
+            loss = self.risk_loss(risk_logits, risk_labels) + self.survival_loss(hazard_logits, event, duration_days)
             if treated is not None:
-                loss = loss + self.arm_loss(arm_logits, risk_labels, treated, risk_weights)
+                loss = loss + self.arm_loss(arm_logits, risk_labels, treated)
         return FusionOutput(
             loss=loss, risk_logits=risk_logits, hazard_logits=hazard_logits, arm_logits=arm_logits, pooled=pooled
         )
 
     @staticmethod
-    def risk_loss(
-        risk_logits: torch.Tensor, risk_labels: torch.Tensor, risk_weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Binary cross-entropy over patients whose outcome at the horizon is known, each weighted by
-        its censoring weight (``models.censoring``), so that the risk learnt is the population's and
-        not that of the complete cases, among whom early events are over-represented."""
+    def risk_loss(risk_logits: torch.Tensor, risk_labels: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy over patients whose outcome at the horizon is known."""
         known = ~torch.isnan(risk_labels)
         if not known.any():
             return risk_logits.sum() * 0.0
-        weight = risk_weights[known] if risk_weights is not None else None
-        return F.binary_cross_entropy_with_logits(risk_logits[known], risk_labels[known], weight=weight)
+        return F.binary_cross_entropy_with_logits(risk_logits[known], risk_labels[known])
 
     def survival_loss(
         self, hazard_logits: torch.Tensor, event: torch.Tensor, duration_days: torch.Tensor
@@ -310,18 +303,13 @@ class FusionForRiskPrediction(FusionPreTrainedModel):
         return -log_likelihood.sum(dim=1).mean()
 
     @staticmethod
-    def arm_loss(
-        arm_logits: torch.Tensor, risk_labels: torch.Tensor, treated: torch.Tensor,
-        risk_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Cross-entropy of the factual arm only (each patient shows one potential outcome), with the
-        risk labels' censoring weights."""
+    def arm_loss(arm_logits: torch.Tensor, risk_labels: torch.Tensor, treated: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the factual arm only: each patient shows one potential outcome."""
         known = ~torch.isnan(risk_labels) & ~torch.isnan(treated)
         if not known.any():
             return arm_logits.sum() * 0.0
         factual = arm_logits[known].gather(1, treated[known].long().unsqueeze(1)).squeeze(1)
-        weight = risk_weights[known] if risk_weights is not None else None
-        return F.binary_cross_entropy_with_logits(factual, risk_labels[known], weight=weight)
+        return F.binary_cross_entropy_with_logits(factual, risk_labels[known])
 
 
 def survival_curve(hazard_logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from models.data import FusionDataset, collate
 from models.fusion import FusionConfig, FusionForRiskPrediction
 from models.metrics import auroc
-from models.training import TrainingArguments, predict_logits, train, with_censoring_weights
+from models.training import TrainingArguments, label_censoring_weights, predict_logits, train
 from tests.models.synthetic import synthetic_task
 
 
@@ -119,24 +119,12 @@ def test_predictions_do_not_depend_on_batching_or_threads() -> None:
     assert np.isnan(predict_logits(model, data, with_loss=False)["loss"])
 
 
-def test_risk_loss_weighs_each_known_label_by_its_censoring_weight() -> None:
-    logits = torch.tensor([0.5, -1.0, 2.0, 0.0])
-    labels = torch.tensor([1.0, 0.0, float("nan"), 0.0])
-    weights = torch.tensor([0.5, 2.0, 9.0, 0.5])
-    per_patient = torch.nn.functional.binary_cross_entropy_with_logits(logits[[0, 1, 3]], labels[[0, 1, 3]],
-                                                                       reduction="none")
-    expected = (per_patient * weights[[0, 1, 3]]).mean()
-    assert FusionForRiskPrediction.risk_loss(logits, labels, weights).item() == pytest.approx(expected.item())
-    assert FusionForRiskPrediction.risk_loss(logits, labels).item() == pytest.approx(per_patient.mean().item())
-
-
 def test_calibrated_risk_matches_the_censoring_weighted_event_rate_not_the_complete_cases() -> None:
     # In the synthetic task, a fifth of the patients without the event leave before the horizon.
     train_data, tuning_data = dataset(600, 1), dataset(300, 2)
     args = TrainingArguments(max_epochs=3, batch_size=64, learning_rate=3e-3, patience=3, seed=0)
     result = train(tiny_model(), train_data, tuning_data, args)
-    weighted = with_censoring_weights(tuning_data, train_data, result.model.config.horizon_days)
-    weights = np.array([p.risk_weight for p in weighted])
+    weights = label_censoring_weights(tuning_data, train_data, result.model.config.horizon_days)
     labels = tuning_data.label_arrays()["risk_label"]
     known = ~np.isnan(labels)
     risk = result.calibrator.transform(predict_logits(result.model, tuning_data)["risk_logits"])
