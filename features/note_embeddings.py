@@ -26,6 +26,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.hardware import cpu_native_bf16
 from features.identifiers import subject_id_for
 from features.io import write_parquet_atomic
 from features.schemas import EMBEDDING_CACHE
@@ -134,10 +135,11 @@ class NoteEncoder:
     max_length
         Tokens kept per note (longer notes are truncated).
     dtype
-        ``"bfloat16"`` (default) or ``"float32"`` weights. On CPUs with AVX512-BF16/AMX bfloat16
-        ran MiniLM 1.1-3x faster than float32 in our measurements, with pooled vectors at cosine
-        >= 0.9999 to the float32 ones; int8 dynamic quantization was faster still but fell to
-        cosine 0.89, so it is not offered.
+        ``"bfloat16"`` or ``"float32"`` weights; default bfloat16 where the CPU computes it natively
+        (:func:`features.hardware.cpu_native_bf16`), else float32. On CPUs with AVX512-BF16/AMX
+        bfloat16 ran MiniLM 1.1-3x faster than float32 in our measurements, with pooled vectors at
+        cosine >= 0.9999 to the float32 ones; without them it ran 3x slower (emulated). int8
+        dynamic quantization was faster still but fell to cosine 0.89, so it is not offered.
     num_threads
         Torch intra-op threads while embedding; default the CPUs this process may run on. (Torch
         otherwise follows the machine's core count, which oversubscribes a container limited to
@@ -145,7 +147,7 @@ class NoteEncoder:
     """
 
     def __init__(self, model_path: Path | None = None, cache_dir: Path | None = None,
-                 batch_size: int = 64, max_length: int = 256, dtype: str = "bfloat16",
+                 batch_size: int = 64, max_length: int = 256, dtype: str | None = None,
                  num_threads: int | None = None) -> None:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         if not (self.model_path / "config.json").is_file():
@@ -153,6 +155,8 @@ class NoteEncoder:
                              "(expected a config.json in it)")
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be at least 1")
+        if dtype is None:
+            dtype = "bfloat16" if cpu_native_bf16() else "float32"
         if dtype not in ("bfloat16", "float32"):
             raise ValueError(f"dtype must be 'bfloat16' or 'float32' (got {dtype!r})")
         self.batch_size = batch_size

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from features.hardware import cpu_native_bf16
 from models.calibration import PlattCalibrator
 from models.censoring import censoring_weights
 from models.data import LABEL_KEYS, FusionDataset, PatientInputs, collate
@@ -77,8 +78,7 @@ def native_bf16(device: torch.device) -> bool:
     AVX512-BF16 or AMX (elsewhere bfloat16 autocast is emulated and slower than float32)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    return cpu_native_bf16()
 
 
 @contextmanager

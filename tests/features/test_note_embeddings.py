@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from features import note_embeddings
 from features.identifiers import subject_id_for
 from features.note_embeddings import NoteEncoder, embed_notes, imaging_before, text_sha256
 from tests.features.task_fixtures import T0
@@ -117,3 +118,12 @@ def test_encode_embeds_and_caches_a_slice_at_a_time(tmp_path: Path, monkeypatch:
         "note encoder: embedded 3 of 4 distinct notes not in the cache",
         "note encoder: embedded 4 of 4 distinct notes not in the cache",
     ]
+
+
+def test_encoder_uses_bfloat16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Emulated bfloat16 embedded notes 3x slower than float32; native, up to 3x faster.
+    monkeypatch.setattr(note_embeddings, "cpu_native_bf16", lambda: False)
+    assert NoteEncoder(cache_dir=None).dtype == "float32"
+    monkeypatch.setattr(note_embeddings, "cpu_native_bf16", lambda: True)
+    assert NoteEncoder(cache_dir=None).dtype == "bfloat16"
+    assert NoteEncoder(cache_dir=None, dtype="float32").dtype == "float32"
