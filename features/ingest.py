@@ -902,7 +902,8 @@ def ingest_landing_zone(
             ("imaging", landing.imaging, lambda p, rel: read_imaging_file(p, rel, export_time)),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
-        fhir_bytes = sum(path.stat().st_size for path, _ in landing.fhir)
+        # Input size as the batching counts it (a .gz file several times its size), before planning.
+        fhir_bytes = sum(_unit_bytes(ReadUnit(str(path), rel, str(fhir_kind(path)))) for path, rel in landing.fhir)
         # The notes, genomics and imaging tables are read on a thread while the FHIR workers run:
         # this process would otherwise wait idle for them. Their parts ("t...") sort after the
         # FHIR parts (numbers), as their folders do after fhir/.
