@@ -62,7 +62,7 @@ def fit_logistic(x: Matrix, y: npt.ArrayLike, inverse_penalty: float = 0.1,
     """L2-penalised logistic regression on standardised, median-imputed features.
 
     ``sample_weight``: the risk labels' censoring weights (``models.censoring``), as the fusion
-    model is trained with.
+    model's calibration uses them.
     """
     model = make_pipeline(
         SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),

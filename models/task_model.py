@@ -183,11 +183,6 @@ def survival_risk_score(predictions: Predictions, horizon_bin: int) -> np.ndarra
     return 1 - predictions.survival[:, horizon_bin]
 
 
-def _weighted_rate(metrics: dict[str, Any]) -> str:
-    rate = metrics.get("held_out_event_rate_weighted")
-    return "n/a" if rate is None else f"{rate:.3f}"
-
-
 def _risk_metrics(y: np.ndarray, risk: np.ndarray, weights: np.ndarray) -> dict[str, float]:
     # Discrimination on the patients with a known outcome; Brier and calibration weighted by the
     # censoring weights, so that they compare the risk with the cohort's, not the complete cases'.
@@ -534,8 +529,8 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         "",
         f"Patients per split: {metrics['split_sizes']}. Held-out patients with a known outcome at the horizon: "
         f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}; "
-        f"{_weighted_rate(metrics)} weighted for censoring). Patients whose follow-up ended before the horizon "
-        "without the event have no risk label: the labelled ones carry inverse probability of censoring weights "
+        f"{metrics['held_out_event_rate_weighted']:.3f} weighted for censoring). Patients whose follow-up ended "
+        "before the horizon without the event have no risk label: the labelled ones carry inverse probability of censoring weights "
         "(Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier score and the calibration "
         "error, so the risk is the cohort's and not that of the patients followed to the horizon; AUROC and AUPRC "
         "are over the labelled patients; the survival metrics keep everyone, censored.",
