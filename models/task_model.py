@@ -530,10 +530,10 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         f"Patients per split: {metrics['split_sizes']}. Held-out patients with a known outcome at the horizon: "
         f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}; "
         f"{metrics['held_out_event_rate_weighted']:.3f} weighted for censoring). Patients whose follow-up ended "
-        "before the horizon without the event have no risk label: the labelled ones carry inverse probability of censoring weights "
-        "(Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier score and the calibration "
-        "error, so the risk is the cohort's and not that of the patients followed to the horizon; AUROC and AUPRC "
-        "are over the labelled patients; the survival metrics keep everyone, censored.",
+        "before the horizon without the event have no risk label: the labelled ones carry inverse probability "
+        "of censoring weights (Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier "
+        "score and the calibration error, so the risk is the cohort's and not that of the patients followed to "
+        "the horizon; AUROC and AUPRC are over the labelled patients; the survival metrics keep everyone, censored.",
         "",
         "## Architecture",
         "",
