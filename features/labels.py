@@ -4,10 +4,20 @@ Stage: tasks. In: the ``events`` table, a task's ``cohort`` (:data:`features.sch
 its :class:`~features.tasks.TaskDefinition`. Out: the ``labels`` table
 (:data:`features.schemas.LABELS`) and :class:`LabelCounts`.
 
-Follow-up of a patient ends at the first of: death, the patient's last record of any kind (records
-that stop mean the patient left the health system) and the task's ``follow_up_end`` (the export
-date). The event is the first outcome code (or death, when the outcome includes it) strictly after
-the prediction time and no later than the end of follow-up.
+Follow-up of a patient ends at the first of: death; the patient's last record of any kind plus the
+task's ``follow_up_after_last_record`` (records that stop mean the patient left the health system);
+and the task's ``follow_up_end`` (the export date; without one, the latest record in the data). The
+event is the first outcome code (or death, when the outcome includes it) strictly after the
+prediction time and no later than the end of follow-up.
+
+Why not end follow-up at the last record itself: records prove that a patient was still in care
+only on the days they exist, and the outcome always leaves a record, so a patient with the event is
+followed up to it while a patient without it loses the time since their last visit. That makes
+censoring depend on the outcome, and the risk is over-stated (on the simulated hospital, a
+Kaplan-Meier one-year risk of 0.141 against the truth's 0.130). The default,
+``usual_interval``, credits each patient with their own mean interval between days with records in
+the year before the prediction time: if visits come at a steady rate, that is the expected time
+from the last visit to leaving care (0.131 there, and 10 % more patients with a risk label).
 
 * ``event`` / ``duration_days``: the progression target, days to the event or to the end of
   follow-up when censored.
@@ -28,9 +38,11 @@ import pyarrow as pa
 
 from features.cohorts import DEATH_CODE, as_frame
 from features.schemas import LABELS
-from features.tasks import TaskDefinition
+from features.tasks import USUAL_INTERVAL, TaskDefinition
 
 MICROSECONDS_PER_DAY = 86_400_000_000
+USUAL_INTERVAL_WINDOW_DAYS = 365
+"""Look-back for the usual interval: recent enough to reflect the current pattern of care."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +56,7 @@ class LabelCounts:
     censored_before_horizon: int
     # Progression target: events observed at any time of follow-up.
     events_observed: int
-    # Patients with no follow-up at all after the prediction time.
+    # Patients without any record after the prediction time.
     no_follow_up: int
     # Null when the task names no treatment.
     treated: int | None
@@ -58,6 +70,35 @@ class LabelCounts:
 
 def _days(expr: pl.Expr) -> pl.Expr:
     return expr.dt.total_microseconds().cast(pl.Float64) / MICROSECONDS_PER_DAY
+
+
+def usual_interval_days(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.DataFrame:
+    """Each cohort patient's mean interval between days with records, before the prediction time.
+
+    Returns ``subject_id, interval_days``: the span of the year before the prediction time in which
+    the patient had records (shorter when their first record is more recent) divided by the number
+    of calendar days with a record in it (the index visit's included). A patient seen only on the
+    index day gets about 0; one not seen at all, null.
+    """
+    index = cohort.lazy().select("subject_id", "prediction_time")
+    before = (
+        as_frame(events).filter(pl.col("time").is_not_null())
+        .join(index, on="subject_id")
+        .filter(pl.col("time") <= pl.col("prediction_time"))
+    )
+    window_start = pl.col("prediction_time") - pl.duration(days=USUAL_INTERVAL_WINDOW_DAYS)
+    return (
+        before.group_by("subject_id")
+        .agg(
+            pl.max_horizontal(pl.col("time").min(), window_start.first()).alias("since"),
+            pl.col("prediction_time").first(),
+            pl.col("time").filter(pl.col("time") > window_start).dt.date().n_unique().alias("record_days"),
+        )
+        .select("subject_id", (_days(pl.col("prediction_time") - pl.col("since")) / pl.col("record_days"))
+                .alias("interval_days"))
+        .sort("subject_id")
+        .collect()
+    )
 
 
 def build_labels(
@@ -89,6 +130,11 @@ def build_labels(
     )
     if task.follow_up_end is not None:
         after = after.filter(pl.col("time") <= task.follow_up_end)
+    data_end = task.follow_up_end or lazy.select(pl.col("time").max()).collect().item()
+    if task.follow_up_after_last_record == USUAL_INTERVAL:
+        after_last = usual_interval_days(lazy, cohort).lazy()
+    else:
+        after_last = index.select("subject_id", pl.lit(float(task.follow_up_after_last_record)).alias("interval_days"))
     last_record = after.group_by("subject_id").agg(pl.col("time").max().alias("last_time"))
     death = (after.filter(pl.col("code") == DEATH_CODE).group_by("subject_id")
              .agg(pl.col("time").min().alias("death_time")))
@@ -100,10 +146,16 @@ def build_labels(
         index.join(last_record, on="subject_id", how="left")
         .join(death, on="subject_id", how="left")
         .join(first_event, on="subject_id", how="left")
+        .join(after_last, on="subject_id", how="left")
         .with_columns(
-            # A patient with no record after the prediction time is censored at it.
-            pl.min_horizontal("last_time", "death_time").fill_null(pl.col("prediction_time"))
-            .alias("end_time")
+            # Without a record after the prediction time, the index visit is the last one.
+            pl.min_horizontal(
+                "death_time",
+                pl.coalesce("last_time", "prediction_time")
+                + pl.duration(microseconds=(pl.col("interval_days").fill_null(0.0) * MICROSECONDS_PER_DAY)
+                              .cast(pl.Int64)),
+                pl.lit(data_end, dtype=pl.Datetime("us")),
+            ).alias("end_time")
         )
         .with_columns(
             (pl.col("event_time").is_not_null() & (pl.col("event_time") <= pl.col("end_time"))).alias("event")
@@ -145,17 +197,20 @@ def build_labels(
             pl.col("event").cast(pl.Boolean),
             pl.col("duration_days").cast(pl.Float64),
             pl.col("treated").cast(pl.Boolean),
+            pl.col("last_time").is_null().alias("no_record_after"),
         )
         .sort("subject_id")
         .collect()
     )
+    no_record_after = int(labels["no_record_after"].sum())
+    labels = labels.drop("no_record_after")
     counts = LabelCounts(
         cohort=labels.height,
         positive=int(labels["boolean_value"].eq(True).sum()),
         negative=int(labels["boolean_value"].eq(False).sum()),
         censored_before_horizon=int(labels["boolean_value"].is_null().sum()),
         events_observed=int(labels["event"].sum()),
-        no_follow_up=int(((labels["duration_days"] <= 0) & ~labels["event"]).sum()),
+        no_follow_up=no_record_after,
         treated=None if task.treatment is None else int(labels["treated"].sum()),
     )
     return labels, counts

@@ -31,6 +31,7 @@ A task file looks like this (every key but ``name``, ``cohort.prediction_time``,
       death: true
     horizon_days: 365
     follow_up_end: 2025-12-31             # the data's cut-off (export date); optional
+    follow_up_after_last_record: usual_interval   # or days; 0 ends follow-up at the last record
     treatment:
       codes: [RXNORM//309362]
       window_days: [0, 30]
@@ -53,6 +54,8 @@ from features.errors import CohortDefinitionError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*//\S+$")
 SEXES = ("female", "male", "other", "unknown")
+USUAL_INTERVAL = "usual_interval"
+"""``follow_up_after_last_record`` value: each patient's own usual interval between record days."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,10 @@ class TaskDefinition:
     description: str = ""
     # End of the data (export date): follow-up never runs past it.
     follow_up_end: datetime | None = None
+    # How long a patient without the outcome counts as followed after their last record: days, or
+    # USUAL_INTERVAL (see features.labels). Records only prove presence on the days they exist, and
+    # the outcome always leaves one, so ending follow-up at the last record over-states the risk.
+    follow_up_after_last_record: float | str = USUAL_INTERVAL
     treatment: TreatmentDefinition | None = None
     splits: SplitFractions = field(default_factory=SplitFractions)
     inputs: InputSettings = field(default_factory=InputSettings)
@@ -357,8 +364,8 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         )
     top = _Reader(name, "", raw)
     top.check_keys(
-        {"name", "description", "cohort", "outcome", "horizon_days", "follow_up_end", "treatment",
-         "splits", "inputs", "publishing"},
+        {"name", "description", "cohort", "outcome", "horizon_days", "follow_up_end",
+         "follow_up_after_last_record", "treatment", "splits", "inputs", "publishing"},
         {"cohort", "outcome", "horizon_days"},
     )
 
@@ -394,6 +401,10 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
 
     horizon = top.number("horizon_days", None, 1.0)
     assert horizon is not None
+    after_last = raw.get("follow_up_after_last_record", USUAL_INTERVAL)
+    if after_last != USUAL_INTERVAL and (isinstance(after_last, bool) or not isinstance(after_last, (int, float))
+                                         or after_last < 0):
+        top.fail("follow_up_after_last_record", f"a number of days >= 0 or '{USUAL_INTERVAL}'", after_last)
 
     treatment_definition = None
     if raw.get("treatment") is not None:
@@ -459,6 +470,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         outcome=outcome_definition,
         horizon_days=horizon,
         follow_up_end=top.instant("follow_up_end"),
+        follow_up_after_last_record=after_last if after_last == USUAL_INTERVAL else float(after_last),
         treatment=treatment_definition,
         splits=splits,
         inputs=inputs,

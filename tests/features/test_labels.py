@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from features.cohorts import select_cohort
-from features.labels import build_labels, labels_to_arrow
+from features.errors import CohortDefinitionError
+from features.labels import build_labels, labels_to_arrow, usual_interval_days
 from features.schemas import LABELS
 from features.tasks import load_task
-from tests.features.task_fixtures import T0, task, toy_events
+from tests.features.task_fixtures import BP, T0, VISIT, day, events_frame, task, toy_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,11 +32,54 @@ def test_labels_exact_values() -> None:
     labels, counts = build_labels(toy_events(), cohort, definition)
     assert labels["boolean_value"].to_list() == [True, False, None, False]
     assert labels["event"].to_list() == [True, False, False, True]
-    assert labels["duration_days"].to_list() == [100.0, 500.0, 100.0, 400.0]
+    # Patient 3's last record is at day 100; records on 3 days of the year before day 0 give a
+    # usual interval of 365 / 3 days. Patient 2 is followed to the latest record in the data.
+    assert labels["duration_days"].to_list() == pytest.approx([100.0, 500.0, 100.0 + 365 / 3, 400.0])
     assert labels["treated"].to_list() == [False, True, False, False]
     assert (counts.positive, counts.negative, counts.censored_before_horizon) == (1, 2, 1)
     assert counts.events_observed == 2 and counts.treated == 1
     assert labels_to_arrow(labels).schema == LABELS
+
+
+def test_follow_up_ends_at_the_last_record_when_asked() -> None:
+    definition = task(follow_up_after_last_record=0)
+    cohort = select_cohort(toy_events(), definition).cohort
+    labels, counts = build_labels(toy_events(), cohort, definition)
+    assert labels["duration_days"].to_list() == [100.0, 500.0, 100.0, 400.0]
+    assert labels["boolean_value"].to_list() == [True, False, None, False]
+    assert counts.no_follow_up == 0
+
+
+def test_follow_up_after_last_record_in_days_stops_at_the_export_date() -> None:
+    definition = task(follow_up_after_last_record=300, follow_up_end="2024-03-01")
+    cohort = select_cohort(toy_events(), definition).cohort
+    labels, _ = build_labels(toy_events(), cohort, definition)
+    # Patient 3: day 100 + 300 = day 400, past the horizon: followed a whole year without the MI.
+    # Patient 2: its day-500 visit is after the export date (day 425), so day 5 + 300 = 305.
+    assert labels["duration_days"].to_list() == [100.0, 305.0, 400.0, 400.0]
+    assert labels["boolean_value"].to_list() == [True, None, False, False]
+
+
+def test_usual_interval_counts_record_days_in_the_year_before() -> None:
+    events = events_frame([
+        (1, day(-400), BP, 120.0, None, "ehr"),  # outside the year: not counted
+        (1, day(-100), BP, 120.0, None, "ehr"),
+        (1, day(-100) + timedelta(hours=1), BP, 125.0, None, "ehr"),  # same day: one record day
+        (1, day(0), VISIT, None, None, "ehr"),
+        (2, day(-73), BP, 120.0, None, "ehr"),  # first record 73 days before: the span is 73 days
+        (2, day(0), VISIT, None, None, "ehr"),
+        (3, day(0), VISIT, None, None, "ehr"),  # seen on the index day only
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [day(0)] * 4})
+    intervals = usual_interval_days(events, cohort)
+    assert_frame_equal(intervals, pl.DataFrame({"subject_id": [1, 2, 3], "interval_days": [182.5, 36.5, 0.0]}))
+
+
+@pytest.mark.parametrize("value", ["usual", -1, True])
+def test_follow_up_after_last_record_rejects_other_values(value: object) -> None:
+    with pytest.raises(CohortDefinitionError,
+                       match="follow_up_after_last_record must be a number of days >= 0 or 'usual_interval'"):
+        task(follow_up_after_last_record=value)
 
 
 def test_prediction_time_offset_and_follow_up_end() -> None:
@@ -68,19 +114,32 @@ def test_labels_agree_with_simulator_truth(small_hospital: Path, small_warehouse
     assert (joined["prediction_time"] == joined["prediction_time_ours"]).all()
     assert (joined["treated"] == joined["treated_ours"]).all()
     assert (joined["event_observed"] == joined["event"]).all()
-    labelled = joined.filter(pl.col("boolean_value").is_not_null())
-    # Every label we give is the true one; patients whose records stop early are excluded.
-    assert (labelled["boolean_value"] == labelled["event_within_horizon"]).all()
-    assert joined.filter(pl.col("event_within_horizon"))["boolean_value"].to_list() == [True] * int(
-        truth["event_within_horizon"].sum())
+    # No label we give contradicts the truth. Against it (rows: the truth; null = left care before the
+    # horizon without the event): every positive found; 221 of 238 true negatives labelled, 17 left
+    # out because their records stop more than a usual interval before the horizon; 5 patients who
+    # left care within their usual interval of the horizon labelled negative.
+    table = joined.group_by("event_within_horizon", "boolean_value").len().sort(
+        ["event_within_horizon", "boolean_value"], nulls_last=False)
+    assert table.rows() == [(None, None, 29), (None, False, 5), (False, None, 17), (False, False, 221),
+                            (True, True, 28)]
     # The ingest's events (DocumentReference notes included) give the same counts as the
     # simulator's truth for positives (28) and treatment (133).
     assert int(truth["event_within_horizon"].sum()) == counts.positive == 28
     assert int(truth["treated"].sum()) == counts.treated == 133
-    assert (counts.negative, counts.events_observed, counts.no_follow_up) == (210, 70, 8)
-    # Censored: 62 here, 34 in the truth. The truth knows 28 more patients were still followed
-    # (censoring time past the horizon) with no event, but their records stop before the horizon
-    # (no visit in the rest of the year), so from the records alone they are censored at their
-    # last record, not negative.
-    assert truth["event_within_horizon"].null_count() == 34
-    assert counts.censored_before_horizon == 62
+    assert (counts.negative, counts.events_observed, counts.no_follow_up) == (226, 70, 8)
+    assert (truth["event_within_horizon"].null_count(), counts.censored_before_horizon) == (34, 46)
+
+
+@pytest.mark.slow
+def test_follow_up_at_the_last_record_labels_fewer(small_hospital: Path, small_warehouse: Path) -> None:
+    events = pl.read_parquet(small_warehouse / "events.parquet")
+    definition = replace(load_task(REPO / "tasks" / "simulated_mace_1y.yaml"), follow_up_after_last_record=0.0)
+    labels, counts = build_labels(events, select_cohort(events, definition).cohort, definition)
+    truth = pl.read_parquet(small_hospital / "truth.parquet")
+    joined = truth.join(labels, on="subject_id")
+    # Every label is then the true one, but 28 true negatives are left out (their records stop
+    # before the horizon although they were still in care), against 17 with the usual interval.
+    table = joined.group_by("event_within_horizon", "boolean_value").len().sort(
+        ["event_within_horizon", "boolean_value"], nulls_last=False)
+    assert table.rows() == [(None, None, 34), (False, None, 28), (False, False, 210), (True, True, 28)]
+    assert (counts.negative, counts.censored_before_horizon) == (210, 62)
