@@ -191,11 +191,13 @@ def pehe(estimated_effect: npt.ArrayLike, true_effect: npt.ArrayLike) -> float:
 
 
 def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt.ArrayLike,
-                 propensity: npt.ArrayLike) -> float:
+                 propensity: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None) -> float:
     """Inverse-propensity estimate of the event rate if patients were treated when the model says so.
 
     The policy treats a patient when the estimated effect is negative (treatment lowers risk).
     Lower is better. Needs only observed data, so it applies where the true effect is unknown.
+    With ``sample_weight`` (censoring weights), each patient's inverse-propensity weight is
+    multiplied by it, so the labelled patients also stand for those censored before the horizon.
     """
     effect = np.asarray(estimated_effect, dtype=np.float64)
     a = np.asarray(treated, dtype=bool)
@@ -203,7 +205,7 @@ def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt
     e = np.clip(np.asarray(propensity, dtype=np.float64), 0.01, 0.99)
     recommend = effect < 0
     follows = recommend == a
-    weights = np.where(a, 1.0 / e, 1.0 / (1.0 - e))
+    weights = np.where(a, 1.0 / e, 1.0 / (1.0 - e)) * _weights("policy_value", sample_weight, outcome.size)
     return float(np.sum(follows * weights * outcome) / np.sum(follows * weights))
 
 

@@ -251,7 +251,7 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     if baselines:
         models.update(_baselines(data, labels, known, w, horizon, effects, scores, seed))
     if data.has_treatment:
-        _treatment_metrics(models, effects, data, labels, known, truth)
+        _treatment_metrics(models, effects, data, labels, known, w, truth)
     if truth is not None:
         for name, observed_only in (("truth", False), ("truth_observed_modalities", True)):
             models[name], scores[name] = _truth_metrics(truth, held_out, labels, known, w, train_labels, horizon,
@@ -354,7 +354,8 @@ def _late_fusion_matrix(data: TaskData, split: str, tabular: np.ndarray) -> np.n
 
 
 def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, np.ndarray], data: TaskData,
-                       labels: dict[str, np.ndarray], known: np.ndarray, truth: pl.DataFrame | None) -> None:
+                       labels: dict[str, np.ndarray], known: np.ndarray, w: np.ndarray,
+                       truth: pl.DataFrame | None) -> None:
     held_out = data.datasets["held_out"]
     true_effect = None
     if truth is not None:
@@ -370,7 +371,7 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
         if true_effect is not None:
             metrics["pehe"] = pehe(effect, true_effect)
         metrics["policy_event_rate"] = policy_value(effect[known], labels["treated"][known],
-                                                    labels["risk_label"][known], propensity[known])
+                                                    labels["risk_label"][known], propensity[known], w)
 
 
 def _truth_metrics(truth: pl.DataFrame, held_out: FusionDataset, labels: dict[str, np.ndarray],
@@ -532,8 +533,8 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         f"{metrics['held_out_event_rate_weighted']:.3f} weighted for censoring). Patients whose follow-up ended "
         "before the horizon without the event have no risk label: the labelled ones carry inverse probability "
         "of censoring weights (Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier "
-        "score and the calibration error, so the risk is the cohort's and not that of the patients followed to "
-        "the horizon; AUROC and AUPRC are over the labelled patients; the survival metrics keep everyone, censored.",
+        "score, the calibration error and the policy value, so the risk is the cohort's and not that of the "
+        "patients followed to the horizon; AUROC and AUPRC are over the labelled patients; the survival metrics keep everyone, censored.",
         "",
         "## Architecture",
         "",

@@ -1,5 +1,6 @@
 """Calibration metrics: the slope and observed/expected ratio of a recalibration, and the error a
-perfectly calibrated model shows from sampling alone; paired comparisons of two models' rankings."""
+perfectly calibrated model shows from sampling alone; paired comparisons of two models' rankings;
+the policy value of a treatment rule."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from models.metrics import (
     harrell_c_index,
     observed_expected_ratio,
     paired_concordance_difference,
+    policy_value,
     weighted_concordance_difference,
 )
 
@@ -104,3 +106,18 @@ def test_weighted_calibration_metrics_equal_the_metrics_of_repeated_patients() -
     assert calibration_slope(y, risk, weights) == pytest.approx(calibration_slope(repeated_y, repeated_risk), rel=1e-4)
     with pytest.raises(ValueError, match="brier: sample_weight must hold 6 finite non-negative weights"):
         brier(y, risk, weights[:3])
+
+
+def test_policy_value_by_hand_and_censoring_weights_count_as_repeated_patients() -> None:
+    effect = np.array([-0.1, 0.2, -0.3, 0.1])  # the policy treats patients 1 and 3
+    treated = np.array([1, 0, 0, 0])  # patient 3 was not treated: not followed, left out
+    y = np.array([1.0, 0.0, 1.0, 1.0])
+    propensity = np.array([0.5, 0.5, 0.5, 0.8])  # inverse-propensity weights 2, 2, -, 5
+    assert policy_value(effect, treated, y, propensity) == pytest.approx(7 / 9)
+    weighted = policy_value(effect, treated, y, propensity, sample_weight=[1.0, 3.0, 1.0, 1.0])
+    assert weighted == pytest.approx(7 / 13)
+    repeated = [0, 1, 1, 1, 2, 3]
+    assert weighted == pytest.approx(policy_value(effect[repeated], treated[repeated], y[repeated],
+                                                  propensity[repeated]))
+    with pytest.raises(ValueError, match="policy_value: sample_weight must hold 4 finite non-negative weights"):
+        policy_value(effect, treated, y, propensity, sample_weight=[1.0, -1.0, 1.0, 1.0])
