@@ -534,7 +534,8 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         "before the horizon without the event have no risk label: the labelled ones carry inverse probability "
         "of censoring weights (Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier "
         "score, the calibration error and the policy value, so the risk is the cohort's and not that of the "
-        "patients followed to the horizon; AUROC and AUPRC are over the labelled patients; the survival metrics keep everyone, censored.",
+        "patients followed to the horizon; AUROC and AUPRC are over the labelled patients; the survival "
+        "metrics keep everyone, censored.",
         "",
         "## Architecture",
         "",
