@@ -25,7 +25,8 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
 
 Every file is written atomically, so a killed run leaves the previous good warehouse readable.
 :func:`promote_warehouse` makes the tables of an ingest written elsewhere (a landing batch's) the
-warehouse's, file by file in the same way.
+warehouse's, file by file in the same way; :func:`prune_ingested_batches` then deletes old batches'
+ingested copies.
 """
 
 from __future__ import annotations
@@ -1024,6 +1025,29 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:
     for name in names:
         link_file_atomic(ingested_dir / name, warehouse_dir / name)
     return summary
+
+
+def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[str]:
+    """Delete the ingested copies of batches older than ``promoted``, keeping the newest ``keep``.
+
+    Each nightly batch is ingested into its own folder under ``batches_dir`` and stays there after
+    it is promoted: without pruning, every night adds a whole warehouse. Folders sort in landing
+    order by name; ``promoted`` and newer ones (still ingesting, or waiting) are never deleted, nor
+    are the ``keep`` newest (``promoted`` included) kept for comparison and rollback. A folder is
+    first renamed to a hidden name, so it never looks like a complete batch while it is deleted.
+    Returns the names deleted, oldest first.
+    """
+    if keep < 1:
+        raise ValueError(f"prune_ingested_batches: keep must be at least 1 (the promoted batch), found {keep}")
+    batches_dir = Path(batches_dir)
+    names = sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    older = [name for name in names if name < promoted]
+    doomed = older[: max(0, len(older) - (keep - 1))]
+    for name in doomed:
+        hidden = batches_dir / f".deleting-{name}"
+        os.replace(batches_dir / name, hidden)
+        shutil.rmtree(hidden)
+    return doomed
 
 
 # ------------------------------------------------------------------------------------------------

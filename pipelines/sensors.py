@@ -4,8 +4,9 @@ one that makes the newest the warehouse.
 Stage: ingest. In: export folders under ``<workspace>/batches/``. Out: ``ingested_batch``, one
 partition per folder, each ingested into ``<workspace>/warehouse/batches/<name>/`` by
 :func:`features.ingest.ingest_landing_zone`, with its own quarantine and accounting; then the newest
-ingested batch promoted to ``<workspace>/warehouse/`` by the ``ingest`` job (``from_batch``), whose
-success starts every task's pipeline (``publish_after_ingest``).
+ingested batch promoted to ``<workspace>/warehouse/`` by the ``ingest`` job (``from_batch``, which
+also deletes all but the newest ``keep_ingested_batches`` ingested copies), whose success starts
+every task's pipeline (``publish_after_ingest``).
 
 A batch is a whole export (a nightly Bulk ``$export``): the newest replaces the warehouse's tables,
 it does not add to them. Batch names sort in landing order (``2024-06-01``, ``2024-06-02``, ...), and

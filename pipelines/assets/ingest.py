@@ -24,6 +24,7 @@ from features.ingest import (
     events_without_patient,
     ingest_landing_zone,
     promote_warehouse,
+    prune_ingested_batches,
     quarantined_duplicates,
 )
 from pipelines.resources import Workspace
@@ -48,6 +49,9 @@ class IngestRunConfig(BatchIngestRunConfig):
     # A landing batch, already ingested by `ingested_batch`, whose tables become the warehouse's
     # (no second read of the export); set by the `promote_newest_batch` sensor.
     from_batch: str = ""
+    # After promoting a batch, the ingested copies kept under warehouse/batches/ (the promoted one
+    # and the newest older ones); older copies are deleted. The exports under batches/ are not touched.
+    keep_ingested_batches: int = 3
 
 
 def _metadata(summary: IngestSummary, warehouse: Path, table: str) -> dict[str, Any]:
@@ -73,8 +77,15 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
             f"ingested_tables: landing_dir {config.landing_dir!r} and from_batch {config.from_batch!r} are both set "
             "(expected one: an export to ingest, or an ingested batch to promote)"
         )
+    if config.keep_ingested_batches < 1:
+        raise dg.Failure(f"ingested_tables: keep_ingested_batches must be at least 1 (the promoted batch), "
+                         f"found {config.keep_ingested_batches}")
     if config.from_batch:
-        summary = promote_warehouse(workspace.batch_warehouse_dir(config.from_batch), workspace.warehouse_dir)
+        ingested = workspace.batch_warehouse_dir(config.from_batch)
+        summary = promote_warehouse(ingested, workspace.warehouse_dir)
+        pruned = prune_ingested_batches(ingested.parent, config.from_batch, config.keep_ingested_batches)
+        if pruned:
+            context.log.info(f"deleted the ingested copies of {len(pruned)} older batches: {', '.join(pruned)}")
     else:
         landing = Path(config.landing_dir) if config.landing_dir else workspace.landing_dir
         summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers)

@@ -12,7 +12,14 @@ import pytest
 
 from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
-from features.ingest import SUMMARY_FILE, IngestSummary, ingest_landing_zone, promote_warehouse, warehouse_files
+from features.ingest import (
+    SUMMARY_FILE,
+    IngestSummary,
+    ingest_landing_zone,
+    promote_warehouse,
+    prune_ingested_batches,
+    warehouse_files,
+)
 from features.schemas import INTERNAL_TABLES
 
 EXPORT = datetime(2025, 1, 1)
@@ -198,6 +205,18 @@ def test_promote_warehouse_refuses_an_incomplete_or_unbalanced_batch(
         promote_warehouse(unbalanced, warehouse)
     assert sorted(p.name for p in warehouse.iterdir()) == ["patients.parquet"]
     assert (warehouse / "patients.parquet").read_bytes() == b"the previous tables"
+
+
+def test_prune_ingested_batches_keeps_the_promoted_newer_and_newest_older(tmp_path: Path) -> None:
+    for name in ("2024-06-01", "2024-06-02", "2024-06-03", "2024-06-04", "2024-06-05", ".2024-06-06"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "events.parquet").write_bytes(b"tables")
+    # 2024-06-05 is newer than the promoted batch (still ingesting): never deleted.
+    assert prune_ingested_batches(tmp_path, "2024-06-04", keep=2) == ["2024-06-01", "2024-06-02"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".2024-06-06", "2024-06-03", "2024-06-04", "2024-06-05"]
+    assert prune_ingested_batches(tmp_path, "2024-06-04", keep=2) == []
+    with pytest.raises(ValueError, match="keep must be at least 1 \\(the promoted batch\\), found 0"):
+        prune_ingested_batches(tmp_path, "2024-06-04", keep=0)
 
 
 def test_result_does_not_depend_on_batching(

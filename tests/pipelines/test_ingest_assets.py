@@ -120,11 +120,15 @@ def test_newest_ingested_batch_becomes_the_warehouse(small_hospital: Path, tmp_p
         assert isinstance(request, dg.RunRequest)
         assert request.run_key == "promote/2024-06-02"
         assert promote.job_name == "ingest"
+        config = {**request.run_config["ops"]["ingested_tables"]["config"], "keep_ingested_batches": 1}
         promoted = dg.materialize(
-            [ingested_tables, *CHECKS], run_config=request.run_config, instance=instance,
-            resources={"workspace": workspace},
+            [ingested_tables, *CHECKS], run_config={"ops": {"ingested_tables": {"config": config}}},
+            instance=instance, resources={"workspace": workspace},
         )
     assert promoted.success
+    # Keeping one ingested batch: the older batch's copy is deleted, its export is not.
+    assert sorted(p.name for p in (tmp_path / "warehouse" / "batches").iterdir()) == ["2024-06-02"]
+    assert (batches / "2024-06-01" / "fhir").is_dir()
     assert all(e.passed for e in promoted.get_asset_check_evaluations())
     assert len(promoted.get_asset_check_evaluations()) == len(CHECKS)
     warehouse = tmp_path / "warehouse"
