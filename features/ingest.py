@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError
 from features.events import build_events
-from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson
+from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson, with_bundle_references
 from features.fhir.flatten import Origin, Row, flatten_resource
 from features.fhir.read import (
     UNIT_BYTES,
@@ -410,8 +410,9 @@ class _EntryPool:
     """Bundle entries of a batch, by resource type, for the columnar fast path.
 
     Bundles are small (one per patient or encounter), so their entries are pooled over the batch
-    and each type is decoded once, as NDJSON re-serialized by orjson; references resolve through
-    each Bundle's ``fullUrl`` map as in the per-record path.
+    and each type is decoded once, as NDJSON re-serialized by orjson, with references to other
+    entries resolved through the Bundle's ``fullUrl`` map
+    (:func:`~features.fhir.columnar.with_bundle_references`).
     """
 
     def __init__(self) -> None:
@@ -420,13 +421,11 @@ class _EntryPool:
         self.numbers: dict[str, list[int]] = defaultdict(list)
         # (unit index, position of the record in its unit's list), per pooled line.
         self.places: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        self.urls: list[tuple[str, str, str, str]] = []
         # Per unit: the positions of its records the pool does not take.
         self.unpooled: dict[int, list[int]] = {}
 
     def add(self, unit_index: int, source_file: str, records: list[RawRecord | RawReject]) -> None:
         unpooled = self.unpooled.setdefault(unit_index, [])
-        urls_seen = False
         for position, record in enumerate(records):
             # Only Bundle entries (parsed, no raw text of their own); a lone resource keeps its text.
             rt = (
@@ -437,29 +436,24 @@ class _EntryPool:
             if not isinstance(rt, str) or rt not in SCHEMAS:
                 unpooled.append(position)
                 continue
-            assert isinstance(record, RawRecord)
-            self.lines[rt].append(orjson.dumps(record.parsed))
+            assert isinstance(record, RawRecord) and isinstance(record.parsed, dict)
+            resource: dict[str, Any] = record.parsed
+            if record.full_urls:
+                resource = with_bundle_references(resource, record.full_urls)
+            self.lines[rt].append(orjson.dumps(resource))
             self.files[rt].append(source_file)
             self.numbers[rt].append(record.number)
             self.places[rt].append((unit_index, position))
-            if not urls_seen:
-                urls_seen = True
-                self.urls.extend((source_file, url, kind, ident) for url, (kind, ident) in record.full_urls.items())
 
     def clear(self, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]) -> dict[int, list[int]]:
         """Run the fast path per type; return, per unit, the positions of the records it left."""
         left = {unit_index: list(positions) for unit_index, positions in self.unpooled.items()}
         if not self.lines:
             return left
-        urls = pl.DataFrame(
-            self.urls,
-            schema={"__file": pl.String, "__url": pl.String, "__url_type": pl.String, "__url_id": pl.String},
-            orient="row",
-        )
         for rt, lines in self.lines.items():
             files = pl.Series(self.files[rt], dtype=pl.String)
             numbers = pl.Series(self.numbers[rt], dtype=pl.Int64)
-            read = read_lines(b"\n".join(lines) + b"\n", rt, files, numbers, Context(latest, urls, strict))
+            read = read_lines(b"\n".join(lines) + b"\n", rt, files, numbers, Context(latest, strict=strict))
             for table, rows in read.tables.items():
                 if rows.num_rows:
                     frames[table].append(rows)
@@ -481,29 +475,39 @@ def _process_batch(
     later scan, far more than the few rows a small Bundle gives. Units are read in order, so
     rows stay in file order.
     """
-    buffers: dict[str, list[Row]] = defaultdict(list)
-    frames: dict[str, list[pa.Table]] = defaultdict(list)
-    rejects: list[Row] = []
-    # The loop makes millions of short-lived dicts and keeps hundreds of thousands of row tuples:
-    # with the cyclic garbage collector on, its passes over the growing buffers cost about as much
+    # The batch makes millions of short-lived dicts (parsed Bundles) and keeps hundreds of thousands
+    # of row tuples: with the cyclic garbage collector on, its passes over them cost about as much
     # as the JSON parsing itself. Nothing here makes reference cycles, so reference counting frees
-    # everything; the collector is back on before the batch returns.
+    # everything. The collector comes back on only after the batch's objects are freed: turned on
+    # while they live, its first pass would walk them all (a second per batch of Bundles).
     collecting = gc.isenabled()
     gc.disable()
     try:
-        pool = _EntryPool()
-        planned = [_plan_unit(i, unit, latest, strict, frames, pool) for i, unit in enumerate(units)]
-        left = pool.clear(latest, strict, frames)
-        results = []
-        for i, (unit, (count, records)) in enumerate(zip(units, planned, strict=True)):
-            if i in left:
-                assert isinstance(records, list)
-                count = len(records) - len(left[i])
-                records = [records[position] for position in left[i]]
-            results.append(_read_records(records, unit.source_file, count, latest, strict, buffers, rejects))
+        return _process_batch_unmanaged(index, units, latest, strict, staging)
     finally:
         if collecting:
             gc.enable()
+
+
+def _process_batch_unmanaged(
+    index: int, units: list[ReadUnit], latest: datetime, strict: bool, staging: Path
+) -> list[_UnitResult]:
+    """:func:`_process_batch`'s work, with the garbage collector off."""
+    buffers: dict[str, list[Row]] = defaultdict(list)
+    frames: dict[str, list[pa.Table]] = defaultdict(list)
+    rejects: list[Row] = []
+    pool = _EntryPool()
+    planned = [_plan_unit(i, unit, latest, strict, frames, pool) for i, unit in enumerate(units)]
+    left = pool.clear(latest, strict, frames)
+    del pool
+    results = []
+    for i, (unit, (count, records)) in enumerate(zip(units, planned, strict=True)):
+        if i in left:
+            assert isinstance(records, list)
+            count = len(records) - len(left[i])
+            records = [records[position] for position in left[i]]
+        results.append(_read_records(records, unit.source_file, count, latest, strict, buffers, rejects))
+    del planned  # the parsed Bundles: freed before staging
     part = f"{index:07d}"
     order = {unit.source_file: position for position, unit in enumerate(units)}
     for table in sorted(set(buffers) | set(frames)):

@@ -35,10 +35,11 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -413,32 +414,43 @@ def display(concept: pl.Expr) -> pl.Expr:
     )
 
 
-def reference(ref: pl.Expr, target: str, urls: pl.DataFrame | None, required: bool) -> Checked:
-    """The id a Reference names, for ``Type/<id>`` and ``urn:uuid:<id>`` (or a Bundle entry).
+_REFERENCE_FIELDS = ("subject", "patient", "encounter")
+"""The references the fast path reads (a resource's patient and encounter)."""
 
-    ``urls`` maps each Bundle entry's ``fullUrl`` to its type and id (columns ``__file``,
-    ``__url``, ``__url_type``, ``__url_id``); the caller joins it on beforehand as ``__ref_type``
-    and ``__ref_id`` of the same name prefix. Optional references that do not resolve are null in
-    the Python path, but only the plain forms are cleared here.
+
+def with_bundle_references(resource: dict[str, Any], full_urls: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    """``resource`` with each reference to an entry of its Bundle written as ``Type/id``.
+
+    A Bundle entry refers to another by its ``fullUrl`` (``urn:uuid:...``), which names the target's
+    type and id only through the Bundle. Written out as ``Type/id``, the reference reads on the fast
+    path as in an NDJSON export; the fast path clears it only when that type is the expected one,
+    as the per-record path resolves it. A shallow copy: the per-record path still sees the entry as
+    written.
     """
-    text = ref.struct.field("reference")
-    plain = text.str.extract(f"^(?:{target}/|urn:uuid:)({_ID})$", 1)
-    value = plain
-    ok = plain.is_not_null()
-    if urls is not None:
-        name = _ref_name(ref)
-        kind, ident = pl.col(f"{name}__type"), pl.col(f"{name}__id")
-        in_bundle = kind.is_not_null()
-        resolved = ident.str.contains(f"^{_ID}$") & (kind == target)
-        value = pl.when(in_bundle).then(ident).otherwise(plain)
-        ok = pl.when(in_bundle).then(resolved).otherwise(ok)
+    resolved: dict[str, Any] | None = None
+    for name in _REFERENCE_FIELDS:
+        value = resource.get(name)
+        if not isinstance(value, dict):
+            continue
+        target = full_urls.get(value.get("reference"))  # type: ignore[arg-type]
+        if target is not None:
+            resolved = resolved if resolved is not None else dict(resource)
+            resolved[name] = {**value, "reference": f"{target[0]}/{target[1]}"}
+    return resource if resolved is None else resolved
+
+
+def reference(ref: pl.Expr, target: str, required: bool) -> Checked:
+    """The id a Reference names, for ``Type/<id>`` and ``urn:uuid:<id>``.
+
+    References to other entries of a Bundle arrive already written as ``Type/id`` (the ingest
+    resolves them through the Bundle's ``fullUrl`` map). Optional references that do not resolve
+    are null in the Python path, but only the plain forms are cleared here.
+    """
+    value = ref.struct.field("reference").str.extract(f"^(?:{target}/|urn:uuid:)({_ID})$", 1)
+    ok = value.is_not_null()
     if required:
         return Checked(value, ok.fill_null(False))
     return Checked(value, (ref.is_null() | ok).fill_null(False))
-
-
-def _ref_name(ref: pl.Expr) -> str:
-    return ref.meta.output_name()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,10 +462,9 @@ LOCATION = [pl.col("__file").alias("source_file"), pl.col("__line").alias("recor
 
 @dataclass(frozen=True)
 class Context:
-    """What the builders need besides the records: the export time and Bundle fullUrls."""
+    """What the builders need besides the records: the export time."""
 
     latest: datetime
-    urls: pl.DataFrame | None = None
     # Also validate each line fully against FHIR R4 (``--strict``).
     strict: bool = False
 
@@ -530,7 +541,7 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
 
 
 def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
-    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    patient = reference(pl.col("subject"), "Patient", required=True)
     start = fhir_time(pl.col("period").struct.field("start"), ctx.latest)
     end_text = pl.col("period").struct.field("end")
     end = fhir_time(end_text, ctx.latest)
@@ -566,8 +577,8 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
     code_field, time_fields, status_field, status_concept = _CODED_FIELDS[rt]
 
     def build(frame: pl.DataFrame, ctx: Context) -> Built:
-        patient = reference(pl.col(PATIENT_REFERENCE_FIELD.get(rt, "subject")), "Patient", ctx.urls, required=True)
-        encounter = reference(pl.col("encounter"), "Encounter", ctx.urls, required=False)
+        patient = reference(pl.col(PATIENT_REFERENCE_FIELD.get(rt, "subject")), "Patient", required=True)
+        encounter = reference(pl.col("encounter"), "Encounter", required=False)
         codes = all_codes(pl.col(code_field))
         time, end, time_ok = _time_fields(frame, time_fields, ctx.latest)
         checks = [pl.col("resourceType") == rt, fhir_id(pl.col("id")), patient.ok, encounter.ok, codes.ok, time_ok]
@@ -624,8 +635,8 @@ def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, p
 
 
 def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
-    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
-    encounter = reference(pl.col("encounter"), "Encounter", ctx.urls, required=False)
+    patient = reference(pl.col("subject"), "Patient", required=True)
+    encounter = reference(pl.col("encounter"), "Encounter", required=False)
     code = first_code(pl.col("code"), required=True)
     time = fhir_time(pl.col("effectiveDateTime"), ctx.latest)
     category = first_coding_code(pl.col("category").list.first())
@@ -729,7 +740,7 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
-    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    patient = reference(pl.col("subject"), "Patient", required=True)
     time = fhir_time(pl.col("date"), ctx.latest)
     attachment = pl.col("content").list.first().struct.field("attachment")
     ok = _all(
@@ -803,7 +814,7 @@ def _note_text(data: str, content_type: str | None) -> str | None:
 
 
 def build_imaging_study(frame: pl.DataFrame, ctx: Context) -> Built:
-    patient = reference(pl.col("subject"), "Patient", ctx.urls, required=True)
+    patient = reference(pl.col("subject"), "Patient", required=True)
     time = fhir_time(pl.col("started"), ctx.latest)
     series = pl.col("series").list.first()
     site = series.struct.field("bodySite")
@@ -900,25 +911,10 @@ def read_lines(
     frame = pl.from_arrow(decoded)
     assert isinstance(frame, pl.DataFrame)
     frame = frame.with_columns(__file=files.gather(taken), __line=numbers.gather(taken))
-    if ctx.urls is not None:
-        frame = _join_urls(frame, ctx.urls)
     clear, tables = BUILDERS[resource_type](frame, ctx)
     slow = np.ones(len(starts), dtype=bool)
     slow[keep[clear.to_numpy()]] = False
     return FastRead({table: _cast(rows, table) for table, rows in tables.items()}, np.flatnonzero(slow), starts, ends)
-
-
-def _join_urls(frame: pl.DataFrame, urls: pl.DataFrame) -> pl.DataFrame:
-    """Attach the Bundle entry each reference names (``<field>__type``, ``<field>__id``)."""
-    for name in ("subject", "patient", "encounter"):
-        if name not in frame.columns:
-            continue
-        renamed = urls.rename({"__url": "__ref", "__url_type": f"{name}__type", "__url_id": f"{name}__id"})
-        frame = frame.with_columns(__ref=pl.col(name).struct.field("reference")).join(
-            renamed, on=["__file", "__ref"], how="left", maintain_order="left"
-        )
-        frame = frame.drop("__ref")
-    return frame
 
 
 _TYPE_AT = re.compile(rb'\{"resourceType":\s*"([A-Za-z]{1,64})"')

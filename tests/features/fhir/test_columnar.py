@@ -14,7 +14,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import features.ingest as ingest
-from features.fhir.columnar import Context, read_lines, read_ndjson
+from features.fhir.columnar import Context, read_lines, read_ndjson, with_bundle_references
 from features.ingest import IngestSummary, ingest_landing_zone
 
 EXPORT = datetime(2026, 1, 1)
@@ -212,40 +212,34 @@ def test_fast_path_leaves_exactly_the_unusual_lines(small_hospital: Path) -> Non
 
 
 def test_bundle_entries_resolve_through_full_urls() -> None:
-    def observation(rid: str, subject: str) -> bytes:
-        return orjson.dumps(
-            {
-                "resourceType": "Observation",
-                "id": rid,
-                "subject": {"reference": subject},
-                "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
-                "effectiveDateTime": "2020-01-01T00:00:00Z",
-                "valueQuantity": {"value": 1.2, "unit": "mg/dL"},
-            }
-        )
-
-    urls = pl.DataFrame(
-        {
-            "__file": ["b1.json", "b1.json", "b2.json"],
-            "__url": ["urn:uuid:u1", "urn:uuid:e1", "urn:uuid:u1"],
-            "__url_type": ["Patient", "Encounter", "Patient"],
-            "__url_id": ["p1", "e1", "p2"],
+    def observation(rid: str, subject: str) -> dict[str, object]:
+        return {
+            "resourceType": "Observation",
+            "id": rid,
+            "subject": {"reference": subject, "display": "a patient"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+            "effectiveDateTime": "2020-01-01T00:00:00Z",
+            "valueQuantity": {"value": 1.2, "unit": "mg/dL"},
         }
-    )
-    data = b"\n".join(
-        [
-            observation("o1", "urn:uuid:u1"),  # b1: the entry's Patient p1
-            observation("o2", "urn:uuid:e1"),  # b1: an Encounter, not a Patient: Python path
-            observation("o3", "urn:uuid:u1"),  # b2: the same fullUrl names p2 there
-            observation("o4", "urn:uuid:p9"),  # not an entry: the id after urn:uuid:
-        ]
-    )
+
+    b1 = {"urn:uuid:u1": ("Patient", "p1"), "urn:uuid:e1": ("Encounter", "e1")}
+    b2 = {"urn:uuid:u1": ("Patient", "p2")}
+    entries = [
+        (observation("o1", "urn:uuid:u1"), b1),  # b1: the entry's Patient p1
+        (observation("o2", "urn:uuid:e1"), b1),  # b1: an Encounter, not a Patient: Python path
+        (observation("o3", "urn:uuid:u1"), b2),  # b2: the same fullUrl names p2 there
+        (observation("o4", "urn:uuid:p9"), b2),  # not an entry: the id after urn:uuid:
+    ]
+    resolved = [with_bundle_references(resource, urls) for resource, urls in entries]
+    assert resolved[0]["subject"] == {"reference": "Patient/p1", "display": "a patient"}
+    assert resolved[3] is entries[3][0]  # nothing to resolve: the entry itself
+    assert entries[0][0]["subject"] == {"reference": "urn:uuid:u1", "display": "a patient"}  # left as written
     read = read_lines(
-        data + b"\n",
+        b"\n".join(orjson.dumps(resource) for resource in resolved) + b"\n",
         "Observation",
         pl.Series(["b1.json", "b1.json", "b2.json", "b2.json"]),
         pl.Series([1, 2, 1, 2], dtype=pl.Int64),
-        Context(EXPORT, urls),
+        Context(EXPORT),
     )
     assert read.slow.tolist() == [1]
     table = pl.from_arrow(read.tables["observations"])
