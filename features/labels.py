@@ -17,7 +17,7 @@ censoring depend on the outcome, and the risk is over-stated (on the simulated h
 Kaplan-Meier one-year risk of 0.141 against the truth's 0.130). The default,
 ``usual_interval``, credits each patient with their own mean interval between days with records in
 the year before the prediction time: if visits come at a steady rate, that is the expected time
-from the last visit to leaving care (0.131 there, and 10 % more patients with a risk label).
+from the last visit to leaving care (0.131 there, and 9 % more patients with a risk label).
 
 * ``event`` / ``duration_days``: the progression target, days to the event or to the end of
   follow-up when censored.
