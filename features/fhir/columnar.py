@@ -430,10 +430,11 @@ def with_bundle_references(resource: dict[str, Any], full_urls: Mapping[str, tup
     resolved: dict[str, Any] | None = None
     for name in _REFERENCE_FIELDS:
         value = resource.get(name)
-        if not isinstance(value, dict):
-            continue
-        target = full_urls.get(value.get("reference"))  # type: ignore[arg-type]
+        reference = value.get("reference") if isinstance(value, dict) else None
+        # Any other shape (a list, a number) is left for the checks to reject.
+        target = full_urls.get(reference) if isinstance(reference, str) else None
         if target is not None:
+            assert isinstance(value, dict)
             resolved = resolved if resolved is not None else dict(resource)
             resolved[name] = {**value, "reference": f"{target[0]}/{target[1]}"}
     return resource if resolved is None else resolved

@@ -233,6 +233,8 @@ def test_bundle_entries_resolve_through_full_urls() -> None:
     resolved = [with_bundle_references(resource, urls) for resource, urls in entries]
     assert resolved[0]["subject"] == {"reference": "Patient/p1", "display": "a patient"}
     assert resolved[3] is entries[3][0]  # nothing to resolve: the entry itself
+    odd = {"resourceType": "Observation", "subject": {"reference": ["urn:uuid:u1"]}, "encounter": "e1"}
+    assert with_bundle_references(odd, b1) is odd  # malformed references are the checks' to reject
     assert entries[0][0]["subject"] == {"reference": "urn:uuid:u1", "display": "a patient"}  # left as written
     read = read_lines(
         b"\n".join(orjson.dumps(resource) for resource in resolved) + b"\n",

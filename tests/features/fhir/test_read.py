@@ -249,6 +249,16 @@ def test_bundle_types_with_urn_uuid(tmp_path: Path, kind: str) -> None:
     assert conditions.select("patient_id", "record_number").rows() == [("p9", 2)]
 
 
+def test_bundle_entry_references_of_the_wrong_shape_or_type(tmp_path: Path) -> None:
+    entries = [
+        {"fullUrl": "urn:uuid:p9", "resource": {**PATIENT, "id": "p9"}},
+        {"fullUrl": "urn:uuid:c1", "resource": condition(id="c1", subject={"reference": ["urn:uuid:p9"]})},
+        {"fullUrl": "urn:uuid:c2", "resource": condition(id="c2", subject={"reference": "urn:uuid:c1"})},
+    ]
+    _summary, quarantine = ingest_files(tmp_path, {"b.json": bundle("collection", entries)})
+    assert quarantine.select("record_number", "reason_code").rows() == [(2, "bad_reference"), (3, "bad_reference")]
+
+
 def test_truncated_bundle_is_one_row(tmp_path: Path) -> None:
     data = bundle("collection", [{"resource": PATIENT}] * 5)
     summary, quarantine = ingest_files(tmp_path, {"b.json": data[:-30]})
