@@ -638,13 +638,18 @@ def _empty(table: str) -> pl.LazyFrame:
     return pl.from_arrow(INTERNAL_TABLES[table].empty_table()).lazy()  # type: ignore[union-attr]
 
 
-def _staged_bytes(staging: Path, table: str) -> int:
+def _staged_parts(staging: Path, table: str) -> list[Path]:
+    """A table's staged parts, in part order (none when nothing was staged for it)."""
     folder = staging / table
-    return sum(part.stat().st_size for part in folder.glob("*.arrow")) if folder.is_dir() else 0
+    return sorted(folder.glob("*.arrow")) if folder.is_dir() else []
+
+
+def _staged_bytes(staging: Path, table: str) -> int:
+    return sum(part.stat().st_size for part in _staged_parts(staging, table))
 
 
 def _staged(staging: Path, table: str) -> pl.LazyFrame:
-    parts = sorted((staging / table).glob("*.arrow")) if (staging / table).is_dir() else []
+    parts = _staged_parts(staging, table)
     return pl.scan_ipc(parts) if parts else _empty(table)
 
 
@@ -1031,6 +1036,14 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:
     return summary
 
 
+def batch_names(batches_dir: Path) -> list[str]:
+    """The batch folders under ``batches_dir``, in name (landing) order. Hidden folders are not
+    batches yet, or no longer: a batch still being copied in, or one being deleted."""
+    if not batches_dir.is_dir():
+        return []
+    return sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[str]:
     """Delete the ingested copies of batches older than ``promoted``, keeping the newest ``keep``.
 
@@ -1044,8 +1057,7 @@ def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[
     if keep < 1:
         raise ValueError(f"prune_ingested_batches: keep must be at least 1 (the promoted batch), found {keep}")
     batches_dir = Path(batches_dir)
-    names = sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    older = [name for name in names if name < promoted]
+    older = [name for name in batch_names(batches_dir) if name < promoted]
     doomed = older[: max(0, len(older) - (keep - 1))]
     for name in doomed:
         hidden = batches_dir / f".deleting-{name}"

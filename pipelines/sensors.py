@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from features.ingest import SUMMARY_FILE, ingest_landing_zone
+from features.ingest import SUMMARY_FILE, batch_names, ingest_landing_zone
 from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
 
@@ -60,9 +60,7 @@ ingest_batch_job = dg.define_asset_job("ingest_batch", selection=[ingested_batch
 
 def new_batches(root: Path, known: set[str]) -> list[str]:
     """Batch folders under ``root`` not yet known, in name order (hidden folders are still landing)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in known)
+    return [name for name in batch_names(root) if name not in known]
 
 
 @dg.sensor(job=ingest_batch_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
