@@ -132,7 +132,7 @@ def main() -> None:
         data = load_task_data(folder, task.horizon_days)
         metrics = {**saved, **evaluate(model, calibrator, data, pl.read_parquet(truth), seed=args.seed)}
     else:
-        metrics = train_task_model(folder, workdir / "model", task.horizon_days, training, architecture, truth,
+        metrics = train_task_model(folder, workdir / "model", task, training, architecture, truth,
                                    on_epoch=log_epoch)
     assert metrics is not None
     seconds = (epochs[-1] - started) if epochs else time.perf_counter() - started
@@ -147,7 +147,7 @@ def main() -> None:
             if args.reuse_ablations:
                 alone = json.loads((alone_dir / "metrics.json").read_text())
             else:
-                alone = train_task_model(folder, alone_dir, task.horizon_days, training, architecture, truth,
+                alone = train_task_model(folder, alone_dir, task, training, architecture, truth,
                                          baselines=False, modalities=(modality,))
             assert alone is not None
             name = f"fusion, {modality} only"

@@ -28,6 +28,7 @@ import torch
 
 from features.io import replace_dir
 from features.simulate.state import risk_given_observed_modalities
+from features.tasks import USUAL_INTERVAL, TaskDefinition
 from models.baselines import (
     feature_matrix,
     fit_cox,
@@ -448,7 +449,7 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
     return model, PlattCalibrator.load(folder / "calibration.json"), info
 
 
-def train_task_model(task_dir: Path, model_dir: Path, horizon_days: float, args: TrainingArguments,
+def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args: TrainingArguments,
                      architecture: dict[str, Any] | None = None, truth_path: Path | None = None,
                      baselines: bool = True, on_epoch: Any = None,
                      is_main_process: bool = True, modalities: tuple[str, ...] = MODALITIES) -> dict[str, Any] | None:
@@ -457,7 +458,7 @@ def train_task_model(task_dir: Path, model_dir: Path, horizon_days: float, args:
     Under DistributedDataParallel every process trains, and only the main process
     (``is_main_process``) evaluates and writes the folder; the others return None.
     """
-    data = load_task_data(task_dir, horizon_days, modalities)
+    data = load_task_data(task_dir, task.horizon_days, modalities)
     config = fusion_config(data, **(architecture or {}))
     torch.manual_seed(args.seed)
     model = FusionForRiskPrediction(config)
@@ -469,7 +470,7 @@ def train_task_model(task_dir: Path, model_dir: Path, horizon_days: float, args:
     metrics["best_epoch"] = result.best_epoch
     metrics["training_arguments"] = asdict(args)
     metrics["split_sizes"] = {k: len(v) for k, v in data.datasets.items()}
-    card = model_card(data, config, metrics)
+    card = model_card(task, data, config, metrics)
     save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
                     data.has_treatment)
     return metrics
@@ -514,8 +515,34 @@ def comparison_lines(comparisons: dict[str, dict[str, float]], n_resamples: int)
     return lines
 
 
-def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) -> str:
-    """A markdown model card: purpose, data, architecture, metrics, subgroups and limits."""
+def _outcome_text(task: TaskDefinition) -> str:
+    kinds = [f"`{code}`" for code in task.outcome.codes] + (["death"] if task.outcome.death else [])
+    return kinds[0] if len(kinds) == 1 else f"the first of {', '.join(kinds[:-1])} or {kinds[-1]}"
+
+
+def _follow_up_rule(task: TaskDefinition) -> str:
+    after = task.follow_up_after_last_record
+    after_text = ("their own usual interval between days with records (the year before the prediction time)"
+                  if after == USUAL_INTERVAL else f"{float(after):g} days")
+    end_text = (f"the end of the data ({task.follow_up_end:%Y-%m-%d})" if task.follow_up_end is not None
+                else "the latest record in the data")
+    death = "death is the event" if task.outcome.death else "death ends follow-up without the event"
+    return (f"Follow-up of a patient without the event ends {after_text} after their last record, and never "
+            f"later than {end_text}; {death}.")
+
+
+def _label_counts(data: TaskData) -> str:
+    parts = []
+    for split, dataset in data.datasets.items():
+        risk = dataset.label_arrays()["risk_label"]
+        known = ~np.isnan(risk)
+        parts.append(f"{split} {int((risk[known] > 0.5).sum()):,} with the event, {int((risk[known] < 0.5).sum()):,} "
+                     f"without, {int((~known).sum()):,} followed less than the horizon")
+    return "; ".join(parts)
+
+
+def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metrics: dict[str, Any]) -> str:
+    """A markdown model card: purpose, task definition, data, architecture, metrics, subgroups, limits."""
     columns = ["auroc", "auprc", "brier", "calibration_error", "harrell_c", "uno_c", "time_dependent_auc",
                "integrated_brier", "pehe", "policy_event_rate"]
     lines = [
@@ -525,6 +552,16 @@ def model_card(data: TaskData, config: FusionConfig, metrics: dict[str, Any]) ->
         f"{data.horizon_days:g} days of the prediction time, the survival curve up to "
         f"{config.survival_bin_edges_days[-1]:g} days and, when the task names a treatment, the outcome under "
         "each arm.",
+        "",
+        "## Task",
+        "",
+        f"Outcome: {_outcome_text(task)} after the prediction time, within {task.horizon_days:g} days. "
+        + _follow_up_rule(task)
+        + (f" Treated: {', '.join(f'`{c}`' for c in task.treatment.codes)} started "
+           f"{task.treatment.window_start_days:g} to {task.treatment.window_end_days:g} days after the prediction "
+           "time." if task.treatment is not None else ""),
+        "",
+        f"Risk labels by split: {_label_counts(data)}.",
         "",
         "## Data",
         "",

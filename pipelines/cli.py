@@ -202,7 +202,7 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
         console.print(f"epoch {int(record['epoch']) + 1:>3}/{epochs}  train loss {record['train_loss']:.4f}  "
                       f"tuning loss {record['tuning_loss']:.4f}")
 
-    metrics = train_task_model(folder, model_dir, task.horizon_days, args, architecture, truth,
+    metrics = train_task_model(folder, model_dir, task, args, architecture, truth,
                                baselines=not no_baselines, on_epoch=show)
     assert metrics is not None
     table = Table(title=f"{task.name}: held-out metrics ({metrics['n_held_out']:,} patients)")

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
                                      device=f"cuda:{local_rank}" if use_cuda else "cpu")
         architecture = {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}
         model_dir = args.out or args.warehouse / "models" / task.name
-        train_task_model(task_dir(args.warehouse, task), model_dir, task.horizon_days, training, architecture,
+        train_task_model(task_dir(args.warehouse, task), model_dir, task, training, architecture,
                          baselines=not args.no_baselines, is_main_process=rank == 0,
                          on_epoch=lambda r: print(f"rank {rank}/{dist.get_world_size()} epoch {int(r['epoch'])} "
                                                   f"train {r['train_loss']:.4f} tuning {r['tuning_loss']:.4f}",

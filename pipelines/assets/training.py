@@ -58,7 +58,7 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                     "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
     folder = model_dir(workspace, task.name)
     metrics = train_task_model(
-        workspace.warehouse_dir / "tasks" / task.name, folder, task.horizon_days, args, architecture,
+        workspace.warehouse_dir / "tasks" / task.name, folder, task, args, architecture,
         truth if truth.is_file() else None, baselines=config.baselines,
         on_epoch=lambda r: context.log.info(f"epoch {int(r['epoch'])}: train {r['train_loss']:.4f} "
                                             f"tuning {r['tuning_loss']:.4f}"),

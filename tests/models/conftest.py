@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from features.tasks import load_task
 from models.task_model import train_task_model
 from models.training import TrainingArguments
 from tests.models.synthetic import write_task_folder
@@ -22,10 +23,10 @@ class TrainedTask:
 @pytest.fixture(scope="session")
 def trained_task(tmp_path_factory: pytest.TempPathFactory) -> TrainedTask:
     warehouse = tmp_path_factory.mktemp("trained")
-    write_task_folder(warehouse, 800, seed=6)
+    task = load_task(write_task_folder(warehouse, 800, seed=6))
     task_dir = warehouse / "tasks" / "synthetic_1y"
     model_dir = warehouse / "models" / "synthetic_1y"
-    train_task_model(task_dir, model_dir, 365.0, TrainingArguments(max_epochs=10, batch_size=64, learning_rate=3e-3),
+    train_task_model(task_dir, model_dir, task, TrainingArguments(max_epochs=10, batch_size=64, learning_rate=3e-3),
                      {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
                      baselines=False)
     return TrainedTask(warehouse, task_dir, model_dir)

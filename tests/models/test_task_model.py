@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 
+from features.tasks import load_task
 from models.task_model import ModelFolderError, load_task_model, train_task_model
 from models.training import TrainingArguments
 from tests.models.synthetic import write_task_folder
@@ -17,10 +19,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     warehouse = tmp_path_factory.mktemp("warehouse")
-    write_task_folder(warehouse, 900, seed=4)
+    task = load_task(write_task_folder(warehouse, 900, seed=4))
     model_dir = warehouse / "models" / "synthetic_1y"
     metrics = train_task_model(
-        warehouse / "tasks" / "synthetic_1y", model_dir, 365.0,
+        warehouse / "tasks" / "synthetic_1y", model_dir, task,
         TrainingArguments(max_epochs=10, batch_size=64, learning_rate=3e-3),
         {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
     )
@@ -45,6 +47,15 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     assert metrics["held_out_event_rate_weighted"] < metrics["held_out_event_rate"]
     assert (f"(event rate {metrics['held_out_event_rate']:.3f}; {metrics['held_out_event_rate_weighted']:.3f} "
             "weighted for censoring)") in card
+    assert ("Outcome: death after the prediction time, within 365 days. Follow-up of a patient without the event "
+            "ends their own usual interval between days with records (the year before the prediction time) after "
+            "their last record, and never later than the latest record in the data; death is the event.") in card
+    task_dir = model_dir.parent.parent / "tasks" / "synthetic_1y"
+    labels = pl.read_parquet(task_dir / "labels.parquet").join(pl.read_parquet(task_dir / "splits.parquet"),
+                                                               on="subject_id")
+    held_out = labels.filter(pl.col("split") == "held_out")["boolean_value"]
+    assert (f"held_out {(held_out == True).sum():,} with the event, {(held_out == False).sum():,} without, "  # noqa: E712
+            f"{held_out.null_count():,} followed less than the horizon.") in card
 
 
 def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tuple[Path, dict]) -> None:
