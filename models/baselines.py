@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -69,6 +69,13 @@ def fit_logistic(x: Matrix, y: npt.ArrayLike, inverse_penalty: float = 0.1,
         LogisticRegression(C=inverse_penalty, max_iter=5000),
     )
     return model.fit(x, np.asarray(y, dtype=int), logisticregression__sample_weight=sample_weight)
+
+
+def fit_ridge(x: Matrix, y: npt.ArrayLike, alphas: tuple[float, ...] = tuple(np.logspace(-1, 4, 11))) -> Pipeline:
+    """Ridge regression on standardised, median-imputed features, its penalty by leave-one-out error."""
+    model = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
+                          RidgeCV(alphas=alphas))
+    return model.fit(x, np.asarray(y, dtype=np.float64))
 
 
 def fit_logistic_tuned(x: Matrix, y: npt.ArrayLike, x_tuning: Matrix, y_tuning: npt.ArrayLike,

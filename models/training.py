@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from features.hardware import cpu_native_bf16
@@ -44,6 +46,7 @@ class TrainingArguments:
     learning_rate: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     patience: int = 4  # epochs without a better tuning loss before stopping
+    average_epochs: float = 1.0  # time constant of the weights' moving average, in epochs; 0 = no average
     seed: int = 0  # seeds torch, numpy and python: same data and seed, same model on the same device
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -163,6 +166,22 @@ def label_censoring_weights(dataset: FusionDataset, reference: FusionDataset, ho
                              known["event"], known["duration_days"])
 
 
+def _moving_average(model: FusionForRiskPrediction, average_epochs: float,
+                    steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of the weights over about ``average_epochs`` epochs, or None.
+
+    Early stopping usually ends training while the one-cycle schedule's rate is still near its peak,
+    where the tuning loss jumps from epoch to epoch with the last batches seen; the averaged weights
+    (Polyak averaging) sit nearer the centre of that noise.
+    """
+    if average_epochs < 0:
+        raise ValueError(f"TrainingArguments.average_epochs: expected >= 0, got {average_epochs}")
+    if average_epochs == 0:
+        return None
+    decay = math.exp(-1.0 / (average_epochs * steps_per_epoch))
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train(
     model: FusionForRiskPrediction,
     train_dataset: FusionDataset,
@@ -207,6 +226,9 @@ def train(
         optimizer, max_lr=args.learning_rate, total_steps=total_steps, pct_start=0.1
     )
     autocast = device.type == "cuda" and args.bf16
+    averaged = _moving_average(model, args.average_epochs, len(loader))
+    # Early stopping and the returned model use the averaged weights when there are any.
+    evaluated = cast(FusionForRiskPrediction, averaged.module) if averaged is not None else model
     best_loss, best_epoch, best_state, stale = math.inf, -1, None, 0
     history: list[dict[str, float]] = []
     for epoch in range(args.max_epochs):
@@ -222,16 +244,18 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             running += float(out.loss.detach()) * len(batch["event"])
             seen += len(batch["event"])
-        tuning = predict_logits(model, tuning_dataset, device=device)
+        tuning = predict_logits(evaluated, tuning_dataset, device=device)
         record = {"epoch": float(epoch), "train_loss": running / max(seen, 1), "tuning_loss": float(tuning["loss"])}
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
         if record["tuning_loss"] < best_loss - 1e-4:
             best_loss, best_epoch, stale = record["tuning_loss"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         else:
             stale += 1
             if stale >= args.patience:

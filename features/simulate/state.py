@@ -23,8 +23,10 @@ patient has a chance of either arm (propensity clipped to [0.05, 0.95]).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -126,6 +128,15 @@ def hidden_log_hazard(age_years: npt.ArrayLike, is_male: npt.ArrayLike, ehr: npt
     return np.asarray(untreated + np.asarray(treated, np.float64) * (-0.8 + 0.45 * np.asarray(cyp2c19, np.float64)))
 
 
+SEVERITY_TERMS = ("ehr_severity", "note_severity", "genomic_risk", "imaging_severity")
+"""The standard-normal hidden terms of the log hazard, each written into one modality."""
+CARRIED_BY: dict[str, str | None] = {"ehr_severity": None, "note_severity": "has_notes", "genomic_risk": "has_genomics",
+               "imaging_severity": "has_imaging"}
+"""The truth column saying whether a patient's data carry each term (None: every patient's do)."""
+_TRUTH_COLUMNS = ("age_years", "sex", *SEVERITY_TERMS, "lpa_risk_alleles", "cyp2c19_lof_alleles", "has_notes",
+                  "has_genomics", "has_imaging", "propensity")
+
+
 def risk_given_observed_modalities(truth: pa.Table, horizon_days: float, n_draws: int = 512,
                                    seed: int = 0) -> FloatArray:
     """Each patient's true risk at the horizon knowing only the hidden terms their data carry.
@@ -137,34 +148,67 @@ def risk_given_observed_modalities(truth: pa.Table, horizon_days: float, n_draws
     counts), with the treatment arms averaged by the propensity as for ``true_risk`` at prediction
     time. It is still an upper bound: the present modalities carry their terms with noise.
     """
-    columns = {name: truth.column(name).to_numpy(zero_copy_only=False)
-               for name in ("age_years", "sex", "ehr_severity", "note_severity", "genomic_risk", "imaging_severity",
-                            "lpa_risk_alleles", "cyp2c19_lof_alleles", "has_notes", "has_genomics", "has_imaging",
-                            "propensity")}
+    columns = _truth_columns(truth)
+    exact = {name: (columns[name], np.zeros(truth.num_rows)) for name in SEVERITY_TERMS}
+    return _risk_over_draws(columns, exact, horizon_days, n_draws, seed)
+
+
+def risk_given_estimated_severities(truth: pa.Table, estimates: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]],
+                                    horizon_days: float, n_draws: int = 512, seed: int = 0) -> FloatArray:
+    """Each patient's true risk at the horizon when each hidden term their data carry is known only
+    as an estimate, ``estimates[term] = (mean, standard deviation)`` per patient for every term of
+    :data:`SEVERITY_TERMS`.
+
+    Monte Carlo as in :func:`risk_given_observed_modalities` (which is the case of exact
+    estimates): a carried term is drawn from a normal around its estimate, a missing one from its
+    standard-normal distribution, allele counts of a genotyped patient are exact (the variant calls
+    hold them). With estimates read from the data, it is the risk the true hazard formula gives when
+    it is fed what the data tell of each term: a reference for what the data support.
+    """
+    missing = [name for name in SEVERITY_TERMS if name not in estimates]
+    if missing:
+        raise ValueError(f"risk_given_estimated_severities: no estimate of {missing} "
+                         f"(expected (mean, standard deviation) for each of {list(SEVERITY_TERMS)})")
+    return _risk_over_draws(_truth_columns(truth), estimates, horizon_days, n_draws, seed)
+
+
+def _truth_columns(truth: pa.Table) -> dict[str, npt.NDArray[Any]]:
+    return {name: truth.column(name).to_numpy(zero_copy_only=False) for name in _TRUTH_COLUMNS}
+
+
+def _risk_over_draws(columns: dict[str, npt.NDArray[Any]],
+                     severities: Mapping[str, tuple[npt.ArrayLike, npt.ArrayLike]], horizon_days: float,
+                     n_draws: int, seed: int) -> FloatArray:
     rng = np.random.default_rng(seed)
     n = len(columns["age_years"])
     shape = (n, n_draws)
+    genotyped = columns["has_genomics"].astype(bool)
 
-    def known_or_drawn(value: FloatArray, known: BoolArray, draw: FloatArray) -> FloatArray:
-        return np.where(known[:, None], np.asarray(value, np.float64)[:, None], draw)
+    def term(name: str) -> FloatArray:
+        mean, sd = (np.asarray(a, np.float64) for a in severities[name])
+        carrier = CARRIED_BY[name]
+        carried = columns[carrier].astype(bool) if carrier is not None else np.ones(n, dtype=bool)
+        if carrier is None and not sd.any():
+            return mean[:, None]  # exact for everyone: nothing to draw
+        # One standard-normal draw serves as the prior of a missing term and as the noise of an estimate.
+        z = rng.standard_normal(shape)
+        return np.where(carried[:, None], mean[:, None] + sd[:, None] * z, z)
 
-    has_notes, has_genomics = columns["has_notes"].astype(bool), columns["has_genomics"].astype(bool)
-    has_imaging = columns["has_imaging"].astype(bool)
-    terms = {
-        "note": known_or_drawn(columns["note_severity"], has_notes, rng.standard_normal(shape)),
-        "genomic": known_or_drawn(columns["genomic_risk"], has_genomics, rng.standard_normal(shape)),
-        "lpa": known_or_drawn(columns["lpa_risk_alleles"], has_genomics,
-                              rng.binomial(2, LPA_RISK_ALLELE_FREQUENCY, shape).astype(np.float64)),
-        "cyp2c19": known_or_drawn(columns["cyp2c19_lof_alleles"], has_genomics,
-                                  rng.binomial(2, CYP2C19_LOF_ALLELE_FREQUENCY, shape).astype(np.float64)),
-        "imaging": known_or_drawn(columns["imaging_severity"], has_imaging, rng.standard_normal(shape)),
-    }
-    common = (columns["age_years"][:, None], (columns["sex"] == "male")[:, None], columns["ehr_severity"][:, None],
-              terms["note"], terms["genomic"], terms["lpa"], terms["imaging"], terms["cyp2c19"])
+    def alleles(name: str, frequency: float) -> FloatArray:
+        return np.where(genotyped[:, None], np.asarray(columns[name], np.float64)[:, None],
+                        rng.binomial(2, frequency, shape).astype(np.float64))
+
+    # Draw order fixed (notes, genomics, alleles, imaging, EHR), so results do not depend on the code path.
+    note, genomic = term("note_severity"), term("genomic_risk")
+    lpa = alleles("lpa_risk_alleles", LPA_RISK_ALLELE_FREQUENCY)
+    cyp2c19 = alleles("cyp2c19_lof_alleles", CYP2C19_LOF_ALLELE_FREQUENCY)
+    imaging, ehr = term("imaging_severity"), term("ehr_severity")
+    common = (columns["age_years"][:, None], (columns["sex"] == "male")[:, None], ehr, note, genomic, lpa, imaging,
+              cyp2c19)
     horizon = np.array([float(horizon_days)])
     risk = {}
     for treated in (False, True):
-        lhr = hidden_log_hazard(*common, treated)  # (n, n_draws)
+        lhr = np.broadcast_to(hidden_log_hazard(*common, treated), shape)  # (n, n_draws)
         risk[treated] = 1.0 - true_survival(lhr.ravel(), horizon)[:, 0].reshape(shape).mean(axis=1)
     propensity = columns["propensity"].astype(np.float64)
     return np.asarray(propensity * risk[True] + (1.0 - propensity) * risk[False])

@@ -12,7 +12,7 @@ import torch
 from models.data import FusionDataset, collate
 from models.fusion import FusionConfig, FusionForRiskPrediction
 from models.metrics import auroc
-from models.training import TrainingArguments, label_censoring_weights, predict_logits, train
+from models.training import TrainingArguments, _moving_average, label_censoring_weights, predict_logits, train
 from tests.models.synthetic import synthetic_task
 
 
@@ -52,6 +52,29 @@ def test_training_learns_the_planted_signal_and_is_reproducible() -> None:
     assert len(result.history) >= result.best_epoch + 1
     again = train(tiny_model(), train_data, tuning_data, args)
     assert np.array_equal(logits, predict_logits(again.model, test_data)["risk_logits"])
+
+
+def test_moving_average_weighs_each_step_by_the_decay_of_its_time_constant() -> None:
+    model = tiny_model()
+    averaged = _moving_average(model, average_epochs=2.0, steps_per_epoch=5)
+    assert averaged is not None and _moving_average(model, 0.0, 5) is None
+    decay = np.exp(-1 / 10)  # a time constant of 2 epochs of 5 steps
+    weight = model.risk_head.weight
+    values = []
+    for step in range(3):
+        with torch.no_grad():
+            weight.fill_(float(step + 1))
+        averaged.update_parameters(model)
+        values.append(step + 1.0)
+    # The first update copies; each later one moves the average (1 - decay) of the way to the weights.
+    expected = (values[0] * decay + values[1] * (1 - decay)) * decay + values[2] * (1 - decay)
+    np.testing.assert_allclose(averaged.module.risk_head.weight.detach().numpy(), expected, rtol=1e-6)
+
+
+def test_training_refuses_a_negative_averaging_time() -> None:
+    data = dataset(200, 1)
+    with pytest.raises(ValueError, match=r"TrainingArguments.average_epochs: expected >= 0, got -1.0"):
+        train(tiny_model(), data, data, TrainingArguments(max_epochs=1, average_epochs=-1.0))
 
 
 def test_training_refuses_a_split_without_enough_events() -> None:

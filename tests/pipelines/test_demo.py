@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -33,6 +34,9 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert pl.read_parquet(warehouse / "patients.parquet").height == 300
     labels = pl.read_parquet(warehouse / "tasks" / DEMO_TASK / "labels.parquet")
     assert labels.height == truth.height
+    model_metrics = json.loads((warehouse / "models" / DEMO_TASK / "metrics.json").read_text())["models"]
+    references = ("truth", "truth_observed_modalities", "truth_estimated_severities")
+    assert all(0.5 < model_metrics[name]["auroc"] <= 1.0 for name in references)
     published = pl.read_parquet(tmp_path / "workspace" / "published" / DEMO_TASK / "v0001" / "scores.parquet")
     assert published.height == 300
     assert (published["risk_tier"] == "high").sum() == 15

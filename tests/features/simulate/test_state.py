@@ -10,7 +10,13 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from features.simulate import true_survival
-from features.simulate.state import draw_hidden_state, risk_given_observed_modalities, truth_table
+from features.simulate.state import (
+    SEVERITY_TERMS,
+    draw_hidden_state,
+    risk_given_estimated_severities,
+    risk_given_observed_modalities,
+    truth_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +115,32 @@ def test_risk_given_observed_modalities_averages_over_what_is_missing(truth: pa.
     observed = roc_auc_score(outcome, risk_given_observed_modalities(truth, 365)[labelled])
     full = roc_auc_score(outcome, _arm_averaged_true_risk(truth)[labelled])
     assert 0.6 < observed < full - 0.02
+
+
+def test_risk_given_estimated_severities_with_exact_estimates_is_the_observed_modalities_risk(truth: pa.Table) -> None:
+    exact = {name: (truth.column(name).to_numpy(), np.zeros(truth.num_rows)) for name in SEVERITY_TERMS}
+    np.testing.assert_array_equal(risk_given_estimated_severities(truth, exact, 365),
+                                  risk_given_observed_modalities(truth, 365))
+
+
+def test_risk_given_estimated_severities_averages_over_the_estimates_uncertainty(truth: pa.Table) -> None:
+    # Each term but the EHR's (which the propensity that averages the arms depends on) read with noise of
+    # variance 1 and shrunk as a regression would: E[s | s + n] = (s + n) / 2, residual variance 1/2.
+    # The mean risk stays the truth's; the ranking falls below the exact terms'.
+    rng = np.random.default_rng(3)
+    noisy = {name: ((truth.column(name).to_numpy() + rng.standard_normal(truth.num_rows)) / 2,
+                    np.full(truth.num_rows, np.sqrt(0.5))) for name in SEVERITY_TERMS}
+    noisy["ehr_severity"] = (truth.column("ehr_severity").to_numpy(), np.zeros(truth.num_rows))
+    risk = risk_given_estimated_severities(truth, noisy, 365, n_draws=2000)
+    assert risk.mean() == pytest.approx(_arm_averaged_true_risk(truth).mean(), abs=0.003)
+    labelled = ~np.isnan(truth.column("event_within_horizon").to_numpy(zero_copy_only=False).astype(float))
+    outcome = truth.column("event_within_horizon").to_numpy(zero_copy_only=False)[labelled].astype(bool)
+    estimated = roc_auc_score(outcome, risk[labelled])
+    observed = roc_auc_score(outcome, risk_given_observed_modalities(truth, 365)[labelled])
+    assert 0.55 < estimated < observed - 0.02
+
+
+def test_risk_given_estimated_severities_names_a_missing_term(truth: pa.Table) -> None:
+    partial = {"ehr_severity": (np.zeros(truth.num_rows), np.ones(truth.num_rows))}
+    with pytest.raises(ValueError, match=r"no estimate of \['note_severity', 'genomic_risk', 'imaging_severity'\]"):
+        risk_given_estimated_severities(truth, partial, 365)
