@@ -407,6 +407,10 @@ def _truth_risks(truth: pl.DataFrame, data: TaskData) -> dict[str, np.ndarray]:
     }
 
 
+MIN_PATIENTS_TO_READ_A_TERM = 10
+"""Fewest train and tuning patients carrying a hidden term for the reference to read it from the data."""
+
+
 def _severities_read_from_data(data: TaskData, truth: pl.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each hidden term of the held-out patients as a ridge regression on the late-fusion inputs reads it.
 
@@ -430,10 +434,14 @@ def _severities_read_from_data(data: TaskData, truth: pl.DataFrame) -> dict[str,
             rows = hidden[split]
             return rows[term_carrier].to_numpy() if term_carrier else np.ones(rows.height, dtype=bool)
 
+        held_out = matrices["held_out"]
+        if min(carried("train").sum(), carried("tuning").sum()) < MIN_PATIENTS_TO_READ_A_TERM:
+            # Too few patients carry the term to read it: the data tell nothing beyond its distribution.
+            estimates[term] = (np.zeros(len(held_out)), np.ones(len(held_out)))
+            continue
         ridge = fit_ridge(matrices["train"][carried("train")], hidden["train"][term].to_numpy()[carried("train")])
         residual = (hidden["tuning"][term].to_numpy()[carried("tuning")]
                     - ridge.predict(matrices["tuning"][carried("tuning")]))
-        held_out = matrices["held_out"]
         estimates[term] = (np.asarray(ridge.predict(held_out)), np.full(len(held_out), residual.std()))
     return estimates
 

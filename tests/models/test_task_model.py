@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
 from features.tasks import load_task
-from models.task_model import ModelFolderError, load_task_model, train_task_model
+from models.task_model import (
+    ModelFolderError,
+    _severities_read_from_data,
+    load_task_data,
+    load_task_model,
+    train_task_model,
+)
 from models.training import TrainingArguments
 from tests.models.synthetic import write_task_folder
 
@@ -117,3 +124,22 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
     with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 3"):
         load_task_model(broken)
+
+
+def test_severities_read_from_data_recover_a_term_the_inputs_carry_and_leave_an_uncarried_one_unknown(
+        tmp_path: Path) -> None:
+    task = load_task(write_task_folder(tmp_path, 400, seed=2))
+    data = load_task_data(tmp_path / "tasks" / task.name, task.horizon_days)
+    tabular = pl.concat(data.tabular.values())
+    n = tabular.height
+    truth = tabular.select("subject_id", ehr_severity=pl.col("noise"), note_severity=pl.lit(0.0),
+                           genomic_risk=pl.lit(0.0), imaging_severity=pl.lit(0.0), has_notes=pl.lit(True),
+                           has_genomics=pl.lit(True), has_imaging=pl.Series([False] * n))
+    estimates = _severities_read_from_data(data, truth)
+    held_out_noise = data.tabular["held_out"]["noise"].to_numpy()
+    mean, sd = estimates["ehr_severity"]
+    np.testing.assert_allclose(mean, held_out_noise, atol=0.05)
+    assert sd.shape == held_out_noise.shape and np.all(sd < 0.05)
+    # Nobody is imaged: the image term keeps its standard-normal distribution.
+    np.testing.assert_array_equal(estimates["imaging_severity"][0], np.zeros(len(held_out_noise)))
+    np.testing.assert_array_equal(estimates["imaging_severity"][1], np.ones(len(held_out_noise)))
