@@ -180,11 +180,13 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--heads", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--average-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Keep a moving average of the weights over about this many epochs (0: the last weights).")
 @click.option("--truth", type=click.Path(path_type=Path), default=None,
               help="A simulator's truth.parquet, to report the treatment-effect error and the best possible scores.")
 @click.option("--no-baselines", is_flag=True, help="Skip the baseline models.")
 def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch_size: int, hidden_size: int,
-          layers: int, heads: int, seed: int, truth: Path | None, no_baselines: bool) -> None:
+          layers: int, heads: int, seed: int, average_epochs: float, truth: Path | None, no_baselines: bool) -> None:
     """Train, calibrate and evaluate the fusion model of one task (CUDA when present, else CPU)."""
     from features.task_inputs import task_dir
     from features.tasks import load_task
@@ -194,7 +196,7 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
     model_dir = out or warehouse / "models" / task.name
-    args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed)
+    args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed, average_epochs=average_epochs)
     architecture = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,
                     "intermediate_size": 2 * hidden_size}
 

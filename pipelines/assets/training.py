@@ -39,6 +39,8 @@ class TrainingRunConfig(dg.Config):  # type: ignore[misc]
     num_hidden_layers: int = 2
     num_attention_heads: int = 2
     seed: int = 0
+    # Moving average of the weights over about this many epochs; 0 keeps the last weights.
+    average_epochs: float = 1.0
     baselines: bool = True
 
 
@@ -53,7 +55,8 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
     task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
     truth = workspace.landing_dir / "truth.parquet"
     args = TrainingArguments(max_epochs=config.max_epochs, batch_size=config.batch_size,
-                             learning_rate=config.learning_rate, seed=config.seed)
+                             learning_rate=config.learning_rate, seed=config.seed,
+                             average_epochs=config.average_epochs)
     architecture = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                     "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
     folder = model_dir(workspace, task.name)
