@@ -18,6 +18,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -255,12 +256,13 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
             fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub])
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
+    matrices = _InputMatrices(data)
     if baselines:
-        models.update(_baselines(data, labels, known, w, horizon, effects, scores, seed))
+        models.update(_baselines(data, matrices, labels, known, w, horizon, effects, scores, seed))
     if data.has_treatment:
-        _treatment_metrics(models, effects, data, labels, known, w, truth)
+        _treatment_metrics(models, effects, data, matrices, labels, known, w, truth)
     if truth is not None:
-        for name, risk in _truth_risks(truth, data).items():
+        for name, risk in _truth_risks(truth, data, matrices.late_fusion).items():
             models[name], scores[name] = _truth_metrics(risk, labels, known, w, train_labels, horizon)
     results["models"] = models
     results["comparison_resamples"] = COMPARISON_RESAMPLES
@@ -304,12 +306,11 @@ def _subgroups(cohort: pl.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
-def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray, w: np.ndarray, horizon: float,
-               effects: dict[str, np.ndarray], scores: dict[str, Scores], seed: int) -> dict[str, dict[str, float]]:
+def _baselines(data: TaskData, matrices: _InputMatrices, labels: dict[str, np.ndarray], known: np.ndarray,
+               w: np.ndarray, horizon: float, effects: dict[str, np.ndarray], scores: dict[str, Scores],
+               seed: int) -> dict[str, dict[str, float]]:
     """Every baseline on the same splits; the risk models learn from the censoring-weighted labels."""
-    x_train, columns = feature_matrix(data.tabular["train"])
-    x_tuning, _ = feature_matrix(data.tabular["tuning"], columns)
-    x_test, _ = feature_matrix(data.tabular["held_out"], columns)
+    x_train, x_tuning, x_test = (matrices.tabular[split] for split in ("train", "tuning", "held_out"))
     train_labels = data.datasets["train"].label_arrays()
     tuning_labels = data.datasets["tuning"].label_arrays()
     k_train = ~np.isnan(train_labels["risk_label"])
@@ -319,8 +320,7 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     y = labels["risk_label"][known]
     out: dict[str, dict[str, float]] = {}
     logistic = fit_logistic(x_train[k_train], y_train, sample_weight=w_train)
-    fused = {split: _late_fusion_matrix(data, split, x) for split, x in
-             (("train", x_train), ("tuning", x_tuning), ("held_out", x_test))}
+    fused = matrices.late_fusion
     late = fit_logistic_tuned(fused["train"][k_train], y_train, fused["tuning"][k_tuning], y_tuning,
                               sample_weight=w_train, tuning_weight=w_tuning)
     for name, risk in (
@@ -349,18 +349,36 @@ def _baselines(data: TaskData, labels: dict[str, np.ndarray], known: np.ndarray,
     return out
 
 
-def _late_fusion_matrix(data: TaskData, split: str, tabular: np.ndarray) -> np.ndarray:
-    """The aggregates of a split beside each patient's mean note and mean imaging embedding."""
-    ids = data.tabular[split]["subject_id"].to_numpy()
-    return np.hstack([
-        tabular,
-        mean_embeddings(ids, data.note_embeddings, data.text_embedding_dim),
-        mean_embeddings(ids, data.imaging_embeddings, data.imaging_embedding_dim),
-    ])
+class _InputMatrices:
+    """The baselines' inputs per split, each built once when first needed in an evaluation."""
+
+    def __init__(self, data: TaskData) -> None:
+        self.data = data
+
+    @cached_property
+    def tabular(self) -> dict[str, np.ndarray]:
+        """The aggregates, in the train split's column order."""
+        x_train, columns = feature_matrix(self.data.tabular["train"])
+        return {"train": x_train, **{split: feature_matrix(self.data.tabular[split], columns)[0]
+                                     for split in ("tuning", "held_out")}}
+
+    @cached_property
+    def late_fusion(self) -> dict[str, np.ndarray]:
+        """The aggregates beside each patient's mean note and mean imaging embedding."""
+        data = self.data
+        out = {}
+        for split, tabular in self.tabular.items():
+            ids = data.tabular[split]["subject_id"].to_numpy()
+            out[split] = np.hstack([
+                tabular,
+                mean_embeddings(ids, data.note_embeddings, data.text_embedding_dim),
+                mean_embeddings(ids, data.imaging_embeddings, data.imaging_embedding_dim),
+            ])
+        return out
 
 
 def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, np.ndarray], data: TaskData,
-                       labels: dict[str, np.ndarray], known: np.ndarray, w: np.ndarray,
+                       matrices: _InputMatrices, labels: dict[str, np.ndarray], known: np.ndarray, w: np.ndarray,
                        truth: pl.DataFrame | None) -> None:
     held_out = data.datasets["held_out"]
     true_effect = None
@@ -368,10 +386,9 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
         by_subject = dict(zip(truth["subject_id"].to_list(), truth["true_treatment_effect"].to_list(), strict=True))
         true_effect = np.array([by_subject[s] for s in held_out.subject_ids.tolist()])
     # Propensity from the treatment actually given, for the policy value (observed data only).
-    x_train, columns = feature_matrix(data.tabular["train"])
-    x_test, _ = feature_matrix(data.tabular["held_out"], columns)
     treated_train = data.datasets["train"].label_arrays()["treated"]
-    propensity = fit_logistic(x_train, treated_train).predict_proba(x_test)[:, 1]
+    propensity = fit_logistic(matrices.tabular["train"], treated_train).predict_proba(
+        matrices.tabular["held_out"])[:, 1]
     for name, effect in effects.items():
         metrics = models.setdefault(name, {})
         if true_effect is not None:
@@ -380,7 +397,7 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
                                                     labels["risk_label"][known], propensity[known], w)
 
 
-def _truth_risks(truth: pl.DataFrame, data: TaskData) -> dict[str, np.ndarray]:
+def _truth_risks(truth: pl.DataFrame, data: TaskData, late_fusion: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Three references from the simulator's hidden state, per held-out patient (arms averaged by
     the propensity: at the prediction time the treatment is not yet decided).
 
@@ -403,7 +420,7 @@ def _truth_risks(truth: pl.DataFrame, data: TaskData) -> dict[str, np.ndarray]:
             "true_risk_untreated"].to_numpy(),
         "truth_observed_modalities": risk_given_observed_modalities(table, data.horizon_days),
         "truth_estimated_severities": risk_given_estimated_severities(
-            table, _severities_read_from_data(data, truth), data.horizon_days),
+            table, _severities_read_from_data(data, late_fusion, truth), data.horizon_days),
     }
 
 
@@ -411,7 +428,8 @@ MIN_PATIENTS_TO_READ_A_TERM = 10
 """Fewest train and tuning patients carrying a hidden term for the reference to read it from the data."""
 
 
-def _severities_read_from_data(data: TaskData, truth: pl.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _severities_read_from_data(data: TaskData, late_fusion: dict[str, np.ndarray],
+                               truth: pl.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each hidden term of the held-out patients as a ridge regression on the late-fusion inputs reads it.
 
     The inputs are the aggregates and mean embeddings of ``logistic_regression_all_modalities``; each
@@ -420,12 +438,9 @@ def _severities_read_from_data(data: TaskData, truth: pl.DataFrame) -> dict[str,
     less than a flexible model could; in the simulator each term enters its modality close to
     linearly (tuning R^2 about 0.84 for the EHR and notes at 20,000 patients).
     """
-    matrices, columns = {}, None
-    for split in ("train", "tuning", "held_out"):
-        x, columns = feature_matrix(data.tabular[split], columns)
-        matrices[split] = _late_fusion_matrix(data, split, x)
     hidden = {split: pl.DataFrame({"subject_id": data.tabular[split]["subject_id"]}).join(
-        truth, on="subject_id", how="left") for split in matrices}
+        truth, on="subject_id", how="left") for split in late_fusion}
+    held_out = late_fusion["held_out"]
     estimates = {}
     for term in SEVERITY_TERMS:
         carrier = CARRIED_BY[term]
@@ -434,14 +449,13 @@ def _severities_read_from_data(data: TaskData, truth: pl.DataFrame) -> dict[str,
             rows = hidden[split]
             return rows[term_carrier].to_numpy() if term_carrier else np.ones(rows.height, dtype=bool)
 
-        held_out = matrices["held_out"]
         if min(carried("train").sum(), carried("tuning").sum()) < MIN_PATIENTS_TO_READ_A_TERM:
             # Too few patients carry the term to read it: the data tell nothing beyond its distribution.
             estimates[term] = (np.zeros(len(held_out)), np.ones(len(held_out)))
             continue
-        ridge = fit_ridge(matrices["train"][carried("train")], hidden["train"][term].to_numpy()[carried("train")])
+        ridge = fit_ridge(late_fusion["train"][carried("train")], hidden["train"][term].to_numpy()[carried("train")])
         residual = (hidden["tuning"][term].to_numpy()[carried("tuning")]
-                    - ridge.predict(matrices["tuning"][carried("tuning")]))
+                    - ridge.predict(late_fusion["tuning"][carried("tuning")]))
         estimates[term] = (np.asarray(ridge.predict(held_out)), np.full(len(held_out), residual.std()))
     return estimates
 

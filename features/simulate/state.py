@@ -208,7 +208,7 @@ def _risk_over_draws(columns: dict[str, npt.NDArray[Any]],
     horizon = np.array([float(horizon_days)])
     risk = {}
     for treated in (False, True):
-        lhr = np.broadcast_to(hidden_log_hazard(*common, treated), shape)  # (n, n_draws)
+        lhr = hidden_log_hazard(*common, treated)  # (n, n_draws): the note term is always drawn
         risk[treated] = 1.0 - true_survival(lhr.ravel(), horizon)[:, 0].reshape(shape).mean(axis=1)
     propensity = columns["propensity"].astype(np.float64)
     return np.asarray(propensity * risk[True] + (1.0 - propensity) * risk[False])

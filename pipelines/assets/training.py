@@ -40,7 +40,7 @@ class TrainingRunConfig(dg.Config):  # type: ignore[misc]
     num_attention_heads: int = 2
     seed: int = 0
     # Moving average of the weights over about this many epochs; 0 keeps the last weights.
-    average_epochs: float = 1.0
+    average_epochs: float = TrainingArguments.average_epochs
     baselines: bool = True
 
 
