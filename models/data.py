@@ -269,9 +269,10 @@ class FusionDataset(Dataset[PatientInputs]):
         }
 
 
-def _pad(arrays: list[np.ndarray], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length arrays (L_i, ...) into (B, max(1, max L_i), ...) and a (B, L) mask."""
-    width = max(1, *(len(a) for a in arrays))
+def _pad(arrays: list[np.ndarray], fill: float = 0.0, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length arrays (L_i, ...) into (B, L, ...) and a (B, L) mask, L = max(1, max L_i)
+    rounded up to a multiple of ``multiple``."""
+    width = -(-max(1, *(len(a) for a in arrays)) // multiple) * multiple
     first = arrays[0]
     out = np.full((len(arrays), width, *first.shape[1:]), fill, dtype=first.dtype)
     mask = np.zeros((len(arrays), width), dtype=bool)
@@ -285,28 +286,34 @@ LABEL_KEYS = ("risk_labels", "event", "duration_days", "treated")
 """Keys of a collated batch that carry outcomes: the loss needs them, scoring does not."""
 
 
-def collate(patients: list[PatientInputs]) -> dict[str, torch.Tensor]:
+def collate(patients: list[PatientInputs], pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Pad a list of patients into the keyword tensors of ``FusionForRiskPrediction.forward``.
 
-    ``event_values`` (padded with NaN) is included only when every patient has them.
+    ``event_values`` (padded with NaN) is included only when every patient has them. Each sequence is
+    padded to a multiple of ``pad_to_multiple_of``: on a GPU, fewer distinct shapes mean fewer
+    attention kernel plans to build (as ``pad_to_multiple_of`` in transformers' data collators).
     """
-    event_codes, event_mask = _pad([p.event_codes for p in patients])
-    note_embeddings, note_mask = _pad([p.note_embeddings for p in patients])
-    imaging_embeddings, imaging_mask = _pad([p.imaging_embeddings for p in patients])
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"collate: pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    m = pad_to_multiple_of
+    event_codes, event_mask = _pad([p.event_codes for p in patients], multiple=m)
+    note_embeddings, note_mask = _pad([p.note_embeddings for p in patients], multiple=m)
+    imaging_embeddings, imaging_mask = _pad([p.imaging_embeddings for p in patients], multiple=m)
     event_values = [p.event_values for p in patients if p.event_values is not None]
-    values = ({"event_values": _pad(event_values, fill=np.nan)[0]} if len(event_values) == len(patients) else {})
+    values = ({"event_values": _pad(event_values, fill=np.nan, multiple=m)[0]} if len(event_values) == len(patients)
+              else {})
     return {
         "event_codes": event_codes,
-        "event_value_bins": _pad([p.event_value_bins for p in patients])[0],
-        "event_days": _pad([p.event_days for p in patients])[0],
-        "event_modalities": _pad([p.event_modalities for p in patients])[0],
+        "event_value_bins": _pad([p.event_value_bins for p in patients], multiple=m)[0],
+        "event_days": _pad([p.event_days for p in patients], multiple=m)[0],
+        "event_modalities": _pad([p.event_modalities for p in patients], multiple=m)[0],
         "event_mask": event_mask,
         "note_embeddings": note_embeddings,
-        "note_days": _pad([p.note_days for p in patients])[0],
+        "note_days": _pad([p.note_days for p in patients], multiple=m)[0],
         "note_mask": note_mask,
         "imaging_embeddings": imaging_embeddings,
-        "imaging_modalities": _pad([p.imaging_modalities for p in patients])[0],
-        "imaging_days": _pad([p.imaging_days for p in patients])[0],
+        "imaging_modalities": _pad([p.imaging_modalities for p in patients], multiple=m)[0],
+        "imaging_days": _pad([p.imaging_days for p in patients], multiple=m)[0],
         "imaging_mask": imaging_mask,
         "risk_labels": torch.tensor([p.risk_label for p in patients], dtype=torch.float32),
         "event": torch.tensor([p.event for p in patients], dtype=torch.float32),

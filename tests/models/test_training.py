@@ -12,7 +12,14 @@ import torch
 from models.data import FusionDataset, collate
 from models.fusion import FusionConfig, FusionForRiskPrediction
 from models.metrics import auroc
-from models.training import TrainingArguments, _moving_average, label_censoring_weights, predict_logits, train
+from models.training import (
+    TrainingArguments,
+    _moving_average,
+    _one_cycle,
+    label_censoring_weights,
+    predict_logits,
+    train,
+)
 from tests.models.synthetic import synthetic_task
 
 
@@ -38,6 +45,21 @@ def test_collate_pads_and_masks_missing_modalities() -> None:
     assert batch["event_mask"].sum().item() == sum(len(data[i].event_codes) for i in range(6))
     no_image = [i for i in range(6) if len(data[i].imaging_days) == 0]
     assert no_image and not batch["imaging_mask"][no_image].any()
+
+
+def test_collate_pads_to_a_multiple_without_changing_predictions() -> None:
+    data = dataset(6, seed=1)
+    patients = [data[i] for i in range(6)]
+    plain, padded = collate(patients), collate(patients, pad_to_multiple_of=16)
+    longest = max(len(p.event_codes) for p in patients)
+    assert padded["event_codes"].shape[1] == -(-longest // 16) * 16 and plain["event_codes"].shape[1] == longest
+    assert padded["note_embeddings"].shape[1] == 16 and padded["imaging_mask"].shape[1] == 16
+    assert padded["event_mask"].sum().item() == plain["event_mask"].sum().item()
+    model = tiny_model().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**padded).risk_logits, model(**plain).risk_logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"collate: pad_to_multiple_of must be >= 1, got 0"):
+        collate(patients, pad_to_multiple_of=0)
 
 
 def test_training_learns_the_planted_signal_and_is_reproducible() -> None:
@@ -69,6 +91,39 @@ def test_moving_average_weighs_each_step_by_the_decay_of_its_time_constant() -> 
     # The first update copies; each later one moves the average (1 - decay) of the way to the weights.
     expected = (values[0] * decay + values[1] * (1 - decay)) * decay + values[2] * (1 - decay)
     np.testing.assert_allclose(averaged.module.risk_head.weight.detach().numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("total_steps", "peak_step"), [(30, 2), (10, 1), (3, 1)])
+def test_learning_rate_warms_up_to_its_peak_then_falls(total_steps: int, peak_step: int) -> None:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = _one_cycle(optimizer, 1e-3, total_steps)
+    rates = [scheduler.get_last_lr()[0]]  # the rate of each of the run's steps
+    for _ in range(total_steps - 1):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[0] < 1e-4
+    assert rates[peak_step] == pytest.approx(1e-3)
+    assert max(rates) == pytest.approx(1e-3) and rates[-1] < 1e-6
+
+
+def test_training_runs_however_few_steps_an_epoch_has() -> None:
+    data = dataset(600, 1)
+    # 600 patients in batches of 600, 300, 200 and 60: 1, 2, 3 and 10 steps (a one-step warm-up broke OneCycleLR).
+    for batch_size in (600, 300, 200, 60):
+        result = train(tiny_model(), data, data, TrainingArguments(max_epochs=1, batch_size=batch_size))
+        assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_collating_in_loader_processes_trains_the_same_model() -> None:
+    train_data, tuning_data = dataset(300, 1), dataset(100, 2)
+    args = TrainingArguments(max_epochs=2, batch_size=64, seed=0)
+    in_process = train(tiny_model(), train_data, tuning_data, args)
+    in_workers = train(tiny_model(), train_data, tuning_data,
+                       TrainingArguments(max_epochs=2, batch_size=64, seed=0, dataloader_num_workers=2))
+    assert in_process.history == in_workers.history
+    with pytest.raises(ValueError, match=r"dataloader_num_workers: expected >= 0, got -1"):
+        train(tiny_model(), train_data, tuning_data, TrainingArguments(max_epochs=1, dataloader_num_workers=-1))
 
 
 def test_training_refuses_a_negative_averaging_time() -> None:
