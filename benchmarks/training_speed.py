@@ -86,7 +86,8 @@ class UtilisationSampler:
         return sum(self.samples) / len(self.samples) if self.samples else float("nan")
 
 
-def measure(data: TaskData, setting: Setting, epochs: int, device: torch.device, seed: int) -> Measurement:
+def measure(data: TaskData, setting: Setting, epochs: int, device: torch.device, seed: int,
+            utilisation_interval_s: float = 0.2) -> Measurement:
     """Train a fresh model for ``epochs`` epochs under ``setting``; time it."""
     config = fusion_config(data, hidden_size=setting.hidden_size, num_attention_heads=2,
                            intermediate_size=2 * setting.hidden_size)
@@ -98,7 +99,7 @@ def measure(data: TaskData, setting: Setting, epochs: int, device: torch.device,
     if on_gpu:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    sampler = UtilisationSampler(device) if on_gpu else None
+    sampler = UtilisationSampler(device, utilisation_interval_s) if on_gpu and utilisation_interval_s > 0 else None
     started = time.perf_counter()
     if sampler is not None:
         with sampler:
@@ -127,6 +128,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"],
                         help="bf16 autocast or float32 (bf16 applies on CUDA only; CPU training is float32)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--utilisation-interval-s", type=float, default=0.2,
+                        help="how often the GPU's utilisation is read; 0 does not read it")
     args = parser.parse_args()
     device = TrainingArguments(device=args.device).resolve_device()
     data = load_task_data(args.task_dir, load_task(args.task).horizon_days)
@@ -145,7 +148,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for setting in settings:
-        m = measure(data, setting, args.epochs, device, args.seed)
+        m = measure(data, setting, args.epochs, device, args.seed, args.utilisation_interval_s)
         precision = "bf16" if setting.bf16 and device.type == "cuda" else "float32"
         util = f"{m.gpu_utilisation_percent:.0f}" if m.gpu_utilisation_percent is not None else "n/a"
         memory = f"{m.peak_gpu_memory_mib:,.0f}" if m.peak_gpu_memory_mib is not None else "n/a"

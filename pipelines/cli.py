@@ -185,8 +185,12 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--truth", type=click.Path(path_type=Path), default=None,
               help="A simulator's truth.parquet, to report the treatment-effect error and the best possible scores.")
 @click.option("--no-baselines", is_flag=True, help="Skip the baseline models.")
+@click.option("--float32", is_flag=True,
+              help="Train in float32 on a GPU too (bf16 autocast otherwise): a rerun in a new process then gives "
+                   "the same model, which bf16 runs on CUDA do not promise.")
 def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch_size: int, hidden_size: int,
-          layers: int, heads: int, seed: int, average_epochs: float, truth: Path | None, no_baselines: bool) -> None:
+          layers: int, heads: int, seed: int, average_epochs: float, truth: Path | None, no_baselines: bool,
+          float32: bool) -> None:
     """Train, calibrate and evaluate the fusion model of one task (CUDA when present, else CPU)."""
     from features.task_inputs import task_dir
     from features.tasks import load_task
@@ -196,7 +200,8 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
     model_dir = out or warehouse / "models" / task.name
-    args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed, average_epochs=average_epochs)
+    args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed, average_epochs=average_epochs,
+                             bf16=not float32)
     architecture = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,
                     "intermediate_size": 2 * hidden_size}
 

@@ -41,6 +41,8 @@ class TrainingRunConfig(dg.Config):  # type: ignore[misc]
     seed: int = 0
     # Moving average of the weights over about this many epochs; 0 keeps the last weights.
     average_epochs: float = TrainingArguments.average_epochs
+    # bf16 autocast on a GPU; False trains in float32, the same model from process to process.
+    bf16: bool = TrainingArguments.bf16
     baselines: bool = True
 
 
@@ -56,7 +58,7 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
     truth = workspace.landing_dir / "truth.parquet"
     args = TrainingArguments(max_epochs=config.max_epochs, batch_size=config.batch_size,
                              learning_rate=config.learning_rate, seed=config.seed,
-                             average_epochs=config.average_epochs)
+                             average_epochs=config.average_epochs, bf16=config.bf16)
     architecture = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                     "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
     folder = model_dir(workspace, task.name)

@@ -77,11 +77,12 @@ def test_train_prints_the_metrics_and_fusion_against_each_baseline(
     task_yaml = write_task_folder(tmp_path, 400, seed=2)
     code, out, err = run_cli(
         ["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "2", "--hidden-size", "16",
-         "--layers", "1", "--batch-size", "64", "--average-epochs", "0.5"], capsys
+         "--layers", "1", "--batch-size", "64", "--average-epochs", "0.5", "--float32"], capsys
     )
     assert code == 0, err
     metrics = json.loads((tmp_path / "models" / "synthetic_1y" / "metrics.json").read_text())
     assert metrics["training_arguments"]["average_epochs"] == 0.5
+    assert metrics["training_arguments"]["bf16"] is False
     assert "synthetic_1y: held-out metrics" in out and "fusion minus each model" in out
     lightgbm = metrics["comparisons"]["lightgbm"]
     assert format_difference(lightgbm, "auroc") in out

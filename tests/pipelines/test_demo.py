@@ -51,7 +51,7 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
             [*task_assets, *all_asset_checks], selection=dg.AssetSelection.assets(*task_assets),
             partition_key=DEMO_TASK, instance=instance, raise_on_error=False,
             resources=resources_for_deployment(str(tmp_path / "workspace")),
-            run_config={"ops": {"fusion_model": {"config": {"max_epochs": 1, "hidden_size": 32}},
+            run_config={"ops": {"fusion_model": {"config": {"max_epochs": 1, "hidden_size": 32, "bf16": False}},
                                 "fusion_model_fusion_model_quality": {"config": {"min_auroc": 1.0}}}},
         )
     assert not gated.success
@@ -60,3 +60,6 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()} >= {"fusion_model"}
     assert "published_cohort" not in {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()}
     assert (tmp_path / "workspace" / "published" / DEMO_TASK / "CURRENT").read_text().strip() == "v0001"
+    gated_model = tmp_path / "workspace" / "warehouse" / "models" / DEMO_TASK
+    arguments = json.loads((gated_model / "metrics.json").read_text())["training_arguments"]
+    assert arguments["bf16"] is False and arguments["max_epochs"] == 1
