@@ -53,7 +53,7 @@ class TrainingArguments:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     # (*) On CUDA under bf16, only within one process: reruns in new processes differed on an H100
-    # (tuning loss 1.539-1.545 after 5 epochs), also with torch's deterministic algorithms; float32 did not.
+    # (tuning loss 1.540-1.545 after 5 epochs), also with torch's deterministic algorithms; float32 did not.
     dataloader_num_workers: int = 0  # processes that collate batches; 0 collates in this process
     min_events: int = 10  # fewest known positive risk labels the train split must hold
 
