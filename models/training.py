@@ -51,7 +51,7 @@ class TrainingArguments:
     average_epochs: float = 1.0  # time constant of the weights' moving average, in epochs; 0 = no average
     seed: int = 0  # seeds torch, numpy and python: same data and seed, same model on the same device (*)
     device: str = "auto"  # "auto" picks cuda when available, else cpu
-    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    bf16: bool = True  # bf16 autocast on a GPU that computes it natively (ignored on CPU)
     # (*) On CUDA under bf16, only within one process: reruns in new processes differed on an H100
     # (tuning loss 1.540-1.545 after 5 epochs), also with torch's deterministic algorithms; float32 did not.
     dataloader_num_workers: int = 0  # processes that collate batches; 0 collates in this process
@@ -106,6 +106,13 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     return cpu_native_bf16()
+
+
+def _trains_in_bf16(args: TrainingArguments, device: torch.device) -> bool:
+    """bf16 autocast for training: on a GPU that computes bfloat16 natively, when asked. Never on CPU,
+    where it made training 2.7x slower even with AMX (benchmarks/README.md); nor on GPUs older than
+    Ampere, which only emulate it."""
+    return device.type == "cuda" and args.bf16 and native_bf16(device)
 
 
 @contextmanager
@@ -270,7 +277,7 @@ def train(
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = _one_cycle(optimizer, args.learning_rate, max(1, args.max_epochs * len(loader)))
-    autocast = device.type == "cuda" and args.bf16
+    autocast = _trains_in_bf16(args, device)
     averaged = _moving_average(model, args.average_epochs, len(loader))
     # Early stopping and the returned model use the averaged weights when there are any.
     evaluated = cast(FusionForRiskPrediction, averaged.module) if averaged is not None else model

@@ -16,6 +16,7 @@ from models.training import (
     TrainingArguments,
     _moving_average,
     _one_cycle,
+    _trains_in_bf16,
     label_censoring_weights,
     predict_logits,
     train,
@@ -124,6 +125,16 @@ def test_collating_in_loader_processes_trains_the_same_model() -> None:
     assert in_process.history == in_workers.history
     with pytest.raises(ValueError, match=r"dataloader_num_workers: expected >= 0, got -1"):
         train(tiny_model(), train_data, tuning_data, TrainingArguments(max_epochs=1, dataloader_num_workers=-1))
+
+
+def test_training_uses_bf16_only_on_a_gpu_that_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert _trains_in_bf16(TrainingArguments(), gpu)
+    assert not _trains_in_bf16(TrainingArguments(bf16=False), gpu)
+    assert not _trains_in_bf16(TrainingArguments(), cpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a GPU older than Ampere
+    assert not _trains_in_bf16(TrainingArguments(), gpu)
 
 
 def test_training_refuses_a_negative_averaging_time() -> None:
