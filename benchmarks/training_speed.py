@@ -27,7 +27,7 @@ import torch
 from features.tasks import load_task
 from models.fusion import FusionForRiskPrediction
 from models.task_model import TaskData, fusion_config, load_task_data
-from models.training import TrainingArguments, train
+from models.training import TrainingArguments, native_bf16, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK = REPO_ROOT / "tasks" / "simulated_mace_1y.yaml"
@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0])
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[128])
     parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"],
-                        help="bf16 autocast or float32 (bf16 applies on CUDA only; CPU training is float32)")
+                        help="bf16 autocast or float32 (bf16 applies on a GPU that computes it natively; "
+                             "CPU training is float32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--utilisation-interval-s", type=float, default=0.2,
                         help="how often the GPU's utilisation is read; 0 does not read it")
@@ -149,7 +150,7 @@ def main() -> None:
     print("-" * len(header))
     for setting in settings:
         m = measure(data, setting, args.epochs, device, args.seed, args.utilisation_interval_s)
-        precision = "bf16" if setting.bf16 and device.type == "cuda" else "float32"
+        precision = "bf16" if setting.bf16 and device.type == "cuda" and native_bf16(device) else "float32"
         util = f"{m.gpu_utilisation_percent:.0f}" if m.gpu_utilisation_percent is not None else "n/a"
         memory = f"{m.peak_gpu_memory_mib:,.0f}" if m.peak_gpu_memory_mib is not None else "n/a"
         print(f"{setting.batch_size:>6}{setting.workers:>13}{setting.hidden_size:>7}{precision:>10}"
