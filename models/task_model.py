@@ -65,7 +65,7 @@ from models.metrics import (
     time_dependent_auc,
     uno_c_index,
 )
-from models.training import TrainingArguments, label_censoring_weights, predict_logits, train
+from models.training import TrainingArguments, label_censoring_weights, predict_logits, train, training_precision
 
 MODEL_FORMAT_VERSION = 3  # 2: each (code, value bin) pair has its own embedding; 3: modality summary path
 MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
@@ -537,6 +537,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
     metrics["best_epoch"] = result.best_epoch
     metrics["training_arguments"] = asdict(args)
+    metrics["trained_on"] = {"device": str(args.resolve_device()), "precision": training_precision(args)}
     metrics["split_sizes"] = {k: len(v) for k, v in data.datasets.items()}
     card = model_card(task, data, config, metrics)
     save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
@@ -610,6 +611,22 @@ def _label_counts(data: TaskData) -> str:
     return "; ".join(parts)
 
 
+def _training_text(metrics: dict[str, Any]) -> str:
+    """How the model was trained, enough to train it again."""
+    args, trained_on = metrics["training_arguments"], metrics["trained_on"]
+    epochs = args["average_epochs"]
+    average = (f"weights averaged over about {epochs:g} epoch{'' if epochs == 1 else 's'}"
+               if epochs > 0 else "the last weights of the best epoch kept")
+    rerun = ("A rerun with the same data and seed gives the same model on the same kind of device."
+             if trained_on["precision"] == "float32" or not trained_on["device"].startswith("cuda") else
+             "bf16 training on a GPU can differ slightly from one process to the next; train with "
+             "`--float32` for an exact rerun.")
+    return (f"AdamW, peak learning rate {args['learning_rate']:g} (one-cycle), weight decay {args['weight_decay']:g}, "
+            f"batch {args['batch_size']}, at most {args['max_epochs']} epochs with early stopping on the tuning "
+            f"loss (patience {args['patience']}), {average}; seed {args['seed']}; on {trained_on['device']} in "
+            f"{trained_on['precision']}. {rerun}")
+
+
 def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metrics: dict[str, Any]) -> str:
     """A markdown model card: purpose, task definition, data, architecture, metrics, subgroups, limits."""
     columns = ["auroc", "auprc", "brier", "calibration_error", "harrell_c", "uno_c", "time_dependent_auc",
@@ -650,6 +667,10 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
         f"modality summary path {'on' if config.modality_summary else 'off'}; "
         f"best epoch {metrics['best_epoch']}; probabilities calibrated on the tuning split (Platt, "
         "censoring-weighted).",
+        "",
+        "## Training",
+        "",
+        _training_text(metrics),
         "",
         "## Held-out metrics",
         "",

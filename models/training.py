@@ -115,6 +115,11 @@ def _trains_in_bf16(args: TrainingArguments, device: torch.device) -> bool:
     return device.type == "cuda" and args.bf16 and native_bf16(device)
 
 
+def training_precision(args: TrainingArguments) -> str:
+    """``"bf16 autocast"`` or ``"float32"``: what :func:`train` computes in under ``args``."""
+    return "bf16 autocast" if _trains_in_bf16(args, args.resolve_device()) else "float32"
+
+
 @contextmanager
 def _intra_op_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads, then restore the previous count."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from models.task_model import (
     ModelFolderError,
     _InputMatrices,
     _severities_read_from_data,
+    _training_text,
     load_task_data,
     load_task_model,
     train_task_model,
@@ -48,6 +50,10 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     assert card.startswith("# Model card: synthetic_1y")
     assert "| lightgbm |" in card and "| fusion |" in card
     assert "modality summary path on;" in card
+    assert metrics["trained_on"] == {"device": "cpu", "precision": "float32"}
+    assert ("AdamW, peak learning rate 0.003 (one-cycle), weight decay 0.01, batch 64, at most 10 epochs with early "
+            "stopping on the tuning loss (patience 4), weights averaged over about 1 epoch; seed 0; on cpu in "
+            "float32. A rerun with the same data and seed gives the same model on the same kind of device.") in card
     fusion = metrics["models"]["fusion"]
     assert f"Calibration slope {fusion['calibration_slope']:.2f}" in card
     assert 0 < fusion["calibration_error_if_calibrated"] < fusion["calibration_error_if_calibrated_95"]
@@ -64,6 +70,15 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     held_out = labels.filter(pl.col("split") == "held_out")["boolean_value"]
     assert (f"held_out {(held_out == True).sum():,} with the event, {(held_out == False).sum():,} without, "  # noqa: E712
             f"{held_out.null_count():,} followed less than the horizon.") in card
+
+
+def test_model_card_warns_that_bf16_gpu_training_may_not_rerun_exactly() -> None:
+    metrics = {"training_arguments": asdict(TrainingArguments(average_epochs=0.0)),
+               "trained_on": {"device": "cuda", "precision": "bf16 autocast"}}
+    text = _training_text(metrics)
+    assert "the last weights of the best epoch kept; seed 0; on cuda in bf16 autocast." in text
+    assert text.endswith("bf16 training on a GPU can differ slightly from one process to the next; train with "
+                         "`--float32` for an exact rerun.")
 
 
 def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tuple[Path, dict]) -> None:
