@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 import torch
+import torch.distributed as dist
 
 from features.io import replace_dir
 from features.simulate.state import (
@@ -537,7 +538,8 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
     metrics["best_epoch"] = result.best_epoch
     metrics["training_arguments"] = asdict(args)
-    metrics["trained_on"] = {"device": str(args.resolve_device()), "precision": training_precision(args)}
+    metrics["trained_on"] = {"device": str(args.resolve_device()), "precision": training_precision(args),
+                             "processes": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1}
     metrics["split_sizes"] = {k: len(v) for k, v in data.datasets.items()}
     card = model_card(task, data, config, metrics)
     save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
@@ -621,8 +623,11 @@ def _training_text(metrics: dict[str, Any]) -> str:
              if trained_on["precision"] == "float32" or not trained_on["device"].startswith("cuda") else
              "bf16 training on a GPU can differ slightly from one process to the next; train with "
              "`--float32` for an exact rerun.")
+    processes = trained_on.get("processes", 1)
+    batch = (f"batch {args['batch_size']}" if processes == 1
+             else f"batch {args['batch_size']} per process, {processes} processes (DistributedDataParallel)")
     return (f"AdamW, peak learning rate {args['learning_rate']:g} (one-cycle), weight decay {args['weight_decay']:g}, "
-            f"batch {args['batch_size']}, at most {args['max_epochs']} epochs with early stopping on the tuning "
+            f"{batch}, at most {args['max_epochs']} epochs with early stopping on the tuning "
             f"loss (patience {args['patience']}), {average}; seed {args['seed']}; on {trained_on['device']} in "
             f"{trained_on['precision']}. {rerun}")
 

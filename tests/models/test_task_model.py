@@ -50,7 +50,7 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     assert card.startswith("# Model card: synthetic_1y")
     assert "| lightgbm |" in card and "| fusion |" in card
     assert "modality summary path on;" in card
-    assert metrics["trained_on"] == {"device": "cpu", "precision": "float32"}
+    assert metrics["trained_on"] == {"device": "cpu", "precision": "float32", "processes": 1}
     assert ("AdamW, peak learning rate 0.003 (one-cycle), weight decay 0.01, batch 64, at most 10 epochs with early "
             "stopping on the tuning loss (patience 4), weights averaged over about 1 epoch; seed 0; on cpu in "
             "float32. A rerun with the same data and seed gives the same model on the same kind of device.") in card
@@ -74,8 +74,9 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
 
 def test_model_card_warns_that_bf16_gpu_training_may_not_rerun_exactly() -> None:
     metrics = {"training_arguments": asdict(TrainingArguments(average_epochs=0.0)),
-               "trained_on": {"device": "cuda", "precision": "bf16 autocast"}}
+               "trained_on": {"device": "cuda", "precision": "bf16 autocast", "processes": 2}}
     text = _training_text(metrics)
+    assert "batch 128 per process, 2 processes (DistributedDataParallel)," in text
     assert "the last weights of the best epoch kept; seed 0; on cuda in bf16 autocast." in text
     assert text.endswith("bf16 training on a GPU can differ slightly from one process to the next; train with "
                          "`--float32` for an exact rerun.")

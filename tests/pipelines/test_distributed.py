@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -35,3 +36,5 @@ def test_torchrun_trains_one_model_on_two_gloo_processes(tmp_path: Path) -> None
     model, _calibrator, info = load_task_model(tmp_path / "models" / "synthetic_1y")
     assert info["task"] == "synthetic_1y"
     assert model.config.hidden_size == 16
+    trained_on = json.loads((tmp_path / "models" / "synthetic_1y" / "metrics.json").read_text())["trained_on"]
+    assert trained_on == {"device": "cpu", "precision": "float32", "processes": 2}
