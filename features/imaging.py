@@ -13,6 +13,7 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -22,10 +23,10 @@ from features.tables import FileError, TableRead, iter_rows, require_columns, to
 
 
 def _usual_length(path: Path) -> int | None:
+    column = pq.read_table(path, columns=["embedding"]).column("embedding")
     try:
-        column = pq.read_table(path, columns=["embedding"]).column("embedding")
         lengths = pc.list_value_length(column).drop_null().to_pylist()
-    except Exception:  # not a list column: every row is rejected by the row check
+    except pa.ArrowNotImplementedError:  # not a list column: every row is rejected by the row check
         return None
     return Counter(lengths).most_common(1)[0][0] if lengths else None
 

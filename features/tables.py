@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.fhir.validate import FHIR_ID, RecordError, parse_datetime
@@ -68,7 +69,7 @@ def table_columns(path: Path) -> list[str]:
             header = next(csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FileError("unreadable_file", f"file cannot be read as a table: {str(exc)[:150]}") from None
-    except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError) and others on non-Parquet bytes
+    except pa.ArrowException as exc:  # ArrowInvalid on bytes that are not Parquet (empty, truncated, other)
         raise FileError("unreadable_file", f"file is not a readable Parquet file: {str(exc)[:150]}") from None
     if not header:
         raise FileError("empty_file", "file is empty (no header line)")

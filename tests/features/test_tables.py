@@ -145,6 +145,15 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     assert events.select("code", "text_value").rows() == [("IMAGING//CT", "s0"), ("IMAGING//CT", "s3")]
 
 
+def test_imaging_embedding_column_that_is_not_a_list_rejects_each_row(tmp_path: Path) -> None:
+    table = imaging_table([[0.1], [0.2]]).set_column(5, "embedding", pa.array([0.1, 0.2]))
+    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": table})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (1, "embedding should be a non-empty list of floats, found float"),
+        (2, "embedding should be a non-empty list of floats, found float"),
+    ]
+
+
 def test_imaging_missing_column(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": imaging_table([[0.1]]).drop(["embedding"])})
     assert quarantine.select("record_number", "reason_code").rows() == [(0, "missing_columns")]
