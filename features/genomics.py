@@ -97,6 +97,5 @@ def read_genomics_file(path: Path, source_file: str) -> TableRead:
                 continue
             out.extend(rows)
     except FileError as err:
-        result.records_in += 1
-        result.reject(0, "", err.code, err.reason)
+        result.reject_file(err)
     return result

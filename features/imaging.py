@@ -15,15 +15,23 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from features.fhir.validate import FHIR_ID, RecordError
 from features.schemas import IMAGING_INPUT
-from features.tables import FileError, TableRead, iter_rows, require_columns, to_patient_id, to_string, to_time
+from features.tables import (
+    FileError,
+    TableRead,
+    iter_rows,
+    read_column,
+    require_columns,
+    to_patient_id,
+    to_string,
+    to_time,
+)
 
 
 def _usual_length(path: Path) -> int | None:
-    column = pq.read_table(path, columns=["embedding"]).column("embedding")
+    column = read_column(path, "embedding")
     try:
         lengths = pc.list_value_length(column).drop_null().to_pylist()
     except pa.ArrowNotImplementedError:  # not a list column: every row is rejected by the row check
@@ -82,6 +90,5 @@ def read_imaging_file(path: Path, source_file: str, latest: datetime) -> TableRe
                 (patient_id, study_id, time, modality, body_site, embedding, source_file, number)
             )
     except FileError as err:
-        result.records_in += 1
-        result.reject(0, "", err.code, err.reason)
+        result.reject_file(err)
     return result

@@ -47,6 +47,5 @@ def read_notes_file(path: Path, source_file: str, latest: datetime) -> TableRead
             digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
             result.rows["notes"].append((note_id, patient_id, time, note_type, text, digest, source_file, number))
     except FileError as err:
-        result.records_in += 1
-        result.reject(0, "", err.code, err.reason)
+        result.reject_file(err)
     return result

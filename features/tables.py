@@ -51,6 +51,14 @@ class TableRead:
     def reject(self, number: int, row: Any, code: str, reason: str, ident: str | None = None) -> None:
         self.rejects.append((number, ident, raw_text(row), code, reason))
 
+    def reject_file(self, err: FileError) -> None:
+        """The whole file becomes one quarantine row, whatever was read of it before ``err``."""
+        for rows in self.rows.values():
+            rows.clear()
+        self.rejects.clear()
+        self.records_in = 1
+        self.reject(0, "", err.code, err.reason)
+
 
 def raw_text(row: Any) -> str:
     """A row as short JSON text for the quarantine table."""
@@ -70,7 +78,7 @@ def table_columns(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FileError("unreadable_file", f"file cannot be read as a table: {str(exc)[:150]}") from None
     except pa.ArrowException as exc:  # ArrowInvalid on bytes that are not Parquet (empty, truncated, other)
-        raise FileError("unreadable_file", f"file is not a readable Parquet file: {str(exc)[:150]}") from None
+        raise _unreadable_parquet(exc) from None
     if not header:
         raise FileError("empty_file", "file is empty (no header line)")
     return [name.strip() for name in header]
@@ -87,15 +95,37 @@ def require_columns(path: Path, what: str, names: list[str]) -> list[str]:
     return columns
 
 
+def _unreadable_parquet(exc: Exception) -> FileError:
+    return FileError("unreadable_file", f"file is not a readable Parquet file: {str(exc)[:150]}")
+
+
+def read_column(path: Path, name: str) -> pa.ChunkedArray:
+    """One column of a Parquet file, or :class:`FileError` when its data cannot be read."""
+    try:
+        return pq.read_table(path, columns=[name]).column(name)
+    except (pa.ArrowException, OSError) as exc:  # OSError: e.g. a corrupt compressed page
+        raise _unreadable_parquet(exc) from None
+
+
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(row number, row)`` of a table file; CSV/TSV values are strings, '' is None."""
+    """Yield ``(row number, row)`` of a table file; CSV/TSV values are strings, '' is None.
+
+    A Parquet file whose data cannot be decoded (a corrupt page behind a valid footer) raises
+    :class:`FileError` where the bad data starts; the caller then rejects the whole file.
+    """
     if path.suffix.lower() == ".parquet":
         number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise _unreadable_parquet(exc) from None
+            if batch is None:
+                return
             for row in batch.to_pylist():
                 number += 1
                 yield number, row
-        return
     with path.open(newline="", encoding="utf-8", errors="replace") as handle:
         reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [name.strip() for name in next(reader)]

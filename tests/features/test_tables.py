@@ -10,7 +10,9 @@ import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+import features.tables
 from features.ingest import IngestSummary, ingest_landing_zone
 from features.schemas import IMAGING_INPUT, NOTES_INPUT
 
@@ -152,6 +154,25 @@ def test_imaging_embedding_column_that_is_not_a_list_rejects_each_row(tmp_path: 
         (1, "embedding should be a non-empty list of floats, found float"),
         (2, "embedding should be a non-empty list of floats, found float"),
     ]
+
+
+def test_corrupt_page_after_good_rows_rejects_the_whole_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two row groups of 20 studies read 20 rows at a time: the first is read and accepted before the
+    # second's damaged embedding page is reached.
+    monkeypatch.setattr(features.tables, "BATCH_ROWS", 20)
+    good = tmp_path / "good.parquet"
+    pq.write_table(imaging_table([[0.1 * i + j for j in range(8)] for i in range(40)]), good, row_group_size=20)
+    chunk = max((pq.ParquetFile(good).metadata.row_group(1).column(j) for j in range(6)),
+                key=lambda c: c.total_compressed_size)
+    end = (chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset) + \
+        chunk.total_compressed_size
+    damaged = bytearray(good.read_bytes())
+    damaged[end - 40 : end] = b"\xff" * 40
+    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": bytes(damaged)})
+    assert quarantine.select("record_number", "reason_code").rows() == [(0, "unreadable_file")]
+    assert quarantine["reason"][0].startswith("file is not a readable Parquet file: ")
+    assert pl.read_parquet(tmp_path / "out" / "imaging.parquet").height == 0
+    assert pl.read_parquet(tmp_path / "out" / "patients.parquet").height == 1  # the run went on
 
 
 def test_imaging_missing_column(tmp_path: Path) -> None:
