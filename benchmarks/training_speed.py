@@ -19,6 +19,7 @@ import argparse
 import itertools
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +102,7 @@ def measure(data: TaskData, setting: Setting, epochs: int, device: torch.device,
         torch.cuda.reset_peak_memory_stats(device)
     sampler = UtilisationSampler(device, utilisation_interval_s) if on_gpu and utilisation_interval_s > 0 else None
     started = time.perf_counter()
-    if sampler is not None:
-        with sampler:
-            result = train(model, data.datasets["train"], data.datasets["tuning"], args)
-    else:
+    with sampler if sampler is not None else nullcontext():
         result = train(model, data.datasets["train"], data.datasets["tuning"], args)
     seconds = time.perf_counter() - started
     return Measurement(

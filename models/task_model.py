@@ -445,18 +445,14 @@ def _severities_read_from_data(data: TaskData, late_fusion: dict[str, np.ndarray
     estimates = {}
     for term in SEVERITY_TERMS:
         carrier = CARRIED_BY[term]
-
-        def carried(split: str, term_carrier: str | None = carrier) -> np.ndarray:
-            rows = hidden[split]
-            return rows[term_carrier].to_numpy() if term_carrier else np.ones(rows.height, dtype=bool)
-
-        if min(carried("train").sum(), carried("tuning").sum()) < MIN_PATIENTS_TO_READ_A_TERM:
+        in_train, in_tuning = (hidden[split][carrier].to_numpy() if carrier is not None
+                               else np.ones(hidden[split].height, dtype=bool) for split in ("train", "tuning"))
+        if min(in_train.sum(), in_tuning.sum()) < MIN_PATIENTS_TO_READ_A_TERM:
             # Too few patients carry the term to read it: the data tell nothing beyond its distribution.
             estimates[term] = (np.zeros(len(held_out)), np.ones(len(held_out)))
             continue
-        ridge = fit_ridge(late_fusion["train"][carried("train")], hidden["train"][term].to_numpy()[carried("train")])
-        residual = (hidden["tuning"][term].to_numpy()[carried("tuning")]
-                    - ridge.predict(late_fusion["tuning"][carried("tuning")]))
+        ridge = fit_ridge(late_fusion["train"][in_train], hidden["train"][term].to_numpy()[in_train])
+        residual = hidden["tuning"][term].to_numpy()[in_tuning] - ridge.predict(late_fusion["tuning"][in_tuning])
         estimates[term] = (np.asarray(ridge.predict(held_out)), np.full(len(held_out), residual.std()))
     return estimates
 
@@ -619,11 +615,12 @@ def _training_text(metrics: dict[str, Any]) -> str:
     epochs = args["average_epochs"]
     average = (f"weights averaged over about {epochs:g} epoch{'' if epochs == 1 else 's'}"
                if epochs > 0 else "the last weights of the best epoch kept")
+    # Training runs in bf16 only on a GPU (models.training.training_precision).
     rerun = ("A rerun with the same data and seed gives the same model on the same kind of device."
-             if trained_on["precision"] == "float32" or not trained_on["device"].startswith("cuda") else
+             if trained_on["precision"] == "float32" else
              "bf16 training on a GPU can differ slightly from one process to the next; train with "
              "`--float32` for an exact rerun.")
-    processes = trained_on.get("processes", 1)
+    processes = trained_on["processes"]
     batch = (f"batch {args['batch_size']}" if processes == 1
              else f"batch {args['batch_size']} per process, {processes} processes (DistributedDataParallel)")
     return (f"AdamW, peak learning rate {args['learning_rate']:g} (one-cycle), weight decay {args['weight_decay']:g}, "
