@@ -922,7 +922,7 @@ def ingest_landing_zone(
                 (kind, side.submit(_read_and_stage, staging, read, path, rel, f"t{i:07d}"))
                 for i, (kind, path, rel, read) in enumerate(tables)
             ]
-            units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel)]
+            units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel, UNIT_BYTES)]
             results: list[tuple[str, _UnitResult]] = [
                 ("fhir", result) for result in _run_units(units, export_time, strict, staging, pool, progress)
             ]

@@ -161,6 +161,33 @@ def test_fast_path_equals_per_record_path_3(
     ]
 
 
+def test_a_file_read_in_many_ranges_keeps_its_line_numbers_3(
+    damaged_landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The damaged Observations (3,000 lines, about 2 MB) cut into ranges of 64 KiB and read by two
+    # workers give exactly what one range gives: every record numbered by its line in the file.
+    whole = ingest_landing_zone(damaged_landing, tmp_path / "whole", workers=1, export_time=EXPORT)
+    monkeypatch.setattr(ingest, "UNIT_BYTES", 64 * 1024)
+    path = damaged_landing / "fhir" / "Observation.000.ndjson"
+    ranges = ingest.plan_units(path, "o", 64 * 1024)
+    assert len(ranges) > 20 and ranges[0].start == 0 and ranges[-1].end == path.stat().st_size
+    # Ranges follow each other, end at a line end, hold at most the unit's size, and know the line
+    # number they start at.
+    text = path.read_bytes()
+    assert all(a.end == b.start and text[a.end - 1 : a.end] == b"\n" for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(r.end - r.start <= 64 * 1024 for r in ranges)
+    assert [r.first_line for r in ranges] == [text.count(b"\n", 0, r.start) + 1 for r in ranges]
+    cut = ingest_landing_zone(damaged_landing, tmp_path / "cut", workers=2, export_time=EXPORT)
+
+    assert cut.files == whole.files and cut.quarantined_by_reason == whole.quarantined_by_reason
+    for name, frame in _warehouse_frames(tmp_path / "whole"):
+        assert_frame_equal(pl.read_parquet(tmp_path / "cut" / name), frame, check_exact=True)
+    quarantine = pl.read_parquet(tmp_path / "cut" / "quarantine.parquet")
+    assert sorted(quarantine["record_number"].to_list()) == [
+        97 * (index + 1) + 1 for index, (_, reason) in enumerate(DAMAGE) if reason is not None
+    ]
+
+
 def test_mixed_types_in_one_file_equal_per_record_path_3(
     small_hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
