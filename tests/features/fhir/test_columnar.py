@@ -6,6 +6,7 @@ import gzip
 import shutil
 from collections.abc import Iterator
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 
 import orjson
@@ -174,7 +175,7 @@ def test_a_file_read_in_many_ranges_keeps_its_line_numbers_3(
     # Ranges follow each other, end at a line end, hold at most the unit's size, and know the line
     # number they start at.
     text = path.read_bytes()
-    assert all(a.end == b.start and text[a.end - 1 : a.end] == b"\n" for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a.end == b.start and text[a.end - 1 : a.end] == b"\n" for a, b in pairwise(ranges))
     assert all(r.end - r.start <= 64 * 1024 for r in ranges)
     assert [r.first_line for r in ranges] == [text.count(b"\n", 0, r.start) + 1 for r in ranges]
     cut = ingest_landing_zone(damaged_landing, tmp_path / "cut", workers=2, export_time=EXPORT)
