@@ -11,6 +11,10 @@ Numeric features get code ``EXPRESSION//<feature>`` when the file name says ``ex
 ``FEATURE//<feature>``. Out: rows of :data:`features.schemas.GENOMICS` and quarantine rows. A wide
 row is one record: a single bad value quarantines the patient's row (naming the column), so that no
 patient is left with half a panel.
+
+A wide table (an expression matrix can hold thousands of genes per patient) is checked a column at
+a time (:func:`clear_wide_rows`); only the rows those checks do not clear go through the per-row
+checks, which alone word quarantine reasons, so both give the same rows.
 """
 
 from __future__ import annotations
@@ -18,10 +22,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from features.fhir.validate import RecordError
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features.fhir.validate import FHIR_ID, RecordError
+from features.schemas import GENOMICS
 from features.tables import (
     FileError,
     TableRead,
+    iter_batches,
     iter_rows,
     table_columns,
     to_float,
@@ -32,12 +44,14 @@ from features.tables import (
 
 VARIANT_COLUMNS = ("patient_id", "gene", "variant", "genotype")
 FEATURE_COLUMNS = ("patient_id", "feature", "value")
+# Numbers written plainly: Python's float() and the column parser read these to the same value
+# (both round correctly); anything else (spaces, '1_000', 'inf') is left to the per-row checks.
+_PLAIN_NUMBER = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 
 
 def read_genomics_file(path: Path, source_file: str) -> TableRead:
     """Read one genomics table (any of the three forms)."""
-    result = TableRead("genomics", source_file, rows={"genomics": []})
-    out = result.rows["genomics"]
+    result = TableRead("genomics", source_file, rows={"genomics": []}, frames={"genomics": []})
     try:
         columns = table_columns(path)
         if "patient_id" not in columns:
@@ -55,47 +69,98 @@ def read_genomics_file(path: Path, source_file: str) -> TableRead:
             raise FileError("missing_columns", f"genomics {form} table lacks column(s) {', '.join(missing)}")
         prefix = "EXPRESSION" if "expression" in path.name.lower() else "FEATURE"
         features = [name for name in columns if name != "patient_id"]
-        for number, row in iter_rows(path):
-            result.records_in += 1
-            try:
-                if "__bad_width__" in row:
-                    raise RecordError("bad_row", "row has a different number of fields than the header")
-                patient_id = to_patient_id(row)
-                rows: list[tuple[Any, ...]]
-                if form == "variants":
-                    genotype = to_int(row, "genotype")
-                    if genotype not in (0, 1, 2):
-                        raise RecordError("bad_value", f"genotype {genotype} is not 0, 1 or 2 alternate alleles")
-                    rows = [
-                        (
-                            patient_id,
-                            f"GENE//{to_string(row, 'gene')}",
-                            to_string(row, "variant"),
-                            float(genotype),
-                            source_file,
-                            number,
-                        )
-                    ]
-                elif form == "features":
-                    rows = [
-                        (
-                            patient_id,
-                            f"{prefix}//{to_string(row, 'feature')}",
-                            None,
-                            to_float(row, "value"),
-                            source_file,
-                            number,
-                        )
-                    ]
-                else:
-                    rows = [
-                        (patient_id, f"{prefix}//{name}", None, to_float(row, name), source_file, number)
-                        for name in features
-                    ]
-            except RecordError as err:
-                result.reject(number, row, err.code, err.reason)
-                continue
-            out.extend(rows)
+        if form == "wide" and len(set(columns)) == len(columns):
+            _read_wide(path, source_file, features, prefix, result)
+        else:
+            for number, row in iter_rows(path):
+                result.records_in += 1
+                _read_row(number, row, form, features, prefix, source_file, result)
     except FileError as err:
         result.reject_file(err)
     return result
+
+
+def _read_row(number: int, row: dict[str, Any], form: str, features: list[str], prefix: str, source_file: str,
+              result: TableRead) -> None:
+    """Check one row; add its genomics rows to ``result``, or its quarantine row."""
+    try:
+        if "__bad_width__" in row:
+            raise RecordError("bad_row", "row has a different number of fields than the header")
+        patient_id = to_patient_id(row)
+        rows: list[tuple[Any, ...]]
+        if form == "variants":
+            genotype = to_int(row, "genotype")
+            if genotype not in (0, 1, 2):
+                raise RecordError("bad_value", f"genotype {genotype} is not 0, 1 or 2 alternate alleles")
+            rows = [(patient_id, f"GENE//{to_string(row, 'gene')}", to_string(row, "variant"), float(genotype),
+                     source_file, number)]
+        elif form == "features":
+            rows = [(patient_id, f"{prefix}//{to_string(row, 'feature')}", None, to_float(row, "value"),
+                     source_file, number)]
+        else:
+            rows = [(patient_id, f"{prefix}//{name}", None, to_float(row, name), source_file, number)
+                    for name in features]
+    except RecordError as err:
+        result.reject(number, row, err.code, err.reason)
+        return
+    result.rows["genomics"].extend(rows)
+
+
+def _read_wide(path: Path, source_file: str, features: list[str], prefix: str, result: TableRead) -> None:
+    """A wide table in batches: the rows :func:`clear_wide_rows` clears become one frame per batch,
+    the others go through :func:`_read_row` in file order."""
+    codes = np.array([f"{prefix}//{name}" for name in features], dtype=object)
+    for numbers, table, odd in iter_batches(path):
+        result.records_in += len(numbers) + len(odd)
+        cleared, values = clear_wide_rows(table, features)
+        kept = np.flatnonzero(cleared)
+        record_numbers = np.asarray(numbers, dtype=np.int64)
+        if len(kept):
+            # One patient's features stay together, in column order: the per-row order.
+            rows = np.repeat(kept, len(features))
+            result.frames["genomics"].append(pa.table(
+                [pc.take(table.column("patient_id"), pa.array(rows)), pa.array(np.tile(codes, len(kept)), pa.string()),
+                 pa.nulls(len(rows), pa.string()), pa.array(values[kept].ravel()),
+                 pa.array(np.full(len(rows), source_file, dtype=object), pa.string()),
+                 pa.array(record_numbers[rows])],
+                schema=GENOMICS,
+            ))
+        left = table.filter(pa.array(~cleared)).to_pylist()
+        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
+        for number, row in others:
+            _read_row(number, row, "wide", features, prefix, source_file, result)
+
+
+def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64]]:
+    """The rows of a wide batch that the per-row checks would accept as they are, and every row's
+    feature values (rows x features; meaningless where a row is not cleared).
+
+    Cleared: a patient id that is a FHIR id, and in every feature column a finite number, of a
+    numeric column (not boolean) or written plainly in a text column.
+    """
+    n = table.num_rows
+    patient = table.column("patient_id")
+    if not _is_text(patient.type) or n == 0:
+        return np.zeros(n, dtype=bool), np.zeros((n, len(features)))
+    cleared = pc.fill_null(pc.match_substring_regex(patient, f"^(?:{FHIR_ID.pattern})$"), False).to_numpy(
+        zero_copy_only=False
+    )
+    values = np.empty((n, len(features)))
+    for j, name in enumerate(features):
+        column = table.column(name)
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            numbers = pc.cast(column, pa.float64(), safe=False)
+        elif _is_text(column.type):
+            plain = pc.fill_null(pc.match_substring_regex(column, _PLAIN_NUMBER), False)
+            parsed = pl.Series(pc.if_else(plain, column, None)).cast(pl.Float64, strict=False)
+            numbers = parsed.to_arrow()
+        else:
+            cleared[:] = False
+            continue
+        values[:, j] = pc.fill_null(numbers, np.nan).to_numpy(zero_copy_only=False)
+        cleared &= np.isfinite(values[:, j])
+    return cleared, values
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))

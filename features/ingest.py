@@ -580,7 +580,7 @@ def _batches(units: list[ReadUnit], limit: int | None = None) -> list[list[ReadU
 
 def _stage_table_read(staging: Path, read: TableRead, part: str) -> _UnitResult:
     for table, rows in read.rows.items():
-        _stage(staging, table, rows, part)
+        _stage_parts(staging, table, read.frames.get(table, []), rows, {read.source_file: 0}, part)
     _stage(
         staging,
         "quarantine",
@@ -719,6 +719,9 @@ def _finalize_table(
             + pl.lit(" is kept (first in file order)")
         ).alias("reason"),
     )
+    # A record is kept or dropped whole, and counted once: a wide genomics row holds one row per
+    # feature, and any feature seen before drops the row (no patient is left with half a panel).
+    duplicates = duplicates.unique(subset=location, keep="first", maintain_order=True)
     drop = duplicates.select(location)
     if patient_ids is not None and "patient_id" in staged.collect_schema().names():
         orphans = (

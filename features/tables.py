@@ -1,7 +1,8 @@
 """Read the tabular landing-zone feeds (notes, genomics, imaging) row by row, strictly.
 
 Stage: ingest. In: ``.parquet``, ``.csv`` and ``.tsv`` files. Out: the file's column names and its
-rows as ``dict`` objects, numbered from 1, in bounded batches; plus the field converters the notes,
+rows as ``dict`` objects, numbered from 1, read in bounded batches (or the batches themselves as
+Arrow tables, for readers that check whole columns at once); plus the field converters the notes,
 genomics and imaging readers share. Converters accept a value of the right Arrow type, or (for
 CSV/TSV, where everything is text) a string that parses to it; anything else raises
 :class:`features.fhir.validate.RecordError`, which becomes one quarantine row.
@@ -45,6 +46,8 @@ class TableRead:
     source_file: str
     records_in: int = 0
     rows: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
+    # Rows checked a column at a time, per output table (merged with ``rows`` in row order).
+    frames: dict[str, list[pa.Table]] = field(default_factory=dict)
     # (record_number, resource_id, raw_text, reason_code, reason)
     rejects: list[tuple[int, str | None, str, str, str]] = field(default_factory=list)
 
@@ -55,6 +58,7 @@ class TableRead:
         """The whole file becomes one quarantine row, whatever was read of it before ``err``."""
         for rows in self.rows.values():
             rows.clear()
+        self.frames.clear()
         self.rejects.clear()
         self.records_in = 1
         self.reject(0, "", err.code, err.reason)
@@ -134,6 +138,53 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield number, {"__bad_width__": values}
                 continue
             yield number, {name: (value if value != "" else None) for name, value in zip(header, values, strict=True)}
+
+
+def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[int, dict[str, Any]]]]]:
+    """Yield a table file in batches of up to :data:`BATCH_ROWS` rows: (row numbers, those rows as
+    an Arrow table, the rows that do not fit the header as ``(number, row)``).
+
+    Parquet columns keep their types. CSV/TSV columns are text, with '' as null, and a row with
+    another number of fields than the header is ``{"__bad_width__": values}``, as
+    :func:`iter_rows` gives it. Raises :class:`FileError` as :func:`iter_rows` does.
+    """
+    if path.suffix.lower() == ".parquet":
+        number = 0
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise _unreadable_parquet(exc) from None
+            if batch is None:
+                return
+            yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
+            number += batch.num_rows
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        header = [name.strip() for name in next(reader)]
+        numbers: list[int] = []
+        fitting: list[list[str]] = []
+        odd: list[tuple[int, dict[str, Any]]] = []
+        for number, values in enumerate(reader, start=1):
+            if len(values) == len(header):
+                numbers.append(number)
+                fitting.append(values)
+            else:
+                odd.append((number, {"__bad_width__": values}))
+            if len(numbers) + len(odd) == BATCH_ROWS:
+                yield numbers, _text_table(header, fitting), odd
+                numbers, fitting, odd = [], [], []
+        if numbers or odd:
+            yield numbers, _text_table(header, fitting), odd
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> pa.Table:
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in header]
+    return pa.Table.from_arrays(
+        [pa.array([value if value != "" else None for value in column], pa.string()) for column in columns],
+        names=header,
+    )
 
 
 def require(row: dict[str, Any], name: str) -> Any:

@@ -6,12 +6,15 @@ import math
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import orjson
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from polars.testing import assert_frame_equal
 
+import features.genomics
 import features.tables
 from features.ingest import IngestSummary, ingest_landing_zone
 from features.schemas import IMAGING_INPUT, NOTES_INPUT
@@ -20,10 +23,15 @@ EXPORT = datetime(2025, 1, 1)
 PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-05"}
 
 
-def run(tmp_path: Path, files: dict[str, bytes | pa.Table]) -> tuple[IngestSummary, pl.DataFrame]:
+def run(
+    tmp_path: Path, files: dict[str, bytes | pa.Table], patients: int = 1
+) -> tuple[IngestSummary, pl.DataFrame]:
+    """Ingest ``files`` beside a FHIR export of patients p1 (and p2, ... up to ``patients``)."""
     landing = tmp_path / "landing"
     (landing / "fhir").mkdir(parents=True)
-    (landing / "fhir" / "Patient.ndjson").write_bytes(orjson.dumps(PATIENT) + b"\n")
+    (landing / "fhir" / "Patient.ndjson").write_bytes(
+        b"".join(orjson.dumps({**PATIENT, "id": f"p{i}"}) + b"\n" for i in range(1, patients + 1))
+    )
     for name, data in files.items():
         path = landing / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +120,104 @@ def test_genomics_wide_tsv_non_finite(tmp_path: Path) -> None:
     ]
     genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
     assert genomics.select("code", "value").rows() == [("EXPRESSION//IL6", 8.5), ("EXPRESSION//CRP", 12.1)]
+
+
+
+def _wide_panel(text: bool) -> pa.Table:
+    """30 patients x 4 expression features, with the odd values a panel can hold."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(30, 4)).round(6)
+    columns: dict[str, list[object]] = {"patient_id": [f"p{i}" for i in range(1, 31)]}
+    for j, gene in enumerate(["IL6", "CRP", "TNF", "BNP"]):
+        column: list[object] = [float(v) for v in values[:, j]]
+        columns[gene] = [str(v) for v in column] if text else column
+    odd = {
+        (1, "IL6"): math.nan, (2, "CRP"): math.inf, (3, "TNF"): None, (4, "patient_id"): "p 1",
+        (5, "patient_id"): None,
+    }
+    if text:
+        odd |= {(6, "IL6"): " 1.5", (7, "CRP"): "1_000", (8, "TNF"): "abc", (9, "BNP"): "1e-3", (10, "IL6"): "-.5",
+                (11, "CRP"): "1e400", (12, "TNF"): "+2."}
+    for (row, name), value in odd.items():
+        columns[name][row] = str(value) if text and isinstance(value, float) else value
+    if not text:
+        columns["BNP"] = [int(v * 100) for v in values[:, 3]]  # an integer column reads as numbers
+    return pa.table(columns)
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "tsv"])
+def test_wide_genomics_checked_by_column_equals_per_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    panel = _wide_panel(text=suffix == "tsv")
+    if suffix == "tsv":
+        data: bytes | pa.Table = "\n".join(
+            "\t".join("" if v is None else str(v) for v in row.values()) for row in [
+                {name: name for name in panel.column_names}, *panel.to_pylist()]
+        ).encode() + b"\n"
+    else:
+        data = panel
+    monkeypatch.setattr(features.tables, "BATCH_ROWS", 8)  # four batches
+    _summary, by_column = run(tmp_path / "fast", {f"genomics/expression_panel.{suffix}": data}, patients=30)
+    fast = pl.read_parquet(tmp_path / "fast" / "out" / "genomics.parquet")
+    cleared: list[int] = []
+    real_clear = features.genomics.clear_wide_rows
+
+    def clear_none(table: pa.Table, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows, values = real_clear(table, names)
+        cleared.append(int(rows.sum()))
+        return np.zeros(table.num_rows, dtype=bool), values
+
+    monkeypatch.setattr(features.genomics, "clear_wide_rows", clear_none)
+    _summary, per_row = run(tmp_path / "slow", {f"genomics/expression_panel.{suffix}": data}, patients=30)
+    assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "genomics.parquet"), check_exact=True)
+    assert_frame_equal(by_column, per_row, check_exact=True)
+
+    reasons = dict(by_column.select("record_number", "reason").rows())
+    expected = {
+        2: "column IL6 is NaN", 3: "column CRP is not a finite number (inf)", 4: "column TNF is empty",
+        5: "patient_id 'p 1' is not a valid FHIR id", 6: "column patient_id is empty",
+    }
+    if suffix == "tsv":
+        expected |= {
+            2: "column IL6 is not a finite number (nan)", 9: "column TNF should be a number, found 'abc'",
+            12: "column CRP is not a finite number (inf)",
+        }
+    assert reasons == expected
+    # The column checks cleared every row but the odd ones; ' 1.5' and '1_000' were left to the
+    # per-row checks, which accept them ('+2.', '-.5' and '1e-3' are plain numbers).
+    assert sum(cleared) == 30 - len(expected) - (2 if suffix == "tsv" else 0)
+    assert fast.height == 4 * (30 - len(expected))
+
+    def value(record: int, gene: str) -> float:
+        return float(fast.filter((pl.col("record_number") == record) & (pl.col("code") == f"EXPRESSION//{gene}"))[
+            "value"].item())
+
+    if suffix == "tsv":
+        assert (value(7, "IL6"), value(8, "CRP"), value(10, "BNP"), value(11, "IL6"), value(13, "TNF")) == (
+            1.5, 1000.0, 0.001, -0.5, 2.0)
+    else:
+        assert value(30, "BNP") == float(panel.column("BNP")[29].as_py())
+    assert fast["code"].head(4).to_list() == [f"EXPRESSION//{gene}" for gene in ("IL6", "CRP", "TNF", "BNP")]
+
+
+
+def test_wide_genomics_patient_twice_is_one_duplicate_row(tmp_path: Path) -> None:
+    # The second file's row repeats IL6 (with another value) and CRP for p1, beside a new feature:
+    # the row is one record, quarantined whole and counted once, and the accounting stays balanced.
+    first = b"patient_id,IL6,CRP\np1,8.5,12.1\n"
+    again = b"patient_id,IL6,CRP,TNF\np1,9.0,12.1,3.3\n"
+    summary, quarantine = run(tmp_path, {"genomics/a_expression.csv": first, "genomics/b_expression.csv": again})
+    assert quarantine.select("source_file", "record_number", "reason_code").rows() == [
+        ("genomics/b_expression.csv", 1, "duplicate")
+    ]
+    assert quarantine["reason"][0] == (
+        "duplicate of genomics row p1/EXPRESSION//IL6: the copy in genomics/a_expression.csv record 1 is kept "
+        "(first in file order)"
+    )
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("code", "value").rows() == [("EXPRESSION//IL6", 8.5), ("EXPRESSION//CRP", 12.1)]
+    assert summary.duplicates == 1
 
 
 def test_genomics_long_features_missing_column(tmp_path: Path) -> None:
