@@ -109,7 +109,7 @@ def _read_row(number: int, row: dict[str, Any], form: str, features: list[str], 
 def _read_wide(path: Path, source_file: str, features: list[str], prefix: str, result: TableRead) -> None:
     """A wide table in batches: the rows :func:`clear_wide_rows` clears become one frame per batch,
     the others go through :func:`_read_row` in file order."""
-    codes = np.array([f"{prefix}//{name}" for name in features], dtype=object)
+    codes = pa.array([f"{prefix}//{name}" for name in features], pa.string())
     for numbers, table, odd in iter_batches(path):
         result.records_in += len(numbers) + len(odd)
         cleared, values = clear_wide_rows(table, features)
@@ -117,12 +117,13 @@ def _read_wide(path: Path, source_file: str, features: list[str], prefix: str, r
         record_numbers = np.asarray(numbers, dtype=np.int64)
         if len(kept):
             # One patient's features stay together, in column order: the per-row order.
-            rows = np.repeat(kept, len(features))
+            rows = pa.array(np.repeat(kept, len(features)))
+            count = len(rows)
             result.frames["genomics"].append(pa.table(
-                [pc.take(table.column("patient_id"), pa.array(rows)), pa.array(np.tile(codes, len(kept)), pa.string()),
-                 pa.nulls(len(rows), pa.string()), pa.array(values[kept].ravel()),
-                 pa.array(np.full(len(rows), source_file, dtype=object), pa.string()),
-                 pa.array(record_numbers[rows])],
+                [pc.take(table.column("patient_id"), rows).cast(pa.string()),
+                 pc.take(codes, pa.array(np.tile(np.arange(len(features)), len(kept)))), pa.nulls(count, pa.string()),
+                 pa.array(values[kept].ravel()), pa.repeat(pa.scalar(source_file, pa.string()), count),
+                 pc.take(pa.array(record_numbers), rows)],
                 schema=GENOMICS,
             ))
         left = table.filter(pa.array(~cleared)).to_pylist()
@@ -136,29 +137,37 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
     feature values (rows x features; meaningless where a row is not cleared).
 
     Cleared: a patient id that is a FHIR id, and in every feature column a finite number, of a
-    numeric column (not boolean) or written plainly in a text column.
+    numeric column (not boolean) or written plainly in a text column. Text columns are checked
+    together, as one column: a panel has thousands.
     """
     n = table.num_rows
     patient = table.column("patient_id")
+    values = np.full((n, len(features)), np.nan)
     if not _is_text(patient.type) or n == 0:
-        return np.zeros(n, dtype=bool), np.zeros((n, len(features)))
+        return np.zeros(n, dtype=bool), values
     cleared = pc.fill_null(pc.match_substring_regex(patient, f"^(?:{FHIR_ID.pattern})$"), False).to_numpy(
         zero_copy_only=False
     )
-    values = np.empty((n, len(features)))
+    text: list[int] = []
     for j, name in enumerate(features):
         column = table.column(name)
         if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            numbers = pc.cast(column, pa.float64(), safe=False)
+            values[:, j] = pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(
+                zero_copy_only=False
+            )
         elif _is_text(column.type):
-            plain = pc.fill_null(pc.match_substring_regex(column, _PLAIN_NUMBER), False)
-            parsed = pl.Series(pc.if_else(plain, column, None)).cast(pl.Float64, strict=False)
-            numbers = parsed.to_arrow()
+            text.append(j)
         else:
             cleared[:] = False
-            continue
-        values[:, j] = pc.fill_null(numbers, np.nan).to_numpy(zero_copy_only=False)
-        cleared &= np.isfinite(values[:, j])
+    if text:
+        joined = pa.chunked_array(
+            [chunk.cast(pa.large_string()) for j in text for chunk in table.column(features[j]).chunks],
+            pa.large_string(),
+        )
+        plain = pc.fill_null(pc.match_substring_regex(joined, _PLAIN_NUMBER), False)
+        parsed = pl.Series(pc.if_else(plain, joined, None)).cast(pl.Float64, strict=False).fill_null(np.nan)
+        values[:, text] = parsed.to_numpy().reshape(len(text), n).T
+    cleared &= np.isfinite(values).all(axis=1)
     return cleared, values
 
 

@@ -20,12 +20,16 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.fhir.validate import FHIR_ID, RecordError, parse_datetime
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 BATCH_ROWS = 20_000
+BATCH_VALUES = 1_000_000
+"""At most this many values (rows x columns) per batch of :func:`iter_batches`: a wide table's
+rows hold thousands of values each."""
 RAW_LIMIT = 500
 
 
@@ -141,8 +145,9 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[int, dict[str, Any]]]]]:
-    """Yield a table file in batches of up to :data:`BATCH_ROWS` rows: (row numbers, those rows as
-    an Arrow table, the rows that do not fit the header as ``(number, row)``).
+    """Yield a table file in batches of up to :data:`BATCH_ROWS` rows and :data:`BATCH_VALUES`
+    values: (row numbers, those rows as an Arrow table, the rows that do not fit the header as
+    ``(number, row)``).
 
     Parquet columns keep their types. CSV/TSV columns are text, with '' as null, and a row with
     another number of fields than the header is ``{"__bad_width__": values}``, as
@@ -150,7 +155,8 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
     """
     if path.suffix.lower() == ".parquet":
         number = 0
-        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        width = len(pq.read_schema(path).names)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=max(1, min(BATCH_ROWS, BATCH_VALUES // width)))
         while True:
             try:
                 batch = next(batches, None)
@@ -163,6 +169,7 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
     with path.open(newline="", encoding="utf-8", errors="replace") as handle:
         reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [name.strip() for name in next(reader)]
+        batch_rows = max(1, min(BATCH_ROWS, BATCH_VALUES // len(header)))
         numbers: list[int] = []
         fitting: list[list[str]] = []
         odd: list[tuple[int, dict[str, Any]]] = []
@@ -172,7 +179,7 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 fitting.append(values)
             else:
                 odd.append((number, {"__bad_width__": values}))
-            if len(numbers) + len(odd) == BATCH_ROWS:
+            if len(numbers) + len(odd) == batch_rows:
                 yield numbers, _text_table(header, fitting), odd
                 numbers, fitting, odd = [], [], []
         if numbers or odd:
@@ -180,11 +187,10 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in header]
-    return pa.Table.from_arrays(
-        [pa.array([value if value != "" else None for value in column], pa.string()) for column in columns],
-        names=header,
-    )
+    columns = [pa.array(column, pa.string()) for column in zip(*rows, strict=True)] if rows else [
+        pa.array([], pa.string()) for _ in header]
+    empty = pa.scalar(None, pa.string())
+    return pa.Table.from_arrays([pc.if_else(pc.equal(column, ""), empty, column) for column in columns], names=header)
 
 
 def require(row: dict[str, Any], name: str) -> Any:
