@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import features.genomics
+import features.imaging
 import features.tables
 from features.ingest import IngestSummary, ingest_landing_zone
 from features.schemas import IMAGING_INPUT, NOTES_INPUT
@@ -251,6 +252,64 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     assert imaging["study_id"].to_list() == ["s0", "s3"]
     events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "imaging")
     assert events.select("code", "text_value").rows() == [("IMAGING//CT", "s0"), ("IMAGING//CT", "s3")]
+
+
+
+@pytest.mark.parametrize("kind", ["float32, naive", "float64 values, UTC+2 times in ms", "integer values"])
+def test_imaging_checked_by_column_equals_per_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    rng = np.random.default_rng(1)
+    n = 24
+    embeddings: list[list[object] | None] = [[float(v) for v in rng.normal(size=4).round(3)] for _ in range(n)]
+    times = [datetime(2020, 1, 1, 12) for _ in range(n)]
+    columns: dict[str, list[object]] = {
+        "patient_id": ["p1"] * n, "study_id": [f"s{i}" for i in range(n)], "modality": ["CT"] * n,
+        "body_site": ["heart"] * n,
+    }
+    embeddings[1] = [0.1, 0.2]  # short
+    embeddings[2] = [0.1, math.nan, 0.3, 0.4]
+    embeddings[3] = [0.1, None, 0.3, 0.4]
+    embeddings[4] = []
+    embeddings[5] = None
+    columns["patient_id"][6] = "p 1"
+    columns["study_id"][7] = "s 7"
+    columns["modality"][8] = "  "
+    columns["modality"][9] = "超声"  # no ASCII letter: left to the per-row check, which accepts it
+    times[10] = datetime(2030, 1, 1)  # after the export
+    columns["body_site"][11] = None
+    value_type = {"float32, naive": pa.float32(), "float64 values, UTC+2 times in ms": pa.float64(),
+                  "integer values": pa.int64()}[kind]
+    if kind == "integer values":
+        embeddings = [None if e is None else [v if not isinstance(v, float) or v != v else int(v * 1000) for v in e]
+                      for e in embeddings]
+        embeddings[2] = [1, 2, 3, 4]
+    time_type = pa.timestamp("us")
+    if kind.startswith("float64"):
+        time_type = pa.timestamp("ms", tz="+02:00")
+        times = [t.replace(tzinfo=timezone(timedelta(hours=2))) for t in times]
+    table = pa.table({**columns, "time": pa.array(times, time_type),
+                      "embedding": pa.array(embeddings, pa.list_(value_type))})
+    monkeypatch.setattr(features.tables, "BATCH_ROWS", 10)
+    _summary, by_column = run(tmp_path / "fast", {"imaging/embeddings.parquet": table})
+    fast = pl.read_parquet(tmp_path / "fast" / "out" / "imaging.parquet")
+    cleared: list[int] = []
+    real_clear = features.imaging.clear_imaging_rows
+
+    def clear_none(batch: pa.Table, length: int | None, latest: datetime) -> np.ndarray:
+        cleared.append(int(real_clear(batch, length, latest).sum()))
+        return np.zeros(batch.num_rows, dtype=bool)
+
+    monkeypatch.setattr(features.imaging, "clear_imaging_rows", clear_none)
+    _summary, per_row = run(tmp_path / "slow", {"imaging/embeddings.parquet": table})
+    assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "imaging.parquet"), check_exact=True)
+    assert_frame_equal(by_column, per_row, check_exact=True)
+
+    quarantined = by_column["record_number"].to_list()
+    expected = [2, 3, 4, 5, 6, 7, 8, 9, 11, 12] if kind != "integer values" else [2, 4, 5, 6, 7, 8, 9, 11, 12]
+    assert quarantined == expected
+    assert sum(cleared) == n - len(expected) - 1  # the non-ASCII modality went per row
+    assert fast.height == n - len(expected) and "超声" in fast["modality"].to_list()
+    if kind.startswith("float64"):
+        assert fast["time"][0] == datetime(2020, 1, 1, 10)  # 12:00 at UTC+2, kept as UTC
 
 
 def test_imaging_embedding_column_that_is_not_a_list_rejects_each_row(tmp_path: Path) -> None:
