@@ -12,9 +12,10 @@ Numeric features get code ``EXPRESSION//<feature>`` when the file name says ``ex
 row is one record: a single bad value quarantines the patient's row (naming the column), so that no
 patient is left with half a panel.
 
-A wide table (an expression matrix can hold thousands of genes per patient) is checked a column at
-a time (:func:`clear_wide_rows`); only the rows those checks do not clear go through the per-row
-checks, which alone word quarantine reasons, so both give the same rows.
+Tables are checked a column at a time, in batches (:func:`clear_wide_rows`,
+:func:`clear_long_rows`): an expression matrix holds thousands of genes per patient, a variant
+table millions of rows. Only the rows those checks do not clear go through the per-row checks,
+which alone word quarantine reasons, so both give the same rows.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ FEATURE_COLUMNS = ("patient_id", "feature", "value")
 # Numbers written plainly: Python's float() and the column parser read these to the same value
 # (both round correctly); anything else (spaces, '1_000', 'inf') is left to the per-row checks.
 _PLAIN_NUMBER = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
+# Text the per-row check surely accepts as non-blank: it holds a letter or digit.
+_VISIBLE = "[A-Za-z0-9]"
 
 
 def read_genomics_file(path: Path, source_file: str) -> TableRead:
@@ -69,8 +72,11 @@ def read_genomics_file(path: Path, source_file: str) -> TableRead:
             raise FileError("missing_columns", f"genomics {form} table lacks column(s) {', '.join(missing)}")
         prefix = "EXPRESSION" if "expression" in path.name.lower() else "FEATURE"
         features = [name for name in columns if name != "patient_id"]
-        if form == "wide" and len(set(columns)) == len(columns):
+        unique = len(set(columns)) == len(columns)  # else a row keeps the last of a repeated column
+        if unique and form == "wide":
             _read_wide(path, source_file, features, prefix, result)
+        elif unique:
+            _read_long(path, source_file, form, prefix, result)
         else:
             for number, row in iter_rows(path):
                 result.records_in += 1
@@ -130,6 +136,79 @@ def _read_wide(path: Path, source_file: str, features: list[str], prefix: str, r
         others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
         for number, row in others:
             _read_row(number, row, "wide", features, prefix, source_file, result)
+
+
+def _read_long(path: Path, source_file: str, form: str, prefix: str, result: TableRead) -> None:
+    """A long table (variants or features) in batches: the rows :func:`clear_long_rows` clears
+    become one frame per batch, the others go through :func:`_read_row` in file order."""
+    for numbers, table, odd in iter_batches(path):
+        result.records_in += len(numbers) + len(odd)
+        cleared, values = clear_long_rows(table, form)
+        record_numbers = np.asarray(numbers, dtype=np.int64)
+        if cleared.any():
+            mask = pa.array(cleared)
+            kept = table.filter(mask)
+            name = "gene" if form == "variants" else "feature"
+            code_prefix = "GENE//" if form == "variants" else f"{prefix}//"
+            variant = kept.column("variant").cast(pa.string()) if form == "variants" else pa.nulls(
+                kept.num_rows, pa.string())
+            result.frames["genomics"].append(pa.table(
+                [kept.column("patient_id").cast(pa.string()),
+                 pc.binary_join_element_wise(code_prefix, kept.column(name).cast(pa.string()), ""), variant,
+                 pa.array(values[cleared]), pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows),
+                 pa.array(record_numbers[cleared])],
+                schema=GENOMICS,
+            ))
+        left = table.filter(pa.array(~cleared)).to_pylist()
+        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
+        for number, row in others:
+            _read_row(number, row, form, [], prefix, source_file, result)
+
+
+def clear_long_rows(table: pa.Table, form: str) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64]]:
+    """The rows of a long batch that the per-row checks would accept as they are, and their values.
+
+    Variants: a FHIR patient id, a gene and a variant holding a letter or digit, and a genotype of
+    0, 1 or 2 (an integer column, or the digit alone in a text column). Features: a FHIR patient
+    id, a feature holding a letter or digit, and a finite number as in :func:`clear_wide_rows`.
+    """
+    n = table.num_rows
+    patient = table.column("patient_id")
+    texts = ["gene", "variant"] if form == "variants" else ["feature"]
+    if n == 0 or not all(_is_text(table.column(name).type) for name in ["patient_id", *texts]):
+        return np.zeros(n, dtype=bool), np.full(n, np.nan)
+    checks = [pc.match_substring_regex(patient, f"^(?:{FHIR_ID.pattern})$")]
+    checks += [pc.match_substring_regex(table.column(name), _VISIBLE) for name in texts]
+    cleared: npt.NDArray[np.bool_] = np.logical_and.reduce(
+        [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
+    )
+    if form == "variants":
+        genotype = table.column("genotype")
+        if pa.types.is_integer(genotype.type):
+            values = pc.fill_null(pc.cast(genotype, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+        elif _is_text(genotype.type):
+            digit = pc.fill_null(pc.match_substring_regex(genotype, "^[012]$"), False)
+            values = pl.Series(pc.if_else(digit, genotype, None)).cast(pl.Float64).fill_null(np.nan).to_numpy()
+        else:
+            return np.zeros(n, dtype=bool), np.full(n, np.nan)
+        cleared &= np.isin(values, (0.0, 1.0, 2.0))
+    else:
+        values = _numbers(table.column("value"))
+        cleared &= np.isfinite(values)
+    return cleared, values
+
+
+def _numbers(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:
+    """A column's values as floats where :func:`clear_wide_rows` would read them, else NaN."""
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+        return np.asarray(
+            pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False),
+            dtype=np.float64,
+        )
+    if _is_text(column.type):
+        plain = pc.fill_null(pc.match_substring_regex(column, _PLAIN_NUMBER), False)
+        return pl.Series(pc.if_else(plain, column, None)).cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy()
+    return np.full(len(column), np.nan)
 
 
 def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64]]:

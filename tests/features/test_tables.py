@@ -203,6 +203,58 @@ def test_wide_genomics_checked_by_column_equals_per_row(
 
 
 
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+@pytest.mark.parametrize("form", ["variants", "features"])
+def test_long_genomics_checked_by_column_equals_per_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, form: str
+) -> None:
+    n = 20
+    text = suffix == "csv"
+    columns: dict[str, list[object]] = {"patient_id": [f"p{i}" for i in range(1, n + 1)]}
+    if form == "variants":
+        columns |= {"gene": ["CYP2C19"] * n, "variant": [f"rs{i}" for i in range(n)],
+                    "genotype": [i % 3 for i in range(n)]}
+        odd: dict[tuple[int, str], object] = {(1, "genotype"): 3, (2, "genotype"): None, (3, "gene"): "  ",
+                                              (4, "variant"): None, (5, "patient_id"): "p 5"}
+        if text:
+            odd |= {(6, "genotype"): " 1", (7, "genotype"): "1.0", (8, "genotype"): "-1"}
+        name = "genomics/variants"
+    else:
+        columns |= {"feature": [f"score{i % 4}" for i in range(n)], "value": [0.5 * i for i in range(n)]}
+        odd = {(1, "value"): math.nan, (2, "value"): None, (3, "feature"): "", (4, "patient_id"): None}
+        if text:
+            odd |= {(6, "value"): "1_000", (7, "value"): "abc", (8, "value"): "1e400"}
+        name = "genomics/risk_scores"
+    for (row, column), value in odd.items():
+        columns[column][row] = value
+    if text:
+        rows = [",".join("" if v is None else str(v) for v in values) for values in zip(*columns.values(), strict=True)]
+        data: bytes | pa.Table = ("\n".join([",".join(columns), *rows]) + "\n").encode()
+    else:
+        data = pa.table(columns)
+    monkeypatch.setattr(features.tables, "BATCH_ROWS", 6)
+    _summary, by_column = run(tmp_path / "fast", {f"{name}.{suffix}": data}, patients=n)
+    fast = pl.read_parquet(tmp_path / "fast" / "out" / "genomics.parquet")
+    cleared: list[int] = []
+    real_clear = features.genomics.clear_long_rows
+
+    def clear_none(table: pa.Table, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        rows, values = real_clear(table, kind)
+        cleared.append(int(rows.sum()))
+        return np.zeros(table.num_rows, dtype=bool), values
+
+    monkeypatch.setattr(features.genomics, "clear_long_rows", clear_none)
+    _summary, per_row = run(tmp_path / "slow", {f"{name}.{suffix}": data}, patients=n)
+    assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "genomics.parquet"), check_exact=True)
+    assert_frame_equal(by_column, per_row, check_exact=True)
+    accepted_per_row = {("variants", "csv"): [7], ("features", "csv"): [7]}.get((form, suffix), [])
+    quarantined = sorted(by_column["record_number"].to_list())
+    assert len(quarantined) + len(accepted_per_row) + sum(cleared) == n
+    assert fast["record_number"].to_list() == [i for i in range(1, n + 1) if i not in quarantined]
+    assert set(accepted_per_row) <= set(fast["record_number"].to_list())
+
+
 def test_wide_genomics_patient_twice_is_one_duplicate_row(tmp_path: Path) -> None:
     # The second file's row repeats IL6 (with another value) and CRP for p1, beside a new feature:
     # the row is one record, quarantined whole and counted once, and the accounting stays balanced.
