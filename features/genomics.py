@@ -72,11 +72,8 @@ def read_genomics_file(path: Path, source_file: str) -> TableRead:
             raise FileError("missing_columns", f"genomics {form} table lacks column(s) {', '.join(missing)}")
         prefix = "EXPRESSION" if "expression" in path.name.lower() else "FEATURE"
         features = [name for name in columns if name != "patient_id"]
-        unique = len(set(columns)) == len(columns)  # else a row keeps the last of a repeated column
-        if unique and form == "wide":
-            _read_wide(path, source_file, features, prefix, result)
-        elif unique:
-            _read_long(path, source_file, form, prefix, result)
+        if len(set(columns)) == len(columns):  # else a row keeps the last of a repeated column
+            _read_by_column(path, source_file, form, features, prefix, result)
         else:
             for number, row in iter_rows(path):
                 result.records_in += 1
@@ -112,57 +109,62 @@ def _read_row(number: int, row: dict[str, Any], form: str, features: list[str], 
     result.rows["genomics"].extend(rows)
 
 
-def _read_wide(path: Path, source_file: str, features: list[str], prefix: str, result: TableRead) -> None:
-    """A wide table in batches: the rows :func:`clear_wide_rows` clears become one frame per batch,
-    the others go through :func:`_read_row` in file order."""
+def _read_by_column(path: Path, source_file: str, form: str, features: list[str], prefix: str,
+                    result: TableRead) -> None:
+    """A table in batches: the rows the column checks clear become one frame per batch, the others
+    go through :func:`_read_row` in file order."""
+    for numbers, table, odd in iter_batches(path):
+        result.records_in += len(numbers) + len(odd)
+        record_numbers = np.asarray(numbers, dtype=np.int64)
+        if form == "wide":
+            cleared, frame = _wide_frame(table, record_numbers, features, prefix, source_file)
+        else:
+            cleared, frame = _long_frame(table, record_numbers, form, prefix, source_file)
+        if frame is not None:
+            result.frames["genomics"].append(frame)
+        left = table.filter(pa.array(~cleared)).to_pylist()
+        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
+        for number, row in others:
+            _read_row(number, row, form, features, prefix, source_file, result)
+
+
+def _wide_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], features: list[str], prefix: str,
+                source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
+    """The rows of a wide batch :func:`clear_wide_rows` clears, as ``genomics`` rows (None if none)."""
+    cleared, values = clear_wide_rows(table, features)
+    kept = np.flatnonzero(cleared)
+    if not len(kept):
+        return cleared, None
+    # One patient's features stay together, in column order: the per-row order.
+    rows = pa.array(np.repeat(kept, len(features)))
     codes = pa.array([f"{prefix}//{name}" for name in features], pa.string())
-    for numbers, table, odd in iter_batches(path):
-        result.records_in += len(numbers) + len(odd)
-        cleared, values = clear_wide_rows(table, features)
-        kept = np.flatnonzero(cleared)
-        record_numbers = np.asarray(numbers, dtype=np.int64)
-        if len(kept):
-            # One patient's features stay together, in column order: the per-row order.
-            rows = pa.array(np.repeat(kept, len(features)))
-            count = len(rows)
-            result.frames["genomics"].append(pa.table(
-                [pc.take(table.column("patient_id"), rows).cast(pa.string()),
-                 pc.take(codes, pa.array(np.tile(np.arange(len(features)), len(kept)))), pa.nulls(count, pa.string()),
-                 pa.array(values[kept].ravel()), pa.repeat(pa.scalar(source_file, pa.string()), count),
-                 pc.take(pa.array(record_numbers), rows)],
-                schema=GENOMICS,
-            ))
-        left = table.filter(pa.array(~cleared)).to_pylist()
-        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
-        for number, row in others:
-            _read_row(number, row, "wide", features, prefix, source_file, result)
+    frame = pa.table(
+        [pc.take(table.column("patient_id"), rows).cast(pa.string()),
+         pc.take(codes, pa.array(np.tile(np.arange(len(features)), len(kept)))), pa.nulls(len(rows), pa.string()),
+         pa.array(values[kept].ravel()), pa.repeat(pa.scalar(source_file, pa.string()), len(rows)),
+         pc.take(pa.array(record_numbers), rows)],
+        schema=GENOMICS,
+    )
+    return cleared, frame
 
 
-def _read_long(path: Path, source_file: str, form: str, prefix: str, result: TableRead) -> None:
-    """A long table (variants or features) in batches: the rows :func:`clear_long_rows` clears
-    become one frame per batch, the others go through :func:`_read_row` in file order."""
-    for numbers, table, odd in iter_batches(path):
-        result.records_in += len(numbers) + len(odd)
-        cleared, values = clear_long_rows(table, form)
-        record_numbers = np.asarray(numbers, dtype=np.int64)
-        if cleared.any():
-            mask = pa.array(cleared)
-            kept = table.filter(mask)
-            name = "gene" if form == "variants" else "feature"
-            code_prefix = "GENE//" if form == "variants" else f"{prefix}//"
-            variant = kept.column("variant").cast(pa.string()) if form == "variants" else pa.nulls(
-                kept.num_rows, pa.string())
-            result.frames["genomics"].append(pa.table(
-                [kept.column("patient_id").cast(pa.string()),
-                 pc.binary_join_element_wise(code_prefix, kept.column(name).cast(pa.string()), ""), variant,
-                 pa.array(values[cleared]), pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows),
-                 pa.array(record_numbers[cleared])],
-                schema=GENOMICS,
-            ))
-        left = table.filter(pa.array(~cleared)).to_pylist()
-        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
-        for number, row in others:
-            _read_row(number, row, form, [], prefix, source_file, result)
+def _long_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], form: str, prefix: str,
+                source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
+    """The rows of a long batch :func:`clear_long_rows` clears, as ``genomics`` rows (None if none)."""
+    cleared, values = clear_long_rows(table, form)
+    if not cleared.any():
+        return cleared, None
+    kept = table.filter(pa.array(cleared))
+    name, code_prefix = ("gene", "GENE//") if form == "variants" else ("feature", f"{prefix}//")
+    variant = kept.column("variant").cast(pa.string()) if form == "variants" else pa.nulls(kept.num_rows, pa.string())
+    frame = pa.table(
+        [kept.column("patient_id").cast(pa.string()),
+         pc.binary_join_element_wise(code_prefix, kept.column(name).cast(pa.string()), ""), variant,
+         pa.array(values[cleared]), pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows),
+         pa.array(record_numbers[cleared])],
+        schema=GENOMICS,
+    )
+    return cleared, frame
 
 
 def clear_long_rows(table: pa.Table, form: str) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64]]:
