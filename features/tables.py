@@ -123,17 +123,11 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """
     if path.suffix.lower() == ".parquet":
         number = 0
-        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as exc:
-                raise _unreadable_parquet(exc) from None
-            if batch is None:
-                return
+        for batch in _parquet_batches(path, BATCH_ROWS):
             for row in batch.to_pylist():
                 number += 1
                 yield number, row
+        return
     with path.open(newline="", encoding="utf-8", errors="replace") as handle:
         reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [name.strip() for name in next(reader)]
@@ -142,6 +136,20 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield number, {"__bad_width__": values}
                 continue
             yield number, {name: (value if value != "" else None) for name, value in zip(header, values, strict=True)}
+
+
+def _parquet_batches(path: Path, rows: int) -> Iterator[pa.RecordBatch]:
+    """A Parquet file's record batches of ``rows`` rows; :class:`FileError` where its data cannot
+    be decoded."""
+    batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable_parquet(exc) from None
+        if batch is None:
+            return
+        yield batch
 
 
 def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[int, dict[str, Any]]]]]:
@@ -156,16 +164,10 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
     if path.suffix.lower() == ".parquet":
         number = 0
         width = len(pq.read_schema(path).names)
-        batches = pq.ParquetFile(path).iter_batches(batch_size=max(1, min(BATCH_ROWS, BATCH_VALUES // width)))
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as exc:
-                raise _unreadable_parquet(exc) from None
-            if batch is None:
-                return
+        for batch in _parquet_batches(path, max(1, min(BATCH_ROWS, BATCH_VALUES // width))):
             yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
             number += batch.num_rows
+        return
     with path.open(newline="", encoding="utf-8", errors="replace") as handle:
         reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [name.strip() for name in next(reader)]
