@@ -34,6 +34,8 @@ from features.schemas import GENOMICS
 from features.tables import (
     FileError,
     TableRead,
+    clear_columns,
+    is_text,
     iter_batches,
     iter_rows,
     table_columns,
@@ -48,8 +50,6 @@ FEATURE_COLUMNS = ("patient_id", "feature", "value")
 # Numbers written plainly: Python's float() and the column parser read these to the same value
 # (both round correctly); anything else (spaces, '1_000', 'inf') is left to the per-row checks.
 _PLAIN_NUMBER = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
-# Text the per-row check surely accepts as non-blank: it holds a letter or digit.
-_VISIBLE = "[A-Za-z0-9]"
 
 
 def read_genomics_file(path: Path, source_file: str) -> TableRead:
@@ -175,20 +175,13 @@ def clear_long_rows(table: pa.Table, form: str) -> tuple[npt.NDArray[np.bool_], 
     id, a feature holding a letter or digit, and a finite number as in :func:`clear_wide_rows`.
     """
     n = table.num_rows
-    patient = table.column("patient_id")
     texts = ["gene", "variant"] if form == "variants" else ["feature"]
-    if n == 0 or not all(_is_text(table.column(name).type) for name in ["patient_id", *texts]):
-        return np.zeros(n, dtype=bool), np.full(n, np.nan)
-    checks = [pc.match_substring_regex(patient, f"^(?:{FHIR_ID.pattern})$")]
-    checks += [pc.match_substring_regex(table.column(name), _VISIBLE) for name in texts]
-    cleared: npt.NDArray[np.bool_] = np.logical_and.reduce(
-        [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
-    )
+    cleared = clear_columns(table, ["patient_id"], texts)
     if form == "variants":
         genotype = table.column("genotype")
         if pa.types.is_integer(genotype.type):
             values = pc.fill_null(pc.cast(genotype, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
-        elif _is_text(genotype.type):
+        elif is_text(genotype.type):
             digit = pc.fill_null(pc.match_substring_regex(genotype, "^[012]$"), False)
             values = pl.Series(pc.if_else(digit, genotype, None)).cast(pl.Float64).fill_null(np.nan).to_numpy()
         else:
@@ -207,7 +200,7 @@ def _numbers(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:
             pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False),
             dtype=np.float64,
         )
-    if _is_text(column.type):
+    if is_text(column.type):
         plain = pc.fill_null(pc.match_substring_regex(column, _PLAIN_NUMBER), False)
         return pl.Series(pc.if_else(plain, column, None)).cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy()
     return np.full(len(column), np.nan)
@@ -224,7 +217,7 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
     n = table.num_rows
     patient = table.column("patient_id")
     values = np.full((n, len(features)), np.nan)
-    if not _is_text(patient.type) or n == 0:
+    if not is_text(patient.type) or n == 0:
         return np.zeros(n, dtype=bool), values
     cleared = pc.fill_null(pc.match_substring_regex(patient, f"^(?:{FHIR_ID.pattern})$"), False).to_numpy(
         zero_copy_only=False
@@ -236,7 +229,7 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
             values[:, j] = pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(
                 zero_copy_only=False
             )
-        elif _is_text(column.type):
+        elif is_text(column.type):
             text.append(j)
         else:
             cleared[:] = False
@@ -251,6 +244,3 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
     cleared &= np.isfinite(values).all(axis=1)
     return cleared, values
 
-
-def _is_text(kind: pa.DataType) -> bool:
-    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))

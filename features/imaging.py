@@ -24,10 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.fhir.validate import FHIR_ID, RecordError
-from features.schemas import IMAGING, IMAGING_INPUT, TIME
+from features.schemas import IMAGING, IMAGING_INPUT
 from features.tables import (
     FileError,
     TableRead,
+    clear_columns,
     iter_batches,
     read_column,
     require_columns,
@@ -35,9 +36,6 @@ from features.tables import (
     to_string,
     to_time,
 )
-
-# Text the per-row check surely accepts as non-blank: it holds a letter or digit.
-_VISIBLE = "[A-Za-z0-9]"
 
 
 def _usual_length(path: Path) -> int | None:
@@ -55,11 +53,12 @@ def read_imaging_file(path: Path, source_file: str, latest: datetime) -> TableRe
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
-        require_columns(path, "imaging table", IMAGING_INPUT.names)
+        columns = require_columns(path, "imaging table", IMAGING_INPUT.names)
+        unique = len(set(columns)) == len(columns)  # else a row keeps the last of a repeated column
         length = _usual_length(path)
         for numbers, table, _ in iter_batches(path):
             result.records_in += len(numbers)
-            cleared = clear_imaging_rows(table, length, latest)
+            cleared = clear_imaging_rows(table, length, latest) if unique else np.zeros(table.num_rows, dtype=bool)
             record_numbers = pa.array(numbers, pa.int64())
             if cleared.any():
                 mask = pa.array(cleared)
@@ -114,37 +113,19 @@ def _read_row(number: int, row: dict[str, Any], length: int | None, latest: date
 def clear_imaging_rows(table: pa.Table, length: int | None, latest: datetime) -> npt.NDArray[np.bool_]:
     """The rows of a batch that the per-row checks would accept as they are.
 
-    Cleared: patient and study ids that are FHIR ids; a time of a timestamp column (seconds to
-    microseconds) not after ``latest``; a modality and body site holding a letter or digit; an
-    embedding of numbers (not booleans), all finite, of the file's usual ``length``.
+    Cleared: patient and study ids, modality, body site and time as :func:`clear_columns` clears
+    them, and an embedding of numbers (not booleans), all finite, of the file's usual ``length``.
     """
-    n = table.num_rows
-    none = np.zeros(n, dtype=bool)
-    columns = {name: table.column(name) for name in IMAGING_INPUT.names}
-    time, embedding = columns["time"], columns["embedding"]
-    texts = [columns[name] for name in ("patient_id", "study_id", "modality", "body_site")]
+    embedding = table.column("embedding")
     if (
-        n == 0
+        table.num_rows == 0
         or not length
-        or not all(pa.types.is_string(c.type) or pa.types.is_large_string(c.type) for c in texts)
-        or not (pa.types.is_timestamp(time.type) and time.type.unit in ("s", "ms", "us"))
         or not (pa.types.is_list(embedding.type) or pa.types.is_large_list(embedding.type))
         or not (pa.types.is_floating(embedding.type.value_type) or pa.types.is_integer(embedding.type.value_type))
     ):
-        return none
-    fhir_id = f"^(?:{FHIR_ID.pattern})$"
-    checks = [
-        pc.match_substring_regex(columns["patient_id"], fhir_id),
-        pc.match_substring_regex(columns["study_id"], fhir_id),
-        pc.match_substring_regex(columns["modality"], _VISIBLE),
-        pc.match_substring_regex(columns["body_site"], _VISIBLE),
-        # A time zone is kept as UTC, which the cast leaves as a naive time.
-        pc.less_equal(time.cast(TIME), pa.scalar(latest, TIME)),
-        pc.equal(pc.list_value_length(embedding), length),
-    ]
-    cleared: npt.NDArray[np.bool_] = np.logical_and.reduce(
-        [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
-    )
+        return np.zeros(table.num_rows, dtype=bool)
+    cleared = clear_columns(table, ["patient_id", "study_id"], ["modality", "body_site"], "time", latest)
+    cleared &= pc.fill_null(pc.equal(pc.list_value_length(embedding), length), False).to_numpy(zero_copy_only=False)
     if not cleared.any():
         return cleared
     values = pc.list_flatten(embedding.filter(pa.array(cleared))).cast(pa.float64())

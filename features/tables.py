@@ -18,6 +18,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -193,6 +195,38 @@ def _text_table(header: list[str], rows: list[list[str]]) -> pa.Table:
         pa.array([], pa.string()) for _ in header]
     empty = pa.scalar(None, pa.string())
     return pa.Table.from_arrays([pc.if_else(pc.equal(column, ""), empty, column) for column in columns], names=header)
+
+
+VISIBLE_TEXT = "[A-Za-z0-9]"
+"""Text the per-row check :func:`to_string` surely accepts as non-blank: it holds a letter or digit."""
+
+
+def is_text(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def clear_columns(
+    table: pa.Table, ids: list[str], texts: list[str], time: str | None = None, latest: datetime = datetime.max
+) -> npt.NDArray[np.bool_]:
+    """The rows whose ``ids`` are FHIR ids, ``texts`` hold a letter or digit and ``time`` (a
+    timestamp column, seconds to microseconds) is not after ``latest``: rows that
+    :func:`to_patient_id`, :func:`to_string` and :func:`to_time` surely accept. None cleared when a
+    column is not of those types (the per-row checks then word why)."""
+    none = np.zeros(table.num_rows, dtype=bool)
+    if not all(is_text(table.column(name).type) for name in [*ids, *texts]):
+        return none
+    checks = [pc.match_substring_regex(table.column(name), f"^(?:{FHIR_ID.pattern})$") for name in ids]
+    checks += [pc.match_substring_regex(table.column(name), VISIBLE_TEXT) for name in texts]
+    if time is not None:
+        column = table.column(time)
+        if not (pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us")):
+            return none
+        # A time zone is kept as UTC, which the cast leaves as a naive time.
+        checks.append(pc.less_equal(column.cast(pa.timestamp("us")), pa.scalar(latest, pa.timestamp("us"))))
+    cleared: npt.NDArray[np.bool_] = np.logical_and.reduce(
+        [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
+    )
+    return cleared
 
 
 def require(row: dict[str, Any], name: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -16,6 +17,7 @@ from polars.testing import assert_frame_equal
 
 import features.genomics
 import features.imaging
+import features.notes
 import features.tables
 from features.ingest import IngestSummary, ingest_landing_zone
 from features.schemas import IMAGING_INPUT, NOTES_INPUT
@@ -95,6 +97,49 @@ def test_notes_csv_wrong_type(tmp_path: Path) -> None:
 def test_notes_unknown_patient(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"notes/notes.parquet": notes_table(patient_id=["p1", "ghost"])})
     assert quarantine.select("source_kind", "record_number", "reason_code").rows() == [("notes", 2, "orphan_reference")]
+
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_notes_checked_by_column_equals_per_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    n = 16
+    columns: dict[str, list[object]] = {
+        "patient_id": ["p1"] * n, "note_id": [f"n{i}" for i in range(n)],
+        "time": [datetime(2020, 1, 1 + i) for i in range(n)], "note_type": ["nursing_note"] * n,
+        "text": [f"Pt seen on day {i}." for i in range(n)],
+    }
+    columns["patient_id"][1] = "p 1"
+    columns["note_id"][2] = None
+    columns["time"][3] = datetime(2030, 1, 1)  # after the export
+    columns["note_type"][4] = " "
+    columns["text"][5] = "呼吸困难"  # no ASCII letter: left to the per-row check, which accepts it
+    columns["text"][6] = None
+    table = pa.table(columns)
+    data: bytes | pa.Table = table
+    if suffix == "csv":
+        def cell(value: object) -> str:
+            return "" if value is None else f"{value:%Y-%m-%dT%H:%M:%SZ}" if isinstance(value, datetime) else str(value)
+
+        rows = [",".join(cell(v) for v in row.values()) for row in table.to_pylist()]
+        data = ("\n".join([",".join(columns), *rows]) + "\n").encode()
+    monkeypatch.setattr(features.tables, "BATCH_ROWS", 5)
+    _summary, by_column = run(tmp_path / "fast", {f"notes/notes.{suffix}": data})
+    fast = pl.read_parquet(tmp_path / "fast" / "out" / "notes.parquet")
+    cleared: list[int] = []
+    real_clear = features.notes.clear_columns
+
+    def clear_none(batch: pa.Table, *args: Any) -> np.ndarray:
+        cleared.append(int(real_clear(batch, *args).sum()))
+        return np.zeros(batch.num_rows, dtype=bool)
+
+    monkeypatch.setattr(features.notes, "clear_columns", clear_none)
+    _summary, per_row = run(tmp_path / "slow", {f"notes/notes.{suffix}": data})
+    assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "notes.parquet"), check_exact=True)
+    assert_frame_equal(by_column, per_row, check_exact=True)
+    assert by_column["record_number"].to_list() == [2, 3, 4, 5, 7]
+    # Text tables give their times as strings, which only the per-row checks read.
+    assert sum(cleared) == (0 if suffix == "csv" else n - 5 - 1)
+    assert fast.height == n - 5 and "呼吸困难" in fast["text"].to_list()
 
 
 def test_genomics_long_variants(tmp_path: Path) -> None:
