@@ -23,7 +23,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.fhir.validate import FHIR_ID, RecordError
+from features.fhir.validate import RecordError
 from features.schemas import IMAGING, IMAGING_INPUT
 from features.tables import (
     FileError,
@@ -32,6 +32,7 @@ from features.tables import (
     iter_batches,
     read_column,
     require_columns,
+    to_id,
     to_patient_id,
     to_string,
     to_time,
@@ -81,9 +82,7 @@ def _read_row(number: int, row: dict[str, Any], length: int | None, latest: date
     """Check one row; add its imaging row to ``result``, or its quarantine row."""
     try:
         patient_id = to_patient_id(row)
-        study_id = to_string(row, "study_id")
-        if FHIR_ID.fullmatch(study_id) is None:
-            raise RecordError("bad_id", f"study_id {study_id!r:.60} is not a valid id")
+        study_id = to_id(row, "study_id")
         time = to_time(row, "time", latest)
         modality = to_string(row, "modality")
         body_site = to_string(row, "body_site")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from features.fhir.validate import FHIR_ID, RecordError
+from features.fhir.validate import RecordError
 from features.schemas import NOTES, NOTES_INPUT
 from features.tables import (
     FileError,
@@ -28,6 +28,7 @@ from features.tables import (
     clear_columns,
     iter_batches,
     require_columns,
+    to_id,
     to_patient_id,
     to_string,
     to_time,
@@ -74,9 +75,7 @@ def _read_row(number: int, row: dict[str, Any], latest: datetime, source_file: s
         if "__bad_width__" in row:
             raise RecordError("bad_row", "row has a different number of fields than the header")
         patient_id = to_patient_id(row)
-        note_id = to_string(row, "note_id")
-        if FHIR_ID.fullmatch(note_id) is None:
-            raise RecordError("bad_id", f"note_id {note_id!r:.60} is not a valid id")
+        note_id = to_id(row, "note_id")
         time = to_time(row, "time", latest)
         note_type = to_string(row, "note_type")
         text = to_string(row, "text")

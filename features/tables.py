@@ -252,6 +252,14 @@ def to_string(row: dict[str, Any], name: str) -> str:
     return value
 
 
+def to_id(row: dict[str, Any], name: str) -> str:
+    """A record id (``note_id``, ``study_id``): text that is a valid FHIR id."""
+    value = to_string(row, name)
+    if FHIR_ID.fullmatch(value) is None:
+        raise RecordError("bad_id", f"{name} {value!r:.60} is not a valid id")
+    return value
+
+
 def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
     value = require(row, name)
     if isinstance(value, datetime):
