@@ -20,6 +20,7 @@ which alone word quarantine reasons, so both give the same rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,9 @@ FEATURE_COLUMNS = ("patient_id", "feature", "value")
 _PLAIN_NUMBER = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 
 
-def read_genomics_file(path: Path, source_file: str) -> TableRead:
-    """Read one genomics table (any of the three forms)."""
-    result = TableRead("genomics", source_file, rows={"genomics": []}, frames={"genomics": []})
+def read_genomics_file(path: Path, source_file: str, spill: Callable[[TableRead], None] | None = None) -> TableRead:
+    """Read one genomics table (any of the three forms); ``spill`` as in :class:`TableRead`."""
+    result = TableRead("genomics", source_file, rows={"genomics": []}, frames={"genomics": []}, spill=spill)
     try:
         columns = table_columns(path)
         if "patient_id" not in columns:
@@ -126,6 +127,7 @@ def _read_by_column(path: Path, source_file: str, form: str, features: list[str]
         others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
         for number, row in others:
             _read_row(number, row, form, features, prefix, source_file, result)
+        result.batch_done()
 
 
 def _wide_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], features: list[str], prefix: str,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,11 @@ def _usual_length(path: Path) -> int | None:
     return Counter(lengths).most_common(1)[0][0] if lengths else None
 
 
-def read_imaging_file(path: Path, source_file: str, latest: datetime) -> TableRead:
-    """Read one imaging embeddings table."""
-    result = TableRead("imaging", source_file, rows={"imaging": []}, frames={"imaging": []})
+def read_imaging_file(
+    path: Path, source_file: str, latest: datetime, spill: Callable[[TableRead], None] | None = None
+) -> TableRead:
+    """Read one imaging embeddings table; ``spill`` as in :class:`TableRead`."""
+    result = TableRead("imaging", source_file, rows={"imaging": []}, frames={"imaging": []}, spill=spill)
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
@@ -72,6 +75,7 @@ def read_imaging_file(path: Path, source_file: str, latest: datetime) -> TableRe
             left = table.filter(pa.array(~cleared)).to_pylist()
             for number, row in zip(np.asarray(numbers)[~cleared].tolist(), left, strict=True):
                 _read_row(number, row, length, latest, source_file, result)
+            result.batch_done()
     except FileError as err:
         result.reject_file(err)
     return result

@@ -578,7 +578,11 @@ def _batches(units: list[ReadUnit], limit: int | None = None) -> list[list[ReadU
     return batches
 
 
-def _stage_table_read(staging: Path, read: TableRead, part: str) -> _UnitResult:
+Spill = Callable[[TableRead], None]
+
+
+def _stage_table_read(staging: Path, read: TableRead, part: str) -> int:
+    """Stage what a table read holds as one part; return its quarantine rows."""
     for table, rows in read.rows.items():
         _stage_parts(staging, table, read.frames.get(table, []), rows, {read.source_file: 0}, part)
     _stage(
@@ -590,13 +594,32 @@ def _stage_table_read(staging: Path, read: TableRead, part: str) -> _UnitResult:
         ],
         part,
     )
-    return _UnitResult(read.source_file, read.records_in, len(read.rejects))
+    return len(read.rejects)
 
 
 def _read_and_stage(
-    staging: Path, read: Callable[[Path, str], TableRead], path: Path, rel: str, part: str
+    staging: Path, read: Callable[[Path, str, Spill], TableRead], path: Path, rel: str,
+    part: str,
 ) -> _UnitResult:
-    return _stage_table_read(staging, read(path, rel), part)
+    """Read a notes, genomics or imaging table, staging its rows a batch at a time (parts
+    ``<part>-00000``, ``<part>-00001``, ...); a file rejected whole voids the parts staged before."""
+    parts: list[str] = []
+    quarantined = 0
+
+    def spill(batch: TableRead) -> None:
+        nonlocal quarantined
+        parts.append(f"{part}-{len(parts):05d}")
+        quarantined += _stage_table_read(staging, batch, parts[-1])
+        batch.empty()
+
+    table_read = read(path, rel, spill)
+    if table_read.whole_file_rejected:
+        for name in parts:
+            for folder in staging.iterdir():
+                (folder / f"{name}.arrow").unlink(missing_ok=True)
+        quarantined = 0
+    quarantined += _stage_table_read(staging, table_read, f"{part}-{len(parts):05d}")
+    return _UnitResult(table_read.source_file, table_read.records_in, quarantined)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -909,10 +932,10 @@ def ingest_landing_zone(
     landing = _discover(landing_dir)
     staging = Path(tempfile.mkdtemp(prefix=".ingest-staging-", dir=warehouse_dir))
     try:
-        readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str], TableRead]]] = [
-            ("notes", landing.notes, lambda p, rel: read_notes_file(p, rel, export_time)),
+        readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str, Spill], TableRead]]] = [
+            ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill)),
             ("genomics", landing.genomics, read_genomics_file),
-            ("imaging", landing.imaging, lambda p, rel: read_imaging_file(p, rel, export_time)),
+            ("imaging", landing.imaging, lambda p, rel, spill: read_imaging_file(p, rel, export_time, spill)),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
         # Input size as the batching counts it (a .gz file several times its size), before planning.

@@ -13,6 +13,7 @@ so both give the same rows. A text table's times are strings, which only the per
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,12 @@ from features.tables import (
 )
 
 
-def read_notes_file(path: Path, source_file: str, latest: datetime) -> TableRead:
-    """Read one notes table; every row becomes a ``notes`` row or a rejection."""
-    result = TableRead("notes", source_file, rows={"notes": []}, frames={"notes": []})
+def read_notes_file(
+    path: Path, source_file: str, latest: datetime, spill: Callable[[TableRead], None] | None = None
+) -> TableRead:
+    """Read one notes table; every row becomes a ``notes`` row or a rejection. ``spill`` as in
+    :class:`TableRead`."""
+    result = TableRead("notes", source_file, rows={"notes": []}, frames={"notes": []}, spill=spill)
     try:
         columns = require_columns(path, "notes table", NOTES_INPUT.names)
         unique = len(set(columns)) == len(columns)  # else a row keeps the last of a repeated column
@@ -64,6 +68,7 @@ def read_notes_file(path: Path, source_file: str, latest: datetime) -> TableRead
             others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda r: r[0])
             for number, row in others:
                 _read_row(number, row, latest, source_file, result)
+            result.batch_done()
     except FileError as err:
         result.reject_file(err)
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -56,16 +56,31 @@ class TableRead:
     frames: dict[str, list[pa.Table]] = field(default_factory=dict)
     # (record_number, resource_id, raw_text, reason_code, reason)
     rejects: list[tuple[int, str | None, str, str, str]] = field(default_factory=list)
+    # Called by the readers after each batch, to stage what the read holds and empty it, so that
+    # memory holds a batch of a large table rather than the whole file (set by the ingest).
+    spill: Callable[[TableRead], None] | None = None
+    # The whole file became one quarantine row: rows spilled before that are void.
+    whole_file_rejected: bool = False
+
+    def batch_done(self) -> None:
+        if self.spill is not None:
+            self.spill(self)
+
+    def empty(self) -> None:
+        """Forget the rows, frames and rejects held (once they are staged)."""
+        for rows in self.rows.values():
+            rows.clear()
+        for frames in self.frames.values():
+            frames.clear()
+        self.rejects.clear()
 
     def reject(self, number: int, row: Any, code: str, reason: str, ident: str | None = None) -> None:
         self.rejects.append((number, ident, raw_text(row), code, reason))
 
     def reject_file(self, err: FileError) -> None:
         """The whole file becomes one quarantine row, whatever was read of it before ``err``."""
-        for rows in self.rows.values():
-            rows.clear()
-        self.frames.clear()
-        self.rejects.clear()
+        self.empty()
+        self.whole_file_rejected = True
         self.records_in = 1
         self.reject(0, "", err.code, err.reason)
 

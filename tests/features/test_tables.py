@@ -17,6 +17,7 @@ from polars.testing import assert_frame_equal
 
 import features.genomics
 import features.imaging
+import features.ingest
 import features.notes
 import features.tables
 from features.ingest import IngestSummary, ingest_landing_zone
@@ -140,6 +141,34 @@ def test_notes_checked_by_column_equals_per_row(tmp_path: Path, monkeypatch: pyt
     # Text tables give their times as strings, which only the per-row checks read.
     assert sum(cleared) == (0 if suffix == "csv" else n - 5 - 1)
     assert fast.height == n - 5 and "呼吸困难" in fast["text"].to_list()
+
+
+
+def test_a_large_table_is_staged_a_batch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 12 notes read 5 at a time: each batch is staged as it is read (memory holds one batch), and
+    # the notes table comes out as from one part.
+    n = 12
+    table = notes_table(
+        patient_id=["p1"] * n, note_id=[f"n{i}" for i in range(n)], time=[datetime(2020, 1, 1 + i) for i in range(n)],
+        note_type=["nursing_note"] * n, text=[f"Note {i}." for i in range(n)],
+    )
+    _summary, _quarantine = run(tmp_path / "whole", {"notes/notes.parquet": table})
+    staged: list[tuple[str, int]] = []
+    real_stage = features.ingest._stage_table_read
+
+    def stage(staging: Path, read: features.tables.TableRead, part: str) -> int:
+        staged.append((part, sum(f.num_rows for f in read.frames["notes"]) + len(read.rows["notes"])))
+        return real_stage(staging, read, part)
+
+    monkeypatch.setattr(features.ingest, "_stage_table_read", stage)
+    monkeypatch.setattr(features.tables, "BATCH_ROWS", 5)
+    summary, quarantine = run(tmp_path / "batched", {"notes/notes.parquet": table})
+    assert staged == [("t0000000-00000", 5), ("t0000000-00001", 5), ("t0000000-00002", 2), ("t0000000-00003", 0)]
+    assert quarantine.height == 0 and summary.table_rows["notes"] == n
+    assert_frame_equal(
+        pl.read_parquet(tmp_path / "batched" / "out" / "notes.parquet"),
+        pl.read_parquet(tmp_path / "whole" / "out" / "notes.parquet"),
+    )
 
 
 def test_genomics_long_variants(tmp_path: Path) -> None:
