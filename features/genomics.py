@@ -20,7 +20,6 @@ which alone word quarantine reasons, so both give the same rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from features.fhir.validate import FHIR_ID, RecordError
 from features.schemas import GENOMICS
 from features.tables import (
     FileError,
+    Spill,
     TableRead,
     clear_columns,
     is_text,
@@ -53,7 +53,7 @@ FEATURE_COLUMNS = ("patient_id", "feature", "value")
 _PLAIN_NUMBER = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 
 
-def read_genomics_file(path: Path, source_file: str, spill: Callable[[TableRead], None] | None = None) -> TableRead:
+def read_genomics_file(path: Path, source_file: str, spill: Spill | None = None) -> TableRead:
     """Read one genomics table (any of the three forms); ``spill`` as in :class:`TableRead`."""
     result = TableRead("genomics", source_file, rows={"genomics": []}, frames={"genomics": []}, spill=spill)
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from features.fhir.validate import RecordError
 from features.schemas import IMAGING, IMAGING_INPUT
 from features.tables import (
     FileError,
+    Spill,
     TableRead,
     clear_columns,
     iter_batches,
@@ -50,7 +50,7 @@ def _usual_length(path: Path) -> int | None:
 
 
 def read_imaging_file(
-    path: Path, source_file: str, latest: datetime, spill: Callable[[TableRead], None] | None = None
+    path: Path, source_file: str, latest: datetime, spill: Spill | None = None
 ) -> TableRead:
     """Read one imaging embeddings table; ``spill`` as in :class:`TableRead`."""
     result = TableRead("imaging", source_file, rows={"imaging": []}, frames={"imaging": []}, spill=spill)

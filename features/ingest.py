@@ -75,7 +75,7 @@ from features.imaging import read_imaging_file
 from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
 from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE
-from features.tables import TABLE_SUFFIXES, TableRead
+from features.tables import TABLE_SUFFIXES, Spill, TableRead
 
 TABLES = [
     "patients",
@@ -578,9 +578,6 @@ def _batches(units: list[ReadUnit], limit: int | None = None) -> list[list[ReadU
     return batches
 
 
-Spill = Callable[[TableRead], None]
-
-
 def _stage_table_read(staging: Path, read: TableRead, part: str) -> int:
     """Stage what a table read holds as one part; return its quarantine rows."""
     for table, rows in read.rows.items():
@@ -598,8 +595,7 @@ def _stage_table_read(staging: Path, read: TableRead, part: str) -> int:
 
 
 def _read_and_stage(
-    staging: Path, read: Callable[[Path, str, Spill], TableRead], path: Path, rel: str,
-    part: str,
+    staging: Path, read: Callable[[Path, str, Spill], TableRead], path: Path, rel: str, part: str
 ) -> _UnitResult:
     """Read a notes, genomics or imaging table, staging its rows a batch at a time (parts
     ``<part>-00000``, ``<part>-00001``, ...); a file rejected whole voids the parts staged before."""

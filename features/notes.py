@@ -13,7 +13,6 @@ so both give the same rows. A text table's times are strings, which only the per
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from features.fhir.validate import RecordError
 from features.schemas import NOTES, NOTES_INPUT
 from features.tables import (
     FileError,
+    Spill,
     TableRead,
     clear_columns,
     iter_batches,
@@ -37,7 +37,7 @@ from features.tables import (
 
 
 def read_notes_file(
-    path: Path, source_file: str, latest: datetime, spill: Callable[[TableRead], None] | None = None
+    path: Path, source_file: str, latest: datetime, spill: Spill | None = None
 ) -> TableRead:
     """Read one notes table; every row becomes a ``notes`` row or a rejection. ``spill`` as in
     :class:`TableRead`."""

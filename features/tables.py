@@ -1,4 +1,4 @@
-"""Read the tabular landing-zone feeds (notes, genomics, imaging) row by row, strictly.
+"""Read the tabular landing-zone feeds (notes, genomics, imaging) strictly, by row or by column.
 
 Stage: ingest. In: ``.parquet``, ``.csv`` and ``.tsv`` files. Out: the file's column names and its
 rows as ``dict`` objects, numbered from 1, read in bounded batches (or the batches themselves as
@@ -44,6 +44,10 @@ class FileError(Exception):
         self.reason = reason
 
 
+Spill = Callable[["TableRead"], None]
+"""Stages what a :class:`TableRead` holds, then empties it."""
+
+
 @dataclass
 class TableRead:
     """What one table file gave: rows per output table, rejects, and how many records it held."""
@@ -58,7 +62,7 @@ class TableRead:
     rejects: list[tuple[int, str | None, str, str, str]] = field(default_factory=list)
     # Called by the readers after each batch, to stage what the read holds and empty it, so that
     # memory holds a batch of a large table rather than the whole file (set by the ingest).
-    spill: Callable[[TableRead], None] | None = None
+    spill: Spill | None = None
     # The whole file became one quarantine row: rows spilled before that are void.
     whole_file_rejected: bool = False
 
