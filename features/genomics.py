@@ -20,6 +20,7 @@ which alone word quarantine reasons, so both give the same rows.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,13 @@ import pyarrow.compute as pc
 from features.fhir.validate import FHIR_ID, RecordError
 from features.schemas import GENOMICS
 from features.tables import (
+    BatchSplit,
     FileError,
     Spill,
     TableRead,
     clear_columns,
     is_text,
-    iter_batches,
-    iter_rows,
+    read_by_column,
     table_columns,
     to_float,
     to_int,
@@ -73,18 +74,19 @@ def read_genomics_file(path: Path, source_file: str, spill: Spill | None = None)
             raise FileError("missing_columns", f"genomics {form} table lacks column(s) {', '.join(missing)}")
         prefix = "EXPRESSION" if "expression" in path.name.lower() else "FEATURE"
         features = [name for name in columns if name != "patient_id"]
-        if len(set(columns)) == len(columns):  # else a row keeps the last of a repeated column
-            _read_by_column(path, source_file, form, features, prefix, result)
-        else:
-            for number, row in iter_rows(path):
-                result.records_in += 1
-                _read_row(number, row, form, features, prefix, source_file, result)
+        split: BatchSplit = (
+            partial(_wide_frame, features=features, prefix=prefix, source_file=source_file) if form == "wide"
+            else partial(_long_frame, form=form, prefix=prefix, source_file=source_file)
+        )
+        read_row = partial(_read_row, form=form, features=features, prefix=prefix, source_file=source_file,
+                           result=result)
+        read_by_column(path, result, "genomics", split, read_row)
     except FileError as err:
         result.reject_file(err)
     return result
 
 
-def _read_row(number: int, row: dict[str, Any], form: str, features: list[str], prefix: str, source_file: str,
+def _read_row(number: int, row: dict[str, Any], *, form: str, features: list[str], prefix: str, source_file: str,
               result: TableRead) -> None:
     """Check one row; add its genomics rows to ``result``, or its quarantine row."""
     try:
@@ -110,27 +112,7 @@ def _read_row(number: int, row: dict[str, Any], form: str, features: list[str], 
     result.rows["genomics"].extend(rows)
 
 
-def _read_by_column(path: Path, source_file: str, form: str, features: list[str], prefix: str,
-                    result: TableRead) -> None:
-    """A table in batches: the rows the column checks clear become one frame per batch, the others
-    go through :func:`_read_row` in file order."""
-    for numbers, table, odd in iter_batches(path):
-        result.records_in += len(numbers) + len(odd)
-        record_numbers = np.asarray(numbers, dtype=np.int64)
-        if form == "wide":
-            cleared, frame = _wide_frame(table, record_numbers, features, prefix, source_file)
-        else:
-            cleared, frame = _long_frame(table, record_numbers, form, prefix, source_file)
-        if frame is not None:
-            result.frames["genomics"].append(frame)
-        left = table.filter(pa.array(~cleared)).to_pylist()
-        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
-        for number, row in others:
-            _read_row(number, row, form, features, prefix, source_file, result)
-        result.batch_done()
-
-
-def _wide_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], features: list[str], prefix: str,
+def _wide_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, features: list[str], prefix: str,
                 source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
     """The rows of a wide batch :func:`clear_wide_rows` clears, as ``genomics`` rows (None if none)."""
     cleared, values = clear_wide_rows(table, features)
@@ -150,7 +132,7 @@ def _wide_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], features
     return cleared, frame
 
 
-def _long_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], form: str, prefix: str,
+def _long_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, form: str, prefix: str,
                 source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
     """The rows of a long batch :func:`clear_long_rows` clears, as ``genomics`` rows (None if none)."""
     cleared, values = clear_long_rows(table, form)
@@ -196,7 +178,8 @@ def clear_long_rows(table: pa.Table, form: str) -> tuple[npt.NDArray[np.bool_], 
 
 
 def _numbers(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:
-    """A column's values as floats where :func:`clear_wide_rows` would read them, else NaN."""
+    """A column's values as floats where the per-row :func:`to_float` surely reads them alike (a
+    numeric column, or a plainly written number in a text column), else NaN."""
     if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
         return np.asarray(
             pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False),
@@ -227,12 +210,10 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
     text: list[int] = []
     for j, name in enumerate(features):
         column = table.column(name)
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            values[:, j] = pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(
-                zero_copy_only=False
-            )
-        elif is_text(column.type):
+        if is_text(column.type):
             text.append(j)
+        elif pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            values[:, j] = _numbers(column)
         else:
             cleared[:] = False
     if text:
@@ -240,9 +221,7 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
             [chunk.cast(pa.large_string()) for j in text for chunk in table.column(features[j]).chunks],
             pa.large_string(),
         )
-        plain = pc.fill_null(pc.match_substring_regex(joined, _PLAIN_NUMBER), False)
-        parsed = pl.Series(pc.if_else(plain, joined, None)).cast(pl.Float64, strict=False).fill_null(np.nan)
-        values[:, text] = parsed.to_numpy().reshape(len(text), n).T
+        values[:, text] = _numbers(joined).reshape(len(text), n).T
     cleared &= np.isfinite(values).all(axis=1)
     return cleared, values
 

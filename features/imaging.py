@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from features.tables import (
     Spill,
     TableRead,
     clear_columns,
-    iter_batches,
+    read_by_column,
     read_column,
     require_columns,
     to_id,
@@ -57,31 +58,32 @@ def read_imaging_file(
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
-        columns = require_columns(path, "imaging table", IMAGING_INPUT.names)
-        unique = len(set(columns)) == len(columns)  # else a row keeps the last of a repeated column
+        require_columns(path, "imaging table", IMAGING_INPUT.names)
         length = _usual_length(path)
-        for numbers, table, _ in iter_batches(path):
-            result.records_in += len(numbers)
-            cleared = clear_imaging_rows(table, length, latest) if unique else np.zeros(table.num_rows, dtype=bool)
-            record_numbers = pa.array(numbers, pa.int64())
-            if cleared.any():
-                mask = pa.array(cleared)
-                kept = table.filter(mask)
-                result.frames["imaging"].append(pa.table(
-                    [kept.column(field.name).cast(field.type) for field in IMAGING_INPUT]
-                    + [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), record_numbers.filter(mask)],
-                    schema=IMAGING,
-                ))
-            left = table.filter(pa.array(~cleared)).to_pylist()
-            for number, row in zip(np.asarray(numbers)[~cleared].tolist(), left, strict=True):
-                _read_row(number, row, length, latest, source_file, result)
-            result.batch_done()
+        split = partial(_imaging_frame, length=length, latest=latest, source_file=source_file)
+        read_row = partial(_read_row, length=length, latest=latest, source_file=source_file, result=result)
+        read_by_column(path, result, "imaging", split, read_row)
     except FileError as err:
         result.reject_file(err)
     return result
 
 
-def _read_row(number: int, row: dict[str, Any], length: int | None, latest: datetime, source_file: str,
+def _imaging_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, length: int | None, latest: datetime,
+                   source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
+    """The rows of a batch :func:`clear_imaging_rows` clears, as ``imaging`` rows (None if none)."""
+    cleared = clear_imaging_rows(table, length, latest)
+    if not cleared.any():
+        return cleared, None
+    kept = table.filter(pa.array(cleared))
+    frame = pa.table(
+        [kept.column(field.name).cast(field.type) for field in IMAGING_INPUT]
+        + [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])],
+        schema=IMAGING,
+    )
+    return cleared, frame
+
+
+def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: datetime, source_file: str,
               result: TableRead) -> None:
     """Check one row; add its imaging row to ``result``, or its quarantine row."""
     try:

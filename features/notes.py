@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 from features.fhir.validate import RecordError
@@ -27,7 +29,7 @@ from features.tables import (
     Spill,
     TableRead,
     clear_columns,
-    iter_batches,
+    read_by_column,
     require_columns,
     to_id,
     to_patient_id,
@@ -43,38 +45,30 @@ def read_notes_file(
     :class:`TableRead`."""
     result = TableRead("notes", source_file, rows={"notes": []}, frames={"notes": []}, spill=spill)
     try:
-        columns = require_columns(path, "notes table", NOTES_INPUT.names)
-        unique = len(set(columns)) == len(columns)  # else a row keeps the last of a repeated column
-        for numbers, table, odd in iter_batches(path):
-            result.records_in += len(numbers) + len(odd)
-            cleared = (
-                clear_columns(table, ["patient_id", "note_id"], ["note_type", "text"], "time", latest)
-                if unique
-                else np.zeros(table.num_rows, dtype=bool)
-            )
-            record_numbers = np.asarray(numbers, dtype=np.int64)
-            if cleared.any():
-                kept = table.filter(pa.array(cleared))
-                text = kept.column("text").cast(pa.string())
-                digests = [hashlib.sha256(value.encode("utf-8")).hexdigest() for value in text.to_pylist()]
-                copied = [kept.column(name).cast(NOTES.field(name).type)
-                          for name in ("note_id", "patient_id", "time", "note_type")]
-                place = [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows),
-                         pa.array(record_numbers[cleared])]
-                result.frames["notes"].append(
-                    pa.table([*copied, text, pa.array(digests, pa.string()), *place], schema=NOTES)
-                )
-            left = table.filter(pa.array(~cleared)).to_pylist()
-            others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda r: r[0])
-            for number, row in others:
-                _read_row(number, row, latest, source_file, result)
-            result.batch_done()
+        require_columns(path, "notes table", NOTES_INPUT.names)
+        split = partial(_notes_frame, latest=latest, source_file=source_file)
+        read_row = partial(_read_row, latest=latest, source_file=source_file, result=result)
+        read_by_column(path, result, "notes", split, read_row)
     except FileError as err:
         result.reject_file(err)
     return result
 
 
-def _read_row(number: int, row: dict[str, Any], latest: datetime, source_file: str, result: TableRead) -> None:
+def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, latest: datetime,
+                 source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
+    """The rows of a batch :func:`clear_columns` clears, as ``notes`` rows (None if none)."""
+    cleared = clear_columns(table, ["patient_id", "note_id"], ["note_type", "text"], "time", latest)
+    if not cleared.any():
+        return cleared, None
+    kept = table.filter(pa.array(cleared))
+    text = kept.column("text").cast(pa.string())
+    digests = [hashlib.sha256(value.encode("utf-8")).hexdigest() for value in text.to_pylist()]
+    copied = [kept.column(name).cast(NOTES.field(name).type) for name in ("note_id", "patient_id", "time", "note_type")]
+    place = [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])]
+    return cleared, pa.table([*copied, text, pa.array(digests, pa.string()), *place], schema=NOTES)
+
+
+def _read_row(number: int, row: dict[str, Any], *, latest: datetime, source_file: str, result: TableRead) -> None:
     """Check one row; add its notes row to ``result``, or its quarantine row."""
     try:
         if "__bad_width__" in row:

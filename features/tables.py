@@ -1,9 +1,9 @@
-"""Read the tabular landing-zone feeds (notes, genomics, imaging) strictly, by row or by column.
+"""Read the tabular landing-zone feeds (notes, genomics, imaging) strictly, by column and by row.
 
 Stage: ingest. In: ``.parquet``, ``.csv`` and ``.tsv`` files. Out: the file's column names and its
-rows as ``dict`` objects, numbered from 1, read in bounded batches (or the batches themselves as
-Arrow tables, for readers that check whole columns at once); plus the field converters the notes,
-genomics and imaging readers share. Converters accept a value of the right Arrow type, or (for
+rows, numbered from 1, in bounded batches as Arrow tables (:func:`iter_batches`); the column checks
+and the batch loop the readers share (:func:`read_by_column`); and the per-row field converters
+for the rows the column checks leave. Converters accept a value of the right Arrow type, or (for
 CSV/TSV, where everything is text) a string that parses to it; anything else raises
 :class:`features.fhir.validate.RecordError`, which becomes one quarantine row.
 """
@@ -136,59 +136,29 @@ def read_column(path: Path, name: str) -> pa.ChunkedArray:
         raise _unreadable_parquet(exc) from None
 
 
-def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(row number, row)`` of a table file; CSV/TSV values are strings, '' is None.
-
-    A Parquet file whose data cannot be decoded (a corrupt page behind a valid footer) raises
-    :class:`FileError` where the bad data starts; the caller then rejects the whole file.
-    """
-    if path.suffix.lower() == ".parquet":
-        number = 0
-        for batch in _parquet_batches(path, BATCH_ROWS):
-            for row in batch.to_pylist():
-                number += 1
-                yield number, row
-        return
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        header = [name.strip() for name in next(reader)]
-        for number, values in enumerate(reader, start=1):
-            if len(values) != len(header):
-                yield number, {"__bad_width__": values}
-                continue
-            yield number, {name: (value if value != "" else None) for name, value in zip(header, values, strict=True)}
-
-
-def _parquet_batches(path: Path, rows: int) -> Iterator[pa.RecordBatch]:
-    """A Parquet file's record batches of ``rows`` rows; :class:`FileError` where its data cannot
-    be decoded."""
-    batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
-    while True:
-        try:
-            batch = next(batches, None)
-        except (pa.ArrowException, OSError) as exc:
-            raise _unreadable_parquet(exc) from None
-        if batch is None:
-            return
-        yield batch
-
-
 def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[int, dict[str, Any]]]]]:
     """Yield a table file in batches of up to :data:`BATCH_ROWS` rows and :data:`BATCH_VALUES`
     values: (row numbers, those rows as an Arrow table, the rows that do not fit the header as
     ``(number, row)``).
 
     Parquet columns keep their types. CSV/TSV columns are text, with '' as null, and a row with
-    another number of fields than the header is ``{"__bad_width__": values}``, as
-    :func:`iter_rows` gives it. Raises :class:`FileError` as :func:`iter_rows` does.
+    another number of fields than the header is ``{"__bad_width__": values}``. A Parquet file whose
+    data cannot be decoded (a corrupt page behind a valid footer) raises :class:`FileError` where
+    the bad data starts; the caller then rejects the whole file.
     """
     if path.suffix.lower() == ".parquet":
         number = 0
         width = len(pq.read_schema(path).names)
-        for batch in _parquet_batches(path, max(1, min(BATCH_ROWS, BATCH_VALUES // width))):
+        batches = pq.ParquetFile(path).iter_batches(batch_size=max(1, min(BATCH_ROWS, BATCH_VALUES // width)))
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                raise _unreadable_parquet(exc) from None
+            if batch is None:
+                return
             yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
             number += batch.num_rows
-        return
     with path.open(newline="", encoding="utf-8", errors="replace") as handle:
         reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         header = [name.strip() for name in next(reader)]
@@ -207,6 +177,36 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 numbers, fitting, odd = [], [], []
         if numbers or odd:
             yield numbers, _text_table(header, fitting), odd
+
+
+BatchSplit = Callable[[pa.Table, "npt.NDArray[np.int64]"], tuple["npt.NDArray[np.bool_]", pa.Table | None]]
+"""(batch, its row numbers) -> (the rows the column checks clear, those rows as output rows or None)."""
+
+
+def read_by_column(
+    path: Path, result: TableRead, table: str, split: BatchSplit, read_row: Callable[[int, dict[str, Any]], None]
+) -> None:
+    """Read a table file in batches: the rows ``split`` clears are kept as one frame of ``table``
+    per batch; the others go through ``read_row``, which alone words quarantine reasons, in file
+    order; then the batch is done (:meth:`TableRead.batch_done`).
+
+    With a repeated column name no row is cleared: a row then keeps the column's last value, as
+    the per-row checks see it.
+    """
+    for numbers, batch, odd in iter_batches(path):
+        result.records_in += len(numbers) + len(odd)
+        record_numbers = np.asarray(numbers, dtype=np.int64)
+        if len(set(batch.column_names)) == batch.num_columns:
+            cleared, frame = split(batch, record_numbers)
+            if frame is not None:
+                result.frames[table].append(frame)
+        else:
+            cleared = np.zeros(batch.num_rows, dtype=bool)
+        left = batch.filter(pa.array(~cleared)).to_pylist()
+        others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
+        for number, row in others:
+            read_row(number, row)
+        result.batch_done()
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> pa.Table:
