@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -295,25 +296,24 @@ def collate(patients: list[PatientInputs], pad_to_multiple_of: int = 1) -> dict[
     """
     if pad_to_multiple_of < 1:
         raise ValueError(f"collate: pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-    m = pad_to_multiple_of
-    event_codes, event_mask = _pad([p.event_codes for p in patients], multiple=m)
-    note_embeddings, note_mask = _pad([p.note_embeddings for p in patients], multiple=m)
-    imaging_embeddings, imaging_mask = _pad([p.imaging_embeddings for p in patients], multiple=m)
+    pad = partial(_pad, multiple=pad_to_multiple_of)
+    event_codes, event_mask = pad([p.event_codes for p in patients])
+    note_embeddings, note_mask = pad([p.note_embeddings for p in patients])
+    imaging_embeddings, imaging_mask = pad([p.imaging_embeddings for p in patients])
     event_values = [p.event_values for p in patients if p.event_values is not None]
-    values = ({"event_values": _pad(event_values, fill=np.nan, multiple=m)[0]} if len(event_values) == len(patients)
-              else {})
+    values = {"event_values": pad(event_values, fill=np.nan)[0]} if len(event_values) == len(patients) else {}
     return {
         "event_codes": event_codes,
-        "event_value_bins": _pad([p.event_value_bins for p in patients], multiple=m)[0],
-        "event_days": _pad([p.event_days for p in patients], multiple=m)[0],
-        "event_modalities": _pad([p.event_modalities for p in patients], multiple=m)[0],
+        "event_value_bins": pad([p.event_value_bins for p in patients])[0],
+        "event_days": pad([p.event_days for p in patients])[0],
+        "event_modalities": pad([p.event_modalities for p in patients])[0],
         "event_mask": event_mask,
         "note_embeddings": note_embeddings,
-        "note_days": _pad([p.note_days for p in patients], multiple=m)[0],
+        "note_days": pad([p.note_days for p in patients])[0],
         "note_mask": note_mask,
         "imaging_embeddings": imaging_embeddings,
-        "imaging_modalities": _pad([p.imaging_modalities for p in patients], multiple=m)[0],
-        "imaging_days": _pad([p.imaging_days for p in patients], multiple=m)[0],
+        "imaging_modalities": pad([p.imaging_modalities for p in patients])[0],
+        "imaging_days": pad([p.imaging_days for p in patients])[0],
         "imaging_mask": imaging_mask,
         "risk_labels": torch.tensor([p.risk_label for p in patients], dtype=torch.float32),
         "event": torch.tensor([p.event for p in patients], dtype=torch.float32),

@@ -156,19 +156,20 @@ def predict_logits(
         if not with_loss:
             batch = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
         # Inference and autocast modes are per thread: entered here, in the thread that runs the batch.
-        with (torch.inference_mode(), _attention_backends(device),
-              torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)):
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(**_to(batch, device))
         loss = float(out.loss) if with_loss else math.nan
         return out.risk_logits.float().cpu(), out.hazard_logits.float().cpu(), out.arm_logits.float().cpu(), loss
 
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     workers = torch.get_num_threads() if device.type == "cpu" else 1
-    if workers > 1 and len(batches) > 1:
-        with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(run, batches))
-    else:
-        results = [run(indices) for indices in batches]
+    # The attention kernels allowed are process-wide flags: set once, for every batch.
+    with _attention_backends(device):
+        if workers > 1 and len(batches) > 1:
+            with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+                results = list(pool.map(run, batches))
+        else:
+            results = [run(indices) for indices in batches]
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return {
@@ -294,19 +295,19 @@ def train(
         module.train()
         # Summed on the device: reading the loss back each step would wait for the GPU every step.
         running, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        for batch in loader:
-            with _attention_backends(device), torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                                                             enabled=autocast):
-                out = module(**_to(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
-            running += out.loss.detach().double() * len(batch["event"])
-            seen += len(batch["event"])
+        with _attention_backends(device):  # process-wide flags: set once per epoch, not per step
+            for batch in loader:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = module(**_to(batch, device))
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
+                running += out.loss.detach().double() * len(batch["event"])
+                seen += len(batch["event"])
         tuning = predict_logits(evaluated, tuning_dataset, device=device)
         record = {"epoch": float(epoch), "train_loss": float(running) / max(seen, 1),
                   "tuning_loss": float(tuning["loss"])}
