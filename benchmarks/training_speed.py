@@ -28,7 +28,7 @@ import torch
 from features.tasks import load_task
 from models.fusion import FusionForRiskPrediction
 from models.task_model import TaskData, fusion_config, load_task_data
-from models.training import TrainingArguments, native_bf16, train
+from models.training import TrainingArguments, train, training_precision
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK = REPO_ROOT / "tasks" / "simulated_mace_1y.yaml"
@@ -44,6 +44,7 @@ class Setting:
 
 @dataclass(frozen=True)
 class Measurement:
+    precision: str  # what train() computed in: "bf16 autocast" or "float32"
     seconds: float
     patients_per_second: float
     tuning_loss: float
@@ -106,6 +107,7 @@ def measure(data: TaskData, setting: Setting, epochs: int, device: torch.device,
         result = train(model, data.datasets["train"], data.datasets["tuning"], args)
     seconds = time.perf_counter() - started
     return Measurement(
+        precision=training_precision(args),
         seconds=seconds,
         patients_per_second=epochs * len(data.datasets["train"]) / seconds,
         tuning_loss=result.history[-1]["tuning_loss"],
@@ -142,16 +144,15 @@ def main() -> None:
     # One untimed epoch pays the one-off costs, so the first setting is not charged for them.
     warm_up = measure(data, settings[0], 1, device, args.seed)
     print(f"untimed first epoch (one-off costs included): {warm_up.seconds:.1f} s")
-    header = (f"{'batch':>6}{'loader procs':>13}{'hidden':>7}{'precision':>10}{'seconds':>9}{'patients/s':>12}"
+    header = (f"{'batch':>6}{'loader procs':>13}{'hidden':>7}{'precision':>14}{'seconds':>9}{'patients/s':>12}"
               f"{'tuning loss':>12}{'GPU util %':>11}{'GPU peak MiB':>13}")
     print(header)
     print("-" * len(header))
     for setting in settings:
         m = measure(data, setting, args.epochs, device, args.seed, args.utilisation_interval_s)
-        precision = "bf16" if setting.bf16 and device.type == "cuda" and native_bf16(device) else "float32"
         util = f"{m.gpu_utilisation_percent:.0f}" if m.gpu_utilisation_percent is not None else "n/a"
         memory = f"{m.peak_gpu_memory_mib:,.0f}" if m.peak_gpu_memory_mib is not None else "n/a"
-        print(f"{setting.batch_size:>6}{setting.workers:>13}{setting.hidden_size:>7}{precision:>10}"
+        print(f"{setting.batch_size:>6}{setting.workers:>13}{setting.hidden_size:>7}{m.precision:>14}"
               f"{m.seconds:>9.1f}{m.patients_per_second:>12,.0f}{m.tuning_loss:>12.4f}{util:>11}{memory:>13}",
               flush=True)
 
