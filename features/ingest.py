@@ -16,10 +16,13 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
    can check column-wise; every other record goes through the per-record path
    (:mod:`features.fhir.flatten`), which alone writes quarantine reasons.
 2. The tables feeds are read row by row and staged the same way.
-3. The patients table is finalized first, then the others side by side on threads, each by a
-   streaming polars query: duplicates (same type and id) resolve to
-   the first copy in file order (files sorted by path, then line or entry number); rows whose patient
-   is not in ``patients`` are dropped; both become quarantine rows naming why.
+3. The patients and ``medication_codes`` (Medication resources) tables are finalized first, then
+   the others side by side on threads, each by a streaming polars query: duplicates (same type and
+   id) resolve to the first copy in file order (files sorted by path, then line or entry number);
+   rows whose patient is not in ``patients`` are dropped; both become quarantine rows naming why.
+   Medication orders that name their drug by a ``Medication/<id>`` reference are staged apart and
+   join ``medications`` with that Medication's codes; those whose Medication is not in the export
+   are quarantined.
 4. ``events`` is streamed from the final tables; then the accounting is counted independently from
    the inputs (records read) and the outputs (distinct records in tables plus quarantine rows).
 
@@ -74,13 +77,14 @@ from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file
 from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
-from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE
+from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
 from features.tables import TABLE_SUFFIXES, Spill, TableRead
 
 TABLES = [
     "patients",
     "encounters",
     *CODED_TABLES,
+    "medication_codes",
     "observations",
     "notes",
     "imaging_studies",
@@ -99,6 +103,7 @@ ID_COLUMNS: dict[str, list[str]] = {
     "imaging_studies": ["study_id"],
     "genomics": ["patient_id", "code", "variant"],
     "imaging": ["study_id"],
+    "medication_codes": ["medication_id"],
     "raw_unknown": ["resource_type", "resource_id"],
 }
 """What makes two records duplicates, per table."""
@@ -108,6 +113,7 @@ RESOURCE_TYPE_OF_TABLE = {
     "encounters": "Encounter",
     "observations": "Observation",
     "imaging_studies": "ImagingStudy",
+    "medication_codes": "Medication",
 }
 SUMMARY_FILE = "ingest_summary.json"
 RAW_LIMIT = 500
@@ -222,7 +228,7 @@ def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
     if rows:
         folder = staging / table
         folder.mkdir(parents=True, exist_ok=True)
-        _write_part(rows_to_table(rows, INTERNAL_TABLES[table]), folder / f"{part}.arrow")
+        _write_part(rows_to_table(rows, STAGED_TABLES[table]), folder / f"{part}.arrow")
 
 
 def _parse_line(raw: bytes) -> Any:
@@ -529,7 +535,7 @@ def _stage_parts(
     if not frames:
         _stage(staging, table, rows, part)
         return
-    pieces = [*frames, rows_to_table(rows, INTERNAL_TABLES[table])] if rows else frames
+    pieces = [*frames, rows_to_table(rows, STAGED_TABLES[table])] if rows else frames
     combined = pa.concat_tables(pieces)
     if len(pieces) > 1:
         frame = pl.from_arrow(combined)
@@ -539,7 +545,7 @@ def _stage_parts(
             pl.col("record_number"),
             maintain_order=True,
         )
-        combined = frame.to_arrow().cast(INTERNAL_TABLES[table])
+        combined = frame.to_arrow().cast(STAGED_TABLES[table])
     folder = staging / table
     folder.mkdir(parents=True, exist_ok=True)
     _write_part(combined, folder / f"{part}.arrow")
@@ -654,7 +660,7 @@ def _discover(landing_dir: Path) -> _Landing:
 
 
 def _empty(table: str) -> pl.LazyFrame:
-    return pl.from_arrow(INTERNAL_TABLES[table].empty_table()).lazy()  # type: ignore[union-attr]
+    return pl.from_arrow(STAGED_TABLES[table].empty_table()).lazy()  # type: ignore[union-attr]
 
 
 def _staged_parts(staging: Path, table: str) -> list[Path]:
@@ -769,6 +775,38 @@ def _finalize_table(
         final = staged.join(drop_all.select(location).lazy(), on=location, how="anti", maintain_order="left")
     path = _sink_table(final, warehouse_dir / f"{table}.parquet", INTERNAL_TABLES[table])
     return pq.read_metadata(path).num_rows, drop_all, _records_out(path)
+
+
+def resolve_medication_references(
+    references: pl.LazyFrame, medication_codes: Path
+) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """Give the medication records that name their drug by reference their Medication's codes.
+
+    Returns the ``medications`` rows of the records whose Medication is in ``medication_codes``
+    (the final table), and a quarantine row (as :func:`_finalize_table` drops them) for each of
+    the others: an order without its drug cannot be used.
+    """
+    codes = pl.scan_parquet(medication_codes).select("medication_id", "code", "codes", "display")
+    joined = references.join(codes, on="medication_id", how="left", maintain_order="left")
+    resolved = joined.filter(pl.col("code").is_not_null()).select(INTERNAL_TABLES["medications"].names)
+    unresolved = (
+        joined.filter(pl.col("code").is_null())
+        .select(
+            "source_file",
+            "record_number",
+            "resource_type",
+            "resource_id",
+            pl.lit("orphan_reference").alias("reason_code"),
+            (
+                pl.col("resource_type")
+                + pl.lit(" names its drug by Medication/")
+                + pl.col("medication_id")
+                + pl.lit(", which is not in this export (or was quarantined: see its own row)")
+            ).alias("reason"),
+        )
+        .collect()
+    )
+    return resolved, unresolved
 
 
 def _raw_texts(
@@ -951,12 +989,17 @@ def ingest_landing_zone(
             results.extend((kind, job.result()) for kind, job in side_reads)
 
         staged = {table: _staged(staging, table) for table in TABLES}
-        finalized = {"patients": _finalize_table("patients", staged["patients"], None, warehouse_dir)}
+        first = ("patients", "medication_codes")
+        finalized = {table: _finalize_table(table, staged[table], None, warehouse_dir) for table in first}
         patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
-        # The other tables only need the patients: they are written side by side (polars and the
-        # Parquet writer run outside the interpreter lock, so threads share the cores).
-        # Largest first, so that the threads end together rather than on the largest table alone.
-        others = sorted((table for table in TABLES if table != "patients"), key=lambda t: -_staged_bytes(staging, t))
+        resolved, unresolved = resolve_medication_references(
+            _staged(staging, "medication_references"), warehouse_dir / "medication_codes.parquet"
+        )
+        staged["medications"] = pl.concat([staged["medications"], resolved])
+        # The other tables only need the patients and the drug codes: they are written side by side
+        # (polars and the Parquet writer run outside the interpreter lock, so threads share the
+        # cores). Largest first, so that the threads end together rather than on the largest alone.
+        others = sorted((table for table in TABLES if table not in first), key=lambda t: -_staged_bytes(staging, t))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
                 table: threads.submit(_finalize_table, table, staged[table], patient_ids, warehouse_dir)
@@ -966,8 +1009,8 @@ def ingest_landing_zone(
         table_rows = {table: finalized[table][0] for table in TABLES}
         dropped = [
             drops.with_columns(table=pl.lit(table))
-            for table in TABLES
-            if (drops := finalized[table][1]).height
+            for table, drops in [*((t, finalized[t][1]) for t in TABLES), ("medications", unresolved)]
+            if drops.height
         ]
         events_path = _sink_table(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
         table_rows["events"] = pq.read_metadata(events_path).num_rows

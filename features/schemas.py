@@ -194,6 +194,32 @@ CODED_EVENTS = pa.schema(
 """Shared shape of conditions, procedures, medications, immunizations, allergies and diagnostic
 reports."""
 
+MEDICATION_CODES = pa.schema(
+    [
+        pa.field("medication_id", pa.string(), nullable=False),
+        pa.field("code", pa.string(), nullable=False),
+        pa.field("codes", pa.list_(pa.string()), nullable=False),
+        pa.field("display", pa.string(), nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
+    ]
+)
+"""FHIR ``Medication`` resources: the drug codes that orders naming their drug by
+``medicationReference`` (as Epic and Cerner exports do) are resolved against."""
+
+MEDICATION_REFERENCES = pa.schema(
+    [
+        *[f for f in CODED_EVENTS if f.name not in ("code", "codes", "display", "source_file", "record_number")],
+        # The id of the Medication resource the record names its drug by.
+        pa.field("medication_id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("record_number", pa.int64(), nullable=False),
+    ]
+)
+"""Ingest's staging form of a MedicationRequest, -Statement or -Administration whose drug is a
+``Medication/<id>`` reference: it becomes a ``medications`` row once the Medication is read."""
+
 OBSERVATIONS = pa.schema(
     [
         pa.field("resource_id", pa.string(), nullable=False),
@@ -427,6 +453,7 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "immunizations": CODED_EVENTS,
     "allergies": CODED_EVENTS,
     "diagnostic_reports": CODED_EVENTS,
+    "medication_codes": MEDICATION_CODES,
     "raw_unknown": RAW_UNKNOWN,
     "observations": OBSERVATIONS,
     "notes": NOTES,
@@ -443,3 +470,6 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "scores": SCORES,
 }
 """Name of each internal table -> its schema."""
+
+STAGED_TABLES: dict[str, pa.Schema] = {**INTERNAL_TABLES, "medication_references": MEDICATION_REFERENCES}
+"""Every table ingest stages: the internal tables and forms that only exist until they are resolved."""

@@ -47,10 +47,10 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from features.fhir.flatten import note_type_slug
-from features.fhir.specs import PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, VOCABULARY_PREFIXES
+from features.fhir.specs import MEDICATION_TYPES, PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, VOCABULARY_PREFIXES
 from features.fhir.validate import EARLIEST, is_valid_r4, r4_model
 from features.identifiers import subject_ids
-from features.schemas import INTERNAL_TABLES
+from features.schemas import STAGED_TABLES
 
 MAX_BRACKETS = 500
 """A line with more opening brackets may be nested deeper than orjson's limit (1024): Python path."""
@@ -166,6 +166,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("description", _S),
         ]
     ),
+    "Medication": pa.schema([*_BASE, ("code", _CONCEPT)]),
     **{rt: _coded_schema(rt) for rt in _CODED_FIELDS},
 }
 """Resource types with a fast path, and the fields decoded for each."""
@@ -414,8 +415,8 @@ def display(concept: pl.Expr) -> pl.Expr:
     )
 
 
-_REFERENCE_FIELDS = ("subject", "patient", "encounter")
-"""The references the fast path reads (a resource's patient and encounter)."""
+_REFERENCE_FIELDS = ("subject", "patient", "encounter", "medicationReference")
+"""The references the fast path reads (a resource's patient and encounter, an order's drug)."""
 
 
 def with_bundle_references(resource: dict[str, Any], full_urls: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
@@ -582,7 +583,8 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         encounter = reference(pl.col("encounter"), "Encounter", required=False)
         codes = all_codes(pl.col(code_field))
         time, end, time_ok = _time_fields(frame, time_fields, ctx.latest)
-        checks = [pl.col("resourceType") == rt, fhir_id(pl.col("id")), patient.ok, encounter.ok, codes.ok, time_ok]
+        common = [pl.col("resourceType") == rt, fhir_id(pl.col("id")), patient.ok, encounter.ok, time_ok]
+        checks = [*common, codes.ok]
         if rt == "Condition":
             abatement = fhir_time(pl.col("abatementDateTime"), ctx.latest)
             checks.append(pl.col("abatementDateTime").is_null() | abatement.ok)
@@ -592,26 +594,55 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             status_code = first_coding_code(status)
             checks.append(status_code.ok)
             status = status_code.value
-        return _finish(
-            frame,
-            _all(*checks),
-            TABLE_OF_TYPE[rt],
-            [
-                pl.col("id").alias("resource_id"),
-                pl.lit(rt).alias("resource_type"),
-                patient.value.alias("patient_id"),
-                pl.when(pl.col("encounter").is_not_null()).then(encounter.value).alias("encounter_id"),
-                time.alias("time"),
-                end.alias("end_time"),
-                codes.value.list.first().alias("code"),
-                codes.value.alias("codes"),
-                display(pl.col(code_field)).alias("display"),
-                status.alias("status"),
-                *LOCATION,
-            ],
+        record = [
+            pl.col("id").alias("resource_id"),
+            pl.lit(rt).alias("resource_type"),
+            patient.value.alias("patient_id"),
+            pl.when(pl.col("encounter").is_not_null()).then(encounter.value).alias("encounter_id"),
+            time.alias("time"),
+            end.alias("end_time"),
+        ]
+        coded = [
+            codes.value.list.first().alias("code"),
+            codes.value.alias("codes"),
+            display(pl.col(code_field)).alias("display"),
+            status.alias("status"),
+        ]
+        if rt not in MEDICATION_TYPES:
+            return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])
+        # An order may name its drug by a Medication elsewhere in the export instead of a code
+        # (flatten.names_drug_by_reference); the ingest resolves it once every file is read.
+        medication = reference(pl.col("medicationReference"), "Medication", required=True)
+        checked = frame.with_columns(
+            __coded=_all(*checks).fill_null(False),
+            __referenced=_all(*common, pl.col(code_field).is_null(), medication.ok).fill_null(False),
         )
+        clear = checked.get_column("__coded") | checked.get_column("__referenced")
+        return clear.alias("__ok"), {
+            TABLE_OF_TYPE[rt]: checked.filter(pl.col("__coded")).select(*record, *coded, *LOCATION),
+            "medication_references": checked.filter(pl.col("__referenced")).select(
+                *record, status.alias("status"), medication.value.alias("medication_id"), *LOCATION
+            ),
+        }
 
     return build
+
+
+def build_medication(frame: pl.DataFrame, ctx: Context) -> Built:
+    """``Medication`` resources: their drug codes (:func:`features.fhir.flatten.flatten_medication`)."""
+    codes = all_codes(pl.col("code"))
+    return _finish(
+        frame,
+        _all(pl.col("resourceType") == "Medication", fhir_id(pl.col("id")), codes.ok),
+        "medication_codes",
+        [
+            pl.col("id").alias("medication_id"),
+            codes.value.list.first().alias("code"),
+            codes.value.alias("codes"),
+            display(pl.col("code")).alias("display"),
+            *LOCATION,
+        ],
+    )
 
 
 def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, pl.Expr]:
@@ -846,6 +877,7 @@ BUILDERS: dict[str, Callable[[pl.DataFrame, Context], Built]] = {
     "Observation": build_observation,
     "DocumentReference": build_document_reference,
     "ImagingStudy": build_imaging_study,
+    "Medication": build_medication,
     **{rt: _coded_builder(rt) for rt in _CODED_FIELDS},
 }
 assert set(BUILDERS) == set(SCHEMAS)
@@ -857,7 +889,7 @@ assert set(BUILDERS) == set(SCHEMAS)
 
 
 def _cast(rows: pl.DataFrame, table: str) -> pa.Table:
-    schema = INTERNAL_TABLES[table]
+    schema = STAGED_TABLES[table]
     return rows.select(schema.names).to_arrow().cast(schema)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from features.fhir.specs import PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, vocabulary_prefix
+from features.fhir.specs import MEDICATION_TYPES, PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, vocabulary_prefix
 from features.fhir.validate import (
     FHIR_ID,
     RecordError,
@@ -234,23 +234,16 @@ _CODED: dict[str, tuple[str, tuple[str, ...], str]] = {
 
 
 def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]]:
-    code_field, time_fields, status_field = _CODED[rt]
+    code_field = _CODED[rt][0]
 
     def flatten(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
         patient = _patient(res, rt, origin)
-        if code_field == "medicationCodeableConcept" and code_field not in res and "medicationReference" in res:
-            raise RecordError(
-                "missing_code", f"{rt} names its drug by medicationReference; only medicationCodeableConcept is read"
-            )
         concept = res.get(code_field)
-        codes = _codes(concept, f"{rt}.{code_field}")
-        time, end = _time(res, time_fields, rt, origin)
-        if rt == "Condition" and res.get("abatementDateTime") is not None:
-            end = parse_datetime(res["abatementDateTime"], "Condition.abatementDateTime", origin.latest)
-        status = res.get(status_field)
-        if isinstance(status, dict):
-            status = _first_code(status)
-            status = status.split("//", 1)[1] if status else None
+        where = f"{rt}.{code_field}"
+        if rt in MEDICATION_TYPES and concept is None and "medicationReference" in res:
+            concept, where = _contained_medication(res, rt)
+        codes = _codes(concept, where)
+        time, end, status = _time_and_status(res, rt, origin)
         return [
             (
                 rid,
@@ -262,13 +255,65 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
                 codes[0],
                 codes,
                 _display(concept),
-                status if isinstance(status, str) else None,
+                status,
                 origin.source_file,
                 origin.record_number,
             )
         ]
 
     return flatten
+
+
+def _time_and_status(res: dict[str, Any], rt: str, origin: Origin) -> tuple[datetime, datetime | None, str | None]:
+    """A coded record's time, end time and status code."""
+    _, time_fields, status_field = _CODED[rt]
+    time, end = _time(res, time_fields, rt, origin)
+    if rt == "Condition" and res.get("abatementDateTime") is not None:
+        end = parse_datetime(res["abatementDateTime"], "Condition.abatementDateTime", origin.latest)
+    status = res.get(status_field)
+    if isinstance(status, dict):
+        status = _first_code(status)
+        status = status.split("//", 1)[1] if status else None
+    return time, end, status if isinstance(status, str) else None
+
+
+def names_drug_by_reference(res: dict[str, Any]) -> bool:
+    """Whether a medication record names its drug by a reference to a Medication outside itself
+    (``Medication/<id>``, ``urn:uuid:<id>``): resolved once the whole export is read."""
+    if res.get("medicationCodeableConcept") is not None or "medicationReference" not in res:
+        return False
+    value = res["medicationReference"]
+    ref = value.get("reference") if isinstance(value, dict) else None
+    return not (isinstance(ref, str) and ref.startswith("#"))
+
+
+def _contained_medication(res: dict[str, Any], rt: str) -> tuple[Any, str]:
+    """The code of the Medication a ``#id`` medicationReference names among the record's
+    ``contained`` resources, and where it was found."""
+    ref = res["medicationReference"].get("reference")
+    contained = res.get("contained")
+    for index, inner in enumerate(contained if isinstance(contained, list) else []):
+        if isinstance(inner, dict) and inner.get("resourceType") == "Medication" and f"#{inner.get('id')}" == ref:
+            return inner.get("code"), f"{rt}.contained[{index}] (Medication {ref}).code"
+    raise RecordError("bad_reference", f"{rt}.medicationReference {ref!r:.60} names no contained Medication")
+
+
+def flatten_medication_reference(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    """A medication record whose drug is another resource: a row of ``medication_references``
+    (:data:`features.schemas.MEDICATION_REFERENCES`), made a ``medications`` row by the ingest
+    once the Medication it names is read."""
+    rt = res["resourceType"]
+    patient = _patient(res, rt, origin)
+    medication = _reference(res.get("medicationReference"), f"{rt}.medicationReference", "Medication", origin)
+    time, end, status = _time_and_status(res, rt, origin)
+    encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
+    return [(rid, rt, patient, encounter, time, end, status, medication, origin.source_file, origin.record_number)]
+
+
+def flatten_medication(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    """A ``Medication`` resource: its drug codes, for the records that name it by reference."""
+    codes = _codes(res.get("code"), "Medication.code")
+    return [(rid, codes[0], codes, _display(res.get("code")), origin.source_file, origin.record_number)]
 
 
 def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None]:
@@ -450,6 +495,7 @@ FLATTENERS: dict[str, Callable[[dict[str, Any], str, Origin], list[Row]]] = {
     "Observation": flatten_observation,
     "DocumentReference": flatten_document_reference,
     "ImagingStudy": flatten_imaging_study,
+    "Medication": flatten_medication,
     **{rt: _flatten_coded(rt) for rt in _CODED},
 }
 assert set(FLATTENERS) == set(TABLE_OF_TYPE)
@@ -466,4 +512,6 @@ def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = No
     if flatten is None:
         text = (raw if raw is not None else orjson.dumps(res)).decode("utf-8", "replace")[:RAW_LIMIT]
         return "raw_unknown", [(rid, rt, text, origin.source_file, origin.record_number)]
+    if rt in MEDICATION_TYPES and names_drug_by_reference(res):
+        return "medication_references", flatten_medication_reference(res, rid, origin)
     return TABLE_OF_TYPE[rt], flatten(res, rid, origin)

@@ -41,6 +41,7 @@ TABLE_OF_TYPE: dict[str, str] = {
     "MedicationRequest": "medications",
     "MedicationStatement": "medications",
     "MedicationAdministration": "medications",
+    "Medication": "medication_codes",
     "Procedure": "procedures",
     "Immunization": "immunizations",
     "AllergyIntolerance": "allergies",
@@ -49,6 +50,10 @@ TABLE_OF_TYPE: dict[str, str] = {
     "ImagingStudy": "imaging_studies",
 }
 """Used resource type -> normalized table. Other valid R4 types go to ``raw_unknown``."""
+
+MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdministration")
+"""Types that name their drug by ``medicationCodeableConcept`` or by a ``medicationReference`` to a
+``Medication`` (contained in the record, or elsewhere in the export)."""
 
 CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
 """Tables of the shared :data:`features.schemas.CODED_EVENTS` shape."""

@@ -309,3 +309,88 @@ def test_gzipped_ndjson_equals_per_record_path_3(
     else:
         assert "truncated_gzip" not in fast.quarantined_by_reason
         assert (gz.records_in, gz.quarantined) == (3000, 13)
+
+
+def test_orders_naming_their_drug_by_reference_equal_per_record_path(
+    small_hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Epic and Cerner exports name an order's drug by a reference to a Medication resource, in
+    # another file or contained in the order. The first 40 orders of the small hospital, 11 of
+    # them rewritten so, with the drug codes in Medication.000.ndjson and one Bundle.
+    source = small_hospital / "fhir"
+    orders = [orjson.loads(line) for line in _lines(source / "MedicationRequest.000.ndjson", 40)]
+    drug = orders[0]["medicationCodeableConcept"]
+    medications = [
+        {"resourceType": "Medication", "id": "m1", "code": drug},
+        {"resourceType": "Medication", "id": "m2", "code": {"coding": [{"system": "http://x.org/local", "code": "9"}]}},
+        {"resourceType": "Medication", "id": "m3"},  # no code: missing_code
+        # A second m1: a duplicate, and the first copy's code is the one orders get.
+        {"resourceType": "Medication", "id": "m1", "code": {"coding": [{"system": "http://x.org/local", "code": "8"}]}},
+    ]
+    contained = {"resourceType": "Medication", "id": "c1", "code": drug}
+    references: list[tuple[dict[str, object], str | None]] = [
+        ({"medicationReference": {"reference": "Medication/m1"}}, None),
+        ({"medicationReference": {"reference": "urn:uuid:m2"}}, None),
+        ({"medicationReference": {"reference": "https://ehr.example.org/fhir/Medication/m1"}}, None),
+        ({"medicationReference": {"reference": "#c1"}, "contained": [contained]}, None),
+        ({"medicationReference": {"reference": "Medication/m1"}, "medicationCodeableConcept": drug}, None),
+        ({"medicationReference": {"reference": "Medication/nowhere"}}, "orphan_reference"),
+        ({"medicationReference": {"reference": "Medication/m3"}}, "orphan_reference"),
+        ({"medicationReference": {"reference": "#c9"}, "contained": [contained]}, "bad_reference"),
+        ({"medicationReference": {"reference": "Patient/m1"}}, "bad_reference"),
+        ({"medicationReference": "Medication/m1"}, "bad_reference"),
+        ({}, "missing_code"),
+    ]
+    for index, (change, _) in enumerate(references):
+        order = orders[3 * index + 1]
+        order.pop("medicationCodeableConcept")
+        order.update(change)
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    shutil.copy(source / "Patient.000.ndjson", landing / "fhir")
+    (landing / "fhir" / "MedicationRequest.000.ndjson").write_bytes(b"\n".join(map(orjson.dumps, orders)) + b"\n")
+    (landing / "fhir" / "Medication.000.ndjson").write_bytes(b"\n".join(map(orjson.dumps, medications)) + b"\n")
+    # A transaction Bundle: the order names the Medication entry by its fullUrl, not its id.
+    patient = orders[0]["subject"]
+    bundle_order = {**orders[0], "id": "b-order", "medicationReference": {"reference": "urn:uuid:u-med"}}
+    bundle_order.pop("medicationCodeableConcept")
+    bundle_order.pop("encounter")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:u-med", "resource": {"resourceType": "Medication", "id": "m-b", "code": drug}},
+            {"fullUrl": "urn:uuid:u-order", "resource": {**bundle_order, "subject": patient}},
+        ],
+    }
+    (landing / "fhir" / "orders.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.quarantined_by_reason == {"bad_reference": 3, "orphan_reference": 2, "missing_code": 2, "duplicate": 1}
+    assert fast.balanced and fast.table_rows["medication_codes"] == 3
+    assert fast.table_rows["medications"] == 40 - 6 + 1
+    table = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
+    code = drug["coding"][0]["code"]
+    assert table.filter(pl.col("resource_id") == orders[1]["id"])["code"].to_list() == [f"RXNORM//{code}"]
+    assert table.filter(pl.col("resource_id") == orders[4]["id"])["codes"].to_list() == [["LOCAL//9"]]
+    assert table.filter(pl.col("resource_id") == "b-order")["display"].to_list() == [drug["text"]]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").filter(
+        pl.col("reason_code") == "orphan_reference"
+    )
+    assert quarantine["reason"].to_list() == [
+        "MedicationRequest names its drug by Medication/nowhere, which is not in this export (or was quarantined: "
+        "see its own row)",
+        "MedicationRequest names its drug by Medication/m3, which is not in this export (or was quarantined: "
+        "see its own row)",
+    ]
+    assert quarantine["raw_text"].str.contains('"medicationReference"').all()
+    # The fast path itself took the plain references (Medication/<id>, urn:uuid:<id>) and left the
+    # per-record path the others: an absolute URL, contained drugs and the bad ones.
+    read = read_ndjson(
+        (landing / "fhir" / "MedicationRequest.000.ndjson").read_bytes(), "fhir/MedicationRequest.000.ndjson", 1, EXPORT
+    )
+    staged = pl.from_arrow(read.tables["medication_references"])
+    assert isinstance(staged, pl.DataFrame)
+    assert staged["medication_id"].to_list() == ["m1", "m2", "nowhere", "m3"]
+    rewritten = {3 * index + 1 for index in range(len(references))}
+    assert rewritten & set(read.slow.tolist()) == {3 * index + 1 for index in (2, 3, 7, 8, 9, 10)}
