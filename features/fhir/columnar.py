@@ -47,7 +47,14 @@ import pyarrow as pa
 import pyarrow.json as pj
 
 from features.fhir.flatten import note_type_slug
-from features.fhir.specs import MEDICATION_TYPES, PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, VOCABULARY_PREFIXES
+from features.fhir.specs import (
+    ENTERED_IN_ERROR,
+    MEDICATION_TYPES,
+    PATIENT_REFERENCE_FIELD,
+    STATUS_ELEMENT,
+    TABLE_OF_TYPE,
+    VOCABULARY_PREFIXES,
+)
 from features.fhir.validate import EARLIEST, is_valid_r4, r4_model
 from features.identifiers import subject_ids
 from features.schemas import STAGED_TABLES
@@ -169,7 +176,25 @@ SCHEMAS: dict[str, pa.Schema] = {
     "Medication": pa.schema([*_BASE, ("code", _CONCEPT)]),
     **{rt: _coded_schema(rt) for rt in _CODED_FIELDS},
 }
-"""Resource types with a fast path, and the fields decoded for each."""
+for _rt, _element in STATUS_ELEMENT.items():
+    if _element not in SCHEMAS[_rt].names:
+        SCHEMAS[_rt] = SCHEMAS[_rt].append(pa.field(_element, _CODES if _element == "verificationStatus" else _S))
+"""Resource types with a fast path, and the fields decoded for each (with where each type says it
+was entered in error)."""
+
+
+def entered_in_error(frame: pl.DataFrame, resource_type: str) -> pl.Series:
+    """The decoded records that say they were entered in error
+    (:func:`features.fhir.flatten.is_entered_in_error`): the per-record path quarantines them."""
+    element = STATUS_ELEMENT.get(resource_type)
+    if element is None:
+        return pl.Series(np.zeros(frame.height, dtype=bool))
+    column = pl.col(element)
+    if element == "verificationStatus":
+        said = column.struct.field("coding").list.eval(pl.element().struct.field("code") == ENTERED_IN_ERROR).list.any()
+    else:
+        said = column == ENTERED_IN_ERROR
+    return frame.select(said.fill_null(False)).to_series()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -938,11 +963,15 @@ def read_lines(
         if decoded.num_rows != len(keep):
             decoded, ok = decode_lines(lines, resource_type)
     keep = keep[ok]
+    frame = pl.from_arrow(decoded)
+    assert isinstance(frame, pl.DataFrame)
+    withdrawn = entered_in_error(frame, resource_type)
+    if withdrawn.any():
+        frame = frame.filter(~withdrawn)
+        keep = keep[~withdrawn.to_numpy()]
     if not len(keep):
         return everything
     taken = pl.Series(keep)
-    frame = pl.from_arrow(decoded)
-    assert isinstance(frame, pl.DataFrame)
     frame = frame.with_columns(__file=files.gather(taken), __line=numbers.gather(taken))
     clear, tables = BUILDERS[resource_type](frame, ctx)
     slow = np.ones(len(starts), dtype=bool)

@@ -25,7 +25,14 @@ from typing import Any
 
 import orjson
 
-from features.fhir.specs import MEDICATION_TYPES, PATIENT_REFERENCE_FIELD, TABLE_OF_TYPE, vocabulary_prefix
+from features.fhir.specs import (
+    ENTERED_IN_ERROR,
+    MEDICATION_TYPES,
+    PATIENT_REFERENCE_FIELD,
+    STATUS_ELEMENT,
+    TABLE_OF_TYPE,
+    vocabulary_prefix,
+)
 from features.fhir.validate import (
     FHIR_ID,
     RecordError,
@@ -501,6 +508,17 @@ FLATTENERS: dict[str, Callable[[dict[str, Any], str, Origin], list[Row]]] = {
 assert set(FLATTENERS) == set(TABLE_OF_TYPE)
 
 
+def is_entered_in_error(res: dict[str, Any], rt: str) -> bool:
+    """Whether a record of a used type says it was entered in error (:data:`STATUS_ELEMENT`)."""
+    value = res.get(STATUS_ELEMENT.get(rt, ""))
+    if isinstance(value, dict):
+        codings = value.get("coding")
+        return isinstance(codings, list) and any(
+            isinstance(coding, dict) and coding.get("code") == ENTERED_IN_ERROR for coding in codings
+        )
+    return value == ENTERED_IN_ERROR
+
+
 def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = None) -> tuple[str, list[Row]]:
     """Return the table and rows of one resource whose ``resourceType`` is already checked.
 
@@ -512,6 +530,11 @@ def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = No
     if flatten is None:
         text = (raw if raw is not None else orjson.dumps(res)).decode("utf-8", "replace")[:RAW_LIMIT]
         return "raw_unknown", [(rid, rt, text, origin.source_file, origin.record_number)]
+    if is_entered_in_error(res, rt):
+        raise RecordError(
+            "entered_in_error",
+            f"{rt}.{STATUS_ELEMENT[rt]} is entered-in-error: the source system withdrew this record",
+        )
     if rt in MEDICATION_TYPES and names_drug_by_reference(res):
         return "medication_references", flatten_medication_reference(res, rid, origin)
     return TABLE_OF_TYPE[rt], flatten(res, rid, origin)

@@ -58,6 +58,16 @@ MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdmin
 CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
 """Tables of the shared :data:`features.schemas.CODED_EVENTS` shape."""
 
+ENTERED_IN_ERROR = "entered-in-error"
+STATUS_ELEMENT: dict[str, str] = {
+    **{rt: "status" for rt in TABLE_OF_TYPE if rt not in ("Patient", "Condition", "AllergyIntolerance")},
+    "Condition": "verificationStatus",
+    "AllergyIntolerance": "verificationStatus",
+}
+"""Where each used type (Patient has none) says it is :data:`ENTERED_IN_ERROR`: a code, or a
+CodeableConcept any of whose codings may say so. The source system withdrew such a record: it
+describes nothing that happened, so it is quarantined, never used."""
+
 PATIENT_REFERENCE_FIELD: dict[str, str] = {
     "Immunization": "patient",
     "AllergyIntolerance": "patient",

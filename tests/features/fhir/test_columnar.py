@@ -53,6 +53,7 @@ DAMAGE: list[tuple[str, str | None]] = [
     ("valueBoolean", None),
     ("zero value", None),
     ("urn:uuid reference", None),
+    ("entered in error", "entered_in_error"),
 ]
 
 
@@ -78,6 +79,7 @@ def _damaged(line: bytes, previous: bytes, kind: str) -> bytes:
         "fractional seconds": _edit(line, {"effectiveDateTime": "2019-05-01T10:11:12.345-04:00"}),
         "carriage return": line + b"\r",
         "valueBoolean": _edit(line, {"valueBoolean": True}),
+        "entered in error": _edit(line, {"status": "entered-in-error"}),
         "zero value": line.replace(b'"value":', b'"value":-0,"x":', 1),
         "urn:uuid reference": _edit(
             line, {"subject": {"reference": "urn:uuid:" + resource["subject"]["reference"].split("/")[1]}}
@@ -154,8 +156,8 @@ def test_fast_path_equals_per_record_path_3(
             expected[reason] = expected.get(reason, 0) + 1
     assert fast.quarantined_by_reason == expected
     observations = fast_frames["observations.parquet"].filter(pl.col("source_file") == "fhir/Observation.000.ndjson")
-    # 3,000 lines (the blank one a record too), 13 quarantined: every other one is in the table.
-    assert observations["record_number"].n_unique() == 3000 - sum(expected.values()) == 2987
+    # 3,000 lines (the blank one a record too), 14 quarantined: every other one is in the table.
+    assert observations["record_number"].n_unique() == 3000 - sum(expected.values()) == 2986
     quarantine = fast_frames["quarantine.parquet"]
     assert sorted(quarantine["record_number"].to_list()) == [
         97 * (index + 1) + 1 for index, (_, reason) in enumerate(DAMAGE) if reason is not None
@@ -219,7 +221,7 @@ def test_mixed_types_in_one_file_equal_per_record_path_3(
 
 
 def test_fast_path_leaves_exactly_the_unusual_lines(small_hospital: Path) -> None:
-    source = _lines(small_hospital / "fhir" / "Observation.000.ndjson", 400)
+    source = _lines(small_hospital / "fhir" / "Observation.000.ndjson", 450)
     lines = list(source)
     for index, (kind, _) in enumerate(DAMAGE):
         lines[20 * (index + 1)] = _damaged(source[20 * (index + 1)], source[20 * index], kind)
@@ -236,7 +238,7 @@ def test_fast_path_leaves_exactly_the_unusual_lines(small_hospital: Path) -> Non
             left |= {20 * (index + 1) - 1, 20 * (index + 1) + 1}
     assert set(read.slow.tolist()) == left
     rows = read.tables["observations"]
-    assert pl.from_arrow(rows.select(["record_number"]))["record_number"].n_unique() == 400 - len(left)
+    assert pl.from_arrow(rows.select(["record_number"]))["record_number"].n_unique() == 450 - len(left)
 
 
 def test_bundle_entries_resolve_through_full_urls() -> None:
@@ -308,7 +310,7 @@ def test_gzipped_ndjson_equals_per_record_path_3(
         assert 1000 < gz.records_in < 3000
     else:
         assert "truncated_gzip" not in fast.quarantined_by_reason
-        assert (gz.records_in, gz.quarantined) == (3000, 13)
+        assert (gz.records_in, gz.quarantined) == (3000, 14)
 
 
 def test_orders_naming_their_drug_by_reference_equal_per_record_path(
@@ -394,3 +396,37 @@ def test_orders_naming_their_drug_by_reference_equal_per_record_path(
     assert staged["medication_id"].to_list() == ["m1", "m2", "nowhere", "m3"]
     rewritten = {3 * index + 1 for index in range(len(references))}
     assert rewritten & set(read.slow.tolist()) == {3 * index + 1 for index in (2, 3, 7, 8, 9, 10)}
+
+
+def test_records_entered_in_error_are_quarantined_on_both_paths(
+    small_hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Condition says so in verificationStatus (any coding), the other types in status.
+    source = small_hospital / "fhir"
+    conditions = [orjson.loads(line) for line in _lines(source / "Condition.000.ndjson", 30)]
+    withdrawn = {"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "entered-in-error"}
+    confirmed = {**withdrawn, "code": "confirmed"}
+    conditions[4]["verificationStatus"] = {"coding": [withdrawn]}
+    conditions[9]["verificationStatus"] = {"coding": [confirmed, withdrawn]}
+    conditions[14]["verificationStatus"] = {"coding": [confirmed]}
+    conditions[19]["status"] = "entered-in-error"  # Condition has no status: not read
+    procedures = [orjson.loads(line) for line in _lines(source / "Procedure.000.ndjson", 10)]
+    procedures[3]["status"] = "entered-in-error"
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    shutil.copy(source / "Patient.000.ndjson", landing / "fhir")
+    for name, records in (("Condition", conditions), ("Procedure", procedures)):
+        (landing / "fhir" / f"{name}.000.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.quarantined_by_reason == {"entered_in_error": 3}
+    assert (fast.table_rows["conditions"], fast.table_rows["procedures"]) == (28, 9)
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("source_file", "record_number").rows() == [
+        ("fhir/Condition.000.ndjson", 5),
+        ("fhir/Condition.000.ndjson", 10),
+        ("fhir/Procedure.000.ndjson", 4),
+    ]
+    assert quarantine["reason"][0] == (
+        "Condition.verificationStatus is entered-in-error: the source system withdrew this record"
+    )
