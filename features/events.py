@@ -12,6 +12,8 @@ patients            ``MEDS_BIRTH``, ``MEDS_DEATH``,      -                      
 encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<class>``    start
                     ``ENCOUNTER//<class>`` without one
 conditions, ...     the primary coding (``SNOMED//..``)  -                               time
+                    (not when the act did not happen:
+                    ``not-done``, ``cancelled``, ...)
 observations        ``LOINC//..`` (components too)       numeric_value or text_value     time
 notes               ``NOTE//<note_type>``                text: note_id                   time
 imaging_studies     ``IMAGING_STUDY//<modality>``        text: study_id                  started
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.fhir.specs import CODED_TABLES
+from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN
 from features.schemas import EVENTS
 
 SUBJECT = pl.col("subject_id")
@@ -104,9 +106,10 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         ),
     ]
     for name in CODED_TABLES:
+        happened = pl.col("status").is_null() | ~pl.col("status").is_in(DID_NOT_HAPPEN)
         frames.append(
             _frame(
-                with_subject(name),
+                with_subject(name).filter(happened),
                 pl.col("code"),
                 pl.col("time"),
                 no_num,

@@ -68,6 +68,12 @@ STATUS_ELEMENT: dict[str, str] = {
 CodeableConcept any of whose codings may say so. The source system withdrew such a record: it
 describes nothing that happened, so it is quarantined, never used."""
 
+DID_NOT_HAPPEN = ("not-done", "not-taken", "cancelled")
+"""Statuses of a coded record whose act did not take place: a procedure, immunization or
+administration ``not-done``, a medication statement ``not-taken``, an order or report
+``cancelled``. Such a record is valid and stays in its table with its status (a refused vaccine
+is worth counting), but it is not an event: an event says the act happened."""
+
 PATIENT_REFERENCE_FIELD: dict[str, str] = {
     "Immunization": "patient",
     "AllergyIntolerance": "patient",
