@@ -11,10 +11,14 @@ patients            ``MEDS_BIRTH``, ``MEDS_DEATH``,      -                      
                                                                                          null
 encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<class>``    start
                     ``ENCOUNTER//<class>`` without one
+                    (not for a ``cancelled`` or only
+                    ``planned`` visit)
 conditions, ...     the primary coding (``SNOMED//..``)  -                               time
                     (not when the act did not happen:
-                    ``not-done``, ``cancelled``, ...)
-observations        ``LOINC//..`` (components too)       numeric_value or text_value     time
+                    ``not-done``, ``cancelled``, ..., or
+                    the diagnosis was ``refuted``)
+observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
+                    when ``cancelled``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
 imaging_studies     ``IMAGING_STUDY//<modality>``        text: study_id                  started
 imaging             ``IMAGING//<modality>``              text: study_id                  time
@@ -32,7 +36,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN
+from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN, VISIT_DID_NOT_HAPPEN
 from features.schemas import EVENTS
 
 SUBJECT = pl.col("subject_id")
@@ -94,7 +98,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             pl.lit("patients/") + pl.col("patient_id"),
         ),
         _frame(
-            with_subject("encounters"),
+            with_subject("encounters").filter(~pl.col("status").is_in(VISIT_DID_NOT_HAPPEN).fill_null(False)),
             # Coded by the visit's type (as MEDS ETLs code visits), so a task can name the kind of
             # visit its prediction time follows; the class (ambulatory, inpatient, ...) is the value.
             pl.coalesce(pl.col("type_code"), pl.lit("ENCOUNTER//") + pl.col("encounter_class").fill_null("UNKNOWN")),
@@ -106,7 +110,9 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         ),
     ]
     for name in CODED_TABLES:
-        happened = pl.col("status").is_null() | ~pl.col("status").is_in(DID_NOT_HAPPEN)
+        happened = ~(pl.col("status").is_in(DID_NOT_HAPPEN) | (pl.col("verification_status") == "refuted")).fill_null(
+            False
+        )
         frames.append(
             _frame(
                 with_subject(name).filter(happened),
@@ -120,7 +126,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         )
     frames += [
         _frame(
-            with_subject("observations"),
+            with_subject("observations").filter((pl.col("status") != "cancelled").fill_null(True)),
             pl.col("code"),
             pl.col("time"),
             pl.col("numeric_value"),

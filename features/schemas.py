@@ -166,6 +166,8 @@ ENCOUNTERS = pa.schema(
         pa.field("encounter_class", pa.string(), nullable=True),
         pa.field("type_code", pa.string(), nullable=True),
         pa.field("reason_code", pa.string(), nullable=True),
+        # planned, finished, cancelled, ...: a cancelled or only planned visit is not an event.
+        pa.field("status", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
         pa.field("record_number", pa.int64(), nullable=False),
@@ -186,6 +188,8 @@ CODED_EVENTS = pa.schema(
         pa.field("codes", pa.list_(pa.string()), nullable=False),
         pa.field("display", pa.string(), nullable=True),
         pa.field("status", pa.string(), nullable=True),
+        # A Condition's or allergy's verificationStatus (confirmed, provisional, refuted, ...).
+        pa.field("verification_status", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
         pa.field("record_number", pa.int64(), nullable=False),
@@ -234,6 +238,8 @@ OBSERVATIONS = pa.schema(
         # valueCodeableConcept as a prefixed code, or valueString.
         pa.field("text_value", pa.string(), nullable=True),
         pa.field("category", pa.string(), nullable=True),
+        # final, preliminary, amended, cancelled, ...: a cancelled observation is not an event.
+        pa.field("status", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
         pa.field("record_number", pa.int64(), nullable=False),

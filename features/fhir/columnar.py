@@ -595,6 +595,7 @@ def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
             pl.col("class").struct.field("code").alias("encounter_class"),
             type_code.value.alias("type_code"),
             reason.value.alias("reason_code"),
+            pl.col("status"),
             *LOCATION,
         ],
     )
@@ -619,6 +620,11 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             status_code = first_coding_code(status)
             checks.append(status_code.ok)
             status = status_code.value
+        verification: pl.Expr = pl.lit(None, dtype=pl.String)
+        if STATUS_ELEMENT[rt] == "verificationStatus":
+            verification_code = first_coding_code(pl.col("verificationStatus"))
+            checks.append(verification_code.ok)
+            verification = verification_code.value
         record = [
             pl.col("id").alias("resource_id"),
             pl.lit(rt).alias("resource_type"),
@@ -632,6 +638,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             codes.value.alias("codes"),
             display(pl.col(code_field)).alias("display"),
             status.alias("status"),
+            verification.alias("verification_status"),
         ]
         if rt not in MEDICATION_TYPES:
             return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])
@@ -646,7 +653,11 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         return clear.alias("__ok"), {
             TABLE_OF_TYPE[rt]: checked.filter(pl.col("__coded")).select(*record, *coded, *LOCATION),
             "medication_references": checked.filter(pl.col("__referenced")).select(
-                *record, status.alias("status"), medication.value.alias("medication_id"), *LOCATION
+                *record,
+                status.alias("status"),
+                verification.alias("verification_status"),
+                medication.value.alias("medication_id"),
+                *LOCATION,
             ),
         }
 
@@ -728,7 +739,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("__encounter").alias("encounter_id"),
         pl.col("__time").alias("time"),
     ]
-    tail = [pl.col("__category").alias("category"), *LOCATION]
+    tail = [pl.col("__category").alias("category"), pl.col("status"), *LOCATION]
     main = frame.filter(
         pl.col("__ok")
         & (
@@ -775,6 +786,7 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
         "__time",
         "__code",
         "__category",
+        "status",
         "__file",
         "__line",
         "id",

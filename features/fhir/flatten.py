@@ -217,10 +217,16 @@ def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row
             klass_code if isinstance(klass_code, str) else None,
             _first_code(_first_in_list(res.get("type"))),
             _first_code(_first_in_list(res.get("reasonCode"))),
+            _text_or_none(res.get("status")),
             origin.source_file,
             origin.record_number,
         )
     ]
+
+
+def _text_or_none(value: Any) -> str | None:
+    """An optional code element read as is (a status, say): anything but a string is None."""
+    return value if isinstance(value, str) else None
 
 
 _CODED: dict[str, tuple[str, tuple[str, ...], str]] = {
@@ -250,7 +256,7 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
         if rt in MEDICATION_TYPES and concept is None and "medicationReference" in res:
             concept, where = _contained_medication(res, rt)
         codes = _codes(concept, where)
-        time, end, status = _time_and_status(res, rt, origin)
+        time, end, status, verification = _time_and_status(res, rt, origin)
         return [
             (
                 rid,
@@ -263,6 +269,7 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
                 codes,
                 _display(concept),
                 status,
+                verification,
                 origin.source_file,
                 origin.record_number,
             )
@@ -271,17 +278,24 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
     return flatten
 
 
-def _time_and_status(res: dict[str, Any], rt: str, origin: Origin) -> tuple[datetime, datetime | None, str | None]:
-    """A coded record's time, end time and status code."""
+def _time_and_status(
+    res: dict[str, Any], rt: str, origin: Origin
+) -> tuple[datetime, datetime | None, str | None, str | None]:
+    """A coded record's time, end time, status code and verification status code."""
     _, time_fields, status_field = _CODED[rt]
     time, end = _time(res, time_fields, rt, origin)
     if rt == "Condition" and res.get("abatementDateTime") is not None:
         end = parse_datetime(res["abatementDateTime"], "Condition.abatementDateTime", origin.latest)
-    status = res.get(status_field)
+    verification = res.get("verificationStatus") if STATUS_ELEMENT[rt] == "verificationStatus" else None
+    return time, end, _status_code(res.get(status_field)), _status_code(verification)
+
+
+def _status_code(status: Any) -> str | None:
+    """A status given as a code, or as a CodeableConcept (its first coding's code)."""
     if isinstance(status, dict):
         status = _first_code(status)
         status = status.split("//", 1)[1] if status else None
-    return time, end, status if isinstance(status, str) else None
+    return status if isinstance(status, str) else None
 
 
 def names_drug_by_reference(res: dict[str, Any]) -> bool:
@@ -312,9 +326,12 @@ def flatten_medication_reference(res: dict[str, Any], rid: str, origin: Origin) 
     rt = res["resourceType"]
     patient = _patient(res, rt, origin)
     medication = _reference(res.get("medicationReference"), f"{rt}.medicationReference", "Medication", origin)
-    time, end, status = _time_and_status(res, rt, origin)
+    time, end, status, verification = _time_and_status(res, rt, origin)
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
-    return [(rid, rt, patient, encounter, time, end, status, medication, origin.source_file, origin.record_number)]
+    return [
+        (rid, rt, patient, encounter, time, end, status, verification, medication, origin.source_file,
+         origin.record_number)
+    ]
 
 
 def flatten_medication(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
@@ -357,7 +374,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     category = _first_code(_first_in_list(res.get("category")))
     category = category.split("//", 1)[1] if category else None
-    tail = (category, origin.source_file, origin.record_number)
+    tail = (category, _text_or_none(res.get("status")), origin.source_file, origin.record_number)
     components = res.get("component")
     rows: list[Row] = []
     numeric, unit, text = _value(res, "Observation")

@@ -74,6 +74,11 @@ administration ``not-done``, a medication statement ``not-taken``, an order or r
 ``cancelled``. Such a record is valid and stays in its table with its status (a refused vaccine
 is worth counting), but it is not an event: an event says the act happened."""
 
+VISIT_DID_NOT_HAPPEN = ("cancelled", "planned")
+"""Encounter statuses of a visit that did not (or not yet) take place: kept in ``encounters``,
+never an event (a cancelled visit must not become a task's prediction time). A refuted diagnosis
+(verificationStatus ``refuted``) and a ``cancelled`` Observation are likewise kept but not events."""
+
 PATIENT_REFERENCE_FIELD: dict[str, str] = {
     "Immunization": "patient",
     "AllergyIntolerance": "patient",

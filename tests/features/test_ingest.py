@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -238,38 +237,3 @@ def test_result_does_not_depend_on_batching(
         if path.exists():
             assert pl.read_parquet(path).equals(pl.read_parquet(tmp_path / "one_each" / f"{table}.parquet"))
 
-
-def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(tmp_path: Path) -> None:
-    def coded(rt: str, rid: str, status: str, code: str) -> dict[str, object]:
-        concept = {"coding": [{"system": "http://snomed.info/sct", "code": code}]}
-        field, time = {
-            "Procedure": ("code", "performedDateTime"),
-            "Immunization": ("vaccineCode", "occurrenceDateTime"),
-            "MedicationRequest": ("medicationCodeableConcept", "authoredOn"),
-            "MedicationStatement": ("medicationCodeableConcept", "effectiveDateTime"),
-        }[rt]
-        who = "patient" if rt == "Immunization" else "subject"
-        return {"resourceType": rt, "id": rid, "status": status, who: {"reference": "Patient/p1"}, field: concept,
-                time: "2020-01-02"}
-
-    records = [
-        {"resourceType": "Patient", "id": "p1", "gender": "female"},
-        coded("Procedure", "done", "completed", "1"),
-        coded("Procedure", "skipped", "not-done", "2"),
-        coded("Immunization", "refused", "not-done", "3"),
-        coded("MedicationStatement", "not-taken", "not-taken", "4"),
-        coded("MedicationRequest", "cancelled", "cancelled", "5"),
-        coded("MedicationRequest", "stopped", "stopped", "6"),
-    ]
-    landing = tmp_path / "landing" / "fhir"
-    landing.mkdir(parents=True)
-    (landing / "export.ndjson").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    summary = ingest_landing_zone(landing.parent, tmp_path / "out", workers=1, export_time=EXPORT)
-
-    assert summary.balanced and summary.quarantined_by_reason == {}
-    assert (summary.table_rows["procedures"], summary.table_rows["immunizations"]) == (2, 1)
-    assert summary.table_rows["medications"] == 3
-    statuses = pl.read_parquet(tmp_path / "out" / "medications.parquet").sort("resource_id")["status"].to_list()
-    assert statuses == ["cancelled", "not-taken", "stopped"]
-    events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("code").str.starts_with("SNOMED//"))
-    assert sorted(events["source"].to_list()) == ["medications/stopped", "procedures/done"]

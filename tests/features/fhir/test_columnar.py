@@ -430,3 +430,65 @@ def test_records_entered_in_error_are_quarantined_on_both_paths(
     assert quarantine["reason"][0] == (
         "Condition.verificationStatus is entered-in-error: the source system withdrew this record"
     )
+
+
+def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def coded(rt: str, rid: str, status: str, code: str) -> dict[str, object]:
+        concept = {"coding": [{"system": "http://snomed.info/sct", "code": code}]}
+        field, time = {
+            "Procedure": ("code", "performedDateTime"),
+            "Immunization": ("vaccineCode", "occurrenceDateTime"),
+            "MedicationRequest": ("medicationCodeableConcept", "authoredOn"),
+            "MedicationStatement": ("medicationCodeableConcept", "effectiveDateTime"),
+            "Condition": ("code", "onsetDateTime"),
+            "Observation": ("code", "effectiveDateTime"),
+        }[rt]
+        who = "patient" if rt == "Immunization" else "subject"
+        record = {"resourceType": rt, "id": rid, "status": status, who: {"reference": "Patient/p1"}, field: concept,
+                  time: "2020-01-02"}
+        return {key: value for key, value in record.items() if value != ""}
+
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        coded("Procedure", "done", "completed", "1"),
+        coded("Procedure", "skipped", "not-done", "2"),
+        coded("Immunization", "refused", "not-done", "3"),
+        coded("MedicationStatement", "not-taken", "not-taken", "4"),
+        coded("MedicationRequest", "cancelled", "cancelled", "5"),
+        coded("MedicationRequest", "stopped", "stopped", "6"),
+        {**coded("Condition", "ruled-out", "", "7"), "verificationStatus": {"coding": [{"code": "refuted"}]}},
+        {**coded("Condition", "confirmed", "", "8"), "verificationStatus": {"coding": [{"code": "confirmed"}]}},
+        *(
+            {"resourceType": "Encounter", "id": status, "status": status, "subject": {"reference": "Patient/p1"},
+             "period": {"start": "2020-01-02"}}
+            for status in ("finished", "cancelled", "planned")
+        ),
+        *(
+            {**coded("Observation", f"lab-{status}", status, "9"), "valueQuantity": {"value": 1.0}}
+            for status in ("final", "cancelled")
+        ),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    summary = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+
+    assert summary.balanced and summary.quarantined_by_reason == {}
+    assert (summary.table_rows["procedures"], summary.table_rows["immunizations"]) == (2, 1)
+    assert summary.table_rows["medications"] == 3
+    statuses = pl.read_parquet(tmp_path / "fast" / "medications.parquet").sort("resource_id")["status"].to_list()
+    assert statuses == ["cancelled", "not-taken", "stopped"]
+    assert summary.table_rows["conditions"] == 2 and summary.table_rows["encounters"] == 3
+    assert summary.table_rows["observations"] == 2
+    verification = pl.read_parquet(tmp_path / "fast" / "conditions.parquet").sort("resource_id")["verification_status"]
+    assert verification.to_list() == ["confirmed", "refuted"]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") != "SEX//female")
+    assert sorted(events["source"].to_list()) == [
+        "conditions/confirmed",
+        "encounters/finished",
+        "medications/stopped",
+        "observations/lab-final",
+        "procedures/done",
+    ]
