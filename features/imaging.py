@@ -31,6 +31,7 @@ from features.tables import (
     Spill,
     TableRead,
     clear_columns,
+    column_times,
     read_by_column,
     read_column,
     require_columns,
@@ -75,8 +76,10 @@ def _imaging_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, le
     if not cleared.any():
         return cleared, None
     kept = table.filter(pa.array(cleared))
+    times = column_times(kept.column("time"), latest)
+    assert times is not None  # clear_imaging_rows cleared rows: the column is of a time type
     frame = pa.table(
-        [kept.column(field.name).cast(field.type) for field in IMAGING_INPUT]
+        [times[0] if field.name == "time" else kept.column(field.name).cast(field.type) for field in IMAGING_INPUT]
         + [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])],
         schema=IMAGING,
     )

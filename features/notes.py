@@ -7,7 +7,7 @@ quarantine rows. Notes carried by FHIR ``DocumentReference`` resources are read 
 
 Rows are checked a column at a time in batches (:func:`features.tables.clear_columns`); only the
 rows those checks do not clear go through the per-row checks, which alone word quarantine reasons,
-so both give the same rows. A text table's times are strings, which only the per-row checks read.
+so both give the same rows. A text table's times are strings, read by the FHIR date parser.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from features.tables import (
     Spill,
     TableRead,
     clear_columns,
+    column_times,
     read_by_column,
     require_columns,
     to_id,
@@ -63,7 +64,10 @@ def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, late
     kept = table.filter(pa.array(cleared))
     text = kept.column("text").cast(pa.string())
     digests = [hashlib.sha256(value.encode("utf-8")).hexdigest() for value in text.to_pylist()]
-    copied = [kept.column(name).cast(NOTES.field(name).type) for name in ("note_id", "patient_id", "time", "note_type")]
+    times = column_times(kept.column("time"), latest)
+    assert times is not None  # clear_columns cleared rows: the column is of a time type
+    copied = [kept.column(name).cast(NOTES.field(name).type) for name in ("note_id", "patient_id")]
+    copied += [times[0], kept.column("note_type").cast(pa.string())]
     place = [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])]
     return cleared, pa.table([*copied, text, pa.array(digests, pa.string()), *place], schema=NOTES)
 

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.fhir.columnar import fhir_time
 from features.fhir.validate import FHIR_ID, RecordError, parse_datetime
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
@@ -224,27 +226,49 @@ def is_text(kind: pa.DataType) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
+def column_times(column: pa.ChunkedArray, latest: datetime) -> tuple[pa.Array, npt.NDArray[np.bool_]] | None:
+    """A time column as naive UTC microseconds, and the rows whose time :func:`to_time` surely
+    reads as that value; None when the column is neither a timestamp (seconds to microseconds)
+    nor text.
+
+    A timestamp's zone is kept as UTC, which the cast leaves as a naive time. Text (a CSV table's
+    times) is read as :func:`to_time` reads it, a FHIR date or dateTime with a space allowed for
+    the ``T``, by the FHIR fast path's parser; the forms it does not clear go to the per-row check.
+    """
+    if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
+        values = column.cast(pa.timestamp("us")).combine_chunks()
+        in_range = pc.less_equal(values, pa.scalar(latest, pa.timestamp("us")))
+        return values, pc.fill_null(in_range, False).to_numpy(zero_copy_only=False)
+    if not is_text(column.type):
+        return None
+    # ASCII whitespace only: a string Python's strip() would trim further then fails the date
+    # pattern here and is left to the per-row check, never read differently.
+    text = pl.col("time").str.strip_chars(" \t\n\r\x0b\x0c").str.replace(" ", "T", literal=True, n=1)
+    parsed = fhir_time(text, latest)
+    frame = pl.DataFrame({"time": pl.Series(column.combine_chunks()).cast(pl.String)})
+    read = frame.select(parsed.value.alias("value"), parsed.ok.alias("ok"))
+    return read["value"].cast(pl.Datetime("us")).to_arrow(), read["ok"].to_numpy()
+
+
 def clear_columns(
     table: pa.Table, ids: list[str], texts: list[str], time: str | None = None, latest: datetime = datetime.max
 ) -> npt.NDArray[np.bool_]:
-    """The rows whose ``ids`` are FHIR ids, ``texts`` hold a letter or digit and ``time`` (a
-    timestamp column, seconds to microseconds) is not after ``latest``: rows that
-    :func:`to_patient_id`, :func:`to_string` and :func:`to_time` surely accept. None cleared when a
-    column is not of those types (the per-row checks then word why)."""
+    """The rows whose ``ids`` are FHIR ids, ``texts`` hold a letter or digit and ``time`` is read
+    by :func:`column_times` and not after ``latest``: rows that :func:`to_patient_id`,
+    :func:`to_string` and :func:`to_time` surely accept. None cleared when a column is not of
+    those types (the per-row checks then word why)."""
     none = np.zeros(table.num_rows, dtype=bool)
     if not all(is_text(table.column(name).type) for name in [*ids, *texts]):
         return none
     checks = [pc.match_substring_regex(table.column(name), f"^(?:{FHIR_ID.pattern})$") for name in ids]
     checks += [pc.match_substring_regex(table.column(name), VISIBLE_TEXT) for name in texts]
+    masks = [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
     if time is not None:
-        column = table.column(time)
-        if not (pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us")):
+        times = column_times(table.column(time), latest)
+        if times is None:
             return none
-        # A time zone is kept as UTC, which the cast leaves as a naive time.
-        checks.append(pc.less_equal(column.cast(pa.timestamp("us")), pa.scalar(latest, pa.timestamp("us"))))
-    cleared: npt.NDArray[np.bool_] = np.logical_and.reduce(
-        [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
-    )
+        masks.append(times[1])
+    cleared: npt.NDArray[np.bool_] = np.logical_and.reduce(masks)
     return cleared
 
 

@@ -138,9 +138,50 @@ def test_notes_checked_by_column_equals_per_row(tmp_path: Path, monkeypatch: pyt
     assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "notes.parquet"), check_exact=True)
     assert_frame_equal(by_column, per_row, check_exact=True)
     assert by_column["record_number"].to_list() == [2, 3, 4, 5, 7]
-    # Text tables give their times as strings, which only the per-row checks read.
-    assert sum(cleared) == (0 if suffix == "csv" else n - 5 - 1)
+    assert sum(cleared) == n - 5 - 1
     assert fast.height == n - 5 and "呼吸困难" in fast["text"].to_list()
+
+
+def test_csv_note_times_read_by_column_equal_per_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CSV table's times are text: every spelling is read by column as the per-row check reads it,
+    # or left to it.
+    times = [
+        ("2020-01-02T10:11:12Z", True),
+        ("2020-01-02 10:11:12", True),  # a space for the T
+        (" 2020-01-03 ", True),
+        ("2020-01-04T10:00:00+02:00", True),
+        ("2020-01-04T10:00:00.123-05:00", True),
+        ("2020-01-05", True),
+        ("2020-01", False),  # a partial date: read per row, as its first instant
+        ("2020-02-30", False),  # not a real date: quarantined per row
+        ("2030-01-01", False),  # after the export
+        ("1799-12-31", False),  # before 1800
+        ("\u00a02020-01-06", False),  # a no-break space, which only Python's strip() removes
+        ("2020-01-07T10:11:12.123456789Z", False),  # nanoseconds: truncated per row
+        ("yesterday", False),
+        ("", False),
+    ]
+    rows = [f"p1,n{i},{time},nursing_note,Pt seen." for i, (time, _) in enumerate(times)]
+    data = ("patient_id,note_id,time,note_type,text\n" + "\n".join(rows) + "\n").encode()
+    _summary, by_column = run(tmp_path / "fast", {"notes/notes.csv": data})
+    fast = pl.read_parquet(tmp_path / "fast" / "out" / "notes.parquet")
+    cleared: list[np.ndarray] = []
+    real_clear = features.notes.clear_columns
+
+    def clear_none(batch: pa.Table, *args: Any) -> np.ndarray:
+        cleared.append(real_clear(batch, *args))
+        return np.zeros(batch.num_rows, dtype=bool)
+
+    monkeypatch.setattr(features.notes, "clear_columns", clear_none)
+    _summary, per_row = run(tmp_path / "slow", {"notes/notes.csv": data})
+    assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "notes.parquet"), check_exact=True)
+    assert_frame_equal(by_column, per_row, check_exact=True)
+    assert np.concatenate(cleared).tolist() == [by_column for _, by_column in times]
+    assert fast["time"].to_list()[:7] == [
+        datetime(2020, 1, 2, 10, 11, 12), datetime(2020, 1, 2, 10, 11, 12), datetime(2020, 1, 3),
+        datetime(2020, 1, 4, 8), datetime(2020, 1, 4, 15, 0, 0, 123000), datetime(2020, 1, 5), datetime(2020, 1, 1),
+    ]
+    assert by_column["reason_code"].to_list() == ["bad_date", "future_date", "bad_date", "bad_date", "missing_value"]
 
 
 
