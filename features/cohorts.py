@@ -104,11 +104,15 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
     cohort = prediction_times(lazy, task)
     attrition.append(("prediction time placed", cohort.height))
 
-    # Patients who died at or before the prediction time have nothing to predict.
+    # Patients who died at or before the prediction time have nothing to predict. A patient recorded
+    # as deceased without a date (a death event without a time) cannot be placed after any
+    # prediction time, nor given a label: excluded too, so no dead patient is ever scored.
     deaths = (lazy.filter(pl.col("code") == DEATH_CODE).group_by("subject_id")
               .agg(pl.col("time").min().alias("death_time")).collect())
     cohort = cohort.join(deaths, on="subject_id", how="left").filter(
-        pl.col("death_time").is_null() | (pl.col("death_time") > pl.col("prediction_time"))
+        (pl.col("death_time") > pl.col("prediction_time")).fill_null(True) & pl.col("subject_id").is_in(
+            deaths.filter(pl.col("death_time").is_null())["subject_id"].implode()
+        ).not_()
     ).drop("death_time")
     attrition.append(("alive at prediction time", cohort.height))
 

@@ -8,7 +8,10 @@ table               code                                 value                  
 ==================  ===================================  ==============================  =========
 patients            ``MEDS_BIRTH``, ``MEDS_DEATH``,      -                               birth /
                     ``SEX//<sex>``                                                       death /
-                                                                                         null
+                                                                                         null (sex;
+                                                                                         a death
+                                                                                         of unknown
+                                                                                         date)
 encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<class>``    start
                     ``ENCOUNTER//<class>`` without one
                     (not for a ``cancelled`` or only
@@ -83,6 +86,17 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             patients.filter(pl.col("death_time").is_not_null()),
             pl.lit("MEDS_DEATH"),
             pl.col("death_time"),
+            no_num,
+            no_text,
+            "ehr",
+            pl.lit("patients/") + pl.col("patient_id"),
+        ),
+        # Recorded as deceased without a date: a death of unknown time, which cohorts exclude (it
+        # cannot be placed before or after a prediction time).
+        _frame(
+            patients.filter(pl.col("deceased") & pl.col("death_time").is_null()),
+            pl.lit("MEDS_DEATH"),
+            _null(pl.Datetime("us")),
             no_num,
             no_text,
             "ehr",

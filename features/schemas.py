@@ -150,6 +150,8 @@ PATIENTS = pa.schema(
         pa.field("birth_date", pa.date32(), nullable=True),
         pa.field("sex", pa.string(), nullable=True),
         pa.field("death_time", TIME, nullable=True),
+        # deceasedDateTime or deceasedBoolean; true with a null death_time: dead, date unknown.
+        pa.field("deceased", pa.bool_(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
         pa.field("record_number", pa.int64(), nullable=False),

@@ -128,7 +128,9 @@ def _coded_schema(rt: str) -> pa.Schema:
 
 
 SCHEMAS: dict[str, pa.Schema] = {
-    "Patient": pa.schema([*_BASE, ("gender", _S), ("birthDate", _S), ("deceasedDateTime", _S)]),
+    "Patient": pa.schema(
+        [*_BASE, ("gender", _S), ("birthDate", _S), ("deceasedDateTime", _S), ("deceasedBoolean", pa.bool_())]
+    ),
     "Encounter": pa.schema(
         [
             *_BASE,
@@ -558,6 +560,8 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
             birth_date.alias("birth_date"),
             pl.col("gender").alias("sex"),
             death.value.alias("death_time"),
+            pl.when(pl.col("deceasedDateTime").is_not_null()).then(True).otherwise(pl.col("deceasedBoolean"))
+            .alias("deceased"),
             *LOCATION,
         ],
     )

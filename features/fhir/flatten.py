@@ -196,7 +196,13 @@ def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     death_time = parse_datetime(death, "Patient.deceasedDateTime", origin.latest) if death is not None else None
     if death_time is not None and birth_date is not None and death_time.date() < birth_date:
         raise RecordError("bad_date", f"Patient.deceasedDateTime {death!r} is before birthDate {birth!r}")
-    return [(rid, subject_id_for(rid), birth_date, gender, death_time, origin.source_file, origin.record_number)]
+    flag = res.get("deceasedBoolean")
+    if flag is not None and not isinstance(flag, bool):
+        raise RecordError("bad_type", f"Patient.deceasedBoolean should be true or false, found {flag!r:.40}")
+    deceased = True if death_time is not None else flag
+    return [
+        (rid, subject_id_for(rid), birth_date, gender, death_time, deceased, origin.source_file, origin.record_number)
+    ]
 
 
 def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:

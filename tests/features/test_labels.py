@@ -26,6 +26,19 @@ def test_cohort_excludes_child_and_counts_it() -> None:
     assert selection.cohort["sex"].to_list() == ["female", "male", "female", "male"]
 
 
+def test_cohort_excludes_the_dead_including_those_of_unknown_death_date() -> None:
+    # Patient 1 died before the index visit, patient 2 after it, patient 3 at an unknown date
+    # (a deceasedBoolean without deceasedDateTime): only 2 and 4 (5 is a child) can be predicted for.
+    deaths = events_frame([
+        (1, day(-10), "MEDS_DEATH", None, None, "ehr"),
+        (2, day(50), "MEDS_DEATH", None, None, "ehr"),
+        (3, None, "MEDS_DEATH", None, None, "ehr"),
+    ])
+    selection = select_cohort(pl.concat([toy_events(), deaths]), task())
+    assert selection.cohort["subject_id"].to_list() == [2, 4]
+    assert ("alive at prediction time", 3) in selection.attrition  # 2, 4 and the child 5
+
+
 def test_labels_exact_values() -> None:
     definition = task()
     cohort = select_cohort(toy_events(), definition).cohort

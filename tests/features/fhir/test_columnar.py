@@ -492,3 +492,30 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
         "observations/lab-final",
         "procedures/done",
     ]
+
+
+def test_patients_deceased_without_a_date_equal_per_record_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patients = [
+        {"resourceType": "Patient", "id": "alive", "gender": "male", "deceasedBoolean": False},
+        {"resourceType": "Patient", "id": "dead-undated", "gender": "female", "deceasedBoolean": True},
+        {"resourceType": "Patient", "id": "dead-dated", "deceasedDateTime": "2020-05-01T10:00:00Z"},
+        {"resourceType": "Patient", "id": "unknown"},
+        {"resourceType": "Patient", "id": "bad-flag", "deceasedBoolean": "yes"},
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "Patient.ndjson").write_bytes(b"\n".join(map(orjson.dumps, patients)) + b"\n")
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.quarantined_by_reason == {"bad_type": 1}
+    table = pl.read_parquet(tmp_path / "fast" / "patients.parquet")
+    assert table.select("patient_id", "deceased").rows() == [
+        ("alive", False), ("dead-undated", True), ("dead-dated", True), ("unknown", None)
+    ]
+    deaths = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "MEDS_DEATH")
+    assert deaths.select("source", "time").rows() == [
+        ("patients/dead-dated", datetime(2020, 5, 1, 10)), ("patients/dead-undated", None)
+    ]
+
