@@ -16,13 +16,14 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
    can check column-wise; every other record goes through the per-record path
    (:mod:`features.fhir.flatten`), which alone writes quarantine reasons.
 2. The tables feeds are read row by row and staged the same way.
-3. The patients and ``medication_codes`` (Medication resources) tables are finalized first, then
-   the others side by side on threads, each by a streaming polars query: duplicates (same type and
-   id) resolve to the first copy in file order (files sorted by path, then line or entry number);
-   rows whose patient is not in ``patients`` are dropped; both become quarantine rows naming why.
-   Medication orders that name their drug by a ``Medication/<id>`` reference are staged apart and
-   join ``medications`` with that Medication's codes; those whose Medication is not in the export
-   are quarantined.
+3. The patients, ``medication_codes`` (Medication resources) and ``binaries`` (Binary resources)
+   tables are finalized first, then the others side by side on threads, each by a streaming polars
+   query: duplicates (same type and id) resolve to the first copy in file order (files sorted by
+   path, then line or entry number); rows whose patient is not in ``patients`` are dropped; both
+   become quarantine rows naming why. Medication orders that name their drug by a
+   ``Medication/<id>`` reference, and DocumentReferences whose text is a ``Binary`` resource (an
+   attachment URL), are staged apart and join ``medications`` and ``notes`` with that resource's
+   codes or text; those whose resource is not in the export (or is not text) are quarantined.
 4. ``events`` is streamed from the final tables; then the accounting is counted independently from
    the inputs (records read) and the outputs (distinct records in tables plus quarantine rows).
 
@@ -85,6 +86,7 @@ TABLES = [
     "encounters",
     *CODED_TABLES,
     "medication_codes",
+    "binaries",
     "observations",
     "notes",
     "imaging_studies",
@@ -104,6 +106,7 @@ ID_COLUMNS: dict[str, list[str]] = {
     "genomics": ["patient_id", "code", "variant"],
     "imaging": ["study_id"],
     "medication_codes": ["medication_id"],
+    "binaries": ["binary_id"],
     "raw_unknown": ["resource_type", "resource_id"],
 }
 """What makes two records duplicates, per table."""
@@ -114,6 +117,7 @@ RESOURCE_TYPE_OF_TABLE = {
     "observations": "Observation",
     "imaging_studies": "ImagingStudy",
     "medication_codes": "Medication",
+    "binaries": "Binary",
 }
 SUMMARY_FILE = "ingest_summary.json"
 RAW_LIMIT = 500
@@ -809,6 +813,42 @@ def resolve_medication_references(
     return resolved, unresolved
 
 
+def resolve_note_references(
+    references: pl.LazyFrame, staged_binaries: pl.LazyFrame, binaries: Path
+) -> tuple[pl.LazyFrame, pl.DataFrame]:
+    """Give the DocumentReferences whose text is in a Binary resource that text.
+
+    Returns the ``notes`` rows of the references whose Binary is in ``binaries`` (the final
+    table: one copy per id) with text content, and a quarantine row for each of the others.
+    """
+    location = ["source_file", "record_number"]
+    kept = staged_binaries.join(pl.scan_parquet(binaries).select(location), on=location, how="semi")
+    joined = references.join(
+        kept.select("binary_id", "content_type", "text", "text_sha256"), on="binary_id", how="left",
+        maintain_order="left",
+    )
+    resolved = joined.filter(pl.col("text").is_not_null()).select(INTERNAL_TABLES["notes"].names)
+    named = pl.lit("DocumentReference's text is Binary/") + pl.col("binary_id")
+    unresolved = (
+        joined.filter(pl.col("text").is_null())
+        .select(
+            *location,
+            pl.lit("DocumentReference").alias("resource_type"),
+            pl.col("note_id").alias("resource_id"),
+            pl.when(pl.col("content_type").is_null())
+            .then(pl.lit("orphan_reference"))
+            .otherwise(pl.lit("no_note_text"))
+            .alias("reason_code"),
+            pl.when(pl.col("content_type").is_null())
+            .then(named + pl.lit(", which is not in this export (or was quarantined: see its own row)"))
+            .otherwise(named + pl.lit(", of content type ") + pl.col("content_type") + pl.lit("; only text/* is read"))
+            .alias("reason"),
+        )
+        .collect()
+    )
+    return resolved, unresolved
+
+
 def _raw_texts(
     dropped: pl.DataFrame, staged: dict[str, pl.LazyFrame], landing_dir: Path, fhir_kinds: dict[str, str]
 ) -> list[str]:
@@ -989,16 +1029,21 @@ def ingest_landing_zone(
             results.extend((kind, job.result()) for kind, job in side_reads)
 
         staged = {table: _staged(staging, table) for table in TABLES}
-        first = ("patients", "medication_codes")
+        first = ("patients", "medication_codes", "binaries")
         finalized = {table: _finalize_table(table, staged[table], None, warehouse_dir) for table in first}
         patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
-        resolved, unresolved = resolve_medication_references(
+        orders, unresolved_orders = resolve_medication_references(
             _staged(staging, "medication_references"), warehouse_dir / "medication_codes.parquet"
         )
-        staged["medications"] = pl.concat([staged["medications"], resolved])
-        # The other tables only need the patients and the drug codes: they are written side by side
-        # (polars and the Parquet writer run outside the interpreter lock, so threads share the
-        # cores). Largest first, so that the threads end together rather than on the largest alone.
+        staged["medications"] = pl.concat([staged["medications"], orders])
+        notes, unresolved_notes = resolve_note_references(
+            _staged(staging, "note_references"), staged["binaries"], warehouse_dir / "binaries.parquet"
+        )
+        staged["notes"] = pl.concat([staged["notes"], notes])
+        # The other tables only need the patients, the drug codes and the Binary texts: they are
+        # written side by side (polars and the Parquet writer run outside the interpreter lock, so
+        # threads share the cores). Largest first, so that the threads end together rather than on
+        # the largest alone.
         others = sorted((table for table in TABLES if table not in first), key=lambda t: -_staged_bytes(staging, t))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
@@ -1009,7 +1054,11 @@ def ingest_landing_zone(
         table_rows = {table: finalized[table][0] for table in TABLES}
         dropped = [
             drops.with_columns(table=pl.lit(table))
-            for table, drops in [*((t, finalized[t][1]) for t in TABLES), ("medications", unresolved)]
+            for table, drops in [
+                *((t, finalized[t][1]) for t in TABLES),
+                ("medications", unresolved_orders),
+                ("notes", unresolved_notes),
+            ]
             if drops.height
         ]
         events_path = _sink_table(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)

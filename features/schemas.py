@@ -214,6 +214,38 @@ MEDICATION_CODES = pa.schema(
 """FHIR ``Medication`` resources: the drug codes that orders naming their drug by
 ``medicationReference`` (as Epic and Cerner exports do) are resolved against."""
 
+BINARIES = pa.schema(
+    [
+        pa.field("binary_id", pa.string(), nullable=False),
+        pa.field("content_type", pa.string(), nullable=False),
+        # Of the decoded text, for text/* content (whose text goes to ``notes`` when a
+        # DocumentReference names the Binary); null for any other content.
+        pa.field("text_sha256", pa.string(), nullable=True),
+        pa.field("source_file", pa.string(), nullable=False),
+        # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
+        pa.field("record_number", pa.int64(), nullable=False),
+    ]
+)
+"""FHIR ``Binary`` resources of the export (a note's text, when a DocumentReference names it by URL)."""
+
+BINARY_TEXTS = BINARIES.insert(BINARIES.get_field_index("source_file"), pa.field("text", pa.string(), nullable=True))
+"""Ingest's staging form of ``binaries``: with the decoded text, until notes are resolved."""
+
+NOTE_REFERENCES = pa.schema(
+    [
+        pa.field("note_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("time", TIME, nullable=False),
+        pa.field("note_type", pa.string(), nullable=False),
+        # The id of the Binary resource the note's text is in.
+        pa.field("binary_id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("record_number", pa.int64(), nullable=False),
+    ]
+)
+"""Ingest's staging form of a DocumentReference whose text is a Binary resource (an attachment
+``url``): it becomes a ``notes`` row once the Binary is read."""
+
 MEDICATION_REFERENCES = pa.schema(
     [
         *[f for f in CODED_EVENTS if f.name not in ("code", "codes", "display", "source_file", "record_number")],
@@ -462,6 +494,7 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "allergies": CODED_EVENTS,
     "diagnostic_reports": CODED_EVENTS,
     "medication_codes": MEDICATION_CODES,
+    "binaries": BINARIES,
     "raw_unknown": RAW_UNKNOWN,
     "observations": OBSERVATIONS,
     "notes": NOTES,
@@ -479,5 +512,10 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
 }
 """Name of each internal table -> its schema."""
 
-STAGED_TABLES: dict[str, pa.Schema] = {**INTERNAL_TABLES, "medication_references": MEDICATION_REFERENCES}
+STAGED_TABLES: dict[str, pa.Schema] = {
+    **INTERNAL_TABLES,
+    "medication_references": MEDICATION_REFERENCES,
+    "note_references": NOTE_REFERENCES,
+    "binaries": BINARY_TEXTS,
+}
 """Every table ingest stages: the internal tables and forms that only exist until they are resolved."""

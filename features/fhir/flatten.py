@@ -432,37 +432,66 @@ def _note_text(res: dict[str, Any]) -> str:
             if isinstance(attachment.get("url"), str):
                 urls.append(attachment["url"])
             continue
-        mime, _, params = content_type.partition(";")
-        if not mime.strip().lower().startswith("text/"):
-            continue
-        charset = "utf-8"
-        for param in params.split(";"):
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "charset" and value.strip():
-                charset = value.strip().strip('"')
-        if not isinstance(data, str):
-            raise RecordError(
-                "bad_type", f"DocumentReference.content[{index}].attachment.data should be a base64 string"
-            )
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise RecordError(
-                "bad_base64", f"DocumentReference.content[{index}].attachment.data is not valid base64"
-            ) from None
-        try:
-            return raw.decode(charset)
-        except LookupError:
-            raise RecordError(
-                "bad_charset", f"DocumentReference attachment charset {charset!r:.40} is unknown"
-            ) from None
-        except UnicodeDecodeError:
-            raise RecordError("bad_charset", f"DocumentReference attachment is not valid {charset} text") from None
+        text = decode_text(data, content_type, f"DocumentReference.content[{index}].attachment")
+        if text is not None:
+            return text
     if urls:
         raise RecordError(
-            "no_note_text", f"DocumentReference has only URL attachments ({urls[0]!r:.60}); only inline data is read"
+            "no_note_text",
+            f"DocumentReference has no text/* attachment with inline data or a Binary URL (first URL attachment: "
+            f"{urls[0]!r:.60}); only those are read",
         )
     raise RecordError("no_note_text", "DocumentReference has no text/* attachment with inline data")
+
+
+def decode_text(data: Any, content_type: str, where: str) -> str | None:
+    """Base64 ``data`` of a ``text/*`` content type decoded by its charset (UTF-8 when none is
+    given); None for any other content type."""
+    mime, _, params = content_type.partition(";")
+    if not mime.strip().lower().startswith("text/"):
+        return None
+    charset = "utf-8"
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip():
+            charset = value.strip().strip('"')
+    if not isinstance(data, str):
+        raise RecordError("bad_type", f"{where}.data should be a base64 string")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise RecordError("bad_base64", f"{where}.data is not valid base64") from None
+    try:
+        return raw.decode(charset)
+    except LookupError:
+        raise RecordError("bad_charset", f"{where} charset {charset!r:.40} is unknown") from None
+    except UnicodeDecodeError:
+        raise RecordError("bad_charset", f"{where} is not valid {charset} text") from None
+
+
+def note_binary(res: dict[str, Any], origin: Origin) -> str | None:
+    """The id of the Binary resource a DocumentReference's text is in, when it has no inline text:
+    its first URL attachment of a text (or unstated) content type that names a Binary
+    (``Binary/<id>``, a URL ending so, or a Bundle entry's ``urn:uuid``). None otherwise, and for
+    a malformed ``content`` (:func:`flatten_document_reference` words why)."""
+    content = res.get("content")
+    found = None
+    for item in content if isinstance(content, list) else []:
+        attachment = item.get("attachment") if isinstance(item, dict) else None
+        if not isinstance(attachment, dict) or not isinstance(attachment.get("contentType", "text/plain"), str):
+            return None
+        mime = str(attachment.get("contentType") or "text/plain").partition(";")[0].strip().lower()
+        if attachment.get("data") is not None:
+            if mime.startswith("text/"):
+                return None  # inline text: read as it is
+            continue
+        url = attachment.get("url")
+        if found is None and isinstance(url, str) and mime.startswith("text/"):
+            resolved = origin.full_urls.get(url) if origin.full_urls else None
+            ident = _check_resolved(resolved, "Binary") if resolved is not None else _resolve(url, "Binary")
+            if type(ident) is str:
+                found = ident
+    return found
 
 
 def note_type_slug(label: str) -> str:
@@ -476,7 +505,8 @@ def note_type_slug(label: str) -> str:
     return _SLUG.sub("_", label.lower()).strip("_") or "document"
 
 
-def flatten_document_reference(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, str]:
+    """A DocumentReference's patient, time and note type."""
     patient = _patient(res, "DocumentReference", origin)
     if res.get("date") is not None:
         time = parse_datetime(res["date"], "DocumentReference.date", origin.latest)
@@ -486,10 +516,34 @@ def flatten_document_reference(res: dict[str, Any], rid: str, origin: Origin) ->
         if not isinstance(period, dict) or period.get("start") is None:
             raise RecordError("missing_date", "DocumentReference has neither date nor context.period.start")
         time = parse_datetime(period["start"], "DocumentReference.context.period.start", origin.latest)
+    return patient, time, note_type_slug(_display(res.get("type")) or "document")
+
+
+def flatten_document_reference(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    patient, time, note_type = _note_header(res, origin)
     text = _note_text(res)
-    note_type = note_type_slug(_display(res.get("type")) or "document")
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return [(rid, patient, time, note_type, text, digest, origin.source_file, origin.record_number)]
+
+
+def flatten_note_reference(res: dict[str, Any], rid: str, origin: Origin, binary_id: str) -> list[Row]:
+    """A DocumentReference whose text is in a Binary resource: a row of ``note_references``
+    (:data:`features.schemas.NOTE_REFERENCES`), made a ``notes`` row by the ingest once the
+    Binary is read."""
+    patient, time, note_type = _note_header(res, origin)
+    return [(rid, patient, time, note_type, binary_id, origin.source_file, origin.record_number)]
+
+
+def flatten_binary(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
+    """A ``Binary`` resource: its content type and, for text, its decoded text and SHA-256 (a row
+    of ``binary_texts``, :data:`features.schemas.BINARY_TEXTS`)."""
+    content_type = res.get("contentType")
+    if not isinstance(content_type, str) or not content_type.strip():
+        raise RecordError("bad_type", "Binary.contentType is missing or not a string")
+    data = res.get("data")
+    text = decode_text(data, content_type, "Binary") if data is not None else None
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest() if text is not None else None
+    return [(rid, content_type, digest, text, origin.source_file, origin.record_number)]
 
 
 def flatten_imaging_study(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
@@ -526,6 +580,7 @@ FLATTENERS: dict[str, Callable[[dict[str, Any], str, Origin], list[Row]]] = {
     "DocumentReference": flatten_document_reference,
     "ImagingStudy": flatten_imaging_study,
     "Medication": flatten_medication,
+    "Binary": flatten_binary,
     **{rt: _flatten_coded(rt) for rt in _CODED},
 }
 assert set(FLATTENERS) == set(TABLE_OF_TYPE)
@@ -560,4 +615,6 @@ def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = No
         )
     if rt in MEDICATION_TYPES and names_drug_by_reference(res):
         return "medication_references", flatten_medication_reference(res, rid, origin)
+    if rt == "DocumentReference" and (binary := note_binary(res, origin)) is not None:
+        return "note_references", flatten_note_reference(res, rid, origin, binary)
     return TABLE_OF_TYPE[rt], flatten(res, rid, origin)

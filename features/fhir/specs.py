@@ -42,6 +42,7 @@ TABLE_OF_TYPE: dict[str, str] = {
     "MedicationStatement": "medications",
     "MedicationAdministration": "medications",
     "Medication": "medication_codes",
+    "Binary": "binaries",
     "Procedure": "procedures",
     "Immunization": "immunizations",
     "AllergyIntolerance": "allergies",
@@ -60,7 +61,7 @@ CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "all
 
 ENTERED_IN_ERROR = "entered-in-error"
 STATUS_ELEMENT: dict[str, str] = {
-    **{rt: "status" for rt in TABLE_OF_TYPE if rt not in ("Patient", "Condition", "AllergyIntolerance")},
+    **{rt: "status" for rt in TABLE_OF_TYPE if rt not in ("Patient", "Binary", "Condition", "AllergyIntolerance")},
     "Condition": "verificationStatus",
     "AllergyIntolerance": "verificationStatus",
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import shutil
 from collections.abc import Iterator
 from datetime import datetime
@@ -518,4 +520,65 @@ def test_patients_deceased_without_a_date_equal_per_record_path(
     assert deaths.select("source", "time").rows() == [
         ("patients/dead-dated", datetime(2020, 5, 1, 10)), ("patients/dead-undated", None)
     ]
+
+
+def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DocumentReference may carry its text as an attachment URL naming a Binary resource of the
+    # export (Binary/<id>, a full URL, or a Bundle entry's urn:uuid) instead of inline data.
+    def doc(rid: str, url: str, content_type: str | None = "text/plain") -> dict[str, object]:
+        attachment: dict[str, object] = {"url": url} | ({"contentType": content_type} if content_type else {})
+        return {
+            "resourceType": "DocumentReference", "id": rid, "status": "current", "subject": {"reference": "Patient/p1"},
+            "date": "2020-01-02T00:00:00Z", "type": {"text": "Progress note"}, "content": [{"attachment": attachment}],
+        }
+
+    def binary(rid: str, content_type: str, data: str) -> dict[str, object]:
+        return {"resourceType": "Binary", "id": rid, "contentType": content_type, "data": data}
+
+    text = "Pt seen, doing well. Résumé in Latin-1."
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        binary("b1", "text/plain; charset=iso-8859-1", base64.b64encode(text.encode("latin-1")).decode()),
+        binary("b2", "application/pdf", base64.b64encode(b"%PDF-1.4").decode()),
+        binary("b3", "text/plain", "@@ not base64 @@"),
+        doc("d1", "Binary/b1"),
+        doc("d2", "Binary/missing"),
+        doc("d3", "Binary/b2"),
+        doc("d4", "https://ehr.example.org/fhir/Binary/b1", None),
+        doc("d5", "https://example.org/note.txt"),
+        doc("d6", "Binary/b1", "application/pdf"),
+        doc("d7", "Binary/b3"),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:u-text", "resource":
+                binary("b-9", "text/plain", base64.b64encode(b"In a Bundle.").decode())},
+            {"fullUrl": "urn:uuid:u-doc", "resource": doc("d8", "urn:uuid:u-text")},
+        ],
+    }
+    (landing / "fhir" / "notes.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced
+    assert fast.quarantined_by_reason == {"no_note_text": 3, "orphan_reference": 2, "bad_base64": 1}
+    notes = pl.read_parquet(tmp_path / "fast" / "notes.parquet").sort("note_id")
+    assert notes.select("note_id", "text").rows() == [("d1", text), ("d4", text), ("d8", "In a Bundle.")]
+    assert notes["text_sha256"][0] == hashlib.sha256(text.encode()).hexdigest()
+    binaries = pl.read_parquet(tmp_path / "fast" / "binaries.parquet")
+    assert binaries.columns == ["binary_id", "content_type", "text_sha256", "source_file", "record_number"]
+    assert sorted(binaries["binary_id"].to_list()) == ["b-9", "b1", "b2"]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("source_file", "record_number")
+    assert quarantine.select("resource_id", "reason_code").rows() == [
+        ("b3", "bad_base64"), ("d2", "orphan_reference"), ("d3", "no_note_text"), ("d5", "no_note_text"),
+        ("d6", "no_note_text"), ("d7", "orphan_reference"),
+    ]
+    assert quarantine["reason"][2] == (
+        "DocumentReference's text is Binary/b2, of content type application/pdf; only text/* is read"
+    )
 

@@ -303,7 +303,7 @@ def test_note_invalid_base64(tmp_path: Path) -> None:
 def test_note_bad_charset(tmp_path: Path) -> None:
     data = base64.b64encode(b"\xff\xfe bad").decode()
     reject = only_reject(ingest_lines(tmp_path, line(document_reference(data)))[1])
-    assert reject["reason"] == "DocumentReference attachment is not valid utf-8 text"
+    assert reject["reason"] == "DocumentReference.content[0].attachment is not valid utf-8 text"
 
 
 def test_strict_mode_rejects_what_the_fast_path_allows(tmp_path: Path) -> None:
