@@ -38,7 +38,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -46,7 +45,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pj
 
-from features.fhir.flatten import note_type_slug
+from features.fhir.flatten import note_type_slug, text_charset
 from features.fhir.specs import (
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
@@ -860,23 +859,10 @@ def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
     return clear, {"notes": rows}
 
 
-@lru_cache(maxsize=256)
-def _text_charset(content_type: str | None) -> str | None:
-    """The charset of a ``text/*`` attachment (``_note_text``'s parsing); None for other types."""
-    mime, _, params = (content_type or "text/plain").partition(";")
-    if not mime.strip().lower().startswith("text/"):
-        return None
-    charset = "utf-8"
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset" and value.strip():
-            charset = value.strip().strip('"')
-    return charset
-
 
 def _note_text(data: str, content_type: str | None) -> str | None:
     """The decoded note of the first attachment, or None when only the Python path can tell."""
-    charset = _text_charset(content_type)
+    charset = text_charset(content_type)
     if charset is None:
         return None
     try:

@@ -444,10 +444,11 @@ def _note_text(res: dict[str, Any]) -> str:
     raise RecordError("no_note_text", "DocumentReference has no text/* attachment with inline data")
 
 
-def decode_text(data: Any, content_type: str, where: str) -> str | None:
-    """Base64 ``data`` of a ``text/*`` content type decoded by its charset (UTF-8 when none is
-    given); None for any other content type."""
-    mime, _, params = content_type.partition(";")
+@lru_cache(maxsize=256)
+def text_charset(content_type: str | None) -> str | None:
+    """The charset of a ``text/*`` content type (UTF-8 when none is given; no type is
+    ``text/plain``); None for any other type."""
+    mime, _, params = (content_type or "text/plain").partition(";")
     if not mime.strip().lower().startswith("text/"):
         return None
     charset = "utf-8"
@@ -455,6 +456,15 @@ def decode_text(data: Any, content_type: str, where: str) -> str | None:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset" and value.strip():
             charset = value.strip().strip('"')
+    return charset
+
+
+def decode_text(data: Any, content_type: str, where: str) -> str | None:
+    """Base64 ``data`` of a ``text/*`` content type decoded by its charset (:func:`text_charset`);
+    None for any other content type."""
+    charset = text_charset(content_type)
+    if charset is None:
+        return None
     if not isinstance(data, str):
         raise RecordError("bad_type", f"{where}.data should be a base64 string")
     try:
