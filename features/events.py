@@ -23,7 +23,8 @@ conditions, ...     the primary coding (``SNOMED//..``)  -                      
 observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
                     when ``cancelled``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
-imaging_studies     ``IMAGING_STUDY//<modality>``        text: study_id                  started
+imaging_studies     ``IMAGING_STUDY//<modality>`` (not   text: study_id                  started
+                    when ``cancelled``)
 imaging             ``IMAGING//<modality>``              text: study_id                  time
 genomics            ``GENE//<gene>``, ``EXPRESSION//..`` numeric (genotype or value),    null
                                                          text: variant
@@ -158,7 +159,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             pl.lit("notes/") + pl.col("note_id"),
         ),
         _frame(
-            with_subject("imaging_studies"),
+            with_subject("imaging_studies").filter((pl.col("status") != "cancelled").fill_null(True)),
             pl.lit("IMAGING_STUDY//") + pl.col("modality").fill_null("UNKNOWN"),
             pl.col("time"),
             no_num,

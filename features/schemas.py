@@ -303,6 +303,8 @@ IMAGING_STUDIES = pa.schema(
         pa.field("modality", pa.string(), nullable=True),
         pa.field("body_site", pa.string(), nullable=True),
         pa.field("description", pa.string(), nullable=True),
+        # registered, available, cancelled, ...: a cancelled study is not an event.
+        pa.field("status", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
         pa.field("record_number", pa.int64(), nullable=False),

@@ -893,6 +893,7 @@ def build_imaging_study(frame: pl.DataFrame, ctx: Context) -> Built:
             modality.alias("modality"),
             pl.when(_text(site_display)).then(site_display).otherwise(site.struct.field("code")).alias("body_site"),
             pl.col("description").alias("description"),
+            pl.col("status"),
             *LOCATION,
         ],
     )

@@ -577,6 +577,7 @@ def flatten_imaging_study(res: dict[str, Any], rid: str, origin: Origin) -> list
             modality_code if isinstance(modality_code, str) else None,
             site if isinstance(site, str) else None,
             description if isinstance(description, str) else None,
+            _text_or_none(res.get("status")),
             origin.source_file,
             origin.record_number,
         )

@@ -78,7 +78,8 @@ is worth counting), but it is not an event: an event says the act happened."""
 VISIT_DID_NOT_HAPPEN = ("cancelled", "planned")
 """Encounter statuses of a visit that did not (or not yet) take place: kept in ``encounters``,
 never an event (a cancelled visit must not become a task's prediction time). A refuted diagnosis
-(verificationStatus ``refuted``) and a ``cancelled`` Observation are likewise kept but not events."""
+(verificationStatus ``refuted``) and a ``cancelled`` Observation or ImagingStudy are likewise kept
+but not events."""
 
 PATIENT_REFERENCE_FIELD: dict[str, str] = {
     "Immunization": "patient",

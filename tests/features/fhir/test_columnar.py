@@ -471,6 +471,11 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
             {**coded("Observation", f"lab-{status}", status, "9"), "valueQuantity": {"value": 1.0}}
             for status in ("final", "cancelled")
         ),
+        *(
+            {"resourceType": "ImagingStudy", "id": f"ct-{status}", "status": status,
+             "subject": {"reference": "Patient/p1"}, "started": "2020-01-02", "modality": [{"code": "CT"}]}
+            for status in ("available", "cancelled")
+        ),
     ]
     landing = tmp_path / "landing" / "fhir"
     landing.mkdir(parents=True)
@@ -483,13 +488,14 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
     statuses = pl.read_parquet(tmp_path / "fast" / "medications.parquet").sort("resource_id")["status"].to_list()
     assert statuses == ["cancelled", "not-taken", "stopped"]
     assert summary.table_rows["conditions"] == 2 and summary.table_rows["encounters"] == 3
-    assert summary.table_rows["observations"] == 2
+    assert summary.table_rows["observations"] == 2 and summary.table_rows["imaging_studies"] == 2
     verification = pl.read_parquet(tmp_path / "fast" / "conditions.parquet").sort("resource_id")["verification_status"]
     assert verification.to_list() == ["confirmed", "refuted"]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") != "SEX//female")
     assert sorted(events["source"].to_list()) == [
         "conditions/confirmed",
         "encounters/finished",
+        "imaging_studies/ct-available",
         "medications/stopped",
         "observations/lab-final",
         "procedures/done",
