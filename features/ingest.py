@@ -841,6 +841,8 @@ def resolve_note_references(
             .alias("reason_code"),
             pl.when(pl.col("content_type").is_null())
             .then(named + pl.lit(", which is not in this export (or was quarantined: see its own row)"))
+            .when(pl.col("content_type").str.strip_chars().str.to_lowercase().str.starts_with("text/"))
+            .then(named + pl.lit(", which has no data"))
             .otherwise(named + pl.lit(", of content type ") + pl.col("content_type") + pl.lit("; only text/* is read"))
             .alias("reason"),
         )

@@ -549,6 +549,7 @@ def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
         binary("b1", "text/plain; charset=iso-8859-1", base64.b64encode(text.encode("latin-1")).decode()),
         binary("b2", "application/pdf", base64.b64encode(b"%PDF-1.4").decode()),
         binary("b3", "text/plain", "@@ not base64 @@"),
+        {"resourceType": "Binary", "id": "b4", "contentType": "text/plain"},  # no data
         doc("d1", "Binary/b1"),
         doc("d2", "Binary/missing"),
         doc("d3", "Binary/b2"),
@@ -556,6 +557,7 @@ def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
         doc("d5", "https://example.org/note.txt"),
         doc("d6", "Binary/b1", "application/pdf"),
         doc("d7", "Binary/b3"),
+        doc("d9", "Binary/b4"),
     ]
     landing = tmp_path / "landing"
     (landing / "fhir").mkdir(parents=True)
@@ -572,19 +574,20 @@ def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
 
     fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     assert fast.balanced
-    assert fast.quarantined_by_reason == {"no_note_text": 3, "orphan_reference": 2, "bad_base64": 1}
+    assert fast.quarantined_by_reason == {"no_note_text": 4, "orphan_reference": 2, "bad_base64": 1}
     notes = pl.read_parquet(tmp_path / "fast" / "notes.parquet").sort("note_id")
     assert notes.select("note_id", "text").rows() == [("d1", text), ("d4", text), ("d8", "In a Bundle.")]
     assert notes["text_sha256"][0] == hashlib.sha256(text.encode()).hexdigest()
     binaries = pl.read_parquet(tmp_path / "fast" / "binaries.parquet")
     assert binaries.columns == ["binary_id", "content_type", "text_sha256", "source_file", "record_number"]
-    assert sorted(binaries["binary_id"].to_list()) == ["b-9", "b1", "b2"]
+    assert sorted(binaries["binary_id"].to_list()) == ["b-9", "b1", "b2", "b4"]
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("source_file", "record_number")
     assert quarantine.select("resource_id", "reason_code").rows() == [
         ("b3", "bad_base64"), ("d2", "orphan_reference"), ("d3", "no_note_text"), ("d5", "no_note_text"),
-        ("d6", "no_note_text"), ("d7", "orphan_reference"),
+        ("d6", "no_note_text"), ("d7", "orphan_reference"), ("d9", "no_note_text"),
     ]
     assert quarantine["reason"][2] == (
         "DocumentReference's text is Binary/b2, of content type application/pdf; only text/* is read"
     )
+    assert quarantine["reason"][6] == "DocumentReference's text is Binary/b4, which has no data"
 
