@@ -64,9 +64,32 @@ def _frame(
     )
 
 
+def merged_patients(patients: pl.DataFrame) -> dict[str, str]:
+    """Patient id -> the id of the patient it was merged into (``replaced_by``, followed to the
+    end of a chain), for merges whose survivor is in ``patients``. A chain that loops, or ends at a
+    patient not in the export, is not applied: those records stay their own patients."""
+    replaced = {
+        old: new for old, new in patients.select("patient_id", "replaced_by").iter_rows() if new is not None
+    }
+    present = set(patients["patient_id"].to_list())
+    merged: dict[str, str] = {}
+    for old in replaced:
+        seen, current = {old}, replaced[old]
+        while current in replaced and current not in seen:
+            seen.add(current)
+            current = replaced[current]
+        if current not in seen and current in present:
+            merged[old] = current
+    return merged
+
+
 def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
-    """One lazy EVENTS-shaped frame per source of events. ``tables`` maps table name -> frame."""
-    patients = tables["patients"]
+    """One lazy EVENTS-shaped frame per source of events. ``tables`` maps table name -> frame.
+
+    A patient merged into another (:func:`merged_patients`) has no events of its own: ingest
+    gives its records to the patient it was merged into."""
+    merged = merged_patients(tables["patients"].select("patient_id", "replaced_by").collect())
+    patients = tables["patients"].filter(~pl.col("patient_id").is_in(list(merged)))
     subjects = patients.select("patient_id", "subject_id")
 
     def with_subject(name: str) -> pl.LazyFrame:

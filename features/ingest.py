@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError
-from features.events import build_events
+from features.events import build_events, merged_patients
 from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson, with_bundle_references
 from features.fhir.flatten import Origin, Row, flatten_resource
 from features.fhir.read import (
@@ -1042,6 +1042,15 @@ def ingest_landing_zone(
             _staged(staging, "note_references"), staged["binaries"], warehouse_dir / "binaries.parquet"
         )
         staged["notes"] = pl.concat([staged["notes"], notes])
+        # Records of a patient merged into another (an MPI merge, Patient.link replaced-by) are
+        # the survivor's.
+        merged = merged_patients(
+            pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id", "replaced_by"])
+        )
+        if merged:
+            for table in TABLES:
+                if table not in first and "patient_id" in INTERNAL_TABLES[table].names:
+                    staged[table] = staged[table].with_columns(pl.col("patient_id").replace(merged))
         # The other tables only need the patients, the drug codes and the Binary texts: they are
         # written side by side (polars and the Parquet writer run outside the interpreter lock, so
         # threads share the cores). Largest first, so that the threads end together rather than on

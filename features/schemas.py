@@ -152,6 +152,8 @@ PATIENTS = pa.schema(
         pa.field("death_time", TIME, nullable=True),
         # deceasedDateTime or deceasedBoolean; true with a null death_time: dead, date unknown.
         pa.field("deceased", pa.bool_(), nullable=True),
+        # Patient.link "replaced-by": this record was merged into that patient (an MPI merge).
+        pa.field("replaced_by", pa.string(), nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         # 1-based line of an NDJSON file or entry of a Bundle (row of a table): lineage.
         pa.field("record_number", pa.int64(), nullable=False),

@@ -128,7 +128,14 @@ def _coded_schema(rt: str) -> pa.Schema:
 
 SCHEMAS: dict[str, pa.Schema] = {
     "Patient": pa.schema(
-        [*_BASE, ("gender", _S), ("birthDate", _S), ("deceasedDateTime", _S), ("deceasedBoolean", pa.bool_())]
+        [
+            *_BASE,
+            ("gender", _S),
+            ("birthDate", _S),
+            ("deceasedDateTime", _S),
+            ("deceasedBoolean", pa.bool_()),
+            ("link", pa.list_(pa.struct([("type", _S)]))),
+        ]
     ),
     "Encounter": pa.schema(
         [
@@ -548,6 +555,8 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("birthDate").is_null() | birth.ok,
         pl.col("deceasedDateTime").is_null() | death.ok,
         pl.col("birthDate").is_null() | pl.col("deceasedDateTime").is_null() | (death.value.dt.date() >= birth_date),
+        # Links (merged records) are rare: the per-record path reads them.
+        pl.col("link").list.len().fill_null(0) == 0,
     )
     clear, tables = _finish(
         frame,
@@ -561,6 +570,7 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
             death.value.alias("death_time"),
             pl.when(pl.col("deceasedDateTime").is_not_null()).then(True).otherwise(pl.col("deceasedBoolean"))
             .alias("deceased"),
+            pl.lit(None, dtype=pl.String).alias("replaced_by"),
             *LOCATION,
         ],
     )

@@ -200,9 +200,24 @@ def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     if flag is not None and not isinstance(flag, bool):
         raise RecordError("bad_type", f"Patient.deceasedBoolean should be true or false, found {flag!r:.40}")
     deceased = True if death_time is not None else flag
+    replaced_by = _replaced_by(res, rid, origin)
     return [
-        (rid, subject_id_for(rid), birth_date, gender, death_time, deceased, origin.source_file, origin.record_number)
+        (rid, subject_id_for(rid), birth_date, gender, death_time, deceased, replaced_by, origin.source_file,
+         origin.record_number)
     ]
+
+
+def _replaced_by(res: dict[str, Any], rid: str, origin: Origin) -> str | None:
+    """The patient a merged Patient record was replaced by: its first ``link`` of type
+    ``replaced-by`` that names another Patient. A link that names none is not applied (the record
+    stays its own patient) rather than losing the patient."""
+    links = res.get("link")
+    for link in links if isinstance(links, list) else []:
+        if isinstance(link, dict) and link.get("type") == "replaced-by":
+            other = _optional_reference(link.get("other"), "Patient", origin)
+            if other is not None and other != rid:
+                return other
+    return None
 
 
 def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:

@@ -591,3 +591,48 @@ def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
     )
     assert quarantine["reason"][6] == "DocumentReference's text is Binary/b4, which has no data"
 
+
+
+def test_merged_patients_records_go_to_the_survivor_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An MPI merge leaves the old Patient record with link replaced-by: its records are the
+    # survivor's. a -> b -> c is a chain (c survives); x <-> y loop and z names a patient not in the
+    # export: those are not applied.
+    def patient(rid: str, replaced_by: str | None = None) -> dict[str, object]:
+        link = [{"other": {"reference": f"Patient/{replaced_by}"}, "type": "replaced-by"}] if replaced_by else []
+        return {"resourceType": "Patient", "id": rid, "gender": "female", "birthDate": "1950-01-01"} | (
+            {"link": link, "active": False} if link else {}
+        )
+
+    def condition(rid: str, subject: str) -> dict[str, object]:
+        return {"resourceType": "Condition", "id": rid, "subject": {"reference": f"Patient/{subject}"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                "onsetDateTime": "2019-05-01"}
+
+    records = [
+        patient("a", "b"), patient("b", "c"), patient("c"), patient("x", "y"), patient("y", "x"), patient("z", "gone"),
+        {"resourceType": "Patient", "id": "s",
+         "link": [{"other": {"reference": "RelatedPerson/r"}, "type": "seealso"}]},
+        *(condition(f"c-{who}", who) for who in ("a", "b", "c", "x", "z", "s")),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {}
+    patients = pl.read_parquet(tmp_path / "fast" / "patients.parquet")
+    assert patients.select("patient_id", "replaced_by").rows() == [
+        ("a", "b"), ("b", "c"), ("c", None), ("x", "y"), ("y", "x"), ("z", "gone"), ("s", None)
+    ]
+    conditions = pl.read_parquet(tmp_path / "fast" / "conditions.parquet")
+    assert conditions.select("resource_id", "patient_id").rows() == [
+        ("c-a", "c"), ("c-b", "c"), ("c-c", "c"), ("c-x", "x"), ("c-z", "z"), ("c-s", "s")
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet")
+    # a and b have no events of their own (s has no birth date or sex to give any).
+    demographics = events.filter(pl.col("source").str.starts_with("patients/"))["source"].unique().sort()
+    assert demographics.to_list() == ["patients/c", "patients/x", "patients/y", "patients/z"]
+    by_subject = events.filter(pl.col("code") == "SNOMED//44054006").group_by("subject_id").len()
+    assert sorted(by_subject["len"].to_list()) == [1, 1, 1, 3]  # c has the three of a, b and c
