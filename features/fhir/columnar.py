@@ -50,7 +50,7 @@ from features.fhir.specs import (
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
-    STATUS_ELEMENT,
+    STATUS_ELEMENTS,
     TABLE_OF_TYPE,
     VOCABULARY_PREFIXES,
 )
@@ -184,25 +184,29 @@ SCHEMAS: dict[str, pa.Schema] = {
     "Medication": pa.schema([*_BASE, ("code", _CONCEPT)]),
     **{rt: _coded_schema(rt) for rt in _CODED_FIELDS},
 }
-for _rt, _element in STATUS_ELEMENT.items():
-    if _element not in SCHEMAS[_rt].names:
-        SCHEMAS[_rt] = SCHEMAS[_rt].append(pa.field(_element, _CODES if _element == "verificationStatus" else _S))
 """Resource types with a fast path, and the fields decoded for each (with where each type says it
-was entered in error)."""
+was entered in error, added below)."""
+for _rt, _elements in STATUS_ELEMENTS.items():
+    for _element in _elements:
+        if _element not in SCHEMAS[_rt].names:
+            SCHEMAS[_rt] = SCHEMAS[_rt].append(pa.field(_element, _CODES if _element == "verificationStatus" else _S))
 
 
 def entered_in_error(frame: pl.DataFrame, resource_type: str) -> pl.Series:
     """The decoded records that say they were entered in error
-    (:func:`features.fhir.flatten.is_entered_in_error`): the per-record path quarantines them."""
-    element = STATUS_ELEMENT.get(resource_type)
-    if element is None:
+    (:func:`features.fhir.flatten.entered_in_error_at`): the per-record path quarantines them."""
+    elements = STATUS_ELEMENTS.get(resource_type, ())
+    if not elements:
         return pl.Series(np.zeros(frame.height, dtype=bool))
-    column = pl.col(element)
-    if element == "verificationStatus":
-        said = column.struct.field("coding").list.eval(pl.element().struct.field("code") == ENTERED_IN_ERROR).list.any()
-    else:
-        said = column == ENTERED_IN_ERROR
-    return frame.select(said.fill_null(False)).to_series()
+    said = pl.lit(False)
+    for element in elements:
+        column = pl.col(element)
+        if element == "verificationStatus":
+            codes = column.struct.field("coding").list.eval(pl.element().struct.field("code") == ENTERED_IN_ERROR)
+            said = said | codes.list.any().fill_null(False)
+        else:
+            said = said | (column == ENTERED_IN_ERROR).fill_null(False)
+    return frame.select(said.alias("said")).to_series()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -634,7 +638,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             checks.append(status_code.ok)
             status = status_code.value
         verification: pl.Expr = pl.lit(None, dtype=pl.String)
-        if STATUS_ELEMENT[rt] == "verificationStatus":
+        if "verificationStatus" in STATUS_ELEMENTS[rt]:
             verification_code = first_coding_code(pl.col("verificationStatus"))
             checks.append(verification_code.ok)
             verification = verification_code.value

@@ -29,7 +29,7 @@ from features.fhir.specs import (
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
-    STATUS_ELEMENT,
+    STATUS_ELEMENTS,
     TABLE_OF_TYPE,
     vocabulary_prefix,
 )
@@ -307,7 +307,7 @@ def _time_and_status(
     time, end = _time(res, time_fields, rt, origin)
     if rt == "Condition" and res.get("abatementDateTime") is not None:
         end = parse_datetime(res["abatementDateTime"], "Condition.abatementDateTime", origin.latest)
-    verification = res.get("verificationStatus") if STATUS_ELEMENT[rt] == "verificationStatus" else None
+    verification = res.get("verificationStatus") if "verificationStatus" in STATUS_ELEMENTS[rt] else None
     return time, end, _status_code(res.get(status_field)), _status_code(verification)
 
 
@@ -612,15 +612,20 @@ FLATTENERS: dict[str, Callable[[dict[str, Any], str, Origin], list[Row]]] = {
 assert set(FLATTENERS) == set(TABLE_OF_TYPE)
 
 
-def is_entered_in_error(res: dict[str, Any], rt: str) -> bool:
-    """Whether a record of a used type says it was entered in error (:data:`STATUS_ELEMENT`)."""
-    value = res.get(STATUS_ELEMENT.get(rt, ""))
-    if isinstance(value, dict):
-        codings = value.get("coding")
-        return isinstance(codings, list) and any(
-            isinstance(coding, dict) and coding.get("code") == ENTERED_IN_ERROR for coding in codings
-        )
-    return value == ENTERED_IN_ERROR
+def entered_in_error_at(res: dict[str, Any], rt: str) -> str | None:
+    """The element by which a record of a used type says it was entered in error
+    (:data:`STATUS_ELEMENTS`), or None."""
+    for element in STATUS_ELEMENTS.get(rt, ()):
+        value = res.get(element)
+        if isinstance(value, dict):
+            codings = value.get("coding")
+            if isinstance(codings, list) and any(
+                isinstance(coding, dict) and coding.get("code") == ENTERED_IN_ERROR for coding in codings
+            ):
+                return element
+        elif value == ENTERED_IN_ERROR:
+            return element
+    return None
 
 
 def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = None) -> tuple[str, list[Row]]:
@@ -634,10 +639,9 @@ def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = No
     if flatten is None:
         text = (raw if raw is not None else orjson.dumps(res)).decode("utf-8", "replace")[:RAW_LIMIT]
         return "raw_unknown", [(rid, rt, text, origin.source_file, origin.record_number)]
-    if is_entered_in_error(res, rt):
+    if (element := entered_in_error_at(res, rt)) is not None:
         raise RecordError(
-            "entered_in_error",
-            f"{rt}.{STATUS_ELEMENT[rt]} is entered-in-error: the source system withdrew this record",
+            "entered_in_error", f"{rt}.{element} is entered-in-error: the source system withdrew this record"
         )
     if rt in MEDICATION_TYPES and names_drug_by_reference(res):
         return "medication_references", flatten_medication_reference(res, rid, origin)

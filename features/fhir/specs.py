@@ -60,13 +60,15 @@ CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "all
 """Tables of the shared :data:`features.schemas.CODED_EVENTS` shape."""
 
 ENTERED_IN_ERROR = "entered-in-error"
-STATUS_ELEMENT: dict[str, str] = {
-    **{rt: "status" for rt in TABLE_OF_TYPE if rt not in ("Patient", "Binary", "Condition", "AllergyIntolerance")},
-    "Condition": "verificationStatus",
-    "AllergyIntolerance": "verificationStatus",
+STATUS_ELEMENTS: dict[str, tuple[str, ...]] = {
+    **{rt: ("status",) for rt in TABLE_OF_TYPE if rt not in ("Patient", "Binary", "Condition", "AllergyIntolerance")},
+    "Condition": ("verificationStatus",),
+    "AllergyIntolerance": ("verificationStatus",),
+    # A note's document status as well as its reference's.
+    "DocumentReference": ("status", "docStatus"),
 }
-"""Where each used type (Patient has none) says it is :data:`ENTERED_IN_ERROR`: a code, or a
-CodeableConcept any of whose codings may say so. The source system withdrew such a record: it
+"""Where each used type (Patient and Binary have none) says it is :data:`ENTERED_IN_ERROR`: a
+code, or a CodeableConcept any of whose codings may say so. The source system withdrew such a record: it
 describes nothing that happened, so it is quarantined, never used."""
 
 DID_NOT_HAPPEN = ("not-done", "not-taken", "cancelled")

@@ -414,19 +414,22 @@ def test_records_entered_in_error_are_quarantined_on_both_paths(
     conditions[19]["status"] = "entered-in-error"  # Condition has no status: not read
     procedures = [orjson.loads(line) for line in _lines(source / "Procedure.000.ndjson", 10)]
     procedures[3]["status"] = "entered-in-error"
+    notes = [orjson.loads(line) for line in _lines(source / "DocumentReference.000.ndjson", 10)]
+    notes[2]["docStatus"] = "entered-in-error"  # the document's own status, beside the reference's
     landing = tmp_path / "landing"
     (landing / "fhir").mkdir(parents=True)
     shutil.copy(source / "Patient.000.ndjson", landing / "fhir")
-    for name, records in (("Condition", conditions), ("Procedure", procedures)):
+    for name, records in (("Condition", conditions), ("Procedure", procedures), ("DocumentReference", notes)):
         (landing / "fhir" / f"{name}.000.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
 
     fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
-    assert fast.quarantined_by_reason == {"entered_in_error": 3}
-    assert (fast.table_rows["conditions"], fast.table_rows["procedures"]) == (28, 9)
+    assert fast.quarantined_by_reason == {"entered_in_error": 4}
+    assert (fast.table_rows["conditions"], fast.table_rows["procedures"], fast.table_rows["notes"]) == (28, 9, 9)
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
     assert quarantine.select("source_file", "record_number").rows() == [
         ("fhir/Condition.000.ndjson", 5),
         ("fhir/Condition.000.ndjson", 10),
+        ("fhir/DocumentReference.000.ndjson", 3),
         ("fhir/Procedure.000.ndjson", 4),
     ]
     assert quarantine["reason"][0] == (
