@@ -873,7 +873,6 @@ def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
     return clear, {"notes": rows}
 
 
-
 def _note_text(data: str, content_type: str | None) -> str | None:
     """The decoded note of the first attachment, or None when only the Python path can tell."""
     charset = text_charset(content_type)

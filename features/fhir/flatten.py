@@ -316,7 +316,7 @@ def _status_code(status: Any) -> str | None:
     if isinstance(status, dict):
         status = _first_code(status)
         status = status.split("//", 1)[1] if status else None
-    return status if isinstance(status, str) else None
+    return _text_or_none(status)
 
 
 def names_drug_by_reference(res: dict[str, Any]) -> bool:
@@ -505,17 +505,13 @@ def note_binary(res: dict[str, Any], origin: Origin) -> str | None:
         attachment = item.get("attachment") if isinstance(item, dict) else None
         if not isinstance(attachment, dict) or not isinstance(attachment.get("contentType", "text/plain"), str):
             return None
-        mime = str(attachment.get("contentType") or "text/plain").partition(";")[0].strip().lower()
+        is_text = text_charset(attachment.get("contentType")) is not None
         if attachment.get("data") is not None:
-            if mime.startswith("text/"):
+            if is_text:
                 return None  # inline text: read as it is
             continue
-        url = attachment.get("url")
-        if found is None and isinstance(url, str) and mime.startswith("text/"):
-            resolved = origin.full_urls.get(url) if origin.full_urls else None
-            ident = _check_resolved(resolved, "Binary") if resolved is not None else _resolve(url, "Binary")
-            if type(ident) is str:
-                found = ident
+        if found is None and is_text:
+            found = _optional_reference({"reference": attachment.get("url")}, "Binary", origin)
     return found
 
 
