@@ -64,6 +64,11 @@ def _frame(
     )
 
 
+def _happened(did_not_happen: tuple[str, ...], column: str = "status") -> pl.Expr:
+    """Rows whose ``column`` is none of ``did_not_happen`` (a record without one happened)."""
+    return ~pl.col(column).is_in(did_not_happen).fill_null(False)
+
+
 def merged_patients(patients: pl.DataFrame) -> dict[str, str]:
     """Patient id -> the id of the patient it was merged into (``replaced_by``, followed to the
     end of a chain), for merges whose survivor is in ``patients``. A chain that loops, or ends at a
@@ -136,7 +141,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             pl.lit("patients/") + pl.col("patient_id"),
         ),
         _frame(
-            with_subject("encounters").filter(~pl.col("status").is_in(VISIT_DID_NOT_HAPPEN).fill_null(False)),
+            with_subject("encounters").filter(_happened(VISIT_DID_NOT_HAPPEN)),
             # Coded by the visit's type (as MEDS ETLs code visits), so a task can name the kind of
             # visit its prediction time follows; the class (ambulatory, inpatient, ...) is the value.
             pl.coalesce(pl.col("type_code"), pl.lit("ENCOUNTER//") + pl.col("encounter_class").fill_null("UNKNOWN")),
@@ -148,12 +153,9 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         ),
     ]
     for name in CODED_TABLES:
-        happened = ~(pl.col("status").is_in(DID_NOT_HAPPEN) | (pl.col("verification_status") == "refuted")).fill_null(
-            False
-        )
         frames.append(
             _frame(
-                with_subject(name).filter(happened),
+                with_subject(name).filter(_happened(DID_NOT_HAPPEN) & _happened(("refuted",), "verification_status")),
                 pl.col("code"),
                 pl.col("time"),
                 no_num,
@@ -164,7 +166,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         )
     frames += [
         _frame(
-            with_subject("observations").filter((pl.col("status") != "cancelled").fill_null(True)),
+            with_subject("observations").filter(_happened(("cancelled",))),
             pl.col("code"),
             pl.col("time"),
             pl.col("numeric_value"),
@@ -182,7 +184,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             pl.lit("notes/") + pl.col("note_id"),
         ),
         _frame(
-            with_subject("imaging_studies").filter((pl.col("status") != "cancelled").fill_null(True)),
+            with_subject("imaging_studies").filter(_happened(("cancelled",))),
             pl.lit("IMAGING_STUDY//") + pl.col("modality").fill_null("UNKNOWN"),
             pl.col("time"),
             no_num,
