@@ -709,6 +709,25 @@ def _repeated_ids(staged: pl.LazyFrame, ids: list[str]) -> pl.LazyFrame:
     return hashed.join(repeated, on="__id", how="semi").select(ids).unique()
 
 
+def _drops(
+    frame: pl.DataFrame | pl.LazyFrame, resource_type: pl.Expr, resource_id: pl.Expr, reason_code: pl.Expr,
+    reason: pl.Expr,
+) -> pl.DataFrame:
+    """Records dropped while finishing the tables, in the form the quarantine takes them: where
+    each was read, what it is, and why."""
+    return frame.lazy().select(
+        "source_file",
+        "record_number",
+        resource_type.cast(pl.String).alias("resource_type"),
+        resource_id.cast(pl.String).alias("resource_id"),
+        reason_code.alias("reason_code"),
+        reason.alias("reason"),
+    ).collect()
+
+
+_NOT_IN_EXPORT = ", which is not in this export (or was quarantined: see its own row)"
+
+
 def _finalize_table(
     table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path
 ) -> tuple[int, pl.DataFrame, dict[str, int]]:
@@ -733,20 +752,18 @@ def _finalize_table(
             + pl.concat_str([pl.col(c).cast(pl.String) for c in ids], separator="/", ignore_nulls=True)
         )
     )
-    duplicates = dropped.select(
-        *location,
-        rtype.cast(pl.String).alias("resource_type"),
-        pl.col(ids[-1]).cast(pl.String).alias("resource_id"),
-        pl.lit("duplicate").alias("reason_code"),
-        (
-            pl.lit("duplicate of ")
-            + label
-            + pl.lit(": the copy in ")
-            + pl.col("kept_file")
-            + pl.lit(" record ")
-            + pl.col("kept_record").cast(pl.String)
-            + pl.lit(" is kept (first in file order)")
-        ).alias("reason"),
+    duplicates = _drops(
+        dropped,
+        rtype,
+        pl.col(ids[-1]),
+        pl.lit("duplicate"),
+        pl.lit("duplicate of ")
+        + label
+        + pl.lit(": the copy in ")
+        + pl.col("kept_file")
+        + pl.lit(" record ")
+        + pl.col("kept_record").cast(pl.String)
+        + pl.lit(" is kept (first in file order)"),
     )
     # A record is kept or dropped whole, and counted once: a wide genomics row holds one row per
     # feature, and any feature seen before drops the row (no patient is left with half a panel).
@@ -760,16 +777,14 @@ def _finalize_table(
             .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "patient_id"]))
             .collect()
         )
-        orphans = orphans.select(
-            *location,
-            rtype.cast(pl.String).alias("resource_type"),
-            pl.col(ids[-1]).cast(pl.String).alias("resource_id"),
-            pl.lit("orphan_reference").alias("reason_code"),
-            (
-                pl.lit(f"{table} record refers to Patient/")
-                + pl.col("patient_id")
-                + pl.lit(", which is not in this export")
-            ).alias("reason"),
+        orphans = _drops(
+            orphans,
+            rtype,
+            pl.col(ids[-1]),
+            pl.lit("orphan_reference"),
+            pl.lit(f"{table} record refers to Patient/")
+            + pl.col("patient_id")
+            + pl.lit(", which is not in this export"),
         )
         drop_all = pl.concat([duplicates, orphans])
     else:
@@ -793,22 +808,13 @@ def resolve_medication_references(
     codes = pl.scan_parquet(medication_codes).select("medication_id", "code", "codes", "display")
     joined = references.join(codes, on="medication_id", how="left", maintain_order="left")
     resolved = joined.filter(pl.col("code").is_not_null()).select(INTERNAL_TABLES["medications"].names)
-    unresolved = (
-        joined.filter(pl.col("code").is_null())
-        .select(
-            "source_file",
-            "record_number",
-            "resource_type",
-            "resource_id",
-            pl.lit("orphan_reference").alias("reason_code"),
-            (
-                pl.col("resource_type")
-                + pl.lit(" names its drug by Medication/")
-                + pl.col("medication_id")
-                + pl.lit(", which is not in this export (or was quarantined: see its own row)")
-            ).alias("reason"),
-        )
-        .collect()
+    unresolved = _drops(
+        joined.filter(pl.col("code").is_null()),
+        pl.col("resource_type"),
+        pl.col("resource_id"),
+        pl.lit("orphan_reference"),
+        pl.col("resource_type") + pl.lit(" names its drug by Medication/") + pl.col("medication_id")
+        + pl.lit(_NOT_IN_EXPORT),
     )
     return resolved, unresolved
 
@@ -829,24 +835,17 @@ def resolve_note_references(
     )
     resolved = joined.filter(pl.col("text").is_not_null()).select(INTERNAL_TABLES["notes"].names)
     named = pl.lit("DocumentReference's text is Binary/") + pl.col("binary_id")
-    unresolved = (
-        joined.filter(pl.col("text").is_null())
-        .select(
-            *location,
-            pl.lit("DocumentReference").alias("resource_type"),
-            pl.col("note_id").alias("resource_id"),
-            pl.when(pl.col("content_type").is_null())
-            .then(pl.lit("orphan_reference"))
-            .otherwise(pl.lit("no_note_text"))
-            .alias("reason_code"),
-            pl.when(pl.col("content_type").is_null())
-            .then(named + pl.lit(", which is not in this export (or was quarantined: see its own row)"))
-            .when(pl.col("content_type").str.strip_chars().str.to_lowercase().str.starts_with("text/"))
-            .then(named + pl.lit(", which has no data"))
-            .otherwise(named + pl.lit(", of content type ") + pl.col("content_type") + pl.lit("; only text/* is read"))
-            .alias("reason"),
-        )
-        .collect()
+    missing = pl.col("content_type").is_null()
+    unresolved = _drops(
+        joined.filter(pl.col("text").is_null()),
+        pl.lit("DocumentReference"),
+        pl.col("note_id"),
+        pl.when(missing).then(pl.lit("orphan_reference")).otherwise(pl.lit("no_note_text")),
+        pl.when(missing)
+        .then(named + pl.lit(_NOT_IN_EXPORT))
+        .when(pl.col("content_type").str.strip_chars().str.to_lowercase().str.starts_with("text/"))
+        .then(named + pl.lit(", which has no data"))
+        .otherwise(named + pl.lit(", of content type ") + pl.col("content_type") + pl.lit("; only text/* is read")),
     )
     return resolved, unresolved
 
