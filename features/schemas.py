@@ -270,6 +270,9 @@ OBSERVATIONS = pa.schema(
         pa.field("code", pa.string(), nullable=False),
         pa.field("parent_code", pa.string(), nullable=True),
         pa.field("numeric_value", pa.float64(), nullable=True),
+        # valueQuantity.comparator (<, <=, >=, >, ad): numeric_value is then a bound, not a
+        # measurement ("< 0.01": below the assay's detection limit). Null for a plain value.
+        pa.field("value_comparator", pa.string(), nullable=True),
         pa.field("unit", pa.string(), nullable=True),
         # valueCodeableConcept as a prefixed code, or valueString.
         pa.field("text_value", pa.string(), nullable=True),

@@ -21,8 +21,9 @@ How a record is cleared, conservatively (anything unusual goes to the Python pat
    id pattern; dates are ``YYYY-MM-DD`` or ``YYYY-MM-DDThh:mm:ss`` with optional microseconds and
    zone, real, not before 1800 and not after the export; references are ``Type/<id>`` or ``urn:uuid:<id>``
    (or an entry of the Bundle); code systems are in the vocabulary map; numbers are finite and
-   not zero (``-0`` and ``0`` differ once decoded); rare alternatives (``valueBoolean``, periods
-   where a dateTime is usual, a coding without a code first) are left to the Python path.
+   not zero (``-0`` and ``0`` differ once decoded); a quantity's comparator is absent or one of
+   the FHIR codes; rare alternatives (``valueBoolean``, periods where a dateTime is usual, a
+   coding without a code first) are left to the Python path.
 4. In strict mode a line must also validate against its ``fhir.resources.R4B`` model.
 
 Rows come out in line order (an Observation's own row, then its components), as the Python path
@@ -50,6 +51,7 @@ from features.fhir.specs import (
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
+    QUANTITY_COMPARATORS,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
     VOCABULARY_PREFIXES,
@@ -81,7 +83,7 @@ _CODE = pa.struct([("system", _S), ("code", _S)])
 _CODES = pa.struct([("coding", pa.list_(_CODE))])
 _REF = pa.struct([("reference", _S)])
 _PERIOD = pa.struct([("start", _S), ("end", _S)])
-_QUANTITY = pa.struct([("value", pa.float64()), ("unit", _S), ("code", _S)])
+_QUANTITY = pa.struct([("value", pa.float64()), ("comparator", _S), ("unit", _S), ("code", _S)])
 _VALUES = [("valueQuantity", _QUANTITY), ("valueCodeableConcept", _CODES)]
 _BASE = [("resourceType", _S), ("id", _S)]
 
@@ -698,17 +700,25 @@ def build_medication(frame: pl.DataFrame, ctx: Context) -> Built:
     )
 
 
-def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, pl.Expr]:
-    """(numeric, unit, text) of ``value[x]`` (``_value``) for valueQuantity and valueCodeableConcept."""
+def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, pl.Expr, pl.Expr]:
+    """(numeric, comparator, unit, text) of ``value[x]`` (``_value``) for valueQuantity and
+    valueCodeableConcept."""
     quantity = holder("valueQuantity")
     number = quantity.struct.field("value")
+    comparator = quantity.struct.field("comparator")
     concept = holder("valueCodeableConcept")
     concept_code = first_code(concept, required=True)
     # The rarer value[x] forms never reach this point (see _PRESENCE_ONLY).
     has_quantity = quantity.is_not_null()
     ok = (
         pl.when(has_quantity)
-        .then(number.is_not_null() & number.is_finite() & (number != 0))
+        .then(
+            number.is_not_null()
+            & number.is_finite()
+            & (number != 0)
+            # Any other comparator is the Python path's to quarantine and word.
+            & (comparator.is_null() | comparator.is_in(QUANTITY_COMPARATORS))
+        )
         .when(concept.is_not_null())
         .then(concept_code.ok)
         .otherwise(pl.lit(True))
@@ -716,7 +726,7 @@ def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, p
     numeric = pl.when(has_quantity).then(number)
     unit = pl.when(has_quantity).then(pl.coalesce(quantity.struct.field("unit"), quantity.struct.field("code")))
     text = pl.when(~has_quantity & concept.is_not_null()).then(concept_code.value)
-    return Checked(numeric, ok.fill_null(False)), unit, text
+    return Checked(numeric, ok.fill_null(False)), pl.when(has_quantity).then(comparator), unit, text
 
 
 def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
@@ -725,7 +735,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
     code = first_code(pl.col("code"), required=True)
     time = fhir_time(pl.col("effectiveDateTime"), ctx.latest)
     category = first_coding_code(pl.col("category").list.first())
-    numeric, unit, text = _value_checks(pl.col)
+    numeric, comparator, unit, text = _value_checks(pl.col)
     frame = frame.with_row_index("__row").with_columns(
         __patient=patient.value,
         __encounter=pl.when(pl.col("encounter").is_not_null()).then(encounter.value),
@@ -733,6 +743,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         __code=code.value,
         __category=category.value,
         __numeric=numeric.value,
+        __comparator=comparator,
         __unit=unit,
         __text=text,
         __ok=_all(
@@ -771,6 +782,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("__code").alias("code"),
         pl.lit(None, dtype=pl.String).alias("parent_code"),
         pl.col("__numeric").alias("numeric_value"),
+        pl.col("__comparator").alias("value_comparator"),
         pl.col("__unit").alias("unit"),
         pl.col("__text").alias("text_value"),
         *tail,
@@ -785,6 +797,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
             pl.col("__c_code").alias("code"),
             pl.col("__code").alias("parent_code"),
             pl.col("__c_numeric").alias("numeric_value"),
+            pl.col("__c_comparator").alias("value_comparator"),
             pl.col("__c_unit").alias("unit"),
             pl.col("__c_text").alias("text_value"),
             *tail,
@@ -815,10 +828,11 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
         return pl.col("component").struct.field(name)
 
     code = first_code(field_of("code"), required=True)
-    numeric, unit, text = _value_checks(field_of)
+    numeric, comparator, unit, text = _value_checks(field_of)
     return exploded.with_columns(
         __c_code=code.value,
         __c_numeric=numeric.value,
+        __c_comparator=comparator,
         __c_unit=unit,
         __c_text=text,
         __c_ok=_all(code.ok, numeric.ok),

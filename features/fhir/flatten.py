@@ -29,6 +29,7 @@ from features.fhir.specs import (
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
+    QUANTITY_COMPARATORS,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
     vocabulary_prefix,
@@ -361,31 +362,47 @@ def flatten_medication(res: dict[str, Any], rid: str, origin: Origin) -> list[Ro
     return [(rid, codes[0], codes, _display(res.get("code")), origin.source_file, origin.record_number)]
 
 
-def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None]:
-    """(numeric_value, unit, text_value) of an Observation or component ``value[x]``."""
+def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+    """(numeric_value, value_comparator, unit, text_value) of an Observation or component ``value[x]``."""
     if "valueQuantity" in holder:
         quantity = check_object(holder["valueQuantity"], f"{where}.valueQuantity")
         if "value" not in quantity:
             raise RecordError("missing_value", f"{where}.valueQuantity.value is missing")
         number = check_number(quantity["value"], f"{where}.valueQuantity.value")
+        comparator = _comparator(quantity.get("comparator"), f"{where}.valueQuantity.comparator")
         unit = quantity.get("unit", quantity.get("code"))
-        return number, unit if isinstance(unit, str) else None, None
+        return number, comparator, unit if isinstance(unit, str) else None, None
     if "valueCodeableConcept" in holder:
-        return None, None, _codes(holder["valueCodeableConcept"], f"{where}.valueCodeableConcept")[0]
+        return None, None, None, _codes(holder["valueCodeableConcept"], f"{where}.valueCodeableConcept")[0]
     for key in ("valueInteger", "valueDecimal"):
         if key in holder:
-            return check_number(holder[key], f"{where}.{key}"), None, None
+            return check_number(holder[key], f"{where}.{key}"), None, None, None
     if "valueBoolean" in holder:
         if not isinstance(holder["valueBoolean"], bool):
             raise RecordError("bad_type", f"{where}.valueBoolean should be true or false")
-        return float(holder["valueBoolean"]), None, None
+        return float(holder["valueBoolean"]), None, None, None
     for key in ("valueString", "valueDateTime", "valueTime"):
         if key in holder:
             value = holder[key]
             if not isinstance(value, str):
                 raise RecordError("bad_type", f"{where}.{key} should be a string, found {type(value).__name__}")
-            return None, None, value
-    return None, None, None
+            return None, None, None, value
+    return None, None, None, None
+
+
+def _comparator(value: Any, where: str) -> str | None:
+    """A Quantity's comparator code, or None when it has none. Any other code is refused rather
+    than dropped: without it a result below the detection limit would read as a measurement."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordError("bad_type", f"{where} should be a string, found {type(value).__name__} {value!r:.40}")
+    if value not in QUANTITY_COMPARATORS:
+        raise RecordError(
+            "bad_value",
+            f"{where} {value!r:.40} is not a FHIR comparator (expected one of {', '.join(QUANTITY_COMPARATORS)})",
+        )
+    return value
 
 
 def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
@@ -398,16 +415,16 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     tail = (category, _text_or_none(res.get("status")), origin.source_file, origin.record_number)
     components = res.get("component")
     rows: list[Row] = []
-    numeric, unit, text = _value(res, "Observation")
+    numeric, comparator, unit, text = _value(res, "Observation")
     if numeric is not None or text is not None or not components:
-        rows.append((rid, patient, encounter, time, code, None, numeric, unit, text, *tail))
+        rows.append((rid, patient, encounter, time, code, None, numeric, comparator, unit, text, *tail))
     if components is not None:
         if not isinstance(components, list):
             raise RecordError("bad_type", "Observation.component should be a list")
         for index, component in enumerate(components):
             where = f"Observation.component[{index}]"
             check_object(component, where)
-            c_numeric, c_unit, c_text = _value(component, where)
+            c_numeric, c_comparator, c_unit, c_text = _value(component, where)
             rows.append(
                 (
                     rid,
@@ -417,6 +434,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
                     _codes(component.get("code"), f"{where}.code")[0],
                     code,
                     c_numeric,
+                    c_comparator,
                     c_unit,
                     c_text,
                     *tail,

@@ -83,6 +83,11 @@ never an event (a cancelled visit must not become a task's prediction time). A r
 (verificationStatus ``refuted``) and a ``cancelled`` Observation or ImagingStudy are likewise kept
 but not events."""
 
+QUANTITY_COMPARATORS = ("<", "<=", ">=", ">", "ad")
+"""FHIR R4 ``Quantity.comparator`` codes. With one, a value is a bound, not a measurement: a lab
+result ``< 0.01`` is below the assay's detection limit, not exactly 0.01 (``ad``: "sufficient to
+achieve this total quantity")."""
+
 PATIENT_REFERENCE_FIELD: dict[str, str] = {
     "Immunization": "patient",
     "AllergyIntolerance": "patient",

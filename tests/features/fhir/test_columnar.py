@@ -639,3 +639,89 @@ def test_merged_patients_records_go_to_the_survivor_on_both_paths(
     assert demographics.to_list() == ["patients/c", "patients/x", "patients/y", "patients/z"]
     by_subject = events.filter(pl.col("code") == "SNOMED//44054006").group_by("subject_id").len()
     assert sorted(by_subject["len"].to_list()) == [1, 1, 1, 3]  # c has the three of a, b and c
+
+
+def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lab result "< 0.01 ng/mL" (below the detection limit) must not read as exactly 0.01: the
+    # comparator is kept, for an Observation's own value and a component's; any other code, or a
+    # comparator that is not a string, quarantines the record.
+    def observation(rid: str, subject: str = "Patient/p1", **value: object) -> dict[str, object]:
+        return {
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": subject},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "6598-7"}]},
+            "effectiveDateTime": "2020-01-02T03:04:05Z", **value,
+        }
+
+    def quantity(number: float, comparator: object = None) -> dict[str, object]:
+        return {"value": number, "unit": "ng/mL", "system": "http://unitsofmeasure.org", "code": "ng/mL"} | (
+            {"comparator": comparator} if comparator is not None else {}
+        )
+
+    def component(code: str, value: dict[str, object]) -> dict[str, object]:
+        return {"code": {"coding": [{"system": "http://loinc.org", "code": code}]}, "valueQuantity": value}
+
+    panel = [component("8480-6", quantity(250.0, ">=")), component("8462-4", quantity(80.0))]
+    negative = {"coding": [{"system": "http://snomed.info/sct", "code": "260385009"}]}
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        observation("below", valueQuantity=quantity(0.01, "<")),
+        observation("panel", component=panel),
+        observation("plain", valueQuantity=quantity(1.2)),
+        observation("coded", valueCodeableConcept=negative),
+        observation("at-most", valueQuantity=quantity(5.0, "<=")),
+        observation("above", valueQuantity=quantity(2000.0, ">")),
+        observation("enough", valueQuantity=quantity(10.0, "ad")),
+        observation("tilde", valueQuantity=quantity(0.01, "~")),
+        observation("bad-part", component=[component("8480-6", quantity(120.0, "LT"))]),
+        observation("number", valueQuantity=quantity(0.01, 5)),
+        observation("list", valueQuantity=quantity(0.01, ["<"])),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    export = landing / "fhir" / "export.ndjson"
+    export.write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    # Bundle entries take the same paths, re-serialized one per line.
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:u-p2", "resource": {"resourceType": "Patient", "id": "p2"}},
+            {"fullUrl": "urn:uuid:u-b1", "resource": observation("b-below", "urn:uuid:u-p2",
+                                                                 valueQuantity=quantity(0.5, "<"))},
+            {"fullUrl": "urn:uuid:u-b2", "resource": observation("b-tilde", "urn:uuid:u-p2",
+                                                                 valueQuantity=quantity(0.5, "~"))},
+        ],
+    }
+    (landing / "fhir" / "bundle.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 3, "bad_type": 2}
+    table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert table.columns[6:9] == ["numeric_value", "value_comparator", "unit"]
+    assert table.select("resource_id", "code", "numeric_value", "value_comparator").rows() == [
+        ("b-below", "LOINC//6598-7", 0.5, "<"),
+        ("below", "LOINC//6598-7", 0.01, "<"),
+        ("panel", "LOINC//8480-6", 250.0, ">="),
+        ("panel", "LOINC//8462-4", 80.0, None),
+        ("plain", "LOINC//6598-7", 1.2, None),
+        ("coded", "LOINC//6598-7", None, None),
+        ("at-most", "LOINC//6598-7", 5.0, "<="),
+        ("above", "LOINC//6598-7", 2000.0, ">"),
+        ("enough", "LOINC//6598-7", 10.0, "ad"),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("source_file", "record_number")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("b-tilde", "bad_value",
+         "Observation.valueQuantity.comparator '~' is not a FHIR comparator (expected one of <, <=, >=, >, ad)"),
+        ("tilde", "bad_value",
+         "Observation.valueQuantity.comparator '~' is not a FHIR comparator (expected one of <, <=, >=, >, ad)"),
+        ("bad-part", "bad_value",
+         "Observation.component[0].valueQuantity.comparator 'LT' is not a FHIR comparator "
+         "(expected one of <, <=, >=, >, ad)"),
+        ("number", "bad_type", "Observation.valueQuantity.comparator should be a string, found int 5"),
+        ("list", "bad_type", "Observation.valueQuantity.comparator should be a string, found list ['<']"),
+    ]
+    # The fast path itself cleared every valid comparator and left exactly the bad ones.
+    read = read_ndjson(export.read_bytes(), "fhir/export.ndjson", 1, EXPORT)
+    assert [records[line]["id"] for line in read.slow.tolist()] == ["tilde", "bad-part", "number", "list"]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source") == "observations/below")
+    assert events.select("code", "numeric_value").rows() == [("LOINC//6598-7", pytest.approx(0.01))]
