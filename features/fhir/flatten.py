@@ -40,6 +40,7 @@ from features.fhir.validate import (
     check_id,
     check_number,
     check_object,
+    check_string,
     parse_date,
     parse_datetime,
 )
@@ -189,7 +190,7 @@ _GENDERS = {"male", "female", "other", "unknown"}
 
 def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     gender = res.get("gender")
-    if gender is not None and gender not in _GENDERS:
+    if gender is not None and check_string(gender, "Patient.gender") not in _GENDERS:
         raise RecordError("bad_value", f"Patient.gender {gender!r:.40} is not male, female, other or unknown")
     birth = res.get("birthDate")
     birth_date = parse_date(birth, "Patient.birthDate", origin.latest) if birth is not None else None

@@ -149,6 +149,21 @@ def test_value_of_wrong_type(tmp_path: Path) -> None:
     assert reject["reason"] == "Observation.valueQuantity.value should be a number, found str '1.2'"
 
 
+@pytest.mark.parametrize(
+    ("gender", "reason"),
+    [
+        (["male"], "Patient.gender should be a non-empty string, found list ['male']"),
+        ({"code": "male"}, "Patient.gender should be a non-empty string, found dict {'code': 'male'}"),
+        ("M", "Patient.gender 'M' is not male, female, other or unknown"),
+    ],
+)
+def test_patient_gender_of_wrong_type_or_value(tmp_path: Path, gender: object, reason: str) -> None:
+    # A list or object where a code belongs once stopped the whole ingest (unhashable in a set check).
+    patient = {"resourceType": "Patient", "id": "p2", "gender": gender}
+    reject = only_reject(ingest_lines(tmp_path, line(patient))[1])
+    assert (reject["record_number"], reject["reason"]) == (2, reason)
+
+
 def test_nan(tmp_path: Path) -> None:
     raw = b'{"resourceType":"Observation","id":"o1","valueQuantity":{"value":NaN}}'
     reject = only_reject(ingest_lines(tmp_path, raw)[1])
