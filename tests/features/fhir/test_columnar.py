@@ -19,6 +19,7 @@ from polars.testing import assert_frame_equal
 import features.ingest as ingest
 from features.fhir.columnar import Context, read_lines, read_ndjson, with_bundle_references
 from features.ingest import IngestSummary, ingest_landing_zone
+from tests.features.fhir.damage import damages_by_field
 
 EXPORT = datetime(2026, 1, 1)
 
@@ -164,6 +165,50 @@ def test_fast_path_equals_per_record_path_3(
     assert sorted(quarantine["record_number"].to_list()) == [
         97 * (index + 1) + 1 for index, (_, reason) in enumerate(DAMAGE) if reason is not None
     ]
+
+
+def test_every_field_damaged_in_turn_equals_per_record_path(
+    small_hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first two resources of every type, each field set to each wrong value in turn (about
+    # 6,700 lines): the fast path may only clear a line the per-record path would keep as it is.
+    # One file per damaged field, so that the decoder's retries per block (MAX_DECODES) are never
+    # used up and the fast path's own column checks see every value.
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    shutil.copy(small_hospital / "fhir" / "Patient.000.ndjson", landing)
+    lines_in = 0
+    for path in sorted((small_hospital / "fhir").glob("*.000.ndjson")):
+        resource_type = path.name.split(".")[0]
+        if resource_type == "Patient":
+            continue
+        for resource in map(orjson.loads, filter(None, _lines(path, 2))):
+            for field, variants in enumerate(damages_by_field(resource)):
+                lines = []
+                for variant in variants:
+                    # A fresh id per line (unless the id is what is damaged), so that none is a duplicate.
+                    if variant.get("id") == resource["id"]:
+                        variant["id"] = f"{resource['id'][:40]}-{lines_in + len(lines)}"
+                    lines.append(orjson.dumps(variant))
+                (landing / f"{resource_type}.{lines_in:05d}.{field}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+                lines_in += len(lines)
+    cleared: list[int] = []
+    read_records = ingest._read_records
+
+    def counted(records: object, source_file: str, count: int, *args: object) -> object:
+        cleared.append(count)
+        return read_records(records, source_file, count, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest, "_read_records", counted)
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+
+    patients = len(_lines(landing / "Patient.000.ndjson", -1)) - 1
+    assert lines_in > 5_000
+    # Both outcomes are common: fields the pipeline reads are checked, the others ignored; and the
+    # fast path itself cleared a good share of the damaged lines (the rest went to the other path).
+    quarantined = sum(fast.quarantined_by_reason.values())
+    assert 1_000 < quarantined < lines_in - 1_000, fast.quarantined_by_reason
+    assert sum(cleared) - patients > 1_000
 
 
 def test_a_file_read_in_many_ranges_keeps_its_line_numbers_3(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -12,10 +10,9 @@ import orjson
 
 from features.fhir.flatten import FLATTENERS, Origin, flatten_resource
 from features.fhir.validate import RecordError
+from tests.features.fhir.damage import every_damage
 
 ORIGIN = Origin("damaged.ndjson", 1, datetime(2026, 11, 1))
-# A value of every JSON type, and strings a field of another type might not expect.
-WRONG_VALUES: list[object] = [None, 0, -0.0, 1.5, True, "", "x", "2020-13-45", [], ["x"], {}, {"a": 1}, [{"a": 1}]]
 
 
 def real_resources(shared_fhir_dir: Path, per_type: int = 2) -> list[dict[str, Any]]:
@@ -32,27 +29,6 @@ def real_resources(shared_fhir_dir: Path, per_type: int = 2) -> list[dict[str, A
     return [resource for kept in found.values() for resource in kept]
 
 
-def field_paths(value: object, path: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:
-    """Every field of a resource (the first two items of each list), depth first."""
-    if path:
-        yield path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from field_paths(item, (*path, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value[:2]):
-            yield from field_paths(item, (*path, index))
-
-
-def damaged(resource: dict[str, Any], path: tuple[str | int, ...], value: object) -> dict[str, Any]:
-    copied = copy.deepcopy(resource)
-    holder: Any = copied
-    for key in path[:-1]:
-        holder = holder[key]
-    holder[path[-1]] = value
-    return copied
-
-
 def test_a_damaged_field_is_quarantined_never_an_error(shared_fhir_dir: Path) -> None:
     # One record of the wrong shape must become a quarantine row, not stop the whole ingest: every
     # other exception escapes the per-record path and ends the run (a Patient.gender list once did).
@@ -61,16 +37,12 @@ def test_a_damaged_field_is_quarantined_never_an_error(shared_fhir_dir: Path) ->
             "MedicationRequest"} <= {resource["resourceType"] for resource in resources}
     outcomes = {"flattened": 0, "quarantined": 0}
     for resource in resources:
-        for path in field_paths(resource):
-            if path == ("resourceType",):
-                continue
-            for value in WRONG_VALUES:
-                try:
-                    flatten_resource(damaged(resource, path, value), ORIGIN)
-                except RecordError:
-                    outcomes["quarantined"] += 1
-                else:
-                    outcomes["flattened"] += 1
+        for variant in every_damage(resource):
+            try:
+                flatten_resource(variant, ORIGIN)
+            except RecordError:
+                outcomes["quarantined"] += 1
+            else:
+                outcomes["flattened"] += 1
     # Both happen: fields the pipeline reads are checked, the others are ignored.
     assert outcomes["quarantined"] > 1_000 and outcomes["flattened"] > 1_000, outcomes
-
