@@ -237,7 +237,7 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
         return
     bundle_type = document.get("type")
     entries = document.get("entry", [])
-    if bundle_type not in BUNDLE_TYPES or not isinstance(entries, list):
+    if not isinstance(bundle_type, str) or bundle_type not in BUNDLE_TYPES or not isinstance(entries, list):
         yield RawReject(
             0,
             preview,

@@ -283,6 +283,17 @@ def test_truncated_bundle_is_one_row(tmp_path: Path) -> None:
     assert summary.files[0].records_in == 1
 
 
+@pytest.mark.parametrize("kind", [["collection"], {"code": "collection"}, 3, "document-ish"])
+def test_bundle_of_an_unknown_type_is_one_row(tmp_path: Path, kind: object) -> None:
+    # A list or object as Bundle.type once stopped the whole ingest (unhashable in a set check).
+    data = orjson.dumps({"resourceType": "Bundle", "type": kind, "entry": [{"resource": PATIENT}]})
+    summary, quarantine = ingest_files(tmp_path, {"b.json": data})
+    reject = only_reject(quarantine)
+    assert (reject["record_number"], reject["reason_code"]) == (0, "bad_bundle")
+    assert reject["reason"].startswith(f"Bundle.type {kind!r:.40} is not a known Bundle type")
+    assert summary.files[0].records_in == 1
+
+
 def test_bundle_entry_without_resource(tmp_path: Path) -> None:
     data = bundle("transaction", [{"resource": PATIENT}, {"request": {"method": "DELETE", "url": "Patient/x"}}])
     reject = only_reject(ingest_files(tmp_path, {"b.json": data})[1])
