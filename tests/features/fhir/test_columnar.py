@@ -57,6 +57,9 @@ DAMAGE: list[tuple[str, str | None]] = [
     ("zero value", None),
     ("urn:uuid reference", None),
     ("entered in error", "entered_in_error"),
+    ("lone surrogate escape", "invalid_json"),
+    ("number beyond a double", "invalid_json"),
+    ("key repeated with another value", None),
 ]
 
 
@@ -83,6 +86,10 @@ def _damaged(line: bytes, previous: bytes, kind: str) -> bytes:
         "carriage return": line + b"\r",
         "valueBoolean": _edit(line, {"valueBoolean": True}),
         "entered in error": _edit(line, {"status": "entered-in-error"}),
+        # JSON forms one decoder may take and the other not: both paths must still agree.
+        "lone surrogate escape": line.replace(b'"final"', b'"fin\\ud800al"', 1),
+        "number beyond a double": line.replace(b'"value":', b'"value":1e400,"x":', 1),
+        "key repeated with another value": line[:-1] + b',"status":"amended"}',
         "zero value": line.replace(b'"value":', b'"value":-0,"x":', 1),
         "urn:uuid reference": _edit(
             line, {"subject": {"reference": "urn:uuid:" + resource["subject"]["reference"].split("/")[1]}}
@@ -159,8 +166,8 @@ def test_fast_path_equals_per_record_path_3(
             expected[reason] = expected.get(reason, 0) + 1
     assert fast.quarantined_by_reason == expected
     observations = fast_frames["observations.parquet"].filter(pl.col("source_file") == "fhir/Observation.000.ndjson")
-    # 3,000 lines (the blank one a record too), 14 quarantined: every other one is in the table.
-    assert observations["record_number"].n_unique() == 3000 - sum(expected.values()) == 2986
+    # 3,000 lines (the blank one a record too), 16 quarantined: every other one is in the table.
+    assert observations["record_number"].n_unique() == 3000 - sum(expected.values()) == 2984
     quarantine = fast_frames["quarantine.parquet"]
     assert sorted(quarantine["record_number"].to_list()) == [
         97 * (index + 1) + 1 for index, (_, reason) in enumerate(DAMAGE) if reason is not None
@@ -268,7 +275,7 @@ def test_mixed_types_in_one_file_equal_per_record_path_3(
 
 
 def test_fast_path_leaves_exactly_the_unusual_lines(small_hospital: Path) -> None:
-    source = _lines(small_hospital / "fhir" / "Observation.000.ndjson", 450)
+    source = _lines(small_hospital / "fhir" / "Observation.000.ndjson", 500)
     lines = list(source)
     for index, (kind, _) in enumerate(DAMAGE):
         lines[20 * (index + 1)] = _damaged(source[20 * (index + 1)], source[20 * index], kind)
@@ -276,16 +283,18 @@ def test_fast_path_leaves_exactly_the_unusual_lines(small_hospital: Path) -> Non
 
     # The copy of the line before and the orphan are fine per record (finalizing drops them); the
     # urn:uuid reference and the fractional seconds are common forms; every other damaged or
-    # unusual line is left to the Python path, and so are the neighbours of a line the decoder
-    # rejects (the row its message names can be off by one).
+    # unusual line is left to the Python path, and so may be the lines beside one the decoder
+    # rejects (the row its message names can be off by one or two), but no other line.
     cleared_kinds = {"copy of the line before", "patient not in the export", "urn:uuid reference", "fractional seconds"}
     left = {20 * (index + 1) for index, (kind, _) in enumerate(DAMAGE) if kind not in cleared_kinds}
-    for index, (kind, _) in enumerate(DAMAGE):
-        if kind in ("string value", "truncated"):
-            left |= {20 * (index + 1) - 1, 20 * (index + 1) + 1}
-    assert set(read.slow.tolist()) == left
+    rejected = {"string value", "truncated", "lone surrogate escape", "number beyond a double",
+                "key repeated with another value"}
+    near_rejected = {20 * (index + 1) + offset for index, (kind, _) in enumerate(DAMAGE) if kind in rejected
+                     for offset in (-2, -1, 1, 2)}
+    slow = set(read.slow.tolist())
+    assert left <= slow and slow - left <= near_rejected
     rows = read.tables["observations"]
-    assert pl.from_arrow(rows.select(["record_number"]))["record_number"].n_unique() == 450 - len(left)
+    assert pl.from_arrow(rows.select(["record_number"]))["record_number"].n_unique() == 500 - len(slow)
 
 
 def test_bundle_entries_resolve_through_full_urls() -> None:
@@ -357,7 +366,7 @@ def test_gzipped_ndjson_equals_per_record_path_3(
         assert 1000 < gz.records_in < 3000
     else:
         assert "truncated_gzip" not in fast.quarantined_by_reason
-        assert (gz.records_in, gz.quarantined) == (3000, 14)
+        assert (gz.records_in, gz.quarantined) == (3000, 16)
 
 
 def test_orders_naming_their_drug_by_reference_equal_per_record_path(
