@@ -1227,3 +1227,32 @@ def quarantined_duplicates(warehouse_dir: Path) -> int:
         .collect()
         .item()
     )
+
+
+def quarantine_shares(summary: IngestSummary, warehouse_dir: Path) -> pl.DataFrame:
+    """Per source file with quarantined records: ``records_in``, ``quarantined``, their ``share``
+    and the most common ``reason_code`` (``top_reason``, with ``top_reason_count``), largest share
+    first. The accounting balances even when a feed breaks upstream (a new date style, a renamed
+    code system): its file's quarantined share is what shows it."""
+    accounts = pl.DataFrame(
+        [(a.source_file, a.records_in, a.quarantined) for a in summary.files if a.quarantined],
+        schema={"source_file": pl.String, "records_in": pl.Int64, "quarantined": pl.Int64},
+        orient="row",
+    )
+    reasons = (
+        pl.scan_parquet(warehouse_dir / "quarantine.parquet")
+        .group_by("source_file", "reason_code")
+        .agg(top_reason_count=pl.len())
+        # The most common reason per file; ties go to the reason code first in alphabetical order.
+        .sort("top_reason_count", "reason_code", descending=[True, False])
+        .group_by("source_file", maintain_order=True)
+        .first()
+        .rename({"reason_code": "top_reason"})
+        .collect()
+    )
+    return (
+        accounts.join(reasons, on="source_file", how="left")
+        .with_columns(share=pl.col("quarantined") / pl.col("records_in"))
+        .select("source_file", "records_in", "quarantined", "share", "top_reason", "top_reason_count")
+        .sort(["share", "source_file"], descending=[True, False])
+    )

@@ -4,7 +4,8 @@ Stage: ingest. In: the workspace's ``landing/`` folder (the simulator's, or a ho
 by ``IngestRunConfig.landing_dir``). Out: ``patients``, ``encounters``, ... ``events``,
 ``quarantine`` as Parquet in the workspace's ``warehouse/``, all from one library call
 (:func:`features.ingest.ingest_landing_zone`); checks prove the accounting balances, every event's
-patient exists, nothing is dated after the export, and duplicates are reported.
+patient exists, nothing is dated after the export, and duplicates are reported, and warn when a
+source file has more of its records quarantined than a set share.
 
 Nightly batches, one partition each, the sensor that ingests them and the one that promotes the
 newest to the warehouse (``from_batch``): :mod:`pipelines.sensors`.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import polars as pl
 
 from features.ingest import (
     SUMMARY_FILE,
@@ -25,6 +27,7 @@ from features.ingest import (
     ingest_landing_zone,
     promote_warehouse,
     prune_ingested_batches,
+    quarantine_shares,
     quarantined_duplicates,
 )
 from pipelines.resources import Workspace
@@ -153,3 +156,41 @@ def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:
         passed=quarantined == summary.duplicates,
         metadata={"duplicates": summary.duplicates, "quarantined_duplicates": quarantined},
     )
+
+
+class QuarantineShareConfig(dg.Config):  # type: ignore[misc]
+    """When a source file's quarantined share warns."""
+
+    # A share of a file's records above this warns. Exports carry a few bad records; a feed that
+    # changed format upstream (a new date style, a renamed code system) loses most of a file.
+    max_share: float = 0.05
+
+
+@dg.asset_check(
+    asset="quarantine",
+    description="No source file has more than max_share of its records quarantined (warns; run config sets the share).",
+)
+def quarantine_share_within_limit(config: QuarantineShareConfig, workspace: Workspace) -> dg.AssetCheckResult:
+    summary = _summary(workspace)
+    shares = quarantine_shares(summary, workspace.warehouse_dir)
+    over = shares.filter(pl.col("share") > config.max_share)
+    # File names, counts and reason codes only: no record text in Dagster metadata.
+    return dg.AssetCheckResult(
+        passed=over.is_empty(),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "max_share": config.max_share,
+            "files_over": over.height,
+            "quarantined_share": round(summary.quarantined / summary.records_in, 6) if summary.records_in else 0.0,
+            "worst_files": dg.MetadataValue.md(_markdown_table(shares.head(10))),
+        },
+    )
+
+
+def _markdown_table(frame: pl.DataFrame) -> str:
+    if frame.is_empty():
+        return "no record quarantined"
+    rows = [" | ".join(frame.columns), " | ".join("---" for _ in frame.columns)]
+    rows += [" | ".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row)
+             for row in frame.iter_rows()]
+    return "\n".join(rows)

@@ -6,9 +6,11 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+import orjson
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from polars.testing import assert_frame_equal
 
 from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
@@ -18,6 +20,7 @@ from features.ingest import (
     ingest_landing_zone,
     promote_warehouse,
     prune_ingested_batches,
+    quarantine_shares,
     warehouse_files,
 )
 from features.schemas import INTERNAL_TABLES
@@ -237,3 +240,39 @@ def test_result_does_not_depend_on_batching(
         if path.exists():
             assert pl.read_parquet(path).equals(pl.read_parquet(tmp_path / "one_each" / f"{table}.parquet"))
 
+
+
+def test_quarantine_shares_name_each_files_share_and_main_reason(tmp_path: Path) -> None:
+    # A feed that broke upstream: 3 of 4 Conditions with a date style the export never used
+    # before, beside a clean patient file and a Condition file with one orphan.
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-01-01"}
+
+    def condition(rid: str, onset: str, subject: str = "Patient/p1") -> bytes:
+        return orjson.dumps({
+            "resourceType": "Condition", "id": rid, "subject": {"reference": subject},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}, "onsetDateTime": onset,
+        })
+
+    fhir = tmp_path / "landing" / "fhir"
+    fhir.mkdir(parents=True)
+    (fhir / "Patient.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
+    broken = [condition("a", "2020-01-02"), condition("b", "02/01/2020"), condition("c", "03/01/2020"),
+              condition("d", "04/01/2020", subject="Patient/nobody")]
+    (fhir / "Condition.broken.ndjson").write_bytes(b"\n".join(broken) + b"\n")
+    fine = [condition(f"e{i}", "2020-01-02") for i in range(9)] + [condition("f", "2020-01-02", "Patient/nobody")]
+    (fhir / "Condition.fine.ndjson").write_bytes(b"\n".join(fine) + b"\n")
+    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", workers=1, export_time=EXPORT)
+
+    expected = pl.DataFrame(
+        {
+            "source_file": ["fhir/Condition.broken.ndjson", "fhir/Condition.fine.ndjson"],
+            "records_in": [4, 10],
+            "quarantined": [3, 1],
+            "share": [0.75, 0.1],
+            # "d" has both faults; its date is checked first, the patient only once every file is read.
+            "top_reason": ["bad_date", "orphan_reference"],
+            "top_reason_count": [3, 1],
+        },
+        schema_overrides={"top_reason_count": pl.UInt32},
+    )
+    assert_frame_equal(quarantine_shares(summary, tmp_path / "out"), expected)

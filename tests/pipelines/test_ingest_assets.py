@@ -16,11 +16,13 @@ from pipelines.assets.ingest import (
     events_subjects_exist,
     ingest_accounting_balances,
     ingested_tables,
+    quarantine_share_within_limit,
 )
 from pipelines.resources import Workspace
 from pipelines.sensors import BATCH_PARTITIONS, ingested_batch, landing_batch_sensor
 
-CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported]
+CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported,
+          quarantine_share_within_limit]
 
 
 def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) -> None:
@@ -38,6 +40,7 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
         "events_not_after_export",
         "events_subjects_exist",
         "ingest_accounting_balances",
+        "quarantine_share_within_limit",
     ]
     assert all(e.passed for e in evaluations)
     keys = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
@@ -59,6 +62,32 @@ def test_accounting_check_fails_when_unbalanced(small_hospital: Path, tmp_path: 
     summary_path.write_text(summary_path.read_text().replace('"records_out": ', '"records_out": 1', 1))
     result = ingest_accounting_balances(workspace=workspace)
     assert not result.passed
+
+
+def test_a_file_mostly_quarantined_warns_without_failing_the_run(small_hospital: Path, tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    shutil.copytree(small_hospital, landing)
+    # A feed that broke upstream: half of one Observation file's lines are cut short.
+    observations = landing / "fhir" / "Observation.000.ndjson"
+    lines = observations.read_bytes().splitlines()
+    observations.write_bytes(b"\n".join(line[:40] if i % 2 else line for i, line in enumerate(lines)) + b"\n")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [ingested_tables, quarantine_share_within_limit],
+            resources={"workspace": Workspace(root=str(tmp_path))},
+            run_config={"ops": {"ingested_tables": {"config": {"landing_dir": str(landing), "workers": 1}},
+                                "quarantine_quarantine_share_within_limit": {"config": {"max_share": 0.2}}}},
+            instance=instance,
+        )
+    assert result.success  # a warning: the run and what follows it go on
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    metadata = {key: value.value for key, value in evaluation.metadata.items()}
+    assert metadata["files_over"] == 1 and metadata["max_share"] == 0.2
+    table = metadata["worst_files"].splitlines()
+    assert table[0] == "source_file | records_in | quarantined | share | top_reason | top_reason_count"
+    cut = len(lines) // 2
+    assert table[2] == f"fhir/Observation.000.ndjson | {len(lines)} | {cut} | 0.5000 | invalid_json | {cut}"
 
 
 def test_sensor_adds_partition_and_ingests_batch(small_hospital: Path, tmp_path: Path) -> None:
