@@ -63,7 +63,7 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
     """Ingest a landing zone (FHIR, notes, genomics, imaging) into normalized tables and events."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from features.ingest import ingest_landing_zone
+    from features.ingest import ingest_landing_zone, quarantine_shares
 
     with Progress(TextColumn("reading FHIR"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
@@ -86,6 +86,13 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
         for reason, count in summary.quarantined_by_reason.items():
             reasons.add_row(reason, f"{count:,}")
         console.print(reasons)
+        # Which feed to look at first: the files that lost the largest share of their records.
+        worst = Table(title="files with the largest share quarantined")
+        for column in ("file", "records", "quarantined", "share", "main reason"):
+            worst.add_column(column, justify="left" if column in ("file", "main reason") else "right")
+        for file, records_in, quarantined, share, reason, _ in quarantine_shares(summary, out).head(5).iter_rows():
+            worst.add_row(file, f"{records_in:,}", f"{quarantined:,}", f"{share:.1%}", reason)
+        console.print(worst)
     balance = "balanced" if summary.balanced else "NOT balanced"
     console.print(f"{summary.records_in:,} in = {summary.records_out:,} out + {summary.quarantined:,} quarantined "
                   f"({balance}); {summary.elapsed_seconds:.1f} s{' (strict)' if strict else ''}")

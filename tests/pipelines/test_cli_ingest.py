@@ -17,6 +17,9 @@ def test_ingest_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str
     printed = capsys.readouterr().out
     assert "invalid_json" in printed
     assert "2 in = 1 out + 1 quarantined (balanced)" in printed
+    # The worst file, its records, quarantined records, share and main reason.
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in printed.splitlines()]
+    assert ["fhir/Patient.ndjson", "2", "1", "50.0%", "invalid_json"] in rows, printed
     assert (tmp_path / "out" / "ingest_summary.json").is_file()
 
 
