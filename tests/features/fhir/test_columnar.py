@@ -19,7 +19,7 @@ from polars.testing import assert_frame_equal
 import features.ingest as ingest
 from features.fhir.columnar import Context, read_lines, read_ndjson, with_bundle_references
 from features.ingest import IngestSummary, ingest_landing_zone
-from tests.features.fhir.damage import damages_by_field
+from tests.features.fhir.damage import WRONG_VALUES, damaged, damages_by_field
 
 EXPORT = datetime(2026, 1, 1)
 
@@ -216,6 +216,28 @@ def test_every_field_damaged_in_turn_equals_per_record_path(
     quarantined = sum(fast.quarantined_by_reason.values())
     assert 1_000 < quarantined < lines_in - 1_000, fast.quarantined_by_reason
     assert sum(cleared) - patients > 1_000
+
+
+def test_every_bundle_field_damaged_in_turn_equals_per_record_path(
+    shared_fhir_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The head of a real Synthea transaction Bundle (a patient, a visit, a diagnosis, procedures),
+    # each of its own fields and each field of its first two entries set to each wrong value in
+    # turn, one Bundle per file: the Bundle reader and both paths must agree and never stop.
+    real = orjson.loads(sorted((shared_fhir_dir / "synthea-bundles").glob("*.json"))[0].read_bytes())
+    head = {**real, "entry": real["entry"][:7]}
+    places: list[tuple[str | int, ...]] = [(key,) for key in head if key != "resourceType"]
+    places += [("entry", index) for index in range(2)]
+    places += [("entry", index, key) for index in range(2) for key in head["entry"][index]]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    for number, (place, value) in enumerate((place, value) for place in places for value in WRONG_VALUES):
+        (landing / f"bundle-{number:04d}.json").write_bytes(orjson.dumps(damaged(head, place, value)))
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+
+    assert len(fast.files) == len(places) * len(WRONG_VALUES) == 130
+    assert {"bad_bundle", "no_resource"} <= set(fast.quarantined_by_reason)
 
 
 def test_a_file_read_in_many_ranges_keeps_its_line_numbers_3(
