@@ -4,8 +4,8 @@ Stage: ingest. In: the workspace's ``landing/`` folder (the simulator's, or a ho
 by ``IngestRunConfig.landing_dir``). Out: ``patients``, ``encounters``, ... ``events``,
 ``quarantine`` as Parquet in the workspace's ``warehouse/``, all from one library call
 (:func:`features.ingest.ingest_landing_zone`); checks prove the accounting balances, every event's
-patient exists, nothing is dated after the export, and duplicates are reported, and warn when a
-source file has more of its records quarantined than a set share.
+patient exists, nothing is dated after the export and duplicates are reported; one more warns when
+a source file has more of its records quarantined than a set share.
 
 Nightly batches, one partition each, the sensor that ingests them and the one that promotes the
 newest to the warehouse (``from_batch``): :mod:`pipelines.sensors`.
@@ -188,6 +188,7 @@ def quarantine_share_within_limit(config: QuarantineShareConfig, workspace: Work
 
 
 def _markdown_table(frame: pl.DataFrame) -> str:
+    """A small frame as a Markdown table, for Dagster's metadata view."""
     if frame.is_empty():
         return "no record quarantined"
     rows = [" | ".join(frame.columns), " | ".join("---" for _ in frame.columns)]
