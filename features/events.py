@@ -1,7 +1,8 @@
 """The MEDS-form ``events`` table, built from the normalized tables of the warehouse.
 
 Stage: ingest. In: the normalized tables (Parquet, read lazily). Out: rows of
-:data:`features.schemas.EVENTS`, streamed to Parquet. The event vocabulary:
+:data:`features.schemas.EVENTS`, streamed to Parquet, and the MEDS code metadata
+(:data:`features.schemas.CODES`: each code's description and parent codes). The event vocabulary:
 
 ==================  ===================================  ==============================  =========
 table               code                                 value                           time
@@ -41,7 +42,7 @@ from pathlib import Path
 import polars as pl
 
 from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN, VISIT_DID_NOT_HAPPEN
-from features.schemas import EVENTS
+from features.schemas import CODES, EVENTS
 
 SUBJECT = pl.col("subject_id")
 
@@ -223,3 +224,74 @@ def build_events(warehouse_dir: Path) -> pl.LazyFrame:
     names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
     tables = {name: pl.scan_parquet(warehouse_dir / f"{name}.parquet") for name in names}
     return pl.concat(event_frames(tables), how="vertical").select(EVENTS.names)
+
+
+def build_codes(warehouse_dir: Path) -> pl.LazyFrame:
+    """The lazy ``codes`` query: every code of ``events`` with its description and parent codes.
+
+    A code's description is the display the export gives it most often (the coded tables' and
+    observations' ``display``; ties go to the alphabetically first), since exports word the same
+    code in several ways ("Hemoglobin A1c" beside "Hemoglobin A1c/Hemoglobin.total in Blood").
+    Codes the export never describes (visit types, notes, genes) have none.
+    """
+    described = [*CODED_TABLES, "observations"]
+    displays = pl.concat(
+        [
+            *(pl.scan_parquet(warehouse_dir / f"{name}.parquet").select("code", "display") for name in described),
+            pl.scan_parquet(warehouse_dir / "encounters.parquet").select(
+                pl.col("type_code").alias("code"), pl.col("type_display").alias("display")
+            ),
+        ]
+    )
+    descriptions = (
+        displays.drop_nulls("display")
+        .group_by("code", "display")
+        .len()
+        .sort("len", "display", descending=[True, False])
+        .group_by("code", maintain_order=True)
+        .first()
+        .select("code", pl.col("display").alias("description"))
+    )
+    parents = (
+        pl.scan_parquet(warehouse_dir / "observations.parquet")
+        .drop_nulls("parent_code")
+        .group_by("code")
+        .agg(pl.col("parent_code").unique().sort().alias("parent_codes"))
+    )
+    return (
+        pl.scan_parquet(warehouse_dir / "events.parquet")
+        .select("code")
+        .unique()
+        .join(descriptions, on="code", how="left")
+        .join(parents, on="code", how="left")
+        .with_columns(
+            pl.coalesce(pl.col("description"), _own_code_description(pl.col("code"))).alias("description"),
+            pl.col("parent_codes").fill_null([]),
+        )
+        .sort("code")
+        .select(CODES.names)
+    )
+
+
+_OWN_CODE_FAMILIES = {
+    "SEX": "Sex: ",
+    "ENCOUNTER": "Visit, class ",
+    "NOTE": "Note: ",
+    "IMAGING_STUDY": "Imaging study: ",
+    "IMAGING": "Image: ",
+    "GENE": "Variant in ",
+    "EXPRESSION": "Expression of ",
+}
+"""Descriptions of the codes this module makes (see the table above), by vocabulary."""
+
+
+def _own_code_description(code: pl.Expr) -> pl.Expr:
+    """``Sex: female`` for ``SEX//female``, ``Birth`` for ``MEDS_BIRTH``, ...; null for other codes."""
+    parts = code.str.split_exact("//", 1)
+    vocabulary, value = parts.struct.field("field_0"), parts.struct.field("field_1")
+    prefix = vocabulary.replace_strict(_OWN_CODE_FAMILIES, default=None, return_dtype=pl.String)
+    return (
+        pl.when(code == "MEDS_BIRTH").then(pl.lit("Birth"))
+        .when(code == "MEDS_DEATH").then(pl.lit("Death"))
+        .otherwise(prefix + value)
+    )

@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError
-from features.events import build_events, merged_patients
+from features.events import build_codes, build_events, merged_patients
 from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson, with_bundle_references
 from features.fhir.flatten import Origin, Row, flatten_resource
 from features.fhir.read import (
@@ -78,7 +78,7 @@ from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file
 from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
-from features.schemas import EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
+from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
 from features.tables import TABLE_SUFFIXES, Spill, TableRead
 
 TABLES = [
@@ -1073,6 +1073,8 @@ def ingest_landing_zone(
         ]
         events_path = _sink_table(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
         table_rows["events"] = pq.read_metadata(events_path).num_rows
+        codes_path = _sink_table(build_codes(warehouse_dir), warehouse_dir / "codes.parquet", CODES)
+        table_rows["codes"] = pq.read_metadata(codes_path).num_rows
 
         fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in landing.fhir}
         kind_of_file = {result.source_file: kind for kind, result in results}
@@ -1123,7 +1125,7 @@ def ingest_landing_zone(
 
 def warehouse_files() -> list[str]:
     """The files an ingest writes into its warehouse folder, the accounting last."""
-    return [*(f"{table}.parquet" for table in (*TABLES, "events", "quarantine")), SUMMARY_FILE]
+    return [*(f"{table}.parquet" for table in (*TABLES, "events", "codes", "quarantine")), SUMMARY_FILE]
 
 
 def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:

@@ -169,6 +169,8 @@ ENCOUNTERS = pa.schema(
         # FHIR v3 ActCode: AMB, IMP, EMER, ...
         pa.field("encounter_class", pa.string(), nullable=True),
         pa.field("type_code", pa.string(), nullable=True),
+        # The type's text or first coding's display ("General examination of patient").
+        pa.field("type_display", pa.string(), nullable=True),
         pa.field("reason_code", pa.string(), nullable=True),
         # planned, finished, cancelled, ...: a cancelled or only planned visit is not an event.
         pa.field("status", pa.string(), nullable=True),
@@ -268,6 +270,8 @@ OBSERVATIONS = pa.schema(
         pa.field("time", TIME, nullable=False),
         # For a component, the component's code; ``parent_code`` then holds the panel's code.
         pa.field("code", pa.string(), nullable=False),
+        # The code's text or first coding's display, as the source wrote it ("Systolic blood pressure").
+        pa.field("display", pa.string(), nullable=True),
         pa.field("parent_code", pa.string(), nullable=True),
         pa.field("numeric_value", pa.float64(), nullable=True),
         # valueQuantity.comparator (<, <=, >=, >, ad): numeric_value is then a bound, not a
@@ -362,6 +366,18 @@ EVENTS = pa.schema(
     ]
 )
 """MEDS-compatible long event table; every later stage reads it."""
+
+CODES = pa.schema(
+    [
+        pa.field("code", pa.string(), nullable=False),
+        # The display the export gives the code most often (null when it gives none): what a care
+        # team reads instead of "LOINC//8480-6".
+        pa.field("description", pa.string(), nullable=True),
+        # For an observation component's code, the panels it was reported in ("LOINC//85354-9").
+        pa.field("parent_codes", pa.list_(pa.string()), nullable=False),
+    ]
+)
+"""MEDS code metadata (``metadata/codes.parquet`` in a MEDS dataset): one row per code of ``events``."""
 
 LABELS = pa.schema(
     [
@@ -509,6 +525,7 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "genomics": GENOMICS,
     "imaging": IMAGING,
     "events": EVENTS,
+    "codes": CODES,
     "labels": LABELS,
     "splits": SPLITS,
     "cohort": COHORT,

@@ -145,7 +145,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("subject", _REF),
             ("period", _PERIOD),
             ("class", pa.struct([("code", _S)])),
-            ("type", pa.list_(_CODES)),
+            ("type", pa.list_(_CONCEPT)),
             ("reasonCode", pa.list_(_CODES)),
         ]
     ),
@@ -154,11 +154,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             *_BASE,
             ("subject", _REF),
             ("encounter", _REF),
-            ("code", _CODES),
+            ("code", _CONCEPT),
             ("effectiveDateTime", _S),
             ("category", pa.list_(_CODES)),
             *_VALUES,
-            ("component", pa.list_(pa.struct([("code", _CODES), *_VALUES]))),
+            ("component", pa.list_(pa.struct([("code", _CONCEPT), *_VALUES]))),
         ]
     ),
     "DocumentReference": pa.schema(
@@ -613,6 +613,7 @@ def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
             end.value.alias("end_time"),
             pl.col("class").struct.field("code").alias("encounter_class"),
             type_code.value.alias("type_code"),
+            display(pl.col("type").list.first()).alias("type_display"),
             reason.value.alias("reason_code"),
             pl.col("status"),
             *LOCATION,
@@ -741,6 +742,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         __encounter=pl.when(pl.col("encounter").is_not_null()).then(encounter.value),
         __time=time.value,
         __code=code.value,
+        __display=display(pl.col("code")),
         __category=category.value,
         __numeric=numeric.value,
         __comparator=comparator,
@@ -780,6 +782,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.lit(-1, dtype=pl.Int64).alias("__part"),
         *shared,
         pl.col("__code").alias("code"),
+        pl.col("__display").alias("display"),
         pl.lit(None, dtype=pl.String).alias("parent_code"),
         pl.col("__numeric").alias("numeric_value"),
         pl.col("__comparator").alias("value_comparator"),
@@ -795,6 +798,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
             pl.col("__part").cast(pl.Int64),
             *shared,
             pl.col("__c_code").alias("code"),
+            pl.col("__c_display").alias("display"),
             pl.col("__code").alias("parent_code"),
             pl.col("__c_numeric").alias("numeric_value"),
             pl.col("__c_comparator").alias("value_comparator"),
@@ -831,6 +835,7 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
     numeric, comparator, unit, text = _value_checks(field_of)
     return exploded.with_columns(
         __c_code=code.value,
+        __c_display=display(field_of("code")),
         __c_numeric=numeric.value,
         __c_comparator=comparator,
         __c_unit=unit,

@@ -239,6 +239,7 @@ def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row
             end,
             klass_code if isinstance(klass_code, str) else None,
             _first_code(_first_in_list(res.get("type"))),
+            _display(_first_in_list(res.get("type"))),
             _first_code(_first_in_list(res.get("reasonCode"))),
             _text_or_none(res.get("status")),
             origin.source_file,
@@ -418,7 +419,8 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     rows: list[Row] = []
     numeric, comparator, unit, text = _value(res, "Observation")
     if numeric is not None or text is not None or not components:
-        rows.append((rid, patient, encounter, time, code, None, numeric, comparator, unit, text, *tail))
+        display = _display(res.get("code"))
+        rows.append((rid, patient, encounter, time, code, display, None, numeric, comparator, unit, text, *tail))
     if components is not None:
         if not isinstance(components, list):
             raise RecordError("bad_type", "Observation.component should be a list")
@@ -433,6 +435,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
                     encounter,
                     time,
                     _codes(component.get("code"), f"{where}.code")[0],
+                    _display(component.get("code")),
                     code,
                     c_numeric,
                     c_comparator,

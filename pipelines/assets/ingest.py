@@ -32,7 +32,7 @@ from features.ingest import (
 )
 from pipelines.resources import Workspace
 
-INGEST_ASSETS = [*TABLES, "events", "quarantine"]
+INGEST_ASSETS = [*TABLES, "events", "codes", "quarantine"]
 
 
 class BatchIngestRunConfig(dg.Config):  # type: ignore[misc]

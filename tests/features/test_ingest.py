@@ -137,6 +137,21 @@ def test_events_meds_codes(bundles: tuple[IngestSummary, Path]) -> None:
     assert events["time"].max() <= EXPORT
 
 
+def test_bundle_codes_are_all_described(bundles: tuple[IngestSummary, Path]) -> None:
+    summary, out = bundles
+    codes = pl.read_parquet(out / "codes.parquet")
+    events = pl.read_parquet(out / "events.parquet")
+    assert codes["code"].to_list() == sorted(events["code"].unique().to_list())
+    assert summary.table_rows["codes"] == codes.height == 327
+    # Synthea names every code it uses, visit types included (from the encounters' type display).
+    assert codes["description"].null_count() == 0
+    described = dict(zip(codes["code"], codes["description"], strict=True))
+    assert described["LOINC//8480-6"] == "Systolic Blood Pressure"
+    assert described["SNOMED//185349003"] == "Encounter for check up (procedure)"
+    systolic = codes.filter(pl.col("code") == "LOINC//8480-6")["parent_codes"].to_list()
+    assert systolic == [["LOINC//55284-4"]]
+
+
 def test_simulated_hospital_all_modalities(small_hospital: Path, tmp_path: Path) -> None:
     summary = ingest_landing_zone(small_hospital, tmp_path, workers=2)
     assert summary.balanced

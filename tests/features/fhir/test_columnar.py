@@ -772,7 +772,7 @@ def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch
     fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 3, "bad_type": 2}
     table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
-    assert table.columns[6:9] == ["numeric_value", "value_comparator", "unit"]
+    assert table.columns[7:10] == ["numeric_value", "value_comparator", "unit"]
     assert table.select("resource_id", "code", "numeric_value", "value_comparator").rows() == [
         ("b-below", "LOINC//6598-7", 0.5, "<"),
         ("below", "LOINC//6598-7", 0.01, "<"),
