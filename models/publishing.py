@@ -3,7 +3,9 @@
 Stage: publishing. In: a task's ``scores`` table, the ``patients`` table (to map subject ids back to
 the EHR's patient ids), the task's horizon and the run's lineage. Out, under the published folder:
 
-* ``<task>/v0001/scores.parquet`` — the scores with the patient id, tier and explanation;
+* ``<task>/v0001/scores.parquet`` — the scores with the patient id, tier and explanation (each
+  explaining item with a ``description``: a code's, from the warehouse's ``codes`` table, so a care
+  team reads "Systolic Blood Pressure" rather than ``LOINC//8480-6``);
 * ``<task>/v0001/risk_assessments.ndjson`` — FHIR R4 ``RiskAssessment`` resources for write-back;
 * ``<task>/v0001/manifest.json`` — model version, run id, data lineage, row counts;
 * ``<task>/CURRENT`` — the live version, switched atomically only once the version is complete;
@@ -113,9 +115,43 @@ def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, mode
     return resource
 
 
+def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
+    """``scores`` with a ``description`` in each ``top_items`` entry: the code's description from
+    ``codes`` (``code``, ``description``), else the item's own name (a note, a study, a modality)."""
+    described = (
+        scores.select(pl.int_range(pl.len()).alias("__row"), "top_items")
+        .explode("top_items")
+        .unnest("top_items")
+        .with_columns(pl.int_range(pl.len()).over("__row").alias("__place"))
+    )
+    if codes is not None:
+        described = described.join(codes.select(pl.col("code").alias("item"), "description"), on="item", how="left")
+    else:
+        described = described.with_columns(description=pl.lit(None, dtype=pl.String))
+    items = (
+        described.drop_nulls("item")
+        .sort("__row", "__place")
+        .group_by("__row", maintain_order=True)
+        .agg(pl.struct("modality", "item", "contribution", pl.coalesce("description", "item").alias("description"))
+             .alias("top_items"))
+    )
+    # A patient without items explodes to one null row, dropped above: their list is empty again.
+    return (
+        scores.drop("top_items")
+        .with_row_index("__row")
+        .join(items, on="__row", how="left", maintain_order="left")
+        .with_columns(pl.col("top_items").fill_null([]))
+        .drop("__row")
+        .select(scores.columns)
+    )
+
+
 def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, horizon_days: float, outcome: str,
-            lineage: dict[str, Any]) -> Publication:
+            lineage: dict[str, Any], codes: pl.DataFrame | None = None) -> Publication:
     """Write a new version of a task's cohort and make it the live one.
+
+    ``codes`` (``code``, ``description``: the warehouse's ``codes`` table) describes the codes among
+    the explaining items; without it an item's description is its name.
 
     Raises
     ------
@@ -125,7 +161,9 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
     check_published_root(root)
     frame = pl.from_arrow(scores)
     assert isinstance(frame, pl.DataFrame)
-    with_ids = frame.join(patients.select("subject_id", "patient_id"), on="subject_id", how="left")
+    with_ids = describe_items(frame, codes).join(
+        patients.select("subject_id", "patient_id"), on="subject_id", how="left"
+    )
     missing = with_ids["patient_id"].null_count()
     if missing:
         raise PublishError(f"task {task!r}: {missing} scored subjects are not in the patients table")
@@ -159,7 +197,7 @@ def _update_database(path: Path, task: str, version: str, rows: pl.DataFrame, ma
     flat = rows.select(
         "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
         "treatment_effect", "model_version",
-        pl.col("top_items").list.eval(pl.element().struct.field("item")).list.join("; ").alias("top_items"),
+        pl.col("top_items").list.eval(pl.element().struct.field("description")).list.join("; ").alias("top_items"),
         pl.lit(version).alias("version"),
     ).to_arrow()
     connection = duckdb.connect(str(path))

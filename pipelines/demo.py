@@ -114,6 +114,10 @@ def run_demo(
     return results
 
 
+def _short(text: str, width: int = 32) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def print_high_risk(published: Path, task: str, console: Console, rows: int = 10) -> None:
     """Print the top of the live high-risk list of a task."""
     scores = current_scores(published, task)
@@ -127,6 +131,7 @@ def print_high_risk(published: Path, task: str, console: Console, rows: int = 10
         table.add_column(column)
     for row in top.iter_rows(named=True):
         effect = "" if row["treatment_effect"] is None else f"{row['treatment_effect'] * 100:+.1f} pts"
-        why = "; ".join(f"{i['item']} ({i['contribution'] * 100:+.1f})" for i in row["top_items"][:3])
+        why = "; ".join(f"{_short(i.get('description') or i['item'])} ({i['contribution'] * 100:+.1f})"
+                        for i in row["top_items"][:3])
         table.add_row(row["patient_id"][:13], f"{row['risk']:.2f}", row["risk_tier"], effect, why)
     console.print(table)

@@ -82,17 +82,18 @@ def risk_scores_drift(context: dg.AssetCheckExecutionContext, workspace: Workspa
     )
 
 
-@dg.asset(group_name="publishing", partitions_def=task_partitions, deps=[risk_scores, "patients"],
+@dg.asset(group_name="publishing", partitions_def=task_partitions, deps=[risk_scores, "patients", "codes"],
           kinds={"duckdb", "fhir"})
 def published_cohort(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
     """A new live version of the task's cohort: Parquet, DuckDB and FHIR RiskAssessments."""
     task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
     scores = pq.read_table(scores_path(workspace, task.name))
     patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet", columns=["subject_id", "patient_id"])
+    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
     outcome = task.description or task.name
     publication = publish(scores, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
                           {"run_id": context.run.run_id, "warehouse": str(workspace.warehouse_dir),
-                           "model": str(model_dir(workspace, task.name))})
+                           "model": str(model_dir(workspace, task.name))}, codes=codes)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(publication.folder)),
         "version": publication.version,

@@ -46,6 +46,29 @@ def test_publish_writes_a_version_then_switches_the_live_pointer(scores: pa.Tabl
         assert db.execute("SELECT count(*) FROM published_scores WHERE risk_tier = 'high'").fetchone() == (40,)
 
 
+def test_explaining_codes_are_published_with_their_descriptions(scores: pa.Table, tmp_path: Path) -> None:
+    frame = pl.from_arrow(scores)
+    assert isinstance(frame, pl.DataFrame)
+    items = frame.select(pl.col("top_items").explode().struct.unnest()).drop_nulls("item")
+    coded = sorted(set(items.filter(pl.col("modality") != "notes")["item"]))
+    assert coded
+    codes = pl.DataFrame({"code": coded, "description": [f"about {code}" for code in coded]})
+    publication = publish(scores, patients_table(scores), tmp_path / "pub", "synthetic_1y", 365, "death", {},
+                          codes=codes)
+
+    published = (pl.read_parquet(publication.folder / "scores.parquet").select("subject_id", "top_items")
+                 .explode("top_items").unnest("top_items").drop_nulls("item"))
+    assert published.height == items.height
+    assert sorted(published["item"].to_list()) == sorted(items["item"].to_list())
+    expected = pl.when(pl.col("item").is_in(coded)).then(pl.lit("about ") + pl.col("item")).otherwise(pl.col("item"))
+    assert published.select((pl.col("description") == expected).all()).item()
+    first = published.filter(pl.col("subject_id") == published["subject_id"][0])
+    with duckdb.connect(str(tmp_path / "pub" / "cohortcast.duckdb"), read_only=True) as db:
+        row = db.execute("SELECT top_items FROM published_scores WHERE subject_id = ?",
+                         [int(first["subject_id"][0])]).fetchone()
+    assert row == ("; ".join(first["description"]),)
+
+
 def test_risk_assessments_are_valid_fhir_r4(scores: pa.Table, tmp_path: Path) -> None:
     publication = publish(scores, patients_table(scores), tmp_path / "pub", "synthetic_1y", 365, "death", {})
     lines = (publication.folder / "risk_assessments.ndjson").read_bytes().splitlines()
