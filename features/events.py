@@ -230,9 +230,10 @@ def build_codes(warehouse_dir: Path) -> pl.LazyFrame:
     """The lazy ``codes`` query: every code of ``events`` with its description and parent codes.
 
     A code's description is the display the export gives it most often (the coded tables' and
-    observations' ``display``; ties go to the alphabetically first), since exports word the same
-    code in several ways ("Hemoglobin A1c" beside "Hemoglobin A1c/Hemoglobin.total in Blood").
-    Codes the export never describes (visit types, notes, genes) have none.
+    observations' ``display``, the encounters' ``type_display``; ties go to the alphabetically
+    first), since exports word the same code in several ways ("Hemoglobin A1c" beside "Hemoglobin
+    A1c/Hemoglobin.total in Blood"). The codes this module makes are described by family ("Sex:
+    female", "Expression of GDF15"); a code the export never describes has none.
     """
     described = [*CODED_TABLES, "observations"]
     displays = pl.concat(
