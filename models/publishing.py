@@ -118,32 +118,10 @@ def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, mode
 def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
     """``scores`` with a ``description`` in each ``top_items`` entry: the code's description from
     ``codes`` (``code``, ``description``), else the item's own name (a note, a study, a modality)."""
-    described = (
-        scores.select(pl.int_range(pl.len()).alias("__row"), "top_items")
-        .explode("top_items")
-        .unnest("top_items")
-        .with_columns(pl.int_range(pl.len()).over("__row").alias("__place"))
-    )
-    if codes is not None:
-        described = described.join(codes.select(pl.col("code").alias("item"), "description"), on="item", how="left")
-    else:
-        described = described.with_columns(description=pl.lit(None, dtype=pl.String))
-    items = (
-        described.drop_nulls("item")
-        .sort("__row", "__place")
-        .group_by("__row", maintain_order=True)
-        .agg(pl.struct("modality", "item", "contribution", pl.coalesce("description", "item").alias("description"))
-             .alias("top_items"))
-    )
-    # A patient without items explodes to one null row, dropped above: their list is empty again.
-    return (
-        scores.drop("top_items")
-        .with_row_index("__row")
-        .join(items, on="__row", how="left", maintain_order="left")
-        .with_columns(pl.col("top_items").fill_null([]))
-        .drop("__row")
-        .select(scores.columns)
-    )
+    known = {} if codes is None else dict(codes.drop_nulls("description").select("code", "description").iter_rows())
+    item = pl.element().struct.field("item")
+    description = item.replace_strict(known, default=item, return_dtype=pl.String).alias("description")
+    return scores.with_columns(pl.col("top_items").list.eval(pl.element().struct.with_fields(description)))
 
 
 def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, horizon_days: float, outcome: str,
