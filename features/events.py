@@ -226,6 +226,18 @@ def build_events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.concat(event_frames(tables), how="vertical").select(EVENTS.names)
 
 
+def most_common(frame: pl.LazyFrame, key: str, value: str) -> pl.LazyFrame:
+    """Per ``key``, its most common ``value`` and how often it occurs (``count``); ties go to the
+    value first in alphabetical order, so the choice does not depend on row order."""
+    return (
+        frame.group_by(key, value)
+        .agg(count=pl.len())
+        .sort("count", value, descending=[True, False])
+        .group_by(key, maintain_order=True)
+        .first()
+    )
+
+
 def build_codes(warehouse_dir: Path) -> pl.LazyFrame:
     """The lazy ``codes`` query: every code of ``events`` with its description and parent codes.
 
@@ -244,14 +256,8 @@ def build_codes(warehouse_dir: Path) -> pl.LazyFrame:
             ),
         ]
     )
-    descriptions = (
-        displays.drop_nulls("display")
-        .group_by("code", "display")
-        .len()
-        .sort("len", "display", descending=[True, False])
-        .group_by("code", maintain_order=True)
-        .first()
-        .select("code", pl.col("display").alias("description"))
+    descriptions = most_common(displays.drop_nulls("display"), "code", "display").select(
+        "code", pl.col("display").alias("description")
     )
     parents = (
         pl.scan_parquet(warehouse_dir / "observations.parquet")

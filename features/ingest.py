@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError
-from features.events import build_codes, build_events, merged_patients
+from features.events import build_codes, build_events, merged_patients, most_common
 from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson, with_bundle_references
 from features.fhir.flatten import Origin, Row, flatten_resource
 from features.fhir.read import (
@@ -1242,14 +1242,8 @@ def quarantine_shares(summary: IngestSummary, warehouse_dir: Path) -> pl.DataFra
         orient="row",
     )
     reasons = (
-        pl.scan_parquet(warehouse_dir / "quarantine.parquet")
-        .group_by("source_file", "reason_code")
-        .agg(top_reason_count=pl.len())
-        # The most common reason per file; ties go to the reason code first in alphabetical order.
-        .sort("top_reason_count", "reason_code", descending=[True, False])
-        .group_by("source_file", maintain_order=True)
-        .first()
-        .rename({"reason_code": "top_reason"})
+        most_common(pl.scan_parquet(warehouse_dir / "quarantine.parquet"), "source_file", "reason_code")
+        .rename({"reason_code": "top_reason", "count": "top_reason_count"})
         .collect()
     )
     return (
