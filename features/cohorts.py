@@ -103,6 +103,10 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
 
     cohort = prediction_times(lazy, task)
     attrition.append(("prediction time placed", cohort.height))
+    if task.follow_up_end is not None:
+        # A prediction time at or after the data's cut-off leaves nothing to follow up.
+        cohort = cohort.filter(pl.col("prediction_time") < task.follow_up_end)
+        attrition.append(("prediction time before follow-up end", cohort.height))
 
     # Patients who died at or before the prediction time have nothing to predict. A patient recorded
     # as deceased without a date (a death event without a time) cannot be placed after any

@@ -22,7 +22,8 @@ from the last visit to leaving care (0.131 there, and 9 % more patients with a r
 * ``event`` / ``duration_days``: the progression target, days to the event or to the end of
   follow-up when censored.
 * ``boolean_value``: the risk label, true when the event falls within the horizon, false when the
-  patient was followed for the whole horizon without it, and **null** when follow-up ended before
+  patient was followed for the whole horizon without it or died within it without it (when death
+  is not part of the outcome, it competes with it), and **null** when follow-up ended before
   the horizon without the event. Such patients are excluded from the risk label and counted, never
   silently called negative: a patient lost after a month was not shown to be event-free for a year.
 * ``treated``: a treatment code in the task's window after the prediction time; null when the task
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from features.cohorts import DEATH_CODE, as_frame
+from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame
 from features.schemas import LABELS
 from features.tasks import USUAL_INTERVAL, TaskDefinition
 
@@ -78,11 +79,13 @@ def usual_interval_days(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFram
     Returns ``subject_id, interval_days``: the span of the year before the prediction time in which
     the patient had records (shorter when their first record is more recent) divided by the number
     of calendar days with a record in it (the index visit's included). A patient seen only on the
-    index day gets about 0; one not seen at all, null.
+    index day gets about 0; one with records before the year but none in it, the whole year (they
+    come less than once a year); one not seen at all, null. The birth record is not a visit: counted,
+    it would make every adult's span the whole year.
     """
     index = cohort.lazy().select("subject_id", "prediction_time")
     before = (
-        as_frame(events).filter(pl.col("time").is_not_null())
+        as_frame(events).filter(pl.col("time").is_not_null() & (pl.col("code") != BIRTH_CODE))
         .join(index, on="subject_id")
         .filter(pl.col("time") <= pl.col("prediction_time"))
     )
@@ -94,8 +97,9 @@ def usual_interval_days(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFram
             pl.col("prediction_time").first(),
             pl.col("time").filter(pl.col("time") > window_start).dt.date().n_unique().alias("record_days"),
         )
-        .select("subject_id", (_days(pl.col("prediction_time") - pl.col("since")) / pl.col("record_days"))
-                .alias("interval_days"))
+        .select("subject_id", pl.when(pl.col("record_days") > 0)
+                .then(_days(pl.col("prediction_time") - pl.col("since")) / pl.col("record_days"))
+                .otherwise(float(USUAL_INTERVAL_WINDOW_DAYS)).alias("interval_days"))
         .sort("subject_id")
         .collect()
     )
@@ -136,6 +140,14 @@ def build_labels(
     else:
         after_last = index.select("subject_id", pl.lit(float(task.follow_up_after_last_record)).alias("interval_days"))
     last_record = after.group_by("subject_id").agg(pl.col("time").max().alias("last_time"))
+    # A fixed-date cohort's prediction time is not a visit: without a record after it, follow-up runs
+    # from the last record before it (birth aside), not from the date itself.
+    last_before = (
+        lazy.filter(pl.col("time").is_not_null() & (pl.col("code") != BIRTH_CODE))
+        .join(index, on="subject_id")
+        .filter(pl.col("time") <= pl.col("prediction_time"))
+        .group_by("subject_id").agg(pl.col("time").max().alias("last_time_before"))
+    )
     death = (after.filter(pl.col("code") == DEATH_CODE).group_by("subject_id")
              .agg(pl.col("time").min().alias("death_time")))
     outcome_codes = list(task.outcome.codes) + ([DEATH_CODE] if task.outcome.death else [])
@@ -147,14 +159,19 @@ def build_labels(
         .join(death, on="subject_id", how="left")
         .join(first_event, on="subject_id", how="left")
         .join(after_last, on="subject_id", how="left")
+        .join(last_before, on="subject_id", how="left")
         .with_columns(
-            # Without a record after the prediction time, the index visit is the last one.
-            pl.min_horizontal(
-                "death_time",
-                pl.coalesce("last_time", "prediction_time")
-                + pl.duration(microseconds=(pl.col("interval_days").fill_null(0.0) * MICROSECONDS_PER_DAY)
-                              .cast(pl.Int64)),
-                pl.lit(data_end, dtype=pl.Datetime("us")),
+            # Without a record after the prediction time, the last one before it (the index visit for
+            # an index-visit cohort). Follow-up that ended before the prediction time is none at all.
+            pl.max_horizontal(
+                pl.min_horizontal(
+                    "death_time",
+                    pl.coalesce("last_time", "last_time_before", "prediction_time")
+                    + pl.duration(microseconds=(pl.col("interval_days").fill_null(0.0) * MICROSECONDS_PER_DAY)
+                                  .cast(pl.Int64)),
+                    pl.lit(data_end, dtype=pl.Datetime("us")),
+                ),
+                "prediction_time",
             ).alias("end_time")
         )
         .with_columns(
@@ -167,6 +184,13 @@ def build_labels(
         .with_columns(
             pl.when(pl.col("event") & (pl.col("duration_days") <= task.horizon_days)).then(True)
             .when(pl.col("duration_days") >= task.horizon_days).then(False)
+            # Death is a competing event when it is not the outcome: a patient who died within the
+            # horizon without the outcome can no longer have it, so the risk (the cumulative
+            # incidence at the horizon) counts them negative rather than unknown. Left out, the
+            # frailest patients would vanish and the risk be over-stated. The progression target
+            # keeps them censored at death (a cause-specific time to event).
+            .when(pl.col("death_time").is_not_null() & (pl.col("end_time") == pl.col("death_time"))
+                  & pl.lit(not task.outcome.death)).then(False)
             .otherwise(None).alias("boolean_value")
         )
     )

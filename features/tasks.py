@@ -30,7 +30,7 @@ A task file looks like this (every key but ``name``, ``cohort.prediction_time``,
       codes: [SNOMED//22298006, ICD10CM//I21.9]
       death: true
     horizon_days: 365
-    follow_up_end: 2025-12-31             # the data's cut-off (export date); optional
+    follow_up_end: 2025-12-31             # the data's cut-off (export date), a date includes its day; optional
     follow_up_after_last_record: usual_interval   # or days; 0 ends follow-up at the last record
     treatment:
       codes: [RXNORM//309362]
@@ -250,21 +250,22 @@ class _Reader:
             self.fail(self.path(name), "a string", value)
         return str(value)
 
-    def instant(self, name: str) -> datetime | None:
+    def instant(self, name: str, whole_day: bool = False) -> datetime | None:
+        """A date or date-time as naive UTC. A bare date is its first instant, or with ``whole_day``
+        its last (an inclusive end: ``follow_up_end: 2025-12-31`` keeps that day's records)."""
         value = self.value.get(name)
         if value is None:
             return None
+        if isinstance(value, str):
+            try:
+                value = date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)
+            except ValueError:
+                pass
         if isinstance(value, datetime):
             return value.replace(tzinfo=None) if value.tzinfo is None else _to_naive_utc(value)
         if isinstance(value, date):
-            return datetime(value.year, value.month, value.day)
-        if isinstance(value, str):
-            try:
-                parsed = datetime.fromisoformat(value)
-            except ValueError:
-                pass
-            else:
-                return _to_naive_utc(parsed) if parsed.tzinfo is not None else parsed
+            start = datetime(value.year, value.month, value.day)
+            return start + timedelta(days=1, microseconds=-1) if whole_day else start
         self.fail(self.path(name), "a date or date-time like 2022-01-01 or 2022-01-01T00:00:00Z", value)
         return None  # unreachable
 
@@ -469,7 +470,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         cohort=cohort_definition,
         outcome=outcome_definition,
         horizon_days=horizon,
-        follow_up_end=top.instant("follow_up_end"),
+        follow_up_end=top.instant("follow_up_end", whole_day=True),
         follow_up_after_last_record=after_last if after_last == USUAL_INTERVAL else float(after_last),
         treatment=treatment_definition,
         splits=splits,

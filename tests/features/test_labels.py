@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -13,7 +13,7 @@ from features.errors import CohortDefinitionError
 from features.labels import build_labels, labels_to_arrow, usual_interval_days
 from features.schemas import LABELS
 from features.tasks import load_task
-from tests.features.task_fixtures import BP, T0, VISIT, day, events_frame, task, toy_events
+from tests.features.task_fixtures import BP, MI, T0, VISIT, day, events_frame, task, toy_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,9 +45,10 @@ def test_labels_exact_values() -> None:
     labels, counts = build_labels(toy_events(), cohort, definition)
     assert labels["boolean_value"].to_list() == [True, False, None, False]
     assert labels["event"].to_list() == [True, False, False, True]
-    # Patient 3's last record is at day 100; records on 3 days of the year before day 0 give a
-    # usual interval of 365 / 3 days. Patient 2 is followed to the latest record in the data.
-    assert labels["duration_days"].to_list() == pytest.approx([100.0, 500.0, 100.0 + 365 / 3, 400.0])
+    # Patient 3's last record is at day 100; records on 3 days (-200, -30, 0) since the first one
+    # (the birth record is not a visit) give a usual interval of 200 / 3 days. Patient 2 is followed
+    # to the latest record in the data.
+    assert labels["duration_days"].to_list() == pytest.approx([100.0, 500.0, 100.0 + 200 / 3, 400.0])
     assert labels["treated"].to_list() == [False, True, False, False]
     assert (counts.positive, counts.negative, counts.censored_before_horizon) == (1, 2, 1)
     assert counts.events_observed == 2 and counts.treated == 1
@@ -86,6 +87,72 @@ def test_usual_interval_counts_record_days_in_the_year_before() -> None:
     cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [day(0)] * 4})
     intervals = usual_interval_days(events, cohort)
     assert_frame_equal(intervals, pl.DataFrame({"subject_id": [1, 2, 3], "interval_days": [182.5, 36.5, 0.0]}))
+
+
+def test_usual_interval_ignores_birth_and_is_a_year_without_records_in_the_year() -> None:
+    events = events_frame([
+        (1, day(-20000), "MEDS_BIRTH", None, None, "ehr"),
+        (1, day(-20), BP, 120.0, None, "ehr"),  # first visit 20 days before: span 20 days, not a year
+        (1, day(0), VISIT, None, None, "ehr"),
+        (2, day(-20000), "MEDS_BIRTH", None, None, "ehr"),
+        (2, day(-700), BP, 120.0, None, "ehr"),  # seen two years before, not in the year
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2], "prediction_time": [day(0)] * 2})
+    assert_frame_equal(usual_interval_days(events, cohort),
+                       pl.DataFrame({"subject_id": [1, 2], "interval_days": [10.0, 365.0]}))
+
+
+def fixed_date_task(**overrides: object) -> object:
+    fixed = {"cohort": {"prediction_time": {"fixed": "2023-01-01T09:00:00"}, "min_age_years": 18}, "treatment": None}
+    return task(**{**fixed, **overrides})
+
+
+def test_fixed_date_follow_up_runs_from_the_last_record_before_the_date() -> None:
+    # No record after the fixed date: patient 1, seen on days -300 and -100, is followed from day
+    # -100 for their usual interval (300 / 2 = 150 days), to day 50, not for a year from the date. Patient 2, last seen two years before (no record in the year: a usual
+    # interval of 365 days), likewise. Before, both were labelled negative, and patient 2 crashed
+    # the labels (an interval of 365 / 0 days).
+    events = events_frame([
+        (1, day(-300), BP, 120.0, None, "ehr"),
+        (1, day(-100), BP, 125.0, None, "ehr"),
+        (2, day(-730), BP, 120.0, None, "ehr"),
+        (3, day(-50), BP, 120.0, None, "ehr"),
+        (3, day(400), BP, 120.0, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [day(0)] * 3})
+    labels, counts = build_labels(events, cohort, fixed_date_task())
+    assert labels["duration_days"].to_list() == pytest.approx([50.0, 0.0, 400.0])
+    assert labels["boolean_value"].to_list() == [None, None, False]
+    assert (counts.no_follow_up, counts.censored_before_horizon) == (2, 2)
+
+
+def test_death_competes_with_an_outcome_that_excludes_it() -> None:
+    # Death on day 100 without the MI: when death is not the outcome, the patient can no longer have
+    # it within the year (negative for the risk), and is censored at death for the progression target.
+    events = pl.concat([toy_events(), events_frame([(3, day(60), "MEDS_DEATH", None, None, "ehr")])])
+    definition = task(outcome={"codes": [MI], "death": False})
+    labels, counts = build_labels(events, select_cohort(events, definition).cohort, definition)
+    patient_3 = labels.filter(pl.col("subject_id") == 3)
+    assert patient_3.select("boolean_value", "event", "duration_days").rows() == [(False, False, 60.0)]
+    assert (counts.positive, counts.negative, counts.censored_before_horizon) == (1, 3, 0)
+    # With death in the outcome it is the event itself.
+    labels, _ = build_labels(events, select_cohort(events, task()).cohort, task())
+    assert labels.filter(pl.col("subject_id") == 3).select("boolean_value", "event").rows() == [(True, True)]
+
+
+def test_a_date_only_follow_up_end_includes_that_day() -> None:
+    # The MI of patient 1 is at day 100, 09:00; a follow-up end on that date keeps it.
+    definition = task(follow_up_end=str(day(100).date()))
+    assert definition.follow_up_end == datetime(2023, 4, 11, 23, 59, 59, 999999)
+    labels, _ = build_labels(toy_events(), select_cohort(toy_events(), definition).cohort, definition)
+    assert labels.filter(pl.col("subject_id") == 1)["event"].item() is True
+
+
+def test_prediction_times_at_or_after_the_follow_up_end_are_excluded() -> None:
+    definition = fixed_date_task(follow_up_end="2023-01-01T09:00:00Z")
+    selection = select_cohort(toy_events(), definition)
+    assert selection.cohort.height == 0
+    assert selection.attrition[1:3] == (("prediction time placed", 5), ("prediction time before follow-up end", 0))
 
 
 @pytest.mark.parametrize("value", ["usual", -1, True])
@@ -129,18 +196,18 @@ def test_labels_agree_with_simulator_truth(small_hospital: Path, small_warehouse
     assert (joined["event_observed"] == joined["event"]).all()
     # No label we give contradicts the truth. Against it (rows: the truth; null = left care before the
     # horizon without the event): every positive found; 221 of 238 true negatives labelled, 17 left
-    # out because their records stop more than a usual interval before the horizon; 5 patients who
+    # out because their records stop more than a usual interval before the horizon; 4 patients who
     # left care within their usual interval of the horizon labelled negative.
     table = joined.group_by("event_within_horizon", "boolean_value").len().sort(
         ["event_within_horizon", "boolean_value"], nulls_last=False)
-    assert table.rows() == [(None, None, 29), (None, False, 5), (False, None, 17), (False, False, 221),
+    assert table.rows() == [(None, None, 30), (None, False, 4), (False, None, 17), (False, False, 221),
                             (True, True, 28)]
     # The ingest's events (DocumentReference notes included) give the same counts as the
     # simulator's truth for positives (28) and treatment (133).
     assert int(truth["event_within_horizon"].sum()) == counts.positive == 28
     assert int(truth["treated"].sum()) == counts.treated == 133
-    assert (counts.negative, counts.events_observed, counts.no_follow_up) == (226, 70, 8)
-    assert (truth["event_within_horizon"].null_count(), counts.censored_before_horizon) == (34, 46)
+    assert (counts.negative, counts.events_observed, counts.no_follow_up) == (225, 70, 8)
+    assert (truth["event_within_horizon"].null_count(), counts.censored_before_horizon) == (34, 47)
 
 
 @pytest.mark.slow
