@@ -36,6 +36,7 @@ from models.task_model import (
     compare_with_fusion,
     evaluate,
     format_difference,
+    label_weights,
     load_task_data,
     load_task_model,
     metrics_table,
@@ -154,7 +155,8 @@ def main() -> None:
             rows.insert(1, (name, alone["models"]["fusion"]))
             alone_scores, _, _ = held_out_scores(load_task_data(folder, task.horizon_days, (modality,)), alone_dir)
             comparisons[name] = compare_with_fusion({"fusion": fusion_scores, name: alone_scores}, labels, known,
-                                                    args.seed, metrics["comparison_resamples"])[name]
+                                                    args.seed, metrics["comparison_resamples"],
+                                                    label_weights(data, "held_out")[known])[name]
     print(f"task {task.name}: {args.patients:,} simulated patients (seed {args.seed}), held-out "
           f"{metrics['n_held_out']:,} ({metrics['n_held_out_labelled']:,} with a known 1-year outcome, "
           f"event rate {metrics['held_out_event_rate']:.3f})")

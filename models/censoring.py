@@ -27,8 +27,9 @@ FloatArray = npt.NDArray[np.float64]
 def censoring_survival(event: npt.ArrayLike, duration_days: npt.ArrayLike) -> tuple[FloatArray, FloatArray]:
     """Kaplan-Meier estimate of staying uncensored: (times, G(t) just after each time).
 
-    Censoring is the "event" here; a patient whose follow-up ended with the outcome is censored for
-    it at that time (at tied times, outcomes come before censoring, as in scikit-survival).
+    Censoring is the "event" here. At tied times outcomes come before censoring, as in
+    scikit-survival's own censoring estimate (``reverse=True``, behind its Uno's C and Brier score):
+    a patient whose outcome falls on a censoring time is no longer at risk of being censored then.
     """
     observed = np.asarray(event, dtype=bool)
     duration = np.asarray(duration_days, dtype=np.float64)
@@ -36,13 +37,13 @@ def censoring_survival(event: npt.ArrayLike, duration_days: npt.ArrayLike) -> tu
         raise ValueError("censoring weights: the reference split has no patients")
     if not np.isfinite(duration).all() or (duration < 0).any():
         raise ValueError("censoring weights: duration_days must be finite and non-negative")
-    times, survival = kaplan_meier_estimator(~observed, duration)
+    times, survival = kaplan_meier_estimator(observed, duration, reverse=True)
     return np.asarray(times, dtype=np.float64), np.asarray(survival, dtype=np.float64)
 
 
-def _survival_at(times: FloatArray, survival: FloatArray, at: FloatArray, before: bool) -> FloatArray:
-    """G at ``at`` (``before``: just before it, G(t-)), as the step function the estimate is."""
-    index = np.searchsorted(times, at, side="left" if before else "right") - 1
+def _survival_before(times: FloatArray, survival: FloatArray, at: FloatArray) -> FloatArray:
+    """G just before ``at``, G(t-), as the step function the estimate is."""
+    index = np.searchsorted(times, at, side="left") - 1
     return np.where(index >= 0, survival[np.maximum(index, 0)], 1.0)
 
 
@@ -68,7 +69,7 @@ def censoring_weights(
     Examples
     --------
     Four reference patients: censored at 100 and 200 days, followed to 400, an event at 50. A case
-    at 30 days weighs 1/G(30-) = 1, a control past a 365-day horizon 1/G(365) = 1/(2/3 * 1/2) = 3;
+    at 30 days weighs 1/G(30-) = 1, a control past a 365-day horizon 1/G(365-) = 1/(2/3 * 1/2) = 3;
     normalised to mean 1 over the two labelled patients:
 
     >>> censoring_weights([1, 0, np.nan], [1, 0, 0], [30, 400, 120], 365, [0, 0, 0, 1], [100, 200, 400, 50])
@@ -87,10 +88,11 @@ def censoring_weights(
         raise ValueError(f"censoring weights: none of {label.size} patients has a known risk label")
     times, survival = censoring_survival(reference_event, reference_duration_days)
     case = known & (label > 0.5)
-    # A case is weighted at its event time (uncensored just before it), a control at the horizon.
+    # A case is weighted at its event time, a control at the horizon, each by the chance of being
+    # still followed just before it: a control is a patient followed at least to the horizon
+    # (features.labels), so one censored exactly there counts as followed.
     at = np.where(case, np.minimum(duration, horizon_days), horizon_days)
-    uncensored = _survival_at(times, survival, at, before=True)
-    uncensored = np.where(case, uncensored, _survival_at(times, survival, at, before=False))
+    uncensored = _survival_before(times, survival, at)
     if (uncensored[known] <= 0).any():
         raise ValueError(
             f"censoring weights: no patient of the reference split is still followed at "

@@ -173,6 +173,9 @@ def predict(model: FusionForRiskPrediction, calibrator: PlattCalibrator, dataset
     return Predictions(calibrator.transform(logits["risk_logits"]), curve, arms[:, 1] - arms[:, 0])
 
 
+EVALUATION_TIMES_DAYS: tuple[float, ...] = (90.0, 180.0)
+"""Times of the time-dependent survival metrics before the task's horizon, which ends the grid."""
+
 COMPARISON_RESAMPLES = 1000
 """Bootstrap resamples of the held-out patients behind each comparison's interval (about 5 s per
 comparison for 30,000 patients)."""
@@ -193,9 +196,10 @@ def survival_risk_score(predictions: Predictions, horizon_bin: int) -> np.ndarra
 
 
 def _risk_metrics(y: np.ndarray, risk: np.ndarray, weights: np.ndarray) -> dict[str, float]:
-    # Discrimination on the patients with a known outcome; Brier and calibration weighted by the
-    # censoring weights, so that they compare the risk with the cohort's, not the complete cases'.
-    return {"auroc": auroc(y, risk), "auprc": auprc(y, risk), "brier": brier(y, risk, weights),
+    # Every metric on the patients with a known outcome weighted by their censoring weights, so
+    # that it describes the cohort, not the complete cases (which over-represent early events: the
+    # AUPRC, which depends on the event rate, most of all).
+    return {"auroc": auroc(y, risk, weights), "auprc": auprc(y, risk, weights), "brier": brier(y, risk, weights),
             "calibration_error": expected_calibration_error(y, risk, sample_weight=weights)}
 
 
@@ -207,21 +211,24 @@ def label_weights(data: TaskData, split: str) -> np.ndarray:
 
 def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.ndarray], score: np.ndarray,
                       horizon_days: float, survival: np.ndarray | None = None,
-                      times: list[float] | None = None) -> dict[str, float]:
+                      survival_times: list[float] | None = None) -> dict[str, float]:
+    """Harrell's and Uno's C, time-dependent AUC and (given a survival curve at ``survival_times``)
+    the integrated Brier score, on one grid for every model: 90 and 180 days and the horizon, and
+    Uno's C truncated at the last of them. A model's own survival intervals must not change the
+    grid: Uno's C up to two years and Uno's C up to one are different quantities."""
     args = (train_labels["event"], train_labels["duration_days"], labels["event"], labels["duration_days"])
     event, duration = labels["event"] > 0.5, labels["duration_days"]
     # Time-dependent metrics need, at each time, a case (an event by then) and a control (still
     # followed after it); in both splits, since the censoring weights come from the train split.
-    candidates = times or [90.0, 180.0, horizon_days]
-    eval_times = [t for t in candidates
-                  if (event & (duration <= t)).any() and (duration > t).any()
+    grid = [t for t in EVALUATION_TIMES_DAYS if t < horizon_days] + [horizon_days]
+    eval_times = [t for t in grid if (event & (duration <= t)).any() and (duration > t).any()
                   and t < train_labels["duration_days"].max()]
     metrics = {"harrell_c": harrell_c_index(event, duration, score)}
     if eval_times:
         metrics["uno_c"] = uno_c_index(*args, score, tau_days=max(eval_times))
         metrics["time_dependent_auc"] = time_dependent_auc(*args, score, np.array(eval_times))
-        if survival is not None and times is not None:
-            keep = [times.index(t) for t in eval_times]
+        if survival is not None and survival_times is not None and set(eval_times) <= set(survival_times):
+            keep = [survival_times.index(t) for t in eval_times]
             metrics["integrated_brier"] = integrated_brier(*args, survival[:, keep], np.array(eval_times))
     return metrics
 
@@ -237,7 +244,8 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     p = predict(model, calibrator, held_out)
     times = list(model.config.survival_bin_edges_days)
     horizon = data.horizon_days
-    w = label_weights(data, "held_out")[known]
+    weights = label_weights(data, "held_out")
+    w = weights[known]
     results: dict[str, Any] = {"n_held_out": len(held_out), "n_held_out_labelled": int(known.sum()),
                                "held_out_event_rate": float(y.mean()),
                                "held_out_event_rate_weighted": float(np.average(y, weights=w))}
@@ -254,7 +262,7 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     for name, mask in _subgroups(cohort).items():
         sub = mask & known
         if len(set(labels["risk_label"][sub].tolist())) == 2:
-            fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub])
+            fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub], weights[sub])
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
     matrices = _InputMatrices(data)
@@ -267,14 +275,16 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
             models[name], scores[name] = _truth_metrics(risk, labels, known, w, train_labels, horizon)
     results["models"] = models
     results["comparison_resamples"] = COMPARISON_RESAMPLES
-    results["comparisons"] = compare_with_fusion(scores, labels, known, seed, results["comparison_resamples"])
+    results["comparisons"] = compare_with_fusion(scores, labels, known, seed, results["comparison_resamples"], w)
     return results
 
 
 def compare_with_fusion(scores: dict[str, Scores], labels: dict[str, np.ndarray], known: np.ndarray,
-                        seed: int = 0, n_resamples: int = COMPARISON_RESAMPLES) -> dict[str, dict[str, float]]:
+                        seed: int = 0, n_resamples: int = COMPARISON_RESAMPLES,
+                        risk_weights: np.ndarray | None = None) -> dict[str, dict[str, float]]:
     """Fusion minus every other model in AUROC and Harrell's C on the same held-out patients, with
-    paired bootstrap 95 % intervals (``<metric>_difference``, ``_low``, ``_high``).
+    paired bootstrap 95 % intervals (``<metric>_difference``, ``_low``, ``_high``). The AUROC is
+    weighted by ``risk_weights`` (the labelled patients' censoring weights) as in the metrics table.
 
     A difference of a few thousandths between two models is within what resampling the same
     patients moves; the interval says whether the fusion model is really ahead.
@@ -288,7 +298,8 @@ def compare_with_fusion(scores: dict[str, Scores], labels: dict[str, np.ndarray]
         row: dict[str, float] = {}
         if other.risk is not None and fusion.risk is not None:
             d, low, high = paired_concordance_difference(labels["risk_label"][known], fusion.risk, other.risk,
-                                                         n_resamples=n_resamples, seed=seed)
+                                                         n_resamples=n_resamples, seed=seed,
+                                                         sample_weight=risk_weights)
             row.update(auroc_difference=d, auroc_difference_low=low, auroc_difference_high=high)
         if other.survival is not None and fusion.survival is not None:
             d, low, high = paired_concordance_difference(event, fusion.survival, other.survival, duration,
@@ -657,10 +668,10 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
         f"{metrics['n_held_out_labelled']} (event rate {metrics['held_out_event_rate']:.3f}; "
         f"{metrics['held_out_event_rate_weighted']:.3f} weighted for censoring). Patients whose follow-up ended "
         "before the horizon without the event have no risk label: the labelled ones carry inverse probability "
-        "of censoring weights (Kaplan-Meier, train split) in the calibration, the baselines' fits, the Brier "
-        "score, the calibration error and the policy value, so the risk is the cohort's and not that of the "
-        "patients followed to the horizon; AUROC and AUPRC are over the labelled patients; the survival "
-        "metrics keep everyone, censored.",
+        "of censoring weights (Kaplan-Meier, train split) in the calibration, the baselines' fits, every risk "
+        "metric (AUROC, AUPRC, Brier score, calibration error, AUROC by subgroup) and the policy value, so the "
+        "metrics are the cohort's and not those of the patients followed to the horizon; the survival "
+        "metrics keep everyone, censored, on one grid for every model (90 and 180 days and the horizon).",
         "",
         "## Architecture",
         "",

@@ -15,9 +15,11 @@ def test_weights_by_hand() -> None:
     ref_event = np.array([0, 0, 0, 1, 1, 0])
     ref_duration = np.array([100, 100, 300, 100, 200, 500])
     times, survival = censoring_survival(ref_event, ref_duration)
-    # At 100 six are at risk and two are censored (the event at 100 comes first); at 300, two at risk, one censored.
+    # At 100 the event comes first, so five are at risk of censoring and two are censored; at 300,
+    # two at risk, one censored. scikit-survival's own censoring estimate agrees.
     np.testing.assert_allclose(times, [100, 200, 300, 500])
-    np.testing.assert_allclose(survival, [4 / 6, 4 / 6, 4 / 6 * 1 / 2, 0.0])
+    np.testing.assert_allclose(survival, [3 / 5, 3 / 5, 3 / 5 * 1 / 2, 0.0])
+    np.testing.assert_allclose(survival, kaplan_meier_estimator(ref_event.astype(bool), ref_duration, reverse=True)[1])
     weights = censoring_weights(
         risk_label=[1, 1, 0, np.nan],
         event=[1, 1, 0, 0],
@@ -27,9 +29,19 @@ def test_weights_by_hand() -> None:
         reference_duration_days=ref_duration,
     )
     # Raw weights: a case at 100 is uncensored just before it (G(100-) = 1), a case at 250 with
-    # G(250-) = 4/6, a control at the horizon with G(365) = 1/3; the unlabelled patient weighs 0.
-    raw = np.array([1.0, 6 / 4, 3.0])
+    # G(250-) = 3/5, a control at the horizon with G(365-) = 3/10; the unlabelled patient weighs 0.
+    raw = np.array([1.0, 5 / 3, 10 / 3])
     np.testing.assert_allclose(weights, [*(raw / raw.mean()), 0.0])
+
+
+def test_a_control_censored_at_the_horizon_weighs_as_followed_to_it() -> None:
+    # Reference: censored at 100 and at exactly 365; followed to 500. A control censored at 365 is
+    # labelled 0 (followed for the whole horizon): its chance of being labelled is G(365-) = 2/3, not
+    # G(365) = 1/3, which would already count its own censoring.
+    weights = censoring_weights([0, 0], [0, 0], [365, 500], 365, [0, 0, 0], [100, 365, 500])
+    np.testing.assert_allclose(weights, [1.0, 1.0])
+    weights = censoring_weights([1, 0], [1, 0], [50, 365], 365, [0, 0, 0], [100, 365, 500])
+    np.testing.assert_allclose(weights, np.array([1.0, 1.5]) / 1.25)
 
 
 def test_weighted_labels_recover_the_kaplan_meier_risk_that_complete_cases_overstate() -> None:

@@ -121,3 +121,18 @@ def test_policy_value_by_hand_and_censoring_weights_count_as_repeated_patients()
                                                   propensity[repeated]))
     with pytest.raises(ValueError, match="policy_value: sample_weight must hold 4 finite non-negative weights"):
         policy_value(effect, treated, y, propensity, sample_weight=[1.0, -1.0, 1.0, 1.0])
+
+
+def test_weighted_auroc_and_its_paired_difference_count_each_patient_by_weight() -> None:
+    # A weight of 2 is a patient counted twice: the weighted AUROC is the AUROC of the duplicated data.
+    y = np.array([1, 1, 0, 0, 0])
+    better, worse = np.array([0.9, 0.4, 0.5, 0.2, 0.1]), np.array([0.3, 0.8, 0.5, 0.6, 0.1])
+    weights = np.array([1.0, 2.0, 1.0, 3.0, 1.0])
+    repeated = np.repeat(np.arange(5), weights.astype(int))
+    assert auroc(y, better, weights) == pytest.approx(auroc(y[repeated], better[repeated]))
+    assert auroc(y, better, weights) != pytest.approx(auroc(y, better))
+    d, low, high = paired_concordance_difference(y, better, worse, n_resamples=200, seed=0, sample_weight=weights)
+    assert d == pytest.approx(auroc(y, better, weights) - auroc(y, worse, weights))
+    assert low <= d <= high
+    with pytest.raises(ValueError, match=r"auroc: sample_weight must hold 5 finite non-negative weights"):
+        auroc(y, better, -weights)

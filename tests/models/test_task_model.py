@@ -15,6 +15,7 @@ from models.task_model import (
     ModelFolderError,
     _InputMatrices,
     _severities_read_from_data,
+    _survival_metrics,
     _training_text,
     load_task_data,
     load_task_model,
@@ -160,3 +161,23 @@ def test_severities_read_from_data_recover_a_term_the_inputs_carry_and_leave_an_
     # Nobody is imaged: the image term keeps its standard-normal distribution.
     np.testing.assert_array_equal(estimates["imaging_severity"][0], np.zeros(len(held_out_noise)))
     np.testing.assert_array_equal(estimates["imaging_severity"][1], np.ones(len(held_out_noise)))
+
+
+def test_survival_metrics_use_one_grid_whatever_the_model_s_survival_intervals() -> None:
+    # The same score through the fusion model's path (a curve at its interval edges up to two years)
+    # and a baseline's (no curve) gives the same Uno's C and time-dependent AUC: both end at the
+    # 365-day horizon. The curve only adds the integrated Brier score on that grid.
+    rng = np.random.default_rng(0)
+    n = 400
+    score = rng.normal(size=n)
+    duration = rng.exponential(400.0 / np.exp(0.5 * score))
+    event = (rng.random(n) < 0.7).astype(float)
+    train = {"event": np.roll(event, 7), "duration_days": np.roll(duration, 7) * 1.5}
+    labels = {"event": event, "duration_days": duration}
+    edges = [30.0, 90.0, 180.0, 365.0, 730.0]
+    curve = np.exp(-np.outer(np.exp(0.5 * score), edges) / 400.0)
+    fusion = _survival_metrics(train, labels, score, 365.0, curve, edges)
+    baseline = _survival_metrics(train, labels, score, 365.0)
+    assert fusion["uno_c"] == baseline["uno_c"]
+    assert fusion["time_dependent_auc"] == baseline["time_dependent_auc"]
+    assert set(fusion) - set(baseline) == {"integrated_brier"}
