@@ -41,6 +41,7 @@ A task file looks like this (every key but ``name``, ``cohort.prediction_time``,
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -257,10 +258,8 @@ class _Reader:
         if value is None:
             return None
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # not ISO: reported below with what was found
                 value = date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)
-            except ValueError:
-                pass
         if isinstance(value, datetime):
             return value.replace(tzinfo=None) if value.tzinfo is None else _to_naive_utc(value)
         if isinstance(value, date):

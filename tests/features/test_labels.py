@@ -108,10 +108,11 @@ def fixed_date_task(**overrides: object) -> object:
 
 
 def test_fixed_date_follow_up_runs_from_the_last_record_before_the_date() -> None:
-    # No record after the fixed date: patient 1, seen on days -300 and -100, is followed from day
-    # -100 for their usual interval (300 / 2 = 150 days), to day 50, not for a year from the date. Patient 2, last seen two years before (no record in the year: a usual
-    # interval of 365 days), likewise. Before, both were labelled negative, and patient 2 crashed
-    # the labels (an interval of 365 / 0 days).
+    # No record after the fixed date. Patient 1, seen on days -300 and -100, is followed from day
+    # -100 for their usual interval (300 / 2 = 150 days), to day 50, not for a year from the date.
+    # Patient 2, last seen two years before (no record in the year: an interval of 365 days), left
+    # care before the date: no follow-up at all (and no division by zero record days). Patient 3 has
+    # a record after the date and is followed to it.
     events = events_frame([
         (1, day(-300), BP, 120.0, None, "ehr"),
         (1, day(-100), BP, 125.0, None, "ehr"),

@@ -19,7 +19,8 @@ def test_weights_by_hand() -> None:
     # two at risk, one censored. scikit-survival's own censoring estimate agrees.
     np.testing.assert_allclose(times, [100, 200, 300, 500])
     np.testing.assert_allclose(survival, [3 / 5, 3 / 5, 3 / 5 * 1 / 2, 0.0])
-    np.testing.assert_allclose(survival, kaplan_meier_estimator(ref_event.astype(bool), ref_duration, reverse=True)[1])
+    reverse = kaplan_meier_estimator(ref_event.astype(bool), ref_duration, reverse=True)
+    np.testing.assert_allclose(survival, reverse[1])
     weights = censoring_weights(
         risk_label=[1, 1, 0, np.nan],
         event=[1, 1, 0, 0],
