@@ -7,8 +7,8 @@ and ``imaging.parquet`` (optional: a missing modality is simply absent) and a ta
 ``summary.json``. Each step is a function of the files of the steps before it, so the CLI runs them
 in a row and Dagster runs each as an asset; every file is written atomically.
 
-A step whose inputs (file sizes and modification times, the task definition and the step's
-settings) are those recorded in its ``.fingerprint`` file is skipped: a second run on unchanged data
+A step whose inputs (file sizes and modification times, the task definition, the step's
+settings and :data:`STEPS_VERSION`) are those recorded in its ``.fingerprint`` file is skipped: a second run on unchanged data
 recomputes nothing. Note embeddings are further cached per note text across tasks and runs.
 """
 
@@ -89,8 +89,14 @@ def _events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.scan_parquet(path)
 
 
+STEPS_VERSION = 2
+"""Part of every step's fingerprint: raised whenever a step computes something else from the same
+inputs (a corrected label rule, say), so that an upgrade recomputes existing task folders instead of
+keeping outputs the new code would not give."""
+
+
 def _task_settings(task: TaskDefinition, *parts: object) -> str:
-    return json.dumps([asdict(task), *parts], default=str, sort_keys=True)
+    return json.dumps([STEPS_VERSION, asdict(task), *parts], default=str, sort_keys=True)
 
 
 def build_cohort(warehouse_dir: Path, task: TaskDefinition) -> StepResult:

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: Path) -> None:
+def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     warehouse = tmp_path / "warehouse"
     shutil.copytree(synthea_warehouse, warehouse)
     definition = load_task(REPO / "tasks" / "synthea_death_1y.yaml")
@@ -53,3 +54,10 @@ def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: P
     assert results["imaging_inputs"].stats["studies"] == 0
     assert results["event_tokens"].stats["leaking_patients"] == 0
     assert results["tabular_features"].stats["codes"] == 100
+
+    # A second run on the same data computes nothing; a new version of the steps recomputes them all.
+    again = task_inputs.build_all(warehouse, definition, encoder)
+    assert not any(result.recomputed for result in again.values())
+    monkeypatch.setattr(task_inputs, "STEPS_VERSION", task_inputs.STEPS_VERSION + 1)
+    upgraded = task_inputs.build_all(warehouse, definition, encoder)
+    assert all(result.recomputed for result in upgraded.values())
