@@ -224,3 +224,14 @@ def test_follow_up_at_the_last_record_labels_fewer(small_hospital: Path, small_w
         ["event_within_horizon", "boolean_value"], nulls_last=False)
     assert table.rows() == [(None, None, 34), (False, None, 28), (False, False, 210), (True, True, 28)]
     assert (counts.negative, counts.censored_before_horizon) == (210, 62)
+
+
+def test_the_mace_task_leaves_out_patients_with_an_acute_event_in_the_four_weeks_before() -> None:
+    # Patient 1's MI 10 days before the visit would be coded again after it and counted as new;
+    # patient 2's, 100 days before, is history.
+    events = pl.concat([toy_events(), events_frame([(1, day(-10), MI, None, None, "ehr"),
+                                                    (2, day(-100), MI, None, None, "ehr")])])
+    definition = load_task(REPO / "tasks" / "simulated_mace_1y.yaml")
+    selection = select_cohort(events, definition)
+    assert selection.cohort["subject_id"].to_list() == [2, 3, 4]
+    assert selection.attrition[-1][1] == 3 and selection.attrition[-1][0].startswith("exclude[0]")
