@@ -146,7 +146,11 @@ def main() -> None:
         for modality in args.ablations:
             alone_dir = workdir / f"model_{modality}"
             if args.reuse_ablations:
-                alone = json.loads((alone_dir / "metrics.json").read_text())
+                # Evaluated again, as the main model is: the labels or the metrics may have changed.
+                alone_model, alone_calibrator, _ = load_task_model(alone_dir)
+                alone = {"models": {"fusion": evaluate(
+                    alone_model, alone_calibrator, load_task_data(folder, task.horizon_days, (modality,)),
+                    baselines=False, seed=args.seed)["models"]["fusion"]}}
             else:
                 alone = train_task_model(folder, alone_dir, task, training, architecture, truth,
                                          baselines=False, modalities=(modality,))

@@ -8,8 +8,8 @@ and ``imaging.parquet`` (optional: a missing modality is simply absent) and a ta
 in a row and Dagster runs each as an asset; every file is written atomically.
 
 A step whose inputs (file sizes and modification times, the task definition, the step's
-settings and :data:`STEPS_VERSION`) are those recorded in its ``.fingerprint`` file is skipped: a second run on unchanged data
-recomputes nothing. Note embeddings are further cached per note text across tasks and runs.
+settings and :data:`STEPS_VERSION`) are those recorded in its ``.fingerprint`` file is skipped: a
+second run on unchanged data recomputes nothing. Note embeddings are further cached per note text across tasks and runs.
 """
 
 from __future__ import annotations
