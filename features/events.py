@@ -19,8 +19,9 @@ encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<cl
                     ``planned`` visit)
 conditions, ...     the primary coding (``SNOMED//..``)  -                               time
                     (not when the act did not happen:
-                    ``not-done``, ``cancelled``, ..., or
-                    the diagnosis was ``refuted``)
+                    ``not-done``, ``cancelled``, ...,
+                    the diagnosis was ``refuted``, or
+                    an order says ``do_not_perform``)
 observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
                     when ``cancelled``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
@@ -154,9 +155,13 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         ),
     ]
     for name in CODED_TABLES:
+        happened = _happened(DID_NOT_HAPPEN) & _happened(("refuted",), "verification_status")
+        if name == "medications":
+            # An order not to give the drug (an allergy, an interaction): the patient must not have it.
+            happened = happened & ~pl.col("do_not_perform").fill_null(False)
         frames.append(
             _frame(
-                with_subject(name).filter(_happened(DID_NOT_HAPPEN) & _happened(("refuted",), "verification_status")),
+                with_subject(name).filter(happened),
                 pl.col("code"),
                 pl.col("time"),
                 no_num,

@@ -169,7 +169,8 @@ ENCOUNTERS = pa.schema(
         # FHIR v3 ActCode: AMB, IMP, EMER, ...
         pa.field("encounter_class", pa.string(), nullable=True),
         pa.field("type_code", pa.string(), nullable=True),
-        # The type's text or first coding's display ("General examination of patient").
+        # The type's text, or the display of the coding type_code was taken from ("General
+        # examination of patient").
         pa.field("type_display", pa.string(), nullable=True),
         pa.field("reason_code", pa.string(), nullable=True),
         # planned, finished, cancelled, ...: a cancelled or only planned visit is not an event.
@@ -189,9 +190,12 @@ CODED_EVENTS = pa.schema(
         pa.field("encounter_id", pa.string(), nullable=True),
         pa.field("time", TIME, nullable=False),
         pa.field("end_time", TIME, nullable=True),
-        # Every coding of the resource's code, vocabulary-prefixed, the first one primary.
+        # The primary code: the concept's first coding of a listed vocabulary (a local code first
+        # in the export must not hide the SNOMED one beside it), else its first coding.
         pa.field("code", pa.string(), nullable=False),
+        # Every coding of the resource's code, vocabulary-prefixed, in the order of the export.
         pa.field("codes", pa.list_(pa.string()), nullable=False),
+        # The code's text, or the display of the coding ``code`` was taken from.
         pa.field("display", pa.string(), nullable=True),
         pa.field("status", pa.string(), nullable=True),
         # A Condition's or allergy's verificationStatus (confirmed, provisional, refuted, ...).
@@ -201,8 +205,18 @@ CODED_EVENTS = pa.schema(
         pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
-"""Shared shape of conditions, procedures, medications, immunizations, allergies and diagnostic
-reports."""
+"""Shared shape of conditions, procedures, medications (with one column more, see
+:data:`MEDICATIONS`), immunizations, allergies and diagnostic reports."""
+
+MEDICATIONS = CODED_EVENTS.insert(
+    CODED_EVENTS.get_field_index("source_file"),
+    # MedicationRequest.doNotPerform, a FHIR modifier: true for an order *not* to give the drug (an
+    # allergy, an interaction), which says the opposite of an exposure. Null when the record does
+    # not say (MedicationStatement and MedicationAdministration have no such element).
+    pa.field("do_not_perform", pa.bool_(), nullable=True),
+)
+"""MedicationRequests, -Statements and -Administrations: the coded-events shape, and whether an
+order forbids its drug."""
 
 MEDICATION_CODES = pa.schema(
     [
@@ -252,7 +266,7 @@ NOTE_REFERENCES = pa.schema(
 
 MEDICATION_REFERENCES = pa.schema(
     [
-        *[f for f in CODED_EVENTS if f.name not in ("code", "codes", "display", "source_file", "record_number")],
+        *[f for f in MEDICATIONS if f.name not in ("code", "codes", "display", "source_file", "record_number")],
         # The id of the Medication resource the record names its drug by.
         pa.field("medication_id", pa.string(), nullable=False),
         pa.field("source_file", pa.string(), nullable=False),
@@ -268,9 +282,10 @@ OBSERVATIONS = pa.schema(
         pa.field("patient_id", pa.string(), nullable=False),
         pa.field("encounter_id", pa.string(), nullable=True),
         pa.field("time", TIME, nullable=False),
-        # For a component, the component's code; ``parent_code`` then holds the panel's code.
+        # Chosen among the codings as CODED_EVENTS' code is. For a component, the component's
+        # code; ``parent_code`` then holds the panel's code.
         pa.field("code", pa.string(), nullable=False),
-        # The code's text or first coding's display, as the source wrote it ("Systolic blood pressure").
+        # The code's text or its coding's display, as the source wrote it ("Systolic blood pressure").
         pa.field("display", pa.string(), nullable=True),
         pa.field("parent_code", pa.string(), nullable=True),
         pa.field("numeric_value", pa.float64(), nullable=True),
@@ -512,7 +527,7 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "encounters": ENCOUNTERS,
     "conditions": CODED_EVENTS,
     "procedures": CODED_EVENTS,
-    "medications": CODED_EVENTS,
+    "medications": MEDICATIONS,
     "immunizations": CODED_EVENTS,
     "allergies": CODED_EVENTS,
     "diagnostic_reports": CODED_EVENTS,

@@ -20,10 +20,11 @@ How a record is cleared, conservatively (anything unusual goes to the Python pat
 3. Column checks mirror :mod:`features.fhir.flatten` for the common forms only: ids match the FHIR
    id pattern; dates are ``YYYY-MM-DD`` or ``YYYY-MM-DDThh:mm:ss`` with optional microseconds and
    zone, real, not before 1800 and not after the export; references are ``Type/<id>`` or ``urn:uuid:<id>``
-   (or an entry of the Bundle); code systems are in the vocabulary map; numbers are finite and
+   (or an entry of the Bundle); code systems are in the vocabulary map, and a concept's one code
+   is chosen among its codings as there (:func:`chosen_coding`); numbers are finite and
    not zero (``-0`` and ``0`` differ once decoded); a quantity's comparator is absent or one of
    the FHIR codes; rare alternatives (``valueBoolean``, periods where a dateTime is usual, a
-   coding without a code first) are left to the Python path.
+   status whose first coding has no code) are left to the Python path.
 4. In strict mode a line must also validate against its ``fhir.resources.R4B`` model.
 
 Rows come out in line order (an Observation's own row, then its components), as the Python path
@@ -48,6 +49,7 @@ import pyarrow.json as pj
 
 from features.fhir.flatten import note_type_slug, text_charset
 from features.fhir.specs import (
+    CODE_PADDING,
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
@@ -125,6 +127,9 @@ def _coded_schema(rt: str) -> pa.Schema:
         fields.append(("abatementDateTime", _S))
     if code_field == "medicationCodeableConcept":
         fields.append(("medicationReference", _REF))
+    if rt == "MedicationRequest":
+        # Any value but a boolean fails to decode: the per-record path quarantines it.
+        fields.append(("doNotPerform", pa.bool_()))
     return pa.schema(fields)
 
 
@@ -398,48 +403,77 @@ def fhir_id(expr: pl.Expr) -> pl.Expr:
     return expr.is_not_null() & expr.str.contains(f"^{_ID}$")
 
 
-def fhir_time(expr: pl.Expr, latest: datetime) -> Checked:
-    """A FHIR date/dateTime string as naive UTC, cleared when it is in a common form and in range."""
+def _parsed_time(expr: pl.Expr) -> pl.Expr:
+    """A FHIR date/dateTime string as naive UTC, unchecked (:func:`fhir_time` checks it)."""
     # A date is its midnight and no zone is UTC, as in the Python path. Each form is parsed by its
     # own format (a failed parse is cheap; rewriting every string to one form is not).
     zoned = expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, time_unit="us", time_zone="UTC")
-    parsed = pl.coalesce(
+    return pl.coalesce(
         zoned.dt.replace_time_zone(None),
         expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us"),
         expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us"),
     )
+
+
+def fhir_time(expr: pl.Expr, latest: datetime, parsed: pl.Expr | None = None) -> Checked:
+    """A FHIR date/dateTime string as naive UTC, cleared when it is in a common form and in range.
+    ``parsed``: its :func:`_parsed_time`, when the caller made that a column already."""
+    parsed = _parsed_time(expr) if parsed is None else parsed
     # One use of ``parsed`` here (polars evaluates each use of an expression again).
     ok = expr.str.contains(_DATE_TEXT) & parsed.is_between(EARLIEST, latest)
     return Checked(parsed, ok.fill_null(False))
 
 
+def _listed(system: pl.Expr) -> pl.Expr:
+    """The prefix of a listed vocabulary, trailing slashes ignored (``specs.listed_prefix``), else null."""
+    return system.str.strip_chars_end("/").replace_strict(VOCABULARY_PREFIXES, default=None, return_dtype=pl.String)
+
+
 def _prefix(system: pl.Expr) -> pl.Expr:
     # Unlisted systems (their prefix is derived from the URL in Python) are left to the Python path.
-    mapped = system.replace_strict(VOCABULARY_PREFIXES, default=None, return_dtype=pl.String)
-    return pl.when(system.is_null() | (system == "")).then(pl.lit("UNKNOWN")).otherwise(mapped)
+    return pl.when(system.is_null() | (system == "")).then(pl.lit("UNKNOWN")).otherwise(_listed(system))
+
+
+def _code_of(coding: pl.Expr) -> pl.Expr:
+    """A coding's code stripped of :data:`CODE_PADDING`, as ``_coded`` reads it."""
+    return coding.struct.field("code").str.strip_chars(CODE_PADDING)
 
 
 def first_coding_code(concept: pl.Expr) -> Checked:
-    """The code (without vocabulary) of a CodeableConcept's first coding, as ``_first_code`` then
-    ``split('//')`` gives it; cleared when the concept is absent or its first coding has a code."""
+    """The code of a status CodeableConcept's first coding, as written (``_status_code``); cleared
+    when the concept is absent or its first coding has a code."""
     code = concept.struct.field("coding").list.first().struct.field("code")
     return Checked(code, concept.is_null() | _text(code))
 
 
-def first_code(concept: pl.Expr, required: bool) -> Checked:
-    """``PREFIX//code`` of a CodeableConcept's first coding (``_codes(...)[0]``, ``_first_code``)."""
-    coding = concept.struct.field("coding").list.first()
-    code = coding.struct.field("code")
+def chosen_coding(concept: pl.Expr) -> pl.Expr:
+    """The coding a CodeableConcept's one code is taken from (``flatten._chosen``): its first
+    coding with a code whose system is listed, else its first coding with a code; null when none
+    has a code. Exact: a system is listed here as in Python (``_listed``).
+
+    Two list filters: builders make it a column once (``__coding_*``), which the code, its check
+    and its display then read, rather than filter again for each use.
+    """
+    with_code = concept.struct.field("coding").list.filter(_text(_code_of(pl.element())))
+    listed = with_code.list.filter(_listed(pl.element().struct.field("system")).is_not_null())
+    return pl.coalesce(listed.list.first(), with_code.list.first())
+
+
+def chosen_code(concept: pl.Expr, coding: pl.Expr, required: bool) -> Checked:
+    """``PREFIX//code`` of ``coding``, the concept's :func:`chosen_coding` (``_code``,
+    ``_optional_code``); cleared when it has a listed system or none (an unlisted one's prefix is
+    derived in Python)."""
     prefix = _prefix(coding.struct.field("system"))
-    value = prefix + "//" + code
-    ok = _text(code) & prefix.is_not_null()
+    value = prefix + "//" + _code_of(coding)
+    ok = coding.is_not_null() & prefix.is_not_null()
     return Checked(value, ok if required else (concept.is_null() | ok))
 
 
 def all_codes(concept: pl.Expr) -> Checked:
-    """Every coding with a code as ``PREFIX//code`` (``_codes``); cleared when each has a known system."""
+    """Every coding with a code as ``PREFIX//code`` (``_coded``); cleared when each has a listed
+    system or none (then :func:`chosen_code` is cleared too)."""
     coding = pl.element()
-    code = coding.struct.field("code")
+    code = _code_of(coding)
     prefix = _prefix(coding.struct.field("system"))
     codings = concept.struct.field("coding")
     values = codings.list.eval(pl.when(_text(code)).then(prefix + "//" + code)).list.drop_nulls()
@@ -447,11 +481,12 @@ def all_codes(concept: pl.Expr) -> Checked:
     return Checked(values, (values.list.len() > 0) & ~unknown.fill_null(False))
 
 
-def display(concept: pl.Expr) -> pl.Expr:
-    """``_display``: the concept's text, else its first coding's display."""
-    return pl.coalesce(
-        concept.struct.field("text"), concept.struct.field("coding").list.first().struct.field("display")
-    )
+def display(concept: pl.Expr, coding: pl.Expr | None = None) -> pl.Expr:
+    """``_display``: the concept's text, else the display of ``coding`` (its :func:`chosen_coding`,
+    beside a code), else of its first coding."""
+    if coding is None:
+        coding = concept.struct.field("coding").list.first()
+    return pl.coalesce(concept.struct.field("text"), coding.struct.field("display"))
 
 
 _REFERENCE_FIELDS = ("subject", "patient", "encounter", "medicationReference")
@@ -520,27 +555,42 @@ def _all(*checks: pl.Expr) -> pl.Expr:
     return ok
 
 
-def _time_fields(frame: pl.DataFrame, names: tuple[str, ...], latest: datetime) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """(time, end, ok) from the first of ``names`` present: a dateTime, or a Period (``_time``)."""
+def _time_fields(
+    frame: pl.DataFrame, names: tuple[str, ...], latest: datetime
+) -> tuple[pl.DataFrame, pl.Expr, pl.Expr, pl.Expr]:
+    """``frame`` and (time, end, ok) from the first of ``names`` present: a dateTime, or a Period
+    (``_time``: its start, else its end; a Period with neither is absent). Each time is parsed once,
+    into a column of the frame returned (``__time_*``): a Period's end may be read three times."""
+    texts = {
+        f"__time_{name}{part}": pl.col(name).struct.field(part[1:]) if part else pl.col(name)
+        for name in names
+        for part in ((".start", ".end") if name.endswith(("Period", "period")) else ("",))
+    }
+    frame = frame.with_columns(**{key: _parsed_time(text) for key, text in texts.items()})
+
+    def checked(key: str) -> Checked:
+        return fhir_time(texts[key], latest, pl.col(key))
+
     time: pl.Expr = pl.lit(None, dtype=pl.Datetime("us"))
     end: pl.Expr = pl.lit(None, dtype=pl.Datetime("us"))
     ok: pl.Expr = pl.lit(False)
     for name in reversed(names):
         column = pl.col(name)
         if name.endswith(("Period", "period")):
-            start = fhir_time(column.struct.field("start"), latest)
-            stop_text = column.struct.field("end")
-            stop = fhir_time(stop_text, latest)
-            this_ok = start.ok & (stop_text.is_null() | stop.ok)
-            this_time, this_end = start.value, stop.value
+            start_text, stop_text = texts[f"__time_{name}.start"], texts[f"__time_{name}.end"]
+            start, stop = checked(f"__time_{name}.start"), checked(f"__time_{name}.end")
+            has_start = start_text.is_not_null()
+            this_ok = pl.when(has_start).then(start.ok & (stop_text.is_null() | stop.ok)).otherwise(stop.ok)
+            this_time, this_end = pl.when(has_start).then(start.value).otherwise(stop.value), stop.value
+            present = has_start | stop_text.is_not_null()
         else:
-            checked = fhir_time(column, latest)
-            this_ok, this_time, this_end = checked.ok, checked.value, pl.lit(None, dtype=pl.Datetime("us"))
-        present = column.is_not_null()
+            value = checked(f"__time_{name}")
+            this_ok, this_time, this_end = value.ok, value.value, pl.lit(None, dtype=pl.Datetime("us"))
+            present = column.is_not_null()
         time = pl.when(present).then(this_time).otherwise(time)
         end = pl.when(present).then(this_end).otherwise(end)
         ok = pl.when(present).then(this_ok).otherwise(ok)
-    return time, end, ok
+    return frame, time, end, ok
 
 
 def _finish(frame: pl.DataFrame, ok: pl.Expr, table: str, columns: list[pl.Expr]) -> Built:
@@ -588,17 +638,18 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
 
 def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
-    start = fhir_time(pl.col("period").struct.field("start"), ctx.latest)
-    end_text = pl.col("period").struct.field("end")
-    end = fhir_time(end_text, ctx.latest)
-    type_code = first_code(pl.col("type").list.first(), required=False)
-    reason = first_code(pl.col("reasonCode").list.first(), required=False)
+    # A visit known only by its end starts then too (flatten._time).
+    frame, start, end, time_ok = _time_fields(frame, ("period",), ctx.latest)
+    kind, reason_code = pl.col("type").list.first(), pl.col("reasonCode").list.first()
+    frame = frame.with_columns(__coding_type=chosen_coding(kind), __coding_reason=chosen_coding(reason_code))
+    type_code = chosen_code(kind, pl.col("__coding_type"), required=False)
+    reason = chosen_code(reason_code, pl.col("__coding_reason"), required=False)
     ok = _all(
         pl.col("resourceType") == "Encounter",
         fhir_id(pl.col("id")),
         patient.ok,
-        start.ok,
-        end_text.is_null() | (end.ok & (end.value >= start.value)),
+        time_ok,
+        end.is_null() | (end >= start),
         type_code.ok,
         reason.ok,
     )
@@ -609,11 +660,11 @@ def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
         [
             pl.col("id").alias("encounter_id"),
             patient.value.alias("patient_id"),
-            start.value.alias("start_time"),
-            end.value.alias("end_time"),
+            start.alias("start_time"),
+            end.alias("end_time"),
             pl.col("class").struct.field("code").alias("encounter_class"),
             type_code.value.alias("type_code"),
-            display(pl.col("type").list.first()).alias("type_display"),
+            display(kind, pl.col("__coding_type")).alias("type_display"),
             reason.value.alias("reason_code"),
             pl.col("status"),
             *LOCATION,
@@ -627,8 +678,11 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
     def build(frame: pl.DataFrame, ctx: Context) -> Built:
         patient = reference(pl.col(PATIENT_REFERENCE_FIELD.get(rt, "subject")), "Patient", required=True)
         encounter = reference(pl.col("encounter"), "Encounter", required=False)
+        frame = frame.with_columns(__coding=chosen_coding(pl.col(code_field)))
         codes = all_codes(pl.col(code_field))
-        time, end, time_ok = _time_fields(frame, time_fields, ctx.latest)
+        # Cleared codes (codes.ok) have a chosen code with a prefix.
+        code = chosen_code(pl.col(code_field), pl.col("__coding"), required=True)
+        frame, time, end, time_ok = _time_fields(frame, time_fields, ctx.latest)
         common = [pl.col("resourceType") == rt, fhir_id(pl.col("id")), patient.ok, encounter.ok, time_ok]
         checks = [*common, codes.ok]
         if rt == "Condition":
@@ -654,14 +708,16 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             end.alias("end_time"),
         ]
         coded = [
-            codes.value.list.first().alias("code"),
+            code.value.alias("code"),
             codes.value.alias("codes"),
-            display(pl.col(code_field)).alias("display"),
+            display(pl.col(code_field), pl.col("__coding")).alias("display"),
             status.alias("status"),
             verification.alias("verification_status"),
         ]
         if rt not in MEDICATION_TYPES:
             return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])
+        # flatten._do_not_perform: only a MedicationRequest has the element.
+        do_not_perform = pl.col("doNotPerform") if rt == "MedicationRequest" else pl.lit(None, dtype=pl.Boolean)
         # An order may name its drug by a Medication elsewhere in the export instead of a code
         # (flatten.names_drug_by_reference); the ingest resolves it once every file is read.
         medication = reference(pl.col("medicationReference"), "Medication", required=True)
@@ -671,11 +727,14 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         )
         clear = checked.get_column("__coded") | checked.get_column("__referenced")
         return clear.alias("__ok"), {
-            TABLE_OF_TYPE[rt]: checked.filter(pl.col("__coded")).select(*record, *coded, *LOCATION),
+            TABLE_OF_TYPE[rt]: checked.filter(pl.col("__coded")).select(
+                *record, *coded, do_not_perform.alias("do_not_perform"), *LOCATION
+            ),
             "medication_references": checked.filter(pl.col("__referenced")).select(
                 *record,
                 status.alias("status"),
                 verification.alias("verification_status"),
+                do_not_perform.alias("do_not_perform"),
                 medication.value.alias("medication_id"),
                 *LOCATION,
             ),
@@ -687,28 +746,31 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
 def build_medication(frame: pl.DataFrame, ctx: Context) -> Built:
     """``Medication`` resources: their drug codes (:func:`features.fhir.flatten.flatten_medication`)."""
     codes = all_codes(pl.col("code"))
+    frame = frame.with_columns(__coding=chosen_coding(pl.col("code")))
     return _finish(
         frame,
         _all(pl.col("resourceType") == "Medication", fhir_id(pl.col("id")), codes.ok),
         "medication_codes",
         [
             pl.col("id").alias("medication_id"),
-            codes.value.list.first().alias("code"),
+            chosen_code(pl.col("code"), pl.col("__coding"), required=True).value.alias("code"),
             codes.value.alias("codes"),
-            display(pl.col("code")).alias("display"),
+            display(pl.col("code"), pl.col("__coding")).alias("display"),
             *LOCATION,
         ],
     )
 
 
-def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, pl.Expr, pl.Expr]:
+def _value_checks(
+    holder: Callable[[str], pl.Expr], coding: pl.Expr
+) -> tuple[Checked, pl.Expr, pl.Expr, pl.Expr]:
     """(numeric, comparator, unit, text) of ``value[x]`` (``_value``) for valueQuantity and
-    valueCodeableConcept."""
+    valueCodeableConcept; ``coding`` is the valueCodeableConcept's :func:`chosen_coding`."""
     quantity = holder("valueQuantity")
     number = quantity.struct.field("value")
     comparator = quantity.struct.field("comparator")
     concept = holder("valueCodeableConcept")
-    concept_code = first_code(concept, required=True)
+    concept_code = chosen_code(concept, coding, required=True)
     # The rarer value[x] forms never reach this point (see _PRESENCE_ONLY).
     has_quantity = quantity.is_not_null()
     ok = (
@@ -733,17 +795,22 @@ def _value_checks(holder: Callable[[str], pl.Expr]) -> tuple[Checked, pl.Expr, p
 def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
     encounter = reference(pl.col("encounter"), "Encounter", required=False)
-    code = first_code(pl.col("code"), required=True)
+    code = chosen_code(pl.col("code"), pl.col("__coding"), required=True)
     time = fhir_time(pl.col("effectiveDateTime"), ctx.latest)
-    category = first_coding_code(pl.col("category").list.first())
-    numeric, comparator, unit, text = _value_checks(pl.col)
+    # The category's code alone, as ``_optional_code`` then ``split('//')`` gives it: any system
+    # will do, so no category is left to the Python path.
+    category = _code_of(chosen_coding(pl.col("category").list.first()))
+    numeric, comparator, unit, text = _value_checks(pl.col, pl.col("__coding_value"))
     frame = frame.with_row_index("__row").with_columns(
+        __coding=chosen_coding(pl.col("code")), __coding_value=chosen_coding(pl.col("valueCodeableConcept"))
+    )
+    frame = frame.with_columns(
         __patient=patient.value,
         __encounter=pl.when(pl.col("encounter").is_not_null()).then(encounter.value),
         __time=time.value,
         __code=code.value,
-        __display=display(pl.col("code")),
-        __category=category.value,
+        __display=display(pl.col("code"), pl.col("__coding")),
+        __category=category,
         __numeric=numeric.value,
         __comparator=comparator,
         __unit=unit,
@@ -755,7 +822,6 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
             encounter.ok,
             code.ok,
             time.ok,
-            category.ok,
             numeric.ok,
         ),
     )
@@ -831,11 +897,14 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
     def field_of(name: str) -> pl.Expr:
         return pl.col("component").struct.field(name)
 
-    code = first_code(field_of("code"), required=True)
-    numeric, comparator, unit, text = _value_checks(field_of)
+    code = chosen_code(field_of("code"), pl.col("__c_coding"), required=True)
+    numeric, comparator, unit, text = _value_checks(field_of, pl.col("__c_coding_value"))
+    exploded = exploded.with_columns(
+        __c_coding=chosen_coding(field_of("code")), __c_coding_value=chosen_coding(field_of("valueCodeableConcept"))
+    )
     return exploded.with_columns(
         __c_code=code.value,
-        __c_display=display(field_of("code")),
+        __c_display=display(field_of("code"), pl.col("__c_coding")),
         __c_numeric=numeric.value,
         __c_comparator=comparator,
         __c_unit=unit,

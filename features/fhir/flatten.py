@@ -26,12 +26,14 @@ from typing import Any
 import orjson
 
 from features.fhir.specs import (
+    CODE_PADDING,
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
     QUANTITY_COMPARATORS,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
+    listed_prefix,
     vocabulary_prefix,
 )
 from features.fhir.validate import (
@@ -109,24 +111,47 @@ def _optional_reference(value: Any, target: str, origin: Origin) -> str | None:
         return None
 
 
-def _codes(concept: Any, where: str) -> list[str]:
-    """Every coding of a CodeableConcept as ``PREFIX//code``; raise if there is none."""
+def _coded(concept: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every coding of a CodeableConcept that has a code, in the concept's order, as
+    (``PREFIX//code``, the coding); the code is stripped of :data:`CODE_PADDING` (a code of
+    whitespace alone is none). Raise if there is none."""
     if not isinstance(concept, dict):
         raise RecordError(
             "missing_code", f"{where} is missing" if concept is None else f"{where} should be a CodeableConcept"
         )
     codings = concept.get("coding")
-    out: list[str] = []
+    out: list[tuple[str, dict[str, Any]]] = []
     if isinstance(codings, list):
         for coding in codings:
             if isinstance(coding, dict):
                 code = coding.get("code")
-                if isinstance(code, str) and code:
+                if isinstance(code, str) and (code := code.strip(CODE_PADDING)):
                     system = coding.get("system")
-                    out.append(_code_text(system if isinstance(system, str) else None, code))
+                    out.append((_code_text(system if isinstance(system, str) else None, code), coding))
     if not out:
         raise RecordError("missing_code", f"{where} has no coding with a code")
     return out
+
+
+def _chosen(coded: list[tuple[str, dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+    """The coding a concept's one code is taken from: the first whose system is a listed
+    vocabulary (:func:`~features.fhir.specs.listed_prefix`), else the first.
+
+    FHIR gives the codings of a concept no order, and EHR exports often put their local code first
+    (``[DX//DM2, SNOMED//44054006]``): taken as the code, it would hide the patient from a cohort
+    rule naming the SNOMED code. The concept's order decides between listed codings, so the choice
+    is the same on every run.
+    """
+    for item in coded:
+        system = item[1].get("system")
+        if isinstance(system, str) and listed_prefix(system) is not None:
+            return item
+    return coded[0]
+
+
+def _code(concept: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """The :func:`_chosen` ``PREFIX//code`` of a CodeableConcept, and its coding; raise if it has none."""
+    return _chosen(_coded(concept, where))
 
 
 @lru_cache(maxsize=1 << 14)
@@ -134,24 +159,27 @@ def _code_text(system: str | None, code: str) -> str:
     return f"{vocabulary_prefix(system)}//{code}"
 
 
-def _display(concept: Any) -> str | None:
+def _display(concept: Any, coding: dict[str, Any] | None = None) -> str | None:
+    """A concept's text, else the display of ``coding``, the coding its code was taken from (so
+    that the display names that code); without one, the display of its first coding."""
     if not isinstance(concept, dict):
         return None
     text = concept.get("text")
     if isinstance(text, str):
         return text
-    codings = concept.get("coding")
-    if isinstance(codings, list) and codings and isinstance(codings[0], dict):
-        display = codings[0].get("display")
-        return display if isinstance(display, str) else None
-    return None
+    if coding is None:
+        codings = concept.get("coding")
+        coding = codings[0] if isinstance(codings, list) and codings and isinstance(codings[0], dict) else None
+    display = coding.get("display") if coding is not None else None
+    return display if isinstance(display, str) else None
 
 
-def _first_code(concept: Any) -> str | None:
+def _optional_code(concept: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """:func:`_code` of an optional CodeableConcept; (None, None) when it has no code."""
     try:
-        return _codes(concept, "")[0]
+        return _code(concept, "")
     except RecordError:
-        return None
+        return None, None
 
 
 def _first_in_list(value: Any) -> Any:
@@ -161,19 +189,33 @@ def _first_in_list(value: Any) -> Any:
 def _time(
     resource: dict[str, Any], keys: tuple[str, ...], where: str, origin: Origin
 ) -> tuple[datetime, datetime | None]:
-    """The first of ``keys`` present (a dateTime, or a Period's start and end)."""
+    """The first of ``keys`` present (a dateTime, or a Period) as (time, end time).
+
+    A Period's time is its start, else its end: a procedure or a visit known only by when it ended
+    had happened by then, and dating it so never places it earlier than the source says. A Period
+    with neither counts as absent, and the next key is read.
+    """
+    empty: list[str] = []
     for key in keys:
         value = resource.get(key)
         if value is None:
             continue
         if key.endswith(("Period", "period")):
             period = check_object(value, f"{where}.{key}")
-            if period.get("start") is None:
-                raise RecordError("missing_date", f"{where}.{key}.start is missing")
-            start = parse_datetime(period["start"], f"{where}.{key}.start", origin.latest)
-            end = period.get("end")
-            return start, (parse_datetime(end, f"{where}.{key}.end", origin.latest) if end is not None else None)
+            start, end = period.get("start"), period.get("end")
+            if start is None and end is None:
+                empty.append(key)
+                continue
+            if start is None:
+                end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest)
+                return end_time, end_time
+            start_time = parse_datetime(start, f"{where}.{key}.start", origin.latest)
+            return start_time, (parse_datetime(end, f"{where}.{key}.end", origin.latest) if end is not None else None)
         return parse_datetime(value, f"{where}.{key}", origin.latest), None
+    if empty:
+        others = [key for key in keys if key not in empty]
+        also = f" and {where} has none of {', '.join(others)}" if others else ""
+        raise RecordError("missing_date", f"{where}.{empty[0]} has neither start nor end{also}")
     raise RecordError("missing_date", f"{where} has none of {', '.join(keys)}")
 
 
@@ -224,13 +266,15 @@ def _replaced_by(res: dict[str, Any], rid: str, origin: Origin) -> str | None:
 
 def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     patient = _patient(res, "Encounter", origin)
-    start, end = _time(res, ("period",), "Encounter", origin) if "period" in res else (None, None)
-    if start is None:
-        raise RecordError("missing_date", "Encounter.period.start is missing")
+    if res.get("period") is None:
+        raise RecordError("missing_date", "Encounter.period is missing")
+    start, end = _time(res, ("period",), "Encounter", origin)
     if end is not None and end < start:
         raise RecordError("bad_date", "Encounter.period.end is before period.start")
     klass = res.get("class")
     klass_code = klass.get("code") if isinstance(klass, dict) else None
+    kind = _first_in_list(res.get("type"))
+    type_code, type_coding = _optional_code(kind)
     return [
         (
             rid,
@@ -238,9 +282,9 @@ def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row
             start,
             end,
             klass_code if isinstance(klass_code, str) else None,
-            _first_code(_first_in_list(res.get("type"))),
-            _display(_first_in_list(res.get("type"))),
-            _first_code(_first_in_list(res.get("reasonCode"))),
+            type_code,
+            _display(kind, type_coding),
+            _optional_code(_first_in_list(res.get("reasonCode")))[0],
             _text_or_none(res.get("status")),
             origin.source_file,
             origin.record_number,
@@ -279,27 +323,37 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
         where = f"{rt}.{code_field}"
         if rt in MEDICATION_TYPES and concept is None and "medicationReference" in res:
             concept, where = _contained_medication(res, rt)
-        codes = _codes(concept, where)
+        coded = _coded(concept, where)
+        code, coding = _chosen(coded)
         time, end, status, verification = _time_and_status(res, rt, origin)
-        return [
-            (
-                rid,
-                rt,
-                patient,
-                _optional_reference(res.get("encounter"), "Encounter", origin),
-                time,
-                end,
-                codes[0],
-                codes,
-                _display(concept),
-                status,
-                verification,
-                origin.source_file,
-                origin.record_number,
-            )
-        ]
+        row: Row = (
+            rid,
+            rt,
+            patient,
+            _optional_reference(res.get("encounter"), "Encounter", origin),
+            time,
+            end,
+            code,
+            [text for text, _ in coded],
+            _display(concept, coding),
+            status,
+            verification,
+        )
+        if rt in MEDICATION_TYPES:
+            row = (*row, _do_not_perform(res, rt))
+        return [(*row, origin.source_file, origin.record_number)]
 
     return flatten
+
+
+def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
+    """A MedicationRequest's ``doNotPerform``: true for an order *not* to give the drug. A modifier
+    element, so a value that is not a boolean is refused rather than read as absent (the order
+    would then say the opposite). None when absent, and for the types that have no such element."""
+    flag = res.get("doNotPerform") if rt == "MedicationRequest" else None
+    if flag is not None and not isinstance(flag, bool):
+        raise RecordError("bad_type", f"{rt}.doNotPerform should be true or false, found {flag!r:.40}")
+    return flag
 
 
 def _time_and_status(
@@ -315,10 +369,15 @@ def _time_and_status(
 
 
 def _status_code(status: Any) -> str | None:
-    """A status given as a code, or as a CodeableConcept (its first coding's code)."""
+    """A status given as a code, or as a CodeableConcept: its first coding with a code, read as
+    written (a status is compared with HL7's own codes, ``refuted`` say, as entered-in-error is)."""
     if isinstance(status, dict):
-        status = _first_code(status)
-        status = status.split("//", 1)[1] if status else None
+        codings = status.get("coding")
+        for coding in codings if isinstance(codings, list) else []:
+            code = coding.get("code") if isinstance(coding, dict) else None
+            if isinstance(code, str) and code:
+                return code
+        return None
     return _text_or_none(status)
 
 
@@ -353,15 +412,17 @@ def flatten_medication_reference(res: dict[str, Any], rid: str, origin: Origin) 
     time, end, status, verification = _time_and_status(res, rt, origin)
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     return [
-        (rid, rt, patient, encounter, time, end, status, verification, medication, origin.source_file,
-         origin.record_number)
+        (rid, rt, patient, encounter, time, end, status, verification, _do_not_perform(res, rt), medication,
+         origin.source_file, origin.record_number)
     ]
 
 
 def flatten_medication(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     """A ``Medication`` resource: its drug codes, for the records that name it by reference."""
-    codes = _codes(res.get("code"), "Medication.code")
-    return [(rid, codes[0], codes, _display(res.get("code")), origin.source_file, origin.record_number)]
+    coded = _coded(res.get("code"), "Medication.code")
+    code, coding = _chosen(coded)
+    codes = [text for text, _ in coded]
+    return [(rid, code, codes, _display(res.get("code"), coding), origin.source_file, origin.record_number)]
 
 
 def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
@@ -375,7 +436,7 @@ def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None
         unit = quantity.get("unit", quantity.get("code"))
         return number, comparator, unit if isinstance(unit, str) else None, None
     if "valueCodeableConcept" in holder:
-        return None, None, None, _codes(holder["valueCodeableConcept"], f"{where}.valueCodeableConcept")[0]
+        return None, None, None, _code(holder["valueCodeableConcept"], f"{where}.valueCodeableConcept")[0]
     for key in ("valueInteger", "valueDecimal"):
         if key in holder:
             return check_number(holder[key], f"{where}.{key}"), None, None, None
@@ -409,17 +470,17 @@ def _comparator(value: Any, where: str) -> str | None:
 
 def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     patient = _patient(res, "Observation", origin)
-    code = _codes(res.get("code"), "Observation.code")[0]
+    code, coding = _code(res.get("code"), "Observation.code")
     time, _ = _time(res, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"), "Observation", origin)
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
-    category = _first_code(_first_in_list(res.get("category")))
+    category, _ = _optional_code(_first_in_list(res.get("category")))
     category = category.split("//", 1)[1] if category else None
     tail = (category, _text_or_none(res.get("status")), origin.source_file, origin.record_number)
     components = res.get("component")
     rows: list[Row] = []
     numeric, comparator, unit, text = _value(res, "Observation")
     if numeric is not None or text is not None or not components:
-        display = _display(res.get("code"))
+        display = _display(res.get("code"), coding)
         rows.append((rid, patient, encounter, time, code, display, None, numeric, comparator, unit, text, *tail))
     if components is not None:
         if not isinstance(components, list):
@@ -428,14 +489,15 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
             where = f"Observation.component[{index}]"
             check_object(component, where)
             c_numeric, c_comparator, c_unit, c_text = _value(component, where)
+            c_code, c_coding = _code(component.get("code"), f"{where}.code")
             rows.append(
                 (
                     rid,
                     patient,
                     encounter,
                     time,
-                    _codes(component.get("code"), f"{where}.code")[0],
-                    _display(component.get("code")),
+                    c_code,
+                    _display(component.get("code"), c_coding),
                     code,
                     c_numeric,
                     c_comparator,
@@ -554,11 +616,14 @@ def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, st
     if res.get("date") is not None:
         time = parse_datetime(res["date"], "DocumentReference.date", origin.latest)
     else:
+        # The period of care the note documents: its start, else its end (as in _time).
         context = res.get("context")
         period = context.get("period") if isinstance(context, dict) else None
-        if not isinstance(period, dict) or period.get("start") is None:
-            raise RecordError("missing_date", "DocumentReference has neither date nor context.period.start")
-        time = parse_datetime(period["start"], "DocumentReference.context.period.start", origin.latest)
+        period = period if isinstance(period, dict) else {}
+        key = "start" if period.get("start") is not None else "end"
+        if period.get(key) is None:
+            raise RecordError("missing_date", "DocumentReference has neither date nor context.period.start or .end")
+        time = parse_datetime(period[key], f"DocumentReference.context.period.{key}", origin.latest)
     return patient, time, note_type_slug(_display(res.get("type")) or "document")
 
 

@@ -2,8 +2,9 @@
 
 Stage: ingest. In: nothing. Out: the registry the flattener and the event builder read:
 
-* :data:`VOCABULARY_PREFIXES`, the one place that maps a FHIR coding ``system`` URL to the MEDS
-  vocabulary prefix of its codes (``http://loinc.org`` -> ``LOINC``);
+* :data:`VOCABULARY_PREFIXES`, the one place that maps a FHIR coding ``system`` URL (or HL7 OID)
+  to the MEDS vocabulary prefix of its codes (``http://loinc.org`` -> ``LOINC``), and
+  :data:`CODE_PADDING`, the whitespace stripped from codes;
 * :data:`TABLE_OF_TYPE`, the normalized table each used resource type goes to; resources of any
   other valid R4 type go to ``raw_unknown``, kept raw and counted;
 * :data:`PATIENT_REFERENCE_FIELD`, where each type names its patient.
@@ -28,10 +29,30 @@ VOCABULARY_PREFIXES: dict[str, str] = {
     "http://terminology.hl7.org/CodeSystem/v3-ActCode": "ACTCODE",
     "http://terminology.hl7.org/CodeSystem/observation-category": "OBSCAT",
     "urn:oid:2.16.840.1.113883.6.238": "CDCREC",
+    # The HL7 OIDs of the same vocabularies: exports converted from CDA documents (and older
+    # interfaces) name systems so, and a SNOMED code must be SNOMED whichever name it came by.
+    "urn:oid:2.16.840.1.113883.6.96": "SNOMED",
+    "urn:oid:2.16.840.1.113883.6.1": "LOINC",
+    "urn:oid:2.16.840.1.113883.6.88": "RXNORM",
+    "urn:oid:2.16.840.1.113883.6.90": "ICD10CM",
+    "urn:oid:2.16.840.1.113883.6.3": "ICD10",
+    "urn:oid:2.16.840.1.113883.6.103": "ICD9CM",
+    "urn:oid:2.16.840.1.113883.12.292": "CVX",
+    "urn:oid:2.16.840.1.113883.6.69": "NDC",
+    "urn:oid:2.16.840.1.113883.6.12": "CPT",
+    "urn:oid:2.16.840.1.113883.6.8": "UCUM",
 }
-"""FHIR coding system URL -> vocabulary prefix. A system not listed keeps its URL's last path
-segment, upper-cased (``http://example.org/fhir/CodeSystem/local-labs`` -> ``LOCAL-LABS``), and a
-coding without a system is ``UNKNOWN//<code>``, so that no code is ever silently dropped."""
+"""FHIR coding system URL -> vocabulary prefix: the *listed* vocabularies. A system is listed with
+or without trailing slashes (``http://snomed.info/sct/`` is SNOMED). A system not listed keeps its
+URL's last path segment, upper-cased (``http://example.org/fhir/CodeSystem/local-labs`` ->
+``LOCAL-LABS``), and a coding without a system is ``UNKNOWN//<code>``, so that no code is ever
+silently dropped."""
+
+CODE_PADDING = " \t\n\r\f\v\u00a0"
+"""Whitespace stripped from both ends of a coding's code (ASCII whitespace and the no-break space
+that copies out of HTML and spreadsheets carry). FHIR's ``code`` type allows none there, and a
+padded ``" 44054006 "`` would otherwise be a code of its own that no cohort rule names. Both ingest
+paths strip exactly these characters."""
 
 TABLE_OF_TYPE: dict[str, str] = {
     "Patient": "patients",
@@ -57,7 +78,8 @@ MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdmin
 ``Medication`` (contained in the record, or elsewhere in the export)."""
 
 CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
-"""Tables of the shared :data:`features.schemas.CODED_EVENTS` shape."""
+"""Tables of the shared :data:`features.schemas.CODED_EVENTS` shape (``medications`` with
+``do_not_perform`` beside it: :data:`features.schemas.MEDICATIONS`)."""
 
 ENTERED_IN_ERROR = "entered-in-error"
 STATUS_ELEMENTS: dict[str, tuple[str, ...]] = {
@@ -75,7 +97,8 @@ DID_NOT_HAPPEN = ("not-done", "not-taken", "cancelled")
 """Statuses of a coded record whose act did not take place: a procedure, immunization or
 administration ``not-done``, a medication statement ``not-taken``, an order or report
 ``cancelled``. Such a record is valid and stays in its table with its status (a refused vaccine
-is worth counting), but it is not an event: an event says the act happened."""
+is worth counting), but it is not an event: an event says the act happened. Nor is a
+MedicationRequest whose ``doNotPerform`` is true: an order *not* to give the drug."""
 
 VISIT_DID_NOT_HAPPEN = ("cancelled", "planned")
 """Encounter statuses of a visit that did not (or not yet) take place: kept in ``encounters``,
@@ -95,6 +118,20 @@ PATIENT_REFERENCE_FIELD: dict[str, str] = {
 """Where a type names its patient when it is not ``subject``."""
 
 
+def listed_prefix(system: str | None) -> str | None:
+    """Return the prefix of a system of :data:`VOCABULARY_PREFIXES` (URL or OID, trailing slashes
+    ignored), or None for any other system.
+
+    Examples
+    --------
+    >>> listed_prefix("http://snomed.info/sct/"), listed_prefix("urn:oid:2.16.840.1.113883.6.1")
+    ('SNOMED', 'LOINC')
+    >>> listed_prefix("http://hospital.example/codes/dx") is None
+    True
+    """
+    return VOCABULARY_PREFIXES.get(system.rstrip("/")) if system else None
+
+
 def vocabulary_prefix(system: str | None) -> str:
     """Return the MEDS vocabulary prefix of a FHIR coding system URL.
 
@@ -102,6 +139,10 @@ def vocabulary_prefix(system: str | None) -> str:
     --------
     >>> vocabulary_prefix("http://loinc.org")
     'LOINC'
+    >>> vocabulary_prefix("http://snomed.info/sct/")
+    'SNOMED'
+    >>> vocabulary_prefix("urn:oid:2.16.840.1.113883.6.96")
+    'SNOMED'
     >>> vocabulary_prefix("http://example.org/fhir/CodeSystem/local-labs")
     'LOCAL-LABS'
     >>> vocabulary_prefix(None)
@@ -109,7 +150,7 @@ def vocabulary_prefix(system: str | None) -> str:
     """
     if not system:
         return "UNKNOWN"
-    prefix = VOCABULARY_PREFIXES.get(system)
+    prefix = listed_prefix(system)
     if prefix is not None:
         return prefix
     tail = system.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]

@@ -581,6 +581,84 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
     ]
 
 
+def test_orders_not_to_give_a_drug_stay_in_medications_but_are_not_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MedicationRequest.doNotPerform is a modifier: "do not give this drug" (an allergy, an
+    # interaction) must never read as an exposure. Such an order is kept, flagged, and is no event;
+    # a value that is not a boolean is refused, on both paths, whether the drug is a code or a
+    # Medication named by reference, in NDJSON or in a Bundle.
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+    def order(rid: str, rt: str = "MedicationRequest", **change: object) -> dict[str, object]:
+        record: dict[str, object] = {
+            "resourceType": rt, "id": rid, "status": "active", "subject": {"reference": "Patient/p1"},
+            "medicationCodeableConcept": {"coding": [{"system": rxnorm, "code": "309362"}]},
+            "authoredOn" if rt == "MedicationRequest" else "effectiveDateTime": "2020-01-02T10:00:00Z",
+        }
+        return record | change
+
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        {"resourceType": "Medication", "id": "m1", "code": {"coding": [{"system": rxnorm, "code": "7980"}]}},
+        order("give"),
+        order("do-not-give", doNotPerform=True),
+        {**{k: v for k, v in order("do-not-give-ref", doNotPerform=True).items() if k != "medicationCodeableConcept"},
+         "medicationReference": {"reference": "Medication/m1"}},
+        order("give-said", doNotPerform=False),
+        order("taken", "MedicationStatement", status="completed"),
+        order("word", doNotPerform="true"),
+        order("number", doNotPerform=1),
+        order("list", doNotPerform=[True]),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    export = landing / "export.ndjson"
+    export.write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [{"fullUrl": "urn:uuid:u-order", "resource": order("b-do-not-give", doNotPerform=True)}],
+    }
+    (landing / "orders.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_type": 3}
+    table = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
+    assert table.columns[-3:] == ["do_not_perform", "source_file", "record_number"]
+    assert table.select("resource_id", "resource_type", "code", "status", "do_not_perform").rows() == [
+        ("give", "MedicationRequest", "RXNORM//309362", "active", None),
+        ("do-not-give", "MedicationRequest", "RXNORM//309362", "active", True),
+        ("give-said", "MedicationRequest", "RXNORM//309362", "active", False),
+        ("taken", "MedicationStatement", "RXNORM//309362", "completed", None),
+        ("b-do-not-give", "MedicationRequest", "RXNORM//309362", "active", True),
+        ("do-not-give-ref", "MedicationRequest", "RXNORM//7980", "active", True),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source").str.starts_with("med"))
+    assert events.select("code", "time", "source").rows() == [
+        ("RXNORM//309362", datetime(2020, 1, 2, 10), "medications/give"),
+        ("RXNORM//309362", datetime(2020, 1, 2, 10), "medications/give-said"),
+        ("RXNORM//309362", datetime(2020, 1, 2, 10), "medications/taken"),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("word", "bad_type", "MedicationRequest.doNotPerform should be true or false, found 'true'"),
+        ("number", "bad_type", "MedicationRequest.doNotPerform should be true or false, found 1"),
+        ("list", "bad_type", "MedicationRequest.doNotPerform should be true or false, found [True]"),
+    ]
+    # The fast path itself read the flag (of a coded order and of one naming its drug by
+    # reference) and left the per-record path the values that are not booleans (and give-said, the
+    # line before the first the decoder rejects: the row its message names can be off by one).
+    read = read_ndjson(export.read_bytes(), "fhir/export.ndjson", 1, EXPORT)
+    assert [records[line]["id"] for line in read.slow.tolist()] == ["give-said", "word", "number", "list"]
+    coded = pl.from_arrow(read.tables["medications"])
+    staged = pl.from_arrow(read.tables["medication_references"])
+    assert isinstance(coded, pl.DataFrame) and isinstance(staged, pl.DataFrame)
+    assert coded.select("resource_id", "do_not_perform").rows() == [
+        ("give", None), ("do-not-give", True), ("taken", None)
+    ]
+    assert staged.select("resource_id", "do_not_perform", "medication_id").rows() == [("do-not-give-ref", True, "m1")]
+
+
 def test_patients_deceased_without_a_date_equal_per_record_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -801,3 +879,329 @@ def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch
     assert [records[line]["id"] for line in read.slow.tolist()] == ["tilde", "bad-part", "number", "list"]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source") == "observations/below")
     assert events.select("code", "numeric_value").rows() == [("LOINC//6598-7", pytest.approx(0.01))]
+
+
+def test_systems_by_oid_or_with_a_slash_and_padded_codes_read_alike_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SNOMED code named by its HL7 OID, by its URL with a trailing slash, or padded with
+    # whitespace (which FHIR's code type forbids) is the same SNOMED code, and matches a cohort rule
+    # naming SNOMED//44054006; a code of whitespace alone is no code.
+    snomed, loinc = "http://snomed.info/sct", "http://loinc.org"
+
+    def condition(rid: str, *codings: tuple[str, str]) -> dict[str, object]:
+        return {"resourceType": "Condition", "id": rid, "subject": {"reference": "Patient/p1"},
+                "onsetDateTime": "2021-01-01",
+                "code": {"coding": [{"system": system, "code": code} for system, code in codings]}}
+
+    def observation(rid: str, system: str, code: str, **value: object) -> dict[str, object]:
+        return {"resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+                "effectiveDateTime": "2021-01-01T08:00:00Z", "code": {"coding": [{"system": system, "code": code}]},
+                **value}
+
+    lab = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                       "code": " laboratory "}]}
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        condition("padded", (snomed, " 44054006 ")),
+        condition("oid", ("urn:oid:2.16.840.1.113883.6.96", "44054006")),
+        condition("slash", (snomed + "/", "44054006")),
+        condition("two", ("http://hl7.org/fhir/sid/icd-10-cm", "E11.9\t"), (snomed, "\u00a044054006")),
+        condition("blank", (snomed, " \t ")),
+        observation("o-padded", loinc, " 2160-0", valueQuantity={"value": 1.2, "unit": "mg/dL"}, category=[lab]),
+        observation("o-oid", "urn:oid:2.16.840.1.113883.6.1", "2160-0",
+                    valueCodeableConcept={"coding": [{"system": "urn:oid:2.16.840.1.113883.6.96",
+                                                      "code": "260385009 "}]}),
+        observation("o-slash", loinc + "/", "2160-0", valueQuantity={"value": 1.4, "unit": "mg/dL"}),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    export = landing / "export.ndjson"
+    export.write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"missing_code": 1}
+    conditions = pl.read_parquet(tmp_path / "fast" / "conditions.parquet")
+    assert conditions.select("resource_id", "code", "codes").rows() == [
+        ("padded", "SNOMED//44054006", ["SNOMED//44054006"]),
+        ("oid", "SNOMED//44054006", ["SNOMED//44054006"]),
+        ("slash", "SNOMED//44054006", ["SNOMED//44054006"]),
+        ("two", "ICD10CM//E11.9", ["ICD10CM//E11.9", "SNOMED//44054006"]),
+    ]
+    observations = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert observations.select("resource_id", "code", "numeric_value", "text_value", "category").rows() == [
+        ("o-padded", "LOINC//2160-0", 1.2, None, "laboratory"),
+        ("o-oid", "LOINC//2160-0", None, "SNOMED//260385009", None),
+        ("o-slash", "LOINC//2160-0", 1.4, None, None),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("blank", "missing_code", "Condition.code has no coding with a code")
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet")
+    assert events.select("code", "text_value", "source").rows() == [
+        ("SNOMED//44054006", None, "conditions/padded"),
+        ("SNOMED//44054006", None, "conditions/oid"),
+        ("SNOMED//44054006", None, "conditions/slash"),
+        ("ICD10CM//E11.9", None, "conditions/two"),
+        ("LOINC//2160-0", None, "observations/o-padded"),
+        ("LOINC//2160-0", "SNOMED//260385009", "observations/o-oid"),
+        ("LOINC//2160-0", None, "observations/o-slash"),
+    ]
+    # The fast path itself read every listed system and stripped every code: only the record
+    # without a code was left to the per-record path.
+    read = read_ndjson(export.read_bytes(), "fhir/export.ndjson", 1, EXPORT)
+    assert [records[line]["id"] for line in read.slow.tolist()] == ["blank"]
+
+
+def test_a_concept_gives_its_listed_coding_before_a_local_one_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FHIR gives codings no order, and EHR exports often put their local code first: the one code
+    # taken from a concept is its first coding of a listed vocabulary (else its first coding), with
+    # that coding's display, for every resource type; ``codes`` keeps every coding in its order.
+    snomed, loinc, rxnorm = "http://snomed.info/sct", "http://loinc.org", "http://www.nlm.nih.gov/research/umls/rxnorm"
+    local = "http://hospital.example/codes/local"
+
+    def concept(system: str, code: str, **more: object) -> dict[str, object]:
+        return {"coding": [{"system": local, "code": "L-" + code, "display": "Local name"},
+                           {"system": system, "code": code, "display": f"Listed {code}"}], **more}
+
+    def record(rt: str, rid: str, field: str, code: dict[str, object], **more: object) -> dict[str, object]:
+        who = "patient" if rt in ("Immunization", "AllergyIntolerance") else "subject"
+        return {"resourceType": rt, "id": rid, who: {"reference": "Patient/p1"}, field: code, **more}
+
+    at = "2021-01-01T08:00:00Z"
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        record("Condition", "c-listed", "code", concept(snomed, "44054006"), onsetDateTime=at),
+        record("Condition", "c-text", "code", concept(snomed, "44054006", text="Type 2 diabetes"), onsetDateTime=at),
+        # No listed coding: the first; a listed coding without a code is no choice.
+        record("Condition", "c-local", "code",
+               {"coding": [{"system": local, "code": "A"}, {"system": "http://other.example/dx", "code": "B"}]},
+               onsetDateTime=at),
+        record("Condition", "c-skip", "code",
+               {"coding": [{"system": snomed, "display": "no code"}, {"system": local, "code": "L-E11.9"},
+                           {"system": "urn:oid:2.16.840.1.113883.6.90", "code": "E11.9", "display": "Listed E11.9"}]},
+               onsetDateTime=at),
+        record("Procedure", "pr", "code", concept(snomed, "80146002"), status="completed", performedDateTime=at),
+        record("MedicationRequest", "mr", "medicationCodeableConcept", concept(rxnorm, "309362"), status="active",
+               authoredOn=at),
+        {**record("MedicationRequest", "mr-ref", "medicationReference", {"reference": "Medication/med"}),
+         "status": "active", "authoredOn": at},
+        {**record("MedicationRequest", "mr-contained", "medicationReference", {"reference": "#c1"}),
+         "status": "active", "authoredOn": at,
+         "contained": [{"resourceType": "Medication", "id": "c1", "code": concept(rxnorm, "1049221")}]},
+        {"resourceType": "Medication", "id": "med", "code": concept(rxnorm, "7980")},
+        record("MedicationStatement", "ms", "medicationCodeableConcept", concept(rxnorm, "309362"),
+               status="completed", effectiveDateTime=at),
+        record("MedicationAdministration", "ma", "medicationCodeableConcept", concept(rxnorm, "309362"),
+               status="completed", effectiveDateTime=at),
+        record("Immunization", "im", "vaccineCode", concept("http://hl7.org/fhir/sid/cvx", "140"),
+               status="completed", occurrenceDateTime=at),
+        record("AllergyIntolerance", "al", "code", concept(rxnorm, "7980"), recordedDate=at),
+        record("DiagnosticReport", "dr", "code", concept(loinc, "58410-2"), status="final", effectiveDateTime=at),
+    ]
+    lab = {"coding": [{"system": local, "code": "LAB"},
+                      {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}
+    measured = [
+        record("Encounter", "e1", "type", [concept(snomed, "183452005")], status="finished",
+               reasonCode=[concept(snomed, "44054006")], period={"start": at}),
+        record("Observation", "o-value", "code", concept(loinc, "2160-0"), status="final", effectiveDateTime=at,
+               category=[lab], valueQuantity={"value": 1.2, "unit": "mg/dL"}),
+        record("Observation", "o-panel", "code", concept(loinc, "85354-9"), status="final", effectiveDateTime=at,
+               component=[{"code": concept(loinc, "8480-6"), "valueQuantity": {"value": 120.0}}]),
+        record("Observation", "o-coded", "code", concept(loinc, "94500-6"), status="final", effectiveDateTime=at,
+               valueCodeableConcept=concept(snomed, "260385009")),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    (landing / "measured.ndjson").write_bytes(b"\n".join(map(orjson.dumps, measured)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {}
+
+    def rows(table: str, *columns: str) -> list[tuple[object, ...]]:
+        return pl.read_parquet(tmp_path / "fast" / f"{table}.parquet").select(columns).rows()
+
+    coded = ("resource_id", "code", "codes", "display")
+    assert rows("conditions", *coded) == [
+        ("c-listed", "SNOMED//44054006", ["LOCAL//L-44054006", "SNOMED//44054006"], "Listed 44054006"),
+        ("c-text", "SNOMED//44054006", ["LOCAL//L-44054006", "SNOMED//44054006"], "Type 2 diabetes"),
+        ("c-local", "LOCAL//A", ["LOCAL//A", "DX//B"], None),
+        ("c-skip", "ICD10CM//E11.9", ["LOCAL//L-E11.9", "ICD10CM//E11.9"], "Listed E11.9"),
+    ]
+    assert rows("procedures", *coded) == [
+        ("pr", "SNOMED//80146002", ["LOCAL//L-80146002", "SNOMED//80146002"], "Listed 80146002")
+    ]
+    assert rows("medications", *coded) == [
+        ("mr", "RXNORM//309362", ["LOCAL//L-309362", "RXNORM//309362"], "Listed 309362"),
+        ("mr-contained", "RXNORM//1049221", ["LOCAL//L-1049221", "RXNORM//1049221"], "Listed 1049221"),
+        ("ms", "RXNORM//309362", ["LOCAL//L-309362", "RXNORM//309362"], "Listed 309362"),
+        ("ma", "RXNORM//309362", ["LOCAL//L-309362", "RXNORM//309362"], "Listed 309362"),
+        ("mr-ref", "RXNORM//7980", ["LOCAL//L-7980", "RXNORM//7980"], "Listed 7980"),
+    ]
+    assert rows("medication_codes", "medication_id", "code", "display") == [("med", "RXNORM//7980", "Listed 7980")]
+    assert rows("immunizations", *coded) == [("im", "CVX//140", ["LOCAL//L-140", "CVX//140"], "Listed 140")]
+    assert rows("allergies", *coded) == [("al", "RXNORM//7980", ["LOCAL//L-7980", "RXNORM//7980"], "Listed 7980")]
+    assert rows("diagnostic_reports", *coded) == [
+        ("dr", "LOINC//58410-2", ["LOCAL//L-58410-2", "LOINC//58410-2"], "Listed 58410-2")
+    ]
+    assert rows("encounters", "encounter_id", "type_code", "type_display", "reason_code") == [
+        ("e1", "SNOMED//183452005", "Listed 183452005", "SNOMED//44054006")
+    ]
+    assert rows("observations", "resource_id", "code", "display", "parent_code", "text_value", "category") == [
+        ("o-value", "LOINC//2160-0", "Listed 2160-0", None, None, "laboratory"),
+        ("o-panel", "LOINC//8480-6", "Listed 8480-6", "LOINC//85354-9", None, None),
+        ("o-coded", "LOINC//94500-6", "Listed 94500-6", None, "SNOMED//260385009", None),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet")
+    assert sorted(events.filter(pl.col("code").str.starts_with("LOCAL"))["source"].to_list()) == ["conditions/c-local"]
+    # The fast path itself chose the listed coding of every visit and observation (concepts with an
+    # unlisted system in ``codes`` are the per-record path's, which derives its prefix).
+    read = read_ndjson((landing / "measured.ndjson").read_bytes(), "fhir/measured.ndjson", 1, EXPORT)
+    assert read.slow.tolist() == []
+
+
+def test_a_period_with_only_an_end_is_timed_by_its_end_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A procedure, visit or onset known only by when it ended still happened by then: its time is
+    # its end (its start, when it has one). A Period with neither is absent, and the next time
+    # field is read; without one the record is quarantined, naming the empty Period.
+    def record(rt: str, rid: str, **fields: object) -> dict[str, object]:
+        return {"resourceType": rt, "id": rid, "subject": {"reference": "Patient/p1"}, **fields}
+
+    snomed = {"coding": [{"system": "http://snomed.info/sct", "code": "80146002"}]}
+    loinc = {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]}
+    end, start = "2021-01-02T12:00:00Z", "2021-01-01T10:00:00Z"
+    timed = [
+        {"resourceType": "Patient", "id": "p1"},
+        record("Procedure", "pr-end", code=snomed, status="completed", performedPeriod={"end": end}),
+        record("Procedure", "pr-both", code=snomed, status="completed", performedPeriod={"start": start, "end": end}),
+        record("Procedure", "pr-nothing", code=snomed, status="completed", performedPeriod={}),
+        record("Procedure", "pr-bad-end", code=snomed, status="completed", performedPeriod={"end": "2021-02-30"}),
+        record("Condition", "c-end", code=snomed, onsetPeriod={"end": "2021-03-01"}, recordedDate="2021-03-05"),
+        record("Condition", "c-empty", code=snomed, onsetPeriod={}, recordedDate="2021-03-05"),
+        record("MedicationStatement", "ms-end", status="completed", effectivePeriod={"end": end},
+               medicationCodeableConcept={"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                      "code": "309362"}]}),
+        record("DiagnosticReport", "dr-empty", code=loinc, status="final", effectivePeriod={},
+               issued="2021-04-01T00:00:00Z"),
+        record("Encounter", "e-end", status="finished", period={"end": end}),
+        record("Encounter", "e-both", status="finished", period={"start": start, "end": end}),
+        record("Encounter", "e-empty", status="finished", period={}),
+        record("Encounter", "e-none", status="finished"),
+    ]
+    rare = [
+        record("Observation", "o-end", code=loinc, status="final", effectivePeriod={"end": end},
+               valueQuantity={"value": 1.2, "unit": "mg/dL"}),
+        record("DocumentReference", "d-end", status="current", context={"period": {"end": end}},
+               content=[{"attachment": {"contentType": "text/plain", "data": base64.b64encode(b"Seen.").decode()}}]),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "timed.ndjson").write_bytes(b"\n".join(map(orjson.dumps, timed)) + b"\n")
+    (landing / "rare.ndjson").write_bytes(b"\n".join(map(orjson.dumps, rare)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"missing_date": 3, "bad_date": 1}
+    at_end, at_start = datetime(2021, 1, 2, 12), datetime(2021, 1, 1, 10)
+
+    def rows(table: str, *columns: str) -> list[tuple[object, ...]]:
+        return pl.read_parquet(tmp_path / "fast" / f"{table}.parquet").select(columns).rows()
+
+    assert rows("procedures", "resource_id", "time", "end_time") == [
+        ("pr-end", at_end, at_end), ("pr-both", at_start, at_end)
+    ]
+    assert rows("conditions", "resource_id", "time", "end_time") == [
+        ("c-end", datetime(2021, 3, 1), datetime(2021, 3, 1)), ("c-empty", datetime(2021, 3, 5), None)
+    ]
+    assert rows("medications", "resource_id", "time", "end_time") == [("ms-end", at_end, at_end)]
+    assert rows("diagnostic_reports", "resource_id", "time", "end_time") == [("dr-empty", datetime(2021, 4, 1), None)]
+    assert rows("encounters", "encounter_id", "start_time", "end_time") == [
+        ("e-end", at_end, at_end), ("e-both", at_start, at_end)
+    ]
+    assert rows("observations", "resource_id", "time") == [("o-end", at_end)]
+    assert rows("notes", "note_id", "time") == [("d-end", at_end)]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("pr-nothing", "missing_date",
+         "Procedure.performedPeriod has neither start nor end and Procedure has none of performedDateTime"),
+        ("pr-bad-end", "bad_date",
+         "Procedure.performedPeriod.end '2021-02-30' is not a real date (day is out of range for month)"),
+        ("e-empty", "missing_date", "Encounter.period has neither start nor end"),
+        ("e-none", "missing_date", "Encounter.period is missing"),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source").str.ends_with("-end"))
+    assert events.select("source", "time").rows() == [
+        ("encounters/e-end", at_end),
+        ("conditions/c-end", datetime(2021, 3, 1)),
+        ("medications/ms-end", at_end),
+        ("procedures/pr-end", at_end),
+        ("observations/o-end", at_end),
+        ("notes/d-end", at_end),
+    ]
+    # The fast path itself timed every Period by its start or end and fell back past empty ones:
+    # only the records without a usable time were left to the per-record path.
+    read = read_ndjson((landing / "timed.ndjson").read_bytes(), "fhir/timed.ndjson", 1, EXPORT)
+    assert [timed[line]["id"] for line in read.slow.tolist()] == ["pr-nothing", "pr-bad-end", "e-empty", "e-none"]
+
+
+def test_do_not_perform_end_only_periods_and_local_first_codings_damaged_in_turn_equal_per_record_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The forms the Synthea exports lack (doNotPerform, a Period with only an end, a local coding
+    # before a listed one named by OID or with a slash, padded codes), each field set to each wrong
+    # value in turn: the fast path may only clear a line the per-record path keeps as it is.
+    local = "http://hospital.example/codes/local"
+
+    def concept(system: str, code: str) -> dict[str, object]:
+        return {"coding": [{"system": local, "code": "L" + code, "display": "Local name"},
+                           {"system": system + "/", "code": " " + code, "display": "Listed name"}], "text": "t"}
+
+    patient = {"reference": "Patient/p1"}
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    resources: list[dict[str, object]] = [
+        {"resourceType": "MedicationRequest", "id": "mr", "status": "active", "doNotPerform": True,
+         "subject": patient, "authoredOn": "2021-01-02", "medicationCodeableConcept": concept(rxnorm, "309362")},
+        {"resourceType": "MedicationRequest", "id": "mr-ref", "status": "active", "doNotPerform": False,
+         "subject": patient, "authoredOn": "2021-01-02", "medicationReference": {"reference": "Medication/m1"}},
+        {"resourceType": "Medication", "id": "m1", "code": concept(rxnorm, "7980")},
+        {"resourceType": "Procedure", "id": "pr", "status": "completed", "subject": patient,
+         "performedPeriod": {"end": "2021-01-02T10:00:00Z"}, "code": concept("http://snomed.info/sct", "80146002")},
+        {"resourceType": "Condition", "id": "c", "subject": patient, "onsetPeriod": {"end": "2021-03-01"},
+         "recordedDate": "2021-03-05",
+         "code": {"coding": [{"system": local, "code": "X"},
+                             {"system": "urn:oid:2.16.840.1.113883.6.96", "code": "44054006"}]}},
+        {"resourceType": "Encounter", "id": "e", "status": "finished", "subject": patient,
+         "period": {"end": "2021-01-02T10:00:00Z"}, "type": [concept("http://snomed.info/sct", "183452005")],
+         "reasonCode": [concept("http://snomed.info/sct", "44054006")]},
+        {"resourceType": "Observation", "id": "o", "status": "final", "subject": patient,
+         "effectiveDateTime": "2021-01-02T10:00:00Z", "code": concept("http://loinc.org", "85354-9"),
+         "category": [{"coding": [{"system": local, "code": "LAB"},
+                                  {"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                   "code": " laboratory"}]}],
+         "valueCodeableConcept": concept("http://snomed.info/sct", "260385009"),
+         "component": [{"code": concept("http://loinc.org", "8480-6"), "valueQuantity": {"value": 120.0}}]},
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}) + b"\n")
+    lines_in = 0
+    for resource in resources:
+        for field, variants in enumerate(damages_by_field(resource)):
+            lines = []
+            for variant in variants:
+                # A fresh id per line (unless the id is what is damaged), so that none is a duplicate.
+                if variant.get("id") == resource["id"]:
+                    variant["id"] = f"{resource['id']}-{lines_in + len(lines)}"
+                lines.append(orjson.dumps(variant))
+            (landing / f"{resource['resourceType']}.{field:03d}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+            lines_in += len(lines)
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert lines_in == len(WRONG_VALUES) * 149 and fast.balanced  # 149 fields
+    quarantined = sum(fast.quarantined_by_reason.values())
+    assert 100 < quarantined < lines_in - 100, fast.quarantined_by_reason
