@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import orjson
 
@@ -245,6 +246,7 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             f"Bundle.type {bundle_type!r:.40} is not a known Bundle type or Bundle.entry is not a list",
         )
         return
+    entries = [_with_entry_id(entry) for entry in entries]
     full_urls: dict[str, tuple[str, str]] = {}
     for entry in entries:
         if (
@@ -266,6 +268,30 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             yield RawReject(index, raw, "no_resource", f"Bundle entry {index} {what}")
             continue
         yield RawRecord(index, b"", entry["resource"], full_urls)
+
+
+def _with_entry_id(entry: Any) -> Any:
+    """A Bundle entry whose resource has no ``id``, given the one the entry names for it.
+
+    A client's transaction creates resources (``POST``) without ids and names each one by a
+    temporary ``urn:uuid:`` fullUrl, by which the other entries refer to it; an update (``PUT``)
+    names it by its ``request.url`` (``Patient/123``). Either is the resource's identity in this
+    export, so it becomes the id (still checked as a FHIR id) instead of the whole resource being
+    lost as ``missing_id``. Entries with an id, or naming none, are returned as they are.
+    """
+    if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict) or "id" in entry["resource"]:
+        return entry
+    full_url, request = entry.get("fullUrl"), entry.get("request")
+    if isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
+        rid = full_url.removeprefix("urn:uuid:")
+    elif (
+        isinstance(request, dict) and request.get("method") == "PUT" and isinstance(request.get("url"), str)
+        and request["url"].count("/") == 1 and request["url"].split("/")[0] == entry["resource"].get("resourceType")
+    ):
+        rid = request["url"].split("/")[1].split("?")[0]
+    else:
+        return entry
+    return {**entry, "resource": {**entry["resource"], "id": rid}}
 
 
 def fetch_raw(path: Path, kind: str, numbers: set[int], limit: int = 500) -> dict[int, str]:

@@ -13,6 +13,7 @@ import pytest
 
 from features.fhir.read import RawReject, ReadUnit, iter_gzip_blocks
 from features.ingest import IngestSummary, ingest_landing_zone
+from tests.features.fhir.test_columnar import _per_record_only
 
 EXPORT = datetime(2025, 1, 1)
 PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-01-01"}
@@ -292,6 +293,32 @@ def test_bundle_of_an_unknown_type_is_one_row(tmp_path: Path, kind: object) -> N
     assert (reject["record_number"], reject["reason_code"]) == (0, "bad_bundle")
     assert reject["reason"].startswith(f"Bundle.type {kind!r:.40} is not a known Bundle type")
     assert summary.files[0].records_in == 1
+
+
+@pytest.mark.parametrize("per_record", [False, True])
+def test_transaction_entries_without_ids_take_the_one_their_entry_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_record: bool
+) -> None:
+    # A client's transaction: the patient and a condition created by POST, named by temporary
+    # urn:uuid fullUrls (the condition refers to the patient so); a second condition updated by PUT
+    # with its id in the request URL; a third with neither, which has no identity in the export.
+    patient = {k: v for k, v in PATIENT.items() if k != "id"}
+    created = {k: v for k, v in condition(subject={"reference": "urn:uuid:4f0c"}).items() if k != "id"}
+    entries = [
+        {"fullUrl": "urn:uuid:4f0c", "resource": patient, "request": {"method": "POST", "url": "Patient"}},
+        {"fullUrl": "urn:uuid:77aa", "resource": created, "request": {"method": "POST", "url": "Condition"}},
+        {"resource": {**created, "subject": {"reference": "Patient/4f0c"}},
+         "request": {"method": "PUT", "url": "Condition/c42"}},
+        {"resource": created, "request": {"method": "POST", "url": "Condition"}},
+    ]
+    if per_record:
+        _per_record_only(monkeypatch)
+    _summary, quarantine = ingest_files(tmp_path, {"b.json": bundle("transaction", entries)})
+    conditions = pl.read_parquet(tmp_path / "out" / "conditions.parquet")
+    assert conditions.select("resource_id", "patient_id", "record_number").rows() == [
+        ("77aa", "4f0c", 2), ("c42", "4f0c", 3)]
+    assert pl.read_parquet(tmp_path / "out" / "patients.parquet")["patient_id"].to_list() == ["4f0c"]
+    assert quarantine.select("record_number", "reason_code").rows() == [(4, "missing_id")]
 
 
 def test_bundle_entry_without_resource(tmp_path: Path) -> None:
