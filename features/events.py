@@ -18,10 +18,11 @@ encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<cl
                     (not for a ``cancelled`` or only
                     ``planned`` visit)
 conditions, ...     the primary coding (``SNOMED//..``)  -                               time
-                    (not when the act did not happen:
-                    ``not-done``, ``cancelled``, ...,
-                    the diagnosis was ``refuted``, or
-                    an order says ``do_not_perform``)
+                    (not when the act did not happen:                                    (conditions,
+                    ``not-done``, ``cancelled``, ...,                                    allergies:
+                    the diagnosis was ``refuted``, or                                    the later of
+                    an order says ``do_not_perform``)                                    time and
+                                                                                         recorded_time)
 observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
                     when ``cancelled``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import polars as pl
 
-from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN, VISIT_DID_NOT_HAPPEN
+from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN, RECORDED_TYPES, TABLE_OF_TYPE, VISIT_DID_NOT_HAPPEN
 from features.schemas import CODES, EVENTS
 
 SUBJECT = pl.col("subject_id")
@@ -154,16 +155,22 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             pl.lit("encounters/") + pl.col("encounter_id"),
         ),
     ]
+    recorded = {TABLE_OF_TYPE[rt] for rt in RECORDED_TYPES}
     for name in CODED_TABLES:
         happened = _happened(DID_NOT_HAPPEN) & _happened(("refuted",), "verification_status")
         if name == "medications":
             # An order not to give the drug (an allergy, an interaction): the patient must not have it.
             happened = happened & ~pl.col("do_not_perform").fill_null(False)
+        time = pl.col("time")
+        if name in recorded:
+            # A diagnosis entered in 2018 with onset 2015 was not known in 2016: dated by its onset, it
+            # would be an input to predictions made before anyone recorded it.
+            time = pl.max_horizontal("time", "recorded_time")
         frames.append(
             _frame(
                 with_subject(name).filter(happened),
                 pl.col("code"),
-                pl.col("time"),
+                time,
                 no_num,
                 no_text,
                 "ehr",

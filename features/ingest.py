@@ -18,9 +18,10 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
 2. The tables feeds are read row by row and staged the same way.
 3. The patients, ``medication_codes`` (Medication resources) and ``binaries`` (Binary resources)
    tables are finalized first, then the others side by side on threads, each by a streaming polars
-   query: duplicates (same type and id) resolve to the first copy in file order (files sorted by
-   path, then line or entry number); rows whose patient is not in ``patients`` are dropped; both
-   become quarantine rows naming why. Medication orders that name their drug by a
+   query: duplicates (same type and id) resolve to the newest copy, by ``meta.lastUpdated``, then
+   ``meta.versionId`` (staged apart as ``record_versions``), then the first in file order (files
+   sorted by path, then line or entry number); rows whose patient is not in ``patients`` are
+   dropped; both become quarantine rows naming why. Medication orders that name their drug by a
    ``Medication/<id>`` reference, and DocumentReferences whose text is a ``Binary`` resource (an
    attachment URL), are staged apart and join ``medications`` and ``notes`` with that resource's
    codes or text; those whose resource is not in the export (or is not text) are quarantined.
@@ -59,7 +60,7 @@ import pyarrow.parquet as pq
 from features.errors import LandingZoneError
 from features.events import build_codes, build_events, merged_patients, most_common
 from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson, with_bundle_references
-from features.fhir.flatten import Origin, Row, flatten_resource
+from features.fhir.flatten import Origin, Row, flatten_resource, record_version
 from features.fhir.read import (
     UNIT_BYTES,
     RawRecord,
@@ -151,7 +152,8 @@ class IngestSummary:
     files: tuple[FileAccount, ...]
     table_rows: dict[str, int]
     quarantined_by_reason: dict[str, int]
-    # Records dropped as later copies of a record with the same type and id (also in quarantine).
+    # Records dropped as older (or, without a version, later) copies of a record with the same type
+    # and id (also in quarantine).
     duplicates: int
     fhir_resources_in: int
     elapsed_seconds: float
@@ -396,6 +398,9 @@ def _read_records(
             origin.full_urls = record.full_urls
             table, rows = flatten_resource(resource, origin, record.raw or None)
             buffers[table].extend(rows)
+            version = record_version(resource, origin)
+            if version is not None:
+                buffers["record_versions"].append(version)
         except RecordError as err:
             is_dict = isinstance(resource, dict)
             rt = resource.get("resourceType") if is_dict else None
@@ -728,20 +733,86 @@ def _drops(
 _NOT_IN_EXPORT = ", which is not in this export (or was quarantined: see its own row)"
 
 
+def _newest_first(keys: pl.DataFrame, ids: list[str], versions: pl.LazyFrame) -> pl.DataFrame:
+    """The copies of repeated ids (``keys``: ids and where each copy was read, in file order) with
+    their versions (``last_updated``, ``version_id``, and ``version_rank``, by which versionIds
+    compare), the copy to keep of each id first.
+
+    An export that holds a resource twice (two pages of a Bulk export, a Bundle beside the NDJSON,
+    a record amended after the first extract) holds an older and a newer copy: the newer one has
+    the death, the corrected code or the refuted diagnosis. So the copy kept is the latest by
+    ``meta.lastUpdated`` (UTC instants); then by the highest ``meta.versionId`` (compared as whole
+    numbers when every copy that gives one gives a whole number, else as text); then the first in
+    file order, as for copies that state no version. A copy that states a version ranks before one
+    that does not: the order must be one order over all copies, and only a stated version can show
+    that a copy is newer.
+    """
+    location = ["source_file", "record_number"]
+    stated = versions.join(keys.lazy().select(location), on=location, how="semi").collect()
+    copies = keys.join(stated, on=location, how="left", maintain_order="left")
+    version = pl.col("version_id")
+    whole = version.str.contains("^[0-9]+$")
+    numeric = whole.fill_null(True).all().over(ids)
+    # Whole numbers of any length compare as text once their leading zeros are cut and they are
+    # padded to one width (a FHIR id has at most 64 characters).
+    rank = pl.when(numeric).then(version.str.strip_chars_start("0").str.zfill(64)).otherwise(version)
+    return copies.with_columns(version_rank=rank).sort(
+        ["last_updated", "version_rank", *location], descending=[True, True, False, False], nulls_last=True,
+        maintain_order=True,
+    )
+
+
+def _instant_text(column: str) -> pl.Expr:
+    """A UTC time column as a FHIR instant (``2025-05-31T22:00:00Z``), for quarantine reasons."""
+    return pl.col(column).dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ")
+
+
 def _finalize_table(
-    table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path
+    table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path, versions: pl.LazyFrame
 ) -> tuple[int, pl.DataFrame, dict[str, int]]:
     """Write one final table; return its row count, the records dropped (with reason) and the
-    records it holds per source file (counted from the written file, for the accounting)."""
+    records it holds per source file (counted from the written file, for the accounting).
+
+    Of the copies of one id, the newest is kept (:func:`_newest_first`, by the staged
+    ``record_versions``); each other copy is a ``duplicate`` quarantine row naming the copy kept and why.
+    """
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
     candidates = staged.join(_repeated_ids(staged, ids), on=ids, how="semi", nulls_equal=True)
     keys = candidates.select(*ids, *location).unique().sort(location).collect()
+    if keys.height:
+        keys = _newest_first(keys, ids, versions)
+    else:
+        keys = keys.with_columns(
+            last_updated=pl.lit(None, dtype=pl.Datetime("us")),
+            version_id=pl.lit(None, dtype=pl.String),
+            version_rank=pl.lit(None, dtype=pl.String),
+        )
     first = keys.group_by(ids, maintain_order=True).agg(
-        pl.col("source_file").first().alias("kept_file"), pl.col("record_number").first().alias("kept_record")
+        pl.col("source_file").first().alias("kept_file"),
+        pl.col("record_number").first().alias("kept_record"),
+        pl.col("last_updated").first().alias("kept_updated"),
+        pl.col("version_id").first().alias("kept_version"),
+        pl.col("version_rank").first().alias("kept_rank"),
     )
     dropped = keys.join(first, on=ids, how="left", nulls_equal=True).filter(
         (pl.col("source_file") != pl.col("kept_file")) | (pl.col("record_number") != pl.col("kept_record"))
+    )
+    # Why the kept copy won: the first of its sort keys that differs from this copy's.
+    why = (
+        pl.when(pl.col("kept_updated").ne_missing(pl.col("last_updated")))
+        .then(
+            pl.lit("newer: lastUpdated ")
+            + _instant_text("kept_updated")
+            + pl.coalesce(pl.lit(", this copy's ") + _instant_text("last_updated"), pl.lit(", this copy has none"))
+        )
+        .when(pl.col("kept_rank").ne_missing(pl.col("version_rank")))
+        .then(
+            pl.lit("newer: versionId ")
+            + pl.col("kept_version")
+            + pl.coalesce(pl.lit(", this copy's ") + pl.col("version_id"), pl.lit(", this copy has none"))
+        )
+        .otherwise(pl.lit("first in file order"))
     )
     rtype = pl.col("resource_type") if "resource_type" in ids else pl.lit(RESOURCE_TYPE_OF_TABLE.get(table))
     label = (
@@ -763,7 +834,9 @@ def _finalize_table(
         + pl.col("kept_file")
         + pl.lit(" record ")
         + pl.col("kept_record").cast(pl.String)
-        + pl.lit(" is kept (first in file order)"),
+        + pl.lit(" is kept (")
+        + why
+        + pl.lit(")"),
     )
     # A record is kept or dropped whole, and counted once: a wide genomics row holds one row per
     # feature, and any feature seen before drops the row (no patient is left with half a panel).
@@ -1031,7 +1104,8 @@ def ingest_landing_zone(
 
         staged = {table: _staged(staging, table) for table in TABLES}
         first = ("patients", "medication_codes", "binaries")
-        finalized = {table: _finalize_table(table, staged[table], None, warehouse_dir) for table in first}
+        versions = _staged(staging, "record_versions")
+        finalized = {table: _finalize_table(table, staged[table], None, warehouse_dir, versions) for table in first}
         patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
         orders, unresolved_orders = resolve_medication_references(
             _staged(staging, "medication_references"), warehouse_dir / "medication_codes.parquet"
@@ -1057,7 +1131,7 @@ def ingest_landing_zone(
         others = sorted((table for table in TABLES if table not in first), key=lambda t: -_staged_bytes(staging, t))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
-                table: threads.submit(_finalize_table, table, staged[table], patient_ids, warehouse_dir)
+                table: threads.submit(_finalize_table, table, staged[table], patient_ids, warehouse_dir, versions)
                 for table in others
             }
             finalized.update({table: job.result() for table, job in pending.items()})
@@ -1221,7 +1295,7 @@ def events_after(warehouse_dir: Path, export_time: datetime) -> int:
 
 
 def quarantined_duplicates(warehouse_dir: Path) -> int:
-    """Number of quarantine rows that are later copies of an already kept record."""
+    """Number of quarantine rows that are other copies of a kept record (older, or later in file order)."""
     return int(
         pl.scan_parquet(warehouse_dir / "quarantine.parquet")
         .filter(pl.col("reason_code") == "duplicate")

@@ -205,8 +205,9 @@ CODED_EVENTS = pa.schema(
         pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
-"""Shared shape of conditions, procedures, medications (with one column more, see
-:data:`MEDICATIONS`), immunizations, allergies and diagnostic reports."""
+"""Shared shape of conditions and allergies (with one column more, see :data:`CONDITIONS`),
+procedures, medications (with one column more, see :data:`MEDICATIONS`), immunizations and
+diagnostic reports."""
 
 MEDICATIONS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),
@@ -217,6 +218,15 @@ MEDICATIONS = CODED_EVENTS.insert(
 )
 """MedicationRequests, -Statements and -Administrations: the coded-events shape, and whether an
 order forbids its drug."""
+
+CONDITIONS = CODED_EVENTS.insert(
+    CODED_EVENTS.get_field_index("source_file"),
+    # recordedDate: when the diagnosis or allergy was entered in the record; null when not given.
+    # ``time`` stays its onset, which may be years earlier: events date it by the later of the two,
+    # since no prediction made before it was recorded could have known of it.
+    pa.field("recorded_time", TIME, nullable=True),
+)
+"""Conditions and allergies (AllergyIntolerance): the coded-events shape, and when each was recorded."""
 
 MEDICATION_CODES = pa.schema(
     [
@@ -275,6 +285,21 @@ MEDICATION_REFERENCES = pa.schema(
 )
 """Ingest's staging form of a MedicationRequest, -Statement or -Administration whose drug is a
 ``Medication/<id>`` reference: it becomes a ``medications`` row once the Medication is read."""
+
+RECORD_VERSIONS = pa.schema(
+    [
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("record_number", pa.int64(), nullable=False),
+        # meta.lastUpdated, a FHIR instant, in UTC; null when absent or malformed.
+        pa.field("last_updated", TIME, nullable=True),
+        # meta.versionId as written (a FHIR id); null when absent or malformed.
+        pa.field("version_id", pa.string(), nullable=True),
+    ]
+)
+"""Ingest's staging of the version (``meta.lastUpdated``, ``meta.versionId``) of each FHIR record
+that states one, by where the record was read: when an export holds several copies of a resource,
+the newest is kept. Staged apart rather than as columns of every table: one row per record that
+has a version (none in most exports), and no written table changes shape."""
 
 OBSERVATIONS = pa.schema(
     [
@@ -525,11 +550,11 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "quarantine": QUARANTINE,
     "patients": PATIENTS,
     "encounters": ENCOUNTERS,
-    "conditions": CODED_EVENTS,
+    "conditions": CONDITIONS,
     "procedures": CODED_EVENTS,
     "medications": MEDICATIONS,
     "immunizations": CODED_EVENTS,
-    "allergies": CODED_EVENTS,
+    "allergies": CONDITIONS,
     "diagnostic_reports": CODED_EVENTS,
     "medication_codes": MEDICATION_CODES,
     "binaries": BINARIES,
@@ -556,5 +581,7 @@ STAGED_TABLES: dict[str, pa.Schema] = {
     "medication_references": MEDICATION_REFERENCES,
     "note_references": NOTE_REFERENCES,
     "binaries": BINARY_TEXTS,
+    "record_versions": RECORD_VERSIONS,
 }
-"""Every table ingest stages: the internal tables and forms that only exist until they are resolved."""
+"""Every table ingest stages: the internal tables, forms that only exist until they are resolved, and
+the FHIR records' versions (read when duplicates are resolved, never written)."""

@@ -2,10 +2,10 @@
 
 Stage: ingest. In: a block of NDJSON lines with their record numbers (a read unit of a Bulk-FHIR
 file, read type by type, or a batch's Bundle entries of one type re-serialized one per line). Out:
-:class:`FastRead`: rows of the normalized tables (Arrow, in :mod:`features.schemas` order) for the
-records it could clear, and the record numbers of every other record, which the caller hands to the
-per-record Python path (:mod:`features.fhir.flatten`). That path alone writes quarantine reasons:
-this module only ever decides that a record is clean.
+:class:`FastRead`: rows of the normalized tables (Arrow, in :mod:`features.schemas` order) and of
+``record_versions`` for the records it could clear, and the record numbers of every other record,
+which the caller hands to the per-record Python path (:mod:`features.fhir.flatten`). That path
+alone writes quarantine reasons: this module only ever decides that a record is clean.
 
 How a record is cleared, conservatively (anything unusual goes to the Python path):
 
@@ -23,8 +23,10 @@ How a record is cleared, conservatively (anything unusual goes to the Python pat
    (or an entry of the Bundle); code systems are in the vocabulary map, and a concept's one code
    is chosen among its codings as there (:func:`chosen_coding`); numbers are finite and
    not zero (``-0`` and ``0`` differ once decoded); a quantity's comparator is absent or one of
-   the FHIR codes; rare alternatives (``valueBoolean``, periods where a dateTime is usual, a
-   status whose first coding has no code) are left to the Python path.
+   the FHIR codes; a record's version (``meta.lastUpdated``, ``meta.versionId``) is an instant of
+   those forms with its zone and a FHIR id; rare alternatives (``valueBoolean``, periods where a
+   dateTime is usual, a status whose first coding has no code, any other ``meta``) are left to the
+   Python path.
 4. In strict mode a line must also validate against its ``fhir.resources.R4B`` model.
 
 Rows come out in line order (an Observation's own row, then its components), as the Python path
@@ -54,6 +56,7 @@ from features.fhir.specs import (
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
     QUANTITY_COMPARATORS,
+    RECORDED_TYPES,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
     VOCABULARY_PREFIXES,
@@ -72,6 +75,11 @@ _DATE_TEXT = (
 )
 """The date forms cleared here: a subset of :data:`features.fhir.validate._DATETIME` (no partial
 dates, at most microseconds, no leap second), so that parsing agrees with ``datetime.fromisoformat``."""
+_INSTANT_TEXT = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]((0[0-9]|1[0-3]):[0-5][0-9]|14:00))$"
+)
+"""The ``meta.lastUpdated`` forms cleared here: :data:`_DATE_TEXT` with a time and a zone (a FHIR instant)."""
 
 # ------------------------------------------------------------------------------------------------
 # Explicit schemas: every field the Python path reads for a type, and nothing else
@@ -192,11 +200,14 @@ SCHEMAS: dict[str, pa.Schema] = {
     **{rt: _coded_schema(rt) for rt in _CODED_FIELDS},
 }
 """Resource types with a fast path, and the fields decoded for each (with where each type says it
-was entered in error, added below)."""
+was entered in error, and its version, added below)."""
 for _rt, _elements in STATUS_ELEMENTS.items():
     for _element in _elements:
         if _element not in SCHEMAS[_rt].names:
             SCHEMAS[_rt] = SCHEMAS[_rt].append(pa.field(_element, _CODES if _element == "verificationStatus" else _S))
+for _rt in SCHEMAS:
+    # Which of several copies of a resource is the newest (features.fhir.flatten.record_version).
+    SCHEMAS[_rt] = SCHEMAS[_rt].append(pa.field("meta", pa.struct([("lastUpdated", _S), ("versionId", _S)])))
 
 
 def entered_in_error(frame: pl.DataFrame, resource_type: str) -> pl.Series:
@@ -214,6 +225,26 @@ def entered_in_error(frame: pl.DataFrame, resource_type: str) -> pl.Series:
         else:
             said = said | (column == ENTERED_IN_ERROR).fill_null(False)
     return frame.select(said.alias("said")).to_series()
+
+
+def record_versions(frame: pl.DataFrame, latest: datetime) -> pl.DataFrame | None:
+    """Per decoded record, its version as :func:`features.fhir.flatten.record_version` reads it
+    (``last_updated``, ``version_id``), and whether the fast path may read it (``usual``): a
+    lastUpdated in a form of :data:`_INSTANT_TEXT` and in range, a versionId that is a FHIR id. A
+    record with any other ``meta`` is left to the per-record path, which reads that as absent.
+    None when no record states a version (most exports): there is nothing to read."""
+    meta = pl.col("meta")
+    stamp, version = meta.struct.field("lastUpdated"), meta.struct.field("versionId")
+    if not frame.select((stamp.is_not_null() | version.is_not_null()).any()).item():
+        return None
+    parsed = _parsed_time(stamp)
+    return frame.select(
+        last_updated=parsed,
+        version_id=version,
+        usual=(stamp.is_null() | (stamp.str.contains(_INSTANT_TEXT) & parsed.is_between(EARLIEST, latest)))
+        .fill_null(False)
+        & (version.is_null() | fhir_id(version)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -714,6 +745,12 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             status.alias("status"),
             verification.alias("verification_status"),
         ]
+        if rt in RECORDED_TYPES:
+            # flatten._recorded_time: read (and checked) even when the onset gives the time.
+            # recordedDate is one of the time fields, parsed already.
+            recorded = fhir_time(pl.col("recordedDate"), ctx.latest, pl.col("__time_recordedDate"))
+            checks.append(pl.col("recordedDate").is_null() | recorded.ok)
+            coded.append(recorded.value.alias("recorded_time"))
         if rt not in MEDICATION_TYPES:
             return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])
         # flatten._do_not_perform: only a MedicationRequest has the element.
@@ -1069,15 +1106,27 @@ def read_lines(
     keep = keep[ok]
     frame = pl.from_arrow(decoded)
     assert isinstance(frame, pl.DataFrame)
-    withdrawn = entered_in_error(frame, resource_type)
-    if withdrawn.any():
-        frame = frame.filter(~withdrawn)
-        keep = keep[~withdrawn.to_numpy()]
+    versions = record_versions(frame, ctx.latest)
+    # Withdrawn records and rarer forms of meta are the per-record path's.
+    aside = entered_in_error(frame, resource_type)
+    if versions is not None:
+        aside = aside | ~versions.get_column("usual")
+    if aside.any():
+        frame = frame.filter(~aside)
+        versions = versions.filter(~aside) if versions is not None else None
+        keep = keep[~aside.to_numpy()]
     if not len(keep):
         return everything
     taken = pl.Series(keep)
     frame = frame.with_columns(__file=files.gather(taken), __line=numbers.gather(taken))
     clear, tables = BUILDERS[resource_type](frame, ctx)
+    if versions is not None:
+        stated = pl.col("last_updated").is_not_null() | pl.col("version_id").is_not_null()
+        versions = versions.with_columns(
+            source_file=frame.get_column("__file"), record_number=frame.get_column("__line"), __clear=clear
+        ).filter(pl.col("__clear") & stated)
+        if versions.height:
+            tables["record_versions"] = versions
     slow = np.ones(len(starts), dtype=bool)
     slow[keep[clear.to_numpy()]] = False
     return FastRead({table: _cast(rows, table) for table, rows in tables.items()}, np.flatnonzero(slow), starts, ends)

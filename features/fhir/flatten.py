@@ -3,7 +3,9 @@
 Stage: ingest. In: one parsed resource (a ``dict``) and where it came from. Out: the name of its
 table (:data:`features.fhir.specs.TABLE_OF_TYPE`, or ``raw_unknown``) and its rows as tuples in the
 column order of that table's schema in :mod:`features.schemas`. A field the pipeline uses that is
-missing or malformed raises :class:`features.fhir.validate.RecordError`; nothing is guessed.
+missing or malformed raises :class:`features.fhir.validate.RecordError`; nothing is guessed. Beside
+them, :func:`record_version` gives the resource's version (a ``record_versions`` row), by which the
+ingest keeps the newest of several copies; a malformed version is read as absent (see there).
 
 This is the per-record path of the ingest: it works on plain dicts and tuples, and it alone words
 quarantine reasons. :mod:`features.fhir.columnar` mirrors its rules column-wise for the common
@@ -31,6 +33,7 @@ from features.fhir.specs import (
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
     QUANTITY_COMPARATORS,
+    RECORDED_TYPES,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
     listed_prefix,
@@ -341,6 +344,8 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
         )
         if rt in MEDICATION_TYPES:
             row = (*row, _do_not_perform(res, rt))
+        elif rt in RECORDED_TYPES:
+            row = (*row, _recorded_time(res, rt, origin))
         return [(*row, origin.source_file, origin.record_number)]
 
     return flatten
@@ -354,6 +359,14 @@ def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
     if flag is not None and not isinstance(flag, bool):
         raise RecordError("bad_type", f"{rt}.doNotPerform should be true or false, found {flag!r:.40}")
     return flag
+
+
+def _recorded_time(res: dict[str, Any], rt: str, origin: Origin) -> datetime | None:
+    """A Condition's or AllergyIntolerance's ``recordedDate``, or None when it has none. Read even
+    when the onset gives the time: the event is dated by the later of the two (a diagnosis entered
+    in 2018 with onset 2015 was not known in 2016), so a malformed one is refused, not skipped."""
+    value = res.get("recordedDate")
+    return parse_datetime(value, f"{rt}.recordedDate", origin.latest) if value is not None else None
 
 
 def _time_and_status(
@@ -616,14 +629,22 @@ def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, st
     if res.get("date") is not None:
         time = parse_datetime(res["date"], "DocumentReference.date", origin.latest)
     else:
-        # The period of care the note documents: its start, else its end (as in _time).
+        # The period of care the note documents: its end, else its start. A note on a stay (a
+        # discharge summary) is written at or after its end: dated at the admission, it would be an
+        # input to predictions made during the stay, before it was written.
         context = res.get("context")
         period = context.get("period") if isinstance(context, dict) else None
         period = period if isinstance(period, dict) else {}
-        key = "start" if period.get("start") is not None else "end"
-        if period.get(key) is None:
-            raise RecordError("missing_date", "DocumentReference has neither date nor context.period.start or .end")
-        time = parse_datetime(period[key], f"DocumentReference.context.period.{key}", origin.latest)
+        where = "DocumentReference.context.period"
+        start, end = period.get("start"), period.get("end")
+        if end is not None:
+            time = parse_datetime(end, f"{where}.end", origin.latest)
+            if start is not None and time < parse_datetime(start, f"{where}.start", origin.latest):
+                raise RecordError("bad_date", f"{where}.end is before period.start")
+        elif start is not None:
+            time = parse_datetime(start, f"{where}.start", origin.latest)
+        else:
+            raise RecordError("missing_date", "DocumentReference has neither date nor context.period.end or .start")
     return patient, time, note_type_slug(_display(res.get("type")) or "document")
 
 
@@ -709,6 +730,39 @@ def entered_in_error_at(res: dict[str, Any], rt: str) -> str | None:
         elif value == ENTERED_IN_ERROR:
             return element
     return None
+
+
+_INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
+"""The shape of a FHIR ``instant``: a dateTime to the second with its zone (``parse_datetime`` checks the rest)."""
+
+
+def record_version(res: dict[str, Any], origin: Origin) -> Row | None:
+    """The ``record_versions`` row (:data:`features.schemas.RECORD_VERSIONS`) of a resource that
+    states its version: ``meta.lastUpdated`` as naive UTC and ``meta.versionId``; None when it
+    states neither.
+
+    ``meta`` is no modifier: it says nothing about the patient, only which of several copies of a
+    resource is the newest. So a malformed value (a lastUpdated that is not a FHIR instant, or is
+    dated after the export; a versionId that is not a FHIR id) is read as absent rather than
+    quarantining a record whose clinical content is sound; that copy then ranks after the copies
+    that state a version, as a copy without ``meta`` does.
+    """
+    meta = res.get("meta")
+    if not isinstance(meta, dict):
+        return None
+    stamp = meta.get("lastUpdated")
+    updated: datetime | None = None
+    if isinstance(stamp, str) and _INSTANT.fullmatch(stamp) is not None:
+        try:
+            updated = parse_datetime(stamp, "meta.lastUpdated", origin.latest)
+        except RecordError:
+            updated = None  # absent, as above
+    version = meta.get("versionId")
+    if not isinstance(version, str) or FHIR_ID.fullmatch(version) is None:
+        version = None
+    if updated is None and version is None:
+        return None
+    return (origin.source_file, origin.record_number, updated, version)
 
 
 def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = None) -> tuple[str, list[Row]]:

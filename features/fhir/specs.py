@@ -77,9 +77,15 @@ MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdmin
 """Types that name their drug by ``medicationCodeableConcept`` or by a ``medicationReference`` to a
 ``Medication`` (contained in the record, or elsewhere in the export)."""
 
+RECORDED_TYPES = ("Condition", "AllergyIntolerance")
+"""Types whose ``recordedDate`` (when the record was entered) is kept beside their onset, as
+``recorded_time``: a diagnosis or an allergy is often entered with an onset years back ("diabetes
+since 2015", "penicillin allergy since childhood"), and was not known before it was recorded."""
+
 CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
 """Tables of the shared :data:`features.schemas.CODED_EVENTS` shape (``medications`` with
-``do_not_perform`` beside it: :data:`features.schemas.MEDICATIONS`)."""
+``do_not_perform`` beside it: :data:`features.schemas.MEDICATIONS`; ``conditions`` and
+``allergies`` with ``recorded_time``: :data:`features.schemas.CONDITIONS`)."""
 
 ENTERED_IN_ERROR = "entered-in-error"
 STATUS_ELEMENTS: dict[str, tuple[str, ...]] = {

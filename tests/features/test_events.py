@@ -9,7 +9,10 @@ import orjson
 import polars as pl
 from polars.testing import assert_frame_equal
 
+from features.events import event_frames
+from features.fhir.specs import CODED_TABLES
 from features.ingest import ingest_landing_zone
+from features.schemas import INTERNAL_TABLES
 
 
 def observation(rid: str, code: str, display: str | None, components: list[tuple[str, str]] | None = None) -> bytes:
@@ -57,3 +60,52 @@ def test_codes_describe_every_event_code_by_its_most_common_display(tmp_path: Pa
         schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
     )
     assert_frame_equal(pl.read_parquet(tmp_path / "out" / "codes.parquet"), expected)
+
+
+def _schema(table: str) -> pl.Schema:
+    frame = pl.from_arrow(INTERNAL_TABLES[table].empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame.schema
+
+
+def test_conditions_and_allergies_are_dated_by_the_later_of_onset_and_recorded_time() -> None:
+    # A diagnosis entered in 2018 with onset 2015 is an event of 2018: before, nobody knew of it. A
+    # record without recorded_time keeps its onset; one recorded before its onset keeps the onset.
+    names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
+    tables = {name: pl.LazyFrame(schema=_schema(name)) for name in names}
+    tables["patients"] = pl.LazyFrame(
+        [{"patient_id": "p1", "subject_id": 7, "source_file": "f", "record_number": 1}], schema=_schema("patients")
+    )
+
+    def coded(table: str, rows: list[tuple[str, datetime, datetime | None]]) -> pl.LazyFrame:
+        return pl.LazyFrame(
+            [
+                {"resource_id": rid, "resource_type": "Condition", "patient_id": "p1", "time": time,
+                 "code": "SNOMED//44054006", "codes": ["SNOMED//44054006"], "recorded_time": recorded,
+                 "source_file": "f", "record_number": 1}
+                for rid, time, recorded in rows
+            ],
+            schema=_schema(table),
+        )
+
+    tables["conditions"] = coded("conditions", [
+        ("late", datetime(2015, 6, 1), datetime(2018, 2, 1, 9)),
+        ("unrecorded", datetime(2016, 1, 1), None),
+        ("recorded-first", datetime(2021, 1, 1), datetime(2020, 12, 1)),
+    ])
+    tables["allergies"] = coded("allergies", [("allergy", datetime(2000, 1, 1), datetime(2019, 3, 4))])
+
+    events = pl.concat(event_frames(tables)).collect()
+    expected = pl.DataFrame(
+        {
+            "subject_id": [7, 7, 7, 7],
+            "time": [datetime(2018, 2, 1, 9), datetime(2016, 1, 1), datetime(2021, 1, 1), datetime(2019, 3, 4)],
+            "code": ["SNOMED//44054006"] * 4,
+            "numeric_value": [None] * 4,
+            "text_value": [None] * 4,
+            "modality": ["ehr"] * 4,
+            "source": ["conditions/late", "conditions/unrecorded", "conditions/recorded-first", "allergies/allergy"],
+        },
+        schema=events.schema,
+    )
+    assert_frame_equal(events, expected)

@@ -1137,7 +1137,8 @@ def test_a_period_with_only_an_end_is_timed_by_its_end_on_both_paths(
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source").str.ends_with("-end"))
     assert events.select("source", "time").rows() == [
         ("encounters/e-end", at_end),
-        ("conditions/c-end", datetime(2021, 3, 1)),
+        # Its onset ended on March 1st, but it was recorded on the 5th: the event is dated then.
+        ("conditions/c-end", datetime(2021, 3, 5)),
         ("medications/ms-end", at_end),
         ("procedures/pr-end", at_end),
         ("observations/o-end", at_end),
@@ -1205,3 +1206,363 @@ def test_do_not_perform_end_only_periods_and_local_first_codings_damaged_in_turn
     assert lines_in == len(WRONG_VALUES) * 149 and fast.balanced  # 149 fields
     quarantined = sum(fast.quarantined_by_reason.values())
     assert 100 < quarantined < lines_in - 100, fast.quarantined_by_reason
+
+
+def test_the_newest_copy_of_a_duplicated_resource_is_kept_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An export that holds a resource twice (two extracts, a Bundle beside the NDJSON) keeps the
+    # latest copy by meta.lastUpdated, then by the highest meta.versionId (whole numbers as numbers),
+    # then the first in file order. A malformed version is read as absent, never quarantined.
+    def patient(**fields: object) -> dict[str, object]:
+        return {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1950-01-01", **fields}
+
+    def condition(rid: str, code: str, **fields: object) -> dict[str, object]:
+        return {"resourceType": "Condition", "id": rid, "subject": {"reference": "Patient/p1"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]},
+                "onsetDateTime": "2020-01-01", **fields}
+
+    def meta(updated: object = None, version: object = None) -> dict[str, object]:
+        return {"meta": {k: v for k, v in (("lastUpdated", updated), ("versionId", version)) if v is not None}}
+
+    def others(value: float, status: str, name: str, **version: object) -> list[dict[str, object]]:
+        # Tables of other shapes: an Observation of two rows, an order naming its drug by
+        # reference (resolved after the Medications), a resource kept raw.
+        loinc = {"coding": [{"system": "http://loinc.org", "code": "85354-9"}]}
+        part = {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                "valueQuantity": {"value": value}}
+        return [
+            {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"},
+             "code": loinc, "effectiveDateTime": "2020-01-01", "component": [part, part], **meta(**version)},
+            {"resourceType": "MedicationRequest", "id": "mr1", "status": status, "subject": {"reference": "Patient/p1"},
+             "authoredOn": "2020-01-01", "medicationReference": {"reference": "Medication/m1"}, **meta(**version)},
+            {"resourceType": "Organization", "id": "org1", "name": name, **meta(**version)},
+        ]
+
+    same = "2024-01-01T00:00:00Z"
+    first = [
+        patient(**meta("2024-01-01T00:00:00Z", "1")),
+        condition("c-updated", "1", **meta("2024-03-01T10:00:00Z", "7")),
+        condition("c-version", "1", **meta(same, "9")),
+        condition("c-text", "1", **meta(same, "2")),
+        condition("c-tie", "1", **meta(same, "3")),
+        condition("c-none", "1"),
+        condition("c-only-second", "1"),
+        condition("c-malformed", "1", **meta("2024-13-01T00:00:00Z", 8)),
+        condition("c-three", "1", **meta("2024-01-01T00:00:00Z")),
+        *others(1.0, "active", "Old name", version="2"),
+    ]
+    second = [
+        # The newer copy says the patient died; its zone (+02:00) is converted to UTC.
+        patient(deceasedDateTime="2025-05-30T08:00:00Z", **meta("2025-06-01T00:00:00+02:00", "2")),
+        condition("c-updated", "2", **meta("2024-02-01T10:00:00.250Z", "8")),
+        condition("c-version", "2", **meta(same, "10")),
+        condition("c-text", "2", **meta(same, "x1")),
+        condition("c-tie", "2", **meta(same, "03")),
+        condition("c-none", "2"),
+        condition("c-only-second", "2", **meta(version="1")),
+        condition("c-malformed", "2", **meta("2020-01-01T00:00:00Z")),
+        condition("c-three", "2", **meta("2024-06-01T00:00:00Z")),
+        *others(2.0, "stopped", "New name", version="3"),
+        {"resourceType": "Medication", "id": "m1", "code": {"coding": [{"system": "http://loinc.org", "code": "1"}]}},
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    (landing / "a").mkdir(parents=True)
+    (landing / "b").mkdir()
+    (landing / "a" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, first)) + b"\n")
+    (landing / "b" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, second)) + b"\n")
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [{"fullUrl": "urn:uuid:u-c", "resource": condition("c-three", "3", **meta("2024-09-01T00:00:00Z"))}],
+    }
+    (landing / "c.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"duplicate": 13} and fast.duplicates == 13
+    patients = pl.read_parquet(tmp_path / "fast" / "patients.parquet")
+    assert patients.select("patient_id", "death_time", "deceased", "source_file").rows() == [
+        ("p1", datetime(2025, 5, 30, 8), True, "fhir/b/export.ndjson")
+    ]
+    conditions = pl.read_parquet(tmp_path / "fast" / "conditions.parquet")
+    assert conditions.select("resource_id", "code", "source_file", "record_number").rows() == [
+        ("c-updated", "SNOMED//1", "fhir/a/export.ndjson", 2),
+        ("c-tie", "SNOMED//1", "fhir/a/export.ndjson", 5),
+        ("c-none", "SNOMED//1", "fhir/a/export.ndjson", 6),
+        ("c-version", "SNOMED//2", "fhir/b/export.ndjson", 3),
+        ("c-text", "SNOMED//2", "fhir/b/export.ndjson", 4),
+        ("c-only-second", "SNOMED//2", "fhir/b/export.ndjson", 7),
+        ("c-malformed", "SNOMED//2", "fhir/b/export.ndjson", 8),
+        ("c-three", "SNOMED//3", "fhir/c.json", 1),
+    ]
+    observations = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert observations.select("resource_id", "numeric_value", "source_file", "record_number").rows() == [
+        ("o1", 2.0, "fhir/b/export.ndjson", 10), ("o1", 2.0, "fhir/b/export.ndjson", 10)
+    ]
+    medications = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
+    assert medications.select("resource_id", "code", "status", "source_file", "record_number").rows() == [
+        ("mr1", "LOINC//1", "stopped", "fhir/b/export.ndjson", 11)
+    ]
+    raw = pl.read_parquet(tmp_path / "fast" / "raw_unknown.parquet")
+    assert raw.select("resource_id", "source_file", "record_number").rows() == [("org1", "fhir/b/export.ndjson", 12)]
+    deaths = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "MEDS_DEATH")
+    assert deaths.select("time", "source").rows() == [(datetime(2025, 5, 30, 8), "patients/p1")]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    kept = "the copy in fhir/{} is kept ({})"
+    assert quarantine.select("source_file", "record_number", "resource_id", "reason").rows() == [
+        ("fhir/a/export.ndjson", 1, "p1", "duplicate of Patient/p1: " + kept.format(
+            "b/export.ndjson record 1", "newer: lastUpdated 2025-05-31T22:00:00Z, this copy's 2024-01-01T00:00:00Z")),
+        ("fhir/a/export.ndjson", 3, "c-version", "duplicate of Condition/c-version: " + kept.format(
+            "b/export.ndjson record 3", "newer: versionId 10, this copy's 9")),
+        ("fhir/a/export.ndjson", 4, "c-text", "duplicate of Condition/c-text: " + kept.format(
+            "b/export.ndjson record 4", "newer: versionId x1, this copy's 2")),
+        ("fhir/a/export.ndjson", 7, "c-only-second", "duplicate of Condition/c-only-second: " + kept.format(
+            "b/export.ndjson record 7", "newer: versionId 1, this copy has none")),
+        ("fhir/a/export.ndjson", 8, "c-malformed", "duplicate of Condition/c-malformed: " + kept.format(
+            "b/export.ndjson record 8", "newer: lastUpdated 2020-01-01T00:00:00Z, this copy has none")),
+        ("fhir/a/export.ndjson", 9, "c-three", "duplicate of Condition/c-three: " + kept.format(
+            "c.json record 1", "newer: lastUpdated 2024-09-01T00:00:00Z, this copy's 2024-01-01T00:00:00Z")),
+        *((
+            "fhir/a/export.ndjson", number, rid, f"duplicate of {rt}/{rid}: " + kept.format(
+                f"b/export.ndjson record {number}", "newer: versionId 3, this copy's 2")
+        ) for number, rt, rid in ((10, "Observation", "o1"), (11, "MedicationRequest", "mr1"),
+                                  (12, "Organization", "org1"))),
+        ("fhir/b/export.ndjson", 2, "c-updated", "duplicate of Condition/c-updated: " + kept.format(
+            "a/export.ndjson record 2",
+            "newer: lastUpdated 2024-03-01T10:00:00Z, this copy's 2024-02-01T10:00:00.250Z")),
+        ("fhir/b/export.ndjson", 5, "c-tie", "duplicate of Condition/c-tie: " + kept.format(
+            "a/export.ndjson record 5", "first in file order")),
+        ("fhir/b/export.ndjson", 6, "c-none", "duplicate of Condition/c-none: " + kept.format(
+            "a/export.ndjson record 6", "first in file order")),
+        ("fhir/b/export.ndjson", 9, "c-three", "duplicate of Condition/c-three: " + kept.format(
+            "c.json record 1", "newer: lastUpdated 2024-09-01T00:00:00Z, this copy's 2024-06-01T00:00:00Z")),
+    ]
+    # The fast path itself read the usual versions (and staged them) and left the per-record path
+    # the malformed one, which it reads as absent (and the lines beside it, as the decoder rejects
+    # its numeric versionId: the row its message names can be off by one), and the Organization, a
+    # type without a fast path.
+    read = read_ndjson((landing / "a" / "export.ndjson").read_bytes(), "fhir/a/export.ndjson", 1, EXPORT)
+    assert [first[line]["id"] for line in read.slow.tolist()] == ["c-only-second", "c-malformed", "c-three", "org1"]
+    versions = pl.from_arrow(read.tables["record_versions"])
+    assert isinstance(versions, pl.DataFrame)
+    assert versions.select("record_number", "last_updated", "version_id").rows() == [
+        (1, datetime(2024, 1, 1), "1"),
+        (2, datetime(2024, 3, 1, 10), "7"),
+        (3, datetime(2024, 1, 1), "9"),
+        (4, datetime(2024, 1, 1), "2"),
+        (5, datetime(2024, 1, 1), "3"),
+        (10, None, "2"),
+        (11, None, "2"),
+    ]
+
+
+def test_conditions_and_allergies_are_events_from_when_they_were_recorded_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A diagnosis entered in 2018 with onset 2015 was not known in 2016: its table keeps the onset
+    # as time and the recordedDate as recorded_time, and its event is dated by the later of the two.
+    # AllergyIntolerance alike. A malformed recordedDate is refused, on both paths.
+    def record(rt: str, rid: str, **times: object) -> dict[str, object]:
+        who = "patient" if rt == "AllergyIntolerance" else "subject"
+        return {"resourceType": rt, "id": rid, who: {"reference": "Patient/p1"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}, **times}
+
+    good = [
+        {"resourceType": "Patient", "id": "p1"},
+        record("Condition", "c-late", onsetDateTime="2015-06-01", recordedDate="2018-02-01T09:00:00Z"),
+        record("Condition", "c-same", onsetDateTime="2019-01-01T10:00:00Z", recordedDate="2019-01-01T10:00:00Z"),
+        record("Condition", "c-unrecorded", onsetDateTime="2016-01"),
+        record("Condition", "c-recorded-only", recordedDate="2020-05-01T08:30:00-04:00"),
+        record("Condition", "c-recorded-first", onsetDateTime="2021-01-01", recordedDate="2020-12-01"),
+        record("Condition", "c-period", onsetPeriod={"start": "2010-01-01"}, recordedDate="2012-03-04"),
+        record("AllergyIntolerance", "a-late", onsetDateTime="2000-01-01", recordedDate="2019-03-04"),
+        record("AllergyIntolerance", "a-recorded-only", recordedDate="2019-03-05"),
+    ]
+    bad = [
+        record("Condition", "c-impossible", onsetDateTime="2015-06-01", recordedDate="2018-02-30"),
+        record("Condition", "c-future", onsetDateTime="2015-06-01", recordedDate="2099-01-01"),
+        record("AllergyIntolerance", "a-number", onsetDateTime="2015-06-01", recordedDate=2018),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "good.ndjson").write_bytes(b"\n".join(map(orjson.dumps, good)) + b"\n")
+    (landing / "bad.ndjson").write_bytes(b"\n".join(map(orjson.dumps, bad)) + b"\n")
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [{"fullUrl": "urn:uuid:u-c", "resource": record("Condition", "b-late", onsetDateTime="2014-01-01",
+                                                                 recordedDate="2017-07-07T07:00:00Z")}],
+    }
+    (landing / "bundle.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_date": 1, "future_date": 1, "bad_type": 1}
+    conditions = pl.read_parquet(tmp_path / "fast" / "conditions.parquet")
+    assert conditions.columns[-4:] == ["verification_status", "recorded_time", "source_file", "record_number"]
+    assert conditions.select("resource_id", "time", "recorded_time").rows() == [
+        ("b-late", datetime(2014, 1, 1), datetime(2017, 7, 7, 7)),
+        ("c-late", datetime(2015, 6, 1), datetime(2018, 2, 1, 9)),
+        ("c-same", datetime(2019, 1, 1, 10), datetime(2019, 1, 1, 10)),
+        ("c-unrecorded", datetime(2016, 1, 1), None),
+        ("c-recorded-only", datetime(2020, 5, 1, 12, 30), datetime(2020, 5, 1, 12, 30)),
+        ("c-recorded-first", datetime(2021, 1, 1), datetime(2020, 12, 1)),
+        ("c-period", datetime(2010, 1, 1), datetime(2012, 3, 4)),
+    ]
+    allergies = pl.read_parquet(tmp_path / "fast" / "allergies.parquet")
+    assert allergies.columns == conditions.columns
+    assert allergies.select("resource_id", "time", "recorded_time").rows() == [
+        ("a-late", datetime(2000, 1, 1), datetime(2019, 3, 4)),
+        ("a-recorded-only", datetime(2019, 3, 5), datetime(2019, 3, 5)),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "SNOMED//44054006")
+    assert events.select("source", "time").rows() == [
+        ("conditions/b-late", datetime(2017, 7, 7, 7)),
+        ("conditions/c-late", datetime(2018, 2, 1, 9)),
+        ("conditions/c-same", datetime(2019, 1, 1, 10)),
+        ("conditions/c-unrecorded", datetime(2016, 1, 1)),
+        ("conditions/c-recorded-only", datetime(2020, 5, 1, 12, 30)),
+        ("conditions/c-recorded-first", datetime(2021, 1, 1)),
+        ("conditions/c-period", datetime(2012, 3, 4)),
+        ("allergies/a-late", datetime(2019, 3, 4)),
+        ("allergies/a-recorded-only", datetime(2019, 3, 5)),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("c-impossible", "bad_date",
+         "Condition.recordedDate '2018-02-30' is not a real date (day is out of range for month)"),
+        ("c-future", "future_date", "Condition.recordedDate '2099-01-01' is after the export time 2026-01-01T00:00:00"),
+        ("a-number", "bad_type", "AllergyIntolerance.recordedDate should be a date string, found int 2018"),
+    ]
+    # The fast path itself read every recordedDate of the usual forms (the partial onset date is the
+    # per-record path's).
+    read = read_ndjson((landing / "good.ndjson").read_bytes(), "fhir/good.ndjson", 1, EXPORT)
+    assert [good[line]["id"] for line in read.slow.tolist()] == ["c-unrecorded"]
+
+
+def test_notes_without_a_date_are_dated_by_the_end_of_their_stay_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A DocumentReference without ``date`` is dated by the period of care it documents: a note on a
+    # stay (a discharge summary) is written at or after its end, so its end, else its start. A
+    # Period whose end is malformed or before its start is refused.
+    text: dict[str, object] = {"contentType": "text/plain", "data": base64.b64encode(b"Discharged home.").decode()}
+
+    def doc(
+        rid: str, period: object = None, attachment: dict[str, object] = text, **fields: object
+    ) -> dict[str, object]:
+        context = {} if period is None else {"context": {"period": period}}
+        return {"resourceType": "DocumentReference", "id": rid, "status": "current",
+                "subject": {"reference": "Patient/p1"}, "type": {"text": "Discharge summary"},
+                "content": [{"attachment": attachment}], **context, **fields}
+
+    start, end = "2021-01-01T10:00:00Z", "2021-01-05T16:00:00+01:00"
+    notes = [
+        doc("d-stay", {"start": start, "end": end}),
+        doc("d-start", {"start": start}),
+        doc("d-end", {"end": end}),
+        doc("d-dated", {"start": start, "end": end}, date="2021-01-03T09:00:00Z"),
+        doc("d-binary", {"start": start, "end": end}, {"contentType": "text/plain", "url": "Binary/b1"}),
+        doc("d-reversed", {"start": end, "end": start}),
+        doc("d-bad-end", {"start": start, "end": "2021-02-30"}),
+        doc("d-bad-start", {"start": "2021-13-01", "end": end}),
+        doc("d-empty", {}),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}) + b"\n")
+    (landing / "notes.ndjson").write_bytes(b"\n".join(map(orjson.dumps, notes)) + b"\n")
+    binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain",
+              "data": base64.b64encode(b"In a Binary.").decode()}
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": "urn:uuid:u-b", "resource": binary},
+                        {"fullUrl": "urn:uuid:u-d", "resource": doc("b-stay", {"start": start, "end": end})}]}
+    (landing / "bundle.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_date": 3, "missing_date": 1}
+    at_end, at_start = datetime(2021, 1, 5, 15), datetime(2021, 1, 1, 10)
+    table = pl.read_parquet(tmp_path / "fast" / "notes.parquet")
+    assert table.select("note_id", "time", "note_type", "text").rows() == [
+        ("b-stay", at_end, "discharge_summary", "Discharged home."),
+        ("d-stay", at_end, "discharge_summary", "Discharged home."),
+        ("d-start", at_start, "discharge_summary", "Discharged home."),
+        ("d-end", at_end, "discharge_summary", "Discharged home."),
+        ("d-dated", datetime(2021, 1, 3, 9), "discharge_summary", "Discharged home."),
+        ("d-binary", at_end, "discharge_summary", "In a Binary."),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("modality") == "notes")
+    assert events.select("time", "code", "text_value").rows() == [
+        (at_end, "NOTE//discharge_summary", note) for note in ("b-stay", "d-stay")
+    ] + [(at_start, "NOTE//discharge_summary", "d-start"), (at_end, "NOTE//discharge_summary", "d-end"),
+         (datetime(2021, 1, 3, 9), "NOTE//discharge_summary", "d-dated"),
+         (at_end, "NOTE//discharge_summary", "d-binary")]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("d-reversed", "bad_date", "DocumentReference.context.period.end is before period.start"),
+        ("d-bad-end", "bad_date",
+         "DocumentReference.context.period.end '2021-02-30' is not a real date (day is out of range for month)"),
+        ("d-bad-start", "bad_date",
+         "DocumentReference.context.period.start '2021-13-01' is not a FHIR date/dateTime"),
+        ("d-empty", "missing_date", "DocumentReference has neither date nor context.period.end or .start"),
+    ]
+    # The fast path reads ``date`` alone: every note dated by its context is the per-record path's.
+    read = read_ndjson((landing / "notes.ndjson").read_bytes(), "fhir/notes.ndjson", 1, EXPORT)
+    assert [notes[line]["id"] for line in read.slow.tolist()] == [
+        note["id"] for note in notes if note["id"] != "d-dated"
+    ]
+
+
+def test_versions_recorded_dates_and_note_periods_damaged_in_turn_equal_per_record_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fields read to keep the newest copy (meta.lastUpdated, meta.versionId), to date a diagnosis
+    # or allergy when it was recorded (recordedDate) and a note by its stay (context.period), each
+    # field set to each wrong value in turn, every line beside a rival copy of its id (the same
+    # instant in another zone, a lower versionId): the fast path may only clear a line the
+    # per-record path keeps as it is, and both must keep the same copy.
+    patient = {"reference": "Patient/p1"}
+    snomed = {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}
+    text = {"contentType": "text/plain", "data": base64.b64encode(b"Discharged home.").decode()}
+    resources: list[dict[str, object]] = [
+        {"resourceType": "Condition", "id": "c", "subject": patient, "code": snomed,
+         "onsetDateTime": "2015-06-01", "recordedDate": "2018-02-01T09:00:00Z"},
+        {"resourceType": "AllergyIntolerance", "id": "a", "patient": patient, "code": snomed,
+         "onsetDateTime": "2000-01-01", "recordedDate": "2019-03-04"},
+        {"resourceType": "Observation", "id": "o", "status": "final", "subject": patient,
+         "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+         "effectiveDateTime": "2021-01-02T10:00:00Z", "valueQuantity": {"value": 1.2, "unit": "mg/dL"}},
+        {"resourceType": "DocumentReference", "id": "d", "status": "current", "subject": patient,
+         "type": {"text": "Discharge summary"}, "content": [{"attachment": text}],
+         "context": {"period": {"start": "2021-01-01T10:00:00Z", "end": "2021-01-05"}}},
+        {"resourceType": "Patient", "id": "p", "birthDate": "1950-01-01"},
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}) + b"\n")
+    lines_in = 0
+    for resource in resources:
+        resource["meta"] = {"lastUpdated": "2023-01-01T00:00:00.5+02:00", "versionId": "7"}
+        rival = {**resource, "meta": {"lastUpdated": "2022-12-31T22:00:00.500Z", "versionId": "6"}}
+        for field, variants in enumerate(damages_by_field(resource)):
+            lines, rivals = [], []
+            for variant in variants:
+                # A fresh id per line (unless the id is what is damaged), shared with its rival only.
+                if variant.get("id") == resource["id"]:
+                    variant["id"] = f"{resource['id']}-{lines_in + len(lines)}"
+                lines.append(orjson.dumps(variant))
+                rivals.append(orjson.dumps({**rival, "id": variant.get("id")}))
+            name = f"{resource['resourceType']}.{field:03d}"
+            (landing / f"{name}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+            (landing / f"{name}.rival.ndjson").write_bytes(b"\n".join(rivals) + b"\n")
+            lines_in += len(lines)
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert lines_in == len(WRONG_VALUES) * 65 and fast.balanced  # 65 fields, each line with its rival
+    quarantined = sum(fast.quarantined_by_reason.values())
+    assert 100 < quarantined < 2 * lines_in - 100, fast.quarantined_by_reason
+    # Where both copies are usable, the rival loses on versionId (the same instant, a lower version)
+    # unless the line's own version was damaged: then it wins on lastUpdated or versionId.
+    duplicates = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").filter(pl.col("reason_code") == "duplicate")
+    why = pl.col("reason").str.extract(r"is kept \((newer: \w+|first in file order)")
+    outcomes = duplicates.group_by(why.alias("why"), pl.col("source_file").str.contains("rival").alias("rival")).len()
+    assert sorted(outcomes.rows()) == [
+        ("newer: lastUpdated", False, 130), ("newer: versionId", False, 60), ("newer: versionId", True, 142)
+    ]
