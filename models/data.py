@@ -79,6 +79,15 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
         .with_columns(_days_before(table).alias("days"))
         .sort(["subject_id", "days"])
     )
+    after = rows.filter(pl.col("days") < 0)
+    if not after.is_empty():
+        # Inputs are what was known at the prediction time: a later note would leak the outcome's
+        # work-up into the model, and sort as the most recent one.
+        raise ValueError(
+            f"{id_column.removesuffix('_id')} inputs: {after.height} rows dated after their patient's prediction "
+            f"time (subject {after['subject_id'][0]}, {-float(after['days'][0]):.1f} days after; expected inputs "
+            "built by features.task_inputs, which keeps only what precedes it)"
+        )
     if max_items is not None:
         rows = rows.group_by("subject_id", maintain_order=True).head(max_items)
     if rows.is_empty():

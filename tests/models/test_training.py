@@ -187,6 +187,17 @@ def test_dataset_keeps_every_note_given_unless_capped() -> None:
     assert len(next(p for p in all_scans if p.subject_id == first_study).imaging_days) == 12
 
 
+def test_dataset_refuses_notes_and_studies_dated_after_the_prediction_time() -> None:
+    tokens, notes, studies, labels = synthetic_task(5, 5)
+    first = int(notes["subject_id"][0])
+    late = notes.with_columns(
+        pl.when(pl.col("subject_id") == first).then(pl.col("time") + timedelta(days=400)).otherwise(pl.col("time"))
+    )
+    with pytest.raises(ValueError, match=rf"note inputs: \d+ rows dated after their patient's prediction time "
+                                         rf"\(subject {first}, "):
+        FusionDataset(tokens, late, studies, labels, 8, 6)
+
+
 def test_predictions_do_not_depend_on_batching_or_threads() -> None:
     data = dataset(150, seed=3)
     model = tiny_model().eval()

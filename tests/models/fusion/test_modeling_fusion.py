@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,11 +126,45 @@ def test_modality_summary_is_optional_and_changes_the_pooled_vector() -> None:
 
 def test_survival_loss_matches_the_discrete_time_likelihood() -> None:
     model = FusionForRiskPrediction(tiny_config(survival_bin_edges_days=[10, 20, 30], horizon_days=30))
-    logits = torch.zeros(2, 3)  # every hazard is 0.5
-    # Event in the second interval: survived one interval, event in the next -> log(0.5) * 2.
-    # Censored in the third interval: survived two -> log(0.5) * 2.
-    loss = model.survival_loss(logits, torch.tensor([1.0, 0.0]), torch.tensor([15.0, 25.0]))
-    assert loss.item() == pytest.approx(2 * math.log(2), rel=1e-6)
+    logits = torch.zeros(4, 3)  # every hazard is 0.5: each interval survived or failed costs log 2
+    # Event in (10, 20]: survived one interval, the event in the next -> 2 terms.
+    # Censored at 25, the midpoint of (20, 30]: survived all three -> 3 terms.
+    # Censored at 24, before it: survived two -> 2 terms. Censored at exactly 20: survived (10, 20] -> 2.
+    loss = model.survival_loss(logits, torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([15.0, 25.0, 24.0, 20.0]))
+    assert loss.item() == pytest.approx((2 + 3 + 2 + 2) / 4 * math.log(2), rel=1e-6)
+
+
+def test_survival_loss_fitted_without_covariates_recovers_the_kaplan_meier_curve() -> None:
+    # Exponential event times (1-year risk 0.13) and uniform censoring over two years: the hazards
+    # that minimise the loss must give the Kaplan-Meier survival at each edge, up to the
+    # life-table rule's approximation inside an interval. A censored patient dropped from the
+    # interval they were censored in drives the last, year-wide interval's survival far too low.
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    generator = torch.Generator().manual_seed(0)
+    n = 20_000
+    event_days = torch.empty(n).exponential_(generator=generator) * (365 / -math.log(0.87))
+    censor_days = torch.rand(n, generator=generator) * 730
+    duration, event = torch.minimum(event_days, censor_days), (event_days <= censor_days).float()
+    edges = [30.0, 90.0, 180.0, 365.0, 730.0]
+    model = FusionForRiskPrediction(tiny_config(survival_bin_edges_days=edges, horizon_days=365))
+    logits = torch.zeros(1, len(edges), requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], max_iter=200)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = model.survival_loss(logits.expand(n, -1), event, duration)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    fitted = survival_curve(logits.detach())[0].numpy()
+    times, km = kaplan_meier_estimator(event.numpy() > 0.5, duration.numpy())
+    at_edges = [km[np.searchsorted(times, edge, side="right") - 1] for edge in edges[:-1]]
+    np.testing.assert_allclose(fitted[:-1], at_edges, atol=0.003)
+    # Nobody is followed past 730 days, so the last edge is checked against the truth, 0.87 ** 2
+    # (dropping the patients censored in the last interval gave 0 there).
+    assert fitted[-1] == pytest.approx(0.87**2, abs=0.01)
 
 
 def test_survival_curve_falls_and_stays_in_the_unit_interval() -> None:
