@@ -19,14 +19,15 @@ How a record is cleared, conservatively (anything unusual goes to the Python pat
    again, a bounded number of times per block (:data:`MAX_DECODES`).
 3. Column checks mirror :mod:`features.fhir.flatten` for the common forms only: ids match the FHIR
    id pattern; dates are ``YYYY-MM-DD`` or ``YYYY-MM-DDThh:mm:ss`` with optional microseconds and
-   zone, real, not before 1800 and not after the export; references are ``Type/<id>`` or ``urn:uuid:<id>``
-   (or an entry of the Bundle); code systems are in the vocabulary map, and a concept's one code
-   is chosen among its codings as there (:func:`chosen_coding`); numbers are finite and
-   not zero (``-0`` and ``0`` differ once decoded); a quantity's comparator is absent or one of
-   the FHIR codes; a record's version (``meta.lastUpdated``, ``meta.versionId``) is an instant of
-   those forms with its zone and a FHIR id; rare alternatives (``valueBoolean``, periods where a
-   dateTime is usual, a status whose first coding has no code, any other ``meta``) are left to the
-   Python path.
+   zone, real, not before 1800 and not after the export, and an end (a death) is compared with its
+   start (the birth) at the coarser precision of the two (:func:`not_before`); references are
+   ``Type/<id>`` or ``urn:uuid:<id>`` (or an entry of the Bundle); code systems are in the
+   vocabulary map, and a concept's one code is chosen among its codings as there
+   (:func:`chosen_coding`); numbers are finite and not zero (``-0`` and ``0`` differ once
+   decoded); a quantity's comparator is absent or one of the FHIR codes; a record's version
+   (``meta.lastUpdated``, ``meta.versionId``) is an instant of those forms with its zone and a
+   FHIR id; rare alternatives (``valueBoolean``, periods where a dateTime is usual, a status whose
+   first coding has no code, any other ``meta``) are left to the Python path.
 4. In strict mode a line must also validate against its ``fhir.resources.R4B`` model.
 
 Rows come out in line order (an Observation's own row, then its components), as the Python path
@@ -455,6 +456,19 @@ def fhir_time(expr: pl.Expr, latest: datetime, parsed: pl.Expr | None = None) ->
     return Checked(parsed, ok.fill_null(False))
 
 
+def not_before(value: pl.Expr, parsed: pl.Expr, other: pl.Expr, other_parsed: pl.Expr) -> pl.Expr:
+    """Whether the date/dateTime text ``value`` is not wholly before ``other`` (the negation of
+    :func:`features.fhir.validate.is_before`), for the forms cleared here (:data:`_DATE_TEXT`);
+    ``parsed`` and ``other_parsed`` are their :func:`_parsed_time`. Null where either is null.
+
+    Against a date, a dateTime is its local date as written (its first ten characters); two
+    dateTimes compare as instants. Partial dates, whose coarser cut this does not make, are never
+    cleared here (their :func:`fhir_time` is not ok).
+    """
+    dated = (value.str.len_bytes() == 10) | (other.str.len_bytes() == 10)
+    return pl.when(dated).then(value.str.slice(0, 10) >= other.str.slice(0, 10)).otherwise(parsed >= other_parsed)
+
+
 def _listed(system: pl.Expr) -> pl.Expr:
     """The prefix of a listed vocabulary, trailing slashes ignored (``specs.listed_prefix``), else null."""
     return system.str.strip_chars_end("/").replace_strict(VOCABULARY_PREFIXES, default=None, return_dtype=pl.String)
@@ -641,7 +655,11 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("gender").is_null() | pl.col("gender").is_in(["male", "female", "other", "unknown"]),
         pl.col("birthDate").is_null() | birth.ok,
         pl.col("deceasedDateTime").is_null() | death.ok,
-        pl.col("birthDate").is_null() | pl.col("deceasedDateTime").is_null() | (death.value.dt.date() >= birth_date),
+        # A death on the day of birth in a zone east of UTC is the day before in UTC: compared on
+        # the local calendar, at the coarser precision (flatten_patient).
+        pl.col("birthDate").is_null()
+        | pl.col("deceasedDateTime").is_null()
+        | not_before(pl.col("deceasedDateTime"), death.value, pl.col("birthDate"), birth.value),
         # Links (merged records) are rare: the per-record path reads them.
         pl.col("link").list.len().fill_null(0) == 0,
     )
@@ -671,7 +689,7 @@ def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
     # A visit known only by its end starts then too (flatten._time).
     frame, start, end, time_ok = _time_fields(frame, ("period",), ctx.latest)
-    kind, reason_code = pl.col("type").list.first(), pl.col("reasonCode").list.first()
+    period, kind, reason_code = pl.col("period"), pl.col("type").list.first(), pl.col("reasonCode").list.first()
     frame = frame.with_columns(__coding_type=chosen_coding(kind), __coding_reason=chosen_coding(reason_code))
     type_code = chosen_code(kind, pl.col("__coding_type"), required=False)
     reason = chosen_code(reason_code, pl.col("__coding_reason"), required=False)
@@ -680,7 +698,11 @@ def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
         fhir_id(pl.col("id")),
         patient.ok,
         time_ok,
-        end.is_null() | (end >= start),
+        # A visit that ended on the day it began, given as a date, is no end before its start
+        # (flatten_encounter); a Period with only an end starts then.
+        period.struct.field("end").is_null()
+        | period.struct.field("start").is_null()
+        | not_before(period.struct.field("end"), end, period.struct.field("start"), start),
         type_code.ok,
         reason.ok,
     )

@@ -46,6 +46,7 @@ from features.fhir.validate import (
     check_number,
     check_object,
     check_string,
+    is_before,
     parse_date,
     parse_datetime,
 )
@@ -241,7 +242,10 @@ def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     birth_date = parse_date(birth, "Patient.birthDate", origin.latest) if birth is not None else None
     death = res.get("deceasedDateTime")
     death_time = parse_datetime(death, "Patient.deceasedDateTime", origin.latest) if death is not None else None
-    if death_time is not None and birth_date is not None and death_time.date() < birth_date:
+    # At the coarser precision, on the local calendar (is_before): a neonatal death at 03:00+05:30
+    # on the day of birth is 21:30 UTC the day before, and a death known only by its month may be
+    # on any day of it; neither is a death before birth.
+    if death is not None and birth is not None and is_before(death, birth):
         raise RecordError("bad_date", f"Patient.deceasedDateTime {death!r} is before birthDate {birth!r}")
     flag = res.get("deceasedBoolean")
     if flag is not None and not isinstance(flag, bool):
@@ -272,7 +276,10 @@ def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row
     if res.get("period") is None:
         raise RecordError("missing_date", "Encounter.period is missing")
     start, end = _time(res, ("period",), "Encounter", origin)
-    if end is not None and end < start:
+    period = res["period"]  # an object: _time checked it
+    # At the coarser precision (is_before): a visit from 10:00 that ended on that day, given as a
+    # date, did not end before it began.
+    if end is not None and period.get("start") is not None and is_before(period["end"], period["start"]):
         raise RecordError("bad_date", "Encounter.period.end is before period.start")
     klass = res.get("class")
     klass_code = klass.get("code") if isinstance(klass, dict) else None
@@ -639,8 +646,12 @@ def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, st
         start, end = period.get("start"), period.get("end")
         if end is not None:
             time = parse_datetime(end, f"{where}.end", origin.latest)
-            if start is not None and time < parse_datetime(start, f"{where}.start", origin.latest):
-                raise RecordError("bad_date", f"{where}.end is before period.start")
+            if start is not None:
+                # Checked though the end gives the time; compared at the coarser precision, as a
+                # visit's period is (flatten_encounter).
+                parse_datetime(start, f"{where}.start", origin.latest)
+                if is_before(end, start):
+                    raise RecordError("bad_date", f"{where}.end is before period.start")
         elif start is not None:
             time = parse_datetime(start, f"{where}.start", origin.latest)
         else:

@@ -61,7 +61,8 @@ def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
     """Parse a FHIR ``date``, ``dateTime`` or ``instant`` to a naive UTC ``datetime``.
 
     Partial dates (``2019``, ``2019-04``) mean their first instant; a date without a time is
-    midnight UTC. Dates before 1800 or after ``latest`` (the export time) are rejected.
+    midnight UTC. A leap second (``23:59:60``, which FHIR allows) is the last microsecond of its
+    minute. Dates before 1800 or after ``latest`` (the export time) are rejected.
 
     Examples
     --------
@@ -69,6 +70,8 @@ def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
     datetime.datetime(2016, 3, 14, 15, 40)
     >>> parse_datetime("2019-04", "x", datetime(2030, 1, 1))
     datetime.datetime(2019, 4, 1, 0, 0)
+    >>> parse_datetime("2016-12-31T23:59:60Z", "x", datetime(2030, 1, 1))
+    datetime.datetime(2016, 12, 31, 23, 59, 59, 999999)
     """
     if not isinstance(value, str):
         raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
@@ -95,7 +98,15 @@ def _parse_datetime_text(value: str, latest: datetime) -> datetime | tuple[str, 
         elif match.group(6) is None:
             parsed = datetime.fromisoformat(value)
         else:
-            text = value if match.group(9) is None or len(match.group(9)) <= 7 else value[:26] + value[match.end(9) :]
+            text = value
+            if match.group(8) == "60":
+                # A leap second (23:59:60 UTC; another minute in a local zone), which ``datetime``
+                # cannot hold: the last microsecond of its minute keeps it in order, not before any
+                # other instant of that minute and before the next, whatever its fraction.
+                rest = match.end(9) if match.group(9) is not None else match.end(8)
+                text = value[: match.start(8)] + "59.999999" + value[rest:]
+            elif match.group(9) is not None and len(match.group(9)) > 7:
+                text = value[:26] + value[match.end(9) :]
             parsed = datetime.fromisoformat(text)
             if parsed.tzinfo is not None:
                 parsed = parsed.astimezone(UTC).replace(tzinfo=None)
@@ -111,6 +122,41 @@ def _parse_datetime_text(value: str, latest: datetime) -> datetime | tuple[str, 
 def parse_date(value: Any, where: str, latest: datetime) -> date:
     """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``."""
     return parse_datetime(value, where, latest).date()
+
+
+_DATE_LENGTH = len("2019-04-01")
+"""The longest FHIR date without a time: any longer text is a dateTime."""
+
+
+def is_before(value: str, other: str) -> bool:
+    """Whether the FHIR date/dateTime ``value`` lies wholly before ``other``, compared at the
+    coarser precision of the two. Both must be valid (read by :func:`parse_datetime` already).
+
+    A date or partial date stands for its whole day, month or year: a death recorded as
+    ``2020-01`` of a baby born on ``2020-01-15`` is not before the birth, nor is the end of a visit
+    given as ``2021-03-15`` before its start at 10:00 that day. Against a date, a dateTime is read
+    as its date on its own local calendar, as written (before any conversion to UTC): a birthDate
+    is the local calendar date of birth, so a death at 03:00+05:30 on that day (21:30 UTC the day
+    before) is a neonatal death on the day of birth, not a death before birth. Two dateTimes are
+    compared as instants (to the microsecond, in UTC).
+
+    Examples
+    --------
+    >>> is_before("2020-01-01T03:00:00+05:30", "2020-01-01")
+    False
+    >>> is_before("2020-01", "2020-01-15")
+    False
+    >>> is_before("2021-03-15T22:00:00-05:00", "2021-03-16")
+    True
+    >>> is_before("2021-03-15T10:00:00+01:00", "2021-03-15T09:30:00Z")
+    True
+    """
+    shorter = min(len(value), len(other))
+    if shorter <= _DATE_LENGTH:
+        # YYYY, YYYY-MM and YYYY-MM-DD are fixed width and a dateTime starts with its local date:
+        # the texts cut to the coarser precision compare as the dates they name.
+        return value[:shorter] < other[:shorter]
+    return parse_datetime(value, "value", datetime.max) < parse_datetime(other, "other", datetime.max)
 
 
 def check_number(value: Any, where: str) -> float:

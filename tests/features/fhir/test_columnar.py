@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import shutil
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, datetime
 from itertools import pairwise
 from pathlib import Path
 
@@ -1566,3 +1566,136 @@ def test_versions_recorded_dates_and_note_periods_damaged_in_turn_equal_per_reco
     assert sorted(outcomes.rows()) == [
         ("newer: lastUpdated", False, 130), ("newer: versionId", False, 60), ("newer: versionId", True, 142)
     ]
+
+
+def test_dates_of_other_precision_or_zone_are_compared_at_the_coarser_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A date stands for its whole day (a partial date its month or year), and a dateTime is set
+    # against a date on its own local calendar: a neonatal death at 03:00+05:30 on the day of birth
+    # (21:30 UTC the day before), a death known only by its month, a visit from 10:00 that ended on
+    # that day given as a date, are none of them an end before a start. Only an end wholly before
+    # its start is refused. A leap second (23:59:60) is the last microsecond of its minute. Times
+    # are stored as they always were, as naive UTC.
+    def patient(rid: str, birth: str, death: str) -> dict[str, object]:
+        return {"resourceType": "Patient", "id": rid, "birthDate": birth, "deceasedDateTime": death}
+
+    def encounter(rid: str, start: str, end: str, who: str = "Patient/p1") -> dict[str, object]:
+        return {"resourceType": "Encounter", "id": rid, "status": "finished", "subject": {"reference": who},
+                "class": {"code": "IMP"}, "period": {"start": start, "end": end}}
+
+    def observation(rid: str, who: str) -> dict[str, object]:
+        return {"resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": who},
+                "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                "effectiveDateTime": "2020-01-01T01:00:00+05:30", "valueQuantity": {"value": 150, "unit": "/min"}}
+
+    def note(rid: str, start: str, end: str) -> dict[str, object]:
+        return {"resourceType": "DocumentReference", "id": rid, "status": "current",
+                "subject": {"reference": "Patient/p1"}, "type": {"text": "Discharge summary"},
+                "context": {"period": {"start": start, "end": end}},
+                "content": [{"attachment": {"contentType": "text/plain",
+                                            "data": base64.b64encode(b"Discharged home.").decode()}}]}
+
+    patients = [
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1960-05-01"},
+        patient("neo-zoned", "2020-01-01", "2020-01-01T03:00:00+05:30"),
+        patient("neo-month", "2020-01-15", "2020-01"),
+        patient("neo-leap", "2016-12-31", "2017-01-01T05:29:60+05:30"),
+        # 04:00 UTC on the day of birth, but 23:00 the evening before on its own calendar.
+        patient("dead-day-before", "2020-01-02", "2020-01-01T23:00:00-05:00"),
+        patient("dead-year-before", "2020-03-01", "2019"),
+    ]
+    encounters = [
+        encounter("e-date-end", "2021-03-15T10:00:00Z", "2021-03-15"),
+        encounter("e-date-start", "2021-03-15", "2021-03-15T01:00:00+05:30"),
+        encounter("e-month-end", "2021-03-15T10:00:00Z", "2021-03"),
+        encounter("e-leap-end", "2016-12-31T23:00:00Z", "2016-12-31T23:59:60Z"),
+        encounter("e-day-before", "2021-03-15T10:00:00Z", "2021-03-14"),
+        # After the start in UTC (03:00 on the 16th), but on the 15th on its own calendar.
+        encounter("e-local-day-before", "2021-03-16", "2021-03-15T22:00:00-05:00"),
+        encounter("e-instant-before", "2021-03-15T10:00:00Z", "2021-03-15T10:30:00+01:00"),
+    ]
+    others = [
+        observation("o-neo", "Patient/neo-zoned"),
+        observation("o-dead", "Patient/dead-day-before"),
+        # No order is asked of an onset and its abatement: an abatement on the onset's day is kept.
+        {"resourceType": "Condition", "id": "c-abated", "subject": {"reference": "Patient/p1"},
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+         "onsetDateTime": "2021-03-15T10:00:00Z", "abatementDateTime": "2021-03-15"},
+        note("d-date-end", "2021-03-15T10:00:00Z", "2021-03-15"),
+        note("d-day-before", "2021-03-15T10:00:00Z", "2021-03-14"),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    for name, records in (("Patient", patients), ("Encounter", encounters), ("others", others)):
+        (landing / f"{name}.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    bundle = {
+        "resourceType": "Bundle", "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:u-neo", "resource": patient("b-neo", "2020-01-01", "2020-01-01T03:00:00+05:30")},
+            {"fullUrl": "urn:uuid:u-e",
+             "resource": encounter("b-e", "2020-01-01T10:00:00+05:30", "2020-01-01", "urn:uuid:u-neo")},
+        ],
+    }
+    (landing / "bundle.json").write_bytes(orjson.dumps(bundle))
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_date": 6, "orphan_reference": 1}
+
+    def rows(table: str, *columns: str) -> list[tuple[object, ...]]:
+        return pl.read_parquet(tmp_path / "fast" / f"{table}.parquet").select(columns).rows()
+
+    leap = datetime(2016, 12, 31, 23, 59, 59, 999999)
+    assert rows("patients", "patient_id", "birth_date", "death_time", "deceased") == [
+        ("p1", date(1960, 5, 1), None, None),
+        ("neo-zoned", date(2020, 1, 1), datetime(2019, 12, 31, 21, 30), True),
+        ("neo-month", date(2020, 1, 15), datetime(2020, 1, 1), True),
+        ("neo-leap", date(2016, 12, 31), leap, True),
+        ("b-neo", date(2020, 1, 1), datetime(2019, 12, 31, 21, 30), True),
+    ]
+    assert rows("encounters", "encounter_id", "patient_id", "start_time", "end_time") == [
+        ("e-date-end", "p1", datetime(2021, 3, 15, 10), datetime(2021, 3, 15)),
+        ("e-date-start", "p1", datetime(2021, 3, 15), datetime(2021, 3, 14, 19, 30)),
+        ("e-month-end", "p1", datetime(2021, 3, 15, 10), datetime(2021, 3, 1)),
+        ("e-leap-end", "p1", datetime(2016, 12, 31, 23), leap),
+        ("b-e", "b-neo", datetime(2020, 1, 1, 4, 30), datetime(2020, 1, 1)),
+    ]
+    assert rows("conditions", "resource_id", "time", "end_time") == [
+        ("c-abated", datetime(2021, 3, 15, 10), datetime(2021, 3, 15))
+    ]
+    assert rows("notes", "note_id", "time") == [("d-date-end", datetime(2021, 3, 15))]
+    # The neonate's records stay hers: none is an orphan of a quarantined patient.
+    assert rows("observations", "resource_id", "patient_id", "time") == [
+        ("o-neo", "neo-zoned", datetime(2019, 12, 31, 19, 30))
+    ]
+    assert rows("quarantine", "resource_id", "reason_code", "reason") == [
+        ("e-day-before", "bad_date", "Encounter.period.end is before period.start"),
+        ("e-local-day-before", "bad_date", "Encounter.period.end is before period.start"),
+        ("e-instant-before", "bad_date", "Encounter.period.end is before period.start"),
+        ("dead-day-before", "bad_date",
+         "Patient.deceasedDateTime '2020-01-01T23:00:00-05:00' is before birthDate '2020-01-02'"),
+        ("dead-year-before", "bad_date", "Patient.deceasedDateTime '2019' is before birthDate '2020-03-01'"),
+        ("o-dead", "orphan_reference",
+         "observations record refers to Patient/dead-day-before, which is not in this export"),
+        ("d-day-before", "bad_date", "DocumentReference.context.period.end is before period.start"),
+    ]
+    # Times stay naive UTC, the birth a local date: the neonate's death (and her heart rate) fall
+    # on the evening before her birth date's midnight, as they did before this comparison changed.
+    neo = pl.read_parquet(tmp_path / "fast" / "patients.parquet").filter(pl.col("patient_id") == "neo-zoned")
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("subject_id") == neo["subject_id"])
+    assert events.select("source", "code", "time").rows() == [
+        ("patients/neo-zoned", "MEDS_BIRTH", datetime(2020, 1, 1)),
+        ("patients/neo-zoned", "MEDS_DEATH", datetime(2019, 12, 31, 21, 30)),
+        ("observations/o-neo", "LOINC//8867-4", datetime(2019, 12, 31, 19, 30)),
+    ]
+    # The fast path itself compared a date with a dateTime (p1, neo-zoned; e-date-end,
+    # e-date-start): partial dates, leap seconds and every refused record are the per-record path's.
+    slow = {
+        name: [records[line]["id"] for line in read_ndjson(
+            (landing / f"{name}.ndjson").read_bytes(), f"fhir/{name}.ndjson", 1, EXPORT).slow.tolist()]
+        for name, records in (("Patient", patients), ("Encounter", encounters))
+    }
+    assert slow == {
+        "Patient": ["neo-month", "neo-leap", "dead-day-before", "dead-year-before"],
+        "Encounter": ["e-month-end", "e-leap-end", "e-day-before", "e-local-day-before", "e-instant-before"],
+    }
