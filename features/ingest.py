@@ -30,8 +30,8 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
 
 Every file is written atomically, so a killed run leaves the previous good warehouse readable.
 :func:`promote_warehouse` makes the tables of an ingest written elsewhere (a landing batch's) the
-warehouse's, file by file in the same way; :func:`prune_ingested_batches` then deletes old batches'
-ingested copies.
+warehouse's, file by file in the same way, and records the batch in ``promoted_batch.txt`` so that an
+older batch is refused; :func:`prune_ingested_batches` then deletes old batches' ingested copies.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ RESOURCE_TYPE_OF_TABLE = {
     "binaries": "Binary",
 }
 SUMMARY_FILE = "ingest_summary.json"
+# In a warehouse fed by landing batches: the name of the batch last promoted into it.
+PROMOTED_BATCH_FILE = "promoted_batch.txt"
 RAW_LIMIT = 500
 _NAN = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Infinity)(?![A-Za-z\"])")
 
@@ -1202,7 +1204,7 @@ def warehouse_files() -> list[str]:
     return [*(f"{table}.parquet" for table in (*TABLES, "events", "codes", "quarantine")), SUMMARY_FILE]
 
 
-def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:
+def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch: bool = False) -> IngestSummary:
     """Make the tables of an ingest written in ``ingested_dir`` (a landing batch's) those of ``warehouse_dir``.
 
     A batch is a whole export (a nightly Bulk ``$export``, say), so its tables replace the
@@ -1210,13 +1212,31 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:
     copy, on the same file system) and ``ingest_summary.json`` last, so the accounting always
     describes complete tables. Returns the batch's accounting.
 
+    The batch is named by its folder (``ingested_dir.name``); batch names sort in landing order. The
+    name is recorded in the warehouse's ``promoted_batch.txt`` before the tables are put in place, so
+    a promotion cut short can be finished (by the same batch or a newer one) but not undone by an
+    older one: a re-run of an older batch's promotion would otherwise replace newer data.
+
+    Parameters
+    ----------
+    allow_older_batch
+        Promote the batch even when the warehouse holds a newer one: a deliberate rollback.
+
     Raises
     ------
     LandingZoneError
-        When ``ingested_dir`` holds no complete ingest (a file is missing) or its accounting does not
-        balance; the warehouse is then left as it was.
+        When ``ingested_dir`` holds no complete ingest (a file is missing), its accounting does not
+        balance, or, unless ``allow_older_batch``, the warehouse holds a newer batch; the warehouse
+        is then left as it was.
     """
     ingested_dir, warehouse_dir = Path(ingested_dir), Path(warehouse_dir)
+    batch, record = ingested_dir.name, warehouse_dir / PROMOTED_BATCH_FILE
+    held = record.read_text().strip() if record.is_file() else ""
+    if held > batch and not allow_older_batch:
+        raise LandingZoneError(
+            f"promote batch {batch}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected "
+            f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
+        )
     names = warehouse_files()
     missing = [name for name in names if not (ingested_dir / name).is_file()]
     if missing:
@@ -1231,6 +1251,7 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path) -> IngestSummary:
             "the warehouse keeps its current tables"
         )
     _check_dirs(ingested_dir, warehouse_dir)
+    write_bytes_atomic(f"{batch}\n".encode(), record)
     for name in names:
         link_file_atomic(ingested_dir / name, warehouse_dir / name)
     return summary

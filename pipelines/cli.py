@@ -9,17 +9,36 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from features.errors import CohortcastError
+from features.errors import CohortcastError, LandingZoneError
 from features.simulate import SimulationConfig, simulate_hospital
 
 console = Console()
 REPO_DAGSTER_HOME = Path(__file__).resolve().parents[1] / "dagster_home"
+
+
+def _check_output_folder(folder: Path, what: str) -> None:
+    """Raise :class:`LandingZoneError` unless ``folder`` is a folder, or can be created as one.
+
+    Called before any work: an output folder that cannot be written otherwise fails only when the
+    results are saved (after the whole training, say). Nothing is left behind: the nearest existing
+    folder on the path is probed with a temporary folder, since permissions do not tell (root passes
+    them; ``/proc`` and read-only mounts still refuse).
+    """
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise LandingZoneError(f"{what} {folder} cannot be created ({existing} is not a folder)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cohortcast-check-", dir=existing))
+    except OSError as exc:
+        raise LandingZoneError(f"{what} {folder} cannot be created ({existing} refuses new entries: "
+                               f"{exc.strerror})") from None
 
 
 @click.group(help="Turn a hospital's FHIR, notes, genomics and imaging into scored patient cohorts.")
@@ -128,8 +147,10 @@ def features(warehouse: Path, task_path: Path, encoder: Path | None, batch_size:
     from features.tasks import load_task
 
     definition = load_task(task_path)
-    note_encoder = NoteEncoder(encoder, cache_dir=warehouse / "cache" / "note_embeddings",
-                               batch_size=batch_size)
+    cache_dir = warehouse / "cache" / "note_embeddings"
+    _check_output_folder(task_dir(warehouse, definition), "task folder")
+    _check_output_folder(cache_dir, "note cache folder")
+    note_encoder = NoteEncoder(encoder, cache_dir=cache_dir, batch_size=batch_size)
     with console.status(f"building task {definition.name}"):
         results = build_all(warehouse, definition, note_encoder)
     labels = results["labels"].stats
@@ -207,6 +228,7 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
     model_dir = out or warehouse / "models" / task.name
+    _check_output_folder(model_dir, "model folder")
     args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed, average_epochs=average_epochs,
                              bf16=not float32)
     architecture = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,

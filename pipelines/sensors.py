@@ -10,14 +10,22 @@ every task's pipeline (``publish_after_ingest``).
 
 A batch is a whole export (a nightly Bulk ``$export``): the newest replaces the warehouse's tables,
 it does not add to them. Batch names sort in landing order (``2024-06-01``, ``2024-06-02``, ...), and
-a batch ingested after a newer one is kept in its partition but never promoted. Land a batch
-atomically: copy it into ``.name`` (hidden folders are ignored), then rename it to ``name``.
+a batch ingested after a newer one is kept in its partition but never promoted (a promotion of it
+re-executed by hand fails, unless ``allow_older_batch`` asks for a rollback). Land a batch
+atomically: copy it into ``.name`` (hidden folders are ignored), then rename it to ``name``, and write
+an empty ``_SUCCESS`` file into it last to have it ingested at the next tick. A batch copied in place
+(``cp -r``, ``rsync``, an SFTP drop) is ingested once nothing under it, file or folder, has been
+modified for ``LANDING_QUIET_SECONDS``: a copy that preserves the export's times (``rsync -a``,
+``cp -p``) still changes the folders' times as it creates entries. A Bulk FHIR ``manifest.json`` is
+not a completion marker: it is part of the export and may be copied before the files it lists.
 
 The asset lives here, not in ``pipelines/assets``, because it is partitioned while the demo graph is
 not: ``pipelines.definitions`` registers it with its own job and sensors.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +39,12 @@ if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 BATCH_PARTITIONS = dg.DynamicPartitionsDefinition(name="landing_batches")
+# A batch folder is visible while it is still being copied in, and its partition is requested once
+# (the run key is its name): ingested half-copied, it would become the warehouse with the rest of the
+# export missing. Two minutes without a change outlasts the pauses of a copy between files.
+LANDING_QUIET_SECONDS = 120
+# Written by the lander after the last file (as Hadoop and Spark writers do): the batch is ready at once.
+LANDED_MARKER = "_SUCCESS"
 
 
 @dg.asset(partitions_def=BATCH_PARTITIONS, group_name="ingest", kinds={"parquet"})
@@ -63,14 +77,37 @@ def new_batches(root: Path, known: set[str]) -> list[str]:
     return [name for name in batch_names(root) if name not in known]
 
 
+def batch_landed(folder: Path, now: float, quiet_seconds: float = LANDING_QUIET_SECONDS) -> bool:
+    """Whether ``folder`` holds ``_SUCCESS``, or holds a file and nothing under it (itself included)
+    was modified in the ``quiet_seconds`` before ``now`` (seconds since the epoch)."""
+    if (folder / LANDED_MARKER).is_file():
+        return True
+    try:
+        newest, files = folder.stat().st_mtime, 0
+        for parent, folders, names in os.walk(folder):
+            files += len(names)
+            for name in folders + names:
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+    except FileNotFoundError:  # a copier's temporary file renamed since it was listed: still landing
+        return False
+    return files > 0 and now - newest >= quiet_seconds
+
+
 @dg.sensor(job=ingest_batch_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
 def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspace) -> dg.SensorResult:
-    """Start an ingest for every new batch folder under ``<workspace>/batches/``."""
+    """Start an ingest for every new batch folder under ``<workspace>/batches/`` that has landed."""
     known = set(context.instance.get_dynamic_partitions(BATCH_PARTITIONS.name))
     fresh = new_batches(workspace.batches_dir, known)
+    now = time.time()
+    ready = [name for name in fresh if batch_landed(workspace.batches_dir / name, now)]
+    if not ready:
+        # Not requested, so not a partition yet: the next tick looks at these folders again.
+        waiting = ", ".join(fresh)
+        return dg.SensorResult(skip_reason=f"batches still landing (no {LANDED_MARKER}, and empty or changed in the "
+                                           f"last {LANDING_QUIET_SECONDS} s): {waiting}" if fresh else None)
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in fresh],
-        dynamic_partitions_requests=[BATCH_PARTITIONS.build_add_request(fresh)] if fresh else [],
+        run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in ready],
+        dynamic_partitions_requests=[BATCH_PARTITIONS.build_add_request(ready)],
     )
 
 

@@ -52,6 +52,9 @@ class IngestRunConfig(BatchIngestRunConfig):
     # A landing batch, already ingested by `ingested_batch`, whose tables become the warehouse's
     # (no second read of the export); set by the `promote_newest_batch` sensor.
     from_batch: str = ""
+    # Promote from_batch even when the warehouse holds a newer batch: a deliberate rollback. Off, a
+    # re-run of an old promotion fails instead of replacing newer data (the sensor never sets it).
+    allow_older_batch: bool = False
     # After promoting a batch, the ingested copies kept under warehouse/batches/ (the promoted one
     # and the newest older ones); older copies are deleted. The exports under batches/ are not touched.
     keep_ingested_batches: int = 3
@@ -85,7 +88,7 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
                          f"found {config.keep_ingested_batches}")
     if config.from_batch:
         ingested = workspace.batch_warehouse_dir(config.from_batch)
-        summary = promote_warehouse(ingested, workspace.warehouse_dir)
+        summary = promote_warehouse(ingested, workspace.warehouse_dir, allow_older_batch=config.allow_older_batch)
         pruned = prune_ingested_batches(ingested.parent, config.from_batch, config.keep_ingested_batches)
         if pruned:
             context.log.info(f"deleted the ingested copies of {len(pruned)} older batches: {', '.join(pruned)}")

@@ -15,6 +15,7 @@ from polars.testing import assert_frame_equal
 from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
 from features.ingest import (
+    PROMOTED_BATCH_FILE,
     SUMMARY_FILE,
     IngestSummary,
     ingest_landing_zone,
@@ -223,6 +224,32 @@ def test_promote_warehouse_refuses_an_incomplete_or_unbalanced_batch(
         promote_warehouse(unbalanced, warehouse)
     assert sorted(p.name for p in warehouse.iterdir()) == ["patients.parquet"]
     assert (warehouse / "patients.parquet").read_bytes() == b"the previous tables"
+
+
+def test_promote_warehouse_refuses_a_batch_older_than_the_one_it_holds(
+    bulk: tuple[IngestSummary, Path], bundles: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    newer, older = tmp_path / "batches" / "2024-06-02", tmp_path / "batches" / "2024-06-01"
+    shutil.copytree(bulk[1], newer)  # 13 patients
+    shutil.copytree(bundles[1], older)
+    warehouse = tmp_path / "warehouse"
+    promote_warehouse(newer, warehouse)
+    assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-02\n"
+    message = (
+        f"promote batch 2024-06-01: warehouse {warehouse} holds batch 2024-06-02, which is newer (expected "
+        "2024-06-02 or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
+    )
+    with pytest.raises(LandingZoneError) as refused:
+        promote_warehouse(older, warehouse)
+    assert str(refused.value) == message
+    assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-02\n"
+    for name in warehouse_files():
+        assert (warehouse / name).samefile(newer / name), name
+    assert promote_warehouse(newer, warehouse) == bulk[0]  # the same batch again: a re-run finishing it
+    assert promote_warehouse(older, warehouse, allow_older_batch=True) == bundles[0]
+    assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-01\n"
+    for name in warehouse_files():
+        assert (warehouse / name).samefile(older / name), name
 
 
 def test_prune_ingested_batches_keeps_the_promoted_newer_and_newest_older(tmp_path: Path) -> None:

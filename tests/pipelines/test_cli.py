@@ -12,6 +12,8 @@ from pipelines import cli
 from pipelines.cli import main
 from tests.models.synthetic import write_task_folder
 
+DEATH_TASK = Path(__file__).resolve().parents[2] / "tasks" / "synthea_death_1y.yaml"
+
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
@@ -87,3 +89,40 @@ def test_train_prints_the_metrics_and_fusion_against_each_baseline(
     lightgbm = metrics["comparisons"]["lightgbm"]
     assert format_difference(lightgbm, "auroc") in out
     assert format_difference(metrics["comparisons"]["cox_ph"], "harrell_c") in out
+
+
+def test_train_without_task_inputs_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    warehouse = tmp_path / "no_such"
+    code, _out, err = run_cli(["train", "--warehouse", str(warehouse), "--task", str(DEATH_TASK)], capsys)
+    assert code == 2
+    assert err == (
+        f"error: task folder {warehouse / 'tasks' / 'synthea_death_1y'}: missing labels.parquet, splits.parquet, "
+        "cohort.parquet, event_tokens.parquet, vocabulary.json, tabular_features.parquet "
+        "(run `cohortcast features` first)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_refuses_a_model_folder_it_cannot_create_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task_yaml = write_task_folder(tmp_path, 40, seed=2)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _out, err = run_cli(
+        ["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--out", str(blocker / "model")], capsys
+    )
+    assert code == 2
+    assert err == f"error: model folder {blocker / 'model'} cannot be created ({blocker} is not a folder)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "synthetic_1y.yaml", "tasks"]
+
+
+def test_features_refuses_a_task_folder_it_cannot_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "tasks").write_text("not a folder")
+    code, _out, err = run_cli(["features", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK)], capsys)
+    assert code == 2
+    assert err == (
+        f"error: task folder {tmp_path / 'tasks' / 'synthea_death_1y'} cannot be created "
+        f"({tmp_path / 'tasks'} is not a folder)\n"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["tasks"]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from features.ingest import warehouse_files
+from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, FileAccount, IngestSummary, warehouse_files
 from pipelines.assets.ingest import (
     INGEST_ASSETS,
     duplicates_reported,
@@ -19,7 +22,7 @@ from pipelines.assets.ingest import (
     quarantine_share_within_limit,
 )
 from pipelines.resources import Workspace
-from pipelines.sensors import BATCH_PARTITIONS, ingested_batch, landing_batch_sensor
+from pipelines.sensors import BATCH_PARTITIONS, LANDING_QUIET_SECONDS, ingested_batch, landing_batch_sensor
 
 CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported,
           quarantine_share_within_limit]
@@ -90,9 +93,19 @@ def test_a_file_mostly_quarantined_warns_without_failing_the_run(small_hospital:
     assert table[2] == f"fhir/Observation.000.ndjson | {len(lines)} | {cut} | 0.5000 | invalid_json | {cut}"
 
 
+def age(folder: Path, seconds: float) -> None:
+    """Date ``folder`` and everything under it ``seconds`` ago, as if the copy had ended then."""
+    then = time.time() - seconds
+    for parent, folders, files in os.walk(folder):
+        for name in folders + files:
+            os.utime(os.path.join(parent, name), (then, then))
+    os.utime(folder, (then, then))
+
+
 def test_sensor_adds_partition_and_ingests_batch(small_hospital: Path, tmp_path: Path) -> None:
     batches = tmp_path / "batches"
     shutil.copytree(small_hospital / "fhir", batches / "2024-06-01" / "fhir")
+    age(batches / "2024-06-01", LANDING_QUIET_SECONDS + 60)
     (batches / ".2024-06-02").mkdir()  # still landing: ignored
     workspace = Workspace(root=str(tmp_path))
     with dg.instance_for_test() as instance:
@@ -113,6 +126,63 @@ def test_sensor_adds_partition_and_ingests_batch(small_hospital: Path, tmp_path:
         assert (tmp_path / "warehouse" / "batches" / "2024-06-01" / "events.parquet").is_file()
         again = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
         assert again.run_requests == []
+
+
+def test_sensor_waits_until_a_batch_copied_in_place_is_quiet(tmp_path: Path) -> None:
+    batches = tmp_path / "batches"
+    fhir = batches / "2024-06-01" / "fhir"
+    fhir.mkdir(parents=True)
+    (fhir / "Patient.000.ndjson").write_text('{"resourceType":"Patient","id":"p1"}\n')  # the copy is going on
+    (batches / "2024-06-02").mkdir()
+    age(batches / "2024-06-02", LANDING_QUIET_SECONDS + 60)  # an empty folder is not a batch yet, however old
+    workspace = Workspace(root=str(tmp_path))
+    with dg.instance_for_test() as instance:
+
+        def tick() -> dg.SensorResult:
+            context = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
+            result = landing_batch_sensor(context)
+            for request in result.dynamic_partitions_requests:
+                instance.add_dynamic_partitions(BATCH_PARTITIONS.name, list(request.partition_keys))
+            return result  # type: ignore[no-any-return]
+
+        waiting = tick()
+        assert waiting.run_requests == [] and waiting.dynamic_partitions_requests == []
+        assert waiting.skip_reason is not None
+        assert waiting.skip_reason.skip_message == (
+            "batches still landing (no _SUCCESS, and empty or changed in the last 120 s): 2024-06-01, 2024-06-02"
+        )
+        (fhir / "Observation.000.ndjson").write_text("{}\n")
+        age(batches / "2024-06-01", LANDING_QUIET_SECONDS + 60)
+        # rsync -a keeps the export's times on the files it writes, but the folder it creates and
+        # renames them in is dated now.
+        partial = fhir / ".Condition.000.ndjson.a1b2c3"
+        partial.write_text("{}\n")
+        os.utime(partial, (0, 0))
+        assert tick().run_requests == []
+        partial.rename(fhir / "Condition.000.ndjson")
+        assert tick().run_requests == []
+        age(batches / "2024-06-01", LANDING_QUIET_SECONDS + 60)
+        landed = tick()
+        assert [(request.partition_key, request.run_key) for request in landed.run_requests] == [
+            ("2024-06-01", "2024-06-01")
+        ]
+        assert landed.skip_reason is None
+        assert instance.get_dynamic_partitions(BATCH_PARTITIONS.name) == ["2024-06-01"]
+        assert tick().skip_reason.skip_message == (  # type: ignore[union-attr]
+            "batches still landing (no _SUCCESS, and empty or changed in the last 120 s): 2024-06-02"
+        )
+
+
+def test_sensor_ingests_a_batch_with_a_success_marker_at_once(tmp_path: Path) -> None:
+    batch = tmp_path / "batches" / "2024-06-03"
+    (batch / "fhir").mkdir(parents=True)
+    (batch / "fhir" / "Patient.000.ndjson").write_text('{"resourceType":"Patient","id":"p1"}\n')
+    (batch / "_SUCCESS").touch()  # written by the lander after the last file
+    workspace = Workspace(root=str(tmp_path))
+    with dg.instance_for_test() as instance:
+        result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
+    assert [request.partition_key for request in result.run_requests] == ["2024-06-03"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["2024-06-03"]
 
 
 def test_newest_ingested_batch_becomes_the_warehouse(small_hospital: Path, tmp_path: Path) -> None:
@@ -182,6 +252,49 @@ def test_promoting_a_batch_that_was_not_ingested_fails_and_keeps_the_warehouse(t
     message = failure.step_failure_data.error.cause.message  # type: ignore[union-attr]
     assert "patients.parquet is missing" in message and "ingest the batch (again)" in message
     assert not (tmp_path / "warehouse" / "patients.parquet").exists()
+
+
+def write_ingested_batch(folder: Path) -> None:
+    """A batch's complete, balanced ingest whose every table file holds the batch's name."""
+    folder.mkdir(parents=True)
+    for name in warehouse_files()[:-1]:
+        (folder / name).write_text(folder.name)
+    summary = IngestSummary(
+        landing_dir=folder.name, warehouse_dir=str(folder), export_time=datetime(2024, 6, 1), strict=False,
+        files=(FileAccount("fhir", "fhir/Patient.000.ndjson", 1, 1, 0),), table_rows=dict.fromkeys(INGEST_ASSETS, 1),
+        quarantined_by_reason={}, duplicates=0, fhir_resources_in=1, elapsed_seconds=0.0,
+    )
+    (folder / SUMMARY_FILE).write_bytes(summary.to_json())
+
+
+def test_promoting_an_older_batch_over_a_newer_one_fails_and_keeps_the_warehouse(tmp_path: Path) -> None:
+    workspace = Workspace(root=str(tmp_path))
+    for batch in ("2024-06-01", "2024-06-02"):
+        write_ingested_batch(workspace.batch_warehouse_dir(batch))
+    warehouse = workspace.warehouse_dir
+    with dg.instance_for_test() as instance:
+
+        def promote(batch: str, **config: object) -> dg.ExecuteInProcessResult:
+            return dg.materialize(
+                [ingested_tables], instance=instance, resources={"workspace": workspace}, raise_on_error=False,
+                run_config={"ops": {"ingested_tables": {"config": {"from_batch": batch, **config}}}},
+            )
+
+        assert promote("2024-06-02").success
+        older = promote("2024-06-01")  # the older batch's promotion re-executed
+        assert not older.success
+        (failure,) = older.get_step_failure_events()
+        assert failure.step_failure_data.error.cause.message == (  # type: ignore[union-attr]
+            f"features.errors.LandingZoneError: promote batch 2024-06-01: warehouse {warehouse} holds batch "
+            "2024-06-02, which is newer (expected 2024-06-02 or a later batch); the warehouse keeps its tables "
+            "(allow_older_batch rolls back on purpose)\n"
+        )
+        assert (warehouse / "patients.parquet").read_text() == "2024-06-02"
+        assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-02\n"
+        assert promote("2024-06-01", allow_older_batch=True).success  # a rollback, asked for
+    assert (warehouse / "patients.parquet").read_text() == "2024-06-01"
+    assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-01\n"
+    assert sorted(p.name for p in (warehouse / "batches").iterdir()) == ["2024-06-01", "2024-06-02"]
 
 
 def test_ingest_refuses_both_an_export_and_a_batch(small_hospital: Path, tmp_path: Path) -> None:
