@@ -14,6 +14,12 @@ the EHR's patient ids), the task's horizon and the run's lineage. Out, under the
 
 A version folder is never changed after it is written, so a consumer reading the previous version
 while a new one is published keeps a consistent view; a failed publish leaves ``CURRENT`` as it was.
+
+:func:`check_publishable` applies the gates again at publish time, on what is about to go live: the
+model folder's own held-out metrics against the task's quality gates (:func:`quality_shortfalls`,
+the rule of the model's quality check), the scores made by that model, and the warehouse's ingest
+accounting. A run's blocking checks only stop the run they are in, and a run that only re-scores
+and publishes (the nightly one) has neither the model's check nor the ingest's.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import polars as pl
 import pyarrow as pa
 
 from features.errors import CohortcastError
+from features.ingest import SUMMARY_FILE, IngestSummary
+from models.scoring import model_version as model_version_of
 
 PUBLISHED_FORMAT_VERSION = 1
 FORMAT_FILE = "cohortcast_published.json"
@@ -40,7 +48,7 @@ DATABASE = "cohortcast.duckdb"
 
 
 class PublishError(CohortcastError):
-    """The published folder cannot take a new version."""
+    """The published folder cannot take a new version, or what would be published fails a gate."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,64 @@ def check_published_root(root: Path) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
         raise PublishError(f"published folder {root} is not writable")
+
+
+def quality_shortfalls(fusion: dict[str, float], min_auroc: float, max_calibration_error: float) -> list[str]:
+    """The quality gates a model's held-out metrics (``auroc``, ``calibration_error``) miss; empty
+    when the model may be published. A missing value (NaN) misses its gate.
+
+    Examples
+    --------
+    >>> quality_shortfalls({"auroc": 0.52, "calibration_error": 0.04}, 0.55, 0.1)
+    ['held-out auroc 0.5200 (expected >= 0.55)']
+    >>> quality_shortfalls({"auroc": 0.71, "calibration_error": 0.04}, 0.55, 0.1)
+    []
+    """
+    shortfalls = []
+    if not fusion["auroc"] >= min_auroc:
+        shortfalls.append(f"held-out auroc {fusion['auroc']:.4f} (expected >= {min_auroc})")
+    if not fusion["calibration_error"] <= max_calibration_error:
+        shortfalls.append(f"held-out calibration_error {fusion['calibration_error']:.4f} "
+                          f"(expected <= {max_calibration_error})")
+    return shortfalls
+
+
+def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, warehouse_dir: Path,
+                      min_auroc: float, max_calibration_error: float) -> None:
+    """Raise :class:`PublishError` unless ``scores`` may go live: the warehouse's ingest accounting
+    balances, and the model folder holds the model that made ``scores`` and its held-out metrics pass
+    the quality gates. Nothing is written either way.
+
+    Raises
+    ------
+    PublishError
+        With one line naming the gate that failed, what it expected and what it found.
+    """
+    live = current_version(root, task)
+    refused = f"publish {task} refused ({f'live version {live} unchanged' if live else 'no live version yet'})"
+    summary_path = warehouse_dir / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise PublishError(f"{refused}: warehouse {warehouse_dir} has no {SUMMARY_FILE} (expected the accounting "
+                           "of the ingest that wrote its tables)")
+    files = IngestSummary.from_json(summary_path).files
+    unbalanced = [account.source_file for account in files if not account.balanced]
+    if unbalanced:
+        raise PublishError(f"{refused}: {summary_path}: {len(unbalanced)} of {len(files)} source files do not "
+                           f"balance (expected records_in == records_out + quarantined; first: {unbalanced[0]})")
+    missing = [name for name in ("metrics.json", "model.safetensors", "cohortcast_model.json")
+               if not (model_dir / name).is_file()]
+    if missing:
+        raise PublishError(f"{refused}: model folder {model_dir} lacks {', '.join(missing)} (expected a trained "
+                           "model with its held-out metrics; train it again)")
+    fusion = json.loads((model_dir / "metrics.json").read_text())["models"]["fusion"]
+    shortfalls = quality_shortfalls(fusion, min_auroc, max_calibration_error)
+    if shortfalls:
+        raise PublishError(f"{refused}: model {model_dir} misses the task's quality gates: {'; '.join(shortfalls)}")
+    made_by = set(scores.column("model_version").to_pylist())
+    held = model_version_of(model_dir)
+    if made_by - {held}:
+        raise PublishError(f"{refused}: the scores were made by model {', '.join(sorted(made_by - {held}))}, "
+                           f"the model folder {model_dir} holds {held} (score the task again)")
 
 
 def current_version(root: Path, task: str) -> str | None:

@@ -9,6 +9,7 @@ Out: a model folder
 * ``vocabulary.json`` (the tokenizer the model was trained with) and ``calibration.json``,
 * ``metrics.json`` (held-out metrics of the model and of every baseline), ``history.json``,
 * ``MODEL_CARD.md`` (what the model is for, its data, its metrics, by subgroup, and its limits),
+* ``drift_reference.parquet`` (every training-cohort patient's risk: the drift check's reference),
 * ``cohortcast_model.json`` (the format version and the task it was trained for).
 """
 
@@ -28,6 +29,7 @@ import polars as pl
 import torch
 import torch.distributed as dist
 
+from features.errors import CohortcastError
 from features.io import replace_dir
 from features.simulate.state import (
     CARRIED_BY,
@@ -49,6 +51,7 @@ from models.baselines import (
 )
 from models.calibration import PlattCalibrator
 from models.data import IMAGING_MODALITIES, FusionDataset
+from models.drift import REFERENCE_FILE, save_reference
 from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, survival_curve
 from models.metrics import (
     auprc,
@@ -74,7 +77,7 @@ MODEL_INFO_KEYS = ("format_version", "task", "targets")
 DEFAULT_TEXT_DIM, DEFAULT_IMAGING_DIM = 384, 64
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(CohortcastError):
     """A model folder is incomplete or was written by another format version."""
 
 
@@ -478,7 +481,7 @@ def _truth_metrics(risk: np.ndarray, labels: dict[str, np.ndarray], known: np.nd
 
 def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, task_dir: Path,
                     metrics: dict[str, Any], history: list[dict[str, float]], card: str,
-                    has_treatment: bool) -> Path:
+                    has_treatment: bool, reference_risk: dict[str, np.ndarray]) -> Path:
     """Write the model folder atomically (a sibling folder renamed into place)."""
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -489,6 +492,7 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (staging / "history.json").write_text(json.dumps(history, indent=1))
     (staging / "MODEL_CARD.md").write_text(card)
+    save_reference(staging / REFERENCE_FILE, reference_risk)
     (staging / "cohortcast_model.json").write_text(json.dumps({
         "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
@@ -549,8 +553,12 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
                              "processes": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1}
     metrics["split_sizes"] = {k: len(v) for k, v in data.datasets.items()}
     card = model_card(task, data, config, metrics)
+    # The cohort as this model scores it, so that drift is measured against training and not against
+    # whatever was published last.
+    reference = {split: predict(result.model, result.calibrator, dataset).risk
+                 for split, dataset in data.datasets.items()}
     save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
-                    data.has_treatment)
+                    data.has_treatment, reference)
     return metrics
 
 

@@ -63,6 +63,7 @@ def run_demo(
         instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
     resources = resources_for_deployment(str(workspace))
     training = {"max_epochs": epochs, "hidden_size": hidden_size}
+    gates = {"min_auroc": min_auroc, "max_calibration_error": max_calibration_error}
     stages = [
         (
             f"simulate {patients:,} patients and ingest them",
@@ -76,9 +77,9 @@ def run_demo(
             DEMO_TASK,
             {"ops": {
                 "fusion_model": {"config": training},
-                # Unset overrides leave the task file's gates in force.
-                "fusion_model_fusion_model_quality": {"config": {
-                    "min_auroc": min_auroc, "max_calibration_error": max_calibration_error}},
+                # Unset overrides leave the task file's gates in force; publishing applies them again.
+                "fusion_model_fusion_model_quality": {"config": gates},
+                "published_cohort": {"config": gates},
             }},
         ),
     ]

@@ -7,7 +7,13 @@ scored, under ``WAREHOUSE/scores/<task>.parquet``) and ``published_cohort`` (a n
 
 Publishing is gated: every upstream check that is blocking (ingest accounting, leakage, split
 disjointness, model quality) stops the run before ``published_cohort`` when it fails, so the
-previous version stays live, and the failed check in the Dagster UI says why. The drift check warns.
+previous version stays live, and the failed check in the Dagster UI says why. A check only stops
+the run it is in, so ``published_cohort`` applies the model's quality gates and the ingest's
+accounting again (:func:`models.publishing.check_publishable`) and fails, with the reason, rather
+than publish from a rejected model or an unbalanced warehouse (a nightly run that only re-scores).
+
+The drift check warns. It compares today's risks with those the model gave its training cohort,
+saved in the model folder (:mod:`models.drift`): a reference this run's publication cannot change.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
@@ -19,11 +25,11 @@ import pyarrow.parquet as pq
 
 from features.io import write_parquet_atomic
 from features.tasks import load_task
-from models.drift import PSI_ALARM, PSI_WARN, population_stability_index
-from models.publishing import current_scores, publish
+from models.drift import PSI_ALARM, PSI_WARN, REFERENCE_FILE, load_reference, population_stability_index
+from models.publishing import check_publishable, current_scores, publish
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
-from pipelines.assets.training import model_dir
+from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
 from pipelines.resources import Workspace
 
 
@@ -66,28 +72,36 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     })
 
 
-@dg.asset_check(asset=risk_scores, description="Score and input distributions against the last publication (PSI).")
+@dg.asset_check(asset=risk_scores, description="Score distribution against the model's training cohort (PSI).")
 def risk_scores_drift(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
     task = context.run.tags.get("dagster/partition", "")
     today = pq.read_table(scores_path(workspace, task), columns=["risk"]).column("risk").to_numpy()
-    previous = current_scores(published_dir(workspace), task)
-    if previous is None or previous.height == 0:
-        return dg.AssetCheckResult(passed=True, metadata={"reference": "none yet (first publication)"})
-    psi = population_stability_index(previous["risk"].to_numpy(), today)
+    # Not the live publication: published_cohort runs beside this check and, run first, made the
+    # live version today's scores themselves (a PSI of 0 whatever the drift).
+    reference = load_reference(model_dir(workspace, task))
+    if reference is None:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={
+            "reference": f"none: {model_dir(workspace, task)} has no {REFERENCE_FILE} (train the model again)"})
+    psi = population_stability_index(reference, today)
     return dg.AssetCheckResult(
         passed=psi < PSI_WARN,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"risk_psi": psi, "warn_above": PSI_WARN, "retrain_above": PSI_ALARM,
-                  "reference_version_patients": previous.height},
+                  "reference": "training cohort", "reference_patients": reference.size, "patients": today.size},
     )
 
 
 @dg.asset(group_name="publishing", partitions_def=task_partitions, deps=[risk_scores, "patients", "codes"],
           kinds={"duckdb", "fhir"})
-def published_cohort(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConfig,
+                     workspace: Workspace) -> dg.MaterializeResult:
     """A new live version of the task's cohort: Parquet, DuckDB and FHIR RiskAssessments."""
     task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
     scores = pq.read_table(scores_path(workspace, task.name))
+    # The model's and the ingest's blocking checks are not in every run that publishes (the nightly
+    # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.
+    check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
+                      workspace.warehouse_dir, *quality_gates(task, config))
     patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet", columns=["subject_id", "patient_id"])
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
     outcome = task.description or task.name

@@ -3,7 +3,8 @@
 Stage: model. In: a task's inputs under ``WAREHOUSE/tasks/<task>/`` (the ``tasks`` and
 ``model_inputs`` assets) and, for a simulated hospital, ``landing/truth.parquet``. Out:
 ``fusion_model``, a model folder under ``WAREHOUSE/models/<task>/`` written by
-:func:`models.task_model.train_task_model`, and a blocking check of its held-out quality.
+:func:`models.task_model.train_task_model`, and a blocking check of its held-out quality
+(:func:`models.publishing.quality_shortfalls`, the rule ``published_cohort`` applies again).
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from features.tasks import load_task
+from features.tasks import TaskDefinition, load_task
+from models.publishing import quality_shortfalls
 from models.task_model import train_task_model
 from models.training import TrainingArguments
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
@@ -50,6 +52,13 @@ def model_dir(workspace: Workspace, task_name: str) -> Path:
     return workspace.warehouse_dir / "models" / task_name
 
 
+def quality_gates(task: TaskDefinition, config: ModelQualityConfig) -> tuple[float, float]:
+    """``(min_auroc, max_calibration_error)``: the run's overrides, else the task file's."""
+    return (task.publishing.min_auroc if config.min_auroc is None else config.min_auroc,
+            task.publishing.max_calibration_error if config.max_calibration_error is None
+            else config.max_calibration_error)
+
+
 @dg.asset(group_name="model", partitions_def=task_partitions, deps=TASK_INPUTS, kinds={"pytorch"})
 def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                  workspace: Workspace) -> dg.MaterializeResult:
@@ -83,12 +92,9 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
 def fusion_model_quality(context: dg.AssetCheckExecutionContext, config: ModelQualityConfig,
                          workspace: Workspace) -> dg.AssetCheckResult:
     task = load_task(TASKS_DIR / f"{context.run.tags.get('dagster/partition', '')}.yaml")
-    min_auroc = task.publishing.min_auroc if config.min_auroc is None else config.min_auroc
-    max_error = (task.publishing.max_calibration_error if config.max_calibration_error is None
-                 else config.max_calibration_error)
+    min_auroc, max_error = quality_gates(task, config)
     fusion = json.loads((model_dir(workspace, task.name) / "metrics.json").read_text())["models"]["fusion"]
-    passed = fusion["auroc"] >= min_auroc and fusion["calibration_error"] <= max_error
-    return dg.AssetCheckResult(passed=passed, metadata={
+    return dg.AssetCheckResult(passed=not quality_shortfalls(fusion, min_auroc, max_error), metadata={
         "auroc": fusion["auroc"], "min_auroc": min_auroc,
         "calibration_error": fusion["calibration_error"], "max_calibration_error": max_error,
     })

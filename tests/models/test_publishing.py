@@ -1,8 +1,9 @@
-"""Tests of publishing: versions, the live pointer, DuckDB, FHIR RiskAssessments, and refusals."""
+"""Tests of publishing: versions, the live pointer, DuckDB, FHIR RiskAssessments, gates and refusals."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -12,8 +13,16 @@ import pyarrow as pa
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from models.publishing import PublishError, current_scores, current_version, publish
-from models.scoring import RiskTiers, score_task
+from features.ingest import SUMMARY_FILE, FileAccount, IngestSummary
+from models.publishing import (
+    PublishError,
+    check_publishable,
+    current_scores,
+    current_version,
+    publish,
+    quality_shortfalls,
+)
+from models.scoring import RiskTiers, model_version, score_task
 from tests.models.conftest import TrainedTask
 
 
@@ -99,3 +108,63 @@ def test_unknown_subjects_are_refused(scores: pa.Table, tmp_path: Path) -> None:
         publish(scores, pl.DataFrame({"subject_id": [-1], "patient_id": ["x"]}), tmp_path, "synthetic_1y", 365,
                 "death", {})
     assert not (tmp_path / "synthetic_1y" / "CURRENT").exists()
+
+
+def write_summary(warehouse: Path, observations_out: int = 5) -> Path:
+    """An ingest accounting: 10 patients (9 out, 1 quarantined) and 5 observations in."""
+    summary = IngestSummary(
+        landing_dir="landing", warehouse_dir=str(warehouse), export_time=datetime(2026, 1, 1), strict=False,
+        files=(FileAccount("fhir", "Patient.ndjson", 10, 9, 1), FileAccount("fhir", "Observation.ndjson", 5,
+                                                                            observations_out, 0)),
+        table_rows={}, quarantined_by_reason={"bad_value": 1}, duplicates=0, fhir_resources_in=15,
+        elapsed_seconds=0.1,
+    )
+    warehouse.mkdir(parents=True, exist_ok=True)
+    (warehouse / SUMMARY_FILE).write_bytes(summary.to_json())
+    return warehouse / SUMMARY_FILE
+
+
+def test_quality_shortfalls_name_each_gate_missed() -> None:
+    assert quality_shortfalls({"auroc": 0.55, "calibration_error": 0.1}, 0.55, 0.1) == []
+    assert quality_shortfalls({"auroc": 0.376, "calibration_error": 0.25}, 0.55, 0.1) == [
+        "held-out auroc 0.3760 (expected >= 0.55)", "held-out calibration_error 0.2500 (expected <= 0.1)"]
+    assert quality_shortfalls({"auroc": float("nan"), "calibration_error": 0.0}, 0.0, 1.0) == [
+        "held-out auroc nan (expected >= 0.0)"]
+
+
+def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
+    scores: pa.Table, trained_task: TrainedTask, tmp_path: Path
+) -> None:
+    root, warehouse, model = tmp_path / "published", tmp_path / "warehouse", trained_task.model_dir
+    publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {})
+    auroc = json.loads((model / "metrics.json").read_text())["models"]["fusion"]["auroc"]
+    refused = "publish synthetic_1y refused (live version v0001 unchanged): "
+
+    with pytest.raises(PublishError) as no_summary:
+        check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)
+    assert str(no_summary.value) == (refused + f"warehouse {warehouse} has no ingest_summary.json (expected the "
+                                     "accounting of the ingest that wrote its tables)")
+    summary = write_summary(warehouse, observations_out=4)
+    with pytest.raises(PublishError) as unbalanced:
+        check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)
+    assert str(unbalanced.value) == (refused + f"{summary}: 1 of 2 source files do not balance (expected "
+                                     "records_in == records_out + quarantined; first: Observation.ndjson)")
+    write_summary(warehouse)
+    with pytest.raises(PublishError) as below:
+        check_publishable(root, "synthetic_1y", scores, model, warehouse, 1.0, 1.0)
+    assert str(below.value) == (refused + f"model {model} misses the task's quality gates: held-out auroc "
+                                f"{auroc:.4f} (expected >= 1.0)")
+    with pytest.raises(PublishError) as no_model:
+        check_publishable(root, "synthetic_1y", scores, tmp_path / "untrained", warehouse, 0.0, 1.0)
+    assert str(no_model.value) == (refused + f"model folder {tmp_path / 'untrained'} lacks metrics.json, "
+                                   "model.safetensors, cohortcast_model.json (expected a trained model with its "
+                                   "held-out metrics; train it again)")
+    other = scores.set_column(scores.schema.get_field_index("model_version"), "model_version",
+                              pa.array(["synthetic_1y-000000000000"] * scores.num_rows))
+    with pytest.raises(PublishError) as stale:
+        check_publishable(root, "synthetic_1y", other, model, warehouse, 0.0, 1.0)
+    assert str(stale.value) == (refused + "the scores were made by model synthetic_1y-000000000000, the model "
+                                f"folder {model} holds {model_version(model)} (score the task again)")
+    assert current_version(root, "synthetic_1y") == "v0001"
+    assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
+    check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)

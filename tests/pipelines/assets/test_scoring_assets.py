@@ -1,0 +1,159 @@
+"""Tests of the scoring assets' drift check and of the gates ``published_cohort`` applies at publish time.
+
+The workspace is built by hand (a model folder with its metrics and drift reference, scores, an
+ingest accounting and a live version), so each test runs only ``published_cohort`` and the drift
+check, as a nightly run does after re-scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from features.ingest import SUMMARY_FILE, FileAccount, IngestSummary
+from features.schemas import SCORES
+from models.drift import REFERENCE_FILE, save_reference
+from models.publishing import current_version, publish
+from models.scoring import RiskTiers, model_version
+from pipelines.assets.scoring import published_cohort, risk_scores, risk_scores_drift
+from pipelines.resources import Workspace
+
+TASK = "simulated_mace_1y"  # quality gates in its task file: min_auroc 0.55, max_calibration_error 0.1
+# The training cohort's risks: 1000 evenly spread, so that each decile bin holds a tenth of them.
+REFERENCE = (np.arange(1000) + 0.5) / 1000
+# Drifted: half the cohort in the lowest decile of the reference, half in the highest.
+DRIFTED = np.repeat([0.05, 0.95], 500)
+
+
+def scores_table(risk: np.ndarray, version: str) -> pa.Table:
+    n = len(risk)
+    return pa.table({
+        "subject_id": np.arange(1, n + 1), "prediction_time": [datetime(2025, 6, 1)] * n, "task": [TASK] * n,
+        "risk": risk, "risk_tier": RiskTiers().assign(risk), "previous_risk": [None] * n,
+        "survival_times_days": [[365.0]] * n, "survival_curve": [[1 - r] for r in risk],
+        "treatment_effect": [None] * n, "modality_shares": [[]] * n, "top_items": [[]] * n,
+        "model_version": [version] * n,
+    }, schema=SCORES)
+
+
+def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observations_out: int = 5) -> Path:
+    """A workspace whose model (held-out ``auroc``) scored ``today`` and whose live version is v0001."""
+    warehouse = root / "warehouse"
+    model = warehouse / "models" / TASK
+    model.mkdir(parents=True)
+    (model / "metrics.json").write_text(json.dumps({"models": {"fusion": {"auroc": auroc, "calibration_error": 0.05}}}))
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "cohortcast_model.json").write_text(json.dumps({"task": TASK}))
+    save_reference(model / REFERENCE_FILE, {"train": REFERENCE[:600], "tuning": REFERENCE[600:800],
+                                            "held_out": REFERENCE[800:]})
+    summary = IngestSummary(
+        landing_dir="landing", warehouse_dir=str(warehouse), export_time=datetime(2026, 1, 1), strict=False,
+        files=(FileAccount("fhir", "Patient.ndjson", 1000, 1000, 0),
+               FileAccount("fhir", "Observation.ndjson", 5, observations_out, 0)),
+        table_rows={}, quarantined_by_reason={}, duplicates=0, fhir_resources_in=1005, elapsed_seconds=0.1,
+    )
+    (warehouse / SUMMARY_FILE).write_bytes(summary.to_json())
+    ids = list(range(1, len(today) + 1))
+    patients = pl.DataFrame({"subject_id": ids, "patient_id": [f"p-{i}" for i in ids]})
+    patients.write_parquet(warehouse / "patients.parquet")
+    pl.DataFrame({"code": ["LOINC//8480-6"], "description": ["Systolic blood pressure"]}).write_parquet(
+        warehouse / "codes.parquet")
+    (warehouse / "scores").mkdir()
+    scores = scores_table(today, model_version(model))
+    pq.write_table(scores, warehouse / "scores" / f"{TASK}.parquet")
+    # The live version: today's scores published before (so comparing with it finds no drift).
+    publish(scores, patients, root / "published", TASK, 365, "MACE", {"run_id": "before"})
+    return root
+
+
+def publish_and_check(root: Path, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
+    """``published_cohort`` and the drift check in one run, as after the nightly re-score."""
+    return dg.materialize(
+        [risk_scores, published_cohort, risk_scores_drift],
+        selection=dg.AssetSelection.assets(published_cohort) | dg.AssetSelection.checks(risk_scores_drift),
+        partition_key=TASK, resources={"workspace": Workspace(root=str(root))}, raise_on_error=False,
+        run_config=run_config or {},
+    )
+
+
+def test_drift_is_measured_against_the_training_cohort_not_this_runs_publication(tmp_path: Path) -> None:
+    result = publish_and_check(make_workspace(tmp_path, DRIFTED))
+    assert result.success
+    started = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
+    # The publication runs first, so the live version is today's scores when the check reads.
+    assert started == ["published_cohort", "risk_scores_risk_scores_drift"]
+    assert current_version(tmp_path / "published", TASK) == "v0002"
+    [check] = result.get_asset_check_evaluations()
+    assert (check.passed, check.severity) == (False, dg.AssetCheckSeverity.WARN)
+    metadata = {key: value.value for key, value in check.metadata.items()}
+    # Two bins of the reference's ten hold all of today's risks: 0.5 each against 0.1; the eight
+    # empty ones count at the index's floor of 1e-4.
+    expected = 2 * (0.5 - 0.1) * math.log(0.5 / 0.1) + 8 * (1e-4 - 0.1) * math.log(1e-4 / 0.1)
+    assert metadata["risk_psi"] == pytest.approx(expected, rel=1e-12)
+    assert round(expected, 4) == 6.8082
+    assert metadata["reference"] == "training cohort"
+    assert (metadata["reference_patients"], metadata["patients"]) == (1000, 1000)
+
+
+def test_scores_like_the_training_cohorts_pass_the_drift_check(tmp_path: Path) -> None:
+    result = publish_and_check(make_workspace(tmp_path, np.random.default_rng(0).permutation(REFERENCE)))
+    [check] = result.get_asset_check_evaluations()
+    assert check.passed and check.metadata["risk_psi"].value == 0.0
+
+
+def test_a_model_folder_without_a_reference_fails_the_drift_check_with_the_reason(tmp_path: Path) -> None:
+    make_workspace(tmp_path, DRIFTED)
+    model = tmp_path / "warehouse" / "models" / TASK
+    (model / REFERENCE_FILE).unlink()
+    [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
+    assert not check.passed
+    assert check.metadata["reference"].value == f"none: {model} has no {REFERENCE_FILE} (train the model again)"
+
+
+def refusal(result: dg.ExecuteInProcessResult) -> str:
+    """The one line Dagster shows for the failed ``published_cohort`` step."""
+    [failure] = result.get_step_failure_events()
+    assert failure.step_key == "published_cohort"
+    error = failure.step_failure_data.error
+    assert error is not None and error.cause is not None
+    return error.cause.message.strip()
+
+
+def test_a_model_below_the_tasks_gates_is_not_published_by_a_rescore_run(tmp_path: Path) -> None:
+    make_workspace(tmp_path, DRIFTED, auroc=0.42)
+    result = publish_and_check(tmp_path)
+    assert not result.success
+    model = tmp_path / "warehouse" / "models" / TASK
+    assert refusal(result) == (
+        f"models.publishing.PublishError: publish {TASK} refused (live version v0001 unchanged): model {model} "
+        "misses the task's quality gates: held-out auroc 0.4200 (expected >= 0.55)"
+    )
+    assert result.get_asset_materialization_events() == []
+    assert (tmp_path / "published" / TASK / "CURRENT").read_text() == "v0001\n"
+    assert sorted(p.name for p in (tmp_path / "published" / TASK).iterdir()) == ["CURRENT", "v0001"]
+    # The run's override of the gates applies at publish time too (the demo's small cohorts).
+    lowered = publish_and_check(tmp_path, {"ops": {"published_cohort": {"config": {"min_auroc": 0.4}}}})
+    assert lowered.success and current_version(tmp_path / "published", TASK) == "v0002"
+
+
+def test_an_unbalanced_ingest_is_not_published_by_a_rescore_run(tmp_path: Path) -> None:
+    make_workspace(tmp_path, DRIFTED, observations_out=4)
+    result = publish_and_check(tmp_path)
+    assert not result.success
+    assert refusal(result) == (
+        f"models.publishing.PublishError: publish {TASK} refused (live version v0001 unchanged): "
+        f"{tmp_path / 'warehouse' / SUMMARY_FILE}: 1 of 2 source files do not balance (expected "
+        "records_in == records_out + quarantined; first: Observation.ndjson)"
+    )
+    assert result.get_asset_materialization_events() == []
+    assert (tmp_path / "published" / TASK / "CURRENT").read_text() == "v0001\n"
+    assert sorted(p.name for p in (tmp_path / "published" / TASK).iterdir()) == ["CURRENT", "v0001"]
