@@ -44,3 +44,16 @@ def every_damage(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every variant of :func:`damages_by_field`, one after another."""
     for variants in damages_by_field(resource):
         yield from variants
+
+
+def damages_with_fresh_ids(resource: dict[str, Any], start: int) -> Iterator[list[dict[str, Any]]]:
+    """:func:`damages_by_field`, each variant with an id of its own (``<id>-<n>``, numbered on from
+    ``start`` over every variant) unless the id is what is damaged, so that no two lines written
+    from them are duplicates of one another."""
+    number = start
+    for variants in damages_by_field(resource):
+        for variant in variants:
+            if variant.get("id") == resource["id"]:
+                variant["id"] = f"{resource['id'][:40]}-{number}"
+            number += 1
+        yield variants

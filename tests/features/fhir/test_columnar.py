@@ -19,7 +19,7 @@ from polars.testing import assert_frame_equal
 import features.ingest as ingest
 from features.fhir.columnar import Context, read_lines, read_ndjson, with_bundle_references
 from features.ingest import IngestSummary, ingest_landing_zone
-from tests.features.fhir.damage import WRONG_VALUES, damaged, damages_by_field
+from tests.features.fhir.damage import WRONG_VALUES, damaged, damages_with_fresh_ids
 
 EXPORT = datetime(2026, 1, 1)
 
@@ -190,13 +190,8 @@ def test_every_field_damaged_in_turn_equals_per_record_path(
         if resource_type == "Patient":
             continue
         for resource in map(orjson.loads, filter(None, _lines(path, 2))):
-            for field, variants in enumerate(damages_by_field(resource)):
-                lines = []
-                for variant in variants:
-                    # A fresh id per line (unless the id is what is damaged), so that none is a duplicate.
-                    if variant.get("id") == resource["id"]:
-                        variant["id"] = f"{resource['id'][:40]}-{lines_in + len(lines)}"
-                    lines.append(orjson.dumps(variant))
+            for field, variants in enumerate(damages_with_fresh_ids(resource, lines_in)):
+                lines = [orjson.dumps(variant) for variant in variants]
                 (landing / f"{resource_type}.{lines_in:05d}.{field}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
                 lines_in += len(lines)
     cleared: list[int] = []
@@ -1192,13 +1187,8 @@ def test_do_not_perform_end_only_periods_and_local_first_codings_damaged_in_turn
     (landing / "Patient.ndjson").write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}) + b"\n")
     lines_in = 0
     for resource in resources:
-        for field, variants in enumerate(damages_by_field(resource)):
-            lines = []
-            for variant in variants:
-                # A fresh id per line (unless the id is what is damaged), so that none is a duplicate.
-                if variant.get("id") == resource["id"]:
-                    variant["id"] = f"{resource['id']}-{lines_in + len(lines)}"
-                lines.append(orjson.dumps(variant))
+        for field, variants in enumerate(damages_with_fresh_ids(resource, lines_in)):
+            lines = [orjson.dumps(variant) for variant in variants]
             (landing / f"{resource['resourceType']}.{field:03d}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
             lines_in += len(lines)
 
@@ -1541,14 +1531,10 @@ def test_versions_recorded_dates_and_note_periods_damaged_in_turn_equal_per_reco
     for resource in resources:
         resource["meta"] = {"lastUpdated": "2023-01-01T00:00:00.5+02:00", "versionId": "7"}
         rival = {**resource, "meta": {"lastUpdated": "2022-12-31T22:00:00.500Z", "versionId": "6"}}
-        for field, variants in enumerate(damages_by_field(resource)):
-            lines, rivals = [], []
-            for variant in variants:
-                # A fresh id per line (unless the id is what is damaged), shared with its rival only.
-                if variant.get("id") == resource["id"]:
-                    variant["id"] = f"{resource['id']}-{lines_in + len(lines)}"
-                lines.append(orjson.dumps(variant))
-                rivals.append(orjson.dumps({**rival, "id": variant.get("id")}))
+        for field, variants in enumerate(damages_with_fresh_ids(resource, lines_in)):
+            # Each line's id is shared with its rival only.
+            lines = [orjson.dumps(variant) for variant in variants]
+            rivals = [orjson.dumps({**rival, "id": variant.get("id")}) for variant in variants]
             name = f"{resource['resourceType']}.{field:03d}"
             (landing / f"{name}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
             (landing / f"{name}.rival.ndjson").write_bytes(b"\n".join(rivals) + b"\n")
