@@ -28,7 +28,9 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
 4. ``events`` is streamed from the final tables; then the accounting is counted independently from
    the inputs (records read) and the outputs (distinct records in tables plus quarantine rows).
 
-Every file is written atomically, so a killed run leaves the previous good warehouse readable.
+Every output is written in a staging folder inside the warehouse and put in place at the end, one
+rename per file and the accounting last: a killed run leaves the previous ingest whole. One writer
+at a time holds the warehouse's lock (``.ingest.lock``); the next one deletes what a killed one left.
 :func:`promote_warehouse` makes the tables of an ingest written elsewhere (a landing batch's) the
 warehouse's, file by file in the same way, and records the batch in ``promoted_batch.txt`` so that an
 older batch is refused; :func:`prune_ingested_batches` then deletes old batches' ingested copies.
@@ -36,6 +38,7 @@ older batch is refused; :func:`prune_ingested_batches` then deletes old batches'
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import multiprocessing
 import os
@@ -123,6 +126,11 @@ RESOURCE_TYPE_OF_TABLE = {
 SUMMARY_FILE = "ingest_summary.json"
 # In a warehouse fed by landing batches: the name of the batch last promoted into it.
 PROMOTED_BATCH_FILE = "promoted_batch.txt"
+# The writer lock of a warehouse folder, and the prefix of the staging folders ingests write in.
+LOCK_FILE = ".ingest.lock"
+STAGING_PREFIX = ".ingest-staging-"
+# The subfolder of a staging folder that holds the finished warehouse files until they are put in place.
+FINAL_FOLDER = "final"
 RAW_LIMIT = 500
 _NAN = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Infinity)(?![A-Za-z\"])")
 
@@ -976,6 +984,55 @@ def _check_dirs(landing_dir: Path, warehouse_dir: Path) -> None:
 
 
 @contextmanager
+def _writer_lock(warehouse_dir: Path, action: str) -> Iterator[None]:
+    """Hold the writer lock of ``warehouse_dir`` while an ingest or a promotion writes it.
+
+    Two writers of one warehouse would interleave their files (each file is replaced whole, but the
+    set would mix two exports), so a second one is refused, not queued: whatever started it can try
+    again. The lock is an advisory ``flock`` on ``.ingest.lock``, which the operating system
+    releases when its holder exits, killed or not. So once it is held, any staging folder or
+    half-written file in the warehouse was left by a run that died, and is deleted.
+
+    Raises
+    ------
+    LandingZoneError
+        When another process holds the lock.
+    """
+    path = warehouse_dir / LOCK_FILE
+    with path.open("a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(64).decode(errors="replace").strip() or "unknown"
+            raise LandingZoneError(
+                f"{action}: warehouse {warehouse_dir} is being written by another ingest or promotion "
+                f"(process {holder} holds {LOCK_FILE}); wait for it to finish, or write elsewhere"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n".encode())
+        handle.flush()
+        remove_leftovers(warehouse_dir)
+        yield
+
+
+def remove_leftovers(warehouse_dir: Path) -> list[str]:
+    """Delete what killed ingests and promotions left in ``warehouse_dir``: staging folders and
+    half-written warehouse files. Call only while holding its writer lock. Returns the names deleted."""
+    names = (*warehouse_files(), PROMOTED_BATCH_FILE)
+    removed: list[str] = []
+    for path in sorted(warehouse_dir.iterdir()):
+        if path.name.startswith(STAGING_PREFIX) and path.is_dir():
+            shutil.rmtree(path)
+        elif path.name.endswith(".partial") and any(path.name.startswith(f".{name}.") for name in names):
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
+@contextmanager
 def _single_threaded_children() -> Iterator[None]:
     """Start worker processes with polars on one thread each.
 
@@ -1069,8 +1126,8 @@ def ingest_landing_zone(
     Raises
     ------
     LandingZoneError
-        When nothing can run: the landing zone is missing, or the output folder is unwritable.
-        Bad records never raise: they are quarantined.
+        When nothing can run: the landing zone is missing, the output folder is unwritable, or
+        another ingest or promotion is writing it. Bad records never raise: they are quarantined.
     """
     started = time.perf_counter()
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
@@ -1080,7 +1137,29 @@ def ingest_landing_zone(
     elif export_time.tzinfo is not None:
         export_time = export_time.astimezone(UTC).replace(tzinfo=None)
     landing = _discover(landing_dir)
-    staging = Path(tempfile.mkdtemp(prefix=".ingest-staging-", dir=warehouse_dir))
+    with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
+        return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started)
+
+
+def _ingest_locked(
+    landing_dir: Path,
+    landing: _Landing,
+    warehouse_dir: Path,
+    strict: bool,
+    workers: int,
+    export_time: datetime,
+    progress: Callable[[int, int], None] | None,
+    started: float,
+) -> IngestSummary:
+    """:func:`ingest_landing_zone` once it holds the warehouse's writer lock.
+
+    Every output is written into a staging folder inside the warehouse (so on its file system)
+    and put in place at the end by one rename per file, the accounting last: a run killed before
+    then leaves the previous ingest whole, not a mix of two exports' tables.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=warehouse_dir))
+    tables_dir = staging / FINAL_FOLDER
+    tables_dir.mkdir()
     try:
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str, Spill], TableRead]]] = [
             ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill)),
@@ -1107,20 +1186,20 @@ def ingest_landing_zone(
         staged = {table: _staged(staging, table) for table in TABLES}
         first = ("patients", "medication_codes", "binaries")
         versions = _staged(staging, "record_versions")
-        finalized = {table: _finalize_table(table, staged[table], None, warehouse_dir, versions) for table in first}
-        patient_ids = pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
+        finalized = {table: _finalize_table(table, staged[table], None, tables_dir, versions) for table in first}
+        patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
         orders, unresolved_orders = resolve_medication_references(
-            _staged(staging, "medication_references"), warehouse_dir / "medication_codes.parquet"
+            _staged(staging, "medication_references"), tables_dir / "medication_codes.parquet"
         )
         staged["medications"] = pl.concat([staged["medications"], orders])
         notes, unresolved_notes = resolve_note_references(
-            _staged(staging, "note_references"), staged["binaries"], warehouse_dir / "binaries.parquet"
+            _staged(staging, "note_references"), staged["binaries"], tables_dir / "binaries.parquet"
         )
         staged["notes"] = pl.concat([staged["notes"], notes])
         # Records of a patient merged into another (an MPI merge, Patient.link replaced-by) are
         # the survivor's.
         merged = merged_patients(
-            pl.read_parquet(warehouse_dir / "patients.parquet", columns=["patient_id", "replaced_by"])
+            pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id", "replaced_by"])
         )
         if merged:
             for table in TABLES:
@@ -1133,7 +1212,7 @@ def ingest_landing_zone(
         others = sorted((table for table in TABLES if table not in first), key=lambda t: -_staged_bytes(staging, t))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
-                table: threads.submit(_finalize_table, table, staged[table], patient_ids, warehouse_dir, versions)
+                table: threads.submit(_finalize_table, table, staged[table], patient_ids, tables_dir, versions)
                 for table in others
             }
             finalized.update({table: job.result() for table, job in pending.items()})
@@ -1147,9 +1226,9 @@ def ingest_landing_zone(
             ]
             if drops.height
         ]
-        events_path = _sink_table(build_events(warehouse_dir), warehouse_dir / "events.parquet", EVENTS)
+        events_path = _sink_table(build_events(tables_dir), tables_dir / "events.parquet", EVENTS)
         table_rows["events"] = pq.read_metadata(events_path).num_rows
-        codes_path = _sink_table(build_codes(warehouse_dir), warehouse_dir / "codes.parquet", CODES)
+        codes_path = _sink_table(build_codes(tables_dir), tables_dir / "codes.parquet", CODES)
         table_rows["codes"] = pq.read_metadata(codes_path).num_rows
 
         fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in landing.fhir}
@@ -1163,7 +1242,7 @@ def ingest_landing_zone(
             )
             quarantine = pl.concat([quarantine, extra.select(QUARANTINE.names)], how="vertical_relaxed")
         quarantine = quarantine.sort("source_file", "record_number", "reason_code", maintain_order=True)
-        write_parquet_atomic(quarantine.to_arrow().cast(QUARANTINE), warehouse_dir / "quarantine.parquet")
+        write_parquet_atomic(quarantine.to_arrow().cast(QUARANTINE), tables_dir / "quarantine.parquet")
         table_rows["quarantine"] = quarantine.height
 
         records_in: dict[str, int] = defaultdict(int)
@@ -1193,7 +1272,11 @@ def ingest_landing_zone(
             fhir_resources_in=sum(result.records_in for kind, result in results if kind == "fhir"),
             elapsed_seconds=round(time.perf_counter() - started, 3),
         )
-        write_bytes_atomic(summary.to_json(), warehouse_dir / SUMMARY_FILE)
+        write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)
+        # The warehouse still holds the previous ingest, whole. Each file takes its place by one
+        # rename, the accounting last, so that the summary never describes tables not yet there.
+        for name in warehouse_files():
+            os.replace(tables_dir / name, warehouse_dir / name)
         return summary
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -1251,9 +1334,10 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
             "the warehouse keeps its current tables"
         )
     _check_dirs(ingested_dir, warehouse_dir)
-    write_bytes_atomic(f"{batch}\n".encode(), record)
-    for name in names:
-        link_file_atomic(ingested_dir / name, warehouse_dir / name)
+    with _writer_lock(warehouse_dir, f"promote batch {batch}"):
+        write_bytes_atomic(f"{batch}\n".encode(), record)
+        for name in names:
+            link_file_atomic(ingested_dir / name, warehouse_dir / name)
     return summary
 
 

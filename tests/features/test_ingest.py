@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import shutil
+import signal
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from features.ingest import (
     promote_warehouse,
     prune_ingested_batches,
     quarantine_shares,
+    remove_leftovers,
     warehouse_files,
 )
 from features.schemas import INTERNAL_TABLES
@@ -186,6 +191,74 @@ def test_unwritable_output_raises(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(LandingZoneError, match="cannot be created"):
         ingest_landing_zone(tmp_path / "landing", tmp_path / "file" / "out")
+
+
+_KILLED_INGEST = """
+import os, signal, sys
+from datetime import datetime
+from pathlib import Path
+import features.ingest as ingest
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+# Killed once every table and the events are written, before the last of the warehouse files.
+ingest.build_codes = killed
+ingest.ingest_landing_zone(Path(sys.argv[1]), Path(sys.argv[2]), workers=1, export_time=datetime(2025, 1, 1))
+"""
+
+
+def test_a_killed_ingest_leaves_the_previous_warehouse_whole(
+    shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(bulk[1], warehouse)
+    before = {name: (warehouse / name).read_bytes() for name in warehouse_files()}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_INGEST, str(shared_fhir_dir / "synthea-bundles"), str(warehouse)],
+        capture_output=True, check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
+    # The dead run's staging folder holds the new tables it never put in place.
+    (leftover,) = warehouse.glob(".ingest-staging-*")
+    assert pl.read_parquet(leftover / "final" / "patients.parquet").height == 28
+
+    summary = ingest_landing_zone(shared_fhir_dir / "synthea-bundles", warehouse, workers=1, export_time=EXPORT)
+    assert not list(warehouse.glob(".ingest-staging-*"))
+    assert sorted(p.name for p in warehouse.iterdir()) == sorted([*warehouse_files(), ".ingest.lock"])
+    assert IngestSummary.from_json(warehouse / SUMMARY_FILE) == summary
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 28
+
+
+def test_a_second_writer_of_a_warehouse_is_refused(
+    shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(bulk[1], warehouse)
+    before = {name: (warehouse / name).read_bytes() for name in warehouse_files()}
+    # Another process's lock, as a running ingest holds it (flock locks belong to the open file).
+    with (warehouse / ".ingest.lock").open("r+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = rf"warehouse {warehouse} is being written by another ingest or promotion \(process \d+ holds"
+        with pytest.raises(LandingZoneError, match=rf"^ingest .*synthea-bundles: {busy}"):
+            ingest_landing_zone(shared_fhir_dir / "synthea-bundles", warehouse, workers=1, export_time=EXPORT)
+        with pytest.raises(LandingZoneError, match=rf"^promote batch {bulk[1].name}: {busy}"):
+            promote_warehouse(bulk[1], warehouse)
+    assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
+    ingest_landing_zone(shared_fhir_dir / "synthea-bundles", warehouse, workers=1, export_time=EXPORT)
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 28
+
+
+def test_leftovers_of_killed_writers_are_deleted_and_nothing_else(tmp_path: Path) -> None:
+    for name in (".ingest-staging-abc", "batches", "notes"):
+        (tmp_path / name).mkdir()
+    for name in (".events.parquet.x1y2.partial", ".ingest_summary.json.q.partial", ".model.bin.z.partial", "a.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert remove_leftovers(tmp_path) == [
+        ".events.parquet.x1y2.partial", ".ingest-staging-abc", ".ingest_summary.json.q.partial"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.bin.z.partial", "a.txt", "batches", "notes"]
 
 
 def test_promote_warehouse_puts_every_file_of_a_batch_in_place(
