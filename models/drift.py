@@ -10,6 +10,13 @@ cohort it was trained on, by split. Every split, not the held-out one alone: sco
 cohort patient, and a held-out split of a few dozen patients (a 300-patient cohort has 60) puts
 the PSI of two samples of one distribution above 0.1 by chance. Being part of the model, the
 reference does not move when a run publishes, as the last publication did.
+
+The model's inputs are compared the same way, one PSI per input (:func:`input_drift`): the
+training cohort's tabular aggregates (age, counts per modality, and per selected code its count,
+days since and latest value) are saved as decile bins (``input_reference.parquet``,
+:func:`input_reference`), with a bin for missing values. A feed that broke upstream shows there
+before it shows in the risks: notes that stopped arriving move the notes count, a lab whose code
+was renamed goes missing, a unit change moves the latest values.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ import polars as pl
 PSI_WARN = 0.1
 PSI_ALARM = 0.25
 REFERENCE_FILE = "drift_reference.parquet"
+INPUT_REFERENCE_FILE = "input_reference.parquet"
+INPUT_KEY_COLUMNS = ("subject_id", "prediction_time", "last_input_time")
+"""Columns of the tabular aggregates that identify a row rather than describe the patient."""
 
 
 def population_stability_index(reference: npt.ArrayLike, current: npt.ArrayLike, n_bins: int = 10) -> float:
@@ -37,12 +47,62 @@ def population_stability_index(reference: npt.ArrayLike, current: npt.ArrayLike,
     cur = np.asarray(current, dtype=np.float64)
     if ref.size == 0 or cur.size == 0:
         raise ValueError(f"population stability index: needs two non-empty samples (got {ref.size} and {cur.size})")
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, n_bins + 1)[1:-1]))
-    ref_share = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1) / ref.size
-    cur_share = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1) / cur.size
+    edges = _decile_edges(ref, n_bins)
+    return _psi(_bin_shares(ref, edges), _bin_shares(cur, edges))
+
+
+def _decile_edges(values: npt.NDArray[np.float64], n_bins: int = 10) -> npt.NDArray[np.float64]:
+    """Inner quantile edges of ``values`` (no NaN), ties merged: a count that is 0 for most
+    patients gets fewer, wider bins rather than empty ones."""
+    if values.size == 0:
+        return np.empty(0)
+    return np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+
+
+def _bin_shares(values: npt.NDArray[np.float64], edges: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Share of ``values`` in each bin cut at ``edges`` (``len(edges) + 1`` bins), then the share
+    missing (NaN); the shares sum to 1."""
+    present = values[~np.isnan(values)]
+    counts = np.bincount(np.searchsorted(edges, present, side="right"), minlength=len(edges) + 1)
+    return np.append(counts, values.size - present.size).astype(np.float64) / values.size
+
+
+def _psi(reference_share: npt.NDArray[np.float64], current_share: npt.NDArray[np.float64]) -> float:
     # A small floor keeps empty bins from making the index infinite.
-    ref_share, cur_share = np.clip(ref_share, 1e-4, None), np.clip(cur_share, 1e-4, None)
-    return float(np.sum((cur_share - ref_share) * np.log(cur_share / ref_share)))
+    ref, cur = np.clip(reference_share, 1e-4, None), np.clip(current_share, 1e-4, None)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def input_reference(inputs: pl.DataFrame, n_bins: int = 10) -> pl.DataFrame:
+    """Each input's distribution over the cohort ``inputs`` (the tabular aggregates, one row per
+    patient): ``feature``, the decile ``edges`` of its present values, and the ``shares`` of the
+    cohort in each bin and then missing."""
+    rows = []
+    for name in (c for c in inputs.columns if c not in INPUT_KEY_COLUMNS):
+        values = inputs[name].cast(pl.Float64).fill_nan(None).to_numpy()
+        edges = _decile_edges(values[~np.isnan(values)], n_bins)
+        rows.append((name, edges.tolist(), _bin_shares(values, edges).tolist()))
+    return pl.DataFrame(rows, schema={"feature": pl.String, "edges": pl.List(pl.Float64),
+                                      "shares": pl.List(pl.Float64)}, orient="row")
+
+
+def input_drift(reference: pl.DataFrame, inputs: pl.DataFrame) -> pl.DataFrame:
+    """PSI of each input of ``reference`` (:func:`input_reference`) in today's ``inputs``, largest
+    first: ``feature``, ``psi``, ``missing_reference`` and ``missing_today`` (shares of patients).
+
+    An input the model was trained with that today's aggregates lack (its code no longer among
+    the most common, say) counts as missing for every patient: the model reads it as such.
+    """
+    if inputs.height == 0:
+        raise ValueError("input drift: today's inputs have no rows (expected one per cohort patient)")
+    rows = []
+    for name, edges, shares in reference.select("feature", "edges", "shares").iter_rows():
+        values = (inputs[name].cast(pl.Float64).fill_nan(None).to_numpy() if name in inputs.columns
+                  else np.full(inputs.height, np.nan))
+        today = _bin_shares(values, np.asarray(edges, dtype=np.float64))
+        rows.append((name, _psi(np.asarray(shares), today), shares[-1], float(today[-1])))
+    return pl.DataFrame(rows, schema={"feature": pl.String, "psi": pl.Float64, "missing_reference": pl.Float64,
+                                      "missing_today": pl.Float64}, orient="row").sort("psi", descending=True)
 
 
 def save_reference(path: Path, risk_by_split: dict[str, npt.NDArray[np.float64]]) -> Path:
@@ -62,3 +122,10 @@ def load_reference(model_dir: Path) -> npt.NDArray[np.float64] | None:
     if not path.is_file():
         return None
     return pl.read_parquet(path, columns=["risk"])["risk"].to_numpy()
+
+
+def load_input_reference(model_dir: Path) -> pl.DataFrame | None:
+    """The training cohort's input distributions saved with a model, or None for a model folder
+    written before cohortcast saved them (train the model again to get them)."""
+    path = model_dir / INPUT_REFERENCE_FILE
+    return pl.read_parquet(path) if path.is_file() else None

@@ -51,7 +51,7 @@ from models.baselines import (
 )
 from models.calibration import PlattCalibrator
 from models.data import IMAGING_MODALITIES, FusionDataset
-from models.drift import REFERENCE_FILE, save_reference
+from models.drift import INPUT_REFERENCE_FILE, REFERENCE_FILE, input_reference, save_reference
 from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, survival_curve
 from models.metrics import (
     auprc,
@@ -481,7 +481,8 @@ def _truth_metrics(risk: np.ndarray, labels: dict[str, np.ndarray], known: np.nd
 
 def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, task_dir: Path,
                     metrics: dict[str, Any], history: list[dict[str, float]], card: str,
-                    has_treatment: bool, reference_risk: dict[str, np.ndarray]) -> Path:
+                    has_treatment: bool, reference_risk: dict[str, np.ndarray],
+                    reference_inputs: pl.DataFrame | None = None) -> Path:
     """Write the model folder atomically (a sibling folder renamed into place)."""
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -493,6 +494,8 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     (staging / "history.json").write_text(json.dumps(history, indent=1))
     (staging / "MODEL_CARD.md").write_text(card)
     save_reference(staging / REFERENCE_FILE, reference_risk)
+    if reference_inputs is not None:
+        input_reference(reference_inputs).write_parquet(staging / INPUT_REFERENCE_FILE)
     (staging / "cohortcast_model.json").write_text(json.dumps({
         "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
@@ -558,7 +561,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     reference = {split: predict(result.model, result.calibrator, dataset).risk
                  for split, dataset in data.datasets.items()}
     save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
-                    data.has_treatment, reference)
+                    data.has_treatment, reference, pl.concat(list(data.tabular.values()), how="diagonal_relaxed"))
     return metrics
 
 

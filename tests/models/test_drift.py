@@ -1,4 +1,4 @@
-"""Tests of the population stability index and of the reference saved with a model."""
+"""Tests of the population stability index and of the references (risks, inputs) saved with a model."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import polars as pl
 import pytest
 
 from models.drift import (
+    INPUT_REFERENCE_FILE,
     PSI_ALARM,
     PSI_WARN,
     REFERENCE_FILE,
+    input_drift,
+    input_reference,
+    load_input_reference,
     load_reference,
     population_stability_index,
     save_reference,
@@ -50,3 +54,54 @@ def test_a_model_folder_without_a_reference_has_none(tmp_path: Path) -> None:
     save_reference(tmp_path / REFERENCE_FILE, {"train": np.array([0.1, 0.2]), "held_out": np.array([0.3])})
     assert load_reference(tmp_path).tolist() == [0.1, 0.2, 0.3]  # type: ignore[union-attr]
     assert pl.read_parquet(tmp_path / REFERENCE_FILE)["split"].to_list() == ["train", "train", "held_out"]
+
+
+def _inputs(age: list[float], count: list[int | None]) -> pl.DataFrame:
+    return pl.DataFrame({"subject_id": list(range(len(age))), "age_years": age, "count__LOINC//1": count})
+
+
+def test_input_reference_bins_each_input_and_its_missing_share() -> None:
+    reference = input_reference(_inputs([float(a) for a in range(10)], [0] * 5 + [2] * 4 + [None]))
+    expected = pl.DataFrame({
+        "feature": ["age_years", "count__LOINC//1"],
+        # Ten distinct ages: nine inner decile edges, ten bins of a tenth each, none missing.
+        # Nine present counts, five of them 0: the tied deciles merge into three edges.
+        "edges": [[0.9, 1.8, 2.7, 3.6, 4.5, 5.4, 6.3, 7.2, 8.1], [0.0, 1.6, 2.0]],
+        "shares": [[0.1] * 10 + [0.0], [0.0, 0.5, 0.0, 0.4, 0.1]],
+    })
+    assert reference["feature"].to_list() == expected["feature"].to_list()
+    for got, want in zip(reference["edges"].to_list(), expected["edges"].to_list(), strict=True):
+        assert got == pytest.approx(want)
+    for got, want in zip(reference["shares"].to_list(), expected["shares"].to_list(), strict=True):
+        assert got == pytest.approx(want)
+
+
+def test_input_drift_finds_a_feed_that_stopped_and_nothing_in_the_same_cohort() -> None:
+    cohort = _inputs([float(a) for a in range(10)], [0] * 5 + [2] * 4 + [None])
+    reference = input_reference(cohort)
+    same = input_drift(reference, cohort)
+    assert same["psi"].to_list() == [0.0, 0.0]
+    # The lab's code was renamed upstream: its column is gone today, every patient is missing it.
+    stopped = input_drift(reference, cohort.drop("count__LOINC//1"))
+    assert stopped.row(0, named=True) == {
+        "feature": "count__LOINC//1",
+        "psi": pytest.approx((1 - 0.1) * np.log(1 / 0.1) + (1e-4 - 0.5) * np.log(1e-4 / 0.5)
+                             + (1e-4 - 0.4) * np.log(1e-4 / 0.4)),
+        "missing_reference": pytest.approx(0.1),
+        "missing_today": 1.0,
+    }
+    assert stopped["psi"][0] > PSI_ALARM and stopped["psi"][1] == 0.0
+    with pytest.raises(ValueError, match=r"input drift: today's inputs have no rows"):
+        input_drift(reference, cohort.head(0))
+
+
+def test_a_model_folder_saves_its_training_cohorts_inputs_as_the_reference(trained_task: TrainedTask) -> None:
+    reference = load_input_reference(trained_task.model_dir)
+    assert reference is not None
+    today = pl.read_parquet(trained_task.task_dir / "tabular_features.parquet")
+    assert reference["feature"].to_list() == [c for c in today.columns
+                                              if c not in ("subject_id", "prediction_time", "last_input_time")]
+    # The cohort the model was trained on, all splits: no drift in any input.
+    assert input_drift(reference, today)["psi"].max() == 0.0
+    assert load_input_reference(trained_task.model_dir.parent) is None
+    assert not (trained_task.model_dir.parent / INPUT_REFERENCE_FILE).exists()

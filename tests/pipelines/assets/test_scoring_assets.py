@@ -21,10 +21,10 @@ import pytest
 
 from features.ingest import SUMMARY_FILE, FileAccount, IngestSummary
 from features.schemas import SCORES
-from models.drift import REFERENCE_FILE, save_reference
+from models.drift import INPUT_REFERENCE_FILE, REFERENCE_FILE, input_reference, save_reference
 from models.publishing import current_version, publish
 from models.scoring import RiskTiers, model_version
-from pipelines.assets.scoring import published_cohort, risk_scores, risk_scores_drift
+from pipelines.assets.scoring import published_cohort, risk_scores, risk_scores_drift, risk_scores_input_drift
 from pipelines.resources import Workspace
 
 TASK = "simulated_mace_1y"  # quality gates in its task file: min_auroc 0.55, max_calibration_error 0.1
@@ -67,6 +67,12 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     patients.write_parquet(warehouse / "patients.parquet")
     pl.DataFrame({"code": ["LOINC//8480-6"], "description": ["Systolic blood pressure"]}).write_parquet(
         warehouse / "codes.parquet")
+    # The model's inputs: the training cohort's, and today's the same.
+    inputs = pl.DataFrame({"subject_id": ids, "age_years": np.linspace(30, 90, len(ids)),
+                           "last__LOINC//8480-6": np.linspace(100, 180, len(ids))})
+    input_reference(inputs).write_parquet(model / INPUT_REFERENCE_FILE)
+    (warehouse / "tasks" / TASK).mkdir(parents=True)
+    inputs.write_parquet(warehouse / "tasks" / TASK / "tabular_features.parquet")
     (warehouse / "scores").mkdir()
     scores = scores_table(today, model_version(model))
     pq.write_table(scores, warehouse / "scores" / f"{TASK}.parquet")
@@ -117,6 +123,50 @@ def test_a_model_folder_without_a_reference_fails_the_drift_check_with_the_reaso
     [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
     assert not check.passed
     assert check.metadata["reference"].value == f"none: {model} has no {REFERENCE_FILE} (train the model again)"
+
+
+def input_drift_check(root: Path) -> dg.AssetCheckEvaluation:
+    """The input drift check, in a run with the publication, as after the nightly re-score."""
+    result = dg.materialize(
+        [risk_scores, published_cohort, risk_scores_input_drift],
+        selection=dg.AssetSelection.assets(published_cohort) | dg.AssetSelection.checks(risk_scores_input_drift),
+        partition_key=TASK, resources={"workspace": Workspace(root=str(root))},
+    )
+    [check] = result.get_asset_check_evaluations()
+    return check
+
+
+def test_inputs_like_the_training_cohorts_pass_the_input_drift_check(tmp_path: Path) -> None:
+    check = input_drift_check(make_workspace(tmp_path, REFERENCE))
+    assert check.passed
+    metadata = {key: value.value for key, value in check.metadata.items()}
+    assert (metadata["max_input_psi"], metadata["inputs"], metadata["inputs_above_retrain"]) == (0.0, 2, 0)
+
+
+def test_a_blood_pressure_feed_that_stopped_warns_and_is_named(tmp_path: Path) -> None:
+    make_workspace(tmp_path, REFERENCE)
+    path = tmp_path / "warehouse" / "tasks" / TASK / "tabular_features.parquet"
+    # Upstream stopped sending blood pressures for the older half of the cohort.
+    inputs = pl.read_parquet(path)
+    inputs.with_columns(pl.when(pl.col("age_years") < 60).then(pl.col("last__LOINC//8480-6"))).write_parquet(path)
+    check = input_drift_check(tmp_path)
+    assert (check.passed, check.severity) == (False, dg.AssetCheckSeverity.WARN)
+    metadata = {key: value.value for key, value in check.metadata.items()}
+    # Half the cohort moved from the five upper decile bins (a tenth each) into "missing" (none).
+    expected = (0.5 - 1e-4) * math.log(0.5 / 1e-4) + 5 * (1e-4 - 0.1) * math.log(1e-4 / 0.1)
+    assert metadata["max_input_psi"] == pytest.approx(expected)
+    assert (metadata["inputs_above_warn"], metadata["inputs_above_retrain"]) == (1, 1)
+    assert metadata["most_drifted"].splitlines()[2] == (
+        f"| last__LOINC//8480-6 (Systolic blood pressure) | {expected:.3f} | 0.0% | 50.0% |")
+
+
+def test_a_model_folder_without_an_input_reference_warns_with_the_reason(tmp_path: Path) -> None:
+    make_workspace(tmp_path, REFERENCE)
+    model = tmp_path / "warehouse" / "models" / TASK
+    (model / INPUT_REFERENCE_FILE).unlink()
+    check = input_drift_check(tmp_path)
+    assert not check.passed
+    assert check.metadata["reference"].value == f"none: {model} has no {INPUT_REFERENCE_FILE} (train the model again)"
 
 
 def refusal(result: dg.ExecuteInProcessResult) -> str:
