@@ -26,8 +26,25 @@ from the last visit to leaving care (0.131 there, and 9 % more patients with a r
   is not part of the outcome, it competes with it), and **null** when follow-up ended before
   the horizon without the event. Such patients are excluded from the risk label and counted, never
   silently called negative: a patient lost after a month was not shown to be event-free for a year.
-* ``treated``: a treatment code in the task's window after the prediction time; null when the task
-  names no treatment.
+* ``treated``: the arm of a new-user, grace-period design (below); null when the task names no
+  treatment, for a prevalent user, and when the arm is undetermined.
+
+The treatment flag compares patients who start the treatment with patients who do not, and three
+classic biases of pharmaco-epidemiology make the naive flag ("a treatment code in the window") unfit
+for that. (a) Prevalent users: a patient already on the drug, whose refill falls in the window,
+would count as starting it, and the treated arm would mix new starters with long-term survivors of
+the drug. Any treatment code in the task's ``washout_days`` before the prediction time makes the
+patient a prevalent user, with no arm (``treated`` null). (b) Reverse causation: a drug started
+because of the outcome (clopidogrel the day after a myocardial infarction is standard care) would
+make the treated arm rich in events. (c) Immortal time: a patient whose follow-up ends inside the
+window (the event, death or censoring) had no chance to start, and calling them untreated puts
+every early event in the untreated arm. Against (b) and (c) the window ``[start, end]`` is a grace
+period read at a landmark: a new user whose follow-up (``duration_days``) ends at or before ``end``
+days after the prediction time has an undetermined arm (null), whether or not they had started, so
+neither arm is conditioned differently; everyone else is treated when a treatment code falls in the
+window, else untreated, and every code that decides their arm precedes their outcome. The
+treatment-effect estimand is then among new users followed event-free through the grace period;
+the risk and progression labels are the same for every patient, whatever their arm.
 """
 
 from __future__ import annotations
@@ -39,7 +56,7 @@ import pyarrow as pa
 
 from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame
 from features.schemas import LABELS
-from features.tasks import USUAL_INTERVAL, TaskDefinition
+from features.tasks import USUAL_INTERVAL, TaskDefinition, TreatmentDefinition
 
 MICROSECONDS_PER_DAY = 86_400_000_000
 USUAL_INTERVAL_WINDOW_DAYS = 365
@@ -59,8 +76,14 @@ class LabelCounts:
     events_observed: int
     # Patients without any record after the prediction time.
     no_follow_up: int
-    # Null when the task names no treatment.
+    # Treatment arms (features.labels' module docstring); every one is null when the task names no
+    # treatment. treated + untreated + treatment_prevalent + treatment_undetermined = cohort.
     treated: int | None
+    untreated: int | None
+    # A treatment code in the washout before the prediction time: not a new user, no arm.
+    treatment_prevalent: int | None
+    # New users whose follow-up ended within the grace period: no arm, whether or not they started.
+    treatment_undetermined: int | None
 
     @property
     def positive_rate(self) -> float:
@@ -195,22 +218,10 @@ def build_labels(
         )
     )
     if task.treatment is None:
-        table = table.with_columns(pl.lit(None, dtype=pl.Boolean).alias("treated"))
+        table = table.with_columns(pl.lit(None, dtype=pl.Boolean).alias("treated"),
+                                   pl.lit(False).alias("prevalent"))
     else:
-        start = round(task.treatment.window_start_days * MICROSECONDS_PER_DAY)
-        end = round(task.treatment.window_end_days * MICROSECONDS_PER_DAY)
-        treated = (
-            lazy.filter(pl.col("code").is_in(list(task.treatment.codes)) & pl.col("time").is_not_null())
-            .join(index, on="subject_id")
-            .filter(
-                (pl.col("time") >= pl.col("prediction_time") + pl.duration(microseconds=start))
-                & (pl.col("time") <= pl.col("prediction_time") + pl.duration(microseconds=end))
-            )
-            .select("subject_id").unique().with_columns(pl.lit(True).alias("treated"))
-        )
-        table = table.join(treated, on="subject_id", how="left").with_columns(
-            pl.col("treated").fill_null(False)
-        )
+        table = _treatment_arms(lazy, index, table, task.treatment)
 
     labels = (
         table.select(
@@ -222,12 +233,15 @@ def build_labels(
             pl.col("duration_days").cast(pl.Float64),
             pl.col("treated").cast(pl.Boolean),
             pl.col("last_time").is_null().alias("no_record_after"),
+            pl.col("prevalent"),
         )
         .sort("subject_id")
         .collect()
     )
     no_record_after = int(labels["no_record_after"].sum())
-    labels = labels.drop("no_record_after")
+    prevalent = int(labels["prevalent"].sum())
+    labels = labels.drop("no_record_after", "prevalent")
+    has_treatment = task.treatment is not None
     counts = LabelCounts(
         cohort=labels.height,
         positive=int(labels["boolean_value"].eq(True).sum()),
@@ -235,9 +249,52 @@ def build_labels(
         censored_before_horizon=int(labels["boolean_value"].is_null().sum()),
         events_observed=int(labels["event"].sum()),
         no_follow_up=no_record_after,
-        treated=None if task.treatment is None else int(labels["treated"].sum()),
+        treated=int(labels["treated"].eq(True).sum()) if has_treatment else None,
+        untreated=int(labels["treated"].eq(False).sum()) if has_treatment else None,
+        treatment_prevalent=prevalent if has_treatment else None,
+        treatment_undetermined=int(labels["treated"].is_null().sum()) - prevalent if has_treatment else None,
     )
     return labels, counts
+
+
+def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame,
+                    treatment: TreatmentDefinition) -> pl.LazyFrame:
+    """Add ``treated`` (true, false or null) and ``prevalent`` to the per-patient ``table``, which
+    has ``duration_days``: the new-user, grace-period design of the module docstring."""
+
+    def days_after(days: float) -> pl.Expr:
+        return pl.col("prediction_time") + pl.duration(microseconds=round(days * MICROSECONDS_PER_DAY))
+
+    codes = (
+        lazy.filter(pl.col("code").is_in(list(treatment.codes)) & pl.col("time").is_not_null())
+        .join(index, on="subject_id")
+    )
+    started = (
+        codes.filter((pl.col("time") >= days_after(treatment.window_start_days))
+                     & (pl.col("time") <= days_after(treatment.window_end_days)))
+        .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
+    )
+    # Strictly before the prediction time: with a window starting at 0, a code at the prediction
+    # time itself is a start. A washout of 0 days leaves no one out.
+    prevalent = (
+        codes.filter((pl.col("time") >= days_after(-treatment.washout_days))
+                     & (pl.col("time") < pl.col("prediction_time")))
+        .select("subject_id").unique().with_columns(pl.lit(True).alias("prevalent"))
+    )
+    return (
+        table.join(started, on="subject_id", how="left")
+        .join(prevalent, on="subject_id", how="left")
+        .with_columns(pl.col("prevalent").fill_null(False))
+        .with_columns(
+            pl.when(pl.col("prevalent")).then(None)
+            # Follow-up (event, death or censoring) ended within the grace period: the arm is not
+            # known, whether or not they started. Calling them untreated would be immortal time for
+            # the treated; calling a start after the event treated, reverse causation.
+            .when(pl.col("duration_days") <= treatment.window_end_days).then(None)
+            .otherwise(pl.col("started").fill_null(False))
+            .alias("treated")
+        )
+    )
 
 
 def labels_to_arrow(labels: pl.DataFrame) -> pa.Table:

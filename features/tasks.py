@@ -34,7 +34,8 @@ A task file looks like this (every key but ``name``, ``cohort.prediction_time``,
     follow_up_after_last_record: usual_interval   # or days; 0 ends follow-up at the last record
     treatment:
       codes: [RXNORM//309362]
-      window_days: [0, 30]
+      window_days: [0, 30]                # grace period in which starting counts (features.labels)
+      washout_days: 365                   # a code this long before the prediction time: not a new user
     splits: {train: 0.7, tuning: 0.15, held_out: 0.15, seed: 0}
     inputs: {max_events: 512, value_bins: 5, min_code_count: 5, tabular_codes: 200}
 """
@@ -114,12 +115,18 @@ class OutcomeDefinition:
 
 @dataclass(frozen=True)
 class TreatmentDefinition:
-    """Which treatment, started when, flags a patient as treated."""
+    """Which treatment, started when, flags a patient as treated (a new-user design, see
+    :mod:`features.labels`)."""
 
     codes: tuple[str, ...]
-    # [start, end] days after the prediction time in which a treatment code counts.
+    # [start, end] days after the prediction time: the grace period in which starting counts. Only
+    # patients followed beyond its end get an arm, so the comparison is among patients event-free
+    # through it.
     window_start_days: float = 0.0
     window_end_days: float = 30.0
+    # Days before the prediction time in which any treatment code makes the patient a prevalent user
+    # (no arm): a refill in the window is not a start. 0 keeps everyone.
+    washout_days: float = 365.0
 
 
 @dataclass(frozen=True)
@@ -409,14 +416,17 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
     treatment_definition = None
     if raw.get("treatment") is not None:
         treatment = top.child("treatment")
-        treatment.check_keys({"codes", "window_days"}, {"codes"})
+        treatment.check_keys({"codes", "window_days", "washout_days"}, {"codes"})
         window = treatment.value.get("window_days", [0, 30])
         if (not isinstance(window, list) or len(window) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in window)
                 or not 0 <= window[0] <= window[1]):
             treatment.fail("treatment.window_days", "[start, end] days with 0 <= start <= end", window)
+        washout = treatment.number("washout_days", TreatmentDefinition.washout_days, 0.0)
+        if washout is None:  # an explicit null: the default is spelled out, never guessed
+            treatment.fail("treatment.washout_days", "a number >= 0", None)
         treatment_definition = TreatmentDefinition(
-            treatment.codes("codes", True), float(window[0]), float(window[1])
+            treatment.codes("codes", True), float(window[0]), float(window[1]), float(washout or 0.0)
         )
 
     splits = SplitFractions()

@@ -178,9 +178,11 @@ def fit_t_learner(x: Matrix, y: npt.ArrayLike, treated: npt.ArrayLike, x_tuning:
                   treated_tuning: npt.ArrayLike, seed: int = 0, sample_weight: npt.ArrayLike | None = None,
                   tuning_weight: npt.ArrayLike | None = None) -> TLearner:
     """Fit the T-learner; each arm's model early-stops on the same arm of the tuning split (weights:
-    the risk labels' censoring weights, or none)."""
-    a = np.asarray(treated, dtype=bool)
-    a_tuning = np.asarray(treated_tuning, dtype=bool)
+    the risk labels' censoring weights, or none). A patient whose arm is NaN (a prevalent user, or
+    follow-up that ended in the grace period: ``features.labels``) is in neither arm."""
+    # As floats, not bool: NaN would become True and put patients without an arm in the treated arm.
+    a = np.asarray(treated, dtype=np.float64)
+    a_tuning = np.asarray(treated_tuning, dtype=np.float64)
     outcome, outcome_tuning = np.asarray(y, dtype=int), np.asarray(y_tuning, dtype=int)
     w = np.ones(len(a)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     w_tuning = np.ones(len(a_tuning)) if tuning_weight is None else np.asarray(tuning_weight, dtype=np.float64)

@@ -48,7 +48,7 @@ class PatientInputs:
     risk_label: float  # 0/1, NaN when unknown
     event: float
     duration_days: float
-    treated: float  # 0/1, NaN when the task has no treatment
+    treated: float  # 0/1, NaN when the task has no treatment or the patient no arm (features.labels)
     # Continuous value of each event token (NaN: none), when event_tokens has a "values" column.
     event_values: npt.NDArray[np.float32] | None = None  # (Le,)
 

@@ -206,7 +206,11 @@ def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt
     multiplied by it, so the labelled patients also stand for those censored before the horizon.
     """
     effect = np.asarray(estimated_effect, dtype=np.float64)
-    a = np.asarray(treated, dtype=bool)
+    arm = np.asarray(treated, dtype=np.float64)
+    if np.isnan(arm).any():  # cast to bool, an unknown arm would count as treated
+        raise ValueError(f"policy_value: treated must be 0/1 (found {int(np.isnan(arm).sum())} unknown arms; "
+                         "leave those patients out)")
+    a = arm.astype(bool)
     outcome = np.asarray(y, dtype=np.float64)
     e = np.clip(np.asarray(propensity, dtype=np.float64), 0.01, 0.99)
     recommend = effect < 0

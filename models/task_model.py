@@ -171,7 +171,7 @@ class Predictions:
 def predict(model: FusionForRiskPrediction, calibrator: PlattCalibrator, dataset: FusionDataset,
             bf16: bool = False) -> Predictions:
     logits = predict_logits(model, dataset, bf16=bf16, with_loss=False)
-    arms = 1.0 / (1.0 + np.exp(-logits["arm_logits"].astype(np.float64)))
+    arms = calibrator.transform_arms(logits["arm_logits"])
     curve = survival_curve(torch.from_numpy(logits["hazard_logits"])).numpy().astype(np.float64)
     return Predictions(calibrator.transform(logits["risk_logits"]), curve, arms[:, 1] - arms[:, 0])
 
@@ -400,16 +400,21 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
     if truth is not None:
         by_subject = dict(zip(truth["subject_id"].to_list(), truth["true_treatment_effect"].to_list(), strict=True))
         true_effect = np.array([by_subject[s] for s in held_out.subject_ids.tolist()])
-    # Propensity from the treatment actually given, for the policy value (observed data only).
+    # Propensity from the treatment actually given, for the policy value (observed data only), on the
+    # patients with an arm: prevalent users and those whose follow-up ended in the grace period have
+    # none (NaN), and are neither fitted nor evaluated.
     treated_train = data.datasets["train"].label_arrays()["treated"]
-    propensity = fit_logistic(matrices.tabular["train"], treated_train).predict_proba(
+    has_arm = ~np.isnan(treated_train)
+    propensity = fit_logistic(matrices.tabular["train"][has_arm], treated_train[has_arm]).predict_proba(
         matrices.tabular["held_out"])[:, 1]
+    in_arm = ~np.isnan(labels["treated"][known])  # of the patients with a risk label (w's rows)
     for name, effect in effects.items():
         metrics = models.setdefault(name, {})
         if true_effect is not None:
             metrics["pehe"] = pehe(effect, true_effect)
-        metrics["policy_event_rate"] = policy_value(effect[known], labels["treated"][known],
-                                                    labels["risk_label"][known], propensity[known], w)
+        metrics["policy_event_rate"] = policy_value(
+            effect[known][in_arm], labels["treated"][known][in_arm], labels["risk_label"][known][in_arm],
+            propensity[known][in_arm], w[in_arm])
 
 
 def _truth_risks(truth: pl.DataFrame, data: TaskData, late_fusion: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -669,7 +674,9 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
         + _follow_up_rule(task)
         + (f" Treated: {', '.join(f'`{c}`' for c in task.treatment.codes)} started "
            f"{task.treatment.window_start_days:g} to {task.treatment.window_end_days:g} days after the prediction "
-           "time." if task.treatment is not None else ""),
+           f"time (the grace period), by new users (none in the {task.treatment.washout_days:g} days before); "
+           "patients followed for less than the grace period have no arm. Treatment-arm risks are "
+           "calibrated on each arm's tuning patients." if task.treatment is not None else ""),
         "",
         f"Risk labels by split: {_label_counts(data)}.",
         "",

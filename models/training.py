@@ -331,4 +331,7 @@ def train(
     calibrator = PlattCalibrator(min_positives=1).fit(
         tuning["risk_logits"][known], labels[known], sample_weight=weights[known]
     )
+    treated = tuning_dataset.label_arrays()["treated"]
+    if not np.isnan(treated).all():
+        calibrator.fit_arms(tuning["arm_logits"], labels, treated, sample_weight=weights)
     return TrainingResult(model=model, calibrator=calibrator, best_epoch=best_epoch, history=history)

@@ -166,8 +166,12 @@ def features(warehouse: Path, task_path: Path, encoder: Path | None, batch_size:
     table.add_row("censored before horizon (excluded from risk label)", f"{labels['censored_before_horizon']:,}")
     table.add_row("no follow-up after prediction time", f"{labels['no_follow_up']:,}")
     table.add_row("events observed (progression)", f"{labels['events_observed']:,}")
-    if labels["treated"] is not None:
-        table.add_row("treated", f"{labels['treated']:,}")
+    if labels.get("treated") is not None:
+        table.add_row("treatment: treated (new users, started in the grace period)", f"{labels['treated']:,}")
+        table.add_row("treatment: untreated", f"{labels['untreated']:,}")
+        table.add_row("treatment: prevalent users (no arm)", f"{labels['treatment_prevalent']:,}")
+        table.add_row("treatment: follow-up ended in the grace period (no arm)",
+                      f"{labels['treatment_undetermined']:,}")
     for split in ("train", "tuning", "held_out"):
         table.add_row(f"split {split}", f"{results['splits'].stats.get(split, 0):,}")
     for modality, share in modality_coverage(warehouse, definition).items():

@@ -254,7 +254,7 @@ class FusionForRiskPrediction(FusionPreTrainedModel):
         risk_labels: torch.Tensor | None = None,  # (B,) 0/1, NaN when unknown (censored early)
         event: torch.Tensor | None = None,  # (B,) 0/1
         duration_days: torch.Tensor | None = None,  # (B,)
-        treated: torch.Tensor | None = None,  # (B,) 0/1, NaN when the task has no treatment
+        treated: torch.Tensor | None = None,  # (B,) 0/1, NaN: no treatment in the task, or no arm
         event_values: torch.Tensor | None = None,  # (B, Le) float; only with config.numeric_value_embedding
     ) -> FusionOutput:
         pooled = self.encoder(

@@ -10,10 +10,10 @@ from polars.testing import assert_frame_equal
 
 from features.cohorts import select_cohort
 from features.errors import CohortDefinitionError
-from features.labels import build_labels, labels_to_arrow, usual_interval_days
+from features.labels import LabelCounts, build_labels, labels_to_arrow, usual_interval_days
 from features.schemas import LABELS
 from features.tasks import load_task
-from tests.features.task_fixtures import BP, MI, T0, VISIT, day, events_frame, task, toy_events
+from tests.features.task_fixtures import BP, DRUG, MI, T0, VISIT, day, events_frame, task, toy_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,7 +51,8 @@ def test_labels_exact_values() -> None:
     assert labels["duration_days"].to_list() == pytest.approx([100.0, 500.0, 100.0 + 200 / 3, 400.0])
     assert labels["treated"].to_list() == [False, True, False, False]
     assert (counts.positive, counts.negative, counts.censored_before_horizon) == (1, 2, 1)
-    assert counts.events_observed == 2 and counts.treated == 1
+    assert counts.events_observed == 2
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (1, 3, 0, 0)
     assert labels_to_arrow(labels).schema == LABELS
 
 
@@ -180,7 +181,90 @@ def test_no_treatment_gives_null_flag() -> None:
     definition = task(treatment=None)
     cohort = select_cohort(toy_events(), definition).cohort
     labels, counts = build_labels(toy_events(), cohort, definition)
-    assert labels["treated"].null_count() == labels.height and counts.treated is None
+    assert labels["treated"].null_count() == labels.height
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
+        None, None, None, None)
+
+
+def new_user_events() -> pl.DataFrame:
+    """Eight patients with an index visit at day 0 (the prediction time), clopidogrel (DRUG) around it.
+
+    Grace period [0, 30], washout 365 days. Follow-up ends at the last record (or death).
+    1: on the drug 100 days before, refilled at day 10: prevalent user.
+    2: last on the drug 400 days before (outside the washout), restarted at day 10: new user, treated.
+    3: MI at day 5, clopidogrel the next day (standard care after an MI): follow-up ended in the window.
+    4: dies at day 20 without the drug (death is not the outcome here).
+    5: last record at day 15: censored in the window.
+    6: starts at day 10, followed to day 400: treated.
+    7: no drug, followed to day 400: untreated.
+    8: last record exactly at day 30, the end of the grace period: not followed beyond it.
+    """
+    rows: list[tuple[int, datetime | None, str, float | None, str | None, str]] = [
+        (sid, day(0), VISIT, None, None, "ehr") for sid in range(1, 9)
+    ]
+    rows += [
+        (1, day(-100), DRUG, None, None, "ehr"), (1, day(10), DRUG, None, None, "ehr"),
+        (1, day(400), VISIT, None, None, "ehr"),
+        (2, day(-400), DRUG, None, None, "ehr"), (2, day(10), DRUG, None, None, "ehr"),
+        (2, day(400), VISIT, None, None, "ehr"),
+        (3, day(5), MI, None, None, "ehr"), (3, day(6), DRUG, None, None, "ehr"),
+        (3, day(400), VISIT, None, None, "ehr"),
+        (4, day(20), "MEDS_DEATH", None, None, "ehr"),
+        (5, day(15), VISIT, None, None, "ehr"),
+        (6, day(10), DRUG, None, None, "ehr"), (6, day(400), VISIT, None, None, "ehr"),
+        (7, day(400), VISIT, None, None, "ehr"),
+        (8, day(30), VISIT, None, None, "ehr"),
+    ]
+    return events_frame(rows)
+
+
+def new_user_task(**treatment: object) -> object:
+    return task(outcome={"codes": [MI], "death": False}, follow_up_after_last_record=0,
+                follow_up_end="2024-12-31", treatment={"codes": [DRUG], "window_days": [0, 30], **treatment})
+
+
+def expected_labels(treated: list[bool | None]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "subject_id": list(range(1, 9)),
+            "prediction_time": [T0] * 8,
+            "task": ["toy"] * 8,
+            # 4 died without the MI (a competing event: negative); 5 and 8 left care before the horizon.
+            "boolean_value": [False, False, True, False, None, False, False, None],
+            "event": [False, False, True, False, False, False, False, False],
+            "duration_days": [400.0, 400.0, 5.0, 20.0, 15.0, 400.0, 400.0, 30.0],
+            "treated": treated,
+        },
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "task": pl.String,
+                "boolean_value": pl.Boolean, "event": pl.Boolean, "duration_days": pl.Float64,
+                "treated": pl.Boolean},
+    )
+
+
+def test_treated_is_a_new_user_start_among_patients_followed_through_the_grace_period() -> None:
+    events = new_user_events()
+    cohort = pl.DataFrame({"subject_id": list(range(1, 9)), "prediction_time": [T0] * 8})
+    labels, counts = build_labels(events, cohort, new_user_task())
+    # The old rule ("a code in the window") gave [True, True, True, False, False, True, False, False]:
+    # a refill (1) and a drug given for the outcome (3) as starts, and three patients who could not
+    # have started (4, 5, 8) as untreated.
+    assert_frame_equal(labels, expected_labels([None, True, None, None, None, True, False, None]))
+    assert counts == LabelCounts(cohort=8, positive=1, negative=5, censored_before_horizon=2, events_observed=1,
+                                 no_follow_up=0, treated=2, untreated=1, treatment_prevalent=1,
+                                 treatment_undetermined=4)
+
+
+@pytest.mark.parametrize(("washout_days", "treated_1", "prevalent"), [(100, None, 1), (99, True, 0), (0, True, 0)])
+def test_washout_days_decides_who_is_a_prevalent_user(washout_days: float, treated_1: bool | None,
+                                                      prevalent: int) -> None:
+    # Patient 1's earlier code is exactly 100 days before the prediction time: inside a 100-day washout
+    # (the bound included), outside a 99-day one; a washout of 0 days makes no one a prevalent user.
+    events = new_user_events()
+    cohort = pl.DataFrame({"subject_id": list(range(1, 9)), "prediction_time": [T0] * 8})
+    labels, counts = build_labels(events, cohort, new_user_task(washout_days=washout_days))
+    assert_frame_equal(labels, expected_labels([treated_1, True, None, None, None, True, False, None]))
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
+        3 - prevalent, 1, prevalent, 4)
 
 
 @pytest.mark.slow
@@ -193,7 +277,10 @@ def test_labels_agree_with_simulator_truth(small_hospital: Path, small_warehouse
     joined = truth.join(labels, on="subject_id", suffix="_ours")
     assert joined.height == truth.height == counts.cohort == 300
     assert (joined["prediction_time"] == joined["prediction_time_ours"]).all()
-    assert (joined["treated"] == joined["treated_ours"]).all()
+    # Every arm we give is the simulator's; the simulator has no prevalent users, and 2 patients
+    # (one started, one not) had the event within the 30-day grace period: no arm.
+    arms = joined.group_by("treated", "treated_ours").len().sort(["treated", "treated_ours"], nulls_last=False)
+    assert arms.rows() == [(False, None, 1), (False, False, 166), (True, None, 1), (True, True, 132)]
     assert (joined["event_observed"] == joined["event"]).all()
     # No label we give contradicts the truth. Against it (rows: the truth; null = left care before the
     # horizon without the event): every positive found; 221 of 238 true negatives labelled, 17 left
@@ -204,9 +291,11 @@ def test_labels_agree_with_simulator_truth(small_hospital: Path, small_warehouse
     assert table.rows() == [(None, None, 30), (None, False, 4), (False, None, 17), (False, False, 221),
                             (True, True, 28)]
     # The ingest's events (DocumentReference notes included) give the same counts as the
-    # simulator's truth for positives (28) and treatment (133).
+    # simulator's truth for positives (28) and treatment (133, of whom 132 have an arm).
     assert int(truth["event_within_horizon"].sum()) == counts.positive == 28
-    assert int(truth["treated"].sum()) == counts.treated == 133
+    assert int(truth["treated"].sum()) == 133
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
+        132, 166, 0, 2)
     assert (counts.negative, counts.events_observed, counts.no_follow_up) == (225, 70, 8)
     assert (truth["event_within_horizon"].null_count(), counts.censored_before_horizon) == (34, 47)
 

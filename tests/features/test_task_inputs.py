@@ -34,7 +34,8 @@ def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: P
     labels = pl.read_parquet(results["labels"].path)
     # One death within the year (2016-12-10); four deaths in all follow-up (2016 to 2021).
     assert results["labels"].stats == {"cohort": 26, "positive": 1, "negative": 25, "censored_before_horizon": 0,
-                                       "events_observed": 4, "no_follow_up": 0, "treated": None}
+                                       "events_observed": 4, "no_follow_up": 0, "treated": None,
+                                       "untreated": None, "treatment_prevalent": None, "treatment_undetermined": None}
     assert labels.filter(pl.col("boolean_value"))["duration_days"].round(1).to_list() == [344.1]
     assert {k: results["splits"].stats[k] for k in ("train", "tuning", "held_out")} == {
         "train": 13, "tuning": 6, "held_out": 7}

@@ -58,6 +58,28 @@ def test_malformed_task_names_key(overrides: dict[str, object], message: str) ->
         task(**overrides)
 
 
+def test_treatment_washout_days() -> None:
+    assert task().treatment.washout_days == 365.0
+    for value in (0, 180, 90.5):
+        definition = task(treatment={"codes": ["RXNORM//1"], "washout_days": value})
+        assert definition.treatment.washout_days == float(value)
+    assert load_task(REPO / "tasks" / "simulated_mace_1y.yaml").treatment.washout_days == 365.0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1, r"task 'toy': treatment.washout_days must be a number >= 0 \(found int -1\)"),
+        ("a year", r"task 'toy': treatment.washout_days must be a number \(found str 'a year'\)"),
+        (True, r"task 'toy': treatment.washout_days must be a number \(found bool True\)"),
+        (None, r"task 'toy': treatment.washout_days must be a number >= 0 \(found nothing\)"),
+    ],
+)
+def test_treatment_washout_days_rejects_other_values(value: object, message: str) -> None:
+    with pytest.raises(CohortDefinitionError, match=message):
+        task(treatment={"codes": ["RXNORM//1"], "washout_days": value})
+
+
 def test_input_caps_come_from_the_task_file() -> None:
     definition = task(inputs={"max_notes": 3, "max_studies": 2})
     assert (definition.inputs.max_notes, definition.inputs.max_studies) == (3, 2)

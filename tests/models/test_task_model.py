@@ -44,7 +44,7 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     model_dir, metrics = trained
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "MODEL_CARD.md", "calibration.json", "cohortcast_model.json", "config.json", "drift_reference.parquet",
-        "history.json", "metrics.json", "model.safetensors", "vocabulary.json",
+        "history.json", "input_reference.parquet", "metrics.json", "model.safetensors", "vocabulary.json",
     ]
     assert json.loads((model_dir / "metrics.json").read_text())["models"]["fusion"] == metrics["models"]["fusion"]
     card = (model_dir / "MODEL_CARD.md").read_text()

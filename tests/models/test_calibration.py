@@ -1,0 +1,61 @@
+"""Tests of the Platt calibration of the risk head and of the treatment-arm heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.calibration import PlattCalibrator
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def test_each_arm_is_calibrated_on_its_own_patients() -> None:
+    rng = np.random.default_rng(0)
+    n = 40_000
+    true_logit = rng.normal(-1.5, 1.0, n)
+    treated = (rng.random(n) < 0.4).astype(np.float64)
+    y = (rng.random(n) < _sigmoid(true_logit)).astype(np.float64)
+    # Arm 0's head over-states the risk by one logit, arm 1's by half a logit at twice the spread.
+    arm_logits = np.stack([true_logit + 1.0, 2.0 * true_logit + 0.5], axis=1)
+    calibrator = PlattCalibrator().fit(true_logit, y).fit_arms(arm_logits, y, treated)
+    (slope0, intercept0), (slope1, intercept1) = calibrator.arms_
+    assert (slope0, intercept0) == pytest.approx((1.0, -1.0), abs=0.06)
+    assert (slope1, intercept1) == pytest.approx((0.5, -0.25), abs=0.06)
+    risks = calibrator.transform_arms(arm_logits)
+    assert risks.shape == (n, 2)
+    assert np.abs(risks - _sigmoid(true_logit)[:, None]).max() < 0.03
+
+
+def test_an_arm_with_too_few_outcomes_takes_the_risk_heads_calibration() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(200, 2))
+    y = np.r_[np.tile([0.0, 1.0], 95), [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.nan]]
+    # Arm 1: the last ten patients, three of them with the outcome and one with none known.
+    treated = np.r_[np.zeros(190), np.ones(10)]
+    treated[5] = np.nan
+    calibrator = PlattCalibrator(min_arm_outcomes=4).fit(logits[:, 0], np.nan_to_num(y)).fit_arms(logits, y, treated)
+    assert calibrator.arms_[1] == (calibrator.slope_, calibrator.intercept_)
+    assert calibrator.arms_[0] != (calibrator.slope_, calibrator.intercept_)
+
+
+def test_arm_calibration_is_saved_and_an_older_file_leaves_the_arms_as_the_heads_gave_them(tmp_path: Path) -> None:
+    logits = np.array([[-2.0, 0.5], [0.0, 1.0]])
+    calibrator = PlattCalibrator()
+    calibrator.slope_, calibrator.intercept_, calibrator.arms_ = 1.0, 0.0, [(2.0, -1.0), (0.5, 0.25)]
+    loaded = PlattCalibrator.load(calibrator.save(tmp_path / "calibration.json"))
+    assert loaded.arms_ == [(2.0, -1.0), (0.5, 0.25)]
+    np.testing.assert_allclose(loaded.transform_arms(logits), _sigmoid(np.array([[-5.0, 0.5], [-1.0, 0.75]])))
+    (tmp_path / "old.json").write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0}))
+    np.testing.assert_allclose(PlattCalibrator.load(tmp_path / "old.json").transform_arms(logits), _sigmoid(logits))
+
+
+def test_arm_logits_of_the_wrong_shape_are_refused() -> None:
+    calibrator = PlattCalibrator().fit([-1.0, 1.0] * 5, [0, 1] * 5)
+    with pytest.raises(ValueError, match=r"arm logits of shape \(n, 2\) .* found \(10,\), 10 and 10"):
+        calibrator.fit_arms(np.zeros(10), np.zeros(10), np.zeros(10))
