@@ -44,7 +44,7 @@ from models.task_model import (
     survival_risk_score,
     train_task_model,
 )
-from models.training import TrainingArguments
+from models.training import TrainingArguments, fit_calibration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASK = REPO_ROOT / "tasks" / "simulated_mace_1y.yaml"
@@ -131,6 +131,9 @@ def main() -> None:
         saved = json.loads((workdir / "model" / "metrics.json").read_text())
         model, calibrator, _ = load_task_model(workdir / "model")
         data = load_task_data(folder, task.horizon_days)
+        # Calibrated again on the tuning split as training now ends (the labels, and with them the
+        # arms, may have changed since the folder was written; older folders lack the arms').
+        calibrator = fit_calibration(model, data.datasets["tuning"], data.datasets["train"])
         metrics = {**saved, **evaluate(model, calibrator, data, pl.read_parquet(truth), seed=args.seed)}
     else:
         metrics = train_task_model(folder, workdir / "model", task, training, architecture, truth,

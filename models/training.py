@@ -324,14 +324,23 @@ def train(
     assert best_state is not None  # at least one epoch ran
     model.load_state_dict(best_state)
     model.eval()
+    calibrator = fit_calibration(model, tuning_dataset, train_dataset, device=device)
+    return TrainingResult(model=model, calibrator=calibrator, best_epoch=best_epoch, history=history)
+
+
+def fit_calibration(model: FusionForRiskPrediction, tuning_dataset: FusionDataset, train_dataset: FusionDataset,
+                    device: torch.device | None = None) -> PlattCalibrator:
+    """Platt-calibrate a trained model's risk head on the tuning split, and each treatment arm's head
+    on the tuning patients of that arm (when the task names a treatment), all censoring-weighted
+    with the censoring distribution of the train split."""
     tuning = predict_logits(model, tuning_dataset, device=device)
-    labels = tuning_dataset.label_arrays()["risk_label"]
+    arrays = tuning_dataset.label_arrays()
+    labels, treated = arrays["risk_label"], arrays["treated"]
     known = ~np.isnan(labels)
     weights = label_censoring_weights(tuning_dataset, train_dataset, model.config.horizon_days)
     calibrator = PlattCalibrator(min_positives=1).fit(
         tuning["risk_logits"][known], labels[known], sample_weight=weights[known]
     )
-    treated = tuning_dataset.label_arrays()["treated"]
     if not np.isnan(treated).all():
         calibrator.fit_arms(tuning["arm_logits"], labels, treated, sample_weight=weights)
-    return TrainingResult(model=model, calibrator=calibrator, best_epoch=best_epoch, history=history)
+    return calibrator
