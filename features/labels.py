@@ -28,6 +28,8 @@ from the last visit to leaving care (0.131 there, and 9 % more patients with a r
   silently called negative: a patient lost after a month was not shown to be event-free for a year.
 * ``treated``: the arm of a new-user, grace-period design (below); null when the task names no
   treatment, for a prevalent user, and when the arm is undetermined.
+* ``prevalent_user``: a treatment code in the washout before the prediction time (null when the
+  task names no treatment). Scoring gives such patients no treatment effect: they are on it already.
 
 The treatment flag compares patients who start the treatment with patients who do not, and three
 classic biases of pharmaco-epidemiology make the naive flag ("a treatment code in the window") unfit
@@ -219,7 +221,7 @@ def build_labels(
     )
     if task.treatment is None:
         table = table.with_columns(pl.lit(None, dtype=pl.Boolean).alias("treated"),
-                                   pl.lit(False).alias("prevalent"))
+                                   pl.lit(None, dtype=pl.Boolean).alias("prevalent"))
     else:
         table = _treatment_arms(lazy, index, table, task.treatment)
 
@@ -233,14 +235,14 @@ def build_labels(
             pl.col("duration_days").cast(pl.Float64),
             pl.col("treated").cast(pl.Boolean),
             pl.col("last_time").is_null().alias("no_record_after"),
-            pl.col("prevalent"),
+            pl.col("prevalent").alias("prevalent_user"),
         )
         .sort("subject_id")
         .collect()
     )
     no_record_after = int(labels["no_record_after"].sum())
-    prevalent = int(labels["prevalent"].sum())
-    labels = labels.drop("no_record_after", "prevalent")
+    prevalent = int(labels["prevalent_user"].sum())
+    labels = labels.drop("no_record_after")
     has_treatment = task.treatment is not None
     counts = LabelCounts(
         cohort=labels.height,

@@ -430,8 +430,11 @@ LABELS = pa.schema(
         pa.field("event", pa.bool_(), nullable=False),
         # Days from prediction time to the event, or to the end of follow-up when censored.
         pa.field("duration_days", pa.float64(), nullable=False),
-        # Null when the task defines no treatment.
+        # Null when the task defines no treatment, or the patient has no arm (features.labels).
         pa.field("treated", pa.bool_(), nullable=True),
+        # On the treatment already (a code in the washout before the prediction time): the effect of
+        # starting it does not apply. Null when the task defines no treatment.
+        pa.field("prevalent_user", pa.bool_(), nullable=True),
     ]
 )
 
@@ -538,7 +541,8 @@ SCORES = pa.schema(
         # Survival probability at each of ``survival_times_days``.
         pa.field("survival_times_days", pa.list_(pa.float32()), nullable=False),
         pa.field("survival_curve", pa.list_(pa.float32()), nullable=False),
-        # Risk if treated minus risk if untreated; null when the task defines no treatment.
+        # Risk if treated minus risk if untreated (calibrated arms); null when the task defines no
+        # treatment, and for a patient on the treatment already (labels' prevalent_user).
         pa.field("treatment_effect", pa.float64(), nullable=True),
         pa.field("modality_shares", pa.map_(pa.string(), pa.float64()), nullable=False),
         pa.field("top_items", pa.list_(EXPLANATION_ITEM), nullable=False),

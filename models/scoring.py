@@ -114,6 +114,13 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         previous_risk = [before.get(int(s)) for s in dataset.subject_ids]
     times = [float(t) for t in model.config.survival_bin_edges_days]
     has_treatment = "treatment" in info["targets"]
+    effect: list[float | None] = [None] * n
+    if has_treatment:
+        # The effect is that of starting the treatment: it does not apply to a patient on it already.
+        labels = pl.read_parquet(task_dir / "labels.parquet", columns=["subject_id", "prevalent_user"])
+        on_it = set(labels.filter(pl.col("prevalent_user").fill_null(False))["subject_id"].to_list())
+        effect = [None if int(s) in on_it else float(e) for s, e in zip(dataset.subject_ids, p.treatment_effect,
+                                                                          strict=True)]
     return pa.table(
         {
             "subject_id": dataset.subject_ids,
@@ -124,7 +131,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             "previous_risk": pa.array(previous_risk, type=pa.float64()),
             "survival_times_days": [times] * n,
             "survival_curve": [row.astype(np.float32).tolist() for row in p.survival],
-            "treatment_effect": pa.array(p.treatment_effect if has_treatment else [None] * n, type=pa.float64()),
+            "treatment_effect": pa.array(effect, type=pa.float64()),
             "modality_shares": [list(e.modality_shares.items()) for e in explanations] if explanations else [[]] * n,
             "top_items": (
                 [[{"modality": m, "item": i, "contribution": c} for m, i, c in e.top_items] for e in explanations]

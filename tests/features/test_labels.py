@@ -223,7 +223,7 @@ def new_user_task(**treatment: object) -> object:
                 follow_up_end="2024-12-31", treatment={"codes": [DRUG], "window_days": [0, 30], **treatment})
 
 
-def expected_labels(treated: list[bool | None]) -> pl.DataFrame:
+def expected_labels(treated: list[bool | None], prevalent: bool = True) -> pl.DataFrame:
     return pl.DataFrame(
         {
             "subject_id": list(range(1, 9)),
@@ -234,10 +234,12 @@ def expected_labels(treated: list[bool | None]) -> pl.DataFrame:
             "event": [False, False, True, False, False, False, False, False],
             "duration_days": [400.0, 400.0, 5.0, 20.0, 15.0, 400.0, 400.0, 30.0],
             "treated": treated,
+            # Patient 1 had the drug before the prediction time.
+            "prevalent_user": [prevalent] + [False] * 7,
         },
         schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "task": pl.String,
                 "boolean_value": pl.Boolean, "event": pl.Boolean, "duration_days": pl.Float64,
-                "treated": pl.Boolean},
+                "treated": pl.Boolean, "prevalent_user": pl.Boolean},
     )
 
 
@@ -262,7 +264,8 @@ def test_washout_days_decides_who_is_a_prevalent_user(washout_days: float, treat
     events = new_user_events()
     cohort = pl.DataFrame({"subject_id": list(range(1, 9)), "prediction_time": [T0] * 8})
     labels, counts = build_labels(events, cohort, new_user_task(washout_days=washout_days))
-    assert_frame_equal(labels, expected_labels([treated_1, True, None, None, None, True, False, None]))
+    assert_frame_equal(labels, expected_labels([treated_1, True, None, None, None, True, False, None],
+                                               prevalent=bool(prevalent)))
     assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
         3 - prevalent, 1, prevalent, 4)
 

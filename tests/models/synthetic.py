@@ -43,7 +43,7 @@ def synthetic_task(n_patients: int, seed: int) -> tuple[pl.DataFrame, pl.DataFra
             studies.append({"subject_id": sid, "time": PREDICTION_TIME - timedelta(days=30), "modality": "US",
                             "embedding": [image_signal, *rng.normal(size=5).tolist()]})
         labels.append({"subject_id": sid, "boolean_value": event if (event or duration >= 365) else None,
-                       "event": event, "duration_days": duration, "treated": treated})
+                       "event": event, "duration_days": duration, "treated": treated, "prevalent_user": False})
     tokens = pl.DataFrame(rows, schema_overrides={"token_ids": pl.List(pl.Int32), "value_bins": pl.List(pl.Int8),
                                                   "time_before_days": pl.List(pl.Float32),
                                                   "modality_ids": pl.List(pl.Int8)})

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from features.schemas import SCORES
 from models.scoring import RiskTiers, score_task
@@ -30,6 +31,22 @@ def test_every_cohort_patient_is_scored_with_tier_curve_effect_and_explanation(t
     assert frame["treatment_effect"].null_count() == 0
     assert frame["top_items"].list.len().min() >= 1
     assert frame["previous_risk"].null_count() == 800
+
+
+def test_a_patient_on_the_treatment_already_gets_no_treatment_effect(trained_task: TrainedTask,
+                                                                     tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    shutil.copytree(trained_task.task_dir, inputs)
+    labels = pl.read_parquet(inputs / "labels.parquet")
+    labels.with_columns(prevalent_user=pl.col("subject_id").is_in([3, 5]), treated=pl.when(
+        ~pl.col("subject_id").is_in([3, 5])).then(pl.col("treated"))).write_parquet(inputs / "labels.parquet")
+    before = pl.from_arrow(score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
+                                      with_explanations=False))
+    after = pl.from_arrow(score_task(trained_task.model_dir, inputs, "synthetic_1y", RiskTiers(),
+                                     with_explanations=False))
+    assert after.filter(pl.col("treatment_effect").is_null())["subject_id"].to_list() == [3, 5]
+    assert_frame_equal(after.filter(~pl.col("subject_id").is_in([3, 5])),
+                       before.filter(~pl.col("subject_id").is_in([3, 5])))
 
 
 def test_previous_risk_is_carried_from_the_last_publication(trained_task: TrainedTask) -> None:
