@@ -21,7 +21,9 @@ How it runs, with memory bounded by the read unit and polars' streaming batches,
    query: duplicates (same type and id) resolve to the newest copy, by ``meta.lastUpdated``, then
    ``meta.versionId`` (staged apart as ``record_versions``), then the first in file order (files
    sorted by path, then line or entry number); rows whose patient is not in ``patients`` are
-   dropped; both become quarantine rows naming why. Medication orders that name their drug by a
+   dropped; both become quarantine rows naming why. So does every copy of a resource that a Bundle
+   entry deletes (``request.method`` ``DELETE``; the deletions are finished first and kept as the
+   ``deletions`` table). Medication orders that name their drug by a
    ``Medication/<id>`` reference, and DocumentReferences whose text is a ``Binary`` resource (an
    attachment URL), are staged apart and join ``medications`` and ``notes`` with that resource's
    codes or text; those whose resource is not in the export (or is not text) are quarantined.
@@ -66,6 +68,7 @@ from features.fhir.columnar import SCHEMAS, Context, read_lines, read_ndjson, wi
 from features.fhir.flatten import Origin, Row, flatten_resource, record_version
 from features.fhir.read import (
     UNIT_BYTES,
+    BundleDelete,
     RawRecord,
     RawReject,
     ReadUnit,
@@ -97,8 +100,10 @@ TABLES = [
     "genomics",
     "imaging",
     "raw_unknown",
+    "deletions",
 ]
-"""The normalized tables ingest writes, patients first (every other table is checked against it)."""
+"""The normalized tables ingest writes. The deletions, the patients, the drugs and the Binary texts
+are finished first: every other table is checked against them."""
 
 ID_COLUMNS: dict[str, list[str]] = {
     "patients": ["patient_id"],
@@ -112,6 +117,7 @@ ID_COLUMNS: dict[str, list[str]] = {
     "medication_codes": ["medication_id"],
     "binaries": ["binary_id"],
     "raw_unknown": ["resource_type", "resource_id"],
+    "deletions": ["resource_type", "resource_id"],
 }
 """What makes two records duplicates, per table."""
 
@@ -123,6 +129,9 @@ RESOURCE_TYPE_OF_TABLE = {
     "medication_codes": "Medication",
     "binaries": "Binary",
 }
+DELETED_TYPE_OF_TABLE = {**RESOURCE_TYPE_OF_TABLE, "notes": "DocumentReference"}
+"""The resource type a Bundle's DELETE names to remove a row of each table of one type (notes are
+DocumentReferences; a notes-table row of the same id is the same document)."""
 SUMMARY_FILE = "ingest_summary.json"
 # In a warehouse fed by landing batches: the name of the batch last promoted into it.
 PROMOTED_BATCH_FILE = "promoted_batch.txt"
@@ -397,6 +406,10 @@ def _read_records(
                     record.reason,
                 )
             )
+            continue
+        if isinstance(record.parsed, BundleDelete):
+            deletion = record.parsed
+            buffers["deletions"].append((deletion.resource_type, deletion.resource_id, source_file, record.number))
             continue
         resource: Any = None
         try:
@@ -778,13 +791,16 @@ def _instant_text(column: str) -> pl.Expr:
 
 
 def _finalize_table(
-    table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path, versions: pl.LazyFrame
+    table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path, versions: pl.LazyFrame,
+    deletions: pl.LazyFrame | None = None,
 ) -> tuple[int, pl.DataFrame, dict[str, int]]:
     """Write one final table; return its row count, the records dropped (with reason) and the
     records it holds per source file (counted from the written file, for the accounting).
 
     Of the copies of one id, the newest is kept (:func:`_newest_first`, by the staged
     ``record_versions``); each other copy is a ``duplicate`` quarantine row naming the copy kept and why.
+    A resource that a Bundle entry deletes (``deletions``) is left out, every copy of it, as a
+    ``deleted`` quarantine row naming the entry.
     """
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
@@ -851,6 +867,27 @@ def _finalize_table(
     # A record is kept or dropped whole, and counted once: a wide genomics row holds one row per
     # feature, and any feature seen before drops the row (no patient is left with half a panel).
     duplicates = duplicates.unique(subset=location, keep="first", maintain_order=True)
+    deleted_type = pl.col("resource_type") if "resource_type" in ids else pl.lit(DELETED_TYPE_OF_TABLE.get(table))
+    if deletions is not None and ("resource_type" in ids or table in DELETED_TYPE_OF_TABLE):
+        # Every copy, the kept one included: a resource deleted at its source is not in the warehouse.
+        targets = deletions.group_by("resource_type", "resource_id", maintain_order=True).agg(
+            pl.col("source_file").first().alias("deleted_by_file"),
+            pl.col("record_number").first().alias("deleted_by_record"),
+        )
+        deleted = (
+            staged.with_columns(deleted_type.alias("__type"), pl.col(ids[-1]).cast(pl.String).alias("__id"))
+            .join(targets, left_on=["__type", "__id"], right_on=["resource_type", "resource_id"], how="inner")
+            .group_by(location, maintain_order=True)
+            .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "deleted_by_file", "deleted_by_record"]))
+            .collect()
+        )
+        deleted = _drops(
+            deleted, deleted_type, pl.col(ids[-1]), pl.lit("deleted"),
+            deleted_type + pl.lit("/") + pl.col(ids[-1]).cast(pl.String) + pl.lit(" is deleted by ")
+            + pl.col("deleted_by_file") + pl.lit(" entry ") + pl.col("deleted_by_record").cast(pl.String)
+            + pl.lit(" (request DELETE)"),
+        )
+        duplicates = pl.concat([duplicates.join(deleted.select(location), on=location, how="anti"), deleted])
     drop = duplicates.select(location)
     if patient_ids is not None and "patient_id" in staged.collect_schema().names():
         orphans = (
@@ -1184,9 +1221,13 @@ def _ingest_locked(
             results.extend((kind, job.result()) for kind, job in side_reads)
 
         staged = {table: _staged(staging, table) for table in TABLES}
-        first = ("patients", "medication_codes", "binaries")
         versions = _staged(staging, "record_versions")
-        finalized = {table: _finalize_table(table, staged[table], None, tables_dir, versions) for table in first}
+        finalized = {"deletions": _finalize_table("deletions", staged["deletions"], None, tables_dir, versions)}
+        # Most exports delete nothing: then no table is searched for deleted resources.
+        deletions = pl.scan_parquet(tables_dir / "deletions.parquet") if finalized["deletions"][0] else None
+        first = ("deletions", "patients", "medication_codes", "binaries")
+        finalized.update({table: _finalize_table(table, staged[table], None, tables_dir, versions, deletions)
+                          for table in first[1:]})
         patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
         orders, unresolved_orders = resolve_medication_references(
             _staged(staging, "medication_references"), tables_dir / "medication_codes.parquet"
@@ -1212,7 +1253,8 @@ def _ingest_locked(
         others = sorted((table for table in TABLES if table not in first), key=lambda t: -_staged_bytes(staging, t))
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
-                table: threads.submit(_finalize_table, table, staged[table], patient_ids, tables_dir, versions)
+                table: threads.submit(_finalize_table, table, staged[table], patient_ids, tables_dir, versions,
+                                      deletions)
                 for table in others
             }
             finalized.update({table: job.result() for table, job in pending.items()})

@@ -379,6 +379,18 @@ IMAGING = IMAGING_INPUT.append(pa.field("source_file", pa.string(), nullable=Fal
 )
 """Imaging embeddings as ingested: one row per study."""
 
+DELETIONS = pa.schema(
+    [
+        pa.field("resource_type", pa.string(), nullable=False),
+        pa.field("resource_id", pa.string(), nullable=False),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("record_number", pa.int64(), nullable=False),
+    ]
+)
+"""Bundle entries that delete a resource (``request.method`` ``DELETE``, ``request.url``
+``Type/id``): every copy of that resource in the export is left out of the tables (each a
+``deleted`` quarantine row naming the entry), and the deletion itself is kept here."""
+
 RAW_UNKNOWN = pa.schema(
     [
         pa.field("resource_id", pa.string(), nullable=False),
@@ -563,6 +575,7 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "medication_codes": MEDICATION_CODES,
     "binaries": BINARIES,
     "raw_unknown": RAW_UNKNOWN,
+    "deletions": DELETIONS,
     "observations": OBSERVATIONS,
     "notes": NOTES,
     "imaging_studies": IMAGING_STUDIES,

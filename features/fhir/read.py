@@ -3,8 +3,9 @@
 Stage: ingest. In: ``fhir/*.ndjson``, ``*.ndjson.gz`` (Bulk FHIR, one resource per line, any mix
 of types) and ``*.json`` (a ``Bundle`` of type collection, transaction, batch or searchset, or a
 single resource). Out: :class:`RawRecord` objects (record number, bytes, and for Bundles the
-entry's ``fullUrl`` map) and :class:`RawReject` objects for what cannot even be split into records
-(an unreadable file, a truncated ``.gz`` stream, a Bundle entry without a resource).
+entry's ``fullUrl`` map; a Bundle entry that deletes a resource holds a :class:`BundleDelete`) and
+:class:`RawReject` objects for what cannot even be split into records (an unreadable file, a
+truncated ``.gz`` stream, a Bundle entry without a resource).
 
 Large NDJSON files are cut into :class:`ReadUnit` byte ranges at line boundaries, so that workers
 read them in parallel with bounded memory; record numbers stay the file's own line numbers.
@@ -21,6 +22,9 @@ from types import MappingProxyType
 from typing import Any
 
 import orjson
+
+from features.fhir.specs import is_r4_resource_type
+from features.fhir.validate import FHIR_ID
 
 FHIR_SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
 UNIT_BYTES = 16 * 1024 * 1024
@@ -71,6 +75,16 @@ class RawRecord:
         # Parsed already (Bundle entries), else None.
         self.parsed = parsed
         self.full_urls = full_urls
+
+
+@dataclass(frozen=True)
+class BundleDelete:
+    """A Bundle entry that deletes the resource ``resource_type/resource_id`` (``request.method``
+    ``DELETE``): it has no resource of its own; ``entry`` is the entry as found."""
+
+    resource_type: str
+    resource_id: str
+    entry: dict[str, Any]
 
 
 @dataclass
@@ -258,6 +272,9 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             if isinstance(resource.get("resourceType"), str) and isinstance(resource.get("id"), str):
                 full_urls[entry["fullUrl"]] = (resource["resourceType"], resource["id"])
     for index, entry in enumerate(entries, start=1):
+        if isinstance(entry, dict) and "resource" not in entry and _request_method(entry) == "DELETE":
+            yield _deletion(index, entry)
+            continue
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             raw = orjson.dumps(entry).decode("utf-8", "replace")
             what = (
@@ -268,6 +285,31 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             yield RawReject(index, raw, "no_resource", f"Bundle entry {index} {what}")
             continue
         yield RawRecord(index, b"", entry["resource"], full_urls)
+
+
+def _request_method(entry: dict[str, Any]) -> object:
+    request = entry.get("request")
+    return request.get("method") if isinstance(request, dict) else None
+
+
+def _deletion(index: int, entry: dict[str, Any]) -> RawRecord | RawReject:
+    """A ``DELETE`` entry as the deletion it asks for, or a reject when its URL names no one resource.
+
+    The URL is ``Type/id``, possibly after a server base (``https://ehr.example/fhir/Patient/123``).
+    A conditional delete (``Patient?identifier=...``) names the resources a search would find on the
+    sender's server: this export cannot run that search, so it is quarantined, not guessed at.
+    """
+    url = entry["request"].get("url")
+    raw = orjson.dumps(entry).decode("utf-8", "replace")
+    if isinstance(url, str) and "?" in url:
+        return RawReject(index, raw, "conditional_delete",
+                         f"Bundle entry {index} deletes by search ({url[:80]}); conditional deletes are not applied")
+    parts = url.rstrip("/").split("/") if isinstance(url, str) else []
+    if len(parts) < 2 or not is_r4_resource_type(parts[-2]) or FHIR_ID.fullmatch(parts[-1]) is None:
+        return RawReject(index, raw, "bad_delete",
+                         f"Bundle entry {index} is a DELETE whose request.url {url!r:.80} names no resource "
+                         "(expected like 'Patient/123')")
+    return RawRecord(index, b"", BundleDelete(parts[-2], parts[-1], entry))
 
 
 def _with_entry_id(entry: Any) -> Any:
@@ -299,7 +341,8 @@ def fetch_raw(path: Path, kind: str, numbers: set[int], limit: int = 500) -> dic
     found: dict[int, str] = {}
     for record in iter_unit(ReadUnit(str(path), "", kind)):
         if isinstance(record, RawRecord) and record.number in numbers:
-            raw = record.raw if record.parsed is None or kind != "json" else orjson.dumps(record.parsed)
+            parsed = record.parsed.entry if isinstance(record.parsed, BundleDelete) else record.parsed
+            raw = record.raw if parsed is None or kind != "json" else orjson.dumps(parsed)
             if kind == "json" and record.number == 1 and record.raw:
                 raw = record.raw
             found[record.number] = raw[: limit * 4].decode("utf-8", "replace")[:limit]

@@ -322,9 +322,54 @@ def test_transaction_entries_without_ids_take_the_one_their_entry_names(
 
 
 def test_bundle_entry_without_resource(tmp_path: Path) -> None:
-    data = bundle("transaction", [{"resource": PATIENT}, {"request": {"method": "DELETE", "url": "Patient/x"}}])
+    data = bundle("transaction", [{"resource": PATIENT}, {"request": {"method": "POST", "url": "Patient"}}])
     reject = only_reject(ingest_files(tmp_path, {"b.json": data})[1])
     assert (reject["record_number"], reject["reason"]) == (2, "Bundle entry 2 has no resource")
+
+
+@pytest.mark.parametrize("per_record", [False, True])
+def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_record: bool
+) -> None:
+    ndjson = b"\n".join([
+        line(PATIENT), line({**PATIENT, "id": "p2"}), line(condition()), line(condition(id="c2")),
+        line({"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p2"},
+              "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+              "effectiveDateTime": "2020-01-02T03:04:05Z"}),
+    ]) + b"\n"
+    deletes = [
+        {"request": {"method": "DELETE", "url": "Condition/c1"}},
+        {"request": {"method": "DELETE", "url": "Patient/p2"}},
+        {"request": {"method": "DELETE", "url": "Patient?identifier=http://hospital.example/mrn|42"}},
+        {"request": {"method": "DELETE", "url": "Observation/"}},
+        {"request": {"method": "DELETE", "url": "https://ehr.example/fhir/Condition/c2"}},
+        # A copy of c1 in the Bundle itself is deleted with the NDJSON one.
+        {"resource": condition(), "request": {"method": "PUT", "url": "Condition/c1"}},
+    ]
+    if per_record:
+        _per_record_only(monkeypatch)
+    summary, quarantine = ingest_files(tmp_path, {"a.ndjson": ndjson, "b.json": bundle("transaction", deletes)})
+    out = tmp_path / "out"
+    assert pl.read_parquet(out / "deletions.parquet").rows() == [
+        ("Condition", "c1", "fhir/b.json", 1), ("Patient", "p2", "fhir/b.json", 2),
+        ("Condition", "c2", "fhir/b.json", 5)]
+    assert pl.read_parquet(out / "patients.parquet")["patient_id"].to_list() == ["p1"]
+    assert pl.read_parquet(out / "conditions.parquet").height == 0
+    assert pl.read_parquet(out / "observations.parquet").height == 0
+    assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
+        ("fhir/a.ndjson", 2, "deleted", "Patient/p2 is deleted by fhir/b.json entry 2 (request DELETE)"),
+        ("fhir/a.ndjson", 3, "deleted", "Condition/c1 is deleted by fhir/b.json entry 1 (request DELETE)"),
+        ("fhir/a.ndjson", 4, "deleted", "Condition/c2 is deleted by fhir/b.json entry 5 (request DELETE)"),
+        ("fhir/a.ndjson", 5, "orphan_reference",
+         "observations record refers to Patient/p2, which is not in this export"),
+        ("fhir/b.json", 3, "conditional_delete", "Bundle entry 3 deletes by search "
+         "(Patient?identifier=http://hospital.example/mrn|42); conditional deletes are not applied"),
+        ("fhir/b.json", 4, "bad_delete",
+         "Bundle entry 4 is a DELETE whose request.url 'Observation/' names no resource (expected like 'Patient/123')"),
+        ("fhir/b.json", 6, "deleted", "Condition/c1 is deleted by fhir/b.json entry 1 (request DELETE)"),
+    ]
+    assert [(f.source_file, f.records_in, f.records_out, f.quarantined) for f in summary.files] == [
+        ("fhir/a.ndjson", 5, 1, 4), ("fhir/b.json", 6, 3, 3)]
 
 
 def document_reference(data: str, content_type: str = "text/plain; charset=utf-8") -> dict[str, object]:
