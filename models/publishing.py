@@ -40,6 +40,8 @@ import pyarrow as pa
 
 from features.errors import CohortcastError
 from features.ingest import SUMMARY_FILE, IngestSummary
+from features.schemas import SCORES
+from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
 
 PUBLISHED_FORMAT_VERSION = 1
@@ -190,12 +192,31 @@ def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataF
     return scores.with_columns(pl.col("top_items").list.eval(pl.element().struct.with_fields(description)))
 
 
+def living_patients(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers) -> tuple[pa.Table, int]:
+    """The scores of the patients not known to have died, tiers ranked again among them; and how
+    many were left out.
+
+    A score is as of its patient's prediction time, and a cohort patient may have died since (a
+    ``death_time``, or ``deceased`` with the date unknown). A care team's list must never hold a
+    dead patient, nor write a risk back to their record; and since tiers are shares of the list
+    people act on, they are ranked among the patients on it.
+    """
+    dead = patients.filter(pl.col("death_time").is_not_null() | pl.col("deceased").fill_null(False))
+    frame = pl.from_arrow(scores)
+    assert isinstance(frame, pl.DataFrame)
+    alive = frame.filter(~pl.col("subject_id").is_in(dead["subject_id"].implode()))
+    alive = alive.with_columns(pl.Series("risk_tier", tiers.assign(alive["risk"].to_numpy()), dtype=pl.String))
+    return alive.to_arrow().cast(SCORES), frame.height - alive.height
+
+
 def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, horizon_days: float, outcome: str,
-            lineage: dict[str, Any], codes: pl.DataFrame | None = None) -> Publication:
+            lineage: dict[str, Any], codes: pl.DataFrame | None = None,
+            left_out: dict[str, int] | None = None) -> Publication:
     """Write a new version of a task's cohort and make it the live one.
 
     ``codes`` (``code``, ``description``: the warehouse's ``codes`` table) describes the codes among
-    the explaining items; without it an item's description is its name.
+    the explaining items; without it an item's description is its name. ``left_out`` counts the
+    scored patients not published, by reason (``deceased``: :func:`living_patients`), for the manifest.
 
     Raises
     ------
@@ -226,7 +247,8 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
     n_high = int((frame["risk_tier"] == "high").sum())
     created = datetime.now(UTC).isoformat(timespec="seconds")
     manifest = {"task": task, "version": version, "created": created, "n_patients": frame.height,
-                "n_high_risk": n_high, "model_version": model_version, "lineage": lineage}
+                "n_high_risk": n_high, "model_version": model_version, "lineage": lineage,
+                "left_out": left_out or {}}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     staging.rename(task_root / version)
     _update_database(root / DATABASE, task, version, with_ids, manifest)

@@ -9,6 +9,7 @@ high-risk list.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -126,8 +127,12 @@ def print_high_risk(published: Path, task: str, console: Console, rows: int = 10
         console.print(f"no published cohort for {task} yet")
         return
     top = scores.sort("risk", descending=True).head(rows)
-    table = Table(title=f"{task}: top of the high-risk list (published {current_version(published, task)}, "
-                        f"{(scores['risk_tier'] == 'high').sum()} high-risk of {scores.height})")
+    version = current_version(published, task)
+    manifest = json.loads((published / task / str(version) / "manifest.json").read_text())
+    deceased = manifest.get("left_out", {}).get("deceased", 0)
+    table = Table(title=f"{task}: top of the high-risk list (published {version}, "
+                        f"{(scores['risk_tier'] == 'high').sum()} high-risk of {scores.height}; "
+                        f"{deceased} who died after their prediction time left out)")
     for column in ("patient", "risk", "tier", "treatment effect", "why (top items)"):
         table.add_column(column)
     for row in top.iter_rows(named=True):

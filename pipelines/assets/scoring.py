@@ -37,7 +37,7 @@ from models.drift import (
     load_reference,
     population_stability_index,
 )
-from models.publishing import check_publishable, current_scores, publish
+from models.publishing import check_publishable, current_scores, living_patients, publish
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
 from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
@@ -152,15 +152,20 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.
     check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
                       workspace.warehouse_dir, *quality_gates(task, config))
-    patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet", columns=["subject_id", "patient_id"])
+    patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
+                               columns=["subject_id", "patient_id", "death_time", "deceased"])
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
     outcome = task.description or task.name
-    publication = publish(scores, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
+    living, deceased = living_patients(scores, patients, RiskTiers(task.publishing.high_share,
+                                                                   task.publishing.medium_share))
+    publication = publish(living, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
                           {"run_id": context.run.run_id, "warehouse": str(workspace.warehouse_dir),
-                           "model": str(model_dir(workspace, task.name))}, codes=codes)
+                           "model": str(model_dir(workspace, task.name))}, codes=codes,
+                          left_out={"deceased": deceased})
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(publication.folder)),
         "version": publication.version,
         "patients": publication.n_patients,
         "high_risk_patients": publication.n_high_risk,
+        "deceased_left_out": deceased,
     })

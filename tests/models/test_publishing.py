@@ -19,6 +19,7 @@ from models.publishing import (
     check_publishable,
     current_scores,
     current_version,
+    living_patients,
     publish,
     quality_shortfalls,
 )
@@ -53,6 +54,23 @@ def test_publish_writes_a_version_then_switches_the_live_pointer(scores: pa.Tabl
         assert db.execute("SELECT count(*), min(version) FROM published_scores").fetchone() == (800, "v0002")
         assert db.execute("SELECT count(*) FROM publications").fetchone() == (2,)
         assert db.execute("SELECT count(*) FROM published_scores WHERE risk_tier = 'high'").fetchone() == (40,)
+
+
+def test_patients_who_died_are_left_off_the_list_and_tiers_ranked_among_the_living(scores: pa.Table,
+                                                                                    tmp_path: Path) -> None:
+    frame = pl.from_arrow(scores).head(5).with_columns(risk=pl.Series([0.9, 0.8, 0.7, 0.2, 0.1]))
+    patients = pl.DataFrame({
+        "subject_id": frame["subject_id"], "patient_id": [f"p-{i}" for i in range(5)],
+        # The riskiest died after the prediction time; the third is dead, the date unknown.
+        "death_time": [datetime(2025, 3, 1), None, None, None, None],
+        "deceased": [True, False, True, None, False],
+    })
+    living, left_out = living_patients(frame.to_arrow(), patients, RiskTiers(high_share=0.3, medium_share=0.3))
+    assert left_out == 2
+    assert pl.from_arrow(living).select("risk", "risk_tier").rows() == [(0.8, "high"), (0.2, "medium"), (0.1, "low")]
+    publication = publish(living, patients, tmp_path, "synthetic_1y", 365, "death", {}, left_out={"deceased": 2})
+    manifest = json.loads((publication.folder / "manifest.json").read_text())
+    assert (manifest["n_patients"], manifest["left_out"]) == (3, {"deceased": 2})
 
 
 def test_explaining_codes_are_published_with_their_descriptions(scores: pa.Table, tmp_path: Path) -> None:

@@ -38,12 +38,16 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     references = ("truth", "truth_observed_modalities", "truth_estimated_severities")
     assert all(0.5 < model_metrics[name]["auroc"] <= 1.0 for name in references)
     published = pl.read_parquet(tmp_path / "workspace" / "published" / DEMO_TASK / "v0001" / "scores.parquet")
-    assert published.height == 300
-    assert (published["risk_tier"] == "high").sum() == 15
+    # Every cohort patient is scored; those who died after their prediction time are not published.
+    dead = pl.read_parquet(warehouse / "patients.parquet").filter(
+        pl.col("death_time").is_not_null() | pl.col("deceased").fill_null(False))["subject_id"]
+    assert dead.len() == 24 and not published["subject_id"].is_in(dead.implode()).any()
+    assert published.height == 276
+    assert (published["risk_tier"] == "high").sum() == 14
     output = console.export_text()
     assert "[1/2] simulate 300 patients and ingest them" in output
     assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
-    assert "top of the high-risk list (published v0001, 15 high-risk of 300)" in output
+    assert "top of the high-risk list (published v0001, 14 high-risk of 276; 24 who died after" in output
 
     # A model below the task's quality gate is not published: the live version stays v0001.
     with dg.instance_for_test() as instance:

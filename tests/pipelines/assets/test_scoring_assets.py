@@ -63,7 +63,9 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     )
     (warehouse / SUMMARY_FILE).write_bytes(summary.to_json())
     ids = list(range(1, len(today) + 1))
-    patients = pl.DataFrame({"subject_id": ids, "patient_id": [f"p-{i}" for i in ids]})
+    patients = pl.DataFrame({"subject_id": ids, "patient_id": [f"p-{i}" for i in ids],
+                             "death_time": pl.Series([None] * len(ids), dtype=pl.Datetime("us")),
+                             "deceased": [False] * len(ids)})
     patients.write_parquet(warehouse / "patients.parquet")
     pl.DataFrame({"code": ["LOINC//8480-6"], "description": ["Systolic blood pressure"]}).write_parquet(
         warehouse / "codes.parquet")
