@@ -28,25 +28,37 @@ from the last visit to leaving care (0.131 there, and 9 % more patients with a r
   silently called negative: a patient lost after a month was not shown to be event-free for a year.
 * ``treated``: the arm of a new-user, grace-period design (below); null when the task names no
   treatment, for a prevalent user, and when the arm is undetermined.
-* ``prevalent_user``: a treatment code in the washout before the prediction time (null when the
-  task names no treatment). Scoring gives such patients no treatment effect: they are on it already.
+* ``prevalent_user``: a treatment code in the washout before the prediction time, or at it (null
+  when the task names no treatment). Scoring gives such patients no treatment effect: they are on it
+  already.
 
 The treatment flag compares patients who start the treatment with patients who do not, and three
 classic biases of pharmaco-epidemiology make the naive flag ("a treatment code in the window") unfit
 for that. (a) Prevalent users: a patient already on the drug, whose refill falls in the window,
 would count as starting it, and the treated arm would mix new starters with long-term survivors of
-the drug. Any treatment code in the task's ``washout_days`` before the prediction time makes the
-patient a prevalent user, with no arm (``treated`` null). (b) Reverse causation: a drug started
-because of the outcome (clopidogrel the day after a myocardial infarction is standard care) would
-make the treated arm rich in events. (c) Immortal time: a patient whose follow-up ends inside the
-window (the event, death or censoring) had no chance to start, and calling them untreated puts
+the drug. Any treatment code in the task's ``washout_days`` before the prediction time, or at the
+prediction time itself, makes the patient a prevalent user, with no arm (``treated`` null). What is
+known at the prediction time is baseline: the model inputs (event tokens, tabular features) keep
+every event at or before it, so a code at that instant is an input and cannot also be the start of
+treatment. The washout is the closed interval ``[prediction time - washout_days, prediction time]``
+(a washout of 0 still catches a code at the prediction time itself). (b) Reverse causation: a drug
+started because of the outcome (clopidogrel the day after a myocardial infarction is standard care)
+would make the treated arm rich in events. (c) Immortal time: a patient whose follow-up ends inside
+the window (the event, death or censoring) had no chance to start, and calling them untreated puts
 every early event in the untreated arm. Against (b) and (c) the window ``[start, end]`` is a grace
-period read at a landmark: a new user whose follow-up (``duration_days``) ends at or before ``end``
-days after the prediction time has an undetermined arm (null), whether or not they had started, so
-neither arm is conditioned differently; everyone else is treated when a treatment code falls in the
-window, else untreated, and every code that decides their arm precedes their outcome. The
-treatment-effect estimand is then among new users followed event-free through the grace period;
-the risk and progression labels are the same for every patient, whatever their arm.
+period read at a landmark. A start is a treatment code strictly after the prediction time, at least
+``start`` and at most ``end`` days after it. A new user has an arm only when they are followed
+event-free beyond ``end`` days after the prediction time: their follow-up (``duration_days``) ends
+after it, and so does their *observed* follow-up (their last record of any kind after the
+prediction time, the event or death). The imputed ``follow_up_after_last_record`` extension is
+credit for the risk label, not evidence of who started: a patient whose records stop within the
+grace period (or who has none after the prediction time) could have started elsewhere, unseen.
+Every other new user has an undetermined arm (null), whether or not they had started, so neither
+arm is conditioned differently; those with an arm are treated when a start falls in the window,
+else untreated, and every code that decides their arm precedes their outcome. The task parser keeps
+``end`` below ``horizon_days``: at or past it, everyone with an arm would be event-free at the
+horizon. The treatment-effect estimand is then among new users followed event-free through the
+grace period; the risk and progression labels are the same for every patient, whatever their arm.
 """
 
 from __future__ import annotations
@@ -82,9 +94,12 @@ class LabelCounts:
     # treatment. treated + untreated + treatment_prevalent + treatment_undetermined = cohort.
     treated: int | None
     untreated: int | None
-    # A treatment code in the washout before the prediction time: not a new user, no arm.
+    # A treatment code in the washout before the prediction time, or at it: not a new user, no arm.
     treatment_prevalent: int | None
-    # New users whose follow-up ended within the grace period: no arm, whether or not they started.
+    # New users not followed event-free beyond the grace period: their follow-up (event, death or
+    # censoring) ended within it, or their observed follow-up did (no record after its end: the
+    # imputed follow_up_after_last_record extension does not count). No arm, whether or not they
+    # started.
     treatment_undetermined: int | None
 
     @property
@@ -262,7 +277,8 @@ def build_labels(
 def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame,
                     treatment: TreatmentDefinition) -> pl.LazyFrame:
     """Add ``treated`` (true, false or null) and ``prevalent`` to the per-patient ``table``, which
-    has ``duration_days``: the new-user, grace-period design of the module docstring."""
+    has ``duration_days``, ``end_time`` and ``last_time``: the new-user, grace-period design of the
+    module docstring."""
 
     def days_after(days: float) -> pl.Expr:
         return pl.col("prediction_time") + pl.duration(microseconds=round(days * MICROSECONDS_PER_DAY))
@@ -271,18 +287,26 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
         lazy.filter(pl.col("code").is_in(list(treatment.codes)) & pl.col("time").is_not_null())
         .join(index, on="subject_id")
     )
+    # What is known at the prediction time is baseline (the model inputs keep events at or before
+    # it): a start is strictly after it, even with a window starting at 0 ...
     started = (
-        codes.filter((pl.col("time") >= days_after(treatment.window_start_days))
+        codes.filter((pl.col("time") > pl.col("prediction_time"))
+                     & (pl.col("time") >= days_after(treatment.window_start_days))
                      & (pl.col("time") <= days_after(treatment.window_end_days)))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
     )
-    # Strictly before the prediction time: with a window starting at 0, a code at the prediction
-    # time itself is a start. A washout of 0 days leaves no one out.
+    # ... and a code at the prediction time itself makes a prevalent user: the washout is
+    # [prediction time - washout_days, prediction time], so a washout of 0 days catches only that.
     prevalent = (
         codes.filter((pl.col("time") >= days_after(-treatment.washout_days))
-                     & (pl.col("time") < pl.col("prediction_time")))
+                     & (pl.col("time") <= pl.col("prediction_time")))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("prevalent"))
     )
+    # Observed follow-up: the last record after the prediction time (the event and death are records),
+    # never past the end of follow-up (death, the export date). Null without any record after it.
+    # (min_horizontal skips nulls: the explicit test keeps "no record" null.)
+    observed_days = _days(pl.when(pl.col("last_time").is_not_null())
+                          .then(pl.min_horizontal("last_time", "end_time")) - pl.col("prediction_time"))
     return (
         table.join(started, on="subject_id", how="left")
         .join(prevalent, on="subject_id", how="left")
@@ -293,6 +317,9 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
             # known, whether or not they started. Calling them untreated would be immortal time for
             # the treated; calling a start after the event treated, reverse causation.
             .when(pl.col("duration_days") <= treatment.window_end_days).then(None)
+            # Records stop within the grace period (or there are none after the prediction time): the
+            # follow_up_after_last_record extension is imputed, and says nothing of a start unseen.
+            .when(observed_days.is_null() | (observed_days <= treatment.window_end_days)).then(None)
             .otherwise(pl.col("started").fill_null(False))
             .alias("treated")
         )

@@ -34,8 +34,8 @@ A task file looks like this (every key but ``name``, ``cohort.prediction_time``,
     follow_up_after_last_record: usual_interval   # or days; 0 ends follow-up at the last record
     treatment:
       codes: [RXNORM//309362]
-      window_days: [0, 30]                # grace period in which starting counts (features.labels)
-      washout_days: 365                   # a code this long before the prediction time: not a new user
+      window_days: [0, 30]                # grace period in which starting counts (features.labels); end < horizon_days
+      washout_days: 365                   # a code this long before (or at) the prediction time: not a new user
     splits: {train: 0.7, tuning: 0.15, held_out: 0.15, seed: 0}
     inputs: {max_events: 512, value_bins: 5, min_code_count: 5, tabular_codes: 200}
 """
@@ -43,6 +43,7 @@ A task file looks like this (every key but ``name``, ``cohort.prediction_time``,
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -119,13 +120,16 @@ class TreatmentDefinition:
     :mod:`features.labels`)."""
 
     codes: tuple[str, ...]
-    # [start, end] days after the prediction time: the grace period in which starting counts. Only
-    # patients followed beyond its end get an arm, so the comparison is among patients event-free
-    # through it.
+    # [start, end] days after the prediction time: the grace period in which starting counts (a code
+    # strictly after the prediction time, at least start and at most end days after it). Only
+    # patients followed event-free and observed (a record) beyond its end get an arm. end is less
+    # than the task's horizon_days: a patient with an arm is then event-free at the horizon only
+    # when the data say so, not by construction.
     window_start_days: float = 0.0
     window_end_days: float = 30.0
-    # Days before the prediction time in which any treatment code makes the patient a prevalent user
-    # (no arm): a refill in the window is not a start. 0 keeps everyone.
+    # Finite days before the prediction time in which any treatment code, one at the prediction time
+    # included (it is known then: a model input), makes the patient a prevalent user (no arm): a
+    # refill in the window is not a start. 0 leaves out only a code at the prediction time itself.
     washout_days: float = 365.0
 
 
@@ -240,10 +244,14 @@ class _Reader:
             self.fail(self.path(name), f"a number >= {minimum:g}", value)
         return float(value)
 
-    def integer(self, name: str, default: int, minimum: int) -> int:
+    def integer(self, name: str, default: int, minimum: int, maximum: tuple[int, str] | None = None) -> int:
+        """An integer >= ``minimum``; ``maximum`` is the largest value allowed and why."""
         value = self.value.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            self.fail(self.path(name), f"an integer >= {minimum}", value)
+            self.fail(self.path(name), f"an integer >= {minimum}"
+                      + (f" and <= {maximum[0]}" if maximum is not None else ""), value)
+        if maximum is not None and value > maximum[0]:
+            self.fail(self.path(name), f"an integer <= {maximum[0]} ({maximum[1]})", value)
         return int(value)
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -422,9 +430,17 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in window)
                 or not 0 <= window[0] <= window[1]):
             treatment.fail("treatment.window_days", "[start, end] days with 0 <= start <= end", window)
+        if window[1] >= horizon:
+            # Every patient with an arm is followed event-free through the grace period: with an end
+            # at or past the horizon, they are all negatives and the arms compare nothing.
+            treatment.fail("treatment.window_days",
+                           f"[start, end] days with end < horizon_days ({horizon:g}): patients with an arm are "
+                           "event-free through the grace period", window)
         washout = treatment.number("washout_days", TreatmentDefinition.washout_days, 0.0)
         if washout is None:  # an explicit null: the default is spelled out, never guessed
             treatment.fail("treatment.washout_days", "a number >= 0", None)
+        if not math.isfinite(washout or 0.0):
+            treatment.fail("treatment.washout_days", "a finite number >= 0", washout)
         treatment_definition = TreatmentDefinition(
             treatment.codes("codes", True), float(window[0]), float(window[1]), float(washout or 0.0)
         )
@@ -449,7 +465,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes", "max_notes", "max_studies"})
         inputs = InputSettings(
             max_events=i.integer("max_events", inputs.max_events, 1),
-            value_bins=i.integer("value_bins", inputs.value_bins, 1),
+            value_bins=i.integer("value_bins", inputs.value_bins, 1, (127, "value bins are stored as int8")),
             min_code_count=i.integer("min_code_count", inputs.min_code_count, 1),
             tabular_codes=i.integer("tabular_codes", inputs.tabular_codes, 0),
             max_notes=i.integer("max_notes", inputs.max_notes, 1),

@@ -260,7 +260,8 @@ def test_treated_is_a_new_user_start_among_patients_followed_through_the_grace_p
 def test_washout_days_decides_who_is_a_prevalent_user(washout_days: float, treated_1: bool | None,
                                                       prevalent: int) -> None:
     # Patient 1's earlier code is exactly 100 days before the prediction time: inside a 100-day washout
-    # (the bound included), outside a 99-day one; a washout of 0 days makes no one a prevalent user.
+    # (the bound included), outside a 99-day one; a washout of 0 days catches only a code at the
+    # prediction time itself, and no patient here has one.
     events = new_user_events()
     cohort = pl.DataFrame({"subject_id": list(range(1, 9)), "prediction_time": [T0] * 8})
     labels, counts = build_labels(events, cohort, new_user_task(washout_days=washout_days))
@@ -268,6 +269,128 @@ def test_washout_days_decides_who_is_a_prevalent_user(washout_days: float, treat
                                                prevalent=bool(prevalent)))
     assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
         3 - prevalent, 1, prevalent, 4)
+
+
+def arm_frame(treated: list[bool | None], prevalent: list[bool], boolean_value: list[bool | None],
+              duration_days: list[float]) -> pl.DataFrame:
+    """Expected labels of patients 1..n at T0, without the event (MI only, death not the outcome)."""
+    n = len(treated)
+    return pl.DataFrame(
+        {"subject_id": list(range(1, n + 1)), "prediction_time": [T0] * n, "task": ["toy"] * n,
+         "boolean_value": boolean_value, "event": [False] * n, "duration_days": duration_days,
+         "treated": treated, "prevalent_user": prevalent},
+        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "task": pl.String,
+                "boolean_value": pl.Boolean, "event": pl.Boolean, "duration_days": pl.Float64,
+                "treated": pl.Boolean, "prevalent_user": pl.Boolean},
+    )
+
+
+@pytest.mark.parametrize(
+    ("washout_days", "treated", "prevalent", "arm_counts"),
+    [
+        (365, [None, True, None, False], [True, False, True, False], (1, 1, 2, 0)),
+        # A washout of 0 days still catches the code at the prediction time itself.
+        (0, [None, True, False, False], [True, False, False, False], (1, 2, 1, 0)),
+    ],
+)
+def test_a_treatment_code_at_the_prediction_time_is_baseline_not_a_start(
+        washout_days: float, treated: list[bool | None], prevalent: list[bool],
+        arm_counts: tuple[int, int, int, int]) -> None:
+    # The model inputs keep events at or before the prediction time, so a code at that very instant
+    # is an input: the patient is on the drug at baseline (a prevalent user), never a new user who
+    # starts in a grace period beginning at 0. 1: code at the prediction time; 2: one minute after
+    # it (a start); 3: the day before; 4: none. Everyone is followed to day 400.
+    pt = day(0)
+    events = events_frame([
+        *[(sid, pt, VISIT, None, None, "ehr") for sid in range(1, 5)],
+        *[(sid, day(400), VISIT, None, None, "ehr") for sid in range(1, 5)],
+        (1, pt, DRUG, None, None, "ehr"),
+        (2, pt + timedelta(minutes=1), DRUG, None, None, "ehr"),
+        (3, day(-1), DRUG, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [T0] * 4})
+    labels, counts = build_labels(events, cohort, new_user_task(washout_days=washout_days))
+    assert_frame_equal(labels, arm_frame(treated, prevalent, [False] * 4, [400.0] * 4))
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent,
+            counts.treatment_undetermined) == arm_counts
+
+
+def test_the_review_tie_case_makes_a_prevalent_user() -> None:
+    # /tmp/review14b/r6_treatment_tie.py: patient 3 of the toy events gets the drug at the index time;
+    # it was both an input token and a start (treated). It is now a prevalent user with no arm.
+    events = pl.concat([toy_events(), events_frame([(3, day(0), DRUG, None, None, "ehr")])])
+    definition = task()
+    labels, counts = build_labels(events, select_cohort(events, definition).cohort, definition)
+    assert labels.select("subject_id", "treated", "prevalent_user").rows() == [
+        (1, False, False), (2, True, False), (3, None, True), (4, False, False)]
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (1, 2, 1, 0)
+
+
+def test_grace_window_bounds_count_codes_after_the_prediction_time() -> None:
+    # Window [5, 30]: a start is a code at least 5 and at most 30 days after the prediction time
+    # (both bounds included); one on day 4, or a minute past day 30, is not a start.
+    events = events_frame([
+        *[(sid, day(0), VISIT, None, None, "ehr") for sid in range(1, 5)],
+        *[(sid, day(400), VISIT, None, None, "ehr") for sid in range(1, 5)],
+        (1, day(4), DRUG, None, None, "ehr"),
+        (2, day(5), DRUG, None, None, "ehr"),
+        (3, day(30), DRUG, None, None, "ehr"),
+        (4, day(30) + timedelta(minutes=1), DRUG, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [T0] * 4})
+    labels, counts = build_labels(events, cohort, new_user_task(window_days=[5, 30]))
+    assert_frame_equal(labels, arm_frame([False, True, True, False], [False] * 4, [False] * 4, [400.0] * 4))
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (2, 2, 0, 0)
+
+
+def test_the_arm_needs_observed_follow_up_beyond_the_grace_period() -> None:
+    # The usual interval credits follow-up after the last record for the risk label; it is not
+    # evidence of who started. With the usual interval (the index visit and the visits before it
+    # decide it):
+    # 1: visits on days -200, -100, 0 and none after: followed 200 / 3 days (imputed), no arm
+    #    (was untreated).
+    # 2: a visit on day 400: untreated.
+    # 3: seen a year before and at the index visit, nothing after: a year imputed, no arm (was untreated).
+    # 4: visits on days -300, -200, 0, the drug on day 10 and nothing after: 10 + 100 days of
+    #    follow-up, but none observed past day 10: no arm (was treated).
+    # 5: the same visits, no drug, a last visit exactly on day 30, the end of the grace period: no arm.
+    # 6: the same visits, the drug on day 10 and a visit on day 31: treated.
+    # 7: the same visits, the drug 10 days before and nothing after: a prevalent user, counted as
+    #    such (not undetermined).
+    history = [(sid, day(d), VISIT, None, None, "ehr") for sid in (4, 5, 6, 7) for d in (-300, -200, 0)]
+    events = events_frame([
+        (1, day(-200), VISIT, None, None, "ehr"), (1, day(-100), VISIT, None, None, "ehr"),
+        (1, day(0), VISIT, None, None, "ehr"),
+        (2, day(0), VISIT, None, None, "ehr"), (2, day(400), VISIT, None, None, "ehr"),
+        (3, day(-400), VISIT, None, None, "ehr"), (3, day(0), VISIT, None, None, "ehr"),
+        *history,
+        (4, day(10), DRUG, None, None, "ehr"),
+        (5, day(30), VISIT, None, None, "ehr"),
+        (6, day(10), DRUG, None, None, "ehr"), (6, day(31), VISIT, None, None, "ehr"),
+        (7, day(-10), DRUG, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": list(range(1, 8)), "prediction_time": [T0] * 7})
+    definition = task(outcome={"codes": [MI], "death": False}, follow_up_end="2024-12-31",
+                      treatment={"codes": [DRUG], "window_days": [0, 30]})
+    labels, counts = build_labels(events, cohort, definition)
+    expected = arm_frame(
+        treated=[None, False, None, None, None, True, None],
+        prevalent=[False] * 6 + [True],
+        boolean_value=[None, False, False, None, None, None, None],
+        # Usual intervals: 200 / 3, 0 (the index day only), 365 (the whole year's span over its one
+        # record day, the index visit), 100, 100, 100 and 300 / 4 (the drug is a record).
+        duration_days=[200 / 3, 400.0, 365.0, 110.0, 130.0, 131.0, 75.0],
+    )
+    assert_frame_equal(labels, expected)
+    assert counts == LabelCounts(cohort=7, positive=0, negative=2, censored_before_horizon=5, events_observed=0,
+                                 no_follow_up=3, treated=1, untreated=1, treatment_prevalent=1,
+                                 treatment_undetermined=4)
+    assert counts.treated + counts.untreated + counts.treatment_prevalent + counts.treatment_undetermined == 7
+    # With follow-up ending at the last record the arms are the same: 4 was never observed past day 10.
+    labels_0, counts_0 = build_labels(events, cohort, replace(definition, follow_up_after_last_record=0.0))
+    assert labels_0["treated"].to_list() == [None, False, None, None, None, True, None]
+    assert (counts_0.treated, counts_0.untreated, counts_0.treatment_prevalent,
+            counts_0.treatment_undetermined) == (1, 1, 1, 4)
 
 
 @pytest.mark.slow
@@ -280,10 +403,12 @@ def test_labels_agree_with_simulator_truth(small_hospital: Path, small_warehouse
     joined = truth.join(labels, on="subject_id", suffix="_ours")
     assert joined.height == truth.height == counts.cohort == 300
     assert (joined["prediction_time"] == joined["prediction_time_ours"]).all()
-    # Every arm we give is the simulator's; the simulator has no prevalent users, and 2 patients
-    # (one started, one not) had the event within the 30-day grace period: no arm.
+    # Every arm we give is the simulator's; the simulator has no prevalent users. 20 patients have no
+    # arm: 2 (one started, one not) had the event within the 30-day grace period, 8 (none started)
+    # have no record after the prediction time, and the records of 10 (7 started) stop within the
+    # grace period: their follow-up beyond it is imputed (the usual interval), not observed.
     arms = joined.group_by("treated", "treated_ours").len().sort(["treated", "treated_ours"], nulls_last=False)
-    assert arms.rows() == [(False, None, 1), (False, False, 166), (True, None, 1), (True, True, 132)]
+    assert arms.rows() == [(False, None, 11), (False, False, 156), (True, None, 9), (True, True, 124)]
     assert (joined["event_observed"] == joined["event"]).all()
     # No label we give contradicts the truth. Against it (rows: the truth; null = left care before the
     # horizon without the event): every positive found; 221 of 238 true negatives labelled, 17 left
@@ -294,11 +419,11 @@ def test_labels_agree_with_simulator_truth(small_hospital: Path, small_warehouse
     assert table.rows() == [(None, None, 30), (None, False, 4), (False, None, 17), (False, False, 221),
                             (True, True, 28)]
     # The ingest's events (DocumentReference notes included) give the same counts as the
-    # simulator's truth for positives (28) and treatment (133, of whom 132 have an arm).
+    # simulator's truth for positives (28) and treatment (133, of whom 124 have an arm).
     assert int(truth["event_within_horizon"].sum()) == counts.positive == 28
     assert int(truth["treated"].sum()) == 133
     assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
-        132, 166, 0, 2)
+        124, 156, 0, 20)
     assert (counts.negative, counts.events_observed, counts.no_follow_up) == (225, 70, 8)
     assert (truth["event_within_horizon"].null_count(), counts.censored_before_horizon) == (34, 47)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -78,6 +79,70 @@ def test_treatment_washout_days() -> None:
 def test_treatment_washout_days_rejects_other_values(value: object, message: str) -> None:
     with pytest.raises(CohortDefinitionError, match=message):
         task(treatment={"codes": ["RXNORM//1"], "washout_days": value})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
+def test_treatment_washout_days_must_be_finite(value: float) -> None:
+    # A washout of .inf or .nan passed parsing and crashed build_labels (a duration in microseconds).
+    message = rf"task 'toy': treatment.washout_days must be a finite number >= 0 \(found float {value!r}\)"
+    if value < 0:  # caught by the minimum first
+        message = r"task 'toy': treatment.washout_days must be a number >= 0 \(found float -inf\)"
+    with pytest.raises(CohortDefinitionError, match=message):
+        task(treatment={"codes": ["RXNORM//1"], "washout_days": value})
+
+
+@pytest.mark.parametrize("spelling", [".inf", ".nan", ".Inf"])
+def test_treatment_washout_days_yaml_infinity_is_rejected(tmp_path: Path, spelling: str) -> None:
+    path = tmp_path / "toy.yaml"
+    path.write_text("name: toy\ncohort: {prediction_time: {fixed: 2020-01-01}}\noutcome: {death: true}\n"
+                    f"horizon_days: 365\ntreatment: {{codes: [RXNORM//1], washout_days: {spelling}}}\n")
+    found = "nan" if "nan" in spelling else "inf"
+    expected = rf"^task 'toy': treatment.washout_days must be a finite number >= 0 \(found float {found}\)$"
+    with pytest.raises(CohortDefinitionError, match=expected):
+        load_task(path)
+
+
+@pytest.mark.parametrize(
+    ("horizon", "window", "found"),
+    [(365, [0, 365], "list [0, 365]"), (30, [0, 30], "list [0, 30]"), (30, [10, 45.5], "list [10, 45.5]"),
+     (365, [0, float("inf")], "list [0, inf]")],
+)
+def test_treatment_window_must_end_before_the_horizon(horizon: float, window: list[float], found: str) -> None:
+    # A grace period reaching the horizon leaves only patients event-free at the horizon with an arm:
+    # every one of them a negative, and the T-learner cannot fit.
+    expected = (rf"^task 'toy': treatment.window_days must be \[start, end\] days with end < horizon_days "
+                rf"\({horizon:g}\): patients with an arm are event-free through the grace period "
+                rf"\(found {re.escape(found)}\)$")
+    with pytest.raises(CohortDefinitionError, match=expected):
+        task(horizon_days=horizon, treatment={"codes": ["RXNORM//1"], "window_days": window})
+
+
+def test_treatment_window_just_before_the_horizon_is_accepted() -> None:
+    definition = task(horizon_days=30, treatment={"codes": ["RXNORM//1"], "window_days": [0, 29.5]})
+    assert definition.treatment is not None
+    assert (definition.treatment.window_start_days, definition.treatment.window_end_days) == (0.0, 29.5)
+    assert definition.horizon_days == 30.0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (128, r"^task 'toy': inputs.value_bins must be an integer <= 127 \(value bins are stored as int8\) "
+              r"\(found int 128\)$"),
+        (200, r"^task 'toy': inputs.value_bins must be an integer <= 127 \(value bins are stored as int8\) "
+              r"\(found int 200\)$"),
+        (0, r"^task 'toy': inputs.value_bins must be an integer >= 1 and <= 127 \(found int 0\)$"),
+        (5.0, r"^task 'toy': inputs.value_bins must be an integer >= 1 and <= 127 \(found float 5.0\)$"),
+    ],
+)
+def test_value_bins_must_fit_int8(value: object, message: str) -> None:
+    with pytest.raises(CohortDefinitionError, match=message):
+        task(inputs={"value_bins": value})
+
+
+def test_value_bins_up_to_127_are_accepted() -> None:
+    assert task(inputs={"value_bins": 127}).inputs.value_bins == 127
+    assert task(inputs={"value_bins": 1}).inputs.value_bins == 1
 
 
 def test_input_caps_come_from_the_task_file() -> None:
