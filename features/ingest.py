@@ -80,7 +80,7 @@ from features.fhir.read import (
     read_ndjson_range,
 )
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
-from features.fhir.validate import RecordError, validate_r4
+from features.fhir.validate import RecordError, parse_datetime, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file
 from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
@@ -117,7 +117,8 @@ ID_COLUMNS: dict[str, list[str]] = {
     "medication_codes": ["medication_id"],
     "binaries": ["binary_id"],
     "raw_unknown": ["resource_type", "resource_id"],
-    "deletions": ["resource_type", "resource_id"],
+    # Never duplicates: two entries deleting one resource are two deletions, each applied.
+    "deletions": ["resource_type", "resource_id", "source_file", "record_number"],
 }
 """What makes two records duplicates, per table."""
 
@@ -374,6 +375,16 @@ def _fast_gzip(
     return cleared, left
 
 
+def _instant(value: str | None, latest: datetime) -> datetime | None:
+    """A FHIR instant as naive UTC, or None when absent or malformed (it only orders copies)."""
+    if value is None:
+        return None
+    try:
+        return parse_datetime(value, "Bundle.timestamp", latest)
+    except RecordError:
+        return None
+
+
 def _strip_cr(line: bytes) -> bytes:
     return line[:-1] if line.endswith(b"\r") else line
 
@@ -409,7 +420,10 @@ def _read_records(
             continue
         if isinstance(record.parsed, BundleDelete):
             deletion = record.parsed
-            buffers["deletions"].append((deletion.resource_type, deletion.resource_id, source_file, record.number))
+            buffers["deletions"].append(
+                (deletion.resource_type, deletion.resource_id, _instant(deletion.bundle_time, latest), source_file,
+                 record.number)
+            )
             continue
         resource: Any = None
         try:
@@ -790,6 +804,41 @@ def _instant_text(column: str) -> pl.Expr:
     return pl.col(column).dt.strftime("%Y-%m-%dT%H:%M:%S%.fZ")
 
 
+def _deleted_copies(staged: pl.LazyFrame, ids: list[str], resource_type: pl.Expr, deletions: pl.LazyFrame,
+                    versions: pl.LazyFrame) -> pl.DataFrame:
+    """The copies of a table's resources that a Bundle's DELETE comes after, one row per copy
+    (``source_file``, ``record_number``, ``ids``) with the first such deletion (``deleted_by_file``,
+    ``deleted_by_record``).
+
+    A deletion is one more version of its resource, ordered as copies are: a copy whose
+    ``meta.lastUpdated`` is after the deleting Bundle's time (its ``meta.lastUpdated`` or
+    ``timestamp``) was re-created since and stays; without both times, file order (the landing
+    order) decides. A copy in the deleting Bundle itself always stays: a transaction applies its
+    DELETEs before its POSTs and PUTs.
+    """
+    location = ["source_file", "record_number"]
+    targets = deletions.select(
+        pl.col("resource_type").alias("__type"), pl.col("resource_id").alias("__id"), "deleted_at",
+        pl.col("source_file").alias("deleted_by_file"), pl.col("record_number").alias("deleted_by_record"),
+    )
+    updated = pl.col("last_updated")
+    after_deletion = (
+        pl.when(updated.is_not_null() & pl.col("deleted_at").is_not_null())
+        .then(updated <= pl.col("deleted_at"))
+        .otherwise(pl.col("source_file") < pl.col("deleted_by_file"))
+    )
+    return (
+        staged.with_columns(resource_type.alias("__type"), pl.col(ids[-1]).cast(pl.String).alias("__id"))
+        .join(targets, on=["__type", "__id"], how="inner")
+        .join(versions.select(*location, "last_updated"), on=location, how="left")
+        .filter((pl.col("source_file") != pl.col("deleted_by_file")) & after_deletion)
+        .sort([*location, "deleted_by_file", "deleted_by_record"])
+        .group_by(location, maintain_order=True)
+        .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "deleted_by_file", "deleted_by_record"]))
+        .collect()
+    )
+
+
 def _finalize_table(
     table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path, versions: pl.LazyFrame,
     deletions: pl.LazyFrame | None = None,
@@ -799,13 +848,26 @@ def _finalize_table(
 
     Of the copies of one id, the newest is kept (:func:`_newest_first`, by the staged
     ``record_versions``); each other copy is a ``duplicate`` quarantine row naming the copy kept and why.
-    A resource that a Bundle entry deletes (``deletions``) is left out, every copy of it, as a
-    ``deleted`` quarantine row naming the entry.
+    The copies of a resource that a Bundle entry deletes (``deletions``) and that the deletion
+    comes after (:func:`_deleted_copies`) are left out first, each a ``deleted`` quarantine row
+    naming the entry; the newest copy is chosen among the others (a copy re-created after the
+    deletion, say).
     """
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
-    candidates = staged.join(_repeated_ids(staged, ids), on=ids, how="semi", nulls_equal=True)
-    keys = candidates.select(*ids, *location).unique().sort(location).collect()
+    deleted_type = pl.col("resource_type") if "resource_type" in ids else pl.lit(DELETED_TYPE_OF_TABLE.get(table))
+    deleted = None
+    if deletions is not None and ("resource_type" in ids or table in DELETED_TYPE_OF_TABLE):
+        deleted = _drops(
+            _deleted_copies(staged, ids, deleted_type, deletions, versions), deleted_type, pl.col(ids[-1]),
+            pl.lit("deleted"),
+            deleted_type + pl.lit("/") + pl.col(ids[-1]).cast(pl.String) + pl.lit(" is deleted by ")
+            + pl.col("deleted_by_file") + pl.lit(" entry ") + pl.col("deleted_by_record").cast(pl.String)
+            + pl.lit(" (request DELETE)"),
+        )
+    remaining = staged if deleted is None else staged.join(deleted.lazy().select(location), on=location, how="anti")
+    candidates = remaining.join(_repeated_ids(remaining, ids), on=ids, how="semi", nulls_equal=True)
+    keys = candidates.select(*dict.fromkeys([*ids, *location])).unique().sort(location).collect()
     if keys.height:
         keys = _newest_first(keys, ids, versions)
     else:
@@ -867,27 +929,8 @@ def _finalize_table(
     # A record is kept or dropped whole, and counted once: a wide genomics row holds one row per
     # feature, and any feature seen before drops the row (no patient is left with half a panel).
     duplicates = duplicates.unique(subset=location, keep="first", maintain_order=True)
-    deleted_type = pl.col("resource_type") if "resource_type" in ids else pl.lit(DELETED_TYPE_OF_TABLE.get(table))
-    if deletions is not None and ("resource_type" in ids or table in DELETED_TYPE_OF_TABLE):
-        # Every copy, the kept one included: a resource deleted at its source is not in the warehouse.
-        targets = deletions.group_by("resource_type", "resource_id", maintain_order=True).agg(
-            pl.col("source_file").first().alias("deleted_by_file"),
-            pl.col("record_number").first().alias("deleted_by_record"),
-        )
-        deleted = (
-            staged.with_columns(deleted_type.alias("__type"), pl.col(ids[-1]).cast(pl.String).alias("__id"))
-            .join(targets, left_on=["__type", "__id"], right_on=["resource_type", "resource_id"], how="inner")
-            .group_by(location, maintain_order=True)
-            .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "deleted_by_file", "deleted_by_record"]))
-            .collect()
-        )
-        deleted = _drops(
-            deleted, deleted_type, pl.col(ids[-1]), pl.lit("deleted"),
-            deleted_type + pl.lit("/") + pl.col(ids[-1]).cast(pl.String) + pl.lit(" is deleted by ")
-            + pl.col("deleted_by_file") + pl.lit(" entry ") + pl.col("deleted_by_record").cast(pl.String)
-            + pl.lit(" (request DELETE)"),
-        )
-        duplicates = pl.concat([duplicates.join(deleted.select(location), on=location, how="anti"), deleted])
+    if deleted is not None:
+        duplicates = pl.concat([duplicates, deleted])
     drop = duplicates.select(location)
     if patient_ids is not None and "patient_id" in staged.collect_schema().names():
         orphans = (
@@ -1054,12 +1097,22 @@ def _writer_lock(warehouse_dir: Path, action: str) -> Iterator[None]:
 
 
 def remove_leftovers(warehouse_dir: Path) -> list[str]:
-    """Delete what killed ingests and promotions left in ``warehouse_dir``: staging folders and
-    half-written warehouse files. Call only while holding its writer lock. Returns the names deleted."""
+    """Clear what killed ingests and promotions left in ``warehouse_dir``: staging folders and
+    half-written warehouse files. Call only while holding its writer lock. Returns their names.
+
+    An ingest killed while it put its finished files in place (its staging folder holds the
+    accounting, written last) left the warehouse half old, half new: its remaining files are put
+    in place first, the accounting last, as the run would have done.
+    """
     names = (*warehouse_files(), PROMOTED_BATCH_FILE)
     removed: list[str] = []
     for path in sorted(warehouse_dir.iterdir()):
         if path.name.startswith(STAGING_PREFIX) and path.is_dir():
+            final = path / FINAL_FOLDER
+            if (final / SUMMARY_FILE).is_file():
+                for name in warehouse_files():
+                    if (final / name).is_file():
+                        os.replace(final / name, warehouse_dir / name)
             shutil.rmtree(path)
         elif path.name.endswith(".partial") and any(path.name.startswith(f".{name}.") for name in names):
             path.unlink()
@@ -1197,6 +1250,7 @@ def _ingest_locked(
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=warehouse_dir))
     tables_dir = staging / FINAL_FOLDER
     tables_dir.mkdir()
+    placing = False
     try:
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str, Spill], TableRead]]] = [
             ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill)),
@@ -1317,11 +1371,16 @@ def _ingest_locked(
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)
         # The warehouse still holds the previous ingest, whole. Each file takes its place by one
         # rename, the accounting last, so that the summary never describes tables not yet there.
+        # Cut short from here on, the staging folder stays, and the next writer finishes the job
+        # (remove_leftovers).
+        placing = True
         for name in warehouse_files():
             os.replace(tables_dir / name, warehouse_dir / name)
+        placing = False
         return summary
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not placing:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def warehouse_files() -> list[str]:
@@ -1356,14 +1415,9 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
     """
     ingested_dir, warehouse_dir = Path(ingested_dir), Path(warehouse_dir)
     batch, record = ingested_dir.name, warehouse_dir / PROMOTED_BATCH_FILE
-    held = record.read_text().strip() if record.is_file() else ""
-    if held > batch and not allow_older_batch:
-        raise LandingZoneError(
-            f"promote batch {batch}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected "
-            f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
-        )
     names = warehouse_files()
-    missing = [name for name in names if not (ingested_dir / name).is_file()]
+    # A batch ingested before deletions were read has no deletions table: it deleted nothing.
+    missing = [name for name in names if not (ingested_dir / name).is_file() and name != "deletions.parquet"]
     if missing:
         raise LandingZoneError(
             f"promote {ingested_dir}: {missing[0]} is missing ({len(missing)} of {len(names)} ingest files); "
@@ -1376,10 +1430,21 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
             "the warehouse keeps its current tables"
         )
     _check_dirs(ingested_dir, warehouse_dir)
+    # What the warehouse holds is read under its lock: a promotion of a newer batch that finished
+    # between a check and the writing would otherwise be undone by this older one.
     with _writer_lock(warehouse_dir, f"promote batch {batch}"):
+        held = record.read_text().strip() if record.is_file() else ""
+        if held > batch and not allow_older_batch:
+            raise LandingZoneError(
+                f"promote batch {batch}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected "
+                f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
+            )
         write_bytes_atomic(f"{batch}\n".encode(), record)
         for name in names:
-            link_file_atomic(ingested_dir / name, warehouse_dir / name)
+            if (ingested_dir / name).is_file():
+                link_file_atomic(ingested_dir / name, warehouse_dir / name)
+            else:
+                write_parquet_atomic(INTERNAL_TABLES["deletions"].empty_table(), warehouse_dir / name)
     return summary
 
 

@@ -383,13 +383,17 @@ DELETIONS = pa.schema(
     [
         pa.field("resource_type", pa.string(), nullable=False),
         pa.field("resource_id", pa.string(), nullable=False),
+        # When the deleting Bundle was written (its meta.lastUpdated, else timestamp), in UTC; null
+        # when it states neither or the value is malformed.
+        pa.field("deleted_at", TIME, nullable=True),
         pa.field("source_file", pa.string(), nullable=False),
         pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
 """Bundle entries that delete a resource (``request.method`` ``DELETE``, ``request.url``
-``Type/id``): every copy of that resource in the export is left out of the tables (each a
-``deleted`` quarantine row naming the entry), and the deletion itself is kept here."""
+``Type/id``). The copies of that resource the deletion comes after leave the tables (each a
+``deleted`` quarantine row naming the entry): features.ingest says which; the deletion itself is
+kept here."""
 
 RAW_UNKNOWN = pa.schema(
     [

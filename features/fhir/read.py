@@ -80,11 +80,13 @@ class RawRecord:
 @dataclass(frozen=True)
 class BundleDelete:
     """A Bundle entry that deletes the resource ``resource_type/resource_id`` (``request.method``
-    ``DELETE``): it has no resource of its own; ``entry`` is the entry as found."""
+    ``DELETE``): it has no resource of its own; ``entry`` is the entry as found, ``bundle_time`` the
+    Bundle's ``meta.lastUpdated`` or else ``timestamp`` as written (None when it has neither)."""
 
     resource_type: str
     resource_id: str
     entry: dict[str, Any]
+    bundle_time: str | None = None
 
 
 @dataclass
@@ -261,6 +263,10 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
         )
         return
     entries = [_with_entry_id(entry) for entry in entries]
+    meta = document.get("meta")
+    stamp = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    stamp = stamp if isinstance(stamp, str) else document.get("timestamp")
+    bundle_time = stamp if isinstance(stamp, str) else None
     full_urls: dict[str, tuple[str, str]] = {}
     for entry in entries:
         if (
@@ -273,7 +279,7 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
                 full_urls[entry["fullUrl"]] = (resource["resourceType"], resource["id"])
     for index, entry in enumerate(entries, start=1):
         if isinstance(entry, dict) and "resource" not in entry and _request_method(entry) == "DELETE":
-            yield _deletion(index, entry)
+            yield _deletion(index, entry, bundle_time)
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
             raw = orjson.dumps(entry).decode("utf-8", "replace")
@@ -292,7 +298,7 @@ def _request_method(entry: dict[str, Any]) -> object:
     return request.get("method") if isinstance(request, dict) else None
 
 
-def _deletion(index: int, entry: dict[str, Any]) -> RawRecord | RawReject:
+def _deletion(index: int, entry: dict[str, Any], bundle_time: str | None) -> RawRecord | RawReject:
     """A ``DELETE`` entry as the deletion it asks for, or a reject when its URL names no one resource.
 
     The URL is ``Type/id``, possibly after a server base (``https://ehr.example/fhir/Patient/123``).
@@ -309,7 +315,7 @@ def _deletion(index: int, entry: dict[str, Any]) -> RawRecord | RawReject:
         return RawReject(index, raw, "bad_delete",
                          f"Bundle entry {index} is a DELETE whose request.url {url!r:.80} names no resource "
                          "(expected like 'Patient/123')")
-    return RawRecord(index, b"", BundleDelete(parts[-2], parts[-1], entry))
+    return RawRecord(index, b"", BundleDelete(parts[-2], parts[-1], entry, bundle_time))
 
 
 def _with_entry_id(entry: Any) -> Any:

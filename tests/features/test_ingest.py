@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
+import features.ingest as ingest
 from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
 from features.ingest import (
@@ -323,6 +324,81 @@ def test_promote_warehouse_refuses_a_batch_older_than_the_one_it_holds(
     assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-01\n"
     for name in warehouse_files():
         assert (warehouse / name).samefile(older / name), name
+
+
+def test_a_newer_batch_promoted_meanwhile_is_not_undone_by_an_older_one(
+    bulk: tuple[IngestSummary, Path], bundles: tuple[IngestSummary, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    newer, older = tmp_path / "batches" / "2024-06-02", tmp_path / "batches" / "2024-06-01"
+    shutil.copytree(bulk[1], newer)
+    shutil.copytree(bundles[1], older)
+    warehouse = tmp_path / "warehouse"
+    check_dirs = ingest._check_dirs
+
+    def newer_promoted_meanwhile(landing_dir: Path, warehouse_dir: Path) -> None:
+        check_dirs(landing_dir, warehouse_dir)
+        if landing_dir == older:  # the sensor's promotion of the newer batch runs in between
+            promote_warehouse(newer, warehouse_dir)
+
+    monkeypatch.setattr(ingest, "_check_dirs", newer_promoted_meanwhile)
+    with pytest.raises(LandingZoneError, match="holds batch 2024-06-02, which is newer"):
+        promote_warehouse(older, warehouse)
+    for name in warehouse_files():
+        assert (warehouse / name).samefile(newer / name), name
+
+
+def test_a_batch_ingested_before_deletions_were_read_promotes_with_none(
+    bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    batch = tmp_path / "batches" / "2024-06-01"
+    shutil.copytree(bulk[1], batch)
+    (batch / "deletions.parquet").unlink()
+    warehouse = tmp_path / "warehouse"
+    assert promote_warehouse(batch, warehouse) == bulk[0]
+    assert pl.read_parquet(warehouse / "deletions.parquet").height == 0
+    assert (warehouse / "patients.parquet").samefile(batch / "patients.parquet")
+
+
+_KILLED_WHILE_PLACING = """
+import os, signal, sys
+from datetime import datetime
+from pathlib import Path
+import features.ingest as ingest
+
+replace = os.replace
+
+def replace_then_die(source, target):
+    replace(source, target)
+    # The first file put in place from the staging folder (not a write into it).
+    if Path(source).parent.name == "final" != Path(target).parent.name and Path(target).name == "patients.parquet":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ingest.os.replace = replace_then_die
+ingest.ingest_landing_zone(Path(sys.argv[1]), Path(sys.argv[2]), workers=1, export_time=datetime(2025, 1, 1))
+"""
+
+
+def test_an_ingest_killed_while_putting_its_files_in_place_is_finished_by_the_next_writer(
+    shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(bulk[1], warehouse)
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_PLACING, str(shared_fhir_dir / "synthea-bundles"), str(warehouse)],
+        capture_output=True, check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    # Half placed: the new patients beside the old accounting.
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 28
+    assert IngestSummary.from_json(warehouse / SUMMARY_FILE) == bulk[0]
+    (leftover,) = warehouse.glob(".ingest-staging-*")
+    assert remove_leftovers(warehouse) == [leftover.name]
+    summary = IngestSummary.from_json(warehouse / SUMMARY_FILE)
+    assert summary.landing_dir.endswith("synthea-bundles") and summary.balanced
+    assert pl.read_parquet(warehouse / "events.parquet")["subject_id"].n_unique() == pl.read_parquet(
+        warehouse / "patients.parquet").height == 28
+    assert not list(warehouse.glob(".ingest-staging-*"))
 
 
 def test_prune_ingested_batches_keeps_the_promoted_newer_and_newest_older(tmp_path: Path) -> None:

@@ -343,18 +343,19 @@ def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
         {"request": {"method": "DELETE", "url": "Patient?identifier=http://hospital.example/mrn|42"}},
         {"request": {"method": "DELETE", "url": "Observation/"}},
         {"request": {"method": "DELETE", "url": "https://ehr.example/fhir/Condition/c2"}},
-        # A copy of c1 in the Bundle itself is deleted with the NDJSON one.
-        {"resource": condition(), "request": {"method": "PUT", "url": "Condition/c1"}},
+        # A transaction applies its DELETEs first: its own PUT of c1 re-creates it.
+        {"resource": condition(onsetDateTime="2020-02-02"), "request": {"method": "PUT", "url": "Condition/c1"}},
     ]
     if per_record:
         _per_record_only(monkeypatch)
     summary, quarantine = ingest_files(tmp_path, {"a.ndjson": ndjson, "b.json": bundle("transaction", deletes)})
     out = tmp_path / "out"
-    assert pl.read_parquet(out / "deletions.parquet").rows() == [
+    assert pl.read_parquet(out / "deletions.parquet").drop("deleted_at").rows() == [
         ("Condition", "c1", "fhir/b.json", 1), ("Patient", "p2", "fhir/b.json", 2),
         ("Condition", "c2", "fhir/b.json", 5)]
     assert pl.read_parquet(out / "patients.parquet")["patient_id"].to_list() == ["p1"]
-    assert pl.read_parquet(out / "conditions.parquet").height == 0
+    assert pl.read_parquet(out / "conditions.parquet").select("resource_id", "source_file").rows() == [
+        ("c1", "fhir/b.json")]
     assert pl.read_parquet(out / "observations.parquet").height == 0
     assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
         ("fhir/a.ndjson", 2, "deleted", "Patient/p2 is deleted by fhir/b.json entry 2 (request DELETE)"),
@@ -366,10 +367,37 @@ def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
          "(Patient?identifier=http://hospital.example/mrn|42); conditional deletes are not applied"),
         ("fhir/b.json", 4, "bad_delete",
          "Bundle entry 4 is a DELETE whose request.url 'Observation/' names no resource (expected like 'Patient/123')"),
-        ("fhir/b.json", 6, "deleted", "Condition/c1 is deleted by fhir/b.json entry 1 (request DELETE)"),
     ]
     assert [(f.source_file, f.records_in, f.records_out, f.quarantined) for f in summary.files] == [
-        ("fhir/a.ndjson", 5, 1, 4), ("fhir/b.json", 6, 3, 3)]
+        ("fhir/a.ndjson", 5, 1, 4), ("fhir/b.json", 6, 4, 2)]
+
+
+@pytest.mark.parametrize("per_record", [False, True])
+def test_a_delete_removes_only_the_copies_it_comes_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_record: bool
+) -> None:
+    def stamped(rid: str, updated: str | None) -> bytes:
+        return line(condition(id=rid, **({"meta": {"lastUpdated": updated}} if updated else {})))
+
+    deletes = {"resourceType": "Bundle", "type": "transaction", "meta": {"lastUpdated": "2024-01-01T00:00:00Z"},
+               "entry": [{"request": {"method": "DELETE", "url": f"Condition/{rid}"}} for rid in ("c1", "c2", "c3")]}
+    files = {
+        # Before the deleting Bundle in file order; c1 updated after the deletion: re-created, kept.
+        "a.ndjson": b"\n".join([line(PATIENT), stamped("c1", "2024-06-01T00:00:00Z")]) + b"\n",
+        "b.json": orjson.dumps(deletes),
+        # After it in file order; c2 updated before the deletion: deleted; c3 states no time: file
+        # order says it came later, kept.
+        "c.ndjson": b"\n".join([stamped("c2", "2023-01-01T00:00:00Z"), stamped("c3", None)]) + b"\n",
+    }
+    if per_record:
+        _per_record_only(monkeypatch)
+    _summary, quarantine = ingest_files(tmp_path, files)
+    conditions = pl.read_parquet(tmp_path / "out" / "conditions.parquet")
+    assert conditions.select("resource_id", "source_file").rows() == [("c1", "fhir/a.ndjson"), ("c3", "fhir/c.ndjson")]
+    assert quarantine.select("source_file", "record_number", "reason").rows() == [
+        ("fhir/c.ndjson", 1, "Condition/c2 is deleted by fhir/b.json entry 2 (request DELETE)")]
+    deleted_at = pl.read_parquet(tmp_path / "out" / "deletions.parquet")["deleted_at"].unique().to_list()
+    assert deleted_at == [datetime(2024, 1, 1)]
 
 
 def document_reference(data: str, content_type: str = "text/plain; charset=utf-8") -> dict[str, object]:
