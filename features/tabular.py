@@ -7,33 +7,56 @@ last_input_time`` (:data:`features.schemas.TABULAR_FEATURES_KEY`), then ``age_ye
 prediction time), ``days_since__<code>`` (days since the latest one; null for static facts and when
 never seen) and, for codes with numeric values, ``last__<code>`` (the latest value).
 
-Which codes get columns is learned on the train split only (:func:`select_tabular_codes`), so the
-column set never depends on held-out patients.
+Which codes get columns, and which of them get a ``last__<code>`` column, is learned on the train
+split only (:func:`select_tabular_codes`), so the column set never depends on tuning or held-out
+patients: a code whose train patients never have a value gets no ``last__`` column even where a
+held-out patient has one, and a code with train values keeps its (null) column in a split without
+any.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import polars as pl
 
 from features.tokenize import MICROSECONDS_PER_DAY, events_before
 
 
+@dataclass(frozen=True)
+class TabularCodes:
+    """The codes that get columns, learned on the train split by :func:`select_tabular_codes`."""
+
+    codes: list[str]
+    """Codes with ``count__`` and ``days_since__`` columns, sorted."""
+    numeric: list[str]
+    """The codes of ``codes`` that also get a ``last__`` column: a train patient has a value of
+    them (not null, not NaN) before their prediction time. Sorted."""
+
+
 def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
-                         train_ids: pl.Series | list[int], max_codes: int) -> list[str]:
-    """The ``max_codes`` codes seen in the most train patients before their prediction time."""
+                         train_ids: pl.Series | list[int], max_codes: int) -> TabularCodes:
+    """The ``max_codes`` codes seen in the most train patients before their prediction time (ties
+    by code), and which of them have numeric values in those patients."""
     train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
     ranked = (
         events_before(events, train)
-        .group_by("code").agg(pl.col("subject_id").n_unique().alias("patients"))
+        .group_by("code")
+        .agg(
+            pl.col("subject_id").n_unique().alias("patients"),
+            (pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()).any().alias("numeric"),
+        )
         .sort(["patients", "code"], descending=[True, False])
         .head(max_codes)
+        .sort("code")
         .collect()
     )
-    return sorted(ranked["code"].to_list())
+    return TabularCodes(codes=ranked["code"].to_list(),
+                        numeric=ranked.filter(pl.col("numeric"))["code"].to_list())
 
 
 def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
-                     codes: list[str]) -> pl.DataFrame:
+                     selected: TabularCodes) -> pl.DataFrame:
     """Return the wide tabular-features table of a cohort (see the module docstring).
 
     Parameters
@@ -42,9 +65,14 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
         The ``events`` table, eager or lazy.
     cohort
         The ``cohort`` table (``subject_id, prediction_time, age_years, sex``).
-    codes
-        Codes that get their own columns, usually from :func:`select_tabular_codes`.
+    selected
+        Codes that get their own columns, and those of them with a ``last__`` column, from
+        :func:`select_tabular_codes` on the train split.
     """
+    codes = selected.codes
+    # Decided on the train split, not on ``cohort``: which columns exist must not depend on which
+    # patients are aggregated (see the module docstring).
+    numeric_codes = set(selected.numeric)
     seen = events_before(events, cohort)
     overall = (
         seen.group_by("subject_id")
@@ -69,7 +97,6 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
         )
         .collect()
     )
-    numeric_codes = set(per_code.filter(pl.col("last").is_not_null())["code"].to_list())
     wide = cohort.select(
         "subject_id", "prediction_time",
         pl.col("age_years").cast(pl.Float64),

@@ -8,8 +8,10 @@ and ``imaging.parquet`` (optional: a missing modality is simply absent) and a ta
 in a row and Dagster runs each as an asset; every file is written atomically.
 
 A step whose inputs (file sizes and modification times, the task definition, the step's
-settings and :data:`STEPS_VERSION`) are those recorded in its ``.fingerprint`` file is skipped: a
-second run on unchanged data recomputes nothing. Note embeddings are further cached per note text across tasks and runs.
+settings and :data:`STEPS_VERSION`) and outputs (its Parquet file and side files such as
+``vocabulary.json``, by size and modification time) are those recorded in its ``.fingerprint`` file
+is skipped: a second run on unchanged data recomputes nothing, and a deleted or changed output is
+written again. Note embeddings are further cached per note text across tasks and runs.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from features.leakage import find_leaks, find_negative_offsets, find_split_overl
 from features.note_embeddings import NoteEncoder, embed_notes, imaging_before
 from features.schemas import COHORT, EVENT_TOKENS, IMAGING_INPUTS, LABELS, NOTE_EMBEDDINGS, SPLITS
 from features.splits import assign_splits
-from features.tabular import aggregate_before, select_tabular_codes
+from features.tabular import TabularCodes, aggregate_before, select_tabular_codes
 from features.tasks import TaskDefinition
 from features.tokenize import EventTokenizer
 
@@ -62,18 +64,24 @@ def _file_key(path: Path) -> str:
 
 
 def _run_step(out: Path, inputs: list[Path], settings: str,
-              compute: Callable[[], tuple[pa.Table | None, dict[str, Any]]]) -> StepResult:
-    """Run ``compute`` unless ``out`` is up to date with ``inputs`` and ``settings``."""
+              compute: Callable[[], tuple[pa.Table | None, dict[str, Any]]],
+              side_outputs: tuple[Path, ...] = ()) -> StepResult:
+    """Run ``compute`` unless ``out`` and ``side_outputs`` (other files ``compute`` writes) are up
+    to date with ``inputs`` and ``settings``, and unchanged since they were written."""
     key = hashlib.sha256("|".join([settings, *(_file_key(p) for p in inputs)]).encode()).hexdigest()
     stamp = out.with_suffix(".fingerprint.json")
     if out.exists() and stamp.exists():
         recorded = json.loads(stamp.read_text(encoding="utf-8"))
-        if recorded.get("key") == key and recorded.get("output") == _file_key(out):
+        # A side output is checked like the main one: later steps and training read it, so a
+        # deleted or edited one must be written again (an absent one's key reads "absent").
+        if (recorded.get("key") == key and recorded.get("output") == _file_key(out)
+                and recorded.get("side_outputs") == [_file_key(p) for p in side_outputs]):
             return StepResult(out, False, recorded.get("stats", {}))
     table, stats = compute()
     if table is not None:
         write_parquet_atomic(table, out)
-    write_bytes_atomic(json.dumps({"key": key, "output": _file_key(out), "stats": stats},
+    write_bytes_atomic(json.dumps({"key": key, "output": _file_key(out),
+                                   "side_outputs": [_file_key(p) for p in side_outputs], "stats": stats},
                                   indent=1).encode(), stamp)
     return StepResult(out, True, stats)
 
@@ -89,7 +97,7 @@ def _events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.scan_parquet(path)
 
 
-STEPS_VERSION = 4
+STEPS_VERSION = 5
 """Part of every step's fingerprint: raised whenever a step computes something else from the same
 inputs (a corrected label rule, say), so that an upgrade recomputes existing task folders instead of
 keeping outputs the new code would not give."""
@@ -157,13 +165,16 @@ def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
         return _arrow(tokens, EVENT_TOKENS), {
             "vocabulary_size": len(tokenizer.vocabulary_),
             "mean_length": float(lengths.cast(pl.Float64).mean() or 0.0),  # type: ignore[arg-type]
+            # At the limit: every patient cut to max_events tokens, including one with more static
+            # facts than that (cut to its first max_events static facts).
             "truncated_patients": int((lengths >= settings.max_events).sum()),
             "leaking_patients": find_leaks(tokens, cohort, "last_input_time").height
             + find_negative_offsets(tokens).height,
         }
 
     return _run_step(folder / "event_tokens.parquet", [Path(warehouse_dir) / "events.parquet",
-                     folder / "cohort.parquet", folder / "splits.parquet"], _task_settings(task), compute)
+                     folder / "cohort.parquet", folder / "splits.parquet"], _task_settings(task), compute,
+                     side_outputs=(folder / "vocabulary.json",))
 
 
 def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
@@ -171,12 +182,20 @@ def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepRes
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
-        codes = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes)
-        table = aggregate_before(events, cohort, codes)
-        return table.to_arrow(), {"columns": table.width, "codes": len(codes)}
+        selected = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes)
+        table = aggregate_before(events, cohort, selected)
+        return table.to_arrow(), {"columns": table.width, "codes": len(selected.codes),
+                                  "numeric_codes": len(selected.numeric)}
 
     return _run_step(folder / "tabular_features.parquet", [Path(warehouse_dir) / "events.parquet",
                      folder / "cohort.parquet", folder / "splits.parquet"], _task_settings(task), compute)
+
+
+def tabular_features_for(warehouse_dir: Path, task: TaskDefinition, selected: TabularCodes) -> pl.DataFrame:
+    """The task cohort's tabular aggregates for codes chosen elsewhere (a model's, when drift is
+    measured): today's data in the columns the model was trained with, whatever codes are the most
+    common today."""
+    return aggregate_before(_events(warehouse_dir), _cohort(warehouse_dir, task), selected)
 
 
 def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: NoteEncoder) -> StepResult:

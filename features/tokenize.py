@@ -9,10 +9,19 @@ learns the vocabulary (``vocabulary_``) and the quantile bins of each numeric co
 (``bin_edges_``); ``transform`` applies them to any split. Learning them on all patients would
 let the held-out patients shape the inputs the model is judged on.
 
-A token is the event's code, with its coded value appended for EHR and genomics events whose
-``text_value`` is a code or variant (``LOINC//72166-2//SNOMED//8517006``,
-``GENE//CYP2C19//rs4244285``); notes and imaging events keep their bare code (their ``text_value``
-is a note or study id, joined to the note and imaging embeddings instead).
+A token is the event's code, with its ``text_value`` appended when that is a value: a coded answer
+or a variant of an EHR or genomics event (``LOINC//72166-2//SNOMED//8517006``,
+``GENE//CYP2C19//rs4244285``). Events of the code families in :data:`ID_TEXT_VALUE_FAMILIES`
+(notes, imaging studies, images) keep their bare code (``IMAGING_STUDY//CT``): their
+``text_value`` is a note or study id (see :mod:`features.events`), joined to the note and imaging
+embeddings instead. An id in the token would make every event a token of its own, seen in one
+patient: it would never reach ``min_code_count``, or would put patients' study ids in the
+vocabulary.
+
+Sequence length: a patient's static facts (events without a time: sex, genomics) come first, then
+their most recent timed events, ``max_events`` tokens in all. A patient with more static facts than
+that (a large expression panel) keeps the first ``max_events`` of them in vocabulary order (the
+tokens seen in the most train patients first; ties by token, then by value) and no timed event.
 """
 
 from __future__ import annotations
@@ -35,6 +44,14 @@ MODALITIES = ("ehr", "notes", "genomics", "imaging")
 
 MICROSECONDS_PER_DAY = 86_400_000_000
 
+ID_TEXT_VALUE_FAMILIES = ("NOTE//", "IMAGING_STUDY//", "IMAGING//")
+"""Code prefixes whose events carry an identifier in ``text_value`` (a note id, a study id), not a
+value: see the table of :mod:`features.events`. Their tokens are the bare code."""
+
+MAX_VALUE_BINS = int(np.iinfo(np.int8).max)
+"""Most value bins per numeric token: bins are stored as int8 (``event_tokens.value_bins``), bin 0
+meaning "no value", so bins 1 to ``value_bins`` must fit in 127."""
+
 
 def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.LazyFrame:
     """Events of cohort patients known at their prediction time, with ``prediction_time`` joined.
@@ -51,7 +68,9 @@ def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> 
 
 def token_expr() -> pl.Expr:
     """The token string of each event (see the module docstring)."""
-    with_value = pl.col("modality").is_in(["ehr", "genomics"]) & pl.col("text_value").is_not_null()
+    is_id = pl.any_horizontal([pl.col("code").str.starts_with(prefix) for prefix in ID_TEXT_VALUE_FAMILIES])
+    with_value = (pl.col("modality").is_in(["ehr", "genomics"]) & pl.col("text_value").is_not_null()
+                  & ~is_id.fill_null(False))
     return (
         pl.when(with_value)
         .then(pl.concat_str([pl.col("code"), pl.lit("//"), pl.col("text_value")]))
@@ -66,10 +85,12 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
     Parameters
     ----------
     max_events
-        Longest sequence per patient. Static facts are always kept; then the most recent timed
-        events, after out-of-vocabulary events (which carry no information) are dropped.
+        Longest sequence per patient, after out-of-vocabulary events (which carry no information)
+        are dropped: static facts first (the first ``max_events`` of them in vocabulary order when
+        there are more), then the most recent timed events.
     value_bins
-        Quantile bins per numeric token (fewer when a token has fewer distinct values).
+        Quantile bins per numeric token (fewer when a token has fewer distinct values), 1 to
+        :data:`MAX_VALUE_BINS`.
     min_code_count
         A token must occur in at least this many train patients to enter the vocabulary: rare
         codes would be memorised, and could identify a patient.
@@ -84,10 +105,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
             train_ids: pl.Series | list[int]) -> EventTokenizer:
         """Learn ``vocabulary_`` and ``bin_edges_`` from the train patients' events before their
         prediction time. Returns ``self``."""
-        if self.max_events < 1:
-            raise ValueError(f"max_events ({self.max_events}) must be at least 1")
-        if self.value_bins < 1:
-            raise ValueError(f"value_bins ({self.value_bins}) must be at least 1")
+        self._check_params()
         train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
         if train.height == 0:
             raise ValueError("EventTokenizer.fit: no cohort patient is in the train split")
@@ -118,9 +136,19 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         self.bin_edges_ = edges
         return self
 
+    def _check_params(self) -> None:
+        if self.max_events < 1:
+            raise ValueError(f"EventTokenizer: max_events must be at least 1 (found {self.max_events})")
+        if not 1 <= self.value_bins <= MAX_VALUE_BINS:
+            # Beyond 127 the bins would wrap to negative numbers in the int8 column, silently.
+            raise ValueError(f"EventTokenizer: value_bins must be between 1 and {MAX_VALUE_BINS}, as value bins "
+                             f"are stored as int8 in event_tokens.value_bins (found {self.value_bins})")
+
     def transform(self, events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.DataFrame:
         """Return the ``event_tokens`` table (one row per cohort patient, sorted by subject id)."""
         check_is_fitted(self, ["vocabulary_", "bin_edges_"])
+        # Again here: a tokenizer loaded from a file, or whose settings were changed after fit.
+        self._check_params()
         vocabulary = pl.DataFrame(
             {"token": list(self.vocabulary_), "token_id": list(self.vocabulary_.values())},
             schema={"token": pl.String, "token_id": pl.Int32},
@@ -140,13 +168,19 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
             # (two weights charted in the same minute) must be cut and listed the same way on every
             # run. The ordinal rank then breaks ties in time by that order.
             .sort(["subject_id", "time", "token_id", "numeric_value"], nulls_last=False)
-            # Static facts first, then the most recent timed events up to the limit.
+            # Static facts first (the first max_events of them in the order above: by token id,
+            # i.e. vocabulary order, then value), then the most recent timed events up to the
+            # limit. Int64: the counts are UInt32, and max_events - n_static would wrap to ~4e9
+            # (keeping every timed event) for a patient with more static facts than max_events.
             .with_columns(
-                pl.col("time").is_null().sum().over("subject_id").alias("n_static"),
-                pl.col("time").rank("ordinal", descending=True).over("subject_id").alias("recency"),
+                pl.col("time").is_null().sum().over("subject_id").cast(pl.Int64).alias("n_static"),
+                pl.col("time").is_null().cum_sum().over("subject_id").cast(pl.Int64).alias("static_rank"),
+                pl.col("time").rank("ordinal", descending=True).over("subject_id").cast(pl.Int64)
+                .alias("recency"),
             )
-            .filter(pl.col("time").is_null()
-                    | (pl.col("recency") <= pl.lit(self.max_events) - pl.col("n_static")))
+            .filter(pl.when(pl.col("time").is_null())
+                    .then(pl.col("static_rank") <= self.max_events)
+                    .otherwise(pl.col("recency") <= pl.lit(self.max_events, dtype=pl.Int64) - pl.col("n_static")))
             .select("subject_id", "prediction_time", "time", "token", "token_id", "numeric_value",
                     "time_before_days", "modality_id")
             .collect()

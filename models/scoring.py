@@ -59,9 +59,15 @@ class RiskTiers:
 
 
 def vocabulary_fingerprint(path: Path) -> str:
-    """Hash of a vocabulary file's token-to-id map."""
-    vocabulary = json.loads(path.read_text())["vocabulary"]
-    return hashlib.sha256(json.dumps(vocabulary, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of the whole tokenizer state in a ``vocabulary.json`` (:meth:`EventTokenizer.save
+    <features.tokenize.EventTokenizer.save>`): the token-to-id map, the value-bin edges and the
+    settings (``value_bins``, ``max_events``, ``min_code_count``).
+
+    Not the token ids alone: with other bin edges the same measurement falls in another bin, and the
+    model reads the bin, so its inputs would change meaning under it all the same.
+    """
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def model_version(model_dir: Path) -> str:
@@ -89,9 +95,12 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     if info["task"] != task_name:
         raise ModelFolderError(f"model {model_dir} was trained for task {info['task']!r}, not {task_name!r} "
                                "(train a model for this task)")
-    if vocabulary_fingerprint(model_dir / "vocabulary.json") != vocabulary_fingerprint(task_dir / "vocabulary.json"):
-        raise ModelFolderError(f"model {model_dir} was trained with a different vocabulary than the inputs in "
-                               f"{task_dir} (the inputs were rebuilt since; train the model again)")
+    trained_with = vocabulary_fingerprint(model_dir / "vocabulary.json")
+    inputs_with = vocabulary_fingerprint(task_dir / "vocabulary.json")
+    if trained_with != inputs_with:
+        raise ModelFolderError(f"model {model_dir} was trained with a different vocabulary or value bins than the "
+                               f"inputs in {task_dir} (tokenizer {trained_with}, inputs' tokenizer {inputs_with}: "
+                               "the inputs were rebuilt since; train the model again)")
     tokens = pl.read_parquet(task_dir / "event_tokens.parquet").sort("subject_id")
     dataset = FusionDataset(
         tokens,

@@ -10,7 +10,7 @@ import pytest
 
 from features import note_embeddings
 from features.identifiers import subject_id_for
-from features.note_embeddings import NoteEncoder, embed_notes, imaging_before, text_sha256
+from features.note_embeddings import NoteEncoder, embed_notes, imaging_before, model_fingerprint, text_sha256
 from tests.features.task_fixtures import T0
 
 TEXTS = [
@@ -127,3 +127,32 @@ def test_encoder_uses_bfloat16_only_where_the_cpu_computes_it(monkeypatch: pytes
     monkeypatch.setattr(note_embeddings, "cpu_native_bf16", lambda: True)
     assert NoteEncoder(cache_dir=None).dtype == "bfloat16"
     assert NoteEncoder(cache_dir=None, dtype="float32").dtype == "float32"
+
+
+def fake_model(folder: Path, weights: bytes, vocab: str = "[PAD]\n[UNK]\n") -> Path:
+    """A model folder as far as the fingerprint sees it (the model itself is only loaded to embed)."""
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 4}', encoding="utf-8")
+    (folder / "vocab.txt").write_text(vocab, encoding="utf-8")
+    (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_another_checkpoint_of_the_same_size_gets_another_fingerprint_and_cache(tmp_path: Path) -> None:
+    base = fake_model(tmp_path / "v1", bytes(range(256)) * 64)
+    copy = fake_model(tmp_path / "copy_of_v1", bytes(range(256)) * 64)
+    # Fine-tuned: the same files and sizes, other weights (one byte differs).
+    tuned = fake_model(tmp_path / "v2_fine_tuned", b"\x01" + bytes(range(1, 256)) + bytes(range(256)) * 63)
+    retokenized = fake_model(tmp_path / "v1_other_vocab", bytes(range(256)) * 64, vocab="[PAD]\n[UNX]\n")
+    assert (tmp_path / "v1" / "model.safetensors").stat().st_size == (tmp_path / "v2_fine_tuned" /
+                                                                       "model.safetensors").stat().st_size
+    fingerprint = model_fingerprint(base, 256)
+    assert model_fingerprint(copy, 256) == fingerprint  # the folder's name and place do not count
+    others = {model_fingerprint(tuned, 256), model_fingerprint(retokenized, 256), model_fingerprint(base, 128),
+              model_fingerprint(base, 256, "bfloat16")}
+    assert len(others) == 4 and fingerprint not in others
+    # So the fine-tuned encoder reads and fills its own cache folder, not the first one's vectors.
+    cache = tmp_path / "cache"
+    folders = [encoder.cache.folder for encoder in (NoteEncoder(path, cache_dir=cache, dtype="float32")
+                                                     for path in (base, tuned)) if encoder.cache is not None]
+    assert folders == [cache / fingerprint, cache / model_fingerprint(tuned, 256)]

@@ -5,7 +5,7 @@ from polars.testing import assert_frame_equal
 
 from features.cohorts import select_cohort
 from features.leakage import find_leaks
-from features.tabular import aggregate_before, select_tabular_codes
+from features.tabular import TabularCodes, aggregate_before, select_tabular_codes
 from tests.features.task_fixtures import BP, MI, T0, day, events_frame, task, toy_events
 
 
@@ -13,7 +13,8 @@ def test_aggregates_cut_at_prediction_time() -> None:
     events = toy_events()
     cohort = select_cohort(events, task()).cohort
     codes = select_tabular_codes(events, cohort, [1, 2, 3], max_codes=10)
-    assert MI not in codes and BP in codes  # the outcome is never seen before day 0
+    assert MI not in codes.codes and BP in codes.codes  # the outcome is never seen before day 0
+    assert codes.numeric == [BP]
     table = aggregate_before(events, cohort, codes)
     first = table.row(0, named=True)
     assert first[f"count__{BP}"] == 1.0  # the day-50 value is after prediction time
@@ -31,9 +32,43 @@ def test_values_charted_at_the_same_time_give_the_same_last_value_in_any_row_ord
     tied = events_frame([(1, day(-10), BP, 150.0, None, "ehr"), (1, day(-10), BP, 125.0, None, "ehr")])
     events = pl.concat([toy_events(), tied])
     cohort = select_cohort(events, task()).cohort
-    tables = [aggregate_before(frame, cohort, [BP]) for frame in (events, events.reverse(), events.sample(
-        fraction=1.0, shuffle=True, seed=3))]
+    tables = [aggregate_before(frame, cohort, TabularCodes([BP], [BP])) for frame in (
+        events, events.reverse(), events.sample(fraction=1.0, shuffle=True, seed=3))]
     assert tables[0].row(0, named=True)[f"last__{BP}"] == 150.0  # of the tied values, the larger
     assert tables[0].row(0, named=True)[f"count__{BP}"] == 3.0
     for other in tables[1:]:
         assert_frame_equal(other, tables[0])
+
+
+LAB = "LOINC//2160-0"
+KEY = ["subject_id", "prediction_time", "last_input_time", "age_years", "sex_female", "n_ehr_events",
+       "n_notes_events", "n_genomics_events", "n_imaging_events"]
+
+
+def three_patients() -> pl.DataFrame:
+    return pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [day(0)] * 3, "age_years": [60.0] * 3,
+                         "sex": ["female"] * 3},
+                        schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"),
+                                "age_years": pl.Float64, "sex": pl.String})
+
+
+def test_which_codes_get_a_last_value_column_is_decided_on_the_train_split_only() -> None:
+    cohort = three_patients()
+    # Train patients 1 and 2 have the lab without a value ("pending"); held-out patient 3 has one.
+    events = events_frame([(1, day(-3), LAB, None, "pending", "ehr"), (2, day(-3), LAB, None, "pending", "ehr"),
+                           (3, day(-3), LAB, 1.4, None, "ehr")])
+    selected = select_tabular_codes(events, cohort, [1, 2], 10)
+    assert selected == TabularCodes(codes=[LAB], numeric=[])
+    columns = [*KEY, f"count__{LAB}", f"days_since__{LAB}"]
+    assert aggregate_before(events, cohort, selected).columns == columns
+    assert aggregate_before(events, cohort.filter(pl.col("subject_id") != 3), selected).columns == columns
+
+    # The other way round: a train value, none in the held-out patient: the column is there, null.
+    events = events_frame([(1, day(-3), LAB, 1.5, None, "ehr"), (2, day(-3), LAB, None, "pending", "ehr"),
+                           (3, day(-3), LAB, None, "pending", "ehr")])
+    selected = select_tabular_codes(events, cohort, [1, 2], 10)
+    assert selected == TabularCodes(codes=[LAB], numeric=[LAB])
+    held_out = aggregate_before(events, cohort.filter(pl.col("subject_id") == 3), selected)
+    assert held_out.columns == [*columns, f"last__{LAB}"]
+    assert held_out[f"last__{LAB}"].to_list() == [None]
+    assert aggregate_before(events, cohort, selected)[f"last__{LAB}"].to_list() == [1.5, None, None]

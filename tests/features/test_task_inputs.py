@@ -1,7 +1,9 @@
-"""``build_all`` end to end on the real Synthea exports (``../shared/data/fhir``), ingested for real."""
+"""``build_all`` end to end on the real Synthea exports (``../shared/data/fhir``), ingested for real;
+the event-tokens step on the toy events."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from features import task_inputs
 from features.identifiers import subject_id_for
 from features.note_embeddings import NoteEncoder
 from features.tasks import load_task
+from tests.features.task_fixtures import events_frame, task, toy_events
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,3 +65,46 @@ def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: P
     monkeypatch.setattr(task_inputs, "STEPS_VERSION", task_inputs.STEPS_VERSION + 1)
     upgraded = task_inputs.build_all(warehouse, definition, encoder)
     assert all(result.recomputed for result in upgraded.values())
+
+
+def toy_warehouse(root: Path, events: pl.DataFrame) -> Path:
+    warehouse = root / "warehouse"
+    warehouse.mkdir()
+    events.write_parquet(warehouse / "events.parquet")
+    return warehouse
+
+
+def test_event_tokens_step_writes_a_deleted_or_changed_vocabulary_again(tmp_path: Path) -> None:
+    warehouse, definition = toy_warehouse(tmp_path, toy_events()), task(inputs={"min_code_count": 1})
+    task_inputs.build_cohort(warehouse, definition)
+    task_inputs.build_splits(warehouse, definition)
+    assert task_inputs.build_event_tokens(warehouse, definition).recomputed
+    vocabulary = task_inputs.task_dir(warehouse, definition) / "vocabulary.json"
+    written = vocabulary.read_text(encoding="utf-8")
+    assert not task_inputs.build_event_tokens(warehouse, definition).recomputed
+
+    vocabulary.unlink()
+    assert task_inputs.build_event_tokens(warehouse, definition).recomputed
+    assert vocabulary.read_text(encoding="utf-8") == written
+    vocabulary.write_text(json.dumps({"vocabulary": {"[PAD]": 0}}), encoding="utf-8")  # edited by hand
+    assert task_inputs.build_event_tokens(warehouse, definition).recomputed
+    assert vocabulary.read_text(encoding="utf-8") == written
+    assert not task_inputs.build_event_tokens(warehouse, definition).recomputed
+
+
+def test_event_tokens_step_cuts_and_counts_a_patient_with_more_static_facts_than_max_events(
+        tmp_path: Path) -> None:
+    # Patient 2 has 8 expression values besides its sex: 9 static facts, 4 timed events before day 0.
+    panel = events_frame([(2, None, f"EXPRESSION//G{g}", 1.0, None, "genomics") for g in range(8)])
+    warehouse = toy_warehouse(tmp_path, pl.concat([toy_events(), panel]))
+    definition = task(inputs={"min_code_count": 1, "max_events": 6},
+                      splits={"train": 1.0, "tuning": 0.0, "held_out": 0.0})
+    task_inputs.build_cohort(warehouse, definition)
+    task_inputs.build_splits(warehouse, definition)
+    result = task_inputs.build_event_tokens(warehouse, definition)
+    tokens = pl.read_parquet(result.path)
+    # Patients 1, 3 and 4: sex, birth, blood pressure, a condition and the visit (5 < 6).
+    assert tokens["token_ids"].list.len().to_list() == [5, 6, 5, 5]
+    assert tokens.filter(pl.col("subject_id") == 2)["time_before_days"].to_list() == [[None] * 6]
+    assert result.stats["truncated_patients"] == 1
+    assert result.stats["leaking_patients"] == 0

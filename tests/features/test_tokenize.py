@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -83,3 +84,64 @@ def test_events_at_the_same_time_are_listed_and_cut_the_same_way_in_any_row_orde
     assert first["value_bins"] == [0, 1, 2, 0]  # 105 < 120 <= 125
     for other in results[1:]:
         assert_frame_equal(other, results[0])
+
+
+def test_more_static_facts_than_max_events_keep_max_events_tokens_in_vocabulary_order() -> None:
+    cohort = pl.DataFrame({"subject_id": [1, 2], "prediction_time": [day(0)] * 2},
+                          schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    rows: list[tuple[int, datetime | None, str, float | None, str | None, str]] = []
+    # Patient 1: 3 static facts; patient 2: 6 (an expression panel), more than max_events (4).
+    for sid, n_static in ((1, 3), (2, 6)):
+        rows += [(sid, None, f"EXPRESSION//G{g}", 1.0, None, "genomics") for g in range(n_static)]
+        rows += [(sid, day(-d), "SNOMED//59621000", None, None, "ehr") for d in range(1, 101)]
+    events = events_frame(rows)
+    tokenizer = EventTokenizer(max_events=4, value_bins=2, min_code_count=1).fit(events, cohort, [1, 2])
+    tokens = tokenizer.transform(events, cohort)
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    sequences = [[names[t] for t in ids] for ids in tokens["token_ids"].to_list()]
+    # Patient 1: its 3 static facts, then its most recent timed event.
+    assert sequences[0] == ["EXPRESSION//G0", "EXPRESSION//G1", "EXPRESSION//G2", "SNOMED//59621000"]
+    assert tokens["time_before_days"].to_list()[0] == [None, None, None, 1.0]
+    # Patient 2: 4 tokens, not 106: the static facts in vocabulary order (G0-G2 are seen in two train
+    # patients, G3-G5 in one: G0, G1, G2, then G3 by token), and no timed event.
+    assert sequences[1] == ["EXPRESSION//G0", "EXPRESSION//G1", "EXPRESSION//G2", "EXPRESSION//G3"]
+    assert tokens["time_before_days"].to_list()[1] == [None, None, None, None]
+    assert tokens["last_input_time"].to_list() == [day(-1), None]
+
+
+def test_note_and_imaging_ids_are_not_part_of_the_token_but_coded_answers_are() -> None:
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [day(0)] * 3},
+                          schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    rows: list[tuple[int, datetime | None, str, float | None, str | None, str]] = []
+    for sid in (1, 2, 3):
+        # As features.events writes them: the text_value of these is a study or note id.
+        rows += [
+            (sid, day(-10), "IMAGING_STUDY//CT", None, f"study-{sid}", "ehr"),
+            (sid, day(-10), "IMAGING//CT", None, f"study-{sid}", "imaging"),
+            (sid, day(-9), "NOTE//progress", None, f"note-{sid}", "notes"),
+            (sid, day(-8), "LOINC//72166-2", None, "SNOMED//8517006", "ehr"),  # a coded answer
+            (sid, None, "GENE//CYP2C19", 1.0, "rs4244285", "genomics"),  # a variant
+        ]
+    events = events_frame(rows)
+    for min_code_count in (1, 3):
+        tokenizer = EventTokenizer(max_events=10, value_bins=2, min_code_count=min_code_count)
+        tokenizer.fit(events, cohort, [1, 2, 3])
+        assert tokenizer.vocabulary_ == {
+            PAD: 0, UNK: 1, "GENE//CYP2C19//rs4244285": 2, "IMAGING//CT": 3, "IMAGING_STUDY//CT": 4,
+            "LOINC//72166-2//SNOMED//8517006": 5, "NOTE//progress": 6}
+        assert tokenizer.transform(events, cohort)["token_ids"].to_list() == [[2, 3, 4, 6, 5]] * 3
+
+
+def test_value_bins_must_fit_in_int8() -> None:
+    cohort = pl.DataFrame({"subject_id": list(range(300)), "prediction_time": [day(0)] * 300},
+                          schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    events = events_frame([(s, day(-1), BP, float(s), None, "ehr") for s in range(300)])
+    tokenizer = EventTokenizer(value_bins=127, min_code_count=1).fit(events, cohort, list(range(300)))
+    bins = tokenizer.transform(events, cohort)["value_bins"].explode()
+    assert (bins.min(), bins.max()) == (1, 127)
+    with pytest.raises(ValueError, match=r"EventTokenizer: value_bins must be between 1 and 127, as value bins "
+                                         r"are stored as int8 in event_tokens.value_bins \(found 128\)"):
+        EventTokenizer(value_bins=128, min_code_count=1).fit(events, cohort, list(range(300)))
+    tokenizer.value_bins = 200  # a tokenizer changed after fit (or loaded from an edited file)
+    with pytest.raises(ValueError, match=r"value_bins must be between 1 and 127.*\(found 200\)"):
+        tokenizer.transform(events, cohort)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from features.schemas import SCORES
-from models.scoring import RiskTiers, score_task
+from models.scoring import RiskTiers, score_task, vocabulary_fingerprint
 from models.task_model import ModelFolderError
 from tests.models.conftest import TrainedTask
 
@@ -57,16 +58,33 @@ def test_previous_risk_is_carried_from_the_last_publication(trained_task: Traine
     assert carried.select("subject_id", "previous_risk").rows() == [(1, 0.5), (2, 0.25)]
 
 
-def test_a_model_for_another_task_or_vocabulary_is_refused(trained_task: TrainedTask, tmp_path: Path) -> None:
+def test_a_model_for_another_task_vocabulary_or_value_bins_is_refused(trained_task: TrainedTask,
+                                                                     tmp_path: Path) -> None:
     with pytest.raises(ModelFolderError, match="was trained for task 'synthetic_1y', not 'mace_1y'"):
         score_task(trained_task.model_dir, trained_task.task_dir, "mace_1y", RiskTiers())
     other_inputs = tmp_path / "inputs"
     shutil.copytree(trained_task.task_dir, other_inputs)
-    vocabulary = json.loads((other_inputs / "vocabulary.json").read_text())
-    vocabulary["vocabulary"]["CODE//99"] = 12
-    (other_inputs / "vocabulary.json").write_text(json.dumps(vocabulary))
-    with pytest.raises(ModelFolderError, match="was trained with a different vocabulary"):
-        score_task(trained_task.model_dir, other_inputs, "synthetic_1y", RiskTiers())
+    trained_state = json.loads((trained_task.task_dir / "vocabulary.json").read_text())
+    # Another token, other bin edges (the same value falls in another bin) or other settings: each
+    # changes what the inputs mean to the model.
+    changes = [("vocabulary", trained_state["vocabulary"] | {"CODE//99": 12}),
+               ("bin_edges", trained_state["bin_edges"] | {"CODE//1": [120.0]}),
+               ("value_bins", trained_state["value_bins"] + 1),
+               ("max_events", trained_state["max_events"] - 1)]
+    trained_with = vocabulary_fingerprint(trained_task.model_dir / "vocabulary.json")
+    for key, value in changes:
+        (other_inputs / "vocabulary.json").write_text(json.dumps(trained_state | {key: value}))
+        inputs_with = vocabulary_fingerprint(other_inputs / "vocabulary.json")
+        assert inputs_with != trained_with
+        refused = (f"model {trained_task.model_dir} was trained with a different vocabulary or value bins than the "
+                   f"inputs in {other_inputs} (tokenizer {trained_with}, inputs' tokenizer {inputs_with}: the "
+                   "inputs were rebuilt since; train the model again)")
+        with pytest.raises(ModelFolderError, match=re.escape(refused)):
+            score_task(trained_task.model_dir, other_inputs, "synthetic_1y", RiskTiers())
+    # The same state written in another key order and indentation is the same tokenizer.
+    (other_inputs / "vocabulary.json").write_text(json.dumps(dict(reversed(trained_state.items()))))
+    scores = score_task(trained_task.model_dir, other_inputs, "synthetic_1y", RiskTiers(), with_explanations=False)
+    assert scores.num_rows == 800
 
 
 def test_tiers_must_be_shares() -> None:
