@@ -17,6 +17,10 @@ days since and latest value) are saved as decile bins (``input_reference.parquet
 :func:`input_reference`), with a bin for missing values. A feed that broke upstream shows there
 before it shows in the risks: notes that stopped arriving move the notes count, a lab whose code
 was renamed goes missing, a unit change moves the latest values.
+
+A model trained again keeps the references of the model it replaces (``previous_*``): a run that
+retrains and then scores compares today's data with the cohort the model before trained on (the
+day before, in a nightly run), not with itself.
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from features.tabular import TabularCodes
+
 PSI_WARN = 0.1
 PSI_ALARM = 0.25
 REFERENCE_FILE = "drift_reference.parquet"
 INPUT_REFERENCE_FILE = "input_reference.parquet"
+PREVIOUS_PREFIX = "previous_"
+"""The references of the model a retrained one replaced, kept in the new model's folder under this prefix."""
 INPUT_KEY_COLUMNS = ("subject_id", "prediction_time", "last_input_time")
 """Columns of the tabular aggregates that identify a row rather than describe the patient."""
 
@@ -86,12 +94,21 @@ def input_reference(inputs: pl.DataFrame, n_bins: int = 10) -> pl.DataFrame:
                                       "shares": pl.List(pl.Float64)}, orient="row")
 
 
+def reference_codes(reference: pl.DataFrame) -> TabularCodes:
+    """The codes whose aggregates :func:`input_reference` saved (``count__<code>`` and the rest), so
+    that today's aggregates can be computed for exactly those codes."""
+    features = reference["feature"].to_list()
+    codes = sorted({f.split("__", 1)[1] for f in features if f.startswith("count__")})
+    numeric = sorted({f.split("__", 1)[1] for f in features if f.startswith("last__")})
+    return TabularCodes(codes, numeric)
+
+
 def input_drift(reference: pl.DataFrame, inputs: pl.DataFrame) -> pl.DataFrame:
     """PSI of each input of ``reference`` (:func:`input_reference`) in today's ``inputs``, largest
     first: ``feature``, ``psi``, ``missing_reference`` and ``missing_today`` (shares of patients).
 
-    An input the model was trained with that today's aggregates lack (its code no longer among
-    the most common, say) counts as missing for every patient: the model reads it as such.
+    Compute ``inputs`` for the reference's codes (:func:`reference_codes`); a column they lack
+    counts as missing for every patient.
     """
     if inputs.height == 0:
         raise ValueError("input drift: today's inputs have no rows (expected one per cohort patient)")
@@ -102,7 +119,8 @@ def input_drift(reference: pl.DataFrame, inputs: pl.DataFrame) -> pl.DataFrame:
         today = _bin_shares(values, np.asarray(edges, dtype=np.float64))
         rows.append((name, _psi(np.asarray(shares), today), shares[-1], float(today[-1])))
     return pl.DataFrame(rows, schema={"feature": pl.String, "psi": pl.Float64, "missing_reference": pl.Float64,
-                                      "missing_today": pl.Float64}, orient="row").sort("psi", descending=True)
+                                      "missing_today": pl.Float64}, orient="row").sort(
+        ["psi", "feature"], descending=[True, False])
 
 
 def save_reference(path: Path, risk_by_split: dict[str, npt.NDArray[np.float64]]) -> Path:
@@ -115,17 +133,19 @@ def save_reference(path: Path, risk_by_split: dict[str, npt.NDArray[np.float64]]
     return path
 
 
-def load_reference(model_dir: Path) -> npt.NDArray[np.float64] | None:
-    """The training cohort's risks saved with a model, or None for a model folder written before
-    cohortcast saved them (train the model again to get them)."""
-    path = model_dir / REFERENCE_FILE
+def load_reference(model_dir: Path, previous: bool = False) -> npt.NDArray[np.float64] | None:
+    """The training cohort's risks saved with a model (``previous``: of the model it replaced), or
+    None for a model folder written before cohortcast saved them (train the model again to get
+    them), or without a previous model."""
+    path = model_dir / f"{PREVIOUS_PREFIX if previous else ''}{REFERENCE_FILE}"
     if not path.is_file():
         return None
     return pl.read_parquet(path, columns=["risk"])["risk"].to_numpy()
 
 
-def load_input_reference(model_dir: Path) -> pl.DataFrame | None:
-    """The training cohort's input distributions saved with a model, or None for a model folder
-    written before cohortcast saved them (train the model again to get them)."""
-    path = model_dir / INPUT_REFERENCE_FILE
+def load_input_reference(model_dir: Path, previous: bool = False) -> pl.DataFrame | None:
+    """The training cohort's input distributions saved with a model (``previous``: of the model it
+    replaced), or None for a model folder written before cohortcast saved them (train the model
+    again to get them), or without a previous model."""
+    path = model_dir / f"{PREVIOUS_PREFIX if previous else ''}{INPUT_REFERENCE_FILE}"
     return pl.read_parquet(path) if path.is_file() else None

@@ -51,7 +51,7 @@ from models.baselines import (
 )
 from models.calibration import PlattCalibrator
 from models.data import IMAGING_MODALITIES, FusionDataset
-from models.drift import INPUT_REFERENCE_FILE, REFERENCE_FILE, input_reference, save_reference
+from models.drift import INPUT_REFERENCE_FILE, PREVIOUS_PREFIX, REFERENCE_FILE, input_reference, save_reference
 from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, survival_curve
 from models.metrics import (
     auprc,
@@ -501,6 +501,11 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     save_reference(staging / REFERENCE_FILE, reference_risk)
     if reference_inputs is not None:
         input_reference(reference_inputs).write_parquet(staging / INPUT_REFERENCE_FILE)
+    # The replaced model's references, so that drift after a retraining is measured against the
+    # data the model before was trained on (models.drift).
+    for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, staging / f"{PREVIOUS_PREFIX}{name}")
     (staging / "cohortcast_model.json").write_text(json.dumps({
         "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],

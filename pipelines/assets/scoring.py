@@ -19,13 +19,18 @@ cannot change.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
+import json
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 
 from features.io import write_parquet_atomic
+from features.task_inputs import tabular_features_for
 from features.tasks import load_task
 from models.drift import (
     INPUT_REFERENCE_FILE,
@@ -36,12 +41,15 @@ from models.drift import (
     load_input_reference,
     load_reference,
     population_stability_index,
+    reference_codes,
 )
 from models.publishing import check_publishable, current_scores, living_patients, publish
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
 from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
 from pipelines.resources import Workspace
+
+T = TypeVar("T")
 
 
 class ScoringRunConfig(dg.Config):  # type: ignore[misc]
@@ -83,13 +91,35 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     })
 
 
+def _trained_in_this_run(context: dg.AssetCheckExecutionContext, folder: Path) -> bool:
+    """Whether the model in ``folder`` was written after this run started (the run trained it)."""
+    info = json.loads((folder / "cohortcast_model.json").read_text())
+    record = context.instance.get_run_record_by_id(context.run.run_id)
+    if "created" not in info or record is None or record.start_time is None:
+        return False
+    return datetime.fromisoformat(info["created"]).timestamp() >= int(record.start_time)
+
+
+def _reference_of(context: dg.AssetCheckExecutionContext, folder: Path,
+                  load: Callable[..., T | None]) -> tuple[T | None, str]:
+    """The drift reference to compare today's data with, and what it is. A run that trained the
+    model again compares with the cohort the model before it trained on: this model's own training
+    cohort is today's data (a PSI of 0 whatever the drift)."""
+    if _trained_in_this_run(context, folder):
+        previous = load(folder, previous=True)
+        if previous is not None:
+            return previous, "previous model's training cohort (this run trained the model again)"
+        return load(folder), "training cohort (this run trained the first model)"
+    return load(folder), "training cohort"
+
+
 @dg.asset_check(asset=risk_scores, description="Score distribution against the model's training cohort (PSI).")
 def risk_scores_drift(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
     task = context.run.tags.get("dagster/partition", "")
     today = pq.read_table(scores_path(workspace, task), columns=["risk"]).column("risk").to_numpy()
     # Not the live publication: published_cohort runs beside this check and, run first, made the
     # live version today's scores themselves (a PSI of 0 whatever the drift).
-    reference = load_reference(model_dir(workspace, task))
+    reference, what = _reference_of(context, model_dir(workspace, task), load_reference)
     if reference is None:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={
             "reference": f"none: {model_dir(workspace, task)} has no {REFERENCE_FILE} (train the model again)"})
@@ -98,7 +128,7 @@ def risk_scores_drift(context: dg.AssetCheckExecutionContext, workspace: Workspa
         passed=psi < PSI_WARN,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={"risk_psi": psi, "warn_above": PSI_WARN, "retrain_above": PSI_ALARM,
-                  "reference": "training cohort", "reference_patients": reference.size, "patients": today.size},
+                  "reference": what, "reference_patients": reference.size, "patients": today.size},
     )
 
 
@@ -116,11 +146,14 @@ def _input_label(feature: str, descriptions: dict[str, str]) -> str:
 @dg.asset_check(asset=risk_scores, description="Each model input against the model's training cohort (PSI per input).")
 def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
     task = context.run.tags.get("dagster/partition", "")
-    reference = load_input_reference(model_dir(workspace, task))
+    reference, what = _reference_of(context, model_dir(workspace, task), load_input_reference)
     if reference is None:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={
             "reference": f"none: {model_dir(workspace, task)} has no {INPUT_REFERENCE_FILE} (train the model again)"})
-    inputs = pl.read_parquet(workspace.warehouse_dir / "tasks" / task / "tabular_features.parquet")
+    # Today's aggregates for the codes the reference has: the task's own table re-selects the most
+    # common codes, and a code that slipped out of them would read as missing for everyone.
+    inputs = tabular_features_for(workspace.warehouse_dir, load_task(TASKS_DIR / f"{task}.yaml"),
+                                  reference_codes(reference))
     drift = input_drift(reference, inputs)
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
     descriptions = dict(codes.iter_rows())
@@ -137,7 +170,7 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
                   "inputs": drift.height,
                   "inputs_above_warn": int((drift["psi"] >= PSI_WARN).sum()),
                   "inputs_above_retrain": int((drift["psi"] >= PSI_ALARM).sum()),
-                  "most_drifted": dg.MetadataValue.md(table), "reference": "training cohort"},
+                  "most_drifted": dg.MetadataValue.md(table), "reference": what},
     )
 
 

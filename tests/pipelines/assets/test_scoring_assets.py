@@ -21,7 +21,15 @@ import pytest
 
 from features.ingest import SUMMARY_FILE, FileAccount, IngestSummary
 from features.schemas import SCORES
-from models.drift import INPUT_REFERENCE_FILE, REFERENCE_FILE, input_reference, save_reference
+from features.tabular import TabularCodes, aggregate_before
+from models.drift import (
+    INPUT_REFERENCE_FILE,
+    PREVIOUS_PREFIX,
+    PSI_ALARM,
+    REFERENCE_FILE,
+    input_reference,
+    save_reference,
+)
 from models.publishing import current_version, publish
 from models.scoring import RiskTiers, model_version
 from pipelines.assets.scoring import published_cohort, risk_scores, risk_scores_drift, risk_scores_input_drift
@@ -69,12 +77,18 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     patients.write_parquet(warehouse / "patients.parquet")
     pl.DataFrame({"code": ["LOINC//8480-6"], "description": ["Systolic blood pressure"]}).write_parquet(
         warehouse / "codes.parquet")
-    # The model's inputs: the training cohort's, and today's the same.
-    inputs = pl.DataFrame({"subject_id": ids, "age_years": np.linspace(30, 90, len(ids)),
-                           "last__LOINC//8480-6": np.linspace(100, 180, len(ids))})
-    input_reference(inputs).write_parquet(model / INPUT_REFERENCE_FILE)
+    # The model's inputs: each patient's systolic blood pressure a month before the prediction time;
+    # the reference is the training cohort's aggregates, today's data the same.
+    cohort = pl.DataFrame({"subject_id": ids, "prediction_time": [datetime(2025, 6, 1)] * len(ids),
+                           "age_years": np.linspace(30, 90, len(ids)), "sex": ["female", "male"] * (len(ids) // 2)})
+    events = pl.DataFrame({"subject_id": ids, "time": [datetime(2025, 5, 1)] * len(ids),
+                           "code": ["LOINC//8480-6"] * len(ids), "numeric_value": np.linspace(100, 180, len(ids)),
+                           "modality": ["ehr"] * len(ids)})
     (warehouse / "tasks" / TASK).mkdir(parents=True)
-    inputs.write_parquet(warehouse / "tasks" / TASK / "tabular_features.parquet")
+    cohort.write_parquet(warehouse / "tasks" / TASK / "cohort.parquet")
+    events.write_parquet(warehouse / "events.parquet")
+    codes = TabularCodes(["LOINC//8480-6"], ["LOINC//8480-6"])
+    input_reference(aggregate_before(events, cohort, codes)).write_parquet(model / INPUT_REFERENCE_FILE)
     (warehouse / "scores").mkdir()
     scores = scores_table(today, model_version(model))
     pq.write_table(scores, warehouse / "scores" / f"{TASK}.parquet")
@@ -118,6 +132,23 @@ def test_scores_like_the_training_cohorts_pass_the_drift_check(tmp_path: Path) -
     assert check.passed and check.metadata["risk_psi"].value == 0.0
 
 
+def test_a_run_that_trained_the_model_again_measures_drift_against_the_model_before(tmp_path: Path) -> None:
+    make_workspace(tmp_path, REFERENCE)
+    model = tmp_path / "warehouse" / "models" / TASK
+    # Trained in this run (after it started): its own reference is today's data; the model it
+    # replaced trained on yesterday's, whose risks were all in the reference's top decile.
+    (model / "cohortcast_model.json").write_text(json.dumps({"task": TASK, "created": "2999-01-01T00:00:00+00:00"}))
+    save_reference(model / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(1000, 0.95)})
+    [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
+    metadata = {key: value.value for key, value in check.metadata.items()}
+    assert metadata["reference"] == "previous model's training cohort (this run trained the model again)"
+    assert not check.passed and metadata["risk_psi"] > PSI_ALARM
+    (model / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").unlink()
+    [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
+    assert check.metadata["reference"].value == "training cohort (this run trained the first model)"
+    assert check.passed
+
+
 def test_a_model_folder_without_a_reference_fails_the_drift_check_with_the_reason(tmp_path: Path) -> None:
     make_workspace(tmp_path, DRIFTED)
     model = tmp_path / "warehouse" / "models" / TASK
@@ -142,24 +173,32 @@ def test_inputs_like_the_training_cohorts_pass_the_input_drift_check(tmp_path: P
     check = input_drift_check(make_workspace(tmp_path, REFERENCE))
     assert check.passed
     metadata = {key: value.value for key, value in check.metadata.items()}
-    assert (metadata["max_input_psi"], metadata["inputs"], metadata["inputs_above_retrain"]) == (0.0, 2, 0)
+    # age, sex, four modality counts, and the code's count, days since and last value.
+    assert (metadata["max_input_psi"], metadata["inputs"], metadata["inputs_above_retrain"]) == (0.0, 9, 0)
 
 
 def test_a_blood_pressure_feed_that_stopped_warns_and_is_named(tmp_path: Path) -> None:
     make_workspace(tmp_path, REFERENCE)
-    path = tmp_path / "warehouse" / "tasks" / TASK / "tabular_features.parquet"
     # Upstream stopped sending blood pressures for the older half of the cohort.
-    inputs = pl.read_parquet(path)
-    inputs.with_columns(pl.when(pl.col("age_years") < 60).then(pl.col("last__LOINC//8480-6"))).write_parquet(path)
+    events = pl.read_parquet(tmp_path / "warehouse" / "events.parquet")
+    events.filter(pl.col("subject_id") <= 500).write_parquet(tmp_path / "warehouse" / "events.parquet")
     check = input_drift_check(tmp_path)
     assert (check.passed, check.severity) == (False, dg.AssetCheckSeverity.WARN)
     metadata = {key: value.value for key, value in check.metadata.items()}
-    # Half the cohort moved from the five upper decile bins (a tenth each) into "missing" (none).
-    expected = (0.5 - 1e-4) * math.log(0.5 / 1e-4) + 5 * (1e-4 - 0.1) * math.log(1e-4 / 0.1)
-    assert metadata["max_input_psi"] == pytest.approx(expected)
-    assert (metadata["inputs_above_warn"], metadata["inputs_above_retrain"]) == (1, 1)
-    assert metadata["most_drifted"].splitlines()[2] == (
-        f"| last__LOINC//8480-6 (Systolic blood pressure) | {expected:.3f} | 0.0% | 50.0% |")
+    # The latest value: half the cohort, the upper five of the reference's ten decile bins, is now
+    # missing (a bin that held none of it: the index's 1e-4 floor).
+    latest = 5 * (1e-4 - 0.1) * math.log(1e-4 / 0.1) + (0.5 - 1e-4) * math.log(0.5 / 1e-4)
+    # The count and the number of EHR events (1 for everyone, now 0 for half) and the days since
+    # (now missing for half): half the cohort leaves the one bin that held all of it.
+    half = (0.5 - 1e-4) * math.log(0.5 / 1e-4) + (0.5 - 1) * math.log(0.5 / 1)
+    assert metadata["max_input_psi"] == pytest.approx(latest)
+    assert (metadata["inputs_above_warn"], metadata["inputs_above_retrain"]) == (4, 4)
+    assert metadata["most_drifted"].splitlines()[2:6] == [
+        f"| last__LOINC//8480-6 (Systolic blood pressure) | {latest:.3f} | 0.0% | 50.0% |",
+        f"| count__LOINC//8480-6 (Systolic blood pressure) | {half:.3f} | 0.0% | 0.0% |",
+        f"| days_since__LOINC//8480-6 (Systolic blood pressure) | {half:.3f} | 0.0% | 50.0% |",
+        f"| n_ehr_events | {half:.3f} | 0.0% | 0.0% |",
+    ]
 
 
 def test_a_model_folder_without_an_input_reference_warns_with_the_reason(tmp_path: Path) -> None:
