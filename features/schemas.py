@@ -448,8 +448,8 @@ LABELS = pa.schema(
         pa.field("duration_days", pa.float64(), nullable=False),
         # Null when the task defines no treatment, or the patient has no arm (features.labels).
         pa.field("treated", pa.bool_(), nullable=True),
-        # On the treatment already (a code in the washout before the prediction time): the effect of
-        # starting it does not apply. Null when the task defines no treatment.
+        # On the treatment already (a code in the washout before the prediction time, or at it): the
+        # effect of starting it does not apply. Null when the task defines no treatment.
         pa.field("prevalent_user", pa.bool_(), nullable=True),
     ]
 )

@@ -179,7 +179,7 @@ def fit_t_learner(x: Matrix, y: npt.ArrayLike, treated: npt.ArrayLike, x_tuning:
                   tuning_weight: npt.ArrayLike | None = None) -> TLearner:
     """Fit the T-learner; each arm's model early-stops on the same arm of the tuning split (weights:
     the risk labels' censoring weights, or none). A patient whose arm is NaN (a prevalent user, or
-    follow-up that ended in the grace period: ``features.labels``) is in neither arm."""
+    one not observed past the grace period: ``features.labels``) is in neither arm."""
     # As floats, not bool: NaN would become True and put patients without an arm in the treated arm.
     a = np.asarray(treated, dtype=np.float64)
     a_tuning = np.asarray(treated_tuning, dtype=np.float64)

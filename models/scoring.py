@@ -5,8 +5,9 @@ model inputs were built in, the tier thresholds, and optionally the previously p
 Out: the ``scores`` table (:data:`features.schemas.SCORES`), one row per cohort patient, whatever
 their split: care teams need a score for every patient, not only held-out ones.
 
-The model must have been trained for this task and this vocabulary: token ids mean nothing under
-another vocabulary, so a mismatch is refused rather than scored.
+The model must have been trained for this task and this tokenizer (vocabulary and value bins):
+token ids mean nothing under another vocabulary, nor value bins under other bin edges, so a
+mismatch is refused rather than scored.
 """
 
 from __future__ import annotations

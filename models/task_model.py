@@ -401,7 +401,7 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
         by_subject = dict(zip(truth["subject_id"].to_list(), truth["true_treatment_effect"].to_list(), strict=True))
         true_effect = np.array([by_subject[s] for s in held_out.subject_ids.tolist()])
     # Propensity from the treatment actually given, for the policy value (observed data only), on the
-    # patients with an arm: prevalent users and those whose follow-up ended in the grace period have
+    # patients with an arm: prevalent users and those not observed past the grace period have
     # none (NaN), and are neither fitted nor evaluated.
     treated_train = data.datasets["train"].label_arrays()["treated"]
     has_arm = ~np.isnan(treated_train)
@@ -679,8 +679,9 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
         + _follow_up_rule(task)
         + (f" Treated: {', '.join(f'`{c}`' for c in task.treatment.codes)} started "
            f"{task.treatment.window_start_days:g} to {task.treatment.window_end_days:g} days after the prediction "
-           f"time (the grace period), by new users (none in the {task.treatment.washout_days:g} days before); "
-           "patients followed for less than the grace period have no arm. Treatment-arm risks are "
+           f"time (the grace period), by new users (none in the {task.treatment.washout_days:g} days before, "
+           "nor at the prediction time); patients not observed past the grace period have no arm. "
+           "Treatment-arm risks are "
            "calibrated on each arm's tuning patients." if task.treatment is not None else ""),
         "",
         f"Risk labels by split: {_label_counts(data)}.",

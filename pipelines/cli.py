@@ -170,7 +170,7 @@ def features(warehouse: Path, task_path: Path, encoder: Path | None, batch_size:
         table.add_row("treatment: treated (new users, started in the grace period)", f"{labels['treated']:,}")
         table.add_row("treatment: untreated", f"{labels['untreated']:,}")
         table.add_row("treatment: prevalent users (no arm)", f"{labels['treatment_prevalent']:,}")
-        table.add_row("treatment: follow-up ended in the grace period (no arm)",
+        table.add_row("treatment: not observed past the grace period (no arm)",
                       f"{labels['treatment_undetermined']:,}")
     for split in ("train", "tuning", "held_out"):
         table.add_row(f"split {split}", f"{results['splits'].stats.get(split, 0):,}")
