@@ -199,27 +199,29 @@ import os, signal, sys
 from datetime import datetime
 from pathlib import Path
 import features.ingest as ingest
-
-def killed(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-
-# Killed once every table and the events are written, before the last of the warehouse files.
-ingest.build_codes = killed
+{patch}
 ingest.ingest_landing_zone(Path(sys.argv[1]), Path(sys.argv[2]), workers=1, export_time=datetime(2025, 1, 1))
 """
+
+
+def killed_ingest(patch: str, landing: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path) -> Path:
+    """A warehouse holding the Bulk export's ingest, into which an ingest of ``landing`` was started
+    in another process and killed (SIGKILL) by ``patch``, Python run before it."""
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(bulk[1], warehouse)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_INGEST.format(patch=patch), str(landing), str(warehouse)],
+                            capture_output=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    return warehouse
 
 
 def test_a_killed_ingest_leaves_the_previous_warehouse_whole(
     shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
 ) -> None:
-    warehouse = tmp_path / "warehouse"
-    shutil.copytree(bulk[1], warehouse)
-    before = {name: (warehouse / name).read_bytes() for name in warehouse_files()}
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_INGEST, str(shared_fhir_dir / "synthea-bundles"), str(warehouse)],
-        capture_output=True, check=False,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    before = {name: (bulk[1] / name).read_bytes() for name in warehouse_files()}
+    # Killed once every table and the events are written, before the last of the warehouse files.
+    patch = "ingest.build_codes = lambda *args: os.kill(os.getpid(), signal.SIGKILL)"
+    warehouse = killed_ingest(patch, shared_fhir_dir / "synthea-bundles", bulk, tmp_path)
     assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
     # The dead run's staging folder holds the new tables it never put in place.
     (leftover,) = warehouse.glob(".ingest-staging-*")
@@ -360,12 +362,7 @@ def test_a_batch_ingested_before_deletions_were_read_promotes_with_none(
     assert (warehouse / "patients.parquet").samefile(batch / "patients.parquet")
 
 
-_KILLED_WHILE_PLACING = """
-import os, signal, sys
-from datetime import datetime
-from pathlib import Path
-import features.ingest as ingest
-
+_DIE_WHILE_PLACING = """
 replace = os.replace
 
 def replace_then_die(source, target):
@@ -375,20 +372,13 @@ def replace_then_die(source, target):
         os.kill(os.getpid(), signal.SIGKILL)
 
 ingest.os.replace = replace_then_die
-ingest.ingest_landing_zone(Path(sys.argv[1]), Path(sys.argv[2]), workers=1, export_time=datetime(2025, 1, 1))
 """
 
 
 def test_an_ingest_killed_while_putting_its_files_in_place_is_finished_by_the_next_writer(
     shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
 ) -> None:
-    warehouse = tmp_path / "warehouse"
-    shutil.copytree(bulk[1], warehouse)
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_WHILE_PLACING, str(shared_fhir_dir / "synthea-bundles"), str(warehouse)],
-        capture_output=True, check=False,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+    warehouse = killed_ingest(_DIE_WHILE_PLACING, shared_fhir_dir / "synthea-bundles", bulk, tmp_path)
     # Half placed: the new patients beside the old accounting.
     assert pl.read_parquet(warehouse / "patients.parquet").height == 28
     assert IngestSummary.from_json(warehouse / SUMMARY_FILE) == bulk[0]
