@@ -38,7 +38,7 @@ INGEST_ASSETS = [*TABLES, "events", "codes", "quarantine"]
 class BatchIngestRunConfig(dg.Config):  # type: ignore[misc]
     """How to run an ingest."""
 
-    # Validate every FHIR resource fully with fhir.resources (R4) as well: slower.
+    # Validate every FHIR resource fully with fhir.resources.R4B (FHIR R4 models) as well: slower.
     strict: bool = False
     # Processes reading FHIR; the output does not depend on it.
     workers: int = 2
