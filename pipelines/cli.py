@@ -75,7 +75,8 @@ def simulate(out: Path, patients: int, seed: int, overwrite: bool, workers: int)
 @click.argument("landing_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True,
               help="Warehouse folder for the tables, quarantine.parquet and ingest_summary.json.")
-@click.option("--strict", is_flag=True, help="Also validate every FHIR resource fully with fhir.resources.R4B (FHIR R4 models).")
+@click.option("--strict", is_flag=True,
+              help="Also validate every FHIR resource fully with fhir.resources.R4B (FHIR R4 models).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Processes reading FHIR; the output does not depend on it.")
 def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
