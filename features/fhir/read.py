@@ -310,7 +310,10 @@ def _deletion(index: int, entry: dict[str, Any], bundle_time: str | None) -> Raw
     if isinstance(url, str) and "?" in url:
         return RawReject(index, raw, "conditional_delete",
                          f"Bundle entry {index} deletes by search ({url[:80]}); conditional deletes are not applied")
-    parts = url.rstrip("/").split("/") if isinstance(url, str) else []
+    if not isinstance(url, str):
+        return RawReject(index, raw, "bad_delete",
+                         f"Bundle entry {index} is a DELETE without a request.url (expected like 'Patient/123')")
+    parts = url.rstrip("/").split("/")
     if len(parts) < 2 or not is_r4_resource_type(parts[-2]) or FHIR_ID.fullmatch(parts[-1]) is None:
         return RawReject(index, raw, "bad_delete",
                          f"Bundle entry {index} is a DELETE whose request.url {url!r:.80} names no resource "

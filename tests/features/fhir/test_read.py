@@ -343,7 +343,8 @@ def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
         {"request": {"method": "DELETE", "url": "Patient?identifier=http://hospital.example/mrn|42"}},
         {"request": {"method": "DELETE", "url": "Observation/"}},
         {"request": {"method": "DELETE", "url": "https://ehr.example/fhir/Condition/c2"}},
-        # A transaction applies its DELETEs first: its own PUT of c1 re-creates it.
+        {"request": {"method": "DELETE"}},
+        # A transaction applies its DELETEs first: its own PUT of c1 re-creates it (entry 7).
         {"resource": condition(onsetDateTime="2020-02-02"), "request": {"method": "PUT", "url": "Condition/c1"}},
     ]
     if per_record:
@@ -367,9 +368,11 @@ def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
          "(Patient?identifier=http://hospital.example/mrn|42); conditional deletes are not applied"),
         ("fhir/b.json", 4, "bad_delete",
          "Bundle entry 4 is a DELETE whose request.url 'Observation/' names no resource (expected like 'Patient/123')"),
+        ("fhir/b.json", 6, "bad_delete",
+         "Bundle entry 6 is a DELETE without a request.url (expected like 'Patient/123')"),
     ]
     assert [(f.source_file, f.records_in, f.records_out, f.quarantined) for f in summary.files] == [
-        ("fhir/a.ndjson", 5, 1, 4), ("fhir/b.json", 6, 4, 2)]
+        ("fhir/a.ndjson", 5, 1, 4), ("fhir/b.json", 7, 4, 3)]
 
 
 @pytest.mark.parametrize("per_record", [False, True])
