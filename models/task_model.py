@@ -682,7 +682,8 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
            f"time (the grace period), by new users (none in the {task.treatment.washout_days:g} days before, "
            "nor at the prediction time); patients not observed past the grace period have no arm. "
            "Treatment-arm risks are "
-           "calibrated on each arm's tuning patients." if task.treatment is not None else ""),
+           "calibrated on each arm's tuning patients when each arm holds 50 events and 50 non-events."
+           if task.treatment is not None else ""),
         "",
         f"Risk labels by split: {_label_counts(data)}.",
         "",

@@ -32,7 +32,7 @@ def test_each_arm_is_calibrated_on_its_own_patients() -> None:
     assert np.abs(risks - _sigmoid(true_logit)[:, None]).max() < 0.03
 
 
-def test_an_arm_with_too_few_outcomes_takes_the_risk_heads_calibration() -> None:
+def test_with_too_few_outcomes_in_an_arm_both_arms_keep_the_heads_probabilities() -> None:
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(200, 2))
     y = np.r_[np.tile([0.0, 1.0], 95), [1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, np.nan]]
@@ -40,8 +40,11 @@ def test_an_arm_with_too_few_outcomes_takes_the_risk_heads_calibration() -> None
     treated = np.r_[np.zeros(190), np.ones(10)]
     treated[5] = np.nan
     calibrator = PlattCalibrator(min_arm_outcomes=4).fit(logits[:, 0], np.nan_to_num(y)).fit_arms(logits, y, treated)
-    assert calibrator.arms_[1] == (calibrator.slope_, calibrator.intercept_)
-    assert calibrator.arms_[0] != (calibrator.slope_, calibrator.intercept_)
+    assert calibrator.arms_ == [(1.0, 0.0), (1.0, 0.0)]
+    np.testing.assert_allclose(calibrator.transform_arms(logits), _sigmoid(logits))
+    # With three outcomes enough, each arm gets its own fit.
+    calibrator = PlattCalibrator(min_arm_outcomes=3).fit(logits[:, 0], np.nan_to_num(y)).fit_arms(logits, y, treated)
+    assert calibrator.arms_[0] != (1.0, 0.0) and calibrator.arms_[1] != (1.0, 0.0)
 
 
 def test_arm_calibration_is_saved_and_an_older_file_leaves_the_arms_as_the_heads_gave_them(tmp_path: Path) -> None:
