@@ -1108,11 +1108,8 @@ def remove_leftovers(warehouse_dir: Path) -> list[str]:
     removed: list[str] = []
     for path in sorted(warehouse_dir.iterdir()):
         if path.name.startswith(STAGING_PREFIX) and path.is_dir():
-            final = path / FINAL_FOLDER
-            if (final / SUMMARY_FILE).is_file():
-                for name in warehouse_files():
-                    if (final / name).is_file():
-                        os.replace(final / name, warehouse_dir / name)
+            if (path / FINAL_FOLDER / SUMMARY_FILE).is_file():
+                _put_in_place(path / FINAL_FOLDER, warehouse_dir, resuming=True)
             shutil.rmtree(path)
         elif path.name.endswith(".partial") and any(path.name.startswith(f".{name}.") for name in names):
             path.unlink()
@@ -1120,6 +1117,16 @@ def remove_leftovers(warehouse_dir: Path) -> list[str]:
             continue
         removed.append(path.name)
     return removed
+
+
+def _put_in_place(final: Path, warehouse_dir: Path, resuming: bool = False) -> None:
+    """Move an ingest's finished files from ``final`` into ``warehouse_dir``, one rename each
+    (``final`` is inside the warehouse, on its file system), the accounting last, so that the
+    summary never describes tables not yet there. ``resuming`` a killed run's moves skips the files
+    it had moved already."""
+    for name in warehouse_files():
+        if not resuming or (final / name).is_file():
+            os.replace(final / name, warehouse_dir / name)
 
 
 @contextmanager
@@ -1369,13 +1376,10 @@ def _ingest_locked(
             elapsed_seconds=round(time.perf_counter() - started, 3),
         )
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)
-        # The warehouse still holds the previous ingest, whole. Each file takes its place by one
-        # rename, the accounting last, so that the summary never describes tables not yet there.
-        # Cut short from here on, the staging folder stays, and the next writer finishes the job
-        # (remove_leftovers).
+        # The warehouse still holds the previous ingest, whole. Cut short from here on, the staging
+        # folder stays, and the next writer finishes the job (remove_leftovers).
         placing = True
-        for name in warehouse_files():
-            os.replace(tables_dir / name, warehouse_dir / name)
+        _put_in_place(tables_dir, warehouse_dir)
         placing = False
         return summary
     finally:

@@ -492,6 +492,10 @@ EVENT_TOKENS = pa.schema(
 )
 """One row per cohort patient: the event sequence the fusion model reads, cut at prediction time."""
 
+MAX_VALUE_BINS = 127
+"""Most value bins per numeric token: ``EVENT_TOKENS.value_bins`` is int8, bin 0 meaning "no
+value", so bins 1 to ``value_bins`` must fit in 127."""
+
 NOTE_EMBEDDINGS = pa.schema(
     [
         pa.field("subject_id", pa.int64(), nullable=False),

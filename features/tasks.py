@@ -53,6 +53,7 @@ from typing import Any
 import yaml
 
 from features.errors import CohortDefinitionError
+from features.schemas import MAX_VALUE_BINS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*//\S+$")
@@ -465,7 +466,8 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes", "max_notes", "max_studies"})
         inputs = InputSettings(
             max_events=i.integer("max_events", inputs.max_events, 1),
-            value_bins=i.integer("value_bins", inputs.value_bins, 1, (127, "value bins are stored as int8")),
+            value_bins=i.integer("value_bins", inputs.value_bins, 1,
+                                 (MAX_VALUE_BINS, "value bins are stored as int8")),
             min_code_count=i.integer("min_code_count", inputs.min_code_count, 1),
             tabular_codes=i.integer("tabular_codes", inputs.tabular_codes, 0),
             max_notes=i.integer("max_notes", inputs.max_notes, 1),

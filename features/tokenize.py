@@ -37,6 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from features.cohorts import as_frame
 from features.io import write_bytes_atomic
+from features.schemas import MAX_VALUE_BINS
 
 PAD, UNK = "[PAD]", "[UNK]"
 MODALITIES = ("ehr", "notes", "genomics", "imaging")
@@ -48,9 +49,6 @@ ID_TEXT_VALUE_FAMILIES = ("NOTE//", "IMAGING_STUDY//", "IMAGING//")
 """Code prefixes whose events carry an identifier in ``text_value`` (a note id, a study id), not a
 value: see the table of :mod:`features.events`. Their tokens are the bare code."""
 
-MAX_VALUE_BINS = int(np.iinfo(np.int8).max)
-"""Most value bins per numeric token: bins are stored as int8 (``event_tokens.value_bins``), bin 0
-meaning "no value", so bins 1 to ``value_bins`` must fit in 127."""
 
 
 def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.LazyFrame:

@@ -26,6 +26,21 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
 
+_UNCALIBRATED_ARMS = [(1.0, 0.0), (1.0, 0.0)]
+"""(slope, intercept) of each arm that leaves the heads' own probabilities."""
+
+
+def _fit_platt(logits: npt.NDArray[np.float64], labels: npt.NDArray[np.bool_],
+               sample_weight: npt.ArrayLike | None) -> tuple[float, float]:
+    """(slope, intercept) of a logistic regression of the outcomes on the logits: Platt scaling."""
+    regression = LogisticRegression(C=1e6, max_iter=1000).fit(logits.reshape(-1, 1), labels,
+                                                               sample_weight=sample_weight)
+    return float(regression.coef_[0, 0]), float(regression.intercept_[0])
+
+
+def _platt(logits: npt.NDArray[np.float64], slope: float, intercept: float) -> npt.NDArray[np.float64]:
+    return np.asarray(1.0 / (1.0 + np.exp(-(slope * logits + intercept))))
+
 
 class PlattCalibrator:
     """Calibrated probability ``sigmoid(slope * logit + intercept)``.
@@ -49,7 +64,6 @@ class PlattCalibrator:
         """Fit on the tuning split's logits and outcomes; ``sample_weight`` are censoring weights
         (:func:`models.censoring.censoring_weights`), so the calibrated risk is the population's,
         not the complete cases'."""
-        x = np.asarray(logits, dtype=np.float64).reshape(-1, 1)
         labels = np.asarray(y, dtype=bool)
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if min(n_pos, n_neg) < self.min_positives:
@@ -57,16 +71,13 @@ class PlattCalibrator:
                 f"calibration: the tuning split has {n_pos} positive and {n_neg} negative outcomes "
                 f"(need at least {self.min_positives} of each); use more patients or a longer horizon"
             )
-        regression = LogisticRegression(C=1e6, max_iter=1000).fit(x, labels, sample_weight=sample_weight)
-        self.slope_ = float(regression.coef_[0, 0])
-        self.intercept_ = float(regression.intercept_[0])
+        self.slope_, self.intercept_ = _fit_platt(np.asarray(logits, dtype=np.float64), labels, sample_weight)
         return self
 
     def transform(self, logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
         if not hasattr(self, "slope_"):
             raise ValueError("calibration: PlattCalibrator is not fitted yet (call fit first)")
-        z = self.slope_ * np.asarray(logits, dtype=np.float64) + self.intercept_
-        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+        return _platt(np.asarray(logits, dtype=np.float64), self.slope_, self.intercept_)
 
     def fit_arms(self, arm_logits: npt.ArrayLike, y: npt.ArrayLike, treated: npt.ArrayLike,
                  sample_weight: npt.ArrayLike | None = None) -> PlattCalibrator:
@@ -83,23 +94,18 @@ class PlattCalibrator:
         rows = [(arms == arm) & ~np.isnan(labels) for arm in (0, 1)]
         fewest = min(min(int((labels[r] == 1).sum()), int((labels[r] == 0).sum())) for r in rows)
         if fewest < self.min_arm_outcomes:
-            self.arms_ = [(1.0, 0.0), (1.0, 0.0)]
+            self.arms_ = list(_UNCALIBRATED_ARMS)
             return self
-        fitted: list[tuple[float, float]] = []
-        for arm, r in enumerate(rows):
-            regression = LogisticRegression(C=1e6, max_iter=1000).fit(
-                logits[r, arm].reshape(-1, 1), labels[r] == 1, sample_weight=weights[r])
-            fitted.append((float(regression.coef_[0, 0]), float(regression.intercept_[0])))
-        self.arms_ = fitted
+        self.arms_ = [_fit_platt(logits[r, arm], labels[r] == 1, weights[r]) for arm, r in enumerate(rows)]
         return self
 
     def transform_arms(self, arm_logits: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Each arm's risk, shape (n, 2): calibrated by :meth:`fit_arms`, or, for a calibration
         saved before the arms were calibrated, the heads' own sigmoid."""
         logits = np.asarray(arm_logits, dtype=np.float64)
-        arms = getattr(self, "arms_", None) or [(1.0, 0.0), (1.0, 0.0)]
-        z = np.stack([slope * logits[:, arm] + intercept for arm, (slope, intercept) in enumerate(arms)], axis=1)
-        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+        arms = getattr(self, "arms_", None) or _UNCALIBRATED_ARMS
+        return np.stack([_platt(logits[:, arm], slope, intercept) for arm, (slope, intercept) in enumerate(arms)],
+                        axis=1)
 
     def save(self, path: Path) -> Path:
         state: dict[str, object] = {"method": "platt", "slope": self.slope_, "intercept": self.intercept_}
