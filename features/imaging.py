@@ -2,8 +2,9 @@
 
 Stage: ingest. In: ``imaging/*.parquet`` with columns ``patient_id, study_id, time, modality,
 body_site, embedding`` (:data:`features.schemas.IMAGING_INPUT`). Out: rows of
-:data:`features.schemas.IMAGING` and quarantine rows. Every embedding of one file must have the
-file's usual length (its most common one) and only finite values: a model cannot use anything else.
+:data:`features.schemas.IMAGING` and quarantine rows. Every embedding must have the landing zone's
+usual length (the most common one over all its imaging files) and only finite values: a model
+cannot use anything else.
 
 Rows are checked a column at a time in batches (:func:`clear_imaging_rows`); only the rows those
 checks do not clear go through the per-row checks, which alone word quarantine reasons, so both
@@ -42,25 +43,38 @@ from features.tables import (
 )
 
 
-def _usual_length(path: Path) -> int | None:
-    column = read_column(path, "embedding")
-    try:
-        lengths = pc.list_value_length(column).drop_null().to_pylist()
-    except pa.ArrowNotImplementedError:  # not a list column: every row is rejected by the row check
-        return None
-    return Counter(lengths).most_common(1)[0][0] if lengths else None
+def usual_embedding_length(paths: list[Path]) -> int | None:
+    """The most common embedding length over every row of the imaging tables ``paths`` (the
+    first file's on a tie; None when no row has a list). Files that cannot be read are skipped:
+    :func:`read_imaging_file` rejects them.
+
+    One length for the whole landing zone, not one per file: the model reads every study through
+    one projection, so two sites' files made by different image encoders cannot share a warehouse.
+    """
+    counts: Counter[int] = Counter()
+    for path in paths:
+        if path.suffix.lower() != ".parquet":
+            continue
+        try:
+            column = read_column(path, "embedding")
+            counts.update(pc.list_value_length(column).drop_null().to_pylist())
+        except (FileError, pa.ArrowNotImplementedError):
+            continue  # no such column, or not a list column: the file's own read words why
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def read_imaging_file(
-    path: Path, source_file: str, latest: datetime, spill: Spill | None = None
+    path: Path, source_file: str, latest: datetime, spill: Spill | None = None, length: int | None = None
 ) -> TableRead:
-    """Read one imaging embeddings table; ``spill`` as in :class:`TableRead`."""
+    """Read one imaging embeddings table; ``spill`` as in :class:`TableRead`. ``length``: the
+    landing zone's :func:`usual_embedding_length` (this file's own when None)."""
     result = TableRead("imaging", source_file, rows={"imaging": []}, frames={"imaging": []}, spill=spill)
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
         require_columns(path, "imaging table", IMAGING_INPUT.names)
-        length = _usual_length(path)
+        if length is None:
+            length = usual_embedding_length([path])
         split = partial(_imaging_frame, length=length, latest=latest, source_file=source_file)
         read_row = partial(_read_row, length=length, latest=latest, source_file=source_file, result=result)
         read_by_column(path, result, "imaging", split, read_row)
@@ -102,7 +116,9 @@ def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: d
             )
         if len(embedding) != length:
             raise RecordError(
-                "bad_embedding", f"embedding has {len(embedding)} values, expected {length} (the file's usual length)"
+                "bad_embedding",
+                f"embedding has {len(embedding)} values, expected {length} (the landing zone's usual length: "
+                "one image encoder per warehouse)",
             )
         for value in embedding:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

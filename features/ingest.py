@@ -41,6 +41,7 @@ older batch is refused; :func:`prune_ingested_batches` then deletes old batches'
 from __future__ import annotations
 
 import fcntl
+import functools
 import gc
 import multiprocessing
 import os
@@ -82,7 +83,7 @@ from features.fhir.read import (
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, parse_datetime, validate_r4
 from features.genomics import read_genomics_file
-from features.imaging import read_imaging_file
+from features.imaging import read_imaging_file, usual_embedding_length
 from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
 from features.notes import read_notes_file
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
@@ -1259,10 +1260,13 @@ def _ingest_locked(
     tables_dir.mkdir()
     placing = False
     try:
+        # One embedding length for every imaging file, found on the side thread when it first reads one.
+        imaging_length = functools.cache(lambda: usual_embedding_length([path for path, _ in landing.imaging]))
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str, Spill], TableRead]]] = [
             ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill)),
             ("genomics", landing.genomics, read_genomics_file),
-            ("imaging", landing.imaging, lambda p, rel, spill: read_imaging_file(p, rel, export_time, spill)),
+            ("imaging", landing.imaging,
+             lambda p, rel, spill: read_imaging_file(p, rel, export_time, spill, imaging_length())),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
         # Input size as the batching counts it (a .gz file several times its size), before planning.

@@ -14,7 +14,7 @@ import csv
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -312,7 +312,11 @@ def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
             raise RecordError("future_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is after the export time")
         return value
     if isinstance(value, date):
-        return to_time({name: datetime(value.year, value.month, value.day)}, name, latest)
+        # A day without a time of day is known by its end (features.fhir.validate.parse_datetime).
+        first = datetime(value.year, value.month, value.day)
+        if first > latest:
+            raise RecordError("future_date", f"column {name} {value:%Y-%m-%d} is after the export time")
+        return min(first + timedelta(days=1, microseconds=-1), latest)
     if isinstance(value, str):
         return parse_datetime(value.strip().replace(" ", "T", 1), f"column {name}", latest)
     raise RecordError("bad_type", f"column {name} should be a time, found {type(value).__name__} {value!r:.40}")

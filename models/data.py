@@ -70,8 +70,9 @@ class _Items:
 
 
 def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: int | None,
-                 id_column: str) -> dict[int, _Items]:
-    """Per subject, the ``max_items`` most recent rows (all when None), as numpy arrays sliced from whole columns."""
+                 id_column: str, width: int) -> dict[int, _Items]:
+    """Per subject, the ``max_items`` most recent rows (all when None), as numpy arrays sliced from
+    whole columns; every embedding must have ``width`` values (the model's projection)."""
     if table is None or table.is_empty():
         return {}
     rows = (
@@ -92,7 +93,15 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
         rows = rows.group_by("subject_id", maintain_order=True).head(max_items)
     if rows.is_empty():
         return {}
-    width = len(rows["embedding"][0])
+    lengths = rows["embedding"].list.len()
+    if (lengths != width).any():
+        found = lengths.filter(lengths != width)
+        kind = id_column.removesuffix("_id")
+        raise ValueError(
+            f"{kind} inputs: {found.len()} embeddings have {found[0]} values where the model reads {width} "
+            f"(subject {rows['subject_id'].filter(lengths != width)[0]}; expected embeddings from the encoder the "
+            "model was trained with: train the model again for the new encoder)"
+        )
     # One conversion of the whole column; per-patient Python lists of floats cost seconds.
     embeddings = rows["embedding"].cast(pl.List(pl.Float32)).list.to_array(width).to_numpy()
     days = rows["days"].to_numpy().astype(np.float32)
@@ -219,8 +228,8 @@ class FusionDataset(Dataset[PatientInputs]):
             note_embeddings = None
         if "imaging" not in modalities:
             imaging_inputs = None
-        notes = _group_items(note_embeddings, cohort, max_notes, "note_id")
-        studies = _group_items(imaging_inputs, cohort, max_studies, "study_id")
+        notes = _group_items(note_embeddings, cohort, max_notes, "note_id", text_embedding_dim)
+        studies = _group_items(imaging_inputs, cohort, max_studies, "study_id", imaging_embedding_dim)
         events = _flat_events(event_tokens, [MODALITIES.index(m) for m in modalities])
         label_columns = _label_columns(cohort, labels)
         modality_index = {m: i for i, m in enumerate(IMAGING_MODALITIES)}

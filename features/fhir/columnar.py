@@ -42,7 +42,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,8 @@ from features.fhir.specs import (
 from features.fhir.validate import EARLIEST, is_valid_r4, r4_model
 from features.identifiers import subject_ids
 from features.schemas import STAGED_TABLES
+
+_LAST_MICROSECOND_OF_DAY = timedelta(days=1, microseconds=-1)
 
 MAX_BRACKETS = 500
 """A line with more opening brackets may be nested deeper than orjson's limit (1024): Python path."""
@@ -437,13 +439,16 @@ def fhir_id(expr: pl.Expr) -> pl.Expr:
 
 def _parsed_time(expr: pl.Expr) -> pl.Expr:
     """A FHIR date/dateTime string as naive UTC, unchecked (:func:`fhir_time` checks it)."""
-    # A date is its midnight and no zone is UTC, as in the Python path. Each form is parsed by its
-    # own format (a failed parse is cheap; rewriting every string to one form is not).
+    # A date is the last microsecond of its day and no zone is UTC, as in the Python path
+    # (:func:`features.fhir.validate.parse_datetime`), which also caps a date at the export time:
+    # a date of the export's own day is therefore not cleared here (its end is after the export)
+    # and is read there. Each form is parsed by its own format (a failed parse is cheap;
+    # rewriting every string to one form is not).
     zoned = expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, time_unit="us", time_zone="UTC")
     return pl.coalesce(
         zoned.dt.replace_time_zone(None),
         expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us"),
-        expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us"),
+        expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us") + _LAST_MICROSECOND_OF_DAY,
     )
 
 

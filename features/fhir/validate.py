@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -58,24 +58,31 @@ def check_id(value: Any, where: str) -> str:
 
 
 def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
-    """Parse a FHIR ``date``, ``dateTime`` or ``instant`` to a naive UTC ``datetime``.
+    """Parse a FHIR ``date``, ``dateTime`` or ``instant`` to the naive UTC time it is known by.
 
-    Partial dates (``2019``, ``2019-04``) mean their first instant; a date without a time is
-    midnight UTC. A leap second (``23:59:60``, which FHIR allows) is the last microsecond of its
-    minute. Dates before 1800 or after ``latest`` (the export time) are rejected.
+    A date without a time of day, or a partial date (``2019``, ``2019-04``), stands for its whole
+    day, month or year, and is read as the **last** microsecond of that period (in UTC), but never
+    later than ``latest``: a fact recorded only as "2019-04-12" may have happened at any hour of
+    that day, so it is surely known only once the day is over. A model with a prediction time of
+    2019-04-12T00:00 then never reads it as an input, and a death recorded as "2020" does not make
+    a patient dead on 1 January. A leap second (``23:59:60``, which FHIR allows) is the last
+    microsecond of its minute. A value whose first instant is before 1800 or after ``latest``
+    (the export time) is rejected.
 
     Examples
     --------
     >>> parse_datetime("2016-03-14T11:40:00-04:00", "x", datetime(2030, 1, 1))
     datetime.datetime(2016, 3, 14, 15, 40)
     >>> parse_datetime("2019-04", "x", datetime(2030, 1, 1))
-    datetime.datetime(2019, 4, 1, 0, 0)
+    datetime.datetime(2019, 4, 30, 23, 59, 59, 999999)
+    >>> parse_datetime("2019-04-12", "x", datetime(2019, 4, 12, 9, 30))
+    datetime.datetime(2019, 4, 12, 9, 30)
     >>> parse_datetime("2016-12-31T23:59:60Z", "x", datetime(2030, 1, 1))
     datetime.datetime(2016, 12, 31, 23, 59, 59, 999999)
     """
     if not isinstance(value, str):
         raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
-    parsed = _parse_datetime_text(value, latest)
+    parsed = _parse_datetime_text(value, latest, True)
     if type(parsed) is tuple:
         code, tail = parsed
         raise RecordError(code, f"{where} {value!r:.60} {tail}")
@@ -83,8 +90,10 @@ def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
 
 
 @lru_cache(maxsize=1 << 16)
-def _parse_datetime_text(value: str, latest: datetime) -> datetime | tuple[str, str]:
+def _parse_datetime_text(value: str, latest: datetime, period_end: bool) -> datetime | tuple[str, str]:
     """:func:`parse_datetime` of one string: the datetime, or (reason code, reason after the value).
+    ``period_end``: a value without a time of day is the end of its period (capped at ``latest``),
+    else its first instant. The range checks are on the first instant either way.
 
     Cached: an export repeats the same instants many times (every observation of a visit), and the
     regex and ``fromisoformat`` are the ingest's largest per-resource cost after JSON parsing.
@@ -94,9 +103,12 @@ def _parse_datetime_text(value: str, latest: datetime) -> datetime | tuple[str, 
         return "bad_date", "is not a FHIR date/dateTime"
     try:
         if match.group(4) is None:
-            parsed = datetime(int(match.group(1)), int(match.group(3) or 1), 1)
+            year, month = int(match.group(1)), match.group(3)
+            parsed = datetime(year, int(month or 1), 1)
+            last = _last_instant(parsed, "month" if month else "year") if period_end else None
         elif match.group(6) is None:
             parsed = datetime.fromisoformat(value)
+            last = _last_instant(parsed, "day") if period_end else None
         else:
             text = value
             if match.group(8) == "60":
@@ -110,18 +122,39 @@ def _parse_datetime_text(value: str, latest: datetime) -> datetime | tuple[str, 
             parsed = datetime.fromisoformat(text)
             if parsed.tzinfo is not None:
                 parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+            last = None
     except ValueError as exc:
         return "bad_date", f"is not a real date ({exc})"
     if parsed < EARLIEST:
         return "bad_date", "is before 1800"
     if parsed > latest:
         return "future_date", f"is after the export time {latest:%Y-%m-%dT%H:%M:%S}"
-    return parsed
+    return parsed if last is None else min(last, latest)
+
+
+def _last_instant(first: datetime, period: str) -> datetime:
+    """The last microsecond of the day, month or year that starts at ``first``."""
+    try:
+        if period == "day":
+            following = first + timedelta(days=1)
+        elif period == "month" and first.month < 12:
+            following = first.replace(month=first.month + 1)
+        else:
+            following = first.replace(year=first.year + 1, month=1)
+    except (OverflowError, ValueError):  # the period ends with year 9999
+        return datetime.max
+    return following - timedelta(microseconds=1)
 
 
 def parse_date(value: Any, where: str, latest: datetime) -> date:
-    """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``."""
-    return parse_datetime(value, where, latest).date()
+    """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``; a partial date is its first day."""
+    if not isinstance(value, str):
+        raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
+    parsed = _parse_datetime_text(value, latest, False)
+    if type(parsed) is tuple:
+        code, tail = parsed
+        raise RecordError(code, f"{where} {value!r:.60} {tail}")
+    return parsed.date()  # type: ignore[union-attr]
 
 
 _DATE_LENGTH = len("2019-04-01")

@@ -17,6 +17,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import features.ingest as ingest
+from features.cohorts import select_cohort
 from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
 from features.ingest import (
@@ -30,7 +31,10 @@ from features.ingest import (
     remove_leftovers,
     warehouse_files,
 )
+from features.labels import build_labels
 from features.schemas import INTERNAL_TABLES
+from features.tasks import parse_task
+from features.tokenize import events_before
 
 EXPORT = datetime(2025, 1, 1)
 
@@ -180,6 +184,37 @@ def test_result_does_not_depend_on_workers(small_hospital: Path, tmp_path: Path)
         assert pl.read_parquet(tmp_path / "one" / f"{table}.parquet").equals(
             pl.read_parquet(tmp_path / "two" / f"{table}.parquet")
         )
+
+
+def test_a_date_without_a_time_is_not_an_input_at_a_prediction_time_on_that_day(tmp_path: Path) -> None:
+    # A condition recorded as "2016-01-01" may have been diagnosed at any hour of that day: at a
+    # prediction time of 2016-01-01T00:00 it is not yet known. The one charted at 2015-12-31T23:00
+    # is. A death recorded only as "2016" does not make the patient dead before 2016-01-01, and
+    # lies within a horizon reaching past the end of 2016.
+    def condition(rid: str, onset: str, code: str) -> dict[str, object]:
+        return {"resourceType": "Condition", "id": rid, "subject": {"reference": "Patient/p1"}, "onsetDateTime": onset,
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}]}}
+
+    records = [
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1950-06-01", "deceasedDateTime": "2016"},
+        condition("c-dated", "2016-01-01", "44054006"),
+        condition("c-timed", "2015-12-31T23:00:00Z", "38341003"),
+        condition("c-day-before", "2015-12-31", "195967001"),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    assert ingest_landing_zone(landing.parent, tmp_path / "out", export_time=datetime(2026, 1, 1)).balanced
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet")
+    task = parse_task({"name": "fixed_day", "cohort": {"prediction_time": {"fixed": "2016-01-01"}},
+                       "outcome": {"death": True}, "horizon_days": 400})
+    cohort = select_cohort(events, task).cohort
+    assert cohort["subject_id"].to_list() == [subject_id_for("p1")]
+    inputs = events_before(events, cohort).filter(pl.col("code").str.starts_with("SNOMED//")).collect()
+    assert sorted(inputs["code"]) == ["SNOMED//195967001", "SNOMED//38341003"]
+    labels, _counts = build_labels(events, cohort, task)
+    assert labels.select("boolean_value", "event").rows() == [(True, True)]
+    assert labels["duration_days"].item() == pytest.approx(366.0)  # to the last microsecond of 2016
 
 
 def test_missing_landing_zone_raises(tmp_path: Path) -> None:

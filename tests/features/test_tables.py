@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,11 @@ from features.schemas import IMAGING_INPUT, NOTES_INPUT
 
 EXPORT = datetime(2025, 1, 1)
 PATIENT = {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-05"}
+
+
+def day_end(year: int, month: int, day: int) -> datetime:
+    """The time a date without a time of day is stored as: the last microsecond of that day."""
+    return datetime(year, month, day, 23, 59, 59, 999999)
 
 
 def run(
@@ -152,7 +157,7 @@ def test_csv_note_times_read_by_column_equal_per_row(tmp_path: Path, monkeypatch
         ("2020-01-04T10:00:00+02:00", True),
         ("2020-01-04T10:00:00.123-05:00", True),
         ("2020-01-05", True),
-        ("2020-01", False),  # a partial date: read per row, as its first instant
+        ("2020-01", False),  # a partial date: read per row, as the end of its month
         ("2020-02-30", False),  # not a real date: quarantined per row
         ("2030-01-01", False),  # after the export
         ("1799-12-31", False),  # before 1800
@@ -178,11 +183,21 @@ def test_csv_note_times_read_by_column_equal_per_row(tmp_path: Path, monkeypatch
     assert_frame_equal(by_column, per_row, check_exact=True)
     assert np.concatenate(cleared).tolist() == [by_column for _, by_column in times]
     assert fast["time"].to_list()[:7] == [
-        datetime(2020, 1, 2, 10, 11, 12), datetime(2020, 1, 2, 10, 11, 12), datetime(2020, 1, 3),
-        datetime(2020, 1, 4, 8), datetime(2020, 1, 4, 15, 0, 0, 123000), datetime(2020, 1, 5), datetime(2020, 1, 1),
-    ]
+        datetime(2020, 1, 2, 10, 11, 12), datetime(2020, 1, 2, 10, 11, 12), day_end(2020, 1, 3),
+        datetime(2020, 1, 4, 8), datetime(2020, 1, 4, 15, 0, 0, 123000), day_end(2020, 1, 5), day_end(2020, 1, 31),
+    ]  # a date is known by the end of its day, a month by the end of the month
     assert by_column["reason_code"].to_list() == ["bad_date", "future_date", "bad_date", "bad_date", "missing_value"]
 
+
+
+def test_a_notes_table_dated_by_day_is_read_as_the_end_of_each_day(tmp_path: Path) -> None:
+    # A date column (no time of day): a note of 2020-01-02 is known by the end of that day.
+    table = notes_table(time=[date(2020, 1, 2), date(2020, 2, 1)])
+    assert table.schema.field("time").type == pa.date32()
+    _summary, quarantine = run(tmp_path, {"notes/notes.parquet": table})
+    assert quarantine.height == 0
+    notes = pl.read_parquet(tmp_path / "out" / "notes.parquet")
+    assert notes["time"].to_list() == [day_end(2020, 1, 2), day_end(2020, 2, 1)]
 
 
 def test_a_large_table_is_staged_a_batch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,7 +427,7 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     table = imaging_table([[0.1, 0.2, 0.3], [0.1, 0.2], [0.1, math.inf, 0.3], [0.4, 0.5, 0.6]])
     _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": table})
     assert quarantine.select("record_number", "reason").rows() == [
-        (2, "embedding has 2 values, expected 3 (the file's usual length)"),
+        (2, "embedding has 2 values, expected 3 (the landing zone's usual length: one image encoder per warehouse)"),
         (3, "embedding holds a non-finite or non-numeric value (inf)"),
     ]
     imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet")
@@ -420,6 +435,24 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "imaging")
     assert events.select("code", "text_value").rows() == [("IMAGING//CT", "s0"), ("IMAGING//CT", "s3")]
 
+
+
+def test_imaging_files_of_another_encoder_are_quarantined_against_the_landing_zone(tmp_path: Path) -> None:
+    # Site A's encoder gives 3 values, site B's 2: each file is consistent on its own, but the model
+    # reads all studies through one projection. The landing zone's usual length (3, from 3 of 5
+    # rows) wins, and site B's studies are quarantined with the reason; the warehouse stays usable.
+    site_a = imaging_table([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [0.7, 0.8, 0.9]])
+    site_b = imaging_table([[0.1, 0.2], [0.3, 0.4]])
+    summary, quarantine = run(tmp_path, {"imaging/site_a.parquet": site_a, "imaging/site_b.parquet": site_b})
+    assert summary.balanced
+    assert quarantine.select("source_file", "record_number", "reason_code").rows() == [
+        ("imaging/site_b.parquet", 1, "bad_embedding"), ("imaging/site_b.parquet", 2, "bad_embedding")
+    ]
+    assert quarantine["reason"][0] == (
+        "embedding has 2 values, expected 3 (the landing zone's usual length: one image encoder per warehouse)"
+    )
+    imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet")
+    assert imaging["embedding"].list.len().to_list() == [3, 3, 3]
 
 
 @pytest.mark.parametrize("kind", ["float32, naive", "float64 values, UTC+2 times in ms", "integer values"])

@@ -233,3 +233,13 @@ def test_calibrated_risk_matches_the_censoring_weighted_event_rate_not_the_compl
     assert np.average(risk[known], weights=weights[known]) == pytest.approx(weighted_rate, abs=1e-3)
     assert labels[known].mean() - weighted_rate > 0.02
     assert (weights[~known] == 0).all() and weights[known].mean() == pytest.approx(1.0)
+
+
+def test_dataset_refuses_embeddings_of_another_width_than_the_model_reads() -> None:
+    # Studies from an image encoder of 6 values, read by a model trained on 4: a new encoder, not a
+    # shape error deep inside the projection.
+    tokens, notes, studies, labels = synthetic_task(5, 5)
+    first = int(studies.sort("subject_id")["subject_id"][0])
+    with pytest.raises(ValueError, match=rf"study inputs: {studies.height} embeddings have 6 values where the model "
+                                         rf"reads 4 \(subject {first}; .*train the model again"):
+        FusionDataset(tokens, notes, studies, labels, 8, 4)

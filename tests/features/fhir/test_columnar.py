@@ -24,6 +24,11 @@ from tests.features.fhir.damage import WRONG_VALUES, damaged, damages_with_fresh
 EXPORT = datetime(2026, 1, 1)
 
 
+def day_end(year: int, month: int, day: int) -> datetime:
+    """The time a date without a time of day is stored as: the last microsecond of that day."""
+    return datetime(year, month, day, 23, 59, 59, 999999)
+
+
 def _lines(path: Path, count: int) -> list[bytes]:
     return path.read_bytes().split(b"\n")[:count]
 
@@ -1111,7 +1116,7 @@ def test_a_period_with_only_an_end_is_timed_by_its_end_on_both_paths(
         ("pr-end", at_end, at_end), ("pr-both", at_start, at_end)
     ]
     assert rows("conditions", "resource_id", "time", "end_time") == [
-        ("c-end", datetime(2021, 3, 1), datetime(2021, 3, 1)), ("c-empty", datetime(2021, 3, 5), None)
+        ("c-end", day_end(2021, 3, 1), day_end(2021, 3, 1)), ("c-empty", day_end(2021, 3, 5), None)
     ]
     assert rows("medications", "resource_id", "time", "end_time") == [("ms-end", at_end, at_end)]
     assert rows("diagnostic_reports", "resource_id", "time", "end_time") == [("dr-empty", datetime(2021, 4, 1), None)]
@@ -1133,7 +1138,7 @@ def test_a_period_with_only_an_end_is_timed_by_its_end_on_both_paths(
     assert events.select("source", "time").rows() == [
         ("encounters/e-end", at_end),
         # Its onset ended on March 1st, but it was recorded on the 5th: the event is dated then.
-        ("conditions/c-end", datetime(2021, 3, 5)),
+        ("conditions/c-end", day_end(2021, 3, 5)),
         ("medications/ms-end", at_end),
         ("procedures/pr-end", at_end),
         ("observations/o-end", at_end),
@@ -1388,31 +1393,31 @@ def test_conditions_and_allergies_are_events_from_when_they_were_recorded_on_bot
     conditions = pl.read_parquet(tmp_path / "fast" / "conditions.parquet")
     assert conditions.columns[-4:] == ["verification_status", "recorded_time", "source_file", "record_number"]
     assert conditions.select("resource_id", "time", "recorded_time").rows() == [
-        ("b-late", datetime(2014, 1, 1), datetime(2017, 7, 7, 7)),
-        ("c-late", datetime(2015, 6, 1), datetime(2018, 2, 1, 9)),
+        ("b-late", day_end(2014, 1, 1), datetime(2017, 7, 7, 7)),
+        ("c-late", day_end(2015, 6, 1), datetime(2018, 2, 1, 9)),
         ("c-same", datetime(2019, 1, 1, 10), datetime(2019, 1, 1, 10)),
-        ("c-unrecorded", datetime(2016, 1, 1), None),
+        ("c-unrecorded", day_end(2016, 1, 31), None),  # "2016-01": the end of January
         ("c-recorded-only", datetime(2020, 5, 1, 12, 30), datetime(2020, 5, 1, 12, 30)),
-        ("c-recorded-first", datetime(2021, 1, 1), datetime(2020, 12, 1)),
-        ("c-period", datetime(2010, 1, 1), datetime(2012, 3, 4)),
+        ("c-recorded-first", day_end(2021, 1, 1), day_end(2020, 12, 1)),
+        ("c-period", day_end(2010, 1, 1), day_end(2012, 3, 4)),
     ]
     allergies = pl.read_parquet(tmp_path / "fast" / "allergies.parquet")
     assert allergies.columns == conditions.columns
     assert allergies.select("resource_id", "time", "recorded_time").rows() == [
-        ("a-late", datetime(2000, 1, 1), datetime(2019, 3, 4)),
-        ("a-recorded-only", datetime(2019, 3, 5), datetime(2019, 3, 5)),
+        ("a-late", day_end(2000, 1, 1), day_end(2019, 3, 4)),
+        ("a-recorded-only", day_end(2019, 3, 5), day_end(2019, 3, 5)),
     ]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "SNOMED//44054006")
     assert events.select("source", "time").rows() == [
         ("conditions/b-late", datetime(2017, 7, 7, 7)),
         ("conditions/c-late", datetime(2018, 2, 1, 9)),
         ("conditions/c-same", datetime(2019, 1, 1, 10)),
-        ("conditions/c-unrecorded", datetime(2016, 1, 1)),
+        ("conditions/c-unrecorded", day_end(2016, 1, 31)),
         ("conditions/c-recorded-only", datetime(2020, 5, 1, 12, 30)),
-        ("conditions/c-recorded-first", datetime(2021, 1, 1)),
-        ("conditions/c-period", datetime(2012, 3, 4)),
-        ("allergies/a-late", datetime(2019, 3, 4)),
-        ("allergies/a-recorded-only", datetime(2019, 3, 5)),
+        ("conditions/c-recorded-first", day_end(2021, 1, 1)),
+        ("conditions/c-period", day_end(2012, 3, 4)),
+        ("allergies/a-late", day_end(2019, 3, 4)),
+        ("allergies/a-recorded-only", day_end(2019, 3, 5)),
     ]
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
     assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
@@ -1635,21 +1640,21 @@ def test_dates_of_other_precision_or_zone_are_compared_at_the_coarser_on_both_pa
     assert rows("patients", "patient_id", "birth_date", "death_time", "deceased") == [
         ("p1", date(1960, 5, 1), None, None),
         ("neo-zoned", date(2020, 1, 1), datetime(2019, 12, 31, 21, 30), True),
-        ("neo-month", date(2020, 1, 15), datetime(2020, 1, 1), True),
+        ("neo-month", date(2020, 1, 15), day_end(2020, 1, 31), True),  # "2020-01": its end
         ("neo-leap", date(2016, 12, 31), leap, True),
         ("b-neo", date(2020, 1, 1), datetime(2019, 12, 31, 21, 30), True),
     ]
     assert rows("encounters", "encounter_id", "patient_id", "start_time", "end_time") == [
-        ("e-date-end", "p1", datetime(2021, 3, 15, 10), datetime(2021, 3, 15)),
-        ("e-date-start", "p1", datetime(2021, 3, 15), datetime(2021, 3, 14, 19, 30)),
-        ("e-month-end", "p1", datetime(2021, 3, 15, 10), datetime(2021, 3, 1)),
+        ("e-date-end", "p1", datetime(2021, 3, 15, 10), day_end(2021, 3, 15)),
+        ("e-date-start", "p1", day_end(2021, 3, 15), datetime(2021, 3, 14, 19, 30)),
+        ("e-month-end", "p1", datetime(2021, 3, 15, 10), day_end(2021, 3, 31)),
         ("e-leap-end", "p1", datetime(2016, 12, 31, 23), leap),
-        ("b-e", "b-neo", datetime(2020, 1, 1, 4, 30), datetime(2020, 1, 1)),
+        ("b-e", "b-neo", datetime(2020, 1, 1, 4, 30), day_end(2020, 1, 1)),
     ]
     assert rows("conditions", "resource_id", "time", "end_time") == [
-        ("c-abated", datetime(2021, 3, 15, 10), datetime(2021, 3, 15))
+        ("c-abated", datetime(2021, 3, 15, 10), day_end(2021, 3, 15))
     ]
-    assert rows("notes", "note_id", "time") == [("d-date-end", datetime(2021, 3, 15))]
+    assert rows("notes", "note_id", "time") == [("d-date-end", day_end(2021, 3, 15))]
     # The neonate's records stay hers: none is an orphan of a quarantined patient.
     assert rows("observations", "resource_id", "patient_id", "time") == [
         ("o-neo", "neo-zoned", datetime(2019, 12, 31, 19, 30))
