@@ -181,7 +181,9 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         _frame(
             with_subject("observations").filter(_happened(("cancelled",))),
             pl.col("code"),
-            pl.col("time"),
+            # A result is an input only once issued: a lab drawn before a prediction time but
+            # resulted after it was not on anyone's screen at that time.
+            pl.max_horizontal("time", "issued_time"),
             pl.col("numeric_value"),
             pl.col("text_value"),
             "ehr",

@@ -306,7 +306,12 @@ OBSERVATIONS = pa.schema(
         pa.field("resource_id", pa.string(), nullable=False),
         pa.field("patient_id", pa.string(), nullable=False),
         pa.field("encounter_id", pa.string(), nullable=True),
+        # When the observation was made (effective[DateTime|Period|Instant], else issued).
         pa.field("time", TIME, nullable=False),
+        # ``issued``: when the result was made available to clinicians (a lab drawn at 08:00 may be
+        # resulted at 10:00); null when not given. The event is dated by the later of the two: a
+        # prediction made at 09:00 could not have read that result.
+        pa.field("issued_time", TIME, nullable=True),
         # Chosen among the codings as CODED_EVENTS' code is. For a component, the component's
         # code; ``parent_code`` then holds the panel's code.
         pa.field("code", pa.string(), nullable=False),

@@ -172,6 +172,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("encounter", _REF),
             ("code", _CONCEPT),
             ("effectiveDateTime", _S),
+            ("issued", _S),
             ("category", pa.list_(_CODES)),
             *_VALUES,
             ("component", pa.list_(pa.struct([("code", _CONCEPT), *_VALUES]))),
@@ -861,6 +862,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
     encounter = reference(pl.col("encounter"), "Encounter", required=False)
     code = chosen_code(pl.col("code"), pl.col("__coding"), required=True)
     time = fhir_time(pl.col("effectiveDateTime"), ctx.latest)
+    issued = fhir_time(pl.col("issued"), ctx.latest)
     # The category's code alone, as ``_optional_code`` then ``split('//')`` gives it: any system
     # will do, so no category is left to the Python path.
     category = _code_of(chosen_coding(pl.col("category").list.first()))
@@ -872,6 +874,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         __patient=patient.value,
         __encounter=pl.when(pl.col("encounter").is_not_null()).then(encounter.value),
         __time=time.value,
+        __issued=issued.value,
         __code=code.value,
         __display=display(pl.col("code"), pl.col("__coding")),
         __category=category,
@@ -886,6 +889,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
             encounter.ok,
             code.ok,
             time.ok,
+            pl.col("issued").is_null() | issued.ok,
             numeric.ok,
         ),
     )
@@ -898,6 +902,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("__patient").alias("patient_id"),
         pl.col("__encounter").alias("encounter_id"),
         pl.col("__time").alias("time"),
+        pl.col("__issued").alias("issued_time"),
     ]
     tail = [pl.col("__category").alias("category"), pl.col("status"), *LOCATION]
     main = frame.filter(
@@ -948,6 +953,7 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
         "__patient",
         "__encounter",
         "__time",
+        "__issued",
         "__code",
         "__category",
         "status",

@@ -492,6 +492,8 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     patient = _patient(res, "Observation", origin)
     code, coding = _code(res.get("code"), "Observation.code")
     time, _ = _time(res, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"), "Observation", origin)
+    issued = res.get("issued")
+    issued_time = parse_datetime(issued, "Observation.issued", origin.latest) if issued is not None else None
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     category, _ = _optional_code(_first_in_list(res.get("category")))
     category = category.split("//", 1)[1] if category else None
@@ -501,7 +503,9 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     numeric, comparator, unit, text = _value(res, "Observation")
     if numeric is not None or text is not None or not components:
         display = _display(res.get("code"), coding)
-        rows.append((rid, patient, encounter, time, code, display, None, numeric, comparator, unit, text, *tail))
+        rows.append(
+            (rid, patient, encounter, time, issued_time, code, display, None, numeric, comparator, unit, text, *tail)
+        )
     if components is not None:
         if not isinstance(components, list):
             raise RecordError("bad_type", "Observation.component should be a list")
@@ -516,6 +520,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
                     patient,
                     encounter,
                     time,
+                    issued_time,
                     c_code,
                     _display(component.get("code"), c_coding),
                     code,

@@ -231,7 +231,9 @@ class _PatientWriter:
                 "subject": self.subject,
                 "encounter": self.reference("Encounter", encounter),
                 "effectiveDateTime": fhir_time(time),
-                "issued": fhir_time(time + timedelta(hours=2)),
+                # Vital signs are charted as they are taken; a laboratory result is issued two
+                # hours after the draw, so the labs of a visit are not yet known at its end.
+                "issued": fhir_time(time if category == "vital-signs" else time + timedelta(hours=2)),
                 "valueQuantity": {"value": round(value, decimals) if decimals else round(value),
                                   "unit": unit, "system": v.UCUM, "code": unit},
             }

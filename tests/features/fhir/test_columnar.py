@@ -795,6 +795,64 @@ def test_merged_patients_records_go_to_the_survivor_on_both_paths(
     assert sorted(by_subject["len"].to_list()) == [1, 1, 1, 3]  # c has the three of a, b and c
 
 
+def test_a_result_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A troponin drawn at 08:00 and resulted at 10:00 was not known at 09:00: the table keeps both
+    # times, and the event (with the components of a panel) is dated when the result was issued.
+    # An issued time before the draw (a clock error) does not move the event earlier; a malformed
+    # or future one quarantines the record, on both paths.
+    def observation(rid: str, **extra: object) -> dict[str, object]:
+        return {
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "6598-7"}]},
+            "effectiveDateTime": "2020-01-02T08:00:00Z", "valueQuantity": {"value": 0.5}, **extra,
+        }
+
+    panel = [{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 120}}]
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        observation("resulted-later", issued="2020-01-02T10:00:00Z"),
+        observation("charted", issued="2020-01-02T08:00:00Z"),
+        observation("no-issued"),
+        observation("issued-first", issued="2020-01-02T07:00:00+00:00"),
+        observation("issued-date", issued="2020-01-02"),
+        {**observation("panel", issued="2020-01-02T11:30:00Z"), "component": panel},
+        observation("bad-issued", issued="2020-01-32T10:00:00Z"),
+        observation("future-issued", issued="2030-01-01T00:00:00Z"),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_date": 1, "future_date": 1}
+    drawn = datetime(2020, 1, 2, 8)
+    table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert table.select("resource_id", "code", "time", "issued_time").rows() == [
+        ("resulted-later", "LOINC//6598-7", drawn, datetime(2020, 1, 2, 10)),
+        ("charted", "LOINC//6598-7", drawn, drawn),
+        ("no-issued", "LOINC//6598-7", drawn, None),
+        ("issued-first", "LOINC//6598-7", drawn, datetime(2020, 1, 2, 7)),
+        ("issued-date", "LOINC//6598-7", drawn, day_end(2020, 1, 2)),
+        ("panel", "LOINC//6598-7", drawn, datetime(2020, 1, 2, 11, 30)),
+        ("panel", "LOINC//8480-6", drawn, datetime(2020, 1, 2, 11, 30)),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code").str.starts_with("LOINC//"))
+    assert events.sort("time", "source", "code").select("source", "code", "time").rows() == [
+        ("observations/charted", "LOINC//6598-7", drawn),
+        ("observations/issued-first", "LOINC//6598-7", drawn),
+        ("observations/no-issued", "LOINC//6598-7", drawn),
+        ("observations/resulted-later", "LOINC//6598-7", datetime(2020, 1, 2, 10)),
+        ("observations/panel", "LOINC//6598-7", datetime(2020, 1, 2, 11, 30)),
+        ("observations/panel", "LOINC//8480-6", datetime(2020, 1, 2, 11, 30)),
+        ("observations/issued-date", "LOINC//6598-7", day_end(2020, 1, 2)),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason").rows() == [
+        ("bad-issued", "Observation.issued '2020-01-32T10:00:00Z' is not a FHIR date/dateTime"),
+        ("future-issued", "Observation.issued '2030-01-01T00:00:00Z' is after the export time 2026-01-01T00:00:00"),
+    ]
+
+
 def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A lab result "< 0.01 ng/mL" (below the detection limit) must not read as exactly 0.01: the
     # comparator is kept, for an Observation's own value and a component's; any other code, or a
@@ -850,7 +908,7 @@ def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch
     fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 3, "bad_type": 2}
     table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
-    assert table.columns[7:10] == ["numeric_value", "value_comparator", "unit"]
+    assert table.columns[8:11] == ["numeric_value", "value_comparator", "unit"]
     assert table.select("resource_id", "code", "numeric_value", "value_comparator").rows() == [
         ("b-below", "LOINC//6598-7", 0.5, "<"),
         ("below", "LOINC//6598-7", 0.01, "<"),
