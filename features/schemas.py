@@ -205,7 +205,7 @@ CODED_EVENTS = pa.schema(
         pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
-"""Shared shape of conditions and allergies (with one column more, see :data:`CONDITIONS`),
+"""Shared shape of conditions, allergies and reports (with one column more, see :data:`RECORDED_EVENTS`),
 procedures, medications (with one column more, see :data:`MEDICATIONS`), immunizations and
 diagnostic reports."""
 
@@ -219,14 +219,16 @@ MEDICATIONS = CODED_EVENTS.insert(
 """MedicationRequests, -Statements and -Administrations: the coded-events shape, and whether an
 order forbids its drug."""
 
-CONDITIONS = CODED_EVENTS.insert(
+RECORDED_EVENTS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),
-    # recordedDate: when the diagnosis or allergy was entered in the record; null when not given.
-    # ``time`` stays its onset, which may be years earlier: events date it by the later of the two,
-    # since no prediction made before it was recorded could have known of it.
+    # When the record became known: a diagnosis's or allergy's recordedDate (entered in the record),
+    # a report's issued (made available to clinicians); null when not given. ``time`` stays the
+    # onset or the specimen's time, which may be earlier: events date it by the later of the two,
+    # since no prediction made before then could have known of it.
     pa.field("recorded_time", TIME, nullable=True),
 )
-"""Conditions and allergies (AllergyIntolerance): the coded-events shape, and when each was recorded."""
+"""Conditions, allergies (AllergyIntolerance) and diagnostic reports: the coded-events shape, and
+when each became known."""
 
 MEDICATION_CODES = pa.schema(
     [
@@ -579,12 +581,12 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "quarantine": QUARANTINE,
     "patients": PATIENTS,
     "encounters": ENCOUNTERS,
-    "conditions": CONDITIONS,
+    "conditions": RECORDED_EVENTS,
     "procedures": CODED_EVENTS,
     "medications": MEDICATIONS,
     "immunizations": CODED_EVENTS,
-    "allergies": CONDITIONS,
-    "diagnostic_reports": CODED_EVENTS,
+    "allergies": RECORDED_EVENTS,
+    "diagnostic_reports": RECORDED_EVENTS,
     "medication_codes": MEDICATION_CODES,
     "binaries": BINARIES,
     "raw_unknown": RAW_UNKNOWN,

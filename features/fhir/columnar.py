@@ -775,9 +775,10 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         ]
         if rt in RECORDED_TYPES:
             # flatten._recorded_time: read (and checked) even when the onset gives the time.
-            # recordedDate is one of the time fields, parsed already.
-            recorded = fhir_time(pl.col("recordedDate"), ctx.latest, pl.col("__time_recordedDate"))
-            checks.append(pl.col("recordedDate").is_null() | recorded.ok)
+            # recordedDate (issued) is one of the time fields, parsed already.
+            known = RECORDED_TYPES[rt]
+            recorded = fhir_time(pl.col(known), ctx.latest, pl.col(f"__time_{known}"))
+            checks.append(pl.col(known).is_null() | recorded.ok)
             coded.append(recorded.value.alias("recorded_time"))
         if rt not in MEDICATION_TYPES:
             return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])

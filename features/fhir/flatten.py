@@ -369,11 +369,13 @@ def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
 
 
 def _recorded_time(res: dict[str, Any], rt: str, origin: Origin) -> datetime | None:
-    """A Condition's or AllergyIntolerance's ``recordedDate``, or None when it has none. Read even
-    when the onset gives the time: the event is dated by the later of the two (a diagnosis entered
-    in 2018 with onset 2015 was not known in 2016), so a malformed one is refused, not skipped."""
-    value = res.get("recordedDate")
-    return parse_datetime(value, f"{rt}.recordedDate", origin.latest) if value is not None else None
+    """A Condition's or AllergyIntolerance's ``recordedDate``, a DiagnosticReport's ``issued``
+    (:data:`RECORDED_TYPES`), or None when it has none. Read even when another element gives the
+    time: the event is dated by the later of the two (a diagnosis entered in 2018 with onset 2015
+    was not known in 2016), so a malformed one is refused, not skipped."""
+    field = RECORDED_TYPES[rt]
+    value = res.get(field)
+    return parse_datetime(value, f"{rt}.{field}", origin.latest) if value is not None else None
 
 
 def _time_and_status(

@@ -853,6 +853,41 @@ def test_a_result_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypa
     ]
 
 
+def test_a_report_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pathology report on a specimen taken on 1 March and issued on 4 March: its table keeps the
+    # specimen's time and the issue time (recorded_time), and its event is dated when issued.
+    def report(rid: str, **times: object) -> dict[str, object]:
+        return {"resourceType": "DiagnosticReport", "id": rid, "status": "final",
+                "subject": {"reference": "Patient/p1"},
+                "code": {"coding": [{"system": "http://loinc.org", "code": "60567-5"}]}, **times}
+
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        report("later", effectiveDateTime="2021-03-01T09:00:00Z", issued="2021-03-04T16:30:00Z"),
+        report("unissued", effectiveDateTime="2021-03-01T09:00:00Z"),
+        report("issued-only", issued="2021-03-05T08:00:00Z"),
+        report("bad-issued", effectiveDateTime="2021-03-01T09:00:00Z", issued="2021-03-04T25:00:00Z"),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_date": 1}
+    taken, issued = datetime(2021, 3, 1, 9), datetime(2021, 3, 4, 16, 30)
+    reports = pl.read_parquet(tmp_path / "fast" / "diagnostic_reports.parquet")
+    assert reports.select("resource_id", "time", "recorded_time").rows() == [
+        ("later", taken, issued), ("unissued", taken, None),
+        ("issued-only", datetime(2021, 3, 5, 8), datetime(2021, 3, 5, 8)),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "LOINC//60567-5")
+    assert events.sort("time").select("source", "time").rows() == [
+        ("diagnostic_reports/unissued", taken),
+        ("diagnostic_reports/later", issued),
+        ("diagnostic_reports/issued-only", datetime(2021, 3, 5, 8)),
+    ]
+
+
 def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A lab result "< 0.01 ng/mL" (below the detection limit) must not read as exactly 0.01: the
     # comparator is kept, for an Observation's own value and a component's; any other code, or a
