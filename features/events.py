@@ -18,11 +18,10 @@ encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<cl
                     (not for a ``cancelled`` or only
                     ``planned`` visit)
 conditions, ...     the primary coding (``SNOMED//..``)  -                               time
-                    (not when the act did not happen:                                    (conditions,
-                    ``not-done``, ``cancelled``, ...,                                    allergies:
-                    the diagnosis was ``refuted``, or                                    the later of
-                    an order says ``do_not_perform``)                                    time and
-                                                                                         recorded_time)
+                    (not when the act did not happen:
+                    ``not-done``, ``cancelled``, ...,
+                    the diagnosis was ``refuted``, or
+                    an order says ``do_not_perform``)
 observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
                     when ``cancelled``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
@@ -35,6 +34,12 @@ genomics            ``GENE//<gene>``, ``EXPRESSION//..`` numeric (genotype or va
 
 ``source`` is ``<table>/<record id>``. The note text and the image embedding stay in their tables:
 later stages embed them, keyed by the id in ``text_value``.
+
+``time`` is when the fact happened (a diagnosis's onset, a specimen's draw): cohorts and labels
+read it. ``known_time`` is when it became known, where that is later: a condition's, allergy's or
+report's ``recorded_time`` (recordedDate, issued) and an observation's ``issued_time``. Model
+inputs are placed at it (:func:`features.tokenize.events_before`), so that a result drawn before a
+prediction time but issued after it is not an input, nor is an outcome's work-up an outcome.
 """
 
 from __future__ import annotations
@@ -54,11 +59,15 @@ def _null(dtype: pl.DataType) -> pl.Expr:
 
 
 def _frame(
-    lf: pl.LazyFrame, code: pl.Expr, time: pl.Expr, numeric: pl.Expr, text: pl.Expr, modality: str, source: pl.Expr
+    lf: pl.LazyFrame, code: pl.Expr, time: pl.Expr, numeric: pl.Expr, text: pl.Expr, modality: str, source: pl.Expr,
+    known: pl.Expr | None = None,
 ) -> pl.LazyFrame:
+    """EVENTS-shaped rows; ``known``: when each became known, kept as ``known_time`` where later than ``time``."""
+    known_time = _null(pl.Datetime("us")) if known is None else pl.when(known > time).then(known)
     return lf.select(
         SUBJECT.cast(pl.Int64),
         time.cast(pl.Datetime("us")).alias("time"),
+        known_time.cast(pl.Datetime("us")).alias("known_time"),
         code.cast(pl.String).alias("code"),
         numeric.cast(pl.Float32).alias("numeric_value"),
         text.cast(pl.String).alias("text_value"),
@@ -161,33 +170,32 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         if name == "medications":
             # An order not to give the drug (an allergy, an interaction): the patient must not have it.
             happened = happened & ~pl.col("do_not_perform").fill_null(False)
-        time = pl.col("time")
-        if name in recorded:
-            # A diagnosis entered in 2018 with onset 2015 was not known in 2016: dated by its onset, it
-            # would be an input to predictions made before anyone recorded it.
-            time = pl.max_horizontal("time", "recorded_time")
         frames.append(
             _frame(
                 with_subject(name).filter(happened),
                 pl.col("code"),
-                time,
+                pl.col("time"),
                 no_num,
                 no_text,
                 "ehr",
                 pl.lit(f"{name}/") + pl.col("resource_id"),
+                # A diagnosis entered in 2018 with onset 2015 was not known in 2016: read at its
+                # onset, it would be an input to predictions made before anyone recorded it.
+                pl.col("recorded_time") if name in recorded else None,
             )
         )
     frames += [
         _frame(
             with_subject("observations").filter(_happened(("cancelled",))),
             pl.col("code"),
-            # A result is an input only once issued: a lab drawn before a prediction time but
-            # resulted after it was not on anyone's screen at that time.
-            pl.max_horizontal("time", "issued_time"),
+            pl.col("time"),
             pl.col("numeric_value"),
             pl.col("text_value"),
             "ehr",
             pl.lit("observations/") + pl.col("resource_id"),
+            # A result is an input only once issued: a lab drawn before a prediction time but
+            # resulted after it was not on anyone's screen at that time.
+            pl.col("issued_time"),
         ),
         _frame(
             with_subject("notes"),

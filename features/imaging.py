@@ -45,8 +45,8 @@ from features.tables import (
 
 def usual_embedding_length(paths: list[Path]) -> int | None:
     """The most common embedding length over every row of the imaging tables ``paths`` (the
-    first file's on a tie; None when no row has a list). Files that cannot be read are skipped:
-    :func:`read_imaging_file` rejects them.
+    first file's on a tie; None when no row has a list). Files that cannot be read or lack a
+    column are skipped: :func:`read_imaging_file` rejects them whole.
 
     One length for the whole landing zone, not one per file: the model reads every study through
     one projection, so two sites' files made by different image encoders cannot share a warehouse.
@@ -56,6 +56,7 @@ def usual_embedding_length(paths: list[Path]) -> int | None:
         if path.suffix.lower() != ".parquet":
             continue
         try:
+            require_columns(path, "imaging table", IMAGING_INPUT.names)  # a file rejected whole has no say
             column = read_column(path, "embedding")
             counts.update(pc.list_value_length(column).drop_null().to_pylist())
         except (FileError, pa.ArrowNotImplementedError):

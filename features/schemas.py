@@ -417,8 +417,11 @@ RAW_UNKNOWN = pa.schema(
 EVENTS = pa.schema(
     [
         pa.field("subject_id", pa.int64(), nullable=False),
-        # Null for static facts (sex, genotype), as in MEDS.
+        # When it happened; null for static facts (sex, genotype), as in MEDS.
         pa.field("time", TIME, nullable=True),
+        # When it became known, where later than ``time`` (a diagnosis recorded after its onset, a
+        # result issued after the draw); null otherwise. Model inputs are placed at it.
+        pa.field("known_time", TIME, nullable=True),
         pa.field("code", pa.string(), nullable=False),
         pa.field("numeric_value", pa.float32(), nullable=True),
         pa.field("text_value", pa.string(), nullable=True),

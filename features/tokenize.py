@@ -54,11 +54,21 @@ value: see the table of :mod:`features.events`. Their tokens are the bare code."
 def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.LazyFrame:
     """Events of cohort patients known at their prediction time, with ``prediction_time`` joined.
 
-    Static facts (null time) are known at every prediction time. Events exactly at the prediction
-    time are kept: the prediction time is when the information is complete (e.g. a visit's end).
+    Each event is placed at the time it became known (its ``known_time`` where it has one, else its
+    ``time``): a lab drawn before the prediction time but issued after it is not an input, and one
+    issued before it is read as that old. Static facts (null time) are known at every prediction
+    time. Events exactly at the prediction time are kept: the prediction time is when the
+    information is complete (e.g. a visit's end).
     """
+    frame = as_frame(events)
+    if "known_time" not in frame.collect_schema().names():
+        raise ValueError(
+            "events table has no known_time column (expected the events of a warehouse ingested by this version "
+            "of cohortcast: ingest the landing zone again)"
+        )
     return (
-        as_frame(events)
+        frame
+        .with_columns(pl.coalesce("known_time", "time").alias("time"))
         .join(cohort.lazy().select("subject_id", "prediction_time"), on="subject_id")
         .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
     )

@@ -99,8 +99,9 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
         kind = id_column.removesuffix("_id")
         raise ValueError(
             f"{kind} inputs: {found.len()} embeddings have {found[0]} values where the model reads {width} "
-            f"(subject {rows['subject_id'].filter(lengths != width)[0]}; expected embeddings from the encoder the "
-            "model was trained with: train the model again for the new encoder)"
+            f"(subject {rows['subject_id'].filter(lengths != width)[0]}; expected every embedding from one encoder, "
+            "the one the model is built for: ingest one encoder's embeddings, or train the model again for the new "
+            "encoder)"
         )
     # One conversion of the whole column; per-patient Python lists of floats cost seconds.
     embeddings = rows["embedding"].cast(pl.List(pl.Float32)).list.to_array(width).to_numpy()

@@ -26,7 +26,7 @@ def events_frame(rows: list[tuple[int, datetime | None, str, float | None, str |
                 "numeric_value": pl.Float32, "text_value": pl.String, "modality": pl.String,
                 "source": pl.String},
         orient="row",
-    )
+    ).with_columns(pl.lit(None, dtype=pl.Datetime("us")).alias("known_time"))
 
 
 def task(**overrides: object) -> object:

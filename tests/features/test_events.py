@@ -68,9 +68,10 @@ def _schema(table: str) -> pl.Schema:
     return frame.schema
 
 
-def test_conditions_and_allergies_are_dated_by_the_later_of_onset_and_recorded_time() -> None:
-    # A diagnosis entered in 2018 with onset 2015 is an event of 2018: before, nobody knew of it. A
-    # record without recorded_time keeps its onset; one recorded before its onset keeps the onset.
+def test_conditions_and_allergies_are_known_from_the_later_of_onset_and_recorded_time() -> None:
+    # A diagnosis entered in 2018 with onset 2015 happened in 2015 but is known from 2018: before,
+    # nobody knew of it. A record without recorded_time, or recorded before its onset, is known
+    # from its onset (no known_time).
     names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
     tables = {name: pl.LazyFrame(schema=_schema(name)) for name in names}
     tables["patients"] = pl.LazyFrame(
@@ -99,7 +100,8 @@ def test_conditions_and_allergies_are_dated_by_the_later_of_onset_and_recorded_t
     expected = pl.DataFrame(
         {
             "subject_id": [7, 7, 7, 7],
-            "time": [datetime(2018, 2, 1, 9), datetime(2016, 1, 1), datetime(2021, 1, 1), datetime(2019, 3, 4)],
+            "time": [datetime(2015, 6, 1), datetime(2016, 1, 1), datetime(2021, 1, 1), datetime(2000, 1, 1)],
+            "known_time": [datetime(2018, 2, 1, 9), None, None, datetime(2019, 3, 4)],
             "code": ["SNOMED//44054006"] * 4,
             "numeric_value": [None] * 4,
             "text_value": [None] * 4,

@@ -453,6 +453,12 @@ def test_imaging_files_of_another_encoder_are_quarantined_against_the_landing_zo
     )
     imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet")
     assert imaging["embedding"].list.len().to_list() == [3, 3, 3]
+    # A file rejected whole (no time column) has no say, however many rows it holds.
+    no_time = imaging_table([[0.1, 0.2]] * 5).drop_columns(["time"])
+    _summary, quarantine = run(tmp_path / "second",
+                               {"imaging/site_a.parquet": site_a, "imaging/no_time.parquet": no_time})
+    assert quarantine.select("source_file", "reason_code").rows() == [("imaging/no_time.parquet", "missing_columns")]
+    assert pl.read_parquet(tmp_path / "second" / "out" / "imaging.parquet").height == 3
 
 
 @pytest.mark.parametrize("kind", ["float32, naive", "float64 values, UTC+2 times in ms", "integer values"])

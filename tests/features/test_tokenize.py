@@ -9,6 +9,7 @@ from polars.testing import assert_frame_equal
 from sklearn.exceptions import NotFittedError
 
 from features.cohorts import select_cohort
+from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets
 from features.tokenize import PAD, UNK, EventTokenizer
 from tests.features.task_fixtures import BP, T0, day, events_frame, task, toy_events
@@ -145,3 +146,37 @@ def test_value_bins_must_fit_in_int8() -> None:
     tokenizer.value_bins = 200  # a tokenizer changed after fit (or loaded from an edited file)
     with pytest.raises(ValueError, match=r"value_bins must be between 1 and 127.*\(found 200\)"):
         tokenizer.transform(events, cohort)
+
+
+def test_inputs_are_placed_when_known_and_labels_read_when_it_happened() -> None:
+    # Patient 1's BP of day -200 is known at once; a lab drawn 25 minutes before the prediction time
+    # is issued 95 minutes after it (not an input); a diagnosis with onset on day -100 recorded on
+    # day -10 is an input 10 days old. Patient 4's MI happened on day 400 and is known on day 420:
+    # the label reads day 400.
+    lab, late = "LOINC//2160-0", "SNOMED//44054006"
+    known = toy_events().vstack(events_frame([(1, day(-25 / 1440), lab, 1.1, None, "ehr"),
+                                              (1, day(-100), late, None, None, "ehr")]))
+    known = known.with_columns(
+        pl.when(pl.col("code") == lab).then(pl.lit(day(95 / 1440)))
+        .when(pl.col("code") == late).then(pl.lit(day(-10)))
+        .when((pl.col("subject_id") == 4) & (pl.col("code") == "SNOMED//22298006")).then(pl.lit(day(420)))
+        .otherwise(pl.col("known_time")).alias("known_time")
+    )
+    cohort = select_cohort(known, task()).cohort
+    tokenizer = EventTokenizer(10, 2, 1).fit(known, cohort, [1, 2, 3])
+    assert lab not in tokenizer.vocabulary_
+    tokens = tokenizer.transform(known, cohort)
+    first = tokens.row(0, named=True)
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    assert [names[t] for t in first["token_ids"]] == [
+        "SEX//female", "MEDS_BIRTH", BP, "SNOMED//59621000", late, "SNOMED//11429006"]
+    assert first["time_before_days"][4] == pytest.approx(10.0)  # listed in the order it became known
+    assert find_leaks(tokens, cohort, "last_input_time").height == 0
+    labels, _ = build_labels(known, cohort, task())
+    assert labels.filter(pl.col("subject_id") == 4)["duration_days"].item() == pytest.approx(400.0)
+
+
+def test_events_without_known_time_are_refused() -> None:
+    cohort = select_cohort(toy_events(), task()).cohort
+    with pytest.raises(ValueError, match=r"events table has no known_time column .*ingest the landing zone again"):
+        EventTokenizer(10, 2, 1).fit(toy_events().drop("known_time"), cohort, [1, 2, 3])

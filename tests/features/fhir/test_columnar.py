@@ -795,11 +795,11 @@ def test_merged_patients_records_go_to_the_survivor_on_both_paths(
     assert sorted(by_subject["len"].to_list()) == [1, 1, 1, 3]  # c has the three of a, b and c
 
 
-def test_a_result_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_result_is_known_once_issued_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A troponin drawn at 08:00 and resulted at 10:00 was not known at 09:00: the table keeps both
-    # times, and the event (with the components of a panel) is dated when the result was issued.
-    # An issued time before the draw (a clock error) does not move the event earlier; a malformed
-    # or future one quarantines the record, on both paths.
+    # times, and the event (with the components of a panel) is known from when the result was
+    # issued. An issued time before the draw (a clock error) does not make it known earlier; a
+    # malformed or future one quarantines the record, on both paths.
     def observation(rid: str, **extra: object) -> dict[str, object]:
         return {
             "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
@@ -836,15 +836,17 @@ def test_a_result_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypa
         ("panel", "LOINC//6598-7", drawn, datetime(2020, 1, 2, 11, 30)),
         ("panel", "LOINC//8480-6", drawn, datetime(2020, 1, 2, 11, 30)),
     ]
+    # The event happened at the draw (cohorts and labels read that); it is known once issued, where
+    # that is later (model inputs read that).
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code").str.starts_with("LOINC//"))
-    assert events.sort("time", "source", "code").select("source", "code", "time").rows() == [
-        ("observations/charted", "LOINC//6598-7", drawn),
-        ("observations/issued-first", "LOINC//6598-7", drawn),
-        ("observations/no-issued", "LOINC//6598-7", drawn),
-        ("observations/resulted-later", "LOINC//6598-7", datetime(2020, 1, 2, 10)),
-        ("observations/panel", "LOINC//6598-7", datetime(2020, 1, 2, 11, 30)),
-        ("observations/panel", "LOINC//8480-6", datetime(2020, 1, 2, 11, 30)),
-        ("observations/issued-date", "LOINC//6598-7", day_end(2020, 1, 2)),
+    assert events.select("source", "code", "time", "known_time").rows() == [
+        ("observations/resulted-later", "LOINC//6598-7", drawn, datetime(2020, 1, 2, 10)),
+        ("observations/charted", "LOINC//6598-7", drawn, None),
+        ("observations/no-issued", "LOINC//6598-7", drawn, None),
+        ("observations/issued-first", "LOINC//6598-7", drawn, None),
+        ("observations/issued-date", "LOINC//6598-7", drawn, day_end(2020, 1, 2)),
+        ("observations/panel", "LOINC//6598-7", drawn, datetime(2020, 1, 2, 11, 30)),
+        ("observations/panel", "LOINC//8480-6", drawn, datetime(2020, 1, 2, 11, 30)),
     ]
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
     assert quarantine.select("resource_id", "reason").rows() == [
@@ -853,9 +855,9 @@ def test_a_result_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypa
     ]
 
 
-def test_a_report_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_report_is_known_once_issued_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A pathology report on a specimen taken on 1 March and issued on 4 March: its table keeps the
-    # specimen's time and the issue time (recorded_time), and its event is dated when issued.
+    # specimen's time and the issue time (recorded_time), and its event is known from then.
     def report(rid: str, **times: object) -> dict[str, object]:
         return {"resourceType": "DiagnosticReport", "id": rid, "status": "final",
                 "subject": {"reference": "Patient/p1"},
@@ -881,10 +883,10 @@ def test_a_report_is_an_event_once_issued_on_both_paths(tmp_path: Path, monkeypa
         ("issued-only", datetime(2021, 3, 5, 8), datetime(2021, 3, 5, 8)),
     ]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "LOINC//60567-5")
-    assert events.sort("time").select("source", "time").rows() == [
-        ("diagnostic_reports/unissued", taken),
-        ("diagnostic_reports/later", issued),
-        ("diagnostic_reports/issued-only", datetime(2021, 3, 5, 8)),
+    assert events.select("source", "time", "known_time").rows() == [
+        ("diagnostic_reports/later", taken, issued),
+        ("diagnostic_reports/unissued", taken, None),
+        ("diagnostic_reports/issued-only", datetime(2021, 3, 5, 8), None),
     ]
 
 
@@ -1228,14 +1230,14 @@ def test_a_period_with_only_an_end_is_timed_by_its_end_on_both_paths(
         ("e-none", "missing_date", "Encounter.period is missing"),
     ]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source").str.ends_with("-end"))
-    assert events.select("source", "time").rows() == [
-        ("encounters/e-end", at_end),
-        # Its onset ended on March 1st, but it was recorded on the 5th: the event is dated then.
-        ("conditions/c-end", day_end(2021, 3, 5)),
-        ("medications/ms-end", at_end),
-        ("procedures/pr-end", at_end),
-        ("observations/o-end", at_end),
-        ("notes/d-end", at_end),
+    assert events.select("source", "time", "known_time").rows() == [
+        ("encounters/e-end", at_end, None),
+        # Its onset ended on March 1st, but it was recorded on the 5th: it is known from then.
+        ("conditions/c-end", day_end(2021, 3, 1), day_end(2021, 3, 5)),
+        ("medications/ms-end", at_end, None),
+        ("procedures/pr-end", at_end, None),
+        ("observations/o-end", at_end, None),
+        ("notes/d-end", at_end, None),
     ]
     # The fast path itself timed every Period by its start or end and fell back past empty ones:
     # only the records without a usable time were left to the per-record path.
@@ -1443,11 +1445,12 @@ def test_the_newest_copy_of_a_duplicated_resource_is_kept_on_both_paths(
     ]
 
 
-def test_conditions_and_allergies_are_events_from_when_they_were_recorded_on_both_paths(
+def test_conditions_and_allergies_are_known_from_when_they_were_recorded_on_both_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A diagnosis entered in 2018 with onset 2015 was not known in 2016: its table keeps the onset
-    # as time and the recordedDate as recorded_time, and its event is dated by the later of the two.
+    # as time and the recordedDate as recorded_time; its event keeps the onset as time and the later
+    # recordedDate as known_time.
     # AllergyIntolerance alike. A malformed recordedDate is refused, on both paths.
     def record(rt: str, rid: str, **times: object) -> dict[str, object]:
         who = "patient" if rt == "AllergyIntolerance" else "subject"
@@ -1501,16 +1504,16 @@ def test_conditions_and_allergies_are_events_from_when_they_were_recorded_on_bot
         ("a-recorded-only", day_end(2019, 3, 5), day_end(2019, 3, 5)),
     ]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "SNOMED//44054006")
-    assert events.select("source", "time").rows() == [
-        ("conditions/b-late", datetime(2017, 7, 7, 7)),
-        ("conditions/c-late", datetime(2018, 2, 1, 9)),
-        ("conditions/c-same", datetime(2019, 1, 1, 10)),
-        ("conditions/c-unrecorded", day_end(2016, 1, 31)),
-        ("conditions/c-recorded-only", datetime(2020, 5, 1, 12, 30)),
-        ("conditions/c-recorded-first", day_end(2021, 1, 1)),
-        ("conditions/c-period", day_end(2012, 3, 4)),
-        ("allergies/a-late", day_end(2019, 3, 4)),
-        ("allergies/a-recorded-only", day_end(2019, 3, 5)),
+    assert events.select("source", "time", "known_time").rows() == [
+        ("conditions/b-late", day_end(2014, 1, 1), datetime(2017, 7, 7, 7)),
+        ("conditions/c-late", day_end(2015, 6, 1), datetime(2018, 2, 1, 9)),
+        ("conditions/c-same", datetime(2019, 1, 1, 10), None),
+        ("conditions/c-unrecorded", day_end(2016, 1, 31), None),
+        ("conditions/c-recorded-only", datetime(2020, 5, 1, 12, 30), None),
+        ("conditions/c-recorded-first", day_end(2021, 1, 1), None),
+        ("conditions/c-period", day_end(2010, 1, 1), day_end(2012, 3, 4)),
+        ("allergies/a-late", day_end(2000, 1, 1), day_end(2019, 3, 4)),
+        ("allergies/a-recorded-only", day_end(2019, 3, 5), None),
     ]
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
     assert quarantine.select("resource_id", "reason_code", "reason").rows() == [

@@ -82,6 +82,7 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     cohort = pl.DataFrame({"subject_id": ids, "prediction_time": [datetime(2025, 6, 1)] * len(ids),
                            "age_years": np.linspace(30, 90, len(ids)), "sex": ["female", "male"] * (len(ids) // 2)})
     events = pl.DataFrame({"subject_id": ids, "time": [datetime(2025, 5, 1)] * len(ids),
+                           "known_time": pl.Series([None] * len(ids), dtype=pl.Datetime("us")),
                            "code": ["LOINC//8480-6"] * len(ids), "numeric_value": np.linspace(100, 180, len(ids)),
                            "modality": ["ehr"] * len(ids)})
     (warehouse / "tasks" / TASK).mkdir(parents=True)
