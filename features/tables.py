@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.fhir.columnar import fhir_time
-from features.fhir.validate import FHIR_ID, RecordError, parse_datetime
+from features.fhir.validate import EARLIEST, FHIR_ID, RecordError, parse_datetime
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 BATCH_ROWS = 20_000
@@ -237,7 +237,8 @@ def column_times(column: pa.ChunkedArray, latest: datetime) -> tuple[pa.Array, n
     """
     if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
         values = column.cast(pa.timestamp("us")).combine_chunks()
-        in_range = pc.less_equal(values, pa.scalar(latest, pa.timestamp("us")))
+        in_range = pc.and_(pc.less_equal(values, pa.scalar(latest, pa.timestamp("us"))),
+                           pc.greater_equal(values, pa.scalar(EARLIEST, pa.timestamp("us"))))
         return values, pc.fill_null(in_range, False).to_numpy(zero_copy_only=False)
     if not is_text(column.type):
         return None
@@ -310,12 +311,16 @@ def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
             value = value.astimezone(UTC).replace(tzinfo=None)
         if value > latest:
             raise RecordError("future_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is after the export time")
+        if value < EARLIEST:
+            raise RecordError("bad_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is before 1800")
         return value
     if isinstance(value, date):
         # A day without a time of day is known by its end (features.fhir.validate.parse_datetime).
         first = datetime(value.year, value.month, value.day)
         if first > latest:
             raise RecordError("future_date", f"column {name} {value:%Y-%m-%d} is after the export time")
+        if first < EARLIEST:
+            raise RecordError("bad_date", f"column {name} {value:%Y-%m-%d} is before 1800")
         return min(first + timedelta(days=1, microseconds=-1), latest)
     if isinstance(value, str):
         return parse_datetime(value.strip().replace(" ", "T", 1), f"column {name}", latest)

@@ -191,13 +191,18 @@ def test_csv_note_times_read_by_column_equal_per_row(tmp_path: Path, monkeypatch
 
 
 def test_a_notes_table_dated_by_day_is_read_as_the_end_of_each_day(tmp_path: Path) -> None:
-    # A date column (no time of day): a note of 2020-01-02 is known by the end of that day.
+    # A date column (no time of day): a note of 2020-01-02 is known by the end of that day. Dates
+    # and timestamps before 1800 are refused as FHIR dates and text times are.
     table = notes_table(time=[date(2020, 1, 2), date(2020, 2, 1)])
     assert table.schema.field("time").type == pa.date32()
     _summary, quarantine = run(tmp_path, {"notes/notes.parquet": table})
     assert quarantine.height == 0
     notes = pl.read_parquet(tmp_path / "out" / "notes.parquet")
     assert notes["time"].to_list() == [day_end(2020, 1, 2), day_end(2020, 2, 1)]
+    for kind, old in (("date", date(1799, 12, 31)), ("timestamp", datetime(1799, 12, 31, 12))):
+        _summary, quarantine = run(tmp_path / kind, {"notes/notes.parquet": notes_table(time=[old, old])})
+        assert quarantine.select("reason_code").to_series().to_list() == ["bad_date", "bad_date"]
+        assert quarantine["reason"][0].endswith("is before 1800")
 
 
 def test_a_large_table_is_staged_a_batch_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
