@@ -80,9 +80,14 @@ def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
     >>> parse_datetime("2016-12-31T23:59:60Z", "x", datetime(2030, 1, 1))
     datetime.datetime(2016, 12, 31, 23, 59, 59, 999999)
     """
+    return _checked_time(value, where, latest, period_end=True)
+
+
+def _checked_time(value: Any, where: str, latest: datetime, period_end: bool) -> datetime:
+    """:func:`_parse_datetime_text` of ``value``, or the :class:`RecordError` its reason words."""
     if not isinstance(value, str):
         raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
-    parsed = _parse_datetime_text(value, latest, True)
+    parsed = _parse_datetime_text(value, latest, period_end)
     if type(parsed) is tuple:
         code, tail = parsed
         raise RecordError(code, f"{where} {value!r:.60} {tail}")
@@ -148,13 +153,7 @@ def _last_instant(first: datetime, period: str) -> datetime:
 
 def parse_date(value: Any, where: str, latest: datetime) -> date:
     """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``; a partial date is its first day."""
-    if not isinstance(value, str):
-        raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
-    parsed = _parse_datetime_text(value, latest, False)
-    if type(parsed) is tuple:
-        code, tail = parsed
-        raise RecordError(code, f"{where} {value!r:.60} {tail}")
-    return parsed.date()  # type: ignore[union-attr]
+    return _checked_time(value, where, latest, period_end=False).date()
 
 
 _DATE_LENGTH = len("2019-04-01")
