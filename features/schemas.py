@@ -223,8 +223,8 @@ RECORDED_EVENTS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),
     # When the record became known: a diagnosis's or allergy's recordedDate (entered in the record),
     # a report's issued (made available to clinicians); null when not given. ``time`` stays the
-    # onset or the specimen's time, which may be earlier: events date it by the later of the two,
-    # since no prediction made before then could have known of it.
+    # onset or the specimen's time, which may be earlier: the event is known from the later of the
+    # two (``known_time``), since no prediction made before then could have known of it.
     pa.field("recorded_time", TIME, nullable=True),
 )
 """Conditions, allergies (AllergyIntolerance) and diagnostic reports: the coded-events shape, and
@@ -311,8 +311,8 @@ OBSERVATIONS = pa.schema(
         # When the observation was made (effective[DateTime|Period|Instant], else issued).
         pa.field("time", TIME, nullable=False),
         # ``issued``: when the result was made available to clinicians (a lab drawn at 08:00 may be
-        # resulted at 10:00); null when not given. The event is dated by the later of the two: a
-        # prediction made at 09:00 could not have read that result.
+        # resulted at 10:00); null when not given. The event is known from the later of the two
+        # (``known_time``): a prediction made at 09:00 could not have read that result.
         pa.field("issued_time", TIME, nullable=True),
         # Chosen among the codings as CODED_EVENTS' code is. For a component, the component's
         # code; ``parent_code`` then holds the panel's code.

@@ -371,7 +371,7 @@ def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
 def _recorded_time(res: dict[str, Any], rt: str, origin: Origin) -> datetime | None:
     """A Condition's or AllergyIntolerance's ``recordedDate``, a DiagnosticReport's ``issued``
     (:data:`RECORDED_TYPES`), or None when it has none. Read even when another element gives the
-    time: the event is dated by the later of the two (a diagnosis entered in 2018 with onset 2015
+    time: the event is known from the later of the two (a diagnosis entered in 2018 with onset 2015
     was not known in 2016), so a malformed one is refused, not skipped."""
     field = RECORDED_TYPES[rt]
     value = res.get(field)
