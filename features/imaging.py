@@ -65,17 +65,15 @@ def usual_embedding_length(paths: list[Path]) -> int | None:
 
 
 def read_imaging_file(
-    path: Path, source_file: str, latest: datetime, spill: Spill | None = None, length: int | None = None
+    path: Path, source_file: str, latest: datetime, length: int | None, spill: Spill | None = None
 ) -> TableRead:
-    """Read one imaging embeddings table; ``spill`` as in :class:`TableRead`. ``length``: the
-    landing zone's :func:`usual_embedding_length` (this file's own when None)."""
+    """Read one imaging embeddings table; ``length``: the landing zone's
+    :func:`usual_embedding_length`; ``spill`` as in :class:`TableRead`."""
     result = TableRead("imaging", source_file, rows={"imaging": []}, frames={"imaging": []}, spill=spill)
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
         require_columns(path, "imaging table", IMAGING_INPUT.names)
-        if length is None:
-            length = usual_embedding_length([path])
         split = partial(_imaging_frame, length=length, latest=latest, source_file=source_file)
         read_row = partial(_read_row, length=length, latest=latest, source_file=source_file, result=result)
         read_by_column(path, result, "imaging", split, read_row)

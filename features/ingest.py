@@ -1266,7 +1266,7 @@ def _ingest_locked(
             ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill)),
             ("genomics", landing.genomics, read_genomics_file),
             ("imaging", landing.imaging,
-             lambda p, rel, spill: read_imaging_file(p, rel, export_time, spill, imaging_length())),
+             lambda p, rel, spill: read_imaging_file(p, rel, export_time, imaging_length(), spill)),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
         # Input size as the batching counts it (a .gz file several times its size), before planning.

@@ -14,7 +14,7 @@ import csv
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -315,13 +315,8 @@ def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
             raise RecordError("bad_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is before 1800")
         return value
     if isinstance(value, date):
-        # A day without a time of day is known by its end (features.fhir.validate.parse_datetime).
-        first = datetime(value.year, value.month, value.day)
-        if first > latest:
-            raise RecordError("future_date", f"column {name} {value:%Y-%m-%d} is after the export time")
-        if first < EARLIEST:
-            raise RecordError("bad_date", f"column {name} {value:%Y-%m-%d} is before 1800")
-        return min(first + timedelta(days=1, microseconds=-1), latest)
+        # A day without a time of day: read as the FHIR date it is (known by its end, checked alike).
+        return parse_datetime(value.isoformat(), f"column {name}", latest)
     if isinstance(value, str):
         return parse_datetime(value.strip().replace(" ", "T", 1), f"column {name}", latest)
     raise RecordError("bad_type", f"column {name} should be a time, found {type(value).__name__} {value!r:.40}")

@@ -50,7 +50,6 @@ ID_TEXT_VALUE_FAMILIES = ("NOTE//", "IMAGING_STUDY//", "IMAGING//")
 value: see the table of :mod:`features.events`. Their tokens are the bare code."""
 
 
-
 def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.LazyFrame:
     """Events of cohort patients known at their prediction time, with ``prediction_time`` joined.
 

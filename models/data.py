@@ -94,12 +94,13 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
     if rows.is_empty():
         return {}
     lengths = rows["embedding"].list.len()
-    if (lengths != width).any():
-        found = lengths.filter(lengths != width)
+    wrong = lengths != width
+    if wrong.any():
+        found = lengths.filter(wrong)
         kind = id_column.removesuffix("_id")
         raise ValueError(
             f"{kind} inputs: {found.len()} embeddings have {found[0]} values where the model reads {width} "
-            f"(subject {rows['subject_id'].filter(lengths != width)[0]}; expected every embedding from one encoder, "
+            f"(subject {rows['subject_id'].filter(wrong)[0]}; expected every embedding from one encoder, "
             "the one the model is built for: ingest one encoder's embeddings, or train the model again for the new "
             "encoder)"
         )

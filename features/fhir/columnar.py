@@ -774,7 +774,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             verification.alias("verification_status"),
         ]
         if rt in RECORDED_TYPES:
-            # flatten._recorded_time: read (and checked) even when the onset gives the time.
+            # flatten._optional_time: read (and checked) even when the onset gives the time.
             # recordedDate (issued) is one of the time fields, parsed already.
             known = RECORDED_TYPES[rt]
             recorded = fhir_time(pl.col(known), ctx.latest, pl.col(f"__time_{known}"))

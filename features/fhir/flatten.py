@@ -352,7 +352,7 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
         if rt in MEDICATION_TYPES:
             row = (*row, _do_not_perform(res, rt))
         elif rt in RECORDED_TYPES:
-            row = (*row, _recorded_time(res, rt, origin))
+            row = (*row, _optional_time(res, RECORDED_TYPES[rt], rt, origin))
         return [(*row, origin.source_file, origin.record_number)]
 
     return flatten
@@ -368,14 +368,14 @@ def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
     return flag
 
 
-def _recorded_time(res: dict[str, Any], rt: str, origin: Origin) -> datetime | None:
-    """A Condition's or AllergyIntolerance's ``recordedDate``, a DiagnosticReport's ``issued``
-    (:data:`RECORDED_TYPES`), or None when it has none. Read even when another element gives the
-    time: the event is known from the later of the two (a diagnosis entered in 2018 with onset 2015
-    was not known in 2016), so a malformed one is refused, not skipped."""
-    field = RECORDED_TYPES[rt]
-    value = res.get(field)
-    return parse_datetime(value, f"{rt}.{field}", origin.latest) if value is not None else None
+def _optional_time(res: dict[str, Any], element: str, rt: str, origin: Origin) -> datetime | None:
+    """The time element ``element`` of a resource, or None when it has none. A Condition's or
+    AllergyIntolerance's ``recordedDate``, a DiagnosticReport's or Observation's ``issued`` are
+    read even when another element gives the time: the event is known from the later of the two (a
+    diagnosis entered in 2018 with onset 2015 was not known in 2016), so a malformed one is refused,
+    not skipped."""
+    value = res.get(element)
+    return parse_datetime(value, f"{rt}.{element}", origin.latest) if value is not None else None
 
 
 def _time_and_status(
@@ -384,8 +384,9 @@ def _time_and_status(
     """A coded record's time, end time, status code and verification status code."""
     _, time_fields, status_field = _CODED[rt]
     time, end = _time(res, time_fields, rt, origin)
-    if rt == "Condition" and res.get("abatementDateTime") is not None:
-        end = parse_datetime(res["abatementDateTime"], "Condition.abatementDateTime", origin.latest)
+    abatement = _optional_time(res, "abatementDateTime", rt, origin) if rt == "Condition" else None
+    if abatement is not None:
+        end = abatement
     verification = res.get("verificationStatus") if "verificationStatus" in STATUS_ELEMENTS[rt] else None
     return time, end, _status_code(res.get(status_field)), _status_code(verification)
 
@@ -494,8 +495,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     patient = _patient(res, "Observation", origin)
     code, coding = _code(res.get("code"), "Observation.code")
     time, _ = _time(res, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"), "Observation", origin)
-    issued = res.get("issued")
-    issued_time = parse_datetime(issued, "Observation.issued", origin.latest) if issued is not None else None
+    issued_time = _optional_time(res, "issued", "Observation", origin)
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     category, _ = _optional_code(_first_in_list(res.get("category")))
     category = category.split("//", 1)[1] if category else None
