@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     model_dir = warehouse / "models" / "synthetic_1y"
     metrics = train_task_model(
         warehouse / "tasks" / "synthetic_1y", model_dir, task,
-        TrainingArguments(max_epochs=10, batch_size=64, learning_rate=3e-3),
+        TrainingArguments(max_epochs=10, batch_size=64, learning_rate=3e-3, device="cpu"),
         {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64},
     )
     return model_dir, metrics
