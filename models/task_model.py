@@ -501,17 +501,44 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     save_reference(staging / REFERENCE_FILE, reference_risk)
     if reference_inputs is not None:
         input_reference(reference_inputs).write_parquet(staging / INPUT_REFERENCE_FILE)
-    # The replaced model's references, so that drift after a retraining is measured against the
-    # data the model before was trained on (models.drift).
-    for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
-        if (folder / name).is_file():
-            shutil.copy(folder / name, staging / f"{PREVIOUS_PREFIX}{name}")
+    _keep_previous_references(folder, staging)
     (staging / "cohortcast_model.json").write_text(json.dumps({
         "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }, indent=2))
     return replace_dir(staging, folder)
+
+
+def _keep_previous_references(replaced: Path, staging: Path) -> None:
+    """Copy the references of the model in ``replaced`` into ``staging`` as ``previous_*``, so that
+    drift after a retraining is measured against the data the model before was trained on
+    (models.drift); without a model there, ``staging`` keeps none."""
+    for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
+        (staging / f"{PREVIOUS_PREFIX}{name}").unlink(missing_ok=True)
+        if (replaced / name).is_file():
+            shutil.copy(replaced / name, staging / f"{PREVIOUS_PREFIX}{name}")
+
+
+def promote_model(candidate: Path, live: Path) -> Path:
+    """Make the model folder ``candidate`` the one scoring reads, at ``live``; return ``live``.
+
+    The candidate is copied, not moved, so it stays beside its training run's record. The copy
+    takes the replaced model's drift references as ``previous_*`` (those the candidate was written
+    with belong to whatever folder it was trained over), and replaces ``live`` atomically: a killed
+    promotion leaves the model before it in place.
+
+    Raises
+    ------
+    ModelFolderError
+        When ``candidate`` is not a complete model folder of this version.
+    """
+    load_task_model(candidate)  # refuses a missing, partial or other-version folder, with the reason
+    staging = live.with_name(f".{live.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(candidate, staging)
+    _keep_previous_references(live, staging)
+    return replace_dir(staging, live)
 
 
 def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibrator, dict[str, Any]]:

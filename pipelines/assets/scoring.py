@@ -1,6 +1,6 @@
 """Scoring and publishing assets: the ranked, explained, versioned cohort people act on.
 
-Stage: scoring and publishing. In: a task's ``fusion_model`` and model inputs, the warehouse's
+Stage: scoring and publishing. In: a task's ``deployed_model`` and model inputs, the warehouse's
 ``patients`` table and the previously published cohort. Out: ``risk_scores`` (every cohort patient
 scored, under ``WAREHOUSE/scores/<task>.parquet``) and ``published_cohort`` (a new version under
 ``WORKSPACE/published/<task>/``, the DuckDB database and FHIR RiskAssessments).
@@ -71,7 +71,7 @@ def scores_path(workspace: Workspace, task: str) -> Path:
 
 
 @dg.asset(group_name="scoring", partitions_def=task_partitions,
-          deps=["fusion_model", "event_tokens", "note_embeddings", "imaging_inputs"], kinds={"parquet"})
+          deps=["deployed_model", "event_tokens", "note_embeddings", "imaging_inputs"], kinds={"parquet"})
 def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
                 workspace: Workspace) -> dg.MaterializeResult:
     """Risk, survival curve, treatment effect, tier and explanation of every cohort patient."""

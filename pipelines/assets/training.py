@@ -2,9 +2,11 @@
 
 Stage: model. In: a task's inputs under ``WAREHOUSE/tasks/<task>/`` (the ``tasks`` and
 ``model_inputs`` assets) and, for a simulated hospital, ``landing/truth.parquet``. Out:
-``fusion_model``, a model folder under ``WAREHOUSE/models/<task>/`` written by
-:func:`models.task_model.train_task_model`, and a blocking check of its held-out quality
-(:func:`models.publishing.quality_shortfalls`, the rule ``published_cohort`` applies again).
+``fusion_model``, a candidate model folder under ``WAREHOUSE/candidate_models/<task>/`` written by
+:func:`models.task_model.train_task_model`; a blocking check of its held-out quality
+(:func:`models.publishing.quality_shortfalls`, the rule ``published_cohort`` applies again); and
+``deployed_model``, the folder scoring reads, ``WAREHOUSE/models/<task>/``, replaced by the candidate
+only when the check passed. A rejected model therefore never displaces the last good one.
 """
 
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
@@ -15,7 +17,7 @@ import dagster as dg
 
 from features.tasks import TaskDefinition, load_task
 from models.publishing import quality_shortfalls
-from models.task_model import train_task_model
+from models.task_model import promote_model, train_task_model
 from models.training import TrainingArguments
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
 from pipelines.resources import Workspace
@@ -49,7 +51,13 @@ class TrainingRunConfig(dg.Config):  # type: ignore[misc]
 
 
 def model_dir(workspace: Workspace, task_name: str) -> Path:
+    """The deployed model of a task: the one scoring and publishing read."""
     return workspace.warehouse_dir / "models" / task_name
+
+
+def candidate_model_dir(workspace: Workspace, task_name: str) -> Path:
+    """The model a run trained, deployed only once its quality check passes."""
+    return workspace.warehouse_dir / "candidate_models" / task_name
 
 
 def quality_gates(task: TaskDefinition, config: ModelQualityConfig) -> tuple[float, float]:
@@ -62,7 +70,8 @@ def quality_gates(task: TaskDefinition, config: ModelQualityConfig) -> tuple[flo
 @dg.asset(group_name="model", partitions_def=task_partitions, deps=TASK_INPUTS, kinds={"pytorch"})
 def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                  workspace: Workspace) -> dg.MaterializeResult:
-    """The task's fusion transformer, calibrated on the tuning split and evaluated on held-out patients."""
+    """The task's fusion transformer, calibrated on the tuning split and evaluated on held-out patients:
+    a candidate until its quality check passes."""
     task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
     truth = workspace.landing_dir / "truth.parquet"
     args = TrainingArguments(max_epochs=config.max_epochs, batch_size=config.batch_size,
@@ -70,7 +79,7 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                              average_epochs=config.average_epochs, bf16=config.bf16)
     architecture = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                     "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
-    folder = model_dir(workspace, task.name)
+    folder = candidate_model_dir(workspace, task.name)
     metrics = train_task_model(
         workspace.warehouse_dir / "tasks" / task.name, folder, task, args, architecture,
         truth if truth.is_file() else None, baselines=config.baselines,
@@ -93,8 +102,22 @@ def fusion_model_quality(context: dg.AssetCheckExecutionContext, config: ModelQu
                          workspace: Workspace) -> dg.AssetCheckResult:
     task = load_task(TASKS_DIR / f"{context.run.tags.get('dagster/partition', '')}.yaml")
     min_auroc, max_error = quality_gates(task, config)
-    fusion = json.loads((model_dir(workspace, task.name) / "metrics.json").read_text())["models"]["fusion"]
+    fusion = json.loads((candidate_model_dir(workspace, task.name) / "metrics.json").read_text())["models"]["fusion"]
     return dg.AssetCheckResult(passed=not quality_shortfalls(fusion, min_auroc, max_error), metadata={
         "auroc": fusion["auroc"], "min_auroc": min_auroc,
         "calibration_error": fusion["calibration_error"], "max_calibration_error": max_error,
+    })
+
+
+@dg.asset(group_name="model", partitions_def=task_partitions, deps=[fusion_model], kinds={"pytorch"})
+def deployed_model(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
+    """The model scoring reads: this run's ``fusion_model``, which passed its blocking quality check
+    (Dagster does not run this asset after a failed one, so the model before stays)."""
+    folder = promote_model(candidate_model_dir(workspace, context.partition_key),
+                           model_dir(workspace, context.partition_key))
+    fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(folder)),
+        "held_out/auroc": float(fusion["auroc"]),
+        "held_out/calibration_error": float(fusion["calibration_error"]),
     })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import polars as pl
 import pytest
 
 from features.tasks import load_task
+from models.drift import INPUT_REFERENCE_FILE, PREVIOUS_PREFIX, REFERENCE_FILE, save_reference
 from models.task_model import (
     ModelFolderError,
     _InputMatrices,
@@ -19,6 +21,7 @@ from models.task_model import (
     _training_text,
     load_task_data,
     load_task_model,
+    promote_model,
     train_task_model,
 )
 from models.training import TrainingArguments
@@ -142,6 +145,40 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
     with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 3"):
         load_task_model(broken)
+
+
+def test_promoting_a_candidate_replaces_the_live_model_and_keeps_the_replaced_ones_references(
+        trained: tuple[Path, dict], tmp_path: Path) -> None:
+    model_dir, _ = trained
+    candidate, live = tmp_path / "candidate_models" / "synthetic_1y", tmp_path / "models" / "synthetic_1y"
+    shutil.copytree(model_dir, candidate)
+    # Written over an older candidate: its previous_* are not the live model's.
+    save_reference(candidate / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(10, 0.9)})
+
+    assert promote_model(candidate, live) == live
+    assert sorted(p.name for p in live.iterdir()) == sorted(
+        p.name for p in model_dir.iterdir())  # the first model: nothing before it, so no previous_*
+    assert (live / "model.safetensors").read_bytes() == (candidate / "model.safetensors").read_bytes()
+    assert candidate.is_dir()
+
+    save_reference(live / REFERENCE_FILE, {"train": np.full(10, 0.5)})  # the live model's own cohort
+    replaced = {name: (live / name).read_bytes() for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE)}
+    promote_model(candidate, live)
+    for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
+        assert (live / f"{PREVIOUS_PREFIX}{name}").read_bytes() == replaced[name]
+        assert (live / name).read_bytes() == (candidate / name).read_bytes()
+    assert not list(live.parent.glob(".*"))  # no staging or retired folder left beside it
+
+
+def test_a_broken_candidate_is_refused_and_the_live_model_stays(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    model_dir, _ = trained
+    live, candidate = tmp_path / "live", tmp_path / "candidate"
+    shutil.copytree(model_dir, live)
+    shutil.copytree(model_dir, candidate)
+    (candidate / "model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match=r"candidate is missing model\.safetensors"):
+        promote_model(candidate, live)
+    assert (live / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
 
 
 def test_severities_read_from_data_recover_a_term_the_inputs_carry_and_leave_an_uncarried_one_unknown(

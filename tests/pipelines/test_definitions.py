@@ -13,7 +13,7 @@ def test_definitions_load_with_every_asset_and_resource() -> None:
     assert {"simulated_landing_zone", "events", "patients", "cohort", "labels", "event_tokens"} <= keys
     for job in ("ingest", "task_pipeline", "ingest_batch"):
         assert defs.resolve_job_def(job) is not None
-    assert {"fusion_model", "risk_scores", "published_cohort"} <= keys
+    assert {"fusion_model", "deployed_model", "risk_scores", "published_cohort"} <= keys
     assert defs.resolve_schedule_def("nightly_rescore").cron_schedule == "0 2 * * *"
     assert defs.resolve_sensor_def("publish_after_ingest") is not None
     assert "workspace" in defs.resources

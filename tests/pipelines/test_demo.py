@@ -49,7 +49,10 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
     assert "top of the high-risk list (published v0001, 14 high-risk of 276; 24 who died after" in output
 
-    # A model below the task's quality gate is not published: the live version stays v0001.
+    # A model below the task's quality gate is neither deployed nor published: the model before it
+    # stays the one scoring reads, and the live version stays v0001.
+    deployed = tmp_path / "workspace" / "warehouse" / "models" / DEMO_TASK
+    deployed_weights = (deployed / "model.safetensors").read_bytes()
     with dg.instance_for_test() as instance:
         gated = dg.materialize(
             [*task_assets, *all_asset_checks], selection=dg.AssetSelection.assets(*task_assets),
@@ -61,9 +64,12 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert not gated.success
     quality = [e for e in gated.get_asset_check_evaluations() if e.asset_check_key.name == "fusion_model_quality"]
     assert [e.passed for e in quality] == [False]
-    assert {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()} >= {"fusion_model"}
-    assert "published_cohort" not in {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()}
+    gated_materialized = {e.asset_key.to_user_string() for e in gated.get_asset_materialization_events()}
+    assert "fusion_model" in gated_materialized
+    assert not {"deployed_model", "risk_scores", "published_cohort"} & gated_materialized
     assert (tmp_path / "workspace" / "published" / DEMO_TASK / "CURRENT").read_text().strip() == "v0001"
-    gated_model = tmp_path / "workspace" / "warehouse" / "models" / DEMO_TASK
-    arguments = json.loads((gated_model / "metrics.json").read_text())["training_arguments"]
+    rejected = tmp_path / "workspace" / "warehouse" / "candidate_models" / DEMO_TASK
+    arguments = json.loads((rejected / "metrics.json").read_text())["training_arguments"]
     assert arguments["bf16"] is False and arguments["max_epochs"] == 1
+    assert (deployed / "model.safetensors").read_bytes() == deployed_weights
+    assert json.loads((deployed / "metrics.json").read_text())["training_arguments"]["max_epochs"] == 3
