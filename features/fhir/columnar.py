@@ -62,7 +62,7 @@ from features.fhir.specs import (
     TABLE_OF_TYPE,
     VOCABULARY_PREFIXES,
 )
-from features.fhir.validate import EARLIEST, is_valid_r4, r4_model
+from features.fhir.validate import DATE_LENGTH, EARLIEST, is_valid_r4, r4_model
 from features.identifiers import subject_ids
 from features.schemas import STAGED_TABLES
 
@@ -471,7 +471,7 @@ def not_before(value: pl.Expr, parsed: pl.Expr, other: pl.Expr, other_parsed: pl
     dateTimes compare as instants. Partial dates, whose coarser cut this does not make, are never
     cleared here (their :func:`fhir_time` is not ok).
     """
-    dated = (value.str.len_bytes() == 10) | (other.str.len_bytes() == 10)
+    dated = (value.str.len_bytes() == DATE_LENGTH) | (other.str.len_bytes() == DATE_LENGTH)
     return pl.when(dated).then(value.str.slice(0, 10) >= other.str.slice(0, 10)).otherwise(parsed >= other_parsed)
 
 
@@ -632,7 +632,10 @@ def _time_fields(
             start, stop = checked(f"__time_{name}.start"), checked(f"__time_{name}.end")
             has_start = start_text.is_not_null()
             this_ok = pl.when(has_start).then(start.ok & (stop_text.is_null() | stop.ok)).otherwise(stop.ok)
-            this_time, this_end = pl.when(has_start).then(start.value).otherwise(stop.value), stop.value
+            # A start without a time of day is the end of its day, but no later than the end (flatten._time).
+            capped = pl.when((start_text.str.len_bytes() <= DATE_LENGTH) & (start.value > stop.value))
+            this_start = capped.then(stop.value).otherwise(start.value)
+            this_time, this_end = pl.when(has_start).then(this_start).otherwise(stop.value), stop.value
             present = has_start | stop_text.is_not_null()
         else:
             value = checked(f"__time_{name}")

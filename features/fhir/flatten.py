@@ -40,6 +40,7 @@ from features.fhir.specs import (
     vocabulary_prefix,
 )
 from features.fhir.validate import (
+    DATE_LENGTH,
     FHIR_ID,
     RecordError,
     check_id,
@@ -196,8 +197,10 @@ def _time(
     """The first of ``keys`` present (a dateTime, or a Period) as (time, end time).
 
     A Period's time is its start, else its end: a procedure or a visit known only by when it ended
-    had happened by then, and dating it so never places it earlier than the source says. A Period
-    with neither counts as absent, and the next key is read.
+    had happened by then, and dating it so never places it earlier than the source says. A start
+    given without a time of day is the end of its day (known by then), but never after the
+    Period's end: a visit that began on 1 January and ended there at 09:00 had begun by 09:00. A
+    Period with neither counts as absent, and the next key is read.
     """
     empty: list[str] = []
     for key in keys:
@@ -214,7 +217,10 @@ def _time(
                 end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest)
                 return end_time, end_time
             start_time = parse_datetime(start, f"{where}.{key}.start", origin.latest)
-            return start_time, (parse_datetime(end, f"{where}.{key}.end", origin.latest) if end is not None else None)
+            if end is None:
+                return start_time, None
+            end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest)
+            return (end_time if len(start) <= DATE_LENGTH and start_time > end_time else start_time), end_time
         return parse_datetime(value, f"{where}.{key}", origin.latest), None
     if empty:
         others = [key for key in keys if key not in empty]

@@ -156,7 +156,7 @@ def parse_date(value: Any, where: str, latest: datetime) -> date:
     return _checked_time(value, where, latest, period_end=False).date()
 
 
-_DATE_LENGTH = len("2019-04-01")
+DATE_LENGTH = len("2019-04-01")
 """The longest FHIR date without a time: any longer text is a dateTime."""
 
 
@@ -184,7 +184,7 @@ def is_before(value: str, other: str) -> bool:
     True
     """
     shorter = min(len(value), len(other))
-    if shorter <= _DATE_LENGTH:
+    if shorter <= DATE_LENGTH:
         # YYYY, YYYY-MM and YYYY-MM-DD are fixed width and a dateTime starts with its local date:
         # the texts cut to the coarser precision compare as the dates they name.
         return value[:shorter] < other[:shorter]

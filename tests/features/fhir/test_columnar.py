@@ -1245,6 +1245,50 @@ def test_a_period_with_only_an_end_is_timed_by_its_end_on_both_paths(
     assert [timed[line]["id"] for line in read.slow.tolist()] == ["pr-nothing", "pr-bad-end", "e-empty", "e-none"]
 
 
+def test_a_period_started_on_a_date_starts_no_later_than_its_timed_end_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start given as a date is known by the end of its day, but a visit that ended at 09:00 that
+    # day had begun by then: its start is its end, never after it (a negative length of stay).
+    snomed = {"coding": [{"system": "http://snomed.info/sct", "code": "80146002"}]}
+
+    def record(rt: str, rid: str, **fields: object) -> dict[str, object]:
+        return {"resourceType": rt, "id": rid, "subject": {"reference": "Patient/p1"}, **fields}
+
+    resources = [
+        {"resourceType": "Patient", "id": "p1"},
+        record("Encounter", "e-same-day", status="finished",
+               period={"start": "2021-01-01", "end": "2021-01-01T09:00:00Z"}),
+        record("Encounter", "e-next-day", status="finished",
+               period={"start": "2021-01-01", "end": "2021-01-03T09:00:00Z"}),
+        record("Encounter", "e-month", status="finished",
+               period={"start": "2021-01", "end": "2021-01-20T09:00:00Z"}),
+        record("Procedure", "pr-same-day", code=snomed, status="completed",
+               performedPeriod={"start": "2021-01-01", "end": "2021-01-01T09:00:00Z"}),
+        # Two times of day: kept as written, whichever comes first.
+        record("Procedure", "pr-timed", code=snomed, status="completed",
+               performedPeriod={"start": "2021-01-01T10:00:00Z", "end": "2021-01-01T09:00:00Z"}),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "periods.ndjson").write_bytes(b"\n".join(map(orjson.dumps, resources)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined == 0
+    nine = datetime(2021, 1, 1, 9)
+
+    def rows(table: str, *columns: str) -> list[tuple[object, ...]]:
+        return pl.read_parquet(tmp_path / "fast" / f"{table}.parquet").select(columns).rows()
+
+    assert rows("encounters", "encounter_id", "start_time", "end_time") == [
+        ("e-same-day", nine, nine),
+        ("e-next-day", day_end(2021, 1, 1), datetime(2021, 1, 3, 9)),
+        ("e-month", datetime(2021, 1, 20, 9), datetime(2021, 1, 20, 9)),
+    ]
+    assert rows("procedures", "resource_id", "time", "end_time") == [
+        ("pr-same-day", nine, nine), ("pr-timed", datetime(2021, 1, 1, 10), nine)
+    ]
+
 def test_do_not_perform_end_only_periods_and_local_first_codings_damaged_in_turn_equal_per_record_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1742,7 +1786,8 @@ def test_dates_of_other_precision_or_zone_are_compared_at_the_coarser_on_both_pa
     ]
     assert rows("encounters", "encounter_id", "patient_id", "start_time", "end_time") == [
         ("e-date-end", "p1", datetime(2021, 3, 15, 10), day_end(2021, 3, 15)),
-        ("e-date-start", "p1", day_end(2021, 3, 15), datetime(2021, 3, 14, 19, 30)),
+        # Begun by its end (19:30 UTC, the 15th on its own calendar): its date start is no later.
+        ("e-date-start", "p1", datetime(2021, 3, 14, 19, 30), datetime(2021, 3, 14, 19, 30)),
         ("e-month-end", "p1", datetime(2021, 3, 15, 10), day_end(2021, 3, 31)),
         ("e-leap-end", "p1", datetime(2016, 12, 31, 23), leap),
         ("b-e", "b-neo", datetime(2020, 1, 1, 4, 30), day_end(2020, 1, 1)),
