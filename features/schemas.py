@@ -498,6 +498,8 @@ EVENT_TOKENS = pa.schema(
         pa.field("modality_ids", pa.list_(pa.int8()), nullable=False),
         # Latest event time used; null when only static facts were used. The leakage check reads it.
         pa.field("last_input_time", TIME, nullable=True),
+        # Events known before the prediction time (in the vocabulary) left out by ``max_events``.
+        pa.field("dropped_events", pa.int32(), nullable=False),
     ]
 )
 """One row per cohort patient: the event sequence the fusion model reads, cut at prediction time."""

@@ -165,9 +165,8 @@ def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
         return _arrow(tokens, EVENT_TOKENS), {
             "vocabulary_size": len(tokenizer.vocabulary_),
             "mean_length": float(lengths.cast(pl.Float64).mean() or 0.0),  # type: ignore[arg-type]
-            # At the limit: every patient cut to max_events tokens, including one with more static
-            # facts than that (cut to its first max_events static facts).
-            "truncated_patients": int((lengths >= settings.max_events).sum()),
+            # Patients with known events left out by max_events (static facts past it included).
+            "truncated_patients": int((tokens["dropped_events"] > 0).sum()),
             "leaking_patients": find_leaks(tokens, cohort, "last_input_time").height
             + find_negative_offsets(tokens).height,
         }

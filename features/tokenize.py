@@ -184,12 +184,13 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
                 pl.col("time").is_null().cum_sum().over("subject_id").cast(pl.Int64).alias("static_rank"),
                 pl.col("time").rank("ordinal", descending=True).over("subject_id").cast(pl.Int64)
                 .alias("recency"),
+                pl.len().over("subject_id").cast(pl.Int32).alias("known_events"),
             )
             .filter(pl.when(pl.col("time").is_null())
                     .then(pl.col("static_rank") <= self.max_events)
                     .otherwise(pl.col("recency") <= pl.lit(self.max_events, dtype=pl.Int64) - pl.col("n_static")))
             .select("subject_id", "prediction_time", "time", "token", "token_id", "numeric_value",
-                    "time_before_days", "modality_id")
+                    "time_before_days", "modality_id", "known_events")
             .collect()
         )
         seen = seen.with_columns(pl.Series("value_bin", self._bins(seen), dtype=pl.Int8))
@@ -202,6 +203,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
                 pl.col("time_before_days"),
                 pl.col("modality_id").alias("modality_ids"),
                 pl.col("time").max().alias("last_input_time"),
+                (pl.col("known_events").first() - pl.len().cast(pl.Int32)).alias("dropped_events"),
             )
         )
         return (
@@ -212,6 +214,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
                 pl.col("value_bins").fill_null(pl.lit([], dtype=pl.List(pl.Int8))),
                 pl.col("time_before_days").fill_null(pl.lit([], dtype=pl.List(pl.Float32))),
                 pl.col("modality_ids").fill_null(pl.lit([], dtype=pl.List(pl.Int8))),
+                pl.col("dropped_events").fill_null(0),
             )
             .sort("subject_id")
         )

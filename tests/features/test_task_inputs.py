@@ -106,5 +106,19 @@ def test_event_tokens_step_cuts_and_counts_a_patient_with_more_static_facts_than
     # Patients 1, 3 and 4: sex, birth, blood pressure, a condition and the visit (5 < 6).
     assert tokens["token_ids"].list.len().to_list() == [5, 6, 5, 5]
     assert tokens.filter(pl.col("subject_id") == 2)["time_before_days"].to_list() == [[None] * 6]
+    assert tokens["dropped_events"].to_list() == [0, 7, 0, 0]  # patient 2: 13 known, 6 kept
     assert result.stats["truncated_patients"] == 1
     assert result.stats["leaking_patients"] == 0
+
+
+def test_a_patient_with_exactly_max_events_tokens_is_not_counted_as_cut(tmp_path: Path) -> None:
+    warehouse = toy_warehouse(tmp_path, toy_events())
+    definition = task(inputs={"min_code_count": 1, "max_events": 5},
+                      splits={"train": 1.0, "tuning": 0.0, "held_out": 0.0})
+    task_inputs.build_cohort(warehouse, definition)
+    task_inputs.build_splits(warehouse, definition)
+    result = task_inputs.build_event_tokens(warehouse, definition)
+    tokens = pl.read_parquet(result.path)
+    assert tokens["token_ids"].list.len().to_list() == [5, 5, 5, 5]
+    assert tokens["dropped_events"].to_list() == [0, 0, 0, 0]
+    assert result.stats["truncated_patients"] == 0
