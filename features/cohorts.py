@@ -5,8 +5,11 @@ Stage: tasks. In: the ``events`` table (MEDS form, :data:`features.schemas.EVENT
 one row per patient with its ``prediction_time``) and the attrition: how many patients each rule
 removed, in order, so that nobody leaves the cohort without being counted.
 
-Every rule looks only at events at or before the prediction time, except the prediction-time rule
-itself (which defines it) and death before it (a dead patient cannot be predicted for).
+Every rule looks only at events known at or before the prediction time, except death before it
+(a dead patient cannot be predicted for). An event is known from its ``known_time`` where it has one
+(a diagnosis recorded days after its onset), else from its ``time``: a patient enters a cohort when
+the index diagnosis is in the record, and no exclusion rule reads what was recorded later. A rule's
+look-back window still reads when things happened.
 """
 
 from __future__ import annotations
@@ -38,6 +41,24 @@ def as_frame(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
     return events.lazy() if isinstance(events, pl.DataFrame) else events
 
 
+def with_known_time(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+    """The events, lazily, with ``known_at``: when each became known (its ``known_time`` where it
+    has one, else its ``time``; null for static facts).
+
+    Raises
+    ------
+    ValueError
+        When the table has no ``known_time`` column (a warehouse ingested by an older version).
+    """
+    frame = as_frame(events)
+    if "known_time" not in frame.collect_schema().names():
+        raise ValueError(
+            "events table has no known_time column (expected the events of a warehouse ingested by this version "
+            "of cohortcast: ingest the landing zone again)"
+        )
+    return frame.with_columns(pl.coalesce("known_time", "time").alias("known_at"))
+
+
 def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule) -> pl.LazyFrame:
     """Subject ids whose record has one of the rule's codes in its window before prediction time.
 
@@ -46,10 +67,10 @@ def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule) ->
     hits = events.filter(pl.col("code").is_in(list(rule.codes))).join(
         cohort.select("subject_id", "prediction_time"), on="subject_id"
     )
-    in_window = pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time"))
+    in_window = pl.col("time").is_null() | (pl.col("known_at") <= pl.col("prediction_time"))
     if rule.window_days is not None:
         in_window = pl.col("time").is_null() | (
-            (pl.col("time") <= pl.col("prediction_time"))
+            (pl.col("known_at") <= pl.col("prediction_time"))
             & (pl.col("time") >= pl.col("prediction_time")
                - pl.duration(microseconds=_microseconds(rule.window_days * 86_400)))
         )
@@ -59,10 +80,10 @@ def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule) ->
 def prediction_times(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> pl.DataFrame:
     """Return ``subject_id, prediction_time`` for every patient the prediction-time rule places.
 
-    With ``first_event`` it is the first event with one of the codes in ``[on_or_after, before)``
-    plus the offset; with ``fixed`` it is that instant for every patient with a timed record.
+    With ``first_event`` it is the first time one of the codes became known, in ``[on_or_after,
+    before)``, plus the offset; with ``fixed`` it is that instant for every patient with a timed record.
     """
-    lazy = as_frame(events)
+    lazy = with_known_time(events)
     rule = task.cohort.prediction_time
     if rule.fixed is not None:
         placed = lazy.filter(pl.col("time").is_not_null()).select("subject_id").unique().with_columns(
@@ -71,11 +92,11 @@ def prediction_times(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) 
     else:
         index = lazy.filter(pl.col("code").is_in(list(rule.codes)) & pl.col("time").is_not_null())
         if rule.on_or_after is not None:
-            index = index.filter(pl.col("time") >= rule.on_or_after)
+            index = index.filter(pl.col("known_at") >= rule.on_or_after)
         if rule.before is not None:
-            index = index.filter(pl.col("time") < rule.before)
+            index = index.filter(pl.col("known_at") < rule.before)
         placed = index.group_by("subject_id").agg(
-            (pl.col("time").min() + pl.duration(microseconds=_microseconds(rule.offset.total_seconds())))
+            (pl.col("known_at").min() + pl.duration(microseconds=_microseconds(rule.offset.total_seconds())))
             .alias("prediction_time")
         )
     return placed.sort("subject_id").collect()
@@ -96,7 +117,7 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
     CohortSelection
         The cohort (:data:`features.schemas.COHORT`) and the attrition counts, rule by rule.
     """
-    lazy = as_frame(events)
+    lazy = with_known_time(events)
     definition = task.cohort
     n_patients = lazy.select(pl.col("subject_id").n_unique()).collect().item()
     attrition: list[tuple[str, int]] = [("patients in events", int(n_patients))]

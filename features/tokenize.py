@@ -35,7 +35,7 @@ import polars as pl
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from features.cohorts import as_frame
+from features.cohorts import with_known_time
 from features.io import write_bytes_atomic
 from features.schemas import MAX_VALUE_BINS
 
@@ -59,15 +59,10 @@ def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> 
     time. Events exactly at the prediction time are kept: the prediction time is when the
     information is complete (e.g. a visit's end).
     """
-    frame = as_frame(events)
-    if "known_time" not in frame.collect_schema().names():
-        raise ValueError(
-            "events table has no known_time column (expected the events of a warehouse ingested by this version "
-            "of cohortcast: ingest the landing zone again)"
-        )
     return (
-        frame
-        .with_columns(pl.coalesce("known_time", "time").alias("time"))
+        with_known_time(events)
+        .with_columns(pl.col("known_at").alias("time"))
+        .drop("known_at")
         .join(cohort.lazy().select("subject_id", "prediction_time"), on="subject_id")
         .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))
     )

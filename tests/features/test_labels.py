@@ -452,3 +452,39 @@ def test_the_mace_task_leaves_out_patients_with_an_acute_event_in_the_four_weeks
     selection = select_cohort(events, definition)
     assert selection.cohort["subject_id"].to_list() == [2, 3, 4]
     assert selection.attrition[-1][1] == 3 and selection.attrition[-1][0].startswith("exclude[0]")
+
+
+def recorded(events: pl.DataFrame, subject_id: int, code: str, happened: datetime, known: datetime) -> pl.DataFrame:
+    """``events`` with one more event of ``code`` that happened at ``happened`` and was recorded at ``known``."""
+    row = events_frame([(subject_id, happened, code, None, None, "ehr")]).with_columns(
+        pl.lit(known, dtype=pl.Datetime("us")).alias("known_time"))
+    return pl.concat([events, row])
+
+
+def test_a_patient_enters_the_cohort_when_the_index_event_is_recorded() -> None:
+    # Patient 1's only index visit happened at day 0 but reached the record on day 3: no prediction
+    # could be made for them before then.
+    events = toy_events().filter(~((pl.col("subject_id") == 1) & (pl.col("code") == VISIT)))
+    events = recorded(events, 1, VISIT, day(0), day(3))
+    selection = select_cohort(events, task())
+    assert selection.cohort.select("subject_id", "prediction_time").rows() == [
+        (1, day(3)), (2, T0), (3, T0), (4, T0)
+    ]
+
+
+def test_an_exclusion_rule_reads_only_what_was_recorded_by_the_prediction_time() -> None:
+    # Both MIs happened 10 days before the visit; patient 2's was recorded only 5 days after it, so
+    # at the prediction time nothing excluded them. Patient 3's MI 40 days before, recorded 20 days
+    # before, happened outside the 30-day window.
+    events = recorded(toy_events(), 1, MI, day(-10), day(-9))
+    events = recorded(events, 2, MI, day(-10), day(5))
+    events = recorded(events, 3, MI, day(-40), day(-20))
+    definition = task(cohort={"prediction_time": {"first_event": {"codes": [VISIT], "on_or_after": "2023-01-01"}},
+                              "min_age_years": 18, "exclude": [{"codes": [MI], "window_days": 30}]})
+    selection = select_cohort(events, definition)
+    assert selection.cohort["subject_id"].to_list() == [2, 3, 4]
+
+
+def test_cohort_selection_refuses_events_without_known_time() -> None:
+    with pytest.raises(ValueError, match=r"events table has no known_time column .*ingest the landing zone again"):
+        select_cohort(toy_events().drop("known_time"), task())
