@@ -5,11 +5,14 @@ Stage: tasks. In: the ``events`` table (MEDS form, :data:`features.schemas.EVENT
 one row per patient with its ``prediction_time``) and the attrition: how many patients each rule
 removed, in order, so that nobody leaves the cohort without being counted.
 
-Every rule looks only at events known at or before the prediction time, except death before it
-(a dead patient cannot be predicted for). An event is known from its ``known_time`` where it has one
-(a diagnosis recorded days after its onset), else from its ``time``: a patient enters a cohort when
-the index diagnosis is in the record, and no exclusion rule reads what was recorded later. A rule's
-look-back window still reads when things happened.
+A patient enters a cohort when the index event is in the record, and the rules that admit a patient
+(an inclusion rule, the minimum history) read only what was recorded by the prediction time: an
+event counts from its ``known_time`` where it has one (a diagnosis recorded days after its onset),
+else from its ``time``. Exclusion rules read when things happened, recorded later or not: they keep
+labels clean (a heart attack the week before the visit, entered after it, would otherwise be coded
+again and counted as a new outcome), as a retrospective study's washout does. Look-back windows
+read when things happened. Death before the prediction time excludes whenever it was recorded (a
+dead patient cannot be predicted for).
 """
 
 from __future__ import annotations
@@ -59,18 +62,19 @@ def with_known_time(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
     return frame.with_columns(pl.coalesce("known_time", "time").alias("known_at"))
 
 
-def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule) -> pl.LazyFrame:
-    """Subject ids whose record has one of the rule's codes in its window before prediction time.
+def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule, by: str) -> pl.LazyFrame:
+    """Subject ids whose record has one of the rule's codes in its window before prediction time,
+    the event counted from its column ``by`` (``known_at`` or ``time``; the window reads ``time``).
 
     Static facts (null time) are known at any prediction time, so they match any window.
     """
     hits = events.filter(pl.col("code").is_in(list(rule.codes))).join(
         cohort.select("subject_id", "prediction_time"), on="subject_id"
     )
-    in_window = pl.col("time").is_null() | (pl.col("known_at") <= pl.col("prediction_time"))
+    in_window = pl.col("time").is_null() | (pl.col(by) <= pl.col("prediction_time"))
     if rule.window_days is not None:
         in_window = pl.col("time").is_null() | (
-            (pl.col("known_at") <= pl.col("prediction_time"))
+            (pl.col(by) <= pl.col("prediction_time"))
             & (pl.col("time") >= pl.col("prediction_time")
                - pl.duration(microseconds=_microseconds(rule.window_days * 86_400)))
         )
@@ -141,10 +145,10 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
     ).drop("death_time")
     attrition.append(("alive at prediction time", cohort.height))
 
-    # Minimum history: the first timed record (birth aside) must precede the prediction time by
-    # min_history_days; a fixed-date cohort also needs at least one record before the date.
+    # Minimum history: the first timed record (birth aside), from when it was recorded, must precede
+    # the prediction time by min_history_days; a fixed-date cohort also needs one record before the date.
     first_seen = (lazy.filter(pl.col("time").is_not_null() & (pl.col("code") != BIRTH_CODE))
-                  .group_by("subject_id").agg(pl.col("time").min().alias("first_time")).collect())
+                  .group_by("subject_id").agg(pl.col("known_at").min().alias("first_time")).collect())
     cohort = cohort.join(first_seen, on="subject_id", how="left").filter(
         pl.col("first_time").is_not_null()
         & (pl.col("first_time") <= pl.col("prediction_time")
@@ -179,11 +183,11 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
         attrition.append((f"sex in {', '.join(definition.sex)}", cohort.height))
 
     for i, rule in enumerate(definition.include):
-        matched = _rule_matches(lazy, cohort.lazy(), rule).collect()
+        matched = _rule_matches(lazy, cohort.lazy(), rule, "known_at").collect()
         cohort = cohort.join(matched, on="subject_id", how="semi")
         attrition.append((f"include[{i}] {_describe_rule(rule)}", cohort.height))
     for i, rule in enumerate(definition.exclude):
-        matched = _rule_matches(lazy, cohort.lazy(), rule).collect()
+        matched = _rule_matches(lazy, cohort.lazy(), rule, "time").collect()
         cohort = cohort.join(matched, on="subject_id", how="anti")
         attrition.append((f"exclude[{i}] {_describe_rule(rule)}", cohort.height))
 

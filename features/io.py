@@ -87,14 +87,24 @@ def sink_parquet_atomic(frame: pl.LazyFrame, path: Path, schema: pa.Schema, chun
     return path
 
 
+def restore_retired_dir(target: Path) -> None:
+    """Put back the folder a crash inside :func:`replace_dir` left aside, if ``target`` is missing."""
+    retired = target.with_name(f".{target.name}.retired")
+    if not target.exists() and retired.is_dir():
+        retired.rename(target)
+
+
 def replace_dir(staging: Path, target: Path) -> Path:
     """Move a completed ``staging`` folder to ``target``, replacing what was there.
 
-    The old folder is renamed aside first and removed only once the new one is in place, so a
-    crash leaves either the old or the new folder under ``target`` (plus a hidden leftover).
+    The old folder is renamed aside (``.<name>.retired``) and removed only once the new one is in
+    place. A crash between the two renames leaves no ``target``, but the old folder whole under the
+    hidden name: the next replacement puts it back first (:func:`restore_retired_dir`), so that what
+    it replaces is the last good folder.
     """
+    restore_retired_dir(target)
+    retired = target.with_name(f".{target.name}.retired")
     if target.exists():
-        retired = target.with_name(f".{target.name}.retired")
         shutil.rmtree(retired, ignore_errors=True)
         target.rename(retired)
         staging.rename(target)

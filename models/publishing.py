@@ -43,6 +43,7 @@ from features.ingest import SUMMARY_FILE, IngestSummary
 from features.schemas import SCORES
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
+from models.task_model import promote_model
 
 PUBLISHED_FORMAT_VERSION = 1
 FORMAT_FILE = "cohortcast_published.json"
@@ -60,6 +61,29 @@ class Publication:
     folder: Path
     n_patients: int
     n_high_risk: int
+
+
+def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_error: float) -> Path:
+    """Make the model in ``candidate`` the one scoring reads (``live``) if its held-out metrics meet
+    the quality gates (:func:`quality_shortfalls`); return ``live``.
+
+    Raises
+    ------
+    PublishError
+        When the candidate misses a gate: ``live`` keeps the model before it.
+    ModelFolderError
+        When ``candidate`` is not a complete model folder of this version.
+    """
+    metrics = candidate / "metrics.json"
+    if not metrics.is_file():
+        raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "
+                           "`cohortcast train`)")
+    shortfalls = quality_shortfalls(json.loads(metrics.read_text())["models"]["fusion"], min_auroc,
+                                    max_calibration_error)
+    if shortfalls:
+        kept = f"the model in {live} stays" if live.is_dir() else f"no model is deployed at {live}"
+        raise PublishError(f"model {candidate} not deployed: {'; '.join(shortfalls)}; {kept}")
+    return promote_model(candidate, live)
 
 
 def check_published_root(root: Path) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from features.errors import CohortcastError
-from features.io import replace_dir
+from features.io import replace_dir, restore_retired_dir
 from features.simulate.state import (
     CARRIED_BY,
     SEVERITY_TERMS,
@@ -489,6 +489,7 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
                     has_treatment: bool, reference_risk: dict[str, np.ndarray],
                     reference_inputs: pl.DataFrame | None = None) -> Path:
     """Write the model folder atomically (a sibling folder renamed into place)."""
+    restore_retired_dir(folder)  # the model before, if a crash left it aside: its references are kept
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -525,8 +526,9 @@ def promote_model(candidate: Path, live: Path) -> Path:
 
     The candidate is copied, not moved, so it stays beside its training run's record. The copy
     takes the replaced model's drift references as ``previous_*`` (those the candidate was written
-    with belong to whatever folder it was trained over), and replaces ``live`` atomically: a killed
-    promotion leaves the model before it in place.
+    with belong to whatever folder it was trained over) and the time of deployment (``deployed`` in
+    ``cohortcast_model.json``), and replaces ``live`` by :func:`features.io.replace_dir`. This does
+    not check the model's quality: :func:`models.publishing.deploy_model` does.
 
     Raises
     ------
@@ -534,10 +536,15 @@ def promote_model(candidate: Path, live: Path) -> Path:
         When ``candidate`` is not a complete model folder of this version.
     """
     load_task_model(candidate)  # refuses a missing, partial or other-version folder, with the reason
+    restore_retired_dir(live)  # the model before, if a crash left it aside: its references are kept
     staging = live.with_name(f".{live.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(candidate, staging)
     _keep_previous_references(live, staging)
+    info_path = staging / "cohortcast_model.json"
+    info = json.loads(info_path.read_text())
+    info["deployed"] = datetime.now(UTC).isoformat(timespec="seconds")
+    info_path.write_text(json.dumps(info, indent=2))
     return replace_dir(staging, live)
 
 

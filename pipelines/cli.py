@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
               help="Warehouse folder whose tasks/<task>/ holds the task's inputs (from `cohortcast features`).")
 @click.option("--task", "task_path", type=click.Path(path_type=Path), required=True, help="Task YAML file.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Model folder [default: WAREHOUSE/models/<task name>].")
+              help="Model folder, not deployed [default: WAREHOUSE/candidate_models/<task name>, deployed to "
+                   "WAREHOUSE/models/<task name>, which scoring reads, if it meets the task's quality gates].")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--hidden-size", type=click.IntRange(min=8), default=128, show_default=True)
@@ -224,15 +225,17 @@ def main(argv: list[str] | None = None) -> None:
 def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch_size: int, hidden_size: int,
           layers: int, heads: int, seed: int, average_epochs: float, truth: Path | None, no_baselines: bool,
           float32: bool) -> None:
-    """Train, calibrate and evaluate the fusion model of one task (CUDA when present, else CPU)."""
+    """Train, calibrate and evaluate the fusion model of one task (CUDA when present, else CPU); deploy it
+    if it meets the task's quality gates."""
     from features.task_inputs import task_dir
     from features.tasks import load_task
+    from models.publishing import PublishError, deploy_model
     from models.task_model import format_difference, metrics_table, train_task_model
     from models.training import TrainingArguments
 
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
-    model_dir = out or warehouse / "models" / task.name
+    model_dir = out or warehouse / "candidate_models" / task.name
     _check_output_folder(model_dir, "model folder")
     args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed, average_epochs=average_epochs,
                              bf16=not float32)
@@ -263,6 +266,14 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
             differences.add_row(name, format_difference(row, "auroc"), format_difference(row, "harrell_c"))
         console.print(differences)
     console.print(f"model folder: {model_dir} (model card: {model_dir / 'MODEL_CARD.md'})")
+    if out is None:
+        live = warehouse / "models" / task.name
+        try:
+            deploy_model(model_dir, live, task.publishing.min_auroc, task.publishing.max_calibration_error)
+        except PublishError as exc:  # the run completed; the model before stays deployed
+            console.print(str(exc), style="yellow")
+        else:
+            console.print(f"deployed: {live} (scoring reads it)")
 
 
 if __name__ == "__main__":

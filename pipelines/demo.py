@@ -80,6 +80,7 @@ def run_demo(
                 "fusion_model": {"config": training},
                 # Unset overrides leave the task file's gates in force; publishing applies them again.
                 "fusion_model_fusion_model_quality": {"config": gates},
+                "deployed_model": {"config": gates},
                 "published_cohort": {"config": gates},
             }},
         ),
@@ -111,7 +112,8 @@ def run_demo(
             raise DemoFailed(f"stage '{title}' failed (steps: {', '.join(failed) or 'none'}; checks: "
                              f"{', '.join(failed_checks) or 'none'}); run {result.run_id} in Dagster has details")
     print_high_risk(workspace / "published", DEMO_TASK, console)
-    console.print(f"every output is under {workspace}: landing/, warehouse/ (tables, tasks/, models/, scores/), "
+    console.print(f"every output is under {workspace}: landing/, warehouse/ (tables, tasks/, candidate_models/, "
+                  "models/, scores/), "
                   "published/ (cohort versions, cohortcast.duckdb, FHIR RiskAssessments)")
     return results
 

@@ -1,7 +1,9 @@
 """Multi-process training with ``torchrun`` (DistributedDataParallel).
 
 Stage: model. In: the same arguments as ``cohortcast train`` plus the process-group settings that
-``torchrun`` puts in the environment. Out: one model folder, written by the first process.
+``torchrun`` puts in the environment. Out: one model folder, written by the first process
+(``WAREHOUSE/candidate_models/<task>`` unless ``--out``), deployed to ``WAREHOUSE/models/<task>`` when
+it meets the task's quality gates (:func:`models.publishing.deploy_model`).
 
 Usage, two processes on one machine (CPU: gloo; GPUs: nccl, one process per GPU)::
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 
 from features.task_inputs import task_dir
 from features.tasks import load_task
+from models.publishing import PublishError, deploy_model
 from models.task_model import train_task_model
 from models.training import TrainingArguments
 
@@ -48,13 +51,21 @@ def main(argv: list[str] | None = None) -> None:
         training = TrainingArguments(max_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                      device=f"cuda:{local_rank}" if use_cuda else "cpu")
         architecture = {"hidden_size": args.hidden_size, "intermediate_size": 2 * args.hidden_size}
-        model_dir = args.out or args.warehouse / "models" / task.name
+        model_dir = args.out or args.warehouse / "candidate_models" / task.name
         train_task_model(task_dir(args.warehouse, task), model_dir, task, training, architecture,
                          baselines=not args.no_baselines, is_main_process=rank == 0,
                          on_epoch=lambda r: print(f"rank {rank}/{dist.get_world_size()} epoch {int(r['epoch'])} "
                                                   f"train {r['train_loss']:.4f} tuning {r['tuning_loss']:.4f}",
                                                   flush=True))
         dist.barrier()
+        if rank == 0 and args.out is None:
+            live = args.warehouse / "models" / task.name
+            try:
+                deploy_model(model_dir, live, task.publishing.min_auroc, task.publishing.max_calibration_error)
+            except PublishError as exc:  # the training completed; the model before stays deployed
+                print(exc, flush=True)
+            else:
+                print(f"deployed: {live}", flush=True)
     finally:
         dist.destroy_process_group()
 

@@ -91,25 +91,27 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     })
 
 
-def _trained_in_this_run(context: dg.AssetCheckExecutionContext, folder: Path) -> bool:
-    """Whether the model in ``folder`` was written after this run started (the run trained it)."""
+def _deployed_in_this_run(context: dg.AssetCheckExecutionContext, folder: Path) -> bool:
+    """Whether the model in ``folder`` was deployed (else, for folders written before deployment was
+    recorded, written) after this run started."""
     info = json.loads((folder / "cohortcast_model.json").read_text())
     record = context.instance.get_run_record_by_id(context.run.run_id)
-    if "created" not in info or record is None or record.start_time is None:
+    when = info.get("deployed", info.get("created"))
+    if when is None or record is None or record.start_time is None:
         return False
-    return datetime.fromisoformat(info["created"]).timestamp() >= int(record.start_time)
+    return datetime.fromisoformat(when).timestamp() >= int(record.start_time)
 
 
 def _reference_of(context: dg.AssetCheckExecutionContext, folder: Path,
                   load: Callable[..., T | None]) -> tuple[T | None, str]:
-    """The drift reference to compare today's data with, and what it is. A run that trained the
-    model again compares with the cohort the model before it trained on: this model's own training
+    """The drift reference to compare today's data with, and what it is. A run that deployed a new
+    model compares with the cohort the model before it trained on: this model's own training
     cohort is today's data (a PSI of 0 whatever the drift)."""
-    if _trained_in_this_run(context, folder):
+    if _deployed_in_this_run(context, folder):
         previous = load(folder, previous=True)
         if previous is not None:
-            return previous, "previous model's training cohort (this run trained the model again)"
-        return load(folder), "training cohort (this run trained the first model)"
+            return previous, "previous model's training cohort (this run deployed a new model)"
+        return load(folder), "training cohort (this run deployed the first model)"
     return load(folder), "training cohort"
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import dagster as dg
 
 from features.tasks import TaskDefinition, load_task
-from models.publishing import quality_shortfalls
-from models.task_model import promote_model, train_task_model
+from models.publishing import deploy_model, quality_shortfalls
+from models.task_model import train_task_model
 from models.training import TrainingArguments
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
 from pipelines.resources import Workspace
@@ -110,11 +110,15 @@ def fusion_model_quality(context: dg.AssetCheckExecutionContext, config: ModelQu
 
 
 @dg.asset(group_name="model", partitions_def=task_partitions, deps=[fusion_model], kinds={"pytorch"})
-def deployed_model(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
-    """The model scoring reads: this run's ``fusion_model``, which passed its blocking quality check
-    (Dagster does not run this asset after a failed one, so the model before stays)."""
-    folder = promote_model(candidate_model_dir(workspace, context.partition_key),
-                           model_dir(workspace, context.partition_key))
+def deployed_model(context: dg.AssetExecutionContext, config: ModelQualityConfig,
+                   workspace: Workspace) -> dg.MaterializeResult:
+    """The model scoring reads: the candidate ``fusion_model``, once it meets the quality gates.
+
+    After a failed blocking check Dagster does not run this asset; run on its own (the check is then
+    not in the run), it applies the same gates itself and fails, keeping the model before."""
+    task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
+    folder = deploy_model(candidate_model_dir(workspace, task.name), model_dir(workspace, task.name),
+                          *quality_gates(task, config))
     fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(folder)),

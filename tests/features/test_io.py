@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from features.io import link_file_atomic
+from features.io import link_file_atomic, replace_dir
 
 
 def test_link_file_atomic_links_and_replaces(tmp_path: Path) -> None:
@@ -42,3 +42,36 @@ def test_link_file_atomic_raises_other_errors_and_leaves_no_partial(tmp_path: Pa
         link_file_atomic(tmp_path / "missing.parquet", target)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]
+
+
+def folder_with(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.txt").write_text(text)
+    return path
+
+
+def test_replace_dir_replaces_a_folder_and_leaves_nothing_beside_it(tmp_path: Path) -> None:
+    target = folder_with(tmp_path / "models" / "t", "old")
+    replace_dir(folder_with(tmp_path / "models" / ".t.partial", "new"), target)
+    assert (target / "model.txt").read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["t"]
+
+
+def test_replace_dir_puts_back_the_folder_a_crash_left_aside_before_replacing_it(tmp_path: Path) -> None:
+    # Killed between its two renames: no target, the old folder whole under its hidden name.
+    target = tmp_path / "models" / "t"
+    retired = folder_with(tmp_path / "models" / ".t.retired", "old")
+    seen: list[str] = []
+    real_rename = Path.rename
+
+    def rename(self: Path, to: Path) -> Path:
+        if self == target:  # the old folder moving aside again: it is the one that was there
+            seen.append((self / "model.txt").read_text())
+        return real_rename(self, to)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "rename", rename)
+        replace_dir(folder_with(tmp_path / "models" / ".t.partial", "new"), target)
+    assert seen == ["old"]
+    assert (target / "model.txt").read_text() == "new"
+    assert not retired.exists() and [p.name for p in target.parent.iterdir()] == ["t"]

@@ -472,17 +472,39 @@ def test_a_patient_enters_the_cohort_when_the_index_event_is_recorded() -> None:
     ]
 
 
-def test_an_exclusion_rule_reads_only_what_was_recorded_by_the_prediction_time() -> None:
-    # Both MIs happened 10 days before the visit; patient 2's was recorded only 5 days after it, so
-    # at the prediction time nothing excluded them. Patient 3's MI 40 days before, recorded 20 days
-    # before, happened outside the 30-day window.
+def test_an_inclusion_rule_reads_only_what_was_recorded_by_the_prediction_time() -> None:
+    # Each patient had a heart attack 10 days before the visit (40 for patient 3); patient 2's was
+    # recorded only 5 days after the visit: at the prediction time nothing admitted them. Patient
+    # 3's, recorded 20 days before, happened outside the 30-day window.
+    events = recorded(toy_events(), 1, MI, day(-10), day(-9))
+    events = recorded(events, 2, MI, day(-10), day(5))
+    events = recorded(events, 3, MI, day(-40), day(-20))
+    events = recorded(events, 4, MI, day(-10), day(-10))
+    definition = task(cohort={"prediction_time": {"first_event": {"codes": [VISIT], "on_or_after": "2023-01-01"}},
+                              "min_age_years": 18, "include": [{"codes": [MI], "window_days": 30}]})
+    assert select_cohort(events, definition).cohort["subject_id"].to_list() == [1, 4]
+
+
+def test_an_exclusion_rule_reads_when_things_happened_even_if_recorded_later() -> None:
+    # The same heart attacks as an exclusion (a blanking period): patient 2's, recorded after the
+    # visit, would be coded again after it and counted as a new outcome, so it still excludes.
     events = recorded(toy_events(), 1, MI, day(-10), day(-9))
     events = recorded(events, 2, MI, day(-10), day(5))
     events = recorded(events, 3, MI, day(-40), day(-20))
     definition = task(cohort={"prediction_time": {"first_event": {"codes": [VISIT], "on_or_after": "2023-01-01"}},
                               "min_age_years": 18, "exclude": [{"codes": [MI], "window_days": 30}]})
-    selection = select_cohort(events, definition)
-    assert selection.cohort["subject_id"].to_list() == [2, 3, 4]
+    assert select_cohort(events, definition).cohort["subject_id"].to_list() == [3, 4]
+
+
+def test_minimum_history_counts_from_when_the_first_record_was_recorded() -> None:
+    # Every patient's first record (a blood pressure at day -200); patient 1's was only entered at
+    # day -20, so at the prediction time the record reached back 20 days, not 200.
+    events = toy_events().with_columns(
+        pl.when((pl.col("subject_id") == 1) & (pl.col("code") == BP) & (pl.col("time") == day(-200)))
+        .then(pl.lit(day(-20))).otherwise(pl.col("known_time")).alias("known_time"))
+    definition = task(cohort={"prediction_time": {"first_event": {"codes": [VISIT], "on_or_after": "2023-01-01"}},
+                              "min_age_years": 18, "min_history_days": 100})
+    assert select_cohort(events, definition).cohort["subject_id"].to_list() == [2, 3, 4]
 
 
 def test_cohort_selection_refuses_events_without_known_time() -> None:

@@ -169,6 +169,16 @@ def test_promoting_a_candidate_replaces_the_live_model_and_keeps_the_replaced_on
         assert (live / name).read_bytes() == (candidate / name).read_bytes()
     assert not list(live.parent.glob(".*"))  # no staging or retired folder left beside it
 
+    # A promotion killed between its two renames left the deployed model aside and none in place:
+    # the next one still keeps that model's references.
+    save_reference(live / REFERENCE_FILE, {"train": np.full(10, 0.25)})
+    aside = (live / REFERENCE_FILE).read_bytes()
+    live.rename(live.with_name(f".{live.name}.retired"))
+    promote_model(candidate, live)
+    assert (live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").read_bytes() == aside
+    assert json.loads((live / "cohortcast_model.json").read_text())["deployed"] >= json.loads(
+        (candidate / "cohortcast_model.json").read_text())["created"]
+
 
 def test_a_broken_candidate_is_refused_and_the_live_model_stays(trained: tuple[Path, dict], tmp_path: Path) -> None:
     model_dir, _ = trained

@@ -77,18 +77,41 @@ def test_train_prints_the_metrics_and_fusion_against_each_baseline(
 ) -> None:
     monkeypatch.setattr(cli.console, "width", 160)  # a wide terminal: no cell wrapped
     task_yaml = write_task_folder(tmp_path, 400, seed=2)
+    # Gates every model meets: the model is deployed where scoring reads it.
+    task_yaml.write_text(task_yaml.read_text() + "publishing:\n  min_auroc: 0.0\n  max_calibration_error: 1.0\n")
     code, out, err = run_cli(
         ["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "2", "--hidden-size", "16",
          "--layers", "1", "--batch-size", "64", "--average-epochs", "0.5", "--float32"], capsys
     )
     assert code == 0, err
-    metrics = json.loads((tmp_path / "models" / "synthetic_1y" / "metrics.json").read_text())
+    candidate, live = tmp_path / "candidate_models" / "synthetic_1y", tmp_path / "models" / "synthetic_1y"
+    metrics = json.loads((candidate / "metrics.json").read_text())
+    assert json.loads((live / "metrics.json").read_text()) == metrics
+    assert f"deployed: {live} (scoring reads it)" in out.replace("\n", "")
     assert metrics["training_arguments"]["average_epochs"] == 0.5
     assert metrics["training_arguments"]["bf16"] is False
     assert "synthetic_1y: held-out metrics" in out and "fusion minus each model" in out
     lightgbm = metrics["comparisons"]["lightgbm"]
     assert format_difference(lightgbm, "auroc") in out
     assert format_difference(metrics["comparisons"]["cox_ph"], "harrell_c") in out
+
+
+def test_train_keeps_a_model_below_the_task_s_quality_gate_a_candidate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli.console, "width", 400)
+    task_yaml = write_task_folder(tmp_path, 300, seed=3)
+    task_yaml.write_text(task_yaml.read_text() + "publishing:\n  min_auroc: 1.0\n  max_calibration_error: 1.0\n")
+    code, out, err = run_cli(
+        ["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "1", "--hidden-size", "16",
+         "--layers", "1", "--batch-size", "64", "--no-baselines", "--float32"], capsys
+    )
+    assert code == 0, err
+    candidate, live = tmp_path / "candidate_models" / "synthetic_1y", tmp_path / "models" / "synthetic_1y"
+    auroc = json.loads((candidate / "metrics.json").read_text())["models"]["fusion"]["auroc"]
+    assert (f"model {candidate} not deployed: held-out auroc {auroc:.4f} (expected >= 1.0); "
+            f"no model is deployed at {live}") in out
+    assert not live.exists()
 
 
 def test_train_without_task_inputs_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,3 +73,16 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert arguments["bf16"] is False and arguments["max_epochs"] == 1
     assert (deployed / "model.safetensors").read_bytes() == deployed_weights
     assert json.loads((deployed / "metrics.json").read_text())["training_arguments"]["max_epochs"] == 3
+
+    # Selected alone, without the check in its run, deployed_model applies the gates itself.
+    with dg.instance_for_test() as instance:
+        alone = dg.materialize(
+            [*task_assets, *all_asset_checks], selection=dg.AssetSelection.assets("deployed_model"),
+            partition_key=DEMO_TASK, instance=instance, raise_on_error=False,
+            resources=resources_for_deployment(str(tmp_path / "workspace")),
+            run_config={"ops": {"deployed_model": {"config": {"min_auroc": 1.0}}}},
+        )
+    assert not alone.success
+    [failure] = alone.get_step_failure_events()
+    assert f"model {rejected} not deployed: held-out auroc" in failure.event_specific_data.error.cause.message
+    assert (deployed / "model.safetensors").read_bytes() == deployed_weights

@@ -33,8 +33,8 @@ def test_torchrun_trains_one_model_on_two_gloo_processes(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-2000:]
     # Both processes trained, each knowing the world has two.
     assert "rank 0/2 epoch 0" in done.stdout and "rank 1/2 epoch 0" in done.stdout
-    model, _calibrator, info = load_task_model(tmp_path / "models" / "synthetic_1y")
+    model, _calibrator, info = load_task_model(tmp_path / "candidate_models" / "synthetic_1y")
     assert info["task"] == "synthetic_1y"
     assert model.config.hidden_size == 16
-    trained_on = json.loads((tmp_path / "models" / "synthetic_1y" / "metrics.json").read_text())["trained_on"]
+    trained_on = json.loads((tmp_path / "candidate_models" / "synthetic_1y" / "metrics.json").read_text())["trained_on"]
     assert trained_on == {"device": "cpu", "precision": "float32", "processes": 2}

@@ -133,20 +133,22 @@ def test_scores_like_the_training_cohorts_pass_the_drift_check(tmp_path: Path) -
     assert check.passed and check.metadata["risk_psi"].value == 0.0
 
 
-def test_a_run_that_trained_the_model_again_measures_drift_against_the_model_before(tmp_path: Path) -> None:
+def test_a_run_that_deployed_a_new_model_measures_drift_against_the_model_before(tmp_path: Path) -> None:
     make_workspace(tmp_path, REFERENCE)
     model = tmp_path / "warehouse" / "models" / TASK
-    # Trained in this run (after it started): its own reference is today's data; the model it
-    # replaced trained on yesterday's, whose risks were all in the reference's top decile.
-    (model / "cohortcast_model.json").write_text(json.dumps({"task": TASK, "created": "2999-01-01T00:00:00+00:00"}))
+    # Deployed in this run (after it started; trained in an earlier one): its own reference is
+    # today's data; the model it replaced trained on yesterday's, whose risks were all in the
+    # reference's top decile.
+    (model / "cohortcast_model.json").write_text(json.dumps(
+        {"task": TASK, "created": "2000-01-01T00:00:00+00:00", "deployed": "2999-01-01T00:00:00+00:00"}))
     save_reference(model / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(1000, 0.95)})
     [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
     metadata = {key: value.value for key, value in check.metadata.items()}
-    assert metadata["reference"] == "previous model's training cohort (this run trained the model again)"
+    assert metadata["reference"] == "previous model's training cohort (this run deployed a new model)"
     assert not check.passed and metadata["risk_psi"] > PSI_ALARM
     (model / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").unlink()
     [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
-    assert check.metadata["reference"].value == "training cohort (this run trained the first model)"
+    assert check.metadata["reference"].value == "training cohort (this run deployed the first model)"
     assert check.passed
 
 
