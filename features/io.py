@@ -104,11 +104,16 @@ def replace_dir(staging: Path, target: Path) -> Path:
     """
     restore_retired_dir(target)
     retired = target.with_name(f".{target.name}.retired")
+    # Renamed once more before it is deleted: a crash while deleting must not leave a replaced folder
+    # under the name restore_retired_dir puts back.
+    deleting = target.with_name(f".{target.name}.deleting")
+    shutil.rmtree(deleting, ignore_errors=True)
     if target.exists():
         shutil.rmtree(retired, ignore_errors=True)
         target.rename(retired)
         staging.rename(target)
-        shutil.rmtree(retired)
+        retired.rename(deleting)
+        shutil.rmtree(deleting)
     else:
         staging.rename(target)
     return target

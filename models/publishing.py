@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from features.errors import CohortcastError
 from features.ingest import SUMMARY_FILE, IngestSummary
+from features.io import restore_retired_dir
 from features.schemas import SCORES
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
@@ -74,6 +75,7 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
     ModelFolderError
         When ``candidate`` is not a complete model folder of this version.
     """
+    restore_retired_dir(live)  # the model before, if a crash left it aside, stays deployed whatever follows
     metrics = candidate / "metrics.json"
     if not metrics.is_file():
         raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "

@@ -235,6 +235,10 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
 
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
+    live = warehouse / "models" / task.name
+    if out is not None and out.resolve() == live.resolve():
+        raise click.UsageError(f"--out {out} is the deployed model's folder, which only a model that meets the "
+                               "task's quality gates may replace: leave --out out to train and deploy through them")
     model_dir = out or warehouse / "candidate_models" / task.name
     _check_output_folder(model_dir, "model folder")
     args = TrainingArguments(max_epochs=epochs, batch_size=batch_size, seed=seed, average_epochs=average_epochs,
@@ -267,7 +271,6 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
         console.print(differences)
     console.print(f"model folder: {model_dir} (model card: {model_dir / 'MODEL_CARD.md'})")
     if out is None:
-        live = warehouse / "models" / task.name
         try:
             deploy_model(model_dir, live, task.publishing.min_auroc, task.publishing.max_calibration_error)
         except PublishError as exc:  # the run completed; the model before stays deployed

@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args(argv)
+    task = load_task(args.task)
+    live = args.warehouse / "models" / task.name
+    if args.out is not None and args.out.resolve() == live.resolve():
+        parser.error(f"--out {args.out} is the deployed model's folder, which only a model that meets the "
+                     "task's quality gates may replace: leave --out out to train and deploy through them")
     # torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     try:
-        task = load_task(args.task)
         rank = dist.get_rank()
         training = TrainingArguments(max_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                      device=f"cuda:{local_rank}" if use_cuda else "cpu")
@@ -59,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
                                                   flush=True))
         dist.barrier()
         if rank == 0 and args.out is None:
-            live = args.warehouse / "models" / task.name
             try:
                 deploy_model(model_dir, live, task.publishing.min_auroc, task.publishing.max_calibration_error)
             except PublishError as exc:  # the training completed; the model before stays deployed

@@ -93,13 +93,15 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
 
 def _deployed_in_this_run(context: dg.AssetCheckExecutionContext, folder: Path) -> bool:
     """Whether the model in ``folder`` was deployed (else, for folders written before deployment was
-    recorded, written) after this run started."""
+    recorded, written) after this run started; a re-execution counts from its first run's start."""
     info = json.loads((folder / "cohortcast_model.json").read_text())
-    record = context.instance.get_run_record_by_id(context.run.run_id)
     when = info.get("deployed", info.get("created"))
-    if when is None or record is None or record.start_time is None:
+    records = [context.instance.get_run_record_by_id(run_id)
+               for run_id in {context.run.run_id, context.run.root_run_id} if run_id is not None]
+    starts = [r.start_time for r in records if r is not None and r.start_time is not None]
+    if when is None or not starts:
         return False
-    return datetime.fromisoformat(when).timestamp() >= int(record.start_time)
+    return datetime.fromisoformat(when).timestamp() >= int(min(starts))
 
 
 def _reference_of(context: dg.AssetCheckExecutionContext, folder: Path,

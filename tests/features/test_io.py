@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from features.io import link_file_atomic, replace_dir
+from features.io import link_file_atomic, replace_dir, restore_retired_dir
 
 
 def test_link_file_atomic_links_and_replaces(tmp_path: Path) -> None:
@@ -75,3 +76,26 @@ def test_replace_dir_puts_back_the_folder_a_crash_left_aside_before_replacing_it
     assert seen == ["old"]
     assert (target / "model.txt").read_text() == "new"
     assert not retired.exists() and [p.name for p in target.parent.iterdir()] == ["t"]
+
+
+def test_a_replaced_folder_whose_deletion_was_killed_is_never_put_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = folder_with(tmp_path / "models" / "t", "v1")
+    real_rmtree = shutil.rmtree
+
+    def killed(path: Path, *args: object, **kwargs: object) -> None:
+        if Path(path).name == ".t.deleting" and Path(path).exists():
+            raise KeyboardInterrupt  # killed while deleting the replaced folder
+        real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            replace_dir(folder_with(tmp_path / "models" / ".t.partial", "v2"), target)
+    assert (target / "model.txt").read_text() == "v2"
+    real_rmtree(target)  # the operator withdraws v2: v1 must not come back
+    restore_retired_dir(target)
+    assert not target.exists()
+    replace_dir(folder_with(tmp_path / "models" / ".t.partial", "v3"), target)
+    assert (target / "model.txt").read_text() == "v3"
+    assert [p.name for p in target.parent.iterdir()] == ["t"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from models.publishing import (
     check_publishable,
     current_scores,
     current_version,
+    deploy_model,
     living_patients,
     publish,
     quality_shortfalls,
@@ -186,3 +188,18 @@ def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
     assert current_version(root, "synthetic_1y") == "v0001"
     assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
     check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)
+
+
+def test_a_candidate_below_the_gates_is_not_deployed_and_a_model_a_crash_left_aside_is_put_back(
+        trained_task: TrainedTask, tmp_path: Path) -> None:
+    candidate, live = tmp_path / "candidate_models" / "t", tmp_path / "models" / "t"
+    shutil.copytree(trained_task.model_dir, candidate)
+    # A deployment killed between its two renames left the model before aside, and none in place.
+    shutil.copytree(trained_task.model_dir, live.with_name(".t.retired"))
+    auroc = json.loads((candidate / "metrics.json").read_text())["models"]["fusion"]["auroc"]
+    with pytest.raises(PublishError, match=rf"model {candidate} not deployed: held-out auroc {auroc:.4f} "
+                                           rf"\(expected >= 1\.0\); the model in {live} stays"):
+        deploy_model(candidate, live, min_auroc=1.0, max_calibration_error=1.0)
+    assert (live / "model.safetensors").read_bytes() == (trained_task.model_dir / "model.safetensors").read_bytes()
+    assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live
+    assert "deployed" in json.loads((live / "cohortcast_model.json").read_text())

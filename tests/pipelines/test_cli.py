@@ -114,6 +114,15 @@ def test_train_keeps_a_model_below_the_task_s_quality_gate_a_candidate(
     assert not live.exists()
 
 
+def test_train_refuses_to_write_over_the_deployed_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    live = tmp_path / "models" / "synthea_death_1y"
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK), "--out",
+                               str(live)], capsys)
+    assert code == 2
+    assert f"--out {live} is the deployed model's folder" in err
+    assert not live.exists()
+
+
 def test_train_without_task_inputs_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     warehouse = tmp_path / "no_such"
     code, _out, err = run_cli(["train", "--warehouse", str(warehouse), "--task", str(DEATH_TASK)], capsys)
