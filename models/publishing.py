@@ -40,7 +40,6 @@ import pyarrow as pa
 
 from features.errors import CohortcastError
 from features.ingest import SUMMARY_FILE, IngestSummary
-from features.io import restore_retired_dir
 from features.schemas import SCORES
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
@@ -75,17 +74,20 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
     ModelFolderError
         When ``candidate`` is not a complete model folder of this version.
     """
-    restore_retired_dir(live)  # the model before, if a crash left it aside, stays deployed whatever follows
-    metrics = candidate / "metrics.json"
-    if not metrics.is_file():
-        raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "
-                           "`cohortcast train`)")
-    shortfalls = quality_shortfalls(json.loads(metrics.read_text())["models"]["fusion"], min_auroc,
-                                    max_calibration_error)
-    if shortfalls:
-        kept = f"the model in {live} stays" if live.is_dir() else f"no model is deployed at {live}"
-        raise PublishError(f"model {candidate} not deployed: {'; '.join(shortfalls)}; {kept}")
-    return promote_model(candidate, live)
+    if not candidate.is_dir():
+        raise PublishError(f"model folder {candidate} does not exist (train the model first: `cohortcast train`)")
+
+    def meets_gates(staged: Path) -> None:
+        if not (staged / "metrics.json").is_file():
+            raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "
+                               "`cohortcast train`)")
+        shortfalls = quality_shortfalls(json.loads((staged / "metrics.json").read_text())["models"]["fusion"],
+                                        min_auroc, max_calibration_error)
+        if shortfalls:
+            kept = f"the model in {live} stays" if live.is_dir() else f"no model is deployed at {live}"
+            raise PublishError(f"model {candidate} not deployed: {'; '.join(shortfalls)}; {kept}")
+
+    return promote_model(candidate, live, accept=meets_gates)
 
 
 def check_published_root(root: Path) -> None:

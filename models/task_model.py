@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -521,25 +522,37 @@ def _keep_previous_references(replaced: Path, staging: Path) -> None:
             shutil.copy(replaced / name, staging / f"{PREVIOUS_PREFIX}{name}")
 
 
-def promote_model(candidate: Path, live: Path) -> Path:
+def promote_model(candidate: Path, live: Path, accept: Callable[[Path], None] | None = None) -> Path:
     """Make the model folder ``candidate`` the one scoring reads, at ``live``; return ``live``.
 
-    The candidate is copied, not moved, so it stays beside its training run's record. The copy
-    takes the replaced model's drift references as ``previous_*`` (those the candidate was written
-    with belong to whatever folder it was trained over) and the time of deployment (``deployed`` in
-    ``cohortcast_model.json``), and replaces ``live`` by :func:`features.io.replace_dir`. This does
-    not check the model's quality: :func:`models.publishing.deploy_model` does.
+    The candidate is copied, not moved, so it stays beside its training run's record. The copy is
+    what is checked (``accept``, given the copied folder, raises to refuse it), so a candidate
+    trained again meanwhile cannot slip in unchecked. The copy takes the replaced model's drift
+    references as ``previous_*`` (those the candidate was written with belong to whatever folder it
+    was trained over) and the time of deployment (``deployed`` in ``cohortcast_model.json``), and
+    replaces ``live`` by :func:`features.io.replace_dir`. :func:`models.publishing.deploy_model`
+    passes the quality gates as ``accept``.
 
     Raises
     ------
     ModelFolderError
-        When ``candidate`` is not a complete model folder of this version.
+        When ``candidate`` is not a complete model folder of this version; and whatever ``accept``
+        raises. ``live`` is left as it was.
     """
     load_task_model(candidate)  # refuses a missing, partial or other-version folder, with the reason
     restore_retired_dir(live)  # the model before, if a crash left it aside: its references are kept
     staging = live.with_name(f".{live.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(candidate, staging)
+    accepted = False
+    try:
+        load_task_model(staging)  # the copy too: the candidate may have been rewritten meanwhile
+        if accept is not None:
+            accept(staging)
+        accepted = True
+    finally:
+        if not accepted:
+            shutil.rmtree(staging)
     _keep_previous_references(live, staging)
     info_path = staging / "cohortcast_model.json"
     info = json.loads(info_path.read_text())

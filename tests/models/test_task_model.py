@@ -180,6 +180,26 @@ def test_promoting_a_candidate_replaces_the_live_model_and_keeps_the_replaced_on
         (candidate / "cohortcast_model.json").read_text())["created"]
 
 
+def test_promotion_checks_the_copy_it_deploys_and_a_refusal_leaves_everything_as_it_was(
+        trained: tuple[Path, dict], tmp_path: Path) -> None:
+    model_dir, _ = trained
+    live = tmp_path / "models" / "t"
+    shutil.copytree(model_dir, live)
+    before = sorted((p.name, p.read_bytes()) for p in live.iterdir())
+    checked: list[Path] = []
+
+    def refuse(staged: Path) -> None:
+        checked.append(staged)
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        promote_model(model_dir, live, accept=refuse)
+    # The copy was checked, not the candidate a new training could rewrite meanwhile.
+    assert checked == [live.with_name(".t.partial")]
+    assert sorted((p.name, p.read_bytes()) for p in live.iterdir()) == before
+    assert [p.name for p in live.parent.iterdir()] == ["t"]
+
+
 def test_a_broken_candidate_is_refused_and_the_live_model_stays(trained: tuple[Path, dict], tmp_path: Path) -> None:
     model_dir, _ = trained
     live, candidate = tmp_path / "live", tmp_path / "candidate"
