@@ -65,7 +65,8 @@ class Publication:
 
 def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_error: float) -> Path:
     """Make the model in ``candidate`` the one scoring reads (``live``) if its held-out metrics meet
-    the quality gates (:func:`quality_shortfalls`); return ``live``.
+    the quality gates (:func:`quality_shortfalls`); return ``live``. A candidate deployed already
+    (the same weights, calibration and metrics) is left as it is, with its deployment time.
 
     Raises
     ------
@@ -76,6 +77,8 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
     """
     if not candidate.is_dir():
         raise PublishError(f"model folder {candidate} does not exist (train the model first: `cohortcast train`)")
+    if _same_model(candidate, live):
+        return live  # deployed already: its deployment time and drift references stay
 
     def meets_gates(staged: Path) -> None:
         if not (staged / "metrics.json").is_file():
@@ -88,6 +91,14 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
             raise PublishError(f"model {candidate} not deployed: {'; '.join(shortfalls)}; {kept}")
 
     return promote_model(candidate, live, accept=meets_gates)
+
+
+def _same_model(candidate: Path, live: Path) -> bool:
+    """Whether ``live`` holds the candidate's model already: the same weights and metrics."""
+    names = ("model.safetensors", "metrics.json", "calibration.json")
+    if not all((live / name).is_file() and (candidate / name).is_file() for name in names):
+        return False
+    return all((live / name).read_bytes() == (candidate / name).read_bytes() for name in names)
 
 
 def check_published_root(root: Path) -> None:

@@ -15,6 +15,7 @@ Out: a model folder
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -488,7 +489,7 @@ def _truth_metrics(risk: np.ndarray, labels: dict[str, np.ndarray], known: np.nd
 def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, task_dir: Path,
                     metrics: dict[str, Any], history: list[dict[str, float]], card: str,
                     has_treatment: bool, reference_risk: dict[str, np.ndarray],
-                    reference_inputs: pl.DataFrame | None = None) -> Path:
+                    reference_inputs: pl.DataFrame | None = None, fingerprint: str | None = None) -> Path:
     """Write the model folder atomically (a sibling folder renamed into place)."""
     restore_retired_dir(folder)  # the model before, if a crash left it aside: its references are kept
     staging = folder.with_name(f".{folder.name}.partial")
@@ -508,6 +509,7 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
         "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        **({"training_fingerprint": fingerprint} if fingerprint is not None else {}),
     }, indent=2))
     return replace_dir(staging, folder)
 
@@ -598,6 +600,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     Under DistributedDataParallel every process trains, and only the main process
     (``is_main_process``) evaluates and writes the folder; the others return None.
     """
+    fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities)
     data = load_task_data(task_dir, task.horizon_days, modalities)
     config = fusion_config(data, **(architecture or {}))
     torch.manual_seed(args.seed)
@@ -618,8 +621,43 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     reference = {split: predict(result.model, result.calibrator, dataset).risk
                  for split, dataset in data.datasets.items()}
     save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
-                    data.has_treatment, reference, pl.concat(list(data.tabular.values()), how="diagonal_relaxed"))
+                    data.has_treatment, reference, pl.concat(list(data.tabular.values()), how="diagonal_relaxed"),
+                    fingerprint)
     return metrics
+
+
+def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: dict[str, Any] | None,
+                         truth_path: Path | None, baselines: bool,
+                         modalities: tuple[str, ...] = MODALITIES) -> str | None:
+    """What a training of ``task_dir`` reads, as one hash; None for a folder without step fingerprints.
+
+    It covers every input step's ``.fingerprint.json`` (its inputs, and its output file by size and
+    time), the training arguments, the architecture, the truth file (by size and time), whether
+    baselines run, the modalities and the model format. Training is seeded, so equal fingerprints
+    give the same model: a pipeline run on unchanged inputs need not train again
+    (:func:`trained_with`).
+    """
+    steps = sorted(task_dir.glob("*.fingerprint.json"))
+    if not steps:
+        return None
+    recorded = [(path.name, json.loads(path.read_text())) for path in steps]
+    truth = None if truth_path is None else [truth_path.stat().st_size, truth_path.stat().st_mtime_ns]
+    payload = [MODEL_FORMAT_VERSION, [(name, r.get("key"), r.get("output"), r.get("side_outputs"))
+                                      for name, r in recorded],
+               asdict(args), architecture or {}, truth, baselines, list(modalities)]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def trained_with(model_dir: Path, fingerprint: str | None) -> bool:
+    """Whether ``model_dir`` holds a complete model trained with ``fingerprint``
+    (:func:`training_fingerprint`); never for a None fingerprint."""
+    if fingerprint is None or not (model_dir / "metrics.json").is_file():
+        return False
+    try:
+        _, _, info = load_task_model(model_dir)
+    except ModelFolderError:  # incomplete or of another version: trained again
+        return False
+    return bool(info.get("training_fingerprint") == fingerprint)
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:

@@ -17,7 +17,7 @@ import dagster as dg
 
 from features.tasks import TaskDefinition, load_task
 from models.publishing import deploy_model, quality_shortfalls
-from models.task_model import train_task_model
+from models.task_model import train_task_model, trained_with, training_fingerprint
 from models.training import TrainingArguments
 from pipelines.assets.tasks import TASKS_DIR, task_partitions
 from pipelines.resources import Workspace
@@ -79,17 +79,21 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                              average_epochs=config.average_epochs, bf16=config.bf16)
     architecture = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                     "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
-    folder = candidate_model_dir(workspace, task.name)
-    metrics = train_task_model(
-        workspace.warehouse_dir / "tasks" / task.name, folder, task, args, architecture,
-        truth if truth.is_file() else None, baselines=config.baselines,
-        on_epoch=lambda r: context.log.info(f"epoch {int(r['epoch'])}: train {r['train_loss']:.4f} "
-                                            f"tuning {r['tuning_loss']:.4f}"),
-    )
-    assert metrics is not None
+    folder, inputs = candidate_model_dir(workspace, task.name), workspace.warehouse_dir / "tasks" / task.name
+    truth_path = truth if truth.is_file() else None
+    # The same inputs and settings train the same model (seeded): a run on unchanged data keeps it.
+    trained = not trained_with(folder, training_fingerprint(inputs, args, architecture, truth_path, config.baselines))
+    if trained:
+        train_task_model(inputs, folder, task, args, architecture, truth_path, baselines=config.baselines,
+                         on_epoch=lambda r: context.log.info(f"epoch {int(r['epoch'])}: train {r['train_loss']:.4f} "
+                                                             f"tuning {r['tuning_loss']:.4f}"))
+    else:
+        context.log.info(f"{folder} was trained on these inputs with these settings: not trained again")
+    metrics = json.loads((folder / "metrics.json").read_text())
     fusion = metrics["models"]["fusion"]
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(folder)),
+        "trained_in_this_run": trained,
         "model_card": dg.MetadataValue.md((folder / "MODEL_CARD.md").read_text()),
         "best_epoch": metrics["best_epoch"],
         **{f"held_out/{k}": float(v) for k, v in fusion.items()},

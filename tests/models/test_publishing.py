@@ -195,11 +195,18 @@ def test_a_candidate_below_the_gates_is_not_deployed_and_a_model_a_crash_left_as
     candidate, live = tmp_path / "candidate_models" / "t", tmp_path / "models" / "t"
     shutil.copytree(trained_task.model_dir, candidate)
     # A deployment killed between its two renames left the model before aside, and none in place.
-    shutil.copytree(trained_task.model_dir, live.with_name(".t.retired"))
+    aside = shutil.copytree(trained_task.model_dir, live.with_name(".t.retired"))
+    metrics = json.loads((aside / "metrics.json").read_text())
+    (aside / "metrics.json").write_text(json.dumps({**metrics, "best_epoch": -1}))  # another model than the candidate
     auroc = json.loads((candidate / "metrics.json").read_text())["models"]["fusion"]["auroc"]
     with pytest.raises(PublishError, match=rf"model {candidate} not deployed: held-out auroc {auroc:.4f} "
                                            rf"\(expected >= 1\.0\); the model in {live} stays"):
         deploy_model(candidate, live, min_auroc=1.0, max_calibration_error=1.0)
     assert (live / "model.safetensors").read_bytes() == (trained_task.model_dir / "model.safetensors").read_bytes()
+    assert json.loads((live / "metrics.json").read_text())["best_epoch"] == -1  # the model put back
     assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live
     assert "deployed" in json.loads((live / "cohortcast_model.json").read_text())
+    assert (live / "metrics.json").read_bytes() == (candidate / "metrics.json").read_bytes()
+    deployed = (live / "cohortcast_model.json").read_text()
+    assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live  # deployed already
+    assert (live / "cohortcast_model.json").read_text() == deployed

@@ -23,6 +23,8 @@ from models.task_model import (
     load_task_model,
     promote_model,
     train_task_model,
+    trained_with,
+    training_fingerprint,
 )
 from models.training import TrainingArguments
 from tests.models.synthetic import write_task_folder
@@ -198,6 +200,28 @@ def test_promotion_checks_the_copy_it_deploys_and_a_refusal_leaves_everything_as
     assert checked == [live.with_name(".t.partial")]
     assert sorted((p.name, p.read_bytes()) for p in live.iterdir()) == before
     assert [p.name for p in live.parent.iterdir()] == ["t"]
+
+
+def test_the_training_fingerprint_follows_the_inputs_and_the_settings(trained: tuple[Path, dict],
+                                                                    tmp_path: Path) -> None:
+    model_dir, _ = trained
+    task_dir = tmp_path / "task"
+    task_dir.mkdir()
+    args = TrainingArguments(max_epochs=10, batch_size=64)
+    assert training_fingerprint(task_dir, args, None, None, True) is None  # nothing recorded: always train
+    assert not trained_with(model_dir, None)
+    step = task_dir / "labels.fingerprint.json"
+    step.write_text(json.dumps({"key": "k1", "output": "labels.parquet:10:1", "side_outputs": []}))
+    first = training_fingerprint(task_dir, args, None, None, True)
+    assert first == training_fingerprint(task_dir, TrainingArguments(max_epochs=10, batch_size=64), None, None, True)
+    assert first != training_fingerprint(task_dir, args, {"hidden_size": 64}, None, True)
+    assert first != training_fingerprint(task_dir, TrainingArguments(max_epochs=11, batch_size=64), None, None, True)
+    assert first != training_fingerprint(task_dir, args, None, None, False)
+    step.write_text(json.dumps({"key": "k1", "output": "labels.parquet:10:2", "side_outputs": []}))  # rewritten
+    assert first != training_fingerprint(task_dir, args, None, None, True)
+    # The trained fixture's folder has no step fingerprints, so its model records none.
+    assert "training_fingerprint" not in json.loads((model_dir / "cohortcast_model.json").read_text())
+    assert not trained_with(model_dir, first)
 
 
 def test_a_broken_candidate_is_refused_and_the_live_model_stays(trained: tuple[Path, dict], tmp_path: Path) -> None:

@@ -49,6 +49,26 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
     assert "top of the high-risk list (published v0001, 14 high-risk of 276; 24 who died after" in output
 
+    # Run again on unchanged inputs with the same settings, the model is neither trained nor deployed again.
+    warehouse_models = tmp_path / "workspace" / "warehouse"
+    trained_at = (warehouse_models / "candidate_models" / DEMO_TASK / "model.safetensors").stat().st_mtime_ns
+    deployed_info = (warehouse_models / "models" / DEMO_TASK / "cohortcast_model.json").read_text()
+    gates = {"min_auroc": 0.0, "max_calibration_error": 1.0}
+    with dg.instance_for_test() as instance:
+        again = dg.materialize(
+            [*task_assets, *all_asset_checks], selection=dg.AssetSelection.assets("fusion_model", "deployed_model"),
+            partition_key=DEMO_TASK, instance=instance,
+            resources=resources_for_deployment(str(tmp_path / "workspace")),
+            run_config={"ops": {"fusion_model": {"config": {"max_epochs": 3, "hidden_size": 32}},
+                                "fusion_model_fusion_model_quality": {"config": gates},
+                                "deployed_model": {"config": gates}}},
+        )
+    [reused] = [e for e in again.get_asset_materialization_events()
+                if e.asset_key.to_user_string() == "fusion_model"]
+    assert reused.event_specific_data.materialization.metadata["trained_in_this_run"].value is False
+    assert (warehouse_models / "candidate_models" / DEMO_TASK / "model.safetensors").stat().st_mtime_ns == trained_at
+    assert (warehouse_models / "models" / DEMO_TASK / "cohortcast_model.json").read_text() == deployed_info
+
     # A model below the task's quality gate is neither deployed nor published: the model before it
     # stays the one scoring reads, and the live version stays v0001.
     deployed = tmp_path / "workspace" / "warehouse" / "models" / DEMO_TASK
