@@ -78,7 +78,12 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
     if not candidate.is_dir():
         raise PublishError(f"model folder {candidate} does not exist (train the model first: `cohortcast train`)")
     if _same_model(candidate, live):
-        return live  # deployed already: its deployment time and drift references stay
+        # Deployed already: its deployment time and drift references stay, but the gates still apply.
+        shortfalls = quality_shortfalls(json.loads((live / "metrics.json").read_text())["models"]["fusion"],
+                                        min_auroc, max_calibration_error)
+        if shortfalls:
+            raise PublishError(f"model {live} is deployed but misses the gates: {'; '.join(shortfalls)}")
+        return live
 
     def meets_gates(staged: Path) -> None:
         if not (staged / "metrics.json").is_file():

@@ -73,6 +73,10 @@ from models.metrics import (
 )
 from models.training import TrainingArguments, label_censoring_weights, predict_logits, train, training_precision
 
+TRAINING_VERSION = 1
+"""Part of the training fingerprint: raised whenever training or evaluation computes something else
+from the same inputs, so that an upgrade trains existing candidates again."""
+
 MODEL_FORMAT_VERSION = 3  # 2: each (code, value bin) pair has its own embedding; 3: modality summary path
 MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
 MODEL_INFO_KEYS = ("format_version", "task", "targets")
@@ -600,7 +604,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     Under DistributedDataParallel every process trains, and only the main process
     (``is_main_process``) evaluates and writes the folder; the others return None.
     """
-    fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities)
+    fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
     config = fusion_config(data, **(architecture or {}))
     torch.manual_seed(args.seed)
@@ -628,7 +632,8 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
 
 def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: dict[str, Any] | None,
                          truth_path: Path | None, baselines: bool,
-                         modalities: tuple[str, ...] = MODALITIES) -> str | None:
+                         modalities: tuple[str, ...] = MODALITIES,
+                         task: TaskDefinition | None = None) -> str | None:
     """What a training of ``task_dir`` reads, as one hash; None for a folder without step fingerprints.
 
     It covers every input step's ``.fingerprint.json`` (its inputs, and its output file by size and
@@ -642,8 +647,8 @@ def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: 
         return None
     recorded = [(path.name, json.loads(path.read_text())) for path in steps]
     truth = None if truth_path is None else [truth_path.stat().st_size, truth_path.stat().st_mtime_ns]
-    payload = [MODEL_FORMAT_VERSION, [(name, r.get("key"), r.get("output"), r.get("side_outputs"))
-                                      for name, r in recorded],
+    steps_read = [(name, r.get("key"), r.get("output"), r.get("side_outputs")) for name, r in recorded]
+    payload = [TRAINING_VERSION, MODEL_FORMAT_VERSION, asdict(task) if task is not None else None, steps_read,
                asdict(args), architecture or {}, truth, baselines, list(modalities)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 

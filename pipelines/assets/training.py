@@ -82,7 +82,8 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
     folder, inputs = candidate_model_dir(workspace, task.name), workspace.warehouse_dir / "tasks" / task.name
     truth_path = truth if truth.is_file() else None
     # The same inputs and settings train the same model (seeded): a run on unchanged data keeps it.
-    trained = not trained_with(folder, training_fingerprint(inputs, args, architecture, truth_path, config.baselines))
+    trained = not trained_with(folder, training_fingerprint(inputs, args, architecture, truth_path, config.baselines,
+                                                         task=task))
     if trained:
         train_task_model(inputs, folder, task, args, architecture, truth_path, baselines=config.baselines,
                          on_epoch=lambda r: context.log.info(f"epoch {int(r['epoch'])}: train {r['train_loss']:.4f} "
