@@ -77,20 +77,22 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
     """
     if not candidate.is_dir():
         raise PublishError(f"model folder {candidate} does not exist (train the model first: `cohortcast train`)")
+    def shortfalls_of(folder: Path) -> list[str]:
+        if not (folder / "metrics.json").is_file():
+            raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "
+                               "`cohortcast train`)")
+        fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]
+        return quality_shortfalls(fusion, min_auroc, max_calibration_error)
+
     if _same_model(candidate, live):
         # Deployed already: its deployment time and drift references stay, but the gates still apply.
-        shortfalls = quality_shortfalls(json.loads((live / "metrics.json").read_text())["models"]["fusion"],
-                                        min_auroc, max_calibration_error)
+        shortfalls = shortfalls_of(live)
         if shortfalls:
             raise PublishError(f"model {live} is deployed but misses the gates: {'; '.join(shortfalls)}")
         return live
 
     def meets_gates(staged: Path) -> None:
-        if not (staged / "metrics.json").is_file():
-            raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "
-                               "`cohortcast train`)")
-        shortfalls = quality_shortfalls(json.loads((staged / "metrics.json").read_text())["models"]["fusion"],
-                                        min_auroc, max_calibration_error)
+        shortfalls = shortfalls_of(staged)
         if shortfalls:
             kept = f"the model in {live} stays" if live.is_dir() else f"no model is deployed at {live}"
             raise PublishError(f"model {candidate} not deployed: {'; '.join(shortfalls)}; {kept}")

@@ -533,11 +533,12 @@ def promote_model(candidate: Path, live: Path, accept: Callable[[Path], None] | 
 
     The candidate is copied, not moved, so it stays beside its training run's record. The copy is
     what is checked (``accept``, given the copied folder, raises to refuse it), so a candidate
-    trained again meanwhile cannot slip in unchecked. The copy takes the replaced model's drift
-    references as ``previous_*`` (those the candidate was written with belong to whatever folder it
-    was trained over) and the time of deployment (``deployed`` in ``cohortcast_model.json``), and
-    replaces ``live`` by :func:`features.io.replace_dir`. :func:`models.publishing.deploy_model`
-    passes the quality gates as ``accept``.
+    trained again between a check and the copy is not deployed unchecked; a candidate rewritten
+    while the copy runs is not guarded against (the files are copied one by one). The copy takes
+    the replaced model's drift references as ``previous_*`` (those the candidate was written with
+    belong to whatever folder it was trained over) and the time of deployment (``deployed`` in
+    ``cohortcast_model.json``), and replaces ``live`` by :func:`features.io.replace_dir`.
+    :func:`models.publishing.deploy_model` passes the quality gates as ``accept``.
 
     Raises
     ------
