@@ -43,7 +43,7 @@ from features.ingest import SUMMARY_FILE, IngestSummary
 from features.schemas import SCORES
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
-from models.task_model import promote_model
+from models.task_model import ModelFolderError, check_model_folder, promote_model
 
 PUBLISHED_FORMAT_VERSION = 1
 FORMAT_FILE = "cohortcast_published.json"
@@ -101,11 +101,14 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
 
 
 def _same_model(candidate: Path, live: Path) -> bool:
-    """Whether ``live`` holds the candidate's model already: the same weights and metrics."""
-    names = ("model.safetensors", "metrics.json", "calibration.json")
-    if not all((live / name).is_file() and (candidate / name).is_file() for name in names):
+    """Whether ``live`` holds the candidate's model already, whole: the same files as training wrote
+    them (:func:`models.task_model.model_file_digests`). A damaged or edited ``live`` is not the same,
+    so deploying the candidate again repairs it."""
+    try:
+        deployed = check_model_folder(live)
+    except ModelFolderError:
         return False
-    return all((live / name).read_bytes() == (candidate / name).read_bytes() for name in names)
+    return bool(deployed["files"] == check_model_folder(candidate)["files"])
 
 
 def check_published_root(root: Path) -> None:

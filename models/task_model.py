@@ -77,9 +77,14 @@ TRAINING_VERSION = 1
 """Part of the training fingerprint: raised whenever training or evaluation computes something else
 from the same inputs, so that an upgrade trains existing candidates again."""
 
-MODEL_FORMAT_VERSION = 3  # 2: each (code, value bin) pair has its own embedding; 3: modality summary path
+# 2: each (code, value bin) pair has its own embedding; 3: modality summary path; 4: a SHA-256 of each
+# file the training wrote, checked on every load
+MODEL_FORMAT_VERSION = 4
 MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
-MODEL_INFO_KEYS = ("format_version", "task", "targets")
+MODEL_INFO_KEYS = ("format_version", "task", "targets", "files")
+# Written by deployment, not by training: outside the folder's digests.
+DEPLOYMENT_FILES = ("cohortcast_model.json", f"{PREVIOUS_PREFIX}{REFERENCE_FILE}",
+                    f"{PREVIOUS_PREFIX}{INPUT_REFERENCE_FILE}")
 DEFAULT_TEXT_DIM, DEFAULT_IMAGING_DIM = 384, 64
 
 
@@ -508,14 +513,22 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     save_reference(staging / REFERENCE_FILE, reference_risk)
     if reference_inputs is not None:
         input_reference(reference_inputs).write_parquet(staging / INPUT_REFERENCE_FILE)
+    files = model_file_digests(staging)
     _keep_previous_references(folder, staging)
     (staging / "cohortcast_model.json").write_text(json.dumps({
         "format_version": MODEL_FORMAT_VERSION, "task": model.config.task,
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"), "files": files,
         **({"training_fingerprint": fingerprint} if fingerprint is not None else {}),
     }, indent=2))
     return replace_dir(staging, folder)
+
+
+def model_file_digests(folder: Path) -> dict[str, str]:
+    """The SHA-256 of each file training wrote into a model folder, by name: every file but the
+    ones deployment writes (``DEPLOYMENT_FILES``)."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())
+            if path.is_file() and path.name not in DEPLOYMENT_FILES and not path.name.startswith(".")}
 
 
 def _keep_previous_references(replaced: Path, staging: Path) -> None:
@@ -546,20 +559,22 @@ def promote_model(candidate: Path, live: Path, accept: Callable[[Path], None] | 
         When ``candidate`` is not a complete model folder of this version; and whatever ``accept``
         raises. ``live`` is left as it was.
     """
-    load_task_model(candidate)  # refuses a missing, partial or other-version folder, with the reason
+    check_model_folder(candidate)  # refuses a missing, partial, altered or other-version folder
     restore_retired_dir(live)  # the model before, if a crash left it aside: its references are kept
     staging = live.with_name(f".{live.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(candidate, staging)
     accepted = False
     try:
-        load_task_model(staging)  # the copy too: the candidate may have been rewritten meanwhile
+        shutil.copytree(candidate, staging)
+        # The copy too, against the digests it carries: a candidate trained again while the files
+        # were copied one by one gives a copy that mixes two models, and is refused.
+        check_model_folder(staging)
         if accept is not None:
             accept(staging)
         accepted = True
     finally:
         if not accepted:
-            shutil.rmtree(staging)
+            shutil.rmtree(staging, ignore_errors=True)
     _keep_previous_references(live, staging)
     info_path = staging / "cohortcast_model.json"
     info = json.loads(info_path.read_text())
@@ -574,7 +589,23 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
     Raises
     ------
     ModelFolderError
-        When files are missing or the folder was written by another format version.
+        As :func:`check_model_folder`.
+    """
+    info = check_model_folder(folder)
+    model = FusionForRiskPrediction.from_pretrained(folder).eval()
+    return model, PlattCalibrator.load(folder / "calibration.json"), info
+
+
+def check_model_folder(folder: Path) -> dict[str, Any]:
+    """Check that ``folder`` holds a whole model of this format version, its files as training wrote
+    them; return its ``cohortcast_model.json``.
+
+    Raises
+    ------
+    ModelFolderError
+        When files are missing, the folder was written by another format version, or a file's
+        SHA-256 differs from the one training recorded (edited, damaged, or mixed with another
+        model's files).
     """
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist (train a model first: `cohortcast train`)")
@@ -583,7 +614,11 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
         raise ModelFolderError(
             f"model folder {folder} is missing {', '.join(missing)} (it is incomplete; train the model again)"
         )
-    info = json.loads((folder / "cohortcast_model.json").read_text())
+    try:
+        info = json.loads((folder / "cohortcast_model.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"model folder {folder}: cohortcast_model.json is not JSON ({exc}; it is damaged: "
+                               "train or deploy the model again)") from exc
     if info.get("format_version") == MODEL_FORMAT_VERSION and not set(MODEL_INFO_KEYS) <= set(info):
         raise ModelFolderError(f"model folder {folder}: cohortcast_model.json lacks "
                                f"{sorted(set(MODEL_INFO_KEYS) - set(info))} (train the model again)")
@@ -592,8 +627,19 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
             f"model folder {folder} has format version {info.get('format_version')!r}, this cohortcast reads "
             f"version {MODEL_FORMAT_VERSION} (train the model again with this version)"
         )
-    model = FusionForRiskPrediction.from_pretrained(folder).eval()
-    return model, PlattCalibrator.load(folder / "calibration.json"), info
+    recorded: dict[str, str] = info["files"]
+    found = model_file_digests(folder)
+    absent = sorted(set(recorded) - set(found))
+    if absent:
+        raise ModelFolderError(
+            f"model folder {folder} is missing {', '.join(absent)} (it is incomplete; train the model again)")
+    changed = sorted(name for name in recorded if found[name] != recorded[name])
+    if changed:
+        raise ModelFolderError(
+            f"model folder {folder}: {', '.join(changed)} differ from what its training wrote (expected the "
+            "SHA-256 in cohortcast_model.json 'files'; the file was edited, damaged or taken from another "
+            "model: train or deploy the model again)")
+    return info
 
 
 def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args: TrainingArguments,
@@ -637,11 +683,12 @@ def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: 
                          task: TaskDefinition | None = None) -> str | None:
     """What a training of ``task_dir`` reads, as one hash; None for a folder without step fingerprints.
 
-    It covers every input step's ``.fingerprint.json`` (its inputs, and its output file by size and
-    time), the training arguments, the architecture, the truth file (by size and time), whether
-    baselines run, the modalities and the model format. Training is seeded, so equal fingerprints
-    give the same model: a pipeline run on unchanged inputs need not train again
-    (:func:`trained_with`).
+    It covers every input step's ``.fingerprint.json`` (the inputs it was computed from), every file
+    in the folder as it is now (by name, size and modification time: a step output replaced by hand,
+    or written by a step killed before its record, counts as a change), the training arguments, the
+    architecture, the truth file (by size and time), whether baselines run, the modalities and the
+    model format. Training is seeded, so equal fingerprints give the same model: a pipeline run on
+    unchanged inputs need not train again (:func:`trained_with`).
     """
     steps = sorted(task_dir.glob("*.fingerprint.json"))
     if not steps:
@@ -649,8 +696,10 @@ def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: 
     recorded = [(path.name, json.loads(path.read_text())) for path in steps]
     truth = None if truth_path is None else [truth_path.stat().st_size, truth_path.stat().st_mtime_ns]
     steps_read = [(name, r.get("key"), r.get("output"), r.get("side_outputs")) for name, r in recorded]
+    files_now = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(task_dir.iterdir())
+                 if path.is_file() and not path.name.startswith(".")]
     payload = [TRAINING_VERSION, MODEL_FORMAT_VERSION, asdict(task) if task is not None else None, steps_read,
-               asdict(args), architecture or {}, truth, baselines, list(modalities)]
+               files_now, asdict(args), architecture or {}, truth, baselines, list(modalities)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -660,8 +709,8 @@ def trained_with(model_dir: Path, fingerprint: str | None) -> bool:
     if fingerprint is None or not (model_dir / "metrics.json").is_file():
         return False
     try:
-        _, _, info = load_task_model(model_dir)
-    except ModelFolderError:  # incomplete or of another version: trained again
+        info = check_model_folder(model_dir)
+    except ModelFolderError:  # incomplete, altered or of another version: trained again
         return False
     return bool(info.get("training_fingerprint") == fingerprint)
 

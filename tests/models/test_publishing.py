@@ -210,3 +210,10 @@ def test_a_candidate_below_the_gates_is_not_deployed_and_a_model_a_crash_left_as
     deployed = (live / "cohortcast_model.json").read_text()
     assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live  # deployed already
     assert (live / "cohortcast_model.json").read_text() == deployed
+    # A deployed folder damaged since (a file lost or edited) is not the candidate's model: deploying
+    # the same candidate again puts it back whole.
+    (live / "vocabulary.json").unlink()
+    (live / "history.json").write_text("[]")
+    assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live
+    for name in ("vocabulary.json", "history.json"):
+        assert (live / name).read_bytes() == (candidate / name).read_bytes()

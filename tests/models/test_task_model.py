@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from models.task_model import (
     _severities_read_from_data,
     _survival_metrics,
     _training_text,
+    check_model_folder,
     load_task_data,
     load_task_model,
     promote_model,
@@ -127,7 +129,7 @@ def test_fusion_is_compared_with_each_baseline_on_the_same_patients(trained: tup
 def test_loaded_model_matches_the_saved_one(trained: tuple[Path, dict]) -> None:
     model_dir, _ = trained
     model, calibrator, info = load_task_model(model_dir)
-    assert info["task"] == "synthetic_1y" and info["format_version"] == 3
+    assert info["task"] == "synthetic_1y" and info["format_version"] == 4
     assert model.config.hidden_size == 32
     assert 0 < calibrator.transform([0.0])[0] < 1
 
@@ -145,8 +147,34 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     for name in ("model.safetensors", "calibration.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())
     (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
-    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 3"):
+    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 4"):
         load_task_model(broken)
+    (broken / "cohortcast_model.json").write_text('{"format_version": 4, "task"')
+    with pytest.raises(ModelFolderError, match=r"cohortcast_model\.json is not JSON \(.*; it is damaged"):
+        load_task_model(broken)
+
+
+def test_a_model_folder_whose_files_differ_from_what_training_wrote_is_refused(trained: tuple[Path, dict],
+                                                                                tmp_path: Path) -> None:
+    model_dir, _ = trained
+    info = json.loads((model_dir / "cohortcast_model.json").read_text())
+    assert sorted(info["files"]) == ["MODEL_CARD.md", "calibration.json", "config.json", "drift_reference.parquet",
+                                     "history.json", "input_reference.parquet", "metrics.json", "model.safetensors",
+                                     "vocabulary.json"]
+    assert check_model_folder(model_dir) == info
+    edited = shutil.copytree(model_dir, tmp_path / "edited")
+    (edited / "metrics.json").write_text((edited / "metrics.json").read_text().replace('"auroc": 0.', '"auroc": 1.'))
+    with pytest.raises(ModelFolderError, match=rf"model folder {edited}: metrics\.json differ from what its training "
+                                               r"wrote \(expected the SHA-256 in cohortcast_model\.json 'files'"):
+        load_task_model(edited)
+    (edited / "metrics.json").write_bytes((model_dir / "metrics.json").read_bytes())
+    (edited / "drift_reference.parquet").unlink()
+    with pytest.raises(ModelFolderError, match=r"is missing drift_reference\.parquet \(it is incomplete"):
+        check_model_folder(edited)
+    # What deployment writes beside the model is not the training's: editing it is no damage.
+    (edited / "drift_reference.parquet").write_bytes((model_dir / "drift_reference.parquet").read_bytes())
+    save_reference(edited / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(10, 0.9)})
+    assert check_model_folder(edited) == info
 
 
 def test_promoting_a_candidate_replaces_the_live_model_and_keeps_the_replaced_ones_references(
@@ -202,6 +230,38 @@ def test_promotion_checks_the_copy_it_deploys_and_a_refusal_leaves_everything_as
     assert [p.name for p in live.parent.iterdir()] == ["t"]
 
 
+def test_promotion_refuses_a_copy_that_mixes_two_models_and_leaves_no_staging_behind(
+        trained: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, _ = trained
+    live = tmp_path / "models" / "t"
+    shutil.copytree(model_dir, live)
+    before = sorted((p.name, p.read_bytes()) for p in live.iterdir())
+    copytree = shutil.copytree
+
+    def copy_while_the_candidate_is_retrained(source: Path, target: Path) -> Path:
+        copied = copytree(source, target)
+        # The weights came from the retrained candidate, the rest from the model before it.
+        (copied / "calibration.json").write_text(json.dumps({"slope": 2.0, "intercept": 0.0}))
+        return Path(copied)
+
+    monkeypatch.setattr("models.task_model.shutil.copytree", copy_while_the_candidate_is_retrained)
+    with pytest.raises(ModelFolderError, match=r"\.t\.partial: calibration\.json differ from what its training wrote"):
+        promote_model(model_dir, live)
+    assert sorted((p.name, p.read_bytes()) for p in live.iterdir()) == before
+    assert [p.name for p in live.parent.iterdir()] == ["t"]
+
+    def copy_until_the_disk_is_full(source: Path, target: Path) -> Path:
+        Path(target).mkdir()
+        shutil.copy(Path(source) / "config.json", Path(target) / "config.json")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("models.task_model.shutil.copytree", copy_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        promote_model(model_dir, live)
+    assert sorted((p.name, p.read_bytes()) for p in live.iterdir()) == before
+    assert [p.name for p in live.parent.iterdir()] == ["t"]
+
+
 def test_the_training_fingerprint_follows_the_inputs_and_the_settings(trained: tuple[Path, dict],
                                                                     tmp_path: Path) -> None:
     model_dir, _ = trained
@@ -218,7 +278,19 @@ def test_the_training_fingerprint_follows_the_inputs_and_the_settings(trained: t
     assert first != training_fingerprint(task_dir, TrainingArguments(max_epochs=11, batch_size=64), None, None, True)
     assert first != training_fingerprint(task_dir, args, None, None, False)
     step.write_text(json.dumps({"key": "k1", "output": "labels.parquet:10:2", "side_outputs": []}))  # rewritten
-    assert first != training_fingerprint(task_dir, args, None, None, True)
+    second = training_fingerprint(task_dir, args, None, None, True)
+    assert second != first
+    # A step's output replaced after its record was written (by hand, or by a step killed between the
+    # two writes): the record is unchanged, the file is not.
+    (task_dir / "labels.parquet").write_bytes(b"new labels")
+    third = training_fingerprint(task_dir, args, None, None, True)
+    assert third != second
+    os.utime(task_dir / "labels.parquet", ns=(1, 1))
+    fourth = training_fingerprint(task_dir, args, None, None, True)
+    assert fourth != third
+    # A write that never completed is no input.
+    (task_dir / ".labels.parquet.x1.partial").write_bytes(b"half")
+    assert training_fingerprint(task_dir, args, None, None, True) == fourth
     # The trained fixture's folder has no step fingerprints, so its model records none.
     assert "training_fingerprint" not in json.loads((model_dir / "cohortcast_model.json").read_text())
     assert not trained_with(model_dir, first)
