@@ -295,7 +295,8 @@ alternatives only: the regex engine then searches them all at once."""
 
 _PRESENCE_ONLY: dict[str, str] = {
     "Observation": "|".join(
-        f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time")
+        f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time", "Ratio",
+                                      "Range", "Period")
     ),
 }
 """Fields whose mere presence sends a line to the Python path (rare forms it alone reads), found

@@ -479,7 +479,72 @@ def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None
             if not isinstance(value, str):
                 raise RecordError("bad_type", f"{where}.{key} should be a string, found {type(value).__name__}")
             return None, None, None, value
+    if "valueRatio" in holder:
+        return _ratio(check_object(holder["valueRatio"], f"{where}.valueRatio"), f"{where}.valueRatio")
+    if "valueRange" in holder:
+        return _range(check_object(holder["valueRange"], f"{where}.valueRange"), f"{where}.valueRange")
+    if "valuePeriod" in holder:
+        period = check_object(holder["valuePeriod"], f"{where}.valuePeriod")
+        start, end = (check_string(period[key], f"{where}.valuePeriod.{key}") if key in period else ".."
+                      for key in ("start", "end"))
+        # ISO 8601's interval notation, ``..`` for an open end.
+        return None, None, None, None if start == end == ".." else f"{start}/{end}"
     return None, None, None, None
+
+
+_INVERTED_COMPARATOR = {"<": ">", "<=": ">=", ">=": "<=", ">": "<"}
+
+
+def _quantity_parts(holder: dict[str, Any], key: str, where: str) -> tuple[float, str | None, str | None]:
+    """(value, comparator, unit) of the Quantity ``holder[key]``, whose value is required."""
+    if key not in holder:
+        raise RecordError("missing_value", f"{where}.{key} is missing")
+    quantity = check_object(holder[key], f"{where}.{key}")
+    if "value" not in quantity:
+        raise RecordError("missing_value", f"{where}.{key}.value is missing")
+    number = check_number(quantity["value"], f"{where}.{key}.value")
+    unit = quantity.get("unit", quantity.get("code"))
+    return number, _comparator(quantity.get("comparator"), f"{where}.{key}.comparator"), \
+        unit if isinstance(unit, str) else None
+
+
+def _ratio(ratio: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+    """A Ratio as one number, numerator over denominator (a titer of 1:64 reads 0.015625, so a higher
+    titer is a smaller value), with the bound of either side as the ratio's comparator."""
+    numerator, above, numerator_unit = _quantity_parts(ratio, "numerator", where)
+    denominator, below, denominator_unit = _quantity_parts(ratio, "denominator", where)
+    if denominator == 0:
+        raise RecordError("bad_value", f"{where}.denominator.value is 0 (expected a non-zero denominator)")
+    if above is not None and below is not None:
+        raise RecordError("bad_value", f"{where} has a comparator on both the numerator ({above!r}) and the "
+                                       f"denominator ({below!r}) (expected one bound at most)")
+    # A bound on the denominator bounds the ratio the other way: 1:>64 is a ratio below 1/64.
+    comparator = above if below is None else _INVERTED_COMPARATOR.get(below, below)
+    unit = (f"{numerator_unit or 1}/{denominator_unit}" if denominator_unit is not None else numerator_unit)
+    return numerator / denominator, comparator, unit, None
+
+
+def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+    """A Range: a one-sided range as a bound (``>=`` low, ``<=`` high), a two-sided one as the text
+    ``low-high`` (a reported band, such as 0-2 cells per field, read as a category)."""
+    low, high = (_quantity_parts(value_range, key, where) if key in value_range else None for key in ("low", "high"))
+    for key, bound in (("low", low), ("high", high)):
+        if bound is not None and bound[1] is not None:
+            raise RecordError("bad_value", f"{where}.{key}.comparator {bound[1]!r} is not allowed (a Range's "
+                                           "bounds are SimpleQuantities, without a comparator)")
+    if low is None or high is None:
+        bound = low or high
+        if bound is None:
+            return None, None, None, None
+        return bound[0], ">=" if low is not None else "<=", bound[2], None
+    if low[0] > high[0]:
+        raise RecordError("bad_value", f"{where}.low.value {low[0]:g} is above high.value {high[0]:g} "
+                                       "(expected low <= high)")
+    return None, None, low[2] or high[2], f"{_number_text(low[0])}-{_number_text(high[0])}"
+
+
+def _number_text(number: float) -> str:
+    return str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
 
 
 def _comparator(value: Any, where: str) -> str | None:

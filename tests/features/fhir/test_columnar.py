@@ -976,6 +976,68 @@ def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch
     assert events.select("code", "numeric_value").rows() == [("LOINC//6598-7", pytest.approx(0.01))]
 
 
+def test_ratio_range_and_period_values_are_read_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A titer (Ratio), a reported band or a one-sided limit (Range), and a period keep their value,
+    # for an Observation's own value and a component's; a ratio over 0, a range whose low is above
+    # its high, or a Range bound with a comparator quarantines the record.
+    def observation(rid: str, **value: object) -> dict[str, object]:
+        return {
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "5370-2"}]},
+            "effectiveDateTime": "2020-01-02T03:04:05Z", **value,
+        }
+
+    def quantity(number: float, unit: str | None = None, comparator: str | None = None) -> dict[str, object]:
+        return ({"value": number} | ({"unit": unit} if unit else {})
+                | ({"comparator": comparator} if comparator else {}))
+
+    sediment = {"code": {"coding": [{"system": "http://loinc.org", "code": "5821-4"}]},
+                "valueRange": {"low": quantity(0, "/[HPF]"), "high": quantity(2, "/[HPF]")}}
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        observation("titer", valueRatio={"numerator": quantity(1), "denominator": quantity(64)}),
+        observation("titer-above", valueRatio={"numerator": quantity(1), "denominator": quantity(64, None, "<")}),
+        observation("per-volume", valueRatio={"numerator": quantity(3, "mg"), "denominator": quantity(2, "mL")}),
+        observation("band", component=[sediment]),
+        observation("at-least", valueRange={"low": quantity(60, "mL/min")}),
+        observation("at-most", valueRange={"high": quantity(0.5, "%")}),
+        observation("empty-range", valueRange={}),
+        observation("period", valuePeriod={"start": "2020-01-01", "end": "2020-01-02"}),
+        observation("open-period", valuePeriod={"start": "2020-01-01"}),
+        observation("over-zero", valueRatio={"numerator": quantity(1), "denominator": quantity(0)}),
+        observation("no-denominator", valueRatio={"numerator": quantity(1)}),
+        observation("inverted", valueRange={"low": quantity(5), "high": quantity(2)}),
+        observation("bounded-bound", valueRange={"low": quantity(5, None, ">")}),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    export = landing / "fhir" / "export.ndjson"
+    export.write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 3, "missing_value": 1}
+    table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert table.select("resource_id", "code", "numeric_value", "value_comparator", "unit", "text_value").rows() == [
+        ("titer", "LOINC//5370-2", 1 / 64, None, None, None),
+        ("titer-above", "LOINC//5370-2", 1 / 64, ">", None, None),
+        ("per-volume", "LOINC//5370-2", 1.5, None, "mg/mL", None),
+        ("band", "LOINC//5821-4", None, None, "/[HPF]", "0-2"),
+        ("at-least", "LOINC//5370-2", 60.0, ">=", "mL/min", None),
+        ("at-most", "LOINC//5370-2", 0.5, "<=", "%", None),
+        ("empty-range", "LOINC//5370-2", None, None, None, None),
+        ("period", "LOINC//5370-2", None, None, None, "2020-01-01/2020-01-02"),
+        ("open-period", "LOINC//5370-2", None, None, None, "2020-01-01/.."),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("record_number")
+    assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
+        ("over-zero", "bad_value", "Observation.valueRatio.denominator.value is 0 (expected a non-zero denominator)"),
+        ("no-denominator", "missing_value", "Observation.valueRatio.denominator is missing"),
+        ("inverted", "bad_value", "Observation.valueRange.low.value 5 is above high.value 2 (expected low <= high)"),
+        ("bounded-bound", "bad_value", "Observation.valueRange.low.comparator '>' is not allowed (a Range's bounds "
+                                       "are SimpleQuantities, without a comparator)"),
+    ]
+
+
 def test_systems_by_oid_or_with_a_slash_and_padded_codes_read_alike_on_both_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
