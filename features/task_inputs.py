@@ -63,6 +63,19 @@ def _file_key(path: Path) -> str:
     return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def step_files_now(folder: Path) -> list[str]:
+    """The key (name, size, modification time) of every file a step record in ``folder`` names, its
+    outputs and side outputs, as the file is now: a file replaced after its record was written (by
+    hand, or by a step killed between the two writes) has a key its record does not hold."""
+    names: set[str] = set()
+    for stamp in sorted(folder.glob("*.fingerprint.json")):
+        record = json.loads(stamp.read_text(encoding="utf-8"))
+        for key in [record.get("output"), *record.get("side_outputs", [])]:
+            if isinstance(key, str):
+                names.add(key.split(":", 1)[0])
+    return [_file_key(folder / name) for name in sorted(names)]
+
+
 def _run_step(out: Path, inputs: list[Path], settings: str,
               compute: Callable[[], tuple[pa.Table | None, dict[str, Any]]],
               side_outputs: tuple[Path, ...] = ()) -> StepResult:

@@ -66,21 +66,21 @@ class Publication:
 def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_error: float) -> Path:
     """Make the model in ``candidate`` the one scoring reads (``live``) if its held-out metrics meet
     the quality gates (:func:`quality_shortfalls`); return ``live``. A candidate deployed already
-    (the same weights, calibration and metrics) is left as it is, with its deployment time.
+    (``live`` whole, with the same file digests) is left as it is, with its deployment time; over a
+    damaged copy of it, it is deployed again (:func:`models.task_model.promote_model` repairs).
 
     Raises
     ------
     PublishError
         When the candidate misses a gate: ``live`` keeps the model before it.
     ModelFolderError
-        When ``candidate`` is not a complete model folder of this version.
+        When ``candidate`` is not a whole model folder of a version this cohortcast reads
+        (:func:`models.task_model.check_model_folder`).
     """
     if not candidate.is_dir():
         raise PublishError(f"model folder {candidate} does not exist (train the model first: `cohortcast train`)")
-    def shortfalls_of(folder: Path) -> list[str]:
-        if not (folder / "metrics.json").is_file():
-            raise PublishError(f"model folder {candidate} has no metrics.json (train the model first: "
-                               "`cohortcast train`)")
+
+    def shortfalls_of(folder: Path) -> list[str]:  # a folder check_model_folder passed: metrics.json is there
         fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]
         return quality_shortfalls(fusion, min_auroc, max_calibration_error)
 
@@ -108,7 +108,8 @@ def _same_model(candidate: Path, live: Path) -> bool:
         deployed = check_model_folder(live)
     except ModelFolderError:
         return False
-    return bool(deployed["files"] == check_model_folder(candidate)["files"])
+    files = deployed.get("files")  # none in a folder of version 3
+    return files is not None and bool(files == check_model_folder(candidate).get("files"))
 
 
 def check_published_root(root: Path) -> None:

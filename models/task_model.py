@@ -10,7 +10,8 @@ Out: a model folder
 * ``metrics.json`` (held-out metrics of the model and of every baseline), ``history.json``,
 * ``MODEL_CARD.md`` (what the model is for, its data, its metrics, by subgroup, and its limits),
 * ``drift_reference.parquet`` (every training-cohort patient's risk: the drift check's reference),
-* ``cohortcast_model.json`` (the format version and the task it was trained for).
+* ``cohortcast_model.json`` (the format version, the task it was trained for and the SHA-256 of
+  every file above, checked whenever the folder is loaded or deployed).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from features.simulate.state import (
     risk_given_estimated_severities,
     risk_given_observed_modalities,
 )
+from features.task_inputs import step_files_now
 from features.tasks import USUAL_INTERVAL, TaskDefinition
 from models.baselines import (
     feature_matrix,
@@ -80,7 +82,11 @@ from the same inputs, so that an upgrade trains existing candidates again."""
 # 2: each (code, value bin) pair has its own embedding; 3: modality summary path; 4: a SHA-256 of each
 # file the training wrote, checked on every load
 MODEL_FORMAT_VERSION = 4
-MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json")
+# Still loaded: version 3 differs only in having no file digests, so a model deployed before an
+# upgrade keeps scoring until a new one passes its gates.
+READABLE_FORMAT_VERSIONS = (3, MODEL_FORMAT_VERSION)
+MODEL_FILES = ("config.json", "model.safetensors", "vocabulary.json", "calibration.json", "cohortcast_model.json",
+               "metrics.json")
 MODEL_INFO_KEYS = ("format_version", "task", "targets", "files")
 # Written by deployment, not by training: outside the folder's digests.
 DEPLOYMENT_FILES = ("cohortcast_model.json", f"{PREVIOUS_PREFIX}{REFERENCE_FILE}",
@@ -89,7 +95,7 @@ DEFAULT_TEXT_DIM, DEFAULT_IMAGING_DIM = 384, 64
 
 
 class ModelFolderError(CohortcastError):
-    """A model folder is incomplete or was written by another format version."""
+    """A model folder is incomplete, altered since training wrote it, or of another format version."""
 
 
 @dataclass(frozen=True)
@@ -524,34 +530,50 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     return replace_dir(staging, folder)
 
 
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def model_file_digests(folder: Path) -> dict[str, str]:
     """The SHA-256 of each file training wrote into a model folder, by name: every file but the
     ones deployment writes (``DEPLOYMENT_FILES``)."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())
+    return {path.name: _sha256(path) for path in sorted(folder.iterdir())
             if path.is_file() and path.name not in DEPLOYMENT_FILES and not path.name.startswith(".")}
 
 
 def _keep_previous_references(replaced: Path, staging: Path) -> None:
     """Copy the references of the model in ``replaced`` into ``staging`` as ``previous_*``, so that
     drift after a retraining is measured against the data the model before was trained on
-    (models.drift); without a model there, ``staging`` keeps none."""
+    (models.drift). Only references as that model's training wrote them are kept (their SHA-256
+    as recorded; any for a folder of version 3, which records none): a damaged one would break the
+    drift check. Without a model there, ``staging`` keeps none."""
+    try:
+        info = _read_model_info(replaced)
+    except ModelFolderError:  # no model there, or one too damaged to tell its references
+        info = {}
+    recorded: dict[str, str] = info["files"] if _is_digest_map(info.get("files")) else {}
     for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
         (staging / f"{PREVIOUS_PREFIX}{name}").unlink(missing_ok=True)
-        if (replaced / name).is_file():
-            shutil.copy(replaced / name, staging / f"{PREVIOUS_PREFIX}{name}")
+        source = replaced / name
+        if source.is_file() and (info.get("format_version") == READABLE_FORMAT_VERSIONS[0]
+                                 or recorded.get(name) == _sha256(source)):
+            shutil.copy(source, staging / f"{PREVIOUS_PREFIX}{name}")
 
 
 def promote_model(candidate: Path, live: Path, accept: Callable[[Path], None] | None = None) -> Path:
     """Make the model folder ``candidate`` the one scoring reads, at ``live``; return ``live``.
 
     The candidate is copied, not moved, so it stays beside its training run's record. The copy is
-    what is checked (``accept``, given the copied folder, raises to refuse it), so a candidate
-    trained again between a check and the copy is not deployed unchecked; a candidate rewritten
-    while the copy runs is not guarded against (the files are copied one by one). The copy takes
-    the replaced model's drift references as ``previous_*`` (those the candidate was written with
-    belong to whatever folder it was trained over) and the time of deployment (``deployed`` in
-    ``cohortcast_model.json``), and replaces ``live`` by :func:`features.io.replace_dir`.
-    :func:`models.publishing.deploy_model` passes the quality gates as ``accept``.
+    what is checked, against the digests it carries (:func:`check_model_folder`) and by ``accept``
+    (given the copied folder, it raises to refuse it): a candidate trained again before or while
+    the files are copied one by one is either deployed whole and checked, or refused. The copy
+    takes the replaced model's drift references as ``previous_*`` (those the candidate was written
+    with belong to whatever folder it was trained over) and the time of deployment (``deployed`` in
+    ``cohortcast_model.json``), and replaces ``live`` by :func:`features.io.replace_dir`. Over a
+    damaged copy of the same model (the same digests), it repairs: the deployment time and the
+    ``previous_*`` references of ``live`` stay. :func:`models.publishing.deploy_model` passes the
+    quality gates as ``accept``.
 
     Raises
     ------
@@ -575,10 +597,22 @@ def promote_model(candidate: Path, live: Path, accept: Callable[[Path], None] | 
     finally:
         if not accepted:
             shutil.rmtree(staging, ignore_errors=True)
-    _keep_previous_references(live, staging)
     info_path = staging / "cohortcast_model.json"
     info = json.loads(info_path.read_text())
-    info["deployed"] = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        live_info = _read_model_info(live)
+    except ModelFolderError:  # none deployed, or its record is damaged
+        live_info = {}
+    if _is_digest_map(live_info.get("files")) and live_info["files"] == info["files"] and "deployed" in live_info:
+        # A repair: this model is the one deployed, and the drift check's reference stays the model before it.
+        for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
+            (staging / f"{PREVIOUS_PREFIX}{name}").unlink(missing_ok=True)
+            if (live / f"{PREVIOUS_PREFIX}{name}").is_file():
+                shutil.copy(live / f"{PREVIOUS_PREFIX}{name}", staging / f"{PREVIOUS_PREFIX}{name}")
+        info["deployed"] = live_info["deployed"]
+    else:
+        _keep_previous_references(live, staging)
+        info["deployed"] = datetime.now(UTC).isoformat(timespec="seconds")
     info_path.write_text(json.dumps(info, indent=2))
     return replace_dir(staging, live)
 
@@ -597,49 +631,78 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
 
 
 def check_model_folder(folder: Path) -> dict[str, Any]:
-    """Check that ``folder`` holds a whole model of this format version, its files as training wrote
-    them; return its ``cohortcast_model.json``.
+    """Check that ``folder`` holds a whole model of a format version this cohortcast reads, its
+    files as training wrote them; return its ``cohortcast_model.json``.
 
     Raises
     ------
     ModelFolderError
-        When files are missing, the folder was written by another format version, or a file's
-        SHA-256 differs from the one training recorded (edited, damaged, or mixed with another
-        model's files).
+        When files are missing, ``cohortcast_model.json`` is damaged, the folder was written by
+        another format version, or a file's SHA-256 differs from the one training recorded (edited,
+        damaged, or mixed with another model's files).
     """
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist (train a model first: `cohortcast train`)")
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
     if missing:
         raise ModelFolderError(
-            f"model folder {folder} is missing {', '.join(missing)} (it is incomplete; train the model again)"
+            f"model folder {folder} is missing {', '.join(missing)} (it is incomplete; train or deploy the model again)"
         )
-    try:
-        info = json.loads((folder / "cohortcast_model.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"model folder {folder}: cohortcast_model.json is not JSON ({exc}; it is damaged: "
-                               "train or deploy the model again)") from exc
-    if info.get("format_version") == MODEL_FORMAT_VERSION and not set(MODEL_INFO_KEYS) <= set(info):
-        raise ModelFolderError(f"model folder {folder}: cohortcast_model.json lacks "
-                               f"{sorted(set(MODEL_INFO_KEYS) - set(info))} (train the model again)")
-    if info.get("format_version") != MODEL_FORMAT_VERSION:
+    info = _read_model_info(folder)
+    version = info.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
         raise ModelFolderError(
-            f"model folder {folder} has format version {info.get('format_version')!r}, this cohortcast reads "
-            f"version {MODEL_FORMAT_VERSION} (train the model again with this version)"
+            f"model folder {folder} has format version {version!r}, this cohortcast reads version "
+            f"{MODEL_FORMAT_VERSION} (or {READABLE_FORMAT_VERSIONS[0]}, written before file digests; train the "
+            "model again with this version)"
         )
-    recorded: dict[str, str] = info["files"]
-    found = model_file_digests(folder)
-    absent = sorted(set(recorded) - set(found))
+    required = MODEL_INFO_KEYS if version == MODEL_FORMAT_VERSION else MODEL_INFO_KEYS[:-1]
+    if not set(required) <= set(info):
+        raise ModelFolderError(f"model folder {folder}: cohortcast_model.json lacks "
+                               f"{sorted(set(required) - set(info))} (train the model again)")
+    if version == MODEL_FORMAT_VERSION:
+        _check_digests(folder, info["files"])
+    return info
+
+
+def _read_model_info(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``cohortcast_model.json`` as a JSON object; a damaged one raises ModelFolderError."""
+    path = folder / "cohortcast_model.json"
+    damaged = f"model folder {folder}: cohortcast_model.json"
+    try:
+        info = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ModelFolderError(f"model folder {folder} is missing cohortcast_model.json (train a model first)") \
+            from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{damaged} is not JSON ({exc}; it is damaged: train or deploy the model "
+                               "again)") from exc
+    if not isinstance(info, dict):
+        raise ModelFolderError(f"{damaged} should hold a JSON object, found {type(info).__name__} (it is "
+                               "damaged: train or deploy the model again)")
+    return info
+
+
+def _is_digest_map(files: Any) -> bool:
+    return isinstance(files, dict) and all(isinstance(v, str) for v in files.values())
+
+
+def _check_digests(folder: Path, recorded: Any) -> None:
+    """Raise ModelFolderError unless every file ``recorded`` names is in ``folder`` with that SHA-256."""
+    if not _is_digest_map(recorded):
+        raise ModelFolderError(f"model folder {folder}: cohortcast_model.json 'files' should map file names to "
+                               f"SHA-256 digests, found {type(recorded).__name__} {recorded!s:.60} (it is "
+                               "damaged: train or deploy the model again)")
+    absent = sorted(name for name in recorded if not (folder / name).is_file())
     if absent:
         raise ModelFolderError(
-            f"model folder {folder} is missing {', '.join(absent)} (it is incomplete; train the model again)")
-    changed = sorted(name for name in recorded if found[name] != recorded[name])
+            f"model folder {folder} is missing {', '.join(absent)} (it is incomplete; train or deploy the model again)")
+    changed = [f"{name} has SHA-256 {found[:12]} (expected {recorded[name][:12]})"
+               for name in sorted(recorded) if (found := _sha256(folder / name)) != recorded[name]]
     if changed:
         raise ModelFolderError(
-            f"model folder {folder}: {', '.join(changed)} differ from what its training wrote (expected the "
-            "SHA-256 in cohortcast_model.json 'files'; the file was edited, damaged or taken from another "
-            "model: train or deploy the model again)")
-    return info
+            f"model folder {folder}: {'; '.join(changed)}, as cohortcast_model.json 'files' records (the file was "
+            "edited, damaged or taken from another model: train or deploy the model again)")
 
 
 def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args: TrainingArguments,
@@ -684,8 +747,8 @@ def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: 
     """What a training of ``task_dir`` reads, as one hash; None for a folder without step fingerprints.
 
     It covers every input step's ``.fingerprint.json`` (the inputs it was computed from), every file
-    in the folder as it is now (by name, size and modification time: a step output replaced by hand,
-    or written by a step killed before its record, counts as a change), the training arguments, the
+    those records name as it is now (:func:`features.task_inputs.step_files_now`: a step output
+    replaced by hand, or written by a step killed before its record, counts as a change), the training arguments, the
     architecture, the truth file (by size and time), whether baselines run, the modalities and the
     model format. Training is seeded, so equal fingerprints give the same model: a pipeline run on
     unchanged inputs need not train again (:func:`trained_with`).
@@ -696,8 +759,7 @@ def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: 
     recorded = [(path.name, json.loads(path.read_text())) for path in steps]
     truth = None if truth_path is None else [truth_path.stat().st_size, truth_path.stat().st_mtime_ns]
     steps_read = [(name, r.get("key"), r.get("output"), r.get("side_outputs")) for name, r in recorded]
-    files_now = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(task_dir.iterdir())
-                 if path.is_file() and not path.name.startswith(".")]
+    files_now = step_files_now(task_dir)
     payload = [TRAINING_VERSION, MODEL_FORMAT_VERSION, asdict(task) if task is not None else None, steps_read,
                files_now, asdict(args), architecture or {}, truth, baselines, list(modalities)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import orjson
 import polars as pl
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from features.ingest import SUMMARY_FILE, FileAccount, IngestSummary
+from models.drift import PREVIOUS_PREFIX, REFERENCE_FILE, save_reference
 from models.publishing import (
     PublishError,
     check_publishable,
@@ -210,10 +212,16 @@ def test_a_candidate_below_the_gates_is_not_deployed_and_a_model_a_crash_left_as
     deployed = (live / "cohortcast_model.json").read_text()
     assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live  # deployed already
     assert (live / "cohortcast_model.json").read_text() == deployed
-    # A deployed folder damaged since (a file lost or edited) is not the candidate's model: deploying
-    # the same candidate again puts it back whole.
-    (live / "vocabulary.json").unlink()
+    # A deployed folder damaged since (a file edited or lost) is not the candidate's model whole:
+    # deploying the same candidate again puts it back, and it stays the model deployed at that
+    # time, its drift measured against the same model before it.
+    save_reference(live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(10, 0.25)})
+    previous = (live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").read_bytes()
     (live / "history.json").write_text("[]")
     assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live
-    for name in ("vocabulary.json", "history.json"):
-        assert (live / name).read_bytes() == (candidate / name).read_bytes()
+    assert (live / "history.json").read_bytes() == (candidate / "history.json").read_bytes()
+    assert json.loads((live / "cohortcast_model.json").read_text())["deployed"] == json.loads(deployed)["deployed"]
+    assert (live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").read_bytes() == previous
+    (live / "vocabulary.json").unlink()
+    assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live
+    assert (live / "vocabulary.json").read_bytes() == (candidate / "vocabulary.json").read_bytes()

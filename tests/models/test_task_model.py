@@ -23,6 +23,7 @@ from models.task_model import (
     check_model_folder,
     load_task_data,
     load_task_model,
+    model_file_digests,
     promote_model,
     train_task_model,
     trained_with,
@@ -142,16 +143,24 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
     broken.mkdir()
     for name in ("config.json", "vocabulary.json", "cohortcast_model.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())
-    with pytest.raises(ModelFolderError, match=r"is missing model\.safetensors, calibration\.json"):
+    with pytest.raises(ModelFolderError,
+                       match=r"is missing model\.safetensors, calibration\.json, metrics\.json \(it is incomplete"):
         load_task_model(broken)
-    for name in ("model.safetensors", "calibration.json"):
+    for name in ("model.safetensors", "calibration.json", "metrics.json"):
         (broken / name).write_bytes((model_dir / name).read_bytes())
     (broken / "cohortcast_model.json").write_text(json.dumps({"format_version": 0, "task": "x"}))
-    with pytest.raises(ModelFolderError, match="has format version 0, this cohortcast reads version 4"):
+    with pytest.raises(ModelFolderError, match=r"has format version 0, this cohortcast reads version 4 \(or 3, "
+                                               "written before file digests; train the model again"):
         load_task_model(broken)
-    (broken / "cohortcast_model.json").write_text('{"format_version": 4, "task"')
-    with pytest.raises(ModelFolderError, match=r"cohortcast_model\.json is not JSON \(.*; it is damaged"):
-        load_task_model(broken)
+    for damaged, found in ((b'{"format_version": 4, "task"', r"is not JSON \(.*; it is damaged"),
+                           (b'{"task": "\xff"}', r"is not JSON \(.*; it is damaged"),
+                           (b"[4]", "should hold a JSON object, found list"),
+                           (b'{"format_version": 4, "task": "x", "targets": [], "files": ["a"]}',
+                            r"'files' should map file names to SHA-256 digests, found list \['a'\]")):
+        (broken / "cohortcast_model.json").write_bytes(damaged)
+        with pytest.raises(ModelFolderError, match=rf"model folder {broken}: cohortcast_model\.json {found}"):
+            load_task_model(broken)
+        assert not trained_with(broken, "any fingerprint")
 
 
 def test_a_model_folder_whose_files_differ_from_what_training_wrote_is_refused(trained: tuple[Path, dict],
@@ -164,8 +173,10 @@ def test_a_model_folder_whose_files_differ_from_what_training_wrote_is_refused(t
     assert check_model_folder(model_dir) == info
     edited = shutil.copytree(model_dir, tmp_path / "edited")
     (edited / "metrics.json").write_text((edited / "metrics.json").read_text().replace('"auroc": 0.', '"auroc": 1.'))
-    with pytest.raises(ModelFolderError, match=rf"model folder {edited}: metrics\.json differ from what its training "
-                                               r"wrote \(expected the SHA-256 in cohortcast_model\.json 'files'"):
+    recorded = info["files"]["metrics.json"][:12]
+    with pytest.raises(ModelFolderError, match=rf"model folder {edited}: metrics\.json has SHA-256 [0-9a-f]{{12}} "
+                                               rf"\(expected {recorded}\), as cohortcast_model\.json 'files' records "
+                                               r"\(the file was edited, damaged or taken from another model"):
         load_task_model(edited)
     (edited / "metrics.json").write_bytes((model_dir / "metrics.json").read_bytes())
     (edited / "drift_reference.parquet").unlink()
@@ -175,6 +186,21 @@ def test_a_model_folder_whose_files_differ_from_what_training_wrote_is_refused(t
     (edited / "drift_reference.parquet").write_bytes((model_dir / "drift_reference.parquet").read_bytes())
     save_reference(edited / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(10, 0.9)})
     assert check_model_folder(edited) == info
+    # A folder of version 3, written before the digests, still loads (without the check).
+    older = {key: value for key, value in info.items() if key != "files"} | {"format_version": 3}
+    (edited / "cohortcast_model.json").write_text(json.dumps(older))
+    (edited / "history.json").write_text("[]")
+    assert load_task_model(edited)[2] == older
+
+
+def _make_another_model(folder: Path, reference_risk: float) -> bytes:
+    """Make the model in ``folder`` another one, trained on a cohort of constant ``reference_risk``
+    (its digests recorded as training records them); return its reference file's bytes."""
+    save_reference(folder / REFERENCE_FILE, {"train": np.full(10, reference_risk)})
+    info = json.loads((folder / "cohortcast_model.json").read_text())
+    info["files"] = model_file_digests(folder)
+    (folder / "cohortcast_model.json").write_text(json.dumps(info))
+    return (folder / REFERENCE_FILE).read_bytes()
 
 
 def test_promoting_a_candidate_replaces_the_live_model_and_keeps_the_replaced_ones_references(
@@ -191,23 +217,30 @@ def test_promoting_a_candidate_replaces_the_live_model_and_keeps_the_replaced_on
     assert (live / "model.safetensors").read_bytes() == (candidate / "model.safetensors").read_bytes()
     assert candidate.is_dir()
 
-    save_reference(live / REFERENCE_FILE, {"train": np.full(10, 0.5)})  # the live model's own cohort
-    replaced = {name: (live / name).read_bytes() for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE)}
+    replaced = _make_another_model(live, 0.5)
+    replaced_inputs = (live / INPUT_REFERENCE_FILE).read_bytes()
     promote_model(candidate, live)
+    assert (live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").read_bytes() == replaced
+    assert (live / f"{PREVIOUS_PREFIX}{INPUT_REFERENCE_FILE}").read_bytes() == replaced_inputs
     for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
-        assert (live / f"{PREVIOUS_PREFIX}{name}").read_bytes() == replaced[name]
         assert (live / name).read_bytes() == (candidate / name).read_bytes()
     assert not list(live.parent.glob(".*"))  # no staging or retired folder left beside it
 
     # A promotion killed between its two renames left the deployed model aside and none in place:
     # the next one still keeps that model's references.
-    save_reference(live / REFERENCE_FILE, {"train": np.full(10, 0.25)})
-    aside = (live / REFERENCE_FILE).read_bytes()
+    aside = _make_another_model(live, 0.25)
     live.rename(live.with_name(f".{live.name}.retired"))
     promote_model(candidate, live)
     assert (live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").read_bytes() == aside
     assert json.loads((live / "cohortcast_model.json").read_text())["deployed"] >= json.loads(
         (candidate / "cohortcast_model.json").read_text())["created"]
+
+    # A reference damaged since its model was trained is no reference: the drift check would fail on it.
+    _make_another_model(live, 0.75)
+    (live / REFERENCE_FILE).write_bytes(b"PAR1 damaged")
+    promote_model(candidate, live)
+    assert not (live / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}").exists()
+    assert (live / f"{PREVIOUS_PREFIX}{INPUT_REFERENCE_FILE}").read_bytes() == replaced_inputs
 
 
 def test_promotion_checks_the_copy_it_deploys_and_a_refusal_leaves_everything_as_it_was(
@@ -245,7 +278,7 @@ def test_promotion_refuses_a_copy_that_mixes_two_models_and_leaves_no_staging_be
         return Path(copied)
 
     monkeypatch.setattr("models.task_model.shutil.copytree", copy_while_the_candidate_is_retrained)
-    with pytest.raises(ModelFolderError, match=r"\.t\.partial: calibration\.json differ from what its training wrote"):
+    with pytest.raises(ModelFolderError, match=r"\.t\.partial: calibration\.json has SHA-256"):
         promote_model(model_dir, live)
     assert sorted((p.name, p.read_bytes()) for p in live.iterdir()) == before
     assert [p.name for p in live.parent.iterdir()] == ["t"]
@@ -288,8 +321,10 @@ def test_the_training_fingerprint_follows_the_inputs_and_the_settings(trained: t
     os.utime(task_dir / "labels.parquet", ns=(1, 1))
     fourth = training_fingerprint(task_dir, args, None, None, True)
     assert fourth != third
-    # A write that never completed is no input.
+    # A write that never completed, or a file no step record names (the summary, rewritten by every
+    # build), is no input.
     (task_dir / ".labels.parquet.x1.partial").write_bytes(b"half")
+    (task_dir / "summary.json").write_text("{}")
     assert training_fingerprint(task_dir, args, None, None, True) == fourth
     # The trained fixture's folder has no step fingerprints, so its model records none.
     assert "training_fingerprint" not in json.loads((model_dir / "cohortcast_model.json").read_text())
