@@ -295,12 +295,13 @@ alternatives only: the regex engine then searches them all at once."""
 
 _PRESENCE_ONLY: dict[str, str] = {
     "Observation": "|".join(
-        f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time", "Ratio",
-                                      "Range", "Period")
+        [*(f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time", "Ratio",
+                                         "Range", "Period")), r"\\u"]
     ),
 }
 """Fields whose mere presence sends a line to the Python path (rare forms it alone reads), found
-in the text so that the decoder need not build columns for them."""
+in the text so that the decoder need not build columns for them. A ``\\u`` escape sends the line
+too: a key written with one (``"value\\u0052atio"``) would slip past the literal search."""
 
 
 def line_texts(data: bytes, starts: np.ndarray) -> pl.Series:

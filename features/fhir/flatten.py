@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from features.fhir.validate import (
     is_before,
     parse_date,
     parse_datetime,
+    parse_first_instant,
 )
 from features.identifiers import subject_id_for
 
@@ -484,11 +486,7 @@ def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None
     if "valueRange" in holder:
         return _range(check_object(holder["valueRange"], f"{where}.valueRange"), f"{where}.valueRange")
     if "valuePeriod" in holder:
-        period = check_object(holder["valuePeriod"], f"{where}.valuePeriod")
-        start, end = (check_string(period[key], f"{where}.valuePeriod.{key}") if key in period else ".."
-                      for key in ("start", "end"))
-        # ISO 8601's interval notation, ``..`` for an open end.
-        return None, None, None, None if start == end == ".." else f"{start}/{end}"
+        return _period_days(check_object(holder["valuePeriod"], f"{where}.valuePeriod"), f"{where}.valuePeriod")
     return None, None, None, None
 
 
@@ -515,13 +513,28 @@ def _ratio(ratio: dict[str, Any], where: str) -> tuple[float | None, str | None,
     denominator, below, denominator_unit = _quantity_parts(ratio, "denominator", where)
     if denominator == 0:
         raise RecordError("bad_value", f"{where}.denominator.value is 0 (expected a non-zero denominator)")
+    value = numerator / denominator
+    if not math.isfinite(value) or (value == 0 and numerator != 0):
+        raise RecordError("bad_value", f"{where} {numerator:g}/{denominator:g} is beyond the range of a double "
+                                       "(expected a ratio that can be stored)")
     if above is not None and below is not None:
         raise RecordError("bad_value", f"{where} has a comparator on both the numerator ({above!r}) and the "
                                        f"denominator ({below!r}) (expected one bound at most)")
+    bound = above or below
+    if bound == "ad":
+        raise RecordError("bad_value", f"{where} has the comparator 'ad' (expected <, <=, >= or > in a ratio)")
+    if bound is not None and (numerator <= 0 or denominator <= 0):
+        raise RecordError("bad_value", f"{where} has a comparator and the parts {numerator:g} and {denominator:g} "
+                                       "(expected positive parts: only then does a bound on one bound the ratio)")
     # A bound on the denominator bounds the ratio the other way: 1:>64 is a ratio below 1/64.
-    comparator = above if below is None else _INVERTED_COMPARATOR.get(below, below)
-    unit = (f"{numerator_unit or 1}/{denominator_unit}" if denominator_unit is not None else numerator_unit)
-    return numerator / denominator, comparator, unit, None
+    comparator = above if below is None else _INVERTED_COMPARATOR[below]
+    if denominator_unit is None:
+        unit = numerator_unit
+    else:
+        # A compound denominator in parentheses: mg/(kg.d), not (mg/kg).d.
+        per = f"({denominator_unit})" if any(sign in denominator_unit for sign in "/.") else denominator_unit
+        unit = f"{numerator_unit or 1}/{per}"
+    return value, comparator, unit, None
 
 
 def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
@@ -537,10 +550,26 @@ def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str |
         if bound is None:
             return None, None, None, None
         return bound[0], ">=" if low is not None else "<=", bound[2], None
+    if low[2] is not None and high[2] is not None and low[2] != high[2]:
+        raise RecordError("bad_value", f"{where}.low.unit {low[2]!r:.40} differs from high.unit {high[2]!r:.40} "
+                                       "(expected one unit for both bounds)")
     if low[0] > high[0]:
         raise RecordError("bad_value", f"{where}.low.value {low[0]:g} is above high.value {high[0]:g} "
                                        "(expected low <= high)")
     return None, None, low[2] or high[2], f"{_number_text(low[0])}-{_number_text(high[0])}"
+
+
+def _period_days(period: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+    """A Period as its length in days (unit ``d``), each end read at its first instant (so
+    ``2020-01-01`` to ``2020-01-02`` is one day); an open period has no length, so no value."""
+    start, end = (parse_first_instant(period[key], f"{where}.{key}", datetime.max) if key in period else None
+                  for key in ("start", "end"))
+    if start is None or end is None:
+        return None, None, None, None
+    if end < start:
+        raise RecordError("bad_value", f"{where}.start {period['start']!r:.40} is after its end "
+                                       f"{period['end']!r:.40} (expected start <= end)")
+    return (end - start).total_seconds() / 86_400, None, "d", None
 
 
 def _number_text(number: float) -> str:

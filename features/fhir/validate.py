@@ -151,6 +151,13 @@ def _last_instant(first: datetime, period: str) -> datetime:
     return following - timedelta(microseconds=1)
 
 
+def parse_first_instant(value: Any, where: str, latest: datetime) -> datetime:
+    """Parse a FHIR ``date`` or ``dateTime`` to its **first** instant (naive UTC): a partial date
+    is the start of its day, month or year. For the start of a span, where :func:`parse_datetime`
+    reads the end of the period a value names."""
+    return _checked_time(value, where, latest, period_end=False)
+
+
 def parse_date(value: Any, where: str, latest: datetime) -> date:
     """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``; a partial date is its first day."""
     return _checked_time(value, where, latest, period_end=False).date()

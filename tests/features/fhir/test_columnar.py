@@ -976,10 +976,13 @@ def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch
     assert events.select("code", "numeric_value").rows() == [("LOINC//6598-7", pytest.approx(0.01))]
 
 
-def test_ratio_range_and_period_values_are_read_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A titer (Ratio), a reported band or a one-sided limit (Range), and a period keep their value,
-    # for an Observation's own value and a component's; a ratio over 0, a range whose low is above
-    # its high, or a Range bound with a comparator quarantines the record.
+@pytest.mark.parametrize("strict", [False, True])
+def test_ratio_range_and_period_values_are_read_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict: bool
+) -> None:
+    # A titer or a dose per volume (Ratio), a reported band or a one-sided limit (Range), and a
+    # length of time (Period) keep their value, for an Observation's own value and a component's;
+    # values that cannot be read as what they claim quarantine the record.
     def observation(rid: str, **value: object) -> dict[str, object]:
         return {
             "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
@@ -991,51 +994,102 @@ def test_ratio_range_and_period_values_are_read_on_both_paths(tmp_path: Path, mo
         return ({"value": number} | ({"unit": unit} if unit else {})
                 | ({"comparator": comparator} if comparator else {}))
 
+    def ratio(numerator: dict[str, object], denominator: dict[str, object]) -> dict[str, object]:
+        return {"numerator": numerator, "denominator": denominator}
+
     sediment = {"code": {"coding": [{"system": "http://loinc.org", "code": "5821-4"}]},
                 "valueRange": {"low": quantity(0, "/[HPF]"), "high": quantity(2, "/[HPF]")}}
+    dose = {"code": {"coding": [{"system": "http://loinc.org", "code": "3432-0"}]},
+            "valueRatio": ratio(quantity(3, "mg"), quantity(2, "kg.d"))}
     records = [
         {"resourceType": "Patient", "id": "p1"},
-        observation("titer", valueRatio={"numerator": quantity(1), "denominator": quantity(64)}),
-        observation("titer-above", valueRatio={"numerator": quantity(1), "denominator": quantity(64, None, "<")}),
-        observation("per-volume", valueRatio={"numerator": quantity(3, "mg"), "denominator": quantity(2, "mL")}),
-        observation("band", component=[sediment]),
+        observation("titer", valueRatio=ratio(quantity(1), quantity(64))),
+        observation("titer-above", valueRatio=ratio(quantity(1), quantity(64, None, "<"))),
+        observation("titer-at-most", valueRatio=ratio(quantity(1), quantity(64, None, ">="))),
+        observation("numerator-below", valueRatio=ratio(quantity(1, None, "<"), quantity(8))),
+        observation("per-volume", valueRatio=ratio({"value": 3, "code": "mg"}, quantity(2, "mL"))),
+        observation("per-volume-only", valueRatio=ratio(quantity(3), quantity(2, "mL"))),
+        observation("dose", component=[dose, sediment]),
         observation("at-least", valueRange={"low": quantity(60, "mL/min")}),
         observation("at-most", valueRange={"high": quantity(0.5, "%")}),
         observation("empty-range", valueRange={}),
-        observation("period", valuePeriod={"start": "2020-01-01", "end": "2020-01-02"}),
-        observation("open-period", valuePeriod={"start": "2020-01-01"}),
-        observation("over-zero", valueRatio={"numerator": quantity(1), "denominator": quantity(0)}),
+        observation("period", valuePeriod={"start": "2020-01-01", "end": "2020-01-02T12:00:00Z"}),
+        observation("open-period", valuePeriod={"end": "2020-01-01"}),
+        # Hidden from a literal search for the key: the line still takes the per-record path.
+        observation("escaped-key", valuePeriod={"start": "2020-01-01", "end": "2020-01-03"}),
+        observation("over-zero", valueRatio=ratio(quantity(1), quantity(0))),
         observation("no-denominator", valueRatio={"numerator": quantity(1)}),
+        observation("overflow", valueRatio=ratio(quantity(1e308), quantity(1e-10))),
+        observation("both-bounded", valueRatio=ratio(quantity(1, None, "<"), quantity(8, None, ">"))),
+        observation("negative-bounded", valueRatio=ratio(quantity(-1), quantity(64, None, ">"))),
+        observation("ad-ratio", valueRatio=ratio(quantity(1), quantity(64, None, "ad"))),
         observation("inverted", valueRange={"low": quantity(5), "high": quantity(2)}),
         observation("bounded-bound", valueRange={"low": quantity(5, None, ">")}),
+        observation("two-units", valueRange={"low": quantity(1, "g"), "high": quantity(500, "mg")}),
+        observation("backwards", valuePeriod={"start": "2020-01-02", "end": "2020-01-01"}),
+        observation("not-a-date", valuePeriod={"start": "banana", "end": "2020-01-01"}),
+        observation("ratio-list", valueRatio=[1, 64]),
     ]
+    lines = [orjson.dumps(record) for record in records]
+    escaped = next(i for i, record in enumerate(records) if record.get("id") == "escaped-key")
+    lines[escaped] = lines[escaped].replace(b'"valuePeriod"', b'"value\\u0050eriod"')
     landing = tmp_path / "landing"
     (landing / "fhir").mkdir(parents=True)
-    export = landing / "fhir" / "export.ndjson"
-    export.write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(lines) + b"\n")
 
-    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
-    assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 3, "missing_value": 1}
+    fast = ingest_landing_zone(landing, tmp_path / "fast", strict=strict, workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", strict=strict, workers=1, export_time=EXPORT)
+    assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
+    for name, frame in _warehouse_frames(tmp_path / "fast"):
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    assert fast.balanced
     table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("record_number")
+    if strict:
+        # R4 itself refuses some first (fhir_invalid); the rest are refused as in the default mode.
+        assert table.height == 14 and quarantine.height == 12
+        return
+    assert fast.quarantined_by_reason == {"bad_value": 9, "missing_value": 1, "bad_date": 1, "bad_type": 1}
     assert table.select("resource_id", "code", "numeric_value", "value_comparator", "unit", "text_value").rows() == [
         ("titer", "LOINC//5370-2", 1 / 64, None, None, None),
         ("titer-above", "LOINC//5370-2", 1 / 64, ">", None, None),
+        ("titer-at-most", "LOINC//5370-2", 1 / 64, "<=", None, None),
+        ("numerator-below", "LOINC//5370-2", 0.125, "<", None, None),
         ("per-volume", "LOINC//5370-2", 1.5, None, "mg/mL", None),
-        ("band", "LOINC//5821-4", None, None, "/[HPF]", "0-2"),
+        ("per-volume-only", "LOINC//5370-2", 1.5, None, "1/mL", None),
+        ("dose", "LOINC//3432-0", 1.5, None, "mg/(kg.d)", None),
+        ("dose", "LOINC//5821-4", None, None, "/[HPF]", "0-2"),
         ("at-least", "LOINC//5370-2", 60.0, ">=", "mL/min", None),
         ("at-most", "LOINC//5370-2", 0.5, "<=", "%", None),
         ("empty-range", "LOINC//5370-2", None, None, None, None),
-        ("period", "LOINC//5370-2", None, None, None, "2020-01-01/2020-01-02"),
-        ("open-period", "LOINC//5370-2", None, None, None, "2020-01-01/.."),
+        ("period", "LOINC//5370-2", 1.5, None, "d", None),
+        ("open-period", "LOINC//5370-2", None, None, None, None),
+        ("escaped-key", "LOINC//5370-2", 2.0, None, "d", None),
     ]
-    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("record_number")
     assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
         ("over-zero", "bad_value", "Observation.valueRatio.denominator.value is 0 (expected a non-zero denominator)"),
         ("no-denominator", "missing_value", "Observation.valueRatio.denominator is missing"),
+        ("overflow", "bad_value", "Observation.valueRatio 1e+308/1e-10 is beyond the range of a double (expected a "
+                                  "ratio that can be stored)"),
+        ("both-bounded", "bad_value", "Observation.valueRatio has a comparator on both the numerator ('<') and the "
+                                      "denominator ('>') (expected one bound at most)"),
+        ("negative-bounded", "bad_value", "Observation.valueRatio has a comparator and the parts -1 and 64 (expected "
+                                          "positive parts: only then does a bound on one bound the ratio)"),
+        ("ad-ratio", "bad_value", "Observation.valueRatio has the comparator 'ad' (expected <, <=, >= or > in a "
+                                  "ratio)"),
         ("inverted", "bad_value", "Observation.valueRange.low.value 5 is above high.value 2 (expected low <= high)"),
         ("bounded-bound", "bad_value", "Observation.valueRange.low.comparator '>' is not allowed (a Range's bounds "
                                        "are SimpleQuantities, without a comparator)"),
+        ("two-units", "bad_value", "Observation.valueRange.low.unit 'g' differs from high.unit 'mg' (expected one "
+                                   "unit for both bounds)"),
+        ("backwards", "bad_value", "Observation.valuePeriod.start '2020-01-02' is after its end '2020-01-01' "
+                                   "(expected start <= end)"),
+        ("not-a-date", "bad_date", "Observation.valuePeriod.start 'banana' is not a FHIR date/dateTime"),
+        ("ratio-list", "bad_type", "Observation.valueRatio should be an object, found list"),
     ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source") == "observations/titer")
+    assert events.select("code", "numeric_value").rows() == [("LOINC//5370-2", pytest.approx(1 / 64))]
 
 
 def test_systems_by_oid_or_with_a_slash_and_padded_codes_read_alike_on_both_paths(
