@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.fhir.validate import FHIR_ID, RecordError
-from features.schemas import GENOMICS
+from features.schemas import FLOAT32_MAX, GENOMICS
 from features.tables import (
     BatchSplit,
     FileError,
@@ -173,7 +173,8 @@ def clear_long_rows(table: pa.Table, form: str) -> tuple[npt.NDArray[np.bool_], 
         cleared &= np.isin(values, (0.0, 1.0, 2.0))
     else:
         values = _numbers(table.column("value"))
-        cleared &= np.isfinite(values)
+        with np.errstate(invalid="ignore"):
+            cleared &= np.abs(values) <= FLOAT32_MAX  # finite, and storable in events (float32)
     return cleared, values
 
 
@@ -222,6 +223,7 @@ def clear_wide_rows(table: pa.Table, features: list[str]) -> tuple[npt.NDArray[n
             pa.large_string(),
         )
         values[:, text] = _numbers(joined).reshape(len(text), n).T
-    cleared &= np.isfinite(values).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        cleared &= (np.abs(values) <= FLOAT32_MAX).all(axis=1)  # finite, and storable in events (float32)
     return cleared, values
 

@@ -13,7 +13,6 @@ give the same rows.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from datetime import datetime
 from functools import partial
@@ -26,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from features.fhir.validate import RecordError
-from features.schemas import IMAGING, IMAGING_INPUT
+from features.schemas import FLOAT32_MAX, IMAGING, IMAGING_INPUT
 from features.tables import (
     FileError,
     Spill,
@@ -120,8 +119,10 @@ def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: d
                 "one image encoder per warehouse)",
             )
         for value in embedding:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise RecordError("bad_embedding", f"embedding holds a non-finite or non-numeric value ({value!r:.20})")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= FLOAT32_MAX:
+                raise RecordError("bad_embedding", f"embedding holds a non-finite, non-numeric or too large value "
+                                                   f"({value!r:.20}; expected finite numbers of magnitude at most "
+                                                   f"{FLOAT32_MAX:.4g}, float32)")
     except RecordError as err:
         shown = (
             {**row, "embedding": f"<{len(row['embedding'])} values>"} if isinstance(row.get("embedding"), list) else row
@@ -152,6 +153,8 @@ def clear_imaging_rows(table: pa.Table, length: int | None, latest: datetime) ->
     if not cleared.any():
         return cleared
     values = pc.list_flatten(embedding.filter(pa.array(cleared))).cast(pa.float64())
-    finite = np.isfinite(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False)).reshape(-1, length).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        finite = (np.abs(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False)) <= FLOAT32_MAX).reshape(
+            -1, length).all(axis=1)
     cleared[np.flatnonzero(cleared)[~finite]] = False
     return cleared

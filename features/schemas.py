@@ -414,6 +414,10 @@ RAW_UNKNOWN = pa.schema(
 )
 """Valid FHIR resources of types cohortcast does not use (Claim, CarePlan, ...): kept, counted."""
 
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest magnitude ``events.numeric_value`` and imaging embeddings (float32) hold: ingest
+quarantines a larger number, which would be stored as infinity and break every later stage."""
+
 EVENTS = pa.schema(
     [
         pa.field("subject_id", pa.int64(), nullable=False),

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from features.fhir.columnar import fhir_time
 from features.fhir.validate import EARLIEST, FHIR_ID, RecordError, parse_datetime
+from features.schemas import FLOAT32_MAX
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 BATCH_ROWS = 20_000
@@ -333,6 +334,9 @@ def to_float(row: dict[str, Any], name: str) -> float:
         raise RecordError("bad_type", f"column {name} should be a number, found {type(value).__name__} {value!r:.40}")
     if not math.isfinite(value):
         raise RecordError("bad_value", f"column {name} is not a finite number ({value!r})")
+    if abs(value) > FLOAT32_MAX:
+        raise RecordError("bad_value", f"column {name} {value:g} is beyond the range stored (expected a magnitude of "
+                                       f"at most {FLOAT32_MAX:.4g}, float32)")
     return float(value)
 
 

@@ -64,7 +64,7 @@ from features.fhir.specs import (
 )
 from features.fhir.validate import DATE_LENGTH, EARLIEST, is_valid_r4, r4_model
 from features.identifiers import subject_ids
-from features.schemas import STAGED_TABLES
+from features.schemas import FLOAT32_MAX, STAGED_TABLES
 
 _LAST_MICROSECOND_OF_DAY = timedelta(days=1, microseconds=-1)
 
@@ -848,7 +848,7 @@ def _value_checks(
         pl.when(has_quantity)
         .then(
             number.is_not_null()
-            & number.is_finite()
+            & (number.abs() <= FLOAT32_MAX)  # finite, and storable in events (float32)
             & (number != 0)
             # Any other comparator is the Python path's to quarantine and word.
             & (comparator.is_null() | comparator.is_in(QUANTITY_COMPARATORS))

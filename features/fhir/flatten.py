@@ -54,6 +54,7 @@ from features.fhir.validate import (
     parse_first_instant,
 )
 from features.identifiers import subject_id_for
+from features.schemas import FLOAT32_MAX
 
 Row = tuple[Any, ...]
 RAW_LIMIT = 100_000
@@ -514,9 +515,10 @@ def _ratio(ratio: dict[str, Any], where: str) -> tuple[float | None, str | None,
     if denominator == 0:
         raise RecordError("bad_value", f"{where}.denominator.value is 0 (expected a non-zero denominator)")
     value = numerator / denominator
-    if not math.isfinite(value) or (value == 0 and numerator != 0):
-        raise RecordError("bad_value", f"{where} {numerator:g}/{denominator:g} is beyond the range of a double "
-                                       "(expected a ratio that can be stored)")
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX or (value == 0 and numerator != 0):
+        raise RecordError("bad_value", f"{where} {numerator:g}/{denominator:g} is beyond the range stored "
+                                       f"(expected a ratio of magnitude {FLOAT32_MAX:.4g} at most, float32, and not 0 "
+                                       "unless its numerator is)")
     if above is not None and below is not None:
         raise RecordError("bad_value", f"{where} has a comparator on both the numerator ({above!r}) and the "
                                        f"denominator ({below!r}) (expected one bound at most)")

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from features.schemas import FLOAT32_MAX
+
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 """FHIR R4 ``id``: 1 to 64 letters, digits, '-' and '.'."""
 
@@ -199,12 +201,24 @@ def is_before(value: str, other: str) -> bool:
 
 
 def check_number(value: Any, where: str) -> float:
-    """Return a finite JSON number as ``float``; booleans, strings and non-finite values fail."""
+    """Return a finite JSON number as ``float``; booleans, strings, non-finite values and numbers
+    beyond what the events table stores (:data:`features.schemas.FLOAT32_MAX`) fail."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecordError("bad_type", f"{where} should be a number, found {type(value).__name__} {value!r:.40}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer beyond a double
+        number = math.inf
     if not math.isfinite(number):
-        raise RecordError("bad_value", f"{where} is not a finite number ({value!r})")
+        raise RecordError("bad_value", f"{where} is not a finite number ({value!r:.40})")
+    return check_storable(number, where)
+
+
+def check_storable(number: float, where: str) -> float:
+    """Return ``number`` if float32 holds it (:data:`features.schemas.FLOAT32_MAX`)."""
+    if abs(number) > FLOAT32_MAX:
+        raise RecordError("bad_value", f"{where} {number:g} is beyond the range stored (expected a magnitude of at "
+                                       f"most {FLOAT32_MAX:.4g}, float32)")
     return number
 
 

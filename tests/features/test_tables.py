@@ -248,11 +248,13 @@ def test_genomics_long_variants(tmp_path: Path) -> None:
 
 
 def test_genomics_wide_tsv_non_finite(tmp_path: Path) -> None:
-    tsv = b'"patient_id"\t"IL6"\t"CRP"\np1\t8.5\t12.1\np1\tnan\t3\np1\tabc\t1\n'
+    tsv = b'"patient_id"\t"IL6"\t"CRP"\np1\t8.5\t12.1\np1\tnan\t3\np1\tabc\t1\np1\t2\t-1e39\n'
     _summary, quarantine = run(tmp_path, {"genomics/expression_panel.tsv": tsv})
     assert quarantine.select("record_number", "reason").rows() == [
         (2, "column IL6 is not a finite number (nan)"),
         (3, "column IL6 should be a number, found 'abc'"),
+        # The events table holds float32: stored, it would read as minus infinity.
+        (4, "column CRP -1e+39 is beyond the range stored (expected a magnitude of at most 3.403e+38, float32)"),
     ]
     genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
     assert genomics.select("code", "value").rows() == [("EXPRESSION//IL6", 8.5), ("EXPRESSION//CRP", 12.1)]
@@ -408,6 +410,19 @@ def test_wide_genomics_patient_twice_is_one_duplicate_row(tmp_path: Path) -> Non
     assert summary.duplicates == 1
 
 
+def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -> None:
+    features = pa.table({"patient_id": ["p1", "p1", "p1"], "feature": ["IL6", "CRP", "TNF"],
+                         "value": [3.4e38, 3.5e38, -2.0]})
+    _summary, quarantine = run(tmp_path, {"genomics/scores.parquet": features})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (2, "column value 3.5e+38 is beyond the range stored (expected a magnitude of at most 3.403e+38, float32)"),
+    ]
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "genomics")
+    assert events.select("code", "numeric_value").rows() == [
+        ("FEATURE//IL6", pytest.approx(3.4e38, rel=1e-6)), ("FEATURE//TNF", -2.0),
+    ]
+
+
 def test_genomics_long_features_missing_column(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"genomics/scores.csv": b"patient_id,feature\np1,x\n"})
     assert quarantine.select("record_number", "reason").rows() == [(0, "genomics features table lacks column(s) value")]
@@ -433,7 +448,8 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": table})
     assert quarantine.select("record_number", "reason").rows() == [
         (2, "embedding has 2 values, expected 3 (the landing zone's usual length: one image encoder per warehouse)"),
-        (3, "embedding holds a non-finite or non-numeric value (inf)"),
+        (3, "embedding holds a non-finite, non-numeric or too large value (inf; expected finite numbers of "
+            "magnitude at most 3.403e+38, float32)"),
     ]
     imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet")
     assert imaging["study_id"].to_list() == ["s0", "s3"]

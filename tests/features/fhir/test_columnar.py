@@ -1019,7 +1019,7 @@ def test_ratio_range_and_period_values_are_read_on_both_paths(
         observation("escaped-key", valuePeriod={"start": "2020-01-01", "end": "2020-01-03"}),
         observation("over-zero", valueRatio=ratio(quantity(1), quantity(0))),
         observation("no-denominator", valueRatio={"numerator": quantity(1)}),
-        observation("overflow", valueRatio=ratio(quantity(1e308), quantity(1e-10))),
+        observation("overflow", valueRatio=ratio(quantity(1e30), quantity(1e-10))),
         observation("both-bounded", valueRatio=ratio(quantity(1, None, "<"), quantity(8, None, ">"))),
         observation("negative-bounded", valueRatio=ratio(quantity(-1), quantity(64, None, ">"))),
         observation("ad-ratio", valueRatio=ratio(quantity(1), quantity(64, None, "ad"))),
@@ -1070,8 +1070,8 @@ def test_ratio_range_and_period_values_are_read_on_both_paths(
     assert quarantine.select("resource_id", "reason_code", "reason").rows() == [
         ("over-zero", "bad_value", "Observation.valueRatio.denominator.value is 0 (expected a non-zero denominator)"),
         ("no-denominator", "missing_value", "Observation.valueRatio.denominator is missing"),
-        ("overflow", "bad_value", "Observation.valueRatio 1e+308/1e-10 is beyond the range of a double (expected a "
-                                  "ratio that can be stored)"),
+        ("overflow", "bad_value", "Observation.valueRatio 1e+30/1e-10 is beyond the range stored (expected a ratio "
+                                  "of magnitude 3.403e+38 at most, float32, and not 0 unless its numerator is)"),
         ("both-bounded", "bad_value", "Observation.valueRatio has a comparator on both the numerator ('<') and the "
                                       "denominator ('>') (expected one bound at most)"),
         ("negative-bounded", "bad_value", "Observation.valueRatio has a comparator and the parts -1 and 64 (expected "
@@ -1090,6 +1090,46 @@ def test_ratio_range_and_period_values_are_read_on_both_paths(
     ]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source") == "observations/titer")
     assert events.select("code", "numeric_value").rows() == [("LOINC//5370-2", pytest.approx(1 / 64))]
+
+
+def test_values_beyond_float32_are_quarantined_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The events table stores values as float32: a larger number would read as infinity there.
+    def observation(rid: str, **value: object) -> dict[str, object]:
+        return {
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7"}]},
+            "effectiveDateTime": "2020-01-02T03:04:05Z", **value,
+        }
+
+    component = {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                 "valueQuantity": {"value": -1e39, "unit": "mm[Hg]"}}
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        observation("largest", valueQuantity={"value": 3.4e38, "unit": "mg/dL"}),
+        observation("too-large", valueQuantity={"value": 3.5e38, "unit": "mg/dL"}),
+        observation("component", component=[component]),
+        observation("integer", valueInteger=0),
+        observation("ratio", valueRatio={"numerator": {"value": 1e30}, "denominator": {"value": 1e-10}}),
+    ]
+    lines = [orjson.dumps(record) for record in records]
+    lines[4] = lines[4].replace(b'"valueInteger":0', b'"valueInteger":' + str(10**39).encode())
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 4}
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("record_number")
+    beyond = "is beyond the range stored (expected a"
+    assert quarantine.select("resource_id", "reason").rows() == [
+        ("too-large", f"Observation.valueQuantity.value 3.5e+38 {beyond} magnitude of at most 3.403e+38, float32)"),
+        ("component", f"Observation.component[0].valueQuantity.value -1e+39 {beyond} magnitude of at most 3.403e+38, "
+                      "float32)"),
+        ("integer", f"Observation.valueInteger 1e+39 {beyond} magnitude of at most 3.403e+38, float32)"),
+        ("ratio", f"Observation.valueRatio 1e+30/1e-10 {beyond} ratio of magnitude 3.403e+38 at most, float32, and "
+                  "not 0 unless its numerator is)"),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "LOINC//2345-7")
+    assert events["numeric_value"].to_list() == [pytest.approx(3.4e38, rel=1e-6)]
 
 
 def test_systems_by_oid_or_with_a_slash_and_padded_codes_read_alike_on_both_paths(
