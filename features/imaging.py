@@ -13,6 +13,7 @@ give the same rows.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from datetime import datetime
 from functools import partial
@@ -91,7 +92,9 @@ def _imaging_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, le
     times = column_times(kept.column("time"), latest)
     assert times is not None  # clear_imaging_rows cleared rows: the column is of a time type
     frame = pa.table(
-        [times[0] if field.name == "time" else kept.column(field.name).cast(field.type) for field in IMAGING_INPUT]
+        # Unchecked casts: integer embeddings beyond float32's exact range (2**24) round, as floats do.
+        [times[0] if field.name == "time" else kept.column(field.name).cast(field.type, safe=False)
+         for field in IMAGING_INPUT]
         + [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])],
         schema=IMAGING,
     )
@@ -119,10 +122,15 @@ def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: d
                 "one image encoder per warehouse)",
             )
         for value in embedding:
-            if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= FLOAT32_MAX:
-                raise RecordError("bad_embedding", f"embedding holds a non-finite, non-numeric or too large value "
-                                                   f"({value!r:.20}; expected finite numbers of magnitude at most "
-                                                   f"{FLOAT32_MAX:.4g}, float32)")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RecordError("bad_embedding", f"embedding holds a non-numeric value ({value!r:.20}; expected "
+                                                   "numbers)")
+            if not math.isfinite(value):
+                raise RecordError("bad_embedding", f"embedding holds a non-finite value ({value!r:.20})")
+            if abs(value) > FLOAT32_MAX:
+                raise RecordError("bad_embedding", f"embedding holds {value:.9g}, beyond the range stored (expected "
+                                                   f"a magnitude of at most {FLOAT32_MAX:.9g}, float32)")
+        embedding = [float(value) for value in embedding]
     except RecordError as err:
         shown = (
             {**row, "embedding": f"<{len(row['embedding'])} values>"} if isinstance(row.get("embedding"), list) else row
@@ -152,7 +160,7 @@ def clear_imaging_rows(table: pa.Table, length: int | None, latest: datetime) ->
     cleared &= pc.fill_null(pc.equal(pc.list_value_length(embedding), length), False).to_numpy(zero_copy_only=False)
     if not cleared.any():
         return cleared
-    values = pc.list_flatten(embedding.filter(pa.array(cleared))).cast(pa.float64())
+    values = pc.list_flatten(embedding.filter(pa.array(cleared))).cast(pa.float64(), safe=False)
     with np.errstate(invalid="ignore"):
         finite = (np.abs(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False)) <= FLOAT32_MAX).reshape(
             -1, length).all(axis=1)

@@ -335,8 +335,8 @@ def to_float(row: dict[str, Any], name: str) -> float:
     if not math.isfinite(value):
         raise RecordError("bad_value", f"column {name} is not a finite number ({value!r})")
     if abs(value) > FLOAT32_MAX:
-        raise RecordError("bad_value", f"column {name} {value:g} is beyond the range stored (expected a magnitude of "
-                                       f"at most {FLOAT32_MAX:.4g}, float32)")
+        raise RecordError("bad_value", f"column {name} {value:.9g} is beyond the range stored (expected a magnitude "
+                                       f"of at most {FLOAT32_MAX:.9g}, float32)")
     return float(value)
 
 

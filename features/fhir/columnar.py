@@ -296,12 +296,13 @@ alternatives only: the regex engine then searches them all at once."""
 _PRESENCE_ONLY: dict[str, str] = {
     "Observation": "|".join(
         [*(f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time", "Ratio",
-                                         "Range", "Period")), r"\\u"]
+                                         "Range", "Period")), r"\\u00[0-7]"]
     ),
 }
 """Fields whose mere presence sends a line to the Python path (rare forms it alone reads), found
-in the text so that the decoder need not build columns for them. A ``\\u`` escape sends the line
-too: a key written with one (``"value\\u0052atio"``) would slip past the literal search."""
+in the text so that the decoder need not build columns for them. An escaped ASCII character
+(``\\u0000`` to ``\\u007f``) sends the line too: a key written with one (``"value\\u0052atio"``)
+would slip past the literal search; other escapes (non-ASCII text) cannot spell a key."""
 
 
 def line_texts(data: bytes, starts: np.ndarray) -> pl.Series:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from features.fhir.validate import (
     check_id,
     check_number,
     check_object,
+    check_storable,
     check_string,
     is_before,
     parse_date,
@@ -54,7 +54,6 @@ from features.fhir.validate import (
     parse_first_instant,
 )
 from features.identifiers import subject_id_for
-from features.schemas import FLOAT32_MAX
 
 Row = tuple[Any, ...]
 RAW_LIMIT = 100_000
@@ -457,7 +456,11 @@ def flatten_medication(res: dict[str, Any], rid: str, origin: Origin) -> list[Ro
     return [(rid, code, codes, _display(res.get("code"), coding), origin.source_file, origin.record_number)]
 
 
-def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+Value = tuple[float | None, str | None, str | None, str | None]
+"""(numeric_value, value_comparator, unit, text_value)."""
+
+
+def _value(holder: dict[str, Any], where: str, latest: datetime) -> Value:
     """(numeric_value, value_comparator, unit, text_value) of an Observation or component ``value[x]``."""
     if "valueQuantity" in holder:
         quantity = check_object(holder["valueQuantity"], f"{where}.valueQuantity")
@@ -487,7 +490,8 @@ def _value(holder: dict[str, Any], where: str) -> tuple[float | None, str | None
     if "valueRange" in holder:
         return _range(check_object(holder["valueRange"], f"{where}.valueRange"), f"{where}.valueRange")
     if "valuePeriod" in holder:
-        return _period_days(check_object(holder["valuePeriod"], f"{where}.valuePeriod"), f"{where}.valuePeriod")
+        return _period_days(check_object(holder["valuePeriod"], f"{where}.valuePeriod"), f"{where}.valuePeriod",
+                            latest)
     return None, None, None, None
 
 
@@ -501,7 +505,8 @@ def _quantity_parts(holder: dict[str, Any], key: str, where: str) -> tuple[float
     quantity = check_object(holder[key], f"{where}.{key}")
     if "value" not in quantity:
         raise RecordError("missing_value", f"{where}.{key}.value is missing")
-    number = check_number(quantity["value"], f"{where}.{key}.value")
+    # A part of a ratio or a bound of a band is not stored as it is: only finite here.
+    number = check_number(quantity["value"], f"{where}.{key}.value", stored=False)
     unit = quantity.get("unit", quantity.get("code"))
     return number, _comparator(quantity.get("comparator"), f"{where}.{key}.comparator"), \
         unit if isinstance(unit, str) else None
@@ -514,11 +519,7 @@ def _ratio(ratio: dict[str, Any], where: str) -> tuple[float | None, str | None,
     denominator, below, denominator_unit = _quantity_parts(ratio, "denominator", where)
     if denominator == 0:
         raise RecordError("bad_value", f"{where}.denominator.value is 0 (expected a non-zero denominator)")
-    value = numerator / denominator
-    if not math.isfinite(value) or abs(value) > FLOAT32_MAX or (value == 0 and numerator != 0):
-        raise RecordError("bad_value", f"{where} {numerator:g}/{denominator:g} is beyond the range stored "
-                                       f"(expected a ratio of magnitude {FLOAT32_MAX:.4g} at most, float32, and not 0 "
-                                       "unless its numerator is)")
+    value = check_storable(numerator / denominator, f"{where} {numerator:g}/{denominator:g} =")
     if above is not None and below is not None:
         raise RecordError("bad_value", f"{where} has a comparator on both the numerator ({above!r}) and the "
                                        f"denominator ({below!r}) (expected one bound at most)")
@@ -551,7 +552,8 @@ def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str |
         bound = low or high
         if bound is None:
             return None, None, None, None
-        return bound[0], ">=" if low is not None else "<=", bound[2], None
+        number = check_storable(bound[0], f"{where}.{'low' if low is not None else 'high'}.value")
+        return number, ">=" if low is not None else "<=", bound[2], None
     if low[2] is not None and high[2] is not None and low[2] != high[2]:
         raise RecordError("bad_value", f"{where}.low.unit {low[2]!r:.40} differs from high.unit {high[2]!r:.40} "
                                        "(expected one unit for both bounds)")
@@ -561,17 +563,19 @@ def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str |
     return None, None, low[2] or high[2], f"{_number_text(low[0])}-{_number_text(high[0])}"
 
 
-def _period_days(period: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+def _period_days(period: dict[str, Any], where: str,
+                 latest: datetime) -> tuple[float | None, str | None, str | None, str | None]:
     """A Period as its length in days (unit ``d``), each end read at its first instant (so
-    ``2020-01-01`` to ``2020-01-02`` is one day); an open period has no length, so no value."""
-    start, end = (parse_first_instant(period[key], f"{where}.{key}", datetime.max) if key in period else None
-                  for key in ("start", "end"))
+    ``2020-01-01`` to ``2020-01-02`` is one day, and an end of coarser precision within the start's
+    period is 0 days); an open period has no length, so no value. A null end is an absent one."""
+    start, end = (parse_first_instant(period[key], f"{where}.{key}", latest) if period.get(key) is not None
+                  else None for key in ("start", "end"))
     if start is None or end is None:
         return None, None, None, None
-    if end < start:
+    if is_before(period["end"], period["start"]):
         raise RecordError("bad_value", f"{where}.start {period['start']!r:.40} is after its end "
                                        f"{period['end']!r:.40} (expected start <= end)")
-    return (end - start).total_seconds() / 86_400, None, "d", None
+    return max(0.0, (end - start).total_seconds() / 86_400), None, "d", None
 
 
 def _number_text(number: float) -> str:
@@ -604,7 +608,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     tail = (category, _text_or_none(res.get("status")), origin.source_file, origin.record_number)
     components = res.get("component")
     rows: list[Row] = []
-    numeric, comparator, unit, text = _value(res, "Observation")
+    numeric, comparator, unit, text = _value(res, "Observation", origin.latest)
     if numeric is not None or text is not None or not components:
         display = _display(res.get("code"), coding)
         rows.append(
@@ -616,7 +620,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
         for index, component in enumerate(components):
             where = f"Observation.component[{index}]"
             check_object(component, where)
-            c_numeric, c_comparator, c_unit, c_text = _value(component, where)
+            c_numeric, c_comparator, c_unit, c_text = _value(component, where, origin.latest)
             c_code, c_coding = _code(component.get("code"), f"{where}.code")
             rows.append(
                 (

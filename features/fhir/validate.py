@@ -200,25 +200,23 @@ def is_before(value: str, other: str) -> bool:
     return parse_datetime(value, "value", datetime.max) < parse_datetime(other, "other", datetime.max)
 
 
-def check_number(value: Any, where: str) -> float:
-    """Return a finite JSON number as ``float``; booleans, strings, non-finite values and numbers
-    beyond what the events table stores (:data:`features.schemas.FLOAT32_MAX`) fail."""
+def check_number(value: Any, where: str, stored: bool = True) -> float:
+    """Return a finite JSON number as ``float``; booleans, strings, non-finite values and, for a
+    number that is ``stored`` as it is, numbers beyond what the events table holds
+    (:data:`features.schemas.FLOAT32_MAX`) fail."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecordError("bad_type", f"{where} should be a number, found {type(value).__name__} {value!r:.40}")
-    try:
-        number = float(value)
-    except OverflowError:  # a JSON integer beyond a double
-        number = math.inf
+    number = float(value)
     if not math.isfinite(number):
         raise RecordError("bad_value", f"{where} is not a finite number ({value!r:.40})")
-    return check_storable(number, where)
+    return check_storable(number, where) if stored else number
 
 
 def check_storable(number: float, where: str) -> float:
     """Return ``number`` if float32 holds it (:data:`features.schemas.FLOAT32_MAX`)."""
     if abs(number) > FLOAT32_MAX:
-        raise RecordError("bad_value", f"{where} {number:g} is beyond the range stored (expected a magnitude of at "
-                                       f"most {FLOAT32_MAX:.4g}, float32)")
+        raise RecordError("bad_value", f"{where} {number:.9g} is beyond the range stored (expected a magnitude of at "
+                                       f"most {FLOAT32_MAX:.9g}, float32)")
     return number
 
 

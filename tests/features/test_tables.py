@@ -248,13 +248,15 @@ def test_genomics_long_variants(tmp_path: Path) -> None:
 
 
 def test_genomics_wide_tsv_non_finite(tmp_path: Path) -> None:
-    tsv = b'"patient_id"\t"IL6"\t"CRP"\np1\t8.5\t12.1\np1\tnan\t3\np1\tabc\t1\np1\t2\t-1e39\n'
+    tsv = b'"patient_id"\t"IL6"\t"CRP"\np1\t8.5\t12.1\np1\tnan\t3\np1\tabc\t1\np1\t2\t-1e39\np1\t1e39\t1\n'
     _summary, quarantine = run(tmp_path, {"genomics/expression_panel.tsv": tsv})
     assert quarantine.select("record_number", "reason").rows() == [
         (2, "column IL6 is not a finite number (nan)"),
         (3, "column IL6 should be a number, found 'abc'"),
         # The events table holds float32: stored, it would read as minus infinity.
-        (4, "column CRP -1e+39 is beyond the range stored (expected a magnitude of at most 3.403e+38, float32)"),
+        (4, "column CRP -1e+39 is beyond the range stored (expected a magnitude of at most 3.40282347e+38, float32)"),
+        # IL6 is a text column (it holds "abc"): its numbers are parsed, then bounded alike.
+        (5, "column IL6 1e+39 is beyond the range stored (expected a magnitude of at most 3.40282347e+38, float32)"),
     ]
     genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
     assert genomics.select("code", "value").rows() == [("EXPRESSION//IL6", 8.5), ("EXPRESSION//CRP", 12.1)]
@@ -415,7 +417,8 @@ def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -
                          "value": [3.4e38, 3.5e38, -2.0]})
     _summary, quarantine = run(tmp_path, {"genomics/scores.parquet": features})
     assert quarantine.select("record_number", "reason").rows() == [
-        (2, "column value 3.5e+38 is beyond the range stored (expected a magnitude of at most 3.403e+38, float32)"),
+        (2, "column value 3.5e+38 is beyond the range stored (expected a magnitude of at most 3.40282347e+38, "
+            "float32)"),
     ]
     events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "genomics")
     assert events.select("code", "numeric_value").rows() == [
@@ -448,14 +451,38 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": table})
     assert quarantine.select("record_number", "reason").rows() == [
         (2, "embedding has 2 values, expected 3 (the landing zone's usual length: one image encoder per warehouse)"),
-        (3, "embedding holds a non-finite, non-numeric or too large value (inf; expected finite numbers of "
-            "magnitude at most 3.403e+38, float32)"),
+        (3, "embedding holds a non-finite value (inf)"),
     ]
     imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet")
     assert imaging["study_id"].to_list() == ["s0", "s3"]
     events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "imaging")
     assert events.select("code", "text_value").rows() == [("IMAGING//CT", "s0"), ("IMAGING//CT", "s3")]
 
+
+
+def test_imaging_embeddings_of_integers_or_beyond_float32(tmp_path: Path) -> None:
+    # An encoder that writes integers (a quantized one) or doubles: the warehouse stores float32.
+    integers = pa.table({
+        "patient_id": ["p1"] * 3, "study_id": ["s0", "s1", "s2"], "time": [datetime(2020, 1, 1)] * 3,
+        "modality": ["CT"] * 3, "body_site": ["heart"] * 3,
+        "embedding": pa.array([[2**24 + 1, 5, 1], [2**62, 0, -(2**62)], [1, 2, 3]], pa.list_(pa.int64())),
+    })
+    doubles = pa.table({
+        "patient_id": ["p1"] * 2, "study_id": ["d0", "d1"], "time": [datetime(2020, 1, 1)] * 2,
+        "modality": ["MR"] * 2, "body_site": ["brain"] * 2,
+        "embedding": pa.array([[1e39, 0.0, 0.0], [0.5, 0.25, 3e38]], pa.list_(pa.float64())),
+    })
+    summary, quarantine = run(tmp_path, {"imaging/quantized.parquet": integers, "imaging/doubles.parquet": doubles})
+    assert summary.balanced
+    assert quarantine.select("source_file", "record_number", "reason").rows() == [
+        ("imaging/doubles.parquet", 1, "embedding holds 1e+39, beyond the range stored (expected a magnitude of at "
+                                       "most 3.40282347e+38, float32)"),
+    ]
+    imaging = pl.read_parquet(tmp_path / "out" / "imaging.parquet").sort("study_id")
+    assert imaging["study_id"].to_list() == ["d1", "s0", "s1", "s2"]
+    assert imaging["embedding"].to_list() == [
+        [0.5, 0.25, pytest.approx(3e38, rel=1e-6)], [2.0**24, 5.0, 1.0], [2.0**62, 0.0, -(2.0**62)], [1.0, 2.0, 3.0],
+    ]
 
 
 def test_imaging_files_of_another_encoder_are_quarantined_against_the_landing_zone(tmp_path: Path) -> None:
