@@ -27,8 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.fhir.columnar import fhir_time
-from features.fhir.validate import EARLIEST, FHIR_ID, RecordError, parse_datetime
-from features.schemas import FLOAT32_MAX
+from features.fhir.validate import EARLIEST, FHIR_ID, RecordError, check_storable, parse_datetime
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 BATCH_ROWS = 20_000
@@ -334,10 +333,7 @@ def to_float(row: dict[str, Any], name: str) -> float:
         raise RecordError("bad_type", f"column {name} should be a number, found {type(value).__name__} {value!r:.40}")
     if not math.isfinite(value):
         raise RecordError("bad_value", f"column {name} is not a finite number ({value!r})")
-    if abs(value) > FLOAT32_MAX:
-        raise RecordError("bad_value", f"column {name} {value:.9g} is beyond the range stored (expected a magnitude "
-                                       f"of at most {FLOAT32_MAX:.9g}, float32)")
-    return float(value)
+    return check_storable(float(value), f"column {name}")
 
 
 def to_int(row: dict[str, Any], name: str) -> int:

@@ -548,10 +548,7 @@ def _keep_previous_references(replaced: Path, staging: Path) -> None:
     (models.drift). Only references as that model's training wrote them are kept (their SHA-256
     as recorded; any for a folder of version 3, which records none): a damaged one would break the
     drift check. Without a model there, ``staging`` keeps none."""
-    try:
-        info = _read_model_info(replaced)
-    except ModelFolderError:  # no model there, or one too damaged to tell its references
-        info = {}
+    info = _model_info_or_empty(replaced)  # empty: no model there, or one too damaged to tell its references
     recorded: dict[str, str] = info["files"] if _is_digest_map(info.get("files")) else {}
     for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
         (staging / f"{PREVIOUS_PREFIX}{name}").unlink(missing_ok=True)
@@ -599,10 +596,7 @@ def promote_model(candidate: Path, live: Path, accept: Callable[[Path], None] | 
             shutil.rmtree(staging, ignore_errors=True)
     info_path = staging / "cohortcast_model.json"
     info = json.loads(info_path.read_text())
-    try:
-        live_info = _read_model_info(live)
-    except ModelFolderError:  # none deployed, or its record is damaged
-        live_info = {}
+    live_info = _model_info_or_empty(live)
     if _is_digest_map(live_info.get("files")) and live_info["files"] == info["files"] and "deployed" in live_info:
         # A repair: this model is the one deployed, and the drift check's reference stays the model before it.
         for name in (REFERENCE_FILE, INPUT_REFERENCE_FILE):
@@ -681,6 +675,15 @@ def _read_model_info(folder: Path) -> dict[str, Any]:
         raise ModelFolderError(f"{damaged} should hold a JSON object, found {type(info).__name__} (it is "
                                "damaged: train or deploy the model again)")
     return info
+
+
+def _model_info_or_empty(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``cohortcast_model.json``, or an empty record where there is no model or its
+    record is too damaged to read."""
+    try:
+        return _read_model_info(folder)
+    except ModelFolderError:
+        return {}
 
 
 def _is_digest_map(files: Any) -> bool:

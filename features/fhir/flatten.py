@@ -512,7 +512,7 @@ def _quantity_parts(holder: dict[str, Any], key: str, where: str) -> tuple[float
         unit if isinstance(unit, str) else None
 
 
-def _ratio(ratio: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+def _ratio(ratio: dict[str, Any], where: str) -> Value:
     """A Ratio as one number, numerator over denominator (a titer of 1:64 reads 0.015625, so a higher
     titer is a smaller value), with the bound of either side as the ratio's comparator."""
     numerator, above, numerator_unit = _quantity_parts(ratio, "numerator", where)
@@ -540,7 +540,7 @@ def _ratio(ratio: dict[str, Any], where: str) -> tuple[float | None, str | None,
     return value, comparator, unit, None
 
 
-def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str | None, str | None, str | None]:
+def _range(value_range: dict[str, Any], where: str) -> Value:
     """A Range: a one-sided range as a bound (``>=`` low, ``<=`` high), a two-sided one as the text
     ``low-high`` (a reported band, such as 0-2 cells per field, read as a category)."""
     low, high = (_quantity_parts(value_range, key, where) if key in value_range else None for key in ("low", "high"))
@@ -564,7 +564,7 @@ def _range(value_range: dict[str, Any], where: str) -> tuple[float | None, str |
 
 
 def _period_days(period: dict[str, Any], where: str,
-                 latest: datetime) -> tuple[float | None, str | None, str | None, str | None]:
+                 latest: datetime) -> Value:
     """A Period as its length in days (unit ``d``), each end read at its first instant (so
     ``2020-01-01`` to ``2020-01-02`` is one day, and an end of coarser precision within the start's
     period is 0 days); an open period has no length, so no value. A null end is an absent one."""
