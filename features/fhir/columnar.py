@@ -60,6 +60,7 @@ from features.fhir.specs import (
     RECORDED_TYPES,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
+    UCUM_SYSTEMS,
     VOCABULARY_PREFIXES,
 )
 from features.fhir.validate import DATE_LENGTH, EARLIEST, is_valid_r4, r4_model
@@ -96,7 +97,7 @@ _CODE = pa.struct([("system", _S), ("code", _S)])
 _CODES = pa.struct([("coding", pa.list_(_CODE))])
 _REF = pa.struct([("reference", _S)])
 _PERIOD = pa.struct([("start", _S), ("end", _S)])
-_QUANTITY = pa.struct([("value", pa.float64()), ("comparator", _S), ("unit", _S), ("code", _S)])
+_QUANTITY = pa.struct([("value", pa.float64()), ("comparator", _S), ("unit", _S), ("system", _S), ("code", _S)])
 _VALUES = [("valueQuantity", _QUANTITY), ("valueCodeableConcept", _CODES)]
 _BASE = [("resourceType", _S), ("id", _S)]
 
@@ -859,7 +860,12 @@ def _value_checks(
         .otherwise(pl.lit(True))
     )
     numeric = pl.when(has_quantity).then(number)
-    unit = pl.when(has_quantity).then(pl.coalesce(quantity.struct.field("unit"), quantity.struct.field("code")))
+    unit_code = quantity.struct.field("code")
+    # The UCUM code before the display text, as features.fhir.flatten._unit.
+    is_ucum = quantity.struct.field("system").str.strip_chars_end("/").is_in(list(UCUM_SYSTEMS))
+    unit = pl.when(has_quantity).then(
+        pl.when(is_ucum & unit_code.is_not_null()).then(unit_code)
+        .otherwise(pl.coalesce(quantity.struct.field("unit"), unit_code)))
     text = pl.when(~has_quantity & concept.is_not_null()).then(concept_code.value)
     return Checked(numeric, ok.fill_null(False)), pl.when(has_quantity).then(comparator), unit, text
 

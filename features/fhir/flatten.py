@@ -36,6 +36,7 @@ from features.fhir.specs import (
     RECORDED_TYPES,
     STATUS_ELEMENTS,
     TABLE_OF_TYPE,
+    UCUM_SYSTEMS,
     listed_prefix,
     vocabulary_prefix,
 )
@@ -468,8 +469,7 @@ def _value(holder: dict[str, Any], where: str, latest: datetime) -> Value:
             raise RecordError("missing_value", f"{where}.valueQuantity.value is missing")
         number = check_number(quantity["value"], f"{where}.valueQuantity.value")
         comparator = _comparator(quantity.get("comparator"), f"{where}.valueQuantity.comparator")
-        unit = quantity.get("unit", quantity.get("code"))
-        return number, comparator, unit if isinstance(unit, str) else None, None
+        return number, comparator, _unit(quantity), None
     if "valueCodeableConcept" in holder:
         return None, None, None, _code(holder["valueCodeableConcept"], f"{where}.valueCodeableConcept")[0]
     for key in ("valueInteger", "valueDecimal"):
@@ -495,6 +495,18 @@ def _value(holder: dict[str, Any], where: str, latest: datetime) -> Value:
     return None, None, None, None
 
 
+def _unit(quantity: dict[str, Any]) -> str | None:
+    """A Quantity's unit: its UCUM ``code`` where it has one, else its ``unit`` text, else its ``code``.
+
+    The UCUM code is one spelling per unit across senders, where ``unit`` is display text; a code of
+    another system (a local unit list) is less readable than the text, so the text comes first there.
+    """
+    system, code, unit = quantity.get("system"), quantity.get("code"), quantity.get("unit")
+    if isinstance(system, str) and system.rstrip("/") in UCUM_SYSTEMS and isinstance(code, str):
+        return code
+    return next((text for text in (unit, code) if isinstance(text, str)), None)
+
+
 _INVERTED_COMPARATOR = {"<": ">", "<=": ">=", ">=": "<=", ">": "<"}
 
 
@@ -507,9 +519,7 @@ def _quantity_parts(holder: dict[str, Any], key: str, where: str) -> tuple[float
         raise RecordError("missing_value", f"{where}.{key}.value is missing")
     # A part of a ratio or a bound of a band is not stored as it is: only finite here.
     number = check_number(quantity["value"], f"{where}.{key}.value", stored=False)
-    unit = quantity.get("unit", quantity.get("code"))
-    return number, _comparator(quantity.get("comparator"), f"{where}.{key}.comparator"), \
-        unit if isinstance(unit, str) else None
+    return number, _comparator(quantity.get("comparator"), f"{where}.{key}.comparator"), _unit(quantity)
 
 
 def _ratio(ratio: dict[str, Any], where: str) -> Value:

@@ -48,6 +48,11 @@ URL's last path segment, upper-cased (``http://example.org/fhir/CodeSystem/local
 ``LOCAL-LABS``), and a coding without a system is ``UNKNOWN//<code>``, so that no code is ever
 silently dropped."""
 
+UCUM_SYSTEMS = frozenset(system for system, prefix in VOCABULARY_PREFIXES.items() if prefix == "UCUM")
+"""The system URLs of UCUM, the computable unit codes. A Quantity's ``code`` in UCUM is the unit
+both ingest paths store, before its ``unit``: ``unit`` is display text (``milligram per deciliter``,
+``mg/dl``) that differs between senders for one unit, the UCUM code (``mg/dL``) does not."""
+
 CODE_PADDING = " \t\n\r\f\v\u00a0"
 """Whitespace stripped from both ends of a coding's code (ASCII whitespace and the no-break space
 that copies out of HTML and spreadsheets carry). FHIR's ``code`` type allows none there, and a

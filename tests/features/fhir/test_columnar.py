@@ -1106,6 +1106,58 @@ def test_ratio_range_and_period_values_are_read_on_both_paths(
     assert events.select("code", "numeric_value").rows() == [("LOINC//5370-2", pytest.approx(1 / 64))]
 
 
+def test_units_prefer_the_ucum_code_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Senders spell one unit differently in Quantity.unit (display text); its UCUM code is one
+    # spelling. A code of another system is less readable than the text, which then comes first.
+    ucum = "http://unitsofmeasure.org"
+
+    def observation(rid: str, **value: object) -> dict[str, object]:
+        return {
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
+            "effectiveDateTime": "2020-01-02T03:04:05Z", **value,
+        }
+
+    spelled = {"value": 1.2, "unit": "milligram per deciliter", "system": ucum, "code": "mg/dL"}
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        observation("ucum", valueQuantity=spelled),
+        observation("ucum-slash", valueQuantity=spelled | {"system": ucum + "/"}),
+        observation("ucum-oid", valueQuantity=spelled | {"system": "urn:oid:2.16.840.1.113883.6.8"}),
+        observation("local", valueQuantity={"value": 1.2, "unit": "mg per dL", "system": "http://example.org/units",
+                                            "code": "MGDL"}),
+        observation("code-only", valueQuantity={"value": 1.2, "code": "mg/dL"}),
+        observation("ucum-without-code", valueQuantity={"value": 1.2, "unit": "mg/dl", "system": ucum}),
+        observation("component", component=[{"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                                             "valueQuantity": {"value": 120, "unit": "millimeter of mercury",
+                                                               "system": ucum, "code": "mm[Hg]"}}]),
+        observation("ratio", valueRatio={"numerator": {"value": 3, "unit": "milligram", "system": ucum, "code": "mg"},
+                                         "denominator": {"value": 2, "unit": "milliliter", "system": ucum,
+                                                         "code": "mL"}}),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
+
+    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
+    for name, frame in _warehouse_frames(tmp_path / "fast"):
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    assert fast.files == slow.files and fast.balanced and fast.quarantined_by_reason == {}
+    table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert table.select("resource_id", "code", "unit").rows() == [
+        ("ucum", "LOINC//2160-0", "mg/dL"),
+        ("ucum-slash", "LOINC//2160-0", "mg/dL"),
+        ("ucum-oid", "LOINC//2160-0", "mg/dL"),
+        ("local", "LOINC//2160-0", "mg per dL"),
+        ("code-only", "LOINC//2160-0", "mg/dL"),
+        ("ucum-without-code", "LOINC//2160-0", "mg/dl"),
+        ("component", "LOINC//8480-6", "mm[Hg]"),
+        ("ratio", "LOINC//2160-0", "mg/mL"),
+    ]
+
+
 def test_values_beyond_float32_are_quarantined_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The events table stores values as float32: a larger number would read as infinity there.
     def observation(rid: str, **value: object) -> dict[str, object]:
