@@ -81,7 +81,7 @@ def deploy_model(candidate: Path, live: Path, min_auroc: float, max_calibration_
         raise PublishError(f"model folder {candidate} does not exist (train the model first: `cohortcast train`)")
 
     def shortfalls_of(folder: Path) -> list[str]:  # a folder check_model_folder passed: metrics.json is there
-        fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]
+        fusion = _fusion_metrics(folder / "metrics.json", f"model {candidate} not deployed")
         return quality_shortfalls(fusion, min_auroc, max_calibration_error)
 
     if _same_model(candidate, live):
@@ -172,12 +172,13 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
     if unbalanced:
         raise PublishError(f"{refused}: {summary_path}: {len(unbalanced)} of {len(files)} source files do not "
                            f"balance (expected records_in == records_out + quarantined; first: {unbalanced[0]})")
-    missing = [name for name in ("metrics.json", "model.safetensors", "cohortcast_model.json")
-               if not (model_dir / name).is_file()]
-    if missing:
-        raise PublishError(f"{refused}: model folder {model_dir} lacks {', '.join(missing)} (expected a trained "
-                           "model with its held-out metrics; train it again)")
-    fusion = json.loads((model_dir / "metrics.json").read_text())["models"]["fusion"]
+    # The gates read the metrics as training wrote them: a folder edited or mixed since (its files'
+    # SHA-256 not those training recorded) could pass a gate its model fails.
+    try:
+        check_model_folder(model_dir)
+    except ModelFolderError as error:
+        raise PublishError(f"{refused}: {error}") from error
+    fusion = _fusion_metrics(model_dir / "metrics.json", refused)
     shortfalls = quality_shortfalls(fusion, min_auroc, max_calibration_error)
     if shortfalls:
         raise PublishError(f"{refused}: model {model_dir} misses the task's quality gates: {'; '.join(shortfalls)}")
@@ -186,6 +187,20 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
     if made_by - {held}:
         raise PublishError(f"{refused}: the scores were made by model {', '.join(sorted(made_by - {held}))}, "
                            f"the model folder {model_dir} holds {held} (score the task again)")
+
+
+def _fusion_metrics(path: Path, refused: str) -> dict[str, Any]:
+    """The fusion model's held-out metrics in a model folder's ``metrics.json``."""
+    try:
+        metrics = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PublishError(f"{refused}: {path} is not JSON ({error}; train the model again)") from error
+    models = metrics.get("models") if isinstance(metrics, dict) else None
+    fusion = models.get("fusion") if isinstance(models, dict) else None
+    if not isinstance(fusion, dict):
+        raise PublishError(f"{refused}: {path} has no models.fusion metrics (expected the held-out metrics "
+                           "training writes; train the model again)")
+    return fusion
 
 
 def current_version(root: Path, task: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -178,9 +179,16 @@ def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
                                 f"{auroc:.4f} (expected >= 1.0)")
     with pytest.raises(PublishError) as no_model:
         check_publishable(root, "synthetic_1y", scores, tmp_path / "untrained", warehouse, 0.0, 1.0)
-    assert str(no_model.value) == (refused + f"model folder {tmp_path / 'untrained'} lacks metrics.json, "
-                                   "model.safetensors, cohortcast_model.json (expected a trained model with its "
-                                   "held-out metrics; train it again)")
+    assert str(no_model.value) == (refused + f"model folder {tmp_path / 'untrained'} does not exist (train a model "
+                                   "first: `cohortcast train`)")
+    # Metrics edited since training (here: to pass a gate the model fails) are not read as the model's.
+    edited = shutil.copytree(model, tmp_path / "edited")
+    metrics = json.loads((edited / "metrics.json").read_text())
+    metrics["models"]["fusion"]["auroc"] = 0.99
+    (edited / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(PublishError, match=rf"^{re.escape(refused)}model folder {re.escape(str(edited))}: "
+                                           r"metrics.json has SHA-256 [0-9a-f]{12} \(expected [0-9a-f]{12}\), as"):
+        check_publishable(root, "synthetic_1y", scores, edited, warehouse, 0.95, 1.0)
     other = scores.set_column(scores.schema.get_field_index("model_version"), "model_version",
                               pa.array(["synthetic_1y-000000000000"] * scores.num_rows))
     with pytest.raises(PublishError) as stale:

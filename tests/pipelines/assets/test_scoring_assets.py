@@ -32,6 +32,7 @@ from models.drift import (
 )
 from models.publishing import current_version, publish
 from models.scoring import RiskTiers, model_version
+from models.task_model import MODEL_FORMAT_VERSION, model_file_digests
 from pipelines.assets.scoring import published_cohort, risk_scores, risk_scores_drift, risk_scores_input_drift
 from pipelines.resources import Workspace
 
@@ -60,7 +61,8 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     model.mkdir(parents=True)
     (model / "metrics.json").write_text(json.dumps({"models": {"fusion": {"auroc": auroc, "calibration_error": 0.05}}}))
     (model / "model.safetensors").write_bytes(b"weights")
-    (model / "cohortcast_model.json").write_text(json.dumps({"task": TASK}))
+    for name in ("config.json", "vocabulary.json", "calibration.json"):
+        (model / name).write_text("{}")
     save_reference(model / REFERENCE_FILE, {"train": REFERENCE[:600], "tuning": REFERENCE[600:800],
                                             "held_out": REFERENCE[800:]})
     summary = IngestSummary(
@@ -90,12 +92,20 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     events.write_parquet(warehouse / "events.parquet")
     codes = TabularCodes(["LOINC//8480-6"], ["LOINC//8480-6"])
     input_reference(aggregate_before(events, cohort, codes)).write_parquet(model / INPUT_REFERENCE_FILE)
+    write_model_info(model)
     (warehouse / "scores").mkdir()
     scores = scores_table(today, model_version(model))
     pq.write_table(scores, warehouse / "scores" / f"{TASK}.parquet")
     # The live version: today's scores published before (so comparing with it finds no drift).
     publish(scores, patients, root / "published", TASK, 365, "MACE", {"run_id": "before"})
     return root
+
+
+def write_model_info(model: Path, **info: str) -> None:
+    """The folder's ``cohortcast_model.json`` with the SHA-256 of its files, as training writes it."""
+    (model / "cohortcast_model.json").write_text(json.dumps(
+        {"format_version": MODEL_FORMAT_VERSION, "task": TASK, "targets": ["risk"],
+         "files": model_file_digests(model), **info}))
 
 
 def publish_and_check(root: Path, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
@@ -139,8 +149,7 @@ def test_a_run_that_deployed_a_new_model_measures_drift_against_the_model_before
     # Deployed in this run (after it started; trained in an earlier one): its own reference is
     # today's data; the model it replaced trained on yesterday's, whose risks were all in the
     # reference's top decile.
-    (model / "cohortcast_model.json").write_text(json.dumps(
-        {"task": TASK, "created": "2000-01-01T00:00:00+00:00", "deployed": "2999-01-01T00:00:00+00:00"}))
+    write_model_info(model, created="2000-01-01T00:00:00+00:00", deployed="2999-01-01T00:00:00+00:00")
     save_reference(model / f"{PREVIOUS_PREFIX}{REFERENCE_FILE}", {"train": np.full(1000, 0.95)})
     [check] = publish_and_check(tmp_path).get_asset_check_evaluations()
     metadata = {key: value.value for key, value in check.metadata.items()}
@@ -207,7 +216,9 @@ def test_a_blood_pressure_feed_that_stopped_warns_and_is_named(tmp_path: Path) -
 def test_a_model_folder_without_an_input_reference_warns_with_the_reason(tmp_path: Path) -> None:
     make_workspace(tmp_path, REFERENCE)
     model = tmp_path / "warehouse" / "models" / TASK
+    # Trained without one (training writes it only when it has the inputs' aggregates).
     (model / INPUT_REFERENCE_FILE).unlink()
+    write_model_info(model)
     check = input_drift_check(tmp_path)
     assert not check.passed
     assert check.metadata["reference"].value == f"none: {model} has no {INPUT_REFERENCE_FILE} (train the model again)"
