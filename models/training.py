@@ -201,7 +201,7 @@ def label_censoring_weights(dataset: FusionDataset, reference: FusionDataset, ho
     distribution estimated on ``reference`` (the train split): :func:`models.censoring.censoring_weights`."""
     labels, known = dataset.label_arrays(), reference.label_arrays()
     return censoring_weights(labels["risk_label"], labels["event"], labels["duration_days"], horizon_days,
-                             known["event"], known["duration_days"])
+                             known["risk_label"], known["event"], known["duration_days"])
 
 
 def _one_cycle(optimizer: torch.optim.Optimizer, max_lr: float,
