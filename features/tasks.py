@@ -57,6 +57,10 @@ from features.schemas import MAX_VALUE_BINS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*//\S+$")
+_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+MAX_AGE_YEARS = 150.0
+MAX_DAYS = 73_050.0
+"""The longest span in days a task may name (200 years): longer is a typo, and overflows time arithmetic."""
 SEXES = ("female", "male", "other", "unknown")
 USUAL_INTERVAL = "usual_interval"
 """``follow_up_after_last_record`` value: each patient's own usual interval between record days."""
@@ -235,14 +239,23 @@ class _Reader:
     def child(self, name: str) -> _Reader:
         return _Reader(self.task, self.path(name), self.value.get(name))
 
-    def number(self, name: str, default: float | None, minimum: float | None = None) -> float | None:
+    def number(self, name: str, default: float | None, minimum: float | None = None,
+               maximum: float | None = None, required: bool = False) -> float | None:
+        """A finite number within [``minimum``, ``maximum``]; None when absent and not ``required``."""
         value = self.value.get(name, default)
+        at_least = f" >= {minimum:g}" if minimum is not None else ""
         if value is None:
+            if required:
+                self.fail(self.path(name), f"a number{at_least}", value)
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(self.path(name), "a number", value)
         if minimum is not None and value < minimum:
-            self.fail(self.path(name), f"a number >= {minimum:g}", value)
+            self.fail(self.path(name), f"a number{at_least}", value)
+        # YAML spells infinity and NaN (.inf, .nan); as days they overflow or compare true to everything.
+        if not math.isfinite(value) or (maximum is not None and value > maximum):
+            self.fail(self.path(name), f"a finite number{at_least}"
+                      + (f" and <= {maximum:g}" if maximum is not None else ""), value)
         return float(value)
 
     def integer(self, name: str, default: int, minimum: int, maximum: tuple[int, str] | None = None) -> int:
@@ -295,10 +308,15 @@ class _Reader:
             if not isinstance(code, str):
                 self.fail(f"{self.path(name)}[{i}]", "a code string like 'ICD10CM//I21.9'", code)
             if not _CODE.match(code):
+                prefix, separator, rest = code.partition("//")
+                if separator and _PREFIX.match(prefix):
+                    problem = "has whitespace or no code after its vocabulary prefix"
+                    example = f"{prefix}//{''.join(rest.split()) or 'I21.9'}"
+                else:
+                    problem = "has no vocabulary prefix"
+                    example = f"ICD10CM//{code if code and not any(c.isspace() for c in code) else 'I21.9'}"
                 raise CohortDefinitionError(
-                    f"task '{self.task}': {self.path(name)}[{i}] '{code}' has no vocabulary prefix "
-                    f"(expected like 'ICD10CM//{code.split('//')[-1] or 'I21.9'}')"
-                )
+                    f"task '{self.task}': {self.path(name)}[{i}] '{code}' {problem} (expected like '{example}')")
         return tuple(value)
 
 
@@ -326,13 +344,13 @@ def _code_rules(reader: _Reader, name: str) -> tuple[CodeRule, ...]:
     for i, item in enumerate(value):
         rule = _Reader(reader.task, f"{reader.path(name)}[{i}]", item)
         rule.check_keys({"codes", "window_days"}, {"codes"})
-        rules.append(CodeRule(rule.codes("codes", True), rule.number("window_days", None, 0.0)))
+        rules.append(CodeRule(rule.codes("codes", True), rule.number("window_days", None, 0.0, MAX_DAYS)))
     return tuple(rules)
 
 
 def _prediction_time(reader: _Reader) -> PredictionTimeRule:
     reader.check_keys({"first_event", "fixed", "offset_minutes"})
-    offset = timedelta(minutes=reader.number("offset_minutes", 0.0) or 0.0)
+    offset = timedelta(minutes=reader.number("offset_minutes", 0.0, -MAX_DAYS * 1440, MAX_DAYS * 1440) or 0.0)
     has_first, has_fixed = "first_event" in reader.value, "fixed" in reader.value
     if has_first == has_fixed:
         raise CohortDefinitionError(
@@ -393,8 +411,8 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         sexes = [sexes]
     if not isinstance(sexes, list) or any(s not in SEXES for s in sexes):
         cohort.fail("cohort.sex", f"a list drawn from {', '.join(SEXES)}", cohort.value.get("sex"))
-    min_age = cohort.number("min_age_years", None, 0.0)
-    max_age = cohort.number("max_age_years", None, 0.0)
+    min_age = cohort.number("min_age_years", None, 0.0, MAX_AGE_YEARS)
+    max_age = cohort.number("max_age_years", None, 0.0, MAX_AGE_YEARS)
     if min_age is not None and max_age is not None and max_age < min_age:
         cohort.fail("cohort.max_age_years", f"at least min_age_years ({min_age:g})", max_age)
     cohort_definition = CohortDefinition(
@@ -402,7 +420,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         min_age_years=min_age,
         max_age_years=max_age,
         sex=tuple(sexes),
-        min_history_days=cohort.number("min_history_days", 0.0, 0.0) or 0.0,
+        min_history_days=cohort.number("min_history_days", 0.0, 0.0, MAX_DAYS) or 0.0,
         include=_code_rules(cohort, "include"),
         exclude=_code_rules(cohort, "exclude"),
     )
@@ -415,12 +433,12 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
             f"task '{name}': outcome must list codes or set death: true (found neither)"
         )
 
-    horizon = top.number("horizon_days", None, 1.0)
-    assert horizon is not None
+    horizon = float(top.number("horizon_days", None, 1.0, MAX_DAYS, required=True) or 0.0)
     after_last = raw.get("follow_up_after_last_record", USUAL_INTERVAL)
     if after_last != USUAL_INTERVAL and (isinstance(after_last, bool) or not isinstance(after_last, (int, float))
-                                         or after_last < 0):
-        top.fail("follow_up_after_last_record", f"a number of days >= 0 or '{USUAL_INTERVAL}'", after_last)
+                                         or not 0 <= after_last <= MAX_DAYS):
+        top.fail("follow_up_after_last_record", f"a number of days from 0 to {MAX_DAYS:g} or '{USUAL_INTERVAL}'",
+                 after_last)
 
     treatment_definition = None
     if raw.get("treatment") is not None:
@@ -437,11 +455,8 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
             treatment.fail("treatment.window_days",
                            f"[start, end] days with end < horizon_days ({horizon:g}): patients with an arm are "
                            "event-free through the grace period", window)
-        washout = treatment.number("washout_days", TreatmentDefinition.washout_days, 0.0)
-        if washout is None:  # an explicit null: the default is spelled out, never guessed
-            treatment.fail("treatment.washout_days", "a number >= 0", None)
-        if not math.isfinite(washout or 0.0):
-            treatment.fail("treatment.washout_days", "a finite number >= 0", washout)
+        # An explicit null is refused: the default is spelled out, never guessed.
+        washout = treatment.number("washout_days", TreatmentDefinition.washout_days, 0.0, MAX_DAYS, required=True)
         treatment_definition = TreatmentDefinition(
             treatment.codes("codes", True), float(window[0]), float(window[1]), float(washout or 0.0)
         )

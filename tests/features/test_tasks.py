@@ -59,6 +59,56 @@ def test_malformed_task_names_key(overrides: dict[str, object], message: str) ->
         task(**overrides)
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        # Each passed parsing and then gave wrong labels (a NaN horizon: every event a positive) or
+        # crashed on the data (an overflowing duration), or failed on a bare assert.
+        ("horizon_days: .nan", r"horizon_days must be a finite number >= 1 and <= 73050 \(found float nan\)"),
+        ("horizon_days:", r"horizon_days must be a number >= 1 \(found nothing\)"),
+        ("horizon_days: 1000000000",
+         r"horizon_days must be a finite number >= 1 and <= 73050 \(found int 1000000000\)"),
+        ("horizon_days: 365\ncohort: {prediction_time: {fixed: 2020-01-01}, min_history_days: .inf}",
+         r"cohort.min_history_days must be a finite number >= 0 and <= 73050 \(found float inf\)"),
+        ("horizon_days: 365\ncohort: {prediction_time: {fixed: 2020-01-01}, exclude: [{codes: [ICD10CM//I21], "
+         "window_days: 1.0e+12}]}", r"cohort.exclude\[0\].window_days must be a finite number >= 0 and <= 73050"),
+        ("horizon_days: 365\ncohort: {prediction_time: {first_event: [SNOMED//1], offset_minutes: .nan}}",
+         r"cohort.prediction_time.offset_minutes must be a finite number >= -1.05192e\+08 and <= 1.05192e\+08 "
+         r"\(found float nan\)"),
+        ("horizon_days: 365\ncohort: {prediction_time: {fixed: 2020-01-01}, max_age_years: .inf}",
+         r"cohort.max_age_years must be a finite number >= 0 and <= 150 \(found float inf\)"),
+        ("horizon_days: 365\nfollow_up_after_last_record: .nan",
+         r"follow_up_after_last_record must be a number of days from 0 to 73050 or 'usual_interval' "
+         r"\(found float nan\)"),
+    ],
+)
+def test_numbers_a_task_file_spells_as_infinity_nan_or_nothing_are_refused_before_any_data(
+        tmp_path: Path, yaml_text: str, message: str) -> None:
+    path = tmp_path / "toy.yaml"
+    text = f"name: toy\noutcome: {{death: true}}\n{yaml_text}\n"
+    if "cohort:" not in yaml_text:
+        text += "cohort: {prediction_time: {fixed: 2020-01-01}}\n"
+    path.write_text(text)
+    with pytest.raises(CohortDefinitionError, match=rf"^task 'toy': {message}"):
+        load_task(path)
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("I50", r"'I50' has no vocabulary prefix \(expected like 'ICD10CM//I50'\)"),
+        ("SNOMED//22298006 ", r"'SNOMED//22298006 ' has whitespace or no code after its vocabulary prefix "
+                              r"\(expected like 'SNOMED//22298006'\)"),
+        ("SNOMED//", r"'SNOMED//' has whitespace or no code after its vocabulary prefix \(expected like "
+                     r"'SNOMED//I21.9'\)"),
+        ("SNOMED 22298006", r"'SNOMED 22298006' has no vocabulary prefix \(expected like 'ICD10CM//I21.9'\)"),
+    ],
+)
+def test_a_malformed_code_is_named_with_what_is_wrong(code: str, message: str) -> None:
+    with pytest.raises(CohortDefinitionError, match=rf"^task 'toy': outcome.codes\[0\] {message}$"):
+        task(outcome={"codes": [code]})
+
+
 def test_treatment_washout_days() -> None:
     assert task().treatment.washout_days == 365.0
     for value in (0, 180, 90.5):
@@ -84,7 +134,8 @@ def test_treatment_washout_days_rejects_other_values(value: object, message: str
 @pytest.mark.parametrize("value", [float("inf"), float("nan"), float("-inf")])
 def test_treatment_washout_days_must_be_finite(value: float) -> None:
     # A washout of .inf or .nan passed parsing and crashed build_labels (a duration in microseconds).
-    message = rf"task 'toy': treatment.washout_days must be a finite number >= 0 \(found float {value!r}\)"
+    message = (rf"task 'toy': treatment.washout_days must be a finite number >= 0 and <= 73050 "
+               rf"\(found float {value!r}\)")
     if value < 0:  # caught by the minimum first
         message = r"task 'toy': treatment.washout_days must be a number >= 0 \(found float -inf\)"
     with pytest.raises(CohortDefinitionError, match=message):
@@ -97,7 +148,8 @@ def test_treatment_washout_days_yaml_infinity_is_rejected(tmp_path: Path, spelli
     path.write_text("name: toy\ncohort: {prediction_time: {fixed: 2020-01-01}}\noutcome: {death: true}\n"
                     f"horizon_days: 365\ntreatment: {{codes: [RXNORM//1], washout_days: {spelling}}}\n")
     found = "nan" if "nan" in spelling else "inf"
-    expected = rf"^task 'toy': treatment.washout_days must be a finite number >= 0 \(found float {found}\)$"
+    expected = (rf"^task 'toy': treatment.washout_days must be a finite number >= 0 and <= 73050 "
+                rf"\(found float {found}\)$")
     with pytest.raises(CohortDefinitionError, match=expected):
         load_task(path)
 
