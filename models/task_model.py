@@ -247,7 +247,9 @@ def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.
     if eval_times:
         metrics["uno_c"] = uno_c_index(*args, score, tau_days=max(eval_times))
         metrics["time_dependent_auc"] = time_dependent_auc(*args, score, np.array(eval_times))
-        if survival is not None and survival_times is not None and set(eval_times) <= set(survival_times):
+        # An integral needs two times at least (a horizon of 90 days or less has one).
+        if (survival is not None and survival_times is not None and len(eval_times) >= 2
+                and set(eval_times) <= set(survival_times)):
             keep = [survival_times.index(t) for t in eval_times]
             metrics["integrated_brier"] = integrated_brier(*args, survival[:, keep], np.array(eval_times))
     return metrics
@@ -281,7 +283,10 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     cohort = data.cohort["held_out"]
     for name, mask in _subgroups(cohort).items():
         sub = mask & known
-        if len(set(labels["risk_label"][sub].tolist())) == 2:
+        cases = int((labels["risk_label"][sub] > 0.5).sum())
+        fusion[f"subgroup_{name}_labelled"], fusion[f"subgroup_{name}_cases"] = int(sub.sum()), cases
+        # An AUROC from a handful of cases is noise (one case gives 0 or 1): not reported.
+        if min(cases, int(sub.sum()) - cases) >= MIN_SUBGROUP_CASES:
             fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub], weights[sub])
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
@@ -327,6 +332,10 @@ def compare_with_fusion(scores: dict[str, Scores], labels: dict[str, np.ndarray]
             row.update(harrell_c_difference=d, harrell_c_difference_low=low, harrell_c_difference_high=high)
         out[name] = row
     return out
+
+
+MIN_SUBGROUP_CASES = 10
+"""Cases and controls a held-out subgroup needs for its AUROC to be reported."""
 
 
 def _subgroups(cohort: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -935,9 +944,15 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
             f"{fusion['calibration_error_if_calibrated']:.3f} on this many patients from sampling alone "
             f"(95th percentile {fusion['calibration_error_if_calibrated_95']:.3f}).",
         ]
-    subgroup = {k: v for k, v in fusion.items() if k.startswith("auroc_")}
-    lines += ["", "## AUROC by subgroup", "", "| subgroup | AUROC |", "| --- | --- |"]
-    lines += [f"| {k.removeprefix('auroc_')} | {v:.3f} |" for k, v in sorted(subgroup.items())]
+    groups = [k.removeprefix("subgroup_").removesuffix("_labelled") for k in fusion
+              if k.startswith("subgroup_") and k.endswith("_labelled")]
+    lines += ["", "## AUROC by subgroup", "",
+              f"Held-out patients with a known outcome; an AUROC is given where a subgroup has at least "
+              f"{MIN_SUBGROUP_CASES} cases and {MIN_SUBGROUP_CASES} controls.", "",
+              "| subgroup | patients | cases | AUROC |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {fusion[f'subgroup_{name}_labelled']} | {fusion[f'subgroup_{name}_cases']} | "
+              + (f"{fusion[f'auroc_{name}']:.3f}" if f"auroc_{name}" in fusion else "too few to tell") + " |"
+              for name in groups]
     lines += [
         "",
         "## Limits",

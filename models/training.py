@@ -181,6 +181,10 @@ def predict_logits(
     }
 
 
+MIN_CALIBRATION_OUTCOMES = 5
+"""Fewest patients with and without the outcome the tuning split needs to calibrate the risk."""
+
+
 def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
     """Raise ``ValueError`` when a split cannot train or tune a risk model."""
     labels = dataset.label_arrays()["risk_label"]
@@ -188,10 +192,10 @@ def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
     n_pos = int(known.sum())
     if len(dataset) == 0:
         raise ValueError(f"{name} split: no patients (check the task's cohort rules and the split fractions)")
-    if n_pos < min_events or n_pos == len(known):
+    if min(n_pos, len(known) - n_pos) < min_events:
         raise ValueError(
             f"{name} split: {n_pos} patients with the outcome among {len(known)} with a known label "
-            f"(need at least {min_events} with and some without); use more patients, a longer horizon "
+            f"(need at least {min_events} with and {min_events} without); use more patients, a longer horizon "
             "or broader outcome codes"
         )
 
@@ -256,7 +260,8 @@ def train(
         When the train or tuning split has too few outcomes to learn or calibrate a risk.
     """
     check_trainable("train", train_dataset, args.min_events)
-    check_trainable("tuning", tuning_dataset, 1)
+    # Platt scaling from fewer outcomes is unstable (one case gives a near-step function).
+    check_trainable("tuning", tuning_dataset, MIN_CALIBRATION_OUTCOMES)
     seed_everything(args.seed)
     device = args.resolve_device()
     model.to(device)  # type: ignore[arg-type]
@@ -338,7 +343,7 @@ def fit_calibration(model: FusionForRiskPrediction, tuning_dataset: FusionDatase
     labels, treated = arrays["risk_label"], arrays["treated"]
     known = ~np.isnan(labels)
     weights = label_censoring_weights(tuning_dataset, train_dataset, model.config.horizon_days)
-    calibrator = PlattCalibrator(min_positives=1).fit(
+    calibrator = PlattCalibrator(min_positives=MIN_CALIBRATION_OUTCOMES).fit(
         tuning["risk_logits"][known], labels[known], sample_weight=weights[known]
     )
     if not np.isnan(treated).all():

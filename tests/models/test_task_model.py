@@ -15,6 +15,7 @@ import pytest
 from features.tasks import load_task
 from models.drift import INPUT_REFERENCE_FILE, PREVIOUS_PREFIX, REFERENCE_FILE, save_reference
 from models.task_model import (
+    MIN_SUBGROUP_CASES,
     ModelFolderError,
     _InputMatrices,
     _severities_read_from_data,
@@ -95,12 +96,30 @@ def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tu
     _, metrics = trained
     fusion = metrics["models"]["fusion"]
     for key in ("auroc", "auprc", "brier", "calibration_error", "harrell_c", "uno_c", "time_dependent_auc",
-                "integrated_brier", "policy_event_rate", "auroc_sex_female", "auroc_sex_male"):
+                "integrated_brier", "policy_event_rate", "subgroup_sex_female_cases", "subgroup_sex_male_cases"):
         assert key in fusion, key
     assert fusion["auroc"] > 0.65
     assert set(metrics["models"]) == {"fusion", "logistic_regression", "logistic_regression_all_modalities",
                                       "lightgbm", "cox_ph", "random_survival_forest", "t_learner_lightgbm"}
     assert "policy_event_rate" in metrics["models"]["t_learner_lightgbm"]
+
+
+def test_subgroup_aurocs_are_reported_only_with_enough_cases_and_controls(trained: tuple[Path, dict]) -> None:
+    model_dir, metrics = trained
+    fusion = metrics["models"]["fusion"]
+    card = (model_dir / "MODEL_CARD.md").read_text()
+    groups = ("sex_female", "sex_male", "age_under_65", "age_65_to_79", "age_80_plus")
+    assert sum(fusion[f"subgroup_{g}_labelled"] for g in groups[:2]) == metrics["n_held_out_labelled"]
+    assert sum(fusion[f"subgroup_{g}_labelled"] for g in groups[2:]) == metrics["n_held_out_labelled"]
+    reported = 0
+    for group in groups:
+        labelled, cases = fusion[f"subgroup_{group}_labelled"], fusion[f"subgroup_{group}_cases"]
+        enough = min(cases, labelled - cases) >= MIN_SUBGROUP_CASES
+        assert (f"auroc_{group}" in fusion) == enough, group
+        shown = f"{fusion[f'auroc_{group}']:.3f}" if enough else "too few to tell"
+        assert f"| {group} | {labelled} | {cases} | {shown} |" in card
+        reported += enough
+    assert 0 < reported < len(groups)  # the tiny held-out split has both kinds
 
 
 def test_fusion_is_compared_with_each_baseline_on_the_same_patients(trained: tuple[Path, dict]) -> None:
@@ -379,3 +398,6 @@ def test_survival_metrics_use_one_grid_whatever_the_model_s_survival_intervals()
     assert fusion["uno_c"] == baseline["uno_c"]
     assert fusion["time_dependent_auc"] == baseline["time_dependent_auc"]
     assert set(fusion) - set(baseline) == {"integrated_brier"}
+    # A 30-day horizon evaluates at one time: no integral over it, and no failure.
+    short = _survival_metrics(train, labels, score, 30.0, curve, edges)
+    assert sorted(short) == ["harrell_c", "time_dependent_auc", "uno_c"]

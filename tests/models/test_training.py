@@ -151,6 +151,20 @@ def test_training_refuses_a_split_without_enough_events() -> None:
         train(tiny_model(), data, data, TrainingArguments(max_epochs=1))
 
 
+def test_training_refuses_a_tuning_split_too_small_to_calibrate() -> None:
+    # Platt scaling from one case or one control is a near-step function: every risk 0 or 1.
+    train_data, tuning = dataset(200, 1), dataset(60, 2)
+    for i, p in enumerate(tuning.patients):
+        object.__setattr__(p, "risk_label", 1.0 if i < 4 else 0.0)
+    with pytest.raises(ValueError, match=r"^tuning split: 4 patients with the outcome among 60 with a known label "
+                                         r"\(need at least 5 with and 5 without\)"):
+        train(tiny_model(), train_data, tuning, TrainingArguments(max_epochs=1))
+    for i, p in enumerate(tuning.patients):
+        object.__setattr__(p, "risk_label", 0.0 if i < 4 else 1.0)
+    with pytest.raises(ValueError, match=r"^tuning split: 56 patients with the outcome among 60"):
+        train(tiny_model(), train_data, tuning, TrainingArguments(max_epochs=1))
+
+
 def test_dataset_can_hide_modalities_to_measure_each_alone() -> None:
     tokens, notes, studies, labels = synthetic_task(30, 5)
     mixed = tokens.with_columns(tokens["modality_ids"].list.eval(pl.element() * 0 + 2).alias("modality_ids"))

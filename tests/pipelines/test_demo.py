@@ -19,7 +19,7 @@ from pipelines.resources import resources_for_deployment
 def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None:
     console = Console(record=True, width=200)
     with dg.instance_for_test() as instance:
-        results = run_demo(tmp_path / "workspace", patients=300, seed=1, console=console, instance=instance,
+        results = run_demo(tmp_path / "workspace", patients=400, seed=1, console=console, instance=instance,
                            epochs=3, hidden_size=32, min_auroc=0.0, max_calibration_error=1.0)
     assert all(r.success for r in results)
     materialized = {
@@ -31,7 +31,7 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert checks and all(e.passed for e in checks)
     warehouse = tmp_path / "workspace" / "warehouse"
     truth = pl.read_parquet(tmp_path / "workspace" / "landing" / "truth.parquet")
-    assert pl.read_parquet(warehouse / "patients.parquet").height == 300
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 400
     labels = pl.read_parquet(warehouse / "tasks" / DEMO_TASK / "labels.parquet")
     assert labels.height == truth.height
     model_metrics = json.loads((warehouse / "models" / DEMO_TASK / "metrics.json").read_text())["models"]
@@ -41,13 +41,13 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     # Every cohort patient is scored; those who died after their prediction time are not published.
     dead = pl.read_parquet(warehouse / "patients.parquet").filter(
         pl.col("death_time").is_not_null() | pl.col("deceased").fill_null(False))["subject_id"]
-    assert dead.len() == 24 and not published["subject_id"].is_in(dead.implode()).any()
-    assert published.height == 276
-    assert (published["risk_tier"] == "high").sum() == 14
+    assert dead.len() == 19 and not published["subject_id"].is_in(dead.implode()).any()
+    assert published.height == 381
+    assert (published["risk_tier"] == "high").sum() == 20
     output = console.export_text()
-    assert "[1/2] simulate 300 patients and ingest them" in output
+    assert "[1/2] simulate 400 patients and ingest them" in output
     assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
-    assert "top of the high-risk list (published v0001, 14 high-risk of 276; 24 who died after" in output
+    assert "top of the high-risk list (published v0001, 20 high-risk of 381; 19 who died after" in output
 
     # Run again on unchanged inputs with the same settings, the model is neither trained nor deployed again.
     warehouse_models = tmp_path / "workspace" / "warehouse"
