@@ -15,7 +15,13 @@ best possible discrimination (see :mod:`features.simulate.state`).
 
 from __future__ import annotations
 
-from features.simulate.hospital import SimulationConfig, SimulationSummary, simulate_hospital
+from features.simulate.hospital import (
+    SimulationConfig,
+    SimulationSummary,
+    check_replaceable_simulation,
+    simulate_hospital,
+)
 from features.simulate.state import true_survival
 
-__all__ = ["SimulationConfig", "SimulationSummary", "simulate_hospital", "true_survival"]
+__all__ = ["SimulationConfig", "SimulationSummary", "check_replaceable_simulation", "simulate_hospital",
+           "true_survival"]

@@ -112,6 +112,21 @@ class SimulationSummary:
     files: list[str] = field(default_factory=list)
 
 
+SIMULATION_MANIFEST = "simulation.json"
+"""The file every simulated landing zone holds, and no hospital export does."""
+
+
+def check_replaceable_simulation(out_dir: Path) -> None:
+    """Raise :class:`LandingZoneError` unless ``out_dir`` is absent, empty or a simulated landing
+    zone (it holds ``simulation.json``): a pipeline that simulates into a workspace must never
+    replace a hospital's export that was put in its place."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MANIFEST).is_file():
+        raise LandingZoneError(
+            f"landing folder {out_dir} holds files but no {SIMULATION_MANIFEST}, so it is not a simulation: the "
+            "simulator replaces only its own output (ingest this export without simulated_landing_zone, or "
+            "move it to simulate here)")
+
+
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Raise :class:`LandingZoneError` unless ``out_dir`` can receive a new landing zone."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -252,7 +267,7 @@ def _write_landing_zone(root: Path, config: SimulationConfig, workers: int) -> S
         "n_genotyped": summary.n_genotyped,
         "event_rate_within_horizon": summary.event_rate_within_horizon,
     }
-    (root / "simulation.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (root / SIMULATION_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return summary
 
 

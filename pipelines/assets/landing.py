@@ -8,14 +8,16 @@ data of ``cohortcast demo``). A real deployment points the ingest at its own exp
 # No postponed annotations here: Dagster reads Config and resource annotations when the asset is defined.
 import dagster as dg
 
-from features.simulate import simulate_hospital
+from features.simulate import check_replaceable_simulation, simulate_hospital
 from pipelines.config import SimulationRunConfig
 from pipelines.resources import Workspace
 
 
 @dg.asset(group_name="landing", kinds={"fhir", "parquet"})
 def simulated_landing_zone(config: SimulationRunConfig, workspace: Workspace) -> dg.MaterializeResult:
-    """A simulated hospital's export: FHIR NDJSON and Bundles, notes, genomics, imaging, truth."""
+    """A simulated hospital's export: FHIR NDJSON and Bundles, notes, genomics, imaging, truth. It
+    replaces only an earlier simulation, never an export put in ``landing/``."""
+    check_replaceable_simulation(workspace.landing_dir)
     summary = simulate_hospital(
         workspace.landing_dir, config.to_simulation_config(), overwrite=True, workers=config.workers
     )
