@@ -53,7 +53,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -1453,7 +1453,8 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
                 link_file_atomic(ingested_dir / name, warehouse_dir / name)
             else:
                 write_parquet_atomic(INTERNAL_TABLES["deletions"].empty_table(), warehouse_dir / name)
-    return summary
+    # Its accounting predates the table too: the empty one just written has no rows.
+    return replace(summary, table_rows={"deletions": 0, **summary.table_rows})
 
 
 def batch_names(batches_dir: Path) -> list[str]:
