@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 
 from features.io import write_parquet_atomic
 from features.task_inputs import tabular_features_for
-from features.tasks import load_task
 from models.drift import (
     INPUT_REFERENCE_FILE,
     PSI_ALARM,
@@ -45,7 +44,7 @@ from models.drift import (
 )
 from models.publishing import check_publishable, current_scores, living_patients, publish
 from models.scoring import RiskTiers, score_task
-from pipelines.assets.tasks import TASKS_DIR, task_partitions
+from pipelines.assets.tasks import task_of_partition, task_partitions
 from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
 from pipelines.resources import Workspace
 
@@ -76,7 +75,7 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
                 workspace: Workspace) -> dg.MaterializeResult:
     """Risk, survival curve, treatment effect, tier and explanation of every cohort patient."""
     task = context.partition_key
-    tiers = load_task(TASKS_DIR / f"{task}.yaml").publishing
+    tiers = task_of_partition(task).publishing
     previous = current_scores(published_dir(workspace), task)
     scores = score_task(model_dir(workspace, task), workspace.warehouse_dir / "tasks" / task, task,
                         RiskTiers(tiers.high_share, tiers.medium_share), previous, config.top_items,
@@ -117,9 +116,10 @@ def _reference_of(context: dg.AssetCheckExecutionContext, folder: Path,
     return load(folder), "training cohort"
 
 
-@dg.asset_check(asset=risk_scores, description="Score distribution against the model's training cohort (PSI).")
+@dg.asset_check(asset=risk_scores, partitions_def=task_partitions,
+                description="Score distribution against the model's training cohort (PSI).")
 def risk_scores_drift(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
-    task = context.run.tags.get("dagster/partition", "")
+    task = task_of_partition(context.partition_key).name
     today = pq.read_table(scores_path(workspace, task), columns=["risk"]).column("risk").to_numpy()
     # Not the live publication: published_cohort runs beside this check and, run first, made the
     # live version today's scores themselves (a PSI of 0 whatever the drift).
@@ -147,16 +147,18 @@ def _input_label(feature: str, descriptions: dict[str, str]) -> str:
     return f"{feature} ({descriptions[code]})" if descriptions.get(code) else feature
 
 
-@dg.asset_check(asset=risk_scores, description="Each model input against the model's training cohort (PSI per input).")
+@dg.asset_check(asset=risk_scores, partitions_def=task_partitions,
+                description="Each model input against the model's training cohort (PSI per input).")
 def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
-    task = context.run.tags.get("dagster/partition", "")
+    definition = task_of_partition(context.partition_key)
+    task = definition.name
     reference, what = _reference_of(context, model_dir(workspace, task), load_input_reference)
     if reference is None:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN, metadata={
             "reference": f"none: {model_dir(workspace, task)} has no {INPUT_REFERENCE_FILE} (train the model again)"})
     # Today's aggregates for the codes the reference has: the task's own table re-selects the most
     # common codes, and a code that slipped out of them would read as missing for everyone.
-    inputs = tabular_features_for(workspace.warehouse_dir, load_task(TASKS_DIR / f"{task}.yaml"),
+    inputs = tabular_features_for(workspace.warehouse_dir, definition,
                                   reference_codes(reference))
     drift = input_drift(reference, inputs)
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
@@ -183,7 +185,7 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
 def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConfig,
                      workspace: Workspace) -> dg.MaterializeResult:
     """A new live version of the task's cohort: Parquet, DuckDB and FHIR RiskAssessments."""
-    task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
+    task = task_of_partition(context.partition_key)
     scores = pq.read_table(scores_path(workspace, task.name))
     # The model's and the ingest's blocking checks are not in every run that publishes (the nightly
     # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.

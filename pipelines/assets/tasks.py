@@ -18,6 +18,7 @@ import dagster as dg
 import polars as pl
 
 from features import task_inputs
+from features.errors import CohortDefinitionError
 from features.leakage import find_leaks, find_negative_offsets, find_split_overlap
 from features.note_embeddings import NoteEncoder
 from features.tasks import TaskDefinition, load_task
@@ -38,10 +39,24 @@ class NoteEncoderConfig(dg.Config):  # type: ignore[misc]
     max_length: int = 256
 
 
+def task_of_partition(key: str) -> TaskDefinition:
+    """The task of partition ``key``: ``tasks/<key>.yaml``, whose ``name`` must be ``key``.
+
+    Assets name a task's folders (inputs, candidate and deployed model, scores, publication) by
+    one or the other; a copied file that kept another task's name would write into that task's.
+    """
+    path = TASKS_DIR / f"{key}.yaml"
+    task = load_task(path)
+    if task.name != key:
+        raise CohortDefinitionError(f"task file {path}: name '{task.name}' differs from its file name "
+                                    f"(expected name: {key}; a task's folders and partition are named by it)")
+    return task
+
+
 def _task(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> TaskDefinition:
     """The task of the partition being run: an asset's, or a check's (checks share the assets'
     ``task_partitions``, so a check run alone still knows its task)."""
-    return load_task(TASKS_DIR / f"{context.partition_key}.yaml")
+    return task_of_partition(context.partition_key)
 
 
 def _result(step: task_inputs.StepResult) -> dg.MaterializeResult:

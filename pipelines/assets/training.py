@@ -15,11 +15,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from features.tasks import TaskDefinition, load_task
+from features.tasks import TaskDefinition
 from models.publishing import deploy_model, quality_shortfalls
 from models.task_model import train_task_model, trained_with, training_fingerprint
 from models.training import TrainingArguments
-from pipelines.assets.tasks import TASKS_DIR, task_partitions
+from pipelines.assets.tasks import task_of_partition, task_partitions
 from pipelines.resources import Workspace
 
 TASK_INPUTS = ["labels", "subject_splits", "event_tokens", "tabular_features", "note_embeddings", "imaging_inputs"]
@@ -72,7 +72,7 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                  workspace: Workspace) -> dg.MaterializeResult:
     """The task's fusion transformer, calibrated on the tuning split and evaluated on held-out patients:
     a candidate until its quality check passes."""
-    task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
+    task = task_of_partition(context.partition_key)
     truth = workspace.landing_dir / "truth.parquet"
     args = TrainingArguments(max_epochs=config.max_epochs, batch_size=config.batch_size,
                              learning_rate=config.learning_rate, seed=config.seed,
@@ -101,11 +101,11 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
     })
 
 
-@dg.asset_check(asset=fusion_model, blocking=True,
+@dg.asset_check(asset=fusion_model, blocking=True, partitions_def=task_partitions,
                 description="Held-out AUROC and calibration error meet the run's thresholds.")
 def fusion_model_quality(context: dg.AssetCheckExecutionContext, config: ModelQualityConfig,
                          workspace: Workspace) -> dg.AssetCheckResult:
-    task = load_task(TASKS_DIR / f"{context.run.tags.get('dagster/partition', '')}.yaml")
+    task = task_of_partition(context.partition_key)
     min_auroc, max_error = quality_gates(task, config)
     fusion = json.loads((candidate_model_dir(workspace, task.name) / "metrics.json").read_text())["models"]["fusion"]
     return dg.AssetCheckResult(passed=not quality_shortfalls(fusion, min_auroc, max_error), metadata={
@@ -121,7 +121,7 @@ def deployed_model(context: dg.AssetExecutionContext, config: ModelQualityConfig
 
     After a failed blocking check Dagster does not run this asset; run on its own (the check is then
     not in the run), it applies the same gates itself and fails, keeping the model before."""
-    task = load_task(TASKS_DIR / f"{context.partition_key}.yaml")
+    task = task_of_partition(context.partition_key)
     folder = deploy_model(candidate_model_dir(workspace, task.name), model_dir(workspace, task.name),
                           *quality_gates(task, config))
     fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]

@@ -127,6 +127,8 @@ def test_drift_is_measured_against_the_training_cohort_not_this_runs_publication
     assert current_version(tmp_path / "published", TASK) == "v0002"
     [check] = result.get_asset_check_evaluations()
     assert (check.passed, check.severity) == (False, dg.AssetCheckSeverity.WARN)
+    # Per task: another task's check result never stands for this one's.
+    assert check.partition == TASK
     metadata = {key: value.value for key, value in check.metadata.items()}
     # Two bins of the reference's ten hold all of today's risks: 0.5 each against 0.1; the eight
     # empty ones count at the index's floor of 1e-4.

@@ -8,6 +8,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from features.errors import CohortDefinitionError
 from pipelines.assets import tasks as task_assets
 from pipelines.resources import Workspace
 
@@ -20,6 +21,19 @@ CHECKS = [task_assets.event_tokens_leakage, task_assets.tabular_features_leakage
 
 def test_task_partitions_are_the_task_files() -> None:
     assert {"simulated_mace_1y", "synthea_death_1y"} <= set(task_assets.task_partitions.get_partition_keys())
+
+
+def test_a_task_file_whose_name_differs_from_its_file_name_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A copy of a task file that kept the original's name would write into the original's folders.
+    shutil.copy(task_assets.TASKS_DIR / "simulated_mace_1y.yaml", tmp_path / "mace_variant.yaml")
+    shutil.copy(task_assets.TASKS_DIR / "simulated_mace_1y.yaml", tmp_path / "simulated_mace_1y.yaml")
+    monkeypatch.setattr(task_assets, "TASKS_DIR", tmp_path)
+    assert task_assets.task_of_partition("simulated_mace_1y").name == "simulated_mace_1y"
+    with pytest.raises(CohortDefinitionError, match=rf"^task file {tmp_path / 'mace_variant.yaml'}: name "
+                                                    r"'simulated_mace_1y' differs from its file name \(expected "
+                                                    r"name: mace_variant; "):
+        task_assets.task_of_partition("mace_variant")
 
 
 @pytest.mark.slow
