@@ -47,7 +47,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -84,7 +83,13 @@ from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import RecordError, parse_datetime, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file, usual_embedding_length
-from features.io import link_file_atomic, sink_parquet_atomic, write_bytes_atomic, write_parquet_atomic
+from features.io import (
+    link_file_atomic,
+    sink_parquet_atomic,
+    staging_dir,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 from features.notes import read_notes_file
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
 from features.tables import TABLE_SUFFIXES, Spill, TableRead
@@ -1255,7 +1260,7 @@ def _ingest_locked(
     and put in place at the end by one rename per file, the accounting last: a run killed before
     then leaves the previous ingest whole, not a mix of two exports' tables.
     """
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=warehouse_dir))
+    staging = staging_dir(warehouse_dir, STAGING_PREFIX)
     tables_dir = staging / FINAL_FOLDER
     tables_dir.mkdir()
     placing = False

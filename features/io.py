@@ -22,11 +22,32 @@ if TYPE_CHECKING:
     import polars as pl
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+"""Read once, at import: reading it means setting it, which other threads would see."""
+
+
+def staging_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new hidden folder in ``parent`` to build an output in before renaming it into place, with
+    the permissions a plain ``mkdir`` gives (``tempfile.mkdtemp`` gives ``0700``, so a published
+    version or landing zone would be readable by its writer alone)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    folder.chmod(0o777 & ~_UMASK)
+    return folder
+
+
 @contextmanager
 def atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``, else it is removed."""
+    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path``, else it is removed.
+    The file gets the permissions a plain ``open`` gives (``tempfile.mkstemp`` gives ``0600``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     try:
         yield Path(tmp)

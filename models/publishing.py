@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +39,7 @@ import pyarrow as pa
 
 from features.errors import CohortcastError
 from features.ingest import SUMMARY_FILE, IngestSummary
+from features.io import staging_dir
 from features.schemas import SCORES
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
@@ -303,7 +303,7 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
     (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
     existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
     version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=task_root))
+    staging = staging_dir(task_root, f".{version}.")
     model_version = str(frame["model_version"][0]) if frame.height else ""
     with_ids.write_parquet(staging / "scores.parquet")
     lines = [orjson.dumps(risk_assessment(row, horizon_days, outcome, model_version))

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError, SimulationError
-from features.io import replace_dir
+from features.io import replace_dir, staging_dir
 from features.schemas import GENOMICS_VARIANTS_INPUT, IMAGING_INPUT, NOTES_INPUT
 from features.simulate import vocabulary as v
 from features.simulate.records import (
@@ -168,7 +167,7 @@ def simulate_hospital(
     check_output_dir(out_dir, overwrite)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        staging = staging_dir(out_dir.parent, f".{out_dir.name}.", ".partial")
     except OSError as exc:
         raise LandingZoneError(f"output folder {out_dir} is not writable ({exc.strerror})") from exc
     try:

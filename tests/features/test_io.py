@@ -7,9 +7,18 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
-from features.io import link_file_atomic, replace_dir, restore_retired_dir
+from features import io
+from features.io import (
+    link_file_atomic,
+    replace_dir,
+    restore_retired_dir,
+    staging_dir,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 
 
 def test_link_file_atomic_links_and_replaces(tmp_path: Path) -> None:
@@ -99,3 +108,15 @@ def test_a_replaced_folder_whose_deletion_was_killed_is_never_put_back(
     replace_dir(folder_with(tmp_path / "models" / ".t.partial", "v3"), target)
     assert (target / "model.txt").read_text() == "v3"
     assert [p.name for p in target.parent.iterdir()] == ["t"]
+
+
+def test_outputs_get_the_permissions_of_a_plain_write_not_a_temporary_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Temporary files are 0600 and temporary folders 0700: renamed into place as they were, a
+    # published version or a table would be readable by its writer alone.
+    monkeypatch.setattr(io, "_UMASK", 0o022)  # a usual umask, whatever this machine's
+    table = write_parquet_atomic(pa.table({"x": [1]}), tmp_path / "table.parquet")
+    data = write_bytes_atomic(b"{}", tmp_path / "summary.json")
+    folder = staging_dir(tmp_path, ".version.")
+    assert [oct(p.stat().st_mode & 0o777) for p in (table, data, folder)] == ["0o644", "0o644", "0o755"]
+    assert folder.parent == tmp_path and folder.name.startswith(".version.")
