@@ -681,6 +681,11 @@ def _read_and_stage(
 # ------------------------------------------------------------------------------------------------
 
 
+BULK_MANIFEST = "manifest.json"
+"""The Bulk Data export's manifest (its ``transactionTime`` and the files it wrote): it lies beside
+the NDJSON files it lists, and is no FHIR record."""
+
+
 def _discover(landing_dir: Path) -> _Landing:
     """Find the landing zone's files, sorted by path (the order duplicates resolve in)."""
     landing = _Landing()
@@ -695,7 +700,8 @@ def _discover(landing_dir: Path) -> _Landing:
     else:
         # A bare export folder (no fhir/ sub-folder): FHIR files anywhere but in the tables' folders.
         candidates = [p for p in files(landing_dir) if p.relative_to(landing_dir).parts[0] not in other]
-    landing.fhir = [(p, p.relative_to(landing_dir).as_posix()) for p in candidates if fhir_kind(p) is not None]
+    landing.fhir = [(p, p.relative_to(landing_dir).as_posix()) for p in candidates
+                    if fhir_kind(p) is not None and p.name.lower() != BULK_MANIFEST]
     for name in sorted(other):
         folder = landing_dir / name
         if folder.is_dir():

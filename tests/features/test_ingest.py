@@ -218,6 +218,19 @@ def test_a_date_without_a_time_is_not_an_input_at_a_prediction_time_on_that_day(
     assert labels["duration_days"].item() == pytest.approx(366.0)  # to the last microsecond of 2016
 
 
+def test_a_bulk_export_folder_s_manifest_is_not_read_as_a_record(tmp_path: Path) -> None:
+    # A Bulk Data $export as its client saves it: the NDJSON files and the manifest listing them.
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "Patient.000.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
+    (export / "manifest.json").write_text(json.dumps({
+        "transactionTime": "2025-01-01T00:00:00Z", "request": "https://ehr.example.org/fhir/$export",
+        "requiresAccessToken": True, "output": [{"type": "Patient", "url": "Patient.000.ndjson"}], "error": []}))
+    summary = ingest_landing_zone(export, tmp_path / "warehouse", workers=1, export_time=datetime(2026, 1, 1))
+    assert [(f.source_file, f.records_in, f.records_out) for f in summary.files] == [("Patient.000.ndjson", 1, 1)]
+    assert summary.quarantined_by_reason == {}
+
+
 def test_missing_landing_zone_raises(tmp_path: Path) -> None:
     with pytest.raises(LandingZoneError, match="is not a folder"):
         ingest_landing_zone(tmp_path / "nope", tmp_path / "out")
