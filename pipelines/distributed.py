@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from features.errors import CohortcastError
 from features.task_inputs import task_dir
 from features.tasks import load_task
 from models.publishing import PublishError, deploy_model
@@ -29,7 +30,8 @@ from models.training import TrainingArguments
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train one task's fusion model under torchrun.")
+    parser = argparse.ArgumentParser(prog="python -m pipelines.distributed",
+                                     description="Train one task's fusion model under torchrun.")
     parser.add_argument("--warehouse", type=Path, required=True)
     parser.add_argument("--task", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=None)
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baselines", action="store_true")
     args = parser.parse_args(argv)
-    task = load_task(args.task)
+    try:
+        task = load_task(args.task)
+    except CohortcastError as error:
+        parser.error(str(error))  # one line and exit 2, in every process torchrun started
     live = args.warehouse / "models" / task.name
     if args.out is not None and args.out.resolve() == live.resolve():
         parser.error(f"--out {args.out} is the deployed model's folder, which only a model that meets the "

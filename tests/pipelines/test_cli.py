@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.task_model import format_difference
-from pipelines import cli
+from pipelines import cli, distributed
 from pipelines.cli import main
 from tests.models.synthetic import write_task_folder
 
@@ -158,3 +158,25 @@ def test_features_refuses_a_task_folder_it_cannot_create(tmp_path: Path, capsys:
         f"({tmp_path / 'tasks'} is not a folder)\n"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["tasks"]
+
+
+@pytest.mark.parametrize("home", ["missing", "relative/home"])
+def test_demo_with_a_dagster_home_dagster_cannot_use_prints_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, home: str
+) -> None:
+    value = str(tmp_path / home) if home == "missing" else home
+    monkeypatch.setenv("DAGSTER_HOME", value)
+    code, _out, err = run_cli(["demo", "--workspace", str(tmp_path / "workspace"), "--patients", "20"], capsys)
+    assert code == 2
+    assert err == (f"error: DAGSTER_HOME {value!r} is not an existing folder given by an absolute path (unset it "
+                   f"to use {cli.REPO_DAGSTER_HOME})\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_distributed_training_with_a_bad_task_file_prints_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        distributed.main(["--warehouse", str(tmp_path), "--task", str(tmp_path / "nope.yaml")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"python -m pipelines.distributed: error: task file {tmp_path / 'nope.yaml'} cannot be read")
