@@ -18,6 +18,7 @@ dead patient cannot be predicted for).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import time as dt_time
 
 import polars as pl
 
@@ -37,6 +38,22 @@ class CohortSelection:
     cohort: pl.DataFrame
     # (rule, patients remaining after it), starting with ("patients in events", n).
     attrition: tuple[tuple[str, int], ...]
+
+
+LAST_INSTANT_OF_DAY = dt_time(23, 59, 59, 999_999)
+"""Where ingest puts a date without a time of day (features.fhir.validate.parse_datetime)."""
+
+
+def earliest_instant(time: pl.Expr) -> pl.Expr:
+    """The first instant an event may have happened: a date without a time of day, stored as the
+    last microsecond of its day so that no input is read before its day is over, may have happened
+    from the start of that day.
+
+    Exclusion rules and treatment history read it: a diagnosis or a prescription recorded only as
+    the index visit's date may have come before the visit (the MI the patient came in for), so it is
+    history, not an outcome or a new start that day.
+    """
+    return pl.when(time.dt.time() == LAST_INSTANT_OF_DAY).then(time.dt.truncate("1d")).otherwise(time)
 
 
 def as_frame(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
@@ -71,10 +88,12 @@ def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule, by
     hits = events.filter(pl.col("code").is_in(list(rule.codes))).join(
         cohort.select("subject_id", "prediction_time"), on="subject_id"
     )
-    in_window = pl.col("time").is_null() | (pl.col(by) <= pl.col("prediction_time"))
+    # An exclusion reads when the event may have happened: a date-only one on the index day counts.
+    before = earliest_instant(pl.col("time")) if by == "time" else pl.col(by)
+    in_window = pl.col("time").is_null() | (before <= pl.col("prediction_time"))
     if rule.window_days is not None:
         in_window = pl.col("time").is_null() | (
-            (pl.col(by) <= pl.col("prediction_time"))
+            (before <= pl.col("prediction_time"))
             & (pl.col("time") >= pl.col("prediction_time")
                - pl.duration(microseconds=_microseconds(rule.window_days * 86_400)))
         )

@@ -10,6 +10,7 @@ from polars.testing import assert_frame_equal
 
 from features.cohorts import select_cohort
 from features.errors import CohortDefinitionError
+from features.fhir.validate import parse_datetime
 from features.labels import LabelCounts, build_labels, labels_to_arrow, usual_interval_days
 from features.schemas import LABELS
 from features.tasks import load_task
@@ -510,3 +511,33 @@ def test_minimum_history_counts_from_when_the_first_record_was_recorded() -> Non
 def test_cohort_selection_refuses_events_without_known_time() -> None:
     with pytest.raises(ValueError, match=r"events table has no known_time column .*ingest the landing zone again"):
         select_cohort(toy_events().drop("known_time"), task())
+
+
+def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treatment() -> None:
+    # Ingest stores a date without a time of day as its last microsecond (no input before the day
+    # is over). An MI or a prescription dated only by the index visit's day may have come before the
+    # visit: the blanking period excludes the patient, and the drug makes a prevalent user, not a start.
+    latest = datetime(2025, 12, 31)
+    visit = parse_datetime("2023-01-01T09:00:00Z", "Encounter.period.start", latest)
+    same_day = parse_datetime("2023-01-01", "Condition.onsetDateTime", latest)
+    assert same_day == datetime(2023, 1, 1, 23, 59, 59, 999_999)
+
+    def patient(subject: int, code: str, time: datetime) -> list[tuple[int, datetime | None, str, float | None,
+                                                                        str | None, str]]:
+        return [(subject, None, "SEX//male", None, None, "ehr"),
+                (subject, datetime(1960, 1, 1), "MEDS_BIRTH", None, None, "ehr"),
+                (subject, datetime(2022, 6, 1, 9), BP, 130.0, None, "ehr"),
+                (subject, visit, VISIT, None, None, "ehr"), (subject, time, code, None, None, "ehr"),
+                (subject, datetime(2024, 6, 1, 9), VISIT, None, None, "ehr")]
+
+    # 1: MI dated the index day; 2: MI at 15:00 that day (after the visit); 3: the drug dated the
+    # index day; 4: the drug at 15:00 that day.
+    events = events_frame(patient(1, MI, same_day) + patient(2, MI, datetime(2023, 1, 1, 15))
+                          + patient(3, DRUG, same_day) + patient(4, DRUG, datetime(2023, 1, 1, 15)))
+    definition = task(cohort={"prediction_time": {"first_event": {"codes": [VISIT]}, "offset_minutes": 45},
+                              "exclude": [{"codes": [MI], "window_days": 28}]}, follow_up_end="2025-12-31")
+    selected = select_cohort(events, definition)
+    assert selected.cohort["subject_id"].to_list() == [2, 3, 4]
+    labels, _ = build_labels(events, selected.cohort, definition)
+    assert labels.select("subject_id", "boolean_value", "treated", "prevalent_user").rows() == [
+        (2, True, None, False), (3, False, None, True), (4, False, True, False)]
