@@ -48,7 +48,14 @@ from pathlib import Path
 
 import polars as pl
 
-from features.fhir.specs import CODED_TABLES, DID_NOT_HAPPEN, RECORDED_TYPES, TABLE_OF_TYPE, VISIT_DID_NOT_HAPPEN
+from features.fhir.specs import (
+    CODED_TABLES,
+    DID_NOT_HAPPEN,
+    NOT_MEASURED,
+    RECORDED_TYPES,
+    TABLE_OF_TYPE,
+    VISIT_DID_NOT_HAPPEN,
+)
 from features.schemas import CODES, EVENTS
 
 SUBJECT = pl.col("subject_id")
@@ -186,7 +193,8 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         )
     frames += [
         _frame(
-            with_subject("observations").filter(_happened(("cancelled",))),
+            with_subject("observations").filter(_happened(("cancelled",))
+                                                & _happened(NOT_MEASURED, "data_absent_reason")),
             pl.col("code"),
             pl.col("time"),
             pl.col("numeric_value"),

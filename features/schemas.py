@@ -327,6 +327,10 @@ OBSERVATIONS = pa.schema(
         pa.field("unit", pa.string(), nullable=True),
         # valueCodeableConcept as a prefixed code, or valueString.
         pa.field("text_value", pa.string(), nullable=True),
+        # Why there is no value: the code of dataAbsentReason (not-performed, error, masked, ...);
+        # null when there is a value. A measurement never made (features.fhir.specs
+        # NOT_MEASURED) is not an event.
+        pa.field("data_absent_reason", pa.string(), nullable=True),
         pa.field("category", pa.string(), nullable=True),
         # final, preliminary, amended, cancelled, ...: a cancelled observation is not an event.
         pa.field("status", pa.string(), nullable=True),

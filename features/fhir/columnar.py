@@ -297,7 +297,7 @@ alternatives only: the regex engine then searches them all at once."""
 _PRESENCE_ONLY: dict[str, str] = {
     "Observation": "|".join(
         [*(f'"value{kind}"' for kind in ("Integer", "Decimal", "Boolean", "String", "DateTime", "Time", "Ratio",
-                                         "Range", "Period")), r"\\u00[0-7]"]
+                                         "Range", "Period")), '"dataAbsentReason"', r"\\u00[0-7]"]
     ),
 }
 """Fields whose mere presence sends a line to the Python path (rare forms it alone reads), found
@@ -936,6 +936,8 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("__comparator").alias("value_comparator"),
         pl.col("__unit").alias("unit"),
         pl.col("__text").alias("text_value"),
+        # Lines with a dataAbsentReason take the Python path (_PRESENCE_ONLY).
+        pl.lit(None, dtype=pl.String).alias("data_absent_reason"),
         *tail,
     )
     parts = (
@@ -952,6 +954,7 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
             pl.col("__c_comparator").alias("value_comparator"),
             pl.col("__c_unit").alias("unit"),
             pl.col("__c_text").alias("text_value"),
+            pl.lit(None, dtype=pl.String).alias("data_absent_reason"),
             *tail,
         )
     )

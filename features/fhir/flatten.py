@@ -619,11 +619,11 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     components = res.get("component")
     rows: list[Row] = []
     numeric, comparator, unit, text = _value(res, "Observation", origin.latest)
+    absent = _absent_reason(res, numeric, text, "Observation")
     if numeric is not None or text is not None or not components:
         display = _display(res.get("code"), coding)
-        rows.append(
-            (rid, patient, encounter, time, issued_time, code, display, None, numeric, comparator, unit, text, *tail)
-        )
+        rows.append((rid, patient, encounter, time, issued_time, code, display, None, numeric, comparator, unit, text,
+                     absent, *tail))
     if components is not None:
         if not isinstance(components, list):
             raise RecordError("bad_type", "Observation.component should be a list")
@@ -631,6 +631,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
             where = f"Observation.component[{index}]"
             check_object(component, where)
             c_numeric, c_comparator, c_unit, c_text = _value(component, where, origin.latest)
+            c_absent = _absent_reason(component, c_numeric, c_text, where)
             c_code, c_coding = _code(component.get("code"), f"{where}.code")
             rows.append(
                 (
@@ -646,10 +647,23 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
                     c_comparator,
                     c_unit,
                     c_text,
+                    c_absent,
                     *tail,
                 )
             )
     return rows
+
+
+def _absent_reason(holder: dict[str, Any], numeric: float | None, text: str | None, where: str) -> str | None:
+    """The code of ``holder``'s ``dataAbsentReason`` (any system), which FHIR allows only without a value
+    (invariant obs-6); None without one."""
+    if "dataAbsentReason" not in holder:
+        return None
+    reason, _ = _code(holder["dataAbsentReason"], f"{where}.dataAbsentReason")
+    if numeric is not None or text is not None:
+        raise RecordError("bad_value", f"{where} has both a value and a dataAbsentReason ({reason}) (expected one: "
+                                       "a reason only for a missing value, FHIR invariant obs-6)")
+    return reason.split("//", 1)[1]
 
 
 _SLUG = re.compile(r"[^a-z0-9]+")

@@ -113,6 +113,12 @@ administration ``not-done``, a medication statement ``not-taken``, an order or r
 is worth counting), but it is not an event: an event says the act happened. Nor is a
 MedicationRequest whose ``doNotPerform`` is true: an order *not* to give the drug."""
 
+NOT_MEASURED = ("not-performed", "not-asked", "asked-declined", "not-permitted")
+"""``Observation.dataAbsentReason`` codes that say the measurement was never made (the test was
+not done, the question not asked or declined). Such an observation stays in its table with its
+reason but is not an event: an event says the act happened. Other reasons (``error``, ``masked``,
+``unknown``, ...) leave a measurement without a usable value: an event without a value."""
+
 VISIT_DID_NOT_HAPPEN = ("cancelled", "planned")
 """Encounter statuses of a visit that did not (or not yet) take place: kept in ``encounters``,
 never an event (a cancelled visit must not become a task's prediction time). A refuted diagnosis

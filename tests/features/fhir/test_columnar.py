@@ -1158,6 +1158,68 @@ def test_units_prefer_the_ucum_code_on_both_paths(tmp_path: Path, monkeypatch: p
     ]
 
 
+def test_data_absent_reasons_are_kept_and_a_measurement_never_made_is_no_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test not performed is no measurement: in the table with its reason, never an event (a
+    # cohort rule or the model would read it as done). A result lost to an error was measured.
+    absent = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+
+    def observation(rid: str, **fields: object) -> dict[str, object]:
+        return {
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2093-3"}]},
+            "effectiveDateTime": "2020-01-02T03:04:05Z", **fields,
+        }
+
+    def reason(code: str) -> dict[str, object]:
+        return {"coding": [{"system": absent, "code": code}]}
+
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        observation("not-done", dataAbsentReason=reason("not-performed")),
+        observation("declined", dataAbsentReason=reason("asked-declined")),
+        observation("lost", dataAbsentReason=reason("error")),
+        observation("measured", valueQuantity={"value": 180, "unit": "mg/dL"}),
+        observation("panel", code={"coding": [{"system": "http://loinc.org", "code": "85354-9"}]}, component=[
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+             "valueQuantity": {"value": 120, "unit": "mm[Hg]"}},
+            {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+             "dataAbsentReason": reason("not-performed")}]),
+        observation("both", valueQuantity={"value": 1}, dataAbsentReason=reason("error")),
+        observation("no-code", dataAbsentReason={"text": "lab closed"}),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
+
+    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
+    _per_record_only(monkeypatch)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
+    for name, frame in _warehouse_frames(tmp_path / "fast"):
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
+    assert fast.files == slow.files and fast.balanced
+    table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert table.select("resource_id", "code", "numeric_value", "data_absent_reason").rows() == [
+        ("not-done", "LOINC//2093-3", None, "not-performed"),
+        ("declined", "LOINC//2093-3", None, "asked-declined"),
+        ("lost", "LOINC//2093-3", None, "error"),
+        ("measured", "LOINC//2093-3", 180.0, None),
+        ("panel", "LOINC//8480-6", 120.0, None),
+        ("panel", "LOINC//8462-4", None, "not-performed"),
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("record_number")
+    assert quarantine.select("resource_id", "reason").rows() == [
+        ("both", "Observation has both a value and a dataAbsentReason (DATA-ABSENT-REASON//error) (expected one: "
+                 "a reason only for a missing value, FHIR invariant obs-6)"),
+        ("no-code", "Observation.dataAbsentReason has no coding with a code"),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code").str.starts_with("LOINC"))
+    assert sorted(events.select("source", "code").rows()) == [
+        ("observations/lost", "LOINC//2093-3"), ("observations/measured", "LOINC//2093-3"),
+        ("observations/panel", "LOINC//8480-6")]
+
+
 def test_values_beyond_float32_are_quarantined_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The events table stores values as float32: a larger number would read as infinity there.
     def observation(rid: str, **value: object) -> dict[str, object]:
