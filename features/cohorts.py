@@ -44,16 +44,18 @@ LAST_INSTANT_OF_DAY = dt_time(23, 59, 59, 999_999)
 """Where ingest puts a date without a time of day (features.fhir.validate.parse_datetime)."""
 
 
-def earliest_instant(time: pl.Expr) -> pl.Expr:
-    """The first instant an event may have happened: a date without a time of day, stored as the
-    last microsecond of its day so that no input is read before its day is over, may have happened
-    from the start of that day.
+def happened_by(time: pl.Expr, prediction_time: pl.Expr) -> pl.Expr:
+    """Whether an event may have happened by the prediction time: at or before it, or, for a date
+    without a time of day (stored as the last microsecond of its day, so that no input is read
+    before its day is over), on a day that began before it.
 
     Exclusion rules and treatment history read it: a diagnosis or a prescription recorded only as
     the index visit's date may have come before the visit (the MI the patient came in for), so it is
-    history, not an outcome or a new start that day.
+    history, not an outcome or a new start that day. A prediction time at midnight (a fixed date)
+    precedes all of its day, so that day's records stay after it.
     """
-    return pl.when(time.dt.time() == LAST_INSTANT_OF_DAY).then(time.dt.truncate("1d")).otherwise(time)
+    date_only = time.dt.time() == LAST_INSTANT_OF_DAY
+    return (time <= prediction_time) | (date_only & (time.dt.truncate("1d") < prediction_time))
 
 
 def as_frame(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
@@ -89,11 +91,12 @@ def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule, by
         cohort.select("subject_id", "prediction_time"), on="subject_id"
     )
     # An exclusion reads when the event may have happened: a date-only one on the index day counts.
-    before = earliest_instant(pl.col("time")) if by == "time" else pl.col(by)
-    in_window = pl.col("time").is_null() | (before <= pl.col("prediction_time"))
+    before = (happened_by(pl.col("time"), pl.col("prediction_time")) if by == "time"
+              else pl.col(by) <= pl.col("prediction_time"))
+    in_window = pl.col("time").is_null() | before
     if rule.window_days is not None:
         in_window = pl.col("time").is_null() | (
-            (before <= pl.col("prediction_time"))
+            before
             & (pl.col("time") >= pl.col("prediction_time")
                - pl.duration(microseconds=_microseconds(rule.window_days * 86_400)))
         )

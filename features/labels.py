@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame, earliest_instant
+from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame, happened_by
 from features.schemas import LABELS
 from features.tasks import USUAL_INTERVAL, TaskDefinition, TreatmentDefinition
 
@@ -291,7 +291,7 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     # it): a start is strictly after it, even with a window starting at 0 ...
     # A code dated only by the index day may be from before the visit: history, not a start.
     started = (
-        codes.filter((earliest_instant(pl.col("time")) > pl.col("prediction_time"))
+        codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"))
                      & (pl.col("time") >= days_after(treatment.window_start_days))
                      & (pl.col("time") <= days_after(treatment.window_end_days)))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
@@ -300,7 +300,7 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     # [prediction time - washout_days, prediction time], so a washout of 0 days catches only that.
     prevalent = (
         codes.filter((pl.col("time") >= days_after(-treatment.washout_days))
-                     & (earliest_instant(pl.col("time")) <= pl.col("prediction_time")))
+                     & happened_by(pl.col("time"), pl.col("prediction_time")))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("prevalent"))
     )
     # Observed follow-up: the last record after the prediction time (the event and death are records),

@@ -197,9 +197,10 @@ def _fusion_metrics(path: Path, refused: str) -> dict[str, Any]:
         raise PublishError(f"{refused}: {path} is not JSON ({error}; train the model again)") from error
     models = metrics.get("models") if isinstance(metrics, dict) else None
     fusion = models.get("fusion") if isinstance(models, dict) else None
-    if not isinstance(fusion, dict):
-        raise PublishError(f"{refused}: {path} has no models.fusion metrics (expected the held-out metrics "
-                           "training writes; train the model again)")
+    gates = ("auroc", "calibration_error")
+    if not isinstance(fusion, dict) or not all(isinstance(fusion.get(key), (int, float)) for key in gates):
+        raise PublishError(f"{refused}: {path} has no models.fusion {' and '.join(gates)} (expected the held-out "
+                           "metrics training writes; train the model again)")
     return fusion
 
 

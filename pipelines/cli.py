@@ -128,11 +128,11 @@ def demo(patients: int, workspace: Path, seed: int) -> None:
     """Simulate a hospital and materialize the whole Dagster graph on it."""
     if "DAGSTER_HOME" not in os.environ and REPO_DAGSTER_HOME.is_dir():
         os.environ["DAGSTER_HOME"] = str(REPO_DAGSTER_HOME)
-    home = Path(os.environ.get("DAGSTER_HOME", ""))
+    home = Path(os.path.expanduser(os.environ.get("DAGSTER_HOME", "")))  # as Dagster reads it
     if "DAGSTER_HOME" in os.environ and not (home.is_absolute() and home.is_dir()):
         # Dagster refuses it only after the workspace is made; say so before anything is written.
-        raise click.UsageError(f"DAGSTER_HOME {str(home)!r} is not an existing folder given by an absolute path "
-                               f"(unset it to use {REPO_DAGSTER_HOME})")
+        raise click.UsageError(f"DAGSTER_HOME {os.environ['DAGSTER_HOME']!r} is not an existing folder given by an "
+                               f"absolute path (unset it to use {REPO_DAGSTER_HOME})")
     from pipelines.demo import run_demo
 
     run_demo(workspace, patients, seed, console)

@@ -161,7 +161,8 @@ def test_prediction_times_at_or_after_the_follow_up_end_are_excluded() -> None:
 @pytest.mark.parametrize("value", ["usual", -1, True])
 def test_follow_up_after_last_record_rejects_other_values(value: object) -> None:
     with pytest.raises(CohortDefinitionError,
-                       match="follow_up_after_last_record must be a number of days >= 0 or 'usual_interval'"):
+                       match="follow_up_after_last_record must be a number of days from 0 to 73050 or "
+                             "'usual_interval'"):
         task(follow_up_after_last_record=value)
 
 
@@ -541,3 +542,12 @@ def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treat
     labels, _ = build_labels(events, selected.cohort, definition)
     assert labels.select("subject_id", "boolean_value", "treated", "prevalent_user").rows() == [
         (2, True, None, False), (3, False, None, True), (4, False, True, False)]
+    # A fixed-date cohort predicts at midnight, before all of that day: its date-only records stay after.
+    fixed = task(cohort={"prediction_time": {"fixed": "2023-01-01"}, "exclude": [{"codes": [MI], "window_days": 28}]},
+                 follow_up_end="2025-12-31")
+    selected = select_cohort(events, fixed)
+    assert selected.cohort["subject_id"].to_list() == [1, 2, 3, 4]
+    labels, _ = build_labels(events, selected.cohort, fixed)
+    assert labels.select("subject_id", "boolean_value", "event", "treated", "prevalent_user").rows() == [
+        (1, True, True, None, False), (2, True, True, None, False), (3, False, False, True, False),
+        (4, False, False, True, False)]

@@ -20,6 +20,7 @@ from features.ingest import SUMMARY_FILE, FileAccount, IngestSummary
 from models.drift import PREVIOUS_PREFIX, REFERENCE_FILE, save_reference
 from models.publishing import (
     PublishError,
+    _fusion_metrics,
     check_publishable,
     current_scores,
     current_version,
@@ -198,6 +199,19 @@ def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
     assert current_version(root, "synthetic_1y") == "v0001"
     assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
     check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("metrics", [b"{not json", b'{"models": {"fusion": {"calibration_error": 0.05}}}',
+                                     b'{"models": []}', b"[]"])
+def test_metrics_without_the_gates_values_are_refused_with_one_line(tmp_path: Path, metrics: bytes) -> None:
+    # A folder of format 3 has no digests to catch a damaged metrics.json before it is read.
+    path = tmp_path / "metrics.json"
+    path.write_bytes(metrics)
+    expected = (f"refused: {path} is not JSON" if metrics.startswith(b"{not") else
+                f"refused: {path} has no models.fusion auroc and calibration_error (expected the held-out metrics "
+                "training writes; train the model again)")
+    with pytest.raises(PublishError, match=f"^{re.escape(expected)}"):
+        _fusion_metrics(path, "refused")
 
 
 def test_a_candidate_below_the_gates_is_not_deployed_and_a_model_a_crash_left_aside_is_put_back(
