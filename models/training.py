@@ -55,7 +55,7 @@ class TrainingArguments:
     # (*) On CUDA under bf16, only within one process: reruns in new processes differed on an H100
     # (tuning loss 1.540-1.545 after 5 epochs), also with torch's deterministic algorithms; float32 did not.
     dataloader_num_workers: int = 0  # processes that collate batches; 0 collates in this process
-    min_events: int = 10  # fewest known positive risk labels the train split must hold
+    min_events: int = 10  # fewest known positive, and negative, risk labels the train split must hold
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
