@@ -1235,8 +1235,9 @@ def ingest_landing_zone(
     Raises
     ------
     LandingZoneError
-        When nothing can run: the landing zone is missing, the output folder is unwritable, or
-        another ingest or promotion is writing it. Bad records never raise: they are quarantined.
+        When nothing can run: the landing zone is missing or holds no file to ingest, the output
+        folder is unwritable, or another ingest or promotion is writing it. Bad records never
+        raise: they are quarantined (a file that holds no record is one quarantined row).
     """
     started = time.perf_counter()
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
@@ -1246,6 +1247,12 @@ def ingest_landing_zone(
     elif export_time.tzinfo is not None:
         export_time = export_time.astimezone(UTC).replace(tzinfo=None)
     landing = _discover(landing_dir)
+    if not (landing.fhir or landing.notes or landing.genomics or landing.imaging):
+        # An export that failed upstream lands as an empty folder: ingested, it would replace every
+        # table with an empty one and leave the warehouse with no patients.
+        raise LandingZoneError(f"landing zone {landing_dir} holds no file to ingest (expected FHIR .ndjson, "
+                               ".ndjson.gz or .json files, or notes/, genomics/ or imaging/ tables); the "
+                               "warehouse keeps its tables")
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
         return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started)
 

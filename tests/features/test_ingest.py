@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -229,6 +230,19 @@ def test_a_bulk_export_folder_s_manifest_is_not_read_as_a_record(tmp_path: Path)
     summary = ingest_landing_zone(export, tmp_path / "warehouse", workers=1, export_time=datetime(2026, 1, 1))
     assert [(f.source_file, f.records_in, f.records_out) for f in summary.files] == [("Patient.000.ndjson", 1, 1)]
     assert summary.quarantined_by_reason == {}
+
+
+def test_a_landing_zone_without_files_to_ingest_leaves_the_warehouse_as_it_was(
+    bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    warehouse = shutil.copytree(bulk[1], tmp_path / "warehouse")
+    before = {p.name: p.read_bytes() for p in warehouse.iterdir() if p.is_file()}
+    empty = tmp_path / "export"
+    (empty / "fhir").mkdir(parents=True)
+    (empty / "fhir" / "README.txt").write_text("export failed\n")
+    with pytest.raises(LandingZoneError, match=rf"^landing zone {re.escape(str(empty))} holds no file to ingest "):
+        ingest_landing_zone(empty, warehouse)
+    assert {p.name: p.read_bytes() for p in warehouse.iterdir() if p.is_file()} == before
 
 
 def test_missing_landing_zone_raises(tmp_path: Path) -> None:
