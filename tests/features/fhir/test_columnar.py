@@ -1139,12 +1139,8 @@ def test_units_prefer_the_ucum_code_on_both_paths(tmp_path: Path, monkeypatch: p
     (landing / "fhir").mkdir(parents=True)
     (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
 
-    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
-    _per_record_only(monkeypatch)
-    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
-    for name, frame in _warehouse_frames(tmp_path / "fast"):
-        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
-    assert fast.files == slow.files and fast.balanced and fast.quarantined_by_reason == {}
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {}
     table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
     assert table.select("resource_id", "code", "unit").rows() == [
         ("ucum", "LOINC//2160-0", "mg/dL"),
@@ -1193,12 +1189,8 @@ def test_data_absent_reasons_are_kept_and_a_measurement_never_made_is_no_event(
     (landing / "fhir").mkdir(parents=True)
     (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in records) + b"\n")
 
-    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
-    _per_record_only(monkeypatch)
-    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
-    for name, frame in _warehouse_frames(tmp_path / "fast"):
-        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
-    assert fast.files == slow.files and fast.balanced
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced
     table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
     assert table.select("resource_id", "code", "numeric_value", "data_absent_reason").rows() == [
         ("not-done", "LOINC//2093-3", None, "not-performed"),
