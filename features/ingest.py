@@ -1076,31 +1076,39 @@ def _check_dirs(landing_dir: Path, warehouse_dir: Path) -> None:
 
 
 @contextmanager
-def _writer_lock(warehouse_dir: Path, action: str) -> Iterator[None]:
+def _writer_lock(warehouse_dir: Path, action: str, wait_seconds: float = 0.0) -> Iterator[None]:
     """Hold the writer lock of ``warehouse_dir`` while an ingest or a promotion writes it.
 
     Two writers of one warehouse would interleave their files (each file is replaced whole, but the
-    set would mix two exports), so a second one is refused, not queued: whatever started it can try
-    again. The lock is an advisory ``flock`` on ``.ingest.lock``, which the operating system
-    releases when its holder exits, killed or not. So once it is held, any staging folder or
-    half-written file in the warehouse was left by a run that died, and is deleted.
+    set would mix two exports), so a second one waits up to ``wait_seconds`` and is then refused,
+    not queued: whatever started it can try again. The lock is an advisory ``flock`` on
+    ``.ingest.lock``, which the operating system releases when its holder exits, killed or not. So
+    once it is held, any staging folder or half-written file in the warehouse was left by a run
+    that died, and is deleted.
 
     Raises
     ------
     LandingZoneError
-        When another process holds the lock.
+        When another process still holds the lock after ``wait_seconds``.
     """
     path = warehouse_dir / LOCK_FILE
+    deadline = time.monotonic() + wait_seconds
     with path.open("a+b") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read(64).decode(errors="replace").strip() or "unknown"
-            raise LandingZoneError(
-                f"{action}: warehouse {warehouse_dir} is being written by another ingest or promotion "
-                f"(process {holder} holds {LOCK_FILE}); wait for it to finish, or write elsewhere"
-            ) from None
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                    continue
+                handle.seek(0)
+                holder = handle.read(64).decode(errors="replace").strip() or "unknown"
+                waited = f" for {wait_seconds:g} s" if wait_seconds else ""
+                raise LandingZoneError(
+                    f"{action}: warehouse {warehouse_dir} is being written by another ingest or promotion "
+                    f"(process {holder} holds {LOCK_FILE}{waited}); wait for it to finish, or write elsewhere"
+                ) from None
         handle.truncate(0)
         handle.write(f"{os.getpid()}\n".encode())
         handle.flush()
@@ -1414,7 +1422,14 @@ def warehouse_files() -> list[str]:
     return [*(f"{table}.parquet" for table in (*TABLES, "events", "codes", "quarantine")), SUMMARY_FILE]
 
 
-def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch: bool = False) -> IngestSummary:
+PROMOTION_LOCK_WAIT_SECONDS = 600.0
+"""How long a promotion waits for another writer of its warehouse. A promotion links files (well
+under a second), so two sensor-started ones that overlap should queue, not fail: the newer one's
+run would not be started again, and the warehouse would keep the older batch."""
+
+
+def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch: bool = False,
+                      lock_wait_seconds: float = PROMOTION_LOCK_WAIT_SECONDS) -> IngestSummary:
     """Make the tables of an ingest written in ``ingested_dir`` (a landing batch's) those of ``warehouse_dir``.
 
     A batch is a whole export (a nightly Bulk ``$export``, say), so its tables replace the
@@ -1431,6 +1446,8 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
     ----------
     allow_older_batch
         Promote the batch even when the warehouse holds a newer one: a deliberate rollback.
+    lock_wait_seconds
+        How long to wait while another ingest or promotion writes the warehouse.
 
     Raises
     ------
@@ -1458,7 +1475,7 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
     _check_dirs(ingested_dir, warehouse_dir)
     # What the warehouse holds is read under its lock: a promotion of a newer batch that finished
     # between a check and the writing would otherwise be undone by this older one.
-    with _writer_lock(warehouse_dir, f"promote batch {batch}"):
+    with _writer_lock(warehouse_dir, f"promote batch {batch}", lock_wait_seconds):
         held = record.read_text().strip() if record.is_file() else ""
         if held > batch and not allow_older_batch:
             raise LandingZoneError(

@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -310,10 +312,28 @@ def test_a_second_writer_of_a_warehouse_is_refused(
         with pytest.raises(LandingZoneError, match=rf"^ingest .*synthea-bundles: {busy}"):
             ingest_landing_zone(shared_fhir_dir / "synthea-bundles", warehouse, workers=1, export_time=EXPORT)
         with pytest.raises(LandingZoneError, match=rf"^promote batch {bulk[1].name}: {busy}"):
-            promote_warehouse(bulk[1], warehouse)
+            promote_warehouse(bulk[1], warehouse, lock_wait_seconds=0)
+        with pytest.raises(LandingZoneError, match=r"holds \.ingest\.lock for 0\.5 s\); wait for it"):
+            promote_warehouse(bulk[1], warehouse, lock_wait_seconds=0.5)
     assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
     ingest_landing_zone(shared_fhir_dir / "synthea-bundles", warehouse, workers=1, export_time=EXPORT)
     assert pl.read_parquet(warehouse / "patients.parquet").height == 28
+
+
+def test_a_promotion_waits_for_the_writer_before_it(bulk: tuple[IngestSummary, Path], tmp_path: Path) -> None:
+    # Two promotions started close together (a sensor's runs) queue: the second is not lost.
+    batch = shutil.copytree(bulk[1], tmp_path / "batches" / "2024-06-02")
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    held = (warehouse / ".ingest.lock").open("a+b")
+    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release = threading.Timer(1.0, held.close)
+    release.start()
+    started = time.monotonic()
+    assert promote_warehouse(batch, warehouse, lock_wait_seconds=30) == bulk[0]
+    assert 0.9 < time.monotonic() - started < 30
+    release.join()
+    assert (warehouse / "patients.parquet").samefile(batch / "patients.parquet")
 
 
 def test_leftovers_of_killed_writers_are_deleted_and_nothing_else(tmp_path: Path) -> None:
