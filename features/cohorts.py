@@ -197,11 +197,13 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
         if definition.min_age_years is not None:
             keep &= pl.col("age_years") >= definition.min_age_years
         if definition.max_age_years is not None:
-            keep &= pl.col("age_years") <= definition.max_age_years
+            # In completed years, as a clinician reads "aged 17 or under": 17.9 is 17.
+            keep &= pl.col("age_years").floor() <= definition.max_age_years
         cohort = cohort.filter(keep)
         attrition.append(("age within limits", cohort.height))
     if definition.sex:
-        cohort = cohort.filter(pl.col("sex").is_in(list(definition.sex)))
+        # No recorded sex is FHIR's administrative gender "unknown".
+        cohort = cohort.filter(pl.col("sex").fill_null("unknown").is_in(list(definition.sex)))
         attrition.append((f"sex in {', '.join(definition.sex)}", cohort.height))
 
     for i, rule in enumerate(definition.include):

@@ -293,7 +293,7 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     started = (
         codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"))
                      & (pl.col("time") >= days_after(treatment.window_start_days))
-                     & (pl.col("time") <= days_after(treatment.window_end_days)))
+                     & happened_by(pl.col("time"), days_after(treatment.window_end_days)))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
     )
     # ... and a code at the prediction time itself makes a prevalent user: the washout is

@@ -27,6 +27,27 @@ def test_cohort_excludes_child_and_counts_it() -> None:
     assert selection.cohort["sex"].to_list() == ["female", "male", "female", "male"]
 
 
+def test_age_limits_in_completed_years_and_no_recorded_sex_as_unknown() -> None:
+    # Prediction at 2020-01-01: subject 1 is 17.5, subject 2 18.2 (no sex recorded), subject 3 16.
+    def person(subject: int, birth: datetime, sex: str | None) -> list[tuple[int, datetime | None, str, float | None,
+                                                                        str | None, str]]:
+        rows = [(subject, birth, "MEDS_BIRTH", None, None, "ehr"), (subject, datetime(2019, 6, 1), BP, 120.0, None,
+                                                                       "ehr")]
+        return rows + ([(subject, None, f"SEX//{sex}", None, None, "ehr")] if sex else [])
+
+    events = events_frame(person(1, datetime(2002, 7, 2), "female") + person(2, datetime(2001, 10, 20), None)
+                          + person(3, datetime(2004, 1, 1), "male"))
+    fixed = {"prediction_time": {"fixed": "2020-01-01"}}
+    under_18 = select_cohort(events, task(cohort={**fixed, "max_age_years": 17}))
+    assert under_18.cohort["subject_id"].to_list() == [1, 3]  # 17.5 is "17 or under"
+    adults = select_cohort(events, task(cohort={**fixed, "min_age_years": 18}))
+    assert adults.cohort["subject_id"].to_list() == [2]
+    unknown = select_cohort(events, task(cohort={**fixed, "sex": ["unknown"]}))
+    assert unknown.cohort.select("subject_id", "sex").rows() == [(2, None)]
+    every_sex = select_cohort(events, task(cohort={**fixed, "sex": ["female", "male", "other", "unknown"]}))
+    assert every_sex.cohort["subject_id"].to_list() == [1, 2, 3]
+
+
 def test_cohort_excludes_the_dead_including_those_of_unknown_death_date() -> None:
     # Patient 1 died before the index visit, patient 2 after it, patient 3 at an unknown date
     # (a deceasedBoolean without deceasedDateTime): only 2 and 4 (5 is a child) can be predicted for.
@@ -542,6 +563,10 @@ def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treat
     labels, _ = build_labels(events, selected.cohort, definition)
     assert labels.select("subject_id", "boolean_value", "treated", "prevalent_user").rows() == [
         (2, True, None, False), (3, False, None, True), (4, False, True, False)]
+    # A start dated only by the grace period's last day (30 days after 09:45) may fall within it.
+    last_day = events_frame(patient(5, DRUG, parse_datetime("2023-01-31", "MedicationRequest.authoredOn", latest)))
+    labels, _ = build_labels(last_day, select_cohort(last_day, definition).cohort, definition)
+    assert labels.select("subject_id", "treated").rows() == [(5, True)]
     # A fixed-date cohort predicts at midnight, before all of that day: its date-only records stay after.
     fixed = task(cohort={"prediction_time": {"fixed": "2023-01-01"}, "exclude": [{"codes": [MI], "window_days": 28}]},
                  follow_up_end="2025-12-31")
