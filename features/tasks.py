@@ -56,8 +56,9 @@ from features.errors import CohortDefinitionError
 from features.schemas import MAX_VALUE_BINS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*//\S+$")
-_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_VOCABULARY = r"[A-Za-z][A-Za-z0-9_-]*"
+_CODE = re.compile(rf"^{_VOCABULARY}//\S+$")
+_PREFIX = re.compile(rf"^{_VOCABULARY}$")
 MAX_AGE_YEARS = 150.0
 MAX_DAYS = 73_050.0
 """The longest span in days a task may name (200 years): longer is a typo, and overflows time arithmetic."""

@@ -55,6 +55,12 @@ def _survival_before(times: FloatArray, survival: FloatArray, at: FloatArray) ->
     return np.where(index >= 0, survival[np.maximum(index, 0)], 1.0)
 
 
+def _competing_deaths(label: FloatArray, duration: FloatArray, horizon_days: float) -> npt.NDArray[np.bool_]:
+    """Controls whose follow-up ended before the horizon: features.labels makes such a control only
+    of a patient who died of a competing cause (an unknown label, NaN, is none)."""
+    return np.asarray((label == 0) & (duration < horizon_days))
+
+
 def censoring_weights(
     risk_label: npt.ArrayLike,
     event: npt.ArrayLike,
@@ -108,10 +114,10 @@ def censoring_weights(
             "value per patient"
         )
     # Competing deaths end follow-up without censoring it.
-    reference_died = (reference_label == 0) & (reference_duration < horizon_days)
+    reference_died = _competing_deaths(reference_label, reference_duration, horizon_days)
     times, survival = censoring_survival(reference_ended | reference_died, reference_duration)
     case = known & (label > 0.5)
-    died = known & (label == 0) & (duration < horizon_days)
+    died = _competing_deaths(label, duration, horizon_days)
     # A case is weighted at its event time, a competing death at the death, any other control at the
     # horizon, each by the chance of being still followed just before it: such a control is followed
     # at least to the horizon (features.labels), so one censored exactly there counts as followed.

@@ -283,10 +283,10 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
     cohort = data.cohort["held_out"]
     for name, mask in _subgroups(cohort).items():
         sub = mask & known
-        cases = int((labels["risk_label"][sub] > 0.5).sum())
-        fusion[f"subgroup_{name}_labelled"], fusion[f"subgroup_{name}_cases"] = int(sub.sum()), cases
+        labelled, cases = int(sub.sum()), int((labels["risk_label"][sub] > 0.5).sum())
+        fusion[f"subgroup_{name}_labelled"], fusion[f"subgroup_{name}_cases"] = labelled, cases
         # An AUROC from a handful of cases is noise (one case gives 0 or 1): not reported.
-        if min(cases, int(sub.sum()) - cases) >= MIN_SUBGROUP_CASES:
+        if min(cases, labelled - cases) >= MIN_SUBGROUP_CASES:
             fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub], weights[sub])
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
