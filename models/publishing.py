@@ -172,13 +172,7 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
     if unbalanced:
         raise PublishError(f"{refused}: {summary_path}: {len(unbalanced)} of {len(files)} source files do not "
                            f"balance (expected records_in == records_out + quarantined; first: {unbalanced[0]})")
-    # The gates read the metrics as training wrote them: a folder edited or mixed since (its files'
-    # SHA-256 not those training recorded) could pass a gate its model fails.
-    try:
-        check_model_folder(model_dir)
-    except ModelFolderError as error:
-        raise PublishError(f"{refused}: {error}") from error
-    fusion = _fusion_metrics(model_dir / "metrics.json", refused)
+    fusion = held_out_metrics(model_dir, refused)
     shortfalls = quality_shortfalls(fusion, min_auroc, max_calibration_error)
     if shortfalls:
         raise PublishError(f"{refused}: model {model_dir} misses the task's quality gates: {'; '.join(shortfalls)}")
@@ -187,6 +181,23 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
     if made_by - {held}:
         raise PublishError(f"{refused}: the scores were made by model {', '.join(sorted(made_by - {held}))}, "
                            f"the model folder {model_dir} holds {held} (score the task again)")
+
+
+def held_out_metrics(model_dir: Path, refused: str) -> dict[str, Any]:
+    """The fusion model's held-out metrics in ``model_dir``, as training wrote them.
+
+    Raises
+    ------
+    PublishError
+        Starting with ``refused``, when the folder is not whole (a file edited or mixed in since
+        training, whose SHA-256 is not the one it recorded, could pass a gate its model fails) or
+        its ``metrics.json`` lacks the numbers the gates read.
+    """
+    try:
+        check_model_folder(model_dir)
+    except ModelFolderError as error:
+        raise PublishError(f"{refused}: {error}") from error
+    return _fusion_metrics(model_dir / "metrics.json", refused)
 
 
 def _fusion_metrics(path: Path, refused: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 
 from features.tasks import TaskDefinition
-from models.publishing import deploy_model, quality_shortfalls
+from models.publishing import PublishError, deploy_model, held_out_metrics, quality_shortfalls
 from models.task_model import train_task_model, trained_with, training_fingerprint
 from models.training import TrainingArguments
 from pipelines.assets.tasks import task_of_partition, task_partitions
@@ -107,7 +107,12 @@ def fusion_model_quality(context: dg.AssetCheckExecutionContext, config: ModelQu
                          workspace: Workspace) -> dg.AssetCheckResult:
     task = task_of_partition(context.partition_key)
     min_auroc, max_error = quality_gates(task, config)
-    fusion = json.loads((candidate_model_dir(workspace, task.name) / "metrics.json").read_text())["models"]["fusion"]
+    gates = {"min_auroc": min_auroc, "max_calibration_error": max_error}
+    try:
+        fusion = held_out_metrics(candidate_model_dir(workspace, task.name),
+                                  f"quality check of {task.name}'s candidate model failed")
+    except PublishError as error:  # a candidate the check cannot read fails it, with the reason
+        return dg.AssetCheckResult(passed=False, metadata={"reason": str(error), **gates})
     return dg.AssetCheckResult(passed=not quality_shortfalls(fusion, min_auroc, max_error), metadata={
         "auroc": fusion["auroc"], "min_auroc": min_auroc,
         "calibration_error": fusion["calibration_error"], "max_calibration_error": max_error,
@@ -124,7 +129,7 @@ def deployed_model(context: dg.AssetExecutionContext, config: ModelQualityConfig
     task = task_of_partition(context.partition_key)
     folder = deploy_model(candidate_model_dir(workspace, task.name), model_dir(workspace, task.name),
                           *quality_gates(task, config))
-    fusion = json.loads((folder / "metrics.json").read_text())["models"]["fusion"]
+    fusion = held_out_metrics(folder, f"deployed model of {task.name}")
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(folder)),
         "held_out/auroc": float(fusion["auroc"]),
