@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,9 @@ class RiskTiers:
     """Tiers by rank of risk: the top ``high_share`` is high, the next ``medium_share`` medium.
 
     Ranking (rather than fixed probabilities) keeps the high-risk list the size a care team can act
-    on, whatever the base rate.
+    on, whatever the base rate. Patients tied with the last one a tier takes are in it too: two
+    patients shown with the same risk are never told apart by the order of their rows, so a tier
+    can hold a few more than its share.
     """
 
     high_share: float = 0.05
@@ -51,12 +55,28 @@ class RiskTiers:
                              "must be shares in (0, 1] that add up to at most 1")
 
     def assign(self, risk: np.ndarray) -> list[str]:
-        order = np.argsort(-risk, kind="stable")
-        rank = np.empty(len(risk), dtype=np.int64)
-        rank[order] = np.arange(len(risk))
-        n_high = int(np.ceil(self.high_share * len(risk)))
-        n_medium = int(np.ceil((self.high_share + self.medium_share) * len(risk)))
-        return ["high" if r < n_high else "medium" if r < n_medium else "low" for r in rank]
+        """``high``, ``medium`` or ``low`` for each risk, in the order given.
+
+        Examples
+        --------
+        >>> RiskTiers(0.07, 0.14).assign(np.linspace(1, 0, 100)).count("high")
+        7
+        >>> RiskTiers(0.25, 0.25).assign(np.array([0.9, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1]))
+        ['high', 'high', 'high', 'high', 'low', 'low', 'low', 'low']
+        """
+        if len(risk) == 0:
+            return []
+        descending = np.sort(np.asarray(risk, dtype=np.float64))[::-1]
+
+        def at_least_last_of(share: Fraction) -> np.ndarray:
+            size = math.ceil(share * len(risk))
+            return risk >= descending[size - 1] if size else np.zeros(len(risk), dtype=bool)
+
+        # The decimals the task file wrote: in binary 0.07 * 100 is 7.000000000000001, 0.1 + 0.2 is
+        # 0.30000000000000004, and a ceiling of either takes one patient too many.
+        high_share, medium_share = Fraction(str(self.high_share)), Fraction(str(self.medium_share))
+        high, medium = at_least_last_of(high_share), at_least_last_of(high_share + medium_share)
+        return ["high" if h else "medium" if m else "low" for h, m in zip(high, medium, strict=True)]
 
 
 def vocabulary_fingerprint(path: Path) -> str:

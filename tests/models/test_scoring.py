@@ -90,3 +90,27 @@ def test_a_model_for_another_task_vocabulary_or_value_bins_is_refused(trained_ta
 def test_tiers_must_be_shares() -> None:
     with pytest.raises(ValueError, match=r"high_share \(0.9\) and medium_share \(0.2\) must be shares"):
         RiskTiers(0.9, 0.2)
+
+
+@pytest.mark.parametrize(("high_share", "medium_share", "high", "medium"),
+                         [(0.07, 0.14, 7, 14), (0.14, 0.1, 14, 10), (0.28, 0.02, 28, 2), (0.1, 0.2, 10, 20),
+                          (0.05, 0.15, 5, 15), (0.001, 0.0, 1, 0)])
+def test_tiers_take_their_share_of_the_list_exactly(high_share: float, medium_share: float, high: int,
+                                                    medium: int) -> None:
+    tiers = RiskTiers(high_share, medium_share).assign(np.linspace(0.9, 0.1, 100))
+    assert (tiers.count("high"), tiers.count("medium"), tiers.count("low")) == (high, medium, 100 - high - medium)
+    assert tiers[:high] == ["high"] * high and tiers[high:high + medium] == ["medium"] * medium
+
+
+def test_patients_tied_at_a_tiers_cut_share_its_tier_whatever_their_row_order() -> None:
+    # Top 2 of 10 are high and the next 2 medium; the two risks of 0.5 tie across the first cut, the
+    # three of 0.3 across the second: each tier takes one patient more than its share.
+    risk = np.array([0.3, 0.5, 0.9, 0.1, 0.5, 0.3, 0.2, 0.05, 0.3, 0.1])
+    assert RiskTiers(0.2, 0.2).assign(risk) == ["medium", "high", "high", "low", "high", "medium", "low", "low",
+                                               "medium", "low"]
+    assert RiskTiers(0.2, 0.2).assign(risk[::-1]) == RiskTiers(0.2, 0.2).assign(risk)[::-1]
+    assert RiskTiers(0.1, 0.2).assign(np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1])) == \
+        ["high"] + ["medium"] * 4 + ["low"] * 5
+    # A tie at the high cut that reaches past the medium cut leaves medium empty rather than split it.
+    assert RiskTiers(0.4, 0.2).assign(np.array([0.9, 0.5, 0.5, 0.5, 0.1])) == ["high"] * 4 + ["low"]
+    assert RiskTiers().assign(np.array([])) == []
