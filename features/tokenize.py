@@ -81,6 +81,36 @@ def token_expr() -> pl.Expr:
     )
 
 
+def value_bin_edges(values: np.ndarray, n_bins: int) -> list[float]:
+    """Inner edges cutting finite ``values`` into at most ``n_bins`` bins of about equal count; a
+    value's bin is ``1 + #(edges <= value)``.
+
+    An edge never falls on a value: each lies halfway between two neighbouring distinct values, the
+    lower one at or below a quantile. Quantile edges alone put a tied value in the bin above it,
+    with larger values: with most patients at 0 alt alleles, a genotype's 0, 1 and 2 shared one
+    bin, and so did a flag's 0 and 1. A token with at most ``n_bins`` distinct values gets one bin
+    per value.
+
+    Examples
+    --------
+    >>> value_bin_edges(np.array([0.0] * 90 + [1.0] * 9 + [2.0]), 5)
+    [0.5, 1.5]
+    >>> value_bin_edges(np.arange(1.0, 11.0), 2)
+    [5.5]
+    """
+    distinct = np.unique(values)
+    if distinct.size <= 1 or n_bins <= 1:
+        return []
+    if distinct.size <= n_bins:
+        lower = distinct[:-1]
+    else:
+        quantiles = np.quantile(values, np.arange(1, n_bins) / n_bins)
+        lower = np.unique(distinct[np.searchsorted(distinct, quantiles, side="right") - 1])
+        lower = lower[lower < distinct[-1]]
+    upper = distinct[np.searchsorted(distinct, lower, side="right")]
+    return (lower + (upper - lower) / 2).tolist()
+
+
 class EventTokenizer(BaseEstimator):  # type: ignore[misc]
     """Learn a vocabulary and value bins on train patients; turn events into token sequences.
 
@@ -121,19 +151,16 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         vocabulary = {PAD: 0, UNK: 1}
         for token in counts["token"]:
             vocabulary[token] = len(vocabulary)
-        quantiles = [k / self.value_bins for k in range(1, self.value_bins)]
         numeric = (
             seen.filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()
                         & pl.col("token").is_in(counts["token"].to_list()))
             .group_by("token")
-            .agg([pl.col("numeric_value").cast(pl.Float64).quantile(q, "linear").alias(f"q{i}")
-                  for i, q in enumerate(quantiles)])
+            .agg(pl.col("numeric_value").cast(pl.Float64))
             .sort("token")
             .collect()
         )
-        edges: dict[str, list[float]] = {}
-        for row in numeric.iter_rows(named=True):
-            edges[row["token"]] = sorted({float(row[f"q{i}"]) for i in range(len(quantiles))})
+        edges = {token: value_bin_edges(np.asarray(values, dtype=np.float64), self.value_bins)
+                 for token, values in numeric.iter_rows()}
         self.vocabulary_ = vocabulary
         self.bin_edges_ = edges
         return self

@@ -35,6 +35,7 @@ from scipy.special import ndtri
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from features.tokenize import value_bin_edges
 from models.fusion.configuration_fusion import MODALITIES
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -74,8 +75,9 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
     Parameters
     ----------
     n_bins
-        Quantile bins per numeric column (edges at the train split's ``1/n_bins ... (n_bins-1)/n_bins``
-        quantiles; tied edges merge). The model needs ``n_value_bins >= n_bins + 1``.
+        Quantile bins per numeric column (:func:`features.tokenize.value_bin_edges`: near the train
+        split's ``1/n_bins ... (n_bins-1)/n_bins`` quantiles, never splitting tied values; one bin per
+        value for a column with at most ``n_bins`` of them). The model needs ``n_value_bins >= n_bins + 1``.
     genomics_columns
         Columns that carry genomic measurements (e.g. gene expression); their tokens get modality
         ``genomics`` (id 2), all others ``ehr`` (id 0).
@@ -160,19 +162,20 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
         value_quantiles: dict[str, list[float]] = {}
         value_mean: dict[str, float] = {}
         value_sd: dict[str, float] = {}
-        quantiles = np.arange(1, self.n_bins) / self.n_bins
         for column in features:
             if column in numeric:
-                values = table[column].cast(pl.Float64).drop_nulls().drop_nans().to_numpy()
+                values = table[column].cast(pl.Float64).to_numpy()
+                values = values[np.isfinite(values)]  # as transform reads them: inf is no value
                 if values.size == 0:
                     raise ValueError(f"fit table.{column}: no finite values")
-                bin_edges[column] = np.unique(np.quantile(values, quantiles)).tolist() if quantiles.size else []
+                bin_edges[column] = value_bin_edges(values, self.n_bins)
                 value_quantiles[column] = np.quantile(values, np.linspace(0.0, 1.0, N_VALUE_QUANTILES)).tolist()
                 value_mean[column] = float(values.mean())
                 value_sd[column] = float(values.std()) or 1.0
                 vocabulary[column] = len(vocabulary)
             else:
-                levels = sorted(str(v) for v in table[column].drop_nulls().unique().to_list())
+                # Spelled as transform spells them: a Boolean level is "true", not Python's "True".
+                levels = sorted(table[column].drop_nulls().unique().cast(pl.String).to_list())
                 for level in levels:
                     vocabulary[f"{column}={level}"] = len(vocabulary)
         self.vocabulary_ = vocabulary
@@ -212,7 +215,7 @@ class TabularTokenizer(BaseEstimator):  # type: ignore[misc]
             codes.append(np.full(n, self.vocabulary_[column]))
             present.append(finite)
             modality.append(MODALITIES.index("genomics" if column in genomics else "ehr"))
-            scaled.append(np.where(finite, self._scale(column, np.nan_to_num(values)), np.nan))
+            scaled.append(np.where(finite, self._scale(column, np.where(finite, values, 0.0)), np.nan))
         for column in self.categorical_columns_:
             levels = table[column].cast(pl.String).to_list()
             codes.append(np.array([self.vocabulary_.get(f"{column}={v}", 1) for v in levels]))

@@ -24,8 +24,9 @@ def fitted(**kwargs: int) -> tuple[EventTokenizer, pl.DataFrame]:
 def test_fit_learns_on_train_only_before_prediction_time() -> None:
     tokenizer, _ = fitted()
     assert list(tokenizer.vocabulary_)[:2] == [PAD, UNK]
-    # Train patients 1-3 have BP 110, 120, 130 before day 0; patient 1's 180 is after it.
-    assert tokenizer.bin_edges_[BP] == [120.0]
+    # Train patients 1-3 have BP 110, 120, 130 before day 0; patient 1's 180 is after it. The edge
+    # lies halfway between the median and the next value, so no value sits on it.
+    assert tokenizer.bin_edges_[BP] == [125.0]
     assert "SNOMED//22298006" not in tokenizer.vocabulary_  # the outcome is after day 0
 
 
@@ -38,8 +39,8 @@ def test_transform_cuts_at_prediction_time_and_bins_values() -> None:
     assert [names[t] for t in first["token_ids"]] == [
         "SEX//female", "MEDS_BIRTH", BP, "SNOMED//59621000", "SNOMED//11429006"]
     assert first["time_before_days"][0] is None and first["time_before_days"][-1] == 0.0
-    assert first["value_bins"] == [0, 0, 1, 0, 0]  # BP 110 < 120 -> bin 1
-    assert tokens.row(3, named=True)["value_bins"][2] == 2  # patient 4: BP 140 -> bin 2
+    assert first["value_bins"] == [0, 0, 1, 0, 0]  # BP 110 < 125 -> bin 1
+    assert tokens.row(3, named=True)["value_bins"][2] == 2  # patient 4: BP 140 >= 125 -> bin 2
     assert first["last_input_time"] == T0
     assert find_leaks(tokens, cohort, "last_input_time").height == 0
     assert find_negative_offsets(tokens).height == 0
@@ -180,3 +181,19 @@ def test_events_without_known_time_are_refused() -> None:
     cohort = select_cohort(toy_events(), task()).cohort
     with pytest.raises(ValueError, match=r"events table has no known_time column .*ingest the landing zone again"):
         EventTokenizer(10, 2, 1).fit(toy_events().drop("known_time"), cohort, [1, 2, 3])
+
+
+def test_genotypes_get_a_bin_each_however_rare_the_alt_alleles() -> None:
+    # 90 train patients with 0 alt alleles, 9 with 1, 1 with 2: every quantile is 0, and quantile
+    # edges had put 0, 1 and 2 in one bin.
+    ids = list(range(100))
+    genotypes = [0.0] * 90 + [1.0] * 9 + [2.0]
+    events = pl.DataFrame({
+        "subject_id": ids, "time": pl.Series([None] * 100, dtype=pl.Datetime("us")),
+        "known_time": pl.Series([None] * 100, dtype=pl.Datetime("us")), "code": ["GENE//LPA"] * 100, "numeric_value": genotypes, "text_value": ["rs10455872"] * 100,
+        "modality": ["genomics"] * 100})
+    cohort = pl.DataFrame({"subject_id": ids, "prediction_time": [T0] * 100})
+    tokenizer = EventTokenizer(value_bins=5, min_code_count=1).fit(events, cohort, ids)
+    assert tokenizer.bin_edges_ == {"GENE//LPA//rs10455872": [0.5, 1.5]}
+    bins = tokenizer.transform(events, cohort)["value_bins"].explode().to_list()
+    assert (bins[0], bins[89], bins[90], bins[99]) == (1, 1, 2, 3)

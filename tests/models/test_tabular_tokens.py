@@ -58,13 +58,32 @@ def test_transform_one_token_per_present_feature() -> None:
     assert_frame_equal(result, expected)
 
 
-def test_bins_are_right_closed_at_quantile_edges_and_ties_merge() -> None:
+def test_tied_values_never_share_a_bin_with_larger_ones() -> None:
+    # Every inner quantile is 1: the edge goes between 1 and 9, so the tie keeps a bin of its own.
     train = pl.DataFrame({"subject_id": [1, 2, 3, 4, 5], "x": [1.0, 1.0, 1.0, 1.0, 9.0]})
     tokenizer = TabularTokenizer(n_bins=4).fit(train)
-    test = pl.DataFrame({"subject_id": [1, 2, 3], "x": [0.0, 1.0, 100.0]})
+    test = pl.DataFrame({"subject_id": [1, 2, 3, 4], "x": [0.0, 1.0, 5.0, 100.0]})
 
-    assert tokenizer.bin_edges_ == {"x": [1.0]}
-    assert tokenizer.transform(test)["value_bins"].to_list() == [[1], [2], [2]]
+    assert tokenizer.bin_edges_ == {"x": [5.0]}
+    assert tokenizer.transform(test)["value_bins"].to_list() == [[1], [1], [2], [2]]
+    # Many distinct values: edges between the neighbours of the quartiles (3, 5 and 7 of 1..9).
+    many = TabularTokenizer(n_bins=4).fit(pl.DataFrame({"subject_id": range(9), "x": range(1, 10)}))
+    assert many.bin_edges_ == {"x": [3.5, 5.5, 7.5]}
+
+
+def test_boolean_covariates_are_tokens_of_their_levels() -> None:
+    train = pl.DataFrame({"subject_id": [1, 2, 3], "smoker": [True, False, None]})
+    tokenizer = TabularTokenizer().fit(train)
+    assert {"smoker=true", "smoker=false"} <= set(tokenizer.vocabulary_)
+    ids = tokenizer.transform(train)["token_ids"].to_list()
+    assert ids == [[tokenizer.vocabulary_["smoker=true"]], [tokenizer.vocabulary_["smoker=false"]], []]
+
+
+def test_infinite_values_are_no_value_in_fit_as_in_transform() -> None:
+    train = pl.DataFrame({"subject_id": [1, 2, 3, 4], "x": [1.0, 2.0, 3.0, float("inf")]})
+    tokenizer = TabularTokenizer(n_bins=2, value_scaling="standard").fit(train)
+    assert (tokenizer.value_mean_, tokenizer.value_sd_["x"]) == ({"x": 2.0}, pytest.approx((2 / 3) ** 0.5))
+    assert tokenizer.transform(train)["value_bins"].to_list() == [[1], [1], [2], []]
 
 
 def test_prediction_time_column_is_kept() -> None:
