@@ -25,3 +25,13 @@ class SimulationError(CohortcastError):
 
 class CohortDefinitionError(CohortcastError):
     """A task file (cohort, outcome, horizon, treatment) is malformed."""
+
+
+class TrainingDataError(CohortcastError):
+    """A task's inputs cannot train, calibrate or evaluate a model (a split with too few outcomes,
+    inputs from another encoder, no follow-up to the horizon)."""
+
+
+class ModelSettingsError(CohortcastError):
+    """Model or training settings that cannot work (heads that do not divide the hidden size, no
+    epochs, a run that diverged)."""

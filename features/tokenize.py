@@ -108,7 +108,8 @@ def value_bin_edges(values: np.ndarray, n_bins: int) -> list[float]:
         lower = np.unique(distinct[np.searchsorted(distinct, quantiles, side="right") - 1])
         lower = lower[lower < distinct[-1]]
     upper = distinct[np.searchsorted(distinct, lower, side="right")]
-    return (lower + (upper - lower) / 2).tolist()
+    edges: list[float] = (lower + (upper - lower) / 2).tolist()
+    return edges
 
 
 class EventTokenizer(BaseEstimator):  # type: ignore[misc]

@@ -26,6 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression
 
+from features.errors import TrainingDataError
+
 _UNCALIBRATED_ARMS = [(1.0, 0.0), (1.0, 0.0)]
 """(slope, intercept) of each arm that leaves the heads' own probabilities."""
 
@@ -67,7 +69,7 @@ class PlattCalibrator:
         labels = np.asarray(y, dtype=bool)
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if min(n_pos, n_neg) < self.min_positives:
-            raise ValueError(
+            raise TrainingDataError(
                 f"calibration: the tuning split has {n_pos} positive and {n_neg} negative outcomes "
                 f"(need at least {self.min_positives} of each); use more patients or a longer horizon"
             )

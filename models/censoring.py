@@ -28,6 +28,8 @@ import numpy as np
 import numpy.typing as npt
 from sksurv.nonparametric import kaplan_meier_estimator
 
+from features.errors import TrainingDataError
+
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -103,7 +105,7 @@ def censoring_weights(
         )
     known = ~np.isnan(label)
     if not known.any():
-        raise ValueError(f"censoring weights: none of {label.size} patients has a known risk label")
+        raise TrainingDataError(f"censoring weights: none of {label.size} patients has a known risk label")
     reference_label = np.asarray(reference_risk_label, dtype=np.float64)
     reference_duration = np.asarray(reference_duration_days, dtype=np.float64)
     reference_ended = np.asarray(reference_event, dtype=bool)
@@ -124,7 +126,7 @@ def censoring_weights(
     at = np.where(case, np.minimum(duration, horizon_days), np.where(died, duration, horizon_days))
     uncensored = _survival_before(times, survival, at)
     if (uncensored[known] <= 0).any():
-        raise ValueError(
+        raise TrainingDataError(
             f"censoring weights: no patient of the reference split is still followed at "
             f"{float(at[known][uncensored[known] <= 0].min()):g} days (horizon {horizon_days:g}); "
             "the horizon is longer than the follow-up"

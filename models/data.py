@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset
 
+from features.errors import TrainingDataError
 from models.fusion.configuration_fusion import MODALITIES
 
 IMAGING_MODALITIES = ("unknown", "US", "CT", "MR", "CR", "DX", "MG", "NM", "PT", "XA")
@@ -84,7 +85,7 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
     if not after.is_empty():
         # Inputs are what was known at the prediction time: a later note would leak the outcome's
         # work-up into the model, and sort as the most recent one.
-        raise ValueError(
+        raise TrainingDataError(
             f"{id_column.removesuffix('_id')} inputs: {after.height} rows dated after their patient's prediction "
             f"time (subject {after['subject_id'][0]}, {-float(after['days'][0]):.1f} days after; expected inputs "
             "built by features.task_inputs, which keeps only what precedes it)"
@@ -98,7 +99,7 @@ def _group_items(table: pl.DataFrame | None, cohort: pl.DataFrame, max_items: in
     if wrong.any():
         found = lengths.filter(wrong)
         kind = id_column.removesuffix("_id")
-        raise ValueError(
+        raise TrainingDataError(
             f"{kind} inputs: {found.len()} embeddings have {found[0]} values where the model reads {width} "
             f"(subject {rows['subject_id'].filter(wrong)[0]}; expected every embedding from one encoder, "
             "the one the model is built for: ingest one encoder's embeddings, or train the model again for the new "

@@ -73,7 +73,14 @@ from models.metrics import (
     time_dependent_auc,
     uno_c_index,
 )
-from models.training import TrainingArguments, label_censoring_weights, predict_logits, train, training_precision
+from models.training import (
+    TrainingArguments,
+    check_trainable,
+    label_censoring_weights,
+    predict_logits,
+    train,
+    training_precision,
+)
 
 TRAINING_VERSION = 1
 """Part of the training fingerprint: raised whenever training or evaluation computes something else
@@ -728,6 +735,8 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     """
     fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
+    # Checked before training, not found after it: the held-out AUROC needs both outcomes.
+    check_trainable("held_out", data.datasets["held_out"], 1)
     config = fusion_config(data, **(architecture or {}))
     torch.manual_seed(args.seed)
     model = FusionForRiskPrediction(config)

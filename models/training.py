@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from features.errors import ModelSettingsError, TrainingDataError
 from features.hardware import cpu_native_bf16
 from models.calibration import PlattCalibrator
 from models.censoring import censoring_weights
@@ -56,6 +57,16 @@ class TrainingArguments:
     # (tuning loss 1.540-1.545 after 5 epochs), also with torch's deterministic algorithms; float32 did not.
     dataloader_num_workers: int = 0  # processes that collate batches; 0 collates in this process
     min_events: int = 10  # fewest known positive, and negative, risk labels the train split must hold
+
+    def __post_init__(self) -> None:
+        at_least_one = {"max_epochs": self.max_epochs, "batch_size": self.batch_size, "patience": self.patience,
+                        "min_events": self.min_events}
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ModelSettingsError(f"training settings: {name} {value} (expected at least 1)")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ModelSettingsError(f"training settings: learning_rate {self.learning_rate} (expected a positive "
+                                     "number, such as 1e-3)")
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
@@ -186,14 +197,14 @@ MIN_CALIBRATION_OUTCOMES = 5
 
 
 def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
-    """Raise ``ValueError`` when a split cannot train or tune a risk model."""
+    """Raise :class:`TrainingDataError` when a split cannot train, tune or evaluate a risk model."""
     labels = dataset.label_arrays()["risk_label"]
     known = labels[~np.isnan(labels)]
     n_pos = int(known.sum())
     if len(dataset) == 0:
-        raise ValueError(f"{name} split: no patients (check the task's cohort rules and the split fractions)")
+        raise TrainingDataError(f"{name} split: no patients (check the task's cohort rules and the split fractions)")
     if min(n_pos, len(known) - n_pos) < min_events:
-        raise ValueError(
+        raise TrainingDataError(
             f"{name} split: {n_pos} patients with the outcome among {len(known)} with a known label "
             f"(need at least {min_events} with and {min_events} without); use more patients, a longer horizon "
             "or broader outcome codes"
@@ -256,8 +267,10 @@ def train(
 
     Raises
     ------
-    ValueError
+    TrainingDataError
         When the train or tuning split has too few outcomes to learn or calibrate a risk.
+    ModelSettingsError
+        When the tuning loss is not a number after the first epoch: training diverged.
     """
     check_trainable("train", train_dataset, args.min_events)
     # Platt scaling from fewer outcomes is unstable (one case gives a near-step function).
@@ -280,7 +293,9 @@ def train(
     loader = DataLoader(
         train_dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
         collate_fn=partial(collate, pad_to_multiple_of=_pad_multiple(device)), generator=generator,
-        drop_last=len(train_dataset) > args.batch_size,
+        # The last short batch is dropped when this process has a full one: its few patients would
+        # weigh as much as a full batch. Under DDP this process holds its shard only.
+        drop_last=len(sampler if sampler is not None else train_dataset) > args.batch_size,
         # Workers start again each epoch: kept alive, they would skip the per-epoch draw from
         # ``generator`` that a new loader iterator makes, and the shuffles would differ from collating
         # in this process (the same seed would give another model).
@@ -319,6 +334,11 @@ def train(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        if not math.isfinite(record["tuning_loss"]):
+            if best_state is None:
+                raise ModelSettingsError(f"training diverged at epoch {epoch}: tuning loss {record['tuning_loss']} "
+                                         f"(learning rate {args.learning_rate}; train again with a lower one)")
+            break  # diverged after a good epoch: no later one can be better; that epoch's weights stay
         if record["tuning_loss"] < best_loss - 1e-4:
             best_loss, best_epoch, stale = record["tuning_loss"], epoch, 0
             best_state = copy.deepcopy(evaluated.state_dict())
@@ -326,7 +346,7 @@ def train(
             stale += 1
             if stale >= args.patience:
                 break
-    assert best_state is not None  # at least one epoch ran
+    assert best_state is not None  # the first epoch's finite loss is the best so far
     model.load_state_dict(best_state)
     model.eval()
     calibrator = fit_calibration(model, tuning_dataset, train_dataset, device=device)

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from features.errors import ModelSettingsError
+
 MODALITIES = ("ehr", "notes", "genomics", "imaging")
 """Token families, in the order of the modality embedding table."""
 
@@ -79,17 +81,23 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         modality_summary: bool = True,
         **kwargs: Any,
     ) -> None:
+        sizes = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
+                 "num_attention_heads": num_attention_heads, "intermediate_size": intermediate_size}
+        for name, size in sizes.items():
+            if size < 1:
+                raise ModelSettingsError(f"FusionConfig: {name} {size} (expected at least 1)")
         if hidden_size % num_attention_heads != 0:
-            raise ValueError(
-                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})"
+            raise ModelSettingsError(
+                f"FusionConfig: hidden_size ({hidden_size}) must be divisible by num_attention_heads "
+                f"({num_attention_heads}): each head attends over hidden_size / heads dimensions"
             )
         edges = [float(e) for e in survival_bin_edges_days]
         if not edges or any(b <= a for a, b in zip([0.0, *edges], edges, strict=False)):
-            raise ValueError(f"survival_bin_edges_days must be positive and increasing (got {edges})")
+            raise ModelSettingsError(f"survival_bin_edges_days must be positive and increasing (got {edges})")
         if float(horizon_days) not in edges:
-            raise ValueError(f"horizon_days ({horizon_days}) must be one of survival_bin_edges_days {edges}")
+            raise ModelSettingsError(f"horizon_days ({horizon_days}) must be one of survival_bin_edges_days {edges}")
         if not 0.0 <= modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1) (got {modality_dropout})")
+            raise ModelSettingsError(f"modality_dropout must be in [0, 1) (got {modality_dropout})")
         self.event_vocab_size = event_vocab_size
         self.n_value_bins = n_value_bins
         self.text_embedding_dim = text_embedding_dim

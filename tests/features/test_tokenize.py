@@ -190,7 +190,8 @@ def test_genotypes_get_a_bin_each_however_rare_the_alt_alleles() -> None:
     genotypes = [0.0] * 90 + [1.0] * 9 + [2.0]
     events = pl.DataFrame({
         "subject_id": ids, "time": pl.Series([None] * 100, dtype=pl.Datetime("us")),
-        "known_time": pl.Series([None] * 100, dtype=pl.Datetime("us")), "code": ["GENE//LPA"] * 100, "numeric_value": genotypes, "text_value": ["rs10455872"] * 100,
+        "known_time": pl.Series([None] * 100, dtype=pl.Datetime("us")), "code": ["GENE//LPA"] * 100,
+        "numeric_value": genotypes, "text_value": ["rs10455872"] * 100,
         "modality": ["genomics"] * 100})
     cohort = pl.DataFrame({"subject_id": ids, "prediction_time": [T0] * 100})
     tokenizer = EventTokenizer(value_bins=5, min_code_count=1).fit(events, cohort, ids)

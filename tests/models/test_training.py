@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
 
+from features.errors import ModelSettingsError
 from models.data import FusionDataset, collate
 from models.fusion import FusionConfig, FusionForRiskPrediction
 from models.metrics import auroc
@@ -257,3 +259,45 @@ def test_dataset_refuses_embeddings_of_another_width_than_the_model_reads() -> N
     with pytest.raises(ValueError, match=rf"study inputs: {studies.height} embeddings have 6 values where the model "
                                          rf"reads 4 \(subject {first}; .*train the model again"):
         FusionDataset(tokens, notes, studies, labels, 8, 4)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_epochs": 0}, r"^training settings: max_epochs 0 \(expected at least 1\)$"),
+    ({"batch_size": 0}, r"^training settings: batch_size 0 \(expected at least 1\)$"),
+    ({"learning_rate": float("nan")}, r"^training settings: learning_rate nan \(expected a positive number"),
+    ({"learning_rate": -1e-3}, r"^training settings: learning_rate -0.001 \(expected a positive number"),
+])
+def test_training_settings_that_cannot_train_are_refused(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(ModelSettingsError, match=message):
+        TrainingArguments(**settings)  # type: ignore[arg-type]
+
+
+def test_a_run_that_diverges_in_its_first_epoch_says_so() -> None:
+    with pytest.raises(ModelSettingsError, match=r"^training diverged at epoch 0: tuning loss nan \(learning rate "
+                                                 r"10000.0; train again with a lower one\)$"):
+        train(tiny_model(), dataset(300, 1), dataset(150, 2),
+              TrainingArguments(max_epochs=2, batch_size=64, learning_rate=1e4, average_epochs=0))
+
+
+def _train_one_rank(rank: int, init_file: str, out_dir: str) -> None:
+    """One of two gloo processes training on its half of 200 patients, in batches of 128."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = tiny_model()
+        before = [p.detach().clone() for p in model.parameters()]
+        data = dataset(200, 1)
+        result = train(model, data, data, TrainingArguments(max_epochs=1, batch_size=128, average_epochs=0))
+        changed = any(not torch.equal(a, b) for a, b in zip(before, result.model.parameters(), strict=True))
+        (Path(out_dir) / f"rank{rank}.txt").write_text(f"{result.history[0]['train_loss']} {changed}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_each_process_trains_on_its_shard_even_when_the_shard_is_smaller_than_a_batch(tmp_path: Path) -> None:
+    # 100 patients per process in batches of 128: the whole split (200) is more than a batch, and
+    # dropping a "last short batch" by it left each process with no batch at all.
+    torch.multiprocessing.spawn(_train_one_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        loss, changed = (tmp_path / f"rank{rank}.txt").read_text().split()
+        assert float(loss) > 0 and changed == "True"

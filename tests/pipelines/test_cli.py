@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from models.task_model import format_difference
@@ -180,3 +182,42 @@ def test_distributed_training_with_a_bad_task_file_prints_one_line(
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         f"python -m pipelines.distributed: error: task file {tmp_path / 'nope.yaml'} cannot be read")
+
+
+def test_train_on_too_few_outcomes_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    task_yaml = write_task_folder(tmp_path, 40, seed=3)
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "1",
+                               "--no-baselines"], capsys)
+    assert code == 2
+    assert re.fullmatch(r"error: train split: \d+ patients with the outcome among \d+ with a known label \(need at "
+                        r"least 10 with and 10 without\); use more patients, a longer horizon or broader outcome "
+                        r"codes\n", err)
+
+
+def test_train_with_heads_that_do_not_divide_the_hidden_size_prints_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task_yaml = write_task_folder(tmp_path, 300, seed=3)
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "1",
+                               "--hidden-size", "130", "--heads", "4", "--no-baselines"], capsys)
+    assert code == 2
+    assert err == ("error: FusionConfig: hidden_size (130) must be divisible by num_attention_heads (4): each head "
+                   "attends over hidden_size / heads dimensions\n")
+
+
+def test_train_refuses_a_held_out_split_with_one_outcome_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    task_yaml = write_task_folder(tmp_path, 300, seed=3)
+    folder = tmp_path / "tasks" / "synthetic_1y"
+    held_out = pl.read_parquet(folder / "splits.parquet").filter(pl.col("split") == "held_out")["subject_id"]
+    labels = pl.read_parquet(folder / "labels.parquet")
+    labels.with_columns(pl.when(pl.col("subject_id").is_in(held_out.to_list())).then(False)
+                        .otherwise(pl.col("boolean_value")).alias("boolean_value")).write_parquet(
+        folder / "labels.parquet")
+    code, out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "1",
+                              "--no-baselines"], capsys)
+    assert code == 2
+    assert re.fullmatch(r"error: held_out split: 0 patients with the outcome among \d+ with a known label \(need at "
+                        r"least 1 with and 1 without\).*\n", err)
+    assert "epoch" not in out
