@@ -20,6 +20,7 @@ which alone word quarantine reasons, so both give the same rows.
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from features.tables import (
     FileError,
     Spill,
     TableRead,
+    check_row_shape,
     clear_columns,
     is_text,
     read_by_column,
@@ -74,6 +76,8 @@ def read_genomics_file(path: Path, source_file: str, spill: Spill | None = None)
             raise FileError("missing_columns", f"genomics {form} table lacks column(s) {', '.join(missing)}")
         prefix = "EXPRESSION" if "expression" in path.name.lower() else "FEATURE"
         features = [name for name in columns if name != "patient_id"]
+        if form == "wide":
+            _check_feature_columns(columns, features)
         split: BatchSplit = (
             partial(_wide_frame, features=features, prefix=prefix, source_file=source_file) if form == "wide"
             else partial(_long_frame, form=form, prefix=prefix, source_file=source_file)
@@ -86,22 +90,42 @@ def read_genomics_file(path: Path, source_file: str, spill: Spill | None = None)
     return result
 
 
+UNNAMED_COLUMN = re.compile(r"|Unnamed: \d+|__index_level_\d+__")
+"""Column names a table's row index is written under (pandas' ``to_csv`` and ``to_parquet``, R's
+``write.csv`` leave the first empty), or that a trailing delimiter makes."""
+
+
+def _check_feature_columns(columns: list[str], features: list[str]) -> None:
+    """Raise :class:`FileError` when a wide table's feature columns cannot each be one feature: a
+    name given twice (two probes of one gene), or a column with no name (a written row index,
+    whose row numbers would be read as a feature)."""
+    unnamed = [f"{position + 1}" for position, name in enumerate(columns) if UNNAMED_COLUMN.fullmatch(name)]
+    if unnamed:
+        raise FileError("unnamed_columns", f"wide genomics table has unnamed column(s) at position(s) "
+                        f"{', '.join(unnamed[:5])} (a row index or a trailing delimiter; write the table without "
+                        "them, e.g. pandas to_csv(index=False))")
+    repeated = sorted({name for name in features if features.count(name) > 1})
+    if repeated:
+        raise FileError("duplicate_columns", f"wide genomics table names feature(s) {', '.join(repeated[:5])} more "
+                        "than once (expected one column per feature; name each probe apart)")
+
+
 def _read_row(number: int, row: dict[str, Any], *, form: str, features: list[str], prefix: str, source_file: str,
               result: TableRead) -> None:
     """Check one row; add its genomics rows to ``result``, or its quarantine row."""
     try:
-        if "__bad_width__" in row:
-            raise RecordError("bad_row", "row has a different number of fields than the header")
+        check_row_shape(row)
         patient_id = to_patient_id(row)
         rows: list[tuple[Any, ...]]
         if form == "variants":
             genotype = to_int(row, "genotype")
             if genotype not in (0, 1, 2):
                 raise RecordError("bad_value", f"genotype {genotype} is not 0, 1 or 2 alternate alleles")
-            rows = [(patient_id, f"GENE//{to_string(row, 'gene')}", to_string(row, "variant"), float(genotype),
-                     source_file, number)]
+            # Names without the spaces around them: 'CYP2C19 ' is the gene CYP2C19.
+            rows = [(patient_id, f"GENE//{to_string(row, 'gene').strip()}", to_string(row, "variant").strip(),
+                     float(genotype), source_file, number)]
         elif form == "features":
-            rows = [(patient_id, f"{prefix}//{to_string(row, 'feature')}", None, to_float(row, "value"),
+            rows = [(patient_id, f"{prefix}//{to_string(row, 'feature').strip()}", None, to_float(row, "value"),
                      source_file, number)]
         else:
             rows = [(patient_id, f"{prefix}//{name}", None, to_float(row, name), source_file, number)
@@ -140,10 +164,12 @@ def _long_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, form:
         return cleared, None
     kept = table.filter(pa.array(cleared))
     name, code_prefix = ("gene", "GENE//") if form == "variants" else ("feature", f"{prefix}//")
-    variant = kept.column("variant").cast(pa.string()) if form == "variants" else pa.nulls(kept.num_rows, pa.string())
+    variant = (pc.utf8_trim_whitespace(kept.column("variant").cast(pa.string())) if form == "variants"
+               else pa.nulls(kept.num_rows, pa.string()))
     frame = pa.table(
         [kept.column("patient_id").cast(pa.string()),
-         pc.binary_join_element_wise(code_prefix, kept.column(name).cast(pa.string()), ""), variant,
+         pc.binary_join_element_wise(code_prefix, pc.utf8_trim_whitespace(kept.column(name).cast(pa.string())), ""),
+         variant,
          pa.array(values[cleared]), pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows),
          pa.array(record_numbers[cleared])],
         schema=GENOMICS,

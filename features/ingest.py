@@ -92,7 +92,7 @@ from features.io import (
 )
 from features.notes import read_notes_file
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
-from features.tables import TABLE_SUFFIXES, Spill, TableRead
+from features.tables import Spill, TableRead
 
 TABLES = [
     "patients",
@@ -705,9 +705,9 @@ def _discover(landing_dir: Path) -> _Landing:
     for name in sorted(other):
         folder = landing_dir / name
         if folder.is_dir():
-            found = [
-                (p, p.relative_to(landing_dir).as_posix()) for p in files(folder) if p.suffix.lower() in TABLE_SUFFIXES
-            ]
+            # Every file, whatever its format: one the readers cannot read is one quarantine row
+            # (a .tsv.gz panel), not a feed left out unseen.
+            found = [(p, p.relative_to(landing_dir).as_posix()) for p in files(folder)]
             setattr(landing, name, found)
     return landing
 

@@ -20,14 +20,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import polars as pl
 import pyarrow as pa
 
+from features.fhir.flatten import NOTE_TYPE_SEPARATORS, note_type_slug
 from features.fhir.validate import RecordError
 from features.schemas import NOTES, NOTES_INPUT
 from features.tables import (
     FileError,
     Spill,
     TableRead,
+    check_row_shape,
     clear_columns,
     column_times,
     read_by_column,
@@ -67,20 +70,27 @@ def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, late
     times = column_times(kept.column("time"), latest)
     assert times is not None  # clear_columns cleared rows: the column is of a time type
     copied = [kept.column(name).cast(NOTES.field(name).type) for name in ("note_id", "patient_id")]
-    copied += [times[0], kept.column("note_type").cast(pa.string())]
+    copied += [times[0], note_type_slugs(pl.Series(kept.column("note_type").cast(pa.string()))).to_arrow()]
     place = [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])]
     return cleared, pa.table([*copied, text, pa.array(digests, pa.string()), *place], schema=NOTES)
+
+
+def note_type_slugs(labels: pl.Series) -> pl.Series:
+    """:func:`features.fhir.flatten.note_type_slug` of each label, by column."""
+    slugs = labels.str.to_lowercase().str.replace_all(NOTE_TYPE_SEPARATORS.pattern, "_").str.strip_chars("_")
+    return slugs.replace("", "document")
 
 
 def _read_row(number: int, row: dict[str, Any], *, latest: datetime, source_file: str, result: TableRead) -> None:
     """Check one row; add its notes row to ``result``, or its quarantine row."""
     try:
-        if "__bad_width__" in row:
-            raise RecordError("bad_row", "row has a different number of fields than the header")
+        check_row_shape(row)
         patient_id = to_patient_id(row)
         note_id = to_id(row, "note_id")
         time = to_time(row, "time", latest)
-        note_type = to_string(row, "note_type")
+        # Spelled as a DocumentReference's type is (``Progress note`` -> ``progress_note``): one
+        # code per kind of note, whichever feed brought it.
+        note_type = note_type_slug(to_string(row, "note_type"))
         text = to_string(row, "text")
     except RecordError as err:
         result.reject(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -30,6 +31,13 @@ from features.fhir.columnar import fhir_time
 from features.fhir.validate import EARLIEST, FHIR_ID, RecordError, check_storable, parse_datetime
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
+MAX_FIELD_CHARS = 64 * 1024 * 1024
+"""Longest CSV/TSV field read: the csv module's default of 131,072 characters is shorter than some
+discharge summaries and pathology reports. A longer field (a quote never closed, say) rejects the
+file instead of holding it all in memory."""
+csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
+NOT_UTF8 = re.compile("[\udc80-\udcff]")
+"""Bytes that are not UTF-8, as the ``surrogateescape`` error handler leaves them in text."""
 BATCH_ROWS = 20_000
 BATCH_VALUES = 1_000_000
 """At most this many values (rows x columns) per batch of :func:`iter_batches`: a wide table's
@@ -101,17 +109,25 @@ def raw_text(row: Any) -> str:
 
 def table_columns(path: Path) -> list[str]:
     """The column names of a table file, or :class:`FileError`."""
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise FileError("unsupported_file", f"{''.join(path.suffixes)[-20:] or 'a name without a suffix'} is not a "
+                        f"table format cohortcast reads (expected {', '.join(TABLE_SUFFIXES)}; decompress .gz files)")
     try:
         if path.suffix.lower() == ".parquet":
             return list(pq.read_schema(path).names)
-        with path.open(newline="", encoding="utf-8") as handle:
-            header = next(csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), None)
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+        # surrogateescape: the header is read alone; bytes further on are its rows' business.
+        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            header = next(csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                                     strict=True), None)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FileError("unreadable_file", f"file cannot be read as a table: {str(exc)[:150]}") from None
     except pa.ArrowException as exc:  # ArrowInvalid on bytes that are not Parquet (empty, truncated, other)
         raise _unreadable_parquet(exc) from None
     if not header:
         raise FileError("empty_file", "file is empty (no header line)")
+    if any(NOT_UTF8.search(name) for name in header):
+        raise FileError("not_utf8", "header line holds bytes that are not UTF-8 (export the file as UTF-8)")
     return [name.strip() for name in header]
 
 
@@ -143,10 +159,13 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
     values: (row numbers, those rows as an Arrow table, the rows that do not fit the header as
     ``(number, row)``).
 
-    Parquet columns keep their types. CSV/TSV columns are text, with '' as null, and a row with
-    another number of fields than the header is ``{"__bad_width__": values}``. A Parquet file whose
-    data cannot be decoded (a corrupt page behind a valid footer) raises :class:`FileError` where
-    the bad data starts; the caller then rejects the whole file.
+    Parquet columns keep their types. CSV/TSV columns are text, with '' as null; a row with
+    another number of fields than the header is ``{"__bad_width__": values}``, and a row with bytes
+    that are not UTF-8 ``{"__not_utf8__": values}`` (each such byte shown as U+FFFD): both are for
+    :func:`check_row_shape`. A Parquet file whose data cannot be decoded (a corrupt page behind a
+    valid footer), or a CSV/TSV file whose quoting breaks (a quote never closed, which would read
+    every later row as one field), raises :class:`FileError` where the bad data starts; the caller
+    then rejects the whole file.
     """
     if path.suffix.lower() == ".parquet":
         number = 0
@@ -161,15 +180,29 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 return
             yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
             number += batch.num_rows
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    # surrogateescape: a byte that is not UTF-8 fails its row, not the file (nor is it replaced unseen).
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        # strict: a quote opened and never closed is an error, not a field running to the end of the file.
+        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
         header = [name.strip() for name in next(reader)]
         batch_rows = max(1, min(BATCH_ROWS, BATCH_VALUES // len(header)))
         numbers: list[int] = []
         fitting: list[list[str]] = []
         odd: list[tuple[int, dict[str, Any]]] = []
-        for number, values in enumerate(reader, start=1):
-            if len(values) == len(header):
+        number = 0
+        while True:
+            try:
+                values = next(reader, None)
+            except csv.Error as exc:
+                raise FileError("unreadable_file", f"CSV/TSV quoting breaks after record {number} (line "
+                                f"{reader.line_num}): {exc}; a quote opened and never closed joins the rows after "
+                                "it") from None
+            if values is None:
+                break
+            number += 1
+            if any(NOT_UTF8.search(value) for value in values):
+                odd.append((number, {"__not_utf8__": [NOT_UTF8.sub("\ufffd", value) for value in values]}))
+            elif len(values) == len(header):
                 numbers.append(number)
                 fitting.append(values)
             else:
@@ -179,6 +212,16 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 numbers, fitting, odd = [], [], []
         if numbers or odd:
             yield numbers, _text_table(header, fitting), odd
+
+
+def check_row_shape(row: dict[str, Any]) -> None:
+    """Raise :class:`RecordError` for a CSV/TSV row :func:`iter_batches` could not read as a row of
+    the header's columns."""
+    if "__bad_width__" in row:
+        raise RecordError("bad_row", "row has a different number of fields than the header")
+    if "__not_utf8__" in row:
+        raise RecordError("not_utf8", "row holds bytes that are not UTF-8 (shown as U+FFFD; export the file as "
+                          "UTF-8)")
 
 
 BatchSplit = Callable[[pa.Table, "npt.NDArray[np.int64]"], tuple["npt.NDArray[np.bool_]", pa.Table | None]]
@@ -336,9 +379,16 @@ def to_float(row: dict[str, Any], name: str) -> float:
     return check_storable(float(value), f"column {name}")
 
 
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+(?:\.0*)?")
+"""An integer as text, ASCII digits only, with an all-zero fraction allowed (``1.0``: a column of
+integers with a missing value is written as floats by pandas)."""
+
+
 def to_int(row: dict[str, Any], name: str) -> int:
     value = require(row, name)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and INTEGER_TEXT.fullmatch(value.strip()):
+        value = int(value.strip().split(".")[0])
+    elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RecordError("bad_type", f"column {name} should be an integer, found {type(value).__name__} {value!r:.40}")

@@ -666,7 +666,7 @@ def _absent_reason(holder: dict[str, Any], numeric: float | None, text: str | No
     return reason.split("//", 1)[1]
 
 
-_SLUG = re.compile(r"[^a-z0-9]+")
+NOTE_TYPE_SEPARATORS = re.compile(r"[^a-z0-9]+")
 
 
 def _note_text(res: dict[str, Any]) -> str:
@@ -764,7 +764,8 @@ def note_type_slug(label: str) -> str:
     >>> note_type_slug("Progress note")
     'progress_note'
     """
-    return _SLUG.sub("_", label.lower()).strip("_") or "document"
+    return NOTE_TYPE_SEPARATORS.sub("_", label.lower()).strip("_") or "document"
+
 
 
 def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, str]:

@@ -387,7 +387,9 @@ def test_long_genomics_checked_by_column_equals_per_row(
     _summary, per_row = run(tmp_path / "slow", {f"{name}.{suffix}": data}, patients=n)
     assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "genomics.parquet"), check_exact=True)
     assert_frame_equal(by_column, per_row, check_exact=True)
-    accepted_per_row = {("variants", "csv"): [7], ("features", "csv"): [7]}.get((form, suffix), [])
+    # Left to the per-row check and accepted by it: genotypes ' 1' and '1.0' (an integral float, as
+    # pandas writes integers beside a missing value); the feature value '1_000', as Python reads it.
+    accepted_per_row = {("variants", "csv"): [7, 8], ("features", "csv"): [7]}.get((form, suffix), [])
     quarantined = sorted(by_column["record_number"].to_list())
     assert len(quarantined) + len(accepted_per_row) + sum(cleared) == n
     assert fast["record_number"].to_list() == [i for i in range(1, n + 1) if i not in quarantined]
@@ -602,3 +604,97 @@ def test_imaging_missing_column(tmp_path: Path) -> None:
 def test_unreadable_parquet_is_one_row(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": b"PAR1 not really"})
     assert quarantine.select("record_number", "reason_code").rows() == [(0, "unreadable_file")]
+
+
+NOTES_HEADER = b"patient_id,note_id,time,note_type,text\n"
+
+
+def test_a_quote_never_closed_rejects_the_notes_file_instead_of_joining_its_rows(tmp_path: Path) -> None:
+    rows = [b'p1,n%d,2020-01-01,Progress note,"Pt seen ""well"" today"\n' % i for i in range(1, 41)]
+    rows[2] = b'p1,n3,2020-01-01,Progress note,"He said ""ok\n'  # the opening quote never closes
+    summary, quarantine = run(tmp_path, {"notes/notes.csv": NOTES_HEADER + b"".join(rows)})
+    assert quarantine.select("source_file", "record_number", "reason_code").rows() == [
+        ("notes/notes.csv", 0, "unreadable_file")]
+    assert quarantine["reason"][0].startswith("CSV/TSV quoting breaks after record 2 (line ")
+    assert summary.table_rows["notes"] == 0
+
+
+def test_a_note_longer_than_the_csv_modules_default_field_limit_is_read_whole(tmp_path: Path) -> None:
+    long_text = "Discharge summary. " * 10_000  # 190,000 characters: the default limit is 131,072
+    csv = NOTES_HEADER + f'p1,n1,2020-01-01,Discharge summary,"{long_text}"\n'.encode()
+    _summary, quarantine = run(tmp_path, {"notes/notes.csv": csv})
+    assert quarantine.height == 0
+    assert pl.read_parquet(tmp_path / "out" / "notes.parquet")["text"].to_list() == [long_text]
+
+
+def test_a_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8" starts with a byte-order mark; a Windows-1252 row (0xb5 is µ there, 0xb0 °)
+    # is quarantined by itself, early or late in the file, never stored with its bytes replaced.
+    rows = [b"p1,n%d,2020-01-01,Nursing note,Pt well\n" % i for i in range(1, 301)]
+    rows[1] = b"p1,n2,2020-01-01,Nursing note,Pt 5 \xb5g at 37\xb0C\n"
+    rows[250] = b"p1,n251,2020-01-01,Nursing note,caf\xe9\n"
+    summary, quarantine = run(tmp_path, {"notes/notes.csv": b"\xef\xbb\xbf" + NOTES_HEADER + b"".join(rows)})
+    assert quarantine.select("record_number", "reason_code").rows() == [(2, "not_utf8"), (251, "not_utf8")]
+    assert quarantine["reason"][0] == "row holds bytes that are not UTF-8 (shown as U+FFFD; export the file as UTF-8)"
+    assert "Pt 5 \ufffdg at 37\ufffdC" in quarantine["raw_text"][0]
+    assert summary.table_rows["notes"] == 298
+    # The note type is spelled as a DocumentReference's is: one code per kind of note.
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "notes")
+    assert events["code"].unique().to_list() == ["NOTE//nursing_note"]
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_table_note_types_are_slugged_alike_by_column_and_per_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   suffix: str) -> None:
+    types = ["Progress note", "Progress note ", " History & Physical", "***"]
+    table = pa.table({"patient_id": ["p1"] * 4, "note_id": ["n1", "n2", "n3", "n4"],
+                      "time": ["2020-01-01T10:00:00Z"] * 4, "note_type": types, "text": ["Pt well."] * 4})
+    data: bytes | pa.Table = table if suffix == "parquet" else table.to_pandas().to_csv(index=False).encode()
+    slugs = ["progress_note", "progress_note", "history_physical", "document"]
+    _summary, quarantine = run(tmp_path / "column", {f"notes/notes.{suffix}": data})
+    assert quarantine.height == 0
+    assert pl.read_parquet(tmp_path / "column" / "out" / "notes.parquet")["note_type"].to_list() == slugs
+    monkeypatch.setattr(features.notes, "clear_columns", lambda table, *a, **k: np.zeros(table.num_rows, bool))
+    _summary, quarantine = run(tmp_path / "row", {f"notes/notes.{suffix}": data})
+    assert quarantine.height == 0
+    assert pl.read_parquet(tmp_path / "row" / "out" / "notes.parquet")["note_type"].to_list() == slugs
+
+
+def test_genotypes_written_as_floats_or_odd_digits(tmp_path: Path) -> None:
+    # pandas writes an integer column with a missing value as floats; '²' is a digit to str.isdigit.
+    csv = (b"patient_id,gene,variant,genotype\np1,CYP2C19 ,rs4244285,1.0\np1, LPA,rs10455872,2\n"
+           b"p1,F5,rs6025,\xc2\xb2\np1,PCSK9,rs11591147,1.5\n")
+    _summary, quarantine = run(tmp_path, {"genomics/variants.csv": csv})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (3, "column genotype should be an integer, found str '²'"),
+        (4, "column genotype should be an integer, found str '1.5'"),
+    ]
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("code", "variant", "value").rows() == [
+        ("GENE//CYP2C19", "rs4244285", 1.0), ("GENE//LPA", "rs10455872", 2.0)]
+
+
+@pytest.mark.parametrize(("header", "code", "reason"), [
+    (b",patient_id,IL6,CRP\n0,p1,1.5,2.0\n", "unnamed_columns",
+     "wide genomics table has unnamed column(s) at position(s) 1 (a row index or a trailing delimiter; write the "
+     "table without them, e.g. pandas to_csv(index=False))"),
+    (b"patient_id,IL6,CRP,IL6 \np1,0.64,2.0,64\n", "duplicate_columns",
+     "wide genomics table names feature(s) IL6 more than once (expected one column per feature; name each probe "
+     "apart)"),
+])
+def test_wide_genomics_with_unnamed_or_repeated_columns_is_one_row(tmp_path: Path, header: bytes, code: str,
+                                                                   reason: str) -> None:
+    summary, quarantine = run(tmp_path, {"genomics/expression.csv": header})
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [(0, code, reason)]
+    assert summary.table_rows["genomics"] == 0
+
+
+def test_a_table_file_of_a_format_not_read_is_one_row_not_left_out(tmp_path: Path) -> None:
+    summary, quarantine = run(tmp_path, {"genomics/expression.tsv.gz": b"\x1f\x8b", "notes/notes.txt": b"x"})
+    assert quarantine.select("source_file", "reason_code", "reason").sort("source_file").rows() == [
+        ("genomics/expression.tsv.gz", "unsupported_file",
+         ".tsv.gz is not a table format cohortcast reads (expected .parquet, .csv, .tsv; decompress .gz files)"),
+        ("notes/notes.txt", "unsupported_file",
+         ".txt is not a table format cohortcast reads (expected .parquet, .csv, .tsv; decompress .gz files)"),
+    ]
+    assert {account.source_file for account in summary.files} >= {"genomics/expression.tsv.gz", "notes/notes.txt"}
