@@ -24,9 +24,12 @@ and publishes (the nightly one) has neither the model's check nor the ingest's.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +51,19 @@ from models.task_model import ModelFolderError, check_model_folder, promote_mode
 PUBLISHED_FORMAT_VERSION = 1
 FORMAT_FILE = "cohortcast_published.json"
 DATABASE = "cohortcast.duckdb"
+PUBLISH_LOCK = ".publish.lock"
+PUBLISHED_SCORES_SCHEMA = pl.Schema({
+    "task": pl.String(), "subject_id": pl.Int64(), "patient_id": pl.String(), "prediction_time": pl.Datetime("us"),
+    "risk": pl.Float64(), "risk_tier": pl.String(), "previous_risk": pl.Float64(), "treatment_effect": pl.Float64(),
+    "model_version": pl.String(), "top_items": pl.String(), "version": pl.String(),
+})
+"""Columns of the database's ``published_scores``: a task's live rows, items as their descriptions."""
+PUBLICATIONS_SCHEMA = pl.Schema({
+    "task": pl.String(), "version": pl.String(), "created": pl.String(), "n_patients": pl.Int64(),
+    "n_high_risk": pl.Int64(), "model_version": pl.String(), "lineage": pl.String(),
+})
+"""Columns of the database's ``publications``: every version's manifest, lineage as JSON text."""
+PUBLICATION_COLUMNS = tuple(PUBLICATIONS_SCHEMA)
 
 
 class PublishError(CohortcastError):
@@ -113,6 +129,16 @@ def _same_model(candidate: Path, live: Path) -> bool:
 
 
 def check_published_root(root: Path) -> None:
+    """Raise :class:`PublishError` unless ``root`` is a writable published folder of this format, or empty."""
+    _check_format(root)
+    probe = root if root.exists() else root.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PublishError(f"published folder {root} is not writable")
+
+
+def _check_format(root: Path) -> None:
     """Raise :class:`PublishError` unless ``root`` is a published folder of this format, or empty."""
     marker = root / FORMAT_FILE
     if root.is_dir() and any(root.iterdir()) and not marker.is_file():
@@ -123,11 +149,6 @@ def check_published_root(root: Path) -> None:
         if version != PUBLISHED_FORMAT_VERSION:
             raise PublishError(f"published folder {root} has format version {version!r}, this cohortcast writes "
                                f"version {PUBLISHED_FORMAT_VERSION}; move it aside or migrate it before publishing")
-    probe = root if root.exists() else root.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PublishError(f"published folder {root} is not writable")
 
 
 def quality_shortfalls(fusion: dict[str, float], min_auroc: float, max_calibration_error: float) -> list[str]:
@@ -221,9 +242,23 @@ def current_version(root: Path, task: str) -> str | None:
 
 
 def current_scores(root: Path, task: str) -> pl.DataFrame | None:
-    """The live published scores of a task, or None before the first publication."""
+    """The live published scores of a task, or None before the first publication.
+
+    Raises
+    ------
+    PublishError
+        When ``root`` is not a published folder of this format, or
+        the live version's scores are missing.
+    """
+    _check_format(root)
     version = current_version(root, task)
-    return pl.read_parquet(root / task / version / "scores.parquet") if version else None
+    if not version:
+        return None
+    path = root / task / version / "scores.parquet"
+    if not path.is_file():
+        raise PublishError(f"published folder {root / task}: CURRENT names version {version!r}, which has no "
+                           "scores.parquet (restore that version, or point CURRENT at a whole one)")
+    return pl.read_parquet(path)
 
 
 def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, model_version: str) -> dict[str, Any]:
@@ -311,64 +346,80 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         raise PublishError(f"task {task!r}: {missing} scored subjects are not in the patients table")
     task_root = root / task
     task_root.mkdir(parents=True, exist_ok=True)
-    retire_partial_versions(root, task)
-    (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
-    existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
-    version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
-    staging = staging_dir(task_root, f".{version}.")
-    model_version = str(frame["model_version"][0]) if frame.height else ""
-    with_ids.write_parquet(staging / "scores.parquet")
-    lines = [orjson.dumps(risk_assessment(row, horizon_days, outcome, model_version))
-             for row in with_ids.iter_rows(named=True)]
-    (staging / "risk_assessments.ndjson").write_bytes(b"\n".join(lines) + (b"\n" if lines else b""))
-    n_high = int((frame["risk_tier"] == "high").sum())
-    created = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest = {"task": task, "version": version, "created": created, "n_patients": frame.height,
-                "n_high_risk": n_high, "model_version": model_version, "lineage": lineage,
-                "left_out": left_out or {}}
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    staging.rename(task_root / version)
-    _update_database(root / DATABASE, task, version, with_ids, manifest)
-    pointer = task_root / ".CURRENT.partial"
-    pointer.write_text(version + "\n")
-    os.replace(pointer, task_root / "CURRENT")
+    with _publish_lock(root):
+        retire_partial_versions(root, task)
+        (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
+        existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
+        version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
+        staging = staging_dir(task_root, f".{version}.")
+        model_version = str(frame["model_version"][0]) if frame.height else ""
+        with_ids.write_parquet(staging / "scores.parquet")
+        lines = [orjson.dumps(risk_assessment(row, horizon_days, outcome, model_version))
+                 for row in with_ids.iter_rows(named=True)]
+        (staging / "risk_assessments.ndjson").write_bytes(b"\n".join(lines) + (b"\n" if lines else b""))
+        n_high = int((frame["risk_tier"] == "high").sum())
+        created = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest = {"task": task, "version": version, "created": created, "n_patients": frame.height,
+                    "n_high_risk": n_high, "model_version": model_version, "lineage": lineage,
+                    "left_out": left_out or {}}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        staging.rename(task_root / version)
+        pointer = task_root / ".CURRENT.partial"
+        pointer.write_text(version + "\n")
+        os.replace(pointer, task_root / "CURRENT")
+        rebuild_database(root)
     return Publication(task, version, task_root / version, frame.height, n_high)
 
 
-def _update_database(path: Path, task: str, version: str, rows: pl.DataFrame, manifest: dict[str, Any]) -> None:
-    """Replace the task's live rows and record the publication, in one transaction."""
-    flat = rows.select(
-        "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
-        "treatment_effect", "model_version",
-        pl.col("top_items").list.eval(pl.element().struct.field("description")).list.join("; ").alias("top_items"),
-        pl.lit(version).alias("version"),
-    ).to_arrow()
-    connection = duckdb.connect(str(path))
+@contextmanager
+def _publish_lock(root: Path) -> Iterator[None]:
+    """Hold ``root``'s publishing lock: one publish at a time picks a version number, moves a
+    ``CURRENT`` and rebuilds the database (two nightly tasks publish side by side). The operating
+    system releases the ``flock`` when its holder exits, killed or not."""
+    with (root / PUBLISH_LOCK).open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def rebuild_database(root: Path) -> Path:
+    """Write ``cohortcast.duckdb`` again from the published folders: ``published_scores`` from each
+    task's live version (its ``CURRENT``), ``publications`` from every version's manifest.
+
+    Written as a new file and renamed over the old one: a reader with the database open (the web
+    page, an analyst's session) keeps the file it opened and never blocks a publish, and a killed
+    publish leaves the last whole database, which the next publish brings up to date.
+    """
+    live: list[pl.DataFrame] = []
+    publications: list[dict[str, Any]] = []
+    for task_root in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for folder in sorted(task_root.glob("v[0-9][0-9][0-9][0-9]")):
+            manifest = json.loads((folder / "manifest.json").read_text())
+            publications.append({key: manifest[key] for key in PUBLICATION_COLUMNS if key != "lineage"}
+                                | {"lineage": json.dumps(manifest["lineage"], default=str)})
+        version = current_version(root, task_root.name)
+        if version is not None:
+            rows = pl.read_parquet(task_root / version / "scores.parquet")
+            live.append(rows.select(
+                "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
+                "treatment_effect", "model_version",
+                pl.col("top_items").list.eval(pl.element().struct.field("description")).list.join("; ")
+                .alias("top_items"),
+                pl.lit(version).alias("version"),
+            ))
+    scores = pl.concat(live) if live else pl.DataFrame(schema=PUBLISHED_SCORES_SCHEMA)
+    history = pl.DataFrame(publications, schema=PUBLICATIONS_SCHEMA)
+    partial = root / f".{DATABASE}.{os.getpid()}.partial"
+    partial.unlink(missing_ok=True)
+    connection = duckdb.connect(str(partial))
     try:
-        connection.execute("BEGIN TRANSACTION")
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS published_scores (task VARCHAR, subject_id BIGINT, patient_id VARCHAR, "
-            "prediction_time TIMESTAMP, risk DOUBLE, risk_tier VARCHAR, previous_risk DOUBLE, "
-            "treatment_effect DOUBLE, model_version VARCHAR, top_items VARCHAR, version VARCHAR)"
-        )
-        connection.execute(
-            "CREATE TABLE IF NOT EXISTS publications (task VARCHAR, version VARCHAR, created VARCHAR, "
-            "n_patients BIGINT, n_high_risk BIGINT, model_version VARCHAR, lineage VARCHAR)"
-        )
-        connection.execute("DELETE FROM published_scores WHERE task = ?", [task])
-        connection.register("new_rows", flat)
-        connection.execute("INSERT INTO published_scores SELECT * FROM new_rows")
-        connection.execute(
-            "INSERT INTO publications VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [task, version, manifest["created"], manifest["n_patients"], manifest["n_high_risk"],
-             manifest["model_version"], json.dumps(manifest["lineage"], default=str)],
-        )
-        connection.execute("COMMIT")
-    except BaseException:
-        connection.execute("ROLLBACK")
-        raise
+        connection.register("scores", scores.cast(PUBLISHED_SCORES_SCHEMA).to_arrow())
+        connection.register("history", history.to_arrow())
+        connection.execute("CREATE TABLE published_scores AS SELECT * FROM scores")
+        connection.execute("CREATE TABLE publications AS SELECT * FROM history")
     finally:
         connection.close()
+    os.replace(partial, root / DATABASE)
+    return root / DATABASE
 
 
 def retire_partial_versions(root: Path, task: str) -> None:

@@ -28,6 +28,7 @@ from models.publishing import (
     living_patients,
     publish,
     quality_shortfalls,
+    rebuild_database,
 )
 from models.scoring import RiskTiers, model_version, score_task
 from tests.models.conftest import TrainedTask
@@ -247,3 +248,52 @@ def test_a_candidate_below_the_gates_is_not_deployed_and_a_model_a_crash_left_as
     (live / "vocabulary.json").unlink()
     assert deploy_model(candidate, live, min_auroc=0.0, max_calibration_error=1.0) == live
     assert (live / "vocabulary.json").read_bytes() == (candidate / "vocabulary.json").read_bytes()
+
+
+def test_a_reader_holding_the_database_open_never_blocks_a_publish(scores: pa.Table, tmp_path: Path) -> None:
+    root = tmp_path / "published"
+    publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r1"})
+    # The web page or an analyst's session has the database open while the nightly run publishes
+    # two tasks: a writer in place would wait for its lock, and the publish had failed.
+    reader = duckdb.connect(str(root / "cohortcast.duckdb"), read_only=True)
+    try:
+        publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r2"})
+        publish(scores.slice(0, 10).set_column(2, "task", pa.array(["other_1y"] * 10)), patients_table(scores),
+                root, "other_1y", 365, "death", {"run_id": "r3"})
+        # The reader keeps the database it opened until it opens it again.
+        assert reader.execute("SELECT count(*) FROM publications").fetchone() == (1,)
+    finally:
+        reader.close()
+    with duckdb.connect(str(root / "cohortcast.duckdb"), read_only=True) as db:
+        live = db.execute("SELECT task, version, count(*) FROM published_scores GROUP BY ALL ORDER BY task")
+        assert live.fetchall() == [("other_1y", "v0001", 10), ("synthetic_1y", "v0002", 800)]
+        assert db.execute("SELECT task, version, n_patients FROM publications ORDER BY task, version").fetchall() == [
+            ("other_1y", "v0001", 10), ("synthetic_1y", "v0001", 800), ("synthetic_1y", "v0002", 800)]
+    assert sorted(p.name for p in root.iterdir() if not p.is_dir()) == [
+        ".publish.lock", "cohortcast.duckdb", "cohortcast_published.json"]
+
+
+def test_the_database_is_rebuilt_from_the_live_versions(scores: pa.Table, tmp_path: Path) -> None:
+    root = tmp_path / "published"
+    publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r1"})
+    publish(scores.slice(0, 5), patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r2"})
+    # A publish killed after moving CURRENT back to v0001 (by hand, here) and before the database:
+    # the next rebuild follows CURRENT, and the database is derived from the folders alone.
+    (root / "synthetic_1y" / "CURRENT").write_text("v0001\n")
+    (root / "cohortcast.duckdb").unlink()
+    rebuild_database(root)
+    with duckdb.connect(str(root / "cohortcast.duckdb"), read_only=True) as db:
+        assert db.execute("SELECT version, count(*) FROM published_scores GROUP BY ALL").fetchall() == [("v0001", 800)]
+        lineage = db.execute("SELECT lineage FROM publications ORDER BY version").fetchall()
+        assert [json.loads(row[0]) for row in lineage] == [{"run_id": "r1"}, {"run_id": "r2"}]
+
+
+def test_live_scores_that_cannot_be_read_are_one_line(scores: pa.Table, tmp_path: Path) -> None:
+    root = tmp_path / "published"
+    publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r1"})
+    (root / "synthetic_1y" / "CURRENT").write_text("v0009\n")
+    with pytest.raises(PublishError, match=r"CURRENT names version 'v0009', which has no scores.parquet"):
+        current_scores(root, "synthetic_1y")
+    (root / "cohortcast_published.json").write_text(json.dumps({"format_version": 0}))
+    with pytest.raises(PublishError, match=r"has format version 0, this cohortcast writes version 1"):
+        current_scores(root, "synthetic_1y")
