@@ -32,6 +32,7 @@ import numpy.typing as npt
 import polars as pl
 
 from features.tabular import TabularCodes
+from features.tokenize import value_bin_edges
 
 PSI_WARN = 0.1
 PSI_ALARM = 0.25
@@ -60,11 +61,19 @@ def population_stability_index(reference: npt.ArrayLike, current: npt.ArrayLike,
 
 
 def _decile_edges(values: npt.NDArray[np.float64], n_bins: int = 10) -> npt.NDArray[np.float64]:
-    """Inner quantile edges of ``values`` (no NaN), ties merged: a count that is 0 for most
-    patients gets fewer, wider bins rather than empty ones."""
+    """Edges of the decile bins of ``values`` (no NaN), with a bin below their smallest value and
+    one above their largest.
+
+    Tied values keep a bin of their own (:func:`features.tokenize.value_bin_edges`): a count that is
+    0 for most patients gets fewer, wider bins rather than empty ones, and a code that became
+    common today is not hidden in a bin it shares with the reference's zeros. The outer bins are
+    empty in the reference, so values beyond anything it held (a flag that was always 0, now 1)
+    move the index.
+    """
     if values.size == 0:
         return np.empty(0)
-    return np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    inner = value_bin_edges(values, n_bins)
+    return np.array([values.min(), *inner, np.nextafter(values.max(), np.inf)])
 
 
 def _bin_shares(values: npt.NDArray[np.float64], edges: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

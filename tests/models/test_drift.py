@@ -64,10 +64,13 @@ def test_input_reference_bins_each_input_and_its_missing_share() -> None:
     reference = input_reference(_inputs([float(a) for a in range(10)], [0] * 5 + [2] * 4 + [None]))
     expected = pl.DataFrame({
         "feature": ["age_years", "count__LOINC//1"],
-        # Ten distinct ages: nine inner decile edges, ten bins of a tenth each, none missing.
-        # Nine present counts, five of them 0: the tied deciles merge into three edges.
-        "edges": [[0.9, 1.8, 2.7, 3.6, 4.5, 5.4, 6.3, 7.2, 8.1], [0.0, 1.6, 2.0]],
-        "shares": [[0.1] * 10 + [0.0], [0.0, 0.5, 0.0, 0.4, 0.1]],
+        # Ten distinct ages: a bin each (edges halfway between them), ten bins of a tenth, between
+        # an empty bin below the youngest and one above the oldest; none missing.
+        # Nine present counts, five of them 0 and four 2: a bin for each value, the empty outer
+        # bins, and a tenth missing.
+        "edges": [[0.0, *(a + 0.5 for a in range(9)), np.nextafter(9.0, np.inf)],
+                  [0.0, 1.0, np.nextafter(2.0, np.inf)]],
+        "shares": [[0.0] + [0.1] * 10 + [0.0, 0.0], [0.0, 0.5, 0.4, 0.0, 0.1]],
     })
     assert reference["feature"].to_list() == expected["feature"].to_list()
     for got, want in zip(reference["edges"].to_list(), expected["edges"].to_list(), strict=True):
@@ -105,3 +108,17 @@ def test_a_model_folder_saves_its_training_cohorts_inputs_as_the_reference(train
     assert input_drift(reference, today)["psi"].max() == 0.0
     assert load_input_reference(trained_task.model_dir.parent) is None
     assert not (trained_task.model_dir.parent / INPUT_REFERENCE_FILE).exists()
+
+
+def test_a_rare_code_that_became_common_or_a_flag_that_flipped_moves_the_index() -> None:
+    # 5 % of the training cohort had the code; today everyone has it, 40 times. Quantile edges had
+    # put today's counts in the reference's top bin, with the 5 %, and the index read 0.
+    reference = np.array([0.0] * 950 + [1.0] * 50)
+    assert population_stability_index(reference, np.full(1000, 40.0)) == pytest.approx(
+        (1 - 1e-4) * np.log(1 / 1e-4) + (1e-4 - 0.95) * np.log(1e-4 / 0.95) + (1e-4 - 0.05) * np.log(1e-4 / 0.05))
+    assert population_stability_index(reference, reference) == 0.0
+    # A flag that was 0 for everyone is now 1 for everyone: above anything the reference held.
+    assert population_stability_index(np.zeros(100), np.ones(100)) == pytest.approx(2 * (1 - 1e-4) * np.log(1e4))
+    # A continuous input drawn again from its own distribution stays stable.
+    rng = np.random.default_rng(0)
+    assert population_stability_index(rng.normal(size=5000), rng.normal(size=5000)) < 0.01
