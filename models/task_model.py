@@ -82,7 +82,7 @@ from models.training import (
     training_precision,
 )
 
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 """Part of the training fingerprint: raised whenever training or evaluation computes something else
 from the same inputs, so that an upgrade trains existing candidates again."""
 

@@ -262,15 +262,20 @@ class FusionForRiskPrediction(FusionPreTrainedModel):
             note_embeddings, note_days, note_mask,
             imaging_embeddings, imaging_modalities, imaging_days, imaging_mask, event_values,
         )  # (B, H)
-        z = self.head_drop(pooled)
-        risk_logits = self.risk_head(z).squeeze(-1)  # (B,)
-        hazard_logits = self.hazard_head(z)  # (B, K)
-        arm_logits = self.arm_head(z)  # (B, 2)
-        loss = None
-        if risk_labels is not None and event is not None and duration_days is not None:
-            loss = self.risk_loss(risk_logits, risk_labels) + self.survival_loss(hazard_logits, event, duration_days)
-            if treated is not None:
-                loss = loss + self.arm_loss(arm_logits, risk_labels, treated)
+        # The heads and the losses run in float32 under bfloat16 autocast too: bfloat16 keeps 8 bits
+        # of mantissa, which rounded 400 patients' risks to 152 distinct values, and ties at a tier's
+        # cut are decided by nothing the model knows.
+        with torch.autocast(device_type=pooled.device.type, enabled=False):
+            z = self.head_drop(pooled.float())
+            risk_logits = self.risk_head(z).squeeze(-1)  # (B,)
+            hazard_logits = self.hazard_head(z)  # (B, K)
+            arm_logits = self.arm_head(z)  # (B, 2)
+            loss = None
+            if risk_labels is not None and event is not None and duration_days is not None:
+                loss = (self.risk_loss(risk_logits, risk_labels)
+                        + self.survival_loss(hazard_logits, event, duration_days.float()))
+                if treated is not None:
+                    loss = loss + self.arm_loss(arm_logits, risk_labels, treated)
         return FusionOutput(
             loss=loss, risk_logits=risk_logits, hazard_logits=hazard_logits, arm_logits=arm_logits, pooled=pooled
         )

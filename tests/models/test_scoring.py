@@ -114,3 +114,15 @@ def test_patients_tied_at_a_tiers_cut_share_its_tier_whatever_their_row_order() 
     # A tie at the high cut that reaches past the medium cut leaves medium empty rather than split it.
     assert RiskTiers(0.4, 0.2).assign(np.array([0.9, 0.5, 0.5, 0.5, 0.1])) == ["high"] * 4 + ["low"]
     assert RiskTiers().assign(np.array([])) == []
+
+
+def test_bf16_scoring_keeps_risks_apart(trained_task: TrainedTask) -> None:
+    # bfloat16 heads had rounded the risks onto a few hundred values, and ties at a tier's cut fell
+    # to row order; the encoder runs in bfloat16, the heads in float32.
+    scores = score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
+                        with_explanations=False, bf16=True)
+    risk = scores.column("risk").to_numpy()
+    assert len(np.unique(risk)) == 800
+    float32 = score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
+                         with_explanations=False, bf16=False).column("risk").to_numpy()
+    assert np.abs(risk - float32).max() < 0.01
