@@ -36,7 +36,10 @@ class Item:
 @dataclass(frozen=True)
 class Explanation:
     risk: float
-    # Risk lost when the modality is removed, normalised to sum to 1 over present modalities.
+    # Risk lost when the modality is removed, divided by the sum of those losses' sizes over the
+    # present modalities: negative for a modality that lowers the risk (without it the risk would
+    # be higher), so a care team never reads a protective finding as a reason for the risk. The
+    # sizes sum to 1; all are 0 when no modality moves the risk.
     modality_shares: dict[str, float]
     # (modality, item, contribution) sorted by |contribution|, largest first.
     top_items: list[tuple[str, str, float]]
@@ -145,7 +148,7 @@ def _explain_chunk(model: FusionForRiskPrediction, calibrator: PlattCalibrator, 
         detail_drops = full - risks[cursor + 1 + len(by_modality) : cursor + 1 + len(by_modality) + len(details)]
         cursor += 1 + len(by_modality) + len(details)
         total = float(np.abs(drops).sum())
-        shares = {item.modality: (float(abs(d)) / total if total > 0 else 1.0 / len(by_modality))
+        shares = {item.modality: (float(d) / total if total > 0 else 0.0)
                   for item, d in zip(by_modality, drops, strict=True)}
         ranked = sorted(zip(details, detail_drops, strict=True), key=lambda pair: -abs(float(pair[1])))
         explanations.append(Explanation(

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from models.data import FusionDataset
-from models.explain import Item, calibrated_risks, explain, remove
+from models.explain import Item, calibrated_risks, explain, modality_items, remove
 from models.task_model import load_task_model
 from tests.models.conftest import TrainedTask
 
@@ -21,19 +21,25 @@ def held_out_patients(trained_task: TrainedTask) -> list:
     return dataset.patients[:120]
 
 
-def test_shares_sum_to_one_over_present_modalities(trained_task: TrainedTask) -> None:
+def test_shares_are_signed_and_their_sizes_sum_to_one_over_present_modalities(trained_task: TrainedTask) -> None:
     model, calibrator, _ = load_task_model(trained_task.model_dir)
     patients = held_out_patients(trained_task)
     vocabulary = [f"CODE//{i}" for i in range(12)]
     explanations = explain(model, calibrator, patients[:20], vocabulary, top_k=3)
     for patient, e in zip(patients[:20], explanations, strict=True):
-        assert abs(sum(e.modality_shares.values()) - 1.0) < 1e-9
+        assert abs(sum(abs(s) for s in e.modality_shares.values()) - 1.0) < 1e-9
+        # Signed: a modality whose removal raises the risk has a negative share.
+        without = {m: calibrated_risks(model, calibrator, [remove(patient, item)])[0]
+                   for item in modality_items(patient) for m in [item.modality]}
+        for modality, share in e.modality_shares.items():
+            assert np.sign(share) == np.sign(round(e.risk - without[modality], 12))
         assert ("imaging" in e.modality_shares) == (len(patient.imaging_days) > 0)
         n_items = len(set(patient.event_codes.tolist())) + len(patient.note_ids) + len(patient.study_ids)
         assert len(e.top_items) == min(3, n_items)
         contributions = [abs(c) for _, _, c in e.top_items]
         assert contributions == sorted(contributions, reverse=True)
         assert abs(e.risk - calibrated_risks(model, calibrator, [patient])[0]) < 1e-6
+    assert any(share < 0 for e in explanations for share in e.modality_shares.values())
 
 
 def test_removing_the_top_items_lowers_risk_more_than_removing_random_items(trained_task: TrainedTask) -> None:
