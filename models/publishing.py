@@ -25,8 +25,10 @@ and publishes (the nightly one) has neither the model's check nor the ingest's.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -261,6 +263,25 @@ def current_scores(root: Path, task: str) -> pl.DataFrame | None:
     return pl.read_parquet(path)
 
 
+def risk_assessment_id(task: str, subject_id: int) -> str:
+    """The id of a task's RiskAssessment of a patient: the same in every version, so that a write-back
+    replaces the patient's last assessment of the task, and a different one for every other pair.
+
+    Task and subject id cut to FHIR's 64 characters had collided (a long task name kept only the
+    first digits of the subject id; ``mace_1y`` and ``mace-1y`` were one task), so the id ends in a
+    digest of both.
+
+    Examples
+    --------
+    >>> risk_assessment_id("simulated_mace_1y", 42)
+    'simulated-mace-1y-42-9f3374404ee5725a'
+    """
+    digest = hashlib.sha256(f"{task}\x00{subject_id}".encode()).hexdigest()[:16]
+    readable = f"{task}-{subject_id}".replace("_", "-")
+    readable = re.sub(r"[^A-Za-z0-9.-]", "-", readable)[: 64 - len(digest) - 1]
+    return f"{readable}-{digest}"
+
+
 def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, model_version: str) -> dict[str, Any]:
     """One FHIR R4 RiskAssessment for one scored patient."""
     when = row["prediction_time"].replace(tzinfo=UTC)
@@ -272,7 +293,7 @@ def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, mode
             basis.append({"reference": f"ImagingStudy/{item['item'].removeprefix('study ')}"})
     resource: dict[str, Any] = {
         "resourceType": "RiskAssessment",
-        "id": f"{row['task']}-{row['subject_id']}".replace("_", "-")[:64],
+        "id": risk_assessment_id(row["task"], row["subject_id"]),
         "status": "final",
         "method": {"text": f"cohortcast fusion model {model_version}"},
         "subject": {"reference": f"Patient/{row['patient_id']}"},

@@ -29,6 +29,7 @@ from models.publishing import (
     publish,
     quality_shortfalls,
     rebuild_database,
+    risk_assessment_id,
 )
 from models.scoring import RiskTiers, model_version, score_task
 from tests.models.conftest import TrainedTask
@@ -112,6 +113,21 @@ def test_risk_assessments_are_valid_fhir_r4(scores: pa.Table, tmp_path: Path) ->
         assert resource.subject.reference.startswith("Patient/p-")
         assert 0 <= float(resource.prediction[0].probabilityDecimal) <= 1
         assert resource.prediction[0].whenPeriod.end > resource.prediction[0].whenPeriod.start
+    # One id per patient and task, the same in the next version: a write-back replaces the last one.
+    ids = [orjson.loads(line)["id"] for line in lines]
+    assert len(set(ids)) == 800
+    again = publish(scores, patients_table(scores), tmp_path / "pub", "synthetic_1y", 365, "death", {})
+    assert [orjson.loads(line)["id"] for line in (again.folder / "risk_assessments.ndjson").read_bytes().splitlines()] \
+        == ids
+
+
+def test_risk_assessment_ids_are_fhir_ids_unique_to_task_and_patient() -> None:
+    # A long task name had cut the subject ids' digits (1, 12 and 123 shared an id); "mace_1y" and
+    # "mace-1y" were one task.
+    pairs = [("a" * 62, 1), ("a" * 62, 12), ("a" * 62, 123), ("mace_1y", 5), ("mace-1y", 5), ("x" * 100, 2**62)]
+    ids = [risk_assessment_id(task, subject) for task, subject in pairs]
+    assert len(set(ids)) == len(pairs)
+    assert all(re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", i) for i in ids)
 
 
 def test_a_folder_from_another_version_or_system_is_refused_and_left_alone(scores: pa.Table, tmp_path: Path) -> None:
