@@ -139,6 +139,10 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     explanations = (explain(model, calibrator, dataset.patients, vocabulary, explain_top_k, bf16=bf16)
                     if with_explanations else [])
     previous_risk: list[float | None] = [None] * n
+    version = model_version(model_dir)
+    if previous is not None and "model_version" in previous.columns:
+        # A change since a risk of another model is the models' difference, not the patient's.
+        previous = previous.filter(pl.col("model_version") == version)
     if previous is not None and previous.height:
         before = dict(zip(previous["subject_id"].to_list(), previous["risk"].to_list(), strict=True))
         previous_risk = [before.get(int(s)) for s in dataset.subject_ids]
@@ -167,7 +171,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
                 [[{"modality": m, "item": i, "contribution": c} for m, i, c in e.top_items] for e in explanations]
                 if explanations else [[]] * n
             ),
-            "model_version": [model_version(model_dir)] * n,
+            "model_version": [version] * n,
         },
         schema=SCORES,
     )

@@ -13,7 +13,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from features.schemas import SCORES
-from models.scoring import RiskTiers, score_task, vocabulary_fingerprint
+from models.scoring import RiskTiers, model_version, score_task, vocabulary_fingerprint
 from models.task_model import ModelFolderError
 from tests.models.conftest import TrainedTask
 
@@ -50,8 +50,11 @@ def test_a_patient_on_the_treatment_already_gets_no_treatment_effect(trained_tas
                        before.filter(~pl.col("subject_id").is_in([3, 5])))
 
 
-def test_previous_risk_is_carried_from_the_last_publication(trained_task: TrainedTask) -> None:
-    previous = pl.DataFrame({"subject_id": [1, 2], "risk": [0.5, 0.25]})
+def test_previous_risk_is_carried_from_the_last_publication_of_the_same_model(trained_task: TrainedTask) -> None:
+    this_model = model_version(trained_task.model_dir)
+    # Patient 3's last risk came from the model deployed before: no change is shown for them.
+    previous = pl.DataFrame({"subject_id": [1, 2, 3], "risk": [0.5, 0.25, 0.9],
+                             "model_version": [this_model, this_model, "synthetic_1y-0123456789ab"]})
     scores = pl.from_arrow(score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
                                       previous, with_explanations=False))
     carried = scores.filter(pl.col("previous_risk").is_not_null()).sort("subject_id")
