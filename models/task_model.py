@@ -636,8 +636,18 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
         As :func:`check_model_folder`.
     """
     info = check_model_folder(folder)
-    model = FusionForRiskPrediction.from_pretrained(folder).eval()
-    return model, PlattCalibrator.load(folder / "calibration.json"), info
+    loaded: Any = FusionForRiskPrediction.from_pretrained(folder, output_loading_info=True)
+    model: FusionForRiskPrediction = loaded[0]
+    loading: dict[str, Any] = loaded[1]
+    # A weight the config asks for but the file lacks would start random (transformers only logs
+    # it): the config and weights of two models, which a folder of format 3 has no digests to catch.
+    kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    unmatched = {kind.replace("_", " "): sorted(map(str, loading.get(kind, ()))) for kind in kinds}
+    if any(unmatched.values()):
+        found = "; ".join(f"{kind}: {', '.join(keys[:3])}" for kind, keys in unmatched.items() if keys)
+        raise ModelFolderError(f"model folder {folder}: config.json and model.safetensors are not of one model "
+                               f"({found}); train the model again")
+    return model.eval(), PlattCalibrator.load(folder / "calibration.json"), info
 
 
 def check_model_folder(folder: Path) -> dict[str, Any]:

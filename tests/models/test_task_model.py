@@ -210,6 +210,14 @@ def test_a_model_folder_whose_files_differ_from_what_training_wrote_is_refused(t
     (edited / "cohortcast_model.json").write_text(json.dumps(older))
     (edited / "history.json").write_text("[]")
     assert load_task_model(edited)[2] == older
+    # Without digests, a config of another model beside these weights is caught by the weights
+    # it asks for and the file lacks (transformers would start them random, and only log it).
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps(config | {"numeric_value_embedding": True}))
+    with pytest.raises(ModelFolderError, match=rf"^model folder {edited}: config.json and model.safetensors are not "
+                                               r"of one model \(missing keys: encoder.event_code_slope.weight\); "
+                                               "train the model again$"):
+        load_task_model(edited)
 
 
 def _make_another_model(folder: Path, reference_risk: float) -> bytes:
