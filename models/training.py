@@ -329,8 +329,17 @@ def train(
                 running += out.loss.detach().double() * len(batch["event"])
                 seen += len(batch["event"])
         tuning = predict_logits(evaluated, tuning_dataset, device=device)
+        tuning_loss = torch.tensor(float(tuning["loss"]), dtype=torch.float64, device=device)
+        if distributed:
+            # One decision for every process: each computed the tuning loss on its own hardware, and
+            # a process that stopped while the others trained on would wait in their all-reduce.
+            dist.broadcast(tuning_loss, src=0)
+            # The epoch's training loss over every process's shard, not this one's alone.
+            totals = torch.stack([running, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+            dist.all_reduce(totals)
+            running, seen = totals[0], int(totals[1].item())
         record = {"epoch": float(epoch), "train_loss": float(running) / max(seen, 1),
-                  "tuning_loss": float(tuning["loss"])}
+                  "tuning_loss": float(tuning_loss.item())}
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)

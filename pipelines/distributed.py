@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # The other processes wait while the main one evaluates and writes the model (the baselines
+    # included, which take minutes on a large cohort): longer than NCCL's default 10 minutes.
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=2))
     try:
         rank = dist.get_rank()
         training = TrainingArguments(max_epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

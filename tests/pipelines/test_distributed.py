@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -31,8 +32,13 @@ def test_torchrun_trains_one_model_on_two_gloo_processes(tmp_path: Path) -> None
     ]
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    # Both processes trained, each knowing the world has two.
-    assert "rank 0/2 epoch 0" in done.stdout and "rank 1/2 epoch 0" in done.stdout
+    # Both processes trained, each knowing the world has two, and each reports the epoch's losses
+    # over both shards, with one tuning loss deciding for both when to stop.
+    # (Found in the whole output: two processes' prints can share a line.)
+    reports = re.findall(r"rank ([01])/2 epoch (\d+) train ([\d.]+) tuning ([\d.]+)", done.stdout)
+    by_rank = {rank: [report[1:] for report in reports if report[0] == rank] for rank in ("0", "1")}
+    assert [epoch for epoch, _, _ in by_rank["0"]] == ["0", "1"]
+    assert by_rank["0"] == by_rank["1"]
     model, _calibrator, info = load_task_model(tmp_path / "candidate_models" / "synthetic_1y")
     assert info["task"] == "synthetic_1y"
     assert model.config.hidden_size == 16
