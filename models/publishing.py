@@ -388,7 +388,7 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         pointer = task_root / ".CURRENT.partial"
         pointer.write_text(version + "\n")
         os.replace(pointer, task_root / "CURRENT")
-        rebuild_database(root)
+        _rebuild_database(root)
     return Publication(task, version, task_root / version, frame.height, n_high)
 
 
@@ -403,6 +403,13 @@ def _publish_lock(root: Path) -> Iterator[None]:
 
 
 def rebuild_database(root: Path) -> Path:
+    """Write ``cohortcast.duckdb`` again from the published folders (:func:`_rebuild_database`),
+    under the publish lock."""
+    with _publish_lock(root):
+        return _rebuild_database(root)
+
+
+def _rebuild_database(root: Path) -> Path:
     """Write ``cohortcast.duckdb`` again from the published folders: ``published_scores`` from each
     task's live version (its ``CURRENT``), ``publications`` from every version's manifest.
 
@@ -429,8 +436,9 @@ def rebuild_database(root: Path) -> Path:
             ))
     scores = pl.concat(live) if live else pl.DataFrame(schema=PUBLISHED_SCORES_SCHEMA)
     history = pl.DataFrame(publications, schema=PUBLICATIONS_SCHEMA)
+    for leftover in root.glob(f".{DATABASE}.*.partial*"):  # a killed rebuild's file (and its WAL)
+        leftover.unlink()
     partial = root / f".{DATABASE}.{os.getpid()}.partial"
-    partial.unlink(missing_ok=True)
     connection = duckdb.connect(str(partial))
     try:
         connection.register("scores", scores.cast(PUBLISHED_SCORES_SCHEMA).to_arrow())

@@ -297,7 +297,9 @@ def test_the_database_is_rebuilt_from_the_live_versions(scores: pa.Table, tmp_pa
     # the next rebuild follows CURRENT, and the database is derived from the folders alone.
     (root / "synthetic_1y" / "CURRENT").write_text("v0001\n")
     (root / "cohortcast.duckdb").unlink()
+    (root / ".cohortcast.duckdb.999.partial").write_bytes(b"a killed rebuild's file")
     rebuild_database(root)
+    assert not list(root.glob("*.partial"))
     with duckdb.connect(str(root / "cohortcast.duckdb"), read_only=True) as db:
         assert db.execute("SELECT version, count(*) FROM published_scores GROUP BY ALL").fetchall() == [("v0001", 800)]
         lineage = db.execute("SELECT lineage FROM publications ORDER BY version").fetchall()
