@@ -200,7 +200,9 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
             if values is None:
                 break
             number += 1
-            if any(NOT_UTF8.search(value) for value in values):
+            # One check per row (a wide panel has thousands of values); ASCII text needs no search.
+            joined = "".join(values)
+            if not joined.isascii() and NOT_UTF8.search(joined):
                 odd.append((number, {"__not_utf8__": [NOT_UTF8.sub("\ufffd", value) for value in values]}))
             elif len(values) == len(header):
                 numbers.append(number)
