@@ -194,9 +194,9 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
             try:
                 values = next(reader, None)
             except csv.Error as exc:
-                raise FileError("unreadable_file", f"CSV/TSV quoting breaks after record {number} (line "
-                                f"{reader.line_num}): {exc}; a quote opened and never closed joins the rows after "
-                                "it") from None
+                raise FileError("unreadable_file", f"CSV/TSV quoting breaks in record {number + 1} (read to "
+                                f"line {reader.line_num}): {exc}; a quote opened and never closed joins the rows "
+                                "after it") from None
             if values is None:
                 break
             number += 1

@@ -615,7 +615,7 @@ def test_a_quote_never_closed_rejects_the_notes_file_instead_of_joining_its_rows
     summary, quarantine = run(tmp_path, {"notes/notes.csv": NOTES_HEADER + b"".join(rows)})
     assert quarantine.select("source_file", "record_number", "reason_code").rows() == [
         ("notes/notes.csv", 0, "unreadable_file")]
-    assert quarantine["reason"][0].startswith("CSV/TSV quoting breaks after record 2 (line ")
+    assert quarantine["reason"][0].startswith("CSV/TSV quoting breaks in record 3 (read to line ")
     assert summary.table_rows["notes"] == 0
 
 
