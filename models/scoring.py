@@ -64,9 +64,10 @@ class RiskTiers:
         >>> RiskTiers(0.25, 0.25).assign(np.array([0.9, 0.5, 0.5, 0.5, 0.1, 0.1, 0.1, 0.1]))
         ['high', 'high', 'high', 'high', 'low', 'low', 'low', 'low']
         """
+        risk = np.asarray(risk, dtype=np.float64)
         if len(risk) == 0:
             return []
-        descending = np.sort(np.asarray(risk, dtype=np.float64))[::-1]
+        descending = np.sort(risk)[::-1]
 
         def at_least_last_of(share: Fraction) -> np.ndarray:
             size = math.ceil(share * len(risk))
