@@ -189,8 +189,9 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     scores = pq.read_table(scores_path(workspace, task.name))
     # The model's and the ingest's blocking checks are not in every run that publishes (the nightly
     # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.
+    min_auroc, max_calibration_error = quality_gates(task, config)
     check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
-                      workspace.warehouse_dir, *quality_gates(task, config))
+                      workspace.warehouse_dir, min_auroc, max_calibration_error)
     patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
                                columns=["subject_id", "patient_id", "death_time", "deceased"])
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
@@ -199,7 +200,10 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
                                                                    task.publishing.medium_share))
     publication = publish(living, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
                           {"run_id": context.run.run_id, "warehouse": str(workspace.warehouse_dir),
-                           "model": str(model_dir(workspace, task.name))}, codes=codes,
+                           "model": str(model_dir(workspace, task.name)),
+                           # The gates this version passed: a run's config may set others than the task's.
+                           "quality_gates": {"min_auroc": min_auroc, "max_calibration_error": max_calibration_error}},
+                          codes=codes,
                           left_out={"deceased": deceased})
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(publication.folder)),

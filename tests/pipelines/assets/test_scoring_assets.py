@@ -264,3 +264,15 @@ def test_an_unbalanced_ingest_is_not_published_by_a_rescore_run(tmp_path: Path) 
     assert result.get_asset_materialization_events() == []
     assert (tmp_path / "published" / TASK / "CURRENT").read_text() == "v0001\n"
     assert sorted(p.name for p in (tmp_path / "published" / TASK).iterdir()) == ["CURRENT", "v0001"]
+
+
+def test_a_publication_records_the_quality_gates_it_passed(tmp_path: Path) -> None:
+    make_workspace(tmp_path, REFERENCE)
+    gates = {"min_auroc": 0.6, "max_calibration_error": 0.08}  # stricter than the task file's
+    result = publish_and_check(tmp_path, {"ops": {"published_cohort": {"config": gates}}})
+    assert result.success
+    manifest = json.loads((tmp_path / "published" / TASK / "v0002" / "manifest.json").read_text())
+    assert manifest["lineage"]["quality_gates"] == gates
+    publish_and_check(tmp_path)
+    manifest = json.loads((tmp_path / "published" / TASK / "v0003" / "manifest.json").read_text())
+    assert manifest["lineage"]["quality_gates"] == {"min_auroc": 0.55, "max_calibration_error": 0.1}
