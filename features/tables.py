@@ -14,6 +14,7 @@ import csv
 import math
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -115,12 +116,9 @@ def table_columns(path: Path) -> list[str]:
     try:
         if path.suffix.lower() == ".parquet":
             return list(pq.read_schema(path).names)
-        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
-        # surrogateescape: the header is read alone; bytes further on are its rows' business.
-        with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-            header = next(csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
-                                     strict=True), None)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        with _csv_reader(path) as reader:
+            header = next(reader, None)
+    except (OSError, csv.Error) as exc:
         raise FileError("unreadable_file", f"file cannot be read as a table: {str(exc)[:150]}") from None
     except pa.ArrowException as exc:  # ArrowInvalid on bytes that are not Parquet (empty, truncated, other)
         raise _unreadable_parquet(exc) from None
@@ -180,10 +178,7 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 return
             yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
             number += batch.num_rows
-    # surrogateescape: a byte that is not UTF-8 fails its row, not the file (nor is it replaced unseen).
-    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        # strict: a quote opened and never closed is an error, not a field running to the end of the file.
-        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
+    with _csv_reader(path) as reader:
         header = [name.strip() for name in next(reader)]
         batch_rows = max(1, min(BATCH_ROWS, BATCH_VALUES // len(header)))
         numbers: list[int] = []
@@ -214,6 +209,19 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 numbers, fitting, odd = [], [], []
         if numbers or odd:
             yield numbers, _text_table(header, fitting), odd
+
+
+@contextmanager
+def _csv_reader(path: Path) -> Iterator[Any]:
+    """A CSV/TSV file's rows, as lists of text.
+
+    UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8": it is not part of the first
+    column's name). A byte that is not UTF-8 is kept as a surrogate (``surrogateescape``), so that
+    it fails its row, not the file, and is never replaced unseen. Strict quoting: a quote opened
+    and never closed raises ``csv.Error``, instead of a field that runs to the end of the file.
+    """
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        yield csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", strict=True)
 
 
 def check_row_shape(row: dict[str, Any]) -> None:
@@ -388,8 +396,8 @@ integers with a missing value is written as floats by pandas)."""
 
 def to_int(row: dict[str, Any], name: str) -> int:
     value = require(row, name)
-    if isinstance(value, str) and INTEGER_TEXT.fullmatch(value.strip()):
-        value = int(value.strip().split(".")[0])
+    if isinstance(value, str) and INTEGER_TEXT.fullmatch(stripped := value.strip()):
+        value = int(stripped.split(".")[0])
     elif isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

@@ -277,8 +277,7 @@ def risk_assessment_id(task: str, subject_id: int) -> str:
     'simulated-mace-1y-42-9f3374404ee5725a'
     """
     digest = hashlib.sha256(f"{task}\x00{subject_id}".encode()).hexdigest()[:16]
-    readable = f"{task}-{subject_id}".replace("_", "-")
-    readable = re.sub(r"[^A-Za-z0-9.-]", "-", readable)[: 64 - len(digest) - 1]
+    readable = re.sub(r"[^A-Za-z0-9.-]", "-", f"{task}-{subject_id}")[: 64 - len(digest) - 1]
     return f"{readable}-{digest}"
 
 

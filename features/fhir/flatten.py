@@ -767,7 +767,6 @@ def note_type_slug(label: str) -> str:
     return NOTE_TYPE_SEPARATORS.sub("_", label.lower()).strip("_") or "document"
 
 
-
 def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, str]:
     """A DocumentReference's patient, time and note type."""
     patient = _patient(res, "DocumentReference", origin)

@@ -1106,17 +1106,22 @@ def test_ratio_range_and_period_values_are_read_on_both_paths(
     assert events.select("code", "numeric_value").rows() == [("LOINC//5370-2", pytest.approx(1 / 64))]
 
 
+def _observation(rid: str, loinc: str, **fields: object) -> dict[str, object]:
+    """A final Observation of patient p1 with LOINC code ``loinc``, and ``fields`` (its value)."""
+    return {
+        "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+        "effectiveDateTime": "2020-01-02T03:04:05Z", **fields,
+    }
+
+
 def test_units_prefer_the_ucum_code_on_both_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Senders spell one unit differently in Quantity.unit (display text); its UCUM code is one
     # spelling. A code of another system is less readable than the text, which then comes first.
     ucum = "http://unitsofmeasure.org"
 
     def observation(rid: str, **value: object) -> dict[str, object]:
-        return {
-            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2160-0"}]},
-            "effectiveDateTime": "2020-01-02T03:04:05Z", **value,
-        }
+        return _observation(rid, "2160-0", **value)
 
     spelled = {"value": 1.2, "unit": "milligram per deciliter", "system": ucum, "code": "mg/dL"}
     records = [
@@ -1162,11 +1167,7 @@ def test_data_absent_reasons_are_kept_and_a_measurement_never_made_is_no_event(
     absent = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
 
     def observation(rid: str, **fields: object) -> dict[str, object]:
-        return {
-            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2093-3"}]},
-            "effectiveDateTime": "2020-01-02T03:04:05Z", **fields,
-        }
+        return _observation(rid, "2093-3", **fields)
 
     def reason(code: str) -> dict[str, object]:
         return {"coding": [{"system": absent, "code": code}]}
