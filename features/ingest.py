@@ -148,7 +148,7 @@ STAGING_PREFIX = ".ingest-staging-"
 # The subfolder of a staging folder that holds the finished warehouse files until they are put in place.
 FINAL_FOLDER = "final"
 RAW_LIMIT = 500
-_NAN = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Infinity)(?![A-Za-z\"])")
+_NAN = re.compile(rb"(?<![A-Za-z\"])-?(NaN|Inf|Infinity)(?![A-Za-z\"])")
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,7 @@ def _parse_line(raw: bytes) -> Any:
                 f"line is not UTF-8 text (bad byte {raw[bad.start : bad.start + 1]!r} at column {bad.start + 1})",
             ) from None
         if _NAN.search(raw):
-            raise RecordError("invalid_json", "line holds NaN or Infinity, which JSON does not allow") from None
+            raise RecordError("invalid_json", "line holds NaN, Inf or Infinity, which JSON does not allow") from None
         message = str(exc).split(":", 1)[0]
         raise RecordError("invalid_json", f"line is not valid JSON ({message}; truncated or malformed)") from None
 

@@ -293,6 +293,9 @@ _SUSPICIOUS = r"\r|null|NaN|Infinity"
 the end), ``null`` (a missing and a null field differ there), ``NaN``/``Infinity`` (not JSON). So
 does a line that does not start with ``{`` (blank, byte-order mark, not an object). Literal
 alternatives only: the regex engine then searches them all at once."""
+_BARE_INF = r"[:,\[][ \t]*-?Inf[ \t]*[,\]}]"
+"""The token ``Inf`` as a JSON value, which the decoder accepts and JSON does not. Searched only in
+lines holding the text ``Inf``: as a literal it would also send every "Infarction" to the Python path."""
 
 _PRESENCE_ONLY: dict[str, str] = {
     "Observation": "|".join(
@@ -324,6 +327,9 @@ def suspicious_lines(lines: pl.Series, resource_type: str) -> np.ndarray:
         # A separate search: one regex of many literals is several times slower than two of few.
         flagged = flagged | lines.str.contains(_PRESENCE_ONLY[resource_type])
     suspicious = flagged.to_numpy(writable=True)
+    with_inf = np.flatnonzero(lines.str.contains("Inf", literal=True).to_numpy())
+    if len(with_inf):
+        suspicious[with_inf[lines.gather(with_inf).str.contains(_BARE_INF).to_numpy()]] = True
     # Deep nesting: orjson stops at 1024 levels, the decoder does not; only long lines can be deep.
     long = np.flatnonzero((length > 2 * MAX_BRACKETS).to_numpy())
     if len(long):

@@ -731,7 +731,7 @@ def decode_text(data: Any, content_type: str, where: str) -> str | None:
         return raw.decode(charset)
     except LookupError:
         raise RecordError("bad_charset", f"{where} charset {charset!r:.40} is unknown") from None
-    except UnicodeDecodeError:
+    except UnicodeError:  # UnicodeDecodeError, and the bare UnicodeError of codecs such as punycode
         raise RecordError("bad_charset", f"{where} is not valid {charset} text") from None
 
 

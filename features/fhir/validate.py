@@ -132,6 +132,9 @@ def _parse_datetime_text(value: str, latest: datetime, period_end: bool) -> date
             last = None
     except ValueError as exc:
         return "bad_date", f"is not a real date ({exc})"
+    except OverflowError:
+        # A placeholder such as 0001-01-01T00:00:00+01:00 names an instant before year 1 in UTC.
+        return "bad_date", "is outside the dates a calendar can hold (years 1 to 9999 in UTC)"
     if parsed < EARLIEST:
         return "bad_date", "is before 1800"
     if parsed > latest:

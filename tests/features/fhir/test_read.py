@@ -168,7 +168,7 @@ def test_patient_gender_of_wrong_type_or_value(tmp_path: Path, gender: object, r
 def test_nan(tmp_path: Path) -> None:
     raw = b'{"resourceType":"Observation","id":"o1","valueQuantity":{"value":NaN}}'
     reject = only_reject(ingest_lines(tmp_path, raw)[1])
-    assert reject["reason"] == "line holds NaN or Infinity, which JSON does not allow"
+    assert reject["reason"] == "line holds NaN, Inf or Infinity, which JSON does not allow"
 
 
 def test_impossible_date(tmp_path: Path) -> None:
@@ -433,6 +433,24 @@ def test_note_bad_charset(tmp_path: Path) -> None:
     data = base64.b64encode(b"\xff\xfe bad").decode()
     reject = only_reject(ingest_lines(tmp_path, line(document_reference(data)))[1])
     assert reject["reason"] == "DocumentReference.content[0].attachment is not valid utf-8 text"
+
+
+def test_note_in_a_codec_that_fails_without_a_decode_error(tmp_path: Path) -> None:
+    # punycode raises a bare UnicodeError, which once stopped the whole ingest.
+    data = base64.b64encode(b"\\x").decode()
+    reject = only_reject(ingest_lines(tmp_path, line(document_reference(data, "text/plain; charset=punycode")))[1])
+    assert reject["reason"] == "DocumentReference.content[0].attachment is not valid punycode text"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("onsetDateTime", "0001-01-01T00:00:00+01:00"), ("recordedDate", "9999-12-31T23:59:59-14:00")],
+)
+def test_date_outside_the_calendar_in_utc(tmp_path: Path, field: str, value: str) -> None:
+    # In UTC these instants fall before year 1 or after 9999: they once overflowed the ingest.
+    reject = only_reject(ingest_lines(tmp_path, line(condition(**{field: value})))[1])
+    assert (reject["reason_code"], reject["reason"]) == (
+        "bad_date", f"Condition.{field} {value!r} is outside the dates a calendar can hold (years 1 to 9999 in UTC)")
 
 
 def test_strict_mode_rejects_what_the_fast_path_allows(tmp_path: Path) -> None:
