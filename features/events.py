@@ -252,7 +252,7 @@ def build_events(warehouse_dir: Path) -> pl.LazyFrame:
     there were quarantined before, and the inner join would drop nothing else).
     """
     names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
-    tables = {name: pl.scan_parquet(warehouse_dir / f"{name}.parquet") for name in names}
+    tables = {name: pl.scan_parquet(warehouse_dir / f"{name}.parquet", glob=False) for name in names}
     return pl.concat(event_frames(tables), how="vertical").select(EVENTS.names)
 
 
@@ -280,8 +280,9 @@ def build_codes(warehouse_dir: Path) -> pl.LazyFrame:
     described = [*CODED_TABLES, "observations"]
     displays = pl.concat(
         [
-            *(pl.scan_parquet(warehouse_dir / f"{name}.parquet").select("code", "display") for name in described),
-            pl.scan_parquet(warehouse_dir / "encounters.parquet").select(
+            *(pl.scan_parquet(warehouse_dir / f"{name}.parquet", glob=False).select("code", "display")
+              for name in described),
+            pl.scan_parquet(warehouse_dir / "encounters.parquet", glob=False).select(
                 pl.col("type_code").alias("code"), pl.col("type_display").alias("display")
             ),
         ]
@@ -290,13 +291,13 @@ def build_codes(warehouse_dir: Path) -> pl.LazyFrame:
         "code", pl.col("display").alias("description")
     )
     parents = (
-        pl.scan_parquet(warehouse_dir / "observations.parquet")
+        pl.scan_parquet(warehouse_dir / "observations.parquet", glob=False)
         .drop_nulls("parent_code")
         .group_by("code")
         .agg(pl.col("parent_code").unique().sort().alias("parent_codes"))
     )
     return (
-        pl.scan_parquet(warehouse_dir / "events.parquet")
+        pl.scan_parquet(warehouse_dir / "events.parquet", glob=False)
         .select("code")
         .unique()
         .join(descriptions, on="code", how="left")

@@ -92,7 +92,7 @@ from features.io import (
 )
 from features.notes import read_notes_file
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
-from features.tables import Spill, TableRead
+from features.tables import FileError, Spill, TableRead
 
 TABLES = [
     "patients",
@@ -142,6 +142,8 @@ DocumentReferences; a notes-table row of the same id is the same document)."""
 SUMMARY_FILE = "ingest_summary.json"
 # In a warehouse fed by landing batches: the name of the batch last promoted into it.
 PROMOTED_BATCH_FILE = "promoted_batch.txt"
+# Names the ingested batch folder while its files are put in place (a promotion cut short is finished from it).
+PROMOTING_FILE = ".promoting"
 # The writer lock of a warehouse folder, and the prefix of the staging folders ingests write in.
 LOCK_FILE = ".ingest.lock"
 STAGING_PREFIX = ".ingest-staging-"
@@ -183,6 +185,17 @@ class IngestSummary:
     duplicates: int
     fhir_resources_in: int
     elapsed_seconds: float
+    # Where export_time came from: "given" (the caller's), "manifest" (the Bulk export's
+    # transactionTime) or "ingest time" (the clock, when neither says).
+    export_time_source: str = "ingest time"
+    # How the landing zone differs from its Bulk export's manifest.json: a listed file missing,
+    # or holding another number of records than listed (a copy cut short). Empty without a manifest.
+    manifest_mismatches: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the landing zone holds every file of its manifest, with the records it lists."""
+        return not self.manifest_mismatches
 
     @property
     def records_in(self) -> int:
@@ -217,6 +230,7 @@ class IngestSummary:
         document.pop("totals", None)
         document["export_time"] = datetime.fromisoformat(document["export_time"])
         document["files"] = tuple(FileAccount(**account) for account in document["files"])
+        document["manifest_mismatches"] = tuple(document.get("manifest_mismatches", ()))
         return cls(**document)
 
 
@@ -233,6 +247,10 @@ class _Landing:
     notes: list[tuple[Path, str]] = field(default_factory=list)
     genomics: list[tuple[Path, str]] = field(default_factory=list)
     imaging: list[tuple[Path, str]] = field(default_factory=list)
+    # Files no reader takes (a folder named otherwise, a CSV among the FHIR files): one quarantine row each.
+    unread: list[tuple[Path, str]] = field(default_factory=list)
+    # Bulk Data manifests (manifest.json): the export's time and the files it wrote.
+    manifests: list[tuple[Path, str]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -652,6 +670,18 @@ def _stage_table_read(staging: Path, read: TableRead, part: str) -> int:
     return len(read.rejects)
 
 
+def unread_file(path: Path, source_file: str, spill: Spill | None = None) -> TableRead:
+    """A landing-zone file no reader takes, as one quarantine row that says where its kind belongs."""
+    read = TableRead("other", source_file, spill=spill)
+    if source_file.startswith("fhir/"):
+        reason = "file is not read: FHIR files end in .ndjson, .ndjson.gz or .json"
+    else:
+        reason = ("file is not read: a landing zone holds FHIR files under fhir/ and tables under notes/, genomics/ "
+                  "and imaging/ (move it there, or out of the landing zone)")
+    read.reject_file(FileError("unread_file", reason))
+    return read
+
+
 def _read_and_stage(
     staging: Path, read: Callable[[Path, str, Spill], TableRead], path: Path, rel: str, part: str
 ) -> _UnitResult:
@@ -684,24 +714,103 @@ def _read_and_stage(
 BULK_MANIFEST = "manifest.json"
 """The Bulk Data export's manifest (its ``transactionTime`` and the files it wrote): it lies beside
 the NDJSON files it lists, and is no FHIR record."""
+LANDED_MARKER = "_SUCCESS"
+"""The empty file a lander writes into a batch after its last file (as Hadoop and Spark writers do)."""
+SIMULATOR_FILES = ("simulation.json", "truth.parquet")
+"""What the simulator writes beside a landing zone's folders (its settings, and the truth models are
+measured against); not read when ``simulation.json`` is there."""
+
+
+@dataclass(frozen=True)
+class BulkManifest:
+    """What a Bulk Data export's ``manifest.json`` says: when the export was taken and the files it wrote."""
+
+    path: str
+    transaction_time: datetime | None
+    # (file name, records listed or None), from each ``output`` entry's ``url`` and ``count``.
+    files: tuple[tuple[str, int | None], ...]
+    # Why the manifest, or part of it, could not be read.
+    problems: tuple[str, ...]
+
+
+def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest:
+    """Read a Bulk Data manifest; what cannot be read is listed in ``problems``, never raised."""
+    try:
+        document = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError:
+        return BulkManifest(source_file, None, (), (f"{source_file} is not valid JSON",))
+    if not isinstance(document, dict):
+        return BulkManifest(source_file, None, (), (f"{source_file} is not a JSON object",))
+    problems: list[str] = []
+    stamp = document.get("transactionTime")
+    transaction_time = None
+    try:
+        transaction_time = parse_datetime(stamp, f"{source_file} transactionTime", datetime.max)
+    except RecordError as err:
+        problems.append(err.reason)
+    listed: list[tuple[str, int | None]] = []
+    output = document.get("output", [])
+    for index, entry in enumerate(output if isinstance(output, list) else []):
+        url = entry.get("url") if isinstance(entry, dict) else None
+        count = entry.get("count") if isinstance(entry, dict) else None
+        if not isinstance(url, str) or not url.rstrip("/").rsplit("/", 1)[-1]:
+            problems.append(f"{source_file} output[{index}] has no url")
+            continue
+        known = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+        listed.append((url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1], known))
+    if not isinstance(output, list):
+        problems.append(f"{source_file} output is not a list")
+    return BulkManifest(source_file, transaction_time, tuple(listed), tuple(problems))
+
+
+def manifest_mismatches(manifest: BulkManifest, records_in: dict[str, int]) -> list[str]:
+    """How the FHIR files read (``records_in`` by source file) differ from what ``manifest`` lists.
+
+    Files are matched by name, in whatever folder they lie: the manifest's URLs are the server's.
+    """
+    by_name: dict[str, int] = defaultdict(int)
+    for source_file, read in records_in.items():
+        by_name[source_file.rsplit("/", 1)[-1]] += read
+    found = list(manifest.problems)
+    for name, listed in manifest.files:
+        if name not in by_name:
+            found.append(f"{name}: listed in {manifest.path}, not in the landing zone")
+        elif listed is not None and by_name[name] != listed:
+            found.append(f"{name}: {by_name[name]} records, {manifest.path} lists {listed}")
+    return found
 
 
 def _discover(landing_dir: Path) -> _Landing:
-    """Find the landing zone's files, sorted by path (the order duplicates resolve in)."""
+    """Find the landing zone's files, sorted by path (the order duplicates resolve in). A file no
+    reader takes is listed as ``unread`` (one quarantine row each), so that a folder named
+    ``note/`` or a CSV put among the FHIR files is seen, not left out without a trace."""
     landing = _Landing()
 
     def files(folder: Path) -> list[Path]:
         return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
+    def rel(path: Path) -> str:
+        return path.relative_to(landing_dir).as_posix()
+
     fhir_root = landing_dir / "fhir"
     other = {"notes", "genomics", "imaging"}
+    every = files(landing_dir)
     if fhir_root.is_dir():
-        candidates = files(fhir_root)
+        candidates = [p for p in every if p.relative_to(landing_dir).parts[0] == "fhir"]
     else:
         # A bare export folder (no fhir/ sub-folder): FHIR files anywhere but in the tables' folders.
-        candidates = [p for p in files(landing_dir) if p.relative_to(landing_dir).parts[0] not in other]
-    landing.fhir = [(p, p.relative_to(landing_dir).as_posix()) for p in candidates
-                    if fhir_kind(p) is not None and p.name.lower() != BULK_MANIFEST]
+        candidates = [p for p in every if p.relative_to(landing_dir).parts[0] not in other]
+    landing.fhir = [(p, rel(p)) for p in candidates if fhir_kind(p) is not None and p.name.lower() != BULK_MANIFEST]
+    manifests = [p for p in candidates if p.name.lower() == BULK_MANIFEST]
+    if not manifests and (landing_dir / BULK_MANIFEST).is_file():
+        manifests = [landing_dir / BULK_MANIFEST]
+    landing.manifests = [(p, rel(p)) for p in manifests]
+    taken = {path for path, _ in landing.fhir} | set(manifests)
+    taken |= {landing_dir / LANDED_MARKER}
+    if (landing_dir / SIMULATOR_FILES[0]).is_file():
+        taken |= {landing_dir / name for name in SIMULATOR_FILES}
+    landing.unread = [(p, rel(p)) for p in every
+                      if p not in taken and p.relative_to(landing_dir).parts[0] not in other]
     for name in sorted(other):
         folder = landing_dir / name
         if folder.is_dir():
@@ -733,7 +842,7 @@ def _staged_bytes(staging: Path, table: str) -> int:
 
 def _staged(staging: Path, table: str) -> pl.LazyFrame:
     parts = _staged_parts(staging, table)
-    return pl.scan_ipc(parts) if parts else _empty(table)
+    return pl.scan_ipc(parts, glob=False) if parts else _empty(table)
 
 
 _HIGH_CARDINALITY = re.compile(r"(_id|^text|_json|_sha256|^source|text_value)$")
@@ -980,7 +1089,7 @@ def resolve_medication_references(
     (the final table), and a quarantine row (as :func:`_finalize_table` drops them) for each of
     the others: an order without its drug cannot be used.
     """
-    codes = pl.scan_parquet(medication_codes).select("medication_id", "code", "codes", "display")
+    codes = pl.scan_parquet(medication_codes, glob=False).select("medication_id", "code", "codes", "display")
     joined = references.join(codes, on="medication_id", how="left", maintain_order="left")
     resolved = joined.filter(pl.col("code").is_not_null()).select(INTERNAL_TABLES["medications"].names)
     unresolved = _drops(
@@ -1003,7 +1112,7 @@ def resolve_note_references(
     table: one copy per id) with text content, and a quarantine row for each of the others.
     """
     location = ["source_file", "record_number"]
-    kept = staged_binaries.join(pl.scan_parquet(binaries).select(location), on=location, how="semi")
+    kept = staged_binaries.join(pl.scan_parquet(binaries, glob=False).select(location), on=location, how="semi")
     joined = references.join(
         kept.select("binary_id", "content_type", "text", "text_sha256"), on="binary_id", how="left",
         maintain_order="left",
@@ -1054,7 +1163,8 @@ def _raw_texts(
 def _records_out(path: Path) -> dict[str, int]:
     """Distinct records (source file and record number) per source file in a written table."""
     per_file = (
-        pl.scan_parquet(path).select("source_file", "record_number").unique().group_by("source_file").len().collect()
+        pl.scan_parquet(path, glob=False).select("source_file", "record_number").unique()
+        .group_by("source_file").len().collect()
     )
     return dict(per_file.iter_rows())
 
@@ -1122,10 +1232,19 @@ def remove_leftovers(warehouse_dir: Path) -> list[str]:
 
     An ingest killed while it put its finished files in place (its staging folder holds the
     accounting, written last) left the warehouse half old, half new: its remaining files are put
-    in place first, the accounting last, as the run would have done.
+    in place first, the accounting last, as the run would have done. So are a killed promotion's,
+    from the batch its ``.promoting`` names.
     """
-    names = (*warehouse_files(), PROMOTED_BATCH_FILE)
+    names = (*warehouse_files(), PROMOTED_BATCH_FILE, PROMOTING_FILE)
     removed: list[str] = []
+    marker = warehouse_dir / PROMOTING_FILE
+    if marker.is_file():
+        ingested = Path(marker.read_text().strip())
+        # A promotion killed while it linked the batch's files: link them all again. Without the
+        # batch's folder (deleted since), the marker stays and readers keep refusing the warehouse.
+        if (ingested / SUMMARY_FILE).is_file():
+            _link_batch(ingested, warehouse_dir)
+            removed.append(PROMOTING_FILE)
     for path in sorted(warehouse_dir.iterdir()):
         if path.name.startswith(STAGING_PREFIX) and path.is_dir():
             if (path / FINAL_FOLDER / SUMMARY_FILE).is_file():
@@ -1236,9 +1355,14 @@ def ingest_landing_zone(
         Processes reading FHIR in parallel; the output does not depend on it.
     export_time
         The time of the export (naive UTC, or aware): records dated later are quarantined.
-        Defaults to now.
+        Defaults to the Bulk export's ``transactionTime`` when the landing zone holds its
+        ``manifest.json``, else to now.
     progress
         Called with (units done, units total) as FHIR read units finish.
+
+    A ``manifest.json`` is also compared with the FHIR files read: a listed file missing, or
+    holding another number of records than listed, is in the summary's ``manifest_mismatches``
+    (the ingest still runs; a batch is not promoted with any).
 
     Raises
     ------
@@ -1250,19 +1374,29 @@ def ingest_landing_zone(
     started = time.perf_counter()
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
     _check_dirs(landing_dir, warehouse_dir)
+    landing = _discover(landing_dir)
+    manifests = [read_bulk_manifest(path, rel) for path, rel in landing.manifests]
+    stamps = [manifest.transaction_time for manifest in manifests if manifest.transaction_time is not None]
+    source = "given" if export_time is not None else "manifest" if stamps else "ingest time"
     if export_time is None:
-        export_time = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+        # The Bulk export's own time: an ingest run days later must not take records dated after the
+        # export (a clock or feed error) as real.
+        export_time = min(stamps) if stamps else datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     elif export_time.tzinfo is not None:
         export_time = export_time.astimezone(UTC).replace(tzinfo=None)
-    landing = _discover(landing_dir)
     if not (landing.fhir or landing.notes or landing.genomics or landing.imaging):
         # An export that failed upstream lands as an empty folder: ingested, it would replace every
         # table with an empty one and leave the warehouse with no patients.
-        raise LandingZoneError(f"landing zone {landing_dir} holds no file to ingest (expected FHIR .ndjson, "
+        count = len(landing.unread)
+        unread = (f", only {count} file{'s' if count > 1 else ''} no reader takes ({landing.unread[0][1]}"
+                  f"{', ...' if count > 1 else ''})" if landing.unread else "")
+        raise LandingZoneError(f"landing zone {landing_dir} holds no file to ingest{unread} (expected FHIR .ndjson, "
                                ".ndjson.gz or .json files, or notes/, genomics/ or imaging/ tables); the "
                                "warehouse keeps its tables")
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
-        return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started)
+        summary = _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
+                                 manifests, source)
+    return summary
 
 
 def _ingest_locked(
@@ -1274,6 +1408,8 @@ def _ingest_locked(
     export_time: datetime,
     progress: Callable[[int, int], None] | None,
     started: float,
+    manifests: list[BulkManifest],
+    export_time_source: str,
 ) -> IngestSummary:
     """:func:`ingest_landing_zone` once it holds the warehouse's writer lock.
 
@@ -1293,6 +1429,7 @@ def _ingest_locked(
             ("genomics", landing.genomics, read_genomics_file),
             ("imaging", landing.imaging,
              lambda p, rel, spill: read_imaging_file(p, rel, export_time, imaging_length(), spill)),
+            ("other", landing.unread, unread_file),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
         # Input size as the batching counts it (a .gz file several times its size), before planning.
@@ -1315,11 +1452,11 @@ def _ingest_locked(
         versions = _staged(staging, "record_versions")
         finalized = {"deletions": _finalize_table("deletions", staged["deletions"], None, tables_dir, versions)}
         # Most exports delete nothing: then no table is searched for deleted resources.
-        deletions = pl.scan_parquet(tables_dir / "deletions.parquet") if finalized["deletions"][0] else None
+        deletions = pl.scan_parquet(tables_dir / "deletions.parquet", glob=False) if finalized["deletions"][0] else None
         first = ("deletions", "patients", "medication_codes", "binaries")
         finalized.update({table: _finalize_table(table, staged[table], None, tables_dir, versions, deletions)
                           for table in first[1:]})
-        patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"])["patient_id"]
+        patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"], glob=False)["patient_id"]
         orders, unresolved_orders = resolve_medication_references(
             _staged(staging, "medication_references"), tables_dir / "medication_codes.parquet"
         )
@@ -1331,7 +1468,7 @@ def _ingest_locked(
         # Records of a patient merged into another (an MPI merge, Patient.link replaced-by) are
         # the survivor's.
         merged = merged_patients(
-            pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id", "replaced_by"])
+            pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id", "replaced_by"], glob=False)
         )
         if merged:
             for table in TABLES:
@@ -1404,12 +1541,19 @@ def _ingest_locked(
             duplicates=by_reason.get("duplicate", 0),
             fhir_resources_in=sum(result.records_in for kind, result in results if kind == "fhir"),
             elapsed_seconds=round(time.perf_counter() - started, 3),
+            export_time_source=export_time_source,
+            manifest_mismatches=tuple(
+                mismatch for manifest in manifests
+                for mismatch in manifest_mismatches(manifest, {name: records_in[name] for name in fhir_kinds})
+            ),
         )
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)
         # The warehouse still holds the previous ingest, whole. Cut short from here on, the staging
         # folder stays, and the next writer finishes the job (remove_leftovers).
         placing = True
         _put_in_place(tables_dir, warehouse_dir)
+        # Every table is now this ingest's: a promotion cut short before it no longer matters.
+        (warehouse_dir / PROMOTING_FILE).unlink(missing_ok=True)
         placing = False
         return summary
     finally:
@@ -1422,6 +1566,8 @@ def warehouse_files() -> list[str]:
     return [*(f"{table}.parquet" for table in (*TABLES, "events", "codes", "quarantine")), SUMMARY_FILE]
 
 
+MIN_PATIENT_SHARE = 0.5
+"""A promoted batch holds at least this share of the warehouse's patients (:func:`promote_warehouse`)."""
 PROMOTION_LOCK_WAIT_SECONDS = 600.0
 """How long a promotion waits for another writer of its warehouse. A promotion links files (well
 under a second), so two sensor-started ones that overlap should queue, not fail: the newer one's
@@ -1429,7 +1575,8 @@ run would not be started again, and the warehouse would keep the older batch."""
 
 
 def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch: bool = False,
-                      lock_wait_seconds: float = PROMOTION_LOCK_WAIT_SECONDS) -> IngestSummary:
+                      lock_wait_seconds: float = PROMOTION_LOCK_WAIT_SECONDS,
+                      min_patient_share: float = MIN_PATIENT_SHARE) -> IngestSummary:
     """Make the tables of an ingest written in ``ingested_dir`` (a landing batch's) those of ``warehouse_dir``.
 
     A batch is a whole export (a nightly Bulk ``$export``, say), so its tables replace the
@@ -1448,13 +1595,17 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
         Promote the batch even when the warehouse holds a newer one: a deliberate rollback.
     lock_wait_seconds
         How long to wait while another ingest or promotion writes the warehouse.
+    min_patient_share
+        Refuse a batch with fewer patients than this share of the warehouse's: a whole export does
+        not lose half its patients overnight, an export or a copy cut short does. 0 turns it off.
 
     Raises
     ------
     LandingZoneError
-        When ``ingested_dir`` holds no complete ingest (a file is missing), its accounting does not
-        balance, or, unless ``allow_older_batch``, the warehouse holds a newer batch; the warehouse
-        is then left as it was.
+        When ``ingested_dir`` holds no complete ingest (a file is missing), has any of
+        :func:`ingest_problems` (accounting, manifest, patients, dates, duplicates), has too few
+        patients (``min_patient_share``), or, unless ``allow_older_batch``, the warehouse holds a
+        newer batch; the warehouse is then left as it was.
     """
     ingested_dir, warehouse_dir = Path(ingested_dir), Path(warehouse_dir)
     batch, record = ingested_dir.name, warehouse_dir / PROMOTED_BATCH_FILE
@@ -1467,11 +1618,10 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
             "ingest the batch (again) before promoting it"
         )
     summary = IngestSummary.from_json(ingested_dir / SUMMARY_FILE)
-    if not summary.balanced:
-        raise LandingZoneError(
-            f"promote {ingested_dir}: records_in != records_out + quarantined in {SUMMARY_FILE}; "
-            "the warehouse keeps its current tables"
-        )
+    problems = ingest_problems(ingested_dir)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise LandingZoneError(f"promote batch {batch}: {problems[0]}{more}; the warehouse keeps its tables")
     _check_dirs(ingested_dir, warehouse_dir)
     # What the warehouse holds is read under its lock: a promotion of a newer batch that finished
     # between a check and the writing would otherwise be undone by this older one.
@@ -1482,14 +1632,58 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
                 f"promote batch {batch}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected "
                 f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
             )
-        write_bytes_atomic(f"{batch}\n".encode(), record)
-        for name in names:
-            if (ingested_dir / name).is_file():
-                link_file_atomic(ingested_dir / name, warehouse_dir / name)
-            else:
-                write_parquet_atomic(INTERNAL_TABLES["deletions"].empty_table(), warehouse_dir / name)
+        current = warehouse_dir / "patients.parquet"
+        if min_patient_share > 0 and current.is_file():
+            before = pq.read_metadata(current).num_rows
+            after = summary.table_rows["patients"]
+            if after < min_patient_share * before:
+                raise LandingZoneError(
+                    f"promote batch {batch}: it holds {after} patients, the warehouse {before} (expected at least "
+                    f"{min_patient_share:g} of them; an export cut short?); the warehouse keeps its tables "
+                    "(min_patient_share 0 promotes it anyway)"
+                )
+        _link_batch(ingested_dir, warehouse_dir)
     # Its accounting predates the table too: the empty one just written has no rows.
     return replace(summary, table_rows={"deletions": 0, **summary.table_rows})
+
+
+def _link_batch(ingested_dir: Path, warehouse_dir: Path) -> None:
+    """Put a batch's files in place in ``warehouse_dir``, under its writer lock.
+
+    The files are linked one at a time, so a promotion killed part-way leaves tables of two
+    batches side by side. ``.promoting`` names the batch while they are: the next writer finishes
+    the promotion (:func:`remove_leftovers`), and readers refuse the warehouse until then
+    (:func:`unsettled_warehouse`).
+    """
+    write_bytes_atomic(f"{ingested_dir.absolute()}\n".encode(), warehouse_dir / PROMOTING_FILE)
+    write_bytes_atomic(f"{ingested_dir.name}\n".encode(), warehouse_dir / PROMOTED_BATCH_FILE)
+    for name in warehouse_files():
+        if (ingested_dir / name).is_file():
+            link_file_atomic(ingested_dir / name, warehouse_dir / name)
+        else:
+            write_parquet_atomic(INTERNAL_TABLES["deletions"].empty_table(), warehouse_dir / name)
+    (warehouse_dir / PROMOTING_FILE).unlink()
+
+
+def unsettled_warehouse(warehouse_dir: Path) -> str | None:
+    """Why ``warehouse_dir``'s tables may be of two ingests side by side, or None.
+
+    An ingest or a promotion puts its files in place one at a time; one cut short there is finished
+    by the next writer of the warehouse, and until then a reader would mix two exports' tables.
+    """
+    warehouse_dir = Path(warehouse_dir)
+    marker = warehouse_dir / PROMOTING_FILE
+    if marker.is_file():
+        batch = Path(marker.read_text().strip()).name
+        return (f"warehouse {warehouse_dir}: the promotion of batch {batch} was cut short or is running (its "
+                f"{PROMOTING_FILE} is there); run the promotion again (ingest job, from_batch {batch})")
+    if warehouse_dir.is_dir() and any(
+        path.name.startswith(STAGING_PREFIX) and (path / FINAL_FOLDER / SUMMARY_FILE).is_file()
+        for path in warehouse_dir.iterdir()
+    ):
+        return (f"warehouse {warehouse_dir}: an ingest was cut short while it put its tables in place, or is "
+                "doing so; the next ingest or promotion finishes it")
+    return None
 
 
 def batch_names(batches_dir: Path) -> list[str]:
@@ -1527,22 +1721,82 @@ def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[
 # ------------------------------------------------------------------------------------------------
 
 
-def events_without_patient(warehouse_dir: Path) -> int:
-    """Number of events whose ``subject_id`` is not in ``patients``."""
-    subjects = pl.scan_parquet(warehouse_dir / "patients.parquet").select("subject_id")
-    return int(
-        pl.scan_parquet(warehouse_dir / "events.parquet")
-        .join(subjects, on="subject_id", how="anti")
-        .select(pl.len())
-        .collect()
-        .item()
-    )
+def records_without_patient(warehouse_dir: Path) -> dict[str, int]:
+    """Rows whose patient is not in ``patients``, per table (``events`` by ``subject_id``); tables
+    with none are left out.
+
+    The ingest quarantines such records (``orphan_reference``) and builds ``events`` from the
+    tables by a join on the patients: this reads the written files again, so that a table
+    written without that step, or events built from another set of patients, are found.
+    """
+    patients = pl.scan_parquet(warehouse_dir / "patients.parquet", glob=False)
+    found: dict[str, int] = {}
+    for table in (*TABLES, "events"):
+        column = "subject_id" if table == "events" else "patient_id"
+        if table == "patients" or (table != "events" and column not in INTERNAL_TABLES[table].names):
+            continue
+        path = warehouse_dir / f"{table}.parquet"
+        if not path.is_file():  # the deletions table of a batch ingested before deletions were read
+            continue
+        count = int(
+            pl.scan_parquet(path, glob=False).join(patients.select(column), on=column, how="anti")
+            .select(pl.len()).collect().item()
+        )
+        if count:
+            found[table] = count
+    return found
+
+
+def duplicate_records(warehouse_dir: Path) -> dict[str, int]:
+    """Per table, how many of its ids (:data:`ID_COLUMNS`) are held by rows of more than one
+    source record (file and record number): copies the ingest should have resolved to one (the
+    rows of one record, an Observation's components say, share its id). Tables with none are
+    left out."""
+    found: dict[str, int] = {}
+    for table in TABLES:
+        path = warehouse_dir / f"{table}.parquet"
+        if table == "deletions" or not path.is_file():
+            continue
+        count = int(
+            pl.scan_parquet(path, glob=False)
+            .group_by(ID_COLUMNS[table])
+            .agg(pl.struct("source_file", "record_number").n_unique().alias("records"))
+            .filter(pl.col("records") > 1)
+            .select(pl.len()).collect().item()
+        )
+        if count:
+            found[table] = count
+    return found
+
+
+def ingest_problems(warehouse_dir: Path) -> list[str]:
+    """Why the tables an ingest wrote into ``warehouse_dir`` must not be used; empty when none.
+
+    One line each: accounting that does not balance, a Bulk manifest the landing zone does not
+    match (a copy cut short), rows of a patient not in ``patients``, events after the export time,
+    duplicate records left in a table. A batch is promoted only without any
+    (:func:`promote_warehouse`); the pipeline's checks report the same on the warehouse.
+    """
+    summary = IngestSummary.from_json(warehouse_dir / SUMMARY_FILE)
+    problems: list[str] = []
+    unbalanced = [account.source_file for account in summary.files if not account.balanced]
+    if unbalanced:
+        problems.append(f"records_in != records_out + quarantined for {len(unbalanced)} source files "
+                        f"(first {unbalanced[0]})")
+    problems += [f"the landing zone does not match its manifest: {line}" for line in summary.manifest_mismatches]
+    problems += [f"{table}: {count} rows of a patient not in patients"
+                 for table, count in records_without_patient(warehouse_dir).items()]
+    if late := events_after(warehouse_dir, summary.export_time):
+        problems.append(f"events: {late} dated after the export time {summary.export_time:%Y-%m-%dT%H:%M:%S}")
+    problems += [f"{table}: {count} ids held by more than one record (duplicates not resolved)"
+                 for table, count in duplicate_records(warehouse_dir).items()]
+    return problems
 
 
 def events_after(warehouse_dir: Path, export_time: datetime) -> int:
     """Number of events dated after ``export_time``."""
     return int(
-        pl.scan_parquet(warehouse_dir / "events.parquet")
+        pl.scan_parquet(warehouse_dir / "events.parquet", glob=False)
         .filter(pl.col("time") > export_time)
         .select(pl.len())
         .collect()
@@ -1553,7 +1807,7 @@ def events_after(warehouse_dir: Path, export_time: datetime) -> int:
 def quarantined_duplicates(warehouse_dir: Path) -> int:
     """Number of quarantine rows that are other copies of a kept record (older, or later in file order)."""
     return int(
-        pl.scan_parquet(warehouse_dir / "quarantine.parquet")
+        pl.scan_parquet(warehouse_dir / "quarantine.parquet", glob=False)
         .filter(pl.col("reason_code") == "duplicate")
         .select(pl.len())
         .collect()
@@ -1572,7 +1826,7 @@ def quarantine_shares(summary: IngestSummary, warehouse_dir: Path) -> pl.DataFra
         orient="row",
     )
     reasons = (
-        most_common(pl.scan_parquet(warehouse_dir / "quarantine.parquet"), "source_file", "reason_code")
+        most_common(pl.scan_parquet(warehouse_dir / "quarantine.parquet", glob=False), "source_file", "reason_code")
         .rename({"reason_code": "top_reason", "count": "top_reason_count"})
         .collect()
     )

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from features.cohorts import select_cohort
 from features.errors import LandingZoneError
+from features.ingest import unsettled_warehouse
 from features.io import write_bytes_atomic, write_parquet_atomic
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets, find_split_overlap
@@ -107,7 +108,9 @@ def _events(warehouse_dir: Path) -> pl.LazyFrame:
     path = Path(warehouse_dir) / "events.parquet"
     if not path.is_file():
         raise LandingZoneError(f"warehouse {warehouse_dir} has no events.parquet (run the ingest first)")
-    return pl.scan_parquet(path)
+    if (reason := unsettled_warehouse(Path(warehouse_dir))) is not None:
+        raise LandingZoneError(reason)
+    return pl.scan_parquet(path, glob=False)
 
 
 STEPS_VERSION = 7
@@ -132,7 +135,7 @@ def build_cohort(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
 
 
 def _cohort(warehouse_dir: Path, task: TaskDefinition) -> pl.DataFrame:
-    return pl.read_parquet(task_dir(warehouse_dir, task) / "cohort.parquet")
+    return pl.read_parquet(task_dir(warehouse_dir, task) / "cohort.parquet", glob=False)
 
 
 def build_task_labels(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
@@ -160,7 +163,7 @@ def build_splits(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
 
 
 def _train_ids(warehouse_dir: Path, task: TaskDefinition) -> list[int]:
-    splits = pl.read_parquet(task_dir(warehouse_dir, task) / "splits.parquet")
+    splits = pl.read_parquet(task_dir(warehouse_dir, task) / "splits.parquet", glob=False)
     return splits.filter(pl.col("split") == "train")["subject_id"].to_list()
 
 
@@ -217,7 +220,7 @@ def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: No
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort = _cohort(warehouse_dir, task)
         if notes_path.is_file():
-            notes = pl.read_parquet(notes_path)
+            notes = pl.read_parquet(notes_path, glob=False)
         else:  # no notes feed: the modality is absent, not faked
             notes = pl.DataFrame(schema={"note_id": pl.String, "patient_id": pl.String,
                                          "time": pl.Datetime("us"), "note_type": pl.String,
@@ -240,7 +243,7 @@ def build_imaging_inputs(warehouse_dir: Path, task: TaskDefinition) -> StepResul
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort = _cohort(warehouse_dir, task)
         if imaging_path.is_file():
-            table = imaging_before(pl.read_parquet(imaging_path), cohort, task.inputs.max_studies)
+            table = imaging_before(pl.read_parquet(imaging_path, glob=False), cohort, task.inputs.max_studies)
         else:
             table = pl.from_arrow(IMAGING_INPUTS.empty_table())  # type: ignore[assignment]
         return _arrow(table, IMAGING_INPUTS), {"studies": table.height,
@@ -255,13 +258,13 @@ def modality_coverage(warehouse_dir: Path, task: TaskDefinition) -> dict[str, fl
     folder = task_dir(warehouse_dir, task)
     cohort = _cohort(warehouse_dir, task)
     n = max(cohort.height, 1)
-    tokens = pl.read_parquet(folder / "event_tokens.parquet", columns=["subject_id", "modality_ids"])
+    tokens = pl.read_parquet(folder / "event_tokens.parquet", columns=["subject_id", "modality_ids"], glob=False)
     exploded = tokens.explode("modality_ids").drop_nulls()
     coverage = {}
     for i, name in enumerate(("ehr", "notes", "genomics", "imaging")):
         coverage[name] = exploded.filter(pl.col("modality_ids") == i)["subject_id"].n_unique() / n
-    notes = pl.read_parquet(folder / "note_embeddings.parquet", columns=["subject_id"])
-    imaging = pl.read_parquet(folder / "imaging_inputs.parquet", columns=["subject_id"])
+    notes = pl.read_parquet(folder / "note_embeddings.parquet", columns=["subject_id"], glob=False)
+    imaging = pl.read_parquet(folder / "imaging_inputs.parquet", columns=["subject_id"], glob=False)
     coverage["note_embeddings"] = notes["subject_id"].n_unique() / n
     coverage["imaging_embeddings"] = imaging["subject_id"].n_unique() / n
     return coverage

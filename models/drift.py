@@ -149,7 +149,7 @@ def load_reference(model_dir: Path, previous: bool = False) -> npt.NDArray[np.fl
     path = model_dir / f"{PREVIOUS_PREFIX if previous else ''}{REFERENCE_FILE}"
     if not path.is_file():
         return None
-    return pl.read_parquet(path, columns=["risk"])["risk"].to_numpy()
+    return pl.read_parquet(path, columns=["risk"], glob=False)["risk"].to_numpy()
 
 
 def load_input_reference(model_dir: Path, previous: bool = False) -> pl.DataFrame | None:
@@ -157,4 +157,4 @@ def load_input_reference(model_dir: Path, previous: bool = False) -> pl.DataFram
     replaced), or None for a model folder written before cohortcast saved them (train the model
     again to get them), or without a previous model."""
     path = model_dir / f"{PREVIOUS_PREFIX if previous else ''}{INPUT_REFERENCE_FILE}"
-    return pl.read_parquet(path) if path.is_file() else None
+    return pl.read_parquet(path, glob=False) if path.is_file() else None

@@ -260,7 +260,7 @@ def current_scores(root: Path, task: str) -> pl.DataFrame | None:
     if not path.is_file():
         raise PublishError(f"published folder {root / task}: CURRENT names version {version!r}, which has no "
                            "scores.parquet (restore that version, or point CURRENT at a whole one)")
-    return pl.read_parquet(path)
+    return pl.read_parquet(path, glob=False)
 
 
 def risk_assessment_id(task: str, subject_id: int) -> str:
@@ -425,7 +425,7 @@ def _rebuild_database(root: Path) -> Path:
                                 | {"lineage": json.dumps(manifest["lineage"], default=str)})
         version = current_version(root, task_root.name)
         if version is not None:
-            rows = pl.read_parquet(task_root / version / "scores.parquet")
+            rows = pl.read_parquet(task_root / version / "scores.parquet", glob=False)
             live.append(rows.select(
                 "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
                 "treatment_effect", "model_version",

@@ -123,7 +123,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         raise ModelFolderError(f"model {model_dir} was trained with a different vocabulary or value bins than the "
                                f"inputs in {task_dir} (tokenizer {trained_with}, inputs' tokenizer {inputs_with}: "
                                "the inputs were rebuilt since; train the model again)")
-    tokens = pl.read_parquet(task_dir / "event_tokens.parquet").sort("subject_id")
+    tokens = pl.read_parquet(task_dir / "event_tokens.parquet", glob=False).sort("subject_id")
     dataset = FusionDataset(
         tokens,
         _read_present(task_dir / "note_embeddings.parquet", ["subject_id", "note_id", "time", "embedding"]),
@@ -152,7 +152,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     effect: list[float | None] = [None] * n
     if has_treatment:
         # The effect is that of starting the treatment: it does not apply to a patient on it already.
-        labels = pl.read_parquet(task_dir / "labels.parquet", columns=["subject_id", "prevalent_user"])
+        labels = pl.read_parquet(task_dir / "labels.parquet", columns=["subject_id", "prevalent_user"], glob=False)
         on_it = set(labels.filter(pl.col("prevalent_user").fill_null(False))["subject_id"].to_list())
         effect = [None if int(s) in on_it else float(e) for s, e in zip(dataset.subject_ids, p.treatment_effect,
                                                                           strict=True)]
@@ -184,7 +184,7 @@ def _read_present(path: Path, columns: list[str]) -> pl.DataFrame | None:
     if not path.is_file():
         return None
     present = pl.read_parquet_schema(path)
-    return pl.read_parquet(path, columns=[c for c in columns if c in present])
+    return pl.read_parquet(path, columns=[c for c in columns if c in present], glob=False)
 
 
 def inverse_vocabulary(path: Path) -> list[str]:

@@ -126,7 +126,7 @@ class TaskData:
 
 
 def _read_optional(path: Path) -> pl.DataFrame | None:
-    return pl.read_parquet(path) if path.is_file() else None
+    return pl.read_parquet(path, glob=False) if path.is_file() else None
 
 
 def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, ...] = MODALITIES) -> TaskData:
@@ -138,11 +138,11 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
         raise ModelFolderError(
             f"task folder {task_dir}: missing {', '.join(missing)} (run `cohortcast features` first)"
         )
-    labels = pl.read_parquet(task_dir / "labels.parquet")
-    splits = pl.read_parquet(task_dir / "splits.parquet")
-    cohort = pl.read_parquet(task_dir / "cohort.parquet")
-    tokens = pl.read_parquet(task_dir / "event_tokens.parquet")
-    tabular = pl.read_parquet(task_dir / "tabular_features.parquet")
+    labels = pl.read_parquet(task_dir / "labels.parquet", glob=False)
+    splits = pl.read_parquet(task_dir / "splits.parquet", glob=False)
+    cohort = pl.read_parquet(task_dir / "cohort.parquet", glob=False)
+    tokens = pl.read_parquet(task_dir / "event_tokens.parquet", glob=False)
+    tabular = pl.read_parquet(task_dir / "tabular_features.parquet", glob=False)
     notes = _read_optional(task_dir / "note_embeddings.parquet")
     imaging = _read_optional(task_dir / "imaging_inputs.parquet")
     vocabulary = json.loads((task_dir / "vocabulary.json").read_text())
@@ -753,7 +753,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     result = train(model, data.datasets["train"], data.datasets["tuning"], args, on_epoch=on_epoch)
     if not is_main_process:
         return None
-    truth = pl.read_parquet(truth_path) if truth_path is not None else None
+    truth = pl.read_parquet(truth_path, glob=False) if truth_path is not None else None
     metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
     metrics["best_epoch"] = result.best_epoch
     metrics["training_arguments"] = asdict(args)

@@ -13,11 +13,14 @@ it does not add to them. Batch names sort in landing order (``2024-06-01``, ``20
 a batch ingested after a newer one is kept in its partition but never promoted (a promotion of it
 re-executed by hand fails, unless ``allow_older_batch`` asks for a rollback). Land a batch
 atomically: copy it into ``.name`` (hidden folders are ignored), then rename it to ``name``, and write
-an empty ``_SUCCESS`` file into it last to have it ingested at the next tick. A batch copied in place
+an empty ``_SUCCESS`` file into it last to have it ingested at the next tick (a ``_SUCCESS`` older
+than another entry of the batch was not written last, and does not count). A batch copied in place
 (``cp -r``, ``rsync``, an SFTP drop) is ingested once nothing under it, file or folder, has been
 modified for ``LANDING_QUIET_SECONDS``: a copy that preserves the export's times (``rsync -a``,
 ``cp -p``) still changes the folders' times as it creates entries. A Bulk FHIR ``manifest.json`` is
-not a completion marker: it is part of the export and may be copied before the files it lists.
+not a completion marker: it is part of the export and may be copied before the files it lists; but
+an ingested batch that does not match it (a listed file missing, or with fewer records), or that has
+any other of :func:`features.ingest.ingest_problems`, fails its run and is never promoted.
 
 The asset lives here, not in ``pipelines/assets``, because it is partitioned while the demo graph is
 not: ``pipelines.definitions`` registers it with its own job and sensors.
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from features.ingest import SUMMARY_FILE, batch_names, ingest_landing_zone
+from features.ingest import LANDED_MARKER, SUMMARY_FILE, batch_names, ingest_landing_zone, ingest_problems
 from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
 
@@ -43,8 +46,8 @@ BATCH_PARTITIONS = dg.DynamicPartitionsDefinition(name="landing_batches")
 # (the run key is its name): ingested half-copied, it would become the warehouse with the rest of the
 # export missing. Two minutes without a change outlasts the pauses of a copy between files.
 LANDING_QUIET_SECONDS = 120
-# Written by the lander after the last file (as Hadoop and Spark writers do): the batch is ready at once.
-LANDED_MARKER = "_SUCCESS"
+# Writing _SUCCESS into the batch folder also sets the folder's time, a moment later on some file systems.
+MARKER_CLOCK_SLACK_SECONDS = 1.0
 
 
 @dg.asset(partitions_def=BATCH_PARTITIONS, group_name="ingest", kinds={"parquet"})
@@ -55,8 +58,13 @@ def ingested_batch(
     batch = context.partition_key
     out = workspace.batch_warehouse_dir(batch)
     summary = ingest_landing_zone(workspace.batches_dir / batch, out, strict=config.strict, workers=config.workers)
-    if not summary.balanced:
-        raise dg.Failure(f"batch {batch}: records_in != records_out + quarantined; see {out / SUMMARY_FILE}")
+    # The batch's own tables are checked here, before the promotion run can make them the warehouse's.
+    problems = ingest_problems(out)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise dg.Failure(f"batch {batch}: {problems[0]}{more}",
+                         metadata={"problems": dg.MetadataValue.md("\n".join(f"* {line}" for line in problems)),
+                                   "summary": dg.MetadataValue.path(str(out / SUMMARY_FILE))})
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(out)),
@@ -65,6 +73,8 @@ def ingested_batch(
             "quarantined": summary.quarantined,
             "duplicates": summary.duplicates,
             "events": summary.table_rows["events"],
+            "export_time": summary.export_time.isoformat(),
+            "export_time_source": summary.export_time_source,
         }
     )
 
@@ -78,24 +88,38 @@ def new_batches(root: Path, known: set[str]) -> list[str]:
 
 
 def batch_landed(folder: Path, now: float, quiet_seconds: float = LANDING_QUIET_SECONDS) -> bool:
-    """Whether ``folder`` holds ``_SUCCESS``, or holds a file and nothing under it (itself included)
-    was modified in the ``quiet_seconds`` before ``now`` (seconds since the epoch)."""
-    if (folder / LANDED_MARKER).is_file():
-        return True
+    """Whether ``folder`` has landed: it holds a file, and either its ``_SUCCESS`` is as new as
+    everything else under it, or nothing under it (itself included) was modified in the
+    ``quiet_seconds`` before ``now`` (seconds since the epoch).
+
+    A ``_SUCCESS`` older than another entry was not written last: an export that carries one from
+    its writer (Spark, Hadoop), copied top-level files first (``rsync``, ``cp -r``), is still
+    arriving while the marker is there. Folders count too: creating an entry changes its folder's
+    time even when the copy keeps the files' own.
+    """
+    marker = folder / LANDED_MARKER
     try:
         newest, files = folder.stat().st_mtime, 0
         for parent, folders, names in os.walk(folder):
             files += len(names)
             for name in folders + names:
-                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+                path = os.path.join(parent, name)
+                if path != str(marker):
+                    newest = max(newest, os.lstat(path).st_mtime)
+        marked = marker.is_file() and os.lstat(marker).st_mtime >= newest - MARKER_CLOCK_SLACK_SECONDS
     except FileNotFoundError:  # a copier's temporary file renamed since it was listed: still landing
         return False
-    return files > 0 and now - newest >= quiet_seconds
+    return files > 0 and (marked or now - newest >= quiet_seconds)
 
 
 @dg.sensor(job=ingest_batch_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
 def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspace) -> dg.SensorResult:
     """Start an ingest for every new batch folder under ``<workspace>/batches/`` that has landed."""
+    if not workspace.batches_dir.is_dir():
+        # Otherwise every batch would be missed with nothing in the tick history: a workspace path
+        # relative to another working folder, or COHORTCAST_WORKSPACE unset, looks here.
+        return dg.SensorResult(skip_reason=f"no batches folder {workspace.batches_dir} (the workspace's "
+                                           "batches/; set COHORTCAST_WORKSPACE to the deployment's workspace)")
     known = set(context.instance.get_dynamic_partitions(BATCH_PARTITIONS.name))
     fresh = new_batches(workspace.batches_dir, known)
     now = time.time()
@@ -103,8 +127,9 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     if not ready:
         # Not requested, so not a partition yet: the next tick looks at these folders again.
         waiting = ", ".join(fresh)
-        return dg.SensorResult(skip_reason=f"batches still landing (no {LANDED_MARKER}, and empty or changed in the "
-                                           f"last {LANDING_QUIET_SECONDS} s): {waiting}" if fresh else None)
+        return dg.SensorResult(skip_reason=f"batches still landing (no {LANDED_MARKER} written last, and empty or "
+                                           f"changed in the last {LANDING_QUIET_SECONDS} s): {waiting}"
+                               if fresh else None)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in ready],
         dynamic_partitions_requests=[BATCH_PARTITIONS.build_add_request(ready)],

@@ -19,16 +19,18 @@ import dagster as dg
 import polars as pl
 
 from features.ingest import (
+    MIN_PATIENT_SHARE,
     SUMMARY_FILE,
     TABLES,
     IngestSummary,
+    duplicate_records,
     events_after,
-    events_without_patient,
     ingest_landing_zone,
     promote_warehouse,
     prune_ingested_batches,
     quarantine_shares,
     quarantined_duplicates,
+    records_without_patient,
 )
 from pipelines.resources import Workspace
 
@@ -58,6 +60,9 @@ class IngestRunConfig(BatchIngestRunConfig):
     # After promoting a batch, the ingested copies kept under warehouse/batches/ (the promoted one
     # and the newest older ones); older copies are deleted. The exports under batches/ are not touched.
     keep_ingested_batches: int = 3
+    # A batch with fewer patients than this share of the warehouse's is not promoted (an export or
+    # a copy cut short); 0 promotes it anyway.
+    min_patient_share: float = MIN_PATIENT_SHARE
 
 
 def _metadata(summary: IngestSummary, warehouse: Path, table: str) -> dict[str, Any]:
@@ -88,7 +93,8 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
                          f"found {config.keep_ingested_batches}")
     if config.from_batch:
         ingested = workspace.batch_warehouse_dir(config.from_batch)
-        summary = promote_warehouse(ingested, workspace.warehouse_dir, allow_older_batch=config.allow_older_batch)
+        summary = promote_warehouse(ingested, workspace.warehouse_dir, allow_older_batch=config.allow_older_batch,
+                                    min_patient_share=config.min_patient_share)
         pruned = prune_ingested_batches(ingested.parent, config.from_batch, config.keep_ingested_batches)
         if pruned:
             context.log.info(f"deleted the ingested copies of {len(pruned)} older batches: {', '.join(pruned)}")
@@ -111,6 +117,8 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
                     "quarantined": summary.quarantined,
                     "duplicates": summary.duplicates,
                     "export_time": summary.export_time.isoformat(),
+                    "export_time_source": summary.export_time_source,
+                    "manifest_mismatches": len(summary.manifest_mismatches),
                 }
             )
         yield dg.MaterializeResult(asset_key=name, metadata=metadata)
@@ -136,10 +144,16 @@ def ingest_accounting_balances(workspace: Workspace) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset="events", blocking=True, description="Every event's subject is in patients.")
+@dg.asset_check(asset="events", blocking=True,
+                description="Every row of events and of each patient table belongs to a patient in patients.")
 def events_subjects_exist(workspace: Workspace) -> dg.AssetCheckResult:
-    missing = events_without_patient(workspace.warehouse_dir)
-    return dg.AssetCheckResult(passed=missing == 0, metadata={"events_without_patient": missing})
+    missing = records_without_patient(workspace.warehouse_dir)
+    return dg.AssetCheckResult(
+        passed=not missing,
+        metadata={"rows_without_patient": sum(missing.values()),
+                  "events_without_patient": missing.get("events", 0),
+                  "tables": ", ".join(f"{table} {count}" for table, count in missing.items()) or "none"},
+    )
 
 
 @dg.asset_check(asset="events", blocking=True, description="No event is dated after the export time.")
@@ -151,13 +165,18 @@ def events_not_after_export(workspace: Workspace) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset="quarantine", description="Duplicate records are counted in the summary and quarantined.")
+@dg.asset_check(asset="quarantine",
+                description="Duplicate records are counted in the summary and quarantined, and no table holds "
+                            "one id from two records.")
 def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:
     summary = _summary(workspace)
     quarantined = quarantined_duplicates(workspace.warehouse_dir)
+    left = duplicate_records(workspace.warehouse_dir)
     return dg.AssetCheckResult(
-        passed=quarantined == summary.duplicates,
-        metadata={"duplicates": summary.duplicates, "quarantined_duplicates": quarantined},
+        passed=quarantined == summary.duplicates and not left,
+        metadata={"duplicates": summary.duplicates, "quarantined_duplicates": quarantined,
+                  "ids_from_two_records": sum(left.values()),
+                  "tables": ", ".join(f"{table} {count}" for table, count in left.items()) or "none"},
     )
 
 

@@ -161,7 +161,7 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
     inputs = tabular_features_for(workspace.warehouse_dir, definition,
                                   reference_codes(reference))
     drift = input_drift(reference, inputs)
-    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
+    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)
     descriptions = dict(codes.iter_rows())
     worst = drift.head(INPUTS_LISTED).with_columns(
         pl.col("feature").map_elements(lambda f: _input_label(f, descriptions), return_dtype=pl.String))
@@ -193,8 +193,8 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
                       workspace.warehouse_dir, min_auroc, max_calibration_error)
     patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
-                               columns=["subject_id", "patient_id", "death_time", "deceased"])
-    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"])
+                               columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
+    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)
     outcome = task.description or task.name
     living, deceased = living_patients(scores, patients, RiskTiers(task.publishing.high_share,
                                                                    task.publishing.medium_share))

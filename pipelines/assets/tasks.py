@@ -124,8 +124,8 @@ def _leak_check(name: str, time_column: str) -> dg.AssetChecksDefinition:
                     description=f"No {name} row is dated after its patient's prediction time.")
     def check(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
         folder = task_inputs.task_dir(workspace.warehouse_dir, _task(context))
-        inputs = pl.read_parquet(folder / f"{name}.parquet")
-        leaks = find_leaks(inputs, pl.read_parquet(folder / "cohort.parquet"), time_column)
+        inputs = pl.read_parquet(folder / f"{name}.parquet", glob=False)
+        leaks = find_leaks(inputs, pl.read_parquet(folder / "cohort.parquet", glob=False), time_column)
         if name == "event_tokens":
             leaks = pl.concat([leaks.select("subject_id"), find_negative_offsets(inputs).select("subject_id")])
         return dg.AssetCheckResult(passed=leaks.height == 0,
@@ -144,5 +144,5 @@ imaging_inputs_leakage = _leak_check("imaging_inputs", "time")
                 description="Every patient is in exactly one split.")
 def subject_splits_disjoint(context: dg.AssetCheckExecutionContext, workspace: Workspace) -> dg.AssetCheckResult:
     folder = task_inputs.task_dir(workspace.warehouse_dir, _task(context))
-    overlap = find_split_overlap(pl.read_parquet(folder / "splits.parquet"))
+    overlap = find_split_overlap(pl.read_parquet(folder / "splits.parquet", glob=False))
     return dg.AssetCheckResult(passed=overlap.height == 0, metadata={"patients_in_two_splits": overlap.height})

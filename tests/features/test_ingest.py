@@ -37,6 +37,7 @@ from features.ingest import (
 )
 from features.labels import build_labels
 from features.schemas import INTERNAL_TABLES
+from features.task_inputs import build_cohort
 from features.tasks import parse_task
 from features.tokenize import events_before
 
@@ -242,7 +243,8 @@ def test_a_landing_zone_without_files_to_ingest_leaves_the_warehouse_as_it_was(
     empty = tmp_path / "export"
     (empty / "fhir").mkdir(parents=True)
     (empty / "fhir" / "README.txt").write_text("export failed\n")
-    with pytest.raises(LandingZoneError, match=rf"^landing zone {re.escape(str(empty))} holds no file to ingest "):
+    with pytest.raises(LandingZoneError, match=rf"^landing zone {re.escape(str(empty))} holds no file to ingest, "
+                                              r"only 1 file no reader takes \(fhir/README.txt\) \(expected FHIR "):
         ingest_landing_zone(empty, warehouse)
     assert {p.name: p.read_bytes() for p in warehouse.iterdir() if p.is_file()} == before
 
@@ -353,7 +355,14 @@ def test_promote_warehouse_puts_every_file_of_a_batch_in_place(
     summary, batch = bulk
     warehouse = tmp_path / "warehouse"
     shutil.copytree(bundles[1], warehouse)
-    promoted = promote_warehouse(batch, warehouse)
+    # 13 patients after 28: refused, unless a smaller batch is allowed.
+    with pytest.raises(LandingZoneError) as refused:
+        promote_warehouse(batch, warehouse)
+    assert str(refused.value) == (
+        "promote batch bulk0: it holds 13 patients, the warehouse 28 (expected at least 0.5 of them; an export cut "
+        "short?); the warehouse keeps its tables (min_patient_share 0 promotes it anyway)")
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 28
+    promoted = promote_warehouse(batch, warehouse, min_patient_share=0)
     assert promoted == IngestSummary.from_json(batch / SUMMARY_FILE) == summary
     for name in warehouse_files():
         # A hard link: the batch's file itself, not a copy.
@@ -545,3 +554,157 @@ def test_quarantine_shares_name_each_files_share_and_main_reason(tmp_path: Path)
         schema_overrides={"top_reason_count": pl.UInt32},
     )
     assert_frame_equal(quarantine_shares(summary, tmp_path / "out"), expected)
+
+
+def test_files_no_reader_takes_are_quarantined(
+    shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    shutil.copytree(shared_fhir_dir / "synthea-bulk-10", landing / "fhir")
+    (landing / "fhir" / "README.txt").write_text("about this export\n")
+    (landing / "note").mkdir()  # a misspelt notes/
+    (landing / "note" / "notes.csv").write_text("patient_id,note_id,time,note_type,text\n")
+    (landing / "Patient.extra.ndjson").write_text("{}\n")  # beside fhir/, not in it
+    (landing / "_SUCCESS").touch()  # the lander's marker is not data
+    summary = ingest_landing_zone(landing, tmp_path / "out", workers=1, export_time=EXPORT)
+    unread = (
+        pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
+        .filter(pl.col("reason_code") == "unread_file")
+        .select("source_kind", "source_file", "record_number", "reason")
+    )
+    elsewhere = ("file is not read: a landing zone holds FHIR files under fhir/ and tables under notes/, genomics/ "
+                 "and imaging/ (move it there, or out of the landing zone)")
+    assert_frame_equal(unread, pl.DataFrame({
+        "source_kind": ["other"] * 3,
+        "source_file": ["Patient.extra.ndjson", "fhir/README.txt", "note/notes.csv"],
+        "record_number": [0, 0, 0],
+        "reason": [elsewhere, "file is not read: FHIR files end in .ndjson, .ndjson.gz or .json", elsewhere],
+    }))
+    assert summary.balanced and summary.quarantined == bulk[0].quarantined + 3
+    assert summary.records_out == bulk[0].records_out
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_bytes().splitlines())
+
+
+def test_a_bulk_manifest_gives_the_export_time_and_the_files_to_expect(
+    shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    landing = tmp_path / "landing"
+    fhir = shutil.copytree(shared_fhir_dir / "synthea-bulk-10", landing / "fhir")
+    listed = {path.name: _lines(path) for path in sorted(fhir.glob("*.ndjson"))}
+    manifest = {
+        "transactionTime": "2029-12-31T19:00:00-05:00",
+        "output": [{"type": name.split(".")[0], "url": f"https://ehr.example.org/bulk/job1/{name}", "count": count}
+                   for name, count in listed.items()],
+    }
+    (fhir / "manifest.json").write_text(json.dumps(manifest))
+    complete = ingest_landing_zone(landing, tmp_path / "complete", workers=1)
+    assert (complete.export_time, complete.export_time_source) == (datetime(2030, 1, 1), "manifest")
+    assert complete.complete and complete.manifest_mismatches == ()
+    assert complete.table_rows == bulk[0].table_rows
+
+    # A copy cut short: one file not there yet, another without its last line.
+    (fhir / "Device.000.ndjson").unlink()
+    procedures = fhir / "Procedure.000.ndjson"
+    procedures.write_bytes(b"".join(procedures.read_bytes().splitlines(keepends=True)[:-1]))
+    cut = ingest_landing_zone(landing, tmp_path / "cut", workers=1)
+    assert cut.manifest_mismatches == (
+        "Device.000.ndjson: listed in fhir/manifest.json, not in the landing zone",
+        f"Procedure.000.ndjson: {listed['Procedure.000.ndjson'] - 1} records, fhir/manifest.json lists "
+        f"{listed['Procedure.000.ndjson']}",
+    )
+    assert IngestSummary.from_json(tmp_path / "cut" / SUMMARY_FILE).manifest_mismatches == cut.manifest_mismatches
+    assert ingest.ingest_problems(tmp_path / "cut")[0] == (
+        "the landing zone does not match its manifest: Device.000.ndjson: listed in fhir/manifest.json, not in the "
+        "landing zone")
+    warehouse = shutil.copytree(tmp_path / "complete", tmp_path / "warehouse")
+    with pytest.raises(LandingZoneError, match=r"^promote batch cut: the landing zone does not match its manifest: "
+                                               r"Device.000.ndjson: .* \(\+1 more\); the warehouse keeps its tables$"):
+        promote_warehouse(tmp_path / "cut", warehouse)
+
+
+def test_records_after_the_manifests_transaction_time_are_quarantined(tmp_path: Path) -> None:
+    fhir = tmp_path / "landing" / "fhir"
+    fhir.mkdir(parents=True)
+    condition = {"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+                 "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]}}
+    (fhir / "export.ndjson").write_bytes(b"\n".join(orjson.dumps(record) for record in [
+        {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-01-01"},
+        {**condition, "id": "c1", "onsetDateTime": "2014-06-01T10:00:00Z"},
+        {**condition, "id": "c2", "onsetDateTime": "2016-06-01T10:00:00Z"},
+    ]) + b"\n")
+    (tmp_path / "landing" / "manifest.json").write_text('{"transactionTime": "2015-01-01T00:00:00Z", "output": []}')
+    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", workers=1)
+    assert (summary.export_time, summary.export_time_source) == (datetime(2015, 1, 1), "manifest")
+    assert summary.quarantined_by_reason == {"future_date": 1}
+    given = ingest_landing_zone(tmp_path / "landing", tmp_path / "given", workers=1, export_time=EXPORT)
+    assert (given.export_time_source, given.quarantined) == ("given", 0)
+
+
+def test_ingest_problems_reads_the_written_tables_again(bulk: tuple[IngestSummary, Path], tmp_path: Path) -> None:
+    warehouse = shutil.copytree(bulk[1], tmp_path / "warehouse")
+    assert ingest.ingest_problems(warehouse) == []
+    encounters = pl.read_parquet(warehouse / "encounters.parquet")
+    first = encounters.head(1)
+    damaged = pl.concat([
+        encounters,
+        first.with_columns(record_number=pl.col("record_number") + 100_000),  # a second copy kept
+        first.with_columns(encounter_id=pl.lit("e-orphan"), patient_id=pl.lit("nobody")),
+    ])
+    damaged.write_parquet(warehouse / "encounters.parquet")
+    events = pl.read_parquet(warehouse / "events.parquet")
+    pl.concat([events, events.head(1).with_columns(subject_id=pl.lit(-1, pl.Int64))]).write_parquet(
+        warehouse / "events.parquet")
+    assert ingest.records_without_patient(warehouse) == {"encounters": 1, "events": 1}
+    assert ingest.duplicate_records(warehouse) == {"encounters": 1}
+    assert ingest.ingest_problems(warehouse) == [
+        "encounters: 1 rows of a patient not in patients",
+        "events: 1 rows of a patient not in patients",
+        "encounters: 1 ids held by more than one record (duplicates not resolved)",
+    ]
+
+
+def test_a_promotion_cut_short_is_refused_by_readers_and_finished_by_the_next_writer(
+    bulk: tuple[IngestSummary, Path], bundles: tuple[IngestSummary, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batch = shutil.copytree(bulk[1], tmp_path / "batches" / "2024-06-02")
+    warehouse = shutil.copytree(bundles[1], tmp_path / "warehouse")
+    link = ingest.link_file_atomic
+    linked: list[str] = []
+
+    def link_then_stop(source: Path, path: Path) -> Path:
+        if len(linked) == 3:
+            raise KeyboardInterrupt  # the process stopped part-way
+        linked.append(path.name)
+        return link(source, path)
+
+    monkeypatch.setattr(ingest, "link_file_atomic", link_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        promote_warehouse(batch, warehouse, min_patient_share=0)
+    monkeypatch.setattr(ingest, "link_file_atomic", link)
+    assert [(warehouse / name).samefile(batch / name) for name in warehouse_files()].count(True) == 3
+    reason = ingest.unsettled_warehouse(warehouse)
+    assert reason == (f"warehouse {warehouse}: the promotion of batch 2024-06-02 was cut short or is running (its "
+                      ".promoting is there); run the promotion again (ingest job, from_batch 2024-06-02)")
+    task = parse_task({"name": "t", "cohort": {"prediction_time": {"fixed": "2016-01-01"}},
+                       "outcome": {"death": True}, "horizon_days": 365})
+    with pytest.raises(LandingZoneError, match=re.escape(reason)):
+        build_cohort(warehouse, task)
+    # The next writer of the warehouse (here a plain ingest's lock) finishes the promotion first.
+    with ingest._writer_lock(warehouse, "test"):
+        pass
+    assert ingest.unsettled_warehouse(warehouse) is None
+    assert all((warehouse / name).samefile(batch / name) for name in warehouse_files())
+    assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-02\n"
+
+
+def test_folders_with_glob_characters_in_their_names(shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path],
+                                                     tmp_path: Path) -> None:
+    landing = tmp_path / "batch [1]*?"
+    shutil.copytree(shared_fhir_dir / "synthea-bulk-10", landing / "fhir")
+    summary = ingest_landing_zone(landing, tmp_path / "out [1]", workers=1, export_time=EXPORT)
+    assert summary.table_rows == bulk[0].table_rows
+    assert ingest.ingest_problems(tmp_path / "out [1]") == []

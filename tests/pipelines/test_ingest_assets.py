@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pyarrow.parquet as pq
 
 from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, FileAccount, IngestSummary, warehouse_files
+from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE
 from pipelines.assets.ingest import (
     INGEST_ASSETS,
     duplicates_reported,
@@ -128,6 +131,29 @@ def test_sensor_adds_partition_and_ingests_batch(small_hospital: Path, tmp_path:
         assert again.run_requests == []
 
 
+def test_a_batch_that_does_not_match_its_manifest_fails_before_any_promotion(
+    small_hospital: Path, tmp_path: Path
+) -> None:
+    batch = tmp_path / "batches" / "2024-06-01"
+    shutil.copytree(small_hospital / "fhir", batch / "fhir")
+    manifest = {"transactionTime": "2026-01-01T00:00:00Z",
+                "output": [{"type": "Observation", "url": "https://ehr.example.org/bulk/Observation.009.ndjson"}]}
+    (batch / "fhir" / "manifest.json").write_text(json.dumps(manifest))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS.name, ["2024-06-01"])
+        run = dg.materialize(
+            [ingested_batch], partition_key="2024-06-01", instance=instance, raise_on_error=False,
+            resources={"workspace": Workspace(root=str(tmp_path))},
+            run_config={"ops": {"ingested_batch": {"config": {"workers": 1}}}},
+        )
+    assert not run.success  # so promote_newest_batch, which follows successful runs only, never promotes it
+    (failure,) = run.get_step_failure_events()
+    assert failure.step_failure_data.error.message.startswith(  # type: ignore[union-attr]
+        "dagster._core.definitions.events.Failure: batch 2024-06-01: the landing zone does not match its manifest: "
+        "Observation.009.ndjson: listed in fhir/manifest.json, not in the landing zone")
+    assert not (tmp_path / "warehouse" / "patients.parquet").exists()
+
+
 def test_sensor_waits_until_a_batch_copied_in_place_is_quiet(tmp_path: Path) -> None:
     batches = tmp_path / "batches"
     fhir = batches / "2024-06-01" / "fhir"
@@ -149,7 +175,8 @@ def test_sensor_waits_until_a_batch_copied_in_place_is_quiet(tmp_path: Path) -> 
         assert waiting.run_requests == [] and waiting.dynamic_partitions_requests == []
         assert waiting.skip_reason is not None
         assert waiting.skip_reason.skip_message == (
-            "batches still landing (no _SUCCESS, and empty or changed in the last 120 s): 2024-06-01, 2024-06-02"
+            "batches still landing (no _SUCCESS written last, and empty or changed in the last 120 s): "
+            "2024-06-01, 2024-06-02"
         )
         (fhir / "Observation.000.ndjson").write_text("{}\n")
         age(batches / "2024-06-01", LANDING_QUIET_SECONDS + 60)
@@ -169,7 +196,7 @@ def test_sensor_waits_until_a_batch_copied_in_place_is_quiet(tmp_path: Path) -> 
         assert landed.skip_reason is None
         assert instance.get_dynamic_partitions(BATCH_PARTITIONS.name) == ["2024-06-01"]
         assert tick().skip_reason.skip_message == (  # type: ignore[union-attr]
-            "batches still landing (no _SUCCESS, and empty or changed in the last 120 s): 2024-06-02"
+            "batches still landing (no _SUCCESS written last, and empty or changed in the last 120 s): 2024-06-02"
         )
 
 
@@ -183,6 +210,36 @@ def test_sensor_ingests_a_batch_with_a_success_marker_at_once(tmp_path: Path) ->
         result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
     assert [request.partition_key for request in result.run_requests] == ["2024-06-03"]
     assert result.dynamic_partitions_requests[0].partition_keys == ["2024-06-03"]
+
+
+def test_a_success_marker_copied_before_the_rest_of_the_batch_does_not_count(tmp_path: Path) -> None:
+    # Spark and Hadoop exports carry a _SUCCESS from their writer; rsync and cp -r copy a folder's
+    # own files before its sub-folders, so the marker lands first and the FHIR files after it.
+    batch = tmp_path / "batches" / "2024-06-03"
+    batch.mkdir(parents=True)
+    (batch / "_SUCCESS").touch()
+    os.utime(batch / "_SUCCESS", (time.time() - 30, time.time() - 30))
+    (batch / "fhir").mkdir()
+    (batch / "fhir" / "Patient.000.ndjson").write_text('{"resourceType":"Patient","id":"p1"}\n')
+    workspace = Workspace(root=str(tmp_path))
+    with dg.instance_for_test() as instance:
+        def tick() -> dg.SensorResult:
+            return landing_batch_sensor(  # type: ignore[no-any-return]
+                dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
+
+        assert tick().run_requests == []
+        (batch / "_SUCCESS").touch()  # the lander writes it again, last
+        assert [request.partition_key for request in tick().run_requests] == ["2024-06-03"]
+
+
+def test_sensor_says_when_the_batches_folder_is_missing(tmp_path: Path) -> None:
+    workspace = Workspace(root=str(tmp_path / "elsewhere"))
+    with dg.instance_for_test() as instance:
+        result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
+    assert result.run_requests == []
+    assert result.skip_reason.skip_message == (  # type: ignore[union-attr]
+        f"no batches folder {tmp_path / 'elsewhere' / 'batches'} (the workspace's batches/; set "
+        "COHORTCAST_WORKSPACE to the deployment's workspace)")
 
 
 def test_newest_ingested_batch_becomes_the_warehouse(small_hospital: Path, tmp_path: Path) -> None:
@@ -255,10 +312,11 @@ def test_promoting_a_batch_that_was_not_ingested_fails_and_keeps_the_warehouse(t
 
 
 def write_ingested_batch(folder: Path) -> None:
-    """A batch's complete, balanced ingest whose every table file holds the batch's name."""
+    """A batch's complete, balanced ingest of empty tables."""
     folder.mkdir(parents=True)
+    schemas = {**INTERNAL_TABLES, "events": EVENTS, "codes": CODES, "quarantine": QUARANTINE}
     for name in warehouse_files()[:-1]:
-        (folder / name).write_text(folder.name)
+        pq.write_table(schemas[name.removesuffix(".parquet")].empty_table(), folder / name)
     summary = IngestSummary(
         landing_dir=folder.name, warehouse_dir=str(folder), export_time=datetime(2024, 6, 1), strict=False,
         files=(FileAccount("fhir", "fhir/Patient.000.ndjson", 1, 1, 0),), table_rows=dict.fromkeys(INGEST_ASSETS, 1),
@@ -289,10 +347,11 @@ def test_promoting_an_older_batch_over_a_newer_one_fails_and_keeps_the_warehouse
             "2024-06-02, which is newer (expected 2024-06-02 or a later batch); the warehouse keeps its tables "
             "(allow_older_batch rolls back on purpose)\n"
         )
-        assert (warehouse / "patients.parquet").read_text() == "2024-06-02"
+        newer = workspace.batch_warehouse_dir("2024-06-02") / "patients.parquet"
+        assert (warehouse / "patients.parquet").samefile(newer)
         assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-02\n"
         assert promote("2024-06-01", allow_older_batch=True).success  # a rollback, asked for
-    assert (warehouse / "patients.parquet").read_text() == "2024-06-01"
+    assert (warehouse / "patients.parquet").samefile(workspace.batch_warehouse_dir("2024-06-01") / "patients.parquet")
     assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "2024-06-01\n"
     assert sorted(p.name for p in (warehouse / "batches").iterdir()) == ["2024-06-01", "2024-06-02"]
 
