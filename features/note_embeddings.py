@@ -27,6 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.errors import ModelSettingsError
 from features.hardware import cpu_native_bf16
 from features.identifiers import subject_id_for
 from features.io import write_parquet_atomic
@@ -155,7 +156,7 @@ class NoteEncoder:
                  num_threads: int | None = None) -> None:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         if not (self.model_path / "config.json").is_file():
-            raise ValueError(f"note encoder: {self.model_path} is not a Hugging Face model folder "
+            raise ModelSettingsError(f"note encoder: {self.model_path} is not a Hugging Face model folder "
                              "(expected a config.json in it)")
         if batch_size < 1:
             raise ValueError(f"batch_size ({batch_size}) must be at least 1")

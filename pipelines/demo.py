@@ -25,7 +25,9 @@ from pipelines.resources import resources_for_deployment
 DEMO_TASK = "simulated_mace_1y"
 """The task the simulated hospital is built for (``tasks/simulated_mace_1y.yaml``)."""
 
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# A failed step's reason is printed by the demo in one line (DemoFailed); Dagster's console
+# logger would print its whole traceback at ERROR level before it.
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 class DemoFailed(LandingZoneError):
@@ -108,14 +110,29 @@ def run_demo(
         if failed_checks:
             console.print(f"  checks that did not pass: {', '.join(failed_checks)}", style="yellow")
         if not result.success:
-            failed = [e.step_key for e in result.get_step_failure_events()]
+            failures = result.get_step_failure_events()
+            failed = [e.step_key for e in failures]
+            reason = f": {step_error(failures[0])}" if failures else ""
             raise DemoFailed(f"stage '{title}' failed (steps: {', '.join(failed) or 'none'}; checks: "
-                             f"{', '.join(failed_checks) or 'none'}); run {result.run_id} in Dagster has details")
+                             f"{', '.join(failed_checks) or 'none'}){reason}; run {result.run_id} in Dagster "
+                             "has details")
     print_high_risk(workspace / "published", DEMO_TASK, console)
     console.print(f"every output is under {workspace}: landing/, warehouse/ (tables, tasks/, candidate_models/, "
                   "models/, scores/), "
                   "published/ (cohort versions, cohortcast.duckdb, FHIR RiskAssessments)")
     return results
+
+
+def step_error(event: dg.DagsterEvent) -> str:
+    """The first line of what made a step fail: the innermost error's message, without the
+    error's module and class (``features.errors.LandingZoneError: landing folder ...``)."""
+    error = event.step_failure_data.error  # type: ignore[union-attr]
+    while error is not None and error.cause is not None:
+        error = error.cause
+    lines = (error.message if error is not None else "").strip().splitlines()
+    first = lines[0] if lines else "no message"
+    kind, _, rest = first.partition(": ")
+    return rest if rest and " " not in kind else first
 
 
 def _short(text: str, width: int = 32) -> str:

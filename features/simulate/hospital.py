@@ -132,6 +132,11 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise LandingZoneError(f"output {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise LandingZoneError(f"output folder {out_dir} is not empty (pass --overwrite to replace it)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MANIFEST).is_file():
+        # --overwrite replaces a simulation, never a hospital's export put in its place.
+        raise LandingZoneError(f"output folder {out_dir} holds files but no {SIMULATION_MANIFEST}, so it is not a "
+                               "simulation: --overwrite replaces only the simulator's own output (choose another "
+                               "folder, or empty this one)")
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent

@@ -221,3 +221,40 @@ def test_train_refuses_a_held_out_split_with_one_outcome_before_training(
     assert re.fullmatch(r"error: held_out split: 0 patients with the outcome among \d+ with a known label \(need at "
                         r"least 1 with and 1 without\).*\n", err)
     assert "epoch" not in out
+
+
+def test_features_with_an_encoder_folder_that_is_not_a_model_prints_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope"
+    code, _out, err = run_cli(["features", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK),
+                               "--encoder", str(missing)], capsys)
+    assert (code, err) == (2, f"error: Invalid value for '--encoder': Directory '{missing}' does not exist.\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _out, err = run_cli(["features", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK),
+                               "--encoder", str(empty)], capsys)
+    assert (code, err) == (2, f"error: note encoder: {empty} is not a Hugging Face model folder (expected a "
+                              "config.json in it)\n")
+
+
+def test_train_with_a_truth_file_that_does_not_exist_prints_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK),
+                               "--truth", str(tmp_path / "truth.parquet")], capsys)
+    assert (code, err) == (2, f"error: Invalid value for '--truth': File '{tmp_path / 'truth.parquet'}' does not "
+                              "exist.\n")
+
+
+def test_demo_reads_its_workspace_from_the_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workspace named by COHORTCAST_WORKSPACE, as dagster dev reads it (the run itself replaced here).
+    monkeypatch.setenv("COHORTCAST_WORKSPACE", str(tmp_path / "ws"))
+    code, out, _err = run_cli(["demo", "--help"], capsys)
+    assert code == 0 and "COHORTCAST_WORKSPACE" in out
+    seen: list[Path] = []
+    monkeypatch.setattr("pipelines.demo.run_demo", lambda workspace, *args: seen.append(workspace))
+    run_cli(["demo", "--patients", "5"], capsys)
+    assert seen == [tmp_path / "ws"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -11,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from pipelines.definitions import all_asset_checks, all_assets, task_assets
-from pipelines.demo import DEMO_TASK, run_demo
+from pipelines.demo import DEMO_TASK, DemoFailed, run_demo
 from pipelines.resources import resources_for_deployment
 
 
@@ -106,3 +108,19 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     [failure] = alone.get_step_failure_events()
     assert f"model {rejected} not deployed: held-out auroc" in failure.event_specific_data.error.cause.message
     assert (deployed / "model.safetensors").read_bytes() == deployed_weights
+
+
+def test_a_failed_demo_stage_says_why_in_one_line(tmp_path: Path) -> None:
+    # A hospital's export put where the demo simulates: the simulator refuses to replace it.
+    landing = tmp_path / "workspace" / "landing"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_text("{}\n")
+    with dg.instance_for_test() as instance, pytest.raises(DemoFailed) as failed:
+        run_demo(tmp_path / "workspace", patients=5, seed=0, console=Console(file=io.StringIO()), instance=instance)
+    assert re.fullmatch(
+        r"stage 'simulate 5 patients and ingest them' failed \(steps: simulated_landing_zone; checks: none\): "
+        rf"landing folder {re.escape(str(landing))} holds files but no simulation.json, so it is not a simulation: "
+        r"the simulator replaces only its own output \(.*\); run \S+ in Dagster has details",
+        str(failed.value),
+    )
+    assert (landing / "export.ndjson").read_text() == "{}\n"

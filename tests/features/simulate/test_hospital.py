@@ -209,7 +209,15 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
     with pytest.raises(LandingZoneError, match="is not empty \\(pass --overwrite to replace it\\)"):
         simulate_hospital(out, SimulationConfig(n_patients=5))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    simulate_hospital(out, SimulationConfig(n_patients=5), overwrite=True)
-    assert not (out / "keep.txt").exists()
+    # Not a simulation: even --overwrite leaves it (a hospital's export put where the simulator writes).
+    with pytest.raises(LandingZoneError, match="holds files but no simulation.json, so it is not a simulation: "
+                                               "--overwrite replaces only the simulator's own output"):
+        simulate_hospital(out, SimulationConfig(n_patients=5), overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    simulate_hospital(out, SimulationConfig(n_patients=5))
+    (out / "fhir" / "stray.ndjson").write_text("{}\n")
+    simulate_hospital(out, SimulationConfig(n_patients=5), overwrite=True)  # a simulation: replaced
+    assert not (out / "fhir" / "stray.ndjson").exists()
     assert (out / "truth.parquet").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["landing"]
