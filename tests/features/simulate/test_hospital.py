@@ -210,8 +210,8 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
         simulate_hospital(out, SimulationConfig(n_patients=5))
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     # Not a simulation: even --overwrite leaves it (a hospital's export put where the simulator writes).
-    with pytest.raises(LandingZoneError, match="holds files but no simulation.json, so it is not a simulation: "
-                                               "--overwrite replaces only the simulator's own output"):
+    with pytest.raises(LandingZoneError, match=r"holds files but no simulation\.json, so it is not a simulation: "
+                                               r"--overwrite replaces only the simulator's own output"):
         simulate_hospital(out, SimulationConfig(n_patients=5), overwrite=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     (out / "keep.txt").unlink()
