@@ -466,6 +466,10 @@ def _read_records(
             is_dict = isinstance(resource, dict)
             rt = resource.get("resourceType") if is_dict else None
             rid = resource.get("id") if is_dict else None
+            if err.code == "entered_in_error" and isinstance(rt, str) and isinstance(rid, str):
+                # The newest version withdraws the record: the older copies of it must not stay behind.
+                stamp = record_version(resource, origin)
+                buffers["withdrawals"].append((rt, rid, stamp[2] if stamp else None, source_file, record.number))
             raw = record.raw if record.raw else orjson.dumps(resource)
             rejects.append(
                 (
@@ -935,27 +939,32 @@ def _deleted_copies(staged: pl.LazyFrame, ids: list[str], resource_type: pl.Expr
     ``meta.lastUpdated`` is after the deleting Bundle's time (its ``meta.lastUpdated`` or
     ``timestamp``) was re-created since and stays; without both times, file order (the landing
     order) decides. A copy in the deleting Bundle itself always stays: a transaction applies its
-    DELETEs before its POSTs and PUTs.
+    DELETEs before its POSTs and PUTs. A withdrawal (``withdrawn``: a version marked
+    entered-in-error) is ordered the same way, but by record order within its own file too.
     """
     location = ["source_file", "record_number"]
     targets = deletions.select(
         pl.col("resource_type").alias("__type"), pl.col("resource_id").alias("__id"), "deleted_at",
         pl.col("source_file").alias("deleted_by_file"), pl.col("record_number").alias("deleted_by_record"),
+        "withdrawn",
     )
     updated = pl.col("last_updated")
+    same_file = pl.col("source_file") == pl.col("deleted_by_file")
+    earlier = (pl.col("source_file") < pl.col("deleted_by_file")) | (
+        pl.col("withdrawn") & same_file & (pl.col("record_number") < pl.col("deleted_by_record")))
     after_deletion = (
         pl.when(updated.is_not_null() & pl.col("deleted_at").is_not_null())
         .then(updated <= pl.col("deleted_at"))
-        .otherwise(pl.col("source_file") < pl.col("deleted_by_file"))
+        .otherwise(earlier)
     )
     return (
         staged.with_columns(resource_type.alias("__type"), pl.col(ids[-1]).cast(pl.String).alias("__id"))
         .join(targets, on=["__type", "__id"], how="inner")
         .join(versions.select(*location, "last_updated"), on=location, how="left")
-        .filter((pl.col("source_file") != pl.col("deleted_by_file")) & after_deletion)
+        .filter((~same_file | pl.col("withdrawn")) & after_deletion)
         .sort([*location, "deleted_by_file", "deleted_by_record"])
         .group_by(location, maintain_order=True)
-        .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "deleted_by_file", "deleted_by_record"]))
+        .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "deleted_by_file", "deleted_by_record", "withdrawn"]))
         .collect()
     )
 
@@ -971,20 +980,23 @@ def _finalize_table(
     ``record_versions``); each other copy is a ``duplicate`` quarantine row naming the copy kept and why.
     The copies of a resource that a Bundle entry deletes (``deletions``) and that the deletion
     comes after (:func:`_deleted_copies`) are left out first, each a ``deleted`` quarantine row
-    naming the entry; the newest copy is chosen among the others (a copy re-created after the
-    deletion, say).
+    naming the entry; so are those a newer version marked entered-in-error withdraws (``withdrawn``
+    rows of ``deletions``), each a ``withdrawn`` row. The newest copy is chosen among the others (a
+    copy re-created after the deletion, say).
     """
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
     deleted_type = pl.col("resource_type") if "resource_type" in ids else pl.lit(DELETED_TYPE_OF_TABLE.get(table))
     deleted = None
     if deletions is not None and ("resource_type" in ids or table in DELETED_TYPE_OF_TABLE):
+        withdrawn = pl.col("withdrawn")
         deleted = _drops(
             _deleted_copies(staged, ids, deleted_type, deletions, versions), deleted_type, pl.col(ids[-1]),
-            pl.lit("deleted"),
-            deleted_type + pl.lit("/") + pl.col(ids[-1]).cast(pl.String) + pl.lit(" is deleted by ")
+            pl.when(withdrawn).then(pl.lit("withdrawn")).otherwise(pl.lit("deleted")),
+            deleted_type + pl.lit("/") + pl.col(ids[-1]).cast(pl.String)
+            + pl.when(withdrawn).then(pl.lit(" is withdrawn by a newer version, ")).otherwise(pl.lit(" is deleted by "))
             + pl.col("deleted_by_file") + pl.lit(" entry ") + pl.col("deleted_by_record").cast(pl.String)
-            + pl.lit(" (request DELETE)"),
+            + pl.when(withdrawn).then(pl.lit(" (entered-in-error)")).otherwise(pl.lit(" (request DELETE)")),
         )
     remaining = staged if deleted is None else staged.join(deleted.lazy().select(location), on=location, how="anti")
     candidates = remaining.join(_repeated_ids(remaining, ids), on=ids, how="semi", nulls_equal=True)
@@ -1451,8 +1463,12 @@ def _ingest_locked(
         staged = {table: _staged(staging, table) for table in TABLES}
         versions = _staged(staging, "record_versions")
         finalized = {"deletions": _finalize_table("deletions", staged["deletions"], None, tables_dir, versions)}
-        # Most exports delete nothing: then no table is searched for deleted resources.
-        deletions = pl.scan_parquet(tables_dir / "deletions.parquet", glob=False) if finalized["deletions"][0] else None
+        # Most exports delete and withdraw nothing: then no table is searched for deleted resources.
+        removals = [pl.scan_parquet(tables_dir / "deletions.parquet", glob=False).with_columns(withdrawn=False)
+                    ] if finalized["deletions"][0] else []
+        if _staged_parts(staging, "withdrawals"):
+            removals.append(_staged(staging, "withdrawals").with_columns(withdrawn=True))
+        deletions = pl.concat(removals) if removals else None
         first = ("deletions", "patients", "medication_codes", "binaries")
         finalized.update({table: _finalize_table(table, staged[table], None, tables_dir, versions, deletions)
                           for table in first[1:]})

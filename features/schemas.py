@@ -627,6 +627,9 @@ STAGED_TABLES: dict[str, pa.Schema] = {
     "note_references": NOTE_REFERENCES,
     "binaries": BINARY_TEXTS,
     "record_versions": RECORD_VERSIONS,
+    # Records the source system withdrew (entered-in-error): like a deletion, they remove the older
+    # copies of their resource; they are quarantined themselves, never written as a table.
+    "withdrawals": DELETIONS,
 }
 """Every table ingest stages: the internal tables, forms that only exist until they are resolved, and
 the FHIR records' versions (read when duplicates are resolved, never written)."""

@@ -376,6 +376,49 @@ def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
 
 
 @pytest.mark.parametrize("per_record", [False, True])
+def test_a_version_marked_entered_in_error_withdraws_the_older_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_record: bool
+) -> None:
+    def version(rid: str, updated: str | None, status: str) -> bytes:
+        verification = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                    "code": status}]}
+        meta = {"meta": {"lastUpdated": updated}} if updated else {}
+        return line(condition(id=rid, verificationStatus=verification, **meta))
+
+    files = {
+        # c1: confirmed, then withdrawn in a later file; c2: withdrawn in 2023, confirmed again in
+        # 2024 (a newer copy stays); c3: no times, the withdrawal later in the same file.
+        "a.ndjson": b"\n".join([
+            line(PATIENT), version("c1", "2020-01-01T00:00:00Z", "confirmed"),
+            version("c2", "2024-01-01T00:00:00Z", "confirmed"),
+            version("c3", None, "confirmed"), version("c3", None, "entered-in-error"),
+        ]) + b"\n",
+        "b.ndjson": b"\n".join([
+            version("c1", "2021-06-01T00:00:00Z", "entered-in-error"),
+            version("c2", "2023-01-01T00:00:00Z", "entered-in-error"),
+        ]) + b"\n",
+    }
+    if per_record:
+        _per_record_only(monkeypatch)
+    summary, quarantine = ingest_files(tmp_path, files)
+    conditions = pl.read_parquet(tmp_path / "out" / "conditions.parquet")
+    assert conditions.select("resource_id", "source_file").rows() == [("c2", "fhir/a.ndjson")]
+    withdrew = "is entered-in-error: the source system withdrew this record"
+    assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
+        ("fhir/a.ndjson", 2, "withdrawn",
+         "Condition/c1 is withdrawn by a newer version, fhir/b.ndjson entry 1 (entered-in-error)"),
+        ("fhir/a.ndjson", 4, "withdrawn",
+         "Condition/c3 is withdrawn by a newer version, fhir/a.ndjson entry 5 (entered-in-error)"),
+        ("fhir/a.ndjson", 5, "entered_in_error", f"Condition.verificationStatus {withdrew}"),
+        ("fhir/b.ndjson", 1, "entered_in_error", f"Condition.verificationStatus {withdrew}"),
+        ("fhir/b.ndjson", 2, "entered_in_error", f"Condition.verificationStatus {withdrew}"),
+    ]
+    assert summary.balanced
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet")
+    assert events.filter(pl.col("code").str.starts_with("SNOMED//")).height == 1
+
+
+@pytest.mark.parametrize("per_record", [False, True])
 def test_a_delete_removes_only_the_copies_it_comes_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_record: bool
 ) -> None:
