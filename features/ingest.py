@@ -971,7 +971,7 @@ def _deleted_copies(staged: pl.LazyFrame, ids: list[str], resource_type: pl.Expr
 
 def _finalize_table(
     table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path, versions: pl.LazyFrame,
-    deletions: pl.LazyFrame | None = None,
+    deletions: pl.LazyFrame | None = None, quarantined_patients: pl.Series | None = None,
 ) -> tuple[int, pl.DataFrame, dict[str, int]]:
     """Write one final table; return its row count, the records dropped (with reason) and the
     records it holds per source file (counted from the written file, for the accounting).
@@ -1065,6 +1065,8 @@ def _finalize_table(
     if deleted is not None:
         duplicates = pl.concat([duplicates, deleted])
     drop = duplicates.select(location)
+    if quarantined_patients is None:
+        quarantined_patients = pl.Series("patient_id", [], dtype=pl.String)
     if patient_ids is not None and "patient_id" in staged.collect_schema().names():
         orphans = (
             staged.filter(~pl.col("patient_id").is_in(patient_ids.implode()))
@@ -1080,7 +1082,9 @@ def _finalize_table(
             pl.lit("orphan_reference"),
             pl.lit(f"{table} record refers to Patient/")
             + pl.col("patient_id")
-            + pl.lit(", which is not in this export"),
+            + pl.when(pl.col("patient_id").is_in(quarantined_patients.implode()))
+            .then(pl.lit(", which was quarantined (see its own row)"))
+            .otherwise(pl.lit(", which is not in this export")),
         )
         drop_all = pl.concat([duplicates, orphans])
     else:
@@ -1473,6 +1477,13 @@ def _ingest_locked(
         finalized.update({table: _finalize_table(table, staged[table], None, tables_dir, versions, deletions)
                           for table in first[1:]})
         patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"], glob=False)["patient_id"]
+        # Patients whose every copy was quarantined: their records' reason says so, not "not in the export".
+        quarantined_patients = (
+            _staged(staging, "quarantine")
+            .filter((pl.col("resource_type") == "Patient") & pl.col("resource_id").is_not_null())
+            .select(pl.col("resource_id").alias("patient_id")).unique().collect()["patient_id"]
+        )
+        quarantined_patients = quarantined_patients.filter(~quarantined_patients.is_in(patient_ids.implode()))
         orders, unresolved_orders = resolve_medication_references(
             _staged(staging, "medication_references"), tables_dir / "medication_codes.parquet"
         )
@@ -1498,7 +1509,7 @@ def _ingest_locked(
         with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
             pending = {
                 table: threads.submit(_finalize_table, table, staged[table], patient_ids, tables_dir, versions,
-                                      deletions)
+                                      deletions, quarantined_patients)
                 for table in others
             }
             finalized.update({table: job.result() for table, job in pending.items()})

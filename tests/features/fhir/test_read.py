@@ -527,3 +527,17 @@ def test_cached_reference_errors_name_each_field(tmp_path: Path) -> None:
     bad = condition(subject={"reference": "Practitioner/p1"})
     reject = only_reject(ingest_lines(tmp_path, line(bad))[1])
     assert reject["reason"] == "Condition.subject.reference 'Practitioner/p1' does not point to a Patient"
+
+
+def test_records_of_a_quarantined_patient_say_so(tmp_path: Path) -> None:
+    # SQL Server's least date, a common placeholder for an unknown birth date: before 1800, refused.
+    placeholder = {**PATIENT, "id": "p9", "birthDate": "1753-01-01"}
+    _summary, quarantine = ingest_lines(
+        tmp_path, line(placeholder), line(condition(id="c9", subject={"reference": "Patient/p9"})),
+        line(condition(id="c8", subject={"reference": "Patient/p8"})),
+    )
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (2, "bad_date", "Patient.birthDate '1753-01-01' is before 1800"),
+        (3, "orphan_reference", "conditions record refers to Patient/p9, which was quarantined (see its own row)"),
+        (4, "orphan_reference", "conditions record refers to Patient/p8, which is not in this export"),
+    ]
