@@ -185,9 +185,12 @@ class IngestSummary:
     duplicates: int
     fhir_resources_in: int
     elapsed_seconds: float
-    # Where export_time came from: "given" (the caller's), "manifest" (the Bulk export's
-    # transactionTime) or "ingest time" (the clock, when neither says).
+    # Where export_time came from: "given" (the caller's) or "ingest time" (the clock).
     export_time_source: str = "ingest time"
+    # The Bulk export's transactionTime (its manifest.json), when the landing zone holds one: FHIR
+    # records dated after it are quarantined too. Notes, genomics and imaging tables, extracted
+    # from other systems and often later, are held to export_time alone.
+    fhir_export_time: datetime | None = None
     # How the landing zone differs from its Bulk export's manifest.json: a listed file missing,
     # or holding another number of records than listed (a copy cut short). Empty without a manifest.
     manifest_mismatches: tuple[str, ...] = ()
@@ -216,6 +219,7 @@ class IngestSummary:
     def to_json(self) -> bytes:
         document = asdict(self)
         document["export_time"] = self.export_time.isoformat()
+        document["fhir_export_time"] = self.fhir_export_time.isoformat() if self.fhir_export_time else None
         document["totals"] = {
             "records_in": self.records_in,
             "records_out": self.records_out,
@@ -229,6 +233,8 @@ class IngestSummary:
         document = orjson.loads(path.read_bytes())
         document.pop("totals", None)
         document["export_time"] = datetime.fromisoformat(document["export_time"])
+        fhir_time = document.get("fhir_export_time")
+        document["fhir_export_time"] = datetime.fromisoformat(fhir_time) if fhir_time else None
         document["files"] = tuple(FileAccount(**account) for account in document["files"])
         document["manifest_mismatches"] = tuple(document.get("manifest_mismatches", ()))
         return cls(**document)
@@ -737,14 +743,18 @@ class BulkManifest:
     problems: tuple[str, ...]
 
 
-def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest:
-    """Read a Bulk Data manifest; what cannot be read is listed in ``problems``, never raised."""
+def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest | None:
+    """Read a Bulk Data manifest; what cannot be read is listed in ``problems``, never raised.
+
+    None when the file is JSON but no Bulk manifest (neither ``transactionTime`` nor ``output``: a
+    lander's own list, say). Text that is not JSON is a problem: a manifest copied part-way.
+    """
     try:
         document = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError:
-        return BulkManifest(source_file, None, (), (f"{source_file} is not valid JSON",))
-    if not isinstance(document, dict):
-        return BulkManifest(source_file, None, (), (f"{source_file} is not a JSON object",))
+        return BulkManifest(source_file, None, (), (f"{source_file} is not valid JSON (copied part-way?)",))
+    if not isinstance(document, dict) or not {"transactionTime", "output"} & document.keys():
+        return None
     problems: list[str] = []
     stamp = document.get("transactionTime")
     transaction_time = None
@@ -757,30 +767,48 @@ def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest:
     for index, entry in enumerate(output if isinstance(output, list) else []):
         url = entry.get("url") if isinstance(entry, dict) else None
         count = entry.get("count") if isinstance(entry, dict) else None
-        if not isinstance(url, str) or not url.rstrip("/").rsplit("/", 1)[-1]:
+        name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if isinstance(url, str) else ""
+        if not name:
             problems.append(f"{source_file} output[{index}] has no url")
             continue
         known = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
-        listed.append((url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1], known))
+        listed.append((name, known))
     if not isinstance(output, list):
         problems.append(f"{source_file} output is not a list")
     return BulkManifest(source_file, transaction_time, tuple(listed), tuple(problems))
 
 
-def manifest_mismatches(manifest: BulkManifest, records_in: dict[str, int]) -> list[str]:
-    """How the FHIR files read (``records_in`` by source file) differ from what ``manifest`` lists.
+def manifest_mismatches(manifest: BulkManifest, records: dict[str, int]) -> list[str]:
+    """How the FHIR files read differ from what ``manifest`` lists. ``records``: resources read per
+    source file (blank lines not counted).
 
-    Files are matched by name, in whatever folder they lie: the manifest's URLs are the server's.
+    Only files in the manifest's folder and below are compared (two exports side by side each
+    have their own). A listed file is matched by name (the URL's last part: the URLs are the
+    server's), also when the lander gzipped it or unzipped it. Servers that name files by opaque
+    URLs (``.../Binary/101``) leave nothing to match by name: then, when every entry has a
+    ``count``, the total alone is compared with the NDJSON records read.
     """
+    folder = manifest.path.rsplit("/", 1)[0] + "/" if "/" in manifest.path else ""
     by_name: dict[str, int] = defaultdict(int)
-    for source_file, read in records_in.items():
-        by_name[source_file.rsplit("/", 1)[-1]] += read
+    for source_file, read in records.items():
+        if source_file.startswith(folder):
+            by_name[source_file.rsplit("/", 1)[-1]] += read
     found = list(manifest.problems)
+    opaque = [(name, listed) for name, listed in manifest.files if fhir_kind(Path(name)) is None]
     for name, listed in manifest.files:
-        if name not in by_name:
+        if fhir_kind(Path(name)) is None:
+            continue
+        forms = (name, f"{name}.gz", name.removesuffix(".gz"))
+        present = [form for form in dict.fromkeys(forms) if form in by_name]
+        if not present:
             found.append(f"{name}: listed in {manifest.path}, not in the landing zone")
-        elif listed is not None and by_name[name] != listed:
-            found.append(f"{name}: {by_name[name]} records, {manifest.path} lists {listed}")
+        elif listed is not None and (read := by_name[present[0]]) != listed:
+            found.append(f"{name}: {read} records, {manifest.path} lists {listed}")
+    counts = [listed for _, listed in manifest.files]
+    if opaque and None not in counts:
+        read = sum(count for name, count in by_name.items() if fhir_kind(Path(name)) in ("ndjson", "ndjson.gz"))
+        if read != sum(counts):  # type: ignore[arg-type]
+            found.append(f"{read} NDJSON records in the landing zone, {manifest.path} lists {sum(counts)}")  # type: ignore[arg-type]
     return found
 
 
@@ -1371,8 +1399,8 @@ def ingest_landing_zone(
         Processes reading FHIR in parallel; the output does not depend on it.
     export_time
         The time of the export (naive UTC, or aware): records dated later are quarantined.
-        Defaults to the Bulk export's ``transactionTime`` when the landing zone holds its
-        ``manifest.json``, else to now.
+        Defaults to now. FHIR records are also held to the Bulk export's ``transactionTime`` when
+        the landing zone holds its ``manifest.json`` (``fhir_export_time`` in the summary).
     progress
         Called with (units done, units total) as FHIR read units finish.
 
@@ -1391,15 +1419,17 @@ def ingest_landing_zone(
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
     _check_dirs(landing_dir, warehouse_dir)
     landing = _discover(landing_dir)
-    manifests = [read_bulk_manifest(path, rel) for path, rel in landing.manifests]
+    manifests = [manifest for path, rel in landing.manifests
+                 if (manifest := read_bulk_manifest(path, rel)) is not None]
     stamps = [manifest.transaction_time for manifest in manifests if manifest.transaction_time is not None]
-    source = "given" if export_time is not None else "manifest" if stamps else "ingest time"
+    source = "ingest time" if export_time is None else "given"
     if export_time is None:
-        # The Bulk export's own time: an ingest run days later must not take records dated after the
-        # export (a clock or feed error) as real.
-        export_time = min(stamps) if stamps else datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+        export_time = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     elif export_time.tzinfo is not None:
         export_time = export_time.astimezone(UTC).replace(tzinfo=None)
+    # The Bulk export's own time: an ingest run days later must not take FHIR records dated after
+    # the export (a clock or feed error) as real.
+    fhir_export_time = min(stamps) if stamps else None
     if not (landing.fhir or landing.notes or landing.genomics or landing.imaging):
         # An export that failed upstream lands as an empty folder: ingested, it would replace every
         # table with an empty one and leave the warehouse with no patients.
@@ -1411,7 +1441,7 @@ def ingest_landing_zone(
                                "warehouse keeps its tables")
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
         summary = _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
-                                 manifests, source)
+                                 manifests, source, fhir_export_time)
     return summary
 
 
@@ -1426,6 +1456,7 @@ def _ingest_locked(
     started: float,
     manifests: list[BulkManifest],
     export_time_source: str,
+    fhir_export_time: datetime | None,
 ) -> IngestSummary:
     """:func:`ingest_landing_zone` once it holds the warehouse's writer lock.
 
@@ -1460,7 +1491,8 @@ def _ingest_locked(
             ]
             units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel, UNIT_BYTES)]
             results: list[tuple[str, _UnitResult]] = [
-                ("fhir", result) for result in _run_units(units, export_time, strict, staging, pool, progress)
+                ("fhir", result) for result in _run_units(units, min(export_time, fhir_export_time or export_time),
+                                                          strict, staging, pool, progress)
             ]
             results.extend((kind, job.result()) for kind, job in side_reads)
 
@@ -1546,6 +1578,8 @@ def _ingest_locked(
         for _, result in results:
             records_in[result.source_file] += result.records_in
         quarantined = dict(quarantine.group_by("source_file").len().iter_rows())
+        blank_lines = dict(quarantine.filter(pl.col("reason_code") == "blank_line").group_by("source_file").len()
+                           .iter_rows())
         out: dict[str, int] = defaultdict(int)
         for table in TABLES:
             for source_file, n in finalized[table][2].items():
@@ -1569,9 +1603,11 @@ def _ingest_locked(
             fhir_resources_in=sum(result.records_in for kind, result in results if kind == "fhir"),
             elapsed_seconds=round(time.perf_counter() - started, 3),
             export_time_source=export_time_source,
+            fhir_export_time=fhir_export_time,
             manifest_mismatches=tuple(
                 mismatch for manifest in manifests
-                for mismatch in manifest_mismatches(manifest, {name: records_in[name] for name in fhir_kinds})
+                for mismatch in manifest_mismatches(
+                    manifest, {name: records_in[name] - blank_lines.get(name, 0) for name in fhir_kinds})
             ),
         )
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)

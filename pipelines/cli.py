@@ -113,6 +113,12 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
         for file, records_in, quarantined, share, reason, _ in quarantine_shares(summary, out).head(5).iter_rows():
             worst.add_row(file, f"{records_in:,}", f"{quarantined:,}", f"{share:.1%}", reason)
         console.print(worst)
+    if summary.fhir_export_time is not None:
+        console.print(f"FHIR export time (manifest.json transactionTime): {summary.fhir_export_time:%Y-%m-%dT%H:%M:%S}"
+                      " UTC; FHIR records dated later are quarantined")
+    for line in summary.manifest_mismatches:
+        # The run completed, so the exit status stays 0; a batch like this is never promoted.
+        console.print(f"the landing zone does not match its manifest (a copy cut short?): {line}", style="yellow")
     balance = "balanced" if summary.balanced else "NOT balanced"
     console.print(f"{summary.records_in:,} in = {summary.records_out:,} out + {summary.quarantined:,} quarantined "
                   f"({balance}); {summary.elapsed_seconds:.1f} s{' (strict)' if strict else ''}")

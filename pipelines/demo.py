@@ -124,10 +124,12 @@ def run_demo(
 
 
 def step_error(event: dg.DagsterEvent) -> str:
-    """The first line of what made a step fail: the innermost error's message, without the
-    error's module and class (``features.errors.LandingZoneError: landing folder ...``)."""
+    """The first line of what made a step fail, without the error's module and class
+    (``features.errors.LandingZoneError: landing folder ...``): the error the step's code raised,
+    which Dagster's own step error holds as its cause (not that error's own cause, an ``OSError``
+    it words, say)."""
     error = event.step_failure_data.error  # type: ignore[union-attr]
-    while error is not None and error.cause is not None:
+    if error is not None and error.cls_name == "DagsterExecutionStepExecutionError" and error.cause is not None:
         error = error.cause
     lines = (error.message if error is not None else "").strip().splitlines()
     first = lines[0] if lines else "no message"

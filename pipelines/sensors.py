@@ -19,8 +19,9 @@ than another entry of the batch was not written last, and does not count). A bat
 modified for ``LANDING_QUIET_SECONDS``: a copy that preserves the export's times (``rsync -a``,
 ``cp -p``) still changes the folders' times as it creates entries. A Bulk FHIR ``manifest.json`` is
 not a completion marker: it is part of the export and may be copied before the files it lists; but
-an ingested batch that does not match it (a listed file missing, or with fewer records), or that has
-any other of :func:`features.ingest.ingest_problems`, fails its run and is never promoted.
+an ingested batch that does not match it (a listed file missing, or with another number of
+records), or that has any other of :func:`features.ingest.ingest_problems`, fails its run and is
+never promoted (it is ingested again once its folder changes and has landed again).
 
 The asset lives here, not in ``pipelines/assets``, because it is partitioned while the demo graph is
 not: ``pipelines.definitions`` registers it with its own job and sensors.
@@ -48,6 +49,8 @@ BATCH_PARTITIONS = dg.DynamicPartitionsDefinition(name="landing_batches")
 LANDING_QUIET_SECONDS = 120
 # Writing _SUCCESS into the batch folder also sets the folder's time, a moment later on some file systems.
 MARKER_CLOCK_SLACK_SECONDS = 1.0
+# The newest known batches whose failed ingest is started again once their folder changes.
+RETRIED_BATCHES = 7
 
 
 @dg.asset(partitions_def=BATCH_PARTITIONS, group_name="ingest", kinds={"parquet"})
@@ -99,17 +102,49 @@ def batch_landed(folder: Path, now: float, quiet_seconds: float = LANDING_QUIET_
     """
     marker = folder / LANDED_MARKER
     try:
-        newest, files = folder.stat().st_mtime, 0
-        for parent, folders, names in os.walk(folder):
-            files += len(names)
-            for name in folders + names:
-                path = os.path.join(parent, name)
-                if path != str(marker):
-                    newest = max(newest, os.lstat(path).st_mtime)
+        newest, files = _newest_change(folder, but=marker)
         marked = marker.is_file() and os.lstat(marker).st_mtime >= newest - MARKER_CLOCK_SLACK_SECONDS
     except FileNotFoundError:  # a copier's temporary file renamed since it was listed: still landing
         return False
     return files > 0 and (marked or now - newest >= quiet_seconds)
+
+
+def _newest_change(folder: Path, but: Path | None = None) -> tuple[float, int]:
+    """The latest modification time under ``folder`` (itself included, ``but`` left out) and its
+    number of files."""
+    newest, files = folder.stat().st_mtime, 0
+    for parent, folders, names in os.walk(folder):
+        files += len(names)
+        for name in folders + names:
+            path = os.path.join(parent, name)
+            if but is None or path != str(but):
+                newest = max(newest, os.lstat(path).st_mtime)
+    return newest, files
+
+
+def changed_since_its_failure(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
+    """A run key to ingest a known batch again, or None: when its latest ``ingested_batch`` run
+    failed and the folder has changed since that run ended, and has landed again.
+
+    A batch whose copy was cut short fails its checks (a file of its manifest missing, say); its
+    partition exists by then, and its first run key is spent, so without this the finished copy
+    would never be ingested.
+    """
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
+    if not runs or runs[0].status != dg.DagsterRunStatus.FAILURE:
+        return None
+    failures = instance.get_records_for_run(runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    if ingested_batch.key.to_python_identifier() not in {record.event_log_entry.step_key for record in failures}:
+        return None
+    stats = instance.get_run_stats(runs[0].run_id)
+    ended = stats.end_time or stats.start_time
+    try:
+        newest, _ = _newest_change(folder)
+    except FileNotFoundError:
+        return None
+    if ended is None or newest <= ended or not batch_landed(folder, now):
+        return None
+    return f"{batch}/changed-{newest:.6f}"
 
 
 @dg.sensor(job=ingest_batch_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.STOPPED)
@@ -124,15 +159,19 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     fresh = new_batches(workspace.batches_dir, known)
     now = time.time()
     ready = [name for name in fresh if batch_landed(workspace.batches_dir / name, now)]
-    if not ready:
+    recent = [name for name in batch_names(workspace.batches_dir) if name in known][-RETRIED_BATCHES:]
+    again = [(name, key) for name in recent
+             if (key := changed_since_its_failure(context.instance, name, workspace.batches_dir / name, now))]
+    if not ready and not again:
         # Not requested, so not a partition yet: the next tick looks at these folders again.
         waiting = ", ".join(fresh)
         return dg.SensorResult(skip_reason=f"batches still landing (no {LANDED_MARKER} written last, and empty or "
                                            f"changed in the last {LANDING_QUIET_SECONDS} s): {waiting}"
                                if fresh else None)
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in ready],
-        dynamic_partitions_requests=[BATCH_PARTITIONS.build_add_request(ready)],
+        run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in ready]
+        + [dg.RunRequest(partition_key=name, run_key=key) for name, key in again],
+        dynamic_partitions_requests=[BATCH_PARTITIONS.build_add_request(ready)] if ready else [],
     )
 
 

@@ -118,7 +118,6 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
                     "duplicates": summary.duplicates,
                     "export_time": summary.export_time.isoformat(),
                     "export_time_source": summary.export_time_source,
-                    "manifest_mismatches": len(summary.manifest_mismatches),
                 }
             )
         yield dg.MaterializeResult(asset_key=name, metadata=metadata)
@@ -153,6 +152,19 @@ def events_subjects_exist(workspace: Workspace) -> dg.AssetCheckResult:
         metadata={"rows_without_patient": sum(missing.values()),
                   "events_without_patient": missing.get("events", 0),
                   "tables": ", ".join(f"{table} {count}" for table, count in missing.items()) or "none"},
+    )
+
+
+@dg.asset_check(asset="events", blocking=True,
+                description="The FHIR files match the export's Bulk manifest.json, when there is one (every listed "
+                            "file there, with the records listed).")
+def export_matches_manifest(workspace: Workspace) -> dg.AssetCheckResult:
+    summary = _summary(workspace)
+    return dg.AssetCheckResult(
+        passed=summary.complete,
+        metadata={"manifest_mismatches": len(summary.manifest_mismatches),
+                  "first_mismatch": summary.manifest_mismatches[0] if summary.manifest_mismatches else "",
+                  "fhir_export_time": summary.fhir_export_time.isoformat() if summary.fhir_export_time else ""},
     )
 
 

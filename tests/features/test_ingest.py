@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import gzip
 import json
 import re
 import shutil
@@ -588,7 +589,7 @@ def _lines(path: Path) -> int:
     return len(path.read_bytes().splitlines())
 
 
-def test_a_bulk_manifest_gives_the_export_time_and_the_files_to_expect(
+def test_a_bulk_manifest_gives_the_fhir_export_time_and_the_files_to_expect(
     shared_fhir_dir: Path, bulk: tuple[IngestSummary, Path], tmp_path: Path
 ) -> None:
     landing = tmp_path / "landing"
@@ -596,19 +597,27 @@ def test_a_bulk_manifest_gives_the_export_time_and_the_files_to_expect(
     listed = {path.name: _lines(path) for path in sorted(fhir.glob("*.ndjson"))}
     manifest = {
         "transactionTime": "2029-12-31T19:00:00-05:00",
-        "output": [{"type": name.split(".")[0], "url": f"https://ehr.example.org/bulk/job1/{name}", "count": count}
-                   for name, count in listed.items()],
+        "output": [{"type": name.split(".")[0], "url": f"https://ehr.example.org/bulk/job1/{name}?part=1",
+                    "count": count} for name, count in listed.items()],
+        "error": [{"type": "OperationOutcome", "url": "https://ehr.example.org/bulk/job1/errors.ndjson"}],
     }
     (fhir / "manifest.json").write_text(json.dumps(manifest))
+    # A lander that gzipped a file, and a blank line at the end of another: both still match.
+    gzipped = fhir / "Device.000.ndjson"
+    (fhir / "Device.000.ndjson.gz").write_bytes(gzip.compress(gzipped.read_bytes()))
+    gzipped.unlink()
+    with (fhir / "Procedure.000.ndjson").open("ab") as procedures:
+        procedures.write(b"\n")
     complete = ingest_landing_zone(landing, tmp_path / "complete", workers=1)
-    assert (complete.export_time, complete.export_time_source) == (datetime(2030, 1, 1), "manifest")
+    assert (complete.fhir_export_time, complete.export_time_source) == (datetime(2030, 1, 1), "ingest time")
     assert complete.complete and complete.manifest_mismatches == ()
-    assert complete.table_rows == bulk[0].table_rows
+    assert complete.quarantined_by_reason == {"blank_line": 1}
+    assert {**complete.table_rows, "quarantine": 0} == bulk[0].table_rows
 
     # A copy cut short: one file not there yet, another without its last line.
-    (fhir / "Device.000.ndjson").unlink()
-    procedures = fhir / "Procedure.000.ndjson"
-    procedures.write_bytes(b"".join(procedures.read_bytes().splitlines(keepends=True)[:-1]))
+    (fhir / "Device.000.ndjson.gz").unlink()
+    procedures_file = fhir / "Procedure.000.ndjson"
+    procedures_file.write_bytes(b"".join(procedures_file.read_bytes().splitlines(keepends=True)[:-2]))
     cut = ingest_landing_zone(landing, tmp_path / "cut", workers=1)
     assert cut.manifest_mismatches == (
         "Device.000.ndjson: listed in fhir/manifest.json, not in the landing zone",
@@ -625,7 +634,31 @@ def test_a_bulk_manifest_gives_the_export_time_and_the_files_to_expect(
         promote_warehouse(tmp_path / "cut", warehouse)
 
 
-def test_records_after_the_manifests_transaction_time_are_quarantined(tmp_path: Path) -> None:
+def test_manifests_of_other_shapes(tmp_path: Path) -> None:
+    fhir = tmp_path / "landing" / "fhir"
+    for site in ("siteA", "siteB"):
+        (fhir / site).mkdir(parents=True)
+        (fhir / site / "Patient_1.ndjson").write_bytes(
+            orjson.dumps({"resourceType": "Patient", "id": f"p-{site}", "gender": "female"}) + b"\n")
+        # Two exports side by side, each with its own manifest; files named by opaque URLs (HAPI's
+        # Binary ids), so only the total can be compared.
+        manifest = {"transactionTime": "2024-01-01T00:00:00Z",
+                    "output": [{"type": "Patient", "url": f"https://{site}.example.org/fhir/Binary/101", "count": 1}]}
+        (fhir / site / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "landing" / "manifest.json").write_text('[{"file": "checksums"}]')  # a lander's own: not Bulk
+    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", workers=1)
+    assert (summary.manifest_mismatches, summary.fhir_export_time) == ((), datetime(2024, 1, 1))
+    (fhir / "siteB" / "manifest.json").write_text(json.dumps({"output": [{"url": "https://b/Binary/9", "count": 3}]}))
+    (fhir / "siteA" / "manifest.json").write_text('{"transactionTime": "2024-01-01T00:00:00Z", "output": [')
+    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out2", workers=1)
+    assert summary.manifest_mismatches == (
+        "fhir/siteA/manifest.json is not valid JSON (copied part-way?)",
+        "fhir/siteB/manifest.json transactionTime should be a date string, found NoneType None",
+        "1 NDJSON records in the landing zone, fhir/siteB/manifest.json lists 3",
+    )
+
+
+def test_fhir_records_after_the_manifests_transaction_time_are_quarantined(tmp_path: Path) -> None:
     fhir = tmp_path / "landing" / "fhir"
     fhir.mkdir(parents=True)
     condition = {"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
@@ -635,12 +668,17 @@ def test_records_after_the_manifests_transaction_time_are_quarantined(tmp_path: 
         {**condition, "id": "c1", "onsetDateTime": "2014-06-01T10:00:00Z"},
         {**condition, "id": "c2", "onsetDateTime": "2016-06-01T10:00:00Z"},
     ]) + b"\n")
+    # A notes table extracted later than the FHIR export: held to the ingest's time, not the export's.
+    (tmp_path / "landing" / "notes").mkdir()
+    (tmp_path / "landing" / "notes" / "notes.csv").write_text(
+        "patient_id,note_id,time,note_type,text\np1,n1,2016-06-02T10:00:00Z,progress,Seen today.\n")
     (tmp_path / "landing" / "manifest.json").write_text('{"transactionTime": "2015-01-01T00:00:00Z", "output": []}')
-    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", workers=1)
-    assert (summary.export_time, summary.export_time_source) == (datetime(2015, 1, 1), "manifest")
+    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", workers=1, export_time=EXPORT)
+    assert (summary.export_time, summary.fhir_export_time) == (EXPORT, datetime(2015, 1, 1))
     assert summary.quarantined_by_reason == {"future_date": 1}
-    given = ingest_landing_zone(tmp_path / "landing", tmp_path / "given", workers=1, export_time=EXPORT)
-    assert (given.export_time_source, given.quarantined) == ("given", 0)
+    reason = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")["reason"].item()
+    assert reason == "Condition.onsetDateTime '2016-06-01T10:00:00Z' is after the export time 2015-01-01T00:00:00"
+    assert summary.table_rows["notes"] == 1
 
 
 def test_ingest_problems_reads_the_written_tables_again(bulk: tuple[IngestSummary, Path], tmp_path: Path) -> None:

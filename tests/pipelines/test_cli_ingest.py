@@ -29,3 +29,20 @@ def test_ingest_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.Captur
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: landing zone {tmp_path / 'nope'} is not a folder (missing or not a directory)"
+
+
+def test_ingest_prints_how_the_export_differs_from_its_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(b'{"resourceType":"Patient","id":"p1"}\n')
+    (landing / "manifest.json").write_text(
+        '{"transactionTime": "2025-01-01T00:00:00Z", "output": [{"type": "Patient", "url": "https://x/Patient.ndjson",'
+        ' "count": 1}, {"type": "Observation", "url": "https://x/Observation.ndjson", "count": 4}]}')
+    main(["ingest", str(tmp_path / "landing"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "FHIR export time (manifest.json transactionTime): 2025-01-01T00:00:00 UTC" in printed
+    assert ("the landing zone does not match its manifest (a copy cut short?): Observation.ndjson: listed in "
+            "fhir/manifest.json, not in the landing zone") in printed
+    assert "1 in = 1 out + 0 quarantined (balanced)" in printed

@@ -12,8 +12,9 @@ import polars as pl
 import pytest
 from rich.console import Console
 
+from features.errors import LandingZoneError
 from pipelines.definitions import all_asset_checks, all_assets, task_assets
-from pipelines.demo import DEMO_TASK, DemoFailed, run_demo
+from pipelines.demo import DEMO_TASK, DemoFailed, run_demo, step_error
 from pipelines.resources import resources_for_deployment
 
 
@@ -124,3 +125,17 @@ def test_a_failed_demo_stage_says_why_in_one_line(tmp_path: Path) -> None:
         str(failed.value),
     )
     assert (landing / "export.ndjson").read_text() == "{}\n"
+
+
+def test_a_failed_step_is_told_by_the_error_its_code_raised() -> None:
+    @dg.asset
+    def unwritable() -> None:
+        try:
+            raise OSError(13, "Permission denied")
+        except OSError as exc:
+            raise LandingZoneError("output folder /data/x is not writable (Permission denied)") from exc
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([unwritable], instance=instance, raise_on_error=False)
+    (failure,) = result.get_step_failure_events()
+    assert step_error(failure) == "output folder /data/x is not writable (Permission denied)"

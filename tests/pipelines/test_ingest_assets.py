@@ -20,6 +20,7 @@ from pipelines.assets.ingest import (
     duplicates_reported,
     events_not_after_export,
     events_subjects_exist,
+    export_matches_manifest,
     ingest_accounting_balances,
     ingested_tables,
     quarantine_share_within_limit,
@@ -28,7 +29,7 @@ from pipelines.resources import Workspace
 from pipelines.sensors import BATCH_PARTITIONS, LANDING_QUIET_SECONDS, ingested_batch, landing_batch_sensor
 
 CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported,
-          quarantine_share_within_limit]
+          quarantine_share_within_limit, export_matches_manifest]
 
 
 def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) -> None:
@@ -45,6 +46,7 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
         "duplicates_reported",
         "events_not_after_export",
         "events_subjects_exist",
+        "export_matches_manifest",
         "ingest_accounting_balances",
         "quarantine_share_within_limit",
     ]
@@ -139,19 +141,38 @@ def test_a_batch_that_does_not_match_its_manifest_fails_before_any_promotion(
     manifest = {"transactionTime": "2026-01-01T00:00:00Z",
                 "output": [{"type": "Observation", "url": "https://ehr.example.org/bulk/Observation.009.ndjson"}]}
     (batch / "fhir" / "manifest.json").write_text(json.dumps(manifest))
+    (batch / "_SUCCESS").touch()
+    workspace = Workspace(root=str(tmp_path))
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(BATCH_PARTITIONS.name, ["2024-06-01"])
-        run = dg.materialize(
-            [ingested_batch], partition_key="2024-06-01", instance=instance, raise_on_error=False,
-            resources={"workspace": Workspace(root=str(tmp_path))},
-            run_config={"ops": {"ingested_batch": {"config": {"workers": 1}}}},
-        )
-    assert not run.success  # so promote_newest_batch, which follows successful runs only, never promotes it
-    (failure,) = run.get_step_failure_events()
-    assert failure.step_failure_data.error.message.startswith(  # type: ignore[union-attr]
-        "dagster._core.definitions.events.Failure: batch 2024-06-01: the landing zone does not match its manifest: "
-        "Observation.009.ndjson: listed in fhir/manifest.json, not in the landing zone")
-    assert not (tmp_path / "warehouse" / "patients.parquet").exists()
+        def tick() -> list[tuple[str | None, str | None]]:
+            context = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
+            result = landing_batch_sensor(context)
+            for request in result.dynamic_partitions_requests:
+                instance.add_dynamic_partitions(BATCH_PARTITIONS.name, list(request.partition_keys))
+            return [(request.partition_key, request.run_key) for request in result.run_requests]
+
+        def ingest() -> dg.ExecuteInProcessResult:
+            return dg.materialize(
+                [ingested_batch], partition_key="2024-06-01", instance=instance, raise_on_error=False,
+                resources={"workspace": workspace}, run_config={"ops": {"ingested_batch": {"config": {"workers": 1}}}},
+            )
+
+        assert tick() == [("2024-06-01", "2024-06-01")]
+        run = ingest()
+        assert not run.success  # so promote_newest_batch, which follows successful runs only, never promotes it
+        (failure,) = run.get_step_failure_events()
+        assert failure.step_failure_data.error.message.startswith(  # type: ignore[union-attr]
+            "dagster._core.definitions.events.Failure: batch 2024-06-01: the landing zone does not match its "
+            "manifest: Observation.009.ndjson: listed in fhir/manifest.json, not in the landing zone")
+        assert not (tmp_path / "warehouse" / "patients.parquet").exists()
+        assert tick() == []  # the folder has not changed since
+        # The copy goes on: the listed file arrives, then the lander's marker.
+        (batch / "fhir" / "Observation.000.ndjson").rename(batch / "fhir" / "Observation.009.ndjson")
+        (batch / "_SUCCESS").touch()
+        ((partition, key),) = tick()
+        assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
+        assert ingest().success
+        assert tick() == []
 
 
 def test_sensor_waits_until_a_batch_copied_in_place_is_quiet(tmp_path: Path) -> None:
