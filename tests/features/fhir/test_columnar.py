@@ -2095,7 +2095,7 @@ def test_dates_of_other_precision_or_zone_are_compared_at_the_coarser_on_both_pa
          "Patient.deceasedDateTime '2020-01-01T23:00:00-05:00' is before birthDate '2020-01-02'"),
         ("dead-year-before", "bad_date", "Patient.deceasedDateTime '2019' is before birthDate '2020-03-01'"),
         ("o-dead", "orphan_reference",
-         "observations record refers to Patient/dead-day-before, which is not in this export"),
+         "observations record refers to Patient/dead-day-before, which was quarantined (see its own row)"),
         ("d-day-before", "bad_date", "DocumentReference.context.period.end is before period.start"),
     ]
     # Times stay naive UTC, the birth a local date: the neonate's death (and her heart rate) fall
