@@ -1219,8 +1219,16 @@ def _records_out(path: Path) -> dict[str, int]:
 
 
 def _check_dirs(landing_dir: Path, warehouse_dir: Path) -> None:
+    _check_landing(landing_dir)
+    _check_output(warehouse_dir)
+
+
+def _check_landing(landing_dir: Path) -> None:
     if not landing_dir.is_dir():
         raise LandingZoneError(f"landing zone {landing_dir} is not a folder (missing or not a directory)")
+
+
+def _check_output(warehouse_dir: Path) -> None:
     try:
         warehouse_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -1417,7 +1425,7 @@ def ingest_landing_zone(
     """
     started = time.perf_counter()
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
-    _check_dirs(landing_dir, warehouse_dir)
+    _check_landing(landing_dir)
     landing = _discover(landing_dir)
     manifests = [manifest for path, rel in landing.manifests
                  if (manifest := read_bulk_manifest(path, rel)) is not None]
@@ -1439,6 +1447,8 @@ def ingest_landing_zone(
         raise LandingZoneError(f"landing zone {landing_dir} holds no file to ingest{unread} (expected FHIR .ndjson, "
                                ".ndjson.gz or .json files, or notes/, genomics/ or imaging/ tables); the "
                                "warehouse keeps its tables")
+    # Made only now: a refused landing zone leaves no empty output folder behind.
+    _check_output(warehouse_dir)
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
         summary = _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
                                  manifests, source, fhir_export_time)

@@ -248,6 +248,9 @@ def test_a_landing_zone_without_files_to_ingest_leaves_the_warehouse_as_it_was(
                                               r"only 1 file no reader takes \(fhir/README.txt\) \(expected FHIR "):
         ingest_landing_zone(empty, warehouse)
     assert {p.name: p.read_bytes() for p in warehouse.iterdir() if p.is_file()} == before
+    with pytest.raises(LandingZoneError, match="holds no file to ingest"):
+        ingest_landing_zone(empty, tmp_path / "new" / "warehouse")
+    assert not (tmp_path / "new").exists()  # no empty output folder left behind
 
 
 def test_missing_landing_zone_raises(tmp_path: Path) -> None:
@@ -256,7 +259,8 @@ def test_missing_landing_zone_raises(tmp_path: Path) -> None:
 
 
 def test_unwritable_output_raises(tmp_path: Path) -> None:
-    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "fhir").mkdir(parents=True)
+    (tmp_path / "landing" / "fhir" / "Patient.ndjson").write_text('{"resourceType":"Patient","id":"p1"}\n')
     (tmp_path / "file").write_text("x")
     with pytest.raises(LandingZoneError, match="cannot be created"):
         ingest_landing_zone(tmp_path / "landing", tmp_path / "file" / "out")
