@@ -739,6 +739,8 @@ class BulkManifest:
     transaction_time: datetime | None
     # (file name, records listed or None), from each ``output`` entry's ``url`` and ``count``.
     files: tuple[tuple[str, int | None], ...]
+    # The same of the ``error`` entries (OperationOutcome files), which a lander may copy too.
+    error_files: tuple[tuple[str, int | None], ...]
     # Why the manifest, or part of it, could not be read.
     problems: tuple[str, ...]
 
@@ -752,7 +754,7 @@ def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest | None:
     try:
         document = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError:
-        return BulkManifest(source_file, None, (), (f"{source_file} is not valid JSON (copied part-way?)",))
+        return BulkManifest(source_file, None, (), (), (f"{source_file} is not valid JSON (copied part-way?)",))
     if not isinstance(document, dict) or not {"transactionTime", "output"} & document.keys():
         return None
     problems: list[str] = []
@@ -762,20 +764,27 @@ def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest | None:
         transaction_time = parse_datetime(stamp, f"{source_file} transactionTime", datetime.max)
     except RecordError as err:
         problems.append(err.reason)
-    listed: list[tuple[str, int | None]] = []
-    output = document.get("output", [])
-    for index, entry in enumerate(output if isinstance(output, list) else []):
-        url = entry.get("url") if isinstance(entry, dict) else None
-        count = entry.get("count") if isinstance(entry, dict) else None
-        name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if isinstance(url, str) else ""
-        if not name:
-            problems.append(f"{source_file} output[{index}] has no url")
+    lists: dict[str, list[tuple[str, int | None]]] = {"output": [], "error": []}
+    for key, listed in lists.items():
+        entries = document.get(key, [])
+        if not isinstance(entries, list):
+            problems.append(f"{source_file} {key} is not a list")
             continue
-        known = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
-        listed.append((name, known))
-    if not isinstance(output, list):
-        problems.append(f"{source_file} output is not a list")
-    return BulkManifest(source_file, transaction_time, tuple(listed), tuple(problems))
+        for index, entry in enumerate(entries):
+            url = entry.get("url") if isinstance(entry, dict) else None
+            count = entry.get("count") if isinstance(entry, dict) else None
+            name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if isinstance(url, str) else ""
+            if not name:
+                problems.append(f"{source_file} {key}[{index}] has no url")
+                continue
+            known = count if isinstance(count, int) and not isinstance(count, bool) and count >= 0 else None
+            listed.append((name, known))
+    return BulkManifest(source_file, transaction_time, tuple(lists["output"]), tuple(lists["error"]),
+                        tuple(problems))
+
+
+UNPARSED_REASONS = ("blank_line", "invalid_json", "not_utf8", "truncated_gzip")
+"""Quarantine reasons of lines that hold no whole resource: not counted against a manifest's ``count``."""
 
 
 def manifest_mismatches(manifest: BulkManifest, records: dict[str, int]) -> list[str]:
@@ -785,8 +794,9 @@ def manifest_mismatches(manifest: BulkManifest, records: dict[str, int]) -> list
     Only files in the manifest's folder and below are compared (two exports side by side each
     have their own). A listed file is matched by name (the URL's last part: the URLs are the
     server's), also when the lander gzipped it or unzipped it. Servers that name files by opaque
-    URLs (``.../Binary/101``) leave nothing to match by name: then, when every entry has a
-    ``count``, the total alone is compared with the NDJSON records read.
+    URLs (``.../Binary/101``) leave nothing to match by name: then the NDJSON files must be at
+    least as many as the ``output`` entries, and, when every entry (``error`` files included) has
+    a ``count``, hold as many records in all.
     """
     folder = manifest.path.rsplit("/", 1)[0] + "/" if "/" in manifest.path else ""
     by_name: dict[str, int] = defaultdict(int)
@@ -804,11 +814,17 @@ def manifest_mismatches(manifest: BulkManifest, records: dict[str, int]) -> list
             found.append(f"{name}: listed in {manifest.path}, not in the landing zone")
         elif listed is not None and (read := by_name[present[0]]) != listed:
             found.append(f"{name}: {read} records, {manifest.path} lists {listed}")
-    counts = [listed for _, listed in manifest.files]
-    if opaque and None not in counts:
-        read = sum(count for name, count in by_name.items() if fhir_kind(Path(name)) in ("ndjson", "ndjson.gz"))
-        if read != sum(counts):  # type: ignore[arg-type]
-            found.append(f"{read} NDJSON records in the landing zone, {manifest.path} lists {sum(counts)}")  # type: ignore[arg-type]
+    if opaque:
+        ndjson = {name: count for name, count in by_name.items() if fhir_kind(Path(name)) in ("ndjson", "ndjson.gz")}
+        if len(ndjson) < len(manifest.files):
+            found.append(f"{len(ndjson)} NDJSON files in the landing zone, {manifest.path} lists "
+                         f"{len(manifest.files)}")
+        counts = [listed for _, listed in (*manifest.files, *manifest.error_files)]
+        if all(count is not None for count in counts):
+            expected = sum(count for count in counts if count is not None)
+            if sum(ndjson.values()) != expected:
+                found.append(f"{sum(ndjson.values())} NDJSON records in the landing zone, {manifest.path} lists "
+                             f"{expected}")
     return found
 
 
@@ -1022,9 +1038,10 @@ def _finalize_table(
             _deleted_copies(staged, ids, deleted_type, deletions, versions), deleted_type, pl.col(ids[-1]),
             pl.when(withdrawn).then(pl.lit("withdrawn")).otherwise(pl.lit("deleted")),
             deleted_type + pl.lit("/") + pl.col(ids[-1]).cast(pl.String)
-            + pl.when(withdrawn).then(pl.lit(" is withdrawn by a newer version, ")).otherwise(pl.lit(" is deleted by "))
+            + pl.when(withdrawn).then(pl.lit(" is withdrawn by ")).otherwise(pl.lit(" is deleted by "))
             + pl.col("deleted_by_file") + pl.lit(" entry ") + pl.col("deleted_by_record").cast(pl.String)
-            + pl.when(withdrawn).then(pl.lit(" (entered-in-error)")).otherwise(pl.lit(" (request DELETE)")),
+            + pl.when(withdrawn).then(pl.lit(" (a later version, entered-in-error)"))
+            .otherwise(pl.lit(" (request DELETE)")),
         )
     remaining = staged if deleted is None else staged.join(deleted.lazy().select(location), on=location, how="anti")
     candidates = remaining.join(_repeated_ids(remaining, ids), on=ids, how="semi", nulls_equal=True)
@@ -1437,7 +1454,9 @@ def ingest_landing_zone(
         export_time = export_time.astimezone(UTC).replace(tzinfo=None)
     # The Bulk export's own time: an ingest run days later must not take FHIR records dated after
     # the export (a clock or feed error) as real.
-    fhir_export_time = min(stamps) if stamps else None
+    # Several exports side by side (a folder and manifest each): the latest of their times, so that
+    # no export's own records are taken for later than it.
+    fhir_export_time = max(stamps) if stamps else None
     if not (landing.fhir or landing.notes or landing.genomics or landing.imaging):
         # An export that failed upstream lands as an empty folder: ingested, it would replace every
         # table with an empty one and leave the warehouse with no patients.
@@ -1588,8 +1607,10 @@ def _ingest_locked(
         for _, result in results:
             records_in[result.source_file] += result.records_in
         quarantined = dict(quarantine.group_by("source_file").len().iter_rows())
-        blank_lines = dict(quarantine.filter(pl.col("reason_code") == "blank_line").group_by("source_file").len()
-                           .iter_rows())
+        # Lines that hold no whole resource (blank, cut short, not UTF-8, the end of a cut .gz): a copy
+        # cut in the middle of its last line must not pass for complete against the manifest's count.
+        unparsed = dict(quarantine.filter(pl.col("reason_code").is_in(UNPARSED_REASONS)).group_by("source_file").len()
+                        .iter_rows())
         out: dict[str, int] = defaultdict(int)
         for table in TABLES:
             for source_file, n in finalized[table][2].items():
@@ -1617,7 +1638,7 @@ def _ingest_locked(
             manifest_mismatches=tuple(
                 mismatch for manifest in manifests
                 for mismatch in manifest_mismatches(
-                    manifest, {name: records_in[name] - blank_lines.get(name, 0) for name in fhir_kinds})
+                    manifest, {name: records_in[name] - unparsed.get(name, 0) for name in fhir_kinds})
             ),
         )
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)

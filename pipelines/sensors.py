@@ -124,7 +124,7 @@ def _newest_change(folder: Path, but: Path | None = None) -> tuple[float, int]:
 
 def changed_since_its_failure(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
     """A run key to ingest a known batch again, or None: when its latest ``ingested_batch`` run
-    failed and the folder has changed since that run ended, and has landed again.
+    failed and the folder has changed since that run started (what it read), and has landed again.
 
     A batch whose copy was cut short fails its checks (a file of its manifest missing, say); its
     partition exists by then, and its first run key is spent, so without this the finished copy
@@ -136,13 +136,12 @@ def changed_since_its_failure(instance: dg.DagsterInstance, batch: str, folder: 
     failures = instance.get_records_for_run(runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
     if ingested_batch.key.to_python_identifier() not in {record.event_log_entry.step_key for record in failures}:
         return None
-    stats = instance.get_run_stats(runs[0].run_id)
-    ended = stats.end_time or stats.start_time
+    started = instance.get_run_stats(runs[0].run_id).start_time
     try:
         newest, _ = _newest_change(folder)
     except FileNotFoundError:
         return None
-    if ended is None or newest <= ended or not batch_landed(folder, now):
+    if started is None or newest <= started or not batch_landed(folder, now):
         return None
     return f"{batch}/changed-{newest:.6f}"
 

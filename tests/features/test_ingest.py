@@ -618,10 +618,11 @@ def test_a_bulk_manifest_gives_the_fhir_export_time_and_the_files_to_expect(
     assert complete.quarantined_by_reason == {"blank_line": 1}
     assert {**complete.table_rows, "quarantine": 0} == bulk[0].table_rows
 
-    # A copy cut short: one file not there yet, another without its last line.
+    # A copy cut short: one file not there yet, another cut in the middle of its last line.
     (fhir / "Device.000.ndjson.gz").unlink()
     procedures_file = fhir / "Procedure.000.ndjson"
-    procedures_file.write_bytes(b"".join(procedures_file.read_bytes().splitlines(keepends=True)[:-2]))
+    kept = procedures_file.read_bytes().splitlines(keepends=True)[:-1]  # the blank line gone
+    procedures_file.write_bytes(b"".join(kept)[: -len(kept[-1]) // 2])
     cut = ingest_landing_zone(landing, tmp_path / "cut", workers=1)
     assert cut.manifest_mismatches == (
         "Device.000.ndjson: listed in fhir/manifest.json, not in the landing zone",
@@ -640,25 +641,37 @@ def test_a_bulk_manifest_gives_the_fhir_export_time_and_the_files_to_expect(
 
 def test_manifests_of_other_shapes(tmp_path: Path) -> None:
     fhir = tmp_path / "landing" / "fhir"
-    for site in ("siteA", "siteB"):
+    condition = {"resourceType": "Condition", "id": "c-siteB", "subject": {"reference": "Patient/p-siteB"},
+                 "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                 "onsetDateTime": "2024-03-01T10:00:00Z"}
+    for site, taken in (("siteA", "2024-01-01"), ("siteB", "2024-06-01")):
         (fhir / site).mkdir(parents=True)
-        (fhir / site / "Patient_1.ndjson").write_bytes(
-            orjson.dumps({"resourceType": "Patient", "id": f"p-{site}", "gender": "female"}) + b"\n")
+        records = [{"resourceType": "Patient", "id": f"p-{site}", "gender": "female"}]
+        records += [condition] if site == "siteB" else []
+        (fhir / site / "Patient_1.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
         # Two exports side by side, each with its own manifest; files named by opaque URLs (HAPI's
-        # Binary ids), so only the total can be compared.
-        manifest = {"transactionTime": "2024-01-01T00:00:00Z",
-                    "output": [{"type": "Patient", "url": f"https://{site}.example.org/fhir/Binary/101", "count": 1}]}
+        # Binary ids), so only the totals can be compared, the error file's included.
+        manifest = {"transactionTime": f"{taken}T00:00:00Z",
+                    "output": [{"type": "Patient", "url": f"https://{site}.example.org/fhir/Binary/101",
+                                "count": len(records)}],
+                    "error": [{"type": "OperationOutcome", "url": f"https://{site}.example.org/fhir/Binary/102",
+                               "count": 1}]}
         (fhir / site / "manifest.json").write_text(json.dumps(manifest))
+        outcome = {"resourceType": "OperationOutcome", "id": f"oo-{site}",
+                   "issue": [{"severity": "warning", "code": "processing"}]}
+        (fhir / site / "OperationOutcome_1.ndjson").write_bytes(orjson.dumps(outcome) + b"\n")
     (tmp_path / "landing" / "manifest.json").write_text('[{"file": "checksums"}]')  # a lander's own: not Bulk
     summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", workers=1)
-    assert (summary.manifest_mismatches, summary.fhir_export_time) == ((), datetime(2024, 1, 1))
-    (fhir / "siteB" / "manifest.json").write_text(json.dumps({"output": [{"url": "https://b/Binary/9", "count": 3}]}))
+    # siteB's condition is after siteA's export but not after its own: the latest time holds.
+    assert (summary.manifest_mismatches, summary.fhir_export_time) == ((), datetime(2024, 6, 1))
+    assert summary.table_rows["conditions"] == 1
+    (fhir / "siteB" / "manifest.json").write_text(json.dumps({"output": [{"url": "https://b/Binary/9", "count": 5}]}))
     (fhir / "siteA" / "manifest.json").write_text('{"transactionTime": "2024-01-01T00:00:00Z", "output": [')
     summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out2", workers=1)
     assert summary.manifest_mismatches == (
         "fhir/siteA/manifest.json is not valid JSON (copied part-way?)",
         "fhir/siteB/manifest.json transactionTime should be a date string, found NoneType None",
-        "1 NDJSON records in the landing zone, fhir/siteB/manifest.json lists 3",
+        "3 NDJSON records in the landing zone, fhir/siteB/manifest.json lists 5",
     )
 
 

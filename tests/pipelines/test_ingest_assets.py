@@ -166,9 +166,14 @@ def test_a_batch_that_does_not_match_its_manifest_fails_before_any_promotion(
             "manifest: Observation.009.ndjson: listed in fhir/manifest.json, not in the landing zone")
         assert not (tmp_path / "warehouse" / "patients.parquet").exists()
         assert tick() == []  # the folder has not changed since
-        # The copy goes on: the listed file arrives, then the lander's marker.
+        # The copy went on while that run read it: the listed file, then the lander's marker,
+        # arrived after the run started and before it ended.
         (batch / "fhir" / "Observation.000.ndjson").rename(batch / "fhir" / "Observation.009.ndjson")
-        (batch / "_SUCCESS").touch()
+        stats = instance.get_run_stats(run.run_id)
+        assert stats.start_time is not None and stats.end_time is not None
+        during = (stats.start_time + stats.end_time) / 2
+        for path in [batch, batch / "fhir", *batch.rglob("*")]:
+            os.utime(path, (during, during))
         ((partition, key),) = tick()
         assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
         assert ingest().success

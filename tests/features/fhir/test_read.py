@@ -406,9 +406,9 @@ def test_a_version_marked_entered_in_error_withdraws_the_older_copies(
     withdrew = "is entered-in-error: the source system withdrew this record"
     assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
         ("fhir/a.ndjson", 2, "withdrawn",
-         "Condition/c1 is withdrawn by a newer version, fhir/b.ndjson entry 1 (entered-in-error)"),
+         "Condition/c1 is withdrawn by fhir/b.ndjson entry 1 (a later version, entered-in-error)"),
         ("fhir/a.ndjson", 4, "withdrawn",
-         "Condition/c3 is withdrawn by a newer version, fhir/a.ndjson entry 5 (entered-in-error)"),
+         "Condition/c3 is withdrawn by fhir/a.ndjson entry 5 (a later version, entered-in-error)"),
         ("fhir/a.ndjson", 5, "entered_in_error", f"Condition.verificationStatus {withdrew}"),
         ("fhir/b.ndjson", 1, "entered_in_error", f"Condition.verificationStatus {withdrew}"),
         ("fhir/b.ndjson", 2, "entered_in_error", f"Condition.verificationStatus {withdrew}"),
