@@ -1539,11 +1539,13 @@ def _ingest_locked(
                           for table in first[1:]})
         patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"], glob=False)["patient_id"]
         # Patients whose every copy was quarantined: their records' reason says so, not "not in the export".
-        quarantined_patients = (
+        # (Quarantined when read, or deleted by a Bundle entry when the patients were finished.)
+        quarantined_patients = pl.concat([
             _staged(staging, "quarantine")
             .filter((pl.col("resource_type") == "Patient") & pl.col("resource_id").is_not_null())
-            .select(pl.col("resource_id").alias("patient_id")).unique().collect()["patient_id"]
-        )
+            .select(pl.col("resource_id").alias("patient_id")).collect(),
+            finalized["patients"][1].select(pl.col("resource_id").alias("patient_id")),
+        ]).unique()["patient_id"]
         quarantined_patients = quarantined_patients.filter(~quarantined_patients.is_in(patient_ids.implode()))
         orders, unresolved_orders = resolve_medication_references(
             _staged(staging, "medication_references"), tables_dir / "medication_codes.parquet"

@@ -363,7 +363,7 @@ def test_a_bundles_delete_entries_remove_every_copy_of_what_they_name(
         ("fhir/a.ndjson", 3, "deleted", "Condition/c1 is deleted by fhir/b.json entry 1 (request DELETE)"),
         ("fhir/a.ndjson", 4, "deleted", "Condition/c2 is deleted by fhir/b.json entry 5 (request DELETE)"),
         ("fhir/a.ndjson", 5, "orphan_reference",
-         "observations record refers to Patient/p2, which is not in this export"),
+         "observations record refers to Patient/p2, which was quarantined (see its own row)"),
         ("fhir/b.json", 3, "conditional_delete", "Bundle entry 3 deletes by search "
          "(Patient?identifier=http://hospital.example/mrn|42); conditional deletes are not applied"),
         ("fhir/b.json", 4, "bad_delete",
