@@ -805,9 +805,8 @@ def manifest_mismatches(manifest: BulkManifest, records: dict[str, int]) -> list
             by_name[source_file.rsplit("/", 1)[-1]] += read
     found = list(manifest.problems)
     opaque = [(name, listed) for name, listed in manifest.files if fhir_kind(Path(name)) is None]
-    for name, listed in manifest.files:
-        if fhir_kind(Path(name)) is None:
-            continue
+    named = [(name, listed) for name, listed in manifest.files if fhir_kind(Path(name)) is not None]
+    for name, listed in named:
         forms = (name, f"{name}.gz", name.removesuffix(".gz"))
         present = [form for form in dict.fromkeys(forms) if form in by_name]
         if not present:
@@ -1316,7 +1315,7 @@ def remove_leftovers(warehouse_dir: Path) -> list[str]:
             removed.append(PROMOTING_FILE)
     for path in sorted(warehouse_dir.iterdir()):
         if path.name.startswith(STAGING_PREFIX) and path.is_dir():
-            if (path / FINAL_FOLDER / SUMMARY_FILE).is_file():
+            if _placing(path):
                 _put_in_place(path / FINAL_FOLDER, warehouse_dir, resuming=True)
             shutil.rmtree(path)
         elif path.name.endswith(".partial") and any(path.name.startswith(f".{name}.") for name in names):
@@ -1325,6 +1324,12 @@ def remove_leftovers(warehouse_dir: Path) -> list[str]:
             continue
         removed.append(path.name)
     return removed
+
+
+def _placing(staging: Path) -> bool:
+    """Whether an ingest's staging folder had reached putting its files in place: its accounting,
+    written last, is finished."""
+    return (staging / FINAL_FOLDER / SUMMARY_FILE).is_file()
 
 
 def _put_in_place(final: Path, warehouse_dir: Path, resuming: bool = False) -> None:
@@ -1469,9 +1474,8 @@ def ingest_landing_zone(
     # Made only now: a refused landing zone leaves no empty output folder behind.
     _check_output(warehouse_dir)
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
-        summary = _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
-                                 manifests, source, fhir_export_time)
-    return summary
+        return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
+                              manifests, source, fhir_export_time)
 
 
 def _ingest_locked(
@@ -1540,10 +1544,11 @@ def _ingest_locked(
         patient_ids = pl.read_parquet(tables_dir / "patients.parquet", columns=["patient_id"], glob=False)["patient_id"]
         # Patients whose every copy was quarantined: their records' reason says so, not "not in the export".
         # (Quarantined when read, or deleted by a Bundle entry when the patients were finished.)
+        read_quarantine = _staged(staging, "quarantine").collect()  # what reading quarantined; final now
         quarantined_patients = pl.concat([
-            _staged(staging, "quarantine")
+            read_quarantine
             .filter((pl.col("resource_type") == "Patient") & pl.col("resource_id").is_not_null())
-            .select(pl.col("resource_id").alias("patient_id")).collect(),
+            .select(pl.col("resource_id").alias("patient_id")),
             finalized["patients"][1].select(pl.col("resource_id").alias("patient_id")),
         ]).unique()["patient_id"]
         quarantined_patients = quarantined_patients.filter(~quarantined_patients.is_in(patient_ids.implode()))
@@ -1593,7 +1598,7 @@ def _ingest_locked(
 
         fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in landing.fhir}
         kind_of_file = {result.source_file: kind for kind, result in results}
-        quarantine = _staged(staging, "quarantine").collect()
+        quarantine = read_quarantine
         if dropped:
             extra = pl.concat(dropped)
             extra = extra.with_columns(
@@ -1716,8 +1721,7 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
     summary = IngestSummary.from_json(ingested_dir / SUMMARY_FILE)
     problems = ingest_problems(ingested_dir)
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise LandingZoneError(f"promote batch {batch}: {problems[0]}{more}; the warehouse keeps its tables")
+        raise LandingZoneError(f"promote batch {batch}: {first_of(problems)}; the warehouse keeps its tables")
     _check_dirs(ingested_dir, warehouse_dir)
     # What the warehouse holds is read under its lock: a promotion of a newer batch that finished
     # between a check and the writing would otherwise be undone by this older one.
@@ -1774,8 +1778,7 @@ def unsettled_warehouse(warehouse_dir: Path) -> str | None:
         return (f"warehouse {warehouse_dir}: the promotion of batch {batch} was cut short or is running (its "
                 f"{PROMOTING_FILE} is there); run the promotion again (ingest job, from_batch {batch})")
     if warehouse_dir.is_dir() and any(
-        path.name.startswith(STAGING_PREFIX) and (path / FINAL_FOLDER / SUMMARY_FILE).is_file()
-        for path in warehouse_dir.iterdir()
+        path.name.startswith(STAGING_PREFIX) and _placing(path) for path in warehouse_dir.iterdir()
     ):
         return (f"warehouse {warehouse_dir}: an ingest was cut short while it put its tables in place, or is "
                 "doing so; the next ingest or promotion finishes it")
@@ -1863,6 +1866,11 @@ def duplicate_records(warehouse_dir: Path) -> dict[str, int]:
         if count:
             found[table] = count
     return found
+
+
+def first_of(problems: list[str]) -> str:
+    """The first of ``problems`` (one line each), and how many more there are."""
+    return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def ingest_problems(warehouse_dir: Path) -> list[str]:

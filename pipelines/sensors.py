@@ -35,7 +35,14 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from features.ingest import LANDED_MARKER, SUMMARY_FILE, batch_names, ingest_landing_zone, ingest_problems
+from features.ingest import (
+    LANDED_MARKER,
+    SUMMARY_FILE,
+    batch_names,
+    first_of,
+    ingest_landing_zone,
+    ingest_problems,
+)
 from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
 
@@ -64,8 +71,7 @@ def ingested_batch(
     # The batch's own tables are checked here, before the promotion run can make them the warehouse's.
     problems = ingest_problems(out)
     if problems:
-        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise dg.Failure(f"batch {batch}: {problems[0]}{more}",
+        raise dg.Failure(f"batch {batch}: {first_of(problems)}",
                          metadata={"problems": dg.MetadataValue.md("\n".join(f"* {line}" for line in problems)),
                                    "summary": dg.MetadataValue.path(str(out / SUMMARY_FILE))})
     return dg.MaterializeResult(

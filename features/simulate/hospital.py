@@ -115,11 +115,17 @@ SIMULATION_MANIFEST = "simulation.json"
 """The file every simulated landing zone holds, and no hospital export does."""
 
 
+def holds_other_files(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds files but is no simulated landing zone (no ``simulation.json``):
+    a hospital's export put where the simulator writes, which it must never replace."""
+    return out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MANIFEST).is_file()
+
+
 def check_replaceable_simulation(out_dir: Path) -> None:
     """Raise :class:`LandingZoneError` unless ``out_dir`` is absent, empty or a simulated landing
     zone (it holds ``simulation.json``): a pipeline that simulates into a workspace must never
     replace a hospital's export that was put in its place."""
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MANIFEST).is_file():
+    if holds_other_files(out_dir):
         raise LandingZoneError(
             f"landing folder {out_dir} holds files but no {SIMULATION_MANIFEST}, so it is not a simulation: the "
             "simulator replaces only its own output (ingest this export without simulated_landing_zone, or "
@@ -132,8 +138,7 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise LandingZoneError(f"output {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise LandingZoneError(f"output folder {out_dir} is not empty (pass --overwrite to replace it)")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SIMULATION_MANIFEST).is_file():
-        # --overwrite replaces a simulation, never a hospital's export put in its place.
+    if holds_other_files(out_dir):  # --overwrite replaces a simulation only
         raise LandingZoneError(f"output folder {out_dir} holds files but no {SIMULATION_MANIFEST}, so it is not a "
                                "simulation: --overwrite replaces only the simulator's own output (choose another "
                                "folder, or empty this one)")

@@ -123,6 +123,11 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
         yield dg.MaterializeResult(asset_key=name, metadata=metadata)
 
 
+def _per_table(counts: dict[str, int]) -> str:
+    """Counts per table for a check's metadata: ``encounters 1, events 3``, or ``none``."""
+    return ", ".join(f"{table} {count}" for table, count in counts.items()) or "none"
+
+
 def _summary(workspace: Workspace) -> IngestSummary:
     return IngestSummary.from_json(workspace.warehouse_dir / SUMMARY_FILE)
 
@@ -151,7 +156,7 @@ def events_subjects_exist(workspace: Workspace) -> dg.AssetCheckResult:
         passed=not missing,
         metadata={"rows_without_patient": sum(missing.values()),
                   "events_without_patient": missing.get("events", 0),
-                  "tables": ", ".join(f"{table} {count}" for table, count in missing.items()) or "none"},
+                  "tables": _per_table(missing)},
     )
 
 
@@ -188,7 +193,7 @@ def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:
         passed=quarantined == summary.duplicates and not left,
         metadata={"duplicates": summary.duplicates, "quarantined_duplicates": quarantined,
                   "ids_from_two_records": sum(left.values()),
-                  "tables": ", ".join(f"{table} {count}" for table, count in left.items()) or "none"},
+                  "tables": _per_table(left)},
     )
 
 
