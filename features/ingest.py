@@ -1413,6 +1413,8 @@ def ingest_landing_zone(
     workers: int = 2,
     export_time: datetime | None = None,
     progress: Callable[[int, int], None] | None = None,
+    refuse_problems: bool = False,
+    min_patient_share: float = 0.0,
 ) -> IngestSummary:
     """Ingest a landing zone into ``warehouse_dir``; return (and write) the accounting.
 
@@ -1433,6 +1435,14 @@ def ingest_landing_zone(
         the landing zone holds its ``manifest.json`` (``fhir_export_time`` in the summary).
     progress
         Called with (units done, units total) as FHIR read units finish.
+    refuse_problems
+        Leave the warehouse's tables as they were when the new ones have any of
+        :func:`ingest_problems` (accounting, manifest, patients, dates, duplicates), as a promoted
+        batch must not: for a warehouse that others read (the pipeline's), not for a folder a data
+        engineer inspects.
+    min_patient_share
+        With ``refuse_problems``: also refuse tables with fewer patients than this share of the
+        warehouse's (an export cut short; :func:`promote_warehouse`). 0 turns it off.
 
     A ``manifest.json`` is also compared with the FHIR files read: a listed file missing, or
     holding another number of records than listed, is in the summary's ``manifest_mismatches``
@@ -1442,8 +1452,10 @@ def ingest_landing_zone(
     ------
     LandingZoneError
         When nothing can run: the landing zone is missing or holds no file to ingest, the output
-        folder is unwritable, or another ingest or promotion is writing it. Bad records never
-        raise: they are quarantined (a file that holds no record is one quarantined row).
+        folder is unwritable, or another ingest or promotion is writing it; with
+        ``refuse_problems``, when the new tables have a problem (the warehouse keeps its tables).
+        Bad records never raise: they are quarantined (a file that holds no record is one
+        quarantined row).
     """
     started = time.perf_counter()
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
@@ -1475,7 +1487,8 @@ def ingest_landing_zone(
     _check_output(warehouse_dir)
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
         return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
-                              manifests, source, fhir_export_time)
+                              manifests, source, fhir_export_time,
+                              min_patient_share if refuse_problems else None)
 
 
 def _ingest_locked(
@@ -1490,8 +1503,10 @@ def _ingest_locked(
     manifests: list[BulkManifest],
     export_time_source: str,
     fhir_export_time: datetime | None,
+    refuse_below_patient_share: float | None,
 ) -> IngestSummary:
-    """:func:`ingest_landing_zone` once it holds the warehouse's writer lock.
+    """:func:`ingest_landing_zone` once it holds the warehouse's writer lock; with
+    ``refuse_below_patient_share`` (not None), tables with a problem are not put in place.
 
     Every output is written into a staging folder inside the warehouse (so on its file system)
     and put in place at the end by one rename per file, the accounting last: a run killed before
@@ -1649,6 +1664,13 @@ def _ingest_locked(
             ),
         )
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)
+        if refuse_below_patient_share is not None:
+            problems = ingest_problems(tables_dir)
+            if share_problem := too_few_patients(summary, warehouse_dir, refuse_below_patient_share):
+                problems.append(share_problem)
+            if problems:
+                raise LandingZoneError(f"ingest {landing_dir}: {first_of(problems)}; the warehouse keeps its tables "
+                                       "(cohortcast ingest into another folder shows the new ones)")
         # The warehouse still holds the previous ingest, whole. Cut short from here on, the staging
         # folder stays, and the next writer finishes the job (remove_leftovers).
         placing = True
@@ -1732,19 +1754,28 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
                 f"promote batch {batch}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected "
                 f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
             )
-        current = warehouse_dir / "patients.parquet"
-        if min_patient_share > 0 and current.is_file():
-            before = pq.read_metadata(current).num_rows
-            after = summary.table_rows["patients"]
-            if after < min_patient_share * before:
-                raise LandingZoneError(
-                    f"promote batch {batch}: it holds {after} patients, the warehouse {before} (expected at least "
-                    f"{min_patient_share:g} of them; an export cut short?); the warehouse keeps its tables "
-                    "(min_patient_share 0 promotes it anyway)"
-                )
+        if share_problem := too_few_patients(summary, warehouse_dir, min_patient_share):
+            raise LandingZoneError(f"promote batch {batch}: {share_problem}; the warehouse keeps its tables "
+                                   "(min_patient_share 0 promotes it anyway)")
         _link_batch(ingested_dir, warehouse_dir)
     # Its accounting predates the table too: the empty one just written has no rows.
     return replace(summary, table_rows={"deletions": 0, **summary.table_rows})
+
+
+def too_few_patients(summary: IngestSummary, warehouse_dir: Path, min_patient_share: float) -> str | None:
+    """Why new tables hold too few patients to replace ``warehouse_dir``'s, or None.
+
+    A whole export does not lose half its patients overnight; an export or a copy cut short does.
+    ``min_patient_share`` 0, or a warehouse with no tables yet, never refuses.
+    """
+    current = warehouse_dir / "patients.parquet"
+    if min_patient_share <= 0 or not current.is_file():
+        return None
+    before, after = pq.read_metadata(current).num_rows, summary.table_rows["patients"]
+    if after >= min_patient_share * before:
+        return None
+    return (f"it holds {after} patients, the warehouse {before} (expected at least {min_patient_share:g} of them; "
+            "an export cut short?)")
 
 
 def _link_batch(ingested_dir: Path, warehouse_dir: Path) -> None:

@@ -3,7 +3,8 @@
 Stage: ingest. In: the workspace's ``landing/`` folder (the simulator's, or a hospital export named
 by ``IngestRunConfig.landing_dir``). Out: ``patients``, ``encounters``, ... ``events``,
 ``quarantine`` as Parquet in the workspace's ``warehouse/``, all from one library call
-(:func:`features.ingest.ingest_landing_zone`); checks prove the accounting balances, every event's
+(:func:`features.ingest.ingest_landing_zone`), which keeps the warehouse's tables when the new ones
+have a problem the checks look for or too few patients; checks prove the accounting balances, every event's
 patient exists, nothing is dated after the export and duplicates are reported; one more warns when
 a source file has more of its records quarantined than a set share.
 
@@ -60,8 +61,8 @@ class IngestRunConfig(BatchIngestRunConfig):
     # After promoting a batch, the ingested copies kept under warehouse/batches/ (the promoted one
     # and the newest older ones); older copies are deleted. The exports under batches/ are not touched.
     keep_ingested_batches: int = 3
-    # A batch with fewer patients than this share of the warehouse's is not promoted (an export or
-    # a copy cut short); 0 promotes it anyway.
+    # A batch (or an export) with fewer patients than this share of the warehouse's does not replace
+    # its tables (an export or a copy cut short); 0 lets it.
     min_patient_share: float = MIN_PATIENT_SHARE
 
 
@@ -100,7 +101,10 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
             context.log.info(f"deleted the ingested copies of {len(pruned)} older batches: {', '.join(pruned)}")
     else:
         landing = Path(config.landing_dir) if config.landing_dir else workspace.landing_dir
-        summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers)
+        # The tables replace the warehouse only without a problem: the nightly re-scoring reads the
+        # warehouse whatever this run's checks say afterwards.
+        summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers,
+                                      refuse_problems=True, min_patient_share=config.min_patient_share)
     context.log.info(
         f"ingested {summary.records_in} records: {summary.records_out} out, "
         f"{summary.quarantined} quarantined {summary.quarantined_by_reason}"

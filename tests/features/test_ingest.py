@@ -637,6 +637,32 @@ def test_a_bulk_manifest_gives_the_fhir_export_time_and_the_files_to_expect(
     with pytest.raises(LandingZoneError, match=r"^promote batch cut: the landing zone does not match its manifest: "
                                                r"Device.000.ndjson: .* \(\+1 more\); the warehouse keeps its tables$"):
         promote_warehouse(tmp_path / "cut", warehouse)
+    # Ingested straight into a warehouse that others read, the cut copy leaves its tables as they were.
+    before = {name: (warehouse / name).read_bytes() for name in warehouse_files()}
+    with pytest.raises(LandingZoneError, match=rf"^ingest {landing}: the landing zone does not match its manifest: "
+                                               r"Device.000.ndjson: .* \(\+1 more\); the warehouse keeps its tables "
+                                               r"\(cohortcast ingest into another folder shows the new ones\)$"):
+        ingest_landing_zone(landing, warehouse, workers=1, refuse_problems=True)
+    assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
+    assert not list(warehouse.glob(f"{ingest.STAGING_PREFIX}*"))
+
+
+def test_an_ingest_that_refuses_problems_keeps_a_larger_warehouse(
+    shared_fhir_dir: Path, bundles: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    warehouse = shutil.copytree(bundles[1], tmp_path / "warehouse")
+    before = {name: (warehouse / name).read_bytes() for name in warehouse_files()}
+    bulk_export = shared_fhir_dir / "synthea-bulk-10"
+    with pytest.raises(LandingZoneError) as refused:
+        ingest_landing_zone(bulk_export, warehouse, workers=1, export_time=EXPORT, refuse_problems=True,
+                            min_patient_share=0.5)
+    assert str(refused.value) == (
+        f"ingest {bulk_export}: it holds 13 patients, the warehouse 28 (expected at least 0.5 of them; an export cut "
+        "short?); the warehouse keeps its tables (cohortcast ingest into another folder shows the new ones)")
+    assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
+    # Without a share to keep, the smaller export (which has no problem) replaces the tables.
+    ingest_landing_zone(bulk_export, warehouse, workers=1, export_time=EXPORT, refuse_problems=True)
+    assert pl.read_parquet(warehouse / "patients.parquet").height == 13
 
 
 def test_manifests_of_other_shapes(tmp_path: Path) -> None:

@@ -396,6 +396,31 @@ def test_ingest_refuses_both_an_export_and_a_batch(small_hospital: Path, tmp_pat
     )
 
 
+def test_an_export_with_a_problem_does_not_replace_the_warehouse(small_hospital: Path, tmp_path: Path) -> None:
+    workspace = Workspace(root=str(tmp_path))
+    cut = shutil.copytree(small_hospital, tmp_path / "cut")
+    manifest = {"transactionTime": "2026-01-01T00:00:00Z",
+                "output": [{"type": "Observation", "url": "https://ehr.example.org/bulk/Observation.009.ndjson"}]}
+    (cut / "fhir" / "manifest.json").write_text(json.dumps(manifest))
+    with dg.instance_for_test() as instance:
+        def ingest(landing: Path) -> dg.ExecuteInProcessResult:
+            return dg.materialize(
+                [ingested_tables, *CHECKS], instance=instance, resources={"workspace": workspace}, raise_on_error=False,
+                run_config={"ops": {"ingested_tables": {"config": {"landing_dir": str(landing), "workers": 1}}}},
+            )
+
+        assert ingest(small_hospital).success
+        before = {name: (tmp_path / "warehouse" / name).read_bytes() for name in warehouse_files()}
+        refused = ingest(cut)
+    # The nightly re-scoring reads the warehouse whatever a failed run's checks say: it keeps its tables.
+    assert not refused.success
+    (failure,) = refused.get_step_failure_events()
+    assert failure.step_failure_data.error.cause.message.startswith(  # type: ignore[union-attr]
+        f"features.errors.LandingZoneError: ingest {cut}: the landing zone does not match its manifest: "
+        "Observation.009.ndjson: listed in fhir/manifest.json, not in the landing zone")
+    assert {name: (tmp_path / "warehouse" / name).read_bytes() for name in warehouse_files()} == before
+
+
 def test_definitions_load() -> None:
     from pipelines.definitions import defs
 
