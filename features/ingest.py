@@ -1755,8 +1755,7 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
                 f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
             )
         if share_problem := too_few_patients(summary, warehouse_dir, min_patient_share):
-            raise LandingZoneError(f"promote batch {batch}: {share_problem}; the warehouse keeps its tables "
-                                   "(min_patient_share 0 promotes it anyway)")
+            raise LandingZoneError(f"promote batch {batch}: {share_problem}; the warehouse keeps its tables")
         _link_batch(ingested_dir, warehouse_dir)
     # Its accounting predates the table too: the empty one just written has no rows.
     return replace(summary, table_rows={"deletions": 0, **summary.table_rows})
@@ -1775,7 +1774,7 @@ def too_few_patients(summary: IngestSummary, warehouse_dir: Path, min_patient_sh
     if after >= min_patient_share * before:
         return None
     return (f"it holds {after} patients, the warehouse {before} (expected at least {min_patient_share:g} of them; "
-            "an export cut short?)")
+            "an export cut short? min_patient_share 0 lets it in)")
 
 
 def _link_batch(ingested_dir: Path, warehouse_dir: Path) -> None:

@@ -72,7 +72,9 @@ def run_demo(
             f"simulate {patients:,} patients and ingest them",
             ingest_assets,
             None,
-            {"ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}}}},
+            # Another simulated hospital, of any size, replaces the last one's tables.
+            {"ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}},
+                     "ingested_tables": {"config": {"min_patient_share": 0.0}}}},
         ),
         (
             f"task {DEMO_TASK}: inputs, model, scores, publication",

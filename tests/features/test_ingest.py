@@ -365,7 +365,7 @@ def test_promote_warehouse_puts_every_file_of_a_batch_in_place(
         promote_warehouse(batch, warehouse)
     assert str(refused.value) == (
         "promote batch bulk0: it holds 13 patients, the warehouse 28 (expected at least 0.5 of them; an export cut "
-        "short?); the warehouse keeps its tables (min_patient_share 0 promotes it anyway)")
+        "short? min_patient_share 0 lets it in); the warehouse keeps its tables")
     assert pl.read_parquet(warehouse / "patients.parquet").height == 28
     promoted = promote_warehouse(batch, warehouse, min_patient_share=0)
     assert promoted == IngestSummary.from_json(batch / SUMMARY_FILE) == summary
@@ -658,7 +658,8 @@ def test_an_ingest_that_refuses_problems_keeps_a_larger_warehouse(
                             min_patient_share=0.5)
     assert str(refused.value) == (
         f"ingest {bulk_export}: it holds 13 patients, the warehouse 28 (expected at least 0.5 of them; an export cut "
-        "short?); the warehouse keeps its tables (cohortcast ingest into another folder shows the new ones)")
+        "short? min_patient_share 0 lets it in); the warehouse keeps its tables (cohortcast ingest into another "
+        "folder shows the new ones)")
     assert {name: (warehouse / name).read_bytes() for name in warehouse_files()} == before
     # Without a share to keep, the smaller export (which has no problem) replaces the tables.
     ingest_landing_zone(bulk_export, warehouse, workers=1, export_time=EXPORT, refuse_problems=True)
