@@ -25,7 +25,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from features.fhir.validate import RecordError
+from features.fhir.validate import SITE_ZONE, RecordError
 from features.schemas import FLOAT32_MAX, IMAGING, IMAGING_INPUT
 from features.tables import (
     FileError,
@@ -65,17 +65,20 @@ def usual_embedding_length(paths: list[Path]) -> int | None:
 
 
 def read_imaging_file(
-    path: Path, source_file: str, latest: datetime, length: int | None, spill: Spill | None = None
+    path: Path, source_file: str, latest: datetime, length: int | None, spill: Spill | None = None,
+    zone: str = SITE_ZONE,
 ) -> TableRead:
     """Read one imaging embeddings table; ``length``: the landing zone's
-    :func:`usual_embedding_length`; ``spill`` as in :class:`TableRead`."""
+    :func:`usual_embedding_length`; ``spill`` as in :class:`TableRead`; a time without a zone is the
+    site's wall-clock time (``zone``)."""
     result = TableRead("imaging", source_file, rows={"imaging": []}, frames={"imaging": []}, spill=spill)
     try:
         if path.suffix.lower() != ".parquet":
             raise FileError("unsupported_file", "imaging embeddings must be Parquet (a list<float> column)")
         require_columns(path, "imaging table", IMAGING_INPUT.names)
-        split = partial(_imaging_frame, length=length, latest=latest, source_file=source_file)
-        read_row = partial(_read_row, length=length, latest=latest, source_file=source_file, result=result)
+        split = partial(_imaging_frame, length=length, latest=latest, zone=zone, source_file=source_file)
+        read_row = partial(_read_row, length=length, latest=latest, zone=zone, source_file=source_file,
+                           result=result)
         read_by_column(path, result, "imaging", split, read_row)
     except FileError as err:
         result.reject_file(err)
@@ -83,13 +86,13 @@ def read_imaging_file(
 
 
 def _imaging_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, length: int | None, latest: datetime,
-                   source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
+                   zone: str, source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
     """The rows of a batch :func:`clear_imaging_rows` clears, as ``imaging`` rows (None if none)."""
-    cleared = clear_imaging_rows(table, length, latest)
+    cleared = clear_imaging_rows(table, length, latest, zone)
     if not cleared.any():
         return cleared, None
     kept = table.filter(pa.array(cleared))
-    times = column_times(kept.column("time"), latest)
+    times = column_times(kept.column("time"), latest, zone)
     assert times is not None  # clear_imaging_rows cleared rows: the column is of a time type
     frame = pa.table(
         # Unchecked casts: integer embeddings beyond float32's exact range (2**24) round, as floats do.
@@ -101,13 +104,13 @@ def _imaging_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, le
     return cleared, frame
 
 
-def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: datetime, source_file: str,
-              result: TableRead) -> None:
+def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: datetime, zone: str,
+              source_file: str, result: TableRead) -> None:
     """Check one row; add its imaging row to ``result``, or its quarantine row."""
     try:
         patient_id = to_patient_id(row)
         study_id = to_id(row, "study_id")
-        time = to_time(row, "time", latest)
+        time = to_time(row, "time", latest, zone)
         modality = to_string(row, "modality")
         body_site = to_string(row, "body_site")
         embedding = row.get("embedding")
@@ -142,7 +145,8 @@ def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: d
     result.rows["imaging"].append((patient_id, study_id, time, modality, body_site, embedding, source_file, number))
 
 
-def clear_imaging_rows(table: pa.Table, length: int | None, latest: datetime) -> npt.NDArray[np.bool_]:
+def clear_imaging_rows(table: pa.Table, length: int | None, latest: datetime,
+                       zone: str = SITE_ZONE) -> npt.NDArray[np.bool_]:
     """The rows of a batch that the per-row checks would accept as they are.
 
     Cleared: patient and study ids, modality, body site and time as :func:`clear_columns` clears
@@ -156,7 +160,7 @@ def clear_imaging_rows(table: pa.Table, length: int | None, latest: datetime) ->
         or not (pa.types.is_floating(embedding.type.value_type) or pa.types.is_integer(embedding.type.value_type))
     ):
         return np.zeros(table.num_rows, dtype=bool)
-    cleared = clear_columns(table, ["patient_id", "study_id"], ["modality", "body_site"], "time", latest)
+    cleared = clear_columns(table, ["patient_id", "study_id"], ["modality", "body_site"], "time", latest, zone)
     cleared &= pc.fill_null(pc.equal(pc.list_value_length(embedding), length), False).to_numpy(zero_copy_only=False)
     if not cleared.any():
         return cleared

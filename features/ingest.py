@@ -80,7 +80,7 @@ from features.fhir.read import (
     read_ndjson_range,
 )
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
-from features.fhir.validate import RecordError, parse_datetime, validate_r4
+from features.fhir.validate import SITE_ZONE, RecordError, parse_datetime, site_zone, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file, usual_embedding_length
 from features.io import (
@@ -194,6 +194,8 @@ class IngestSummary:
     # How the landing zone differs from its Bulk export's manifest.json: a listed file missing,
     # or holding another number of records than listed (a copy cut short). Empty without a manifest.
     manifest_mismatches: tuple[str, ...] = ()
+    # The site's time zone (IANA): dates, and times without an offset, were read on its clock.
+    site_timezone: str = SITE_ZONE
 
     @property
     def complete(self) -> bool:
@@ -331,6 +333,7 @@ def _plan_unit(
     unit: ReadUnit,
     latest: datetime,
     strict: bool,
+    zone: str,
     frames: dict[str, list[pa.Table]],
     pool: _EntryPool,
 ) -> tuple[int, Iterable[RawRecord | RawReject]]:
@@ -340,11 +343,11 @@ def _plan_unit(
     ``frames``); Bundle entries join ``pool``, cleared later for the whole batch at once.
     """
     if unit.kind == "ndjson":
-        fast = _fast_ndjson(unit, latest, strict, frames)
+        fast = _fast_ndjson(unit, latest, strict, zone, frames)
         if fast is not None:
             return fast
     if unit.kind == "ndjson.gz":
-        return _fast_gzip(unit, latest, strict, frames)
+        return _fast_gzip(unit, latest, strict, zone, frames)
     if unit.kind == "json":
         records = list(iter_unit(unit))
         pool.add(unit_index, unit.source_file, records)
@@ -353,12 +356,12 @@ def _plan_unit(
 
 
 def _fast_block(
-    data: bytes, source_file: str, first_line: int, latest: datetime, strict: bool,
+    data: bytes, source_file: str, first_line: int, latest: datetime, strict: bool, zone: str,
     frames: dict[str, list[pa.Table]],
 ) -> tuple[int, list[RawRecord]]:
     """Run the columnar fast path on a block of NDJSON lines whose first is ``first_line``: its
     tables go to ``frames``; return (records cleared, records left for the per-record path)."""
-    read = read_ndjson(data, source_file, first_line, latest, strict)
+    read = read_ndjson(data, source_file, first_line, latest, strict, zone)
     for table, rows in read.tables.items():
         if rows.num_rows:
             frames[table].append(rows)
@@ -370,7 +373,7 @@ def _fast_block(
 
 
 def _fast_ndjson(
-    unit: ReadUnit, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]
+    unit: ReadUnit, latest: datetime, strict: bool, zone: str, frames: dict[str, list[pa.Table]]
 ) -> tuple[int, list[RawRecord]] | None:
     """Run the columnar fast path on an NDJSON unit: (records cleared, records left), or None when
     the unit is for the per-record path alone (unreadable or empty)."""
@@ -380,11 +383,11 @@ def _fast_ndjson(
         return None
     if not data:
         return None
-    return _fast_block(data, unit.source_file, unit.first_line, latest, strict, frames)
+    return _fast_block(data, unit.source_file, unit.first_line, latest, strict, zone, frames)
 
 
 def _fast_gzip(
-    unit: ReadUnit, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]
+    unit: ReadUnit, latest: datetime, strict: bool, zone: str, frames: dict[str, list[pa.Table]]
 ) -> tuple[int, list[RawRecord | RawReject]]:
     """Run the columnar fast path on a ``.ndjson.gz`` file: (records cleared, records left).
 
@@ -399,7 +402,7 @@ def _fast_gzip(
             left.append(block)
             continue
         first_line, data = block
-        count, slow = _fast_block(data, unit.source_file, first_line, latest, strict, frames)
+        count, slow = _fast_block(data, unit.source_file, first_line, latest, strict, zone, frames)
         cleared += count
         left.extend(slow)
     return cleared, left
@@ -425,13 +428,14 @@ def _read_records(
     cleared: int,
     latest: datetime,
     strict: bool,
+    zone: str,
     buffers: dict[str, list[Row]],
     rejects: list[Row],
 ) -> _UnitResult:
     """The per-record path: ``cleared`` records of the unit were already read by the fast path."""
     records_in = cleared
     rejected = len(rejects)
-    origin = Origin(source_file, 0, latest)
+    origin = Origin(source_file, 0, latest, zone=zone)
     for record in records:
         records_in += 1
         if isinstance(record, RawReject):
@@ -531,7 +535,8 @@ class _EntryPool:
             self.numbers[rt].append(record.number)
             self.places[rt].append((unit_index, position))
 
-    def clear(self, latest: datetime, strict: bool, frames: dict[str, list[pa.Table]]) -> dict[int, list[int]]:
+    def clear(self, latest: datetime, strict: bool, zone: str,
+              frames: dict[str, list[pa.Table]]) -> dict[int, list[int]]:
         """Run the fast path per type; return, per unit, the positions of the records it left."""
         left = {unit_index: list(positions) for unit_index, positions in self.unpooled.items()}
         if not self.lines:
@@ -539,7 +544,7 @@ class _EntryPool:
         for rt, lines in self.lines.items():
             files = pl.Series(self.files[rt], dtype=pl.String)
             numbers = pl.Series(self.numbers[rt], dtype=pl.Int64)
-            read = read_lines(b"\n".join(lines) + b"\n", rt, files, numbers, Context(latest, strict=strict))
+            read = read_lines(b"\n".join(lines) + b"\n", rt, files, numbers, Context(latest, strict=strict, zone=zone))
             for table, rows in read.tables.items():
                 if rows.num_rows:
                     frames[table].append(rows)
@@ -552,7 +557,7 @@ class _EntryPool:
 
 
 def _process_batch(
-    index: int, units: list[ReadUnit], latest: datetime, strict: bool, staging: Path
+    index: int, units: list[ReadUnit], latest: datetime, strict: bool, zone: str, staging: Path
 ) -> list[_UnitResult]:
     """Read a batch of consecutive read units; stage their rows and rejects as one Arrow IPC part per table.
 
@@ -569,22 +574,22 @@ def _process_batch(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _process_batch_unmanaged(index, units, latest, strict, staging)
+        return _process_batch_unmanaged(index, units, latest, strict, zone, staging)
     finally:
         if collecting:
             gc.enable()
 
 
 def _process_batch_unmanaged(
-    index: int, units: list[ReadUnit], latest: datetime, strict: bool, staging: Path
+    index: int, units: list[ReadUnit], latest: datetime, strict: bool, zone: str, staging: Path
 ) -> list[_UnitResult]:
     """:func:`_process_batch`'s work, with the garbage collector off."""
     buffers: dict[str, list[Row]] = defaultdict(list)
     frames: dict[str, list[pa.Table]] = defaultdict(list)
     rejects: list[Row] = []
     pool = _EntryPool()
-    planned = [_plan_unit(i, unit, latest, strict, frames, pool) for i, unit in enumerate(units)]
-    left = pool.clear(latest, strict, frames)
+    planned = [_plan_unit(i, unit, latest, strict, zone, frames, pool) for i, unit in enumerate(units)]
+    left = pool.clear(latest, strict, zone, frames)
     del pool
     results = []
     for i, (unit, (count, records)) in enumerate(zip(units, planned, strict=True)):
@@ -592,7 +597,7 @@ def _process_batch_unmanaged(
             assert isinstance(records, list)
             count = len(records) - len(left[i])
             records = [records[position] for position in left[i]]
-        results.append(_read_records(records, unit.source_file, count, latest, strict, buffers, rejects))
+        results.append(_read_records(records, unit.source_file, count, latest, strict, zone, buffers, rejects))
     del planned  # the parsed Bundles: freed before staging
     part = f"{index:07d}"
     order = {unit.source_file: position for position, unit in enumerate(units)}
@@ -631,7 +636,7 @@ def _stage_parts(
     _write_part(combined, folder / f"{part}.arrow")
 
 
-def _process_batch_star(args: tuple[int, list[ReadUnit], datetime, bool, Path]) -> list[_UnitResult]:
+def _process_batch_star(args: tuple[int, list[ReadUnit], datetime, bool, str, Path]) -> list[_UnitResult]:
     return _process_batch(*args)
 
 
@@ -1389,6 +1394,7 @@ def _run_units(
     units: list[ReadUnit],
     latest: datetime,
     strict: bool,
+    zone: str,
     staging: Path,
     pool: ProcessPoolExecutor | None,
     progress: Callable[[int, int], None] | None,
@@ -1397,7 +1403,7 @@ def _run_units(
     starts = [0]
     for batch in batches:
         starts.append(starts[-1] + len(batch))
-    jobs = [(start, batch, latest, strict, staging) for start, batch in zip(starts, batches, strict=False)]
+    jobs = [(start, batch, latest, strict, zone, staging) for start, batch in zip(starts, batches, strict=False)]
     total = len(units)
     done = map(_process_batch_star, jobs) if pool is None or len(jobs) <= 1 else pool.map(_process_batch_star, jobs)
     for job, results in zip(jobs, done, strict=True):
@@ -1415,6 +1421,7 @@ def ingest_landing_zone(
     progress: Callable[[int, int], None] | None = None,
     refuse_problems: bool = False,
     min_patient_share: float = 0.0,
+    site_timezone: str = SITE_ZONE,
 ) -> IngestSummary:
     """Ingest a landing zone into ``warehouse_dir``; return (and write) the accounting.
 
@@ -1443,6 +1450,11 @@ def ingest_landing_zone(
     min_patient_share
         With ``refuse_problems``: also refuse tables with fewer patients than this share of the
         warehouse's (an export cut short; :func:`promote_warehouse`). 0 turns it off.
+    site_timezone
+        The site's IANA time zone (``America/Chicago``). A FHIR date (``2019-04-12``), which has
+        no zone, is the site's calendar day and is known by its end there; a time without an
+        offset (in FHIR, or in a notes or imaging table) is the site's wall-clock time. Times with
+        an offset are read as given. Every time is stored as naive UTC.
 
     A ``manifest.json`` is also compared with the FHIR files read: a listed file missing, or
     holding another number of records than listed, is in the summary's ``manifest_mismatches``
@@ -1459,6 +1471,7 @@ def ingest_landing_zone(
     """
     started = time.perf_counter()
     landing_dir, warehouse_dir = Path(landing_dir), Path(warehouse_dir)
+    site_zone(site_timezone)
     _check_landing(landing_dir)
     landing = _discover(landing_dir)
     manifests = [manifest for path, rel in landing.manifests
@@ -1488,7 +1501,7 @@ def ingest_landing_zone(
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
         return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
                               manifests, source, fhir_export_time,
-                              min_patient_share if refuse_problems else None)
+                              min_patient_share if refuse_problems else None, site_timezone)
 
 
 def _ingest_locked(
@@ -1504,6 +1517,7 @@ def _ingest_locked(
     export_time_source: str,
     fhir_export_time: datetime | None,
     refuse_below_patient_share: float | None,
+    zone: str,
 ) -> IngestSummary:
     """:func:`ingest_landing_zone` once it holds the warehouse's writer lock; with
     ``refuse_below_patient_share`` (not None), tables with a problem are not put in place.
@@ -1520,10 +1534,10 @@ def _ingest_locked(
         # One embedding length for every imaging file, found on the side thread when it first reads one.
         imaging_length = functools.cache(lambda: usual_embedding_length([path for path, _ in landing.imaging]))
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str, Spill], TableRead]]] = [
-            ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill)),
+            ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill, zone)),
             ("genomics", landing.genomics, read_genomics_file),
             ("imaging", landing.imaging,
-             lambda p, rel, spill: read_imaging_file(p, rel, export_time, imaging_length(), spill)),
+             lambda p, rel, spill: read_imaging_file(p, rel, export_time, imaging_length(), spill, zone)),
             ("other", landing.unread, unread_file),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
@@ -1540,7 +1554,7 @@ def _ingest_locked(
             units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel, UNIT_BYTES)]
             results: list[tuple[str, _UnitResult]] = [
                 ("fhir", result) for result in _run_units(units, min(export_time, fhir_export_time or export_time),
-                                                          strict, staging, pool, progress)
+                                                          strict, zone, staging, pool, progress)
             ]
             results.extend((kind, job.result()) for kind, job in side_reads)
 
@@ -1657,6 +1671,7 @@ def _ingest_locked(
             elapsed_seconds=round(time.perf_counter() - started, 3),
             export_time_source=export_time_source,
             fhir_export_time=fhir_export_time,
+            site_timezone=zone,
             manifest_mismatches=tuple(
                 mismatch for manifest in manifests
                 for mismatch in manifest_mismatches(

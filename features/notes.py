@@ -24,7 +24,7 @@ import polars as pl
 import pyarrow as pa
 
 from features.fhir.flatten import NOTE_TYPE_SEPARATORS, note_type_slug
-from features.fhir.validate import RecordError
+from features.fhir.validate import SITE_ZONE, RecordError
 from features.schemas import NOTES, NOTES_INPUT
 from features.tables import (
     FileError,
@@ -43,31 +43,31 @@ from features.tables import (
 
 
 def read_notes_file(
-    path: Path, source_file: str, latest: datetime, spill: Spill | None = None
+    path: Path, source_file: str, latest: datetime, spill: Spill | None = None, zone: str = SITE_ZONE
 ) -> TableRead:
     """Read one notes table; every row becomes a ``notes`` row or a rejection. ``spill`` as in
-    :class:`TableRead`."""
+    :class:`TableRead`; a time without a zone is the site's wall-clock time (``zone``)."""
     result = TableRead("notes", source_file, rows={"notes": []}, frames={"notes": []}, spill=spill)
     try:
         require_columns(path, "notes table", NOTES_INPUT.names)
-        split = partial(_notes_frame, latest=latest, source_file=source_file)
-        read_row = partial(_read_row, latest=latest, source_file=source_file, result=result)
+        split = partial(_notes_frame, latest=latest, zone=zone, source_file=source_file)
+        read_row = partial(_read_row, latest=latest, zone=zone, source_file=source_file, result=result)
         read_by_column(path, result, "notes", split, read_row)
     except FileError as err:
         result.reject_file(err)
     return result
 
 
-def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, latest: datetime,
+def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, latest: datetime, zone: str,
                  source_file: str) -> tuple[npt.NDArray[np.bool_], pa.Table | None]:
     """The rows of a batch :func:`clear_columns` clears, as ``notes`` rows (None if none)."""
-    cleared = clear_columns(table, ["patient_id", "note_id"], ["note_type", "text"], "time", latest)
+    cleared = clear_columns(table, ["patient_id", "note_id"], ["note_type", "text"], "time", latest, zone)
     if not cleared.any():
         return cleared, None
     kept = table.filter(pa.array(cleared))
     text = kept.column("text").cast(pa.string())
     digests = [hashlib.sha256(value.encode("utf-8")).hexdigest() for value in text.to_pylist()]
-    times = column_times(kept.column("time"), latest)
+    times = column_times(kept.column("time"), latest, zone)
     assert times is not None  # clear_columns cleared rows: the column is of a time type
     copied = [kept.column(name).cast(NOTES.field(name).type) for name in ("note_id", "patient_id")]
     copied += [times[0], note_type_slugs(pl.Series(kept.column("note_type").cast(pa.string()))).to_arrow()]
@@ -81,13 +81,14 @@ def note_type_slugs(labels: pl.Series) -> pl.Series:
     return slugs.replace("", "document")
 
 
-def _read_row(number: int, row: dict[str, Any], *, latest: datetime, source_file: str, result: TableRead) -> None:
+def _read_row(number: int, row: dict[str, Any], *, latest: datetime, zone: str, source_file: str,
+              result: TableRead) -> None:
     """Check one row; add its notes row to ``result``, or its quarantine row."""
     try:
         check_row_shape(row)
         patient_id = to_patient_id(row)
         note_id = to_id(row, "note_id")
-        time = to_time(row, "time", latest)
+        time = to_time(row, "time", latest, zone)
         # Spelled as a DocumentReference's type is (``Progress note`` -> ``progress_note``): one
         # code per kind of note, whichever feed brought it.
         note_type = note_type_slug(to_string(row, "note_type"))

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.fhir.columnar import fhir_time
-from features.fhir.validate import EARLIEST, FHIR_ID, RecordError, check_storable, parse_datetime
+from features.fhir.validate import (
+    EARLIEST,
+    FHIR_ID,
+    SITE_ZONE,
+    RecordError,
+    as_utc,
+    check_storable,
+    parse_datetime,
+)
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 MAX_FIELD_CHARS = 64 * 1024 * 1024
@@ -279,17 +287,23 @@ def is_text(kind: pa.DataType) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
-def column_times(column: pa.ChunkedArray, latest: datetime) -> tuple[pa.Array, npt.NDArray[np.bool_]] | None:
+def column_times(column: pa.ChunkedArray, latest: datetime,
+                 zone: str = SITE_ZONE) -> tuple[pa.Array, npt.NDArray[np.bool_]] | None:
     """A time column as naive UTC microseconds, and the rows whose time :func:`to_time` surely
     reads as that value; None when the column is neither a timestamp (seconds to microseconds)
     nor text.
 
-    A timestamp's zone is kept as UTC, which the cast leaves as a naive time. Text (a CSV table's
-    times) is read as :func:`to_time` reads it, a FHIR date or dateTime with a space allowed for
-    the ``T``, by the FHIR fast path's parser; the forms it does not clear go to the per-row check.
+    A timestamp with a zone is kept as UTC, which the cast leaves as a naive time; one without is
+    the site's wall-clock time (``zone``). Text (a CSV table's times) is read as :func:`to_time`
+    reads it, a FHIR date or dateTime with a space allowed for the ``T``, by the FHIR fast path's
+    parser; the forms it does not clear go to the per-row check, and so do wall-clock times that
+    do not occur in ``zone`` (the hour a clock skips).
     """
     if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
         values = column.cast(pa.timestamp("us")).combine_chunks()
+        if column.type.tz is None and zone != "UTC":
+            values = (pl.Series(values).dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+                      .dt.convert_time_zone("UTC").dt.replace_time_zone(None).to_arrow())
         in_range = pc.and_(pc.less_equal(values, pa.scalar(latest, pa.timestamp("us"))),
                            pc.greater_equal(values, pa.scalar(EARLIEST, pa.timestamp("us"))))
         return values, pc.fill_null(in_range, False).to_numpy(zero_copy_only=False)
@@ -298,14 +312,15 @@ def column_times(column: pa.ChunkedArray, latest: datetime) -> tuple[pa.Array, n
     # ASCII whitespace only: a string Python's strip() would trim further then fails the date
     # pattern here and is left to the per-row check, never read differently.
     text = pl.col("time").str.strip_chars(" \t\n\r\x0b\x0c").str.replace(" ", "T", literal=True, n=1)
-    parsed = fhir_time(text, latest)
+    parsed = fhir_time(text, latest, zone=zone)
     frame = pl.DataFrame({"time": pl.Series(column.combine_chunks()).cast(pl.String)})
     read = frame.select(parsed.value.alias("value"), parsed.ok.alias("ok"))
     return read["value"].cast(pl.Datetime("us")).to_arrow(), read["ok"].to_numpy()
 
 
 def clear_columns(
-    table: pa.Table, ids: list[str], texts: list[str], time: str | None = None, latest: datetime = datetime.max
+    table: pa.Table, ids: list[str], texts: list[str], time: str | None = None, latest: datetime = datetime.max,
+    zone: str = SITE_ZONE,
 ) -> npt.NDArray[np.bool_]:
     """The rows whose ``ids`` are FHIR ids, ``texts`` hold a letter or digit and ``time`` is read
     by :func:`column_times` and not after ``latest``: rows that :func:`to_patient_id`,
@@ -318,7 +333,7 @@ def clear_columns(
     checks += [pc.match_substring_regex(table.column(name), VISIBLE_TEXT) for name in texts]
     masks = [pc.fill_null(check, False).to_numpy(zero_copy_only=False) for check in checks]
     if time is not None:
-        times = column_times(table.column(time), latest)
+        times = column_times(table.column(time), latest, zone)
         if times is None:
             return none
         masks.append(times[1])
@@ -357,11 +372,11 @@ def to_id(row: dict[str, Any], name: str) -> str:
     return value
 
 
-def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
+def to_time(row: dict[str, Any], name: str, latest: datetime, zone: str = SITE_ZONE) -> datetime:
+    """A row's time as naive UTC: a time without a zone is the site's wall-clock time (``zone``)."""
     value = require(row, name)
     if isinstance(value, datetime):
-        if value.tzinfo is not None:
-            value = value.astimezone(UTC).replace(tzinfo=None)
+        value = as_utc(value, zone)
         if value > latest:
             raise RecordError("future_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is after the export time")
         if value < EARLIEST:
@@ -369,9 +384,9 @@ def to_time(row: dict[str, Any], name: str, latest: datetime) -> datetime:
         return value
     if isinstance(value, date):
         # A day without a time of day: read as the FHIR date it is (known by its end, checked alike).
-        return parse_datetime(value.isoformat(), f"column {name}", latest)
+        return parse_datetime(value.isoformat(), f"column {name}", latest, zone)
     if isinstance(value, str):
-        return parse_datetime(value.strip().replace(" ", "T", 1), f"column {name}", latest)
+        return parse_datetime(value.strip().replace(" ", "T", 1), f"column {name}", latest, zone)
     raise RecordError("bad_type", f"column {name} should be a time, found {type(value).__name__} {value!r:.40}")
 
 

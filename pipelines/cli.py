@@ -79,7 +79,10 @@ def simulate(out: Path, patients: int, seed: int, overwrite: bool, workers: int)
               help="Also validate every FHIR resource fully with fhir.resources.R4B (FHIR R4 models).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Processes reading FHIR; the output does not depend on it.")
-def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
+@click.option("--timezone", "site_timezone", default="UTC", show_default=True, envvar="COHORTCAST_SITE_TIMEZONE",
+              show_envvar=True, help="The site's IANA time zone (America/Chicago): dates, and times without an "
+                                     "offset, are read on its clock.")
+def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezone: str) -> None:
     """Ingest a landing zone (FHIR, notes, genomics, imaging) into normalized tables and events."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -92,7 +95,8 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        summary = ingest_landing_zone(landing_dir, out, strict=strict, workers=workers, progress=progress)
+        summary = ingest_landing_zone(landing_dir, out, strict=strict, workers=workers, progress=progress,
+                                      site_timezone=site_timezone)
     tables = Table(title=f"ingested {summary.records_in:,} records into {out}")
     tables.add_column("table")
     tables.add_column("rows", justify="right")
@@ -116,6 +120,8 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int) -> None:
     if summary.fhir_export_time is not None:
         console.print(f"FHIR export time (manifest.json transactionTime): {summary.fhir_export_time:%Y-%m-%dT%H:%M:%S}"
                       " UTC; FHIR records dated later are quarantined")
+    if summary.site_timezone != "UTC":
+        console.print(f"dates, and times without an offset, read on the {summary.site_timezone} clock")
     for line in summary.manifest_mismatches:
         # The run completed, so the exit status stays 0; a batch like this is never promoted.
         console.print(f"the landing zone does not match its manifest (a copy cut short?): {line}", style="yellow")

@@ -20,7 +20,7 @@ import dagster as dg
 
 from pipelines import assets
 from pipelines.assets.ingest import INGEST_ASSETS
-from pipelines.resources import resources_for_deployment
+from pipelines.resources import resources_for_deployment, site_timezone_from_environment
 from pipelines.schedules import after_ingest_sensor, nightly_schedule
 from pipelines.sensors import ingest_batch_job, ingested_batch, landing_batch_sensor, promote_batch_sensor
 
@@ -52,7 +52,7 @@ defs = dg.Definitions(
     assets=[*all_assets, ingested_batch],
     asset_checks=all_asset_checks,
     jobs=[simulate_job, ingest_job, task_pipeline_job, ingest_batch_job],
-    schedules=[nightly_schedule(task_pipeline_job)],
+    schedules=[nightly_schedule(task_pipeline_job, site_timezone_from_environment())],
     sensors=[
         landing_batch_sensor,
         promote_batch_sensor(ingest_job),

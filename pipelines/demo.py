@@ -64,7 +64,8 @@ def run_demo(
         raise LandingZoneError(f"workspace {workspace} is not writable")
     if instance is None:
         instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
-    resources = resources_for_deployment(str(workspace))
+    # The simulator writes its times in UTC, whatever the deployment's site time zone.
+    resources = resources_for_deployment(str(workspace), site_timezone="UTC")
     training = {"max_epochs": epochs, "hidden_size": hidden_size}
     gates = {"min_auroc": min_auroc, "max_calibration_error": max_calibration_error}
     stages = [

@@ -1,6 +1,7 @@
 """External systems and storage locations, as Dagster resources.
 
-Stage: orchestration. In: the deployment's environment (``COHORTCAST_WORKSPACE``). Out: the
+Stage: orchestration. In: the deployment's environment (``COHORTCAST_WORKSPACE``,
+``COHORTCAST_SITE_TIMEZONE``). Out: the
 resources every asset receives. This is the only module of cohortcast that reads environment
 variables.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 DEFAULT_WORKSPACE = "workspace"
+DEFAULT_SITE_TIMEZONE = "UTC"
 
 
 class Workspace(dg.ConfigurableResource):  # type: ignore[misc]
@@ -23,6 +25,9 @@ class Workspace(dg.ConfigurableResource):  # type: ignore[misc]
     """
 
     root: str = DEFAULT_WORKSPACE
+    # The site's IANA time zone (America/Chicago): FHIR dates, and times without an offset in the
+    # exports, are read on its clock; the nightly schedule runs on it too.
+    site_timezone: str = DEFAULT_SITE_TIMEZONE
 
     @property
     def root_dir(self) -> Path:
@@ -51,6 +56,14 @@ def workspace_root_from_environment() -> str:
     return os.environ.get("COHORTCAST_WORKSPACE", DEFAULT_WORKSPACE)
 
 
-def resources_for_deployment(workspace_root: str | None = None) -> dict[str, dg.ConfigurableResource]:
-    """Return the resources of one deployment; ``workspace_root`` overrides the environment."""
-    return {"workspace": Workspace(root=workspace_root or workspace_root_from_environment())}
+def site_timezone_from_environment() -> str:
+    """The site's time zone named by ``COHORTCAST_SITE_TIMEZONE``, else UTC."""
+    return os.environ.get("COHORTCAST_SITE_TIMEZONE", DEFAULT_SITE_TIMEZONE)
+
+
+def resources_for_deployment(workspace_root: str | None = None,
+                             site_timezone: str | None = None) -> dict[str, dg.ConfigurableResource]:
+    """Return the resources of one deployment; ``workspace_root`` and ``site_timezone`` override
+    the environment."""
+    return {"workspace": Workspace(root=workspace_root or workspace_root_from_environment(),
+                                   site_timezone=site_timezone or site_timezone_from_environment())}

@@ -20,10 +20,10 @@ def task_run_requests(job: dg.UnresolvedAssetJobDefinition, run_key_prefix: str)
         yield dg.RunRequest(run_key=f"{run_key_prefix}/{task}", partition_key=task, job_name=job.name)
 
 
-def nightly_schedule(job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
-    """Re-score (and re-publish) every task at 02:00 site time."""
+def nightly_schedule(job: dg.UnresolvedAssetJobDefinition, site_timezone: str) -> dg.ScheduleDefinition:
+    """Re-score (and re-publish) every task at 02:00 site time (``site_timezone``, IANA)."""
 
-    @dg.schedule(cron_schedule="0 2 * * *", job=job, execution_timezone="America/New_York",
+    @dg.schedule(cron_schedule="0 2 * * *", job=job, execution_timezone=site_timezone,
                  name="nightly_rescore", default_status=dg.DefaultScheduleStatus.STOPPED)
     def nightly_rescore(context: dg.ScheduleEvaluationContext) -> Iterator[dg.RunRequest]:
         stamp = context.scheduled_execution_time.strftime("%Y-%m-%d")

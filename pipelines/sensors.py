@@ -67,7 +67,8 @@ def ingested_batch(
     """One landing batch (an export folder under ``batches/``) ingested into its own warehouse folder."""
     batch = context.partition_key
     out = workspace.batch_warehouse_dir(batch)
-    summary = ingest_landing_zone(workspace.batches_dir / batch, out, strict=config.strict, workers=config.workers)
+    summary = ingest_landing_zone(workspace.batches_dir / batch, out, strict=config.strict, workers=config.workers,
+                                  site_timezone=workspace.site_timezone)
     # The batch's own tables are checked here, before the promotion run can make them the warehouse's.
     problems = ingest_problems(out)
     if problems:

@@ -63,7 +63,7 @@ from features.fhir.specs import (
     UCUM_SYSTEMS,
     VOCABULARY_PREFIXES,
 )
-from features.fhir.validate import DATE_LENGTH, EARLIEST, is_valid_r4, r4_model
+from features.fhir.validate import DATE_LENGTH, EARLIEST, SITE_ZONE, is_valid_r4, r4_model
 from features.identifiers import subject_ids
 from features.schemas import FLOAT32_MAX, STAGED_TABLES
 
@@ -448,25 +448,30 @@ def fhir_id(expr: pl.Expr) -> pl.Expr:
     return expr.is_not_null() & expr.str.contains(f"^{_ID}$")
 
 
-def _parsed_time(expr: pl.Expr) -> pl.Expr:
+def _parsed_time(expr: pl.Expr, zone: str = SITE_ZONE) -> pl.Expr:
     """A FHIR date/dateTime string as naive UTC, unchecked (:func:`fhir_time` checks it)."""
-    # A date is the last microsecond of its day and no zone is UTC, as in the Python path
-    # (:func:`features.fhir.validate.parse_datetime`), which also caps a date at the export time:
-    # a date of the export's own day is therefore not cleared here (its end is after the export)
-    # and is read there. Each form is parsed by its own format (a failed parse is cheap;
-    # rewriting every string to one form is not).
+    # A date is the last microsecond of its day and no offset is the site's wall-clock time, as in
+    # the Python path (:func:`features.fhir.validate.parse_datetime`), which also caps a date at the
+    # export time: a date of the export's own day is therefore not cleared here (its end is after
+    # the export) and is read there. Each form is parsed by its own format (a failed parse is
+    # cheap; rewriting every string to one form is not).
     zoned = expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, time_unit="us", time_zone="UTC")
-    return pl.coalesce(
-        zoned.dt.replace_time_zone(None),
+    local = pl.coalesce(
         expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us"),
         expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us") + _LAST_MICROSECOND_OF_DAY,
     )
+    if zone != "UTC":
+        # A wall-clock time that occurs twice is its first occurrence (``local_to_utc``); one that
+        # does not occur is left null, so to the Python path.
+        local = (local.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+                 .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+    return pl.coalesce(zoned.dt.replace_time_zone(None), local)
 
 
-def fhir_time(expr: pl.Expr, latest: datetime, parsed: pl.Expr | None = None) -> Checked:
+def fhir_time(expr: pl.Expr, latest: datetime, parsed: pl.Expr | None = None, zone: str = SITE_ZONE) -> Checked:
     """A FHIR date/dateTime string as naive UTC, cleared when it is in a common form and in range.
     ``parsed``: its :func:`_parsed_time`, when the caller made that a column already."""
-    parsed = _parsed_time(expr) if parsed is None else parsed
+    parsed = _parsed_time(expr, zone) if parsed is None else parsed
     # One use of ``parsed`` here (polars evaluates each use of an expression again).
     ok = expr.str.contains(_DATE_TEXT) & parsed.is_between(EARLIEST, latest)
     return Checked(parsed, ok.fill_null(False))
@@ -604,6 +609,8 @@ class Context:
     latest: datetime
     # Also validate each line fully against FHIR R4 (``--strict``).
     strict: bool = False
+    # The site's time zone (IANA): dates and times without an offset are its wall-clock time.
+    zone: str = SITE_ZONE
 
 
 Built = tuple[pl.Series, dict[str, pl.DataFrame]]
@@ -617,7 +624,7 @@ def _all(*checks: pl.Expr) -> pl.Expr:
 
 
 def _time_fields(
-    frame: pl.DataFrame, names: tuple[str, ...], latest: datetime
+    frame: pl.DataFrame, names: tuple[str, ...], latest: datetime, zone: str = SITE_ZONE
 ) -> tuple[pl.DataFrame, pl.Expr, pl.Expr, pl.Expr]:
     """``frame`` and (time, end, ok) from the first of ``names`` present: a dateTime, or a Period
     (``_time``: its start, else its end; a Period with neither is absent). Each time is parsed once,
@@ -627,7 +634,7 @@ def _time_fields(
         for name in names
         for part in ((".start", ".end") if name.endswith(("Period", "period")) else ("",))
     }
-    frame = frame.with_columns(**{key: _parsed_time(text) for key, text in texts.items()})
+    frame = frame.with_columns(**{key: _parsed_time(text, zone) for key, text in texts.items()})
 
     def checked(key: str) -> Checked:
         return fhir_time(texts[key], latest, pl.col(key))
@@ -665,9 +672,12 @@ def _finish(frame: pl.DataFrame, ok: pl.Expr, table: str, columns: list[pl.Expr]
 
 
 def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
-    birth = fhir_time(pl.col("birthDate"), ctx.latest)
-    death = fhir_time(pl.col("deceasedDateTime"), ctx.latest)
-    birth_date = birth.value.dt.date()
+    birth = fhir_time(pl.col("birthDate"), ctx.latest, zone=ctx.zone)
+    death = fhir_time(pl.col("deceasedDateTime"), ctx.latest, zone=ctx.zone)
+    # A birth date is the calendar date written, not the UTC date of its day's end (flatten's parse_date).
+    birth_date = (pl.when(pl.col("birthDate").str.len_bytes() <= DATE_LENGTH)
+                  .then(pl.col("birthDate").str.to_date("%Y-%m-%d", strict=False))
+                  .otherwise(birth.value.dt.date()))
     ok = _all(
         pl.col("resourceType") == "Patient",
         fhir_id(pl.col("id")),
@@ -707,7 +717,7 @@ def build_patient(frame: pl.DataFrame, ctx: Context) -> Built:
 def build_encounter(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
     # A visit known only by its end starts then too (flatten._time).
-    frame, start, end, time_ok = _time_fields(frame, ("period",), ctx.latest)
+    frame, start, end, time_ok = _time_fields(frame, ("period",), ctx.latest, ctx.zone)
     period, kind, reason_code = pl.col("period"), pl.col("type").list.first(), pl.col("reasonCode").list.first()
     frame = frame.with_columns(__coding_type=chosen_coding(kind), __coding_reason=chosen_coding(reason_code))
     type_code = chosen_code(kind, pl.col("__coding_type"), required=False)
@@ -754,11 +764,11 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         codes = all_codes(pl.col(code_field))
         # Cleared codes (codes.ok) have a chosen code with a prefix.
         code = chosen_code(pl.col(code_field), pl.col("__coding"), required=True)
-        frame, time, end, time_ok = _time_fields(frame, time_fields, ctx.latest)
+        frame, time, end, time_ok = _time_fields(frame, time_fields, ctx.latest, ctx.zone)
         common = [pl.col("resourceType") == rt, fhir_id(pl.col("id")), patient.ok, encounter.ok, time_ok]
         checks = [*common, codes.ok]
         if rt == "Condition":
-            abatement = fhir_time(pl.col("abatementDateTime"), ctx.latest)
+            abatement = fhir_time(pl.col("abatementDateTime"), ctx.latest, zone=ctx.zone)
             checks.append(pl.col("abatementDateTime").is_null() | abatement.ok)
             end = pl.when(pl.col("abatementDateTime").is_not_null()).then(abatement.value).otherwise(end)
         status: pl.Expr = pl.col(status_field)
@@ -790,7 +800,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             # flatten._optional_time: read (and checked) even when the onset gives the time.
             # recordedDate (issued) is one of the time fields, parsed already.
             known = RECORDED_TYPES[rt]
-            recorded = fhir_time(pl.col(known), ctx.latest, pl.col(f"__time_{known}"))
+            recorded = fhir_time(pl.col(known), ctx.latest, pl.col(f"__time_{known}"), ctx.zone)
             checks.append(pl.col(known).is_null() | recorded.ok)
             coded.append(recorded.value.alias("recorded_time"))
         if rt not in MEDICATION_TYPES:
@@ -880,8 +890,8 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
     encounter = reference(pl.col("encounter"), "Encounter", required=False)
     code = chosen_code(pl.col("code"), pl.col("__coding"), required=True)
-    time = fhir_time(pl.col("effectiveDateTime"), ctx.latest)
-    issued = fhir_time(pl.col("issued"), ctx.latest)
+    time = fhir_time(pl.col("effectiveDateTime"), ctx.latest, zone=ctx.zone)
+    issued = fhir_time(pl.col("issued"), ctx.latest, zone=ctx.zone)
     # The category's code alone, as ``_optional_code`` then ``split('//')`` gives it: any system
     # will do, so no category is left to the Python path.
     category = _code_of(chosen_coding(pl.col("category").list.first()))
@@ -1007,7 +1017,7 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
 
 def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
-    time = fhir_time(pl.col("date"), ctx.latest)
+    time = fhir_time(pl.col("date"), ctx.latest, zone=ctx.zone)
     attachment = pl.col("content").list.first().struct.field("attachment")
     ok = _all(
         pl.col("resourceType") == "DocumentReference",
@@ -1067,7 +1077,7 @@ def _note_text(data: str, content_type: str | None) -> str | None:
 
 def build_imaging_study(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
-    time = fhir_time(pl.col("started"), ctx.latest)
+    time = fhir_time(pl.col("started"), ctx.latest, zone=ctx.zone)
     series = pl.col("series").list.first()
     site = series.struct.field("bodySite")
     site_display = site.struct.field("display")
@@ -1217,7 +1227,8 @@ def line_types(data: bytes, starts: np.ndarray, ends: np.ndarray) -> dict[str | 
     return {name: np.flatnonzero(kinds == name) for name in dict.fromkeys(names)}
 
 
-def read_ndjson(data: bytes, source_file: str, first_line: int, latest: datetime, strict: bool = False) -> FastRead:
+def read_ndjson(data: bytes, source_file: str, first_line: int, latest: datetime, strict: bool = False,
+                zone: str = SITE_ZONE) -> FastRead:
     """:func:`read_lines` for a range of a Bulk-FHIR file whose first line is ``first_line``.
 
     Lines are grouped by resource type first, so a file mixing types is read type by type; lines
@@ -1227,7 +1238,7 @@ def read_ndjson(data: bytes, source_file: str, first_line: int, latest: datetime
     count = len(starts)
     files = pl.repeat(source_file, count, dtype=pl.String, eager=True)
     numbers = pl.int_range(first_line, first_line + count, dtype=pl.Int64, eager=True)
-    ctx = Context(latest, strict=strict)
+    ctx = Context(latest, strict=strict, zone=zone)
     groups = line_types(data, starts, ends)
     if len(groups) == 1:
         ((resource_type, _),) = groups.items()

@@ -43,6 +43,7 @@ from features.fhir.specs import (
 from features.fhir.validate import (
     DATE_LENGTH,
     FHIR_ID,
+    SITE_ZONE,
     RecordError,
     check_id,
     check_number,
@@ -71,6 +72,8 @@ class Origin:
     latest: datetime
     # Inside a Bundle: entry fullUrl -> (resource type, id), to resolve urn:uuid references.
     full_urls: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # The site's time zone (IANA): dates and times without an offset are its wall-clock time.
+    zone: str = SITE_ZONE
 
 
 def _reference(value: Any, where: str, target: str, origin: Origin) -> str:
@@ -217,14 +220,14 @@ def _time(
                 empty.append(key)
                 continue
             if start is None:
-                end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest)
+                end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest, origin.zone)
                 return end_time, end_time
-            start_time = parse_datetime(start, f"{where}.{key}.start", origin.latest)
+            start_time = parse_datetime(start, f"{where}.{key}.start", origin.latest, origin.zone)
             if end is None:
                 return start_time, None
-            end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest)
+            end_time = parse_datetime(end, f"{where}.{key}.end", origin.latest, origin.zone)
             return (end_time if len(start) <= DATE_LENGTH and start_time > end_time else start_time), end_time
-        return parse_datetime(value, f"{where}.{key}", origin.latest), None
+        return parse_datetime(value, f"{where}.{key}", origin.latest, origin.zone), None
     if empty:
         others = [key for key in keys if key not in empty]
         also = f" and {where} has none of {', '.join(others)}" if others else ""
@@ -248,9 +251,10 @@ def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     if gender is not None and check_string(gender, "Patient.gender") not in _GENDERS:
         raise RecordError("bad_value", f"Patient.gender {gender!r:.40} is not male, female, other or unknown")
     birth = res.get("birthDate")
-    birth_date = parse_date(birth, "Patient.birthDate", origin.latest) if birth is not None else None
+    birth_date = parse_date(birth, "Patient.birthDate", origin.latest, origin.zone) if birth is not None else None
     death = res.get("deceasedDateTime")
-    death_time = parse_datetime(death, "Patient.deceasedDateTime", origin.latest) if death is not None else None
+    death_time = (parse_datetime(death, "Patient.deceasedDateTime", origin.latest, origin.zone)
+                  if death is not None else None)
     # At the coarser precision, on the local calendar (is_before): a neonatal death at 03:00+05:30
     # on the day of birth is 21:30 UTC the day before, and a death known only by its month may be
     # on any day of it; neither is a death before birth.
@@ -384,7 +388,7 @@ def _optional_time(res: dict[str, Any], element: str, rt: str, origin: Origin) -
     diagnosis entered in 2018 with onset 2015 was not known in 2016), so a malformed one is refused,
     not skipped."""
     value = res.get(element)
-    return parse_datetime(value, f"{rt}.{element}", origin.latest) if value is not None else None
+    return parse_datetime(value, f"{rt}.{element}", origin.latest, origin.zone) if value is not None else None
 
 
 def _time_and_status(
@@ -771,7 +775,7 @@ def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, st
     """A DocumentReference's patient, time and note type."""
     patient = _patient(res, "DocumentReference", origin)
     if res.get("date") is not None:
-        time = parse_datetime(res["date"], "DocumentReference.date", origin.latest)
+        time = parse_datetime(res["date"], "DocumentReference.date", origin.latest, origin.zone)
     else:
         # The period of care the note documents: its end, else its start. A note on a stay (a
         # discharge summary) is written at or after its end: dated at the admission, it would be an
@@ -782,15 +786,15 @@ def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, st
         where = "DocumentReference.context.period"
         start, end = period.get("start"), period.get("end")
         if end is not None:
-            time = parse_datetime(end, f"{where}.end", origin.latest)
+            time = parse_datetime(end, f"{where}.end", origin.latest, origin.zone)
             if start is not None:
                 # Checked though the end gives the time; compared at the coarser precision, as a
                 # visit's period is (flatten_encounter).
-                parse_datetime(start, f"{where}.start", origin.latest)
+                parse_datetime(start, f"{where}.start", origin.latest, origin.zone)
                 if is_before(end, start):
                     raise RecordError("bad_date", f"{where}.end is before period.start")
         elif start is not None:
-            time = parse_datetime(start, f"{where}.start", origin.latest)
+            time = parse_datetime(start, f"{where}.start", origin.latest, origin.zone)
         else:
             raise RecordError("missing_date", "DocumentReference has neither date nor context.period.end or .start")
     return patient, time, note_type_slug(_display(res.get("type")) or "document")
@@ -902,7 +906,7 @@ def record_version(res: dict[str, Any], origin: Origin) -> Row | None:
     updated: datetime | None = None
     if isinstance(stamp, str) and _INSTANT.fullmatch(stamp) is not None:
         try:
-            updated = parse_datetime(stamp, "meta.lastUpdated", origin.latest)
+            updated = parse_datetime(stamp, "meta.lastUpdated", origin.latest, origin.zone)
         except RecordError:
             updated = None  # absent, as above
     version = meta.get("versionId")

@@ -15,9 +15,11 @@ import re
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
+from features.errors import CohortcastError
 from features.schemas import FLOAT32_MAX
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -59,17 +61,24 @@ def check_id(value: Any, where: str) -> str:
     return value
 
 
-def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
+SITE_ZONE = "UTC"
+"""The default site time zone (IANA name): what a date, or a time without an offset, is read in."""
+
+
+def parse_datetime(value: Any, where: str, latest: datetime, zone: str = SITE_ZONE) -> datetime:
     """Parse a FHIR ``date``, ``dateTime`` or ``instant`` to the naive UTC time it is known by.
 
     A date without a time of day, or a partial date (``2019``, ``2019-04``), stands for its whole
-    day, month or year, and is read as the **last** microsecond of that period (in UTC), but never
-    later than ``latest``: a fact recorded only as "2019-04-12" may have happened at any hour of
-    that day, so it is surely known only once the day is over. A model with a prediction time of
-    2019-04-12T00:00 then never reads it as an input, and a death recorded as "2020" does not make
-    a patient dead on 1 January. A leap second (``23:59:60``, which FHIR allows) is the last
-    microsecond of its minute. A value whose first instant is before 1800 or after ``latest``
-    (the export time) is rejected.
+    day, month or year on the site's calendar (``zone``, an IANA time zone), and is read as the
+    **last** microsecond of that period, but never later than ``latest``: a fact recorded only as
+    "2019-04-12" may have happened at any hour of that day, so it is surely known only once the day
+    is over where it was recorded. A model with a prediction time of 2019-04-12T00:00 then never
+    reads it as an input, and a death recorded as "2020" does not make a patient dead on 1
+    January. A day read in UTC would end 4 to 8 hours early for a site in the Americas, so a fact of
+    that evening would pass for known before it happened. A dateTime without an offset (which FHIR
+    requires with a time of day, and some senders omit) is also the site's local time. A leap
+    second (``23:59:60``, which FHIR allows) is the last microsecond of its minute. A value whose
+    first instant is before 1800 or after ``latest`` (the export time) is rejected.
 
     Examples
     --------
@@ -77,30 +86,61 @@ def parse_datetime(value: Any, where: str, latest: datetime) -> datetime:
     datetime.datetime(2016, 3, 14, 15, 40)
     >>> parse_datetime("2019-04", "x", datetime(2030, 1, 1))
     datetime.datetime(2019, 4, 30, 23, 59, 59, 999999)
+    >>> parse_datetime("2019-04-12", "x", datetime(2030, 1, 1), zone="America/New_York")
+    datetime.datetime(2019, 4, 13, 3, 59, 59, 999999)
     >>> parse_datetime("2019-04-12", "x", datetime(2019, 4, 12, 9, 30))
     datetime.datetime(2019, 4, 12, 9, 30)
     >>> parse_datetime("2016-12-31T23:59:60Z", "x", datetime(2030, 1, 1))
     datetime.datetime(2016, 12, 31, 23, 59, 59, 999999)
     """
-    return _checked_time(value, where, latest, period_end=True)
+    return _checked_time(value, where, latest, period_end=True, zone=zone)
 
 
-def _checked_time(value: Any, where: str, latest: datetime, period_end: bool) -> datetime:
+def _checked_time(value: Any, where: str, latest: datetime, period_end: bool, zone: str = SITE_ZONE) -> datetime:
     """:func:`_parse_datetime_text` of ``value``, or the :class:`RecordError` its reason words."""
     if not isinstance(value, str):
         raise RecordError("bad_type", f"{where} should be a date string, found {type(value).__name__} {value!r:.40}")
-    parsed = _parse_datetime_text(value, latest, period_end)
+    parsed = _parse_datetime_text(value, latest, period_end, zone)
     if type(parsed) is tuple:
         code, tail = parsed
         raise RecordError(code, f"{where} {value!r:.60} {tail}")
     return parsed  # type: ignore[return-value]
 
 
+def site_zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name`` (``America/Chicago``), or a :class:`CohortcastError` that says
+    what is expected."""
+    try:
+        return _zone(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CohortcastError(f"site time zone {name!r} is not an IANA time zone name (expected like 'America/Chicago' "
+                         "or 'UTC')") from None
+
+
+@lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def as_utc(value: datetime, zone: str) -> datetime:
+    """The naive UTC instant of ``value``: an aware time converted, a naive one read as wall-clock
+    time in ``zone``. A wall-clock time that occurs twice (the hour a clock goes back) is its first
+    occurrence; one that does not occur (the hour a clock skips) is read with the offset before
+    the change."""
+    if value.tzinfo is None:
+        if zone == "UTC":
+            return value
+        value = value.replace(tzinfo=_zone(zone))
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
 @lru_cache(maxsize=1 << 16)
-def _parse_datetime_text(value: str, latest: datetime, period_end: bool) -> datetime | tuple[str, str]:
+def _parse_datetime_text(value: str, latest: datetime, period_end: bool,
+                         zone: str = SITE_ZONE) -> datetime | tuple[str, str]:
     """:func:`parse_datetime` of one string: the datetime, or (reason code, reason after the value).
     ``period_end``: a value without a time of day is the end of its period (capped at ``latest``),
-    else its first instant. The range checks are on the first instant either way.
+    else its first instant. The range checks are on the first instant either way. A value without
+    an offset is wall-clock time in ``zone``.
 
     Cached: an export repeats the same instants many times (every observation of a visit), and the
     regex and ``fromisoformat`` are the ingest's largest per-resource cost after JSON parsing.
@@ -108,14 +148,15 @@ def _parse_datetime_text(value: str, latest: datetime, period_end: bool) -> date
     match = _DATETIME.fullmatch(value)
     if match is None:
         return "bad_date", "is not a FHIR date/dateTime"
+    period = None
     try:
         if match.group(4) is None:
             year, month = int(match.group(1)), match.group(3)
-            parsed = datetime(year, int(month or 1), 1)
-            last = _last_instant(parsed, "month" if month else "year") if period_end else None
+            local = datetime(year, int(month or 1), 1)
+            period = "month" if month else "year"
         elif match.group(6) is None:
-            parsed = datetime.fromisoformat(value)
-            last = _last_instant(parsed, "day") if period_end else None
+            local = datetime.fromisoformat(value)
+            period = "day"
         else:
             text = value
             if match.group(8) == "60":
@@ -126,10 +167,8 @@ def _parse_datetime_text(value: str, latest: datetime, period_end: bool) -> date
                 text = value[: match.start(8)] + "59.999999" + value[rest:]
             elif match.group(9) is not None and len(match.group(9)) > 7:
                 text = value[:26] + value[match.end(9) :]
-            parsed = datetime.fromisoformat(text)
-            if parsed.tzinfo is not None:
-                parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-            last = None
+            local = datetime.fromisoformat(text)
+        parsed = as_utc(local, zone)
     except ValueError as exc:
         return "bad_date", f"is not a real date ({exc})"
     except OverflowError:
@@ -139,7 +178,11 @@ def _parse_datetime_text(value: str, latest: datetime, period_end: bool) -> date
         return "bad_date", "is before 1800"
     if parsed > latest:
         return "future_date", f"is after the export time {latest:%Y-%m-%dT%H:%M:%S}"
-    return parsed if last is None else min(last, latest)
+    if period is None or not period_end:
+        return parsed
+    last = _last_instant(local, period)
+    # The period ends with year 9999 (already after any export time).
+    return latest if last == datetime.max else min(as_utc(last, zone), latest)
 
 
 def _last_instant(first: datetime, period: str) -> datetime:
@@ -156,16 +199,21 @@ def _last_instant(first: datetime, period: str) -> datetime:
     return following - timedelta(microseconds=1)
 
 
-def parse_first_instant(value: Any, where: str, latest: datetime) -> datetime:
+def parse_first_instant(value: Any, where: str, latest: datetime, zone: str = SITE_ZONE) -> datetime:
     """Parse a FHIR ``date`` or ``dateTime`` to its **first** instant (naive UTC): a partial date
-    is the start of its day, month or year. For the start of a span, where :func:`parse_datetime`
-    reads the end of the period a value names."""
-    return _checked_time(value, where, latest, period_end=False)
+    is the start of its day, month or year (on the site's calendar, ``zone``). For the start of a
+    span, where :func:`parse_datetime` reads the end of the period a value names."""
+    return _checked_time(value, where, latest, period_end=False, zone=zone)
 
 
-def parse_date(value: Any, where: str, latest: datetime) -> date:
-    """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``; a partial date is its first day."""
-    return _checked_time(value, where, latest, period_end=False).date()
+def parse_date(value: Any, where: str, latest: datetime, zone: str = SITE_ZONE) -> date:
+    """Parse a FHIR ``date`` (e.g. ``birthDate``) to a ``date``; a partial date is its first day.
+    A date stays the calendar date written (checked against ``latest`` on the site's calendar); a
+    dateTime is its UTC date."""
+    first = _checked_time(value, where, latest, period_end=False, zone=zone)
+    if len(value) > DATE_LENGTH:
+        return first.date()
+    return date(int(value[:4]), int(value[5:7] or 1), int(value[8:10] or 1))
 
 
 DATE_LENGTH = len("2019-04-01")

@@ -104,7 +104,8 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
         # The tables replace the warehouse only without a problem: the nightly re-scoring reads the
         # warehouse whatever this run's checks say afterwards.
         summary = ingest_landing_zone(landing, workspace.warehouse_dir, strict=config.strict, workers=config.workers,
-                                      refuse_problems=True, min_patient_share=config.min_patient_share)
+                                      refuse_problems=True, min_patient_share=config.min_patient_share,
+                                      site_timezone=workspace.site_timezone)
     context.log.info(
         f"ingested {summary.records_in} records: {summary.records_out} out, "
         f"{summary.quarantined} quarantined {summary.quarantined_by_reason}"

@@ -33,7 +33,7 @@ def day_end(year: int, month: int, day: int) -> datetime:
 
 
 def run(
-    tmp_path: Path, files: dict[str, bytes | pa.Table], patients: int = 1
+    tmp_path: Path, files: dict[str, bytes | pa.Table], patients: int = 1, zone: str = "UTC"
 ) -> tuple[IngestSummary, pl.DataFrame]:
     """Ingest ``files`` beside a FHIR export of patients p1 (and p2, ... up to ``patients``)."""
     landing = tmp_path / "landing"
@@ -48,7 +48,7 @@ def run(
             pq.write_table(data, path)
         else:
             path.write_bytes(data)
-    summary = ingest_landing_zone(landing, tmp_path / "out", workers=1, export_time=EXPORT)
+    summary = ingest_landing_zone(landing, tmp_path / "out", workers=1, export_time=EXPORT, site_timezone=zone)
     assert summary.balanced
     return summary, pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
 
@@ -188,6 +188,51 @@ def test_csv_note_times_read_by_column_equal_per_row(tmp_path: Path, monkeypatch
     ]  # a date is known by the end of its day, a month by the end of the month
     assert by_column["reason_code"].to_list() == ["bad_date", "future_date", "bad_date", "bad_date", "missing_value"]
 
+
+
+def test_table_times_without_a_zone_are_the_sites_wall_clock_by_column_and_per_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A notes system exports local times without a zone: read as UTC, a New York note written at
+    # 15:00 would be placed 4-5 hours before it was written, before a prediction it came after.
+    new_york = timezone(timedelta(hours=-4))
+    files: dict[str, bytes | pa.Table] = {
+        "notes/naive.parquet": notes_table(time=[datetime(2020, 6, 1, 15), datetime(2020, 11, 1, 1, 30)]),
+        "notes/zoned.parquet": notes_table(note_id=["n3", "n4"], time=pa.array(
+            [datetime(2020, 6, 1, 15, tzinfo=new_york)] * 2, pa.timestamp("us", tz="America/New_York"))),
+        "notes/days.parquet": notes_table(note_id=["n5", "n6"], time=[date(2020, 6, 1), date(2020, 12, 31)]),
+        "notes/text.csv": b"patient_id,note_id,time,note_type,text\n"
+                          b"p1,n7,2020-06-01 15:00:00,nursing_note,Pt seen.\n"
+                          b"p1,n8,2020-03-08T02:30:00,nursing_note,Pt seen.\n"
+                          b"p1,n9,2020-06-01T15:00:00Z,nursing_note,Pt seen.\n",
+        "imaging/studies.parquet": pa.table({
+            "patient_id": ["p1"], "study_id": ["s1"], "time": [datetime(2020, 6, 1, 15)], "modality": ["CT"],
+            "body_site": ["chest"], "embedding": [[0.5, 1.5]]}),
+    }
+    summary, by_column = run(tmp_path / "fast", files, zone="America/New_York")
+    assert summary.site_timezone == "America/New_York" and by_column.height == 0
+    fast = {table: pl.read_parquet(tmp_path / "fast" / "out" / f"{table}.parquet") for table in ("notes", "imaging")}
+    assert dict(fast["notes"].select("note_id", "time").iter_rows()) == {
+        "n1": datetime(2020, 6, 1, 19), "n2": datetime(2020, 11, 1, 5, 30),  # 01:30 occurs twice: the first (EDT)
+        "n3": datetime(2020, 6, 1, 19), "n4": datetime(2020, 6, 1, 19),
+        "n5": datetime(2020, 6, 2, 3, 59, 59, 999999), "n6": datetime(2021, 1, 1, 4, 59, 59, 999999),
+        "n7": datetime(2020, 6, 1, 19), "n8": datetime(2020, 3, 8, 7, 30),  # 02:30 is skipped: read as EST
+        "n9": datetime(2020, 6, 1, 15),
+    }
+    assert fast["imaging"]["time"].to_list() == [datetime(2020, 6, 1, 19)]
+    cleared: list[int] = []
+    for module in (features.notes, features.imaging):
+        def clear_none(batch: pa.Table, *args: Any, real: Any = module.clear_columns) -> np.ndarray:
+            cleared.append(int(real(batch, *args).sum()))
+            return np.zeros(batch.num_rows, dtype=bool)
+
+        monkeypatch.setattr(module, "clear_columns", clear_none)
+    _summary, per_row = run(tmp_path / "slow", files, zone="America/New_York")
+    # All but a date column's (read per row) and the skipped hour (which polars leaves to the per-row check).
+    assert cleared == [0, 2, 2, 2, 1]
+    for table, frame in fast.items():
+        assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / "out" / f"{table}.parquet"), check_exact=True)
+    assert per_row.height == 0
 
 
 def test_a_notes_table_dated_by_day_is_read_as_the_end_of_each_day(tmp_path: Path) -> None:
@@ -550,8 +595,8 @@ def test_imaging_checked_by_column_equals_per_row(tmp_path: Path, monkeypatch: p
     cleared: list[int] = []
     real_clear = features.imaging.clear_imaging_rows
 
-    def clear_none(batch: pa.Table, length: int | None, latest: datetime) -> np.ndarray:
-        cleared.append(int(real_clear(batch, length, latest).sum()))
+    def clear_none(batch: pa.Table, length: int | None, latest: datetime, zone: str) -> np.ndarray:
+        cleared.append(int(real_clear(batch, length, latest, zone).sum()))
         return np.zeros(batch.num_rows, dtype=bool)
 
     monkeypatch.setattr(features.imaging, "clear_imaging_rows", clear_none)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,25 @@ def test_ingest_prints_how_the_export_differs_from_its_manifest(
     assert ("the landing zone does not match its manifest (a copy cut short?): Observation.ndjson: listed in "
             "fhir/manifest.json, not in the landing zone") in printed
     assert "1 in = 1 out + 0 quarantined (balanced)" in printed
+
+
+def test_ingest_reads_dates_on_the_sites_clock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polars as pl
+
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(b'{"resourceType":"Patient","id":"p1","deceasedDateTime":"2020-05-01"}\n')
+    main(["ingest", str(tmp_path / "landing"), "--out", str(tmp_path / "out"), "--workers", "1",
+          "--timezone", "America/Chicago"])
+    assert "dates, and times without an offset, read on the America/Chicago clock" in capsys.readouterr().out
+    # The end of 1 May in Chicago (CDT, UTC-5).
+    assert pl.read_parquet(tmp_path / "out" / "patients.parquet")["death_time"].to_list() == [
+        datetime(2020, 5, 2, 4, 59, 59, 999999)]
+    monkeypatch.setenv("COHORTCAST_SITE_TIMEZONE", "Chicago")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ingest", str(tmp_path / "landing"), "--out", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: site time zone 'Chicago' is not an IANA time zone name "
+                                               "(expected like 'America/Chicago' or 'UTC')")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dagster as dg
+import pytest
 
 from pipelines.definitions import defs
 
@@ -27,3 +28,15 @@ def test_dagster_home_turns_telemetry_off() -> None:
     settings = yaml.safe_load((Path(__file__).resolve().parents[2] / "dagster_home" / "dagster.yaml").read_text())
     assert settings["telemetry"] == {"enabled": False}
     assert isinstance(dg.DagsterInstance, type)
+
+
+def test_the_site_time_zone_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.resources import resources_for_deployment
+    from pipelines.schedules import nightly_schedule
+
+    assert defs.resolve_schedule_def("nightly_rescore").execution_timezone == "UTC"
+    monkeypatch.setenv("COHORTCAST_SITE_TIMEZONE", "America/Chicago")
+    assert resources_for_deployment()["workspace"].site_timezone == "America/Chicago"
+    assert resources_for_deployment(site_timezone="UTC")["workspace"].site_timezone == "UTC"
+    job = defs.resolve_job_def("task_pipeline")
+    assert nightly_schedule(job, "America/Chicago").execution_timezone == "America/Chicago"

@@ -421,6 +421,22 @@ def test_an_export_with_a_problem_does_not_replace_the_warehouse(small_hospital:
     assert {name: (tmp_path / "warehouse" / name).read_bytes() for name in warehouse_files()} == before
 
 
+def test_the_workspaces_site_time_zone_reads_the_dates(tmp_path: Path) -> None:
+    landing = tmp_path / "export" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "Patient.ndjson").write_bytes(b'{"resourceType":"Patient","id":"p1","deceasedDateTime":"2020-05-01"}\n')
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [ingested_tables], instance=instance,
+            resources={"workspace": Workspace(root=str(tmp_path), site_timezone="America/Chicago")},
+            run_config={"ops": {"ingested_tables": {"config": {"landing_dir": str(landing.parent), "workers": 1}}}},
+        )
+    assert result.success
+    # The end of 1 May in Chicago (CDT, UTC-5), not in UTC.
+    assert pl.read_parquet(tmp_path / "warehouse" / "patients.parquet")["death_time"].to_list() == [
+        datetime(2020, 5, 2, 4, 59, 59, 999999)]
+
+
 def test_definitions_load() -> None:
     from pipelines.definitions import defs
 

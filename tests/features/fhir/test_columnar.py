@@ -142,12 +142,13 @@ def _warehouse_frames(warehouse: Path) -> Iterator[tuple[str, pl.DataFrame]]:
         yield path.name, pl.read_parquet(path)
 
 
-def _fast_equals_per_record(landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> IngestSummary:
+def _fast_equals_per_record(landing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                            zone: str = "UTC") -> IngestSummary:
     """Ingest ``landing`` with the fast path, then per record only; assert both wrote the same
     accounting and tables; return the fast run's summary."""
-    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT)
+    fast = ingest_landing_zone(landing, tmp_path / "fast", workers=1, export_time=EXPORT, site_timezone=zone)
     _per_record_only(monkeypatch)
-    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT)
+    slow = ingest_landing_zone(landing, tmp_path / "slow", workers=1, export_time=EXPORT, site_timezone=zone)
     assert fast.files == slow.files and fast.quarantined_by_reason == slow.quarantined_by_reason
     for name, frame in _warehouse_frames(tmp_path / "fast"):
         assert_frame_equal(frame, pl.read_parquet(tmp_path / "slow" / name), check_exact=True)
@@ -2118,3 +2119,73 @@ def test_dates_of_other_precision_or_zone_are_compared_at_the_coarser_on_both_pa
         "Patient": ["neo-month", "neo-leap", "dead-day-before", "dead-year-before"],
         "Encounter": ["e-month-end", "e-leap-end", "e-day-before", "e-local-day-before", "e-instant-before"],
     }
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata"])
+def test_dates_and_times_without_an_offset_are_the_sites_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    # A date is a day on the site's calendar, known by its end there; a time without an offset is
+    # the site's wall-clock time. A day read in UTC ends 4-5 hours early in New York: a diagnosis
+    # of that evening would pass for known before it was made.
+    snomed = {"coding": [{"system": "http://snomed.info/sct", "code": "22298006"}]}
+    loinc = {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}
+
+    def record(rt: str, rid: str, **fields: object) -> dict[str, object]:
+        return {"resourceType": rt, "id": rid, "subject": {"reference": "Patient/p1"}, **fields}
+
+    def observation(rid: str, when: str) -> dict[str, object]:
+        return record("Observation", rid, status="final", code=loinc, effectiveDateTime=when,
+                      valueQuantity={"value": 120, "unit": "mm[Hg]"})
+
+    resources = [
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1990-06-15"},
+        record("Encounter", "e1", status="finished", period={"start": "2019-04-12", "end": "2019-04-13T01:00:00Z"}),
+        record("Condition", "c1", code=snomed, onsetDateTime="2019-04-12", recordedDate="2019-04-12"),
+        observation("o-date", "2019-04-12"),
+        observation("o-naive", "2019-04-12T22:30:00"),
+        observation("o-offset", "2019-04-12T22:30:00-04:00"),
+        # Clocks go back in New York that night (01:30 occurs twice: the first), and forward in
+        # March (02:30 does not occur: read with the offset before the change).
+        observation("o-twice", "2019-11-03T01:30:00"),
+        observation("o-skipped", "2019-03-10T02:30:00"),
+        # The export's own day (it ran at 00:00 UTC on 2026-01-01): already begun in Kolkata, not
+        # yet in New York.
+        observation("o-export-day", "2026-01-01"),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "site.ndjson").write_bytes(b"\n".join(map(orjson.dumps, resources)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch, zone)
+    assert fast.site_timezone == zone
+
+    def rows(table: str, *columns: str) -> list[tuple[object, ...]]:
+        return pl.read_parquet(tmp_path / "fast" / f"{table}.parquet").select(columns).rows()
+
+    assert rows("patients", "birth_date") == [(date(1990, 6, 15),)]  # a calendar date, in any zone
+    if zone == "America/New_York":
+        day = datetime(2019, 4, 13, 3, 59, 59, 999999)  # the end of 12 April in New York (EDT, UTC-4)
+        assert fast.quarantined_by_reason == {"future_date": 1}
+        assert rows("encounters", "start_time", "end_time") == [(datetime(2019, 4, 13, 1), datetime(2019, 4, 13, 1))]
+        assert rows("conditions", "time", "recorded_time") == [(day, day)]
+        assert rows("observations", "resource_id", "time") == [
+            ("o-date", day),
+            ("o-naive", datetime(2019, 4, 13, 2, 30)),
+            ("o-offset", datetime(2019, 4, 13, 2, 30)),
+            ("o-twice", datetime(2019, 11, 3, 5, 30)),
+            ("o-skipped", datetime(2019, 3, 10, 7, 30)),
+        ]
+    else:
+        day = datetime(2019, 4, 12, 18, 29, 59, 999999)  # the end of 12 April in Kolkata (UTC+5:30)
+        assert fast.quarantined == 0
+        assert rows("encounters", "start_time") == [(day,)]
+        assert rows("conditions", "time", "recorded_time") == [(day, day)]
+        assert rows("observations", "resource_id", "time") == [
+            ("o-date", day),
+            ("o-naive", datetime(2019, 4, 12, 17)),
+            ("o-offset", datetime(2019, 4, 13, 2, 30)),
+            ("o-twice", datetime(2019, 11, 2, 20)),
+            ("o-skipped", datetime(2019, 3, 9, 21)),
+            ("o-export-day", EXPORT),  # known by the export, not by the end of its day
+        ]

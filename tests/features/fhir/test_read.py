@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import orjson
@@ -520,6 +520,30 @@ def test_cached_date_errors_name_each_field() -> None:
         assert err.value.code == "bad_date"
         assert err.value.reason.startswith(f"{where} '2021-02-30' is not a real date")
     assert parse_datetime("2016-03-14T11:40:00-04:00", "x", EXPORT) == datetime(2016, 3, 14, 15, 40)
+
+
+def test_dates_are_days_on_the_sites_calendar(tmp_path: Path) -> None:
+    from features.errors import CohortcastError
+    from features.fhir.validate import RecordError, parse_date, parse_datetime, parse_first_instant
+
+    export = datetime(2025, 1, 1, 20)  # 2 January, 05:00 in Tokyo; 1 January, 15:00 in New York
+    # Tokyo's 2 January has begun by the export: known by the export, not refused as future.
+    assert parse_datetime("2025-01-02", "x", export, "Asia/Tokyo") == export
+    assert parse_first_instant("2025-01-02", "x", export, "Asia/Tokyo") == datetime(2025, 1, 1, 15)
+    assert parse_date("2025-01-02", "x", export, "Asia/Tokyo") == date(2025, 1, 2)
+    with pytest.raises(RecordError, match=r"^x '2025-01-02' is after the export time 2025-01-01T20:00:00$"):
+        parse_datetime("2025-01-02", "x", export, "America/New_York")
+    # A month, a year and a cached text read again in another zone.
+    assert parse_datetime("2019-04", "x", export, "America/New_York") == datetime(2019, 5, 1, 3, 59, 59, 999999)
+    assert parse_datetime("2019", "x", export, "America/New_York") == datetime(2020, 1, 1, 4, 59, 59, 999999)
+    assert parse_datetime("2019", "x", export) == datetime(2019, 12, 31, 23, 59, 59, 999999)
+    # A period that ends with year 9999 (always after the export) and the zone a run names.
+    with pytest.raises(RecordError, match="is after the export time"):
+        parse_datetime("9999", "x", export, "Pacific/Kiritimati")
+    with pytest.raises(CohortcastError, match=r"^site time zone 'America/Gotham' is not an IANA time zone name "
+                                              r"\(expected like 'America/Chicago' or 'UTC'\)$"):
+        ingest_landing_zone(tmp_path, tmp_path / "out", site_timezone="America/Gotham")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cached_reference_errors_name_each_field(tmp_path: Path) -> None:
