@@ -18,7 +18,7 @@ dead patient cannot be predicted for).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import time as dt_time
+from datetime import timedelta
 
 import polars as pl
 
@@ -40,8 +40,9 @@ class CohortSelection:
     attrition: tuple[tuple[str, int], ...]
 
 
-LAST_INSTANT_OF_DAY = dt_time(23, 59, 59, 999_999)
-"""Where ingest puts a date without a time of day (features.fhir.validate.parse_datetime)."""
+DAY_START_BEFORE_END = timedelta(days=1, microseconds=-1)
+"""A date without a time of day is stored as the last microsecond of its day on the site's calendar
+(features.fhir.validate.parse_datetime): the day began this long before."""
 
 
 def happened_by(time: pl.Expr, prediction_time: pl.Expr) -> pl.Expr:
@@ -53,9 +54,13 @@ def happened_by(time: pl.Expr, prediction_time: pl.Expr) -> pl.Expr:
     the index visit's date may have come before the visit (the MI the patient came in for), so it is
     history, not an outcome or a new start that day. A prediction time at midnight (a fixed date)
     precedes all of its day, so that day's records stay after it.
+
+    A day's last microsecond is 23:59:59.999999 in the site's time zone, so in UTC a time whose
+    seconds read 59.999999, whatever its hour and minute (every zone's offset is whole minutes);
+    on the two days a year that clocks change, the day's start is then placed within an hour.
     """
-    date_only = time.dt.time() == LAST_INSTANT_OF_DAY
-    return (time <= prediction_time) | (date_only & (time.dt.truncate("1d") < prediction_time))
+    date_only = (time.dt.second() == 59) & (time.dt.microsecond() == 999_999)
+    return (time <= prediction_time) | (date_only & (time - DAY_START_BEFORE_END < prediction_time))
 
 
 def as_frame(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:

@@ -408,12 +408,12 @@ def _fast_gzip(
     return cleared, left
 
 
-def _instant(value: str | None, latest: datetime) -> datetime | None:
+def _instant(value: str | None, latest: datetime, zone: str) -> datetime | None:
     """A FHIR instant as naive UTC, or None when absent or malformed (it only orders copies)."""
     if value is None:
         return None
     try:
-        return parse_datetime(value, "Bundle.timestamp", latest)
+        return parse_datetime(value, "Bundle.timestamp", latest, zone)
     except RecordError:
         return None
 
@@ -455,8 +455,8 @@ def _read_records(
         if isinstance(record.parsed, BundleDelete):
             deletion = record.parsed
             buffers["deletions"].append(
-                (deletion.resource_type, deletion.resource_id, _instant(deletion.bundle_time, latest), source_file,
-                 record.number)
+                (deletion.resource_type, deletion.resource_id, _instant(deletion.bundle_time, latest, zone),
+                 source_file, record.number)
             )
             continue
         resource: Any = None
@@ -750,7 +750,7 @@ class BulkManifest:
     problems: tuple[str, ...]
 
 
-def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest | None:
+def read_bulk_manifest(path: Path, source_file: str, zone: str = SITE_ZONE) -> BulkManifest | None:
     """Read a Bulk Data manifest; what cannot be read is listed in ``problems``, never raised.
 
     None when the file is JSON but no Bulk manifest (neither ``transactionTime`` nor ``output``: a
@@ -766,7 +766,7 @@ def read_bulk_manifest(path: Path, source_file: str) -> BulkManifest | None:
     stamp = document.get("transactionTime")
     transaction_time = None
     try:
-        transaction_time = parse_datetime(stamp, f"{source_file} transactionTime", datetime.max)
+        transaction_time = parse_datetime(stamp, f"{source_file} transactionTime", datetime.max, zone)
     except RecordError as err:
         problems.append(err.reason)
     lists: dict[str, list[tuple[str, int | None]]] = {"output": [], "error": []}
@@ -1475,7 +1475,7 @@ def ingest_landing_zone(
     _check_landing(landing_dir)
     landing = _discover(landing_dir)
     manifests = [manifest for path, rel in landing.manifests
-                 if (manifest := read_bulk_manifest(path, rel)) is not None]
+                 if (manifest := read_bulk_manifest(path, rel, site_timezone)) is not None]
     stamps = [manifest.transaction_time for manifest in manifests if manifest.transaction_time is not None]
     source = "ingest time" if export_time is None else "given"
     if export_time is None:

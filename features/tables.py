@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.fhir.columnar import fhir_time
+from features.fhir.columnar import fhir_time, site_time_as_utc
 from features.fhir.validate import (
     EARLIEST,
     FHIR_ID,
@@ -302,8 +302,7 @@ def column_times(column: pa.ChunkedArray, latest: datetime,
     if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
         values = column.cast(pa.timestamp("us")).combine_chunks()
         if column.type.tz is None and zone != "UTC":
-            values = (pl.Series(values).dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
-                      .dt.convert_time_zone("UTC").dt.replace_time_zone(None).to_arrow())
+            values = pl.select(site_time_as_utc(pl.lit(pl.Series(values)), zone)).to_series().to_arrow()
         in_range = pc.and_(pc.less_equal(values, pa.scalar(latest, pa.timestamp("us"))),
                            pc.greater_equal(values, pa.scalar(EARLIEST, pa.timestamp("us"))))
         return values, pc.fill_null(in_range, False).to_numpy(zero_copy_only=False)
@@ -376,7 +375,12 @@ def to_time(row: dict[str, Any], name: str, latest: datetime, zone: str = SITE_Z
     """A row's time as naive UTC: a time without a zone is the site's wall-clock time (``zone``)."""
     value = require(row, name)
     if isinstance(value, datetime):
-        value = as_utc(value, zone)
+        try:
+            value = as_utc(value, zone)
+        except OverflowError:
+            # A placeholder such as 0001-01-01 east of UTC, or 9999-12-31 west of it.
+            raise RecordError("bad_date", f"column {name} {value.isoformat()} is outside the dates a calendar can "
+                                          "hold (years 1 to 9999 in UTC)") from None
         if value > latest:
             raise RecordError("future_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is after the export time")
         if value < EARLIEST:

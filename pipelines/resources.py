@@ -13,6 +13,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from features.errors import CohortcastError
+from features.fhir.validate import site_zone
+
 DEFAULT_WORKSPACE = "workspace"
 DEFAULT_SITE_TIMEZONE = "UTC"
 
@@ -57,8 +60,20 @@ def workspace_root_from_environment() -> str:
 
 
 def site_timezone_from_environment() -> str:
-    """The site's time zone named by ``COHORTCAST_SITE_TIMEZONE``, else UTC."""
-    return os.environ.get("COHORTCAST_SITE_TIMEZONE", DEFAULT_SITE_TIMEZONE)
+    """The site's time zone named by ``COHORTCAST_SITE_TIMEZONE`` (unset or empty: UTC).
+
+    Raises
+    ------
+    CohortcastError
+        When the variable names no IANA time zone: Dagster's definitions, the schedule's clock
+        included, are not loaded on a wrong one.
+    """
+    name = os.environ.get("COHORTCAST_SITE_TIMEZONE") or DEFAULT_SITE_TIMEZONE
+    try:
+        site_zone(name)
+    except CohortcastError as exc:
+        raise CohortcastError(f"COHORTCAST_SITE_TIMEZONE: {exc}") from None
+    return name
 
 
 def resources_for_deployment(workspace_root: str | None = None,

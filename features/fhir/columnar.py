@@ -43,7 +43,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -456,16 +456,24 @@ def _parsed_time(expr: pl.Expr, zone: str = SITE_ZONE) -> pl.Expr:
     # the export) and is read there. Each form is parsed by its own format (a failed parse is
     # cheap; rewriting every string to one form is not).
     zoned = expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, time_unit="us", time_zone="UTC")
-    local = pl.coalesce(
-        expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us"),
-        expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us") + _LAST_MICROSECOND_OF_DAY,
-    )
+    naive = expr.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", strict=False, time_unit="us")
+    day_end = expr.str.to_datetime("%Y-%m-%d", strict=False, time_unit="us") + _LAST_MICROSECOND_OF_DAY
     if zone != "UTC":
-        # A wall-clock time that occurs twice is its first occurrence (``local_to_utc``); one that
-        # does not occur is left null, so to the Python path.
-        local = (local.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
-                 .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
-    return pl.coalesce(zoned.dt.replace_time_zone(None), local)
+        # A wall-clock time that occurs twice is its first occurrence, and a day's end its last
+        # (``as_utc``); one that does not occur is left null, so to the Python path.
+        naive, day_end = site_time_as_utc(naive, zone, "earliest"), site_time_as_utc(day_end, zone, "latest")
+    return pl.coalesce(zoned.dt.replace_time_zone(None), naive, day_end)
+
+
+def site_time_as_utc(local: pl.Expr, zone: str, ambiguous: Literal["earliest", "latest"] = "earliest") -> pl.Expr:
+    """Naive wall-clock times in ``zone`` as naive UTC; null where a time does not occur there."""
+    return (local.dt.replace_time_zone(zone, ambiguous=ambiguous, non_existent="null")
+            .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+
+
+FAST_EARLIEST = EARLIEST + timedelta(days=1)
+"""The fast path clears no time before this: the Python path judges a time without an offset by
+the year written on the site's calendar, which a UTC instant within a day of 1800 does not tell."""
 
 
 def fhir_time(expr: pl.Expr, latest: datetime, parsed: pl.Expr | None = None, zone: str = SITE_ZONE) -> Checked:
@@ -473,7 +481,7 @@ def fhir_time(expr: pl.Expr, latest: datetime, parsed: pl.Expr | None = None, zo
     ``parsed``: its :func:`_parsed_time`, when the caller made that a column already."""
     parsed = _parsed_time(expr, zone) if parsed is None else parsed
     # One use of ``parsed`` here (polars evaluates each use of an expression again).
-    ok = expr.str.contains(_DATE_TEXT) & parsed.is_between(EARLIEST, latest)
+    ok = expr.str.contains(_DATE_TEXT) & parsed.is_between(FAST_EARLIEST, latest)
     return Checked(parsed, ok.fill_null(False))
 
 

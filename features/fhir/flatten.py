@@ -258,7 +258,7 @@ def flatten_patient(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     # At the coarser precision, on the local calendar (is_before): a neonatal death at 03:00+05:30
     # on the day of birth is 21:30 UTC the day before, and a death known only by its month may be
     # on any day of it; neither is a death before birth.
-    if death is not None and birth is not None and is_before(death, birth):
+    if death is not None and birth is not None and is_before(death, birth, origin.zone):
         raise RecordError("bad_date", f"Patient.deceasedDateTime {death!r} is before birthDate {birth!r}")
     flag = res.get("deceasedBoolean")
     if flag is not None and not isinstance(flag, bool):
@@ -292,7 +292,7 @@ def flatten_encounter(res: dict[str, Any], rid: str, origin: Origin) -> list[Row
     period = res["period"]  # an object: _time checked it
     # At the coarser precision (is_before): a visit from 10:00 that ended on that day, given as a
     # date, did not end before it began.
-    if end is not None and period.get("start") is not None and is_before(period["end"], period["start"]):
+    if end is not None and period.get("start") is not None and is_before(period["end"], period["start"], origin.zone):
         raise RecordError("bad_date", "Encounter.period.end is before period.start")
     klass = res.get("class")
     klass_code = klass.get("code") if isinstance(klass, dict) else None
@@ -465,7 +465,7 @@ Value = tuple[float | None, str | None, str | None, str | None]
 """(numeric_value, value_comparator, unit, text_value)."""
 
 
-def _value(holder: dict[str, Any], where: str, latest: datetime) -> Value:
+def _value(holder: dict[str, Any], where: str, latest: datetime, zone: str) -> Value:
     """(numeric_value, value_comparator, unit, text_value) of an Observation or component ``value[x]``."""
     if "valueQuantity" in holder:
         quantity = check_object(holder["valueQuantity"], f"{where}.valueQuantity")
@@ -495,7 +495,7 @@ def _value(holder: dict[str, Any], where: str, latest: datetime) -> Value:
         return _range(check_object(holder["valueRange"], f"{where}.valueRange"), f"{where}.valueRange")
     if "valuePeriod" in holder:
         return _period_days(check_object(holder["valuePeriod"], f"{where}.valuePeriod"), f"{where}.valuePeriod",
-                            latest)
+                            latest, zone)
     return None, None, None, None
 
 
@@ -578,15 +578,15 @@ def _range(value_range: dict[str, Any], where: str) -> Value:
 
 
 def _period_days(period: dict[str, Any], where: str,
-                 latest: datetime) -> Value:
+                 latest: datetime, zone: str) -> Value:
     """A Period as its length in days (unit ``d``), each end read at its first instant (so
     ``2020-01-01`` to ``2020-01-02`` is one day, and an end of coarser precision within the start's
     period is 0 days); an open period has no length, so no value. A null end is an absent one."""
-    start, end = (parse_first_instant(period[key], f"{where}.{key}", latest) if period.get(key) is not None
+    start, end = (parse_first_instant(period[key], f"{where}.{key}", latest, zone) if period.get(key) is not None
                   else None for key in ("start", "end"))
     if start is None or end is None:
         return None, None, None, None
-    if is_before(period["end"], period["start"]):
+    if is_before(period["end"], period["start"], zone):
         raise RecordError("bad_value", f"{where}.start {period['start']!r:.40} is after its end "
                                        f"{period['end']!r:.40} (expected start <= end)")
     return max(0.0, (end - start).total_seconds() / 86_400), None, "d", None
@@ -622,7 +622,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     tail = (category, _text_or_none(res.get("status")), origin.source_file, origin.record_number)
     components = res.get("component")
     rows: list[Row] = []
-    numeric, comparator, unit, text = _value(res, "Observation", origin.latest)
+    numeric, comparator, unit, text = _value(res, "Observation", origin.latest, origin.zone)
     absent = _absent_reason(res, numeric, text, "Observation")
     if numeric is not None or text is not None or not components:
         display = _display(res.get("code"), coding)
@@ -634,7 +634,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
         for index, component in enumerate(components):
             where = f"Observation.component[{index}]"
             check_object(component, where)
-            c_numeric, c_comparator, c_unit, c_text = _value(component, where, origin.latest)
+            c_numeric, c_comparator, c_unit, c_text = _value(component, where, origin.latest, origin.zone)
             c_absent = _absent_reason(component, c_numeric, c_text, where)
             c_code, c_coding = _code(component.get("code"), f"{where}.code")
             rows.append(
@@ -791,7 +791,7 @@ def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, st
                 # Checked though the end gives the time; compared at the coarser precision, as a
                 # visit's period is (flatten_encounter).
                 parse_datetime(start, f"{where}.start", origin.latest, origin.zone)
-                if is_before(end, start):
+                if is_before(end, start, origin.zone):
                     raise RecordError("bad_date", f"{where}.end is before period.start")
         elif start is not None:
             time = parse_datetime(start, f"{where}.start", origin.latest, origin.zone)

@@ -18,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
+import polars as pl
 
 from features.errors import CohortcastError
 from features.schemas import FLOAT32_MAX
@@ -111,10 +112,14 @@ def site_zone(name: str) -> ZoneInfo:
     """The IANA time zone ``name`` (``America/Chicago``), or a :class:`CohortcastError` that says
     what is expected."""
     try:
-        return _zone(name)
-    except (ZoneInfoNotFoundError, ValueError):
+        zone = _zone(name)
+        # The fast path converts with polars, whose zone names are the IANA database's alone
+        # (zoneinfo also takes file names such as 'posix/America/New_York' or 'localtime').
+        pl.select(pl.lit(datetime(2000, 1, 1)).dt.replace_time_zone(name))
+    except (ZoneInfoNotFoundError, ValueError, pl.exceptions.ComputeError):
         raise CohortcastError(f"site time zone {name!r} is not an IANA time zone name (expected like 'America/Chicago' "
-                         "or 'UTC')") from None
+                              "or 'UTC')") from None
+    return zone
 
 
 @lru_cache(maxsize=64)
@@ -122,15 +127,22 @@ def _zone(name: str) -> ZoneInfo:
     return ZoneInfo(name)
 
 
-def as_utc(value: datetime, zone: str) -> datetime:
+def as_utc(value: datetime, zone: str, last_occurrence: bool = False) -> datetime:
     """The naive UTC instant of ``value``: an aware time converted, a naive one read as wall-clock
     time in ``zone``. A wall-clock time that occurs twice (the hour a clock goes back) is its first
-    occurrence; one that does not occur (the hour a clock skips) is read with the offset before
-    the change."""
+    occurrence, or with ``last_occurrence`` its second (the end of a day whose clocks go back at
+    midnight is the end of its repeated hour); one that does not occur (the hour a clock skips) is
+    read with the offset before the change.
+
+    Raises
+    ------
+    OverflowError
+        When the instant is outside years 1 to 9999 in UTC.
+    """
     if value.tzinfo is None:
         if zone == "UTC":
             return value
-        value = value.replace(tzinfo=_zone(zone))
+        value = value.replace(tzinfo=_zone(zone), fold=int(last_occurrence))
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
@@ -174,7 +186,9 @@ def _parse_datetime_text(value: str, latest: datetime, period_end: bool,
     except OverflowError:
         # A placeholder such as 0001-01-01T00:00:00+01:00 names an instant before year 1 in UTC.
         return "bad_date", "is outside the dates a calendar can hold (years 1 to 9999 in UTC)"
-    if parsed < EARLIEST:
+    # A value without an offset names a day or a wall-clock time on the site's calendar: its year
+    # is the one written.
+    if (parsed if local.tzinfo is not None else local) < EARLIEST:
         return "bad_date", "is before 1800"
     if parsed > latest:
         return "future_date", f"is after the export time {latest:%Y-%m-%dT%H:%M:%S}"
@@ -182,7 +196,7 @@ def _parse_datetime_text(value: str, latest: datetime, period_end: bool,
         return parsed
     last = _last_instant(local, period)
     # The period ends with year 9999 (already after any export time).
-    return latest if last == datetime.max else min(as_utc(last, zone), latest)
+    return latest if last == datetime.max else min(as_utc(last, zone, last_occurrence=True), latest)
 
 
 def _last_instant(first: datetime, period: str) -> datetime:
@@ -220,7 +234,7 @@ DATE_LENGTH = len("2019-04-01")
 """The longest FHIR date without a time: any longer text is a dateTime."""
 
 
-def is_before(value: str, other: str) -> bool:
+def is_before(value: str, other: str, zone: str = SITE_ZONE) -> bool:
     """Whether the FHIR date/dateTime ``value`` lies wholly before ``other``, compared at the
     coarser precision of the two. Both must be valid (read by :func:`parse_datetime` already).
 
@@ -230,7 +244,8 @@ def is_before(value: str, other: str) -> bool:
     as its date on its own local calendar, as written (before any conversion to UTC): a birthDate
     is the local calendar date of birth, so a death at 03:00+05:30 on that day (21:30 UTC the day
     before) is a neonatal death on the day of birth, not a death before birth. Two dateTimes are
-    compared as instants (to the microsecond, in UTC).
+    compared as instants (to the microsecond, in UTC; one without an offset is wall-clock time in
+    ``zone``, the site's).
 
     Examples
     --------
@@ -248,7 +263,7 @@ def is_before(value: str, other: str) -> bool:
         # YYYY, YYYY-MM and YYYY-MM-DD are fixed width and a dateTime starts with its local date:
         # the texts cut to the coarser precision compare as the dates they name.
         return value[:shorter] < other[:shorter]
-    return parse_datetime(value, "value", datetime.max) < parse_datetime(other, "other", datetime.max)
+    return parse_datetime(value, "value", datetime.max, zone) < parse_datetime(other, "other", datetime.max, zone)
 
 
 def check_number(value: Any, where: str, stored: bool = True) -> float:

@@ -535,14 +535,19 @@ def test_cohort_selection_refuses_events_without_known_time() -> None:
         select_cohort(toy_events().drop("known_time"), task())
 
 
-def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treatment() -> None:
-    # Ingest stores a date without a time of day as its last microsecond (no input before the day
-    # is over). An MI or a prescription dated only by the index visit's day may have come before the
-    # visit: the blanking period excludes the patient, and the drug makes a prevalent user, not a start.
+@pytest.mark.parametrize(("zone", "day_end"), [("UTC", datetime(2023, 1, 1, 23, 59, 59, 999_999)),
+                                              ("America/New_York", datetime(2023, 1, 2, 4, 59, 59, 999_999))])
+def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treatment(
+    zone: str, day_end: datetime
+) -> None:
+    # Ingest stores a date without a time of day as its last microsecond on the site's calendar (no
+    # input before the day is over). An MI or a prescription dated only by the index visit's day may
+    # have come before the visit: the blanking period excludes the patient, and the drug makes a
+    # prevalent user, not a start.
     latest = datetime(2025, 12, 31)
     visit = parse_datetime("2023-01-01T09:00:00Z", "Encounter.period.start", latest)
-    same_day = parse_datetime("2023-01-01", "Condition.onsetDateTime", latest)
-    assert same_day == datetime(2023, 1, 1, 23, 59, 59, 999_999)
+    same_day = parse_datetime("2023-01-01", "Condition.onsetDateTime", latest, zone)
+    assert same_day == day_end
 
     def patient(subject: int, code: str, time: datetime) -> list[tuple[int, datetime | None, str, float | None,
                                                                         str | None, str]]:
@@ -564,7 +569,8 @@ def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treat
     assert labels.select("subject_id", "boolean_value", "treated", "prevalent_user").rows() == [
         (2, True, None, False), (3, False, None, True), (4, False, True, False)]
     # A start dated only by the grace period's last day (30 days after 09:45) may fall within it.
-    last_day = events_frame(patient(5, DRUG, parse_datetime("2023-01-31", "MedicationRequest.authoredOn", latest)))
+    last_day = events_frame(patient(5, DRUG, parse_datetime("2023-01-31", "MedicationRequest.authoredOn", latest,
+                                                            zone)))
     labels, _ = build_labels(last_day, select_cohort(last_day, definition).cohort, definition)
     assert labels.select("subject_id", "treated").rows() == [(5, True)]
     # A fixed-date cohort predicts at midnight, before all of that day: its date-only records stay after.

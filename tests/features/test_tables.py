@@ -235,6 +235,20 @@ def test_table_times_without_a_zone_are_the_sites_wall_clock_by_column_and_per_r
     assert per_row.height == 0
 
 
+@pytest.mark.parametrize(("zone", "placeholder"), [("Asia/Tokyo", datetime(1, 1, 1)),
+                                                   ("America/New_York", datetime(9999, 12, 31, 23))])
+def test_a_placeholder_time_beyond_the_calendar_in_utc_is_quarantined(
+    tmp_path: Path, zone: str, placeholder: datetime
+) -> None:
+    # SQL Server's least and greatest dates, read on a site's clock, fall outside years 1-9999 in UTC.
+    table = notes_table(time=[placeholder, datetime(2020, 2, 1)])
+    _summary, quarantine = run(tmp_path, {"notes/notes.parquet": table}, zone=zone)
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (1, "bad_date", f"column time {placeholder.isoformat()} is outside the dates a calendar can hold "
+                        "(years 1 to 9999 in UTC)")]
+    assert pl.read_parquet(tmp_path / "out" / "notes.parquet")["note_id"].to_list() == ["n2"]
+
+
 def test_a_notes_table_dated_by_day_is_read_as_the_end_of_each_day(tmp_path: Path) -> None:
     # A date column (no time of day): a note of 2020-01-02 is known by the end of that day. Dates
     # and timestamps before 1800 are refused as FHIR dates and text times are.

@@ -40,3 +40,16 @@ def test_the_site_time_zone_comes_from_the_environment(monkeypatch: pytest.Monke
     assert resources_for_deployment(site_timezone="UTC")["workspace"].site_timezone == "UTC"
     job = defs.resolve_job_def("task_pipeline")
     assert nightly_schedule(job, "America/Chicago").execution_timezone == "America/Chicago"
+
+
+def test_a_site_time_zone_variable_that_names_no_zone_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from features.errors import CohortcastError
+    from pipelines.resources import site_timezone_from_environment
+
+    monkeypatch.setenv("COHORTCAST_SITE_TIMEZONE", "")
+    assert site_timezone_from_environment() == "UTC"
+    # A file name zoneinfo reads, which is no IANA name (polars, the fast path, refuses it).
+    monkeypatch.setenv("COHORTCAST_SITE_TIMEZONE", "posix/America/New_York")
+    with pytest.raises(CohortcastError, match=r"^COHORTCAST_SITE_TIMEZONE: site time zone 'posix/America/New_York' "
+                                              r"is not an IANA time zone name"):
+        site_timezone_from_environment()

@@ -2152,6 +2152,14 @@ def test_dates_and_times_without_an_offset_are_the_sites_on_both_paths(
         # The export's own day (it ran at 00:00 UTC on 2026-01-01): already begun in Kolkata, not
         # yet in New York.
         observation("o-export-day", "2026-01-01"),
+        # The first day the ingest takes is 1 January 1800 on the site's calendar.
+        observation("o-1800", "1800-01-01"),
+        observation("o-1799", "1799-12-31"),
+        # One end with an offset, the other on the site's clock: compared as instants.
+        record("Encounter", "e-mixed", status="finished",
+               period={"start": "2021-03-15T13:00:00Z", "end": "2021-03-15T10:00:00"}),
+        record("Encounter", "e-mixed-reversed", status="finished",
+               period={"start": "2021-03-15T10:00:00", "end": "2021-03-15T12:00:00Z"}),
     ]
     landing = tmp_path / "landing" / "fhir"
     landing.mkdir(parents=True)
@@ -2164,10 +2172,18 @@ def test_dates_and_times_without_an_offset_are_the_sites_on_both_paths(
         return pl.read_parquet(tmp_path / "fast" / f"{table}.parquet").select(columns).rows()
 
     assert rows("patients", "birth_date") == [(date(1990, 6, 15),)]  # a calendar date, in any zone
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.filter(pl.col("reason_code") == "bad_date")["reason"].to_list()[0] == (
+        "Observation.effectiveDateTime '1799-12-31' is before 1800")
     if zone == "America/New_York":
         day = datetime(2019, 4, 13, 3, 59, 59, 999999)  # the end of 12 April in New York (EDT, UTC-4)
-        assert fast.quarantined_by_reason == {"future_date": 1}
-        assert rows("encounters", "start_time", "end_time") == [(datetime(2019, 4, 13, 1), datetime(2019, 4, 13, 1))]
+        assert fast.quarantined_by_reason == {"bad_date": 2, "future_date": 1}
+        assert quarantine.filter(pl.col("reason_code") == "bad_date")["reason"].to_list()[1] == (
+            "Encounter.period.end is before period.start")
+        assert rows("encounters", "encounter_id", "start_time", "end_time") == [
+            ("e1", datetime(2019, 4, 13, 1), datetime(2019, 4, 13, 1)),
+            ("e-mixed", datetime(2021, 3, 15, 13), datetime(2021, 3, 15, 14)),
+        ]
         assert rows("conditions", "time", "recorded_time") == [(day, day)]
         assert rows("observations", "resource_id", "time") == [
             ("o-date", day),
@@ -2175,11 +2191,15 @@ def test_dates_and_times_without_an_offset_are_the_sites_on_both_paths(
             ("o-offset", datetime(2019, 4, 13, 2, 30)),
             ("o-twice", datetime(2019, 11, 3, 5, 30)),
             ("o-skipped", datetime(2019, 3, 10, 7, 30)),
+            ("o-1800", datetime(1800, 1, 2, 4, 56, 1, 999999)),  # New York's local mean time, UTC-4:56:02
         ]
     else:
         day = datetime(2019, 4, 12, 18, 29, 59, 999999)  # the end of 12 April in Kolkata (UTC+5:30)
-        assert fast.quarantined == 0
-        assert rows("encounters", "start_time") == [(day,)]
+        assert fast.quarantined_by_reason == {"bad_date": 2}
+        assert rows("encounters", "encounter_id", "start_time", "end_time") == [
+            ("e1", day, datetime(2019, 4, 13, 1)),
+            ("e-mixed-reversed", datetime(2021, 3, 15, 4, 30), datetime(2021, 3, 15, 12)),
+        ]
         assert rows("conditions", "time", "recorded_time") == [(day, day)]
         assert rows("observations", "resource_id", "time") == [
             ("o-date", day),
@@ -2188,4 +2208,24 @@ def test_dates_and_times_without_an_offset_are_the_sites_on_both_paths(
             ("o-twice", datetime(2019, 11, 2, 20)),
             ("o-skipped", datetime(2019, 3, 9, 21)),
             ("o-export-day", EXPORT),  # known by the export, not by the end of its day
+            ("o-1800", datetime(1800, 1, 1, 18, 6, 31, 999999)),  # Kolkata's local mean time, UTC+5:53:28
         ]
+
+
+def test_the_end_of_a_day_whose_clocks_go_back_at_midnight_is_the_end_of_its_repeated_hour(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In Santiago clocks went back at midnight on 6 April 2019: 23:00-23:59 came twice, the second
+    # time at UTC-4. A record of 23:30 the second time is on that day, before the day is over.
+    loinc = {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}
+    resources = [{"resourceType": "Patient", "id": "p1"}] + [
+        {"resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+         "code": loinc, "effectiveDateTime": when, "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}
+        for rid, when in (("o-date", "2019-04-06"), ("o-late", "2019-04-06T23:30:00-04:00"))
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "site.ndjson").write_bytes(b"\n".join(map(orjson.dumps, resources)) + b"\n")
+    _fast_equals_per_record(landing.parent, tmp_path, monkeypatch, "America/Santiago")
+    assert pl.read_parquet(tmp_path / "fast" / "observations.parquet").select("resource_id", "time").rows() == [
+        ("o-date", datetime(2019, 4, 7, 3, 59, 59, 999999)), ("o-late", datetime(2019, 4, 7, 3, 30))]
