@@ -1810,6 +1810,13 @@ def _link_batch(ingested_dir: Path, warehouse_dir: Path) -> None:
     (warehouse_dir / PROMOTING_FILE).unlink()
 
 
+def warehouse_site_timezone(warehouse_dir: Path) -> str:
+    """The site time zone the warehouse's tables were read in (its ``ingest_summary.json``); UTC
+    for a warehouse without one."""
+    path = Path(warehouse_dir) / SUMMARY_FILE
+    return IngestSummary.from_json(path).site_timezone if path.is_file() else SITE_ZONE
+
+
 def unsettled_warehouse(warehouse_dir: Path) -> str | None:
     """Why ``warehouse_dir``'s tables may be of two ingests side by side, or None.
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from features.cohorts import select_cohort
 from features.errors import LandingZoneError
-from features.ingest import unsettled_warehouse
+from features.ingest import unsettled_warehouse, warehouse_site_timezone
 from features.io import write_bytes_atomic, write_parquet_atomic
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets, find_split_overlap
@@ -125,6 +125,8 @@ def _task_settings(task: TaskDefinition, *parts: object) -> str:
 
 def build_cohort(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     out = task_dir(warehouse_dir, task) / "cohort.parquet"
+    # The task's dates, as the warehouse's, are days on the site's calendar.
+    task = task.on_site_clock(warehouse_site_timezone(warehouse_dir))
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         selection = select_cohort(_events(warehouse_dir), task)
@@ -140,6 +142,7 @@ def _cohort(warehouse_dir: Path, task: TaskDefinition) -> pl.DataFrame:
 
 def build_task_labels(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     folder = task_dir(warehouse_dir, task)
+    task = task.on_site_clock(warehouse_site_timezone(warehouse_dir))
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         labels, counts = build_labels(_events(warehouse_dir), _cohort(warehouse_dir, task), task)

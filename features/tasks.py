@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from typing import Any
 import yaml
 
 from features.errors import CohortDefinitionError
+from features.fhir.validate import as_utc
 from features.schemas import MAX_VALUE_BINS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -202,6 +203,26 @@ class TaskDefinition:
     splits: SplitFractions = field(default_factory=SplitFractions)
     inputs: InputSettings = field(default_factory=InputSettings)
     publishing: PublishingSettings = field(default_factory=PublishingSettings)
+    # The keys of the instants above written without an offset (a date, or a date-time with no
+    # zone): days and wall-clock times on the site's calendar, held as UTC until on_site_clock.
+    site_clock: tuple[str, ...] = ()
+
+    def on_site_clock(self, zone: str) -> TaskDefinition:
+        """The task with its instants written without an offset read in the site's time zone
+        (``zone``, IANA), as the warehouse's dates are: ``follow_up_end: 2025-12-31`` then keeps
+        the records of 31 December on the site's calendar, not only those before its end in UTC."""
+        if zone == "UTC" or not self.site_clock:
+            return replace(self, site_clock=())
+
+        def read(key: str, value: datetime | None, last: bool = False) -> datetime | None:
+            on_clock = value is not None and any(written.endswith(key) for written in self.site_clock)
+            return as_utc(value, zone, last_occurrence=last) if on_clock and value is not None else value
+
+        rule = self.cohort.prediction_time
+        rule = replace(rule, on_or_after=read(".on_or_after", rule.on_or_after), before=read(".before", rule.before),
+                       fixed=read(".fixed", rule.fixed))
+        return replace(self, cohort=replace(self.cohort, prediction_time=rule), site_clock=(),
+                       follow_up_end=read("follow_up_end", self.follow_up_end, last=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,11 +233,13 @@ class TaskDefinition:
 class _Reader:
     """Reads one mapping of the YAML file; every error names the task and the full key."""
 
-    def __init__(self, task: str, key: str, value: Any) -> None:
+    def __init__(self, task: str, key: str, value: Any, site_clock: list[str] | None = None) -> None:
         self.task, self.key = task, key
         if not isinstance(value, dict):
             self.fail(key, "a mapping", value)
         self.value: dict[str, Any] = value
+        # The keys of instants read without an offset, shared by every reader of one file.
+        self.site_clock: list[str] = [] if site_clock is None else site_clock
 
     def fail(self, key: str, expected: str, found: Any) -> None:
         raise CohortDefinitionError(
@@ -238,7 +261,7 @@ class _Reader:
                 raise CohortDefinitionError(f"task '{self.task}': missing key {self.path(name)}")
 
     def child(self, name: str) -> _Reader:
-        return _Reader(self.task, self.path(name), self.value.get(name))
+        return _Reader(self.task, self.path(name), self.value.get(name), self.site_clock)
 
     def number(self, name: str, default: float | None, minimum: float | None = None,
                maximum: float | None = None, required: bool = False) -> float | None:
@@ -283,7 +306,8 @@ class _Reader:
 
     def instant(self, name: str, whole_day: bool = False) -> datetime | None:
         """A date or date-time as naive UTC. A bare date is its first instant, or with ``whole_day``
-        its last (an inclusive end: ``follow_up_end: 2025-12-31`` keeps that day's records)."""
+        its last (an inclusive end: ``follow_up_end: 2025-12-31`` keeps that day's records). One
+        without an offset is noted in ``site_clock`` (:meth:`TaskDefinition.on_site_clock`)."""
         value = self.value.get(name)
         if value is None:
             return None
@@ -291,8 +315,12 @@ class _Reader:
             with contextlib.suppress(ValueError):  # not ISO: reported below with what was found
                 value = date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)
         if isinstance(value, datetime):
-            return value.replace(tzinfo=None) if value.tzinfo is None else _to_naive_utc(value)
+            if value.tzinfo is not None:
+                return _to_naive_utc(value)
+            self.site_clock.append(self.path(name))
+            return value
         if isinstance(value, date):
+            self.site_clock.append(self.path(name))
             start = datetime(value.year, value.month, value.day)
             return start + timedelta(days=1, microseconds=-1) if whole_day else start
         self.fail(self.path(name), "a date or date-time like 2022-01-01 or 2022-01-01T00:00:00Z", value)
@@ -343,7 +371,7 @@ def _code_rules(reader: _Reader, name: str) -> tuple[CodeRule, ...]:
         reader.fail(reader.path(name), "a list of rules, each with codes and optionally window_days", value)
     rules = []
     for i, item in enumerate(value):
-        rule = _Reader(reader.task, f"{reader.path(name)}[{i}]", item)
+        rule = _Reader(reader.task, f"{reader.path(name)}[{i}]", item, reader.site_clock)
         rule.check_keys({"codes", "window_days"}, {"codes"})
         rules.append(CodeRule(rule.codes("codes", True), rule.number("window_days", None, 0.0, MAX_DAYS)))
     return tuple(rules)
@@ -519,6 +547,7 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
         splits=splits,
         inputs=inputs,
         publishing=publishing,
+        site_clock=tuple(top.site_clock),
     )
 
 

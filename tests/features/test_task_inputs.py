@@ -121,3 +121,19 @@ def test_a_patient_with_exactly_max_events_tokens_is_not_counted_as_cut(tmp_path
     assert tokens["token_ids"].list.len().to_list() == [5, 5, 5, 5]
     assert tokens["dropped_events"].to_list() == [0, 0, 0, 0]
     assert stats["truncated_patients"] == 0
+
+
+def test_the_cohort_reads_the_tasks_dates_in_the_warehouses_site_time_zone(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from features.ingest import SUMMARY_FILE, IngestSummary
+
+    warehouse = toy_warehouse(tmp_path, toy_events())
+    definition = task(cohort={"prediction_time": {"fixed": "2023-06-01T08:00:00"}, "min_age_years": 18})
+    summary = IngestSummary(landing_dir="l", warehouse_dir=str(warehouse), export_time=datetime(2026, 1, 1),
+                            strict=False, files=(), table_rows={}, quarantined_by_reason={}, duplicates=0,
+                            fhir_resources_in=0, elapsed_seconds=0.0, site_timezone="America/Chicago")
+    (warehouse / SUMMARY_FILE).write_bytes(summary.to_json())
+    task_inputs.build_cohort(warehouse, definition)
+    cohort = pl.read_parquet(task_inputs.task_dir(warehouse, definition) / "cohort.parquet")
+    assert set(cohort["prediction_time"]) == {datetime(2023, 6, 1, 13)}  # 08:00 in Chicago (CDT, UTC-5)

@@ -226,3 +226,18 @@ def test_publishing_settings_come_from_the_task_file_and_are_checked(tmp_path: P
                    "horizon_days: 365\npublishing: {high_share: 0.9, medium_share: 0.2}\n")
     with pytest.raises(CohortDefinitionError, match=r"task 'toy': publishing.high_share must be a share in \(0, 1\]"):
         load_task(bad)
+
+
+def test_dates_without_an_offset_are_read_on_the_sites_calendar() -> None:
+    fixed = task(cohort={"prediction_time": {"fixed": "2023-01-01T08:00:00"}}, follow_up_end="2025-12-31")
+    assert fixed.site_clock == ("cohort.prediction_time.fixed", "follow_up_end")
+    chicago = fixed.on_site_clock("America/Chicago")  # CST, UTC-6
+    assert chicago.cohort.prediction_time.fixed == datetime(2023, 1, 1, 14)
+    assert chicago.follow_up_end == datetime(2026, 1, 1, 5, 59, 59, 999999)  # the end of 31 December there
+    assert chicago.site_clock == () and fixed.on_site_clock("UTC").follow_up_end == fixed.follow_up_end
+    # An instant with an offset is read as given, whatever the site.
+    window = task(cohort={"prediction_time": {"first_event": {"codes": ["SNOMED//1"], "on_or_after": "2023-01-01",
+                                                              "before": "2024-01-01T00:00:00Z"}}})
+    assert window.site_clock == ("cohort.prediction_time.first_event.on_or_after",)
+    rule = window.on_site_clock("Asia/Tokyo").cohort.prediction_time
+    assert (rule.on_or_after, rule.before) == (datetime(2022, 12, 31, 15), datetime(2024, 1, 1))
