@@ -18,7 +18,7 @@ dead patient cannot be predicted for).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import time as dt_time
 
 import polars as pl
 
@@ -40,27 +40,42 @@ class CohortSelection:
     attrition: tuple[tuple[str, int], ...]
 
 
-DAY_START_BEFORE_END = timedelta(days=1, microseconds=-1)
-"""A date without a time of day is stored as the last microsecond of its day on the site's calendar
-(features.fhir.validate.parse_datetime): the day began this long before."""
+LAST_INSTANT_OF_DAY = dt_time(23, 59, 59, 999_999)
+"""Where ingest puts a date without a time of day, on the site's clock (features.fhir.validate.parse_datetime)."""
 
 
-def happened_by(time: pl.Expr, prediction_time: pl.Expr) -> pl.Expr:
+def site_clock(time: pl.Expr, zone: str) -> pl.Expr:
+    """Naive UTC times as wall-clock times in ``zone`` (IANA), aware."""
+    return time.dt.replace_time_zone("UTC").dt.convert_time_zone(zone)
+
+
+def site_day_start(time: pl.Expr, zone: str) -> pl.Expr:
+    """The first instant (naive UTC) of the day on the site's calendar that holds each naive UTC time."""
+    midnight = site_clock(time, zone).dt.date().cast(pl.Datetime("us"))
+
+    def at(wall_clock: pl.Expr) -> pl.Expr:
+        return (wall_clock.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
+                .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
+
+    # Where clocks jump from 00:00 to 01:00, the day starts at 01:00.
+    return pl.coalesce(at(midnight), at(midnight + pl.duration(hours=1)))
+
+
+def happened_by(time: pl.Expr, prediction_time: pl.Expr, zone: str = "UTC") -> pl.Expr:
     """Whether an event may have happened by the prediction time: at or before it, or, for a date
-    without a time of day (stored as the last microsecond of its day, so that no input is read
-    before its day is over), on a day that began before it.
+    without a time of day (stored as the last microsecond of its day on the site's calendar,
+    ``zone``, so that no input is read before its day is over), on a day that began before it.
 
     Exclusion rules and treatment history read it: a diagnosis or a prescription recorded only as
     the index visit's date may have come before the visit (the MI the patient came in for), so it is
     history, not an outcome or a new start that day. A prediction time at midnight (a fixed date)
     precedes all of its day, so that day's records stay after it.
-
-    A day's last microsecond is 23:59:59.999999 in the site's time zone, so in UTC a time whose
-    seconds read 59.999999, whatever its hour and minute (every zone's offset is whole minutes);
-    on the two days a year that clocks change, the day's start is then placed within an hour.
     """
-    date_only = (time.dt.second() == 59) & (time.dt.microsecond() == 999_999)
-    return (time <= prediction_time) | (date_only & (time - DAY_START_BEFORE_END < prediction_time))
+    if zone == "UTC":
+        date_only, day_start = time.dt.time() == LAST_INSTANT_OF_DAY, time.dt.truncate("1d")
+    else:
+        date_only, day_start = site_clock(time, zone).dt.time() == LAST_INSTANT_OF_DAY, site_day_start(time, zone)
+    return (time <= prediction_time) | (date_only & (day_start < prediction_time))
 
 
 def as_frame(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
@@ -86,7 +101,8 @@ def with_known_time(events: pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
     return frame.with_columns(pl.coalesce("known_time", "time").alias("known_at"))
 
 
-def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule, by: str) -> pl.LazyFrame:
+def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule, by: str,
+                  zone: str = "UTC") -> pl.LazyFrame:
     """Subject ids whose record has one of the rule's codes in its window before prediction time,
     the event counted from its column ``by`` (``known_at`` or ``time``; the window reads ``time``).
 
@@ -96,7 +112,7 @@ def _rule_matches(events: pl.LazyFrame, cohort: pl.LazyFrame, rule: CodeRule, by
         cohort.select("subject_id", "prediction_time"), on="subject_id"
     )
     # An exclusion reads when the event may have happened: a date-only one on the index day counts.
-    before = (happened_by(pl.col("time"), pl.col("prediction_time")) if by == "time"
+    before = (happened_by(pl.col("time"), pl.col("prediction_time"), zone) if by == "time"
               else pl.col(by) <= pl.col("prediction_time"))
     in_window = pl.col("time").is_null() | before
     if rule.window_days is not None:
@@ -216,7 +232,7 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
         cohort = cohort.join(matched, on="subject_id", how="semi")
         attrition.append((f"include[{i}] {_describe_rule(rule)}", cohort.height))
     for i, rule in enumerate(definition.exclude):
-        matched = _rule_matches(lazy, cohort.lazy(), rule, "time").collect()
+        matched = _rule_matches(lazy, cohort.lazy(), rule, "time", task.site_timezone).collect()
         cohort = cohort.join(matched, on="subject_id", how="anti")
         attrition.append((f"exclude[{i}] {_describe_rule(rule)}", cohort.height))
 

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame, happened_by
+from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame, happened_by, site_clock
 from features.schemas import LABELS
 from features.tasks import USUAL_INTERVAL, TaskDefinition, TreatmentDefinition
 
@@ -113,7 +113,8 @@ def _days(expr: pl.Expr) -> pl.Expr:
     return expr.dt.total_microseconds().cast(pl.Float64) / MICROSECONDS_PER_DAY
 
 
-def usual_interval_days(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.DataFrame:
+def usual_interval_days(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
+                        zone: str = "UTC") -> pl.DataFrame:
     """Each cohort patient's mean interval between days with records, before the prediction time.
 
     Returns ``subject_id, interval_days``: the span of the year before the prediction time in which
@@ -135,7 +136,9 @@ def usual_interval_days(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFram
         .agg(
             pl.max_horizontal(pl.col("time").min(), window_start.first()).alias("since"),
             pl.col("prediction_time").first(),
-            pl.col("time").filter(pl.col("time") > window_start).dt.date().n_unique().alias("record_days"),
+            # Calendar days on the site's clock (``zone``): a date-only record is on its own day.
+            site_clock(pl.col("time").filter(pl.col("time") > window_start), zone).dt.date().n_unique()
+            .alias("record_days"),
         )
         .select("subject_id", pl.when(pl.col("record_days") > 0)
                 .then(_days(pl.col("prediction_time") - pl.col("since")) / pl.col("record_days"))
@@ -176,7 +179,7 @@ def build_labels(
         after = after.filter(pl.col("time") <= task.follow_up_end)
     data_end = task.follow_up_end or lazy.select(pl.col("time").max()).collect().item()
     if task.follow_up_after_last_record == USUAL_INTERVAL:
-        after_last = usual_interval_days(lazy, cohort).lazy()
+        after_last = usual_interval_days(lazy, cohort, task.site_timezone).lazy()
     else:
         after_last = index.select("subject_id", pl.lit(float(task.follow_up_after_last_record)).alias("interval_days"))
     last_record = after.group_by("subject_id").agg(pl.col("time").max().alias("last_time"))
@@ -238,7 +241,7 @@ def build_labels(
         table = table.with_columns(pl.lit(None, dtype=pl.Boolean).alias("treated"),
                                    pl.lit(None, dtype=pl.Boolean).alias("prevalent"))
     else:
-        table = _treatment_arms(lazy, index, table, task.treatment)
+        table = _treatment_arms(lazy, index, table, task.treatment, task.site_timezone)
 
     labels = (
         table.select(
@@ -275,7 +278,7 @@ def build_labels(
 
 
 def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame,
-                    treatment: TreatmentDefinition) -> pl.LazyFrame:
+                    treatment: TreatmentDefinition, zone: str) -> pl.LazyFrame:
     """Add ``treated`` (true, false or null) and ``prevalent`` to the per-patient ``table``, which
     has ``duration_days``, ``end_time`` and ``last_time``: the new-user, grace-period design of the
     module docstring."""
@@ -291,16 +294,16 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     # it): a start is strictly after it, even with a window starting at 0 ...
     # A code dated only by the index day may be from before the visit: history, not a start.
     started = (
-        codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"))
+        codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"), zone)
                      & (pl.col("time") >= days_after(treatment.window_start_days))
-                     & happened_by(pl.col("time"), days_after(treatment.window_end_days)))
+                     & happened_by(pl.col("time"), days_after(treatment.window_end_days), zone))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
     )
     # ... and a code at the prediction time itself makes a prevalent user: the washout is
     # [prediction time - washout_days, prediction time], so a washout of 0 days catches only that.
     prevalent = (
         codes.filter((pl.col("time") >= days_after(-treatment.washout_days))
-                     & happened_by(pl.col("time"), pl.col("prediction_time")))
+                     & happened_by(pl.col("time"), pl.col("prediction_time"), zone))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("prevalent"))
     )
     # Observed follow-up: the last record after the prediction time (the event and death are records),

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.fhir.columnar import fhir_time, site_time_as_utc
+from features.fhir.columnar import FAST_EARLIEST, fhir_time, site_time_as_utc
 from features.fhir.validate import (
     EARLIEST,
     FHIR_ID,
@@ -301,10 +301,13 @@ def column_times(column: pa.ChunkedArray, latest: datetime,
     """
     if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
         values = column.cast(pa.timestamp("us")).combine_chunks()
+        earliest = EARLIEST
         if column.type.tz is None and zone != "UTC":
             values = pl.select(site_time_as_utc(pl.lit(pl.Series(values)), zone)).to_series().to_arrow()
+            # The per-row check judges 1800 by the wall-clock time written: within a day of it, left to it.
+            earliest = FAST_EARLIEST
         in_range = pc.and_(pc.less_equal(values, pa.scalar(latest, pa.timestamp("us"))),
-                           pc.greater_equal(values, pa.scalar(EARLIEST, pa.timestamp("us"))))
+                           pc.greater_equal(values, pa.scalar(earliest, pa.timestamp("us"))))
         return values, pc.fill_null(in_range, False).to_numpy(zero_copy_only=False)
     if not is_text(column.type):
         return None
@@ -376,16 +379,18 @@ def to_time(row: dict[str, Any], name: str, latest: datetime, zone: str = SITE_Z
     value = require(row, name)
     if isinstance(value, datetime):
         try:
-            value = as_utc(value, zone)
+            utc = as_utc(value, zone)
         except OverflowError:
             # A placeholder such as 0001-01-01 east of UTC, or 9999-12-31 west of it.
             raise RecordError("bad_date", f"column {name} {value.isoformat()} is outside the dates a calendar can "
                                           "hold (years 1 to 9999 in UTC)") from None
-        if value > latest:
-            raise RecordError("future_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is after the export time")
-        if value < EARLIEST:
-            raise RecordError("bad_date", f"column {name} {value:%Y-%m-%dT%H:%M:%S} is before 1800")
-        return value
+        if utc > latest:
+            raise RecordError("future_date", f"column {name} {utc:%Y-%m-%dT%H:%M:%S} is after the export time")
+        # A time without a zone is judged by the year written on the site's calendar, as FHIR's are.
+        written = utc if value.tzinfo is not None else value
+        if written < EARLIEST:
+            raise RecordError("bad_date", f"column {name} {written:%Y-%m-%dT%H:%M:%S} is before 1800")
+        return utc
     if isinstance(value, date):
         # A day without a time of day: read as the FHIR date it is (known by its end, checked alike).
         return parse_datetime(value.isoformat(), f"column {name}", latest, zone)

@@ -206,22 +206,44 @@ class TaskDefinition:
     # The keys of the instants above written without an offset (a date, or a date-time with no
     # zone): days and wall-clock times on the site's calendar, held as UTC until on_site_clock.
     site_clock: tuple[str, ...] = ()
+    # The site's time zone (IANA) the instants were read in, and the cohort and labels count
+    # calendar days in (a date-only record's day).
+    site_timezone: str = "UTC"
 
     def on_site_clock(self, zone: str) -> TaskDefinition:
         """The task with its instants written without an offset read in the site's time zone
         (``zone``, IANA), as the warehouse's dates are: ``follow_up_end: 2025-12-31`` then keeps
-        the records of 31 December on the site's calendar, not only those before its end in UTC."""
+        the records of 31 December on the site's calendar, not only those before its end in UTC.
+
+        Raises
+        ------
+        CohortDefinitionError
+            When an instant falls outside years 1 to 9999 in UTC there, or the index window is
+            empty once read there.
+        """
         if zone == "UTC" or not self.site_clock:
-            return replace(self, site_clock=())
+            return replace(self, site_clock=(), site_timezone=zone)
 
         def read(key: str, value: datetime | None, last: bool = False) -> datetime | None:
-            on_clock = value is not None and any(written.endswith(key) for written in self.site_clock)
-            return as_utc(value, zone, last_occurrence=last) if on_clock and value is not None else value
+            written = next((name for name in self.site_clock if name.endswith(key)), None)
+            if value is None or written is None:
+                return value
+            try:
+                return as_utc(value, zone, last_occurrence=last)
+            except OverflowError:
+                raise CohortDefinitionError(
+                    f"task '{self.name}': {written} {value:%Y-%m-%d} is outside the dates a calendar can hold in the "
+                    f"site's time zone {zone} (years 1 to 9999 in UTC); leave it out for no limit") from None
 
         rule = self.cohort.prediction_time
         rule = replace(rule, on_or_after=read(".on_or_after", rule.on_or_after), before=read(".before", rule.before),
                        fixed=read(".fixed", rule.fixed))
-        return replace(self, cohort=replace(self.cohort, prediction_time=rule), site_clock=(),
+        if rule.on_or_after is not None and rule.before is not None and rule.on_or_after >= rule.before:
+            raise CohortDefinitionError(
+                f"task '{self.name}': cohort.prediction_time.first_event.before must be after on_or_after once read "
+                f"in the site's time zone {zone} (found {rule.on_or_after.isoformat()} and {rule.before.isoformat()} "
+                "UTC)")
+        return replace(self, cohort=replace(self.cohort, prediction_time=rule), site_clock=(), site_timezone=zone,
                        follow_up_end=read("follow_up_end", self.follow_up_end, last=True))
 
 

@@ -125,6 +125,19 @@ def test_usual_interval_ignores_birth_and_is_a_year_without_records_in_the_year(
                        pl.DataFrame({"subject_id": [1, 2], "interval_days": [10.0, 365.0]}))
 
 
+@pytest.mark.parametrize("zone", ["UTC", "America/New_York"])
+def test_usual_interval_counts_days_on_the_sites_calendar(zone: str) -> None:
+    # A visit at 10:00 and a lab dated only by that day are one day with a record, wherever the site is.
+    latest = datetime(2025, 12, 31)
+    visit, lab, prediction = (parse_datetime(text, "x", latest, zone)
+                              for text in ("2023-03-01T10:00:00", "2023-03-01", "2023-03-10T12:00:00"))
+    events = events_frame([(1, visit, VISIT, None, None, "ehr"), (1, lab, BP, 120.0, None, "ehr"),
+                           (1, prediction, VISIT, None, None, "ehr")])
+    cohort = pl.DataFrame({"subject_id": [1], "prediction_time": [prediction]})
+    assert usual_interval_days(events, cohort, zone)["interval_days"].to_list() == [
+        pytest.approx((9 + 2 / 24) / 2)]  # 9 days and 2 hours since the first record, 2 days with a record
+
+
 def fixed_date_task(**overrides: object) -> object:
     fixed = {"cohort": {"prediction_time": {"fixed": "2023-01-01T09:00:00"}, "min_age_years": 18}, "treatment": None}
     return task(**{**fixed, **overrides})
@@ -530,6 +543,32 @@ def test_minimum_history_counts_from_when_the_first_record_was_recorded() -> Non
     assert select_cohort(events, definition).cohort["subject_id"].to_list() == [2, 3, 4]
 
 
+@pytest.mark.parametrize(("zone", "day"), [
+    ("UTC", "2023-03-12"),
+    ("America/New_York", "2023-03-12"),  # 23 hours: clocks go forward at 02:00
+    ("Australia/Sydney", "2023-10-01"),
+    ("America/Santiago", "2019-09-08"),  # clocks go from 00:00 to 01:00: the day starts at 01:00
+    ("America/New_York", "2023-11-05"),  # 25 hours
+])
+def test_a_fixed_date_cohort_keeps_its_days_date_only_records_after_it_on_any_day(zone: str, day: str) -> None:
+    # A fixed date predicts at the start of that day on the site's calendar: an MI dated only by
+    # that day is an outcome, and one dated the day before excludes the patient.
+    latest = datetime(2025, 12, 31)
+    before = (datetime.fromisoformat(day) - timedelta(days=1)).date().isoformat()
+
+    def patient(subject: int, mi_date: str) -> list[tuple[int, datetime | None, str, float | None, str | None, str]]:
+        return [(subject, None, "SEX//male", None, None, "ehr"),
+                (subject, datetime(1960, 1, 1), "MEDS_BIRTH", None, None, "ehr"),
+                (subject, datetime(2018, 6, 1, 9), VISIT, None, None, "ehr"),
+                (subject, parse_datetime(mi_date, "Condition.onsetDateTime", latest, zone), MI, None, None, "ehr"),
+                (subject, datetime(2024, 6, 1, 9), VISIT, None, None, "ehr")]
+
+    events = events_frame(patient(1, day) + patient(2, before))
+    fixed = task(cohort={"prediction_time": {"fixed": day}, "exclude": [{"codes": [MI], "window_days": 28}]},
+                 follow_up_end="2025-12-31").on_site_clock(zone)
+    assert select_cohort(events, fixed).cohort["subject_id"].to_list() == [1]
+
+
 def test_cohort_selection_refuses_events_without_known_time() -> None:
     with pytest.raises(ValueError, match=r"events table has no known_time column .*ingest the landing zone again"):
         select_cohort(toy_events().drop("known_time"), task())
@@ -562,7 +601,8 @@ def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treat
     events = events_frame(patient(1, MI, same_day) + patient(2, MI, datetime(2023, 1, 1, 15))
                           + patient(3, DRUG, same_day) + patient(4, DRUG, datetime(2023, 1, 1, 15)))
     definition = task(cohort={"prediction_time": {"first_event": {"codes": [VISIT]}, "offset_minutes": 45},
-                              "exclude": [{"codes": [MI], "window_days": 28}]}, follow_up_end="2025-12-31")
+                              "exclude": [{"codes": [MI], "window_days": 28}]},
+                      follow_up_end="2025-12-31").on_site_clock(zone)
     selected = select_cohort(events, definition)
     assert selected.cohort["subject_id"].to_list() == [2, 3, 4]
     labels, _ = build_labels(events, selected.cohort, definition)
@@ -575,7 +615,7 @@ def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treat
     assert labels.select("subject_id", "treated").rows() == [(5, True)]
     # A fixed-date cohort predicts at midnight, before all of that day: its date-only records stay after.
     fixed = task(cohort={"prediction_time": {"fixed": "2023-01-01"}, "exclude": [{"codes": [MI], "window_days": 28}]},
-                 follow_up_end="2025-12-31")
+                 follow_up_end="2025-12-31").on_site_clock(zone)
     selected = select_cohort(events, fixed)
     assert selected.cohort["subject_id"].to_list() == [1, 2, 3, 4]
     labels, _ = build_labels(events, selected.cohort, fixed)

@@ -249,6 +249,21 @@ def test_a_placeholder_time_beyond_the_calendar_in_utc_is_quarantined(
     assert pl.read_parquet(tmp_path / "out" / "notes.parquet")["note_id"].to_list() == ["n2"]
 
 
+def test_a_zoneless_table_time_is_judged_by_the_year_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 09:00 on 1 January 1800 in Tokyo is 1799 in UTC: kept, as a FHIR dateTime without an offset is;
+    # 1799 as written is refused, and both by column and per row.
+    table = notes_table(time=[datetime(1800, 1, 1, 9), datetime(1799, 12, 31, 23)])
+    _summary, quarantine = run(tmp_path / "fast", {"notes/notes.parquet": table}, zone="Asia/Tokyo")
+    monkeypatch.setattr(features.notes, "clear_columns", lambda batch, *args: np.zeros(batch.num_rows, dtype=bool))
+    _summary, per_row = run(tmp_path / "slow", {"notes/notes.parquet": table}, zone="Asia/Tokyo")
+    assert_frame_equal(quarantine, per_row, check_exact=True)
+    assert quarantine.select("record_number", "reason").rows() == [
+        (2, "column time 1799-12-31T23:00:00 is before 1800")]
+    for run_name in ("fast", "slow"):
+        assert pl.read_parquet(tmp_path / run_name / "out" / "notes.parquet")["time"].to_list() == [
+            datetime(1799, 12, 31, 23, 41, 1)]  # Tokyo's local mean time then, UTC+9:18:59
+
+
 def test_a_notes_table_dated_by_day_is_read_as_the_end_of_each_day(tmp_path: Path) -> None:
     # A date column (no time of day): a note of 2020-01-02 is known by the end of that day. Dates
     # and timestamps before 1800 are refused as FHIR dates and text times are.

@@ -234,10 +234,26 @@ def test_dates_without_an_offset_are_read_on_the_sites_calendar() -> None:
     chicago = fixed.on_site_clock("America/Chicago")  # CST, UTC-6
     assert chicago.cohort.prediction_time.fixed == datetime(2023, 1, 1, 14)
     assert chicago.follow_up_end == datetime(2026, 1, 1, 5, 59, 59, 999999)  # the end of 31 December there
-    assert chicago.site_clock == () and fixed.on_site_clock("UTC").follow_up_end == fixed.follow_up_end
+    assert chicago.site_clock == () and chicago.site_timezone == "America/Chicago"
+    assert fixed.on_site_clock("UTC").follow_up_end == fixed.follow_up_end
     # An instant with an offset is read as given, whatever the site.
     window = task(cohort={"prediction_time": {"first_event": {"codes": ["SNOMED//1"], "on_or_after": "2023-01-01",
                                                               "before": "2024-01-01T00:00:00Z"}}})
     assert window.site_clock == ("cohort.prediction_time.first_event.on_or_after",)
     rule = window.on_site_clock("Asia/Tokyo").cohort.prediction_time
     assert (rule.on_or_after, rule.before) == (datetime(2022, 12, 31, 15), datetime(2024, 1, 1))
+
+
+def test_task_dates_that_do_not_hold_on_the_sites_calendar_are_named() -> None:
+    open_end = task(follow_up_end="9999-12-31")
+    with pytest.raises(CohortDefinitionError, match=r"^task 'toy': follow_up_end 9999-12-31 is outside the dates a "
+                                                    r"calendar can hold in the site's time zone America/Chicago"):
+        open_end.on_site_clock("America/Chicago")
+    assert open_end.on_site_clock("UTC").follow_up_end == datetime(9999, 12, 31, 23, 59, 59, 999999)
+    # Valid as written (00:00 Chicago is 06:00 UTC), empty once read there.
+    window = task(cohort={"prediction_time": {"first_event": {"codes": ["SNOMED//1"], "on_or_after": "2023-01-01",
+                                                              "before": "2023-01-01T03:00:00Z"}}})
+    with pytest.raises(CohortDefinitionError, match=re.escape(
+            "task 'toy': cohort.prediction_time.first_event.before must be after on_or_after once read in the site's "
+            "time zone America/Chicago (found 2023-01-01T06:00:00 and 2023-01-01T03:00:00 UTC)")):
+        window.on_site_clock("America/Chicago")
