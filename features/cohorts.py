@@ -22,6 +22,7 @@ from datetime import time as dt_time
 
 import polars as pl
 
+from features.fhir.columnar import site_time_as_utc
 from features.tasks import CodeRule, TaskDefinition
 
 BIRTH_CODE = "MEDS_BIRTH"
@@ -52,13 +53,8 @@ def site_clock(time: pl.Expr, zone: str) -> pl.Expr:
 def site_day_start(time: pl.Expr, zone: str) -> pl.Expr:
     """The first instant (naive UTC) of the day on the site's calendar that holds each naive UTC time."""
     midnight = site_clock(time, zone).dt.date().cast(pl.Datetime("us"))
-
-    def at(wall_clock: pl.Expr) -> pl.Expr:
-        return (wall_clock.dt.replace_time_zone(zone, ambiguous="earliest", non_existent="null")
-                .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
-
     # Where clocks jump from 00:00 to 01:00, the day starts at 01:00.
-    return pl.coalesce(at(midnight), at(midnight + pl.duration(hours=1)))
+    return pl.coalesce(site_time_as_utc(midnight, zone), site_time_as_utc(midnight + pl.duration(hours=1), zone))
 
 
 def happened_by(time: pl.Expr, prediction_time: pl.Expr, zone: str = "UTC") -> pl.Expr:
