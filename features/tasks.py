@@ -584,6 +584,12 @@ def load_task(path: Path) -> TaskDefinition:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CohortDefinitionError(f"task file {path} does not exist (expected the path of a task YAML file, "
+                                    "like tasks/simulated_mace_1y.yaml)") from None
+    except IsADirectoryError:
+        raise CohortDefinitionError(f"task file {path} is a folder (expected the path of a task YAML file, "
+                                    "like tasks/simulated_mace_1y.yaml)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CohortDefinitionError(f"task file {path} cannot be read ({exc.__class__.__name__})") from exc
     try:

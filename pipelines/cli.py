@@ -88,15 +88,22 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
 
     from features.ingest import ingest_landing_zone, quarantine_shares
 
-    with Progress(TextColumn("reading FHIR"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
-        task = bar.add_task("fhir", total=None)
+    # The bar starts with the first FHIR batch read: a run refused before any reading prints its one
+    # error line and nothing else.
+    bar = Progress(TextColumn("reading FHIR"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True)
+    task = bar.add_task("fhir", total=None)
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def progress(done: int, total: int) -> None:
+        bar.start()
+        bar.update(task, completed=done, total=total)
 
+    try:
         summary = ingest_landing_zone(landing_dir, out, strict=strict, workers=workers, progress=progress,
                                       site_timezone=site_timezone)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     tables = Table(title=f"ingested {summary.records_in:,} records into {out}")
     tables.add_column("table")
     tables.add_column("rows", justify="right")

@@ -208,8 +208,13 @@ def test_load_task_bad_yaml(tmp_path: Path) -> None:
     path.write_text("name: [unclosed\n")
     with pytest.raises(CohortDefinitionError, match="is not valid YAML at line"):
         load_task(path)
-    with pytest.raises(CohortDefinitionError, match="cannot be read"):
+    with pytest.raises(CohortDefinitionError, match=r"missing.yaml does not exist \(expected the path of a task YAML"):
         load_task(tmp_path / "missing.yaml")
+    with pytest.raises(CohortDefinitionError, match=r"is a folder \(expected the path of a task YAML file"):
+        load_task(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CohortDefinitionError, match=r"latin1.yaml cannot be read \(UnicodeDecodeError\)"):
+        load_task(tmp_path / "latin1.yaml")
 
 
 def test_missing_name() -> None:

@@ -181,7 +181,7 @@ def test_distributed_training_with_a_bad_task_file_prints_one_line(
         distributed.main(["--warehouse", str(tmp_path), "--task", str(tmp_path / "nope.yaml")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].startswith(
-        f"python -m pipelines.distributed: error: task file {tmp_path / 'nope.yaml'} cannot be read")
+        f"python -m pipelines.distributed: error: task file {tmp_path / 'nope.yaml'} does not exist")
 
 
 def test_train_on_too_few_outcomes_prints_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,8 +28,9 @@ def test_ingest_missing_folder_is_one_line(tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(SystemExit) as exit_info:
         main(["ingest", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.strip() == f"error: landing zone {tmp_path / 'nope'} is not a folder (missing or not a directory)"
+    captured = capsys.readouterr()
+    assert captured.err == f"error: landing zone {tmp_path / 'nope'} is not a folder (missing or not a directory)\n"
+    assert captured.out == ""  # no progress bar, not even its empty line
 
 
 def test_ingest_prints_how_the_export_differs_from_its_manifest(
