@@ -1499,26 +1499,37 @@ def ingest_landing_zone(
     # Made only now: a refused landing zone leaves no empty output folder behind.
     _check_output(warehouse_dir)
     with _writer_lock(warehouse_dir, f"ingest {landing_dir}"):
-        return _ingest_locked(landing_dir, landing, warehouse_dir, strict, workers, export_time, progress, started,
-                              manifests, source, fhir_export_time,
-                              min_patient_share if refuse_problems else None, site_timezone)
+        return _ingest_locked(_IngestRun(
+            landing_dir, landing, warehouse_dir, strict, workers, export_time, source, fhir_export_time, manifests,
+            site_timezone, min_patient_share if refuse_problems else None, progress, started,
+        ))
 
 
-def _ingest_locked(
-    landing_dir: Path,
-    landing: _Landing,
-    warehouse_dir: Path,
-    strict: bool,
-    workers: int,
-    export_time: datetime,
-    progress: Callable[[int, int], None] | None,
-    started: float,
-    manifests: list[BulkManifest],
-    export_time_source: str,
-    fhir_export_time: datetime | None,
-    refuse_below_patient_share: float | None,
-    zone: str,
-) -> IngestSummary:
+@dataclass(frozen=True)
+class _IngestRun:
+    """What one :func:`ingest_landing_zone` run reads, where it writes, and how (its settings)."""
+
+    landing_dir: Path
+    landing: _Landing
+    warehouse_dir: Path
+    strict: bool
+    workers: int
+    export_time: datetime
+    """Naive UTC; records dated later are quarantined."""
+    export_time_source: str
+    fhir_export_time: datetime | None
+    """The Bulk manifests' latest ``transactionTime`` (naive UTC), when the landing zone has one."""
+    manifests: list[BulkManifest]
+    zone: str
+    """The site's IANA time zone."""
+    refuse_below_patient_share: float | None
+    """Not None: tables with a problem, or fewer patients than this share, are not put in place."""
+    progress: Callable[[int, int], None] | None
+    started: float
+    """``time.perf_counter()`` when the run started."""
+
+
+def _ingest_locked(run: _IngestRun) -> IngestSummary:
     """:func:`ingest_landing_zone` once it holds the warehouse's writer lock; with
     ``refuse_below_patient_share`` (not None), tables with a problem are not put in place.
 
@@ -1526,35 +1537,37 @@ def _ingest_locked(
     and put in place at the end by one rename per file, the accounting last: a run killed before
     then leaves the previous ingest whole, not a mix of two exports' tables.
     """
-    staging = staging_dir(warehouse_dir, STAGING_PREFIX)
+    staging = staging_dir(run.warehouse_dir, STAGING_PREFIX)
     tables_dir = staging / FINAL_FOLDER
     tables_dir.mkdir()
     placing = False
     try:
         # One embedding length for every imaging file, found on the side thread when it first reads one.
-        imaging_length = functools.cache(lambda: usual_embedding_length([path for path, _ in landing.imaging]))
+        imaging_length = functools.cache(lambda: usual_embedding_length([path for path, _ in run.landing.imaging]))
         readers: list[tuple[str, list[tuple[Path, str]], Callable[[Path, str, Spill], TableRead]]] = [
-            ("notes", landing.notes, lambda p, rel, spill: read_notes_file(p, rel, export_time, spill, zone)),
-            ("genomics", landing.genomics, read_genomics_file),
-            ("imaging", landing.imaging,
-             lambda p, rel, spill: read_imaging_file(p, rel, export_time, imaging_length(), spill, zone)),
-            ("other", landing.unread, unread_file),
+            ("notes", run.landing.notes,
+             lambda p, rel, spill: read_notes_file(p, rel, run.export_time, spill, run.zone)),
+            ("genomics", run.landing.genomics, read_genomics_file),
+            ("imaging", run.landing.imaging,
+             lambda p, rel, spill: read_imaging_file(p, rel, run.export_time, imaging_length(), spill, run.zone)),
+            ("other", run.landing.unread, unread_file),
         ]
         tables = [(kind, path, rel, read) for kind, found, read in readers for path, rel in found]
         # Input size as the batching counts it (a .gz file several times its size), before planning.
-        fhir_bytes = sum(_unit_bytes(ReadUnit(str(path), rel, str(fhir_kind(path)))) for path, rel in landing.fhir)
+        fhir_bytes = sum(_unit_bytes(ReadUnit(str(path), rel, str(fhir_kind(path)))) for path, rel in run.landing.fhir)
         # The notes, genomics and imaging tables are read on a thread while the FHIR workers run:
         # this process would otherwise wait idle for them. Their parts ("t...") sort after the
         # FHIR parts (numbers), as their folders do after fhir/.
-        with _worker_pool(workers, fhir_bytes) as pool, ThreadPoolExecutor(max_workers=1) as side:
+        with _worker_pool(run.workers, fhir_bytes) as pool, ThreadPoolExecutor(max_workers=1) as side:
             side_reads = [
                 (kind, side.submit(_read_and_stage, staging, read, path, rel, f"t{i:07d}"))
                 for i, (kind, path, rel, read) in enumerate(tables)
             ]
-            units = [unit for path, rel in landing.fhir for unit in plan_units(path, rel, UNIT_BYTES)]
+            units = [unit for path, rel in run.landing.fhir for unit in plan_units(path, rel, UNIT_BYTES)]
+            fhir_latest = min(run.export_time, run.fhir_export_time or run.export_time)
             results: list[tuple[str, _UnitResult]] = [
-                ("fhir", result) for result in _run_units(units, min(export_time, fhir_export_time or export_time),
-                                                          strict, zone, staging, pool, progress)
+                ("fhir", result)
+                for result in _run_units(units, fhir_latest, run.strict, run.zone, staging, pool, run.progress)
             ]
             results.extend((kind, job.result()) for kind, job in side_reads)
 
@@ -1603,7 +1616,7 @@ def _ingest_locked(
         # threads share the cores). Largest first, so that the threads end together rather than on
         # the largest alone.
         others = sorted((table for table in TABLES if table not in first), key=lambda t: -_staged_bytes(staging, t))
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
+        with ThreadPoolExecutor(max_workers=max(1, run.workers)) as threads:
             pending = {
                 table: threads.submit(_finalize_table, table, staged[table], patient_ids, tables_dir, versions,
                                       deletions, quarantined_patients)
@@ -1625,14 +1638,14 @@ def _ingest_locked(
         codes_path = _sink_table(build_codes(tables_dir), tables_dir / "codes.parquet", CODES)
         table_rows["codes"] = pq.read_metadata(codes_path).num_rows
 
-        fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in landing.fhir}
+        fhir_kinds = {rel: str(fhir_kind(path)) for path, rel in run.landing.fhir}
         kind_of_file = {result.source_file: kind for kind, result in results}
         quarantine = read_quarantine
         if dropped:
             extra = pl.concat(dropped)
             extra = extra.with_columns(
                 source_kind=pl.col("source_file").replace_strict(kind_of_file, default="fhir"),
-                raw_text=pl.Series(_raw_texts(extra, staged, landing_dir, fhir_kinds), dtype=pl.String),
+                raw_text=pl.Series(_raw_texts(extra, staged, run.landing_dir, fhir_kinds), dtype=pl.String),
             )
             quarantine = pl.concat([quarantine, extra.select(QUARANTINE.names)], how="vertical_relaxed")
         quarantine = quarantine.sort("source_file", "record_number", "reason_code", maintain_order=True)
@@ -1659,39 +1672,39 @@ def _ingest_locked(
             sorted(quarantine.group_by("reason_code").len().iter_rows(), key=lambda item: (-item[1], item[0]))
         )
         summary = IngestSummary(
-            landing_dir=str(landing_dir),
-            warehouse_dir=str(warehouse_dir),
-            export_time=export_time,
-            strict=strict,
+            landing_dir=str(run.landing_dir),
+            warehouse_dir=str(run.warehouse_dir),
+            export_time=run.export_time,
+            strict=run.strict,
             files=files,
             table_rows=table_rows,
             quarantined_by_reason=by_reason,
             duplicates=by_reason.get("duplicate", 0),
             fhir_resources_in=sum(result.records_in for kind, result in results if kind == "fhir"),
-            elapsed_seconds=round(time.perf_counter() - started, 3),
-            export_time_source=export_time_source,
-            fhir_export_time=fhir_export_time,
-            site_timezone=zone,
+            elapsed_seconds=round(time.perf_counter() - run.started, 3),
+            export_time_source=run.export_time_source,
+            fhir_export_time=run.fhir_export_time,
+            site_timezone=run.zone,
             manifest_mismatches=tuple(
-                mismatch for manifest in manifests
+                mismatch for manifest in run.manifests
                 for mismatch in manifest_mismatches(
                     manifest, {name: records_in[name] - unparsed.get(name, 0) for name in fhir_kinds})
             ),
         )
         write_bytes_atomic(summary.to_json(), tables_dir / SUMMARY_FILE)
-        if refuse_below_patient_share is not None:
+        if run.refuse_below_patient_share is not None:
             problems = ingest_problems(tables_dir)
-            if share_problem := too_few_patients(summary, warehouse_dir, refuse_below_patient_share):
+            if share_problem := too_few_patients(summary, run.warehouse_dir, run.refuse_below_patient_share):
                 problems.append(share_problem)
             if problems:
-                raise LandingZoneError(f"ingest {landing_dir}: {first_of(problems)}; the warehouse keeps its tables "
-                                       "(cohortcast ingest into another folder shows the new ones)")
+                raise LandingZoneError(f"ingest {run.landing_dir}: {first_of(problems)}; the warehouse keeps its "
+                                       "tables (cohortcast ingest into another folder shows the new ones)")
         # The warehouse still holds the previous ingest, whole. Cut short from here on, the staging
         # folder stays, and the next writer finishes the job (remove_leftovers).
         placing = True
-        _put_in_place(tables_dir, warehouse_dir)
+        _put_in_place(tables_dir, run.warehouse_dir)
         # Every table is now this ingest's: a promotion cut short before it no longer matters.
-        (warehouse_dir / PROMOTING_FILE).unlink(missing_ok=True)
+        (run.warehouse_dir / PROMOTING_FILE).unlink(missing_ok=True)
         placing = False
         return summary
     finally:
