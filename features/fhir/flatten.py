@@ -917,12 +917,37 @@ def record_version(res: dict[str, Any], origin: Origin) -> Row | None:
     return (origin.source_file, origin.record_number, updated, version)
 
 
+def describe_outcome(outcome: dict[str, Any]) -> str:
+    """One line for an ``OperationOutcome``: a FHIR server's message, not a fact about a patient.
+
+    A Bulk export writes its errors as OperationOutcomes in the files its manifest lists under
+    ``error`` (a patient's records it could not export, say); a landing zone may hold them beside
+    the data. The line gives the first issue's severity, code and text, so that a data engineer
+    sees what the server could not export rather than a record with a missing id.
+
+    >>> describe_outcome({"resourceType": "OperationOutcome", "issue": [
+    ...     {"severity": "error", "code": "processing", "diagnostics": "Patient/7: timeout"}]})
+    "the FHIR server's own message (OperationOutcome), not patient data: error 'processing': Patient/7: timeout"
+    """
+    head = "the FHIR server's own message (OperationOutcome), not patient data"
+    issues = outcome.get("issue")
+    if not isinstance(issues, list) or not issues or not isinstance(issues[0], dict):
+        return f"{head}, with no issue"
+    first = issues[0]
+    details = first.get("details")
+    text = first.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None) or "no text"
+    more = f" (+{len(issues) - 1} more issues)" if len(issues) > 1 else ""
+    return f"{head}: {first.get('severity', '?')} {first.get('code', '?')!r}: {text}{more}"[:300]
+
+
 def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = None) -> tuple[str, list[Row]]:
     """Return the table and rows of one resource whose ``resourceType`` is already checked.
 
     Unused types go to ``raw_unknown`` with their JSON, so nothing is dropped silently.
     """
     rt = res["resourceType"]
+    if rt == "OperationOutcome":
+        raise RecordError("server_outcome", describe_outcome(res))
     rid = check_id(res.get("id"), f"{rt}.id")
     flatten = FLATTENERS.get(rt)
     if flatten is None:

@@ -114,6 +114,35 @@ def test_unknown_resource_type(tmp_path: Path) -> None:
     assert reject["reason"] == "resourceType 'Patientt' is not a FHIR R4 resource type"
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_export_error_file_is_quarantined_as_the_servers_message(tmp_path: Path, strict: bool) -> None:
+    # A Bulk export's error file (OperationOutcome, no id) beside its data, and a searchset
+    # Bundle's outcome entry: both are the server's messages, quarantined as such, not as records
+    # with a missing id.
+    error = {"resourceType": "OperationOutcome", "issue": [
+        {"severity": "error", "code": "processing", "diagnostics": "Unable to export Observation for Patient/123"},
+        {"severity": "warning", "code": "informational", "diagnostics": "partial"}]}
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": PATIENT, "search": {"mode": "match"}},
+        {"resource": {"resourceType": "OperationOutcome", "id": "o1",
+                      "issue": [{"severity": "warning", "code": "too-costly", "details": {"text": "cut at 1000"}}]},
+         "search": {"mode": "outcome"}}]}
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "OperationOutcome.ndjson").write_bytes(line(error) + b"\n")
+    (landing / "search.json").write_bytes(line(bundle))
+    summary = ingest_landing_zone(tmp_path / "landing", tmp_path / "out", strict=strict, workers=1,
+                                  export_time=EXPORT)
+    quarantine = pl.read_parquet(tmp_path / "out" / "quarantine.parquet")
+    head = "the FHIR server's own message (OperationOutcome), not patient data"
+    assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
+        ("fhir/OperationOutcome.ndjson", 1, "server_outcome",
+         f"{head}: error 'processing': Unable to export Observation for Patient/123 (+1 more issues)"),
+        ("fhir/search.json", 2, "server_outcome", f"{head}: warning 'too-costly': cut at 1000"),
+    ]
+    assert summary.balanced and summary.table_rows["patients"] == 1
+
+
 def test_reference_to_missing_patient(tmp_path: Path) -> None:
     summary, quarantine = ingest_lines(tmp_path, line(condition(subject={"reference": "Patient/ghost"})))
     reject = only_reject(quarantine)
