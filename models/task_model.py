@@ -32,7 +32,7 @@ import polars as pl
 import torch
 import torch.distributed as dist
 
-from features.errors import CohortcastError
+from features.errors import CohortcastError, TrainingDataError
 from features.io import replace_dir, restore_retired_dir
 from features.simulate.state import (
     CARRIED_BY,
@@ -243,22 +243,28 @@ def _survival_metrics(train_labels: dict[str, np.ndarray], labels: dict[str, np.
     the integrated Brier score, on one grid for every model: 90 and 180 days and the horizon, and
     Uno's C truncated at the last of them. A model's own survival intervals must not change the
     grid: Uno's C up to two years and Uno's C up to one are different quantities."""
-    args = (train_labels["event"], train_labels["duration_days"], labels["event"], labels["duration_days"])
     event, duration = labels["event"] > 0.5, labels["duration_days"]
+    # The censoring weights are the train split's Kaplan-Meier, which ends at its longest follow-up:
+    # a held-out patient followed longer is censored just before it. Every evaluation time is
+    # earlier, so no metric changes; scikit-survival would otherwise refuse the held-out times.
+    last_train_day = float(train_labels["duration_days"].max())
+    beyond = duration >= last_train_day
+    weighted = (train_labels["event"], train_labels["duration_days"], labels["event"] * ~beyond,
+                np.where(beyond, np.nextafter(last_train_day, -np.inf), duration))
     # Time-dependent metrics need, at each time, a case (an event by then) and a control (still
     # followed after it); in both splits, since the censoring weights come from the train split.
     grid = [t for t in EVALUATION_TIMES_DAYS if t < horizon_days] + [horizon_days]
     eval_times = [t for t in grid if (event & (duration <= t)).any() and (duration > t).any()
-                  and t < train_labels["duration_days"].max()]
+                  and t < last_train_day]
     metrics = {"harrell_c": harrell_c_index(event, duration, score)}
     if eval_times:
-        metrics["uno_c"] = uno_c_index(*args, score, tau_days=max(eval_times))
-        metrics["time_dependent_auc"] = time_dependent_auc(*args, score, np.array(eval_times))
+        metrics["uno_c"] = uno_c_index(*weighted, score, tau_days=max(eval_times))
+        metrics["time_dependent_auc"] = time_dependent_auc(*weighted, score, np.array(eval_times))
         # An integral needs two times at least (a horizon of 90 days or less has one).
         if (survival is not None and survival_times is not None and len(eval_times) >= 2
                 and set(eval_times) <= set(survival_times)):
             keep = [survival_times.index(t) for t in eval_times]
-            metrics["integrated_brier"] = integrated_brier(*args, survival[:, keep], np.array(eval_times))
+            metrics["integrated_brier"] = integrated_brier(*weighted, survival[:, keep], np.array(eval_times))
     return metrics
 
 
@@ -734,6 +740,38 @@ def _check_digests(folder: Path, recorded: Any) -> None:
             "edited, damaged or taken from another model: train or deploy the model again)")
 
 
+def truth_mismatch(truth: pl.DataFrame, cohort: pl.DataFrame, horizon_days: float) -> str | None:
+    """Why a simulator's ``truth.parquet`` does not describe a task's patients, or None when it does.
+
+    The truth holds each patient's true risk at the simulator's horizon from the simulator's
+    prediction time: another horizon, or another prediction time (another cohort rule), asks
+    another question, and its true risks and effects would be compared with the wrong answers.
+    ``cohort`` is the task's ``cohort.parquet`` (``subject_id``, ``prediction_time``).
+    """
+    needed = {"subject_id", "prediction_time", "horizon_days", "true_risk_untreated", "true_risk_treated",
+              "true_treatment_effect", "propensity"}
+    if missing := sorted(needed - set(truth.columns)):
+        return f"it has no column {', '.join(missing)} (not a cohortcast simulator's truth.parquet)"
+    horizons = sorted(set(truth["horizon_days"].drop_nulls().to_list()))
+    if horizons != [horizon_days]:
+        return f"its true risks are at a horizon of {horizons} days, the task's is {horizon_days:g}"
+    rows = cohort.select("subject_id", "prediction_time").join(
+        truth.select("subject_id", pl.col("prediction_time").alias("true_prediction_time")), on="subject_id",
+        how="left")
+    if absent := rows["true_prediction_time"].null_count():
+        return f"{absent:,} of the task's {rows.height:,} patients are not in it"
+    if moved := rows.filter(pl.col("prediction_time") != pl.col("true_prediction_time")).height:
+        return (f"{moved:,} of the task's {rows.height:,} patients are predicted at another time than the "
+                "simulator's (another cohort rule)")
+    return None
+
+
+def truth_file_mismatch(truth_path: Path, task_dir: Path, horizon_days: float) -> str | None:
+    """:func:`truth_mismatch` of a ``truth.parquet`` and a task folder's ``cohort.parquet``."""
+    return truth_mismatch(pl.read_parquet(truth_path, glob=False),
+                          pl.read_parquet(task_dir / "cohort.parquet", glob=False), horizon_days)
+
+
 def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args: TrainingArguments,
                      architecture: dict[str, Any] | None = None, truth_path: Path | None = None,
                      baselines: bool = True, on_epoch: Any = None,
@@ -745,6 +783,9 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     """
     fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
+    # Checked before training: the reference rows would otherwise answer another question.
+    if truth_path is not None and (why := truth_file_mismatch(truth_path, task_dir, task.horizon_days)):
+        raise TrainingDataError(f"truth {truth_path} does not describe task '{task.name}': {why}; train without it")
     # Checked before training, not found after it: the held-out AUROC needs both outcomes.
     check_trainable("held_out", data.datasets["held_out"], 1)
     config = fusion_config(data, **(architecture or {}))

@@ -17,7 +17,7 @@ import dagster as dg
 
 from features.tasks import TaskDefinition
 from models.publishing import PublishError, deploy_model, held_out_metrics, quality_shortfalls
-from models.task_model import train_task_model, trained_with, training_fingerprint
+from models.task_model import train_task_model, trained_with, training_fingerprint, truth_file_mismatch
 from models.training import TrainingArguments
 from pipelines.assets.tasks import task_of_partition, task_partitions
 from pipelines.resources import Workspace
@@ -81,6 +81,11 @@ def fusion_model(context: dg.AssetExecutionContext, config: TrainingRunConfig,
                     "num_attention_heads": config.num_attention_heads, "intermediate_size": 2 * config.hidden_size}
     folder, inputs = candidate_model_dir(workspace, task.name), workspace.warehouse_dir / "tasks" / task.name
     truth_path = truth if truth.is_file() else None
+    # The simulator's truth is for its own question (MACE within its horizon from its index visit):
+    # another task's reference rows would compare with the wrong answers.
+    if truth_path is not None and (why := truth_file_mismatch(truth_path, inputs, task.horizon_days)):
+        context.log.info(f"{truth_path} left out: it does not describe task '{task.name}' ({why})")
+        truth_path = None
     # The same inputs and settings train the same model (seeded): a run on unchanged data keeps it.
     trained = not trained_with(folder, training_fingerprint(inputs, args, architecture, truth_path, config.baselines,
                                                          task=task))

@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from features.errors import TrainingDataError
 from features.tasks import load_task
 from models.drift import INPUT_REFERENCE_FILE, PREVIOUS_PREFIX, REFERENCE_FILE, save_reference
 from models.task_model import (
@@ -29,6 +30,7 @@ from models.task_model import (
     train_task_model,
     trained_with,
     training_fingerprint,
+    truth_mismatch,
 )
 from models.training import TrainingArguments
 from tests.models.synthetic import write_task_folder
@@ -409,3 +411,54 @@ def test_survival_metrics_use_one_grid_whatever_the_model_s_survival_intervals()
     # A 30-day horizon evaluates at one time: no integral over it, and no failure.
     short = _survival_metrics(train, labels, score, 30.0, curve, edges)
     assert sorted(short) == ["harrell_c", "time_dependent_auc", "uno_c"]
+
+
+def test_survival_metrics_take_held_out_follow_up_past_the_train_splits_longest() -> None:
+    # The train split's longest follow-up is a censoring at 900 days: its censoring weights end
+    # there. Held-out patients followed to it or past it (an event on day 900, a censoring on day
+    # 950) are evaluated as followed beyond every evaluation time, as they were; scikit-survival
+    # alone refuses them.
+    rng = np.random.default_rng(0)
+    n = 400
+    score = rng.normal(size=n)
+    duration = np.minimum(rng.exponential(600.0 / np.exp(0.5 * score)), rng.uniform(50, 899, n))
+    event = (rng.random(n) < 0.7).astype(float)
+    train = {"event": np.roll(event, 7), "duration_days": np.roll(duration, 7)}
+    train["event"][0], train["duration_days"][0] = 0.0, 900.0
+    edges = [30.0, 90.0, 180.0, 365.0, 730.0]
+    curve = np.exp(-np.outer(np.exp(0.5 * score), edges) / 400.0)
+    within = {"event": event.copy(), "duration_days": duration.copy()}
+    within["event"][:2], within["duration_days"][:2] = [1.0, 0.0], [800.0, 800.0]
+    beyond = {"event": event.copy(), "duration_days": duration.copy()}
+    beyond["event"][:2], beyond["duration_days"][:2] = [1.0, 0.0], [900.0, 950.0]
+    expected = _survival_metrics(train, within, score, 365.0, curve, edges)
+    found = _survival_metrics(train, beyond, score, 365.0, curve, edges)
+    # Harrell's C has no censoring weights and reads every follow-up as it is.
+    assert sorted(found) == ["harrell_c", "integrated_brier", "time_dependent_auc", "uno_c"]
+    assert {k: v for k, v in found.items() if k != "harrell_c"} == {
+        k: v for k, v in expected.items() if k != "harrell_c"}
+
+
+def test_a_truth_file_for_another_question_is_refused_before_training(tmp_path: Path) -> None:
+    task = load_task(write_task_folder(tmp_path, 60, seed=2))
+    folder = tmp_path / "tasks" / "synthetic_1y"
+    cohort = pl.read_parquet(folder / "cohort.parquet")
+    truth = cohort.select("subject_id", "prediction_time").with_columns(
+        horizon_days=pl.lit(365, dtype=pl.Int32), true_risk_untreated=0.1, true_risk_treated=0.08,
+        true_treatment_effect=-0.02, propensity=0.5)
+    assert truth_mismatch(truth, cohort, 365.0) is None
+    assert truth_mismatch(truth, cohort, 90.0) == "its true risks are at a horizon of [365] days, the task's is 90"
+    assert truth_mismatch(truth.tail(58), cohort, 365.0) == "2 of the task's 60 patients are not in it"
+    later = truth.with_columns(pl.col("prediction_time") + pl.duration(days=pl.col("subject_id") % 2))
+    assert truth_mismatch(later, cohort, 365.0) == (
+        f"{(cohort['subject_id'] % 2).sum()} of the task's 60 patients are predicted at another time than the "
+        "simulator's (another cohort rule)")
+    assert truth_mismatch(truth.drop("propensity"), cohort, 365.0) == (
+        "it has no column propensity (not a cohortcast simulator's truth.parquet)")
+    truth.with_columns(horizon_days=pl.lit(90, dtype=pl.Int32)).write_parquet(tmp_path / "truth.parquet")
+    with pytest.raises(TrainingDataError, match=(
+            rf"truth {tmp_path / 'truth.parquet'} does not describe task 'synthetic_1y': its true risks are at a "
+            r"horizon of \[90\] days, the task's is 365; train without it")):
+        train_task_model(folder, tmp_path / "model", task, TrainingArguments(max_epochs=1, device="cpu"),
+                         truth_path=tmp_path / "truth.parquet")
+    assert not (tmp_path / "model").exists()
