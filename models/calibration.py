@@ -66,7 +66,12 @@ class PlattCalibrator:
         """Fit on the tuning split's logits and outcomes; ``sample_weight`` are censoring weights
         (:func:`models.censoring.censoring_weights`), so the calibrated risk is the population's,
         not the complete cases'."""
-        labels = np.asarray(y, dtype=bool)
+        raw = np.asarray(y)
+        if not (values := set(np.unique(raw).tolist())) <= {0, 1}:
+            # Cast to bool, an unknown outcome (NaN) would count as an event.
+            raise ValueError(f"calibration: outcomes must be 0/1 (found {sorted(values, key=str)[:5]}; leave "
+                             "patients with an unknown outcome out)")
+        labels = raw.astype(bool)
         n_pos, n_neg = int(labels.sum()), int((~labels).sum())
         if min(n_pos, n_neg) < self.min_positives:
             raise TrainingDataError(

@@ -24,16 +24,35 @@ from models.calibration import PlattCalibrator
 FloatArray = npt.NDArray[np.float64]
 
 
-def _check_binary(name: str, y: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+def _check_labels(name: str, y: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """0/1 outcomes of at least one patient, as booleans (NaN, an unknown outcome, is refused)."""
     labels = np.asarray(y)
-    if labels.size == 0:
-        raise ValueError(f"{name}: no patients to evaluate")
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"{name}: expected one outcome per patient, at least one (found shape {labels.shape})")
     values = set(np.unique(labels).tolist())
     if not values <= {0, 1}:
-        raise ValueError(f"{name}: labels must be 0/1 (found {sorted(values)[:5]})")
+        raise ValueError(f"{name}: labels must be 0/1 (found {sorted(values, key=str)[:5]}; leave patients "
+                         "with an unknown outcome out)")
+    return labels.astype(bool)
+
+
+def _check_risks(name: str, risk: npt.ArrayLike, n: int) -> FloatArray:
+    """``n`` predicted probabilities, each finite and in [0, 1]."""
+    p = np.asarray(risk, dtype=np.float64)
+    if p.shape != (n,):
+        raise ValueError(f"{name}: expected {n} predicted risks, one per outcome (found shape {p.shape})")
+    if not (np.isfinite(p) & (p >= 0) & (p <= 1)).all():
+        bad = p[~(np.isfinite(p) & (p >= 0) & (p <= 1))]
+        raise ValueError(f"{name}: predicted risks must be probabilities in [0, 1] (found {bad[:3].tolist()})")
+    return p
+
+
+def _check_binary(name: str, y: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    labels = _check_labels(name, y)
+    values = set(np.unique(labels.astype(int)).tolist())
     if len(values) < 2:
         raise ValueError(f"{name}: needs both outcomes, found only {sorted(values)} among {labels.size} patients")
-    return labels.astype(bool)
+    return labels
 
 
 def auroc(y: npt.ArrayLike, risk: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None) -> float:
@@ -75,22 +94,29 @@ def expected_calibration_error(y: npt.ArrayLike, risk: npt.ArrayLike, n_bins: in
 
     The weighted mean absolute gap between mean predicted risk and observed event rate per bin.
     Equal-count bins keep the estimate stable when most predictions are small, as they are for
-    rare outcomes. With ``sample_weight`` (censoring weights), each bin's rates and its share of
-    the total are weighted.
+    rare outcomes. Patients with the same prediction share a bin (the one their first rank falls
+    in), so the error does not depend on the order of the rows. With ``sample_weight`` (censoring
+    weights), each bin's rates and its share of the total are weighted.
 
     Examples
     --------
     >>> round(expected_calibration_error([0, 0, 1, 1], [0.0, 0.0, 1.0, 1.0], n_bins=2), 3)
     0.0
     """
-    labels = np.asarray(y, dtype=np.float64)
-    p = np.asarray(risk, dtype=np.float64)
+    labels = _check_labels("expected_calibration_error", y).astype(np.float64)
+    p = _check_risks("expected_calibration_error", risk, labels.size)
     weights = _weights("expected_calibration_error", sample_weight, p.size)
-    order = np.argsort(p, kind="stable")
+    # Each patient's bin from the rank of the first of its tied predictions: ties never straddle
+    # two bins, whose split would otherwise follow the row order.
+    first_rank = np.searchsorted(np.sort(p), p, side="left")
+    # The bins of ``np.array_split`` over the sorted risks: the first ``extra`` hold one more.
+    size, extra = divmod(p.size, min(n_bins, p.size))
+    bins = np.where(first_rank < extra * (size + 1), first_rank // (size + 1),
+                    extra + (first_rank - extra * (size + 1)) // max(size, 1))
     gaps = [
         weights[chunk].sum() * abs(np.average(labels[chunk], weights=weights[chunk])
                                    - np.average(p[chunk], weights=weights[chunk]))
-        for chunk in np.array_split(order, min(n_bins, len(p)))
+        for chunk in (np.flatnonzero(bins == b) for b in np.unique(bins))
         if weights[chunk].sum() > 0
     ]
     return float(np.sum(gaps) / weights.sum())
@@ -108,6 +134,7 @@ def calibration_error_if_calibrated(risk: npt.ArrayLike, n_draws: int = 200, see
     p = np.asarray(risk, dtype=np.float64)
     if p.size == 0:
         raise ValueError("calibration_error_if_calibrated: no patients to evaluate")
+    p = _check_risks("calibration_error_if_calibrated", p, p.size)
     rng = np.random.default_rng(seed)
     draws = [expected_calibration_error(rng.random(p.size) < p, p, sample_weight=sample_weight)
              for _ in range(n_draws)]
@@ -192,8 +219,16 @@ def integrated_brier(
 
 def pehe(estimated_effect: npt.ArrayLike, true_effect: npt.ArrayLike) -> float:
     """Precision in estimating heterogeneous effects: root mean squared error of the individual effect."""
-    diff = np.asarray(estimated_effect, dtype=np.float64) - np.asarray(true_effect, dtype=np.float64)
-    return float(np.sqrt(np.mean(diff**2)))
+    estimated = np.asarray(estimated_effect, dtype=np.float64)
+    true = np.asarray(true_effect, dtype=np.float64)
+    # One effect per patient on both sides: numpy would broadcast an (n,) against an (n, 1) to n x n.
+    if estimated.ndim != 1 or estimated.shape != true.shape or estimated.size == 0:
+        raise ValueError(f"pehe: expected one estimated and one true effect per patient, at least one "
+                         f"(found shapes {estimated.shape} and {true.shape})")
+    if not (np.isfinite(estimated).all() and np.isfinite(true).all()):
+        raise ValueError(f"pehe: effects must be finite (found {int((~np.isfinite(estimated)).sum())} estimated and "
+                         f"{int((~np.isfinite(true)).sum())} true effects that are not)")
+    return float(np.sqrt(np.mean((estimated - true) ** 2)))
 
 
 def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt.ArrayLike,
@@ -205,16 +240,21 @@ def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt
     With ``sample_weight`` (censoring weights), each patient's inverse-propensity weight is
     multiplied by it, so the labelled patients also stand for those censored before the horizon.
     """
+    # Cast to bool, an unknown arm (NaN) or a code 2 would count as treated.
+    a = _check_labels("policy_value: treated", treated)
+    outcome = _check_labels("policy_value: y", y).astype(np.float64)
     effect = np.asarray(estimated_effect, dtype=np.float64)
-    arm = np.asarray(treated, dtype=np.float64)
-    if np.isnan(arm).any():  # cast to bool, an unknown arm would count as treated
-        raise ValueError(f"policy_value: treated must be 0/1 (found {int(np.isnan(arm).sum())} unknown arms; "
-                         "leave those patients out)")
-    a = arm.astype(bool)
-    outcome = np.asarray(y, dtype=np.float64)
-    e = np.clip(np.asarray(propensity, dtype=np.float64), 0.01, 0.99)
-    recommend = effect < 0
-    follows = recommend == a
+    e = np.asarray(propensity, dtype=np.float64)
+    if effect.shape != a.shape or e.shape != a.shape or outcome.shape != a.shape:
+        raise ValueError(f"policy_value: expected one effect, arm, outcome and propensity per patient (found shapes "
+                         f"{effect.shape}, {a.shape}, {outcome.shape} and {e.shape})")
+    if not (np.isfinite(effect).all() and np.isfinite(e).all()):
+        raise ValueError("policy_value: estimated effects and propensities must be finite")
+    follows = (effect < 0) == a
+    if not follows.any():
+        raise ValueError(f"policy_value: none of the {a.size} patients got the treatment the policy gives them "
+                         "(treat when the estimated effect is negative), so its event rate cannot be estimated")
+    e = np.clip(e, 0.01, 0.99)
     weights = np.where(a, 1.0 / e, 1.0 / (1.0 - e)) * _weights("policy_value", sample_weight, outcome.size)
     return float(np.sum(follows * weights * outcome) / np.sum(follows * weights))
 

@@ -76,6 +76,7 @@ from models.metrics import (
 from models.training import (
     TrainingArguments,
     check_trainable,
+    check_treatment_arms,
     label_censoring_weights,
     predict_logits,
     train,
@@ -437,8 +438,11 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
     held_out = data.datasets["held_out"]
     true_effect = None
     if truth is not None:
-        by_subject = dict(zip(truth["subject_id"].to_list(), truth["true_treatment_effect"].to_list(), strict=True))
-        true_effect = np.array([by_subject[s] for s in held_out.subject_ids.tolist()])
+        rows = pl.DataFrame({"subject_id": held_out.subject_ids}).join(
+            truth.select("subject_id", "true_treatment_effect"), on="subject_id", how="left")
+        if rows["true_treatment_effect"].null_count():
+            raise ValueError("truth: some held-out patients are missing from truth.parquet")
+        true_effect = rows["true_treatment_effect"].to_numpy()
     # Propensity from the treatment actually given, for the policy value (observed data only), on the
     # patients with an arm: prevalent users and those not observed past the grace period have
     # none (NaN), and are neither fitted nor evaluated.
@@ -447,13 +451,16 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
     propensity = fit_logistic(matrices.tabular["train"][has_arm], treated_train[has_arm]).predict_proba(
         matrices.tabular["held_out"])[:, 1]
     in_arm = ~np.isnan(labels["treated"][known])  # of the patients with a risk label (w's rows)
+    arm = labels["treated"][known][in_arm]
     for name, effect in effects.items():
         metrics = models.setdefault(name, {})
         if true_effect is not None:
             metrics["pehe"] = pehe(effect, true_effect)
-        metrics["policy_event_rate"] = policy_value(
-            effect[known][in_arm], labels["treated"][known][in_arm], labels["risk_label"][known][in_arm],
-            propensity[known][in_arm], w[in_arm])
+        # The policy's event rate is estimated from the patients whose arm it would have chosen;
+        # with none (every held-out patient in the other arm), it is not reported.
+        if ((effect[known][in_arm] < 0) == (arm == 1)).any():
+            metrics["policy_event_rate"] = policy_value(
+                effect[known][in_arm], arm, labels["risk_label"][known][in_arm], propensity[known][in_arm], w[in_arm])
 
 
 def _truth_risks(truth: pl.DataFrame, data: TaskData, late_fusion: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -788,6 +795,8 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
         raise TrainingDataError(f"truth {truth_path} does not describe task '{task.name}': {why}; train without it")
     # Checked before training, not found after it: the held-out AUROC needs both outcomes.
     check_trainable("held_out", data.datasets["held_out"], 1)
+    if data.has_treatment:
+        check_treatment_arms(data.datasets["train"], data.datasets["tuning"], baselines)
     config = fusion_config(data, **(architecture or {}))
     torch.manual_seed(args.seed)
     model = FusionForRiskPrediction(config)

@@ -211,6 +211,38 @@ def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
         )
 
 
+def check_treatment_arms(train: FusionDataset, tuning: FusionDataset, baselines: bool) -> None:
+    """Raise :class:`TrainingDataError` when a treatment task's arms cannot be evaluated.
+
+    The policy value needs a propensity model, fitted on the train split's treated and untreated
+    patients; the T-learner baseline fits one outcome model per arm (both outcomes among each train
+    arm's patients with a known label) and early-stops it on the same arm of the tuning split.
+    Checked before training, so that a task whose treatment codes or grace period leave an arm
+    empty fails in seconds, not after the whole run.
+    """
+    fix = ("check the task's treatment codes and grace period, or use more patients")
+    for split, dataset in (("train", train), ("tuning", tuning)):
+        labels = dataset.label_arrays()
+        treated, risk_label = labels["treated"], labels["risk_label"]
+        for arm, name in ((1.0, "treated"), (0.0, "untreated")):
+            in_arm = treated == arm
+            outcomes = risk_label[in_arm & ~np.isnan(risk_label)]
+            if split == "train" and not in_arm.any():
+                raise TrainingDataError(f"treatment: the train split has no {name} patients (the propensity "
+                                        f"model needs both arms); {fix}")
+            if not baselines:
+                continue
+            if split == "train" and len(set(outcomes.tolist())) < 2:
+                raise TrainingDataError(
+                    f"treatment: the train split's {name} arm has {int(outcomes.sum())} patients with the outcome "
+                    f"among {outcomes.size} with a known label (the T-learner baseline needs both outcomes in each "
+                    f"arm); {fix}, or train without baselines")
+            if split == "tuning" and outcomes.size == 0:
+                raise TrainingDataError(
+                    f"treatment: the tuning split has no {name} patients with a known label (the T-learner "
+                    f"baseline early-stops each arm on it); {fix}, or train without baselines")
+
+
 def label_censoring_weights(dataset: FusionDataset, reference: FusionDataset, horizon_days: float) -> np.ndarray:
     """Censoring weights of the risk labels of ``dataset`` (0 where unknown), the censoring
     distribution estimated on ``reference`` (the train split): :func:`models.censoring.censoring_weights`."""

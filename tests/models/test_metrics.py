@@ -16,6 +16,7 @@ from models.metrics import (
     harrell_c_index,
     observed_expected_ratio,
     paired_concordance_difference,
+    pehe,
     policy_value,
     weighted_concordance_difference,
 )
@@ -136,3 +137,55 @@ def test_weighted_auroc_and_its_paired_difference_count_each_patient_by_weight()
     assert low <= d <= high
     with pytest.raises(ValueError, match=r"auroc: sample_weight must hold 5 finite non-negative weights"):
         auroc(y, better, -weights)
+
+
+def test_calibration_error_keeps_tied_risks_in_one_bin_whatever_the_row_order() -> None:
+    # Three bins of two: the four patients at 0.5 share the second bin, wherever their rows are.
+    y = np.array([0, 1, 0, 1, 0, 0])
+    risk = np.array([0.5, 0.5, 0.5, 0.5, 0.2, 0.2])
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        order = rng.permutation(6)
+        assert expected_calibration_error(y[order], risk[order], n_bins=3) == pytest.approx(0.4 / 6)
+
+
+def test_calibration_error_refuses_labels_and_risks_it_cannot_read() -> None:
+    risk = np.full(4, 0.5)
+    with pytest.raises(ValueError, match=r"labels must be 0/1 \(found \[0.0, 1.0, nan\]; leave patients with an "):
+        expected_calibration_error([0, 1, np.nan, 1], risk)
+    with pytest.raises(ValueError, match=r"labels must be 0/1 \(found \[0, 2\]"):
+        expected_calibration_error([0, 2, 0, 2], risk)
+    with pytest.raises(ValueError, match=r"expected 4 predicted risks, one per outcome \(found shape \(5,\)\)"):
+        expected_calibration_error([0, 1, 0, 1], np.full(5, 0.5))
+    with pytest.raises(ValueError, match=r"predicted risks must be probabilities in \[0, 1\] \(found \[1.7\]\)"):
+        expected_calibration_error([0, 1, 0, 1], [0.1, 1.7, 0.2, 0.3])
+    with pytest.raises(ValueError, match=r"expected one outcome per patient, at least one \(found shape \(0,\)\)"):
+        expected_calibration_error([], [])
+    with pytest.raises(ValueError, match=r"calibration_error_if_calibrated: predicted risks must be probabilities"):
+        calibration_error_if_calibrated([0.1, np.nan])
+
+
+def test_pehe_compares_one_effect_per_patient() -> None:
+    estimated, true = np.array([0.1, -0.2, 0.0]), np.array([0.1, -0.1, 0.1])
+    assert pehe(estimated, true) == pytest.approx(np.sqrt(0.02 / 3))
+    with pytest.raises(ValueError, match=r"one estimated and one true effect per patient, at least one \(found "
+                                         r"shapes \(3,\) and \(3, 1\)\)"):
+        pehe(estimated, true[:, None])  # numpy alone would broadcast to 3 x 3
+    with pytest.raises(ValueError, match=r"found shapes \(1,\) and \(3,\)"):
+        pehe(estimated[:1], true)
+    with pytest.raises(ValueError, match=r"finite \(found 0 estimated and 1 true effects that are not\)"):
+        pehe(estimated, np.array([0.1, np.nan, 0.0]))
+
+
+def test_policy_value_refuses_what_it_cannot_estimate() -> None:
+    effect, y, propensity = np.array([-0.1, 0.2, -0.3]), np.array([1, 0, 1]), np.full(3, 0.5)
+    with pytest.raises(ValueError, match="none of the 3 patients got the treatment the policy gives them"):
+        policy_value(effect, [0, 1, 0], y, propensity)
+    with pytest.raises(ValueError, match=r"policy_value: treated: labels must be 0/1 \(found \[1, 2\]"):
+        policy_value(effect, [1, 2, 1], y, propensity)
+    with pytest.raises(ValueError, match=r"policy_value: treated: labels must be 0/1 \(found \[0.0, 1.0, nan\]"):
+        policy_value(effect, [1, np.nan, 0], y, propensity)
+    with pytest.raises(ValueError, match=r"policy_value: y: labels must be 0/1"):
+        policy_value(effect, [1, 0, 1], [1.0, np.nan, 0.0], propensity)
+    with pytest.raises(ValueError, match="estimated effects and propensities must be finite"):
+        policy_value(effect, [1, 0, 1], y, [0.5, np.nan, 0.5])

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import torch
 
-from features.errors import ModelSettingsError
+from features.errors import ModelSettingsError, TrainingDataError
 from models.data import FusionDataset, collate
 from models.fusion import FusionConfig, FusionForRiskPrediction
 from models.metrics import auroc
@@ -19,6 +19,7 @@ from models.training import (
     _moving_average,
     _one_cycle,
     _trains_in_bf16,
+    check_treatment_arms,
     label_censoring_weights,
     predict_logits,
     train,
@@ -301,3 +302,28 @@ def test_each_process_trains_on_its_shard_even_when_the_shard_is_smaller_than_a_
     for rank in (0, 1):
         loss, changed = (tmp_path / f"rank{rank}.txt").read_text().split()
         assert float(loss) > 0 and changed == "True"
+
+
+def test_a_treatment_task_whose_arms_cannot_be_evaluated_is_refused_before_training() -> None:
+    tokens, notes, studies, labels = synthetic_task(120, seed=5)
+
+    def split(changed: pl.DataFrame) -> FusionDataset:
+        return FusionDataset(tokens, notes, studies, changed, text_embedding_dim=8, imaging_embedding_dim=6)
+
+    check_treatment_arms(split(labels), split(labels), baselines=True)
+    fix = "check the task's treatment codes and grace period, or use more patients"
+    nobody = split(labels.with_columns(treated=pl.lit(False)))
+    with pytest.raises(TrainingDataError, match=f"the train split has no treated patients .the propensity model "
+                                                f"needs both arms.; {fix}$"):
+        check_treatment_arms(nobody, split(labels), baselines=False)
+    never_ill = split(labels.with_columns(
+        boolean_value=pl.when(pl.col("treated") & pl.col("boolean_value").is_not_null()).then(pl.lit(False))
+        .otherwise(pl.col("boolean_value"))))
+    treated = int(labels.filter(pl.col("treated") & pl.col("boolean_value").is_not_null()).height)
+    with pytest.raises(TrainingDataError, match=rf"the train split's treated arm has 0 patients with the outcome "
+                                                rf"among {treated} with a known label .the T-learner baseline needs "
+                                                rf"both outcomes in each arm.; {fix}, or train without baselines$"):
+        check_treatment_arms(never_ill, split(labels), baselines=True)
+    check_treatment_arms(never_ill, split(labels), baselines=False)
+    with pytest.raises(TrainingDataError, match="the tuning split has no treated patients with a known label"):
+        check_treatment_arms(split(labels), nobody, baselines=True)
