@@ -123,12 +123,29 @@ class PlattCalibrator:
 
     @classmethod
     def load(cls, path: Path) -> PlattCalibrator:
-        state = json.loads(path.read_text())
-        if state.get("method") != "platt":
-            raise ValueError(f"{path}: expected a Platt calibration (method 'platt'), found {state.get('method')!r}")
+        """Read a calibration written by :meth:`save`.
+
+        Raises
+        ------
+        ValueError
+            When the file is not JSON, or not a Platt calibration with numeric slopes and intercepts.
+        """
+        try:
+            state = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc.__class__.__name__})") from None
+        if not isinstance(state, dict) or state.get("method") != "platt":
+            found = state.get("method") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path}: expected a Platt calibration (method 'platt'), found {found!r}")
+        arms = state.get("arms", [])
+        values = [state.get("slope"), state.get("intercept"),
+                  *(arm.get(key) if isinstance(arm, dict) else None for arm in arms for key in ("slope", "intercept"))]
+        if not isinstance(arms, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+            raise ValueError(f"{path}: expected a finite numeric slope and intercept (and per arm, if any)")
         calibrator = cls()
         calibrator.slope_ = float(state["slope"])
         calibrator.intercept_ = float(state["intercept"])
         if "arms" in state:
-            calibrator.arms_ = [(float(arm["slope"]), float(arm["intercept"])) for arm in state["arms"]]
+            calibrator.arms_ = [(float(arm["slope"]), float(arm["intercept"])) for arm in arms]
         return calibrator

@@ -276,7 +276,7 @@ def survival_labels(
     """The ``labels`` table of right-censored follow-up, with the risk label at ``horizon_days``.
 
     ``boolean_value`` is True when the event came at or before the horizon, False when the patient
-    was followed past the horizon without it, and null when follow-up ended earlier without the
+    was followed to the horizon (or past it) without it, and null when follow-up ended earlier without the
     event (outcome at the horizon unknown: never counted as a negative). ``treated`` is null.
 
     Raises
@@ -308,7 +308,9 @@ def survival_labels(
         raise ValueError(f"survival_labels: horizon_days must be positive (got {horizon_days})")
     had_event = events.astype(bool)
     positive = had_event & (durations <= horizon_days)
-    value = [True if p else (False if d > horizon_days else None) for p, d in zip(positive, durations, strict=True)]
+    # Followed to the horizon without the event is a negative, as in features.labels (and the
+    # censoring weights, which count a patient censored exactly there as followed).
+    value = [True if p else (False if d >= horizon_days else None) for p, d in zip(positive, durations, strict=True)]
     return pl.DataFrame(
         {
             ID_COLUMN: ids.astype(np.int64),

@@ -124,6 +124,9 @@ class TaskData:
     # late-fusion baseline.
     note_embeddings: pl.DataFrame | None = None
     imaging_embeddings: pl.DataFrame | None = None
+    # ``vocabulary.json`` as read with the tokens: the model folder keeps these bytes, not the
+    # task folder's file at save time, which inputs built again meanwhile may have replaced.
+    vocabulary_json: bytes = b""
 
 
 def _read_optional(path: Path) -> pl.DataFrame | None:
@@ -146,7 +149,8 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
     tabular = pl.read_parquet(task_dir / "tabular_features.parquet", glob=False)
     notes = _read_optional(task_dir / "note_embeddings.parquet")
     imaging = _read_optional(task_dir / "imaging_inputs.parquet")
-    vocabulary = json.loads((task_dir / "vocabulary.json").read_text())
+    vocabulary_json = (task_dir / "vocabulary.json").read_bytes()
+    vocabulary = json.loads(vocabulary_json)
     text_dim = len(notes["embedding"][0]) if notes is not None and notes.height else DEFAULT_TEXT_DIM
     imaging_dim = len(imaging["embedding"][0]) if imaging is not None and imaging.height else DEFAULT_IMAGING_DIM
     datasets, tables, cohorts = {}, {}, {}
@@ -172,6 +176,7 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
         imaging_embedding_dim=imaging_dim,
         note_embeddings=notes.select("subject_id", "embedding") if notes is not None else None,
         imaging_embeddings=imaging.select("subject_id", "embedding") if imaging is not None else None,
+        vocabulary_json=vocabulary_json,
     )
 
 
@@ -530,7 +535,7 @@ def _truth_metrics(risk: np.ndarray, labels: dict[str, np.ndarray], known: np.nd
     return metrics, Scores(risk[known], risk)
 
 
-def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, task_dir: Path,
+def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, vocabulary_json: bytes,
                     metrics: dict[str, Any], history: list[dict[str, float]], card: str,
                     has_treatment: bool, reference_risk: dict[str, np.ndarray],
                     reference_inputs: pl.DataFrame | None = None, fingerprint: str | None = None) -> Path:
@@ -540,7 +545,7 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     model.save_pretrained(staging)
-    shutil.copy(task_dir / "vocabulary.json", staging / "vocabulary.json")
+    (staging / "vocabulary.json").write_bytes(vocabulary_json)
     calibrator.save(staging / "calibration.json")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     (staging / "history.json").write_text(json.dumps(history, indent=1))
@@ -649,7 +654,10 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
         As :func:`check_model_folder`.
     """
     info = check_model_folder(folder)
-    loaded: Any = FusionForRiskPrediction.from_pretrained(folder, output_loading_info=True)
+    # Sizes that differ are reported below as mismatched keys, not raised by transformers as a
+    # bare RuntimeError.
+    loaded: Any = FusionForRiskPrediction.from_pretrained(folder, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True)
     model: FusionForRiskPrediction = loaded[0]
     loading: dict[str, Any] = loaded[1]
     # A weight the config asks for but the file lacks would start random (transformers only logs
@@ -660,7 +668,11 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
         found = "; ".join(f"{kind}: {', '.join(keys[:3])}" for kind, keys in unmatched.items() if keys)
         raise ModelFolderError(f"model folder {folder}: config.json and model.safetensors are not of one model "
                                f"({found}); train the model again")
-    return model.eval(), PlattCalibrator.load(folder / "calibration.json"), info
+    try:
+        calibrator = PlattCalibrator.load(folder / "calibration.json")
+    except ValueError as exc:
+        raise ModelFolderError(f"model folder {folder}: {exc}; train or deploy the model again") from None
+    return model.eval(), calibrator, info
 
 
 def check_model_folder(folder: Path) -> dict[str, Any]:
@@ -815,7 +827,13 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     # whatever was published last.
     reference = {split: predict(result.model, result.calibrator, dataset).risk
                  for split, dataset in data.datasets.items()}
-    save_task_model(model_dir, result.model, result.calibrator, task_dir, metrics, result.history, card,
+    # Inputs built again while the model trained (an overlapping pipeline run) would pair these
+    # weights with another vocabulary and other tokens than they learned.
+    if fingerprint is not None and training_fingerprint(task_dir, args, architecture, truth_path, baselines,
+                                                        modalities, task) != fingerprint:
+        raise TrainingDataError(f"task folder {task_dir} changed while the model trained (its inputs were built "
+                                "again); the model is not saved: train again")
+    save_task_model(model_dir, result.model, result.calibrator, data.vocabulary_json, metrics, result.history, card,
                     data.has_treatment, reference, pl.concat(list(data.tabular.values()), how="diagonal_relaxed"),
                     fingerprint)
     return metrics

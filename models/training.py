@@ -37,7 +37,7 @@ from features.hardware import cpu_native_bf16
 from models.calibration import PlattCalibrator
 from models.censoring import censoring_weights
 from models.data import LABEL_KEYS, FusionDataset, PatientInputs, collate
-from models.fusion import FusionForRiskPrediction
+from models.fusion import FusionConfig, FusionForRiskPrediction
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,30 @@ def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
         )
 
 
+def check_inputs_fit(config: FusionConfig, name: str, dataset: FusionDataset) -> None:
+    """Raise :class:`ModelSettingsError` when a split's tokens lie outside what ``config`` embeds.
+
+    An event code id at or beyond ``event_vocab_size``, a value bin at or beyond ``n_value_bins``
+    or an imaging modality id at or beyond ``n_imaging_modalities`` would otherwise fail deep in
+    an embedding lookup as a bare ``IndexError``.
+    """
+    def largest(arrays: list[np.ndarray]) -> int:
+        return max((int(a.max()) for a in arrays if a.size), default=-1)
+
+    for what, found, size, field_name in (
+        ("event code id", largest([p.event_codes for p in dataset.patients]), config.event_vocab_size,
+         "event_vocab_size"),
+        ("value bin", largest([p.event_value_bins for p in dataset.patients]), config.n_value_bins, "n_value_bins"),
+        ("imaging modality id", largest([p.imaging_modalities for p in dataset.patients]),
+         config.n_imaging_modalities, "n_imaging_modalities"),
+    ):
+        if found >= size:
+            raise ModelSettingsError(
+                f"{name} split: {what} {found} is beyond the model's {size} (FusionConfig.{field_name}); build the "
+                "config from the same vocabulary and bins as the inputs (models.task_model.fusion_config, or a "
+                "TabularTokenizer's n_bins + 1 value bins)")
+
+
 def check_treatment_arms(train: FusionDataset, tuning: FusionDataset, baselines: bool) -> None:
     """Raise :class:`TrainingDataError` when a treatment task's arms cannot be evaluated.
 
@@ -307,6 +331,8 @@ def train(
     check_trainable("train", train_dataset, args.min_events)
     # Platt scaling from fewer outcomes is unstable (one case gives a near-step function).
     check_trainable("tuning", tuning_dataset, MIN_CALIBRATION_OUTCOMES)
+    check_inputs_fit(model.config, "train", train_dataset)
+    check_inputs_fit(model.config, "tuning", tuning_dataset)
     seed_everything(args.seed)
     device = args.resolve_device()
     model.to(device)  # type: ignore[arg-type]

@@ -257,6 +257,9 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
     from models.task_model import format_difference, metrics_table, train_task_model
     from models.training import TrainingArguments
 
+    if hidden_size % heads:
+        # Refused before any input is read: each head attends over hidden_size / heads dimensions.
+        raise click.BadParameter(f"--heads {heads} does not divide --hidden-size {hidden_size}", param_hint="--heads")
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
     live = warehouse / "models" / task.name

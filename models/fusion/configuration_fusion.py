@@ -89,7 +89,8 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
         if hidden_size % num_attention_heads != 0:
             raise ModelSettingsError(
                 f"FusionConfig: hidden_size ({hidden_size}) must be divisible by num_attention_heads "
-                f"({num_attention_heads}): each head attends over hidden_size / heads dimensions"
+                f"({num_attention_heads}): each head attends over hidden_size / heads dimensions; use a number "
+                f"of heads that divides {hidden_size} ({_divisors(hidden_size)})"
             )
         edges = [float(e) for e in survival_bin_edges_days]
         if not edges or any(b <= a for a, b in zip([0.0, *edges], edges, strict=False)):
@@ -120,3 +121,9 @@ class FusionConfig(PretrainedConfig):  # type: ignore[misc]
     def horizon_bin(self) -> int:
         """Index of the survival interval that ends at the horizon."""
         return int(self.survival_bin_edges_days.index(self.horizon_days))
+
+
+def _divisors(n: int, most: int = 6) -> str:
+    """The first ``most`` divisors of ``n`` as text, for an error message."""
+    found = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, found[:most])) + (", ..." if len(found) > most else "")

@@ -103,7 +103,7 @@ def test_tokens_and_labels_feed_the_fusion_dataset() -> None:
 
     assert batch["event_codes"].tolist()[4] == [6, 5, 0]  # GENE_A, grade=III, padding
     assert batch["event_mask"].sum().item() == 13
-    assert np.allclose(batch["risk_labels"].numpy(), [1.0, 0.0, np.nan, 0.0, np.nan], equal_nan=True)
+    assert np.allclose(batch["risk_labels"].numpy(), [1.0, 0.0, np.nan, 0.0, 0.0], equal_nan=True)
 
 
 def test_survival_labels_exact() -> None:
@@ -114,8 +114,8 @@ def test_survival_labels_exact() -> None:
         {
             "subject_id": [1, 2, 3, 4, 5],
             "prediction_time": [TABLE_TIME] * 5,
-            # Event at the horizon counts; event after it is a negative; censored at it is unknown.
-            "boolean_value": [True, False, None, False, True],
+            # Event at the horizon counts; event after it is a negative; so is followed to it event-free.
+            "boolean_value": [True, False, False, False, True],
             "event": [True, True, False, False, True],
             "duration_days": [365.0, 366.0, 365.0, 366.0, 0.0],
             "treated": [None] * 5,

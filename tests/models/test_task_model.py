@@ -184,6 +184,31 @@ def test_incomplete_or_foreign_model_folders_are_refused(trained: tuple[Path, di
         assert not trained_with(broken, "any fingerprint")
 
 
+def test_a_format_3_folder_mixing_two_models_or_with_a_damaged_calibration_is_refused(
+        trained: tuple[Path, dict], tmp_path: Path) -> None:
+    # Format 3 folders carry no digests: what they hold is checked as it is read.
+    model_dir, _ = trained
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    info = json.loads((old / "cohortcast_model.json").read_text())
+    info["format_version"] = 3
+    info.pop("files")
+    (old / "cohortcast_model.json").write_text(json.dumps(info))
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"],
+                                                 "intermediate_size": 4 * config["hidden_size"]}))
+    with pytest.raises(ModelFolderError, match=rf"model folder {old}: config.json and model.safetensors are not of "
+                                               r"one model \(mismatched keys: .*\); train the model again"):
+        load_task_model(old)
+    (old / "config.json").write_text(json.dumps(config))
+    load_task_model(old)
+    for damaged, found in (("{", r"calibration.json is not valid JSON \(JSONDecodeError\)"),
+                           ('{"method": "platt", "slope": "1"}', "expected a finite numeric slope and intercept")):
+        (old / "calibration.json").write_text(damaged)
+        with pytest.raises(ModelFolderError, match=rf"model folder {old}: .*{found}.*; train or deploy the model"):
+            load_task_model(old)
+
+
 def test_a_model_folder_whose_files_differ_from_what_training_wrote_is_refused(trained: tuple[Path, dict],
                                                                                 tmp_path: Path) -> None:
     model_dir, _ = trained
@@ -461,4 +486,25 @@ def test_a_truth_file_for_another_question_is_refused_before_training(tmp_path: 
             r"horizon of \[90\] days, the task's is 365; train without it")):
         train_task_model(folder, tmp_path / "model", task, TrainingArguments(max_epochs=1, device="cpu"),
                          truth_path=tmp_path / "truth.parquet")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_model_whose_task_inputs_were_built_again_while_it_trained_is_not_saved(tmp_path: Path) -> None:
+    task = load_task(write_task_folder(tmp_path, 120, seed=3))
+    folder = tmp_path / "tasks" / "synthetic_1y"
+    # A step record naming the vocabulary, as `cohortcast features` writes.
+    (folder / "event_tokens.fingerprint.json").write_text(json.dumps(
+        {"key": "k", "output": "event_tokens.parquet", "side_outputs": ["vocabulary.json"]}))
+    vocabulary = json.loads((folder / "vocabulary.json").read_text())
+
+    def build_again(record: dict[str, float]) -> None:  # another run rebuilds the inputs mid-training
+        codes = list(vocabulary["vocabulary"])
+        renumbered = {code: (len(codes) - 1 - i if i > 1 else i) for i, code in enumerate(codes)}
+        (folder / "vocabulary.json").write_text(json.dumps({**vocabulary, "vocabulary": renumbered}))
+
+    with pytest.raises(TrainingDataError, match=rf"task folder {folder} changed while the model trained \(its "
+                                                r"inputs were built again\); the model is not saved: train again"):
+        train_task_model(folder, tmp_path / "model", task, TrainingArguments(max_epochs=1, device="cpu"),
+                         {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                          "intermediate_size": 32}, baselines=False, on_epoch=build_again)
     assert not (tmp_path / "model").exists()

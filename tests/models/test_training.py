@@ -327,3 +327,15 @@ def test_a_treatment_task_whose_arms_cannot_be_evaluated_is_refused_before_train
     check_treatment_arms(never_ill, split(labels), baselines=False)
     with pytest.raises(TrainingDataError, match="the tuning split has no treated patients with a known label"):
         check_treatment_arms(split(labels), nobody, baselines=True)
+
+
+def test_inputs_beyond_what_the_config_embeds_are_refused_before_training() -> None:
+    data = dataset(40, seed=2)
+    model = FusionForRiskPrediction(FusionConfig(
+        event_vocab_size=12, n_value_bins=3, text_embedding_dim=8, imaging_embedding_dim=6,
+        n_imaging_modalities=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    largest_bin = max(int(p.event_value_bins.max()) for p in data.patients if p.event_value_bins.size)
+    assert largest_bin >= 3
+    with pytest.raises(ModelSettingsError, match=rf"train split: value bin {largest_bin} is beyond the model's 3 "
+                                                 r"\(FusionConfig.n_value_bins\); build the config from the same"):
+        train(model, data, dataset(40, seed=3), TrainingArguments(max_epochs=1, device="cpu", min_events=1))

@@ -197,12 +197,11 @@ def test_train_on_too_few_outcomes_prints_one_line(tmp_path: Path, capsys: pytes
 def test_train_with_heads_that_do_not_divide_the_hidden_size_prints_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    task_yaml = write_task_folder(tmp_path, 300, seed=3)
-    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--epochs", "1",
-                               "--hidden-size", "130", "--heads", "4", "--no-baselines"], capsys)
+    # Refused before the task file or its inputs are read (neither exists here).
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path / "none"), "--task", str(tmp_path / "none.yaml"),
+                               "--hidden-size", "130", "--heads", "4"], capsys)
     assert code == 2
-    assert err == ("error: FusionConfig: hidden_size (130) must be divisible by num_attention_heads (4): each head "
-                   "attends over hidden_size / heads dimensions\n")
+    assert err == "error: Invalid value for --heads: --heads 4 does not divide --hidden-size 130\n"
 
 
 def test_train_refuses_a_held_out_split_with_one_outcome_before_training(

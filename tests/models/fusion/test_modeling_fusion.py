@@ -84,7 +84,9 @@ def test_save_and_load_give_the_same_model(tmp_path: Path) -> None:
 
 
 def test_config_rejects_heads_that_do_not_divide_the_hidden_size() -> None:
-    with pytest.raises(ValueError, match=r"hidden_size \(100\) must be divisible by num_attention_heads \(12\)"):
+    with pytest.raises(ValueError, match=r"hidden_size \(100\) must be divisible by num_attention_heads \(12\): "
+                                         r"each head attends over hidden_size / heads dimensions; use a number of "
+                                         r"heads that divides 100 \(1, 2, 4, 5, 10, 20, \.\.\.\)"):
         tiny_config(hidden_size=100, num_attention_heads=12)
     with pytest.raises(ValueError, match=r"horizon_days \(400\) must be one of survival_bin_edges_days"):
         tiny_config(horizon_days=400)
