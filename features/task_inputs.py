@@ -104,12 +104,19 @@ def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
     return frame.select(schema.names).to_arrow().cast(schema)
 
 
+def _check_settled(warehouse_dir: Path) -> None:
+    """Refuse a warehouse whose promotion was cut short or is running: its tables may be of two
+    batches. Every step that reads the warehouse checks it, cached or not, so that no step's output
+    is built from one batch beside another's."""
+    if (reason := unsettled_warehouse(Path(warehouse_dir))) is not None:
+        raise LandingZoneError(reason)
+
+
 def _events(warehouse_dir: Path) -> pl.LazyFrame:
     path = Path(warehouse_dir) / "events.parquet"
     if not path.is_file():
         raise LandingZoneError(f"warehouse {warehouse_dir} has no events.parquet (run the ingest first)")
-    if (reason := unsettled_warehouse(Path(warehouse_dir))) is not None:
-        raise LandingZoneError(reason)
+    _check_settled(warehouse_dir)
     return pl.scan_parquet(path, glob=False)
 
 
@@ -124,6 +131,7 @@ def _task_settings(task: TaskDefinition, *parts: object) -> str:
 
 
 def build_cohort(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    _check_settled(warehouse_dir)
     out = task_dir(warehouse_dir, task) / "cohort.parquet"
     # The task's dates, as the warehouse's, are days on the site's calendar.
     task = task.on_site_clock(warehouse_site_timezone(warehouse_dir))
@@ -141,6 +149,7 @@ def _cohort(warehouse_dir: Path, task: TaskDefinition) -> pl.DataFrame:
 
 
 def build_task_labels(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
     task = task.on_site_clock(warehouse_site_timezone(warehouse_dir))
 
@@ -171,6 +180,7 @@ def _train_ids(warehouse_dir: Path, task: TaskDefinition) -> list[int]:
 
 
 def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
@@ -196,6 +206,7 @@ def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
 
 
 def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
@@ -217,6 +228,7 @@ def tabular_features_for(warehouse_dir: Path, task: TaskDefinition, selected: Ta
 
 
 def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: NoteEncoder) -> StepResult:
+    _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
     notes_path = Path(warehouse_dir) / "notes.parquet"
 
@@ -240,6 +252,7 @@ def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: No
 
 
 def build_imaging_inputs(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
+    _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
     imaging_path = Path(warehouse_dir) / "imaging.parquet"
 

@@ -43,7 +43,7 @@ import polars as pl
 import pyarrow as pa
 
 from features.errors import CohortcastError
-from features.ingest import SUMMARY_FILE, IngestSummary
+from features.ingest import SUMMARY_FILE, IngestSummary, unsettled_warehouse
 from features.io import staging_dir
 from features.schemas import SCORES
 from models.scoring import RiskTiers
@@ -186,6 +186,9 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
     """
     live = current_version(root, task)
     refused = f"publish {task} refused ({f'live version {live} unchanged' if live else 'no live version yet'})"
+    if (unsettled := unsettled_warehouse(warehouse_dir)) is not None:
+        # Its patients (who died, who left) may be another batch's than the scores'.
+        raise PublishError(f"{refused}: {unsettled}")
     summary_path = warehouse_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise PublishError(f"{refused}: warehouse {warehouse_dir} has no {SUMMARY_FILE} (expected the accounting "

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from features import task_inputs
+from features.errors import LandingZoneError
 from features.identifiers import subject_id_for
 from features.note_embeddings import NoteEncoder
 from features.tasks import load_task
@@ -137,3 +138,20 @@ def test_the_cohort_reads_the_tasks_dates_in_the_warehouses_site_time_zone(tmp_p
     task_inputs.build_cohort(warehouse, definition)
     cohort = pl.read_parquet(task_inputs.task_dir(warehouse, definition) / "cohort.parquet")
     assert set(cohort["prediction_time"]) == {datetime(2023, 6, 1, 13)}  # 08:00 in Chicago (CDT, UTC-5)
+
+
+def test_every_step_refuses_a_half_promoted_warehouse_even_with_its_output_cached(tmp_path: Path) -> None:
+    warehouse, definition = toy_warehouse(tmp_path, toy_events()), task(inputs={"min_code_count": 1})
+    encoder = NoteEncoder(None, cache_dir=tmp_path / "cache")
+    task_inputs.build_all(warehouse, definition, encoder)
+    # A promotion cut short after it linked some tables: events.parquet unchanged, so every step
+    # would be served from its cache, and notes and imaging read from the new batch.
+    (warehouse / ".promoting").write_text(f"{tmp_path / 'warehouse' / 'batches' / '2024-06-02'}\n")
+    reason = (rf"warehouse {warehouse}: the promotion of batch 2024-06-02 was cut short or is running \(its "
+              r"\.promoting is there\); run the promotion again \(ingest job, from_batch 2024-06-02\)")
+    for step in (task_inputs.build_cohort, task_inputs.build_task_labels, task_inputs.build_event_tokens,
+                 task_inputs.build_tabular_features, task_inputs.build_imaging_inputs):
+        with pytest.raises(LandingZoneError, match=reason):
+            step(warehouse, definition)
+    with pytest.raises(LandingZoneError, match=reason):
+        task_inputs.build_note_embeddings(warehouse, definition, encoder)

@@ -191,6 +191,13 @@ def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
     assert str(unbalanced.value) == (refused + f"{summary}: 1 of 2 source files do not balance (expected "
                                      "records_in == records_out + quarantined; first: Observation.ndjson)")
     write_summary(warehouse)
+    (warehouse / ".promoting").write_text(f"{warehouse / 'batches' / '2024-06-02'}\n")  # cut short
+    with pytest.raises(PublishError) as half_promoted:
+        check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)
+    assert str(half_promoted.value) == (refused + f"warehouse {warehouse}: the promotion of batch 2024-06-02 was cut "
+                                        "short or is running (its .promoting is there); run the promotion again "
+                                        "(ingest job, from_batch 2024-06-02)")
+    (warehouse / ".promoting").unlink()
     with pytest.raises(PublishError) as below:
         check_publishable(root, "synthetic_1y", scores, model, warehouse, 1.0, 1.0)
     assert str(below.value) == (refused + f"model {model} misses the task's quality gates: held-out auroc "
