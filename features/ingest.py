@@ -1850,12 +1850,33 @@ def unsettled_warehouse(warehouse_dir: Path) -> str | None:
     return None
 
 
+BATCH_NAME = re.compile(r"[0-9][0-9A-Za-z._-]*")
+"""A landing batch's folder name: it starts with its landing date or time (``2024-06-01``,
+``20240601T0200Z``), so that names sort in landing order. A folder named otherwise (``archive``,
+``tmp``) is no batch: read as one, it would sort after every dated batch and be taken for the newest."""
+
+
+def is_batch_name(name: str) -> bool:
+    """Whether ``name`` is a landing batch's folder name (:data:`BATCH_NAME`)."""
+    return BATCH_NAME.fullmatch(name) is not None
+
+
 def batch_names(batches_dir: Path) -> list[str]:
     """The batch folders under ``batches_dir``, in name (landing) order. Hidden folders are not
-    batches yet, or no longer: a batch still being copied in, or one being deleted."""
+    batches yet, or no longer: a batch still being copied in, or one being deleted. Folders whose
+    name does not start with a date (:data:`BATCH_NAME`) are not batches either
+    (:func:`stray_batch_folders`)."""
     if not batches_dir.is_dir():
         return []
-    return sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and is_batch_name(p.name))
+
+
+def stray_batch_folders(batches_dir: Path) -> list[str]:
+    """Visible folders under ``batches_dir`` that are not batches: their names do not start with a date."""
+    if not batches_dir.is_dir():
+        return []
+    return sorted(p.name for p in batches_dir.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and not is_batch_name(p.name))
 
 
 def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[str]:
@@ -1874,10 +1895,15 @@ def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[
     older = [name for name in batch_names(batches_dir) if name < promoted]
     doomed = older[: max(0, len(older) - (keep - 1))]
     for name in doomed:
-        hidden = batches_dir / f".deleting-{name}"
-        os.replace(batches_dir / name, hidden)
+        os.replace(batches_dir / name, batches_dir / f"{DELETING_PREFIX}{name}")
+    # Those hidden before and not deleted (a file held open on a network share, say) go now too.
+    for hidden in sorted(batches_dir.glob(f"{DELETING_PREFIX}*")):
         shutil.rmtree(hidden)
     return doomed
+
+
+DELETING_PREFIX = ".deleting-"
+"""An ingested batch's copy renamed so while :func:`prune_ingested_batches` deletes it."""
 
 
 # ------------------------------------------------------------------------------------------------

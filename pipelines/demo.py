@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from features.errors import LandingZoneError
+from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary
 from models.publishing import current_scores, current_version
 from pipelines.definitions import all_asset_checks, ingest_assets, task_assets
 from pipelines.resources import resources_for_deployment
@@ -32,6 +33,25 @@ QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 class DemoFailed(LandingZoneError):
     """A stage of the demo did not succeed."""
+
+
+def check_demo_workspace(workspace: Path) -> None:
+    """Refuse a workspace that holds a hospital's data: the demo replaces its warehouse.
+
+    The demo's ingest lets another simulated hospital of any size replace the last one's tables;
+    pointed at a deployment's workspace (``COHORTCAST_WORKSPACE`` set on the hospital's machine),
+    it would replace the hospital's warehouse with simulated patients, and could publish them.
+    A warehouse is the demo's when its last ingest read the workspace's own ``landing/``.
+    """
+    warehouse, landing = workspace / "warehouse", workspace / "landing"
+    summary = warehouse / SUMMARY_FILE
+    read_from = Path(IngestSummary.from_json(summary).landing_dir).absolute() if summary.is_file() else None
+    if (warehouse / PROMOTED_BATCH_FILE).is_file() or (read_from is not None and read_from != landing):
+        source = f"batch {(warehouse / PROMOTED_BATCH_FILE).read_text().strip()}" if (
+            warehouse / PROMOTED_BATCH_FILE).is_file() else str(read_from)
+        raise LandingZoneError(f"workspace {workspace} holds a warehouse ingested from {source}, not a demo's: the "
+                               "demo would replace it with simulated patients; give the demo a workspace of its own "
+                               "(--workspace, or unset COHORTCAST_WORKSPACE)")
 
 
 def run_demo(
@@ -62,6 +82,7 @@ def run_demo(
         raise LandingZoneError(f"workspace {workspace} cannot be created ({exc.strerror})") from exc
     if not os.access(workspace, os.W_OK):
         raise LandingZoneError(f"workspace {workspace} is not writable")
+    check_demo_workspace(workspace)
     if instance is None:
         instance = dg.DagsterInstance.get() if "DAGSTER_HOME" in os.environ else dg.DagsterInstance.ephemeral()
     # The simulator writes its times in UTC, whatever the deployment's site time zone.

@@ -42,6 +42,8 @@ from features.ingest import (
     first_of,
     ingest_landing_zone,
     ingest_problems,
+    is_batch_name,
+    stray_batch_folders,
 )
 from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
@@ -116,39 +118,44 @@ def batch_landed(folder: Path, now: float, quiet_seconds: float = LANDING_QUIET_
     return files > 0 and (marked or now - newest >= quiet_seconds)
 
 
-def _newest_change(folder: Path, but: Path | None = None) -> tuple[float, int]:
+def _newest_change(folder: Path, but: Path | None = None, clock: str = "st_mtime") -> tuple[float, int]:
     """The latest modification time under ``folder`` (itself included, ``but`` left out) and its
-    number of files."""
-    newest, files = folder.stat().st_mtime, 0
+    number of files; ``clock="st_ctime"`` reads the inode change times instead, which a copy cannot
+    set back (``cp -p`` and ``rsync -a`` give the files and folders their source's modification times)."""
+    newest, files = getattr(folder.stat(), clock), 0
     for parent, folders, names in os.walk(folder):
         files += len(names)
         for name in folders + names:
             path = os.path.join(parent, name)
             if but is None or path != str(but):
-                newest = max(newest, os.lstat(path).st_mtime)
+                newest = max(newest, getattr(os.lstat(path), clock))
     return newest, files
 
 
-def changed_since_its_failure(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
-    """A run key to ingest a known batch again, or None: when its latest ``ingested_batch`` run
-    failed and the folder has changed since that run started (what it read), and has landed again.
+UNFINISHED_RUNS = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again."""
 
-    A batch whose copy was cut short fails its checks (a file of its manifest missing, say); its
-    partition exists by then, and its first run key is spent, so without this the finished copy
-    would never be ingested.
+
+def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
+    """A run key to ingest a known batch again, or None.
+
+    Its latest ``ingested_batch`` run failed or was canceled (for any cause: a check of its tables,
+    a lost run worker, a run that never launched), and the folder has changed since that run was
+    created (what it read) and has landed again. A batch whose copy was cut short fails its checks
+    (a file of its manifest missing, say); its partition exists by then, and its first run key is
+    spent, so without this the finished copy would never be ingested. Changes are read from the
+    inode change times, which a copy that keeps the export's times (``cp -p``, ``rsync -a``) cannot
+    set back to before the run.
     """
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
-    if not runs or runs[0].status != dg.DagsterRunStatus.FAILURE:
+    if not runs or runs[0].status not in UNFINISHED_RUNS:
         return None
-    failures = instance.get_records_for_run(runs[0].run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
-    if ingested_batch.key.to_python_identifier() not in {record.event_log_entry.step_key for record in failures}:
-        return None
-    started = instance.get_run_stats(runs[0].run_id).start_time
+    record = instance.get_run_record_by_id(runs[0].run_id)
     try:
-        newest, _ = _newest_change(folder)
+        newest, _ = _newest_change(folder, clock="st_ctime")
     except FileNotFoundError:
         return None
-    if started is None or newest <= started or not batch_landed(folder, now):
+    if record is None or newest <= record.create_timestamp.timestamp() or not batch_landed(folder, now):
         return None
     return f"{batch}/changed-{newest:.6f}"
 
@@ -167,13 +174,17 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     ready = [name for name in fresh if batch_landed(workspace.batches_dir / name, now)]
     recent = [name for name in batch_names(workspace.batches_dir) if name in known][-RETRIED_BATCHES:]
     again = [(name, key) for name in recent
-             if (key := changed_since_its_failure(context.instance, name, workspace.batches_dir / name, now))]
+             if (key := ingest_again_key(context.instance, name, workspace.batches_dir / name, now))]
+    strays = stray_batch_folders(workspace.batches_dir)
+    stray_note = (f"folders left alone, not batches (a batch's name starts with its landing date, such as "
+                  f"2024-06-01): {', '.join(strays)}" if strays else "")
+    if stray_note and (ready or again):
+        context.log.warning(stray_note)
     if not ready and not again:
         # Not requested, so not a partition yet: the next tick looks at these folders again.
-        waiting = ", ".join(fresh)
-        return dg.SensorResult(skip_reason=f"batches still landing (no {LANDED_MARKER} written last, and empty or "
-                                           f"changed in the last {LANDING_QUIET_SECONDS} s): {waiting}"
-                               if fresh else None)
+        waiting = (f"batches still landing (no {LANDED_MARKER} written last, and empty or changed in the last "
+                   f"{LANDING_QUIET_SECONDS} s): {', '.join(fresh)}" if fresh else "")
+        return dg.SensorResult(skip_reason="; ".join(filter(None, [waiting, stray_note])) or None)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=name, run_key=name) for name in ready]
         + [dg.RunRequest(partition_key=name, run_key=key) for name, key in again],
@@ -181,13 +192,17 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     )
 
 
-def promote_batch_request(batch: str, ingested: set[str]) -> dg.RunRequest | dg.SkipReason:
-    """Promote ``batch`` when no newer batch has been ingested; else say which one has."""
-    newer = sorted(name for name in ingested if name > batch)
+def promote_batch_request(batch: str, ingested: set[str], ingest_run_id: str) -> dg.RunRequest | dg.SkipReason:
+    """Promote ``batch`` when no newer batch has been ingested; else say which one has.
+
+    The run key names the ingest run: a batch ingested again (re-executed by hand, or after its
+    folder changed) is promoted again, where a key per batch would be spent by its first promotion.
+    """
+    newer = sorted(name for name in ingested if is_batch_name(name) and name > batch)
     if newer:
         return dg.SkipReason(f"batch {batch} is not promoted: batch {newer[-1]}, ingested already, is newer")
     return dg.RunRequest(
-        run_key=f"promote/{batch}",
+        run_key=f"promote/{batch}/{ingest_run_id}",
         run_config={"ops": {"ingested_tables": {"config": {"from_batch": batch}}}},
         tags={"cohortcast/batch": batch},
     )
@@ -196,14 +211,22 @@ def promote_batch_request(batch: str, ingested: set[str]) -> dg.RunRequest | dg.
 def promote_batch_sensor(ingest_job: "UnresolvedAssetJobDefinition") -> dg.RunStatusSensorDefinition:
     """When a batch's ingest succeeds, run ``ingest_job`` to make that batch the warehouse (if newest)."""
 
-    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[ingest_batch_job],
-                          request_job=ingest_job, name="promote_newest_batch",
-                          default_status=dg.DefaultSensorStatus.STOPPED)
+    # Every job of the code location is watched: a batch materialized from the asset's page or a
+    # backfill runs in Dagster's own asset job, not in ingest_batch, and must be promoted too.
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, request_job=ingest_job,
+                          name="promote_newest_batch", default_status=dg.DefaultSensorStatus.STOPPED)
     def promote_newest_batch(context: dg.RunStatusSensorContext) -> dg.RunRequest | dg.SkipReason:
-        batch = context.dagster_run.tags.get("dagster/partition")
+        run = context.dagster_run
+        records = context.instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        materialized = {record.event_log_entry.asset_materialization.asset_key for record in records
+                        if record.event_log_entry.asset_materialization is not None}
+        if ingested_batch.key not in materialized:
+            return dg.SkipReason(f"run {run.run_id} of {run.job_name} ingested no batch")
+        batch = run.tags.get("dagster/partition")
         if batch is None:
-            return dg.SkipReason(f"run {context.dagster_run.run_id} of ingest_batch has no batch partition")
+            return dg.SkipReason(f"run {run.run_id} of {run.job_name} has no batch partition")
         ingested = context.instance.get_materialized_partitions(ingested_batch.key)
-        return promote_batch_request(batch, ingested)
+        return promote_batch_request(batch, ingested, run.run_id)
 
     return promote_newest_batch

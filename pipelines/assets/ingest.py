@@ -27,6 +27,7 @@ from features.ingest import (
     duplicate_records,
     events_after,
     ingest_landing_zone,
+    is_batch_name,
     promote_warehouse,
     prune_ingested_batches,
     quarantine_shares,
@@ -92,13 +93,23 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
     if config.keep_ingested_batches < 1:
         raise dg.Failure(f"ingested_tables: keep_ingested_batches must be at least 1 (the promoted batch), "
                          f"found {config.keep_ingested_batches}")
+    if config.from_batch and not is_batch_name(config.from_batch):
+        raise dg.Failure(f"ingested_tables: from_batch {config.from_batch!r} is not a batch name (expected a folder "
+                         "name under batches/ that starts with its landing date, such as 2024-06-01)")
     if config.from_batch:
         ingested = workspace.batch_warehouse_dir(config.from_batch)
         summary = promote_warehouse(ingested, workspace.warehouse_dir, allow_older_batch=config.allow_older_batch,
                                     min_patient_share=config.min_patient_share)
-        pruned = prune_ingested_batches(ingested.parent, config.from_batch, config.keep_ingested_batches)
-        if pruned:
-            context.log.info(f"deleted the ingested copies of {len(pruned)} older batches: {', '.join(pruned)}")
+        try:
+            pruned = prune_ingested_batches(ingested.parent, config.from_batch, config.keep_ingested_batches)
+        except OSError as exc:
+            # The warehouse is the new batch's already: failing the run now would hide that (no
+            # materialization, no checks, no publishing) over disk space the next promotion frees.
+            context.log.warning(f"the warehouse holds batch {config.from_batch}, but older ingested copies under "
+                                f"{ingested.parent} could not be deleted ({exc}); the next promotion tries again")
+        else:
+            if pruned:
+                context.log.info(f"deleted the ingested copies of {len(pruned)} older batches: {', '.join(pruned)}")
     else:
         landing = Path(config.landing_dir) if config.landing_dir else workspace.landing_dir
         # The tables replace the warehouse only without a problem: the nightly re-scoring reads the
@@ -187,7 +198,7 @@ def events_not_after_export(workspace: Workspace) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset="quarantine",
+@dg.asset_check(asset="quarantine", blocking=True,
                 description="Duplicate records are counted in the summary and quarantined, and no table holds "
                             "one id from two records.")
 def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:

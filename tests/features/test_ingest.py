@@ -501,6 +501,11 @@ def test_prune_ingested_batches_keeps_the_promoted_newer_and_newest_older(tmp_pa
     assert prune_ingested_batches(tmp_path, "2024-06-04", keep=2) == ["2024-06-01", "2024-06-02"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".2024-06-06", "2024-06-03", "2024-06-04", "2024-06-05"]
     assert prune_ingested_batches(tmp_path, "2024-06-04", keep=2) == []
+    # A copy a previous prune hid but could not delete (a file held open on a network share) goes now.
+    (tmp_path / ".deleting-2024-05-31").mkdir()
+    (tmp_path / ".deleting-2024-05-31" / "events.parquet").write_bytes(b"tables")
+    assert prune_ingested_batches(tmp_path, "2024-06-04", keep=2) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".2024-06-06", "2024-06-03", "2024-06-04", "2024-06-05"]
     with pytest.raises(ValueError, match="keep must be at least 1 \\(the promoted batch\\), found 0"):
         prune_ingested_batches(tmp_path, "2024-06-04", keep=0)
 

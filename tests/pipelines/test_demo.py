@@ -13,6 +13,7 @@ import pytest
 from rich.console import Console
 
 from features.errors import LandingZoneError
+from features.ingest import ingest_landing_zone
 from pipelines.definitions import all_asset_checks, all_assets, task_assets
 from pipelines.demo import DEMO_TASK, DemoFailed, run_demo, step_error
 from pipelines.resources import resources_for_deployment
@@ -125,6 +126,29 @@ def test_a_failed_demo_stage_says_why_in_one_line(tmp_path: Path) -> None:
         str(failed.value),
     )
     assert (landing / "export.ndjson").read_text() == "{}\n"
+
+
+@pytest.mark.parametrize("fed_by", ["batch", "export"])
+def test_the_demo_refuses_a_workspace_that_holds_a_hospitals_warehouse(tmp_path: Path, fed_by: str,
+                                                                        shared_fhir_dir: Path) -> None:
+    # A deployment's workspace (COHORTCAST_WORKSPACE set on the hospital's machine): fed by batches,
+    # its landing/ is empty, so only its warehouse tells that the data are not a demo's.
+    workspace = tmp_path / "workspace"
+    warehouse = workspace / "warehouse"
+    warehouse.mkdir(parents=True)
+    if fed_by == "batch":
+        (warehouse / "promoted_batch.txt").write_text("2024-06-02\n")
+        source = "batch 2024-06-02"
+    else:
+        ingest_landing_zone(shared_fhir_dir / "synthea-bulk-10", warehouse, workers=1)
+        source = str((shared_fhir_dir / "synthea-bulk-10").absolute())
+    before = sorted(p.name for p in workspace.rglob("*"))
+    with dg.instance_for_test() as instance, pytest.raises(LandingZoneError) as refused:
+        run_demo(workspace, patients=5, seed=0, console=Console(file=io.StringIO()), instance=instance)
+    assert str(refused.value) == (
+        f"workspace {workspace} holds a warehouse ingested from {source}, not a demo's: the demo would replace it "
+        "with simulated patients; give the demo a workspace of its own (--workspace, or unset COHORTCAST_WORKSPACE)")
+    assert sorted(p.name for p in workspace.rglob("*")) == before
 
 
 def test_a_failed_step_is_told_by_the_error_its_code_raised() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -12,8 +13,16 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 
-from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, FileAccount, IngestSummary, warehouse_files
+from features.ingest import (
+    PROMOTED_BATCH_FILE,
+    SUMMARY_FILE,
+    FileAccount,
+    IngestSummary,
+    ingest_landing_zone,
+    warehouse_files,
+)
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE
 from pipelines.assets.ingest import (
     INGEST_ASSETS,
@@ -300,7 +309,8 @@ def test_newest_ingested_batch_becomes_the_warehouse(small_hospital: Path, tmp_p
         )
         request = sensor_result("2024-06-02")
         assert isinstance(request, dg.RunRequest)
-        assert request.run_key == "promote/2024-06-02"
+        # Named by the ingest run: a batch ingested again is promoted again.
+        assert request.run_key == f"promote/2024-06-02/{runs['2024-06-02'].run_id}"
         assert promote.job_name == "ingest"
         config = {**request.run_config["ops"]["ingested_tables"]["config"], "keep_ingested_batches": 1}
         promoted = dg.materialize(
@@ -446,3 +456,83 @@ def test_definitions_load() -> None:
     # A deployment's ingest never re-runs the simulator.
     ingest = defs.resolve_job_def("ingest")
     assert "simulated_landing_zone" not in {node.name for node in ingest.graph.node_defs}
+
+
+def test_a_folder_not_named_by_date_is_no_batch(small_hospital: Path, tmp_path: Path) -> None:
+    # An operator tidies up with `mv 2024-06-01 batches/archive`: read as a batch, "archive" would
+    # sort after every dated batch and be promoted over the newest data.
+    batches = tmp_path / "batches"
+    shutil.copytree(small_hospital / "fhir", batches / "archive" / "fhir")
+    (batches / "archive" / "_SUCCESS").touch()
+    workspace = Workspace(root=str(tmp_path))
+    with dg.instance_for_test() as instance:
+        result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
+        assert result.run_requests == [] and result.dynamic_partitions_requests == []
+        assert result.skip_reason is not None and result.skip_reason.skip_message == (
+            "folders left alone, not batches (a batch's name starts with its landing date, such as 2024-06-01): "
+            "archive")
+        promoted = dg.materialize(
+            [ingested_tables], instance=instance, resources={"workspace": workspace}, raise_on_error=False,
+            run_config={"ops": {"ingested_tables": {"config": {"from_batch": "archive"}}}})
+    assert not promoted.success
+    (failure,) = promoted.get_step_failure_events()
+    assert "from_batch 'archive' is not a batch name (expected a folder name under batches/ that starts with its " \
+           "landing date, such as 2024-06-01)" in failure.step_failure_data.error.message  # type: ignore[union-attr]
+
+
+def test_a_batch_whose_ingest_ended_unfinished_is_ingested_again_once_changed_even_with_its_times_kept(
+        tmp_path: Path) -> None:
+    batch = tmp_path / "batches" / "2024-06-01"
+    (batch / "fhir").mkdir(parents=True)
+    (batch / "fhir" / "Patient.000.ndjson").write_text('{"resourceType":"Patient","id":"p1"}\n')
+    long_ago = time.time() - 3 * 86400
+    age(batch, LANDING_QUIET_SECONDS + 60)
+    workspace = Workspace(root=str(tmp_path))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(BATCH_PARTITIONS.name, ["2024-06-01"])
+        # A run lost before its step ran (a run worker killed, say), then one canceled: no step failure.
+        for status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+            instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id=f"run-{status.value.lower()}",
+                                           status=status, tags={"dagster/partition": "2024-06-01"}))
+
+            def tick() -> list[tuple[str | None, str | None]]:
+                result = landing_batch_sensor(
+                    dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
+                return [(request.partition_key, request.run_key) for request in result.run_requests]
+
+            assert tick() == []  # nothing changed since the run was created
+            time.sleep(0.01)
+            # The rest of the export arrives by `cp -p`: every file and folder keeps the export's time,
+            # days before the run; only the inode change times tell.
+            (batch / "fhir" / "Condition.000.ndjson").write_text("{}\n")
+            for path in [batch, batch / "fhir", *batch.rglob("*")]:
+                os.utime(path, (long_ago, long_ago))
+            ((partition, key),) = tick()
+            assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
+            (batch / "fhir" / "Condition.000.ndjson").unlink()
+            age(batch, LANDING_QUIET_SECONDS + 60)
+
+
+def test_a_promotion_whose_old_copies_cannot_be_deleted_still_succeeds(
+        small_hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The warehouse is the new batch's once promoted: failing the run over the clean-up would skip
+    # its materializations, checks and publishing.
+    workspace = Workspace(root=str(tmp_path))
+    ingest_landing_zone(small_hospital, workspace.batch_warehouse_dir("2024-06-01"), workers=1)
+
+    def held_open(*args: object) -> list[str]:
+        raise PermissionError(1, "Operation not permitted", "events.parquet")
+
+    monkeypatch.setattr("pipelines.assets.ingest.prune_ingested_batches", held_open)
+    with dg.instance_for_test() as instance:
+        promoted = dg.materialize(
+            [ingested_tables, *CHECKS], instance=instance, resources={"workspace": workspace},
+            run_config={"ops": {"ingested_tables": {"config": {"from_batch": "2024-06-01"}}}})
+        warnings = [record.user_message for record in instance.all_logs(promoted.run_id)
+                    if record.level == logging.WARNING]
+    assert promoted.success
+    assert (tmp_path / "warehouse" / PROMOTED_BATCH_FILE).read_text().strip() == "2024-06-01"
+    assert any(message.startswith(
+        f"the warehouse holds batch 2024-06-01, but older ingested copies under {tmp_path / 'warehouse' / 'batches'} "
+        "could not be deleted ([Errno 1] Operation not permitted: 'events.parquet'); the next promotion tries again")
+        for message in warnings), warnings
