@@ -56,7 +56,7 @@ defs = dg.Definitions(
     sensors=[
         landing_batch_sensor,
         promote_batch_sensor(ingest_job),
-        after_ingest_sensor(ingest_job, task_pipeline_job),
+        after_ingest_sensor(task_pipeline_job),
     ],
     resources=resources_for_deployment(),
 )

@@ -14,6 +14,9 @@ import dagster as dg
 
 from pipelines.assets.tasks import task_partitions
 
+WAREHOUSE_EVENTS = dg.AssetKey("events")
+"""The asset every ingest and promotion writes: a run that materialized it changed the warehouse."""
+
 
 def task_run_requests(job: dg.UnresolvedAssetJobDefinition, run_key_prefix: str) -> Iterator[dg.RunRequest]:
     for task in task_partitions.get_partition_keys():
@@ -32,14 +35,23 @@ def nightly_schedule(job: dg.UnresolvedAssetJobDefinition, site_timezone: str) -
     return nightly_rescore
 
 
-def after_ingest_sensor(ingest_job: dg.UnresolvedAssetJobDefinition,
-                        task_job: dg.UnresolvedAssetJobDefinition) -> dg.RunStatusSensorDefinition:
-    """When an ingest run succeeds, run every task's pipeline on the new data."""
+def after_ingest_sensor(task_job: dg.UnresolvedAssetJobDefinition) -> dg.RunStatusSensorDefinition:
+    """When a run that wrote the warehouse's ``events`` succeeds, run every task's pipeline on the new data.
 
-    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[ingest_job],
-                          request_job=task_job, name="publish_after_ingest",
-                          default_status=dg.DefaultSensorStatus.STOPPED)
-    def publish_after_ingest(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest]:
-        yield from task_run_requests(task_job, f"after-ingest/{context.dagster_run.run_id}")
+    Every job of the code location is watched: an ingest started from the asset's page, or a
+    backfill, runs in Dagster's own asset job rather than in ``ingest_job``.
+    """
+
+    @dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, request_job=task_job,
+                          name="publish_after_ingest", default_status=dg.DefaultSensorStatus.STOPPED)
+    def publish_after_ingest(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
+        run = context.dagster_run
+        records = context.instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        if WAREHOUSE_EVENTS not in {record.event_log_entry.asset_materialization.asset_key for record in records
+                                    if record.event_log_entry.asset_materialization is not None}:
+            yield dg.SkipReason(f"run {run.run_id} of {run.job_name} did not write the warehouse")
+            return
+        yield from task_run_requests(task_job, f"after-ingest/{run.run_id}")
 
     return publish_after_ingest

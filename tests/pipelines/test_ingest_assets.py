@@ -37,11 +37,20 @@ from pipelines.assets.ingest import (
 from pipelines.resources import Workspace
 from pipelines.sensors import BATCH_PARTITIONS, LANDING_QUIET_SECONDS, ingested_batch, landing_batch_sensor
 
+
+@dg.asset
+def unrelated_asset() -> int:
+    """An asset of another run, which writes nothing of the warehouse."""
+    return 1
+
+
 CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported,
           quarantine_share_within_limit, export_matches_manifest]
 
 
 def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) -> None:
+    from pipelines.definitions import defs
+
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             [ingested_tables, *CHECKS],
@@ -49,6 +58,18 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
             run_config={"ops": {"ingested_tables": {"config": {"landing_dir": str(small_hospital), "workers": 1}}}},
             instance=instance,
         )
+        # Started outside the ingest job (as from the asset's page), it still starts every task's pipeline.
+        publish = defs.resolve_sensor_def("publish_after_ingest")
+        requests = list(publish(dg.build_run_status_sensor_context(  # type: ignore[operator]
+            sensor_name="publish_after_ingest", dagster_instance=instance, dagster_run=result.dagster_run,
+            dagster_event=result.get_run_success_event())))
+        assert [(r.partition_key, r.run_key) for r in requests] == [
+            (task, f"after-ingest/{result.run_id}/{task}") for task in ("simulated_mace_1y", "synthea_death_1y")]
+        other = dg.materialize([unrelated_asset], instance=instance)
+        (skipped,) = publish(dg.build_run_status_sensor_context(  # type: ignore[operator]
+            sensor_name="publish_after_ingest", dagster_instance=instance, dagster_run=other.dagster_run,
+            dagster_event=other.get_run_success_event()))
+        assert skipped.skip_message == f"run {other.run_id} of __ephemeral_asset_job__ did not write the warehouse"
     assert result.success
     evaluations = result.get_asset_check_evaluations()
     assert sorted(e.check_name for e in evaluations) == [
