@@ -31,13 +31,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
+from transformers import PretrainedConfig
 
 from features.errors import ModelSettingsError, TrainingDataError
 from features.hardware import cpu_native_bf16
 from models.calibration import PlattCalibrator
 from models.censoring import censoring_weights
 from models.data import LABEL_KEYS, FusionDataset, PatientInputs, collate
-from models.fusion import FusionConfig, FusionForRiskPrediction
+from models.fusion import FusionForRiskPrediction
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,7 @@ def check_trainable(name: str, dataset: FusionDataset, min_events: int) -> None:
         )
 
 
-def check_inputs_fit(config: FusionConfig, name: str, dataset: FusionDataset) -> None:
+def check_inputs_fit(config: PretrainedConfig, name: str, dataset: FusionDataset) -> None:
     """Raise :class:`ModelSettingsError` when a split's tokens lie outside what ``config`` embeds.
 
     An event code id at or beyond ``event_vocab_size``, a value bin at or beyond ``n_value_bins``
