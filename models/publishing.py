@@ -387,10 +387,21 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
                     "left_out": left_out or {}}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         staging.rename(task_root / version)
+        # The database is built with the new version live before CURRENT moves: a database that
+        # cannot be built (a damaged manifest, a full disk) leaves the live version as it was, and
+        # Parquet readers and DuckDB readers never see two different live versions.
+        try:
+            database = _build_database(root, {task: version})
+        except (PublishError, OSError, duckdb.Error) as exc:
+            shutil.rmtree(task_root / version)
+            if isinstance(exc, PublishError):
+                raise
+            raise PublishError(f"publish {task} refused (live version unchanged): {DATABASE} could not be built "
+                               f"({exc})") from None
         pointer = task_root / ".CURRENT.partial"
         pointer.write_text(version + "\n")
         os.replace(pointer, task_root / "CURRENT")
-        _rebuild_database(root)
+        os.replace(database, root / DATABASE)
     return Publication(task, version, task_root / version, frame.height, n_high)
 
 
@@ -412,28 +423,58 @@ def rebuild_database(root: Path) -> Path:
 
 
 def _rebuild_database(root: Path) -> Path:
-    """Write ``cohortcast.duckdb`` again from the published folders: ``published_scores`` from each
-    task's live version (its ``CURRENT``), ``publications`` from every version's manifest.
+    """Write ``cohortcast.duckdb`` again from the published folders (:func:`_build_database`).
 
     Written as a new file and renamed over the old one: a reader with the database open (the web
     page, an analyst's session) keeps the file it opened and never blocks a publish, and a killed
     publish leaves the last whole database, which the next publish brings up to date.
     """
+    os.replace(_build_database(root), root / DATABASE)
+    return root / DATABASE
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """A version's ``manifest.json``, with the keys the database reads."""
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PublishError(f"published version {folder}: {path.name} cannot be read ({exc.__class__.__name__}); "
+                           "restore it, or move the version folder out of the published folder") from None
+    missing = [key for key in PUBLICATION_COLUMNS if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise PublishError(f"published version {folder}: {path.name} lacks {', '.join(missing)}; restore it, or "
+                           "move the version folder out of the published folder")
+    return dict(manifest)
+
+
+def _build_database(root: Path, live_override: dict[str, str] | None = None) -> Path:
+    """A new ``cohortcast.duckdb`` beside the old one (not yet in place): ``published_scores`` from
+    each task's live version (its ``CURRENT``, or ``live_override[task]`` for a version about to go
+    live), ``publications`` from every version's manifest. Returns the new file's path.
+
+    Raises
+    ------
+    PublishError
+        When a version's manifest cannot be read.
+    """
     live: list[pl.DataFrame] = []
     publications: list[dict[str, Any]] = []
     for task_root in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for folder in sorted(task_root.glob("v[0-9][0-9][0-9][0-9]")):
-            manifest = json.loads((folder / "manifest.json").read_text())
+            manifest = _read_manifest(folder)
             publications.append({key: manifest[key] for key in PUBLICATION_COLUMNS if key != "lineage"}
                                 | {"lineage": json.dumps(manifest["lineage"], default=str)})
-        version = current_version(root, task_root.name)
+        version = (live_override or {}).get(task_root.name) or current_version(root, task_root.name)
         if version is not None:
             rows = pl.read_parquet(task_root / version / "scores.parquet", glob=False)
+            # Items published before they carried a description are named by themselves.
+            fields = {f.name for f in rows.schema["top_items"].inner.fields}  # type: ignore[attr-defined]
+            label = pl.element().struct.field("description" if "description" in fields else "item")
             live.append(rows.select(
                 "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
                 "treatment_effect", "model_version",
-                pl.col("top_items").list.eval(pl.element().struct.field("description")).list.join("; ")
-                .alias("top_items"),
+                pl.col("top_items").list.eval(label).list.join("; ").alias("top_items"),
                 pl.lit(version).alias("version"),
             ))
     scores = pl.concat(live) if live else pl.DataFrame(schema=PUBLISHED_SCORES_SCHEMA)
@@ -449,8 +490,7 @@ def _rebuild_database(root: Path) -> Path:
         connection.execute("CREATE TABLE publications AS SELECT * FROM history")
     finally:
         connection.close()
-    os.replace(partial, root / DATABASE)
-    return root / DATABASE
+    return partial
 
 
 def retire_partial_versions(root: Path, task: str) -> None:

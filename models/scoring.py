@@ -101,22 +101,30 @@ def model_version(model_dir: Path) -> str:
 
 def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers,
                previous: pl.DataFrame | None = None, explain_top_k: int = 5,
-               with_explanations: bool = True, bf16: bool | None = None) -> pa.Table:
+               with_explanations: bool = True, bf16: bool | None = None,
+               horizon_days: float | None = None) -> pa.Table:
     """Score every cohort patient of a task.
 
     ``bf16`` runs the forward passes under bfloat16 autocast; None (the default) does so where the
     hardware computes bfloat16 natively (:func:`models.training.native_bf16`), where it is about
     1.2-1.4x faster and the risks differ from float32 ones by about 0.001.
 
+    ``horizon_days``, the task file's horizon, must be the one the model was trained for: its
+    risks are probabilities by that horizon, and are published as such.
+
     Raises
     ------
     ModelFolderError
-        When the model was trained for another task or another vocabulary, or its folder is broken.
+        When the model was trained for another task, horizon or vocabulary, or its folder is broken.
     """
     model, calibrator, info = load_task_model(model_dir)
     if info["task"] != task_name:
         raise ModelFolderError(f"model {model_dir} was trained for task {info['task']!r}, not {task_name!r} "
                                "(train a model for this task)")
+    if horizon_days is not None and float(model.config.horizon_days) != float(horizon_days):
+        raise ModelFolderError(f"model {model_dir} predicts risk within {model.config.horizon_days:g} days, task "
+                               f"{task_name!r} asks within {horizon_days:g} (the task file was edited since "
+                               "training; train the model again)")
     trained_with = vocabulary_fingerprint(model_dir / "vocabulary.json")
     inputs_with = vocabulary_fingerprint(task_dir / "vocabulary.json")
     if trained_with != inputs_with:

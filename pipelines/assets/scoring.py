@@ -75,11 +75,13 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
                 workspace: Workspace) -> dg.MaterializeResult:
     """Risk, survival curve, treatment effect, tier and explanation of every cohort patient."""
     task = context.partition_key
-    tiers = task_of_partition(task).publishing
+    definition = task_of_partition(task)
+    tiers = definition.publishing
     previous = current_scores(published_dir(workspace), task)
     scores = score_task(model_dir(workspace, task), workspace.warehouse_dir / "tasks" / task, task,
                         RiskTiers(tiers.high_share, tiers.medium_share), previous, config.top_items,
-                        with_explanations=config.explanations, bf16=config.bf16)
+                        with_explanations=config.explanations, bf16=config.bf16,
+                        horizon_days=definition.horizon_days)
     path = write_parquet_atomic(scores, scores_path(workspace, task))
     tiers = pl.from_arrow(scores.select(["risk_tier"])).to_series().value_counts()  # type: ignore[union-attr]
     return dg.MaterializeResult(metadata={

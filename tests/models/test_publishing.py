@@ -322,3 +322,31 @@ def test_live_scores_that_cannot_be_read_are_one_line(scores: pa.Table, tmp_path
     (root / "cohortcast_published.json").write_text(json.dumps({"format_version": 0}))
     with pytest.raises(PublishError, match=r"has format version 0, this cohortcast writes version 1"):
         current_scores(root, "synthetic_1y")
+
+
+def test_a_publish_whose_database_cannot_be_built_leaves_the_live_version(scores: pa.Table, tmp_path: Path) -> None:
+    root = tmp_path / "published"
+    publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r1"})
+    manifest = root / "synthetic_1y" / "v0001" / "manifest.json"
+    kept = manifest.read_bytes()
+    manifest.write_text('{"task": ')  # damaged
+    with pytest.raises(PublishError, match=re.escape(
+            f"published version {root / 'synthetic_1y' / 'v0001'}: manifest.json cannot be read (JSONDecodeError); "
+            "restore it, or move the version folder out of the published folder")):
+        publish(scores.slice(0, 5), patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r2"})
+    assert current_version(root, "synthetic_1y") == "v0001"
+    assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
+    manifest.write_bytes(kept)
+    # Scores published before explaining items carried a description: their items name themselves.
+    old = root / "synthetic_1y" / "v0001" / "scores.parquet"
+    fields = [pl.element().struct.field(name) for name in ("modality", "item", "contribution")]
+    pl.read_parquet(old).with_columns(pl.col("top_items").list.eval(pl.struct(fields))).write_parquet(old)
+    publish(scores.slice(0, 5).set_column(2, "task", pa.array(["other_1y"] * 5)), patients_table(scores), root,
+            "other_1y", 365, "death", {"run_id": "r3"})
+    with duckdb.connect(str(root / "cohortcast.duckdb"), read_only=True) as db:
+        assert db.execute("SELECT task, version, count(*) FROM published_scores GROUP BY ALL ORDER BY task"
+                          ).fetchall() == [("other_1y", "v0001", 5), ("synthetic_1y", "v0001", 800)]
+        first = db.execute("SELECT top_items FROM published_scores WHERE task = 'synthetic_1y' ORDER BY subject_id "
+                           "LIMIT 1").fetchone()
+    row = pl.read_parquet(old).sort("subject_id").row(0, named=True)
+    assert first == ("; ".join(item["item"] for item in row["top_items"]),)

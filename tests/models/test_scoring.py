@@ -65,6 +65,11 @@ def test_a_model_for_another_task_vocabulary_or_value_bins_is_refused(trained_ta
                                                                      tmp_path: Path) -> None:
     with pytest.raises(ModelFolderError, match="was trained for task 'synthetic_1y', not 'mace_1y'"):
         score_task(trained_task.model_dir, trained_task.task_dir, "mace_1y", RiskTiers())
+    # The task file's horizon edited since training: a 1-year risk must not be published as a 2-year one.
+    with pytest.raises(ModelFolderError, match=re.escape(
+            f"model {trained_task.model_dir} predicts risk within 365 days, task 'synthetic_1y' asks within 730 "
+            "(the task file was edited since training; train the model again)")):
+        score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(), horizon_days=730)
     other_inputs = tmp_path / "inputs"
     shutil.copytree(trained_task.task_dir, other_inputs)
     trained_state = json.loads((trained_task.task_dir / "vocabulary.json").read_text())
