@@ -51,6 +51,8 @@ from models.scoring import model_version as model_version_of
 from models.task_model import ModelFolderError, check_model_folder, promote_model
 
 PUBLISHED_FORMAT_VERSION = 1
+RISK_TIER_SYSTEM = "urn:cohortcast:risk-tier"
+"""The code system of a RiskAssessment's tier (``high``, ``medium``, ``low``): ranks in the task's cohort."""
 FORMAT_FILE = "cohortcast_published.json"
 DATABASE = "cohortcast.duckdb"
 PUBLISH_LOCK = ".publish.lock"
@@ -304,10 +306,13 @@ def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, mode
         "prediction": [{
             "outcome": {"text": outcome},
             "probabilityDecimal": round(float(row["risk"]), 6),
+            # The tier is a rank among the task's cohort (the top 5 %, say), not a probability band:
+            # HL7's risk-probability codes ("high": more likely than not) would contradict the
+            # probability beside it, so the tier has a code system of its own.
             "qualitativeRisk": {"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/risk-probability",
-                "code": {"high": "high", "medium": "moderate", "low": "low"}[row["risk_tier"]],
-            }]},
+                "system": RISK_TIER_SYSTEM, "code": row["risk_tier"],
+                "display": f"{row['risk_tier']} tier: ranked among the task's cohort, not a probability band",
+            }], "text": f"{row['risk_tier']} risk tier (rank in cohort)"},
             "whenPeriod": {"start": when.isoformat(timespec="seconds"),
                            "end": (when + timedelta(days=horizon_days)).isoformat(timespec="seconds")},
         }],
@@ -316,6 +321,40 @@ def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, mode
         resource["mitigation"] = (f"Estimated change in risk with the task's treatment: "
                                   f"{row['treatment_effect'] * 100:+.1f} percentage points")
     return resource
+
+
+def withdrawn_assessment(row: dict[str, Any], model_version: str) -> dict[str, Any]:
+    """A RiskAssessment that withdraws a patient's last published one (same id): the patient has died.
+
+    RiskAssessment ids are stable so that a write-back replaces a patient's last assessment; a
+    patient who is left off the list is otherwise never written again, and the EHR would keep
+    showing their last risk.
+    """
+    return {
+        "resourceType": "RiskAssessment",
+        "id": risk_assessment_id(row["task"], row["subject_id"]),
+        "status": "cancelled",
+        "method": {"text": f"cohortcast fusion model {model_version}"},
+        "subject": {"reference": f"Patient/{row['patient_id']}"},
+        "occurrenceDateTime": row["prediction_time"].replace(tzinfo=UTC).isoformat(timespec="seconds"),
+        "note": [{"text": "Withdrawn: the patient has died since this assessment, and is no longer on the list."}],
+    }
+
+
+def newly_deceased(previous: pl.DataFrame | None, published: pl.DataFrame, patients: pl.DataFrame) -> pl.DataFrame:
+    """The rows of the previous live version whose patients are not in ``published`` and have died
+    since (``patients``' ``death_time`` or ``deceased``; none when it has neither column)."""
+    if previous is None or not {"death_time", "deceased"} & set(patients.columns):
+        return pl.DataFrame(schema={"task": pl.String, "subject_id": pl.Int64, "patient_id": pl.String,
+                                    "prediction_time": pl.Datetime("us")})
+    died = pl.lit(False)
+    if "death_time" in patients.columns:
+        died = died | pl.col("death_time").is_not_null()
+    if "deceased" in patients.columns:
+        died = died | pl.col("deceased").fill_null(False)
+    dead = patients.filter(died)["subject_id"].implode()
+    return (previous.filter(pl.col("subject_id").is_in(dead) & ~pl.col("subject_id").is_in(
+        published["subject_id"].implode())).select("task", "subject_id", "patient_id", "prediction_time"))
 
 
 def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
@@ -374,17 +413,19 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
         existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
         version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
+        withdrawn = newly_deceased(current_scores(root, task), frame, patients)
         staging = staging_dir(task_root, f".{version}.")
         model_version = str(frame["model_version"][0]) if frame.height else ""
         with_ids.write_parquet(staging / "scores.parquet")
         lines = [orjson.dumps(risk_assessment(row, horizon_days, outcome, model_version))
                  for row in with_ids.iter_rows(named=True)]
+        lines += [orjson.dumps(withdrawn_assessment(row, model_version)) for row in withdrawn.iter_rows(named=True)]
         (staging / "risk_assessments.ndjson").write_bytes(b"\n".join(lines) + (b"\n" if lines else b""))
         n_high = int((frame["risk_tier"] == "high").sum())
         created = datetime.now(UTC).isoformat(timespec="seconds")
         manifest = {"task": task, "version": version, "created": created, "n_patients": frame.height,
                     "n_high_risk": n_high, "model_version": model_version, "lineage": lineage,
-                    "left_out": left_out or {}}
+                    "left_out": left_out or {}, "withdrawn_assessments": withdrawn.height}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         staging.rename(task_root / version)
         # The database is built with the new version live before CURRENT moves: a database that

@@ -113,6 +113,9 @@ def test_risk_assessments_are_valid_fhir_r4(scores: pa.Table, tmp_path: Path) ->
         assert resource.subject.reference.startswith("Patient/p-")
         assert 0 <= float(resource.prediction[0].probabilityDecimal) <= 1
         assert resource.prediction[0].whenPeriod.end > resource.prediction[0].whenPeriod.start
+        # The tier is a rank, not HL7's probability band ("high": more likely than not).
+        assert resource.prediction[0].qualitativeRisk.coding[0].system == "urn:cohortcast:risk-tier"
+        assert resource.prediction[0].qualitativeRisk.coding[0].code in ("high", "medium", "low")
     # One id per patient and task, the same in the next version: a write-back replaces the last one.
     ids = [orjson.loads(line)["id"] for line in lines]
     assert len(set(ids)) == 800
@@ -350,3 +353,28 @@ def test_a_publish_whose_database_cannot_be_built_leaves_the_live_version(scores
                            "LIMIT 1").fetchone()
     row = pl.read_parquet(old).sort("subject_id").row(0, named=True)
     assert first == ("; ".join(item["item"] for item in row["top_items"]),)
+
+
+def test_a_patient_who_died_since_the_last_version_has_their_assessment_withdrawn(scores: pa.Table,
+                                                                                  tmp_path: Path) -> None:
+    frame = pl.from_arrow(scores).head(4)
+    ids = frame["subject_id"].to_list()
+    alive = pl.DataFrame({"subject_id": ids, "patient_id": [f"p-{i}" for i in range(4)],
+                          "death_time": [None] * 4, "deceased": [False] * 4},
+                         schema_overrides={"death_time": pl.Datetime("us")})
+    first = publish(frame.to_arrow(), alive, tmp_path, "synthetic_1y", 365, "death", {})
+    assert len((first.folder / "risk_assessments.ndjson").read_bytes().splitlines()) == 4
+    # The second patient died before the next run; the fourth left the cohort alive.
+    now = alive.with_columns(death_time=pl.Series([None, datetime(2025, 3, 1), None, None], dtype=pl.Datetime("us")))
+    living, _ = living_patients(frame.head(3).to_arrow(), now, RiskTiers())
+    second = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
+    resources = [orjson.loads(line) for line in (second.folder / "risk_assessments.ndjson").read_bytes().splitlines()]
+    assert [(r["id"], r["status"]) for r in resources] == [
+        (risk_assessment_id("synthetic_1y", ids[0]), "final"), (risk_assessment_id("synthetic_1y", ids[2]), "final"),
+        (risk_assessment_id("synthetic_1y", ids[1]), "cancelled")]
+    withdrawn = get_fhir_model_class("RiskAssessment").model_validate(resources[-1])
+    assert withdrawn.subject.reference == "Patient/p-1" and withdrawn.prediction is None
+    assert json.loads((second.folder / "manifest.json").read_text())["withdrawn_assessments"] == 1
+    # Withdrawn once: the next version has no line for them.
+    third = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
+    assert len((third.folder / "risk_assessments.ndjson").read_bytes().splitlines()) == 2
