@@ -12,6 +12,7 @@ zeroed), which the model learned to handle through modality dropout.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -82,19 +83,22 @@ def modality_items(patient: PatientInputs) -> list[Item]:
 def detail_items(patient: PatientInputs, vocabulary: list[str], max_codes: int = 24) -> list[Item]:
     """Items inside modalities: each code (all its events), each note, each study.
 
-    Codes are ranked by their most recent occurrence and only ``max_codes`` are tried, which bounds
-    the cost per patient.
+    Only ``max_codes`` codes are tried, which bounds the cost per patient: dated codes by their most
+    recent occurrence and static facts (genotypes, expression values, sex: no time, so at the
+    prediction time) taken in turn, so that neither kind can fill the budget alone; a gene panel
+    would otherwise crowd out every laboratory result and diagnosis.
     """
     items = []
     codes = patient.event_codes
     order = np.argsort(patient.event_days, kind="stable")  # most recent first
+    first_seen = dict.fromkeys(int(codes[position]) for position in order)
+    latest_day = {code: float(patient.event_days[np.flatnonzero(codes == code)].min()) for code in first_seen}
+    dated = [code for code in first_seen if latest_day[code] > 0]
+    static = [code for code in first_seen if latest_day[code] <= 0]
     seen: list[int] = []
-    for position in order:
-        code = int(codes[position])
-        if code not in seen:
-            seen.append(code)
-        if len(seen) == max_codes:
-            break
+    for pair in itertools.zip_longest(dated, static):
+        seen += [code for code in pair if code is not None]
+    seen = seen[:max_codes]
     for code in seen:
         positions = tuple(np.flatnonzero(codes == code).tolist())
         modality = MODALITIES[int(patient.event_modalities[positions[0]])]

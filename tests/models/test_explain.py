@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from models.data import FusionDataset
-from models.explain import Item, calibrated_risks, explain, modality_items, remove
+from models.explain import Item, calibrated_risks, detail_items, explain, modality_items, remove
 from models.task_model import load_task_model
 from tests.models.conftest import TrainedTask
 
@@ -76,3 +76,24 @@ def test_remove_drops_the_values_of_removed_event_tokens(trained_task: TrainedTa
     np.testing.assert_array_equal(without.event_values, values[2:])
     np.testing.assert_array_equal(without.event_codes, patient.event_codes[2:])
     assert remove(patient, Item("ehr", "first", event_positions=(0,))).event_values is None
+
+
+def test_a_gene_panel_does_not_crowd_dated_codes_out_of_the_items_tried(trained_task: TrainedTask) -> None:
+    patient = held_out_patients(trained_task)[0]
+    # Five dated EHR codes, then a 30-gene panel: static facts, at the prediction time (day 0).
+    n_genes = 30
+    with_panel = replace(
+        patient,
+        event_codes=np.concatenate([np.arange(100, 105), np.arange(200, 200 + n_genes)]).astype(np.int64),
+        event_value_bins=np.zeros(5 + n_genes, dtype=np.int64),
+        event_days=np.concatenate([[400.0, 30.0, 7.0, 90.0, 2.0], np.zeros(n_genes)]).astype(np.float32),
+        event_modalities=np.array([0] * 5 + [2] * n_genes, dtype=np.int64),
+        event_values=None,
+    )
+    vocabulary = [f"CODE//{i}" for i in range(300)]
+    codes = [item.name for item in detail_items(with_panel, vocabulary, max_codes=24) if item.event_positions]
+    assert len(codes) == 24
+    # Every dated code, most recent first, taken in turn with the genes.
+    assert codes[:10:2] == ["CODE//104", "CODE//102", "CODE//101", "CODE//103", "CODE//100"]
+    assert codes[1:10:2] == [f"CODE//{200 + i}" for i in range(5)]
+    assert codes[10:] == [f"CODE//{205 + i}" for i in range(14)]
