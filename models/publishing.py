@@ -43,7 +43,7 @@ import polars as pl
 import pyarrow as pa
 
 from features.errors import CohortcastError
-from features.ingest import SUMMARY_FILE, IngestSummary, unsettled_warehouse
+from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary, unsettled_warehouse
 from features.io import staging_dir
 from features.schemas import SCORES
 from models.scoring import RiskTiers
@@ -173,6 +173,25 @@ def quality_shortfalls(fusion: dict[str, float], min_auroc: float, max_calibrati
         shortfalls.append(f"held-out calibration_error {fusion['calibration_error']:.4f} "
                           f"(expected <= {max_calibration_error})")
     return shortfalls
+
+
+def data_lineage(warehouse_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """What a version was scored from, beyond paths that are the same every night: the ingest that
+    wrote the warehouse (its landing zone, export time and, for a promoted batch, the batch), the
+    model's version (a digest of its weights) and its training fingerprint (its inputs and settings)."""
+    summary = IngestSummary.from_json(warehouse_dir / SUMMARY_FILE)
+    batch_file = warehouse_dir / PROMOTED_BATCH_FILE
+    info = check_model_folder(model_dir)
+    return {
+        "warehouse": str(warehouse_dir),
+        "ingested_from": summary.landing_dir,
+        "batch": batch_file.read_text().strip() if batch_file.is_file() else None,
+        "export_time": summary.export_time.isoformat(),
+        "fhir_export_time": summary.fhir_export_time.isoformat() if summary.fhir_export_time else None,
+        "model": str(model_dir),
+        "model_version": model_version_of(model_dir),
+        "training_fingerprint": info.get("training_fingerprint"),
+    }
 
 
 def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, warehouse_dir: Path,

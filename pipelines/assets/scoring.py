@@ -42,7 +42,7 @@ from models.drift import (
     population_stability_index,
     reference_codes,
 )
-from models.publishing import check_publishable, current_scores, living_patients, publish
+from models.publishing import check_publishable, current_scores, data_lineage, living_patients, publish
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import task_of_partition, task_partitions
 from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
@@ -201,8 +201,8 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     living, deceased = living_patients(scores, patients, RiskTiers(task.publishing.high_share,
                                                                    task.publishing.medium_share))
     publication = publish(living, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
-                          {"run_id": context.run.run_id, "warehouse": str(workspace.warehouse_dir),
-                           "model": str(model_dir(workspace, task.name)),
+                          {"run_id": context.run.run_id,
+                           **data_lineage(workspace.warehouse_dir, model_dir(workspace, task.name)),
                            # The gates this version passed: a run's config may set others than the task's.
                            "quality_gates": {"min_auroc": min_auroc, "max_calibration_error": max_calibration_error}},
                           codes=codes,

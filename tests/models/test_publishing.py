@@ -24,6 +24,7 @@ from models.publishing import (
     check_publishable,
     current_scores,
     current_version,
+    data_lineage,
     deploy_model,
     living_patients,
     publish,
@@ -378,3 +379,17 @@ def test_a_patient_who_died_since_the_last_version_has_their_assessment_withdraw
     # Withdrawn once: the next version has no line for them.
     third = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
     assert len((third.folder / "risk_assessments.ndjson").read_bytes().splitlines()) == 2
+
+
+def test_the_lineage_names_the_export_batch_and_model_a_version_came_from(trained_task: TrainedTask,
+                                                                         tmp_path: Path) -> None:
+    warehouse = tmp_path / "warehouse"
+    write_summary(warehouse)
+    (warehouse / "promoted_batch.txt").write_text("2026-01-01\n")
+    info = json.loads((trained_task.model_dir / "cohortcast_model.json").read_text())
+    assert data_lineage(warehouse, trained_task.model_dir) == {
+        "warehouse": str(warehouse), "ingested_from": "landing", "batch": "2026-01-01",
+        "export_time": "2026-01-01T00:00:00", "fhir_export_time": None, "model": str(trained_task.model_dir),
+        "model_version": model_version(trained_task.model_dir),
+        "training_fingerprint": info.get("training_fingerprint"),
+    }
