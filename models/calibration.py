@@ -114,10 +114,52 @@ class PlattCalibrator:
         return np.stack([_platt(logits[:, arm], slope, intercept) for arm, (slope, intercept) in enumerate(arms)],
                         axis=1)
 
+    def fit_survival(self, survival_at_horizon: npt.ArrayLike, event: npt.ArrayLike,
+                     duration_days: npt.ArrayLike, horizon_days: float) -> PlattCalibrator:
+        """Calibrate the survival curves in the large on the tuning split: the power ``k`` of
+        ``S(t) ** k`` that makes the mean predicted risk by the horizon, ``1 - S(horizon) ** k``, the
+        Kaplan-Meier estimate of the tuning patients' (``event``, ``duration_days``).
+
+        Raising each curve to one power scales every patient's cumulative hazard alike (a
+        proportional-hazards recalibration): the curves keep their shapes and their order, so the
+        C-index and time-dependent AUC do not change, while the curve's probabilities, which the
+        survival head learns from complete intervals without calibration, match the tuning split's.
+        A curve by the horizon that the data cannot check (no patient followed that long, or no
+        event) keeps ``k = 1``.
+        """
+        from sksurv.nonparametric import kaplan_meier_estimator
+
+        s = np.clip(np.asarray(survival_at_horizon, dtype=np.float64), 1e-12, 1.0)
+        events = np.asarray(event, dtype=np.float64) > 0.5
+        durations = np.asarray(duration_days, dtype=np.float64)
+        self.survival_power_ = 1.0
+        if not events.any() or durations.max() < horizon_days or (s >= 1.0).all():
+            return self
+        times, km = kaplan_meier_estimator(events, durations)
+        target = 1.0 - float(km[times <= horizon_days][-1]) if (times <= horizon_days).any() else 0.0
+        if not 0.0 < target < 1.0:
+            return self
+        # Mean risk 1 - mean(s ** k) rises with k: bisection on log k.
+        low, high = np.log(1e-3), np.log(1e3)
+        for _ in range(60):
+            middle = (low + high) / 2
+            if 1.0 - np.mean(s ** np.exp(middle)) < target:
+                low = middle
+            else:
+                high = middle
+        self.survival_power_ = float(np.exp((low + high) / 2))
+        return self
+
+    def transform_survival(self, survival: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Survival curves calibrated by :meth:`fit_survival` (unchanged for a calibration saved before it)."""
+        return np.asarray(np.asarray(survival, dtype=np.float64) ** getattr(self, "survival_power_", 1.0))
+
     def save(self, path: Path) -> Path:
         state: dict[str, object] = {"method": "platt", "slope": self.slope_, "intercept": self.intercept_}
         if getattr(self, "arms_", None) is not None:
             state["arms"] = [{"slope": slope, "intercept": intercept} for slope, intercept in self.arms_]
+        if getattr(self, "survival_power_", None) is not None:
+            state["survival_power"] = self.survival_power_
         path.write_text(json.dumps(state))
         return path
 
@@ -138,7 +180,7 @@ class PlattCalibrator:
             found = state.get("method") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{path}: expected a Platt calibration (method 'platt'), found {found!r}")
         arms = state.get("arms", [])
-        values = [state.get("slope"), state.get("intercept"),
+        values = [state.get("slope"), state.get("intercept"), state.get("survival_power", 1.0),
                   *(arm.get(key) if isinstance(arm, dict) else None for arm in arms for key in ("slope", "intercept"))]
         if not isinstance(arms, list) or not all(
                 isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in values):
@@ -148,4 +190,6 @@ class PlattCalibrator:
         calibrator.intercept_ = float(state["intercept"])
         if "arms" in state:
             calibrator.arms_ = [(float(arm["slope"]), float(arm["intercept"])) for arm in arms]
+        if "survival_power" in state:
+            calibrator.survival_power_ = float(state["survival_power"])
         return calibrator

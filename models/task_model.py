@@ -202,7 +202,7 @@ def predict(model: FusionForRiskPrediction, calibrator: PlattCalibrator, dataset
             bf16: bool = False) -> Predictions:
     logits = predict_logits(model, dataset, bf16=bf16, with_loss=False)
     arms = calibrator.transform_arms(logits["arm_logits"])
-    curve = survival_curve(torch.from_numpy(logits["hazard_logits"])).numpy().astype(np.float64)
+    curve = calibrator.transform_survival(survival_curve(torch.from_numpy(logits["hazard_logits"])).numpy())
     return Predictions(calibrator.transform(logits["risk_logits"]), curve, arms[:, 1] - arms[:, 0])
 
 

@@ -38,7 +38,7 @@ from features.hardware import cpu_native_bf16
 from models.calibration import PlattCalibrator
 from models.censoring import censoring_weights
 from models.data import LABEL_KEYS, FusionDataset, PatientInputs, collate
-from models.fusion import FusionForRiskPrediction
+from models.fusion import FusionForRiskPrediction, survival_curve
 
 
 @dataclass(frozen=True)
@@ -436,4 +436,7 @@ def fit_calibration(model: FusionForRiskPrediction, tuning_dataset: FusionDatase
     )
     if not np.isnan(treated).all():
         calibrator.fit_arms(tuning["arm_logits"], labels, treated, sample_weight=weights)
+    survival = survival_curve(torch.from_numpy(tuning["hazard_logits"])).numpy()
+    calibrator.fit_survival(survival[:, model.config.horizon_bin], arrays["event"], arrays["duration_days"],
+                            model.config.horizon_days)
     return calibrator

@@ -62,3 +62,32 @@ def test_arm_logits_of_the_wrong_shape_are_refused() -> None:
     calibrator = PlattCalibrator().fit([-1.0, 1.0] * 5, [0, 1] * 5)
     with pytest.raises(ValueError, match=r"arm logits of shape \(n, 2\) .* found \(10,\), 10 and 10"):
         calibrator.fit_arms(np.zeros(10), np.zeros(10), np.zeros(10))
+
+
+def test_survival_curves_are_calibrated_to_the_kaplan_meier_risk_by_the_horizon(tmp_path: Path) -> None:
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    hazard = 0.0008 * np.exp(rng.normal(size=n))  # per day, exponential times
+    event_time = rng.exponential(1 / hazard)
+    censor_time = rng.uniform(100, 800, n)
+    duration, event = np.minimum(event_time, censor_time), event_time <= censor_time
+    true_s = np.exp(-hazard * 365)
+    predicted = true_s ** 2  # a head that doubles every cumulative hazard
+    calibrator = PlattCalibrator().fit_survival(predicted, event, duration, 365.0)
+    times, km = kaplan_meier_estimator(event, duration)
+    km_risk = 1 - km[times <= 365][-1]
+    assert np.mean(1 - calibrator.transform_survival(predicted)) == pytest.approx(km_risk, abs=1e-9)
+    assert calibrator.survival_power_ == pytest.approx(0.5, abs=0.03)
+    # One power for every curve: the order of the patients' risks is kept.
+    curves = np.stack([predicted, predicted ** 1.5], axis=1)
+    assert (np.argsort(calibrator.transform_survival(curves)[:, 0]) == np.argsort(predicted)).all()
+    # Saved beside the rest; a calibration saved before it leaves the curves as the head gave them.
+    calibrator.slope_, calibrator.intercept_ = 1.0, 0.0
+    loaded = PlattCalibrator.load(calibrator.save(tmp_path / "calibration.json"))
+    assert loaded.survival_power_ == calibrator.survival_power_
+    (tmp_path / "old.json").write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0}))
+    np.testing.assert_array_equal(PlattCalibrator.load(tmp_path / "old.json").transform_survival(curves), curves)
+    # Nobody followed to the horizon: nothing to calibrate against.
+    assert PlattCalibrator().fit_survival(predicted, event, np.minimum(duration, 300.0), 365.0).survival_power_ == 1.0
