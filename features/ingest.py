@@ -1850,10 +1850,11 @@ def unsettled_warehouse(warehouse_dir: Path) -> str | None:
     return None
 
 
-BATCH_NAME = re.compile(r"[0-9][0-9A-Za-z._-]*")
-"""A landing batch's folder name: it starts with its landing date or time (``2024-06-01``,
-``20240601T0200Z``), so that names sort in landing order. A folder named otherwise (``archive``,
-``tmp``) is no batch: read as one, it would sort after every dated batch and be taken for the newest."""
+BATCH_NAME = re.compile(r"[0-9][0-9A-Za-z._:+-]*")
+"""A landing batch's folder name: it starts with a digit, its landing date or time (``2024-06-01``,
+``20240601T0200Z``, ``2024-06-01T02:00:00Z``), so that names sort in landing order. A folder named
+otherwise (``archive``, ``tmp``, ``export-2024-06-02``) is no batch: read as one, it would sort after
+every dated batch and be taken for the newest."""
 
 
 def is_batch_name(name: str) -> bool:
@@ -1897,8 +1898,15 @@ def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[
     for name in doomed:
         os.replace(batches_dir / name, batches_dir / f"{DELETING_PREFIX}{name}")
     # Those hidden before and not deleted (a file held open on a network share, say) go now too.
+    # Every one is tried: one stuck copy must not keep the others, and each night's, on the disk.
+    failed: list[OSError] = []
     for hidden in sorted(batches_dir.glob(f"{DELETING_PREFIX}*")):
-        shutil.rmtree(hidden)
+        try:
+            shutil.rmtree(hidden)
+        except OSError as exc:
+            failed.append(exc)
+    if failed:
+        raise OSError(f"{len(failed)} ingested copies under {batches_dir} could not be deleted (first: {failed[0]})")
     return doomed
 
 

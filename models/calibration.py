@@ -180,10 +180,11 @@ class PlattCalibrator:
             found = state.get("method") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{path}: expected a Platt calibration (method 'platt'), found {found!r}")
         arms = state.get("arms", [])
+        if not isinstance(arms, list) or len(arms) not in (0, 2):
+            raise ValueError(f"{path}: 'arms' should list the two treatment arms' calibrations, found {arms!r:.60}")
         values = [state.get("slope"), state.get("intercept"), state.get("survival_power", 1.0),
                   *(arm.get(key) if isinstance(arm, dict) else None for arm in arms for key in ("slope", "intercept"))]
-        if not isinstance(arms, list) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in values):
             raise ValueError(f"{path}: expected a finite numeric slope and intercept (and per arm, if any)")
         calibrator = cls()
         calibrator.slope_ = float(state["slope"])

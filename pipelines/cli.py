@@ -259,7 +259,9 @@ def train(warehouse: Path, task_path: Path, out: Path | None, epochs: int, batch
 
     if hidden_size % heads:
         # Refused before any input is read: each head attends over hidden_size / heads dimensions.
-        raise click.BadParameter(f"--heads {heads} does not divide --hidden-size {hidden_size}", param_hint="--heads")
+        divisors = [d for d in range(1, hidden_size + 1) if hidden_size % d == 0][:6]
+        raise click.BadParameter(f"--heads {heads} does not divide --hidden-size {hidden_size} (use one of "
+                                 f"{', '.join(map(str, divisors))}, ...)", param_hint="--heads")
     task = load_task(task_path)
     folder = task_dir(warehouse, task)
     live = warehouse / "models" / task.name

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from features.errors import LandingZoneError
 from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary
+from features.simulate.hospital import SIMULATION_MANIFEST
 from models.publishing import current_scores, current_version
 from pipelines.definitions import all_asset_checks, ingest_assets, task_assets
 from pipelines.resources import resources_for_deployment
@@ -45,8 +46,14 @@ def check_demo_workspace(workspace: Path) -> None:
     """
     warehouse, landing = workspace / "warehouse", workspace / "landing"
     summary = warehouse / SUMMARY_FILE
-    read_from = Path(IngestSummary.from_json(summary).landing_dir).absolute() if summary.is_file() else None
-    if (warehouse / PROMOTED_BATCH_FILE).is_file() or (read_from is not None and read_from != landing):
+    read_from = Path(IngestSummary.from_json(summary).landing_dir) if summary.is_file() else None
+    # A demo workspace moved or reached by another path (a symbolic link, another mount) names a
+    # landing folder that no longer exists, or the same folder by another name; its own landing/
+    # still holds the simulation.
+    elsewhere = read_from is not None and (
+        read_from.resolve() != landing.resolve() if read_from.exists()
+        else not (landing / SIMULATION_MANIFEST).is_file())
+    if (warehouse / PROMOTED_BATCH_FILE).is_file() or elsewhere:
         source = f"batch {(warehouse / PROMOTED_BATCH_FILE).read_text().strip()}" if (
             warehouse / PROMOTED_BATCH_FILE).is_file() else str(read_from)
         raise LandingZoneError(f"workspace {workspace} holds a warehouse ingested from {source}, not a demo's: the "

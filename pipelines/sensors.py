@@ -132,20 +132,22 @@ def _newest_change(folder: Path, but: Path | None = None, clock: str = "st_mtime
     return newest, files
 
 
-UNFINISHED_RUNS = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
-"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again."""
+UNFINISHED_RUNS = (dg.DagsterRunStatus.FAILURE,)
+"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again.
+A canceled run is not: an operator canceled it, and re-executes it when the batch should go in."""
 
 
 def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
     """A run key to ingest a known batch again, or None.
 
-    Its latest ``ingested_batch`` run failed or was canceled (for any cause: a check of its tables,
-    a lost run worker, a run that never launched), and the folder has changed since that run was
-    created (what it read) and has landed again. A batch whose copy was cut short fails its checks
-    (a file of its manifest missing, say); its partition exists by then, and its first run key is
-    spent, so without this the finished copy would never be ingested. Changes are read from the
-    inode change times, which a copy that keeps the export's times (``cp -p``, ``rsync -a``) cannot
-    set back to before the run.
+    Its latest ``ingested_batch`` run failed (for any cause: a check of its tables, a lost run
+    worker, a run that never launched; a canceled one is the operator's to re-execute), and the
+    folder has changed since that run was created (what it read) and has landed again. A batch
+    whose copy was cut short fails its checks (a file of its manifest missing, say); its partition
+    exists by then, and its first run key is spent, so without this the finished copy would never
+    be ingested. Changes are read from the inode change times, which a copy that keeps the export's
+    times (``cp -p``, ``rsync -a``) cannot set back to before the run; a change of permissions or
+    owner moves them too, and ingests a failed batch once more.
     """
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
     if not runs or runs[0].status not in UNFINISHED_RUNS:
@@ -176,8 +178,9 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     again = [(name, key) for name in recent
              if (key := ingest_again_key(context.instance, name, workspace.batches_dir / name, now))]
     strays = stray_batch_folders(workspace.batches_dir)
-    stray_note = (f"folders left alone, not batches (a batch's name starts with its landing date, such as "
-                  f"2024-06-01): {', '.join(strays)}" if strays else "")
+    stray_note = (f"folders left alone, not batches (a batch's name starts with a digit, its landing date or "
+                  f"time, such as 2024-06-01, and holds only letters, digits and . _ - : +): {', '.join(strays)}"
+                  if strays else "")
     if stray_note and (ready or again):
         context.log.warning(stray_note)
     if not ready and not again:

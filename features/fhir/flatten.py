@@ -917,6 +917,17 @@ def record_version(res: dict[str, Any], origin: Origin) -> Row | None:
     return (origin.source_file, origin.record_number, updated, version)
 
 
+def reports_an_error(outcome: dict[str, Any]) -> bool:
+    """Whether an ``OperationOutcome`` reports an error (an issue of severity ``error`` or ``fatal``,
+    or issues that cannot be read): what a server could not do, as a Bulk export's error files
+    hold. Warnings and information (a search's paging note) are kept as ``raw_unknown`` rows."""
+    issues = outcome.get("issue")
+    if not isinstance(issues, list) or not issues:
+        return True
+    return any(not isinstance(issue, dict) or issue.get("severity") not in ("warning", "information")
+               for issue in issues)
+
+
 def describe_outcome(outcome: dict[str, Any]) -> str:
     """One line for an ``OperationOutcome``: a FHIR server's message, not a fact about a patient.
 
@@ -946,7 +957,7 @@ def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = No
     Unused types go to ``raw_unknown`` with their JSON, so nothing is dropped silently.
     """
     rt = res["resourceType"]
-    if rt == "OperationOutcome":
+    if rt == "OperationOutcome" and reports_an_error(res):
         raise RecordError("server_outcome", describe_outcome(res))
     rid = check_id(res.get("id"), f"{rt}.id")
     flatten = FLATTENERS.get(rt)

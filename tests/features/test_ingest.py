@@ -29,11 +29,13 @@ from features.ingest import (
     PROMOTED_BATCH_FILE,
     SUMMARY_FILE,
     IngestSummary,
+    batch_names,
     ingest_landing_zone,
     promote_warehouse,
     prune_ingested_batches,
     quarantine_shares,
     remove_leftovers,
+    stray_batch_folders,
     warehouse_files,
 )
 from features.labels import build_labels
@@ -493,6 +495,24 @@ def test_an_ingest_killed_while_putting_its_files_in_place_is_finished_by_the_ne
     assert not list(warehouse.glob(".ingest-staging-*"))
 
 
+def test_a_copy_that_cannot_be_deleted_does_not_keep_the_others(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (".deleting-2024-05-01", "2024-06-01", "2024-06-02", "2024-06-03"):
+        (tmp_path / name).mkdir()
+    real = shutil.rmtree
+
+    def held_open(path: Path, *args: object, **kwargs: object) -> None:  # a file held open on a network share
+        if Path(path).name == ".deleting-2024-05-01":
+            raise OSError(39, "Directory not empty", str(path))
+        real(path)
+
+    monkeypatch.setattr(shutil, "rmtree", held_open)
+    with pytest.raises(OSError, match=rf"1 ingested copies under {tmp_path} could not be deleted \(first: \[Errno 39\] "
+                                      "Directory not empty"):
+        prune_ingested_batches(tmp_path, "2024-06-03", keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".deleting-2024-05-01", "2024-06-03"]
+
+
 def test_prune_ingested_batches_keeps_the_promoted_newer_and_newest_older(tmp_path: Path) -> None:
     for name in ("2024-06-01", "2024-06-02", "2024-06-03", "2024-06-04", "2024-06-05", ".2024-06-06"):
         (tmp_path / name).mkdir()
@@ -506,6 +526,11 @@ def test_prune_ingested_batches_keeps_the_promoted_newer_and_newest_older(tmp_pa
     (tmp_path / ".deleting-2024-05-31" / "events.parquet").write_bytes(b"tables")
     assert prune_ingested_batches(tmp_path, "2024-06-04", keep=2) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [".2024-06-06", "2024-06-03", "2024-06-04", "2024-06-05"]
+    assert batch_names(tmp_path) == ["2024-06-03", "2024-06-04", "2024-06-05"]
+    for name in ("2024-06-07T02:00:00Z", "20240608T0200+0200", "archive", "export-2024-06-09"):
+        (tmp_path / name).mkdir()
+    assert batch_names(tmp_path)[-2:] == ["2024-06-07T02:00:00Z", "20240608T0200+0200"]
+    assert stray_batch_folders(tmp_path) == ["archive", "export-2024-06-09"]
     with pytest.raises(ValueError, match="keep must be at least 1 \\(the promoted batch\\), found 0"):
         prune_ingested_batches(tmp_path, "2024-06-04", keep=0)
 

@@ -91,3 +91,11 @@ def test_survival_curves_are_calibrated_to_the_kaplan_meier_risk_by_the_horizon(
     np.testing.assert_array_equal(PlattCalibrator.load(tmp_path / "old.json").transform_survival(curves), curves)
     # Nobody followed to the horizon: nothing to calibrate against.
     assert PlattCalibrator().fit_survival(predicted, event, np.minimum(duration, 300.0), 365.0).survival_power_ == 1.0
+
+
+@pytest.mark.parametrize("arms", [None, 3, [{"slope": 1.0, "intercept": 0.0}]])
+def test_a_calibration_with_arms_that_are_not_two_is_refused(tmp_path: Path, arms: object) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0, "arms": arms}))
+    with pytest.raises(ValueError, match="'arms' should list the two treatment arms' calibrations, found"):
+        PlattCalibrator.load(path)

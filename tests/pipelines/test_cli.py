@@ -201,7 +201,8 @@ def test_train_with_heads_that_do_not_divide_the_hidden_size_prints_one_line(
     code, _out, err = run_cli(["train", "--warehouse", str(tmp_path / "none"), "--task", str(tmp_path / "none.yaml"),
                                "--hidden-size", "130", "--heads", "4"], capsys)
     assert code == 2
-    assert err == "error: Invalid value for --heads: --heads 4 does not divide --hidden-size 130\n"
+    assert err == ("error: Invalid value for --heads: --heads 4 does not divide --hidden-size 130 (use one of 1, 2, "
+                   "5, 10, 13, 26, ...)\n")
 
 
 def test_train_refuses_a_held_out_split_with_one_outcome_before_training(

@@ -14,8 +14,9 @@ from rich.console import Console
 
 from features.errors import LandingZoneError
 from features.ingest import ingest_landing_zone
+from features.simulate import SimulationConfig, simulate_hospital
 from pipelines.definitions import all_asset_checks, all_assets, task_assets
-from pipelines.demo import DEMO_TASK, DemoFailed, run_demo, step_error
+from pipelines.demo import DEMO_TASK, DemoFailed, check_demo_workspace, run_demo, step_error
 from pipelines.resources import resources_for_deployment
 
 
@@ -149,6 +150,22 @@ def test_the_demo_refuses_a_workspace_that_holds_a_hospitals_warehouse(tmp_path:
         f"workspace {workspace} holds a warehouse ingested from {source}, not a demo's: the demo would replace it "
         "with simulated patients; give the demo a workspace of its own (--workspace, or unset COHORTCAST_WORKSPACE)")
     assert sorted(p.name for p in workspace.rglob("*")) == before
+
+
+def test_a_demo_workspace_moved_or_reached_by_a_link_is_still_the_demos(tmp_path: Path) -> None:
+    workspace = tmp_path / "demo"
+    simulate_hospital(workspace / "landing", SimulationConfig(n_patients=20, seed=1), workers=1)
+    ingest_landing_zone(workspace / "landing", workspace / "warehouse", workers=1)
+    check_demo_workspace(workspace)
+    (tmp_path / "link").symlink_to(workspace)
+    check_demo_workspace(tmp_path / "link")
+    workspace.rename(tmp_path / "renamed")
+    check_demo_workspace(tmp_path / "renamed")
+    # A hospital's export ingested from a folder since deleted, the workspace's landing/ empty.
+    (tmp_path / "renamed" / "landing" / "simulation.json").unlink()
+    source = re.escape(str(tmp_path / "demo" / "landing"))
+    with pytest.raises(LandingZoneError, match=rf"holds a warehouse ingested from {source}, not a demo's"):
+        check_demo_workspace(tmp_path / "renamed")
 
 
 def test_a_failed_step_is_told_by_the_error_its_code_raised() -> None:

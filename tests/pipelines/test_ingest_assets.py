@@ -490,18 +490,18 @@ def test_a_folder_not_named_by_date_is_no_batch(small_hospital: Path, tmp_path: 
         result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
         assert result.run_requests == [] and result.dynamic_partitions_requests == []
         assert result.skip_reason is not None and result.skip_reason.skip_message == (
-            "folders left alone, not batches (a batch's name starts with its landing date, such as 2024-06-01): "
-            "archive")
+            "folders left alone, not batches (a batch's name starts with a digit, its landing date or time, such "
+            "as 2024-06-01, and holds only letters, digits and . _ - : +): archive")
         promoted = dg.materialize(
             [ingested_tables], instance=instance, resources={"workspace": workspace}, raise_on_error=False,
             run_config={"ops": {"ingested_tables": {"config": {"from_batch": "archive"}}}})
     assert not promoted.success
     (failure,) = promoted.get_step_failure_events()
-    assert "from_batch 'archive' is not a batch name (expected a folder name under batches/ that starts with its " \
-           "landing date, such as 2024-06-01)" in failure.step_failure_data.error.message  # type: ignore[union-attr]
+    assert "from_batch 'archive' is not a batch name (expected a folder name under batches/ that starts with a " \
+           "digit, its landing date or time, such as 2024-06-01)" in failure.step_failure_data.error.message  # type: ignore[union-attr]
 
 
-def test_a_batch_whose_ingest_ended_unfinished_is_ingested_again_once_changed_even_with_its_times_kept(
+def test_a_batch_whose_ingest_failed_is_ingested_again_once_changed_even_with_its_times_kept(
         tmp_path: Path) -> None:
     batch = tmp_path / "batches" / "2024-06-01"
     (batch / "fhir").mkdir(parents=True)
@@ -511,27 +511,30 @@ def test_a_batch_whose_ingest_ended_unfinished_is_ingested_again_once_changed_ev
     workspace = Workspace(root=str(tmp_path))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(BATCH_PARTITIONS.name, ["2024-06-01"])
-        # A run lost before its step ran (a run worker killed, say), then one canceled: no step failure.
-        for status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
-            instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id=f"run-{status.value.lower()}",
-                                           status=status, tags={"dagster/partition": "2024-06-01"}))
+        # A run lost before its step ran (a run worker killed, say): no step failure.
+        instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id="run-lost", status=dg.DagsterRunStatus.FAILURE,
+                                       tags={"dagster/partition": "2024-06-01"}))
 
-            def tick() -> list[tuple[str | None, str | None]]:
-                result = landing_batch_sensor(
-                    dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
-                return [(request.partition_key, request.run_key) for request in result.run_requests]
+        def tick() -> list[tuple[str | None, str | None]]:
+            context = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
+            return [(request.partition_key, request.run_key) for request in landing_batch_sensor(context).run_requests]
 
-            assert tick() == []  # nothing changed since the run was created
-            time.sleep(0.01)
-            # The rest of the export arrives by `cp -p`: every file and folder keeps the export's time,
-            # days before the run; only the inode change times tell.
-            (batch / "fhir" / "Condition.000.ndjson").write_text("{}\n")
-            for path in [batch, batch / "fhir", *batch.rglob("*")]:
-                os.utime(path, (long_ago, long_ago))
-            ((partition, key),) = tick()
-            assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
-            (batch / "fhir" / "Condition.000.ndjson").unlink()
-            age(batch, LANDING_QUIET_SECONDS + 60)
+        assert tick() == []  # nothing changed since the run was created
+        time.sleep(0.01)
+        # The rest of the export arrives by `cp -p`: every file and folder keeps the export's time,
+        # days before the run; only the inode change times tell.
+        (batch / "fhir" / "Condition.000.ndjson").write_text("{}\n")
+        for path in [batch, batch / "fhir", *batch.rglob("*")]:
+            os.utime(path, (long_ago, long_ago))
+        ((partition, key),) = tick()
+        assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
+        # A run an operator canceled is theirs to re-execute: a change does not start it again.
+        instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id="run-canceled",
+                                       status=dg.DagsterRunStatus.CANCELED, tags={"dagster/partition": "2024-06-01"}))
+        time.sleep(0.01)
+        (batch / "fhir" / "Condition.000.ndjson").write_text("{}\n{}\n")
+        age(batch, LANDING_QUIET_SECONDS + 60)
+        assert tick() == []
 
 
 def test_a_promotion_whose_old_copies_cannot_be_deleted_still_succeeds(

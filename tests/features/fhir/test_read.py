@@ -125,7 +125,7 @@ def test_an_export_error_file_is_quarantined_as_the_servers_message(tmp_path: Pa
     bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [
         {"resource": PATIENT, "search": {"mode": "match"}},
         {"resource": {"resourceType": "OperationOutcome", "id": "o1",
-                      "issue": [{"severity": "warning", "code": "too-costly", "details": {"text": "cut at 1000"}}]},
+                      "issue": [{"severity": "error", "code": "too-costly", "details": {"text": "cut at 1000"}}]},
          "search": {"mode": "outcome"}}]}
     landing = tmp_path / "landing" / "fhir"
     landing.mkdir(parents=True)
@@ -138,9 +138,17 @@ def test_an_export_error_file_is_quarantined_as_the_servers_message(tmp_path: Pa
     assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
         ("fhir/OperationOutcome.ndjson", 1, "server_outcome",
          f"{head}: error 'processing': Unable to export Observation for Patient/123 (+1 more issues)"),
-        ("fhir/search.json", 2, "server_outcome", f"{head}: warning 'too-costly': cut at 1000"),
+        ("fhir/search.json", 2, "server_outcome", f"{head}: error 'too-costly': cut at 1000"),
     ]
     assert summary.balanced and summary.table_rows["patients"] == 1
+
+
+def test_an_outcome_that_reports_no_error_is_kept_not_quarantined(tmp_path: Path) -> None:
+    # A search's paging note: no error, so no quarantined record to count against the file's share.
+    note = {"resourceType": "OperationOutcome", "id": "o1",
+            "issue": [{"severity": "information", "code": "informational", "diagnostics": "page 1 of 3"}]}
+    summary, quarantine = ingest_lines(tmp_path, line(note))
+    assert quarantine.height == 0 and summary.table_rows["raw_unknown"] == 1
 
 
 def test_reference_to_missing_patient(tmp_path: Path) -> None:
