@@ -577,7 +577,10 @@ SCORES = pa.schema(
         # Calibrated probability of the outcome within the task's horizon.
         pa.field("risk", pa.float64(), nullable=False),
         pa.field("risk_tier", pa.string(), nullable=False),
+        # The patient's risk in the last publication, and the model that gave it (another model's
+        # when the model was trained again since: then part of the change is the models').
         pa.field("previous_risk", pa.float64(), nullable=True),
+        pa.field("previous_model_version", pa.string(), nullable=True),
         # Survival probability at each of ``survival_times_days``.
         pa.field("survival_times_days", pa.list_(pa.float32()), nullable=False),
         pa.field("survival_curve", pa.list_(pa.float32()), nullable=False),

@@ -58,7 +58,8 @@ DATABASE = "cohortcast.duckdb"
 PUBLISH_LOCK = ".publish.lock"
 PUBLISHED_SCORES_SCHEMA = pl.Schema({
     "task": pl.String(), "subject_id": pl.Int64(), "patient_id": pl.String(), "prediction_time": pl.Datetime("us"),
-    "risk": pl.Float64(), "risk_tier": pl.String(), "previous_risk": pl.Float64(), "treatment_effect": pl.Float64(),
+    "risk": pl.Float64(), "risk_tier": pl.String(), "previous_risk": pl.Float64(),
+    "previous_model_version": pl.String(), "treatment_effect": pl.Float64(),
     "model_version": pl.String(), "top_items": pl.String(), "version": pl.String(),
 })
 """Columns of the database's ``published_scores``: a task's live rows, items as their descriptions."""
@@ -531,9 +532,11 @@ def _build_database(root: Path, live_override: dict[str, str] | None = None) -> 
             # Items published before they carried a description are named by themselves.
             fields = {f.name for f in rows.schema["top_items"].inner.fields}  # type: ignore[attr-defined]
             label = pl.element().struct.field("description" if "description" in fields else "item")
+            if "previous_model_version" not in rows.columns:  # published before it was carried
+                rows = rows.with_columns(previous_model_version=pl.lit(None, dtype=pl.String))
             live.append(rows.select(
                 "task", "subject_id", "patient_id", "prediction_time", "risk", "risk_tier", "previous_risk",
-                "treatment_effect", "model_version",
+                "previous_model_version", "treatment_effect", "model_version",
                 pl.col("top_items").list.eval(label).list.join("; ").alias("top_items"),
                 pl.lit(version).alias("version"),
             ))

@@ -148,13 +148,19 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     explanations = (explain(model, calibrator, dataset.patients, vocabulary, explain_top_k, bf16=bf16)
                     if with_explanations else [])
     previous_risk: list[float | None] = [None] * n
+    previous_model: list[str | None] = [None] * n
     version = model_version(model_dir)
-    if previous is not None and "model_version" in previous.columns:
-        # A change since a risk of another model is the models' difference, not the patient's.
-        previous = previous.filter(pl.col("model_version") == version)
     if previous is not None and previous.height:
-        before = dict(zip(previous["subject_id"].to_list(), previous["risk"].to_list(), strict=True))
-        previous_risk = [before.get(int(s)) for s in dataset.subject_ids]
+        # Carried whichever model gave it, with that model's version: the models are retrained as
+        # the data change (nightly, in the pipeline), so a change shown only under one model would
+        # almost never be shown; where the versions differ, part of the change is the models'.
+        if "model_version" not in previous.columns:
+            previous = previous.with_columns(model_version=pl.lit(None, dtype=pl.String))
+        before = {subject: (risk, model) for subject, risk, model
+                  in previous.select("subject_id", "risk", "model_version").iter_rows()}
+        carried = [before.get(int(s), (None, None)) for s in dataset.subject_ids]
+        previous_risk = [risk for risk, _ in carried]
+        previous_model = [model for _, model in carried]
     times = [float(t) for t in model.config.survival_bin_edges_days]
     has_treatment = "treatment" in info["targets"]
     effect: list[float | None] = [None] * n
@@ -172,6 +178,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             "risk": p.risk,
             "risk_tier": tiers.assign(p.risk),
             "previous_risk": pa.array(previous_risk, type=pa.float64()),
+            "previous_model_version": pa.array(previous_model, type=pa.string()),
             "survival_times_days": [times] * n,
             "survival_curve": [row.astype(np.float32).tolist() for row in p.survival],
             "treatment_effect": pa.array(effect, type=pa.float64()),

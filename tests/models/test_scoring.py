@@ -50,15 +50,17 @@ def test_a_patient_on_the_treatment_already_gets_no_treatment_effect(trained_tas
                        before.filter(~pl.col("subject_id").is_in([3, 5])))
 
 
-def test_previous_risk_is_carried_from_the_last_publication_of_the_same_model(trained_task: TrainedTask) -> None:
+def test_previous_risk_is_carried_with_the_model_that_gave_it(trained_task: TrainedTask) -> None:
     this_model = model_version(trained_task.model_dir)
-    # Patient 3's last risk came from the model deployed before: no change is shown for them.
+    # Patient 3's last risk came from the model deployed before: carried, with that model's version.
     previous = pl.DataFrame({"subject_id": [1, 2, 3], "risk": [0.5, 0.25, 0.9],
                              "model_version": [this_model, this_model, "synthetic_1y-0123456789ab"]})
     scores = pl.from_arrow(score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
                                       previous, with_explanations=False))
     carried = scores.filter(pl.col("previous_risk").is_not_null()).sort("subject_id")
-    assert carried.select("subject_id", "previous_risk").rows() == [(1, 0.5), (2, 0.25)]
+    assert carried.select("subject_id", "previous_risk", "previous_model_version").rows() == [
+        (1, 0.5, this_model), (2, 0.25, this_model), (3, 0.9, "synthetic_1y-0123456789ab")]
+    assert scores["previous_model_version"].null_count() == 800 - 3
 
 
 def test_a_model_for_another_task_vocabulary_or_value_bins_is_refused(trained_task: TrainedTask,
