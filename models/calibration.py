@@ -28,6 +28,9 @@ from sklearn.linear_model import LogisticRegression
 
 from features.errors import TrainingDataError
 
+SURVIVAL_POWER_LIMIT = 20.0
+"""The survival curves' calibration power lies within [1 / limit, limit] (:meth:`PlattCalibrator.fit_survival`)."""
+
 _UNCALIBRATED_ARMS = [(1.0, 0.0), (1.0, 0.0)]
 """(slope, intercept) of each arm that leaves the heads' own probabilities."""
 
@@ -139,8 +142,12 @@ class PlattCalibrator:
         target = 1.0 - float(km[times <= horizon_days][-1]) if (times <= horizon_days).any() else 0.0
         if not 0.0 < target < 1.0:
             return self
-        # Mean risk 1 - mean(s ** k) rises with k: bisection on log k.
-        low, high = np.log(1e-3), np.log(1e3)
+        # Mean risk 1 - mean(s ** k) rises with k: bisection on log k, within a range no sound head
+        # needs leaving (a power of 20 multiplies every cumulative hazard by 20). A target outside
+        # it (a head that gives nearly everyone no risk, say) leaves the curves as the head gave them.
+        low, high = np.log(1 / SURVIVAL_POWER_LIMIT), np.log(SURVIVAL_POWER_LIMIT)
+        if not 1.0 - np.mean(s ** np.exp(low)) <= target <= 1.0 - np.mean(s ** np.exp(high)):
+            return self
         for _ in range(60):
             middle = (low + high) / 2
             if 1.0 - np.mean(s ** np.exp(middle)) < target:
@@ -186,6 +193,8 @@ class PlattCalibrator:
                   *(arm.get(key) if isinstance(arm, dict) else None for arm in arms for key in ("slope", "intercept"))]
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in values):
             raise ValueError(f"{path}: expected a finite numeric slope and intercept (and per arm, if any)")
+        if not state.get("survival_power", 1.0) > 0:
+            raise ValueError(f"{path}: survival_power should be positive, found {state['survival_power']}")
         calibrator = cls()
         calibrator.slope_ = float(state["slope"])
         calibrator.intercept_ = float(state["intercept"])

@@ -52,6 +52,8 @@ class PatientInputs:
     treated: float  # 0/1, NaN when the task has no treatment or the patient no arm (features.labels)
     # Continuous value of each event token (NaN: none), when event_tokens has a "values" column.
     event_values: npt.NDArray[np.float32] | None = None  # (Le,)
+    # Whether each event token is a static fact (no time: a genotype, sex), for explanations.
+    event_static: npt.NDArray[np.bool_] | None = None  # (Le,)
 
 
 def _days_before(table: pl.DataFrame) -> pl.Expr:
@@ -134,6 +136,7 @@ class _FlatEvents:
     modalities: npt.NDArray[np.int64]
     offsets: npt.NDArray[np.int64]  # (n_patients + 1,)
     values: npt.NDArray[np.float32] | None = None  # when event_tokens has a "values" column
+    static: npt.NDArray[np.bool_] | None = None  # tokens without a time (genotype, sex)
 
 
 def _flat_values(column: pl.Series, dtype: type) -> np.ndarray:
@@ -159,6 +162,7 @@ def _flat_events(event_tokens: pl.DataFrame, kept_modality_ids: list[int]) -> _F
         modalities=modalities[keep],
         offsets=np.concatenate([[0], np.cumsum(kept_lengths)]).astype(np.int64),
         values=values,
+        static=np.isnan(days)[keep],
     )
 
 
@@ -267,6 +271,7 @@ class FusionDataset(Dataset[PatientInputs]):
                     duration_days=float(label_columns["duration_days"][i]),
                     treated=float(label_columns["treated"][i]),
                     event_values=events.values[start:stop] if events.values is not None else None,
+                    event_static=events.static[start:stop] if events.static is not None else None,
                 )
             )
 

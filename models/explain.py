@@ -58,6 +58,7 @@ def remove(patient: PatientInputs, item: Item) -> PatientInputs:
         event_days=patient.event_days[keep_events],
         event_modalities=patient.event_modalities[keep_events],
         event_values=None if patient.event_values is None else patient.event_values[keep_events],
+        event_static=None if patient.event_static is None else patient.event_static[keep_events],
         note_embeddings=patient.note_embeddings[keep_notes],
         note_days=patient.note_days[keep_notes],
         note_ids=tuple(patient.note_ids[k] for k in keep_notes),
@@ -92,9 +93,10 @@ def detail_items(patient: PatientInputs, vocabulary: list[str], max_codes: int =
     codes = patient.event_codes
     order = np.argsort(patient.event_days, kind="stable")  # most recent first
     first_seen = dict.fromkeys(int(codes[position]) for position in order)
-    latest_day = {code: float(patient.event_days[np.flatnonzero(codes == code)].min()) for code in first_seen}
-    dated = [code for code in first_seen if latest_day[code] > 0]
-    static = [code for code in first_seen if latest_day[code] <= 0]
+    # Static facts have no time (an event at the prediction time, the index visit's, does).
+    is_static = patient.event_static if patient.event_static is not None else patient.event_days <= 0
+    dated = [code for code in first_seen if not is_static[codes == code].all()]
+    static = [code for code in first_seen if is_static[codes == code].all()]
     seen: list[int] = []
     for pair in itertools.zip_longest(dated, static):
         seen += [code for code in pair if code is not None]

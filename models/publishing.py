@@ -288,6 +288,20 @@ def current_scores(root: Path, task: str) -> pl.DataFrame | None:
     return pl.read_parquet(path, glob=False)
 
 
+def comparable_scores(root: Path, task: str, horizon_days: float, outcome: str) -> pl.DataFrame | None:
+    """The live published scores of a task when they are risks of the same outcome by the same
+    horizon (as their manifest records), else None: a change since a 1-year risk of another
+    outcome is no change of the patient's. A version published before the manifest recorded them
+    is not compared."""
+    version = current_version(root, task)
+    if version is None:
+        return None
+    manifest = _read_manifest(root / task / version)
+    if manifest.get("horizon_days") != horizon_days or manifest.get("outcome") != outcome:
+        return None
+    return current_scores(root, task)
+
+
 def risk_assessment_id(task: str, subject_id: int) -> str:
     """The id of a task's RiskAssessment of a patient: the same in every version, so that a write-back
     replaces the patient's last assessment of the task, and a different one for every other pair.
@@ -343,12 +357,18 @@ def risk_assessment(row: dict[str, Any], horizon_days: float, outcome: str, mode
     return resource
 
 
+WITHDRAWN_FILE = "withdrawn.parquet"
+"""A version's withdrawn assessments: every patient published before for the task and not on its list."""
+WITHDRAWN_SCHEMA = pl.Schema({"task": pl.String(), "subject_id": pl.Int64(), "patient_id": pl.String(),
+                              "prediction_time": pl.Datetime("us"), "reason": pl.String()})
+
+
 def withdrawn_assessment(row: dict[str, Any], model_version: str) -> dict[str, Any]:
-    """A RiskAssessment that withdraws a patient's last published one (same id): the patient has died.
+    """A RiskAssessment that withdraws a patient's last published one (same id, status ``cancelled``).
 
     RiskAssessment ids are stable so that a write-back replaces a patient's last assessment; a
-    patient who is left off the list is otherwise never written again, and the EHR would keep
-    showing their last risk.
+    patient left off the list is otherwise never written again, and the EHR would keep showing
+    their last risk.
     """
     return {
         "resourceType": "RiskAssessment",
@@ -357,24 +377,48 @@ def withdrawn_assessment(row: dict[str, Any], model_version: str) -> dict[str, A
         "method": {"text": f"cohortcast fusion model {model_version}"},
         "subject": {"reference": f"Patient/{row['patient_id']}"},
         "occurrenceDateTime": row["prediction_time"].replace(tzinfo=UTC).isoformat(timespec="seconds"),
-        "note": [{"text": "Withdrawn: the patient has died since this assessment, and is no longer on the list."}],
+        "note": [{"text": f"Withdrawn: {row['reason']}; the patient is no longer on this list."}],
     }
 
 
-def newly_deceased(previous: pl.DataFrame | None, published: pl.DataFrame, patients: pl.DataFrame) -> pl.DataFrame:
-    """The rows of the previous live version whose patients are not in ``published`` and have died
-    since (``patients``' ``death_time`` or ``deceased``; none when it has neither column)."""
-    if previous is None or not {"death_time", "deceased"} & set(patients.columns):
-        return pl.DataFrame(schema={"task": pl.String, "subject_id": pl.Int64, "patient_id": pl.String,
-                                    "prediction_time": pl.Datetime("us")})
+def withdrawals(root: Path, task: str, published: pl.DataFrame, patients: pl.DataFrame) -> pl.DataFrame:
+    """Every patient whose assessment of ``task`` a write-back must withdraw with this version.
+
+    The patients of the live version not in ``published`` (died since, left the cohort, or an EHR
+    merge gave them another patient id), and those the live version withdrew already who are still
+    off the list: each version repeats every withdrawal, so a write-back that reads only the live
+    version, or skips one, still withdraws them all.
+
+    Raises
+    ------
+    PublishError
+        When the live version's files cannot be read.
+    """
+    version = current_version(root, task)
+    empty = pl.DataFrame(schema=WITHDRAWN_SCHEMA)
+    if version is None:
+        return empty
+    try:
+        live = current_scores(root, task)
+        withdrawn_path = root / task / version / WITHDRAWN_FILE
+        before = pl.read_parquet(withdrawn_path, glob=False) if withdrawn_path.is_file() else empty
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise PublishError(f"publish {task} refused (live version {version} unchanged): its files cannot be read "
+                           f"({exc.__class__.__name__}); restore it, or point CURRENT at a whole version") from None
+    assert live is not None
     died = pl.lit(False)
     if "death_time" in patients.columns:
         died = died | pl.col("death_time").is_not_null()
     if "deceased" in patients.columns:
         died = died | pl.col("deceased").fill_null(False)
     dead = patients.filter(died)["subject_id"].implode()
-    return (previous.filter(pl.col("subject_id").is_in(dead) & ~pl.col("subject_id").is_in(
-        published["subject_id"].implode())).select("task", "subject_id", "patient_id", "prediction_time"))
+    dropped = live.select("task", "subject_id", "patient_id", "prediction_time").with_columns(
+        reason=pl.when(pl.col("subject_id").is_in(dead)).then(pl.lit("the patient has died since this assessment"))
+        .otherwise(pl.lit("the patient has left the task's cohort, or has another patient id now")))
+    on_list = published["subject_id"].implode()
+    return (pl.concat([before.cast(WITHDRAWN_SCHEMA), dropped.cast(WITHDRAWN_SCHEMA)])
+            .filter(~pl.col("subject_id").is_in(on_list))
+            .unique("subject_id", keep="first", maintain_order=True).sort("subject_id"))
 
 
 def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
@@ -398,9 +442,11 @@ def living_patients(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers) 
     dead = patients.filter(pl.col("death_time").is_not_null() | pl.col("deceased").fill_null(False))
     frame = pl.from_arrow(scores)
     assert isinstance(frame, pl.DataFrame)
+    if "previous_model_version" not in frame.columns:  # scored before it was carried
+        frame = frame.with_columns(previous_model_version=pl.lit(None, dtype=pl.String))
     alive = frame.filter(~pl.col("subject_id").is_in(dead["subject_id"].implode()))
     alive = alive.with_columns(pl.Series("risk_tier", tiers.assign(alive["risk"].to_numpy()), dtype=pl.String))
-    return alive.to_arrow().cast(SCORES), frame.height - alive.height
+    return alive.select(SCORES.names).to_arrow().cast(SCORES), frame.height - alive.height
 
 
 def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, horizon_days: float, outcome: str,
@@ -433,10 +479,11 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
         existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
         version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
-        withdrawn = newly_deceased(current_scores(root, task), frame, patients)
+        withdrawn = withdrawals(root, task, frame, patients)
         staging = staging_dir(task_root, f".{version}.")
         model_version = str(frame["model_version"][0]) if frame.height else ""
         with_ids.write_parquet(staging / "scores.parquet")
+        withdrawn.write_parquet(staging / WITHDRAWN_FILE)
         lines = [orjson.dumps(risk_assessment(row, horizon_days, outcome, model_version))
                  for row in with_ids.iter_rows(named=True)]
         lines += [orjson.dumps(withdrawn_assessment(row, model_version)) for row in withdrawn.iter_rows(named=True)]
@@ -445,7 +492,9 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         created = datetime.now(UTC).isoformat(timespec="seconds")
         manifest = {"task": task, "version": version, "created": created, "n_patients": frame.height,
                     "n_high_risk": n_high, "model_version": model_version, "lineage": lineage,
-                    "left_out": left_out or {}, "withdrawn_assessments": withdrawn.height}
+                    "left_out": left_out or {}, "withdrawn_assessments": withdrawn.height,
+                    # What the risks are of: the next version's change since this one compares like with like.
+                    "horizon_days": horizon_days, "outcome": outcome}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         staging.rename(task_root / version)
         # The database is built with the new version live before CURRENT moves: a database that
@@ -453,12 +502,13 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         # Parquet readers and DuckDB readers never see two different live versions.
         try:
             database = _build_database(root, {task: version})
-        except (PublishError, OSError, duckdb.Error) as exc:
+        except (PublishError, OSError, duckdb.Error, pl.exceptions.PolarsError) as exc:
             shutil.rmtree(task_root / version)
             if isinstance(exc, PublishError):
                 raise
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise PublishError(f"publish {task} refused (live version unchanged): {DATABASE} could not be built "
-                               f"({exc})") from None
+                               f"({first_line})") from None
         pointer = task_root / ".CURRENT.partial"
         pointer.write_text(version + "\n")
         os.replace(pointer, task_root / "CURRENT")

@@ -156,9 +156,11 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         # almost never be shown; where the versions differ, part of the change is the models'.
         if "model_version" not in previous.columns:
             previous = previous.with_columns(model_version=pl.lit(None, dtype=pl.String))
-        before = {subject: (risk, model) for subject, risk, model
-                  in previous.select("subject_id", "risk", "model_version").iter_rows()}
-        carried = [before.get(int(s), (None, None)) for s in dataset.subject_ids]
+        # The same patient at the same prediction time: a moved index event makes another question.
+        before = {(subject, when): (risk, model) for subject, when, risk, model
+                  in previous.select("subject_id", "prediction_time", "risk", "model_version").iter_rows()}
+        carried = [before.get((int(s), when), (None, None))
+                   for s, when in zip(dataset.subject_ids, tokens["prediction_time"].to_list(), strict=True)]
         previous_risk = [risk for risk, _ in carried]
         previous_model = [model for _, model in carried]
     times = [float(t) for t in model.config.survival_bin_edges_days]

@@ -42,7 +42,7 @@ from models.drift import (
     population_stability_index,
     reference_codes,
 )
-from models.publishing import check_publishable, current_scores, data_lineage, living_patients, publish
+from models.publishing import check_publishable, comparable_scores, data_lineage, living_patients, publish
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import task_of_partition, task_partitions
 from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
@@ -77,7 +77,8 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     task = context.partition_key
     definition = task_of_partition(task)
     tiers = definition.publishing
-    previous = current_scores(published_dir(workspace), task)
+    previous = comparable_scores(published_dir(workspace), task, definition.horizon_days,
+                                 definition.description or definition.name)
     scores = score_task(model_dir(workspace, task), workspace.warehouse_dir / "tasks" / task, task,
                         RiskTiers(tiers.high_share, tiers.medium_share), previous, config.top_items,
                         with_explanations=config.explanations, bf16=config.bf16,

@@ -99,3 +99,17 @@ def test_a_calibration_with_arms_that_are_not_two_is_refused(tmp_path: Path, arm
     path.write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0, "arms": arms}))
     with pytest.raises(ValueError, match="'arms' should list the two treatment arms' calibrations, found"):
         PlattCalibrator.load(path)
+
+
+def test_a_survival_target_out_of_reach_leaves_the_curves_and_a_power_must_be_positive(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    duration = rng.uniform(400, 800, 1000)
+    event = rng.random(1000) < 0.3  # about 0.15 by a year
+    # A head that gives nearly everyone no risk: no power within the limit reaches the target.
+    flat = np.where(np.arange(1000) < 900, 1.0, 0.999)
+    assert PlattCalibrator().fit_survival(flat, event, np.minimum(duration, 700), 365.0).survival_power_ == 1.0
+    path = tmp_path / "calibration.json"
+    for power in (0, -1.0):
+        path.write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0, "survival_power": power}))
+        with pytest.raises(ValueError, match=f"survival_power should be positive, found {power}"):
+            PlattCalibrator.load(path)

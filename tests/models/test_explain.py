@@ -80,15 +80,17 @@ def test_remove_drops_the_values_of_removed_event_tokens(trained_task: TrainedTa
 
 def test_a_gene_panel_does_not_crowd_dated_codes_out_of_the_items_tried(trained_task: TrainedTask) -> None:
     patient = held_out_patients(trained_task)[0]
-    # Five dated EHR codes, then a 30-gene panel: static facts, at the prediction time (day 0).
+    # Five dated EHR codes (one of the index visit, at the prediction time: day 0, but dated), then
+    # a 30-gene panel: static facts, with no time (sitting at day 0 too).
     n_genes = 30
     with_panel = replace(
         patient,
         event_codes=np.concatenate([np.arange(100, 105), np.arange(200, 200 + n_genes)]).astype(np.int64),
         event_value_bins=np.zeros(5 + n_genes, dtype=np.int64),
-        event_days=np.concatenate([[400.0, 30.0, 7.0, 90.0, 2.0], np.zeros(n_genes)]).astype(np.float32),
+        event_days=np.concatenate([[400.0, 30.0, 7.0, 90.0, 0.0], np.zeros(n_genes)]).astype(np.float32),
         event_modalities=np.array([0] * 5 + [2] * n_genes, dtype=np.int64),
         event_values=None,
+        event_static=np.array([False] * 5 + [True] * n_genes),
     )
     vocabulary = [f"CODE//{i}" for i in range(300)]
     codes = [item.name for item in detail_items(with_panel, vocabulary, max_codes=24) if item.event_positions]
@@ -97,3 +99,5 @@ def test_a_gene_panel_does_not_crowd_dated_codes_out_of_the_items_tried(trained_
     assert codes[:10:2] == ["CODE//104", "CODE//102", "CODE//101", "CODE//103", "CODE//100"]
     assert codes[1:10:2] == [f"CODE//{200 + i}" for i in range(5)]
     assert codes[10:] == [f"CODE//{205 + i}" for i in range(14)]
+    # The dataset marks static facts by their missing time.
+    assert held_out_patients(trained_task)[0].event_static is not None

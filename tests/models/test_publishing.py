@@ -22,6 +22,7 @@ from models.publishing import (
     PublishError,
     _fusion_metrics,
     check_publishable,
+    comparable_scores,
     current_scores,
     current_version,
     data_lineage,
@@ -328,6 +329,23 @@ def test_live_scores_that_cannot_be_read_are_one_line(scores: pa.Table, tmp_path
         current_scores(root, "synthetic_1y")
 
 
+def test_the_change_since_the_last_version_compares_only_risks_of_one_outcome_and_horizon(
+        scores: pa.Table, tmp_path: Path) -> None:
+    assert comparable_scores(tmp_path, "synthetic_1y", 365, "death") is None  # nothing published yet
+    publish(scores, patients_table(scores), tmp_path, "synthetic_1y", 365, "death", {})
+    assert comparable_scores(tmp_path, "synthetic_1y", 365, "death").height == 800  # type: ignore[union-attr]
+    assert comparable_scores(tmp_path, "synthetic_1y", 730, "death") is None
+    assert comparable_scores(tmp_path, "synthetic_1y", 365, "stroke") is None
+
+
+def test_scores_written_before_the_previous_model_was_carried_still_publish(scores: pa.Table,
+                                                                           tmp_path: Path) -> None:
+    older = scores.drop_columns(["previous_model_version"])
+    living, _ = living_patients(older, patients_table(scores).with_columns(
+        death_time=pl.lit(None, dtype=pl.Datetime("us")), deceased=pl.lit(False)), RiskTiers())
+    assert living.column("previous_model_version").null_count == 800
+
+
 def test_a_publish_whose_database_cannot_be_built_leaves_the_live_version(scores: pa.Table, tmp_path: Path) -> None:
     root = tmp_path / "published"
     publish(scores, patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r1"})
@@ -356,8 +374,8 @@ def test_a_publish_whose_database_cannot_be_built_leaves_the_live_version(scores
     assert first == ("; ".join(item["item"] for item in row["top_items"]),)
 
 
-def test_a_patient_who_died_since_the_last_version_has_their_assessment_withdrawn(scores: pa.Table,
-                                                                                  tmp_path: Path) -> None:
+def test_patients_off_the_list_since_the_last_version_have_their_assessments_withdrawn(scores: pa.Table,
+                                                                                    tmp_path: Path) -> None:
     frame = pl.from_arrow(scores).head(4)
     ids = frame["subject_id"].to_list()
     alive = pl.DataFrame({"subject_id": ids, "patient_id": [f"p-{i}" for i in range(4)],
@@ -365,20 +383,35 @@ def test_a_patient_who_died_since_the_last_version_has_their_assessment_withdraw
                          schema_overrides={"death_time": pl.Datetime("us")})
     first = publish(frame.to_arrow(), alive, tmp_path, "synthetic_1y", 365, "death", {})
     assert len((first.folder / "risk_assessments.ndjson").read_bytes().splitlines()) == 4
-    # The second patient died before the next run; the fourth left the cohort alive.
+    # The second patient died before the next run; the fourth left the cohort alive (or was merged
+    # into another patient id).
     now = alive.with_columns(death_time=pl.Series([None, datetime(2025, 3, 1), None, None], dtype=pl.Datetime("us")))
     living, _ = living_patients(frame.head(3).to_arrow(), now, RiskTiers())
     second = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
-    resources = [orjson.loads(line) for line in (second.folder / "risk_assessments.ndjson").read_bytes().splitlines()]
-    assert [(r["id"], r["status"]) for r in resources] == [
-        (risk_assessment_id("synthetic_1y", ids[0]), "final"), (risk_assessment_id("synthetic_1y", ids[2]), "final"),
-        (risk_assessment_id("synthetic_1y", ids[1]), "cancelled")]
-    withdrawn = get_fhir_model_class("RiskAssessment").model_validate(resources[-1])
-    assert withdrawn.subject.reference == "Patient/p-1" and withdrawn.prediction is None
-    assert json.loads((second.folder / "manifest.json").read_text())["withdrawn_assessments"] == 1
-    # Withdrawn once: the next version has no line for them.
+
+    def statuses(folder: Path) -> list[tuple[str, str, str]]:
+        resources = [orjson.loads(line) for line in (folder / "risk_assessments.ndjson").read_bytes().splitlines()]
+        return [(r["id"], r["status"], r["note"][0]["text"] if "note" in r else "") for r in resources]
+
+    withdrawn = [(risk_assessment_id("synthetic_1y", ids[1]), "cancelled",
+                  "Withdrawn: the patient has died since this assessment; the patient is no longer on this list."),
+                 (risk_assessment_id("synthetic_1y", ids[3]), "cancelled",
+                  "Withdrawn: the patient has left the task's cohort, or has another patient id now; the patient is "
+                  "no longer on this list.")]
+    assert statuses(second.folder) == [(risk_assessment_id("synthetic_1y", ids[0]), "final", ""),
+                                       (risk_assessment_id("synthetic_1y", ids[2]), "final", ""), *withdrawn]
+    lines = (second.folder / "risk_assessments.ndjson").read_bytes().splitlines()
+    cancelled = get_fhir_model_class("RiskAssessment").model_validate(orjson.loads(lines[2]))
+    assert cancelled.subject.reference == "Patient/p-1" and cancelled.prediction is None
+    assert json.loads((second.folder / "manifest.json").read_text())["withdrawn_assessments"] == 2
+    # Every version repeats the withdrawals, so a write-back that reads only the live one misses none;
+    # a patient back on the list is no longer withdrawn.
     third = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
-    assert len((third.folder / "risk_assessments.ndjson").read_bytes().splitlines()) == 2
+    assert statuses(third.folder)[2:] == withdrawn
+    back = pl.from_arrow(living).vstack(pl.from_arrow(frame.tail(1).to_arrow()).select(pl.from_arrow(living).columns))
+    living_again, _ = living_patients(back.to_arrow(), now, RiskTiers())
+    fourth = publish(living_again, now, tmp_path, "synthetic_1y", 365, "death", {})
+    assert statuses(fourth.folder)[3:] == withdrawn[:1]
 
 
 def test_the_lineage_names_the_export_batch_and_model_a_version_came_from(trained_task: TrainedTask,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,11 @@ def test_a_patient_on_the_treatment_already_gets_no_treatment_effect(trained_tas
 def test_previous_risk_is_carried_with_the_model_that_gave_it(trained_task: TrainedTask) -> None:
     this_model = model_version(trained_task.model_dir)
     # Patient 3's last risk came from the model deployed before: carried, with that model's version.
-    previous = pl.DataFrame({"subject_id": [1, 2, 3], "risk": [0.5, 0.25, 0.9],
-                             "model_version": [this_model, this_model, "synthetic_1y-0123456789ab"]})
+    # Patient 4's was at another prediction time (an index event moved): another question, not carried.
+    when = pl.read_parquet(trained_task.task_dir / "event_tokens.parquet").sort("subject_id")["prediction_time"][0]
+    previous = pl.DataFrame({"subject_id": [1, 2, 3, 4], "risk": [0.5, 0.25, 0.9, 0.7],
+                             "prediction_time": [when, when, when, when - timedelta(days=400)],
+                             "model_version": [this_model, this_model, "synthetic_1y-0123456789ab", this_model]})
     scores = pl.from_arrow(score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
                                       previous, with_explanations=False))
     carried = scores.filter(pl.col("previous_risk").is_not_null()).sort("subject_id")

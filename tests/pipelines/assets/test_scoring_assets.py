@@ -48,7 +48,8 @@ def scores_table(risk: np.ndarray, version: str) -> pa.Table:
     return pa.table({
         "subject_id": np.arange(1, n + 1), "prediction_time": [datetime(2025, 6, 1)] * n, "task": [TASK] * n,
         "risk": risk, "risk_tier": RiskTiers().assign(risk), "previous_risk": [None] * n,
-        "previous_model_version": [None] * n, "survival_times_days": [[365.0]] * n, "survival_curve": [[1 - r] for r in risk],
+        "previous_model_version": [None] * n, "survival_times_days": [[365.0]] * n,
+        "survival_curve": [[1 - r] for r in risk],
         "treatment_effect": [None] * n, "modality_shares": [[]] * n, "top_items": [[]] * n,
         "model_version": [version] * n,
     }, schema=SCORES)
