@@ -359,6 +359,17 @@ def test_a_publish_whose_database_cannot_be_built_leaves_the_live_version(scores
     assert current_version(root, "synthetic_1y") == "v0001"
     assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
     manifest.write_bytes(kept)
+    # Another task's live scores damaged: the database cannot be built, and no version is left behind.
+    publish(scores.slice(0, 5).set_column(2, "task", pa.array(["broken_1y"] * 5)), patients_table(scores), root,
+            "broken_1y", 365, "death", {"run_id": "r0"})
+    broken = root / "broken_1y" / "v0001" / "scores.parquet"
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PublishError, match=r"publish synthetic_1y refused \(live version unchanged\): "
+                                           r"cohortcast.duckdb could not be built \("):
+        publish(scores.slice(0, 5), patients_table(scores), root, "synthetic_1y", 365, "death", {"run_id": "r2"})
+    assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
+    shutil.rmtree(root / "broken_1y")
     # Scores published before explaining items carried a description: their items name themselves.
     old = root / "synthetic_1y" / "v0001" / "scores.parquet"
     fields = [pl.element().struct.field(name) for name in ("modality", "item", "contribution")]
