@@ -208,6 +208,9 @@ def fusion_risk(data: Dataset, table: pl.DataFrame, train_idx: npt.NDArray[np.in
             max_epochs=settings.max_epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
             weight_decay=settings.weight_decay, patience=settings.patience, seed=seed, device="cpu", min_events=5,
             average_epochs=settings.average_epochs,
+            # The risk is read from the raw survival curve: no head is calibrated, and a tuning
+            # split of breast_cancer's (about 6 events by the horizon) is too small to.
+            calibrate=False,
         )
         model = FusionForRiskPrediction(config)
         init_head_biases(model, data.event[inner_train], data.duration_days[inner_train])

@@ -117,6 +117,14 @@ class PlattCalibrator:
         return np.stack([_platt(logits[:, arm], slope, intercept) for arm, (slope, intercept) in enumerate(arms)],
                         axis=1)
 
+    @classmethod
+    def identity(cls) -> PlattCalibrator:
+        """A calibration that leaves the heads' own probabilities (slope 1, intercept 0, power 1)."""
+        calibrator = cls()
+        calibrator.slope_, calibrator.intercept_, calibrator.survival_power_ = 1.0, 0.0, 1.0
+        calibrator.arms_ = list(_UNCALIBRATED_ARMS)
+        return calibrator
+
     def fit_survival(self, survival_at_horizon: npt.ArrayLike, event: npt.ArrayLike,
                      duration_days: npt.ArrayLike, horizon_days: float) -> PlattCalibrator:
         """Calibrate the survival curves in the large on the tuning split: the power ``k`` of

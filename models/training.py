@@ -58,6 +58,10 @@ class TrainingArguments:
     # (tuning loss 1.540-1.545 after 5 epochs), also with torch's deterministic algorithms; float32 did not.
     dataloader_num_workers: int = 0  # processes that collate batches; 0 collates in this process
     min_events: int = 10  # fewest known positive, and negative, risk labels the train split must hold
+    # Platt-calibrate the risk and arm heads, and the survival curves, on the tuning split. Off only
+    # where the calibrated heads are never read (a survival benchmark ranking patients by the raw
+    # curve), so that a tuning split too small to calibrate does not stop the run.
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         at_least_one = {"max_epochs": self.max_epochs, "batch_size": self.batch_size, "patience": self.patience,
@@ -331,7 +335,7 @@ def train(
     """
     check_trainable("train", train_dataset, args.min_events)
     # Platt scaling from fewer outcomes is unstable (one case gives a near-step function).
-    check_trainable("tuning", tuning_dataset, MIN_CALIBRATION_OUTCOMES)
+    check_trainable("tuning", tuning_dataset, MIN_CALIBRATION_OUTCOMES if args.calibrate else 1)
     check_inputs_fit(model.config, "train", train_dataset)
     check_inputs_fit(model.config, "tuning", tuning_dataset)
     seed_everything(args.seed)
@@ -417,7 +421,8 @@ def train(
     assert best_state is not None  # the first epoch's finite loss is the best so far
     model.load_state_dict(best_state)
     model.eval()
-    calibrator = fit_calibration(model, tuning_dataset, train_dataset, device=device)
+    calibrator = (fit_calibration(model, tuning_dataset, train_dataset, device=device) if args.calibrate
+                  else PlattCalibrator.identity())
     return TrainingResult(model=model, calibrator=calibrator, best_epoch=best_epoch, history=history)
 
 

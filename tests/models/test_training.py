@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -339,3 +340,21 @@ def test_inputs_beyond_what_the_config_embeds_are_refused_before_training() -> N
     with pytest.raises(ModelSettingsError, match=rf"train split: value bin {largest_bin} is beyond the model's 3 "
                                                  r"\(FusionConfig.n_value_bins\); build the config from the same"):
         train(model, data, dataset(40, seed=3), TrainingArguments(max_epochs=1, device="cpu", min_events=1))
+
+
+def test_training_without_calibration_needs_no_calibratable_tuning_split() -> None:
+    # A survival use that reads the raw curves: a tuning split with 2 cases trains, and the heads
+    # keep their own probabilities.
+    tokens, notes, studies, labels = synthetic_task(60, 4)
+    cases = labels.with_row_index().filter(pl.col("boolean_value").fill_null(False))["index"].to_list()
+    assert len(cases) > 2
+    labels = labels.with_row_index().with_columns(
+        boolean_value=pl.when(pl.col("index").is_in(cases[2:])).then(None).otherwise(pl.col("boolean_value")),
+    ).drop("index")
+    few = FusionDataset(tokens, notes, studies, labels, text_embedding_dim=8, imaging_embedding_dim=6)
+    args = TrainingArguments(max_epochs=1, batch_size=16, device="cpu", min_events=1)
+    with pytest.raises(TrainingDataError, match="tuning split: 2 patients with the outcome"):
+        train(tiny_model(), dataset(120, seed=3), few, args)
+    result = train(tiny_model(), dataset(120, seed=3), few, replace(args, calibrate=False))
+    assert (result.calibrator.slope_, result.calibrator.intercept_, result.calibrator.survival_power_) == (1.0, 0.0,
+                                                                                                         1.0)
