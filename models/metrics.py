@@ -231,6 +231,13 @@ def pehe(estimated_effect: npt.ArrayLike, true_effect: npt.ArrayLike) -> float:
     return float(np.sqrt(np.mean((estimated - true) ** 2)))
 
 
+def follows_policy(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike) -> npt.NDArray[np.bool_]:
+    """Whether each patient got the arm the policy gives them: treated exactly when the estimated
+    effect is negative (treatment lowers the risk)."""
+    recommended: npt.NDArray[np.bool_] = np.asarray(estimated_effect, dtype=np.float64) < 0
+    return np.asarray(recommended == np.asarray(treated, dtype=bool), dtype=bool)
+
+
 def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt.ArrayLike,
                  propensity: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None) -> float:
     """Inverse-propensity estimate of the event rate if patients were treated when the model says so.
@@ -250,7 +257,7 @@ def policy_value(estimated_effect: npt.ArrayLike, treated: npt.ArrayLike, y: npt
                          f"{effect.shape}, {a.shape}, {outcome.shape} and {e.shape})")
     if not (np.isfinite(effect).all() and np.isfinite(e).all()):
         raise ValueError("policy_value: estimated effects and propensities must be finite")
-    follows = (effect < 0) == a
+    follows = follows_policy(effect, a)
     if not follows.any():
         raise ValueError(f"policy_value: none of the {a.size} patients got the treatment the policy gives them "
                          "(treat when the estimated effect is negative), so its event rate cannot be estimated")

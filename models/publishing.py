@@ -406,12 +406,7 @@ def withdrawals(root: Path, task: str, published: pl.DataFrame, patients: pl.Dat
         raise PublishError(f"publish {task} refused (live version {version} unchanged): its files cannot be read "
                            f"({exc.__class__.__name__}); restore it, or point CURRENT at a whole version") from None
     assert live is not None
-    died = pl.lit(False)
-    if "death_time" in patients.columns:
-        died = died | pl.col("death_time").is_not_null()
-    if "deceased" in patients.columns:
-        died = died | pl.col("deceased").fill_null(False)
-    dead = patients.filter(died)["subject_id"].implode()
+    dead = deceased_subjects(patients).implode()
     dropped = live.select("task", "subject_id", "patient_id", "prediction_time").with_columns(
         reason=pl.when(pl.col("subject_id").is_in(dead)).then(pl.lit("the patient has died since this assessment"))
         .otherwise(pl.lit("the patient has left the task's cohort, or has another patient id now")))
@@ -430,6 +425,17 @@ def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataF
     return scores.with_columns(pl.col("top_items").list.eval(pl.element().struct.with_fields(description)))
 
 
+def deceased_subjects(patients: pl.DataFrame) -> pl.Series:
+    """The subject ids of the patients known to have died: a ``death_time``, or ``deceased`` with
+    the date unknown (a table without either column knows of no death)."""
+    died = pl.lit(False)
+    if "death_time" in patients.columns:
+        died = died | pl.col("death_time").is_not_null()
+    if "deceased" in patients.columns:
+        died = died | pl.col("deceased").fill_null(False)
+    return patients.filter(died)["subject_id"]
+
+
 def living_patients(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers) -> tuple[pa.Table, int]:
     """The scores of the patients not known to have died, tiers ranked again among them; and how
     many were left out.
@@ -439,12 +445,12 @@ def living_patients(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers) 
     dead patient, nor write a risk back to their record; and since tiers are shares of the list
     people act on, they are ranked among the patients on it.
     """
-    dead = patients.filter(pl.col("death_time").is_not_null() | pl.col("deceased").fill_null(False))
+    dead = deceased_subjects(patients)
     frame = pl.from_arrow(scores)
     assert isinstance(frame, pl.DataFrame)
     if "previous_model_version" not in frame.columns:  # scored before it was carried
         frame = frame.with_columns(previous_model_version=pl.lit(None, dtype=pl.String))
-    alive = frame.filter(~pl.col("subject_id").is_in(dead["subject_id"].implode()))
+    alive = frame.filter(~pl.col("subject_id").is_in(dead.implode()))
     alive = alive.with_columns(pl.Series("risk_tier", tiers.assign(alive["risk"].to_numpy()), dtype=pl.String))
     return alive.select(SCORES.names).to_arrow().cast(SCORES), frame.height - alive.height
 

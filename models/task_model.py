@@ -64,6 +64,7 @@ from models.metrics import (
     calibration_error_if_calibrated,
     calibration_slope,
     expected_calibration_error,
+    follows_policy,
     harrell_c_index,
     integrated_brier,
     observed_expected_ratio,
@@ -463,7 +464,7 @@ def _treatment_metrics(models: dict[str, dict[str, float]], effects: dict[str, n
             metrics["pehe"] = pehe(effect, true_effect)
         # The policy's event rate is estimated from the patients whose arm it would have chosen;
         # with none (every held-out patient in the other arm), it is not reported.
-        if ((effect[known][in_arm] < 0) == (arm == 1)).any():
+        if follows_policy(effect[known][in_arm], arm == 1).any():
             metrics["policy_event_rate"] = policy_value(
                 effect[known][in_arm], arm, labels["risk_label"][known][in_arm], propensity[known][in_arm], w[in_arm])
 
@@ -803,7 +804,9 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
     # Checked before training: the reference rows would otherwise answer another question.
-    if truth_path is not None and (why := truth_file_mismatch(truth_path, task_dir, task.horizon_days)):
+    truth = pl.read_parquet(truth_path, glob=False) if truth_path is not None else None
+    if truth is not None and (why := truth_mismatch(truth, pl.read_parquet(task_dir / "cohort.parquet", glob=False),
+                                                    task.horizon_days)):
         raise TrainingDataError(f"truth {truth_path} does not describe task '{task.name}': {why}; train without it")
     # Checked before training, not found after it: the held-out AUROC needs both outcomes.
     check_trainable("held_out", data.datasets["held_out"], 1)
@@ -815,7 +818,6 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     result = train(model, data.datasets["train"], data.datasets["tuning"], args, on_epoch=on_epoch)
     if not is_main_process:
         return None
-    truth = pl.read_parquet(truth_path, glob=False) if truth_path is not None else None
     metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
     metrics["best_epoch"] = result.best_epoch
     metrics["training_arguments"] = asdict(args)

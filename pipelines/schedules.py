@@ -18,6 +18,14 @@ WAREHOUSE_EVENTS = dg.AssetKey("events")
 """The asset every ingest and promotion writes: a run that materialized it changed the warehouse."""
 
 
+def materialized_assets(instance: dg.DagsterInstance, run_id: str) -> set[dg.AssetKey]:
+    """The assets a run materialized: what a run-status sensor reacts to, whichever job ran them
+    (one's own, Dagster's asset job from the asset's page, a backfill)."""
+    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+    return {record.event_log_entry.asset_materialization.asset_key for record in records
+            if record.event_log_entry.asset_materialization is not None}
+
+
 def task_run_requests(job: dg.UnresolvedAssetJobDefinition, run_key_prefix: str) -> Iterator[dg.RunRequest]:
     for task in task_partitions.get_partition_keys():
         yield dg.RunRequest(run_key=f"{run_key_prefix}/{task}", partition_key=task, job_name=job.name)
@@ -46,10 +54,7 @@ def after_ingest_sensor(task_job: dg.UnresolvedAssetJobDefinition) -> dg.RunStat
                           name="publish_after_ingest", default_status=dg.DefaultSensorStatus.STOPPED)
     def publish_after_ingest(context: dg.RunStatusSensorContext) -> Iterator[dg.RunRequest | dg.SkipReason]:
         run = context.dagster_run
-        records = context.instance.get_records_for_run(
-            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-        if WAREHOUSE_EVENTS not in {record.event_log_entry.asset_materialization.asset_key for record in records
-                                    if record.event_log_entry.asset_materialization is not None}:
+        if WAREHOUSE_EVENTS not in materialized_assets(context.instance, run.run_id):
             yield dg.SkipReason(f"run {run.run_id} of {run.job_name} did not write the warehouse")
             return
         yield from task_run_requests(task_job, f"after-ingest/{run.run_id}")

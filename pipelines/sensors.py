@@ -47,6 +47,7 @@ from features.ingest import (
 )
 from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
+from pipelines.schedules import materialized_assets
 
 if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
@@ -220,11 +221,7 @@ def promote_batch_sensor(ingest_job: "UnresolvedAssetJobDefinition") -> dg.RunSt
                           name="promote_newest_batch", default_status=dg.DefaultSensorStatus.STOPPED)
     def promote_newest_batch(context: dg.RunStatusSensorContext) -> dg.RunRequest | dg.SkipReason:
         run = context.dagster_run
-        records = context.instance.get_records_for_run(
-            run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
-        materialized = {record.event_log_entry.asset_materialization.asset_key for record in records
-                        if record.event_log_entry.asset_materialization is not None}
-        if ingested_batch.key not in materialized:
+        if ingested_batch.key not in materialized_assets(context.instance, run.run_id):
             return dg.SkipReason(f"run {run.run_id} of {run.job_name} ingested no batch")
         batch = run.tags.get("dagster/partition")
         if batch is None:
