@@ -5,7 +5,11 @@ patients. Out: a wide table, one row per cohort patient: ``subject_id, predictio
 last_input_time`` (:data:`features.schemas.TABULAR_FEATURES_KEY`), then ``age_years``,
 ``sex_female``, counts per modality, and per selected code ``count__<code>`` (events before the
 prediction time), ``days_since__<code>`` (days since the latest one; null for static facts and when
-never seen) and, for codes with numeric values, ``last__<code>`` (the latest value).
+never seen) and, for codes with numeric values, ``last__<code>`` (the latest value). A "code" here
+is the event's token, as the fusion model's vocabulary keys it (:func:`features.tokenize.token_expr`):
+an observation's coded answer and a genotype's variant are part of it
+(``LOINC//72166-2//SNOMED//77176002``, a current smoker; ``GENE//CYP2C19//rs4244285``), so the
+baselines see what the fusion model sees, not only that smoking status was charted.
 
 Which codes get columns, and which of them get a ``last__<code>`` column, is learned on the train
 split only (:func:`select_tabular_codes`), so the column set never depends on tuning or held-out
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from features.tokenize import MICROSECONDS_PER_DAY, events_before
+from features.tokenize import MICROSECONDS_PER_DAY, events_before, token_expr
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,8 @@ class TabularCodes:
     """The codes that get columns, learned on the train split by :func:`select_tabular_codes`."""
 
     codes: list[str]
-    """Codes with ``count__`` and ``days_since__`` columns, sorted."""
+    """Codes (tokens: with the coded answer or variant, see the module docstring) with ``count__`` and
+    ``days_since__`` columns, sorted."""
     numeric: list[str]
     """The codes of ``codes`` that also get a ``last__`` column: a train patient has a value of
     them (not null, not NaN) before their prediction time. Sorted."""
@@ -40,7 +45,7 @@ def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFra
     by code), and which of them have numeric values in those patients."""
     train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
     ranked = (
-        events_before(events, train)
+        _with_token_code(events_before(events, train))
         .group_by("code")
         .agg(
             pl.col("subject_id").n_unique().alias("patients"),
@@ -53,6 +58,11 @@ def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFra
     )
     return TabularCodes(codes=ranked["code"].to_list(),
                         numeric=ranked.filter(pl.col("numeric"))["code"].to_list())
+
+
+def _with_token_code(events: pl.LazyFrame) -> pl.LazyFrame:
+    """``code`` replaced by the event's token (the code, with its coded answer or variant)."""
+    return events.with_columns(token_expr()).with_columns(pl.col("token").alias("code")).drop("token")
 
 
 def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
@@ -73,7 +83,7 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     # Decided on the train split, not on ``cohort``: which columns exist must not depend on which
     # patients are aggregated (see the module docstring).
     numeric_codes = set(selected.numeric)
-    seen = events_before(events, cohort)
+    seen = _with_token_code(events_before(events, cohort))
     overall = (
         seen.group_by("subject_id")
         .agg(
@@ -93,7 +103,8 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
             pl.len().cast(pl.Float64).alias("count"),
             ((pl.col("prediction_time").first() - pl.col("time").max()).dt.total_microseconds()
              .cast(pl.Float64) / MICROSECONDS_PER_DAY).alias("days_since"),
-            pl.col("numeric_value").drop_nulls().last().cast(pl.Float64).alias("last"),
+            # A NaN is no value (as in the selection above): it must not hide an earlier reading.
+            pl.col("numeric_value").drop_nulls().drop_nans().last().cast(pl.Float64).alias("last"),
         )
         .collect()
     )

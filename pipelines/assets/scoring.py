@@ -145,9 +145,15 @@ INPUTS_LISTED = 5
 
 def _input_label(feature: str, descriptions: dict[str, str]) -> str:
     """``last__LOINC//8480-6`` -> ``last__LOINC//8480-6 (Systolic blood pressure)``: the code's description
-    where the warehouse has one."""
-    code = feature.split("__", 1)[-1]
-    return f"{feature} ({descriptions[code]})" if descriptions.get(code) else feature
+    where the warehouse has one; a coded answer's too (``count__LOINC//72166-2//SNOMED//77176002`` ->
+    ``(Tobacco smoking status: Smoker)``), or the variant's name."""
+    token = feature.split("__", 1)[-1]
+    parts = token.split("//")
+    code, answer = "//".join(parts[:2]), "//".join(parts[2:])
+    described = descriptions.get(token) or descriptions.get(code)
+    if not described:
+        return feature
+    return f"{feature} ({described}: {descriptions.get(answer) or answer})" if answer else f"{feature} ({described})"
 
 
 @dg.asset_check(asset=risk_scores, partitions_def=task_partitions,

@@ -54,8 +54,8 @@ def three_patients() -> pl.DataFrame:
 
 def test_which_codes_get_a_last_value_column_is_decided_on_the_train_split_only() -> None:
     cohort = three_patients()
-    # Train patients 1 and 2 have the lab without a value ("pending"); held-out patient 3 has one.
-    events = events_frame([(1, day(-3), LAB, None, "pending", "ehr"), (2, day(-3), LAB, None, "pending", "ehr"),
+    # Train patients 1 and 2 have the lab without a value; held-out patient 3 has one.
+    events = events_frame([(1, day(-3), LAB, None, None, "ehr"), (2, day(-3), LAB, None, None, "ehr"),
                            (3, day(-3), LAB, 1.4, None, "ehr")])
     selected = select_tabular_codes(events, cohort, [1, 2], 10)
     assert selected == TabularCodes(codes=[LAB], numeric=[])
@@ -64,11 +64,42 @@ def test_which_codes_get_a_last_value_column_is_decided_on_the_train_split_only(
     assert aggregate_before(events, cohort.filter(pl.col("subject_id") != 3), selected).columns == columns
 
     # The other way round: a train value, none in the held-out patient: the column is there, null.
-    events = events_frame([(1, day(-3), LAB, 1.5, None, "ehr"), (2, day(-3), LAB, None, "pending", "ehr"),
-                           (3, day(-3), LAB, None, "pending", "ehr")])
+    events = events_frame([(1, day(-3), LAB, 1.5, None, "ehr"), (2, day(-3), LAB, None, None, "ehr"),
+                           (3, day(-3), LAB, None, None, "ehr")])
     selected = select_tabular_codes(events, cohort, [1, 2], 10)
     assert selected == TabularCodes(codes=[LAB], numeric=[LAB])
     held_out = aggregate_before(events, cohort.filter(pl.col("subject_id") == 3), selected)
     assert held_out.columns == [*columns, f"last__{LAB}"]
     assert held_out[f"last__{LAB}"].to_list() == [None]
     assert aggregate_before(events, cohort, selected)[f"last__{LAB}"].to_list() == [1.5, None, None]
+
+
+SMOKING = "LOINC//72166-2"
+CURRENT, NEVER = "SNOMED//77176002", "SNOMED//266919005"
+
+
+def test_coded_answers_and_variants_get_columns_of_their_own_as_in_the_fusion_vocabulary() -> None:
+    # Patients 1 and 3 are current smokers carrying one copy of rs4244285; 2 and 4 never smoked and
+    # carry rs12248560: the baselines must be able to tell them apart, as the fusion model can.
+    extra = events_frame(
+        [(s, day(-20), SMOKING, None, CURRENT if s % 2 else NEVER, "ehr") for s in (1, 2, 3, 4)]
+        + [(s, None, "GENE//CYP2C19", 1.0, "rs4244285" if s % 2 else "rs12248560", "genomics") for s in (1, 2, 3, 4)]
+    )
+    events = pl.concat([toy_events(), extra])
+    cohort = select_cohort(events, task()).cohort
+    selected = select_tabular_codes(events, cohort, [1, 2, 3, 4], 20)
+    assert [c for c in selected.codes if "72166" in c or "CYP2C19" in c] == [
+        "GENE//CYP2C19//rs12248560", "GENE//CYP2C19//rs4244285", f"{SMOKING}//{NEVER}", f"{SMOKING}//{CURRENT}"]
+    assert [c for c in selected.numeric if "CYP2C19" in c] == ["GENE//CYP2C19//rs12248560", "GENE//CYP2C19//rs4244285"]
+    table = aggregate_before(events, cohort, selected)
+    assert table[f"count__{SMOKING}//{CURRENT}"].to_list() == [1.0, 0.0, 1.0, 0.0]
+    assert table[f"days_since__{SMOKING}//{NEVER}"].to_list() == [None, 20.0, None, 20.0]
+    assert table["last__GENE//CYP2C19//rs4244285"].to_list() == [1.0, None, 1.0, None]
+
+
+def test_a_nan_latest_value_does_not_hide_an_earlier_reading() -> None:
+    cohort = three_patients()
+    events = events_frame([(1, day(-10), LAB, 1.5, None, "ehr"), (1, day(-5), LAB, float("nan"), None, "ehr")])
+    table = aggregate_before(events, cohort, TabularCodes([LAB], [LAB]))
+    assert table[f"last__{LAB}"].to_list() == [1.5, None, None]
+    assert table[f"count__{LAB}"].to_list() == [2.0, 0.0, 0.0]

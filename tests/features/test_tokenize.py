@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -11,7 +12,7 @@ from sklearn.exceptions import NotFittedError
 from features.cohorts import select_cohort
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets
-from features.tokenize import PAD, UNK, EventTokenizer
+from features.tokenize import PAD, UNK, EventTokenizer, value_bin_edges
 from tests.features.task_fixtures import BP, T0, day, events_frame, task, toy_events
 
 
@@ -198,3 +199,52 @@ def test_genotypes_get_a_bin_each_however_rare_the_alt_alleles() -> None:
     assert tokenizer.bin_edges_ == {"GENE//LPA//rs10455872": [0.5, 1.5]}
     bins = tokenizer.transform(events, cohort)["value_bins"].explode().to_list()
     assert (bins[0], bins[89], bins[90], bins[99]) == (1, 1, 2, 3)
+
+
+def static_values(code: str, values: list[float]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    ids = list(range(len(values)))
+    events = pl.DataFrame({
+        "subject_id": ids, "time": pl.Series([day(-1)] * len(ids), dtype=pl.Datetime("us")),
+        "known_time": pl.Series([None] * len(ids), dtype=pl.Datetime("us")), "code": [code] * len(ids),
+        "numeric_value": values, "text_value": pl.Series([None] * len(ids), dtype=pl.String),
+        "modality": ["ehr"] * len(ids)})
+    return events, pl.DataFrame({"subject_id": ids, "prediction_time": [T0] * len(ids)})
+
+
+def test_a_value_most_patients_share_at_the_top_leaves_the_values_below_it_a_bin() -> None:
+    # Glasgow coma scale: 90 patients at the normal 15, 10 between 3 and 12. Quantile edges all fall
+    # on 15, the largest value, and had put a coma score of 3 in the bin of a normal 15.
+    events, cohort = static_values("LOINC//9269-2", [15.0] * 90 + [float(v) for v in range(3, 13)])
+    tokenizer = EventTokenizer(value_bins=5, min_code_count=1).fit(events, cohort, cohort["subject_id"])
+    assert tokenizer.bin_edges_ == {"LOINC//9269-2": [13.5]}
+    bins = tokenizer.transform(events, cohort)["value_bins"].explode().to_list()
+    assert (bins[0], bins[90], bins[99]) == (2, 1, 1)
+
+
+def test_a_common_value_in_the_middle_gets_a_bin_of_its_own_from_both_sides() -> None:
+    # Saturation: 60 % at 98, the hypoxic values below it must not share its bin.
+    hypoxic = [85.0, 88.0, 90.0, 92.0, 94.0, 95.0, 96.0, 97.0, 97.0, 96.0, 95.0, 94.0]
+    values = hypoxic + [98.0] * 60 + [99.0] * 14 + [100.0] * 14
+    assert value_bin_edges(np.array(values), 5) == [97.5, 98.5, 99.5]
+
+
+def test_heavy_values_never_make_more_bins_than_asked_for() -> None:
+    # Four values at a bin's worth each with a stray below each: a cut on both sides of every heavy
+    # value would make 9 bins; the neighbouring bins with the fewest values are merged back to 5.
+    values = np.array([10.0] * 20 + [20.0] * 20 + [30.0] * 20 + [40.0] * 20 + [50.0] * 16 + [5.0, 15.0, 25.0, 35.0])
+    edges = value_bin_edges(values, 5)
+    assert edges == [12.5, 22.5, 32.5, 45.0]
+    continuous = np.random.default_rng(0).normal(size=1000)
+    assert np.allclose(value_bin_edges(continuous, 5), np.quantile(continuous, [0.2, 0.4, 0.6, 0.8]), atol=0.01)
+
+
+def test_values_of_many_tokens_are_binned_each_by_its_own_edges() -> None:
+    codes = [f"LOINC//{i}" for i in range(30)]
+    rows = [(s, day(-1), code, float(s + 10 * i), None, "ehr") for i, code in enumerate(codes) for s in range(1, 5)]
+    events = events_frame(rows)
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [T0] * 4})
+    tokenizer = EventTokenizer(value_bins=2, min_code_count=1).fit(events, cohort, [1, 2, 3, 4])
+    assert tokenizer.bin_edges_["LOINC//7"] == [72.5]
+    tokens = tokenizer.transform(events, cohort)
+    # Each patient's 30 values: patients 1 and 2 below each code's median, 3 and 4 above.
+    assert [set(bins) for bins in tokens["value_bins"].to_list()] == [{1}, {1}, {2}, {2}]

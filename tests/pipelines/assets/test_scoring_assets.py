@@ -33,7 +33,13 @@ from models.drift import (
 from models.publishing import current_version, publish
 from models.scoring import RiskTiers, model_version
 from models.task_model import MODEL_FORMAT_VERSION, model_file_digests
-from pipelines.assets.scoring import published_cohort, risk_scores, risk_scores_drift, risk_scores_input_drift
+from pipelines.assets.scoring import (
+    _input_label,
+    published_cohort,
+    risk_scores,
+    risk_scores_drift,
+    risk_scores_input_drift,
+)
 from pipelines.resources import Workspace
 
 TASK = "simulated_mace_1y"  # quality gates in its task file: min_auroc 0.55, max_calibration_error 0.1
@@ -87,7 +93,7 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
     events = pl.DataFrame({"subject_id": ids, "time": [datetime(2025, 5, 1)] * len(ids),
                            "known_time": pl.Series([None] * len(ids), dtype=pl.Datetime("us")),
                            "code": ["LOINC//8480-6"] * len(ids), "numeric_value": np.linspace(100, 180, len(ids)),
-                           "modality": ["ehr"] * len(ids)})
+                           "text_value": pl.Series([None] * len(ids), dtype=pl.String), "modality": ["ehr"] * len(ids)})
     (warehouse / "tasks" / TASK).mkdir(parents=True)
     cohort.write_parquet(warehouse / "tasks" / TASK / "cohort.parquet")
     events.write_parquet(warehouse / "events.parquet")
@@ -277,3 +283,15 @@ def test_a_publication_records_the_quality_gates_it_passed(tmp_path: Path) -> No
     publish_and_check(tmp_path)
     manifest = json.loads((tmp_path / "published" / TASK / "v0003" / "manifest.json").read_text())
     assert manifest["lineage"]["quality_gates"] == {"min_auroc": 0.55, "max_calibration_error": 0.1}
+
+
+def test_an_input_is_labelled_with_its_code_and_its_coded_answer() -> None:
+    descriptions = {"LOINC//8480-6": "Systolic blood pressure", "LOINC//72166-2": "Tobacco smoking status",
+                    "SNOMED//77176002": "Smoker", "GENE//CYP2C19": "CYP2C19 genotype"}
+    assert _input_label("last__LOINC//8480-6", descriptions) == "last__LOINC//8480-6 (Systolic blood pressure)"
+    assert (_input_label("count__LOINC//72166-2//SNOMED//77176002", descriptions)
+            == "count__LOINC//72166-2//SNOMED//77176002 (Tobacco smoking status: Smoker)")
+    assert (_input_label("last__GENE//CYP2C19//rs4244285", descriptions)
+            == "last__GENE//CYP2C19//rs4244285 (CYP2C19 genotype: rs4244285)")
+    assert _input_label("age_years", descriptions) == "age_years"
+    assert _input_label("count__ICD10CM//I50", descriptions) == "count__ICD10CM//I50"
