@@ -45,7 +45,7 @@ from features.tables import (
 
 def usual_embedding_length(paths: list[Path]) -> int | None:
     """The most common embedding length over every row of the imaging tables ``paths`` (the
-    first file's on a tie; None when no row has a list). Files that cannot be read or lack a
+    first file's on a tie; None when no row has a non-empty list). Files that cannot be read or lack a
     column are skipped: :func:`read_imaging_file` rejects them whole.
 
     One length for the whole landing zone, not one per file: the model reads every study through
@@ -58,7 +58,8 @@ def usual_embedding_length(paths: list[Path]) -> int | None:
         try:
             require_columns(path, "imaging table", IMAGING_INPUT.names)  # a file rejected whole has no say
             column = read_column(path, "embedding")
-            counts.update(pc.list_value_length(column).drop_null().to_pylist())
+            # An empty list is no embedding (its row is quarantined): it has no say in the length.
+            counts.update(length for length in pc.list_value_length(column).drop_null().to_pylist() if length > 0)
         except (FileError, pa.ArrowNotImplementedError):
             continue  # no such column, or not a list column: the file's own read words why
     return counts.most_common(1)[0][0] if counts else None
@@ -114,10 +115,12 @@ def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: d
         modality = to_string(row, "modality")
         body_site = to_string(row, "body_site")
         embedding = row.get("embedding")
-        if not isinstance(embedding, list) or not embedding:
+        if not isinstance(embedding, list):
             raise RecordError(
                 "bad_type", f"embedding should be a non-empty list of floats, found {type(embedding).__name__}"
             )
+        if not embedding:
+            raise RecordError("bad_embedding", "embedding is an empty list (expected the study's embedding values)")
         if len(embedding) != length:
             raise RecordError(
                 "bad_embedding",

@@ -1017,6 +1017,53 @@ def _deleted_copies(staged: pl.LazyFrame, ids: list[str], resource_type: pl.Expr
     )
 
 
+def _winners(keys: pl.DataFrame, ids: list[str]) -> pl.DataFrame:
+    """Each id's first copy in ``keys`` (newest first), as ``kept_*`` columns."""
+    return keys.group_by(ids, maintain_order=True).agg(
+        pl.col("source_file").first().alias("kept_file"),
+        pl.col("record_number").first().alias("kept_record"),
+        pl.col("last_updated").first().alias("kept_updated"),
+        pl.col("version_id").first().alias("kept_version"),
+        pl.col("version_rank").first().alias("kept_rank"),
+    )
+
+
+def _losers(keys: pl.DataFrame, ids: list[str]) -> pl.DataFrame:
+    """The rows of ``keys`` whose id's first copy is another record, with that record as ``kept_*``."""
+    return keys.join(_winners(keys, ids), on=ids, how="left", nulls_equal=True).filter(
+        (pl.col("source_file") != pl.col("kept_file")) | (pl.col("record_number") != pl.col("kept_record"))
+    )
+
+
+def _dropped_copies(keys: pl.DataFrame, ids: list[str], location: list[str]) -> pl.DataFrame:
+    """The rows of ``keys`` (the copies of repeated ids, newest first) of the records to drop, each
+    with the kept copy of its id as ``kept_*``.
+
+    A record is kept or dropped whole. Where a record holds several ids (a wide genomics row, one
+    per feature), a record that loses one id is dropped, and the winners of its other ids are
+    chosen again among the records left: a panel that repeats one feature of an earlier file must
+    not, once dropped, still win the features it alone gave a later file (which would then be
+    dropped citing a copy that is not kept, and the patient lose the value). Each round drops the
+    records beaten by a record that loses nothing, so the first record still contested is dropped
+    every round, and the rounds end.
+    """
+    dropped_locations = keys.clear().select(location)
+    while True:
+        # The order of ``keys`` (newest first) decides the winners: every join keeps it.
+        alive = keys.join(dropped_locations, on=location, how="anti", maintain_order="left")
+        losers = _losers(alive, ids)
+        if losers.height == 0:
+            break
+        beaten_by_a_survivor = losers.join(
+            losers.select(pl.col("source_file").alias("kept_file"), pl.col("record_number").alias("kept_record")),
+            on=["kept_file", "kept_record"], how="anti", maintain_order="left")
+        dropped_locations = pl.concat([dropped_locations, beaten_by_a_survivor.select(location).unique()])
+    # Each dropped row cites the kept copy of its id; a row whose id no kept record holds cites none
+    # (its record is dropped for another of its ids, whose kept copy it cites).
+    return (keys.join(dropped_locations, on=location, how="semi", maintain_order="left")
+            .join(_winners(alive, ids), on=ids, how="inner", nulls_equal=True, maintain_order="left"))
+
+
 def _finalize_table(
     table: str, staged: pl.LazyFrame, patient_ids: pl.Series | None, warehouse_dir: Path, versions: pl.LazyFrame,
     deletions: pl.LazyFrame | None = None, quarantined_patients: pl.Series | None = None,
@@ -1058,16 +1105,7 @@ def _finalize_table(
             version_id=pl.lit(None, dtype=pl.String),
             version_rank=pl.lit(None, dtype=pl.String),
         )
-    first = keys.group_by(ids, maintain_order=True).agg(
-        pl.col("source_file").first().alias("kept_file"),
-        pl.col("record_number").first().alias("kept_record"),
-        pl.col("last_updated").first().alias("kept_updated"),
-        pl.col("version_id").first().alias("kept_version"),
-        pl.col("version_rank").first().alias("kept_rank"),
-    )
-    dropped = keys.join(first, on=ids, how="left", nulls_equal=True).filter(
-        (pl.col("source_file") != pl.col("kept_file")) | (pl.col("record_number") != pl.col("kept_record"))
-    )
+    dropped = _dropped_copies(keys, ids, location)
     # Why the kept copy won: the first of its sort keys that differs from this copy's.
     why = (
         pl.when(pl.col("kept_updated").ne_missing(pl.col("last_updated")))

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -265,11 +265,77 @@ def read_by_column(
                 result.frames[table].append(frame)
         else:
             cleared = np.zeros(batch.num_rows, dtype=bool)
-        left = batch.filter(pa.array(~cleared)).to_pylist()
+        left = python_rows(batch.filter(pa.array(~cleared)))
         others = sorted([*zip(record_numbers[~cleared].tolist(), left, strict=True), *odd], key=lambda item: item[0])
         for number, row in others:
             read_row(number, row)
         result.batch_done()
+
+
+@dataclass(frozen=True)
+class UnreadableTime:
+    """A stored time or date no calendar holds (beyond years 1 to 9999: a nanosecond count written
+    into a microsecond column, a sentinel such as year 99999), as its raw count and unit."""
+
+    count: int
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.count} {self.unit} since 1970-01-01"
+
+
+_TIME_UNITS = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+_CALENDAR = (datetime(1, 1, 1), datetime(9999, 12, 31, 23, 59, 59, 999999))
+
+
+def _calendar_bounds(kind: pa.DataType) -> tuple[pa.Scalar, pa.Scalar]:
+    """The first and last instant of years 1 to 9999 as ``kind``'s stored count (days for a date32,
+    milliseconds for a date64, the timestamp's unit)."""
+    micros = [(bound - datetime(1970, 1, 1)) // timedelta(microseconds=1) for bound in _CALENDAR]
+    if pa.types.is_date32(kind):
+        return pa.scalar(micros[0] // 86_400_000_000, pa.int32()), pa.scalar(micros[1] // 86_400_000_000, pa.int32())
+    per_second = 1_000 if pa.types.is_date64(kind) else {"s": 1, "ms": 1_000, "us": 1_000_000,
+                                                          "ns": 1_000_000_000}[kind.unit]
+    low, high = (count * per_second // 1_000_000 for count in micros)
+    # Nanoseconds reach only 1677 to 2262: the whole stored range is on the calendar.
+    return pa.scalar(max(low, -(2**63)), pa.int64()), pa.scalar(min(high, 2**63 - 1), pa.int64())
+
+
+def python_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    """``batch.to_pylist()``, with a time or date beyond what Python's calendar holds as an
+    :class:`UnreadableTime`, for :func:`to_time` to quarantine its row, where ``to_pylist`` raises
+    for the whole batch."""
+    columns: list[tuple[str, list[Any]]] = []
+    for name, column in zip(batch.column_names, batch.columns, strict=True):
+        values = column.to_pylist() if not _has_unreadable_times(column) else _times_with_unreadable(column)
+        columns.append((name, values))
+    # A repeated column name keeps its last column, as ``to_pylist`` does.
+    return [{name: values[i] for name, values in columns} for i in range(batch.num_rows)]
+
+
+def _stored_counts(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    storage = pa.int32() if pa.types.is_date32(column.type) else pa.int64()
+    return column.cast(storage)
+
+
+def _has_unreadable_times(column: pa.ChunkedArray) -> bool:
+    kind = column.type
+    if not (pa.types.is_timestamp(kind) or pa.types.is_date32(kind) or pa.types.is_date64(kind)):
+        return False
+    low, high = _calendar_bounds(kind)
+    counts = _stored_counts(column)
+    return bool(pc.any(pc.or_(pc.less(counts, low), pc.greater(counts, high))).as_py())
+
+
+def _times_with_unreadable(column: pa.ChunkedArray) -> list[Any]:
+    low, high = _calendar_bounds(column.type)
+    counts = _stored_counts(column)
+    outside = pc.fill_null(pc.or_(pc.less(counts, low), pc.greater(counts, high)), False)
+    readable = pc.if_else(outside, pa.scalar(None, column.type), column).to_pylist()
+    unit = "days" if pa.types.is_date32(column.type) else (
+        "milliseconds" if pa.types.is_date64(column.type) else _TIME_UNITS[column.type.unit])
+    return [UnreadableTime(count, unit) if out else value
+            for value, out, count in zip(readable, outside.to_pylist(), counts.to_pylist(), strict=True)]
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> pa.Table:
@@ -300,6 +366,13 @@ def column_times(column: pa.ChunkedArray, latest: datetime,
     do not occur in ``zone`` (the hour a clock skips).
     """
     if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
+        if _has_unreadable_times(column):
+            # Left to the per-row check, which quarantines them: a time no calendar holds (a
+            # nanosecond count in a millisecond column) would not cast to microseconds.
+            low, high = _calendar_bounds(column.type)
+            counts = _stored_counts(column)
+            column = pc.if_else(pc.or_(pc.less(counts, low), pc.greater(counts, high)),
+                                pa.scalar(None, column.type), column)
         values = column.cast(pa.timestamp("us")).combine_chunks()
         earliest = EARLIEST
         if column.type.tz is None and zone != "UTC":
@@ -377,6 +450,10 @@ def to_id(row: dict[str, Any], name: str) -> str:
 def to_time(row: dict[str, Any], name: str, latest: datetime, zone: str = SITE_ZONE) -> datetime:
     """A row's time as naive UTC: a time without a zone is the site's wall-clock time (``zone``)."""
     value = require(row, name)
+    if isinstance(value, UnreadableTime):
+        raise RecordError("bad_date", f"column {name} holds {value}, outside the dates a calendar can hold (years 1 "
+                          "to 9999; a count in another unit than the column's, such as nanoseconds in a "
+                          "microsecond column?)")
     if isinstance(value, datetime):
         try:
             utc = as_utc(value, zone)

@@ -249,6 +249,36 @@ def test_a_placeholder_time_beyond_the_calendar_in_utc_is_quarantined(
     assert pl.read_parquet(tmp_path / "out" / "notes.parquet")["note_id"].to_list() == ["n2"]
 
 
+NANOSECONDS_2020 = 1_577_872_800_000_000_000  # 2020-01-01T10:00Z as nanoseconds
+
+
+@pytest.mark.parametrize("unit", ["ms", "us"])
+@pytest.mark.parametrize("table", ["notes", "imaging"])
+def test_a_time_no_calendar_holds_is_one_quarantined_row_not_a_crash(tmp_path: Path, unit: str, table: str) -> None:
+    # A nanosecond count written into a millisecond or microsecond column (a unit mixed up in an
+    # export): neither Python nor a cast to microseconds can hold it.
+    good = 1_577_872_800_000 if unit == "ms" else 1_577_872_800_000_000
+    times = pa.array([good, NANOSECONDS_2020], pa.timestamp(unit))
+    data = (notes_table(time=times) if table == "notes" else
+            imaging_table([[0.1, 0.2], [0.3, 0.4]]).set_column(2, "time", times))
+    summary, quarantine = run(tmp_path, {f"{table}/a.parquet": data})
+    unit_name = {"ms": "milliseconds", "us": "microseconds"}[unit]
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (2, "bad_date", f"column time holds {NANOSECONDS_2020} {unit_name} since 1970-01-01, outside the dates a "
+                        "calendar can hold (years 1 to 9999; a count in another unit than the column's, such as "
+                        "nanoseconds in a microsecond column?)")]
+    assert summary.table_rows[table] == 1
+    assert pl.read_parquet(tmp_path / "out" / f"{table}.parquet")["time"].to_list() == [datetime(2020, 1, 1, 10)]
+
+
+def test_a_date_beyond_year_9999_is_one_quarantined_row(tmp_path: Path) -> None:
+    days = pa.array([18262, 3_000_000], pa.date32())  # 2020-01-01, and a date in year 10183
+    summary, quarantine = run(tmp_path, {"notes/a.parquet": notes_table(time=days)})
+    assert quarantine.select("record_number", "reason_code").rows() == [(2, "bad_date")]
+    assert "holds 3000000 days since 1970-01-01" in quarantine["reason"][0]
+    assert summary.table_rows["notes"] == 1
+
+
 def test_a_zoneless_table_time_is_judged_by_the_year_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # 09:00 on 1 January 1800 in Tokyo is 1799 in UTC: kept, as a FHIR dateTime without an offset is;
     # 1799 as written is refused, and both by column and per row.
@@ -488,6 +518,25 @@ def test_wide_genomics_patient_twice_is_one_duplicate_row(tmp_path: Path) -> Non
     assert summary.duplicates == 1
 
 
+def test_a_dropped_wide_row_wins_none_of_its_other_features(tmp_path: Path) -> None:
+    # b's panel repeats a's G1 and is dropped whole; its G2 must not then beat c's, which would be
+    # dropped citing a copy that is not kept, and p1 would have no G2 at all.
+    files = {"genomics/a_long.csv": b"patient_id,feature,value\np1,G1,1.0\n",
+             "genomics/b_wide.csv": b"patient_id,G1,G2\np1,2.0,3.0\n",
+             "genomics/c_long.csv": b"patient_id,feature,value\np1,G2,4.0\np1,G1,5.0\n"}
+    summary, quarantine = run(tmp_path, files)
+    assert quarantine.select("source_file", "record_number", "reason").rows() == [
+        ("genomics/b_wide.csv", 1, "duplicate of genomics row p1/FEATURE//G1: the copy in genomics/a_long.csv "
+                                   "record 1 is kept (first in file order)"),
+        ("genomics/c_long.csv", 2, "duplicate of genomics row p1/FEATURE//G1: the copy in genomics/a_long.csv "
+                                   "record 1 is kept (first in file order)"),
+    ]
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("code", "value", "source_file").sort("code").rows() == [
+        ("FEATURE//G1", 1.0, "genomics/a_long.csv"), ("FEATURE//G2", 4.0, "genomics/c_long.csv")]
+    assert summary.duplicates == 2
+
+
 def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -> None:
     features = pa.table({"patient_id": ["p1", "p1", "p1"], "feature": ["IL6", "CRP", "TNF"],
                          "value": [3.4e38, 3.5e38, -2.0]})
@@ -534,6 +583,14 @@ def test_imaging_wrong_length_and_non_finite(tmp_path: Path) -> None:
     events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "imaging")
     assert events.select("code", "text_value").rows() == [("IMAGING//CT", "s0"), ("IMAGING//CT", "s3")]
 
+
+
+def test_empty_embeddings_do_not_set_the_landing_zones_usual_length(tmp_path: Path) -> None:
+    # Three studies with no embedding yet ([]), two with one: the two are read, the three quarantined.
+    summary, quarantine = run(tmp_path, {"imaging/a.parquet": imaging_table([[], [], [], [0.1, 0.2], [0.3, 0.4]])})
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (n, "bad_embedding", "embedding is an empty list (expected the study's embedding values)") for n in (1, 2, 3)]
+    assert summary.table_rows["imaging"] == 2
 
 
 def test_imaging_embeddings_of_integers_or_beyond_float32(tmp_path: Path) -> None:
