@@ -16,7 +16,6 @@ embedded twice, whichever task asks for it, and never served from another checkp
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -174,6 +173,7 @@ class NoteEncoder:
         self.n_embedded = 0
         self._model: Any = None
         self._tokenizer: Any = None
+        self._dim: int | None = None
 
     def _load_model(self) -> None:
         import torch
@@ -186,9 +186,13 @@ class NoteEncoder:
 
     @property
     def dim(self) -> int:
-        """Length of each vector."""
-        config = json.loads((self.model_path / "config.json").read_text(encoding="utf-8"))
-        return int(config["hidden_size"])
+        """Length of each vector: the encoder's hidden size, by whatever name its config gives it
+        (``hidden_size``; DistilBERT's ``dim``, T5's ``d_model``, which ``transformers`` maps)."""
+        if self._dim is None:
+            from transformers import AutoConfig
+
+            self._dim = int(AutoConfig.from_pretrained(str(self.model_path), local_files_only=True).hidden_size)
+        return self._dim
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         import torch

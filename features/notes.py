@@ -23,7 +23,7 @@ import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
-from features.fhir.flatten import NOTE_TYPE_SEPARATORS, note_type_slug
+from features.fhir.flatten import note_type_slug
 from features.fhir.validate import SITE_ZONE, RecordError
 from features.schemas import NOTES, NOTES_INPUT
 from features.tables import (
@@ -76,9 +76,11 @@ def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, late
 
 
 def note_type_slugs(labels: pl.Series) -> pl.Series:
-    """:func:`features.fhir.flatten.note_type_slug` of each label, by column."""
-    slugs = labels.str.to_lowercase().str.replace_all(NOTE_TYPE_SEPARATORS.pattern, "_").str.strip_chars("_")
-    return slugs.replace("", "document")
+    """:func:`features.fhir.flatten.note_type_slug` of each label, by column: each distinct label
+    slugged once, by the same function as per row (a hospital has a few dozen kinds of note)."""
+    distinct = labels.unique().drop_nulls().to_list()
+    return labels.replace_strict({label: note_type_slug(label) for label in distinct}, default=None,
+                                 return_dtype=pl.String)
 
 
 def _read_row(number: int, row: dict[str, Any], *, latest: datetime, zone: str, source_file: str,

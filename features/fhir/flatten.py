@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -670,7 +671,8 @@ def _absent_reason(holder: dict[str, Any], numeric: float | None, text: str | No
     return reason.split("//", 1)[1]
 
 
-NOTE_TYPE_SEPARATORS = re.compile(r"[^a-z0-9]+")
+NOTE_TYPE_SEPARATORS = re.compile(r"[\W_]+")
+"""What separates the words of a note type: anything but a letter or digit, in any script."""
 
 
 def _note_text(res: dict[str, Any]) -> str:
@@ -763,12 +765,18 @@ def note_binary(res: dict[str, Any], origin: Origin) -> str | None:
 def note_type_slug(label: str) -> str:
     """``'History and physical note'`` -> ``'history_and_physical_note'``.
 
+    Letters of every script are kept (``'Röntgenbefund'`` -> ``'röntgenbefund'``, a Japanese
+    discharge summary keeps its name), in Unicode's compatibility form, so that one kind of note
+    written in two ways is one code; only a label without a letter or digit is a ``document``.
+
     Examples
     --------
     >>> note_type_slug("Progress note")
     'progress_note'
+    >>> note_type_slug("退院サマリー"), note_type_slug("Röntgen-Befund")
+    ('退院サマリー', 'röntgen_befund')
     """
-    return NOTE_TYPE_SEPARATORS.sub("_", label.lower()).strip("_") or "document"
+    return NOTE_TYPE_SEPARATORS.sub("_", unicodedata.normalize("NFKC", label).lower()).strip("_") or "document"
 
 
 def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, str]:

@@ -156,3 +156,20 @@ def test_another_checkpoint_of_the_same_size_gets_another_fingerprint_and_cache(
     folders = [encoder.cache.folder for encoder in (NoteEncoder(path, cache_dir=cache, dtype="float32")
                                                      for path in (base, tuned)) if encoder.cache is not None]
     assert folders == [cache / fingerprint, cache / model_fingerprint(tuned, 256)]
+
+
+def test_an_encoder_whose_config_names_its_size_otherwise_embeds(tmp_path: Path) -> None:
+    # DistilBERT's config calls its hidden size "dim"; the packaged tokenizer with a tiny random model.
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(note_embeddings.default_model_path()), local_files_only=True)
+    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    DistilBertModel(config).save_pretrained(tmp_path / "distilbert")
+    tokenizer.save_pretrained(tmp_path / "distilbert")
+    encoder = NoteEncoder(tmp_path / "distilbert", dtype="float32", num_threads=1)
+    assert encoder.dim == 32
+    vectors = encoder.encode(["Pt well.", "Short of breath on exertion."])
+    assert vectors.shape == (2, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

@@ -777,11 +777,16 @@ def test_a_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", ["parquet", "csv"])
 def test_table_note_types_are_slugged_alike_by_column_and_per_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    suffix: str) -> None:
-    types = ["Progress note", "Progress note ", " History & Physical", "***"]
-    table = pa.table({"patient_id": ["p1"] * 4, "note_id": ["n1", "n2", "n3", "n4"],
-                      "time": ["2020-01-01T10:00:00Z"] * 4, "note_type": types, "text": ["Pt well."] * 4})
+    # Kinds of note in other scripts keep their names: a Japanese discharge summary and progress note
+    # are two codes, not two "document"s; a full-width label is the same kind as its usual form.
+    types = ["Progress note", "Progress note ", " History & Physical", "***", "退院サマリー", "経過記録",
+             "Röntgen-Befund", "Ｐｒｏｇｒｅｓｓ　ｎｏｔｅ"]
+    n = len(types)
+    table = pa.table({"patient_id": ["p1"] * n, "note_id": [f"n{i}" for i in range(n)],
+                      "time": ["2020-01-01T10:00:00Z"] * n, "note_type": types, "text": ["Pt well."] * n})
     data: bytes | pa.Table = table if suffix == "parquet" else table.to_pandas().to_csv(index=False).encode()
-    slugs = ["progress_note", "progress_note", "history_physical", "document"]
+    slugs = ["progress_note", "progress_note", "history_physical", "document", "退院サマリー", "経過記録",
+             "röntgen_befund", "progress_note"]
     _summary, quarantine = run(tmp_path / "column", {f"notes/notes.{suffix}": data})
     assert quarantine.height == 0
     assert pl.read_parquet(tmp_path / "column" / "out" / "notes.parquet")["note_type"].to_list() == slugs
