@@ -212,6 +212,10 @@ def _numbers(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:
             pc.fill_null(pc.cast(column, pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False),
             dtype=np.float64,
         )
+    if pa.types.is_decimal(column.type):
+        # Each value as the per-row check reads it (Python's float of the Decimal): a cast could
+        # round the last digit otherwise.
+        return np.array([np.nan if value is None else float(value) for value in column.to_pylist()], dtype=np.float64)
     if is_text(column.type):
         plain = pc.fill_null(pc.match_substring_regex(column, _PLAIN_NUMBER), False)
         return pl.Series(pc.if_else(plain, column, None)).cast(pl.Float64, strict=False).fill_null(np.nan).to_numpy()

@@ -1020,6 +1020,8 @@ def _deleted_copies(staged: pl.LazyFrame, ids: list[str], resource_type: pl.Expr
 def _winners(keys: pl.DataFrame, ids: list[str]) -> pl.DataFrame:
     """Each id's first copy in ``keys`` (newest first), as ``kept_*`` columns."""
     return keys.group_by(ids, maintain_order=True).agg(
+        *([pl.col("patient_id").first().alias("kept_patient")] if "patient_id" in keys.columns
+          and "patient_id" not in ids else []),
         pl.col("source_file").first().alias("kept_file"),
         pl.col("record_number").first().alias("kept_record"),
         pl.col("last_updated").first().alias("kept_updated"),
@@ -1072,8 +1074,9 @@ def _finalize_table(
     records it holds per source file (counted from the written file, for the accounting).
 
     Of the copies of one id, the newest is kept (:func:`_newest_first`, by the staged
-    ``record_versions``); each other copy is a ``duplicate`` quarantine row naming the copy kept and why.
-    The copies of a resource that a Bundle entry deletes (``deletions``) and that the deletion
+    ``record_versions``); each other copy is a ``duplicate`` quarantine row naming the copy kept and why,
+    or an ``id_conflict`` row where it is another patient's and no version tells them apart. The
+    copies of a resource that a Bundle entry deletes (``deletions``) and that the deletion
     comes after (:func:`_deleted_copies`) are left out first, each a ``deleted`` quarantine row
     naming the entry; so are those a newer version marked entered-in-error withdraws (``withdrawn``
     rows of ``deletions``), each a ``withdrawn`` row. The newest copy is chosen among the others (a
@@ -1096,7 +1099,11 @@ def _finalize_table(
         )
     remaining = staged if deleted is None else staged.join(deleted.lazy().select(location), on=location, how="anti")
     candidates = remaining.join(_repeated_ids(remaining, ids), on=ids, how="semi", nulls_equal=True)
-    keys = candidates.select(*dict.fromkeys([*ids, *location])).unique().sort(location).collect()
+    # Whose each copy is, where the id does not say: a table's note or study id held by two
+    # patients is a clash of ids (two feeds numbering alike), not a copy.
+    owner = ["patient_id"] if "patient_id" in staged.collect_schema().names() and "patient_id" not in ids else []
+    keys = candidates.select(*dict.fromkeys([*ids, *location, *owner])).unique(subset=[*ids, *location],
+                                                                               keep="first").sort(location).collect()
     if keys.height:
         keys = _newest_first(keys, ids, versions)
     else:
@@ -1131,11 +1138,22 @@ def _finalize_table(
             + pl.concat_str([pl.col(c).cast(pl.String) for c in ids], separator="/", ignore_nulls=True)
         )
     )
+    # A copy of a table row (no version to tell them apart) whose patient is not the kept copy's.
+    clash = ((pl.col("patient_id") != pl.col("kept_patient"))
+             & pl.col("kept_updated").eq_missing(pl.col("last_updated"))
+             & pl.col("kept_rank").eq_missing(pl.col("version_rank"))) if owner else pl.lit(False)
     duplicates = _drops(
         dropped,
         rtype,
         pl.col(ids[-1]),
-        pl.lit("duplicate"),
+        pl.when(clash).then(pl.lit("id_conflict")).otherwise(pl.lit("duplicate")),
+        pl.when(clash).then(
+            label + pl.lit(" of Patient/") + (pl.col("patient_id") if owner else pl.lit(""))
+            + pl.lit(" has the id of Patient/") + (pl.col("kept_patient") if owner else pl.lit(""))
+            + pl.lit("'s in ") + pl.col("kept_file") + pl.lit(" record ") + pl.col("kept_record").cast(pl.String)
+            + pl.lit(", which is kept (first in file order): ids must be unique across patients (feeds that "
+                     "number their records alike need a prefix each)")
+        ).otherwise(
         pl.lit("duplicate of ")
         + label
         + pl.lit(": the copy in ")
@@ -1144,7 +1162,7 @@ def _finalize_table(
         + pl.col("kept_record").cast(pl.String)
         + pl.lit(" is kept (")
         + why
-        + pl.lit(")"),
+        + pl.lit(")")),
     )
     # A record is kept or dropped whole, and counted once: a wide genomics row holds one row per
     # feature, and any feature seen before drops the row (no patient is left with half a panel).

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -166,12 +167,12 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
     ``(number, row)``).
 
     Parquet columns keep their types. CSV/TSV columns are text, with '' as null; a row with
-    another number of fields than the header is ``{"__bad_width__": values}``, and a row with bytes
-    that are not UTF-8 ``{"__not_utf8__": values}`` (each such byte shown as U+FFFD): both are for
-    :func:`check_row_shape`. A Parquet file whose data cannot be decoded (a corrupt page behind a
-    valid footer), or a CSV/TSV file whose quoting breaks (a quote never closed, which would read
-    every later row as one field), raises :class:`FileError` where the bad data starts; the caller
-    then rejects the whole file.
+    another number of fields than the header is ``{"__bad_width__": values}``, a row with bytes
+    that are not UTF-8 ``{"__not_utf8__": values}`` (each such byte shown as U+FFFD), and a blank
+    line ``{"__blank_line__": ""}``: all are for :func:`check_row_shape`. A Parquet file whose data
+    cannot be decoded (a corrupt page behind a valid footer), or a CSV/TSV file whose quoting
+    breaks (a quote never closed, which would read every later row as one field), raises
+    :class:`FileError` where the bad data starts; the caller then rejects the whole file.
     """
     if path.suffix.lower() == ".parquet":
         number = 0
@@ -197,9 +198,12 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
             try:
                 values = next(reader, None)
             except csv.Error as exc:
+                why = ("a field that starts with a quote is read as quoted, so it must end with one, its own "
+                       'quotes doubled (a note beginning with a quotation: """Doing well"" per patient")'
+                       if "expected after" in str(exc) else
+                       "a quote opened and never closed joins the rows after it")
                 raise FileError("unreadable_file", f"CSV/TSV quoting breaks in record {number + 1} (read to "
-                                f"line {reader.line_num}): {exc}; a quote opened and never closed joins the rows "
-                                "after it") from None
+                                f"line {reader.line_num}): {exc}; {why}") from None
             if values is None:
                 break
             number += 1
@@ -207,6 +211,8 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
             joined = "".join(values)
             if not joined.isascii() and NOT_UTF8.search(joined):
                 odd.append((number, {"__not_utf8__": [NOT_UTF8.sub("\ufffd", value) for value in values]}))
+            elif not values:  # a blank line: no record, but a line of the file, so accounted for
+                odd.append((number, {"__blank_line__": ""}))
             elif len(values) == len(header):
                 numbers.append(number)
                 fitting.append(values)
@@ -235,6 +241,8 @@ def _csv_reader(path: Path) -> Iterator[Any]:
 def check_row_shape(row: dict[str, Any]) -> None:
     """Raise :class:`RecordError` for a CSV/TSV row :func:`iter_batches` could not read as a row of
     the header's columns."""
+    if "__blank_line__" in row:
+        raise RecordError("blank_line", "blank line (a table holds one record per line)")
     if "__bad_width__" in row:
         raise RecordError("bad_row", "row has a different number of fields than the header")
     if "__not_utf8__" in row:
@@ -427,7 +435,10 @@ def require(row: dict[str, Any], name: str) -> Any:
 
 def to_patient_id(row: dict[str, Any]) -> str:
     value = require(row, "patient_id")
-    if not isinstance(value, str) or FHIR_ID.fullmatch(value) is None:
+    if not isinstance(value, str):
+        # An id is text: 1 and "01" would be one patient as numbers (export the column as text).
+        raise RecordError("bad_type", f"column patient_id should be text, found {type(value).__name__} {value!r:.40}")
+    if FHIR_ID.fullmatch(value) is None:
         raise RecordError("bad_id", f"patient_id {value!r:.60} is not a valid FHIR id")
     return value
 
@@ -483,6 +494,8 @@ def to_float(row: dict[str, Any], name: str) -> float:
             value = float(value)
         except ValueError:
             raise RecordError("bad_type", f"column {name} should be a number, found {value!r:.40}") from None
+    if isinstance(value, Decimal):  # a decimal column, as SQL exports write NUMERIC
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise RecordError("bad_type", f"column {name} should be a number, found {type(value).__name__} {value!r:.40}")
     if not math.isfinite(value):
@@ -499,7 +512,8 @@ def to_int(row: dict[str, Any], name: str) -> int:
     value = require(row, name)
     if isinstance(value, str) and INTEGER_TEXT.fullmatch(stripped := value.strip()):
         value = int(stripped.split(".")[0])
-    elif isinstance(value, float) and value.is_integer():
+    elif (isinstance(value, float) and value.is_integer()) or (
+            isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value()):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise RecordError("bad_type", f"column {name} should be an integer, found {type(value).__name__} {value!r:.40}")

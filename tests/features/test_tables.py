@@ -537,6 +537,50 @@ def test_a_dropped_wide_row_wins_none_of_its_other_features(tmp_path: Path) -> N
     assert summary.duplicates == 2
 
 
+def test_decimal_columns_of_a_sql_export_are_numbers(tmp_path: Path) -> None:
+    from decimal import Decimal
+
+    long = pa.table({"patient_id": ["p1", "p1"], "feature": ["IL6", "CRP"],
+                     "value": pa.array([Decimal("1.25"), Decimal("2.50")], pa.decimal128(10, 2))})
+    wide = pa.table({"patient_id": ["p1"], "BRCA1": pa.array([Decimal("0.50")], pa.decimal128(5, 2))})
+    variants = pa.table({"patient_id": ["p1"], "gene": ["CYP2C19"], "variant": ["rs4244285"],
+                         "genotype": pa.array([Decimal("1")], pa.decimal128(3, 0))})
+    summary, quarantine = run(tmp_path, {"genomics/long.parquet": long, "genomics/wide.parquet": wide,
+                                         "genomics/variants.parquet": variants})
+    assert quarantine.height == 0
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert sorted(genomics.select("code", "value").rows()) == [
+        ("FEATURE//BRCA1", 0.5), ("FEATURE//CRP", 2.5), ("FEATURE//IL6", 1.25), ("GENE//CYP2C19", 1.0)]
+    assert summary.table_rows["genomics"] == 4
+
+
+def test_a_numeric_patient_id_is_named_as_the_wrong_type(tmp_path: Path) -> None:
+    wide = pa.table({"patient_id": [1], "BRCA1": [0.5]})
+    _summary, quarantine = run(tmp_path, {"genomics/wide.parquet": wide})
+    assert quarantine.select("reason_code", "reason").rows() == [
+        ("bad_type", "column patient_id should be text, found int 1")]
+
+
+def test_a_blank_line_in_a_csv_is_one_blank_line_row(tmp_path: Path) -> None:
+    csv = (b"patient_id,note_id,time,note_type,text\r\np1,n1,2020-01-01T10:00:00Z,progress,Pt well.\r\n\r\n"
+           b"p1,n2,2020-01-02T10:00:00Z,progress,Pt better.\r\n")
+    summary, quarantine = run(tmp_path, {"notes/notes.csv": csv})
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (2, "blank_line", "blank line (a table holds one record per line)")]
+    assert summary.table_rows["notes"] == 2
+
+
+def test_two_patients_notes_with_one_id_are_an_id_conflict_not_a_duplicate(tmp_path: Path) -> None:
+    # Two feeds that both number their notes from 1: the second patient's note is not a copy.
+    csv = NOTES_HEADER + b"p1,1,2020-01-01,progress,Pt well.\np2,1,2020-01-02,progress,Pt short of breath.\n"
+    summary, quarantine = run(tmp_path, {"notes/notes.csv": csv}, patients=2)
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (2, "id_conflict", "notes row 1 of Patient/p2 has the id of Patient/p1's in notes/notes.csv record 1, which "
+                           "is kept (first in file order): ids must be unique across patients (feeds that number "
+                           "their records alike need a prefix each)")]
+    assert summary.duplicates == 0
+
+
 def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -> None:
     features = pa.table({"patient_id": ["p1", "p1", "p1"], "feature": ["IL6", "CRP", "TNF"],
                          "value": [3.4e38, 3.5e38, -2.0]})
@@ -750,6 +794,17 @@ def test_a_quote_never_closed_rejects_the_notes_file_instead_of_joining_its_rows
     assert summary.table_rows["notes"] == 0
 
 
+def test_a_tsv_field_quoted_only_in_part_names_why_the_file_is_rejected(tmp_path: Path) -> None:
+    tsv = (b"patient_id\tnote_id\ttime\tnote_type\ttext\n"
+           b"p1\tn1\t2020-01-01\tprogress\tPt well.\n"
+           b'p1\tn2\t2020-01-02\tprogress\t"Doing well" per patient.\n')
+    _summary, quarantine = run(tmp_path, {"notes/notes.tsv": tsv})
+    assert quarantine["reason"].to_list() == [
+        "CSV/TSV quoting breaks in record 2 (read to line 3): '\t' expected after '\"'; a field that starts with a "
+        'quote is read as quoted, so it must end with one, its own quotes doubled (a note beginning with a '
+        'quotation: """Doing well"" per patient")']
+
+
 def test_a_note_longer_than_the_csv_modules_default_field_limit_is_read_whole(tmp_path: Path) -> None:
     long_text = "Discharge summary. " * 10_000  # 190,000 characters: the default limit is 131,072
     csv = NOTES_HEADER + f'p1,n1,2020-01-01,Discharge summary,"{long_text}"\n'.encode()
@@ -780,7 +835,7 @@ def test_table_note_types_are_slugged_alike_by_column_and_per_row(tmp_path: Path
     # Kinds of note in other scripts keep their names: a Japanese discharge summary and progress note
     # are two codes, not two "document"s; a full-width label is the same kind as its usual form.
     types = ["Progress note", "Progress note ", " History & Physical", "***", "退院サマリー", "経過記録",
-             "Röntgen-Befund", "Ｐｒｏｇｒｅｓｓ　ｎｏｔｅ"]
+             "Röntgen-Befund", "\uff30\uff52\uff4f\uff47\uff52\uff45\uff53\uff53\u3000\uff4e\uff4f\uff54\uff45"]
     n = len(types)
     table = pa.table({"patient_id": ["p1"] * n, "note_id": [f"n{i}" for i in range(n)],
                       "time": ["2020-01-01T10:00:00Z"] * n, "note_type": types, "text": ["Pt well."] * n})
