@@ -123,6 +123,7 @@ class PlattCalibrator:
         calibrator = cls()
         calibrator.slope_, calibrator.intercept_, calibrator.survival_power_ = 1.0, 0.0, 1.0
         calibrator.arms_ = list(_UNCALIBRATED_ARMS)
+        calibrator.survival_calibration_ = "survival curves not calibrated (trained without calibration)"
         return calibrator
 
     def fit_survival(self, survival_at_horizon: npt.ArrayLike, event: npt.ArrayLike,
@@ -144,17 +145,29 @@ class PlattCalibrator:
         events = np.asarray(event, dtype=np.float64) > 0.5
         durations = np.asarray(duration_days, dtype=np.float64)
         self.survival_power_ = 1.0
+        not_calibrated = "survival curves not calibrated (as the head gave them): "
         if not events.any() or durations.max() < horizon_days or (s >= 1.0).all():
+            self.survival_calibration_ = not_calibrated + (
+                "no tuning patient had the outcome" if not events.any() else
+                "no tuning patient was followed to the horizon" if durations.max() < horizon_days else
+                "the curves give no tuning patient a risk by the horizon")
             return self
         times, km = kaplan_meier_estimator(events, durations)
         target = 1.0 - float(km[times <= horizon_days][-1]) if (times <= horizon_days).any() else 0.0
         if not 0.0 < target < 1.0:
+            self.survival_calibration_ = (not_calibrated + f"the tuning split's Kaplan-Meier risk by the horizon is "
+                                          f"{target:g}, which no power of the curves reaches")
             return self
         # Mean risk 1 - mean(s ** k) rises with k: bisection on log k, within a range no sound head
         # needs leaving (a power of 20 multiplies every cumulative hazard by 20). A target outside
         # it (a head that gives nearly everyone no risk, say) leaves the curves as the head gave them.
         low, high = np.log(1 / SURVIVAL_POWER_LIMIT), np.log(SURVIVAL_POWER_LIMIT)
+        before = 1.0 - float(np.mean(s))
         if not 1.0 - np.mean(s ** np.exp(low)) <= target <= 1.0 - np.mean(s ** np.exp(high)):
+            self.survival_calibration_ = (
+                not_calibrated + f"matching the tuning split's Kaplan-Meier risk by the horizon ({target:.3f}; the "
+                f"curves' mean {before:.3f}) needs a power outside 1/{SURVIVAL_POWER_LIMIT:g} to "
+                f"{SURVIVAL_POWER_LIMIT:g}: the survival head is far off, train again")
             return self
         for _ in range(60):
             middle = (low + high) / 2
@@ -163,6 +176,9 @@ class PlattCalibrator:
             else:
                 high = middle
         self.survival_power_ = float(np.exp((low + high) / 2))
+        self.survival_calibration_ = (f"survival curves calibrated in the large: power {self.survival_power_:.3f} "
+                                      f"makes the mean risk by the horizon the tuning split's Kaplan-Meier estimate "
+                                      f"{target:.3f} (the curves' mean {before:.3f})")
         return self
 
     def transform_survival(self, survival: npt.ArrayLike) -> npt.NDArray[np.float64]:
@@ -175,6 +191,8 @@ class PlattCalibrator:
             state["arms"] = [{"slope": slope, "intercept": intercept} for slope, intercept in self.arms_]
         if getattr(self, "survival_power_", None) is not None:
             state["survival_power"] = self.survival_power_
+        if getattr(self, "survival_calibration_", None) is not None:
+            state["survival_calibration"] = self.survival_calibration_
         path.write_text(json.dumps(state))
         return path
 
@@ -210,4 +228,6 @@ class PlattCalibrator:
             calibrator.arms_ = [(float(arm["slope"]), float(arm["intercept"])) for arm in arms]
         if "survival_power" in state:
             calibrator.survival_power_ = float(state["survival_power"])
+        if isinstance(state.get("survival_calibration"), str):
+            calibrator.survival_calibration_ = state["survival_calibration"]
         return calibrator

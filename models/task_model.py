@@ -820,6 +820,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
         return None
     metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
     metrics["best_epoch"] = result.best_epoch
+    metrics["survival_calibration"] = getattr(result.calibrator, "survival_calibration_", None)
     metrics["training_arguments"] = asdict(args)
     metrics["trained_on"] = {"device": str(args.resolve_device()), "precision": training_precision(args),
                              "processes": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1}
@@ -1033,6 +1034,8 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
             f"{fusion['calibration_error_if_calibrated']:.3f} on this many patients from sampling alone "
             f"(95th percentile {fusion['calibration_error_if_calibrated_95']:.3f}).",
         ]
+    if metrics.get("survival_calibration"):
+        lines += ["", f"{metrics['survival_calibration'][0].upper()}{metrics['survival_calibration'][1:]}."]
     groups = [k.removeprefix("subgroup_").removesuffix("_labelled") for k in fusion
               if k.startswith("subgroup_") and k.endswith("_labelled")]
     lines += ["", "## AUROC by subgroup", "",

@@ -50,7 +50,7 @@ def app() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the landing zone.")
 @click.option("--patients", type=int, default=1000, show_default=True, help="Number of patients.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier simulation in --out (never other files).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Processes to use; the output does not depend on it.")
 def simulate(out: Path, patients: int, seed: int, overwrite: bool, workers: int) -> None:

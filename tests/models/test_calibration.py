@@ -87,10 +87,17 @@ def test_survival_curves_are_calibrated_to_the_kaplan_meier_risk_by_the_horizon(
     calibrator.slope_, calibrator.intercept_ = 1.0, 0.0
     loaded = PlattCalibrator.load(calibrator.save(tmp_path / "calibration.json"))
     assert loaded.survival_power_ == calibrator.survival_power_
+    assert loaded.survival_calibration_ == calibrator.survival_calibration_ == (
+        f"survival curves calibrated in the large: power {calibrator.survival_power_:.3f} makes the mean risk by the "
+        f"horizon the tuning split's Kaplan-Meier estimate {km_risk:.3f} (the curves' mean "
+        f"{np.mean(1 - predicted):.3f})")
     (tmp_path / "old.json").write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0}))
     np.testing.assert_array_equal(PlattCalibrator.load(tmp_path / "old.json").transform_survival(curves), curves)
     # Nobody followed to the horizon: nothing to calibrate against.
-    assert PlattCalibrator().fit_survival(predicted, event, np.minimum(duration, 300.0), 365.0).survival_power_ == 1.0
+    short = PlattCalibrator().fit_survival(predicted, event, np.minimum(duration, 300.0), 365.0)
+    assert short.survival_power_ == 1.0
+    assert short.survival_calibration_ == ("survival curves not calibrated (as the head gave them): no tuning patient "
+                                           "was followed to the horizon")
 
 
 @pytest.mark.parametrize("arms", [None, 3, [{"slope": 1.0, "intercept": 0.0}]])
@@ -103,11 +110,17 @@ def test_a_calibration_with_arms_that_are_not_two_is_refused(tmp_path: Path, arm
 
 def test_a_survival_target_out_of_reach_leaves_the_curves_and_a_power_must_be_positive(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    duration = rng.uniform(400, 800, 1000)
-    event = rng.random(1000) < 0.3  # about 0.15 by a year
+    duration = rng.uniform(100, 800, 1000)
+    event = rng.random(1000) < 0.3  # about 0.1 by a year
     # A head that gives nearly everyone no risk: no power within the limit reaches the target.
     flat = np.where(np.arange(1000) < 900, 1.0, 0.999)
-    assert PlattCalibrator().fit_survival(flat, event, np.minimum(duration, 700), 365.0).survival_power_ == 1.0
+    far_off = PlattCalibrator().fit_survival(flat, event, np.minimum(duration, 700), 365.0)
+    assert far_off.survival_power_ == 1.0
+    assert far_off.survival_calibration_.startswith(
+        "survival curves not calibrated (as the head gave them): matching the tuning split's Kaplan-Meier risk by the "
+        "horizon (0.1")
+    assert far_off.survival_calibration_.endswith("needs a power outside 1/20 to 20: the survival head is far off, "
+                                                  "train again")
     path = tmp_path / "calibration.json"
     for power in (0, -1.0):
         path.write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0, "survival_power": power}))

@@ -68,6 +68,10 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
             "float32. A rerun with the same data and seed gives the same model on the same kind of device.") in card
     fusion = metrics["models"]["fusion"]
     assert f"Calibration slope {fusion['calibration_slope']:.2f}" in card
+    # Whether the survival curves were calibrated, and how, is in the card and the metrics.
+    power = json.loads((model_dir / "calibration.json").read_text())["survival_power"]
+    assert metrics["survival_calibration"].startswith(f"survival curves calibrated in the large: power {power:.3f} ")
+    assert f"\n\nS{metrics['survival_calibration'][1:]}.\n" in card
     assert 0 < fusion["calibration_error_if_calibrated"] < fusion["calibration_error_if_calibrated_95"]
     # Early non-events have no label, so the censoring-weighted event rate is below the complete cases'.
     assert metrics["held_out_event_rate_weighted"] < metrics["held_out_event_rate"]
