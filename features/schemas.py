@@ -96,6 +96,8 @@ TRUTH = pa.schema(
         # Which modalities the landing zone holds for this patient.
         pa.field("has_notes", pa.bool_(), nullable=False),
         pa.field("has_genomics", pa.bool_(), nullable=False),
+        # The expression panel, of part of the genotyped patients: it alone carries genomic_risk.
+        pa.field("has_expression", pa.bool_(), nullable=False),
         pa.field("has_imaging", pa.bool_(), nullable=False),
         # Treatment decided at the index visit (clopidogrel started within the treatment window).
         pa.field("treated", pa.bool_(), nullable=False),

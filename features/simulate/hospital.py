@@ -250,7 +250,11 @@ def _write_landing_zone(root: Path, config: SimulationConfig, workers: int) -> S
     pq.write_table(variants, root / "genomics" / "variants.parquet")
     pa_csv.write_csv(expression, root / "genomics" / "expression_panel.tsv",
                      pa_csv.WriteOptions(delimiter="\t", quoting_style="none"))
-    truth = truth_table(state, config.horizon_days)
+    # The genomic risk is written into the expression panel alone, which not every genotyped
+    # patient has: the truth says who, so that a reference never credits it to the others.
+    truth = truth_table(state, config.horizon_days,
+                        has_expression=np.isin(state.patient_id, expression.column("patient_id").to_numpy(
+                            zero_copy_only=False)))
     pq.write_table(truth, root / "truth.parquet")
 
     labelled = truth.column("event_within_horizon").drop_null()

@@ -130,11 +130,13 @@ def hidden_log_hazard(age_years: npt.ArrayLike, is_male: npt.ArrayLike, ehr: npt
 
 SEVERITY_TERMS = ("ehr_severity", "note_severity", "genomic_risk", "imaging_severity")
 """The standard-normal hidden terms of the log hazard, each written into one modality."""
-CARRIED_BY: dict[str, str | None] = {"ehr_severity": None, "note_severity": "has_notes", "genomic_risk": "has_genomics",
-               "imaging_severity": "has_imaging"}
-"""The truth column saying whether a patient's data carry each term (None: every patient's do)."""
+CARRIED_BY: dict[str, str | None] = {"ehr_severity": None, "note_severity": "has_notes",
+                                     "genomic_risk": "has_expression", "imaging_severity": "has_imaging"}
+"""The truth column saying whether a patient's data carry each term (None: every patient's do). The
+genomic risk is in the expression panel, which only part of the genotyped patients have; their
+variant calls carry the allele counts (``has_genomics``)."""
 _TRUTH_COLUMNS = ("age_years", "sex", *SEVERITY_TERMS, "lpa_risk_alleles", "cyp2c19_lof_alleles", "has_notes",
-                  "has_genomics", "has_imaging", "propensity")
+                  "has_genomics", "has_expression", "has_imaging", "propensity")
 
 
 def risk_given_observed_modalities(truth: pa.Table, horizon_days: float, n_draws: int = 512,
@@ -145,8 +147,9 @@ def risk_given_observed_modalities(truth: pa.Table, horizon_days: float, n_draws
     expression panel and variant calls of a patient without genomics, the image severity of a
     patient never imaged). No model can know those; the best it can do is average over them. This
     risk does so, by Monte Carlo over the missing terms (standard-normal severities, binomial allele
-    counts), with the treatment arms averaged by the propensity as for ``true_risk`` at prediction
-    time. It is still an upper bound: the present modalities carry their terms with noise.
+    counts), with the treatment arms averaged by the propensity, as the risk at prediction time is
+    (``true_risk`` is under the arm the patient then got, decided after it). It is still an upper
+    bound: the present modalities carry their terms with noise.
     """
     columns = _truth_columns(truth)
     exact = {name: (columns[name], np.zeros(truth.num_rows)) for name in SEVERITY_TERMS}
@@ -173,6 +176,10 @@ def risk_given_estimated_severities(truth: pa.Table, estimates: Mapping[str, tup
 
 
 def _truth_columns(truth: pa.Table) -> dict[str, npt.NDArray[Any]]:
+    missing = [name for name in _TRUTH_COLUMNS if name not in truth.column_names]
+    if missing:
+        raise ValueError(f"truth table lacks column(s) {', '.join(missing)} (written by an older simulator: "
+                         "simulate the hospital again)")
     return {name: truth.column(name).to_numpy(zero_copy_only=False) for name in _TRUTH_COLUMNS}
 
 
@@ -307,8 +314,9 @@ def _random_chunks(rng: np.random.Generator, n: int, size: int) -> list[bytes]:
     return [raw[size * i : size * (i + 1)] for i in range(n)]
 
 
-def truth_table(state: HiddenState, horizon_days: int) -> pa.Table:
-    """Return ``truth.parquet``'s table: the truth the model is measured against."""
+def truth_table(state: HiddenState, horizon_days: int, has_expression: npt.ArrayLike) -> pa.Table:
+    """Return ``truth.parquet``'s table: the truth the model is measured against; ``has_expression``:
+    whether each patient's landing zone holds their expression panel (the carrier of the genomic risk)."""
     horizon = np.array([float(horizon_days)])
     risk_untreated = 1.0 - true_survival(state.log_hazard_untreated, horizon)[:, 0]
     risk_treated = 1.0 - true_survival(state.log_hazard_treated, horizon)[:, 0]
@@ -333,6 +341,7 @@ def truth_table(state: HiddenState, horizon_days: int) -> pa.Table:
         "lpa_risk_alleles": state.lpa_risk_alleles.astype(np.int8),
         "has_notes": state.has_notes,
         "has_genomics": state.has_genomics,
+        "has_expression": np.asarray(has_expression, dtype=bool),
         "has_imaging": state.has_imaging,
         "treated": state.treated,
         "propensity": state.propensity,

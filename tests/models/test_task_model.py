@@ -408,7 +408,8 @@ def test_severities_read_from_data_recover_a_term_the_inputs_carry_and_leave_an_
     n = tabular.height
     truth = tabular.select("subject_id", ehr_severity=pl.col("noise"), note_severity=pl.lit(0.0),
                            genomic_risk=pl.lit(0.0), imaging_severity=pl.lit(0.0), has_notes=pl.lit(True),
-                           has_genomics=pl.lit(True), has_imaging=pl.Series([False] * n))
+                           has_genomics=pl.lit(True), has_expression=pl.lit(True),
+                           has_imaging=pl.Series([False] * n))
     estimates = _severities_read_from_data(data, _InputMatrices(data).late_fusion, truth)
     held_out_noise = data.tabular["held_out"]["noise"].to_numpy()
     mean, sd = estimates["ehr_severity"]

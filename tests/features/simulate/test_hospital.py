@@ -149,6 +149,13 @@ def test_optional_modalities_are_missing_for_realistic_shares(small_hospital: Pa
     imaged = {p for p, has in zip(truth["patient_id"], truth["has_imaging"], strict=True) if has}
     imaging = pq.read_table(small_hospital / "imaging" / "embeddings.parquet")
     assert set(imaging.column("patient_id").to_pylist()) == imaged
+    # The truth says whose expression panel is written: part of the genotyped patients.
+    panel = pa_csv.read_csv(small_hospital / "genomics" / "expression_panel.tsv",
+                            parse_options=pa_csv.ParseOptions(delimiter="\t"))
+    with_panel = {p for p, has in zip(truth["patient_id"], truth["has_expression"], strict=True) if has}
+    genotyped = {p for p, has in zip(truth["patient_id"], truth["has_genomics"], strict=True) if has}
+    assert set(panel.column("patient_id").to_pylist()) == with_panel
+    assert with_panel < genotyped and 0.6 < len(with_panel) / len(genotyped) < 0.95
 
 
 def test_notes_are_base64_prose_that_carries_the_note_severity(small_hospital: Path) -> None:

@@ -33,7 +33,9 @@ def truth() -> pa.Table:
         notes_table_share=0.35,
         bundle_share=0.1,
     )
-    return truth_table(state, horizon_days=365)
+    # Four in five genotyped patients have an expression panel, as in the simulated hospital.
+    has_expression = state.has_genomics & (np.random.default_rng(1).random(len(state.patient_id)) < 0.8)
+    return truth_table(state, horizon_days=365, has_expression=has_expression)
 
 
 def test_true_risk_ranks_realised_outcomes_well(truth: pa.Table) -> None:
@@ -97,7 +99,7 @@ def _arm_averaged_true_risk(t: pa.Table) -> np.ndarray:
 
 
 def test_risk_given_observed_modalities_equals_the_truth_when_nothing_is_missing(truth: pa.Table) -> None:
-    complete = truth.filter(pa.compute.and_(pa.compute.and_(truth.column("has_notes"), truth.column("has_genomics")),
+    complete = truth.filter(pa.compute.and_(pa.compute.and_(truth.column("has_notes"), truth.column("has_expression")),
                                             truth.column("has_imaging")))
     assert complete.num_rows > 1000
     np.testing.assert_allclose(risk_given_observed_modalities(complete, 365), _arm_averaged_true_risk(complete),
@@ -115,6 +117,20 @@ def test_risk_given_observed_modalities_averages_over_what_is_missing(truth: pa.
     observed = roc_auc_score(outcome, risk_given_observed_modalities(truth, 365)[labelled])
     full = roc_auc_score(outcome, _arm_averaged_true_risk(truth)[labelled])
     assert 0.6 < observed < full - 0.02
+
+
+def test_the_genomic_risk_of_a_patient_genotyped_without_an_expression_panel_is_averaged_out(truth: pa.Table) -> None:
+    # The genomic risk is written into the expression panel alone: variant calls without a panel
+    # say nothing of it, so the reference must not depend on its hidden value for such a patient.
+    without_panel = truth.filter(pa.compute.and_(truth.column("has_genomics"),
+                                                 pa.compute.invert(truth.column("has_expression"))))
+    assert without_panel.num_rows > 500
+    shifted = without_panel.set_column(without_panel.schema.get_field_index("genomic_risk"), "genomic_risk",
+                                       pa.array(np.full(without_panel.num_rows, 3.0)))
+    np.testing.assert_array_equal(risk_given_observed_modalities(shifted, 365),
+                                  risk_given_observed_modalities(without_panel, 365))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) has_expression \(written by an older simulator"):
+        risk_given_observed_modalities(truth.drop_columns(["has_expression"]), 365)
 
 
 def test_risk_given_estimated_severities_with_exact_estimates_is_the_observed_modalities_risk(truth: pa.Table) -> None:
