@@ -1138,10 +1138,12 @@ def _finalize_table(
             + pl.concat_str([pl.col(c).cast(pl.String) for c in ids], separator="/", ignore_nulls=True)
         )
     )
-    # A copy of a table row (no version to tell them apart) whose patient is not the kept copy's.
-    clash = ((pl.col("patient_id") != pl.col("kept_patient"))
-             & pl.col("kept_updated").eq_missing(pl.col("last_updated"))
-             & pl.col("kept_rank").eq_missing(pl.col("version_rank"))) if owner else pl.lit(False)
+    # A copy whose patient is not the kept copy's, where the two are not both versions of one
+    # resource (a later version may move a record to another patient; a notes-table row has no
+    # version, so it and a DocumentReference of the same id are two records that clash).
+    versioned = ((pl.col("kept_updated").is_not_null() | pl.col("kept_rank").is_not_null())
+                 & (pl.col("last_updated").is_not_null() | pl.col("version_rank").is_not_null()))
+    clash = ((pl.col("patient_id") != pl.col("kept_patient")) & ~versioned) if owner else pl.lit(False)
     duplicates = _drops(
         dropped,
         rtype,
@@ -1151,8 +1153,9 @@ def _finalize_table(
             label + pl.lit(" of Patient/") + (pl.col("patient_id") if owner else pl.lit(""))
             + pl.lit(" has the id of Patient/") + (pl.col("kept_patient") if owner else pl.lit(""))
             + pl.lit("'s in ") + pl.col("kept_file") + pl.lit(" record ") + pl.col("kept_record").cast(pl.String)
-            + pl.lit(", which is kept (first in file order): ids must be unique across patients (feeds that "
-                     "number their records alike need a prefix each)")
+            + pl.lit(", which is kept (") + why
+            + pl.lit("): ids must be unique across patients (feeds that number their records alike need a "
+                     "prefix each)")
         ).otherwise(
         pl.lit("duplicate of ")
         + label

@@ -304,6 +304,9 @@ def _calendar_bounds(kind: pa.DataType) -> tuple[pa.Scalar, pa.Scalar]:
         return pa.scalar(micros[0] // 86_400_000_000, pa.int32()), pa.scalar(micros[1] // 86_400_000_000, pa.int32())
     per_second = 1_000 if pa.types.is_date64(kind) else {"s": 1, "ms": 1_000, "us": 1_000_000,
                                                           "ns": 1_000_000_000}[kind.unit]
+    if pa.types.is_timestamp(kind) and kind.tz is not None:
+        # Read in its own zone, a time within a day of the ends of the calendar in UTC may not be on it.
+        micros = [micros[0] + 86_400_000_000, micros[1] - 86_400_000_000]
     low, high = (count * per_second // 1_000_000 for count in micros)
     # Nanoseconds reach only 1677 to 2262: the whole stored range is on the calendar.
     return pa.scalar(max(low, -(2**63)), pa.int64()), pa.scalar(min(high, 2**63 - 1), pa.int64())

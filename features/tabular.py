@@ -37,6 +37,10 @@ class TabularCodes:
     numeric: list[str]
     """The codes of ``codes`` that also get a ``last__`` column: a train patient has a value of
     them (not null, not NaN) before their prediction time. Sorted."""
+    by_token: bool = True
+    """Columns keyed by token (with the coded answer or variant); False: by the bare code, as
+    models trained before the token keys saved their input references (their drift check must
+    compare like with like)."""
 
 
 def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
@@ -83,7 +87,9 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     # Decided on the train split, not on ``cohort``: which columns exist must not depend on which
     # patients are aggregated (see the module docstring).
     numeric_codes = set(selected.numeric)
-    seen = _with_token_code(events_before(events, cohort))
+    seen = events_before(events, cohort)
+    if selected.by_token:
+        seen = _with_token_code(seen)
     overall = (
         seen.group_by("subject_id")
         .agg(

@@ -98,18 +98,24 @@ def input_reference(inputs: pl.DataFrame, n_bins: int = 10) -> pl.DataFrame:
     for name in (c for c in inputs.columns if c not in INPUT_KEY_COLUMNS):
         values = inputs[name].cast(pl.Float64).fill_nan(None).to_numpy()
         edges = _decile_edges(values[~np.isnan(values)], n_bins)
-        rows.append((name, edges.tolist(), _bin_shares(values, edges).tolist()))
+        rows.append((name, edges.tolist(), _bin_shares(values, edges).tolist(), TOKEN_KEYS))
     return pl.DataFrame(rows, schema={"feature": pl.String, "edges": pl.List(pl.Float64),
-                                      "shares": pl.List(pl.Float64)}, orient="row")
+                                      "shares": pl.List(pl.Float64), "keys": pl.String}, orient="row")
+
+
+TOKEN_KEYS = "token"
+"""The ``keys`` of an input reference whose aggregates are keyed by token (code and coded answer or
+variant); a reference without the column keyed them by the bare code."""
 
 
 def reference_codes(reference: pl.DataFrame) -> TabularCodes:
     """The codes whose aggregates :func:`input_reference` saved (``count__<code>`` and the rest), so
-    that today's aggregates can be computed for exactly those codes."""
+    that today's aggregates can be computed for exactly those codes, keyed as they were."""
     features = reference["feature"].to_list()
     codes = sorted({f.split("__", 1)[1] for f in features if f.startswith("count__")})
     numeric = sorted({f.split("__", 1)[1] for f in features if f.startswith("last__")})
-    return TabularCodes(codes, numeric)
+    by_token = "keys" in reference.columns and (reference["keys"] == TOKEN_KEYS).all()
+    return TabularCodes(codes, numeric, by_token=bool(by_token))
 
 
 def input_drift(reference: pl.DataFrame, inputs: pl.DataFrame) -> pl.DataFrame:

@@ -50,7 +50,9 @@ def app() -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the landing zone.")
 @click.option("--patients", type=int, default=1000, show_default=True, help="Number of patients.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier simulation in --out (never other files).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a folder holding an earlier simulation, its other files too (never a folder without "
+                   "simulation.json).")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Processes to use; the output does not depend on it.")
 def simulate(out: Path, patients: int, seed: int, overwrite: bool, workers: int) -> None:

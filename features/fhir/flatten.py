@@ -671,8 +671,6 @@ def _absent_reason(holder: dict[str, Any], numeric: float | None, text: str | No
     return reason.split("//", 1)[1]
 
 
-NOTE_TYPE_SEPARATORS = re.compile(r"[\W_]+")
-"""What separates the words of a note type: anything but a letter or digit, in any script."""
 
 
 def _note_text(res: dict[str, Any]) -> str:
@@ -765,9 +763,10 @@ def note_binary(res: dict[str, Any], origin: Origin) -> str | None:
 def note_type_slug(label: str) -> str:
     """``'History and physical note'`` -> ``'history_and_physical_note'``.
 
-    Letters of every script are kept (``'Röntgenbefund'`` -> ``'röntgenbefund'``, a Japanese
-    discharge summary keeps its name), in Unicode's compatibility form, so that one kind of note
-    written in two ways is one code; only a label without a letter or digit is a ``document``.
+    Letters of every script are kept, with their marks (``'Röntgenbefund'`` -> ``'röntgenbefund'``,
+    a Japanese or Hindi discharge summary keeps its name), in Unicode's compatibility form, so that
+    one kind of note written in two ways is one code; only a label without a letter or digit is a
+    ``document``.
 
     Examples
     --------
@@ -776,7 +775,11 @@ def note_type_slug(label: str) -> str:
     >>> note_type_slug("退院サマリー"), note_type_slug("Röntgen-Befund")
     ('退院サマリー', 'röntgen_befund')
     """
-    return NOTE_TYPE_SEPARATORS.sub("_", unicodedata.normalize("NFKC", label).lower()).strip("_") or "document"
+    # Lower case, with the dot Turkish İ keeps in it dropped (İlerleme is ilerleme); words are runs
+    # of letters, digits and the marks that belong to them (a Hindi vowel sign, a Thai tone mark).
+    text = unicodedata.normalize("NFKC", label).lower().replace("i\u0307", "i")
+    words = "".join(c if unicodedata.category(c)[0] in "LMN" else " " for c in text).split()
+    return "_".join(words) or "document"
 
 
 def _note_header(res: dict[str, Any], origin: Origin) -> tuple[str, datetime, str]:

@@ -271,6 +271,18 @@ def test_a_time_no_calendar_holds_is_one_quarantined_row_not_a_crash(tmp_path: P
     assert pl.read_parquet(tmp_path / "out" / f"{table}.parquet")["time"].to_list() == [datetime(2020, 1, 1, 10)]
 
 
+@pytest.mark.parametrize(("zone", "placeholder"), [("Asia/Tokyo", datetime(9999, 12, 31, 23, 30)),
+                                                   ("America/New_York", datetime(1, 1, 1, 2))])
+def test_a_zoned_time_whose_own_zone_leaves_the_calendar_is_one_quarantined_row(
+        tmp_path: Path, zone: str, placeholder: datetime) -> None:
+    # On the calendar in UTC, off it in the column's own zone, which is how Python reads it.
+    micros = [int((t - datetime(1970, 1, 1)) / timedelta(microseconds=1)) for t in (datetime(2020, 1, 1), placeholder)]
+    times = pa.array(micros, pa.timestamp("us", zone))
+    summary, quarantine = run(tmp_path, {"notes/a.parquet": notes_table(time=times)})
+    assert quarantine.select("record_number", "reason_code").rows() == [(2, "bad_date")]
+    assert summary.table_rows["notes"] == 1
+
+
 def test_a_date_beyond_year_9999_is_one_quarantined_row(tmp_path: Path) -> None:
     days = pa.array([18262, 3_000_000], pa.date32())  # 2020-01-01, and a date in year 10183
     summary, quarantine = run(tmp_path, {"notes/a.parquet": notes_table(time=days)})
@@ -581,6 +593,24 @@ def test_two_patients_notes_with_one_id_are_an_id_conflict_not_a_duplicate(tmp_p
     assert summary.duplicates == 0
 
 
+def test_a_notes_table_row_with_the_id_of_another_patients_versioned_document_is_an_id_conflict(
+        tmp_path: Path) -> None:
+    import base64
+
+    document = {"resourceType": "DocumentReference", "id": "n1", "status": "current",
+                "meta": {"lastUpdated": "2021-01-01T00:00:00Z"}, "subject": {"reference": "Patient/p1"},
+                "type": {"text": "Progress note"}, "date": "2020-01-01T10:00:00Z",
+                "content": [{"attachment": {"contentType": "text/plain",
+                                            "data": base64.b64encode(b"Pt well.").decode()}}]}
+    files = {"fhir/DocumentReference.ndjson": orjson.dumps(document) + b"\n",
+             "notes/a.csv": NOTES_HEADER + b"p2,n1,2020-01-02,progress,Pt short of breath.\n"}
+    summary, quarantine = run(tmp_path, files, patients=2)
+    # The table row has no version: it is not an older copy of the document, whatever the document's meta.
+    assert quarantine.select("source_file", "reason_code").rows() == [("notes/a.csv", "id_conflict")]
+    assert "which is kept (newer: lastUpdated 2021-01-01T00:00:00Z, this copy has none)" in quarantine["reason"][0]
+    assert summary.duplicates == 0
+
+
 def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -> None:
     features = pa.table({"patient_id": ["p1", "p1", "p1"], "feature": ["IL6", "CRP", "TNF"],
                          "value": [3.4e38, 3.5e38, -2.0]})
@@ -832,16 +862,18 @@ def test_a_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize("suffix", ["parquet", "csv"])
 def test_table_note_types_are_slugged_alike_by_column_and_per_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    suffix: str) -> None:
-    # Kinds of note in other scripts keep their names: a Japanese discharge summary and progress note
-    # are two codes, not two "document"s; a full-width label is the same kind as its usual form.
+    # Kinds of note in other scripts keep their names, marks included: a Japanese discharge summary
+    # and progress note are two codes, not two "document"s; a full-width label, or a Turkish one with
+    # a capital İ, is the same kind as its usual form.
     types = ["Progress note", "Progress note ", " History & Physical", "***", "退院サマリー", "経過記録",
-             "Röntgen-Befund", "\uff30\uff52\uff4f\uff47\uff52\uff45\uff53\uff53\u3000\uff4e\uff4f\uff54\uff45"]
+             "डिस्चार्ज सारांश", "İlerleme notu", "ilerleme notu", "Röntgen-Befund",
+             "\uff30\uff52\uff4f\uff47\uff52\uff45\uff53\uff53\u3000\uff4e\uff4f\uff54\uff45"]
     n = len(types)
     table = pa.table({"patient_id": ["p1"] * n, "note_id": [f"n{i}" for i in range(n)],
                       "time": ["2020-01-01T10:00:00Z"] * n, "note_type": types, "text": ["Pt well."] * n})
     data: bytes | pa.Table = table if suffix == "parquet" else table.to_pandas().to_csv(index=False).encode()
     slugs = ["progress_note", "progress_note", "history_physical", "document", "退院サマリー", "経過記録",
-             "röntgen_befund", "progress_note"]
+             "डिस्चार्ज_सारांश", "ilerleme_notu", "ilerleme_notu", "röntgen_befund", "progress_note"]
     _summary, quarantine = run(tmp_path / "column", {f"notes/notes.{suffix}": data})
     assert quarantine.height == 0
     assert pl.read_parquet(tmp_path / "column" / "out" / "notes.parquet")["note_type"].to_list() == slugs

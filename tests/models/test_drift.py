@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from features.tabular import aggregate_before
 from models.drift import (
     INPUT_REFERENCE_FILE,
     PSI_ALARM,
@@ -18,9 +19,11 @@ from models.drift import (
     load_input_reference,
     load_reference,
     population_stability_index,
+    reference_codes,
     save_reference,
 )
 from models.scoring import RiskTiers, score_task
+from tests.features.task_fixtures import T0, day, events_frame
 from tests.models.conftest import TrainedTask
 
 
@@ -122,3 +125,22 @@ def test_a_rare_code_that_became_common_or_a_flag_that_flipped_moves_the_index()
     # A continuous input drawn again from its own distribution stays stable.
     rng = np.random.default_rng(0)
     assert population_stability_index(rng.normal(size=5000), rng.normal(size=5000)) < 0.01
+
+
+def test_a_reference_keyed_by_bare_codes_is_compared_with_aggregates_keyed_alike() -> None:
+    # A model trained before the aggregates were keyed by coded answer saved count__LOINC//72166-2
+    # for smoking status: today's aggregates for its codes must be keyed the same way, or the
+    # unchanged data read as a feed that stopped.
+    smoking = "LOINC//72166-2"
+    events = events_frame([(s, day(-20), smoking, None, "SNOMED//77176002" if s % 2 else "SNOMED//266919005", "ehr")
+                           for s in range(1, 41)])
+    cohort = pl.DataFrame({"subject_id": list(range(1, 41)), "prediction_time": [T0] * 40,
+                           "age_years": [60.0] * 40, "sex": ["female"] * 40})
+    by_code = aggregate_before(events, cohort, reference_codes(pl.DataFrame(
+        {"feature": [f"count__{smoking}"], "edges": [[0.0]], "shares": [[1.0]]})))
+    old_reference = input_reference(by_code).drop("keys")  # as written before the keys were recorded
+    codes = reference_codes(old_reference)
+    assert not codes.by_token and codes.codes == [smoking]
+    today = aggregate_before(events, cohort, codes)
+    assert input_drift(old_reference, today).filter(pl.col("feature") == f"count__{smoking}")["psi"].item() == 0.0
+    assert reference_codes(input_reference(by_code)).by_token
