@@ -102,7 +102,8 @@ TRUTH = pa.schema(
         # Treatment decided at the index visit (clopidogrel started within the treatment window).
         pa.field("treated", pa.bool_(), nullable=False),
         pa.field("propensity", pa.float64(), nullable=False),
-        # log hazard ratio of the outcome under the treatment actually given; with the Weibull
+        # log hazard ratio of the outcome under the treatment actually given (decided after the
+        # prediction time, as true_risk is; the arms averaged by propensity are the risk at that time); with the Weibull
         # baseline stored in the schema metadata it gives the whole true survival curve.
         pa.field("log_hazard_ratio", pa.float64(), nullable=False),
         pa.field("true_risk", pa.float64(), nullable=False),

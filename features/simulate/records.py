@@ -101,6 +101,8 @@ class _PatientWriter:
         self.state = state
         self.rnd = rnd
         self.records = PatientRecords()
+        # No record after this: the patient's death, their leaving care, or the export.
+        self.records_end = state.export_time
         self.conditions: list[str] = []
         self.medications: list[str] = []
         # Transaction Bundles reference their own entries by full URL, Bulk exports by type/id.
@@ -429,15 +431,16 @@ class _PatientWriter:
                       write_visit_note(rnd, visit, heading), start + timedelta(minutes=40), encounter)
         if s.has_notes_table and rnd.random() < 0.5:
             visit = self.visit_context(systolic, diastolic, heart_rate, start)
-            self.records.notes_rows.append(
-                {
-                    "patient_id": s.patient_id,
-                    "note_id": self.new_id(),
-                    "time": start + timedelta(days=rnd.randint(1, 4), hours=rnd.randint(0, 6)),
-                    "note_type": rnd.choice(("nursing_note", "care_management_note")),
-                    "text": write_nursing_note(rnd, visit),
-                }
-            )
+            row = {
+                "patient_id": s.patient_id,
+                "note_id": self.new_id(),
+                "time": start + timedelta(days=rnd.randint(1, 4), hours=rnd.randint(0, 6)),
+                "note_type": rnd.choice(("nursing_note", "care_management_note")),
+                "text": write_nursing_note(rnd, visit),
+            }
+            # Written days after the visit: not once the patient died, left care or was exported.
+            if row["time"] < self.records_end:
+                self.records.notes_rows.append(row)
 
     def labs(self, time: datetime, encounter: str) -> None:
         s, rnd = self.state, self.rnd
@@ -506,6 +509,10 @@ def write_patient(state: PatientState, rnd: random.Random) -> PatientRecords:
     follow_up_end = s.prediction_time + timedelta(days=min(s.event_time_days, s.censoring_time_days))
     death_time = (follow_up_end if event_observed and s.event_type == "cardiovascular_death" else None)
     w.patient(death_time)
+    # After a non-fatal event the patient stays in care until censored; a death ends the record.
+    records_end = follow_up_end if death_time is not None else (
+        s.prediction_time + timedelta(days=s.censoring_time_days))
+    w.records_end = min(records_end, s.export_time)
 
     # Visits: more frequent for sicker patients; the index visit is always the first consultation.
     rate_per_year = 1.5 + 1.5 * _sigmoid(s.ehr_severity)
@@ -532,12 +539,12 @@ def write_patient(state: PatientState, rnd: random.Random) -> PatientRecords:
     w.outpatient_visit(index_start, "index", smoking, [])
     if s.treated:
         # Started after the index visit (the prescription follows the visit's results), so the
-        # treatment decision is never a model input at the prediction time.
-        w.medication(*v.CLOPIDOGREL, s.prediction_time + timedelta(days=rnd.uniform(1, 14)), None)
+        # treatment decision is never a model input at the prediction time; never prescribed to a
+        # patient who died or left care before it.
+        started = s.prediction_time + timedelta(days=rnd.uniform(1, 14))
+        if started < w.records_end:
+            w.medication(*v.CLOPIDOGREL, started, None)
 
-    # After a non-fatal event the patient stays in care until censored; a death ends the record.
-    records_end = follow_up_end if death_time is not None else (
-        s.prediction_time + timedelta(days=s.censoring_time_days))
     follow_up_days = (records_end - s.prediction_time).days
     n_after = _poisson(rnd, 2.0 * follow_up_days / 365.25)
     after = sorted(

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 from collections import Counter
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,27 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
     assert not (out / "fhir" / "stray.ndjson").exists()
     assert (out / "truth.parquet").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["landing"]
+
+
+def test_no_drug_or_note_is_dated_after_the_patient_died_left_care_or_was_exported(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    config = SimulationConfig(n_patients=1000, seed=3)
+    simulate_hospital(landing, config, workers=1)
+    truth = pq.read_table(landing / "truth.parquet").to_pylist()
+    export_time = datetime(config.export_date.year, config.export_date.month, config.export_date.day)
+    ends = {}
+    for t in truth:
+        died = t["event_observed"] and t["event_type"] == "cardiovascular_death"
+        days = t["event_time_days"] if died else t["censoring_time_days"]
+        ends[t["patient_id"]] = min(t["prediction_time"] + timedelta(days=days), export_time)
+    late = []
+    for r in read_resources(landing):
+        if r["resourceType"] == "MedicationRequest":
+            patient = r["subject"]["reference"].rsplit("/", 1)[-1].removeprefix("urn:uuid:")
+            authored = datetime.fromisoformat(r["authoredOn"].replace("Z", "+00:00")).replace(tzinfo=None)
+            if patient in ends and authored >= ends[patient]:
+                late.append(("drug", patient, authored))
+    for row in pq.read_table(landing / "notes" / "notes.parquet").to_pylist():
+        if row["time"] >= ends[row["patient_id"]]:
+            late.append(("note", row["patient_id"], row["time"]))
+    assert late == []
