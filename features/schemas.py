@@ -103,8 +103,9 @@ TRUTH = pa.schema(
         pa.field("treated", pa.bool_(), nullable=False),
         pa.field("propensity", pa.float64(), nullable=False),
         # log hazard ratio of the outcome under the treatment actually given (decided after the
-        # prediction time, as true_risk is; the arms averaged by propensity are the risk at that time); with the Weibull
-        # baseline stored in the schema metadata it gives the whole true survival curve.
+        # prediction time, as true_risk is; the arms averaged by the propensity are the risk at
+        # that time); with the Weibull baseline stored in the schema metadata it gives the whole
+        # true survival curve.
         pa.field("log_hazard_ratio", pa.float64(), nullable=False),
         pa.field("true_risk", pa.float64(), nullable=False),
         pa.field("true_risk_untreated", pa.float64(), nullable=False),

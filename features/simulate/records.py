@@ -431,16 +431,14 @@ class _PatientWriter:
                       write_visit_note(rnd, visit, heading), start + timedelta(minutes=40), encounter)
         if s.has_notes_table and rnd.random() < 0.5:
             visit = self.visit_context(systolic, diastolic, heart_rate, start)
-            row = {
-                "patient_id": s.patient_id,
-                "note_id": self.new_id(),
-                "time": start + timedelta(days=rnd.randint(1, 4), hours=rnd.randint(0, 6)),
-                "note_type": rnd.choice(("nursing_note", "care_management_note")),
-                "text": write_nursing_note(rnd, visit),
-            }
+            note_id = self.new_id()
+            written = start + timedelta(days=rnd.randint(1, 4), hours=rnd.randint(0, 6))
+            note_type = rnd.choice(("nursing_note", "care_management_note"))
+            text = write_nursing_note(rnd, visit)
             # Written days after the visit: not once the patient died, left care or was exported.
-            if row["time"] < self.records_end:
-                self.records.notes_rows.append(row)
+            if written < self.records_end:
+                self.records.notes_rows.append({"patient_id": s.patient_id, "note_id": note_id, "time": written,
+                                                "note_type": note_type, "text": text})
 
     def labs(self, time: datetime, encounter: str) -> None:
         s, rnd = self.state, self.rnd
