@@ -263,23 +263,20 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
 
     def _bins(self, seen: pl.DataFrame) -> np.ndarray:
         """1-based quantile bin of each event's value; 0 when it has none or its token has no bins."""
-        values = seen["numeric_value"].cast(pl.Float64).fill_null(np.nan).to_numpy()
         bins = np.zeros(seen.height, dtype=np.int8)
-        with_value = np.flatnonzero(~np.isnan(values))
-        if with_value.size == 0:
-            return bins
-        # One sort by token, then each token's run of events binned at once: a loop comparing every
-        # event with each numeric token costs tokens x events (minutes for a site's thousands of
-        # laboratory codes or an expression panel).
-        tokens = seen["token"].to_numpy()[with_value]
-        order = np.argsort(tokens, kind="stable")
-        rows, tokens = with_value[order], tokens[order]
-        starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
-        for start, end in zip(starts, np.r_[starts[1:], tokens.size], strict=True):
-            edges = self.bin_edges_.get(tokens[start])
-            if edges is not None:
-                run = rows[start:end]
-                bins[run] = 1 + np.searchsorted(np.asarray(edges), values[run], side="right")
+        # Each numeric token's events gathered once (a loop comparing every event with each numeric
+        # token costs tokens x events: minutes for a site's thousands of laboratory codes).
+        numeric = (
+            seen.select("token", pl.col("numeric_value").cast(pl.Float64).alias("value"))
+            .with_row_index("row")
+            .filter(pl.col("value").is_not_null() & pl.col("value").is_not_nan()
+                    & pl.col("token").is_in(list(self.bin_edges_)))
+            .group_by("token")
+            .agg("row", "value")
+        )
+        for token, rows, values in numeric.iter_rows():
+            bins[np.asarray(rows, dtype=np.int64)] = 1 + np.searchsorted(
+                np.asarray(self.bin_edges_[token]), np.asarray(values, dtype=np.float64), side="right")
         return bins
 
     def save(self, path: Path) -> Path:
