@@ -832,6 +832,10 @@ def manifest_mismatches(manifest: BulkManifest, records: dict[str, int]) -> list
     return found
 
 
+SIDE_TABLE_FOLDERS = ("notes", "genomics", "imaging")
+"""The landing zone's folders of tables (not FHIR): their rows carry no version."""
+
+
 def _discover(landing_dir: Path) -> _Landing:
     """Find the landing zone's files, sorted by path (the order duplicates resolve in). A file no
     reader takes is listed as ``unread`` (one quarantine row each), so that a folder named
@@ -845,7 +849,7 @@ def _discover(landing_dir: Path) -> _Landing:
         return path.relative_to(landing_dir).as_posix()
 
     fhir_root = landing_dir / "fhir"
-    other = {"notes", "genomics", "imaging"}
+    other = set(SIDE_TABLE_FOLDERS)
     every = files(landing_dir)
     if fhir_root.is_dir():
         candidates = [p for p in every if p.relative_to(landing_dir).parts[0] == "fhir"]
@@ -1138,12 +1142,14 @@ def _finalize_table(
             + pl.concat_str([pl.col(c).cast(pl.String) for c in ids], separator="/", ignore_nulls=True)
         )
     )
-    # A copy whose patient is not the kept copy's, where the two are not both versions of one
-    # resource (a later version may move a record to another patient; a notes-table row has no
-    # version, so it and a DocumentReference of the same id are two records that clash).
-    versioned = ((pl.col("kept_updated").is_not_null() | pl.col("kept_rank").is_not_null())
-                 & (pl.col("last_updated").is_not_null() | pl.col("version_rank").is_not_null()))
-    clash = ((pl.col("patient_id") != pl.col("kept_patient")) & ~versioned) if owner else pl.lit(False)
+    # A copy whose patient is not the kept copy's is a clash of ids, unless the kept copy is a
+    # newer version of the same FHIR resource (a later version may move a record to another
+    # patient). A side table's row has no version: it and a DocumentReference of its id always clash.
+    newer = pl.col("kept_updated").ne_missing(pl.col("last_updated")) | pl.col("kept_rank").ne_missing(
+        pl.col("version_rank"))
+    from_table = pl.any_horizontal(pl.col(c).str.starts_with(f"{folder}/")
+                                   for c in ("source_file", "kept_file") for folder in SIDE_TABLE_FOLDERS)
+    clash = ((pl.col("patient_id") != pl.col("kept_patient")) & (~newer | from_table)) if owner else pl.lit(False)
     duplicates = _drops(
         dropped,
         rtype,

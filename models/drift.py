@@ -114,8 +114,13 @@ def reference_codes(reference: pl.DataFrame) -> TabularCodes:
     features = reference["feature"].to_list()
     codes = sorted({f.split("__", 1)[1] for f in features if f.startswith("count__")})
     numeric = sorted({f.split("__", 1)[1] for f in features if f.startswith("last__")})
-    by_token = "keys" in reference.columns and (reference["keys"] == TOKEN_KEYS).all()
-    return TabularCodes(codes, numeric, by_token=bool(by_token))
+    if "keys" in reference.columns:
+        by_token = bool((reference["keys"] == TOKEN_KEYS).all())
+    else:
+        # Written before the keys were recorded: by token if any key holds a coded answer or a
+        # variant (a code is two parts, ``LOINC//72166-2``; a token with its answer more).
+        by_token = any(len(code.split("//")) > 2 for code in codes)
+    return TabularCodes(codes, numeric, by_token=by_token)
 
 
 def input_drift(reference: pl.DataFrame, inputs: pl.DataFrame) -> pl.DataFrame:

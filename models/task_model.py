@@ -37,6 +37,7 @@ from features.io import replace_dir, restore_retired_dir
 from features.simulate.state import (
     CARRIED_BY,
     SEVERITY_TERMS,
+    TRUTH_COLUMNS,
     risk_given_estimated_severities,
     risk_given_observed_modalities,
 )
@@ -772,6 +773,9 @@ def truth_mismatch(truth: pl.DataFrame, cohort: pl.DataFrame, horizon_days: floa
               "true_treatment_effect", "propensity"}
     if missing := sorted(needed - set(truth.columns)):
         return f"it has no column {', '.join(missing)} (not a cohortcast simulator's truth.parquet)"
+    # The references read which modalities each patient's data hold, the expression panel apart.
+    if older := [name for name in TRUTH_COLUMNS if name not in truth.columns]:
+        return f"it has no column {', '.join(older)} (written by an older simulator: simulate the hospital again)"
     horizons = sorted(set(truth["horizon_days"].drop_nulls().to_list()))
     if horizons != [horizon_days]:
         return f"its true risks are at a horizon of {horizons} days, the task's is {horizon_days:g}"

@@ -542,6 +542,8 @@ def write_patient(state: PatientState, rnd: random.Random) -> PatientRecords:
         started = s.prediction_time + timedelta(days=rnd.uniform(1, 14))
         if started < w.records_end:
             w.medication(*v.CLOPIDOGREL, started, None)
+        else:
+            w.new_id()  # the order's id is drawn all the same: the patient's later records stay as they were
 
     follow_up_days = (records_end - s.prediction_time).days
     n_after = _poisson(rnd, 2.0 * follow_up_days / 365.25)

@@ -135,8 +135,9 @@ CARRIED_BY: dict[str, str | None] = {"ehr_severity": None, "note_severity": "has
 """The truth column saying whether a patient's data carry each term (None: every patient's do). The
 genomic risk is in the expression panel, which only part of the genotyped patients have; their
 variant calls carry the allele counts (``has_genomics``)."""
-_TRUTH_COLUMNS = ("age_years", "sex", *SEVERITY_TERMS, "lpa_risk_alleles", "cyp2c19_lof_alleles", "has_notes",
+TRUTH_COLUMNS = ("age_years", "sex", *SEVERITY_TERMS, "lpa_risk_alleles", "cyp2c19_lof_alleles", "has_notes",
                   "has_genomics", "has_expression", "has_imaging", "propensity")
+"""The truth columns the references read (:func:`risk_given_observed_modalities`)."""
 
 
 def risk_given_observed_modalities(truth: pa.Table, horizon_days: float, n_draws: int = 512,
@@ -176,11 +177,11 @@ def risk_given_estimated_severities(truth: pa.Table, estimates: Mapping[str, tup
 
 
 def _truth_columns(truth: pa.Table) -> dict[str, npt.NDArray[Any]]:
-    missing = [name for name in _TRUTH_COLUMNS if name not in truth.column_names]
+    missing = [name for name in TRUTH_COLUMNS if name not in truth.column_names]
     if missing:
         raise ValueError(f"truth table lacks column(s) {', '.join(missing)} (written by an older simulator: "
                          "simulate the hospital again)")
-    return {name: truth.column(name).to_numpy(zero_copy_only=False) for name in _TRUTH_COLUMNS}
+    return {name: truth.column(name).to_numpy(zero_copy_only=False) for name in TRUTH_COLUMNS}
 
 
 def _risk_over_draws(columns: dict[str, npt.NDArray[Any]],

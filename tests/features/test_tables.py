@@ -611,6 +611,26 @@ def test_a_notes_table_row_with_the_id_of_another_patients_versioned_document_is
     assert summary.duplicates == 0
 
 
+@pytest.mark.parametrize(("metas", "reason_code"), [
+    # A later version moves the record to another patient: the older copy is a duplicate.
+    ([None, {"versionId": "2", "lastUpdated": "2024-03-01T00:00:00Z"}], "duplicate"),
+    # Two servers numbering alike, each at its version 1: no version tells them apart.
+    ([{"versionId": "1", "lastUpdated": "2024-03-01T00:00:00Z"}] * 2, "id_conflict"),
+])
+def test_two_patients_fhir_copies_of_one_id_clash_unless_one_is_a_newer_version(
+        tmp_path: Path, metas: list[dict[str, str] | None], reason_code: str) -> None:
+    copies = []
+    for patient, meta in zip(("p1", "p2"), metas, strict=True):
+        observation = {"resourceType": "Observation", "id": "o1", "status": "final",
+                       "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": "2020-01-01T10:00:00Z",
+                       "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                       "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}
+        copies.append(orjson.dumps(observation | ({"meta": meta} if meta else {})) + b"\n")
+    summary, quarantine = run(tmp_path, {"fhir/Observation.ndjson": b"".join(copies)}, patients=2)
+    assert quarantine.select("reason_code").to_series().to_list() == [reason_code]
+    assert summary.duplicates == (reason_code == "duplicate")
+
+
 def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -> None:
     features = pa.table({"patient_id": ["p1", "p1", "p1"], "feature": ["IL6", "CRP", "TNF"],
                          "value": [3.4e38, 3.5e38, -2.0]})

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from features.tabular import aggregate_before
+from features.tabular import aggregate_before, select_tabular_codes
 from models.drift import (
     INPUT_REFERENCE_FILE,
     PSI_ALARM,
@@ -144,3 +144,8 @@ def test_a_reference_keyed_by_bare_codes_is_compared_with_aggregates_keyed_alike
     today = aggregate_before(events, cohort, codes)
     assert input_drift(old_reference, today).filter(pl.col("feature") == f"count__{smoking}")["psi"].item() == 0.0
     assert reference_codes(input_reference(by_code)).by_token
+    # Keyed by token, but written before the keys were recorded: its keys with answers say so.
+    by_token = aggregate_before(events, cohort, select_tabular_codes(events, cohort, list(range(1, 41)), 10))
+    unrecorded = input_reference(by_token).drop("keys")
+    assert reference_codes(unrecorded).by_token
+    assert input_drift(unrecorded, aggregate_before(events, cohort, reference_codes(unrecorded)))["psi"].max() == 0.0

@@ -475,8 +475,13 @@ def test_a_truth_file_for_another_question_is_refused_before_training(tmp_path: 
     cohort = pl.read_parquet(folder / "cohort.parquet")
     truth = cohort.select("subject_id", "prediction_time").with_columns(
         horizon_days=pl.lit(365, dtype=pl.Int32), true_risk_untreated=0.1, true_risk_treated=0.08,
-        true_treatment_effect=-0.02, propensity=0.5)
+        true_treatment_effect=-0.02, propensity=0.5, age_years=60.0, sex=pl.lit("female"), ehr_severity=0.0,
+        note_severity=0.0, genomic_risk=0.0, imaging_severity=0.0, lpa_risk_alleles=0, cyp2c19_lof_alleles=0,
+        has_notes=True, has_genomics=True, has_expression=True, has_imaging=False)
     assert truth_mismatch(truth, cohort, 365.0) is None
+    # A truth written before the simulator said whose expression panel it wrote.
+    assert truth_mismatch(truth.drop("has_expression"), cohort, 365.0) == (
+        "it has no column has_expression (written by an older simulator: simulate the hospital again)")
     assert truth_mismatch(truth, cohort, 90.0) == "its true risks are at a horizon of [365] days, the task's is 90"
     assert truth_mismatch(truth.tail(58), cohort, 365.0) == "2 of the task's 60 patients are not in it"
     later = truth.with_columns(pl.col("prediction_time") + pl.duration(days=pl.col("subject_id") % 2))

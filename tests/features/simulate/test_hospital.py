@@ -6,7 +6,7 @@ import base64
 import hashlib
 import json
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +246,8 @@ def test_no_drug_or_note_is_dated_after_the_patient_died_left_care_or_was_export
     for r in read_resources(landing):
         if r["resourceType"] == "MedicationRequest":
             patient = r["subject"]["reference"].rsplit("/", 1)[-1].removeprefix("urn:uuid:")
-            authored = datetime.fromisoformat(r["authoredOn"].replace("Z", "+00:00")).replace(tzinfo=None)
+            authored = datetime.fromisoformat(r["authoredOn"].replace("Z", "+00:00")).astimezone(UTC).replace(
+                tzinfo=None)
             if patient in ends and authored >= ends[patient]:
                 late.append(("drug", patient, authored))
     for row in pq.read_table(landing / "notes" / "notes.parquet").to_pylist():
