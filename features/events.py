@@ -23,7 +23,8 @@ conditions, ...     the primary coding (``SNOMED//..``)  -                      
                     the diagnosis was ``refuted``, or
                     an order says ``do_not_perform``)
 observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
-                    when ``cancelled``)
+                    when ``cancelled`` or only
+                    ``registered``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
 imaging_studies     ``IMAGING_STUDY//<modality>`` (not   text: study_id                  started
                     when ``cancelled``)
@@ -51,6 +52,7 @@ import polars as pl
 from features.fhir.specs import (
     CODED_TABLES,
     DID_NOT_HAPPEN,
+    NO_RESULT_YET,
     NOT_MEASURED,
     RECORDED_TYPES,
     TABLE_OF_TYPE,
@@ -193,7 +195,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         )
     frames += [
         _frame(
-            with_subject("observations").filter(_happened(("cancelled",))
+            with_subject("observations").filter(_happened(NO_RESULT_YET)
                                                 & _happened(NOT_MEASURED, "data_absent_reason")),
             pl.col("code"),
             pl.col("time"),

@@ -106,12 +106,17 @@ STATUS_ELEMENTS: dict[str, tuple[str, ...]] = {
 code, or a CodeableConcept any of whose codings may say so. The source system withdrew such a record: it
 describes nothing that happened, so it is quarantined, never used."""
 
-DID_NOT_HAPPEN = ("not-done", "not-taken", "cancelled")
-"""Statuses of a coded record whose act did not take place: a procedure, immunization or
-administration ``not-done``, a medication statement ``not-taken``, an order or report
-``cancelled``. Such a record is valid and stays in its table with its status (a refused vaccine
-is worth counting), but it is not an event: an event says the act happened. Nor is a
-MedicationRequest whose ``doNotPerform`` is true: an order *not* to give the drug."""
+DID_NOT_HAPPEN = ("not-done", "not-taken", "cancelled", "draft", "intended", "preparation", "registered")
+"""Statuses of a coded record whose act did not take place, or not yet: a procedure, immunization
+or administration ``not-done``, a medication statement ``not-taken``, an order or report
+``cancelled``; an order still a ``draft``, a drug the patient only ``intended`` to take, a
+procedure in ``preparation``, a report ``registered`` with no result yet. Such a record is valid
+and stays in its table with its status (a refused vaccine is worth counting), but it is not an
+event: an event says the act happened. Nor is a MedicationRequest whose ``doNotPerform`` is true:
+an order *not* to give the drug."""
+
+NO_RESULT_YET = ("cancelled", "registered")
+"""Observation statuses without a result: cancelled, or registered and not yet available."""
 
 NOT_MEASURED = ("not-performed", "not-asked", "asked-declined", "not-permitted")
 """``Observation.dataAbsentReason`` codes that say the measurement was never made (the test was

@@ -550,6 +550,10 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
         coded("MedicationStatement", "not-taken", "not-taken", "4"),
         coded("MedicationRequest", "cancelled", "cancelled", "5"),
         coded("MedicationRequest", "stopped", "stopped", "6"),
+        # Not yet: an order still a draft, a drug only intended, a procedure in preparation.
+        coded("MedicationRequest", "draft", "draft", "10"),
+        coded("MedicationStatement", "intended", "intended", "11"),
+        coded("Procedure", "preparing", "preparation", "12"),
         {**coded("Condition", "ruled-out", "", "7"), "verificationStatus": {"coding": [{"code": "refuted"}]}},
         {**coded("Condition", "confirmed", "", "8"), "verificationStatus": {"coding": [{"code": "confirmed"}]}},
         *(
@@ -561,6 +565,7 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
             {**coded("Observation", f"lab-{status}", status, "9"), "valueQuantity": {"value": 1.0}}
             for status in ("final", "cancelled")
         ),
+        coded("Observation", "lab-registered", "registered", "9"),  # ordered, no result yet
         *(
             {"resourceType": "ImagingStudy", "id": f"ct-{status}", "status": status,
              "subject": {"reference": "Patient/p1"}, "started": "2020-01-02", "modality": [{"code": "CT"}]}
@@ -573,12 +578,12 @@ def test_acts_that_did_not_happen_stay_in_their_tables_but_are_not_events(
     summary = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
 
     assert summary.balanced and summary.quarantined_by_reason == {}
-    assert (summary.table_rows["procedures"], summary.table_rows["immunizations"]) == (2, 1)
-    assert summary.table_rows["medications"] == 3
+    assert (summary.table_rows["procedures"], summary.table_rows["immunizations"]) == (3, 1)
+    assert summary.table_rows["medications"] == 5
     statuses = pl.read_parquet(tmp_path / "fast" / "medications.parquet").sort("resource_id")["status"].to_list()
-    assert statuses == ["cancelled", "not-taken", "stopped"]
+    assert statuses == ["cancelled", "draft", "intended", "not-taken", "stopped"]
     assert summary.table_rows["conditions"] == 2 and summary.table_rows["encounters"] == 3
-    assert summary.table_rows["observations"] == 2 and summary.table_rows["imaging_studies"] == 2
+    assert summary.table_rows["observations"] == 3 and summary.table_rows["imaging_studies"] == 2
     verification = pl.read_parquet(tmp_path / "fast" / "conditions.parquet").sort("resource_id")["verification_status"]
     assert verification.to_list() == ["confirmed", "refuted"]
     events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") != "SEX//female")
