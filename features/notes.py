@@ -23,6 +23,7 @@ import numpy.typing as npt
 import polars as pl
 import pyarrow as pa
 
+from features.fhir.columnar import note_type_slugs
 from features.fhir.flatten import note_type_slug
 from features.fhir.validate import SITE_ZONE, RecordError
 from features.schemas import NOTES, NOTES_INPUT
@@ -73,14 +74,6 @@ def _notes_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, late
     copied += [times[0], note_type_slugs(pl.Series(kept.column("note_type").cast(pa.string()))).to_arrow()]
     place = [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])]
     return cleared, pa.table([*copied, text, pa.array(digests, pa.string()), *place], schema=NOTES)
-
-
-def note_type_slugs(labels: pl.Series) -> pl.Series:
-    """:func:`features.fhir.flatten.note_type_slug` of each label, by column: each distinct label
-    slugged once, by the same function as per row (a hospital has a few dozen kinds of note)."""
-    distinct = labels.unique().drop_nulls().to_list()
-    return labels.replace_strict({label: note_type_slug(label) for label in distinct}, default=None,
-                                 return_dtype=pl.String)
 
 
 def _read_row(number: int, row: dict[str, Any], *, latest: datetime, zone: str, source_file: str,

@@ -318,7 +318,8 @@ def python_rows(batch: pa.Table) -> list[dict[str, Any]]:
     for the whole batch."""
     columns: list[tuple[str, list[Any]]] = []
     for name, column in zip(batch.column_names, batch.columns, strict=True):
-        values = column.to_pylist() if not _has_unreadable_times(column) else _times_with_unreadable(column)
+        outside = _outside_calendar(column)
+        values = column.to_pylist() if outside is None else _times_with_unreadable(column, outside)
         columns.append((name, values))
     # A repeated column name keeps its last column, as ``to_pylist`` does.
     return [{name: values[i] for name, values in columns} for i in range(batch.num_rows)]
@@ -329,24 +330,26 @@ def _stored_counts(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return column.cast(storage)
 
 
-def _has_unreadable_times(column: pa.ChunkedArray) -> bool:
+def _outside_calendar(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Which values of a time or date column lie beyond years 1 to 9999 (null stays false); None
+    for a column of another type, or one whose every value is on the calendar."""
     kind = column.type
     if not (pa.types.is_timestamp(kind) or pa.types.is_date32(kind) or pa.types.is_date64(kind)):
-        return False
+        return None
     low, high = _calendar_bounds(kind)
     counts = _stored_counts(column)
-    return bool(pc.any(pc.or_(pc.less(counts, low), pc.greater(counts, high))).as_py())
-
-
-def _times_with_unreadable(column: pa.ChunkedArray) -> list[Any]:
-    low, high = _calendar_bounds(column.type)
-    counts = _stored_counts(column)
     outside = pc.fill_null(pc.or_(pc.less(counts, low), pc.greater(counts, high)), False)
+    return outside if pc.any(outside).as_py() else None
+
+
+def _times_with_unreadable(column: pa.ChunkedArray, outside: pa.ChunkedArray) -> list[Any]:
+    """The column's values, those ``outside`` the calendar as :class:`UnreadableTime`."""
     readable = pc.if_else(outside, pa.scalar(None, column.type), column).to_pylist()
     unit = "days" if pa.types.is_date32(column.type) else (
         "milliseconds" if pa.types.is_date64(column.type) else _TIME_UNITS[column.type.unit])
+    counts = _stored_counts(column).to_pylist()
     return [UnreadableTime(count, unit) if out else value
-            for value, out, count in zip(readable, outside.to_pylist(), counts.to_pylist(), strict=True)]
+            for value, out, count in zip(readable, outside.to_pylist(), counts, strict=True)]
 
 
 def _text_table(header: list[str], rows: list[list[str]]) -> pa.Table:
@@ -377,13 +380,10 @@ def column_times(column: pa.ChunkedArray, latest: datetime,
     do not occur in ``zone`` (the hour a clock skips).
     """
     if pa.types.is_timestamp(column.type) and column.type.unit in ("s", "ms", "us"):
-        if _has_unreadable_times(column):
+        if (outside := _outside_calendar(column)) is not None:
             # Left to the per-row check, which quarantines them: a time no calendar holds (a
             # nanosecond count in a millisecond column) would not cast to microseconds.
-            low, high = _calendar_bounds(column.type)
-            counts = _stored_counts(column)
-            column = pc.if_else(pc.or_(pc.less(counts, low), pc.greater(counts, high)),
-                                pa.scalar(None, column.type), column)
+            column = pc.if_else(outside, pa.scalar(None, column.type), column)
         values = column.cast(pa.timestamp("us")).combine_chunks()
         earliest = EARLIEST
         if column.type.tz is None and zone != "UTC":

@@ -1023,6 +1023,15 @@ def _components(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def note_type_slugs(labels: pl.Series) -> pl.Series:
+    """:func:`features.fhir.flatten.note_type_slug` of each label, by column (null stays null): each
+    distinct label slugged once, by the same function as per record (a hospital has a few dozen
+    kinds of note)."""
+    distinct = labels.drop_nulls().unique().to_list()
+    return labels.replace_strict({label: note_type_slug(label) for label in distinct}, default=None,
+                                 return_dtype=pl.String)
+
+
 def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
     patient = reference(pl.col("subject"), "Patient", required=True)
     time = fhir_time(pl.col("date"), ctx.latest, zone=ctx.zone)
@@ -1049,12 +1058,10 @@ def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
             candidates.get_column("__data").to_list(), candidates.get_column("__content_type").to_list(), strict=True
         )
     ]
-    labels = candidates.get_column("__display").drop_nulls().unique().to_list()
     candidates = candidates.with_columns(
         __note=pl.Series(texts, dtype=pl.String),
-        __type=pl.col("__display").replace_strict(
-            {label: note_type_slug(label or "document") for label in labels}, default="document", return_dtype=pl.String
-        ),
+        # A reference without a type is a document, as per record.
+        __type=note_type_slugs(candidates.get_column("__display")).fill_null("document"),
     )
     decoded = candidates.filter(pl.col("__note").is_not_null())
     digests = [hashlib.sha256(text.encode("utf-8")).hexdigest() for text in decoded.get_column("__note").to_list()]
