@@ -20,8 +20,10 @@ encounters          type code (``SNOMED//11429006``), or  text: ``ENCOUNTER//<cl
 conditions, ...     the primary coding (``SNOMED//..``)  -                               time
                     (not when the act did not happen:
                     ``not-done``, ``cancelled``, ...,
-                    the diagnosis was ``refuted``, or
-                    an order says ``do_not_perform``)
+                    the diagnosis was ``refuted``, an
+                    order says ``do_not_perform``, or a
+                    request is only a ``proposal`` or
+                    an ``option``)
 observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
                     when ``cancelled`` or only
                     ``registered``)
@@ -54,6 +56,7 @@ from features.fhir.specs import (
     DID_NOT_HAPPEN,
     NO_RESULT_YET,
     NOT_MEASURED,
+    NOT_YET_ORDERED,
     RECORDED_TYPES,
     TABLE_OF_TYPE,
     VISIT_DID_NOT_HAPPEN,
@@ -179,6 +182,8 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         if name == "medications":
             # An order not to give the drug (an allergy, an interaction): the patient must not have it.
             happened = happened & ~pl.col("do_not_perform").fill_null(False)
+            # A suggestion nobody acted on, or one alternative of several: not given either.
+            happened = happened & ~pl.col("intent").is_in(NOT_YET_ORDERED).fill_null(False)
         frames.append(
             _frame(
                 with_subject(name).filter(happened),

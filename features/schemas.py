@@ -219,9 +219,15 @@ MEDICATIONS = CODED_EVENTS.insert(
     # allergy, an interaction), which says the opposite of an exposure. Null when the record does
     # not say (MedicationStatement and MedicationAdministration have no such element).
     pa.field("do_not_perform", pa.bool_(), nullable=True),
+).insert(
+    CODED_EVENTS.get_field_index("source_file") + 1,
+    # MedicationRequest.intent, also a modifier: order, plan (Cerner's documented home medications),
+    # proposal (a suggestion no prescriber has acted on), option (one choice of a protocol's
+    # alternatives), ...; null for the types without the element.
+    pa.field("intent", pa.string(), nullable=True),
 )
-"""MedicationRequests, -Statements and -Administrations: the coded-events shape, and whether an
-order forbids its drug."""
+"""MedicationRequests, -Statements and -Administrations: the coded-events shape, whether an
+order forbids its drug, and what kind of request it is."""
 
 RECORDED_EVENTS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),

@@ -141,7 +141,7 @@ def _coded_schema(rt: str) -> pa.Schema:
         fields.append(("medicationReference", _REF))
     if rt == "MedicationRequest":
         # Any value but a boolean fails to decode: the per-record path quarantines it.
-        fields.append(("doNotPerform", pa.bool_()))
+        fields += [("doNotPerform", pa.bool_()), ("intent", _S)]
     return pa.schema(fields)
 
 
@@ -815,6 +815,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])
         # flatten._do_not_perform: only a MedicationRequest has the element.
         do_not_perform = pl.col("doNotPerform") if rt == "MedicationRequest" else pl.lit(None, dtype=pl.Boolean)
+        intent = pl.col("intent") if rt == "MedicationRequest" else pl.lit(None, dtype=pl.String)
         # An order may name its drug by a Medication elsewhere in the export instead of a code
         # (flatten.names_drug_by_reference); the ingest resolves it once every file is read.
         medication = reference(pl.col("medicationReference"), "Medication", required=True)
@@ -825,13 +826,14 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         clear = checked.get_column("__coded") | checked.get_column("__referenced")
         return clear.alias("__ok"), {
             TABLE_OF_TYPE[rt]: checked.filter(pl.col("__coded")).select(
-                *record, *coded, do_not_perform.alias("do_not_perform"), *LOCATION
+                *record, *coded, do_not_perform.alias("do_not_perform"), intent.alias("intent"), *LOCATION
             ),
             "medication_references": checked.filter(pl.col("__referenced")).select(
                 *record,
                 status.alias("status"),
                 verification.alias("verification_status"),
                 do_not_perform.alias("do_not_perform"),
+                intent.alias("intent"),
                 medication.value.alias("medication_id"),
                 *LOCATION,
             ),

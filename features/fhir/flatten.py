@@ -364,7 +364,7 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
             verification,
         )
         if rt in MEDICATION_TYPES:
-            row = (*row, _do_not_perform(res, rt))
+            row = (*row, _do_not_perform(res, rt), _intent(res, rt))
         elif rt in RECORDED_TYPES:
             row = (*row, _optional_time(res, RECORDED_TYPES[rt], rt, origin))
         return [(*row, origin.source_file, origin.record_number)]
@@ -380,6 +380,18 @@ def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
     if flag is not None and not isinstance(flag, bool):
         raise RecordError("bad_type", f"{rt}.doNotPerform should be true or false, found {flag!r:.40}")
     return flag
+
+
+def _intent(res: dict[str, Any], rt: str) -> str | None:
+    """A MedicationRequest's ``intent`` (order, plan, proposal, ...). Also a modifier element, so a
+    value that is not a code is refused rather than read as absent. None when absent, and for the
+    types that have no such element."""
+    intent = res.get("intent") if rt == "MedicationRequest" else None
+    if intent is not None and not isinstance(intent, str):
+        raise RecordError(
+            "bad_type", f"{rt}.intent should be a code (order, plan, proposal, ...), found {intent!r:.40}"
+        )
+    return intent
 
 
 def _optional_time(res: dict[str, Any], element: str, rt: str, origin: Origin) -> datetime | None:
@@ -449,8 +461,8 @@ def flatten_medication_reference(res: dict[str, Any], rid: str, origin: Origin) 
     time, end, status, verification = _time_and_status(res, rt, origin)
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     return [
-        (rid, rt, patient, encounter, time, end, status, verification, _do_not_perform(res, rt), medication,
-         origin.source_file, origin.record_number)
+        (rid, rt, patient, encounter, time, end, status, verification, _do_not_perform(res, rt), _intent(res, rt),
+         medication, origin.source_file, origin.record_number)
     ]
 
 

@@ -115,6 +115,13 @@ and stays in its table with its status (a refused vaccine is worth counting), bu
 event: an event says the act happened. Nor is a MedicationRequest whose ``doNotPerform`` is true:
 an order *not* to give the drug."""
 
+NOT_YET_ORDERED = ("proposal", "option")
+"""``MedicationRequest.intent`` codes of a request no prescriber has made: a ``proposal`` (a
+pharmacist's or a decision-support rule's suggestion) or an ``option`` (one of a protocol's
+alternatives, only one of which is given). Kept in ``medications`` with their intent, but not
+events: the patient was not given the drug. A ``plan`` is one (Cerner exports documented home
+medications so), as is every kind of order."""
+
 NO_RESULT_YET = ("cancelled", "registered")
 """Observation statuses without a result: cancelled, or registered and not yet available."""
 

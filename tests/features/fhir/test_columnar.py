@@ -640,7 +640,7 @@ def test_orders_not_to_give_a_drug_stay_in_medications_but_are_not_events(
     fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"bad_type": 3}
     table = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
-    assert table.columns[-3:] == ["do_not_perform", "source_file", "record_number"]
+    assert table.columns[-4:] == ["do_not_perform", "intent", "source_file", "record_number"]
     assert table.select("resource_id", "resource_type", "code", "status", "do_not_perform").rows() == [
         ("give", "MedicationRequest", "RXNORM//309362", "active", None),
         ("do-not-give", "MedicationRequest", "RXNORM//309362", "active", True),
@@ -673,6 +673,67 @@ def test_orders_not_to_give_a_drug_stay_in_medications_but_are_not_events(
         ("give", None), ("do-not-give", True), ("taken", None)
     ]
     assert staged.select("resource_id", "do_not_perform", "medication_id").rows() == [("do-not-give-ref", True, "m1")]
+
+
+def test_medication_requests_only_proposed_stay_in_medications_but_are_not_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # MedicationRequest.intent is a modifier: a pharmacist's proposal or one option of a protocol
+    # was never given, while a plan (Cerner's documented home medications) and every kind of order
+    # were. The intent is kept on both paths, by code or by reference; a value that is not a code
+    # is refused.
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+    def order(rid: str, **change: object) -> dict[str, object]:
+        record: dict[str, object] = {
+            "resourceType": "MedicationRequest", "id": rid, "status": "active", "intent": "order",
+            "subject": {"reference": "Patient/p1"}, "authoredOn": "2020-01-02T10:00:00Z",
+            "medicationCodeableConcept": {"coding": [{"system": rxnorm, "code": "309362"}]},
+        }
+        return {k: v for k, v in (record | change).items() if v is not None}
+
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        {"resourceType": "Medication", "id": "m1", "code": {"coding": [{"system": rxnorm, "code": "7980"}]}},
+        order("ordered"),
+        order("home-med", intent="plan"),
+        order("suggested", intent="proposal"),
+        order("alternative", intent="option"),
+        order("unsaid", intent=None),
+        {**{k: v for k, v in order("suggested-ref", intent="proposal").items() if k != "medicationCodeableConcept"},
+         "medicationReference": {"reference": "Medication/m1"}},
+        {"resourceType": "MedicationStatement", "id": "taken", "status": "completed",
+         "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2020-01-02T10:00:00Z",
+         "medicationCodeableConcept": {"coding": [{"system": rxnorm, "code": "309362"}]}},
+        order("number", intent=1),
+        order("concept", intent={"coding": [{"code": "order"}]}),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_type": 2}
+    table = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
+    assert table.columns[-4:] == ["do_not_perform", "intent", "source_file", "record_number"]
+    assert table.select("resource_id", "code", "intent").rows() == [
+        ("ordered", "RXNORM//309362", "order"),
+        ("home-med", "RXNORM//309362", "plan"),
+        ("suggested", "RXNORM//309362", "proposal"),
+        ("alternative", "RXNORM//309362", "option"),
+        ("unsaid", "RXNORM//309362", None),
+        ("taken", "RXNORM//309362", None),
+        ("suggested-ref", "RXNORM//7980", "proposal"),
+    ]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source").str.starts_with("med"))
+    assert events.get_column("source").to_list() == [
+        "medications/ordered", "medications/home-med", "medications/unsaid", "medications/taken"
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    expected = "MedicationRequest.intent should be a code (order, plan, proposal, ...), found "
+    assert quarantine.select("resource_id", "reason").rows() == [
+        ("number", expected + "1"), ("concept", expected + "{'coding': [{'code': 'order'}]}"),
+    ]
 
 
 def test_patients_deceased_without_a_date_equal_per_record_path(
