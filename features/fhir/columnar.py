@@ -119,7 +119,7 @@ _CODED_FIELDS: dict[str, tuple[str, tuple[str, ...], str, bool]] = {
         "status",
         False,
     ),
-    "Immunization": ("vaccineCode", ("occurrenceDateTime",), "status", False),
+    "Immunization": ("vaccineCode", ("occurrenceDateTime", "recorded"), "status", False),
     "AllergyIntolerance": ("code", ("onsetDateTime", "recordedDate"), "clinicalStatus", True),
     "DiagnosticReport": ("code", ("effectiveDateTime", "effectivePeriod", "issued"), "status", False),
 }

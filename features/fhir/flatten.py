@@ -332,7 +332,8 @@ _CODED: dict[str, tuple[str, tuple[str, ...], str]] = {
         "status",
     ),
     "MedicationAdministration": ("medicationCodeableConcept", ("effectiveDateTime", "effectivePeriod"), "status"),
-    "Immunization": ("vaccineCode", ("occurrenceDateTime",), "status"),
+    # A vaccine given "in childhood" (occurrenceString) is dated when it was recorded: given by then.
+    "Immunization": ("vaccineCode", ("occurrenceDateTime", "recorded"), "status"),
     "AllergyIntolerance": ("code", ("onsetDateTime", "recordedDate"), "clinicalStatus"),
     "DiagnosticReport": ("code", ("effectiveDateTime", "effectivePeriod", "issued"), "status"),
 }

@@ -736,6 +736,39 @@ def test_medication_requests_only_proposed_stay_in_medications_but_are_not_event
     ]
 
 
+def test_immunizations_given_at_a_time_in_words_are_dated_when_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # occurrence[x] may be a string ("childhood", "2019 flu season"): such a vaccine was given by
+    # the time it was recorded, so that is its time. With neither a date nor a recorded time it
+    # cannot be placed.
+    def vaccine(rid: str, **times: str) -> dict[str, object]:
+        return {"resourceType": "Immunization", "id": rid, "status": "completed",
+                "patient": {"reference": "Patient/p1"},
+                "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx", "code": "08"}]}, **times}
+
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        vaccine("dated", occurrenceDateTime="2019-10-01T09:00:00Z", recorded="2020-01-02T10:00:00Z"),
+        vaccine("in-words", occurrenceString="childhood", recorded="2020-01-02T10:00:00Z"),
+        vaccine("unplaced", occurrenceString="childhood"),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"missing_date": 1}
+    table = pl.read_parquet(tmp_path / "fast" / "immunizations.parquet")
+    assert table.select("resource_id", "time").rows() == [
+        ("dated", datetime(2019, 10, 1, 9)), ("in-words", datetime(2020, 1, 2, 10))
+    ]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
+    assert quarantine.select("resource_id", "reason").rows() == [
+        ("unplaced", "Immunization has none of occurrenceDateTime, recorded")
+    ]
+
+
 def test_patients_deceased_without_a_date_equal_per_record_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
