@@ -80,7 +80,7 @@ from features.fhir.read import (
     read_ndjson_range,
 )
 from features.fhir.specs import CODED_TABLES, is_r4_resource_type
-from features.fhir.validate import SITE_ZONE, RecordError, parse_datetime, site_zone, validate_r4
+from features.fhir.validate import SITE_ZONE, RecordError, json_text, parse_datetime, site_zone, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file, usual_embedding_length
 from features.io import (
@@ -463,11 +463,14 @@ def _read_records(
         try:
             resource = _parse_line(record.raw) if record.parsed is None else record.parsed
             _resource_type(resource)
-            if strict:
-                validate_r4(resource)
             origin.record_number = record.number
             origin.full_urls = record.full_urls
+            # The pipeline's own checks first: their reasons name the value and the rule (a date
+            # that is not a real date, a withdrawal, which must withdraw older copies even when
+            # the record is not valid R4 for some other reason).
             table, rows = flatten_resource(resource, origin, record.raw or None)
+            if strict:
+                validate_r4(resource)
             buffers[table].extend(rows)
             version = record_version(resource, origin)
             if version is not None:
@@ -480,7 +483,7 @@ def _read_records(
                 # The newest version withdraws the record: the older copies of it must not stay behind.
                 stamp = record_version(resource, origin)
                 buffers["withdrawals"].append((rt, rid, stamp[2] if stamp else None, source_file, record.number))
-            raw = record.raw if record.raw else orjson.dumps(resource)
+            raw = record.raw if record.raw else json_text(resource)
             rejects.append(
                 (
                     "fhir",
@@ -530,7 +533,13 @@ class _EntryPool:
             resource: dict[str, Any] = record.parsed
             if record.full_urls:
                 resource = with_bundle_references(resource, record.full_urls)
-            self.lines[rt].append(orjson.dumps(resource))
+            try:
+                line = orjson.dumps(resource)
+            except orjson.JSONEncodeError:
+                # Nested deeper than orjson writes: the per-record path reads it as parsed.
+                unpooled.append(position)
+                continue
+            self.lines[rt].append(line)
             self.files[rt].append(source_file)
             self.numbers[rt].append(record.number)
             self.places[rt].append((unit_index, position))

@@ -26,8 +26,6 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-import orjson
-
 from features.fhir.specs import (
     CODE_PADDING,
     ENTERED_IN_ERROR,
@@ -52,6 +50,7 @@ from features.fhir.validate import (
     check_storable,
     check_string,
     is_before,
+    json_text,
     parse_date,
     parse_datetime,
     parse_first_instant,
@@ -986,7 +985,7 @@ def flatten_resource(res: dict[str, Any], origin: Origin, raw: bytes | None = No
     rid = check_id(res.get("id"), f"{rt}.id")
     flatten = FLATTENERS.get(rt)
     if flatten is None:
-        text = (raw if raw is not None else orjson.dumps(res)).decode("utf-8", "replace")[:RAW_LIMIT]
+        text = (raw if raw is not None else json_text(res)).decode("utf-8", "replace")[:RAW_LIMIT]
         return "raw_unknown", [(rid, rt, text, origin.source_file, origin.record_number)]
     if (element := entered_in_error_at(res, rt)) is not None:
         raise RecordError(

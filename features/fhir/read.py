@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from features.fhir.specs import is_r4_resource_type
-from features.fhir.validate import FHIR_ID
+from features.fhir.validate import FHIR_ID, json_text
 
 FHIR_SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
 UNIT_BYTES = 16 * 1024 * 1024
@@ -282,7 +282,7 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             yield _deletion(index, entry, bundle_time)
             continue
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
-            raw = orjson.dumps(entry).decode("utf-8", "replace")
+            raw = json_text(entry).decode("utf-8", "replace")
             what = (
                 "has no resource"
                 if isinstance(entry, dict) and "resource" not in entry
@@ -306,7 +306,7 @@ def _deletion(index: int, entry: dict[str, Any], bundle_time: str | None) -> Raw
     sender's server: this export cannot run that search, so it is quarantined, not guessed at.
     """
     url = entry["request"].get("url")
-    raw = orjson.dumps(entry).decode("utf-8", "replace")
+    raw = json_text(entry).decode("utf-8", "replace")
     if isinstance(url, str) and "?" in url:
         return RawReject(index, raw, "conditional_delete",
                          f"Bundle entry {index} deletes by search ({url[:80]}); conditional deletes are not applied")
@@ -351,7 +351,7 @@ def fetch_raw(path: Path, kind: str, numbers: set[int], limit: int = 500) -> dic
     for record in iter_unit(ReadUnit(str(path), "", kind)):
         if isinstance(record, RawRecord) and record.number in numbers:
             parsed = record.parsed.entry if isinstance(record.parsed, BundleDelete) else record.parsed
-            raw = record.raw if parsed is None or kind != "json" else orjson.dumps(parsed)
+            raw = record.raw if parsed is None or kind != "json" else json_text(parsed)
             if kind == "json" and record.number == 1 and record.raw:
                 raw = record.raw
             found[record.number] = raw[: limit * 4].decode("utf-8", "replace")[:limit]

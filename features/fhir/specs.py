@@ -188,16 +188,39 @@ def vocabulary_prefix(system: str | None) -> str:
     return tail.upper() or "UNKNOWN"
 
 
+R4_ONLY_TYPES = frozenset(
+    {
+        "EffectEvidenceSynthesis", "RiskEvidenceSynthesis", "MedicinalProduct", "MedicinalProductAuthorization",
+        "MedicinalProductContraindication", "MedicinalProductIndication", "MedicinalProductIngredient",
+        "MedicinalProductInteraction", "MedicinalProductManufactured", "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical", "MedicinalProductUndesirableEffect", "SubstanceNucleicAcid",
+        "SubstancePolymer", "SubstanceProtein", "SubstanceReferenceInformation", "SubstanceSourceMaterial",
+        "SubstanceSpecification",
+    }
+)
+"""FHIR R4 (4.0.1) resource types that R4B (4.3.0), and so ``fhir.resources.R4B``, replaced (by
+``MedicinalProductDefinition``, ``Evidence``, ...): still R4 resources, kept as ``raw_unknown``
+records like every type the pipeline does not read."""
+
+ABSTRACT_TYPES = ("Resource", "DomainResource")
+"""The base types of FHIR: never the ``resourceType`` of a record."""
+
+
 @lru_cache(maxsize=512)
 def is_r4_resource_type(name: str) -> bool:
-    """Whether ``name`` is a resource type of FHIR R4 (as modelled by ``fhir.resources.R4B``).
+    """Whether ``name`` is a resource type of FHIR R4: a concrete one modelled by
+    ``fhir.resources.R4B``, or one of :data:`R4_ONLY_TYPES`.
 
     Examples
     --------
-    >>> is_r4_resource_type("Observation"), is_r4_resource_type("Address"), is_r4_resource_type("Foo")
-    (True, False, False)
+    >>> is_r4_resource_type("Observation"), is_r4_resource_type("MedicinalProduct")
+    (True, True)
+    >>> is_r4_resource_type("Address"), is_r4_resource_type("DomainResource"), is_r4_resource_type("Foo")
+    (False, False, False)
     """
-    if not name.isidentifier() or not name[:1].isupper():
+    if name in R4_ONLY_TYPES:
+        return True
+    if not name.isidentifier() or not name[:1].isupper() or name in ABSTRACT_TYPES:
         return False
     from fhir.resources.R4B import get_fhir_model_class
     from fhir.resources.R4B.resource import Resource

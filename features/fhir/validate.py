@@ -5,11 +5,14 @@ Stage: ingest. In: one parsed FHIR resource (a ``dict``). Out: typed field value
 
 The fast path checks only what the pipeline uses (ids, dates, references, codes, value types), with
 plain Python and no model objects; ``strict`` mode additionally validates each resource with the
-``fhir.resources.R4B`` pydantic models (FHIR R4 4.0.1).
+``fhir.resources.R4B`` pydantic models (FHIR 4.3.0, the same as R4 4.0.1 for the clinical resources
+the pipeline reads; the R4 types R4B replaced, :data:`~features.fhir.specs.R4_ONLY_TYPES`, have no
+model there and are quarantined in strict mode).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from datetime import UTC, date, datetime, timedelta
@@ -21,6 +24,7 @@ import orjson
 import polars as pl
 
 from features.errors import CohortcastError
+from features.fhir.specs import R4_ONLY_TYPES
 from features.schemas import FLOAT32_MAX
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -286,6 +290,21 @@ def check_storable(number: float, where: str) -> float:
     return number
 
 
+def json_text(value: Any) -> bytes:
+    """A parsed JSON value written back as JSON (a Bundle entry's resource, for the fast path and
+    for quarantine rows). orjson writes 255 levels of nesting but reads 1,024; a value nested
+    deeper than it writes (a chain of extensions) is written by the standard library instead, and
+    one deeper than Python recurses is named, not written."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return json.dumps(value, ensure_ascii=False).encode("utf-8", "replace")
+    except RecursionError:
+        return b'"(JSON nested too deep to be written back)"'
+
+
 def check_object(value: Any, where: str) -> dict[str, Any]:
     """Return ``value`` if it is a JSON object."""
     if not isinstance(value, dict):
@@ -310,6 +329,14 @@ def r4_model(resource_type: str) -> Any:
     return get_fhir_model_class(resource_type)
 
 
+R4B_CANNOT_READ = (KeyError, TypeError, AttributeError, ValueError, RecursionError)
+"""What ``fhir.resources`` raises, besides pydantic's ValidationError, on input it cannot read: a
+contained resource of a type it has no model for (``KeyError``), a primitive's ``_element`` that
+is not an object (``AttributeError``), a ``resourceType`` that is not a string (``TypeError``),
+nesting deeper than Python recurses. Each says the resource is not valid R4, not that the run
+failed."""
+
+
 def is_valid_r4(model: Any, text: bytes) -> bool:
     """Whether one resource's JSON text parses with orjson and validates against ``model``.
 
@@ -321,9 +348,27 @@ def is_valid_r4(model: Any, text: bytes) -> bool:
 
     try:
         model.model_validate(orjson.loads(text))
-    except (ValidationError, orjson.JSONDecodeError):
+    except (ValidationError, orjson.JSONDecodeError, *R4B_CANNOT_READ):
         return False
     return True
+
+
+_CONTROL = str.maketrans({"\r": "\\r", "\n": "\\n", "\t": "\\t"})
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _r4_error(resource_type: str, error: Any) -> str:
+    """One pydantic error as ``Type.path: message (found value)``, on one line."""
+    location = ".".join(str(part) for part in (resource_type, *error.get("loc", ())))
+    found = error.get("input")
+    if error.get("type") == "string_pattern_mismatch" and found == "":
+        return f"{location}: empty string (FHIR allows no empty values; leave the element out)"
+    message = str(error.get("msg", "")).translate(_CONTROL)
+    if len(message) > 160:
+        # The key words of a long message (a list of allowed fields, say) are at its end.
+        message = f"{message[:90]} ... {message[-65:]}"
+    shown = f" (found {found!r:.40})" if isinstance(found, _SCALARS) and repr(found)[:40] not in message else ""
+    return f"{location}: {message}{shown}"
 
 
 def validate_r4(resource: dict[str, Any]) -> None:
@@ -332,18 +377,29 @@ def validate_r4(resource: dict[str, Any]) -> None:
     Raises
     ------
     RecordError
-        ``fhir_invalid`` with the first failing field and pydantic's message.
+        ``fhir_invalid`` with the first failing field, pydantic's message and the value found,
+        then where the other failures are.
     """
     from pydantic import ValidationError
 
+    rt = resource["resourceType"]
+    if rt in R4_ONLY_TYPES:
+        raise RecordError(
+            "fhir_invalid", f"{rt} is an R4 type that R4B replaced: fhir.resources.R4B has no model to validate it"
+        )
     try:
-        r4_model(resource["resourceType"]).model_validate(resource)
+        r4_model(rt).model_validate(resource)
     except ValidationError as exc:
         errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-        location = ".".join(str(part) for part in first.get("loc", ()))
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        if not errors:
+            summary = " ".join(str(exc).split())
+            raise RecordError("fhir_invalid", f"FHIR R4 validation failed for {rt}: {summary:.200}") from None
+        others = [".".join(str(part) for part in (rt, *error.get("loc", ()))) for error in errors[1:]]
+        also = f" (also at {', '.join(others[:3])}{f' and {len(others) - 3} more' if len(others) > 3 else ''})"
+        reason = f"FHIR R4 validation failed at {_r4_error(rt, errors[0])}{also if others else ''}"
+        raise RecordError("fhir_invalid", reason[:300]) from None
+    except R4B_CANNOT_READ as exc:
+        detail = f"{type(exc).__name__}: {str(exc).translate(_CONTROL)}"
         raise RecordError(
-            "fhir_invalid",
-            f"FHIR R4 validation failed at {resource['resourceType']}.{location}: {first.get('msg', '')}{more}"[:300],
+            "fhir_invalid", f"FHIR R4 validation failed: fhir.resources.R4B cannot read this {rt} ({detail:.120})"
         ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 from datetime import date, datetime
 from pathlib import Path
 
@@ -545,6 +546,87 @@ def test_strict_mode_rejects_what_the_fast_path_allows(tmp_path: Path) -> None:
     reject = only_reject(pl.read_parquet(tmp_path / "strict" / "quarantine.parquet"))
     assert (reject["record_number"], reject["reason_code"]) == (3, "fhir_invalid")
     assert reject["reason"].startswith("FHIR R4 validation failed at Condition.clinicalStatus")
+
+
+def _both_modes(tmp_path: Path, files: dict[str, bytes]) -> dict[bool, tuple[IngestSummary, Path]]:
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    for name, data in files.items():
+        (landing / name).write_bytes(data)
+    runs = {}
+    for strict in (False, True):
+        out = tmp_path / ("strict" if strict else "default")
+        runs[strict] = ingest_landing_zone(tmp_path / "landing", out, workers=2, strict=strict, export_time=EXPORT), out
+        assert runs[strict][0].balanced
+    return runs
+
+
+def test_strict_mode_keeps_the_pipelines_reasons_and_withdrawals(tmp_path: Path) -> None:
+    # A withdrawn version that is not valid R4 for another reason (an empty display) still
+    # withdraws the older copy; a date that is not a real date keeps the reason that quotes it.
+    withdrawn = condition(verificationStatus={"coding": [{"code": "entered-in-error", "display": ""}]})
+    runs = _both_modes(tmp_path, {"x.ndjson": b"\n".join(
+        [line(PATIENT), line(condition()), line(withdrawn), line(condition(id="c3", onsetDateTime="2020-02-30"))]
+    ) + b"\n"})
+    for _, out in runs.values():
+        assert pl.read_parquet(out / "conditions.parquet").height == 0
+        quarantine = pl.read_parquet(out / "quarantine.parquet").sort("record_number")
+        assert quarantine.select("record_number", "reason_code").rows() == [
+            (2, "withdrawn"), (3, "entered_in_error"), (4, "bad_date")
+        ]
+        assert quarantine["reason"][2].startswith("Condition.onsetDateTime '2020-02-30' is not a real date")
+
+
+def test_strict_mode_quarantines_what_fhir_resources_cannot_read(tmp_path: Path) -> None:
+    # Each of these made fhir.resources raise KeyError, TypeError or AttributeError, which
+    # stopped the whole strict run; the default mode reads every one.
+    odd = [
+        {**PATIENT, "id": "p2", "contained": [{"resourceType": "MedicinalProduct", "id": "m"}]},
+        {**PATIENT, "id": "p3", "contained": [{"resourceType": 1, "id": "m"}]},
+        {**PATIENT, "id": "p4", "_gender": "1"},
+    ]
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": odd[0] | {"id": "p5"}}]}
+    _both_modes(tmp_path, {"x.ndjson": b"\n".join(map(line, [PATIENT, *odd])) + b"\n",
+                           "b.json": orjson.dumps(bundle)})
+    assert pl.read_parquet(tmp_path / "default" / "patients.parquet").height == 5
+    assert pl.read_parquet(tmp_path / "strict" / "patients.parquet")["patient_id"].to_list() == ["p1"]
+    reasons = pl.read_parquet(tmp_path / "strict" / "quarantine.parquet")["reason"].to_list()
+    assert [reason.split(" (")[0] for reason in reasons] == [
+        "FHIR R4 validation failed: fhir.resources.R4B cannot read this Patient"
+    ] * 4
+
+
+def test_r4_types_r4b_replaced_are_records_and_abstract_types_are_not(tmp_path: Path) -> None:
+    product = {"resourceType": "MedicinalProduct", "id": "m1"}
+    runs = _both_modes(tmp_path, {"x.ndjson": b"\n".join(
+        map(line, [PATIENT, product, {"resourceType": "DomainResource", "id": "d1"}])
+    ) + b"\n"})
+    assert pl.read_parquet(tmp_path / "default" / "raw_unknown.parquet")["resource_type"].to_list() == [
+        "MedicinalProduct"
+    ]
+    for strict, (_, out) in runs.items():
+        quarantine = pl.read_parquet(out / "quarantine.parquet").sort("record_number")
+        expected = [(3, "unknown_resource_type", "resourceType 'DomainResource' is not a FHIR R4 resource type")]
+        if strict:
+            expected.insert(0, (2, "fhir_invalid", "MedicinalProduct is an R4 type that R4B replaced: "
+                                "fhir.resources.R4B has no model to validate it"))
+        assert quarantine.select("record_number", "reason_code", "reason").rows() == expected
+
+
+def test_a_bundle_entry_nested_deeper_than_orjson_writes(tmp_path: Path) -> None:
+    # orjson reads 1,024 levels but writes 255: re-writing the entry for the fast path once
+    # stopped the ingest. The entry is read by the per-record path; strict mode cannot validate it.
+    extension: dict[str, object] = {"url": "http://example.org/x", "valueString": "leaf"}
+    for _ in range(130):
+        extension = {"url": "http://example.org/x", "extension": [extension]}
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"resource": PATIENT}, {"resource": condition(extension=[extension])}]}
+    runs = _both_modes(tmp_path, {"b.json": json.dumps(bundle).encode()})
+    assert runs[False][0].quarantined == 0
+    assert pl.read_parquet(tmp_path / "default" / "conditions.parquet")["resource_id"].to_list() == ["c1"]
+    reject = only_reject(pl.read_parquet(tmp_path / "strict" / "quarantine.parquet"))
+    assert (reject["record_number"], reject["reason_code"]) == (2, "fhir_invalid")
+    assert reject["raw_text"].startswith('{"resourceType": "Condition", "id": "c1"')
 
 
 def test_cached_date_errors_name_each_field() -> None:
