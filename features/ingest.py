@@ -1940,18 +1940,19 @@ def batch_names(batches_dir: Path) -> list[str]:
     """The batch folders under ``batches_dir``, in name (landing) order. Hidden folders are not
     batches yet, or no longer: a batch still being copied in, or one being deleted. Folders whose
     name does not start with a date (:data:`BATCH_NAME`) are not batches either
-    (:func:`stray_batch_folders`)."""
+    (:func:`stray_batch_entries`)."""
     if not batches_dir.is_dir():
         return []
     return sorted(p.name for p in batches_dir.iterdir() if p.is_dir() and is_batch_name(p.name))
 
 
-def stray_batch_folders(batches_dir: Path) -> list[str]:
-    """Visible folders under ``batches_dir`` that are not batches: their names do not start with a date."""
+def stray_batch_entries(batches_dir: Path) -> list[str]:
+    """Visible entries under ``batches_dir`` that are not batches: folders whose names do not start
+    with a date, and files (an export delivered as ``2024-06-01.tar.gz``: a batch is a folder)."""
     if not batches_dir.is_dir():
         return []
     return sorted(p.name for p in batches_dir.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and not is_batch_name(p.name))
+                  if not p.name.startswith(".") and not (p.is_dir() and is_batch_name(p.name)))
 
 
 def prune_ingested_batches(batches_dir: Path, promoted: str, keep: int) -> list[str]:

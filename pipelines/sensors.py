@@ -21,7 +21,9 @@ modified for ``LANDING_QUIET_SECONDS``: a copy that preserves the export's times
 not a completion marker: it is part of the export and may be copied before the files it lists; but
 an ingested batch that does not match it (a listed file missing, or with another number of
 records), or that has any other of :func:`features.ingest.ingest_problems`, fails its run and is
-never promoted (it is ingested again once its folder changes and has landed again).
+never promoted. A batch whose folder changes after its ingest, failed or not (the rest of a copy
+that paused, an export sent again under the same name), is ingested again once it has landed
+again, and promoted again if it is still the newest.
 
 The asset lives here, not in ``pipelines/assets``, because it is partitioned while the demo graph is
 not: ``pipelines.definitions`` registers it with its own job and sensors.
@@ -43,7 +45,7 @@ from features.ingest import (
     ingest_landing_zone,
     ingest_problems,
     is_batch_name,
-    stray_batch_folders,
+    stray_batch_entries,
 )
 from pipelines.assets.ingest import BatchIngestRunConfig
 from pipelines.resources import Workspace
@@ -53,13 +55,13 @@ if TYPE_CHECKING:
     from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 BATCH_PARTITIONS = dg.DynamicPartitionsDefinition(name="landing_batches")
-# A batch folder is visible while it is still being copied in, and its partition is requested once
-# (the run key is its name): ingested half-copied, it would become the warehouse with the rest of the
-# export missing. Two minutes without a change outlasts the pauses of a copy between files.
+# A batch folder is visible while it is still being copied in: ingested half-copied, it would become
+# the warehouse with the rest of the export missing until the copy's end is seen (ingest_again_key).
+# Two minutes without a change outlasts the pauses of a copy between files.
 LANDING_QUIET_SECONDS = 120
 # Writing _SUCCESS into the batch folder also sets the folder's time, a moment later on some file systems.
 MARKER_CLOCK_SLACK_SECONDS = 1.0
-# The newest known batches whose failed ingest is started again once their folder changes.
+# The newest known batches that are ingested again once their folder changes.
 RETRIED_BATCHES = 7
 
 
@@ -133,25 +135,29 @@ def _newest_change(folder: Path, but: Path | None = None, clock: str = "st_mtime
     return newest, files
 
 
-UNFINISHED_RUNS = (dg.DagsterRunStatus.FAILURE,)
-"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again.
-A canceled run is not: an operator canceled it, and re-executes it when the batch should go in."""
+ENDED_RUNS = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS)
+"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again:
+a failed one (a copy cut short fails its checks), and a successful one (a copy that paused longer
+than the quiet period was ingested half-copied, or the export was sent again, corrected, under the
+same name). A canceled run is not: an operator canceled it, and re-executes it when the batch
+should go in; nor is one still running, whose batch is looked at again once it ends."""
 
 
 def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
     """A run key to ingest a known batch again, or None.
 
-    Its latest ``ingested_batch`` run failed (for any cause: a check of its tables, a lost run
-    worker, a run that never launched; a canceled one is the operator's to re-execute), and the
-    folder has changed since that run was created (what it read) and has landed again. A batch
-    whose copy was cut short fails its checks (a file of its manifest missing, say); its partition
-    exists by then, and its first run key is spent, so without this the finished copy would never
-    be ingested. Changes are read from the inode change times, which a copy that keeps the export's
-    times (``cp -p``, ``rsync -a``) cannot set back to before the run; a change of permissions or
-    owner moves them too, and ingests a failed batch once more.
+    Its latest ``ingested_batch`` run ended (:data:`ENDED_RUNS`: failed for any cause, a check of
+    its tables, a lost run worker, a run that never launched; or succeeded), and the folder has
+    changed since that run was created (what it read) and has landed again. A batch whose copy was
+    cut short fails its checks (a file of its manifest missing, say), or passes them when the
+    manifest is absent and the Patient file came first; its partition exists by then, and its first
+    run key is spent, so without this the finished copy would never be ingested. Changes are read
+    from the inode change times, which a copy that keeps the export's times (``cp -p``, ``rsync
+    -a``) cannot set back to before the run; a change of permissions or owner moves them too, and
+    ingests the batch once more.
     """
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
-    if not runs or runs[0].status not in UNFINISHED_RUNS:
+    if not runs or runs[0].status not in ENDED_RUNS:
         return None
     record = instance.get_run_record_by_id(runs[0].run_id)
     try:
@@ -178,10 +184,10 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     recent = [name for name in batch_names(workspace.batches_dir) if name in known][-RETRIED_BATCHES:]
     again = [(name, key) for name in recent
              if (key := ingest_again_key(context.instance, name, workspace.batches_dir / name, now))]
-    strays = stray_batch_folders(workspace.batches_dir)
-    stray_note = (f"folders left alone, not batches (a batch's name starts with a digit, its landing date or "
-                  f"time, such as 2024-06-01, and holds only letters, digits and . _ - : +): {', '.join(strays)}"
-                  if strays else "")
+    strays = stray_batch_entries(workspace.batches_dir)
+    stray_note = (f"left alone, not batches (a batch is a folder, whose name starts with a digit, its landing date "
+                  f"or time, such as 2024-06-01, and holds only letters, digits and . _ - : +; unpack an archive "
+                  f"into one): {', '.join(strays)}" if strays else "")
     if stray_note and (ready or again):
         context.log.warning(stray_note)
     if not ready and not again:

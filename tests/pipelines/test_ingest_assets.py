@@ -490,8 +490,8 @@ def test_a_folder_not_named_by_date_is_no_batch(small_hospital: Path, tmp_path: 
         result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
         assert result.run_requests == [] and result.dynamic_partitions_requests == []
         assert result.skip_reason is not None and result.skip_reason.skip_message == (
-            "folders left alone, not batches (a batch's name starts with a digit, its landing date or time, such "
-            "as 2024-06-01, and holds only letters, digits and . _ - : +): archive")
+            "left alone, not batches (a batch is a folder, whose name starts with a digit, its landing date or time, "
+            "such as 2024-06-01, and holds only letters, digits and . _ - : +; unpack an archive into one): archive")
         promoted = dg.materialize(
             [ingested_tables], instance=instance, resources={"workspace": workspace}, raise_on_error=False,
             run_config={"ops": {"ingested_tables": {"config": {"from_batch": "archive"}}}})
@@ -534,6 +534,46 @@ def test_a_batch_whose_ingest_failed_is_ingested_again_once_changed_even_with_it
         time.sleep(0.01)
         (batch / "fhir" / "Condition.000.ndjson").write_text("{}\n{}\n")
         age(batch, LANDING_QUIET_SECONDS + 60)
+        assert tick() == []
+
+
+def test_a_batch_ingested_half_copied_is_ingested_again_when_the_rest_arrives(small_hospital: Path,
+                                                                                 tmp_path: Path) -> None:
+    # A copy that paused longer than the quiet period, without a manifest, was ingested with only
+    # its first files, passed every check and became the warehouse; the rest of the export, when it
+    # arrived, was never read.
+    batch = tmp_path / "batches" / "2024-06-01"
+    (batch / "fhir").mkdir(parents=True)
+    first = sorted((small_hospital / "fhir").iterdir())
+    shutil.copy2(next(p for p in first if p.name.startswith("Patient")), batch / "fhir")
+    age(batch, LANDING_QUIET_SECONDS + 60)
+    workspace = Workspace(root=str(tmp_path))
+    with dg.instance_for_test() as instance:
+        def tick() -> list[tuple[str | None, str | None]]:
+            context = dg.build_sensor_context(instance=instance, resources={"workspace": workspace})
+            return [(request.partition_key, request.run_key) for request in landing_batch_sensor(context).run_requests]
+
+        assert tick() == [("2024-06-01", "2024-06-01")]
+        instance.add_dynamic_partitions(BATCH_PARTITIONS.name, ["2024-06-01"])
+
+        def ingest() -> int:
+            run = dg.materialize([ingested_batch], partition_key="2024-06-01", instance=instance,
+                                 resources={"workspace": workspace},
+                                 run_config={"ops": {"ingested_batch": {"config": {"workers": 1}}}})
+            assert run.success
+            return pl.read_parquet(workspace.batch_warehouse_dir("2024-06-01") / "events.parquet").height
+
+        half = ingest()
+        assert tick() == []  # nothing changed since: the successful ingest stands
+        time.sleep(0.01)
+        for path in first:
+            if not (batch / "fhir" / path.name).exists():
+                shutil.copy2(path, batch / "fhir")
+        assert tick() == []  # still landing
+        age(batch, LANDING_QUIET_SECONDS + 60)
+        ((partition, key),) = tick()
+        assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
+        assert ingest() > half
         assert tick() == []
 
 
