@@ -210,6 +210,22 @@ class TaskDefinition:
     # calendar days in (a date-only record's day).
     site_timezone: str = "UTC"
 
+    def prediction_target(self) -> dict[str, Any]:
+        """What a model of this task predicts, as JSON: the outcome, the horizon and the treatment
+        whose effect it estimates. A model trained for other values answers another question (its
+        risks are of another event, or by another day), so scoring and publishing compare them."""
+        treatment = self.treatment
+        return {
+            "outcome_codes": sorted(self.outcome.codes),
+            "outcome_death": self.outcome.death,
+            "horizon_days": float(self.horizon_days),
+            "treatment": None if treatment is None else {
+                "codes": sorted(treatment.codes),
+                "window_days": [float(treatment.window_start_days), float(treatment.window_end_days)],
+                "washout_days": float(treatment.washout_days),
+            },
+        }
+
     def on_site_clock(self, zone: str) -> TaskDefinition:
         """The task with its instants written without an offset read in the site's time zone
         (``zone``, IANA), as the warehouse's dates are: ``follow_up_end: 2025-12-31`` then keeps

@@ -48,7 +48,7 @@ from features.io import staging_dir
 from features.schemas import SCORES
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
-from models.task_model import ModelFolderError, check_model_folder, promote_model
+from models.task_model import ModelFolderError, check_model_folder, check_prediction_target, promote_model
 
 PUBLISHED_FORMAT_VERSION = 1
 RISK_TIER_SYSTEM = "urn:cohortcast:risk-tier"
@@ -179,7 +179,7 @@ def quality_shortfalls(fusion: dict[str, float], min_auroc: float, max_calibrati
 def data_lineage(warehouse_dir: Path, model_dir: Path) -> dict[str, Any]:
     """What a version was scored from, beyond paths that are the same every night: the ingest that
     wrote the warehouse (its landing zone, export time and, for a promoted batch, the batch), the
-    model's version (a digest of its weights) and its training fingerprint (its inputs and settings)."""
+    model's version (a digest of its weights, architecture and calibration) and its training fingerprint (its inputs and settings)."""
     summary = IngestSummary.from_json(warehouse_dir / SUMMARY_FILE)
     batch_file = warehouse_dir / PROMOTED_BATCH_FILE
     info = check_model_folder(model_dir)
@@ -196,10 +196,11 @@ def data_lineage(warehouse_dir: Path, model_dir: Path) -> dict[str, Any]:
 
 
 def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, warehouse_dir: Path,
-                      min_auroc: float, max_calibration_error: float) -> None:
+                      min_auroc: float, max_calibration_error: float, target: dict[str, Any] | None = None) -> None:
     """Raise :class:`PublishError` unless ``scores`` may go live: the warehouse's ingest accounting
-    balances, and the model folder holds the model that made ``scores`` and its held-out metrics pass
-    the quality gates. Nothing is written either way.
+    balances, and the model folder holds the model that made ``scores``, trained for ``target`` (the
+    task file's outcome, horizon and treatment, which the publication states), and its held-out
+    metrics pass the quality gates. Nothing is written either way.
 
     Raises
     ------
@@ -221,6 +222,11 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
         raise PublishError(f"{refused}: {summary_path}: {len(unbalanced)} of {len(files)} source files do not "
                            f"balance (expected records_in == records_out + quarantined; first: {unbalanced[0]})")
     fusion = held_out_metrics(model_dir, refused)
+    if target is not None:
+        try:
+            check_prediction_target(model_dir, check_model_folder(model_dir), task, target)
+        except ModelFolderError as exc:
+            raise PublishError(f"{refused}: {exc}") from None
     shortfalls = quality_shortfalls(fusion, min_auroc, max_calibration_error)
     if shortfalls:
         raise PublishError(f"{refused}: model {model_dir} misses the task's quality gates: {'; '.join(shortfalls)}")

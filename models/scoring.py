@@ -18,11 +18,13 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from features.errors import TrainingDataError
 from features.schemas import SCORES
 from models.data import FusionDataset
 from models.explain import explain
@@ -30,6 +32,7 @@ from models.task_model import (
     DEFAULT_IMAGING_DIM,
     DEFAULT_TEXT_DIM,
     ModelFolderError,
+    check_prediction_target,
     load_task_model,
     predict,
 )
@@ -92,17 +95,24 @@ def vocabulary_fingerprint(path: Path) -> str:
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
 
 
+VERSIONED_FILES = ("model.safetensors", "config.json", "calibration.json")
+"""What gives a model its risks: the weights, the architecture and the calibration (a model
+calibrated again on other tuning labels gives other risks from the same weights)."""
+
+
 def model_version(model_dir: Path) -> str:
-    """A model's version: its task and a hash of its weights."""
+    """A model's version: its task and a hash of :data:`VERSIONED_FILES`."""
     info = json.loads((model_dir / "cohortcast_model.json").read_text())
-    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:12]
-    return f"{info['task']}-{digest}"
+    digest = hashlib.sha256()
+    for name in VERSIONED_FILES:
+        digest.update(hashlib.sha256((model_dir / name).read_bytes()).digest())
+    return f"{info['task']}-{digest.hexdigest()[:12]}"
 
 
 def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers,
                previous: pl.DataFrame | None = None, explain_top_k: int = 5,
                with_explanations: bool = True, bf16: bool | None = None,
-               horizon_days: float | None = None) -> pa.Table:
+               horizon_days: float | None = None, target: dict[str, Any] | None = None) -> pa.Table:
     """Score every cohort patient of a task.
 
     ``bf16`` runs the forward passes under bfloat16 autocast; None (the default) does so where the
@@ -110,12 +120,16 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     1.2-1.4x faster and the risks differ from float32 ones by about 0.001.
 
     ``horizon_days``, the task file's horizon, must be the one the model was trained for: its
-    risks are probabilities by that horizon, and are published as such.
+    risks are probabilities by that horizon, and are published as such; so must ``target``, the
+    task file's outcome, horizon and treatment (:meth:`features.tasks.TaskDefinition.prediction_target`).
 
     Raises
     ------
     ModelFolderError
-        When the model was trained for another task, horizon or vocabulary, or its folder is broken.
+        When the model was trained for another task, outcome, horizon, treatment or vocabulary, or
+        its folder is broken.
+    TrainingDataError
+        When the task's inputs hold no cohort patient.
     """
     model, calibrator, info = load_task_model(model_dir)
     if info["task"] != task_name:
@@ -125,6 +139,8 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         raise ModelFolderError(f"model {model_dir} predicts risk within {model.config.horizon_days:g} days, task "
                                f"{task_name!r} asks within {horizon_days:g} (the task file was edited since "
                                "training; train the model again)")
+    if target is not None:
+        check_prediction_target(model_dir, info, task_name, target)
     trained_with = vocabulary_fingerprint(model_dir / "vocabulary.json")
     inputs_with = vocabulary_fingerprint(task_dir / "vocabulary.json")
     if trained_with != inputs_with:
@@ -132,6 +148,9 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
                                f"inputs in {task_dir} (tokenizer {trained_with}, inputs' tokenizer {inputs_with}: "
                                "the inputs were rebuilt since; train the model again)")
     tokens = pl.read_parquet(task_dir / "event_tokens.parquet", glob=False).sort("subject_id")
+    if tokens.is_empty():
+        raise TrainingDataError(f"task {task_name!r}: {task_dir / 'event_tokens.parquet'} holds no cohort patient "
+                                "(expected at least one; `cohortcast features` prints the cohort's attrition per rule)")
     dataset = FusionDataset(
         tokens,
         _read_present(task_dir / "note_embeddings.parquet", ["subject_id", "note_id", "time", "embedding"]),

@@ -540,8 +540,12 @@ def _truth_metrics(risk: np.ndarray, labels: dict[str, np.ndarray], known: np.nd
 def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: PlattCalibrator, vocabulary_json: bytes,
                     metrics: dict[str, Any], history: list[dict[str, float]], card: str,
                     has_treatment: bool, reference_risk: dict[str, np.ndarray],
-                    reference_inputs: pl.DataFrame | None = None, fingerprint: str | None = None) -> Path:
-    """Write the model folder atomically (a sibling folder renamed into place)."""
+                    reference_inputs: pl.DataFrame | None = None, fingerprint: str | None = None,
+                    prediction_target: dict[str, Any] | None = None) -> Path:
+    """Write the model folder atomically (a sibling folder renamed into place).
+
+    ``prediction_target`` (:meth:`features.tasks.TaskDefinition.prediction_target`) is recorded
+    for :func:`check_prediction_target`."""
     restore_retired_dir(folder)  # the model before, if a crash left it aside: its references are kept
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -562,6 +566,7 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
         "targets": ["risk", "progression", *(["treatment"] if has_treatment else [])],
         "created": datetime.now(UTC).isoformat(timespec="seconds"), "files": files,
         **({"training_fingerprint": fingerprint} if fingerprint is not None else {}),
+        **({"prediction_target": prediction_target} if prediction_target is not None else {}),
     }, indent=2))
     return replace_dir(staging, folder)
 
@@ -842,8 +847,30 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
                                 "again); the model is not saved: train again")
     save_task_model(model_dir, result.model, result.calibrator, data.vocabulary_json, metrics, result.history, card,
                     data.has_treatment, reference, pl.concat(list(data.tabular.values()), how="diagonal_relaxed"),
-                    fingerprint)
+                    fingerprint, task.prediction_target())
     return metrics
+
+
+def check_prediction_target(model_dir: Path, info: dict[str, Any], task_name: str,
+                            target: dict[str, Any]) -> None:
+    """Refuse a model trained to predict something else than ``target`` (the task file's
+    :meth:`~features.tasks.TaskDefinition.prediction_target`): its risks would be published under
+    the task's outcome and horizon. A folder that does not record its target (written before it
+    was recorded) is not checked.
+
+    Raises
+    ------
+    ModelFolderError
+        Naming the first element that differs, the model's value and the task's.
+    """
+    trained: dict[str, Any] | None = info.get("prediction_target")
+    if trained is None:
+        return
+    for key in target:
+        if trained.get(key) != target[key]:
+            raise ModelFolderError(
+                f"model {model_dir} was trained with {key} {json.dumps(trained.get(key))}, task {task_name!r} now "
+                f"has {json.dumps(target[key])} (the task file was edited since training; train the model again)")
 
 
 def training_fingerprint(task_dir: Path, args: TrainingArguments, architecture: dict[str, Any] | None,

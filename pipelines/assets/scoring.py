@@ -82,7 +82,7 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     scores = score_task(model_dir(workspace, task), workspace.warehouse_dir / "tasks" / task, task,
                         RiskTiers(tiers.high_share, tiers.medium_share), previous, config.top_items,
                         with_explanations=config.explanations, bf16=config.bf16,
-                        horizon_days=definition.horizon_days)
+                        horizon_days=definition.horizon_days, target=definition.prediction_target())
     path = write_parquet_atomic(scores, scores_path(workspace, task))
     tiers = pl.from_arrow(scores.select(["risk_tier"])).to_series().value_counts()  # type: ignore[union-attr]
     return dg.MaterializeResult(metadata={
@@ -200,7 +200,7 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.
     min_auroc, max_calibration_error = quality_gates(task, config)
     check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
-                      workspace.warehouse_dir, min_auroc, max_calibration_error)
+                      workspace.warehouse_dir, min_auroc, max_calibration_error, task.prediction_target())
     patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
                                columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)

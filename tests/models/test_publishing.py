@@ -225,9 +225,17 @@ def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
         check_publishable(root, "synthetic_1y", other, model, warehouse, 0.0, 1.0)
     assert str(stale.value) == (refused + "the scores were made by model synthetic_1y-000000000000, the model "
                                 f"folder {model} holds {model_version(model)} (score the task again)")
+    # The task file edited since training: its outcome and horizon, which the publication states,
+    # are not what the model predicts.
+    target = json.loads((model / "cohortcast_model.json").read_text())["prediction_target"]
+    with pytest.raises(PublishError) as edited_task:
+        check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0, target | {"horizon_days": 730.0})
+    assert str(edited_task.value) == (refused + f"model {model} was trained with horizon_days 365.0, task "
+                                      "'synthetic_1y' now has 730.0 (the task file was edited since training; train "
+                                      "the model again)")
     assert current_version(root, "synthetic_1y") == "v0001"
     assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
-    check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0)
+    check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0, target)
 
 
 @pytest.mark.parametrize("metrics", [b"{not json", b'{"models": {"fusion": {"calibration_error": 0.05}}}',

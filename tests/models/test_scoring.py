@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from features.errors import TrainingDataError
 from features.schemas import SCORES
 from models.scoring import RiskTiers, model_version, score_task, vocabulary_fingerprint
 from models.task_model import ModelFolderError
@@ -99,6 +100,47 @@ def test_a_model_for_another_task_vocabulary_or_value_bins_is_refused(trained_ta
     (other_inputs / "vocabulary.json").write_text(json.dumps(dict(reversed(trained_state.items()))))
     scores = score_task(trained_task.model_dir, other_inputs, "synthetic_1y", RiskTiers(), with_explanations=False)
     assert scores.num_rows == 800
+
+
+def test_a_model_trained_for_another_outcome_horizon_or_treatment_is_refused(trained_task: TrainedTask) -> None:
+    # The task file edited since training (another outcome, a treatment named): the model's risks
+    # would be published under the new outcome's name and horizon.
+    target = json.loads((trained_task.model_dir / "cohortcast_model.json").read_text())["prediction_target"]
+    assert target == {"outcome_codes": [], "outcome_death": True, "horizon_days": 365.0,
+                      "treatment": None}
+    scores = score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
+                        with_explanations=False, target=target)
+    assert scores.num_rows == 800
+    edits = [("outcome_codes", ["SNOMED//230690007"]), ("outcome_death", False),
+             ("horizon_days", 730.0),
+             ("treatment", {"codes": ["RXNORM//32968"], "window_days": [0.0, 30.0], "washout_days": 365.0})]
+    for key, value in edits:
+        refused = (f"model {trained_task.model_dir} was trained with {key} {json.dumps(target[key])}, task "
+                   f"'synthetic_1y' now has {json.dumps(value)} (the task file was edited since training; train "
+                   "the model again)")
+        with pytest.raises(ModelFolderError, match=re.escape(refused)):
+            score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
+                       with_explanations=False, target=target | {key: value})
+
+
+def test_a_task_without_cohort_patients_is_refused_in_one_line(trained_task: TrainedTask, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    shutil.copytree(trained_task.task_dir, inputs)
+    pl.read_parquet(inputs / "event_tokens.parquet").clear().write_parquet(inputs / "event_tokens.parquet")
+    with pytest.raises(TrainingDataError, match=re.escape(
+            f"task 'synthetic_1y': {inputs / 'event_tokens.parquet'} holds no cohort patient (expected at least one")):
+        score_task(trained_task.model_dir, inputs, "synthetic_1y", RiskTiers())
+
+
+def test_the_model_version_changes_with_the_calibration(trained_task: TrainedTask, tmp_path: Path) -> None:
+    # Calibrated again on other tuning labels, the same weights give other risks: a change of risk
+    # from one version to the next must not read as the patient's.
+    recalibrated = tmp_path / "model"
+    shutil.copytree(trained_task.model_dir, recalibrated)
+    calibration = json.loads((recalibrated / "calibration.json").read_text())
+    (recalibrated / "calibration.json").write_text(json.dumps(calibration | {"slope": calibration["slope"] + 0.5}))
+    assert model_version(recalibrated) != model_version(trained_task.model_dir)
+    assert model_version(recalibrated).startswith("synthetic_1y-")
 
 
 def test_tiers_must_be_shares() -> None:
