@@ -576,6 +576,10 @@ EXPLANATION_ITEM = pa.struct(
         pa.field("item", pa.string()),
         # Change in risk when the item is removed (positive = the item raised the risk).
         pa.field("contribution", pa.float64()),
+        # A code's most recent value (a lab result, a genotype's allele count), null without one,
+        # and how many of its events have a value.
+        pa.field("value", pa.float64()),
+        pa.field("readings", pa.int32()),
     ]
 )
 

@@ -32,6 +32,21 @@ class Item:
     event_positions: tuple[int, ...] = ()
     note_positions: tuple[int, ...] = ()
     study_positions: tuple[int, ...] = ()
+    # The code's most recent value (a lab result, an allele count) and how many of its events
+    # have one: a genotype of 0 copies explains the risk as a wild type, which its code alone
+    # (GENE//APOE//rs429358) would have a care team read as a carrier.
+    value: float | None = None
+    readings: int = 0
+
+
+@dataclass(frozen=True)
+class ItemContribution:
+    modality: str
+    item: str
+    # Change in risk when the item is removed (positive: the item raised the risk).
+    contribution: float
+    value: float | None = None
+    readings: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,8 +57,8 @@ class Explanation:
     # be higher), so a care team never reads a protective finding as a reason for the risk. The
     # sizes sum to 1; all are 0 when no modality moves the risk.
     modality_shares: dict[str, float]
-    # (modality, item, contribution) sorted by |contribution|, largest first.
-    top_items: list[tuple[str, str, float]]
+    # Sorted by |contribution|, largest first.
+    top_items: list[ItemContribution]
 
 
 def remove(patient: PatientInputs, item: Item) -> PatientInputs:
@@ -102,10 +117,14 @@ def detail_items(patient: PatientInputs, vocabulary: list[str], max_codes: int =
         seen += [code for code in pair if code is not None]
     seen = seen[:max_codes]
     for code in seen:
-        positions = tuple(np.flatnonzero(codes == code).tolist())
-        modality = MODALITIES[int(patient.event_modalities[positions[0]])]
+        at = np.flatnonzero(codes == code)
+        modality = MODALITIES[int(patient.event_modalities[at[0]])]
         name = vocabulary[code] if code < len(vocabulary) else f"token {code}"
-        items.append(Item(modality, name, event_positions=positions))
+        values = patient.event_values[at] if patient.event_values is not None else np.full(len(at), np.nan)
+        valued = np.flatnonzero(np.isfinite(values))
+        # Days before the prediction time: the smallest is the most recent.
+        latest = float(values[valued[np.argmin(patient.event_days[at][valued])]]) if len(valued) else None
+        items.append(Item(modality, name, event_positions=tuple(at.tolist()), value=latest, readings=len(valued)))
     items += [Item("notes", f"note {nid}", note_positions=(k,)) for k, nid in enumerate(patient.note_ids)]
     items += [Item("imaging", f"study {sid}", study_positions=(k,)) for k, sid in enumerate(patient.study_ids)]
     return items
@@ -159,6 +178,7 @@ def _explain_chunk(model: FusionForRiskPrediction, calibrator: PlattCalibrator, 
         ranked = sorted(zip(details, detail_drops, strict=True), key=lambda pair: -abs(float(pair[1])))
         explanations.append(Explanation(
             risk=full, modality_shares=shares,
-            top_items=[(item.modality, item.name, float(d)) for item, d in ranked[:top_k]],
+            top_items=[ItemContribution(item.modality, item.name, float(d), item.value, item.readings)
+                       for item, d in ranked[:top_k]],
         ))
     return explanations

@@ -30,12 +30,12 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import orjson
@@ -179,7 +179,8 @@ def quality_shortfalls(fusion: dict[str, float], min_auroc: float, max_calibrati
 def data_lineage(warehouse_dir: Path, model_dir: Path) -> dict[str, Any]:
     """What a version was scored from, beyond paths that are the same every night: the ingest that
     wrote the warehouse (its landing zone, export time and, for a promoted batch, the batch), the
-    model's version (a digest of its weights, architecture and calibration) and its training fingerprint (its inputs and settings)."""
+    model's version (a digest of its weights, architecture and calibration) and its training
+    fingerprint (its inputs and settings)."""
     summary = IngestSummary.from_json(warehouse_dir / SUMMARY_FILE)
     batch_file = warehouse_dir / PROMOTED_BATCH_FILE
     info = check_model_folder(model_dir)
@@ -422,13 +423,41 @@ def withdrawals(root: Path, task: str, published: pl.DataFrame, patients: pl.Dat
             .unique("subject_id", keep="first", maintain_order=True).sort("subject_id"))
 
 
+def describe_token(token: str, descriptions: Mapping[str, str]) -> str | None:
+    """A token's description from the warehouse's ``codes`` (code -> description): the token's own,
+    else its code's with its answer or variant (``LOINC//72166-2//SNOMED//77176002`` -> ``Tobacco
+    smoking status: Smoker``, ``GENE//APOE//rs429358`` -> ``Variant in APOE: rs429358``); None
+    when neither is described."""
+    if described := descriptions.get(token):
+        return described
+    parts = token.split("//")
+    code, answer = "//".join(parts[:2]), "//".join(parts[2:])
+    if not (described := descriptions.get(code)):
+        return None
+    return f"{described}: {descriptions.get(answer) or answer}" if answer else described
+
+
 def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
     """``scores`` with a ``description`` in each ``top_items`` entry: the code's description from
-    ``codes`` (``code``, ``description``), else the item's own name (a note, a study, a modality)."""
+    ``codes`` (``code``, ``description``; :func:`describe_token`), else the item's own name (a note,
+    a study, a modality); with the code's value where it has one (``Variant in APOE: rs429358 = 0``,
+    ``Systolic Blood Pressure = 162 (latest of 7)``), so that a wild-type genotype or a normal
+    result is not read as a finding."""
     known = {} if codes is None else dict(codes.drop_nulls("description").select("code", "description").iter_rows())
-    item = pl.element().struct.field("item")
-    description = item.replace_strict(known, default=item, return_dtype=pl.String).alias("description")
-    return scores.with_columns(pl.col("top_items").list.eval(pl.element().struct.with_fields(description)))
+    names: dict[str, str] = {}
+
+    def text(item: dict[str, Any]) -> str:
+        if item["item"] not in names:
+            names[item["item"]] = describe_token(item["item"], known) or item["item"]
+        value, readings = item.get("value"), item.get("readings") or 0
+        if value is None:
+            return names[item["item"]]
+        return f"{names[item['item']]} = {value:g}{f' (latest of {readings})' if readings > 1 else ''}"
+
+    inner = cast(pl.List, scores.schema["top_items"]).inner
+    described = pl.List(pl.Struct([*cast(pl.Struct, inner).fields, pl.Field("description", pl.String)]))
+    items = [[{**item, "description": text(item)} for item in row] for row in scores["top_items"].to_list()]
+    return scores.with_columns(pl.Series("top_items", items, dtype=described))
 
 
 def deceased_subjects(patients: pl.DataFrame) -> pl.Series:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             "treatment_effect": pa.array(effect, type=pa.float64()),
             "modality_shares": [list(e.modality_shares.items()) for e in explanations] if explanations else [[]] * n,
             "top_items": (
-                [[{"modality": m, "item": i, "contribution": c} for m, i, c in e.top_items] for e in explanations]
+                [[asdict(item) for item in e.top_items] for e in explanations]
                 if explanations else [[]] * n
             ),
             "model_version": [version] * n,

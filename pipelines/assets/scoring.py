@@ -42,7 +42,14 @@ from models.drift import (
     population_stability_index,
     reference_codes,
 )
-from models.publishing import check_publishable, comparable_scores, data_lineage, living_patients, publish
+from models.publishing import (
+    check_publishable,
+    comparable_scores,
+    data_lineage,
+    describe_token,
+    living_patients,
+    publish,
+)
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import task_of_partition, task_partitions
 from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
@@ -144,16 +151,10 @@ INPUTS_LISTED = 5
 
 
 def _input_label(feature: str, descriptions: dict[str, str]) -> str:
-    """``last__LOINC//8480-6`` -> ``last__LOINC//8480-6 (Systolic blood pressure)``: the code's description
-    where the warehouse has one; a coded answer's too (``count__LOINC//72166-2//SNOMED//77176002`` ->
-    ``(Tobacco smoking status: Smoker)``), or the variant's name."""
-    token = feature.split("__", 1)[-1]
-    parts = token.split("//")
-    code, answer = "//".join(parts[:2]), "//".join(parts[2:])
-    described = descriptions.get(token) or descriptions.get(code)
-    if not described:
-        return feature
-    return f"{feature} ({described}: {descriptions.get(answer) or answer})" if answer else f"{feature} ({described})"
+    """``last__LOINC//8480-6`` -> ``last__LOINC//8480-6 (Systolic blood pressure)``: the token's
+    description where the warehouse has one (:func:`models.publishing.describe_token`)."""
+    described = describe_token(feature.split("__", 1)[-1], descriptions)
+    return f"{feature} ({described})" if described else feature
 
 
 @dg.asset_check(asset=risk_scores, partitions_def=task_partitions,

@@ -36,7 +36,7 @@ def test_shares_are_signed_and_their_sizes_sum_to_one_over_present_modalities(tr
         assert ("imaging" in e.modality_shares) == (len(patient.imaging_days) > 0)
         n_items = len(set(patient.event_codes.tolist())) + len(patient.note_ids) + len(patient.study_ids)
         assert len(e.top_items) == min(3, n_items)
-        contributions = [abs(c) for _, _, c in e.top_items]
+        contributions = [abs(item.contribution) for item in e.top_items]
         assert contributions == sorted(contributions, reverse=True)
         assert abs(e.risk - calibrated_risks(model, calibrator, [patient])[0]) < 1e-6
     assert any(share < 0 for e in explanations for share in e.modality_shares.values())
@@ -50,7 +50,7 @@ def test_removing_the_top_items_lowers_risk_more_than_removing_random_items(trai
     rng = np.random.default_rng(0)
     top_drops, random_drops = [], []
     for patient, e in zip(patients, explanations, strict=True):
-        raising = [name for _, name, c in e.top_items if c > 0]
+        raising = [item.item for item in e.top_items if item.contribution > 0]
         codes = sorted({int(c) for c in patient.event_codes})
         if not raising or len(codes) < 4:
             continue
@@ -101,3 +101,22 @@ def test_a_gene_panel_does_not_crowd_dated_codes_out_of_the_items_tried(trained_
     assert codes[10:] == [f"CODE//{205 + i}" for i in range(14)]
     # The dataset marks static facts by their missing time.
     assert held_out_patients(trained_task)[0].event_static is not None
+
+
+def test_items_carry_their_codes_most_recent_value(trained_task: TrainedTask) -> None:
+    # A genotype of 0 copies explains the risk as a wild type: the item says so, where its code
+    # alone (GENE//APOE//rs429358) would be read as a carrier. A lab's item gives its latest result.
+    patient = replace(
+        held_out_patients(trained_task)[0],
+        event_codes=np.array([5, 5, 5, 7, 9], dtype=np.int64),
+        event_value_bins=np.zeros(5, dtype=np.int64),
+        event_days=np.array([40.0, 3.0, 12.0, 0.0, 20.0], dtype=np.float32),
+        event_modalities=np.array([0, 0, 0, 2, 0], dtype=np.int64),
+        event_values=np.array([150.0, np.nan, 162.0, 0.0, np.nan], dtype=np.float32),
+        event_static=np.array([False, False, False, True, False]),
+    )
+    vocabulary = [f"CODE//{i}" for i in range(12)]
+    items = {item.name: (item.value, item.readings) for item in detail_items(patient, vocabulary)
+             if item.event_positions}
+    # CODE//5: the reading 3 days before has no value, so the latest value is 12 days before.
+    assert items == {"CODE//5": (162.0, 2), "CODE//7": (0.0, 1), "CODE//9": (None, 0)}

@@ -27,6 +27,8 @@ from models.publishing import (
     current_version,
     data_lineage,
     deploy_model,
+    describe_items,
+    describe_token,
     living_patients,
     publish,
     quality_shortfalls,
@@ -104,6 +106,35 @@ def test_explaining_codes_are_published_with_their_descriptions(scores: pa.Table
         row = db.execute("SELECT top_items FROM published_scores WHERE subject_id = ?",
                          [int(first["subject_id"][0])]).fetchone()
     assert row == ("; ".join(first["description"]),)
+
+
+def test_items_are_described_with_their_answer_variant_and_value() -> None:
+    codes = pl.DataFrame({"code": ["GENE//APOE", "LOINC//72166-2", "SNOMED//77176002", "LOINC//8480-6"],
+                          "description": ["Variant in APOE", "Tobacco smoking status", "Smoker",
+                                          "Systolic Blood Pressure"]})
+    described = dict(codes.iter_rows())
+    assert describe_token("GENE//APOE//rs429358", described) == "Variant in APOE: rs429358"
+    assert describe_token("LOINC//72166-2//SNOMED//77176002", described) == "Tobacco smoking status: Smoker"
+    assert describe_token("LOINC//8480-6", described) == "Systolic Blood Pressure"
+    assert describe_token("ICD10CM//I21", described) is None
+
+    def item(name: str, value: float | None = None, readings: int = 0) -> dict[str, object]:
+        return {"modality": "ehr", "item": name, "contribution": 0.01, "value": value, "readings": readings}
+
+    scores = pl.DataFrame(
+        {"subject_id": [1, 2], "top_items": [
+            [item("GENE//APOE//rs429358", 0.0, 1), item("LOINC//8480-6", 162.0, 7), item("note n1")],
+            [item("LOINC//72166-2//SNOMED//77176002"), item("ICD10CM//I21")],
+        ]},
+        schema={"subject_id": pl.Int64, "top_items": pl.List(pl.Struct(
+            {"modality": pl.String, "item": pl.String, "contribution": pl.Float64, "value": pl.Float64,
+             "readings": pl.Int32}))},
+    )
+    published = describe_items(scores, codes)
+    assert published["top_items"].list.eval(pl.element().struct.field("description")).to_list() == [
+        ["Variant in APOE: rs429358 = 0", "Systolic Blood Pressure = 162 (latest of 7)", "note n1"],
+        ["Tobacco smoking status: Smoker", "ICD10CM//I21"],
+    ]
 
 
 def test_risk_assessments_are_valid_fhir_r4(scores: pa.Table, tmp_path: Path) -> None:
