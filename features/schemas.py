@@ -576,9 +576,10 @@ EXPLANATION_ITEM = pa.struct(
         pa.field("item", pa.string()),
         # Change in risk when the item is removed (positive = the item raised the risk).
         pa.field("contribution", pa.float64()),
-        # A code's most recent value (a lab result, a genotype's allele count), null without one,
-        # and how many of its events have a value.
-        pa.field("value", pa.float64()),
+        # The value bin of a code's most recent event with a value, as the range the model read
+        # ("140 to 160", "< 0.5": a genotype's 0 copies), null without one; and how many of its
+        # events have a value.
+        pa.field("value_range", pa.string()),
         pa.field("readings", pa.int32()),
     ]
 )

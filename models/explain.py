@@ -32,10 +32,11 @@ class Item:
     event_positions: tuple[int, ...] = ()
     note_positions: tuple[int, ...] = ()
     study_positions: tuple[int, ...] = ()
-    # The code's most recent value (a lab result, an allele count) and how many of its events
-    # have one: a genotype of 0 copies explains the risk as a wild type, which its code alone
-    # (GENE//APOE//rs429358) would have a care team read as a carrier.
-    value: float | None = None
+    # The value bin (1-based; 0: none) of the code's most recent event with a value, and how many
+    # of its events have one: what the model read of a lab result or an allele count. A genotype of
+    # 0 copies explains the risk as a wild type, which its code alone (GENE//APOE//rs429358) would
+    # have a care team read as a carrier.
+    value_bin: int = 0
     readings: int = 0
 
 
@@ -45,7 +46,7 @@ class ItemContribution:
     item: str
     # Change in risk when the item is removed (positive: the item raised the risk).
     contribution: float
-    value: float | None = None
+    value_bin: int = 0
     readings: int = 0
 
 
@@ -120,11 +121,10 @@ def detail_items(patient: PatientInputs, vocabulary: list[str], max_codes: int =
         at = np.flatnonzero(codes == code)
         modality = MODALITIES[int(patient.event_modalities[at[0]])]
         name = vocabulary[code] if code < len(vocabulary) else f"token {code}"
-        values = patient.event_values[at] if patient.event_values is not None else np.full(len(at), np.nan)
-        valued = np.flatnonzero(np.isfinite(values))
+        valued = at[patient.event_value_bins[at] > 0]
         # Days before the prediction time: the smallest is the most recent.
-        latest = float(values[valued[np.argmin(patient.event_days[at][valued])]]) if len(valued) else None
-        items.append(Item(modality, name, event_positions=tuple(at.tolist()), value=latest, readings=len(valued)))
+        latest = int(patient.event_value_bins[valued[np.argmin(patient.event_days[valued])]]) if len(valued) else 0
+        items.append(Item(modality, name, event_positions=tuple(at.tolist()), value_bin=latest, readings=len(valued)))
     items += [Item("notes", f"note {nid}", note_positions=(k,)) for k, nid in enumerate(patient.note_ids)]
     items += [Item("imaging", f"study {sid}", study_positions=(k,)) for k, sid in enumerate(patient.study_ids)]
     return items
@@ -178,7 +178,7 @@ def _explain_chunk(model: FusionForRiskPrediction, calibrator: PlattCalibrator, 
         ranked = sorted(zip(details, detail_drops, strict=True), key=lambda pair: -abs(float(pair[1])))
         explanations.append(Explanation(
             risk=full, modality_shares=shares,
-            top_items=[ItemContribution(item.modality, item.name, float(d), item.value, item.readings)
+            top_items=[ItemContribution(item.modality, item.name, float(d), item.value_bin, item.readings)
                        for item, d in ranked[:top_k]],
         ))
     return explanations

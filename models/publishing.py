@@ -440,19 +440,19 @@ def describe_token(token: str, descriptions: Mapping[str, str]) -> str | None:
 def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
     """``scores`` with a ``description`` in each ``top_items`` entry: the code's description from
     ``codes`` (``code``, ``description``; :func:`describe_token`), else the item's own name (a note,
-    a study, a modality); with the code's value where it has one (``Variant in APOE: rs429358 = 0``,
-    ``Systolic Blood Pressure = 162 (latest of 7)``), so that a wild-type genotype or a normal
-    result is not read as a finding."""
+    a study, a modality); with the range of values the model read where the code has values
+    (``Variant in APOE: rs429358 < 0.5``: 0 copies; ``Systolic Blood Pressure 140 to 160, latest
+    of 7``), so that a wild-type genotype or a normal result is not read as a finding."""
     known = {} if codes is None else dict(codes.drop_nulls("description").select("code", "description").iter_rows())
     names: dict[str, str] = {}
 
     def text(item: dict[str, Any]) -> str:
         if item["item"] not in names:
             names[item["item"]] = describe_token(item["item"], known) or item["item"]
-        value, readings = item.get("value"), item.get("readings") or 0
-        if value is None:
+        shown, readings = item.get("value_range"), item.get("readings") or 0
+        if shown is None:
             return names[item["item"]]
-        return f"{names[item['item']]} = {value:g}{f' (latest of {readings})' if readings > 1 else ''}"
+        return f"{names[item['item']]} {shown}{f', latest of {readings}' if readings > 1 else ''}"
 
     inner = cast(pl.List, scores.schema["top_items"]).inner
     described = pl.List(pl.Struct([*cast(pl.Struct, inner).fields, pl.Field("description", pl.String)]))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pyarrow as pa
 from features.errors import TrainingDataError
 from features.schemas import SCORES
 from models.data import FusionDataset
-from models.explain import explain
+from models.explain import ItemContribution, explain
 from models.task_model import (
     DEFAULT_IMAGING_DIM,
     DEFAULT_TEXT_DIM,
@@ -164,6 +164,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     p = predict(model, calibrator, dataset, bf16=bf16)
     n = len(dataset)
     vocabulary = inverse_vocabulary(model_dir / "vocabulary.json")
+    bin_edges: dict[str, list[float]] = json.loads((model_dir / "vocabulary.json").read_text())["bin_edges"]
     explanations = (explain(model, calibrator, dataset.patients, vocabulary, explain_top_k, bf16=bf16)
                     if with_explanations else [])
     previous_risk: list[float | None] = [None] * n
@@ -205,7 +206,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             "treatment_effect": pa.array(effect, type=pa.float64()),
             "modality_shares": [list(e.modality_shares.items()) for e in explanations] if explanations else [[]] * n,
             "top_items": (
-                [[asdict(item) for item in e.top_items] for e in explanations]
+                [[_published_item(item, bin_edges) for item in e.top_items] for e in explanations]
                 if explanations else [[]] * n
             ),
             "model_version": [version] * n,
@@ -221,6 +222,27 @@ def _read_present(path: Path, columns: list[str]) -> pl.DataFrame | None:
         return None
     present = pl.read_parquet_schema(path)
     return pl.read_parquet(path, columns=[c for c in columns if c in present], glob=False)
+
+
+def value_range(edges: list[float], value_bin: int) -> str | None:
+    """The values a 1-based value bin holds (:meth:`features.tokenize.EventTokenizer`: a value on an
+    edge falls in the bin above it), as text; None for bin 0 (no value) or a token without edges.
+
+    >>> [value_range([0.5, 1.5], b) for b in (0, 1, 2, 3)]
+    [None, '< 0.5', '0.5 to 1.5', '>= 1.5']
+    """
+    if value_bin <= 0 or not edges:
+        return None
+    if value_bin == 1:
+        return f"< {edges[0]:.4g}"
+    if value_bin > len(edges):
+        return f">= {edges[-1]:.4g}"
+    return f"{edges[value_bin - 2]:.4g} to {edges[value_bin - 1]:.4g}"
+
+
+def _published_item(item: ItemContribution, bin_edges: dict[str, list[float]]) -> dict[str, Any]:
+    return {"modality": item.modality, "item": item.item, "contribution": item.contribution,
+            "value_range": value_range(bin_edges.get(item.item, []), item.value_bin), "readings": item.readings}
 
 
 def inverse_vocabulary(path: Path) -> list[str]:

@@ -103,20 +103,20 @@ def test_a_gene_panel_does_not_crowd_dated_codes_out_of_the_items_tried(trained_
     assert held_out_patients(trained_task)[0].event_static is not None
 
 
-def test_items_carry_their_codes_most_recent_value(trained_task: TrainedTask) -> None:
+def test_items_carry_the_value_bin_of_their_codes_most_recent_value(trained_task: TrainedTask) -> None:
     # A genotype of 0 copies explains the risk as a wild type: the item says so, where its code
     # alone (GENE//APOE//rs429358) would be read as a carrier. A lab's item gives its latest result.
     patient = replace(
         held_out_patients(trained_task)[0],
         event_codes=np.array([5, 5, 5, 7, 9], dtype=np.int64),
-        event_value_bins=np.zeros(5, dtype=np.int64),
+        event_value_bins=np.array([2, 0, 4, 1, 0], dtype=np.int64),
         event_days=np.array([40.0, 3.0, 12.0, 0.0, 20.0], dtype=np.float32),
         event_modalities=np.array([0, 0, 0, 2, 0], dtype=np.int64),
-        event_values=np.array([150.0, np.nan, 162.0, 0.0, np.nan], dtype=np.float32),
+        event_values=None,
         event_static=np.array([False, False, False, True, False]),
     )
     vocabulary = [f"CODE//{i}" for i in range(12)]
-    items = {item.name: (item.value, item.readings) for item in detail_items(patient, vocabulary)
+    items = {item.name: (item.value_bin, item.readings) for item in detail_items(patient, vocabulary)
              if item.event_positions}
-    # CODE//5: the reading 3 days before has no value, so the latest value is 12 days before.
-    assert items == {"CODE//5": (162.0, 2), "CODE//7": (0.0, 1), "CODE//9": (None, 0)}
+    # CODE//5: the event 3 days before has no value, so the latest value is the one 12 days before.
+    assert items == {"CODE//5": (4, 2), "CODE//7": (1, 1), "CODE//9": (0, 0)}

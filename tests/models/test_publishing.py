@@ -118,21 +118,21 @@ def test_items_are_described_with_their_answer_variant_and_value() -> None:
     assert describe_token("LOINC//8480-6", described) == "Systolic Blood Pressure"
     assert describe_token("ICD10CM//I21", described) is None
 
-    def item(name: str, value: float | None = None, readings: int = 0) -> dict[str, object]:
-        return {"modality": "ehr", "item": name, "contribution": 0.01, "value": value, "readings": readings}
+    def item(name: str, shown: str | None = None, readings: int = 0) -> dict[str, object]:
+        return {"modality": "ehr", "item": name, "contribution": 0.01, "value_range": shown, "readings": readings}
 
     scores = pl.DataFrame(
         {"subject_id": [1, 2], "top_items": [
-            [item("GENE//APOE//rs429358", 0.0, 1), item("LOINC//8480-6", 162.0, 7), item("note n1")],
+            [item("GENE//APOE//rs429358", "< 0.5", 1), item("LOINC//8480-6", "140 to 160", 7), item("note n1")],
             [item("LOINC//72166-2//SNOMED//77176002"), item("ICD10CM//I21")],
         ]},
         schema={"subject_id": pl.Int64, "top_items": pl.List(pl.Struct(
-            {"modality": pl.String, "item": pl.String, "contribution": pl.Float64, "value": pl.Float64,
+            {"modality": pl.String, "item": pl.String, "contribution": pl.Float64, "value_range": pl.String,
              "readings": pl.Int32}))},
     )
     published = describe_items(scores, codes)
     assert published["top_items"].list.eval(pl.element().struct.field("description")).to_list() == [
-        ["Variant in APOE: rs429358 = 0", "Systolic Blood Pressure = 162 (latest of 7)", "note n1"],
+        ["Variant in APOE: rs429358 < 0.5", "Systolic Blood Pressure 140 to 160, latest of 7", "note n1"],
         ["Tobacco smoking status: Smoker", "ICD10CM//I21"],
     ]
 
