@@ -270,6 +270,17 @@ def _fusion_metrics(path: Path, refused: str) -> dict[str, Any]:
     return fusion
 
 
+VERSION_NAME = re.compile(r"v[0-9]{4,}")
+"""A published version's folder: ``v0001``, ..., ``v9999``, ``v10000``: four digits at least."""
+
+
+def published_versions(task_root: Path) -> list[str]:
+    """A task's published version folders, oldest first (by number: ``v10000`` after ``v9999``)."""
+    names = [p.name for p in task_root.iterdir() if p.is_dir() and VERSION_NAME.fullmatch(p.name)] \
+        if task_root.is_dir() else []
+    return sorted(names, key=lambda name: int(name[1:]))
+
+
 def current_version(root: Path, task: str) -> str | None:
     pointer = root / task / "CURRENT"
     return pointer.read_text().strip() if pointer.is_file() else None
@@ -518,7 +529,7 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
     with _publish_lock(root):
         retire_partial_versions(root, task)
         (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
-        existing = sorted(p.name for p in task_root.glob("v[0-9][0-9][0-9][0-9]"))
+        existing = published_versions(task_root)
         version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
         withdrawn = withdrawals(root, task, frame, patients)
         staging = staging_dir(task_root, f".{version}.")
@@ -613,7 +624,7 @@ def _build_database(root: Path, live_override: dict[str, str] | None = None) -> 
     live: list[pl.DataFrame] = []
     publications: list[dict[str, Any]] = []
     for task_root in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for folder in sorted(task_root.glob("v[0-9][0-9][0-9][0-9]")):
+        for folder in (task_root / name for name in published_versions(task_root)):
             manifest = _read_manifest(folder)
             publications.append({key: manifest[key] for key in PUBLICATION_COLUMNS if key != "lineage"}
                                 | {"lineage": json.dumps(manifest["lineage"], default=str)})

@@ -31,6 +31,7 @@ from models.publishing import (
     describe_token,
     living_patients,
     publish,
+    published_versions,
     quality_shortfalls,
     rebuild_database,
     risk_assessment_id,
@@ -476,3 +477,17 @@ def test_the_lineage_names_the_export_batch_and_model_a_version_came_from(traine
         "model_version": model_version(trained_task.model_dir),
         "training_fingerprint": info.get("training_fingerprint"),
     }
+
+
+def test_versions_go_on_past_v9999(scores: pa.Table, tmp_path: Path) -> None:
+    # Four digits sort by name only up to v9999: the 10,000th publication had picked v10000 again.
+    task_root = tmp_path / "pub" / "synthetic_1y"
+    publish(scores, patients_table(scores), tmp_path / "pub", "synthetic_1y", 365, "death", {})
+    for name in ("v0002", "v9999", "v10000", "v0010"):
+        shutil.copytree(task_root / "v0001", task_root / name)
+    for name in ("vABCD", "v12"):  # not versions
+        (task_root / name).mkdir()
+    assert published_versions(task_root) == ["v0001", "v0002", "v0010", "v9999", "v10000"]
+    publication = publish(scores, patients_table(scores), tmp_path / "pub", "synthetic_1y", 365, "death", {})
+    assert publication.version == "v10001"
+    assert current_version(tmp_path / "pub", "synthetic_1y") == "v10001"
