@@ -1777,8 +1777,10 @@ def _ingest_locked(run: _IngestRun) -> IngestSummary:
         # folder stays, and the next writer finishes the job (remove_leftovers).
         placing = True
         _put_in_place(tables_dir, run.warehouse_dir)
-        # Every table is now this ingest's: a promotion cut short before it no longer matters.
+        # Every table is now this ingest's: a promotion cut short before it no longer matters, and
+        # the batch a promotion put here is no longer what the warehouse holds (lineage names it).
         (run.warehouse_dir / PROMOTING_FILE).unlink(missing_ok=True)
+        (run.warehouse_dir / PROMOTED_BATCH_FILE).unlink(missing_ok=True)
         placing = False
         return summary
     finally:

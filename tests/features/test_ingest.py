@@ -357,7 +357,7 @@ def test_leftovers_of_killed_writers_are_deleted_and_nothing_else(tmp_path: Path
 
 
 def test_promote_warehouse_puts_every_file_of_a_batch_in_place(
-    bulk: tuple[IngestSummary, Path], bundles: tuple[IngestSummary, Path], tmp_path: Path
+    bulk: tuple[IngestSummary, Path], bundles: tuple[IngestSummary, Path], tmp_path: Path, shared_fhir_dir: Path
 ) -> None:
     summary, batch = bulk
     warehouse = tmp_path / "warehouse"
@@ -376,6 +376,10 @@ def test_promote_warehouse_puts_every_file_of_a_batch_in_place(
         assert (warehouse / name).samefile(batch / name), name
     assert pl.read_parquet(warehouse / "patients.parquet").height == 13
     assert IngestSummary.from_json(warehouse / SUMMARY_FILE).landing_dir.endswith("synthea-bulk-10")
+    assert (warehouse / PROMOTED_BATCH_FILE).read_text() == "bulk0\n"
+    # An export ingested into the warehouse directly replaces the batch: lineage must not name it.
+    ingest_landing_zone(shared_fhir_dir / "synthea-bulk-10", warehouse, workers=1, export_time=EXPORT)
+    assert not (warehouse / PROMOTED_BATCH_FILE).exists()
 
 
 def test_promote_warehouse_refuses_an_incomplete_or_unbalanced_batch(
