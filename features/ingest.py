@@ -232,14 +232,26 @@ class IngestSummary:
 
     @classmethod
     def from_json(cls, path: Path) -> IngestSummary:
-        document = orjson.loads(path.read_bytes())
-        document.pop("totals", None)
-        document["export_time"] = datetime.fromisoformat(document["export_time"])
-        fhir_time = document.get("fhir_export_time")
-        document["fhir_export_time"] = datetime.fromisoformat(fhir_time) if fhir_time else None
-        document["files"] = tuple(FileAccount(**account) for account in document["files"])
-        document["manifest_mismatches"] = tuple(document.get("manifest_mismatches", ()))
-        return cls(**document)
+        """Read an ``ingest_summary.json``.
+
+        Raises
+        ------
+        LandingZoneError
+            When the file is not a whole summary as an ingest writes it (cut short by a full disk,
+            edited by hand).
+        """
+        try:
+            document = orjson.loads(path.read_bytes())
+            document.pop("totals", None)
+            document["export_time"] = datetime.fromisoformat(document["export_time"])
+            fhir_time = document.get("fhir_export_time")
+            document["fhir_export_time"] = datetime.fromisoformat(fhir_time) if fhir_time else None
+            document["files"] = tuple(FileAccount(**account) for account in document["files"])
+            document["manifest_mismatches"] = tuple(document.get("manifest_mismatches", ()))
+            return cls(**document)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LandingZoneError(f"{path} is not an ingest summary as cohortcast writes it "
+                                   f"({type(exc).__name__}: {str(exc)[:80]}); ingest again") from None
 
 
 @dataclass
@@ -1907,10 +1919,12 @@ def warehouse_site_timezone(warehouse_dir: Path) -> str:
 
 
 def unsettled_warehouse(warehouse_dir: Path) -> str | None:
-    """Why ``warehouse_dir``'s tables may be of two ingests side by side, or None.
+    """Why ``warehouse_dir``'s tables may be of two ingests side by side, or cannot be read, or None.
 
     An ingest or a promotion puts its files in place one at a time; one cut short there is finished
-    by the next writer of the warehouse, and until then a reader would mix two exports' tables.
+    by the next writer of the warehouse, and until then a reader would mix two exports' tables. A
+    table whose Parquet footer cannot be read (cut short by a copy or a full disk) would stop a
+    reader with a traceback.
     """
     warehouse_dir = Path(warehouse_dir)
     marker = warehouse_dir / PROMOTING_FILE
@@ -1923,6 +1937,15 @@ def unsettled_warehouse(warehouse_dir: Path) -> str | None:
     ):
         return (f"warehouse {warehouse_dir}: an ingest was cut short while it put its tables in place, or is "
                 "doing so; the next ingest or promotion finishes it")
+    for name in warehouse_files():
+        path = warehouse_dir / name
+        if name.endswith(".parquet") and path.is_file():
+            try:
+                pq.read_metadata(path)
+            except (pa.ArrowInvalid, OSError) as exc:
+                # A copy or a disk that cut a table short: its footer is gone.
+                why = str(exc).split(". ")[0][:100]
+                return f"warehouse {warehouse_dir}: {name} cannot be read ({why}); ingest again"
     return None
 
 

@@ -825,3 +825,21 @@ def test_folders_with_glob_characters_in_their_names(shared_fhir_dir: Path, bulk
     summary = ingest_landing_zone(landing, tmp_path / "out [1]", workers=1, export_time=EXPORT)
     assert summary.table_rows == bulk[0].table_rows
     assert ingest.ingest_problems(tmp_path / "out [1]") == []
+
+
+def test_a_damaged_table_or_summary_is_named_not_a_traceback(bulk: tuple[IngestSummary, Path], tmp_path: Path) -> None:
+    warehouse = shutil.copytree(bulk[1], tmp_path / "warehouse")
+    assert ingest.unsettled_warehouse(warehouse) is None
+    events = (warehouse / "events.parquet").read_bytes()
+    (warehouse / "events.parquet").write_bytes(events[:100])
+    reason = ingest.unsettled_warehouse(warehouse)
+    assert reason is not None and reason.startswith(f"warehouse {warehouse}: events.parquet cannot be read (")
+    assert reason.endswith("; ingest again")
+    with pytest.raises(LandingZoneError, match=re.escape(reason)):
+        build_cohort(warehouse, parse_task({"name": "t", "cohort": {"prediction_time": {"fixed": "2016-01-01"}},
+                                            "outcome": {"death": True}, "horizon_days": 365}))
+    summary = warehouse / SUMMARY_FILE
+    summary.write_bytes(summary.read_bytes()[:200])
+    with pytest.raises(LandingZoneError, match=re.escape(f"{summary} is not an ingest summary as cohortcast writes "
+                                                         "it (JSONDecodeError: ")):
+        IngestSummary.from_json(summary)
