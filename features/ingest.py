@@ -43,6 +43,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import gc
+import json
 import multiprocessing
 import os
 import re
@@ -301,11 +302,44 @@ def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
         _write_part(rows_to_table(rows, STAGED_TABLES[table]), folder / f"{part}.arrow")
 
 
-def _parse_line(raw: bytes) -> Any:
-    # orjson rejects blank input and a byte-order mark, so a line it parses needs no other check;
-    # the checks that name what is wrong run only for lines that fail.
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return document
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """A key that some object of the JSON text ``raw`` (which orjson parsed) gives twice, or None."""
     try:
-        return orjson.loads(raw)
+        json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as twice:
+        return twice.key
+    except RecursionError:  # nested deeper than Python recurses (orjson reads 1,024 levels): not searched
+        return None
+    return None
+
+
+def _parse_line(raw: bytes) -> Any:
+    # orjson rejects blank input and a byte-order mark, so a line it parses needs no other check
+    # but one: a key given twice in an object, which orjson resolves silently (the last wins).
+    # The fast path's decoder refuses such lines, so only the few lines read here are searched.
+    # The checks that name what is wrong run only for lines that fail.
+    try:
+        document = orjson.loads(raw)
+        if (twice := _duplicate_key(raw)) is not None:
+            raise RecordError("duplicate_key", f"key {twice!r:.40} appears twice in one object: which value the "
+                                               "source meant is unknown (a subject, a value)")
+        return document
     except orjson.JSONDecodeError as exc:
         if not raw.strip():
             raise RecordError("blank_line", "blank line (NDJSON holds one resource per line)") from None

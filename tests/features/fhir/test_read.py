@@ -629,6 +629,26 @@ def test_a_bundle_entry_nested_deeper_than_orjson_writes(tmp_path: Path) -> None
     assert reject["raw_text"].startswith('{"resourceType": "Condition", "id": "c1"')
 
 
+def test_a_key_given_twice_is_quarantined_not_resolved_silently(tmp_path: Path) -> None:
+    # JSON parsers keep one of the two values (orjson the last): a diagnosis filed under the second
+    # patient, or an Observation read as a Patient, with nothing said.
+    twice_subject = line(condition()).replace(b'"subject":{"reference":"Patient/p1"}',
+                                              b'"subject":{"reference":"Patient/p1"},"subject":{"reference":"Patient/p2"}')
+    twice_type = line(condition(id="c2"))[:-1] + b',"resourceType":"Patient"}'
+    twice_inside = line(condition(id="c3")).replace(b'{"reference":"Patient/p1"}',
+                                                    b'{"reference":"Patient/p1","reference":"Patient/p2"}')
+    summary, quarantine = ingest_lines(tmp_path, twice_subject, twice_type, twice_inside, line(condition(id="c4")))
+    assert summary.balanced and summary.table_rows["conditions"] == 1
+    assert quarantine.sort("record_number").select("record_number", "reason_code", "reason").rows() == [
+        (2, "duplicate_key", "key 'subject' appears twice in one object: which value the source meant is unknown "
+                             "(a subject, a value)"),
+        (3, "duplicate_key", "key 'resourceType' appears twice in one object: which value the source meant is "
+                             "unknown (a subject, a value)"),
+        (4, "duplicate_key", "key 'reference' appears twice in one object: which value the source meant is unknown "
+                             "(a subject, a value)"),
+    ]
+
+
 def test_cached_date_errors_name_each_field() -> None:
     # Parsed dates are cached by their text; the reason still names the field each time.
     from features.fhir.validate import RecordError, parse_datetime
