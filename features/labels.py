@@ -194,8 +194,11 @@ def build_labels(
     death = (after.filter(pl.col("code") == DEATH_CODE).group_by("subject_id")
              .agg(pl.col("time").min().alias("death_time")))
     outcome_codes = list(task.outcome.codes) + ([DEATH_CODE] if task.outcome.death else [])
-    first_event = (after.filter(pl.col("code").is_in(outcome_codes)).group_by("subject_id")
-                   .agg(pl.col("time").min().alias("event_time")))
+    # An outcome dated only by the index day may be the one the patient came in with: history, not
+    # an outcome (as exclusions and treatment starts read it, features.cohorts.happened_by).
+    first_event = (after.filter(pl.col("code").is_in(outcome_codes)
+                                & ~happened_by(pl.col("time"), pl.col("prediction_time"), task.site_timezone))
+                   .group_by("subject_id").agg(pl.col("time").min().alias("event_time")))
 
     table = (
         index.join(last_record, on="subject_id", how="left")
@@ -203,6 +206,14 @@ def build_labels(
         .join(first_event, on="subject_id", how="left")
         .join(after_last, on="subject_id", how="left")
         .join(last_before, on="subject_id", how="left")
+        .with_columns(
+            # An outcome dated only by the day of a timed death (stored at the day's last instant)
+            # happened by the death, not after it: read at the death, it is not lost to the end of
+            # follow-up, and a death that is not the outcome does not make the patient a negative.
+            pl.when((pl.col("event_time") > pl.col("death_time"))
+                    & happened_by(pl.col("event_time"), pl.col("death_time"), task.site_timezone))
+            .then(pl.col("death_time")).otherwise(pl.col("event_time")).alias("event_time")
+        )
         .with_columns(
             # Without a record after the prediction time, the last one before it (the index visit for
             # an index-visit cohort). Follow-up that ended before the prediction time is none at all.
@@ -299,6 +310,14 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
                      & happened_by(pl.col("time"), days_after(treatment.window_end_days), zone))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
     )
+    # A start after the prediction time but before the window opens (a window starting at 7 days
+    # to leave out early, reverse-caused prescriptions): on the drug, so never untreated; nor
+    # treated by a refill inside the window, since the design leaves such early starts out.
+    early = (
+        codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"), zone)
+                     & (pl.col("time") < days_after(treatment.window_start_days)))
+        .select("subject_id").unique().with_columns(pl.lit(True).alias("early"))
+    )
     # ... and a code at the prediction time itself makes a prevalent user: the washout is
     # [prediction time - washout_days, prediction time], so a washout of 0 days catches only that.
     prevalent = (
@@ -313,6 +332,7 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
                           .then(pl.min_horizontal("last_time", "end_time")) - pl.col("prediction_time"))
     return (
         table.join(started, on="subject_id", how="left")
+        .join(early, on="subject_id", how="left")
         .join(prevalent, on="subject_id", how="left")
         .with_columns(pl.col("prevalent").fill_null(False))
         .with_columns(
@@ -324,6 +344,8 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
             # Records stop within the grace period (or there are none after the prediction time): the
             # follow_up_after_last_record extension is imputed, and says nothing of a start unseen.
             .when(observed_days.is_null() | (observed_days <= treatment.window_end_days)).then(None)
+            # Started before the window, whatever the window holds then (a refill is no new start).
+            .when(pl.col("early").fill_null(False)).then(None)
             .otherwise(pl.col("started").fill_null(False))
             .alias("treated")
         )

@@ -364,7 +364,9 @@ def test_the_review_tie_case_makes_a_prevalent_user() -> None:
 
 def test_grace_window_bounds_count_codes_after_the_prediction_time() -> None:
     # Window [5, 30]: a start is a code at least 5 and at most 30 days after the prediction time
-    # (both bounds included); one on day 4, or a minute past day 30, is not a start.
+    # (both bounds included); one on day 4 is an early start the design leaves out, so no arm
+    # (they were untreated), even with a refill inside the window (patient 5); one a minute past
+    # day 30 is not a start.
     events = events_frame([
         *[(sid, day(0), VISIT, None, None, "ehr") for sid in range(1, 5)],
         *[(sid, day(400), VISIT, None, None, "ehr") for sid in range(1, 5)],
@@ -372,11 +374,13 @@ def test_grace_window_bounds_count_codes_after_the_prediction_time() -> None:
         (2, day(5), DRUG, None, None, "ehr"),
         (3, day(30), DRUG, None, None, "ehr"),
         (4, day(30) + timedelta(minutes=1), DRUG, None, None, "ehr"),
+        (5, day(0), VISIT, None, None, "ehr"), (5, day(400), VISIT, None, None, "ehr"),
+        (5, day(2), DRUG, None, None, "ehr"), (5, day(20), DRUG, None, None, "ehr"),
     ])
-    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [T0] * 4})
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4, 5], "prediction_time": [T0] * 5})
     labels, counts = build_labels(events, cohort, new_user_task(window_days=[5, 30]))
-    assert_frame_equal(labels, arm_frame([False, True, True, False], [False] * 4, [False] * 4, [400.0] * 4))
-    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (2, 2, 0, 0)
+    assert_frame_equal(labels, arm_frame([None, True, True, False, None], [False] * 5, [False] * 5, [400.0] * 5))
+    assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (2, 1, 0, 2)
 
 
 def test_the_arm_needs_observed_follow_up_beyond_the_grace_period() -> None:
@@ -622,3 +626,23 @@ def test_a_date_only_record_on_the_index_day_is_history_for_exclusions_and_treat
     assert labels.select("subject_id", "boolean_value", "event", "treated", "prevalent_user").rows() == [
         (1, True, True, None, False), (2, True, True, None, False), (3, False, False, True, False),
         (4, False, False, True, False)]
+
+
+def test_an_outcome_dated_only_by_the_index_day_is_history_and_one_dated_by_the_death_day_counts() -> None:
+    # Stored at the last instant of their day: an MI dated only by the index visit's day may be the
+    # one the patient came in with (history, as exclusions and treatment starts read it: once a
+    # positive 0.6 days in); one dated only by the day of a timed death happened by the death (it
+    # had fallen after the end of follow-up, and the death, not the outcome, made a negative).
+    end_of = lambda when: when.replace(hour=23, minute=59, second=59, microsecond=999999)  # noqa: E731
+    events = events_frame([
+        *[(sid, day(0), VISIT, None, None, "ehr") for sid in range(1, 4)],
+        *[(sid, day(400), VISIT, None, None, "ehr") for sid in (1, 3)],
+        (1, end_of(day(0)), MI, None, None, "ehr"),
+        (2, day(100) + timedelta(hours=10), "MEDS_DEATH", None, None, "ehr"),
+        (2, end_of(day(100)), MI, None, None, "ehr"),
+        (3, day(200), MI, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [T0] * 3})
+    labels, _ = build_labels(events, cohort, new_user_task())
+    assert labels.select("subject_id", "boolean_value", "event", "duration_days").rows() == [
+        (1, False, False, 400.0), (2, True, True, pytest.approx(100 + 10 / 24)), (3, True, True, 200.0)]
