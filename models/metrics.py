@@ -409,3 +409,20 @@ def paired_concordance_difference(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(gained[1:][drawn] / pairs[1:][drawn], [tail, 1.0 - tail])
     return float(gained[0] / pairs[0]), float(low), float(high)
+
+
+def auroc_interval(y: npt.ArrayLike, risk: npt.ArrayLike, sample_weight: npt.ArrayLike | None = None,
+                   n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """The (weighted) AUROC of :func:`auroc` with a percentile bootstrap interval: a subgroup's
+    AUROC from a few dozen cases spans tenths (0.46 to 0.91 with 10 cases and 10 controls), which a
+    bare figure hides. Computed as the paired difference against a constant score, whose AUROC is
+    0.5 (:func:`paired_concordance_difference`).
+
+    Returns
+    -------
+    (auroc, low, high)
+    """
+    n = np.asarray(y).size
+    difference, low, high = paired_concordance_difference(y, risk, np.zeros(n), n_resamples=n_resamples, level=level,
+                                                          seed=seed, sample_weight=sample_weight)
+    return 0.5 + difference, 0.5 + low, 0.5 + high

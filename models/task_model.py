@@ -61,6 +61,7 @@ from models.fusion import MODALITIES, FusionConfig, FusionForRiskPrediction, sur
 from models.metrics import (
     auprc,
     auroc,
+    auroc_interval,
     brier,
     calibration_error_if_calibrated,
     calibration_slope,
@@ -308,7 +309,9 @@ def evaluate(model: FusionForRiskPrediction, calibrator: PlattCalibrator, data: 
         fusion[f"subgroup_{name}_labelled"], fusion[f"subgroup_{name}_cases"] = labelled, cases
         # An AUROC from a handful of cases is noise (one case gives 0 or 1): not reported.
         if min(cases, labelled - cases) >= MIN_SUBGROUP_CASES:
-            fusion[f"auroc_{name}"] = auroc(labels["risk_label"][sub], p.risk[sub], weights[sub])
+            (fusion[f"auroc_{name}"], fusion[f"auroc_{name}_low"],
+             fusion[f"auroc_{name}_high"]) = auroc_interval(labels["risk_label"][sub], p.risk[sub], weights[sub],
+                                                           n_resamples=COMPARISON_RESAMPLES, seed=seed)
     models: dict[str, dict[str, float]] = {"fusion": fusion}
     effects: dict[str, np.ndarray] = {"fusion": p.treatment_effect}
     matrices = _InputMatrices(data)
@@ -353,6 +356,16 @@ def compare_with_fusion(scores: dict[str, Scores], labels: dict[str, np.ndarray]
             row.update(harrell_c_difference=d, harrell_c_difference_low=low, harrell_c_difference_high=high)
         out[name] = row
     return out
+
+
+def _subgroup_auroc_cells(fusion: dict[str, Any], name: str) -> str:
+    """A subgroup's AUROC and interval cells of the model card (metrics written before the
+    intervals were computed have the AUROC alone)."""
+    if f"auroc_{name}" not in fusion:
+        return "too few to tell | "
+    if f"auroc_{name}_low" not in fusion:
+        return f"{fusion[f'auroc_{name}']:.3f} | not computed"
+    return f"{fusion[f'auroc_{name}']:.3f} | {fusion[f'auroc_{name}_low']:.3f} to {fusion[f'auroc_{name}_high']:.3f}"
 
 
 MIN_SUBGROUP_CASES = 10
@@ -1071,11 +1084,11 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
               if k.startswith("subgroup_") and k.endswith("_labelled")]
     lines += ["", "## AUROC by subgroup", "",
               f"Held-out patients with a known outcome; an AUROC is given where a subgroup has at least "
-              f"{MIN_SUBGROUP_CASES} cases and {MIN_SUBGROUP_CASES} controls.", "",
-              "| subgroup | patients | cases | AUROC |", "| --- | --- | --- | --- |"]
+              f"{MIN_SUBGROUP_CASES} cases and {MIN_SUBGROUP_CASES} controls, with its 95 % bootstrap interval: "
+              "two subgroups whose intervals overlap widely are not shown to differ.", "",
+              "| subgroup | patients | cases | AUROC | 95 % interval |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {fusion[f'subgroup_{name}_labelled']} | {fusion[f'subgroup_{name}_cases']} | "
-              + (f"{fusion[f'auroc_{name}']:.3f}" if f"auroc_{name}" in fusion else "too few to tell") + " |"
-              for name in groups]
+              f"{_subgroup_auroc_cells(fusion, name)} |" for name in groups]
     lines += [
         "",
         "## Limits",

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from models.metrics import (
     auroc,
+    auroc_interval,
     brier,
     calibration_error_if_calibrated,
     calibration_slope,
@@ -189,3 +191,18 @@ def test_policy_value_refuses_what_it_cannot_estimate() -> None:
         policy_value(effect, [1, 0, 1], [1.0, np.nan, 0.0], propensity)
     with pytest.raises(ValueError, match="estimated effects and propensities must be finite"):
         policy_value(effect, [1, 0, 1], y, [0.5, np.nan, 0.5])
+
+
+def test_auroc_interval_is_the_weighted_auroc_with_a_bootstrap_interval() -> None:
+    rng = np.random.default_rng(1)
+    n = 300
+    y = rng.random(n) < 0.2
+    risk = rng.random(n) + 0.3 * y
+    weights = rng.uniform(0.5, 2.0, n)
+    value, low, high = auroc_interval(y, risk, weights, n_resamples=500)
+    assert value == pytest.approx(roc_auc_score(y, risk, sample_weight=weights), abs=1e-12)
+    assert low < value < high
+    # The spread of AUROCs of resampled patients, computed directly.
+    draws = [rng.integers(0, n, n) for _ in range(500)]
+    direct = np.quantile([roc_auc_score(y[d], risk[d], sample_weight=weights[d]) for d in draws], [0.025, 0.975])
+    assert abs(low - direct[0]) < 0.02 and abs(high - direct[1]) < 0.02

@@ -121,8 +121,14 @@ def test_subgroup_aurocs_are_reported_only_with_enough_cases_and_controls(traine
     for group in groups:
         labelled, cases = fusion[f"subgroup_{group}_labelled"], fusion[f"subgroup_{group}_cases"]
         enough = min(cases, labelled - cases) >= MIN_SUBGROUP_CASES
-        assert (f"auroc_{group}" in fusion) == enough, group
-        shown = f"{fusion[f'auroc_{group}']:.3f}" if enough else "too few to tell"
+        assert (f"auroc_{group}" in fusion) == (f"auroc_{group}_low" in fusion) == enough, group
+        if enough:
+            # A bootstrap interval around the subgroup's AUROC: with tens of cases it spans tenths.
+            low, value, high = (fusion[f"auroc_{group}{end}"] for end in ("_low", "", "_high"))
+            assert low < value < high and high - low > 0.05
+            shown = f"{value:.3f} | {low:.3f} to {high:.3f}"
+        else:
+            shown = "too few to tell | "
         assert f"| {group} | {labelled} | {cases} | {shown} |" in card
         reported += enough
     assert 0 < reported < len(groups)  # the tiny held-out split has both kinds
