@@ -195,9 +195,11 @@ def build_labels(
              .agg(pl.col("time").min().alias("death_time")))
     outcome_codes = list(task.outcome.codes) + ([DEATH_CODE] if task.outcome.death else [])
     # An outcome dated only by the index day may be the one the patient came in with: history, not
-    # an outcome (as exclusions and treatment starts read it, features.cohorts.happened_by).
+    # an outcome (as exclusions and treatment starts read it, features.cohorts.happened_by). A death
+    # is the exception: the patient was alive at the visit, so a death dated that day came after it.
     first_event = (after.filter(pl.col("code").is_in(outcome_codes)
-                                & ~happened_by(pl.col("time"), pl.col("prediction_time"), task.site_timezone))
+                                & ((pl.col("code") == DEATH_CODE)
+                                   | ~happened_by(pl.col("time"), pl.col("prediction_time"), task.site_timezone)))
                    .group_by("subject_id").agg(pl.col("time").min().alias("event_time")))
 
     table = (

@@ -646,3 +646,23 @@ def test_an_outcome_dated_only_by_the_index_day_is_history_and_one_dated_by_the_
     labels, _ = build_labels(events, cohort, new_user_task())
     assert labels.select("subject_id", "boolean_value", "event", "duration_days").rows() == [
         (1, False, False, 400.0), (2, True, True, pytest.approx(100 + 10 / 24)), (3, True, True, 200.0)]
+
+
+def test_a_death_dated_only_by_the_index_day_is_the_outcome_of_a_mortality_task() -> None:
+    # The patient was alive at the visit: a death dated only by its day (a deceasedDateTime given as
+    # a date) happened after it, unlike a diagnosis dated that day, which may be what brought them in.
+    end_of = lambda when: when.replace(hour=23, minute=59, second=59, microsecond=999999)  # noqa: E731
+    events = events_frame([
+        *[(sid, day(0), VISIT, None, None, "ehr") for sid in (1, 2, 3)],
+        (1, end_of(day(0)), "MEDS_DEATH", None, None, "ehr"),
+        (2, day(0.5), "MEDS_DEATH", None, None, "ehr"),
+        (3, day(400), VISIT, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [T0] * 3})
+    mortality = task(outcome={"death": True}, follow_up_after_last_record=0, follow_up_end="2024-12-31",
+                     treatment=None)
+    labels, counts = build_labels(events, cohort, mortality)
+    assert labels.select("subject_id", "boolean_value", "event", "duration_days").rows() == [
+        (1, True, True, pytest.approx(15 / 24)),  # the day's last instant, from 09:00
+        (2, True, True, 0.5), (3, False, False, 400.0)]
+    assert counts.positive == 2
