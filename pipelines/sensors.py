@@ -137,17 +137,20 @@ def _newest_change(folder: Path, but: Path | None = None, clock: str = "st_mtime
 
 ENDED_RUNS = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS)
 """A batch whose latest ingest ended so is ingested again once its folder changes and lands again:
-a failed one (a copy cut short fails its checks), and a successful one (a copy that paused longer
-than the quiet period was ingested half-copied, or the export was sent again, corrected, under the
-same name). A canceled run is not: an operator canceled it, and re-executes it when the batch
+a failed one (a copy cut short fails its checks), and a successful one while no newer batch is
+ingested (a copy that paused longer than the quiet period was ingested half-copied, or the export
+was sent again, corrected, under the same name). A canceled run is not: an operator canceled it, and re-executes it when the batch
 should go in; nor is one still running, whose batch is looked at again once it ends."""
 
 
-def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float) -> str | None:
+def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float,
+                     ingested: set[str]) -> str | None:
     """A run key to ingest a known batch again, or None.
 
     Its latest ``ingested_batch`` run ended (:data:`ENDED_RUNS`: failed for any cause, a check of
-    its tables, a lost run worker, a run that never launched; or succeeded), and the folder has
+    its tables, a lost run worker, a run that never launched; or succeeded while no batch newer
+    than it is among ``ingested``: a batch superseded so would never be promoted, and its copy,
+    which the promotion of the newer one deleted, would be written again for nothing), and the folder has
     changed since that run was created (what it read) and has landed again. A batch whose copy was
     cut short fails its checks (a file of its manifest missing, say), or passes them when the
     manifest is absent and the Patient file came first; its partition exists by then, and its first
@@ -158,6 +161,8 @@ def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now
     """
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
     if not runs or runs[0].status not in ENDED_RUNS:
+        return None
+    if runs[0].status == dg.DagsterRunStatus.SUCCESS and any(is_batch_name(name) and name > batch for name in ingested):
         return None
     record = instance.get_run_record_by_id(runs[0].run_id)
     try:
@@ -182,8 +187,9 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     now = time.time()
     ready = [name for name in fresh if batch_landed(workspace.batches_dir / name, now)]
     recent = [name for name in batch_names(workspace.batches_dir) if name in known][-RETRIED_BATCHES:]
+    ingested = context.instance.get_materialized_partitions(ingested_batch.key) if recent else set()
     again = [(name, key) for name in recent
-             if (key := ingest_again_key(context.instance, name, workspace.batches_dir / name, now))]
+             if (key := ingest_again_key(context.instance, name, workspace.batches_dir / name, now, ingested))]
     strays = stray_batch_entries(workspace.batches_dir)
     stray_note = (f"left alone, not batches (a batch is a folder, whose name starts with a digit, its landing date "
                   f"or time, such as 2024-06-01, and holds only letters, digits and . _ - : +; unpack an archive "

@@ -575,6 +575,13 @@ def test_a_batch_ingested_half_copied_is_ingested_again_when_the_rest_arrives(sm
         assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
         assert ingest() > half
         assert tick() == []
+        # Once a newer batch is ingested, this one is never promoted again: a change of its folder
+        # (a chmod by a backup tool) ingests nothing.
+        instance.report_runless_asset_event(dg.AssetMaterialization(ingested_batch.key, partition="2024-06-02"))
+        time.sleep(0.01)
+        (batch / "fhir" / "late.ndjson").write_bytes(b"")
+        age(batch, LANDING_QUIET_SECONDS + 60)
+        assert tick() == []
 
 
 def test_a_promotion_whose_old_copies_cannot_be_deleted_still_succeeds(
