@@ -43,7 +43,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import gc
-import json
 import multiprocessing
 import os
 import re
@@ -73,14 +72,16 @@ from features.fhir.read import (
     RawRecord,
     RawReject,
     ReadUnit,
+    doubled_key_reason,
     fetch_raw,
     fhir_kind,
     iter_gzip_blocks,
     iter_unit,
+    may_give_a_key_twice,
     plan_units,
     read_ndjson_range,
 )
-from features.fhir.specs import CODED_TABLES, is_r4_resource_type
+from features.fhir.specs import CODED_TABLES, TABLE_OF_TYPE, is_r4_resource_type
 from features.fhir.validate import SITE_ZONE, RecordError, json_text, parse_datetime, site_zone, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file, usual_embedding_length
@@ -302,44 +303,12 @@ def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
         _write_part(rows_to_table(rows, STAGED_TABLES[table]), folder / f"{part}.arrow")
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) < len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return document
-
-
-def _duplicate_key(raw: bytes) -> str | None:
-    """A key that some object of the JSON text ``raw`` (which orjson parsed) gives twice, or None."""
-    try:
-        json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as twice:
-        return twice.key
-    except RecursionError:  # nested deeper than Python recurses (orjson reads 1,024 levels): not searched
-        return None
-    return None
-
-
 def _parse_line(raw: bytes) -> Any:
     # orjson rejects blank input and a byte-order mark, so a line it parses needs no other check
-    # but one: a key given twice in an object, which orjson resolves silently (the last wins).
-    # The fast path's decoder refuses such lines, so only the few lines read here are searched.
+    # (a key given twice is searched for once the type is known: _check_doubled_keys).
     # The checks that name what is wrong run only for lines that fail.
     try:
-        document = orjson.loads(raw)
-        if (twice := _duplicate_key(raw)) is not None:
-            raise RecordError("duplicate_key", f"key {twice!r:.40} appears twice in one object: which value the "
-                                               "source meant is unknown (a subject, a value)")
-        return document
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if not raw.strip():
             raise RecordError("blank_line", "blank line (NDJSON holds one resource per line)") from None
@@ -358,6 +327,18 @@ def _parse_line(raw: bytes) -> Any:
             raise RecordError("invalid_json", "line holds NaN, Inf or Infinity, which JSON does not allow") from None
         message = str(exc).split(":", 1)[0]
         raise RecordError("invalid_json", f"line is not valid JSON ({message}; truncated or malformed)") from None
+
+
+def _check_doubled_keys(raw: bytes, resource: dict[str, Any], rt: str) -> None:
+    """Refuse a line that gives a key twice in an object, which orjson resolves silently (the last
+    value wins). The fast path's decoder refuses such lines, so only lines read one by one are
+    searched: those of the types the pipeline reads, and those naming a second resource type (the
+    line may be a Condition that a second ``resourceType`` made unused); the others are kept as
+    their own text."""
+    if (rt in TABLE_OF_TYPE or raw.count(b'"resourceType"') > 1) and may_give_a_key_twice(raw, resource):
+        reason = doubled_key_reason(raw)
+        if reason is not None:
+            raise RecordError("duplicate_key", reason)
 
 
 def _resource_type(resource: Any) -> str:
@@ -508,7 +489,9 @@ def _read_records(
         resource: Any = None
         try:
             resource = _parse_line(record.raw) if record.parsed is None else record.parsed
-            _resource_type(resource)
+            resource_type = _resource_type(resource)
+            if record.parsed is None:
+                _check_doubled_keys(record.raw, resource, resource_type)
             origin.record_number = record.number
             origin.full_urls = record.full_urls
             # The pipeline's own checks first: their reasons name the value and the rule (a date

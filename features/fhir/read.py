@@ -14,6 +14,8 @@ read them in parallel with bounded memory; record numbers stay the file's own li
 from __future__ import annotations
 
 import gzip
+import json
+import re
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -228,6 +230,111 @@ def _iter_gzip(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             yield from _split_lines(block[1], block[0])
 
 
+class _DoubledObject(dict[str, Any]):
+    """A JSON object that gave the key ``doubled`` twice (holding the last value, as orjson does)."""
+
+    doubled: str
+
+
+def _marking_doubled_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) == len(pairs):
+        return document
+    marked = _DoubledObject(document)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.doubled = key
+            break
+        seen.add(key)
+    return marked
+
+
+def _first_doubled(value: Any, where: str) -> tuple[str, str] | None:
+    """The first key given twice in ``value`` (parsed with :func:`_marking_doubled_keys`) and the
+    path of the object that gives it (``subject``, ``component[1].valueQuantity``), or None."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _DoubledObject):
+            return item.doubled, path
+        if isinstance(item, dict):
+            stack.extend(reversed([(v, f"{path}.{k}" if path else k) for k, v in item.items()]))
+        elif isinstance(item, list):
+            stack.extend(reversed([(v, f"{path}[{i}]") for i, v in enumerate(item)]))
+    return None
+
+
+def _doubled_reason(key: str, where: str) -> str:
+    return (f"key {key!r:.40} appears twice in {where}: which of its values the source meant is unknown "
+            "(a JSON reader silently keeps one)")
+
+
+def parse_marking_doubled_keys(data: bytes) -> tuple[Any, bool]:
+    """JSON text parsed with every object that gives a key twice marked, and whether there was one.
+
+    orjson, like most JSON readers, keeps the last of two values of a key without a word: a
+    diagnosis filed under the second of two ``subject`` references, an Observation read as a
+    Patient. Python's own reader shows the pairs, at about twice orjson's time, so this runs only on
+    text that :func:`may_give_a_key_twice` picks out. Text nested deeper than Python recurses
+    (orjson reads 1,024 levels) is not searched: ``(None, False)``.
+    """
+    found = False
+
+    def mark(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        document = _marking_doubled_keys(pairs)
+        found = found or isinstance(document, _DoubledObject)
+        return document
+
+    try:
+        return json.loads(data, object_pairs_hook=mark), found
+    except RecursionError:
+        return None, False
+
+
+_SPACED_KEY_END = re.compile(rb'"[ \t\r\n]+:')
+
+
+def _key_ends(text: bytes) -> int:
+    """How many times a quote is followed by a colon in JSON text: once per object key, and for
+    the rare string that holds an escaped quote before a colon."""
+    return text.count(b'":') + len(_SPACED_KEY_END.findall(text))
+
+
+def may_give_a_key_twice(data: bytes, document: Any) -> bool:
+    """A cheap screen for :func:`parse_marking_doubled_keys`: whether the JSON text ``data`` may
+    give a key twice in an object. ``document`` is what orjson read from it, one value per key, so
+    its rewrite holds fewer key ends than the text when a key was given twice (or, rarely, when a
+    string holds a quote and then spaces before a colon; the search then finds nothing). A string
+    that writes a quote before a colon as ``\\u0022`` adds one to the rewrite and could hide a key
+    given twice elsewhere in the same text. About a tenth of the search's time."""
+    try:
+        rewritten = orjson.dumps(document)
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels): searched
+        return True
+    return _key_ends(data) > rewritten.count(b'":')  # orjson writes no space before a colon
+
+
+def doubled_key_reason(data: bytes) -> str | None:
+    """A one-line reason naming a key that an object of the JSON text ``data`` gives twice (and the
+    object's path in the resource), or None when there is none."""
+    document, found = parse_marking_doubled_keys(data)
+    doubled = _first_doubled(document, "") if found else None
+    return None if doubled is None else _doubled_reason(doubled[0], doubled[1] or "the resource")
+
+
+def _doubled_entry_reasons(bundle: dict[str, Any]) -> dict[int, str]:
+    """The reason per entry number for the entries of a marked Bundle that give a key twice."""
+    entries = bundle.get("entry")
+    reasons: dict[int, str] = {}
+    for index, entry in enumerate(entries if isinstance(entries, list) else [], start=1):
+        doubled = _first_doubled(entry, "")
+        if doubled is not None:
+            reasons[index] = f"Bundle entry {index}: " + _doubled_reason(doubled[0], doubled[1] or "the entry")
+    return reasons
+
+
 def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
     try:
         data = Path(unit.path).read_bytes()
@@ -249,9 +356,17 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             0, preview, "not_object", f"file holds a JSON {type(document).__name__}, not a Bundle or resource"
         )
         return
+    marked, has_doubled = parse_marking_doubled_keys(data) if may_give_a_key_twice(data, document) else (None, False)
     if document.get("resourceType") != "Bundle":
-        yield RawRecord(1, data, document)
+        doubled = _first_doubled(marked, "") if has_doubled else None
+        yield (RawRecord(1, data, document) if doubled is None
+               else RawReject(1, preview, "duplicate_key", _doubled_reason(doubled[0], doubled[1] or "the resource")))
         return
+    if isinstance(marked, _DoubledObject):
+        # A second ``entry`` list, say, would hide every resource of the first.
+        yield RawReject(0, preview, "duplicate_key", _doubled_reason(marked.doubled, "the Bundle"))
+        return
+    entry_doubled = _doubled_entry_reasons(marked) if has_doubled and isinstance(marked, dict) else {}
     bundle_type = document.get("type")
     entries = document.get("entry", [])
     if not isinstance(bundle_type, str) or bundle_type not in BUNDLE_TYPES or not isinstance(entries, list):
@@ -289,6 +404,9 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
                 else "is not an object with a resource object"
             )
             yield RawReject(index, raw, "no_resource", f"Bundle entry {index} {what}")
+            continue
+        if index in entry_doubled:
+            yield RawReject(index, json_text(entry).decode("utf-8", "replace"), "duplicate_key", entry_doubled[index])
             continue
         yield RawRecord(index, b"", entry["resource"], full_urls)
 

@@ -637,16 +637,62 @@ def test_a_key_given_twice_is_quarantined_not_resolved_silently(tmp_path: Path) 
     twice_type = line(condition(id="c2"))[:-1] + b',"resourceType":"Patient"}'
     twice_inside = line(condition(id="c3")).replace(b'{"reference":"Patient/p1"}',
                                                     b'{"reference":"Patient/p1","reference":"Patient/p2"}')
-    summary, quarantine = ingest_lines(tmp_path, twice_subject, twice_type, twice_inside, line(condition(id="c4")))
-    assert summary.balanced and summary.table_rows["conditions"] == 1
+    # A Condition made a Claim (a type the pipeline keeps as its text) by a second resourceType.
+    made_unused = line(condition(id="c5"))[:-1] + b',"resourceType":"Claim"}'
+    # A Claim is kept as its own text, both values in it: not searched.
+    claim = b'{"resourceType":"Claim","id":"x1","status":"active","status":"draft"}'
+    summary, quarantine = ingest_lines(tmp_path, twice_subject, twice_type, twice_inside, line(condition(id="c4")),
+                                       made_unused, claim)
+    assert summary.balanced and summary.table_rows["conditions"] == 1 and summary.table_rows["raw_unknown"] == 1
+    unknown = "which of its values the source meant is unknown (a JSON reader silently keeps one)"
     assert quarantine.sort("record_number").select("record_number", "reason_code", "reason").rows() == [
-        (2, "duplicate_key", "key 'subject' appears twice in one object: which value the source meant is unknown "
-                             "(a subject, a value)"),
-        (3, "duplicate_key", "key 'resourceType' appears twice in one object: which value the source meant is "
-                             "unknown (a subject, a value)"),
-        (4, "duplicate_key", "key 'reference' appears twice in one object: which value the source meant is unknown "
-                             "(a subject, a value)"),
+        (2, "duplicate_key", f"key 'subject' appears twice in the resource: {unknown}"),
+        (3, "duplicate_key", f"key 'resourceType' appears twice in the resource: {unknown}"),
+        (4, "duplicate_key", f"key 'reference' appears twice in subject: {unknown}"),
+        (6, "duplicate_key", f"key 'resourceType' appears twice in the resource: {unknown}"),
     ]
+
+
+def test_a_key_given_twice_in_a_bundle_or_a_single_resource_file_is_quarantined(tmp_path: Path) -> None:
+    observation = {"resourceType": "Observation", "id": "o1", "status": "final",
+                   "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2020-01-02",
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                   "component": [{"code": {"text": "a"}, "valueQuantity": {"value": 1}},
+                                 {"code": {"text": "b"}, "valueQuantity": {"value": 2}}]}
+    entries = bundle("collection", [{"resource": PATIENT}, {"resource": condition()}, {"resource": observation}])
+    twice_in_entries = (entries.replace(b'"subject":{"reference":"Patient/p1"}',
+                                        b'"subject":{"reference":"Patient/p1"},"subject":{"reference":"Patient/p2"}', 1)
+                        .replace(b'"value":2', b'"value":2,"value":200'))
+    # A second entry list would hide every resource of the first: the whole file is one row.
+    twice_entry_list = bundle("collection", [{"resource": PATIENT}])[:-1] + b',"entry":[]}'
+    single = line(condition(id="c9")).replace(b'"code":"44054006"', b'"code":"44054006","code":"38341003"')
+    summary, quarantine = ingest_files(tmp_path, {"a.json": twice_in_entries, "b.json": twice_entry_list,
+                                                  "c.json": single})
+    unknown = "which of its values the source meant is unknown (a JSON reader silently keeps one)"
+    assert quarantine.sort("source_file", "record_number").select(
+        "source_file", "record_number", "reason_code", "reason").rows() == [
+        ("fhir/a.json", 2, "duplicate_key", f"Bundle entry 2: key 'subject' appears twice in resource: {unknown}"),
+        ("fhir/a.json", 3, "duplicate_key",
+         f"Bundle entry 3: key 'value' appears twice in resource.component[1].valueQuantity: {unknown}"),
+        ("fhir/b.json", 0, "duplicate_key", f"key 'entry' appears twice in the Bundle: {unknown}"),
+        ("fhir/c.json", 1, "duplicate_key", f"key 'code' appears twice in code.coding[0]: {unknown}"),
+    ]
+    assert summary.table_rows["patients"] == 1 and summary.table_rows["observations"] == 0
+    assert summary.balanced and (summary.records_in, summary.quarantined) == (5, 4)
+
+
+@pytest.mark.parametrize(("text", "screened"), [
+    (b'{"a":1,"b":{"c":"x"}}', False),
+    (b'{\n  "a" : 1,\n  "b":\t{"c": "say \\"no\\": fine"}\n}', False),  # spaced; a quote and colon in a string
+    (b'{"a":1,"a":2}', True),
+    (b'{"a" :1,\n"b":{"c":1, "c" : 2}}', True),
+    (b'{"note":"\\"  :"}', True),  # a quote, spaces, a colon in a string: searched, nothing found
+])
+def test_the_screen_for_keys_given_twice(text: bytes, screened: bool) -> None:
+    from features.fhir.read import doubled_key_reason, may_give_a_key_twice
+
+    assert may_give_a_key_twice(text, orjson.loads(text)) is screened
+    assert (doubled_key_reason(text) is not None) is (screened and b'"note"' not in text)
 
 
 def test_cached_date_errors_name_each_field() -> None:
