@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 
 from features.errors import TrainingDataError
 from features.schemas import SCORES
-from models.scoring import RiskTiers, model_version, score_task, vocabulary_fingerprint
+from models.scoring import RiskTiers, model_version, score_task, value_range, vocabulary_fingerprint
 from models.task_model import ModelFolderError
 from tests.models.conftest import TrainedTask
 
@@ -182,3 +182,21 @@ def test_bf16_scoring_keeps_risks_apart(trained_task: TrainedTask) -> None:
     float32 = score_task(trained_task.model_dir, trained_task.task_dir, "synthetic_1y", RiskTiers(),
                          with_explanations=False, bf16=False).column("risk").to_numpy()
     assert np.abs(risk - float32).max() < 0.01
+
+
+def test_value_ranges_name_the_bins_the_tokenizer_gives() -> None:
+    # An explanation's "Systolic 140 to 160" must be the bin its readings fell in: a value on an
+    # edge belongs to the bin above it, and a token without edges (or an event without a value) has none.
+    from features.tokenize import EventTokenizer
+
+    tokenizer = EventTokenizer()
+    tokenizer.bin_edges_ = {"LOINC//x": [0.5, 1.5]}
+    seen = pl.DataFrame({"token": ["LOINC//x"] * 6 + ["LOINC//y"],
+                         "numeric_value": [0.2, 0.5, 1.0, 1.5, 3.0, None, 7.0]})
+    bins = tokenizer._bins(seen)
+    assert bins.tolist() == [1, 2, 2, 3, 3, 0, 0]
+    ranges = [value_range(tokenizer.bin_edges_.get(token, []), int(b))
+              for token, b in zip(seen["token"], bins, strict=True)]
+    assert ranges == ["< 0.5", "0.5 to 1.5", "0.5 to 1.5", ">= 1.5", ">= 1.5", None, None]
+    assert value_range([120.0, 140.0, 160.0], 3) == "140 to 160"
+    assert value_range([0.000123456, 2.5e6], 2) == "0.0001235 to 2.5e+06"
