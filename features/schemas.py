@@ -209,9 +209,9 @@ CODED_EVENTS = pa.schema(
         pa.field("record_number", pa.int64(), nullable=False),
     ]
 )
-"""Shared shape of conditions, allergies and reports (with one column more, see :data:`RECORDED_EVENTS`),
-procedures, medications (with one column more, see :data:`MEDICATIONS`), immunizations and
-diagnostic reports."""
+"""Shared shape of conditions, immunizations, allergies and diagnostic reports (with one column
+more, see :data:`RECORDED_EVENTS`), procedures and medications (with columns more, see
+:data:`MEDICATIONS`)."""
 
 MEDICATIONS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),
@@ -232,13 +232,14 @@ order forbids its drug, and what kind of request it is."""
 RECORDED_EVENTS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),
     # When the record became known: a diagnosis's or allergy's recordedDate (entered in the record),
-    # a report's issued (made available to clinicians); null when not given. ``time`` stays the
-    # onset or the specimen's time, which may be earlier: the event is known from the later of the
-    # two (``known_time``), since no prediction made before then could have known of it.
+    # a report's issued (made available to clinicians), a vaccination's recorded; null when not
+    # given. ``time`` stays the onset or the specimen's time, which may be earlier: the event is
+    # known from the later of the two (``known_time``), since no prediction made before then could
+    # have known of it.
     pa.field("recorded_time", TIME, nullable=True),
 )
-"""Conditions, allergies (AllergyIntolerance) and diagnostic reports: the coded-events shape, and
-when each became known."""
+"""Conditions, immunizations, allergies (AllergyIntolerance) and diagnostic reports: the
+coded-events shape, and when each became known."""
 
 MEDICATION_CODES = pa.schema(
     [
@@ -615,7 +616,7 @@ INTERNAL_TABLES: dict[str, pa.Schema] = {
     "conditions": RECORDED_EVENTS,
     "procedures": CODED_EVENTS,
     "medications": MEDICATIONS,
-    "immunizations": CODED_EVENTS,
+    "immunizations": RECORDED_EVENTS,
     "allergies": RECORDED_EVENTS,
     "diagnostic_reports": RECORDED_EVENTS,
     "medication_codes": MEDICATION_CODES,

@@ -83,16 +83,18 @@ MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdmin
 ``Medication`` (contained in the record, or elsewhere in the export)."""
 
 RECORDED_TYPES: dict[str, str] = {"Condition": "recordedDate", "AllergyIntolerance": "recordedDate",
-                                  "DiagnosticReport": "issued"}
+                                  "DiagnosticReport": "issued", "Immunization": "recorded"}
 """Types whose element saying when the record became known (value: its name) is kept beside their
 time, as ``recorded_time``: a diagnosis or an allergy is often entered with an onset years back
-("diabetes since 2015", "penicillin allergy since childhood"), and a report is issued hours or days
-after the specimen was taken; neither was known before then."""
+("diabetes since 2015", "penicillin allergy since childhood"), a report is issued hours or days
+after the specimen was taken, and a vaccination given elsewhere is recorded when the patient
+reports it; none was known before then."""
 
 CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
 """Tables of the shared :data:`features.schemas.CODED_EVENTS` shape (``medications`` with
-``do_not_perform`` beside it: :data:`features.schemas.MEDICATIONS`; ``conditions``, ``allergies``
-and ``diagnostic_reports`` with ``recorded_time``: :data:`features.schemas.RECORDED_EVENTS`)."""
+``do_not_perform`` beside it: :data:`features.schemas.MEDICATIONS`; ``conditions``,
+``immunizations``, ``allergies`` and ``diagnostic_reports`` with ``recorded_time``:
+:data:`features.schemas.RECORDED_EVENTS`)."""
 
 ENTERED_IN_ERROR = "entered-in-error"
 STATUS_ELEMENTS: dict[str, tuple[str, ...]] = {

@@ -741,7 +741,8 @@ def test_immunizations_given_at_a_time_in_words_are_dated_when_recorded(
 ) -> None:
     # occurrence[x] may be a string ("childhood", "2019 flu season"): such a vaccine was given by
     # the time it was recorded, so that is its time. With neither a date nor a recorded time it
-    # cannot be placed.
+    # cannot be placed. A vaccination recorded after it was given (reported by the patient) was
+    # not known before: recorded_time, which the events read as known_time.
     def vaccine(rid: str, **times: str) -> dict[str, object]:
         return {"resourceType": "Immunization", "id": rid, "status": "completed",
                 "patient": {"reference": "Patient/p1"},
@@ -760,8 +761,9 @@ def test_immunizations_given_at_a_time_in_words_are_dated_when_recorded(
     fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"missing_date": 1}
     table = pl.read_parquet(tmp_path / "fast" / "immunizations.parquet")
-    assert table.select("resource_id", "time").rows() == [
-        ("dated", datetime(2019, 10, 1, 9)), ("in-words", datetime(2020, 1, 2, 10))
+    assert table.select("resource_id", "time", "recorded_time").rows() == [
+        ("dated", datetime(2019, 10, 1, 9), datetime(2020, 1, 2, 10)),
+        ("in-words", datetime(2020, 1, 2, 10), datetime(2020, 1, 2, 10)),
     ]
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet")
     assert quarantine.select("resource_id", "reason").rows() == [
