@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from rich.console import Console
@@ -169,7 +170,18 @@ def step_error(event: dg.DagsterEvent) -> str:
 
 
 def _short(text: str, width: int = 32) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
+def item_text(item: dict[str, Any]) -> str:
+    """One explanation item for the terminal: its description shortened, but never its value
+    range (``Systolic blood pressure >= 141.5`` cut to ``Systolic blood pressure >= 141.…`` hid
+    the reading that raised the risk), then its contribution in points."""
+    description = item.get("description") or item["item"]
+    shown = item.get("value_range")
+    at = description.rfind(f" {shown}") if shown else -1
+    text = f"{_short(description[:at], 26)} {shown}" if at >= 0 else _short(description)
+    return f"{text} ({item['contribution'] * 100:+.1f})"
 
 
 def print_high_risk(published: Path, task: str, console: Console, rows: int = 10) -> None:
@@ -189,7 +201,6 @@ def print_high_risk(published: Path, task: str, console: Console, rows: int = 10
         table.add_column(column)
     for row in top.iter_rows(named=True):
         effect = "" if row["treatment_effect"] is None else f"{row['treatment_effect'] * 100:+.1f} pts"
-        why = "; ".join(f"{_short(i.get('description') or i['item'])} ({i['contribution'] * 100:+.1f})"
-                        for i in row["top_items"][:3])
+        why = "\n".join(item_text(i) for i in row["top_items"][:3])
         table.add_row(row["patient_id"][:13], f"{row['risk']:.2f}", row["risk_tier"], effect, why)
     console.print(table)

@@ -180,3 +180,16 @@ def test_a_failed_step_is_told_by_the_error_its_code_raised() -> None:
         result = dg.materialize([unwritable], instance=instance, raise_on_error=False)
     (failure,) = result.get_step_failure_events()
     assert step_error(failure) == "output folder /data/x is not writable (Permission denied)"
+
+
+def test_an_explanation_item_is_shortened_but_keeps_its_value_range() -> None:
+    from pipelines.demo import item_text
+
+    item = {"item": "LOINC//8480-6", "contribution": 0.0604, "value_range": ">= 141.5",
+            "description": "Systolic blood pressure >= 141.5, latest of 7"}
+    assert item_text(item) == "Systolic blood pressure >= 141.5 (+6.0)"
+    item = {**item, "description": "Diastolic blood pressure measured sitting 77.5 to 85, latest of 2",
+            "value_range": "77.5 to 85", "contribution": -0.024}
+    assert item_text(item) == "Diastolic blood pressure… 77.5 to 85 (-2.4)"
+    study = {"item": "d19db9c9-c1a7-4189-a12a-e5e4c3a8f0b1", "contribution": -0.024, "value_range": None}
+    assert item_text(study) == "d19db9c9-c1a7-4189-a12a-e5e4c3a… (-2.4)"  # 31 characters and the ellipsis
