@@ -136,12 +136,12 @@ def _newest_change(folder: Path, but: Path | None = None, clock: str = "st_mtime
 
 
 ENDED_RUNS = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS)
-"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again:
-a failed one (a copy cut short fails its checks), and a successful one while no newer batch is
-ingested (a copy that paused longer than the quiet period was ingested half-copied, or the export
-was sent again, corrected, under the same name). A canceled run is not: an operator canceled it,
-and re-executes it when the batch should go in; nor is one still running, whose batch is looked at
-again once it ends."""
+"""A batch whose latest ingest ended so is ingested again once its folder changes and lands again,
+while no newer batch is ingested (one superseded is never promoted): a failed one (a copy cut short
+fails its checks), and a successful one (a copy that paused longer than the quiet period was
+ingested half-copied, or the export was sent again, corrected, under the same name). A canceled run
+is not: an operator canceled it, and re-executes it when the batch should go in; nor is one still
+running, whose batch is looked at again once it ends."""
 
 
 def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float,
@@ -149,10 +149,10 @@ def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now
     """A run key to ingest a known batch again, or None.
 
     Its latest ``ingested_batch`` run ended (:data:`ENDED_RUNS`: failed for any cause, a check of
-    its tables, a lost run worker, a run that never launched; or succeeded while no batch newer
-    than it is among ``ingested``: a batch superseded so would never be promoted, and its copy,
-    which the promotion of the newer one deleted, would be written again for nothing), and the
-    folder has changed since that run was created (what it read) and has landed again. A batch whose copy was
+    its tables, a lost run worker, a run that never launched; or succeeded), no batch newer than
+    it is among ``ingested`` (a batch superseded so would never be promoted, and its copy, which
+    the promotion of the newer one deleted, would be written again for nothing), and the folder
+    has changed since that run was created (what it read) and has landed again. A batch whose copy was
     cut short fails its checks (a file of its manifest missing, say), or passes them when the
     manifest is absent and the Patient file came first; its partition exists by then, and its first
     run key is spent, so without this the finished copy would never be ingested. Changes are read
@@ -163,7 +163,7 @@ def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
     if not runs or runs[0].status not in ENDED_RUNS:
         return None
-    if runs[0].status == dg.DagsterRunStatus.SUCCESS and any(is_batch_name(name) and name > batch for name in ingested):
+    if any(is_batch_name(name) and name > batch for name in ingested):
         return None
     record = instance.get_run_record_by_id(runs[0].run_id)
     try:

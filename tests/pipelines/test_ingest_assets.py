@@ -528,6 +528,11 @@ def test_a_batch_whose_ingest_failed_is_ingested_again_once_changed_even_with_it
             os.utime(path, (long_ago, long_ago))
         ((partition, key),) = tick()
         assert partition == "2024-06-01" and key is not None and key.startswith("2024-06-01/changed-")
+        # Once a newer batch is ingested, the failed one would never be promoted: not run again.
+        instance.report_runless_asset_event(dg.AssetMaterialization(ingested_batch.key, partition="2024-06-02"))
+        assert tick() == []
+        instance.wipe_assets([ingested_batch.key])
+        assert len(tick()) == 1
         # A run an operator canceled is theirs to re-execute: a change does not start it again.
         instance.add_run(dg.DagsterRun(job_name="ingest_batch", run_id="run-canceled",
                                        status=dg.DagsterRunStatus.CANCELED, tags={"dagster/partition": "2024-06-01"}))
