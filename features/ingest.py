@@ -81,7 +81,7 @@ from features.fhir.read import (
     plan_units,
     read_ndjson_range,
 )
-from features.fhir.specs import CODED_TABLES, TABLE_OF_TYPE, is_r4_resource_type
+from features.fhir.specs import CODED_TABLES, is_r4_resource_type
 from features.fhir.validate import SITE_ZONE, RecordError, json_text, parse_datetime, site_zone, validate_r4
 from features.genomics import read_genomics_file
 from features.imaging import read_imaging_file, usual_embedding_length
@@ -329,13 +329,13 @@ def _parse_line(raw: bytes) -> Any:
         raise RecordError("invalid_json", f"line is not valid JSON ({message}; truncated or malformed)") from None
 
 
-def _check_doubled_keys(raw: bytes, resource: dict[str, Any], rt: str) -> None:
+def _check_doubled_keys(raw: bytes, resource: dict[str, Any]) -> None:
     """Refuse a line that gives a key twice in an object, which orjson resolves silently (the last
     value wins). The fast path's decoder refuses such lines, so only lines read one by one are
-    searched: those of the types the pipeline reads, and those naming a second resource type (the
-    line may be a Condition that a second ``resourceType`` made unused); the others are kept as
-    their own text."""
-    if (rt in TABLE_OF_TYPE or raw.count(b'"resourceType"') > 1) and may_give_a_key_twice(raw, resource):
+    screened, of every type: even one kept as its text has values the ingest acts on (an
+    OperationOutcome's severity, any resource's meta.lastUpdated), and it is refused from a Bundle
+    or a single-resource file alike."""
+    if may_give_a_key_twice(raw, resource):
         reason = doubled_key_reason(raw)
         if reason is not None:
             raise RecordError("duplicate_key", reason)
@@ -489,9 +489,9 @@ def _read_records(
         resource: Any = None
         try:
             resource = _parse_line(record.raw) if record.parsed is None else record.parsed
-            resource_type = _resource_type(resource)
+            _resource_type(resource)
             if record.parsed is None:
-                _check_doubled_keys(record.raw, resource, resource_type)
+                _check_doubled_keys(record.raw, resource)
             origin.record_number = record.number
             origin.full_urls = record.full_urls
             # The pipeline's own checks first: their reasons name the value and the rule (a date

@@ -294,6 +294,7 @@ def parse_marking_doubled_keys(data: bytes) -> tuple[Any, bool]:
 
 
 _SPACED_KEY_END = re.compile(rb'"[ \t\r\n]+:')
+_ESCAPED_QUOTE_OR_COLON = re.compile(rb"\\u00(?:22|3[aA])")
 
 
 def _key_ends(text: bytes) -> int:
@@ -306,9 +307,12 @@ def may_give_a_key_twice(data: bytes, document: Any) -> bool:
     """A cheap screen for :func:`parse_marking_doubled_keys`: whether the JSON text ``data`` may
     give a key twice in an object. ``document`` is what orjson read from it, one value per key, so
     its rewrite holds fewer key ends than the text when a key was given twice (or, rarely, when a
-    string holds a quote and then spaces before a colon; the search then finds nothing). A string
-    that writes a quote before a colon as ``\\u0022`` adds one to the rewrite and could hide a key
-    given twice elsewhere in the same text. About a tenth of the search's time."""
+    string holds a quote and then spaces before a colon; the search then finds nothing). Text that
+    writes a quote or a colon as ``\\u0022`` or ``\\u003a`` (.NET's encoder does, in a string
+    holding JSON) is always searched: orjson's rewrite of it adds a key end, which could hide a
+    key given twice. About a tenth of the search's time."""
+    if _ESCAPED_QUOTE_OR_COLON.search(data):
+        return True
     try:
         rewritten = orjson.dumps(document)
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (255 levels): searched
@@ -362,10 +366,16 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
         yield (RawRecord(1, data, document) if doubled is None
                else RawReject(1, preview, "duplicate_key", _doubled_reason(doubled[0], doubled[1] or "the resource")))
         return
-    if isinstance(marked, _DoubledObject):
-        # A second ``entry`` list, say, would hide every resource of the first.
-        yield RawReject(0, preview, "duplicate_key", _doubled_reason(marked.doubled, "the Bundle"))
-        return
+    # A second ``entry`` list would hide every resource of the first, a second meta.lastUpdated
+    # would date its deletions: a key given twice outside the entries makes the file one row.
+    if has_doubled and isinstance(marked, dict):
+        envelope = ((marked.doubled, "") if isinstance(marked, _DoubledObject)
+                    else _first_doubled({k: v for k, v in marked.items() if k != "entry"}, ""))
+        if envelope is not None:
+            key, where = envelope
+            yield RawReject(0, preview, "duplicate_key",
+                            _doubled_reason(key, f"Bundle.{where}" if where else "the Bundle"))
+            return
     entry_doubled = _doubled_entry_reasons(marked) if has_doubled and isinstance(marked, dict) else {}
     bundle_type = document.get("type")
     entries = document.get("entry", [])
@@ -393,6 +403,9 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             if isinstance(resource.get("resourceType"), str) and isinstance(resource.get("id"), str):
                 full_urls[entry["fullUrl"]] = (resource["resourceType"], resource["id"])
     for index, entry in enumerate(entries, start=1):
+        if index in entry_doubled:  # a DELETE's url given twice names two resources
+            yield RawReject(index, json_text(entry).decode("utf-8", "replace"), "duplicate_key", entry_doubled[index])
+            continue
         if isinstance(entry, dict) and "resource" not in entry and _request_method(entry) == "DELETE":
             yield _deletion(index, entry, bundle_time)
             continue
@@ -404,9 +417,6 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
                 else "is not an object with a resource object"
             )
             yield RawReject(index, raw, "no_resource", f"Bundle entry {index} {what}")
-            continue
-        if index in entry_doubled:
-            yield RawReject(index, json_text(entry).decode("utf-8", "replace"), "duplicate_key", entry_doubled[index])
             continue
         yield RawRecord(index, b"", entry["resource"], full_urls)
 

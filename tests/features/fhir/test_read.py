@@ -639,17 +639,25 @@ def test_a_key_given_twice_is_quarantined_not_resolved_silently(tmp_path: Path) 
                                                     b'{"reference":"Patient/p1","reference":"Patient/p2"}')
     # A Condition made a Claim (a type the pipeline keeps as its text) by a second resourceType.
     made_unused = line(condition(id="c5"))[:-1] + b',"resourceType":"Claim"}'
-    # A Claim is kept as its own text, both values in it: not searched.
-    claim = b'{"resourceType":"Claim","id":"x1","status":"active","status":"draft"}'
+    # A server's message of two severities: an error (quarantined) or information (kept)?
+    outcome = (b'{"resourceType":"OperationOutcome","id":"o1","issue":[{"severity":"error","code":"exception",'
+               b'"severity":"information"}]}')
+    # A string holding JSON written by .NET's encoder (a quote as \u0022) hid a key given twice
+    # from the screen: its rewrite has one more key end.
+    escaped = line(condition(id="c6", note=[{"text": 'json {"a":1}'}])).replace(b'{\\"a\\"', b'{\\u0022a\\u0022')
+    escaped = escaped.replace(b'{"reference":"Patient/p1"}', b'{"reference":"Patient/p9","reference":"Patient/p1"}')
+    assert b"\\u0022a\\u0022" in escaped
     summary, quarantine = ingest_lines(tmp_path, twice_subject, twice_type, twice_inside, line(condition(id="c4")),
-                                       made_unused, claim)
-    assert summary.balanced and summary.table_rows["conditions"] == 1 and summary.table_rows["raw_unknown"] == 1
+                                       made_unused, outcome, escaped)
+    assert summary.balanced and summary.table_rows["conditions"] == 1 and summary.table_rows["raw_unknown"] == 0
     unknown = "which of its values the source meant is unknown (a JSON reader silently keeps one)"
     assert quarantine.sort("record_number").select("record_number", "reason_code", "reason").rows() == [
         (2, "duplicate_key", f"key 'subject' appears twice in the resource: {unknown}"),
         (3, "duplicate_key", f"key 'resourceType' appears twice in the resource: {unknown}"),
         (4, "duplicate_key", f"key 'reference' appears twice in subject: {unknown}"),
         (6, "duplicate_key", f"key 'resourceType' appears twice in the resource: {unknown}"),
+        (7, "duplicate_key", f"key 'severity' appears twice in issue[0]: {unknown}"),
+        (8, "duplicate_key", f"key 'reference' appears twice in subject: {unknown}"),
     ]
 
 
@@ -666,8 +674,13 @@ def test_a_key_given_twice_in_a_bundle_or_a_single_resource_file_is_quarantined(
     # A second entry list would hide every resource of the first: the whole file is one row.
     twice_entry_list = bundle("collection", [{"resource": PATIENT}])[:-1] + b',"entry":[]}'
     single = line(condition(id="c9")).replace(b'"code":"44054006"', b'"code":"44054006","code":"38341003"')
+    # A deletion naming two resources; a Bundle dated twice (its deletions' time).
+    delete = bundle("transaction", [{"request": {"method": "DELETE", "url": "Patient/p1"}}]).replace(
+        b'"url":"Patient/p1"', b'"url":"Patient/p1","url":"Patient/p2"')
+    dated_twice = bundle("transaction", [{"resource": PATIENT}])[:-1] + (
+        b',"meta":{"lastUpdated":"2024-01-01T00:00:00Z","lastUpdated":"2023-01-01T00:00:00Z"}}')
     summary, quarantine = ingest_files(tmp_path, {"a.json": twice_in_entries, "b.json": twice_entry_list,
-                                                  "c.json": single})
+                                                  "c.json": single, "d.json": delete, "e.json": dated_twice})
     unknown = "which of its values the source meant is unknown (a JSON reader silently keeps one)"
     assert quarantine.sort("source_file", "record_number").select(
         "source_file", "record_number", "reason_code", "reason").rows() == [
@@ -676,9 +689,12 @@ def test_a_key_given_twice_in_a_bundle_or_a_single_resource_file_is_quarantined(
          f"Bundle entry 3: key 'value' appears twice in resource.component[1].valueQuantity: {unknown}"),
         ("fhir/b.json", 0, "duplicate_key", f"key 'entry' appears twice in the Bundle: {unknown}"),
         ("fhir/c.json", 1, "duplicate_key", f"key 'code' appears twice in code.coding[0]: {unknown}"),
+        ("fhir/d.json", 1, "duplicate_key", f"Bundle entry 1: key 'url' appears twice in request: {unknown}"),
+        ("fhir/e.json", 0, "duplicate_key", f"key 'lastUpdated' appears twice in Bundle.meta: {unknown}"),
     ]
     assert summary.table_rows["patients"] == 1 and summary.table_rows["observations"] == 0
-    assert summary.balanced and (summary.records_in, summary.quarantined) == (5, 4)
+    assert summary.table_rows["deletions"] == 0
+    assert summary.balanced and (summary.records_in, summary.quarantined) == (7, 6)
 
 
 @pytest.mark.parametrize(("text", "screened"), [
