@@ -305,7 +305,7 @@ def _stage(staging: Path, table: str, rows: list[Row], part: str) -> None:
 
 def _parse_line(raw: bytes) -> Any:
     # orjson rejects blank input and a byte-order mark, so a line it parses needs no other check
-    # (a key given twice is searched for once the type is known: _check_doubled_keys).
+    # (a key given twice is searched for once the line is known to be a resource: _check_doubled_keys).
     # The checks that name what is wrong run only for lines that fail.
     try:
         return orjson.loads(raw)
