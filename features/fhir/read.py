@@ -270,6 +270,13 @@ def _doubled_reason(key: str, where: str) -> str:
             "(a JSON reader silently keeps one)")
 
 
+def _first_doubled_reason(value: Any, whole: str) -> str | None:
+    """The reason naming the first key given twice in ``value`` (marked), its object named by its
+    path, or by ``whole`` when it is ``value`` itself; None when no key is."""
+    doubled = _first_doubled(value, "")
+    return None if doubled is None else _doubled_reason(doubled[0], doubled[1] or whole)
+
+
 def parse_marking_doubled_keys(data: bytes) -> tuple[Any, bool]:
     """JSON text parsed with every object that gives a key twice marked, and whether there was one.
 
@@ -324,8 +331,7 @@ def doubled_key_reason(data: bytes) -> str | None:
     """A one-line reason naming a key that an object of the JSON text ``data`` gives twice (and the
     object's path in the resource), or None when there is none."""
     document, found = parse_marking_doubled_keys(data)
-    doubled = _first_doubled(document, "") if found else None
-    return None if doubled is None else _doubled_reason(doubled[0], doubled[1] or "the resource")
+    return _first_doubled_reason(document, "the resource") if found else None
 
 
 def _doubled_entry_reasons(bundle: dict[str, Any]) -> dict[int, str]:
@@ -333,9 +339,8 @@ def _doubled_entry_reasons(bundle: dict[str, Any]) -> dict[int, str]:
     entries = bundle.get("entry")
     reasons: dict[int, str] = {}
     for index, entry in enumerate(entries if isinstance(entries, list) else [], start=1):
-        doubled = _first_doubled(entry, "")
-        if doubled is not None:
-            reasons[index] = f"Bundle entry {index}: " + _doubled_reason(doubled[0], doubled[1] or "the entry")
+        if (reason := _first_doubled_reason(entry, "the entry")) is not None:
+            reasons[index] = f"Bundle entry {index}: {reason}"
     return reasons
 
 
@@ -362,13 +367,13 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
         return
     marked, has_doubled = parse_marking_doubled_keys(data) if may_give_a_key_twice(data, document) else (None, False)
     if document.get("resourceType") != "Bundle":
-        doubled = _first_doubled(marked, "") if has_doubled else None
-        yield (RawRecord(1, data, document) if doubled is None
-               else RawReject(1, preview, "duplicate_key", _doubled_reason(doubled[0], doubled[1] or "the resource")))
+        doubled = _first_doubled_reason(marked, "the resource") if has_doubled else None
+        yield RawRecord(1, data, document) if doubled is None else RawReject(1, preview, "duplicate_key", doubled)
         return
-    # A second ``entry`` list would hide every resource of the first, a second meta.lastUpdated
-    # would date its deletions: a key given twice outside the entries makes the file one row.
+    entry_doubled: dict[int, str] = {}
     if has_doubled and isinstance(marked, dict):
+        # A second ``entry`` list would hide every resource of the first, a second meta.lastUpdated
+        # would date its deletions: a key given twice outside the entries makes the file one row.
         envelope = ((marked.doubled, "") if isinstance(marked, _DoubledObject)
                     else _first_doubled({k: v for k, v in marked.items() if k != "entry"}, ""))
         if envelope is not None:
@@ -376,7 +381,7 @@ def _iter_json(unit: ReadUnit) -> Iterator[RawRecord | RawReject]:
             yield RawReject(0, preview, "duplicate_key",
                             _doubled_reason(key, f"Bundle.{where}" if where else "the Bundle"))
             return
-    entry_doubled = _doubled_entry_reasons(marked) if has_doubled and isinstance(marked, dict) else {}
+        entry_doubled = _doubled_entry_reasons(marked)
     bundle_type = document.get("type")
     entries = document.get("entry", [])
     if not isinstance(bundle_type, str) or bundle_type not in BUNDLE_TYPES or not isinstance(entries, list):
