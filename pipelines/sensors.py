@@ -144,6 +144,12 @@ is not: an operator canceled it, and re-executes it when the batch should go in;
 running, whose batch is looked at again once it ends."""
 
 
+def newer_ingested(batch: str, ingested: set[str]) -> list[str]:
+    """The batches among ``ingested`` newer than ``batch``, oldest first: while there is one,
+    ``batch`` is never promoted (nor ingested again, :func:`ingest_again_key`)."""
+    return sorted(name for name in ingested if is_batch_name(name) and name > batch)
+
+
 def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now: float,
                      ingested: set[str]) -> str | None:
     """A run key to ingest a known batch again, or None.
@@ -152,18 +158,18 @@ def ingest_again_key(instance: dg.DagsterInstance, batch: str, folder: Path, now
     its tables, a lost run worker, a run that never launched; or succeeded), no batch newer than
     it is among ``ingested`` (a batch superseded so would never be promoted, and its copy, which
     the promotion of the newer one deleted, would be written again for nothing), and the folder
-    has changed since that run was created (what it read) and has landed again. A batch whose copy was
-    cut short fails its checks (a file of its manifest missing, say), or passes them when the
+    has changed since that run was created (what it read) and has landed again. A batch whose copy
+    was cut short fails its checks (a file of its manifest missing, say), or passes them when the
     manifest is absent and the Patient file came first; its partition exists by then, and its first
     run key is spent, so without this the finished copy would never be ingested. Changes are read
     from the inode change times, which a copy that keeps the export's times (``cp -p``, ``rsync
     -a``) cannot set back to before the run; a change of permissions or owner moves them too, and
     ingests the batch once more.
     """
+    if newer_ingested(batch, ingested):
+        return None
     runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": batch}), limit=1)
     if not runs or runs[0].status not in ENDED_RUNS:
-        return None
-    if any(is_batch_name(name) and name > batch for name in ingested):
         return None
     record = instance.get_run_record_by_id(runs[0].run_id)
     try:
@@ -215,8 +221,7 @@ def promote_batch_request(batch: str, ingested: set[str], ingest_run_id: str) ->
     The run key names the ingest run: a batch ingested again (re-executed by hand, or after its
     folder changed) is promoted again, where a key per batch would be spent by its first promotion.
     """
-    newer = sorted(name for name in ingested if is_batch_name(name) and name > batch)
-    if newer:
+    if newer := newer_ingested(batch, ingested):
         return dg.SkipReason(f"batch {batch} is not promoted: batch {newer[-1]}, ingested already, is newer")
     return dg.RunRequest(
         run_key=f"promote/{batch}/{ingest_run_id}",
