@@ -20,6 +20,7 @@ from models.task_model import (
     ModelFolderError,
     _InputMatrices,
     _severities_read_from_data,
+    _subgroups,
     _survival_metrics,
     _training_text,
     check_model_folder,
@@ -114,9 +115,10 @@ def test_subgroup_aurocs_are_reported_only_with_enough_cases_and_controls(traine
     model_dir, metrics = trained
     fusion = metrics["models"]["fusion"]
     card = (model_dir / "MODEL_CARD.md").read_text()
-    groups = ("sex_female", "sex_male", "age_under_65", "age_65_to_79", "age_80_plus")
-    assert sum(fusion[f"subgroup_{g}_labelled"] for g in groups[:2]) == metrics["n_held_out_labelled"]
-    assert sum(fusion[f"subgroup_{g}_labelled"] for g in groups[2:]) == metrics["n_held_out_labelled"]
+    groups = ("sex_female", "sex_male", "sex_other_or_unknown",
+              "age_under_65", "age_65_to_79", "age_80_plus", "age_unknown")
+    assert sum(fusion[f"subgroup_{g}_labelled"] for g in groups[:3]) == metrics["n_held_out_labelled"]
+    assert sum(fusion[f"subgroup_{g}_labelled"] for g in groups[3:]) == metrics["n_held_out_labelled"]
     reported = 0
     for group in groups:
         labelled, cases = fusion[f"subgroup_{group}_labelled"], fusion[f"subgroup_{group}_cases"]
@@ -132,6 +134,21 @@ def test_subgroup_aurocs_are_reported_only_with_enough_cases_and_controls(traine
         assert f"| {group} | {labelled} | {cases} | {shown} |" in card
         reported += enough
     assert 0 < reported < len(groups)  # the tiny held-out split has both kinds
+
+
+def test_subgroups_give_unrecorded_sex_and_age_groups_of_their_own() -> None:
+    cohort = pl.DataFrame({"sex": ["female", "male", "other", None, "unknown", "female"],
+                           "age_years": [30.0, 64.99, 65.0, 79.5, 80.0, None]})
+    groups = {name: mask.tolist() for name, mask in _subgroups(cohort).items()}
+    assert groups == {
+        "sex_female": [True, False, False, False, False, True],
+        "sex_male": [False, True, False, False, False, False],
+        "sex_other_or_unknown": [False, False, True, True, True, False],
+        "age_under_65": [True, True, False, False, False, False],
+        "age_65_to_79": [False, False, True, True, False, False],
+        "age_80_plus": [False, False, False, False, True, False],
+        "age_unknown": [False, False, False, False, False, True],
+    }
 
 
 def test_fusion_is_compared_with_each_baseline_on_the_same_patients(trained: tuple[Path, dict]) -> None:
