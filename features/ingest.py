@@ -2124,11 +2124,13 @@ def events_after(warehouse_dir: Path, export_time: datetime) -> int:
     )
 
 
-def quarantined_duplicates(warehouse_dir: Path) -> int:
-    """Number of quarantine rows that are other copies of a kept record (older, or later in file order)."""
+def quarantined_with(warehouse_dir: Path, reason_code: str) -> int:
+    """Number of quarantine rows with ``reason_code``: ``duplicate`` counts the other copies of a
+    kept record (older, or later in file order), ``fhir_library_error`` the records on which
+    ``fhir.resources`` raised for no known reason (strict mode)."""
     return int(
         pl.scan_parquet(warehouse_dir / "quarantine.parquet", glob=False)
-        .filter(pl.col("reason_code") == "duplicate")
+        .filter(pl.col("reason_code") == reason_code)
         .select(pl.len())
         .collect()
         .item()

@@ -331,10 +331,64 @@ def r4_model(resource_type: str) -> Any:
 
 R4B_CANNOT_READ = (KeyError, TypeError, AttributeError, ValueError, RecursionError)
 """What ``fhir.resources`` raises, besides pydantic's ValidationError, on input it cannot read: a
-contained resource of a type it has no model for (``KeyError``), a primitive's ``_element`` that
-is not an object (``AttributeError``), a ``resourceType`` that is not a string (``TypeError``),
-nesting deeper than Python recurses. Each says the resource is not valid R4, not that the run
-failed."""
+nested resource of a type it has no model for (``KeyError``), a ``resourceType`` that is not a
+string (``TypeError``), a primitive's ``_element`` given as text (``AttributeError``), nesting
+deeper than Python recurses. :func:`r4b_unreadable_shape` finds the shapes known to do this; a
+record that raises without one of them is ``fhir_library_error``, not ``fhir_invalid``: the
+library (or its version) may be at fault rather than the record, and a data engineer must be
+able to tell the two apart."""
+
+LIBRARY_ERROR = "fhir_library_error"
+"""Reason code of a record on which ``fhir.resources.R4B`` raised for no known reason."""
+
+
+def r4b_unreadable_shape(resource: dict[str, Any]) -> str | None:
+    """Where ``resource`` holds a shape that makes ``fhir.resources.R4B`` raise instead of reporting
+    a validation error, said as ``path: what is wrong``; ``None`` when it holds none.
+
+    The shapes: a resource nested inside it (``contained``, a Bundle entry, a Parameters value)
+    whose ``resourceType`` is not a string or names no R4B resource type, and a primitive's
+    ``_element`` (its id and extensions, always an object, or a list of objects and nulls beside a
+    list of values) given as text. The walk is iterative, so nesting of any depth is searched.
+
+    Examples
+    --------
+    >>> r4b_unreadable_shape({"resourceType": "Observation", "contained": [{"resourceType": "Practioner"}]})
+    "Observation.contained[0].resourceType: 'Practioner' is not a FHIR R4B resource type"
+    >>> r4b_unreadable_shape({"resourceType": "Patient", "name": [{"given": ["A"], "_given": ["1"]}]})
+    "Patient.name[0]._given[0]: a primitive's extension should be an object, found str '1'"
+    >>> r4b_unreadable_shape({"resourceType": "Patient", "_gender": {"extension": []}}) is None
+    True
+    """
+    from features.fhir.specs import is_r4_resource_type
+
+    stack: list[tuple[Any, str, bool]] = [(resource, str(resource.get("resourceType")), True)]
+    while stack:
+        node, where, top = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, f"{where}[{i}]", False) for i, item in reversed(list(enumerate(node))))
+            continue
+        if not isinstance(node, dict):
+            continue
+        if not top and "resourceType" in node:
+            nested = node["resourceType"]
+            if not isinstance(nested, str):
+                return f"{where}.resourceType: should be a string, found {type(nested).__name__} {nested!r:.40}"
+            if nested in R4_ONLY_TYPES:
+                return f"{where}.resourceType: {nested!r} is an R4 type that R4B replaced, with no model to read it"
+            if not is_r4_resource_type(nested):
+                return f"{where}.resourceType: {nested!r:.60} is not a FHIR R4B resource type"
+        children: list[tuple[Any, str, bool]] = []
+        for key, value in node.items():
+            if isinstance(key, str) and key.startswith("_"):
+                items = value if isinstance(value, list) else [value]
+                for i, item in enumerate(items):
+                    if isinstance(item, str):
+                        place = f"{where}.{key}[{i}]" if isinstance(value, list) else f"{where}.{key}"
+                        return f"{place}: a primitive's extension should be an object, found str {item!r:.40}"
+            children.append((value, f"{where}.{key}", False))
+        stack.extend(reversed(children))
+    return None
 
 
 def is_valid_r4(model: Any, text: bytes) -> bool:
@@ -398,8 +452,19 @@ def validate_r4(resource: dict[str, Any]) -> None:
         also = f" (also at {', '.join(others[:3])}{f' and {len(others) - 3} more' if len(others) > 3 else ''})"
         reason = f"FHIR R4 validation failed at {_r4_error(rt, errors[0])}{also if others else ''}"
         raise RecordError("fhir_invalid", reason[:300]) from None
+    except RecursionError:
+        raise RecordError(
+            "fhir_invalid", f"FHIR R4 validation failed: this {rt} is nested deeper than fhir.resources.R4B can read"
+        ) from None
     except R4B_CANNOT_READ as exc:
+        shape = r4b_unreadable_shape(resource)
+        if shape is not None:
+            raise RecordError("fhir_invalid", f"FHIR R4 validation failed at {shape}") from None
+        from importlib.metadata import version
+
         detail = f"{type(exc).__name__}: {str(exc).translate(_CONTROL)}"
         raise RecordError(
-            "fhir_invalid", f"FHIR R4 validation failed: fhir.resources.R4B cannot read this {rt} ({detail:.120})"
+            LIBRARY_ERROR,
+            f"fhir.resources {version('fhir.resources')} raised {detail:.100} on this {rt}, which holds no shape "
+            "known to be invalid: the library, not necessarily the record, may be at fault",
         ) from None

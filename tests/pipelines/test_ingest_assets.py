@@ -9,8 +9,10 @@ import shutil
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+import orjson
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -30,6 +32,7 @@ from pipelines.assets.ingest import (
     events_not_after_export,
     events_subjects_exist,
     export_matches_manifest,
+    fhir_library_read_every_record,
     ingest_accounting_balances,
     ingested_tables,
     quarantine_share_within_limit,
@@ -45,7 +48,7 @@ def unrelated_asset() -> int:
 
 
 CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported,
-          quarantine_share_within_limit, export_matches_manifest]
+          quarantine_share_within_limit, export_matches_manifest, fhir_library_read_every_record]
 
 
 def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) -> None:
@@ -77,6 +80,7 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
         "events_not_after_export",
         "events_subjects_exist",
         "export_matches_manifest",
+        "fhir_library_read_every_record",
         "ingest_accounting_balances",
         "quarantine_share_within_limit",
     ]
@@ -100,6 +104,50 @@ def test_accounting_check_fails_when_unbalanced(small_hospital: Path, tmp_path: 
     summary_path.write_text(summary_path.read_text().replace('"records_out": ', '"records_out": 1', 1))
     result = ingest_accounting_balances(workspace=workspace)
     assert not result.passed
+
+
+def test_records_the_fhir_library_raises_on_for_no_known_reason_fail_a_check_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fhir.resources.R4B import get_fhir_model_class
+
+    class Broken:
+        """An Observation model of a broken or mismatched fhir.resources."""
+
+        @staticmethod
+        def model_validate(resource: dict[str, Any]) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'fields'")
+
+    def model(resource_type: str) -> Any:
+        return Broken if resource_type == "Observation" else get_fhir_model_class(resource_type)
+
+    monkeypatch.setattr("features.fhir.validate.r4_model", model)
+    monkeypatch.setattr("features.fhir.columnar.r4_model", model)
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1950-02-03"}
+    observation = {"resourceType": "Observation", "id": "o1", "status": "final", "subject": {"reference": "Patient/p1"},
+                   "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                   "effectiveDateTime": "2020-01-02T10:00:00Z",
+                   "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}
+    (landing / "fhir" / "export.ndjson").write_bytes(orjson.dumps(patient) + b"\n" + orjson.dumps(observation) + b"\n")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [ingested_tables, fhir_library_read_every_record],
+            resources={"workspace": Workspace(root=str(tmp_path))},
+            run_config={"ops": {"ingested_tables": {"config": {"landing_dir": str(landing), "workers": 1,
+                                                                "strict": True}}}},
+            instance=instance,
+        )
+    assert result.success  # the record is accounted for; the check, not the run, says what went wrong
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    assert {key: value.value for key, value in evaluation.metadata.items()} == {
+        "records": 1, "reason_code": "fhir_library_error"}
+    quarantine = pl.read_parquet(tmp_path / "warehouse" / "quarantine.parquet")
+    assert quarantine.select("source_file", "record_number", "resource_id", "reason_code").rows() == [
+        ("fhir/export.ndjson", 2, "o1", "fhir_library_error")]
+    assert pl.read_parquet(tmp_path / "warehouse" / "patients.parquet")["patient_id"].to_list() == ["p1"]
 
 
 def test_a_file_mostly_quarantined_warns_without_failing_the_run(small_hospital: Path, tmp_path: Path) -> None:

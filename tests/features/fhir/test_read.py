@@ -590,10 +590,17 @@ def test_strict_mode_quarantines_what_fhir_resources_cannot_read(tmp_path: Path)
                            "b.json": orjson.dumps(bundle)})
     assert pl.read_parquet(tmp_path / "default" / "patients.parquet").height == 5
     assert pl.read_parquet(tmp_path / "strict" / "patients.parquet")["patient_id"].to_list() == ["p1"]
-    reasons = pl.read_parquet(tmp_path / "strict" / "quarantine.parquet")["reason"].to_list()
-    assert [reason.split(" (")[0] for reason in reasons] == [
-        "FHIR R4 validation failed: fhir.resources.R4B cannot read this Patient"
-    ] * 4
+    quarantine = pl.read_parquet(tmp_path / "strict" / "quarantine.parquet").sort("source_file", "record_number")
+    replaced = ("Patient.contained[0].resourceType: 'MedicinalProduct' is an R4 type that R4B replaced, with no model "
+                "to read it")
+    assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
+        ("fhir/b.json", 1, "fhir_invalid", f"FHIR R4 validation failed at {replaced}"),
+        ("fhir/x.ndjson", 2, "fhir_invalid", f"FHIR R4 validation failed at {replaced}"),
+        ("fhir/x.ndjson", 3, "fhir_invalid",
+         "FHIR R4 validation failed at Patient.contained[0].resourceType: should be a string, found int 1"),
+        ("fhir/x.ndjson", 4, "fhir_invalid", "FHIR R4 validation failed at Patient._gender: a primitive's extension "
+         "should be an object, found str '1'"),
+    ]
 
 
 def test_r4_types_r4b_replaced_are_records_and_abstract_types_are_not(tmp_path: Path) -> None:

@@ -4,12 +4,20 @@ fhir.resources cannot read."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
 import pytest
 
-from features.fhir.validate import RecordError, is_valid_r4, json_text, r4_model, validate_r4
+from features.fhir.validate import (
+    RecordError,
+    is_valid_r4,
+    json_text,
+    r4_model,
+    r4b_unreadable_shape,
+    validate_r4,
+)
 
 
 def _observation(**change: Any) -> dict[str, Any]:
@@ -63,26 +71,63 @@ def test_a_long_message_keeps_its_end() -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "error"),
+    ("change", "where"),
     [
-        ({"contained": [{"resourceType": "MedicinalProduct", "id": "m"}]}, "KeyError"),
-        ({"contained": [{"resourceType": "Practioner", "id": "m"}]}, "KeyError"),
-        ({"contained": [{"resourceType": 1, "id": "m"}]}, "TypeError"),
-        ({"_status": "1"}, "AttributeError"),
+        # fhir.resources raises KeyError on these two ...
+        ({"contained": [{"resourceType": "MedicinalProduct", "id": "m"}]},
+         "Observation.contained[0].resourceType: 'MedicinalProduct' is an R4 type that R4B replaced, with no model "
+         "to read it"),
+        ({"contained": [{"resourceType": "Bundle", "type": "collection",
+                         "entry": [{"resource": {"resourceType": "Practioner", "id": "m"}}]}]},
+         "Observation.contained[0].entry[0].resource.resourceType: 'Practioner' is not a FHIR R4B resource type"),
+        # ... TypeError on this one ...
+        ({"contained": [{"resourceType": 1, "id": "m"}]},
+         "Observation.contained[0].resourceType: should be a string, found int 1"),
+        # ... and AttributeError on a primitive's extension given as text that reads as JSON.
+        ({"_status": "1"}, "Observation._status: a primitive's extension should be an object, found str '1'"),
+        ({"component": [{"code": {"text": "a"}, "valueString": "x", "_valueString": "[1]"}]},
+         "Observation.component[0]._valueString: a primitive's extension should be an object, found str '[1]'"),
     ],
 )
-def test_input_fhir_resources_cannot_read_is_invalid_not_a_crash(change: dict[str, Any], error: str) -> None:
-    reason = _reason(_observation(**change))
-    assert reason.startswith(f"FHIR R4 validation failed: fhir.resources.R4B cannot read this Observation ({error}: ")
+def test_input_fhir_resources_cannot_read_is_invalid_and_named(change: dict[str, Any], where: str) -> None:
+    assert _reason(_observation(**change)) == f"FHIR R4 validation failed at {where}"
 
 
 def test_nesting_deeper_than_python_recurses_is_invalid_not_a_crash() -> None:
     extension: dict[str, Any] = {"url": "http://example.org/x", "valueString": "leaf"}
     for _ in range(300):
         extension = {"url": "http://example.org/x", "extension": [extension]}
-    assert _reason(_observation(extension=[extension])).startswith(
-        "FHIR R4 validation failed: fhir.resources.R4B cannot read this Observation (RecursionError: "
+    assert _reason(_observation(extension=[extension])) == (
+        "FHIR R4 validation failed: this Observation is nested deeper than fhir.resources.R4B can read"
     )
+
+
+def test_the_library_raising_on_a_record_without_a_known_bad_shape_is_its_own_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A library (or version) that breaks on good input must not read as bad data: every record
+    # would be quarantined as invalid, and the export blamed for it.
+    class Broken:
+        @staticmethod
+        def model_validate(resource: dict[str, Any]) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'fields'")
+
+    monkeypatch.setattr("features.fhir.validate.r4_model", lambda resource_type: Broken)
+    with pytest.raises(RecordError) as caught:
+        validate_r4(_observation())
+    assert caught.value.code == "fhir_library_error"
+    assert re.fullmatch(
+        r"fhir\.resources [0-9.]+ raised AttributeError: 'NoneType' object has no attribute 'fields' on this "
+        r"Observation, which holds no shape known to be invalid: the library, not necessarily the record, may be "
+        r"at fault", caught.value.reason)
+
+
+def test_a_primitive_extension_as_an_object_or_a_list_with_nulls_is_no_unreadable_shape() -> None:
+    patient = {"resourceType": "Patient", "id": "p", "_birthDate": {"extension": []},
+               "name": [{"given": ["A", "B"], "_given": [None, {"id": "g2"}]}],
+               "contained": [{"resourceType": "Practitioner", "id": "d"}]}
+    assert r4b_unreadable_shape(patient) is None
+    validate_r4(patient)
 
 
 def test_r4_types_that_r4b_replaced_are_named() -> None:
