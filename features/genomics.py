@@ -38,6 +38,7 @@ from features.tables import (
     FileError,
     Spill,
     TableRead,
+    check_columns,
     check_row_shape,
     clear_columns,
     is_text,
@@ -61,19 +62,17 @@ def read_genomics_file(path: Path, source_file: str, spill: Spill | None = None)
     result = TableRead("genomics", source_file, rows={"genomics": []}, frames={"genomics": []}, spill=spill)
     try:
         columns = table_columns(path)
-        if "patient_id" not in columns:
-            raise FileError("missing_columns", "genomics table lacks column patient_id")
+        check_columns(columns, "genomics table", ["patient_id"])
         if "gene" in columns or "genotype" in columns:
-            missing = [name for name in VARIANT_COLUMNS if name not in columns]
+            check_columns(columns, "genomics variants table", list(VARIANT_COLUMNS))
             form = "variants"
         elif "feature" in columns:
-            missing = [name for name in FEATURE_COLUMNS if name not in columns]
+            check_columns(columns, "genomics features table", list(FEATURE_COLUMNS))
             form = "features"
         else:
-            missing = [] if len(columns) > 1 else ["<feature columns>"]
             form = "wide"
-        if missing:
-            raise FileError("missing_columns", f"genomics {form} table lacks column(s) {', '.join(missing)}")
+            if len(columns) < 2:
+                raise FileError("missing_columns", "genomics wide table lacks column(s) <feature columns>")
         prefix = "EXPRESSION" if "expression" in path.name.lower() else "FEATURE"
         features = [name for name in columns if name != "patient_id"]
         if form == "wide":

@@ -881,7 +881,10 @@ def _discover(landing_dir: Path) -> _Landing:
     landing = _Landing()
 
     def files(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        # A lander's marker is no data in any folder: Spark and Hadoop writers leave one in each
+        # folder they write, beside the one that says the whole batch has landed.
+        return sorted(p for p in folder.rglob("*")
+                      if p.is_file() and not p.name.startswith(".") and p.name != LANDED_MARKER)
 
     def rel(path: Path) -> str:
         return path.relative_to(landing_dir).as_posix()
@@ -900,7 +903,6 @@ def _discover(landing_dir: Path) -> _Landing:
         manifests = [landing_dir / BULK_MANIFEST]
     landing.manifests = [(p, rel(p)) for p in manifests]
     taken = {path for path, _ in landing.fhir} | set(manifests)
-    taken |= {landing_dir / LANDED_MARKER}
     if (landing_dir / SIMULATOR_FILES[0]).is_file():
         taken |= {landing_dir / name for name in SIMULATOR_FILES}
     landing.unread = [(p, rel(p)) for p in every
@@ -1122,7 +1124,8 @@ def _finalize_table(
     comes after (:func:`_deleted_copies`) are left out first, each a ``deleted`` quarantine row
     naming the entry; so are those a newer version marked entered-in-error withdraws (``withdrawn``
     rows of ``deletions``), each a ``withdrawn`` row. The newest copy is chosen among the others (a
-    copy re-created after the deletion, say).
+    copy re-created after the deletion, say). A copy whose patient is not in the export is an
+    ``orphan_reference`` row; one that states no version takes no part in choosing the copy kept.
     """
     ids = ID_COLUMNS[table]
     location = ["source_file", "record_number"]
@@ -1140,6 +1143,20 @@ def _finalize_table(
             .otherwise(pl.lit(" (request DELETE)")),
         )
     remaining = staged if deleted is None else staged.join(deleted.lazy().select(location), on=location, how="anti")
+    if quarantined_patients is None:
+        quarantined_patients = pl.Series("patient_id", [], dtype=pl.String)
+    unmatched = None
+    if patient_ids is not None and "patient_id" in staged.collect_schema().names():
+        unmatched = (
+            staged.filter(~pl.col("patient_id").is_in(patient_ids.implode()))
+            .group_by(location, maintain_order=True)
+            .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "patient_id"]))
+            .collect()
+        )
+        # A copy of no known patient that states no version cannot be the newer copy: it must not
+        # win an id from a copy that is usable (an orphan note row listed before its patient's).
+        unversioned = unmatched.lazy().select(location).join(versions.select(location), on=location, how="anti")
+        remaining = remaining.join(unversioned, on=location, how="anti")
     candidates = remaining.join(_repeated_ids(remaining, ids), on=ids, how="semi", nulls_equal=True)
     # Whose each copy is, where the id does not say: a table's note or study id held by two
     # patients is a clash of ids (two feeds numbering alike), not a copy.
@@ -1217,18 +1234,9 @@ def _finalize_table(
     if deleted is not None:
         duplicates = pl.concat([duplicates, deleted])
     drop = duplicates.select(location)
-    if quarantined_patients is None:
-        quarantined_patients = pl.Series("patient_id", [], dtype=pl.String)
-    if patient_ids is not None and "patient_id" in staged.collect_schema().names():
-        orphans = (
-            staged.filter(~pl.col("patient_id").is_in(patient_ids.implode()))
-            .join(drop.lazy(), on=location, how="anti")
-            .group_by(location, maintain_order=True)
-            .agg(pl.col(c).first() for c in dict.fromkeys([*ids, "patient_id"]))
-            .collect()
-        )
+    if unmatched is not None:
         orphans = _drops(
-            orphans,
+            unmatched.join(drop, on=location, how="anti", maintain_order="left"),
             rtype,
             pl.col(ids[-1]),
             pl.lit("orphan_reference"),

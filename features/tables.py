@@ -139,14 +139,46 @@ def table_columns(path: Path) -> list[str]:
 
 
 def require_columns(path: Path, what: str, names: list[str]) -> list[str]:
-    """The table's columns, or :class:`FileError` naming the contract columns it lacks."""
+    """The table's columns, or :class:`FileError` naming the contract columns it lacks or repeats."""
     columns = table_columns(path)
+    check_columns(columns, what, names)
+    return columns
+
+
+def check_columns(columns: list[str], what: str, names: list[str]) -> None:
+    """Raise :class:`FileError` when a table lacks one of the contract columns ``names`` or names one
+    twice.
+
+    A column given twice (``patient_id`` at both ends of a joined extract) would be read as its
+    last copy: a row whose copies differ would be filed under the second patient, unseen. Which
+    copy the source meant is unknown, so the file is one quarantine row. Other columns may repeat.
+    A missing column whose name the table holds in other letter case is named with it.
+
+    Examples
+    --------
+    >>> def reason(columns: list[str]) -> str:
+    ...     try:
+    ...         check_columns(columns, "notes table", ["patient_id", "note_id"])
+    ...     except FileError as err:
+    ...         return f"{err.code}: {err.reason.split(' (')[0]}"
+    ...     return "fine"
+    >>> reason(["patient_id", "note_id", "patient_id"]), reason(["note_id", "patient_id", "x", "x"])
+    ('duplicate_columns: notes table names column(s) patient_id 2 times', 'fine')
+    >>> reason(["Patient_ID", "note_id"])
+    'missing_columns: notes table lacks column(s) patient_id'
+    """
     missing = [name for name in names if name not in columns]
     if missing:
+        by_case = {column.lower(): column for column in columns}
+        found = [by_case[name.lower()] for name in missing if name.lower() in by_case]
+        hint = f"; found {', '.join(found)}: names are matched with their letter case" if found else ""
         raise FileError(
-            "missing_columns", f"{what} lacks column(s) {', '.join(missing)} (expected {', '.join(names)})"
+            "missing_columns", f"{what} lacks column(s) {', '.join(missing)} (expected {', '.join(names)}{hint})"
         )
-    return columns
+    repeated = [f"{name} {columns.count(name)} times" for name in names if columns.count(name) > 1]
+    if repeated:
+        raise FileError("duplicate_columns", f"{what} names column(s) {', '.join(repeated)} (expected each once: "
+                        "which copy a row means is unknown)")
 
 
 def _unreadable_parquet(exc: Exception) -> FileError:

@@ -605,7 +605,10 @@ def test_files_no_reader_takes_are_quarantined(
     (landing / "note").mkdir()  # a misspelt notes/
     (landing / "note" / "notes.csv").write_text("patient_id,note_id,time,note_type,text\n")
     (landing / "Patient.extra.ndjson").write_text("{}\n")  # beside fhir/, not in it
-    (landing / "_SUCCESS").touch()  # the lander's marker is not data
+    (landing / "_SUCCESS").touch()  # the lander's marker is not data ...
+    (landing / "fhir" / "_SUCCESS").touch()  # ... nor Spark's in each folder it writes
+    (landing / "notes").mkdir()
+    (landing / "notes" / "_SUCCESS").touch()
     summary = ingest_landing_zone(landing, tmp_path / "out", workers=1, export_time=EXPORT)
     unread = (
         pl.read_parquet(tmp_path / "out" / "quarantine.parquet")

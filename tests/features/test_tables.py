@@ -611,6 +611,65 @@ def test_a_notes_table_row_with_the_id_of_another_patients_versioned_document_is
     assert summary.duplicates == 0
 
 
+@pytest.mark.parametrize(("name", "data", "reason"), [
+    ("notes/a.csv", b"patient_id,note_id,time,note_type,text,patient_id\np1,n1,2020-01-01T00:00:00Z,x,y,p2\n",
+     "notes table names column(s) patient_id 2 times"),
+    ("genomics/l.csv", b"patient_id,feature,value,value\np1,IL6,1.5,99\n",
+     "genomics features table names column(s) value 2 times"),
+    ("genomics/v.csv", b"patient_id,gene,variant,genotype,patient_id\np1,CYP2C19,rs1,1,p2\n",
+     "genomics table names column(s) patient_id 2 times"),
+    ("genomics/w.csv", b"patient_id,IL6,patient_id\np1,1.5,p2\n", "genomics table names column(s) patient_id 2 times"),
+    ("imaging/i.parquet", pa.Table.from_arrays(
+        [pa.array(["p1"]), pa.array(["s1"]), pa.array([datetime(2020, 1, 1)]), pa.array(["CT"]), pa.array(["chest"]),
+         pa.array([[0.5, 0.25]], type=pa.list_(pa.float32())), pa.array(["p2"])],
+        names=["patient_id", "study_id", "time", "modality", "body_site", "embedding", "patient_id"]),
+     "imaging table names column(s) patient_id 2 times"),
+])
+def test_a_contract_column_given_twice_rejects_the_file(
+        tmp_path: Path, name: str, data: bytes | pa.Table, reason: str) -> None:
+    # Read as its last copy, the row was filed under p2 (or took the value 99) without a trace.
+    summary, quarantine = run(tmp_path, {name: data}, patients=2)
+    assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
+        (name, 0, "duplicate_columns", f"{reason} (expected each once: which copy a row means is unknown)")]
+    assert summary.records_out == 2  # the two patients
+
+
+def test_a_missing_column_there_in_other_letter_case_is_named(tmp_path: Path) -> None:
+    csv = b"Patient_ID,note_id,time,note_type,text\np1,n1,2020-01-01T00:00:00Z,x,y\n"
+    _summary, quarantine = run(tmp_path, {"notes/a.csv": csv})
+    assert quarantine["reason"].to_list() == [
+        "notes table lacks column(s) patient_id (expected patient_id, note_id, time, note_type, text; found "
+        "Patient_ID: names are matched with their letter case)"]
+
+
+def test_a_note_of_no_known_patient_takes_no_id_from_a_usable_note(tmp_path: Path) -> None:
+    # The orphan is listed first; before, it was kept as the copy, the real patient's note was an
+    # id_conflict "with the copy kept", and then the orphan was quarantined too: n1 was lost.
+    files = {"notes/a.csv": NOTES_HEADER + b"p9,n1,2020-01-01T00:00:00Z,x,note of an unknown patient\n",
+             "notes/b.csv": NOTES_HEADER + b"p1,n1,2020-01-01T00:00:00Z,x,note of p1\n"}
+    summary, quarantine = run(tmp_path, files)
+    assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
+        ("notes/a.csv", 1, "orphan_reference", "notes record refers to Patient/p9, which is not in this export")]
+    notes = pl.read_parquet(tmp_path / "out" / "notes.parquet")
+    assert notes.select("note_id", "patient_id", "text").rows() == [("n1", "p1", "note of p1")]
+    assert summary.duplicates == 0
+
+
+def test_a_newer_fhir_version_of_no_known_patient_still_outranks_the_older_copy(tmp_path: Path) -> None:
+    # A version that states itself newer decides, even when its patient is missing: the older
+    # copy is not brought back.
+    copies = []
+    for patient, meta in (("p1", {"versionId": "1"}), ("p9", {"versionId": "2"})):
+        observation = {"resourceType": "Observation", "id": "o1", "status": "final", "meta": meta,
+                       "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": "2020-01-01T10:00:00Z",
+                       "code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+                       "valueQuantity": {"value": 120, "unit": "mm[Hg]"}}
+        copies.append(orjson.dumps(observation) + b"\n")
+    _summary, quarantine = run(tmp_path, {"fhir/Observation.ndjson": b"".join(copies)})
+    assert quarantine.select("record_number", "reason_code").rows() == [(1, "duplicate"), (2, "orphan_reference")]
+    assert pl.read_parquet(tmp_path / "out" / "observations.parquet").height == 0
+
+
 @pytest.mark.parametrize(("metas", "reason_code"), [
     # A later version moves the record to another patient: the older copy is a duplicate.
     ([None, {"versionId": "2", "lastUpdated": "2024-03-01T00:00:00Z"}], "duplicate"),
@@ -647,7 +706,8 @@ def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -
 
 def test_genomics_long_features_missing_column(tmp_path: Path) -> None:
     _summary, quarantine = run(tmp_path, {"genomics/scores.csv": b"patient_id,feature\np1,x\n"})
-    assert quarantine.select("record_number", "reason").rows() == [(0, "genomics features table lacks column(s) value")]
+    assert quarantine.select("record_number", "reason").rows() == [
+        (0, "genomics features table lacks column(s) value (expected patient_id, feature, value)")]
 
 
 def imaging_table(embeddings: list[list[float]]) -> pa.Table:
