@@ -53,7 +53,8 @@ from features.tables import (
 VARIANT_COLUMNS = ("patient_id", "gene", "variant", "genotype")
 FEATURE_COLUMNS = ("patient_id", "feature", "value")
 # Numbers written plainly: Python's float() and the column parser read these to the same value
-# (both round correctly); anything else (spaces, '1_000', 'inf') is left to the per-row checks.
+# (both round correctly); anything else (spaces, '1_000', 'inf') is left to the per-row checks, which
+# refuse all but spaces.
 _PLAIN_NUMBER = r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$"
 
 

@@ -94,7 +94,7 @@ from features.io import (
 )
 from features.notes import read_notes_file
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE, STAGED_TABLES
-from features.tables import FileError, Spill, TableRead
+from features.tables import FileError, Spill, TableRead, fetch_rows
 
 TABLES = [
     "patients",
@@ -1313,13 +1313,17 @@ def resolve_note_references(
 def _raw_texts(
     dropped: pl.DataFrame, staged: dict[str, pl.LazyFrame], landing_dir: Path, fhir_kinds: dict[str, str]
 ) -> list[str]:
-    """The raw text of each dropped record: re-read from its FHIR file, or its staged row."""
+    """The raw text of each dropped record: re-read from its FHIR file or its table file (the row as
+    the file holds it), or else its staged row."""
     texts: dict[tuple[str, int], str] = {}
     for (source_file,), group in dropped.group_by("source_file", maintain_order=True):
         numbers = set(group["record_number"].to_list())
         kind = fhir_kinds.get(str(source_file))
         if kind is not None:
             for number, text in fetch_raw(landing_dir / str(source_file), kind, numbers, RAW_LIMIT).items():
+                texts[(str(source_file), number)] = text
+        elif str(source_file).split("/", 1)[0] in SIDE_TABLE_FOLDERS:
+            for number, text in fetch_rows(landing_dir / str(source_file), numbers).items():
                 texts[(str(source_file), number)] = text
         else:
             table = str(group["table"][0])

@@ -133,8 +133,9 @@ QUARANTINE = pa.schema(
         # fhir, notes, genomics or imaging.
         pa.field("source_kind", pa.string(), nullable=False),
         pa.field("source_file", pa.string(), nullable=False),
-        # 1-based line of an NDJSON or CSV file, entry of a Bundle, row of a Parquet file;
-        # 0 when the whole file could not be read.
+        # 1-based line of an NDJSON file, entry of a Bundle, row of a Parquet file, record of a
+        # CSV/TSV file after its header (a quoted field over several lines is one record, a blank
+        # line one too); 0 when the whole file could not be read.
         pa.field("record_number", pa.int64(), nullable=False),
         pa.field("resource_type", pa.string(), nullable=True),
         pa.field("resource_id", pa.string(), nullable=True),

@@ -124,7 +124,7 @@ def table_columns(path: Path) -> list[str]:
                         f"table format cohortcast reads (expected {', '.join(TABLE_SUFFIXES)}; decompress .gz files)")
     try:
         if path.suffix.lower() == ".parquet":
-            return list(pq.read_schema(path).names)
+            return _named_plainly(list(pq.read_schema(path).names))
         with _csv_reader(path) as reader:
             header = next(reader, None)
     except (OSError, csv.Error) as exc:
@@ -135,7 +135,21 @@ def table_columns(path: Path) -> list[str]:
         raise FileError("empty_file", "file is empty (no header line)")
     if any(NOT_UTF8.search(name) for name in header):
         raise FileError("not_utf8", "header line holds bytes that are not UTF-8 (export the file as UTF-8)")
-    return [name.strip() for name in header]
+    return _named_plainly([name.strip() for name in header])
+
+
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _named_plainly(columns: list[str]) -> list[str]:
+    """``columns``, or :class:`FileError` when a name holds a line break or another control
+    character: a wide panel's column names become codes (``FEATURE//IL6``), and such a name is a
+    header cell merged with the next one, never a feature."""
+    for position, name in enumerate(columns, start=1):
+        if _CONTROL_CHARACTER.search(name):
+            raise FileError("bad_column_name", f"column {position}'s name {name[:40]!r} holds a line break or another "
+                            "control character (expected one line of text per column name)")
+    return columns
 
 
 def require_columns(path: Path, what: str, names: list[str]) -> list[str]:
@@ -255,6 +269,32 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 numbers, fitting, odd = [], [], []
         if numbers or odd:
             yield numbers, _text_table(header, fitting), odd
+
+
+def fetch_rows(path: Path, numbers: set[int]) -> dict[int, str]:
+    """Rows ``numbers`` (record numbers as :func:`iter_batches` counts them) of a table file, each
+    as :func:`raw_text` of the row as the file holds it (CSV/TSV text, Parquet values): the raw text
+    of a record dropped after it was staged (a duplicate, an orphan), which was normalised there (a
+    time in UTC, a wide panel as one row per feature)."""
+    found: dict[int, str] = {}
+    if path.suffix.lower() == ".parquet":
+        start = 0
+        width = len(pq.read_schema(path).names)
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=max(1, min(BATCH_ROWS, BATCH_VALUES // width))):
+            wanted = sorted(n for n in numbers if start < n <= start + batch.num_rows)
+            if wanted:
+                rows = batch.take(pa.array([n - start - 1 for n in wanted])).to_pylist()
+                found.update((n, raw_text(row)) for n, row in zip(wanted, rows, strict=True))
+            start += batch.num_rows
+        return found
+    with _csv_reader(path) as reader:
+        header = [name.strip() for name in next(reader)]
+        for number, values in enumerate(reader, start=1):
+            if number in numbers:
+                found[number] = raw_text(dict(zip(header, values, strict=False)))
+                if len(found) == len(numbers):
+                    break
+    return found
 
 
 @contextmanager
@@ -525,7 +565,11 @@ def to_time(row: dict[str, Any], name: str, latest: datetime, zone: str = SITE_Z
 def to_float(row: dict[str, Any], name: str) -> float:
     value = require(row, name)
     if isinstance(value, str):
+        # Python's float() also reads other scripts' digits and '_' separators ('١٢', '1_000'),
+        # which no lab system writes as a number: such text is a shifted or mangled field.
         try:
+            if not value.isascii() or "_" in value:
+                raise ValueError(value)
             value = float(value)
         except ValueError:
             raise RecordError("bad_type", f"column {name} should be a number, found {value!r:.40}") from None

@@ -436,13 +436,13 @@ def test_wide_genomics_checked_by_column_equals_per_row(
     }
     if suffix == "tsv":
         expected |= {
-            2: "column IL6 is not a finite number (nan)", 9: "column TNF should be a number, found 'abc'",
-            12: "column CRP is not a finite number (inf)",
+            2: "column IL6 is not a finite number (nan)", 8: "column CRP should be a number, found '1_000'",
+            9: "column TNF should be a number, found 'abc'", 12: "column CRP is not a finite number (inf)",
         }
     assert reasons == expected
-    # The column checks cleared every row but the odd ones; ' 1.5' and '1_000' were left to the
-    # per-row checks, which accept them ('+2.', '-.5' and '1e-3' are plain numbers).
-    assert sum(cleared) == 30 - len(expected) - (2 if suffix == "tsv" else 0)
+    # The column checks cleared every row but the odd ones; ' 1.5' was left to the per-row checks,
+    # which accept it ('+2.', '-.5' and '1e-3' are plain numbers).
+    assert sum(cleared) == 30 - len(expected) - (1 if suffix == "tsv" else 0)
     assert fast.height == 4 * (30 - len(expected))
 
     def value(record: int, gene: str) -> float:
@@ -450,8 +450,7 @@ def test_wide_genomics_checked_by_column_equals_per_row(
             "value"].item())
 
     if suffix == "tsv":
-        assert (value(7, "IL6"), value(8, "CRP"), value(10, "BNP"), value(11, "IL6"), value(13, "TNF")) == (
-            1.5, 1000.0, 0.001, -0.5, 2.0)
+        assert (value(7, "IL6"), value(10, "BNP"), value(11, "IL6"), value(13, "TNF")) == (1.5, 0.001, -0.5, 2.0)
     else:
         assert value(30, "BNP") == float(panel.column("BNP")[29].as_py())
     assert fast["code"].head(4).to_list() == [f"EXPRESSION//{gene}" for gene in ("IL6", "CRP", "TNF", "BNP")]
@@ -504,8 +503,8 @@ def test_long_genomics_checked_by_column_equals_per_row(
     assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "genomics.parquet"), check_exact=True)
     assert_frame_equal(by_column, per_row, check_exact=True)
     # Left to the per-row check and accepted by it: genotypes ' 1' and '1.0' (an integral float, as
-    # pandas writes integers beside a missing value); the feature value '1_000', as Python reads it.
-    accepted_per_row = {("variants", "csv"): [7, 8], ("features", "csv"): [7]}.get((form, suffix), [])
+    # pandas writes integers beside a missing value); the feature value '1_000' is refused there.
+    accepted_per_row = {("variants", "csv"): [7, 8]}.get((form, suffix), [])
     quarantined = sorted(by_column["record_number"].to_list())
     assert len(quarantined) + len(accepted_per_row) + sum(cleared) == n
     assert fast["record_number"].to_list() == [i for i in range(1, n + 1) if i not in quarantined]
@@ -634,12 +633,38 @@ def test_a_contract_column_given_twice_rejects_the_file(
     assert summary.records_out == 2  # the two patients
 
 
+def test_a_column_name_with_a_line_break_rejects_the_file(tmp_path: Path) -> None:
+    csv = b'patient_id,"g1\nprobe A",g2\np1,1.5,2.5\n'
+    _summary, quarantine = run(tmp_path, {"genomics/w.csv": csv})
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (0, "bad_column_name", "column 2's name 'g1\\nprobe A' holds a line break or another control character "
+                               "(expected one line of text per column name)")]
+
+
 def test_a_missing_column_there_in_other_letter_case_is_named(tmp_path: Path) -> None:
     csv = b"Patient_ID,note_id,time,note_type,text\np1,n1,2020-01-01T00:00:00Z,x,y\n"
     _summary, quarantine = run(tmp_path, {"notes/a.csv": csv})
     assert quarantine["reason"].to_list() == [
         "notes table lacks column(s) patient_id (expected patient_id, note_id, time, note_type, text; found "
         "Patient_ID: names are matched with their letter case)"]
+
+
+def test_a_table_row_dropped_after_staging_keeps_its_raw_text_as_the_file_holds_it(tmp_path: Path) -> None:
+    # Staged, the note's time was in UTC and its type a slug, and a wide row one row per feature:
+    # the quarantine showed 01:04 for a note written at 03:04+02:00, and only g1 of the panel.
+    files = {"notes/a.csv": b"patient_id,note_id,time,note_type,text\n"
+                            b"p9,n1,2020-01-02T03:04:05+02:00,Progress Note,orphan note\n",
+             "genomics/w.csv": b"patient_id,g1,g2,g3\np1,0.5,0.25,0.125\np9,1.5,2.5,3.5\n",
+             "genomics/panel.parquet": pa.table({"patient_id": ["p9"], "g1": [1.5], "g2": [2.5]})}
+    _summary, quarantine = run(tmp_path, files)
+    rows = quarantine.sort("source_file").select("source_file", "record_number", "reason_code", "raw_text").rows()
+    assert rows == [
+        ("genomics/panel.parquet", 1, "orphan_reference", '{"patient_id":"p9","g1":1.5,"g2":2.5}'),
+        ("genomics/w.csv", 2, "orphan_reference", '{"patient_id":"p9","g1":"1.5","g2":"2.5","g3":"3.5"}'),
+        ("notes/a.csv", 1, "orphan_reference",
+         '{"patient_id":"p9","note_id":"n1","time":"2020-01-02T03:04:05+02:00","note_type":"Progress Note",'
+         '"text":"orphan note"}'),
+    ]
 
 
 def test_a_note_of_no_known_patient_takes_no_id_from_a_usable_note(tmp_path: Path) -> None:
@@ -688,6 +713,19 @@ def test_two_patients_fhir_copies_of_one_id_clash_unless_one_is_a_newer_version(
     summary, quarantine = run(tmp_path, {"fhir/Observation.ndjson": b"".join(copies)}, patients=2)
     assert quarantine.select("reason_code").to_series().to_list() == [reason_code]
     assert summary.duplicates == (reason_code == "duplicate")
+
+
+def test_genomics_values_in_other_digits_or_with_separators_are_not_numbers(tmp_path: Path) -> None:
+    csv = ("patient_id,feature,value\np1,IL6,\u0663\np1,CRP,\uff11\uff12\np1,TNF,1_000\np1,IL1,1e3\n"
+           "p1,IL2, 2.5 \n").encode()
+    _summary, quarantine = run(tmp_path, {"genomics/scores.csv": csv})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (1, "column value should be a number, found '\u0663'"),
+        (2, "column value should be a number, found '\uff11\uff12'"),
+        (3, "column value should be a number, found '1_000'"),
+    ]
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("code", "value").rows() == [("FEATURE//IL1", 1000.0), ("FEATURE//IL2", 2.5)]
 
 
 def test_genomics_long_features_beyond_float32_are_quarantined(tmp_path: Path) -> None:
