@@ -134,6 +134,10 @@ def table_columns(path: Path) -> list[str]:
     if not header:
         raise FileError("empty_file", "file is empty (no header line)")
     if any(NOT_UTF8.search(name) for name in header):
+        with path.open("rb") as handle:
+            if handle.read(2) == b"\x1f\x8b":
+                raise FileError("unsupported_file", f"file is gzip-compressed, though named {path.suffix} "
+                                "(decompress it: tables are read uncompressed)")
         raise FileError("not_utf8", "header line holds bytes that are not UTF-8 (export the file as UTF-8)")
     return _named_plainly([name.strip() for name in header])
 

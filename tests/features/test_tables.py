@@ -641,6 +641,16 @@ def test_a_column_name_with_a_line_break_rejects_the_file(tmp_path: Path) -> Non
                                "(expected one line of text per column name)")]
 
 
+def test_a_gzip_file_named_as_csv_is_named_as_compressed(tmp_path: Path) -> None:
+    import gzip
+
+    csv = gzip.compress(b"patient_id,note_id,time,note_type,text\np1,n1,2020-01-01T00:00:00Z,x,y\n")
+    _summary, quarantine = run(tmp_path, {"notes/a.csv": csv})
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (0, "unsupported_file", "file is gzip-compressed, though named .csv (decompress it: tables are read "
+                                "uncompressed)")]
+
+
 def test_a_missing_column_there_in_other_letter_case_is_named(tmp_path: Path) -> None:
     csv = b"Patient_ID,note_id,time,note_type,text\np1,n1,2020-01-01T00:00:00Z,x,y\n"
     _summary, quarantine = run(tmp_path, {"notes/a.csv": csv})
