@@ -344,13 +344,18 @@ def weighted_concordance_difference(
     C-index otherwise. A patient of weight k counts as k copies, so weights drawn as bootstrap
     counts give the metrics of bootstrap resamples, from pairs of the original patients.
     """
-    events = np.asarray(event, dtype=bool)
+    events = _check_labels("weighted_concordance_difference", event)
     a, b = np.asarray(score, dtype=np.float64), np.asarray(reference, dtype=np.float64)
     w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     n = events.size
     if a.shape != (n,) or b.shape != (n,) or w.shape[1] != n:
         raise ValueError(f"weighted_concordance_difference: scores of shape {a.shape} and {b.shape} and weights "
                          f"of shape {w.shape} for {n} patients")
+    for name, values in (("score", a), ("reference", b)):
+        if not np.isfinite(values).all():
+            # A NaN would rank with the highest score, and the concordance be made up.
+            raise ValueError(f"weighted_concordance_difference: {name} must be finite (found "
+                             f"{values[~np.isfinite(values)][:3].tolist()})")
     # For AUROC a positive "happens before" every negative.
     time = (~events).astype(np.float64) if duration_days is None else np.asarray(duration_days, dtype=np.float64)
     gained, pairs = np.zeros(len(w)), np.zeros(len(w))
@@ -393,9 +398,8 @@ def paired_concordance_difference(
         The difference on the patients as given, and the ``level`` percentile interval of the
         resampled differences.
     """
-    events = np.asarray(event, dtype=bool)
-    if duration_days is None:
-        _check_binary("paired_concordance_difference", events)
+    events = (_check_binary("paired_concordance_difference", event) if duration_days is None
+              else _check_labels("paired_concordance_difference", event))
     n = events.size
     rng = np.random.default_rng(seed)
     weights = np.vstack([np.ones(n), *(np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_resamples))])

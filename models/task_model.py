@@ -164,8 +164,12 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
             split_tokens, notes, imaging, labels.join(ids, on="subject_id"), text_dim, imaging_dim,
             modalities=modalities,
         )
-        tables[split] = split_tokens.select("subject_id").join(tabular, on="subject_id", how="left")
-        cohorts[split] = split_tokens.select("subject_id").join(cohort, on="subject_id", how="left")
+        # Row i of every table is patient i of the dataset: the subgroups and the baselines line up
+        # with the labels by position.
+        tables[split] = split_tokens.select("subject_id").join(tabular, on="subject_id", how="left",
+                                                               maintain_order="left")
+        cohorts[split] = split_tokens.select("subject_id").join(cohort, on="subject_id", how="left",
+                                                                maintain_order="left")
     return TaskData(
         task=str(labels["task"][0]) if labels.height else task_dir.name,
         horizon_days=horizon_days,
@@ -1088,6 +1092,11 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
         ]
     if metrics.get("survival_calibration"):
         lines += ["", f"{metrics['survival_calibration'][0].upper()}{metrics['survival_calibration'][1:]}."]
+    if not task.outcome.death:
+        lines += ["", "Death is not part of this outcome and ends follow-up: the survival curve is cause-specific "
+                  "(the chance of staying free of the outcome were no one to die first), so where deaths are "
+                  "common its 1 - S(horizon) is above the risk, which counts a death before the outcome as no "
+                  "outcome. The risk is the patient's chance of the outcome; read the curve for its shape."]
     groups = [k.removeprefix("subgroup_").removesuffix("_labelled") for k in fusion
               if k.startswith("subgroup_") and k.endswith("_labelled")]
     lines += ["", "## AUROC by subgroup", "",

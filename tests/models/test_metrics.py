@@ -206,3 +206,19 @@ def test_auroc_interval_is_the_weighted_auroc_with_a_bootstrap_interval() -> Non
     draws = [rng.integers(0, n, n) for _ in range(500)]
     direct = np.quantile([roc_auc_score(y[d], risk[d], sample_weight=weights[d]) for d in draws], [0.025, 0.975])
     assert abs(low - direct[0]) < 0.02 and abs(high - direct[1]) < 0.02
+
+
+def test_bootstrap_concordance_refuses_labels_and_scores_auroc_refuses() -> None:
+    y, risk = np.array([0.0, 1.0, 0.0, 1.0]), np.array([0.1, 0.9, 0.3, 0.4])
+    nan_label = r"^paired_concordance_difference: labels must be 0/1 \(found \[0\.0, 1\.0, nan\]"
+    with pytest.raises(ValueError, match=nan_label):
+        auroc_interval(np.array([0.0, 1.0, np.nan, 1.0]), risk)
+    with pytest.raises(ValueError, match=r"labels must be 0/1 \(found \[0\.0, 1\.0, 2\.0\]"):
+        auroc_interval(np.array([0.0, 1.0, 2.0, 1.0]), risk)
+    with pytest.raises(ValueError, match=r"^weighted_concordance_difference: score must be finite \(found \[nan\]\)"):
+        auroc_interval(y, np.array([0.1, np.nan, 0.3, 0.4]))
+    with pytest.raises(ValueError, match=r"^weighted_concordance_difference: reference must be finite"):
+        paired_concordance_difference(y, risk, np.array([np.inf, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match=r"^paired_concordance_difference: labels must be 0/1"):
+        paired_concordance_difference(np.array([0.0, 1.0, np.nan, 1.0]), risk, risk[::-1],
+                                      duration_days=np.array([5.0, 1.0, 3.0, 2.0]))

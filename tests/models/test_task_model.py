@@ -541,3 +541,30 @@ def test_a_model_whose_task_inputs_were_built_again_while_it_trained_is_not_save
                          {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
                           "intermediate_size": 32}, baselines=False, on_epoch=build_again)
     assert not (tmp_path / "model").exists()
+
+
+def test_every_table_of_a_split_lists_the_datasets_patients_in_its_order(tmp_path: Path) -> None:
+    task = load_task(write_task_folder(tmp_path, 300, seed=3))
+    data = load_task_data(tmp_path / "tasks" / task.name, task.horizon_days)
+    for split, dataset in data.datasets.items():
+        assert len(dataset) > 0
+        np.testing.assert_array_equal(data.tabular[split]["subject_id"].to_numpy(), dataset.subject_ids)
+        np.testing.assert_array_equal(data.cohort[split]["subject_id"].to_numpy(), dataset.subject_ids)
+
+
+def test_the_card_of_an_outcome_death_competes_with_says_the_curve_is_cause_specific(
+        trained: tuple[Path, dict]) -> None:
+    from dataclasses import replace
+
+    from models.fusion import FusionConfig
+    from models.task_model import model_card
+
+    model_dir, metrics = trained
+    task = load_task(model_dir.parent.parent / "synthetic_1y.yaml")
+    data = load_task_data(model_dir.parent.parent / "tasks" / "synthetic_1y", task.horizon_days)
+    config = FusionConfig.from_pretrained(model_dir)
+    note = "Death is not part of this outcome and ends follow-up: the survival curve is cause-specific"
+    assert task.outcome.death and note not in model_card(task, data, config, metrics)
+    competing = replace(task, outcome=replace(task.outcome, death=False, codes=("ICD10CM//I21",)))
+    assert f"\n\n{note} (the chance of staying free of the outcome were no one to die first)" in model_card(
+        competing, data, config, metrics)
