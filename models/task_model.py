@@ -826,6 +826,23 @@ def truth_file_mismatch(truth_path: Path, task_dir: Path, horizon_days: float) -
                           pl.read_parquet(task_dir / "cohort.parquet", glob=False), horizon_days)
 
 
+def check_model_destination(model_dir: Path, task_dir: Path) -> None:
+    """Raise :class:`ModelFolderError` unless ``model_dir`` may be replaced by a new model folder:
+    absent, empty, or a model folder already. Writing a model replaces the whole folder, so a
+    warehouse, a folder of several models or anyone's other files named there would be deleted.
+    """
+    target, inputs = model_dir.resolve(), task_dir.resolve()
+    if target == inputs or target in inputs.parents:
+        raise ModelFolderError(f"model folder {model_dir} holds the task's inputs ({task_dir}): writing the model "
+                               "there would delete them; name a folder of its own")
+    if target.is_dir() and any(target.iterdir()) and not (target / "cohortcast_model.json").is_file():
+        raise ModelFolderError(f"model folder {model_dir} exists and is not a model folder (no "
+                               "cohortcast_model.json): writing the model there would delete what it holds; name "
+                               "a new or empty folder")
+    if target.exists() and not target.is_dir():
+        raise ModelFolderError(f"model folder {model_dir} is a file, not a folder")
+
+
 def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args: TrainingArguments,
                      architecture: dict[str, Any] | None = None, truth_path: Path | None = None,
                      baselines: bool = True, on_epoch: Any = None,
@@ -835,6 +852,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     Under DistributedDataParallel every process trains, and only the main process
     (``is_main_process``) evaluates and writes the folder; the others return None.
     """
+    check_model_destination(model_dir, task_dir)
     fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
     # Checked before training: the reference rows would otherwise answer another question.

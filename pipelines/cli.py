@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 @click.option("--hidden-size", type=click.IntRange(min=8), default=128, show_default=True)
 @click.option("--layers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--heads", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**32 - 1), default=0, show_default=True)
 @click.option("--average-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Keep a moving average of the weights over about this many epochs (0: the last weights).")
 @click.option("--truth", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,

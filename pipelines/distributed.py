@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -77,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(exc, flush=True)
             else:
                 print(f"deployed: {live}", flush=True)
+    except CohortcastError as error:
+        # Inputs or settings that cannot train (missing task inputs, too few outcomes, a model folder
+        # that may not be replaced): every process reads the same, so each says it on one line.
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         dist.destroy_process_group()
 

@@ -151,6 +151,36 @@ def test_train_refuses_a_model_folder_it_cannot_create_before_training(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "synthetic_1y.yaml", "tasks"]
 
 
+@pytest.mark.parametrize("out", [".", "models"])
+def test_train_refuses_to_write_over_a_folder_that_is_not_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> None:
+    # Writing the model replaces its whole folder: the warehouse, or the folder of every task's
+    # deployed model, was deleted.
+    task_yaml = write_task_folder(tmp_path, 40, seed=2)
+    (tmp_path / "models" / "other_task").mkdir(parents=True)
+    (tmp_path / "models" / "other_task" / "model.safetensors").write_text("weights")
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), "--out",
+                               str(tmp_path / out)], capsys)
+    assert code == 2
+    target = tmp_path / out
+    if out == ".":
+        assert err == (f"error: model folder {target} holds the task's inputs ({tmp_path / 'tasks' / 'synthetic_1y'}): "
+                       "writing the model there would delete them; name a folder of its own\n")
+    else:
+        assert err == (f"error: model folder {target} exists and is not a model folder (no cohortcast_model.json): "
+                       "writing the model there would delete what it holds; name a new or empty folder\n")
+    assert (tmp_path / "models" / "other_task" / "model.safetensors").read_text() == "weights"
+    assert (tmp_path / "tasks" / "synthetic_1y" / "labels.parquet").is_file()
+
+
+def test_train_refuses_a_seed_numpy_cannot_take(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK), "--seed", "-1"],
+                              capsys)
+    assert code == 2 and "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295." in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_features_refuses_a_task_folder_it_cannot_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "tasks").write_text("not a folder")
     code, _out, err = run_cli(["features", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK)], capsys)

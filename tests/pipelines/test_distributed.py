@@ -44,3 +44,22 @@ def test_torchrun_trains_one_model_on_two_gloo_processes(tmp_path: Path) -> None
     assert model.config.hidden_size == 16
     trained_on = json.loads((tmp_path / "candidate_models" / "synthetic_1y" / "metrics.json").read_text())["trained_on"]
     assert trained_on == {"device": "cpu", "precision": "float32", "processes": 2}
+
+
+def test_inputs_that_cannot_train_are_one_line_in_each_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.distributed import main
+
+    # One process in a gloo group of one, as torchrun would start it.
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    task_path = write_task_folder(tmp_path, 40, seed=2)
+    with pytest.raises(SystemExit) as exited:
+        main(["--warehouse", str(tmp_path), "--task", str(task_path), "--out", str(tmp_path)])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: model folder {tmp_path} holds the task's inputs ({tmp_path / 'tasks' / 'synthetic_1y'}): writing "
+        "the model there would delete them; name a folder of its own\n")
+    assert (tmp_path / "tasks" / "synthetic_1y" / "labels.parquet").is_file()
