@@ -167,9 +167,11 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
 
     cohort = prediction_times(lazy, task)
     attrition.append(("prediction time placed", cohort.height))
-    if task.follow_up_end is not None:
-        # A prediction time at or after the data's cut-off leaves nothing to follow up.
-        cohort = cohort.filter(pl.col("prediction_time") < task.follow_up_end)
+    # A prediction time at or after the data's cut-off (the task's follow_up_end; without one, the
+    # latest record, as the labels read it) leaves nothing to follow up.
+    data_end = task.follow_up_end or lazy.select(pl.col("time").max()).collect().item()
+    if data_end is not None:
+        cohort = cohort.filter(pl.col("prediction_time") < data_end)
         attrition.append(("prediction time before follow-up end", cohort.height))
 
     # Patients who died at or before the prediction time have nothing to predict. A patient recorded

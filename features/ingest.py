@@ -2126,10 +2126,10 @@ def ingest_problems(warehouse_dir: Path) -> list[str]:
 
 
 def events_after(warehouse_dir: Path, export_time: datetime) -> int:
-    """Number of events dated after ``export_time``."""
+    """Number of events dated, or known (``known_time``: recorded, issued), after ``export_time``."""
     return int(
         pl.scan_parquet(warehouse_dir / "events.parquet", glob=False)
-        .filter(pl.col("time") > export_time)
+        .filter((pl.col("time") > export_time) | (pl.col("known_time") > export_time))
         .select(pl.len())
         .collect()
         .item()

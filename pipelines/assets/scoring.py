@@ -43,6 +43,7 @@ from models.drift import (
     reference_codes,
 )
 from models.publishing import (
+    PublishError,
     check_publishable,
     comparable_scores,
     data_lineage,
@@ -196,6 +197,9 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
                      workspace: Workspace) -> dg.MaterializeResult:
     """A new live version of the task's cohort: Parquet, DuckDB and FHIR RiskAssessments."""
     task = task_of_partition(context.partition_key)
+    if not scores_path(workspace, task.name).is_file():
+        raise PublishError(f"task '{task.name}' has no scores at {scores_path(workspace, task.name)}: materialize "
+                           "risk_scores first (the task_pipeline job does both)")
     scores = pq.read_table(scores_path(workspace, task.name))
     # The model's and the ingest's blocking checks are not in every run that publishes (the nightly
     # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.

@@ -192,6 +192,22 @@ def test_prediction_times_at_or_after_the_follow_up_end_are_excluded() -> None:
     assert selection.attrition[1:3] == (("prediction time placed", 5), ("prediction time before follow-up end", 0))
 
 
+def test_without_a_follow_up_end_prediction_times_from_the_latest_record_on_are_excluded() -> None:
+    # The labels end follow-up at the latest record when the task names no cut-off: a prediction
+    # time past it has nothing to follow, and was kept with every patient censored at once.
+    latest = toy_events()["time"].max()
+    definition = fixed_date_task(follow_up_end="2023-01-01T09:00:00Z")
+    after = replace(definition, follow_up_end=None,
+                    cohort=replace(definition.cohort, prediction_time=replace(
+                        definition.cohort.prediction_time, fixed=latest)))
+    selection = select_cohort(toy_events(), after)
+    assert selection.cohort.height == 0
+    assert selection.attrition[1:3] == (("prediction time placed", 5), ("prediction time before follow-up end", 0))
+    before = replace(after, cohort=replace(after.cohort, prediction_time=replace(
+        after.cohort.prediction_time, fixed=latest - timedelta(days=1))))
+    assert select_cohort(toy_events(), before).attrition[2] == ("prediction time before follow-up end", 5)
+
+
 @pytest.mark.parametrize("value", ["usual", -1, True])
 def test_follow_up_after_last_record_rejects_other_values(value: object) -> None:
     with pytest.raises(CohortDefinitionError,

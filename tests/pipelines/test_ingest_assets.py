@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,19 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
     assert {"events", "patients", "notes", "imaging", "genomics", "quarantine"} <= keys
     events = pl.read_parquet(tmp_path / "warehouse" / "events.parquet")
     assert set(events["modality"]) == {"ehr", "notes", "genomics", "imaging"}
+
+
+@pytest.mark.parametrize("column", ["time", "known_time"])
+def test_an_event_dated_or_known_after_the_export_fails_its_check(
+        small_warehouse: Path, tmp_path: Path, column: str) -> None:
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(small_warehouse, warehouse)
+    export_time = IngestSummary.from_json(warehouse / SUMMARY_FILE).export_time
+    events = pl.read_parquet(warehouse / "events.parquet")
+    late = events.head(1).with_columns(pl.lit(export_time + timedelta(days=30)).alias(column))
+    pl.concat([events, late]).write_parquet(warehouse / "events.parquet")
+    result = events_not_after_export(workspace=Workspace(root=str(tmp_path)))
+    assert not result.passed and result.metadata["events_after_export"].value == 1
 
 
 def test_accounting_check_fails_when_unbalanced(small_hospital: Path, tmp_path: Path) -> None:

@@ -295,3 +295,16 @@ def test_an_input_is_labelled_with_its_code_and_its_coded_answer() -> None:
             == "last__GENE//CYP2C19//rs4244285 (CYP2C19 genotype: rs4244285)")
     assert _input_label("age_years", descriptions) == "age_years"
     assert _input_label("count__ICD10CM//I50", descriptions) == "count__ICD10CM//I50"
+
+
+def test_publishing_without_scores_says_what_to_run_first(tmp_path: Path) -> None:
+    make_workspace(tmp_path, DRIFTED)
+    scores = tmp_path / "warehouse" / "scores" / f"{TASK}.parquet"
+    scores.unlink()
+    result = dg.materialize([risk_scores, published_cohort], selection=dg.AssetSelection.assets(published_cohort),
+                            partition_key=TASK, resources={"workspace": Workspace(root=str(tmp_path))},
+                            raise_on_error=False)
+    assert not result.success
+    assert refusal(result) == (f"models.publishing.PublishError: task '{TASK}' has no scores at {scores}: "
+                               "materialize risk_scores first (the task_pipeline job does both)")
+    assert (tmp_path / "published" / TASK / "CURRENT").read_text() == "v0001\n"
