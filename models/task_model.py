@@ -132,8 +132,18 @@ class TaskData:
     vocabulary_json: bytes = b""
 
 
+def _read_input(path: Path) -> pl.DataFrame:
+    """One of a task folder's tables, or :class:`ModelFolderError` when it cannot be read (cut short
+    by a full disk or a killed copy)."""
+    try:
+        return pl.read_parquet(path, glob=False)
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        raise ModelFolderError(f"task folder {path.parent}: {path.name} cannot be read ({str(exc).splitlines()[0]}): "
+                               "run `cohortcast features` again") from None
+
+
 def _read_optional(path: Path) -> pl.DataFrame | None:
-    return pl.read_parquet(path, glob=False) if path.is_file() else None
+    return _read_input(path) if path.is_file() else None
 
 
 def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, ...] = MODALITIES) -> TaskData:
@@ -145,15 +155,19 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
         raise ModelFolderError(
             f"task folder {task_dir}: missing {', '.join(missing)} (run `cohortcast features` first)"
         )
-    labels = pl.read_parquet(task_dir / "labels.parquet", glob=False)
-    splits = pl.read_parquet(task_dir / "splits.parquet", glob=False)
-    cohort = pl.read_parquet(task_dir / "cohort.parquet", glob=False)
-    tokens = pl.read_parquet(task_dir / "event_tokens.parquet", glob=False)
-    tabular = pl.read_parquet(task_dir / "tabular_features.parquet", glob=False)
+    labels = _read_input(task_dir / "labels.parquet")
+    splits = _read_input(task_dir / "splits.parquet")
+    cohort = _read_input(task_dir / "cohort.parquet")
+    tokens = _read_input(task_dir / "event_tokens.parquet")
+    tabular = _read_input(task_dir / "tabular_features.parquet")
     notes = _read_optional(task_dir / "note_embeddings.parquet")
     imaging = _read_optional(task_dir / "imaging_inputs.parquet")
     vocabulary_json = (task_dir / "vocabulary.json").read_bytes()
-    vocabulary = json.loads(vocabulary_json)
+    try:
+        vocabulary = json.loads(vocabulary_json)
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"task folder {task_dir}: vocabulary.json is not JSON ({exc}): run `cohortcast "
+                               "features` again") from None
     text_dim = len(notes["embedding"][0]) if notes is not None and notes.height else DEFAULT_TEXT_DIM
     imaging_dim = len(imaging["embedding"][0]) if imaging is not None and imaging.height else DEFAULT_IMAGING_DIM
     datasets, tables, cohorts = {}, {}, {}
@@ -856,7 +870,11 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
     # Checked before training: the reference rows would otherwise answer another question.
-    truth = pl.read_parquet(truth_path, glob=False) if truth_path is not None else None
+    try:
+        truth = pl.read_parquet(truth_path, glob=False) if truth_path is not None else None
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        raise TrainingDataError(f"truth {truth_path} cannot be read as Parquet ({str(exc).splitlines()[0]}); "
+                                "train without it") from None
     if truth is not None and (why := truth_mismatch(truth, pl.read_parquet(task_dir / "cohort.parquet", glob=False),
                                                     task.horizon_days)):
         raise TrainingDataError(f"truth {truth_path} does not describe task '{task.name}': {why}; train without it")

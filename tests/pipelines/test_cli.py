@@ -174,6 +174,28 @@ def test_train_refuses_to_write_over_a_folder_that_is_not_a_model(
     assert (tmp_path / "tasks" / "synthetic_1y" / "labels.parquet").is_file()
 
 
+@pytest.mark.parametrize(("damaged", "why"), [
+    ("labels.parquet", "labels.parquet cannot be read"),
+    ("vocabulary.json", "vocabulary.json is not JSON"),
+    ("truth", "cannot be read as Parquet"),
+])
+def test_train_on_damaged_inputs_prints_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damaged: str, why: str
+) -> None:
+    task_yaml = write_task_folder(tmp_path, 40, seed=2)
+    folder = tmp_path / "tasks" / "synthetic_1y"
+    extra: list[str] = []
+    if damaged == "truth":
+        (tmp_path / "truth.parquet").write_text("not parquet")
+        extra = ["--truth", str(tmp_path / "truth.parquet")]
+    else:
+        (folder / damaged).write_bytes((folder / damaged).read_bytes()[:20])
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml), *extra], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and why in err and err.count("\n") == 1, err
+    assert not (tmp_path / "candidate_models").exists()
+
+
 def test_train_refuses_a_seed_numpy_cannot_take(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK), "--seed", "-1"],
                               capsys)
