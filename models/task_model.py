@@ -142,6 +142,21 @@ def _read_input(path: Path) -> pl.DataFrame:
                                "run `cohortcast features` again") from None
 
 
+def _check_one_build(task_dir: Path, cohort: pl.DataFrame, tables: dict[str, pl.DataFrame | None]) -> None:
+    """Raise :class:`ModelFolderError` when a table of the task folder holds patients its cohort does
+    not: the folder mixes two builds (a ``cohortcast features`` run stopped after the cohort was
+    written again, before the notes were), and a model trained on it would miss those inputs unseen."""
+    members = cohort.select("subject_id")
+    for name, table in tables.items():
+        if table is None:
+            continue
+        strangers = table.select("subject_id").unique().join(members, on="subject_id", how="anti").height
+        if strangers:
+            raise ModelFolderError(f"task folder {task_dir}: {name} holds {strangers} patient(s) not in "
+                                   "cohort.parquet, so its files come from two builds (a `cohortcast features` run "
+                                   "cut short?): run `cohortcast features` again")
+
+
 def _read_optional(path: Path) -> pl.DataFrame | None:
     return _read_input(path) if path.is_file() else None
 
@@ -168,6 +183,9 @@ def load_task_data(task_dir: Path, horizon_days: float, modalities: tuple[str, .
     except json.JSONDecodeError as exc:
         raise ModelFolderError(f"task folder {task_dir}: vocabulary.json is not JSON ({exc}): run `cohortcast "
                                "features` again") from None
+    _check_one_build(task_dir, cohort, {"labels.parquet": labels, "splits.parquet": splits,
+                                        "event_tokens.parquet": tokens, "tabular_features.parquet": tabular,
+                                        "note_embeddings.parquet": notes, "imaging_inputs.parquet": imaging})
     text_dim = len(notes["embedding"][0]) if notes is not None and notes.height else DEFAULT_TEXT_DIM
     imaging_dim = len(imaging["embedding"][0]) if imaging is not None and imaging.height else DEFAULT_IMAGING_DIM
     datasets, tables, cohorts = {}, {}, {}

@@ -196,6 +196,19 @@ def test_train_on_damaged_inputs_prints_one_line(
     assert not (tmp_path / "candidate_models").exists()
 
 
+def test_train_refuses_a_task_folder_of_two_builds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A features run killed after it wrote a new cohort left the note embeddings of the cohort before.
+    task_yaml = write_task_folder(tmp_path, 40, seed=2)
+    folder = tmp_path / "tasks" / "synthetic_1y"
+    cohort = pl.read_parquet(folder / "cohort.parquet")
+    cohort.head(30).write_parquet(folder / "cohort.parquet")
+    code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(task_yaml)], capsys)
+    assert code == 2
+    assert err.startswith(f"error: task folder {folder}: labels.parquet holds 10 patient(s) not in cohort.parquet, so "
+                          "its files come from two builds (a `cohortcast features` run cut short?): run `cohortcast "
+                          "features` again"), err
+
+
 def test_train_refuses_a_seed_numpy_cannot_take(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _out, err = run_cli(["train", "--warehouse", str(tmp_path), "--task", str(DEATH_TASK), "--seed", "-1"],
                               capsys)
