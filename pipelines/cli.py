@@ -144,7 +144,7 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
               help="Patients to simulate.")
 @click.option("--workspace", type=click.Path(path_type=Path), default=Path("workspace"), show_default=True,
               envvar="COHORTCAST_WORKSPACE", show_envvar=True, help="Folder for every output.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed.")
 def demo(patients: int, workspace: Path, seed: int) -> None:
     """Simulate a hospital and materialize the whole Dagster graph on it."""
     if "DAGSTER_HOME" not in os.environ and REPO_DAGSTER_HOME.is_dir():

@@ -323,3 +323,9 @@ def test_demo_reads_its_workspace_from_the_environment(
     monkeypatch.setattr("pipelines.demo.run_demo", lambda workspace, *args: seen.append(workspace))
     run_cli(["demo", "--patients", "5"], capsys)
     assert seen == [tmp_path / "ws"]
+
+
+def test_demo_refuses_a_negative_seed_before_it_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _out, err = run_cli(["demo", "--workspace", str(tmp_path / "ws"), "--seed", "-1"], capsys)
+    assert code == 2 and "Invalid value for '--seed': -1 is not in the range x>=0." in err
+    assert not (tmp_path / "ws").exists()
