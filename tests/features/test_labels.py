@@ -38,13 +38,14 @@ def test_age_limits_in_completed_years_and_no_recorded_sex_as_unknown() -> None:
     events = events_frame(person(1, datetime(2002, 7, 2), "female") + person(2, datetime(2001, 10, 20), None)
                           + person(3, datetime(2004, 1, 1), "male"))
     fixed = {"prediction_time": {"fixed": "2020-01-01"}}
-    under_18 = select_cohort(events, task(cohort={**fixed, "max_age_years": 17}))
+    end = {"follow_up_end": "2021-01-01"}  # the export, after the records: each patient has a year to follow
+    under_18 = select_cohort(events, task(cohort={**fixed, "max_age_years": 17}, **end))
     assert under_18.cohort["subject_id"].to_list() == [1, 3]  # 17.5 is "17 or under"
-    adults = select_cohort(events, task(cohort={**fixed, "min_age_years": 18}))
+    adults = select_cohort(events, task(cohort={**fixed, "min_age_years": 18}, **end))
     assert adults.cohort["subject_id"].to_list() == [2]
-    unknown = select_cohort(events, task(cohort={**fixed, "sex": ["unknown"]}))
+    unknown = select_cohort(events, task(cohort={**fixed, "sex": ["unknown"]}, **end))
     assert unknown.cohort.select("subject_id", "sex").rows() == [(2, None)]
-    every_sex = select_cohort(events, task(cohort={**fixed, "sex": ["female", "male", "other", "unknown"]}))
+    every_sex = select_cohort(events, task(cohort={**fixed, "sex": ["female", "male", "other", "unknown"]}, **end))
     assert every_sex.cohort["subject_id"].to_list() == [1, 2, 3]
 
 

@@ -33,7 +33,8 @@ def test_synthea_death_task_on_real_exports(synthea_warehouse: Path, tmp_path: P
     # 41 patients (13 bulk NDJSON + 28 Bundles); 7 died before 2016-01-01 and 8 of the living are
     # under 18 then. The ingest quarantines 16 duplicate resources of the Bundles.
     assert results["cohort"].stats["attrition"] == [
-        ["patients in events", 41], ["prediction time placed", 41], ["alive at prediction time", 34],
+        ["patients in events", 41], ["prediction time placed", 41],
+        ["prediction time before follow-up end", 41], ["alive at prediction time", 34],
         ["history >= 365 days", 34], ["age within limits", 26]]
     labels = pl.read_parquet(results["labels"].path)
     # One death within the year (2016-12-10); four deaths in all follow-up (2016 to 2021).
