@@ -277,27 +277,17 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
 
 def fetch_rows(path: Path, numbers: set[int]) -> dict[int, str]:
     """Rows ``numbers`` (record numbers as :func:`iter_batches` counts them) of a table file, each
-    as :func:`raw_text` of the row as the file holds it (CSV/TSV text, Parquet values): the raw text
-    of a record dropped after it was staged (a duplicate, an orphan), which was normalised there (a
-    time in UTC, a wide panel as one row per feature)."""
+    as :func:`raw_text` of the row as the file holds it, read as the per-row checks read it
+    (:func:`python_rows`): the raw text of a record dropped after it was staged (a duplicate, an
+    orphan), which was normalised there (a time in UTC, a wide panel as one row per feature)."""
     found: dict[int, str] = {}
-    if path.suffix.lower() == ".parquet":
-        start = 0
-        width = len(pq.read_schema(path).names)
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=max(1, min(BATCH_ROWS, BATCH_VALUES // width))):
-            wanted = sorted(n for n in numbers if start < n <= start + batch.num_rows)
-            if wanted:
-                rows = batch.take(pa.array([n - start - 1 for n in wanted])).to_pylist()
-                found.update((n, raw_text(row)) for n, row in zip(wanted, rows, strict=True))
-            start += batch.num_rows
-        return found
-    with _csv_reader(path) as reader:
-        header = [name.strip() for name in next(reader)]
-        for number, values in enumerate(reader, start=1):
-            if number in numbers:
-                found[number] = raw_text(dict(zip(header, values, strict=False)))
-                if len(found) == len(numbers):
-                    break
+    for batch_numbers, batch, _odd in iter_batches(path):
+        wanted = [i for i, number in enumerate(batch_numbers) if number in numbers]
+        if wanted:
+            rows = python_rows(batch.take(pa.array(wanted)))
+            found.update((batch_numbers[i], raw_text(row)) for i, row in zip(wanted, rows, strict=True))
+            if len(found) == len(numbers):
+                break
     return found
 
 
