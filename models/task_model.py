@@ -852,10 +852,18 @@ def truth_mismatch(truth: pl.DataFrame, cohort: pl.DataFrame, horizon_days: floa
     return None
 
 
+def read_truth(truth_path: Path) -> pl.DataFrame:
+    """A simulator's ``truth.parquet``, or :class:`TrainingDataError` when it is not Parquet."""
+    try:
+        return pl.read_parquet(truth_path, glob=False)
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        raise TrainingDataError(f"truth {truth_path} cannot be read as Parquet ({str(exc).splitlines()[0]}); "
+                                "train without it") from None
+
+
 def truth_file_mismatch(truth_path: Path, task_dir: Path, horizon_days: float) -> str | None:
     """:func:`truth_mismatch` of a ``truth.parquet`` and a task folder's ``cohort.parquet``."""
-    return truth_mismatch(pl.read_parquet(truth_path, glob=False),
-                          pl.read_parquet(task_dir / "cohort.parquet", glob=False), horizon_days)
+    return truth_mismatch(read_truth(truth_path), _read_input(task_dir / "cohort.parquet"), horizon_days)
 
 
 def check_model_destination(model_dir: Path, task_dir: Path) -> None:
@@ -888,12 +896,8 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     fingerprint = training_fingerprint(task_dir, args, architecture, truth_path, baselines, modalities, task)
     data = load_task_data(task_dir, task.horizon_days, modalities)
     # Checked before training: the reference rows would otherwise answer another question.
-    try:
-        truth = pl.read_parquet(truth_path, glob=False) if truth_path is not None else None
-    except (pl.exceptions.ComputeError, OSError) as exc:
-        raise TrainingDataError(f"truth {truth_path} cannot be read as Parquet ({str(exc).splitlines()[0]}); "
-                                "train without it") from None
-    if truth is not None and (why := truth_mismatch(truth, pl.read_parquet(task_dir / "cohort.parquet", glob=False),
+    truth = read_truth(truth_path) if truth_path is not None else None
+    if truth is not None and (why := truth_mismatch(truth, _read_input(task_dir / "cohort.parquet"),
                                                     task.horizon_days)):
         raise TrainingDataError(f"truth {truth_path} does not describe task '{task.name}': {why}; train without it")
     # Checked before training, not found after it: the held-out AUROC needs both outcomes.
