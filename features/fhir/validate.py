@@ -17,6 +17,7 @@ import math
 import re
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
+from importlib.metadata import version
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -24,7 +25,7 @@ import orjson
 import polars as pl
 
 from features.errors import CohortcastError
-from features.fhir.specs import R4_ONLY_TYPES
+from features.fhir.specs import R4_ONLY_TYPES, is_r4_resource_type
 from features.schemas import FLOAT32_MAX
 
 FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -360,8 +361,6 @@ def r4b_unreadable_shape(resource: dict[str, Any]) -> str | None:
     >>> r4b_unreadable_shape({"resourceType": "Patient", "_gender": {"extension": []}}) is None
     True
     """
-    from features.fhir.specs import is_r4_resource_type
-
     stack: list[tuple[Any, str, bool]] = [(resource, str(resource.get("resourceType")), True)]
     while stack:
         node, where, top = stack.pop()
@@ -460,8 +459,6 @@ def validate_r4(resource: dict[str, Any]) -> None:
         shape = r4b_unreadable_shape(resource)
         if shape is not None:
             raise RecordError("fhir_invalid", f"FHIR R4 validation failed at {shape}") from None
-        from importlib.metadata import version
-
         detail = f"{type(exc).__name__}: {str(exc).translate(_CONTROL)}"
         raise RecordError(
             LIBRARY_ERROR,
