@@ -7,17 +7,21 @@ Stage: source data. In: a :class:`SimulationConfig` and an output folder. Out: t
 Patients are generated in shards of a fixed size, each from its own seeds, so the bytes written
 depend only on the settings and never on how many worker processes ran. Everything is written to
 a sibling temporary folder first and moved into place at the end: an interrupted run leaves the
-output folder as it was.
+output folder as it was, and the next simulation into it deletes the temporary folder. One
+simulation at a time writes a folder (a lock beside it, ``.<name>.lock``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
 import shutil
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime
 from multiprocessing import get_context
@@ -43,6 +47,8 @@ from features.simulate.records import (
 from features.simulate.state import EVENT_TYPES, HiddenState, draw_hidden_state, truth_table
 
 SIMULATOR_VERSION = "1"
+# A simulation is written in a hidden sibling ``.<name>.<random>.partial`` and renamed into place.
+STAGING_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -177,16 +183,59 @@ def simulate_hospital(
     check_output_dir(out_dir, overwrite)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_dir(out_dir.parent, f".{out_dir.name}.", ".partial")
     except OSError as exc:
         raise LandingZoneError(f"output folder {out_dir} is not writable ({exc.strerror})") from exc
-    try:
-        summary = _write_landing_zone(staging, config, workers)
-        replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _writer_lock(out_dir):
+        check_output_dir(out_dir, overwrite)  # again: another simulation may have filled it while this one waited
+        try:
+            staging = staging_dir(out_dir.parent, f".{out_dir.name}.", STAGING_SUFFIX)
+        except OSError as exc:
+            raise LandingZoneError(f"output folder {out_dir} is not writable ({exc.strerror})") from exc
+        try:
+            summary = _write_landing_zone(staging, config, workers)
+            replace_dir(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return SimulationSummary(**{**asdict(summary), "out_dir": out_dir})
+
+
+@contextmanager
+def _writer_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the lock of ``out_dir`` while a simulation writes it, and clear what killed ones left.
+
+    Two simulations into one folder would each replace it with their own, so a second one is
+    refused while the first runs. The lock is an advisory ``flock`` on the hidden sibling
+    ``.<name>.lock``, which the operating system releases when its holder exits, killed or not; so
+    once it is held, a staging folder beside ``out_dir`` was left by a simulation that died (a
+    10,000-patient one holds a gigabyte) and is deleted.
+
+    Raises
+    ------
+    LandingZoneError
+        When another process holds the lock.
+    """
+    lock = out_dir.with_name(f".{out_dir.name}.lock")
+    try:
+        handle = lock.open("a+b")
+    except OSError as exc:
+        raise LandingZoneError(f"output folder {out_dir} is not writable ({exc.strerror})") from exc
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(64).decode(errors="replace").strip() or "unknown"
+            raise LandingZoneError(f"output folder {out_dir} is being written by another simulation (process "
+                                   f"{holder} holds {lock.name}); wait for it to finish, or write elsewhere") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n".encode())
+        handle.flush()
+        prefix = f".{out_dir.name}."
+        for path in out_dir.parent.iterdir():
+            if path.name.startswith(prefix) and path.name.endswith(STAGING_SUFFIX) and path.is_dir():
+                shutil.rmtree(path)
+        yield
 
 
 def _utc(day: date) -> datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 from collections import Counter
@@ -228,7 +229,27 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path: Path) -> None:
     simulate_hospital(out, SimulationConfig(n_patients=5), overwrite=True)  # a simulation: replaced
     assert not (out / "fhir" / "stray.ndjson").exists()
     assert (out / "truth.parquet").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["landing"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".landing.lock", "landing"]
+
+
+def test_a_second_simulation_is_refused_and_a_killed_ones_staging_is_cleared(tmp_path: Path) -> None:
+    out = tmp_path / "landing"
+    # What a simulation killed with SIGKILL leaves: its staging folder, half written; and one of
+    # another folder's, which stays.
+    (tmp_path / ".landing.k1ll3d.partial" / "fhir").mkdir(parents=True)
+    (tmp_path / ".landing.k1ll3d.partial" / "fhir" / "Patient.ndjson").write_text("{}\n")
+    (tmp_path / ".landing2.x.partial").mkdir()
+    with (tmp_path / ".landing.lock").open("a+b") as held:
+        held.write(b"4242\n")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LandingZoneError, match=rf"output folder {out} is being written by another simulation "
+                                                   r"\(process 4242 holds \.landing\.lock\); wait for it"):
+            simulate_hospital(out, SimulationConfig(n_patients=5))
+        assert (tmp_path / ".landing.k1ll3d.partial").is_dir()  # the running one's staging is left alone
+    simulate_hospital(out, SimulationConfig(n_patients=5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".landing.lock", ".landing2.x.partial", "landing"]
+    assert (out / "truth.parquet").is_file()
 
 
 def test_no_drug_or_note_is_dated_after_the_patient_died_left_care_or_was_exported(tmp_path: Path) -> None:
