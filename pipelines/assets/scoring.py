@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from features.io import write_parquet_atomic
 from features.task_inputs import tabular_features_for
+from features.tasks import TaskDefinition
 from models.drift import (
     INPUT_REFERENCE_FILE,
     PSI_ALARM,
@@ -48,12 +49,14 @@ from models.publishing import (
     comparable_scores,
     data_lineage,
     describe_token,
+    held_out_metrics,
     living_patients,
     publish,
+    quality_shortfalls,
 )
 from models.scoring import RiskTiers, score_task
 from pipelines.assets.tasks import task_of_partition, task_partitions
-from pipelines.assets.training import ModelQualityConfig, model_dir, quality_gates
+from pipelines.assets.training import ModelQualityConfig, candidate_model_dir, model_dir, quality_gates
 from pipelines.resources import Workspace
 
 T = TypeVar("T")
@@ -84,6 +87,7 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     """Risk, survival curve, treatment effect, tier and explanation of every cohort patient."""
     task = context.partition_key
     definition = task_of_partition(task)
+    check_model_deployed(workspace, definition)
     tiers = definition.publishing
     previous = comparable_scores(published_dir(workspace), task, definition.horizon_days,
                                  definition.description or definition.name)
@@ -99,6 +103,31 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
         **{f"tier/{tier}": int(n) for tier, n in tiers.iter_rows()},
         "model_version": scores.column("model_version")[0].as_py() if scores.num_rows else "",
     })
+
+
+def check_model_deployed(workspace: Workspace, task: TaskDefinition) -> None:
+    """Refuse to score a task that has no deployed model, saying why when a candidate was trained.
+
+    A nightly re-scoring run after a training run whose candidate failed its gates would otherwise
+    report a missing model folder, as if nothing had been trained.
+
+    Raises
+    ------
+    PublishError
+        When ``models/<task>`` does not exist but ``candidate_models/<task>`` does: with the gates
+        the candidate misses (the task file's), or, when it meets them, that it is yet to be deployed.
+    """
+    live, candidate = model_dir(workspace, task.name), candidate_model_dir(workspace, task.name)
+    if live.exists() or not candidate.exists():
+        return  # a missing candidate too: scoring's own message says to train one
+    refused = f"task '{task.name}' has no deployed model at {live}"
+    shortfalls = quality_shortfalls(held_out_metrics(candidate, refused), *quality_gates(task, ModelQualityConfig()))
+    if shortfalls:
+        raise PublishError(f"{refused}: the candidate model at {candidate} misses the task's quality gates "
+                           f"({'; '.join(shortfalls)}), so it was not deployed; train a better model, or change the "
+                           "gates (publishing.min_auroc, publishing.max_calibration_error in the task file)")
+    raise PublishError(f"{refused}: the candidate model at {candidate} meets the task's quality gates but is not "
+                       "deployed yet; materialize deployed_model")
 
 
 def _deployed_in_this_run(context: dg.AssetCheckExecutionContext, folder: Path) -> bool:

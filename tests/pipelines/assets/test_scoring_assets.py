@@ -233,10 +233,10 @@ def test_a_model_folder_without_an_input_reference_warns_with_the_reason(tmp_pat
     assert check.metadata["reference"].value == f"none: {model} has no {INPUT_REFERENCE_FILE} (train the model again)"
 
 
-def refusal(result: dg.ExecuteInProcessResult) -> str:
-    """The one line Dagster shows for the failed ``published_cohort`` step."""
+def refusal(result: dg.ExecuteInProcessResult, step: str = "published_cohort") -> str:
+    """The one line Dagster shows for the failed ``step``."""
     [failure] = result.get_step_failure_events()
-    assert failure.step_key == "published_cohort"
+    assert failure.step_key == step
     error = failure.step_failure_data.error
     assert error is not None and error.cause is not None
     return error.cause.message.strip()
@@ -308,3 +308,31 @@ def test_publishing_without_scores_says_what_to_run_first(tmp_path: Path) -> Non
     assert refusal(result) == (f"models.publishing.PublishError: task '{TASK}' has no scores at {scores}: "
                                "materialize risk_scores first (the task_pipeline job does both)")
     assert (tmp_path / "published" / TASK / "CURRENT").read_text() == "v0001\n"
+
+
+def test_scoring_without_a_deployed_model_names_the_gates_its_candidate_missed(tmp_path: Path) -> None:
+    make_workspace(tmp_path, DRIFTED, auroc=0.42)
+    warehouse = tmp_path / "warehouse"
+    live, candidate = warehouse / "models" / TASK, warehouse / "candidate_models" / TASK
+    candidate.parent.mkdir()
+    live.rename(candidate)  # trained, never deployed
+
+    def score() -> dg.ExecuteInProcessResult:
+        return dg.materialize([risk_scores], partition_key=TASK, resources={"workspace": Workspace(root=str(tmp_path))},
+                              raise_on_error=False)
+
+    result = score()
+    assert not result.success
+    assert refusal(result, "risk_scores") == (
+        f"models.publishing.PublishError: task '{TASK}' has no deployed model at {live}: the candidate model at "
+        f"{candidate} misses the task's quality gates (held-out auroc 0.4200 (expected >= 0.55)), so it was not "
+        "deployed; train a better model, or change the gates (publishing.min_auroc, publishing.max_calibration_error "
+        "in the task file)"
+    )
+    passing = {"models": {"fusion": {"auroc": 0.7, "calibration_error": 0.05}}}
+    (candidate / "metrics.json").write_text(json.dumps(passing))
+    write_model_info(candidate)
+    assert refusal(score(), "risk_scores") == (
+        f"models.publishing.PublishError: task '{TASK}' has no deployed model at {live}: the candidate model at "
+        f"{candidate} meets the task's quality gates but is not deployed yet; materialize deployed_model"
+    )
