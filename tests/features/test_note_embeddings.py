@@ -173,3 +173,13 @@ def test_an_encoder_whose_config_names_its_size_otherwise_embeds(tmp_path: Path)
     vectors = encoder.encode(["Pt well.", "Short of breath on exertion."])
     assert vectors.shape == (2, 32)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_the_encoder_loads_without_a_progress_bar_and_leaves_the_switch_as_it_was(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()
+    NoteEncoder(batch_size=2).encode(TEXTS[:1])
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled()
