@@ -86,7 +86,7 @@ def read_genomics_file(path: Path, source_file: str, spill: Spill | None = None)
                            result=result)
         read_by_column(path, result, "genomics", split, read_row)
     except FileError as err:
-        result.reject_file(err)
+        result.reject_file(err, path)
     return result
 
 

@@ -82,7 +82,7 @@ def read_imaging_file(
                            result=result)
         read_by_column(path, result, "imaging", split, read_row)
     except FileError as err:
-        result.reject_file(err)
+        result.reject_file(err, path)
     return result
 
 

@@ -731,7 +731,7 @@ def unread_file(path: Path, source_file: str, spill: Spill | None = None) -> Tab
     else:
         reason = ("file is not read: a landing zone holds FHIR files under fhir/ and tables under notes/, genomics/ "
                   "and imaging/ (move it there, or out of the landing zone)")
-    read.reject_file(FileError("unread_file", reason))
+    read.reject_file(FileError("unread_file", reason), path)
     return read
 
 

@@ -55,7 +55,7 @@ def read_notes_file(
         read_row = partial(_read_row, latest=latest, zone=zone, source_file=source_file, result=result)
         read_by_column(path, result, "notes", split, read_row)
     except FileError as err:
-        result.reject_file(err)
+        result.reject_file(err, path)
     return result
 
 

@@ -53,6 +53,8 @@ BATCH_VALUES = 1_000_000
 """At most this many values (rows x columns) per batch of :func:`iter_batches`: a wide table's
 rows hold thousands of values each."""
 RAW_LIMIT = 500
+BINARY_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+"""Control characters no text table holds (a tab, line feed or carriage return it may)."""
 
 
 class FileError(Exception):
@@ -101,12 +103,58 @@ class TableRead:
     def reject(self, number: int, row: Any, code: str, reason: str, ident: str | None = None) -> None:
         self.rejects.append((number, ident, raw_text(row), code, reason))
 
-    def reject_file(self, err: FileError) -> None:
-        """The whole file becomes one quarantine row, whatever was read of it before ``err``."""
+    def reject_file(self, err: FileError, path: Path) -> None:
+        """The whole file becomes one quarantine row, whatever was read of it before ``err``; its raw
+        text is the start of ``path`` (:func:`file_preview`)."""
         self.empty()
         self.whole_file_rejected = True
         self.records_in = 1
-        self.reject(0, "", err.code, err.reason)
+        self.rejects.append((0, "", file_preview(path), err.code, err.reason))
+
+
+def file_preview(path: Path) -> str:
+    """What a data engineer needs to see of a file rejected whole, in at most :data:`RAW_LIMIT`
+    characters: a Parquet file's columns and row count, else the start of the file as text (the
+    header and first rows of a table), or, for binary content (bytes that are not UTF-8 or control
+    characters: a compressed file, say), its first bytes as Python writes them.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     table = Path(folder) / "notes.csv"
+    ...     _ = table.write_bytes(b"patient_id,note_id,patient_id\\np1,n1,p2\\n")
+    ...     print(file_preview(table))
+    ...     _ = table.write_bytes(b"\\x1f\\x8b\\x08\\x00")
+    ...     print(file_preview(table))
+    patient_id,note_id,patient_id
+    p1,n1,p2
+    <BLANKLINE>
+    b'\\x1f\\x8b\\x08\\x00'
+    """
+    if path.suffix.lower() == ".parquet":
+        try:
+            metadata = pq.read_metadata(path)
+        except (pa.ArrowException, OSError):
+            pass  # not Parquet after all: its first bytes say what it is
+        else:
+            columns = ", ".join(metadata.schema.to_arrow_schema().names)
+            return f"Parquet file, {metadata.num_rows} rows, columns: {columns}"[:RAW_LIMIT]
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(RAW_LIMIT)
+    except OSError as exc:
+        return f"(file cannot be read: {exc.strerror})"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A character cut at the end of the head is not binary content.
+        text = head[:exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
+        if not text:
+            return repr(head)[:RAW_LIMIT]
+    if BINARY_TEXT.search(text):
+        return repr(head)[:RAW_LIMIT]
+    return text
 
 
 def raw_text(row: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -631,6 +632,10 @@ def test_a_contract_column_given_twice_rejects_the_file(
     assert quarantine.select("source_file", "record_number", "reason_code", "reason").rows() == [
         (name, 0, "duplicate_columns", f"{reason} (expected each once: which copy a row means is unknown)")]
     assert summary.records_out == 2  # the two patients
+    # The raw text shows the header the reason is about: the file's start, or a Parquet file's columns.
+    assert quarantine["raw_text"][0] == (
+        data.decode() if isinstance(data, bytes) else
+        "Parquet file, 1 rows, columns: patient_id, study_id, time, modality, body_site, embedding, patient_id")
 
 
 def test_a_column_name_with_a_line_break_rejects_the_file(tmp_path: Path) -> None:
@@ -935,8 +940,13 @@ def test_imaging_missing_column(tmp_path: Path) -> None:
 
 
 def test_unreadable_parquet_is_one_row(tmp_path: Path) -> None:
-    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": b"PAR1 not really"})
-    assert quarantine.select("record_number", "reason_code").rows() == [(0, "unreadable_file")]
+    _summary, quarantine = run(tmp_path, {"imaging/embeddings.parquet": b"PAR1 not really",
+                                          "notes/notes.csv": gzip.compress(NOTES_HEADER)})
+    assert quarantine.select("source_file", "record_number", "reason_code").rows() == [
+        ("imaging/embeddings.parquet", 0, "unreadable_file"), ("notes/notes.csv", 0, "unsupported_file")]
+    # What the file is, seen from its first bytes: text that is not Parquet, and a gzip stream.
+    assert quarantine["raw_text"][0] == "PAR1 not really"
+    assert quarantine["raw_text"][1][2:].startswith("\\x1f\\x8b\\x08")  # after b' (or b" when it holds a ')
 
 
 NOTES_HEADER = b"patient_id,note_id,time,note_type,text\n"
