@@ -399,13 +399,15 @@ def withdrawn_assessment(row: dict[str, Any], model_version: str) -> dict[str, A
     }
 
 
-def withdrawals(root: Path, task: str, published: pl.DataFrame, patients: pl.DataFrame) -> pl.DataFrame:
+def withdrawals(root: Path, task: str, published: pl.DataFrame, patients: pl.DataFrame,
+                outcome_recorded: pl.Series | None = None) -> pl.DataFrame:
     """Every patient whose assessment of ``task`` a write-back must withdraw with this version.
 
-    The patients of the live version not in ``published`` (died since, left the cohort, or an EHR
-    merge gave them another patient id), and those the live version withdrew already who are still
-    off the list: each version repeats every withdrawal, so a write-back that reads only the live
-    version, or skips one, still withdraws them all.
+    The patients of the live version not in ``published`` (died since, had the outcome since
+    (``outcome_recorded``), left the cohort, or an EHR merge gave them another patient id), and
+    those the live version withdrew already who are still off the list: each version repeats every
+    withdrawal, so a write-back that reads only the live version, or skips one, still withdraws
+    them all.
 
     Raises
     ------
@@ -425,8 +427,11 @@ def withdrawals(root: Path, task: str, published: pl.DataFrame, patients: pl.Dat
                            f"({exc.__class__.__name__}); restore it, or point CURRENT at a whole version") from None
     assert live is not None
     dead = deceased_subjects(patients).implode()
+    resolved = (outcome_recorded if outcome_recorded is not None else pl.Series([], dtype=pl.Int64)).implode()
     dropped = live.select("task", "subject_id", "patient_id", "prediction_time").with_columns(
         reason=pl.when(pl.col("subject_id").is_in(dead)).then(pl.lit("the patient has died since this assessment"))
+        .when(pl.col("subject_id").is_in(resolved))
+        .then(pl.lit("the outcome this assessment gave the risk of has been recorded since"))
         .otherwise(pl.lit("the patient has left the task's cohort, or has another patient id now")))
     on_list = published["subject_id"].implode()
     return (pl.concat([before.cast(WITHDRAWN_SCHEMA), dropped.cast(WITHDRAWN_SCHEMA)])
@@ -482,14 +487,23 @@ def deceased_subjects(patients: pl.DataFrame) -> pl.Series:
     return patients.filter(died)["subject_id"]
 
 
-def living_patients(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers) -> tuple[pa.Table, int]:
-    """The scores of the patients not known to have died, tiers ranked again among them; and how
-    many were left out.
+def outcome_recorded_subjects(labels: pl.DataFrame) -> pl.Series:
+    """The subject ids whose outcome is already recorded: ``event`` true in the task's ``labels``
+    (the outcome after the prediction time, within the follow-up the data give)."""
+    return labels.filter(pl.col("event"))["subject_id"]
 
-    A score is as of its patient's prediction time, and a cohort patient may have died since (a
-    ``death_time``, or ``deceased`` with the date unknown). A care team's list must never hold a
-    dead patient, nor write a risk back to their record; and since tiers are shares of the list
-    people act on, they are ranked among the patients on it.
+
+def patients_to_list(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers,
+                     outcome_recorded: pl.Series | None = None) -> tuple[pa.Table, dict[str, int]]:
+    """The scores of the patients a care team's list holds, tiers ranked again among them; and how
+    many were left out, by reason (``deceased``, then ``outcome_recorded``).
+
+    A score is as of its patient's prediction time, and since then a cohort patient may have died
+    (a ``death_time``, or ``deceased`` with the date unknown) or had the outcome the risk is of
+    (``outcome_recorded``: :func:`outcome_recorded_subjects`). A list must never hold a dead
+    patient, nor write a risk back to their record; and a risk of an event that has happened is no
+    longer a prediction to act on (the patient's care is now that of the event). Since tiers are
+    shares of the list people act on, they are ranked among the patients on it.
     """
     dead = deceased_subjects(patients)
     frame = pl.from_arrow(scores)
@@ -497,18 +511,22 @@ def living_patients(scores: pa.Table, patients: pl.DataFrame, tiers: RiskTiers) 
     if "previous_model_version" not in frame.columns:  # scored before it was carried
         frame = frame.with_columns(previous_model_version=pl.lit(None, dtype=pl.String))
     alive = frame.filter(~pl.col("subject_id").is_in(dead.implode()))
-    alive = alive.with_columns(pl.Series("risk_tier", tiers.assign(alive["risk"].to_numpy()), dtype=pl.String))
-    return alive.select(SCORES.names).to_arrow().cast(SCORES), frame.height - alive.height
+    resolved = outcome_recorded if outcome_recorded is not None else pl.Series("subject_id", [], dtype=pl.Int64)
+    listed = alive.filter(~pl.col("subject_id").is_in(resolved.implode()))
+    listed = listed.with_columns(pl.Series("risk_tier", tiers.assign(listed["risk"].to_numpy()), dtype=pl.String))
+    left_out = {"deceased": frame.height - alive.height, "outcome_recorded": alive.height - listed.height}
+    return listed.select(SCORES.names).to_arrow().cast(SCORES), left_out
 
 
 def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, horizon_days: float, outcome: str,
             lineage: dict[str, Any], codes: pl.DataFrame | None = None,
-            left_out: dict[str, int] | None = None) -> Publication:
+            left_out: dict[str, int] | None = None, outcome_recorded: pl.Series | None = None) -> Publication:
     """Write a new version of a task's cohort and make it the live one.
 
     ``codes`` (``code``, ``description``: the warehouse's ``codes`` table) describes the codes among
     the explaining items; without it an item's description is its name. ``left_out`` counts the
-    scored patients not published, by reason (``deceased``: :func:`living_patients`), for the manifest.
+    scored patients not published, by reason (:func:`patients_to_list`), for the manifest;
+    ``outcome_recorded`` (:func:`outcome_recorded_subjects`) words the withdrawal of those patients.
 
     Raises
     ------
@@ -531,7 +549,7 @@ def publish(scores: pa.Table, patients: pl.DataFrame, root: Path, task: str, hor
         (root / FORMAT_FILE).write_text(json.dumps({"format_version": PUBLISHED_FORMAT_VERSION}))
         existing = published_versions(task_root)
         version = f"v{int(existing[-1][1:]) + 1 if existing else 1:04d}"
-        withdrawn = withdrawals(root, task, frame, patients)
+        withdrawn = withdrawals(root, task, frame, patients, outcome_recorded)
         staging = staging_dir(task_root, f".{version}.")
         model_version = str(frame["model_version"][0]) if frame.height else ""
         with_ids.write_parquet(staging / "scores.parquet")

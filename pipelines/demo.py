@@ -193,11 +193,12 @@ def print_high_risk(published: Path, task: str, console: Console, rows: int = 10
     top = scores.sort("risk", descending=True).head(rows)
     version = current_version(published, task)
     manifest = json.loads((published / task / str(version) / "manifest.json").read_text())
-    deceased = manifest.get("left_out", {}).get("deceased", 0)
+    left_out = manifest.get("left_out", {})
     # The title on a line of its own: as the table's title it wraps at the table's width.
     console.print(f"{task}: top of the high-risk list (published {version}, "
-                  f"{(scores['risk_tier'] == 'high').sum()} high-risk of {scores.height}; "
-                  f"{deceased} who died after their prediction time left out)", style="italic")
+                  f"{(scores['risk_tier'] == 'high').sum()} high-risk of {scores.height}; left out: "
+                  f"{left_out.get('deceased', 0)} who died and {left_out.get('outcome_recorded', 0)} whose outcome "
+                  "is recorded since their prediction time)", style="italic")
     table = Table()
     for column in ("patient", "risk", "tier", "treatment effect", "why (top items)"):
         table.add_column(column)

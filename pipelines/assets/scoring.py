@@ -50,7 +50,8 @@ from models.publishing import (
     data_lineage,
     describe_token,
     held_out_metrics,
-    living_patients,
+    outcome_recorded_subjects,
+    patients_to_list,
     publish,
     quality_shortfalls,
 )
@@ -220,7 +221,7 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
     )
 
 
-@dg.asset(group_name="publishing", partitions_def=task_partitions, deps=[risk_scores, "patients", "codes"],
+@dg.asset(group_name="publishing", partitions_def=task_partitions, deps=[risk_scores, "patients", "codes", "labels"],
           kinds={"duckdb", "fhir"})
 def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConfig,
                      workspace: Workspace) -> dg.MaterializeResult:
@@ -239,19 +240,25 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
                                columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)
     outcome = task.description or task.name
-    living, deceased = living_patients(scores, patients, RiskTiers(task.publishing.high_share,
-                                                                   task.publishing.medium_share))
-    publication = publish(living, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
+    labels_path = workspace.warehouse_dir / "tasks" / task.name / "labels.parquet"
+    if not labels_path.is_file():
+        raise PublishError(f"task '{task.name}' has no labels at {labels_path} (they say whose outcome is recorded "
+                           "since the prediction time): materialize labels first")
+    labels = pl.read_parquet(labels_path, columns=["subject_id", "event"], glob=False)
+    resolved = outcome_recorded_subjects(labels)
+    listed, left_out = patients_to_list(scores, patients, RiskTiers(task.publishing.high_share,
+                                                                    task.publishing.medium_share), resolved)
+    publication = publish(listed, patients, published_dir(workspace), task.name, task.horizon_days, outcome,
                           {"run_id": context.run.run_id,
                            **data_lineage(workspace.warehouse_dir, model_dir(workspace, task.name)),
                            # The gates this version passed: a run's config may set others than the task's.
                            "quality_gates": {"min_auroc": min_auroc, "max_calibration_error": max_calibration_error}},
-                          codes=codes,
-                          left_out={"deceased": deceased})
+                          codes=codes, left_out=left_out, outcome_recorded=resolved)
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(publication.folder)),
         "version": publication.version,
         "patients": publication.n_patients,
         "high_risk_patients": publication.n_high_risk,
-        "deceased_left_out": deceased,
+        "deceased_left_out": left_out["deceased"],
+        "outcome_recorded_left_out": left_out["outcome_recorded"],
     })

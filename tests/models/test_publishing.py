@@ -29,7 +29,8 @@ from models.publishing import (
     deploy_model,
     describe_items,
     describe_token,
-    living_patients,
+    outcome_recorded_subjects,
+    patients_to_list,
     publish,
     published_versions,
     quality_shortfalls,
@@ -78,12 +79,42 @@ def test_patients_who_died_are_left_off_the_list_and_tiers_ranked_among_the_livi
         "death_time": [datetime(2025, 3, 1), None, None, None, None],
         "deceased": [True, False, True, None, False],
     })
-    living, left_out = living_patients(frame.to_arrow(), patients, RiskTiers(high_share=0.3, medium_share=0.3))
-    assert left_out == 2
+    living, left_out = patients_to_list(frame.to_arrow(), patients, RiskTiers(high_share=0.3, medium_share=0.3))
+    assert left_out == {"deceased": 2, "outcome_recorded": 0}
     assert pl.from_arrow(living).select("risk", "risk_tier").rows() == [(0.8, "high"), (0.2, "medium"), (0.1, "low")]
-    publication = publish(living, patients, tmp_path, "synthetic_1y", 365, "death", {}, left_out={"deceased": 2})
+    publication = publish(living, patients, tmp_path, "synthetic_1y", 365, "death", {}, left_out=left_out)
     manifest = json.loads((publication.folder / "manifest.json").read_text())
-    assert (manifest["n_patients"], manifest["left_out"]) == (3, {"deceased": 2})
+    assert (manifest["n_patients"], manifest["left_out"]) == (3, {"deceased": 2, "outcome_recorded": 0})
+
+
+def test_patients_whose_outcome_is_recorded_since_are_left_off_and_their_assessments_withdrawn(
+        scores: pa.Table, tmp_path: Path) -> None:
+    frame = pl.from_arrow(scores).head(5).with_columns(risk=pl.Series([0.9, 0.8, 0.7, 0.2, 0.1]))
+    ids = frame["subject_id"].to_list()
+    patients = pl.DataFrame({"subject_id": ids, "patient_id": [f"p-{i}" for i in range(5)],
+                             "death_time": [None, None, None, None, datetime(2025, 3, 1)],
+                             "deceased": [False, False, False, False, True]},
+                            schema_overrides={"death_time": pl.Datetime("us")})
+    everyone, _ = patients_to_list(frame.to_arrow(), patients.with_columns(death_time=None, deceased=False),
+                                   RiskTiers(high_share=0.2, medium_share=0.2))
+    publish(everyone, patients, tmp_path, "synthetic_1y", 365, "MACE", {})
+    # The riskiest had the outcome after the prediction time; the last had it and then died (counted once,
+    # as deceased); the third was censored before the horizon without it (event false: stays on the list).
+    labels = pl.DataFrame({"subject_id": ids, "event": [True, False, False, False, True]})
+    resolved = outcome_recorded_subjects(labels)
+    assert resolved.to_list() == [ids[0], ids[4]]
+    listed, left_out = patients_to_list(frame.to_arrow(), patients, RiskTiers(high_share=0.3, medium_share=0.3),
+                                        resolved)
+    assert left_out == {"deceased": 1, "outcome_recorded": 1}
+    assert pl.from_arrow(listed).select("risk", "risk_tier").rows() == [(0.8, "high"), (0.7, "medium"),
+                                                                        (0.2, "low")]
+    second = publish(listed, patients, tmp_path, "synthetic_1y", 365, "MACE", {}, left_out=left_out,
+                     outcome_recorded=resolved)
+    withdrawn = pl.read_parquet(second.folder / "withdrawn.parquet")
+    assert withdrawn.select("subject_id", "reason").rows() == [
+        (ids[0], "the outcome this assessment gave the risk of has been recorded since"),
+        (ids[4], "the patient has died since this assessment")]
+    assert json.loads((second.folder / "manifest.json").read_text())["left_out"] == left_out
 
 
 def test_explaining_codes_are_published_with_their_descriptions(scores: pa.Table, tmp_path: Path) -> None:
@@ -381,7 +412,7 @@ def test_the_change_since_the_last_version_compares_only_risks_of_one_outcome_an
 def test_scores_written_before_the_previous_model_was_carried_still_publish(scores: pa.Table,
                                                                            tmp_path: Path) -> None:
     older = scores.drop_columns(["previous_model_version"])
-    living, _ = living_patients(older, patients_table(scores).with_columns(
+    living, _ = patients_to_list(older, patients_table(scores).with_columns(
         death_time=pl.lit(None, dtype=pl.Datetime("us")), deceased=pl.lit(False)), RiskTiers())
     assert living.column("previous_model_version").null_count == 800
 
@@ -437,7 +468,7 @@ def test_patients_off_the_list_since_the_last_version_have_their_assessments_wit
     # The second patient died before the next run; the fourth left the cohort alive (or was merged
     # into another patient id).
     now = alive.with_columns(death_time=pl.Series([None, datetime(2025, 3, 1), None, None], dtype=pl.Datetime("us")))
-    living, _ = living_patients(frame.head(3).to_arrow(), now, RiskTiers())
+    living, _ = patients_to_list(frame.head(3).to_arrow(), now, RiskTiers())
     second = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
 
     def statuses(folder: Path) -> list[tuple[str, str, str]]:
@@ -460,7 +491,7 @@ def test_patients_off_the_list_since_the_last_version_have_their_assessments_wit
     third = publish(living, now, tmp_path, "synthetic_1y", 365, "death", {})
     assert statuses(third.folder)[2:] == withdrawn
     back = pl.from_arrow(living).vstack(pl.from_arrow(frame.tail(1).to_arrow()).select(pl.from_arrow(living).columns))
-    living_again, _ = living_patients(back.to_arrow(), now, RiskTiers())
+    living_again, _ = patients_to_list(back.to_arrow(), now, RiskTiers())
     fourth = publish(living_again, now, tmp_path, "synthetic_1y", 365, "death", {})
     assert statuses(fourth.folder)[3:] == withdrawn[:1]
 

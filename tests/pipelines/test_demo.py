@@ -19,6 +19,11 @@ from pipelines.definitions import all_asset_checks, all_assets, task_assets
 from pipelines.demo import DEMO_TASK, DemoFailed, check_demo_workspace, run_demo, step_error
 from pipelines.resources import resources_for_deployment
 
+# The 400-patient demo's cohort (seed 1): living patients with the outcome recorded since their
+# prediction time, and the high tier (top 5 %) of those left on the list.
+LIVING_WITH_OUTCOME = 80
+HIGH_RISK = 16
+
 
 @pytest.mark.slow
 def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None:
@@ -42,17 +47,25 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     model_metrics = json.loads((warehouse / "models" / DEMO_TASK / "metrics.json").read_text())["models"]
     references = ("truth", "truth_observed_modalities", "truth_estimated_severities")
     assert all(0.5 < model_metrics[name]["auroc"] <= 1.0 for name in references)
-    published = pl.read_parquet(tmp_path / "workspace" / "published" / DEMO_TASK / "v0001" / "scores.parquet")
-    # Every cohort patient is scored; those who died after their prediction time are not published.
+    published_dir = tmp_path / "workspace" / "published" / DEMO_TASK / "v0001"
+    published = pl.read_parquet(published_dir / "scores.parquet")
+    # Every cohort patient is scored; those who died after their prediction time, or had the outcome
+    # since, are not published.
     dead = pl.read_parquet(warehouse / "patients.parquet").filter(
         pl.col("death_time").is_not_null() | pl.col("deceased").fill_null(False))["subject_id"]
-    assert dead.len() == 19 and not published["subject_id"].is_in(dead.implode()).any()
-    assert published.height == 381
-    assert (published["risk_tier"] == "high").sum() == 20
+    had_outcome = labels.filter(pl.col("event") & ~pl.col("subject_id").is_in(dead.implode()))["subject_id"]
+    assert (dead.len(), had_outcome.len()) == (19, LIVING_WITH_OUTCOME)
+    assert not published["subject_id"].is_in(pl.concat([dead, had_outcome]).implode()).any()
+    assert published.height == 381 - LIVING_WITH_OUTCOME
+    assert (published["risk_tier"] == "high").sum() == HIGH_RISK
+    manifest = json.loads((published_dir / "manifest.json").read_text())
+    assert manifest["left_out"] == {"deceased": 19, "outcome_recorded": LIVING_WITH_OUTCOME}
     output = console.export_text()
     assert "[1/2] simulate 400 patients and ingest them" in output
     assert f"[2/2] task {DEMO_TASK}: inputs, model, scores, publication" in output
-    assert "top of the high-risk list (published v0001, 20 high-risk of 381; 19 who died after" in output
+    assert (f"top of the high-risk list (published v0001, {HIGH_RISK} high-risk of {381 - LIVING_WITH_OUTCOME}; "
+            f"left out: 19 who died and {LIVING_WITH_OUTCOME} whose outcome is recorded since their prediction time)"
+            in " ".join(output.split()))
 
     # Run again on unchanged inputs with the same settings, the model is neither trained nor deployed again.
     warehouse_models = tmp_path / "workspace" / "warehouse"

@@ -96,6 +96,8 @@ def make_workspace(root: Path, today: np.ndarray, auroc: float = 0.7, observatio
                            "text_value": pl.Series([None] * len(ids), dtype=pl.String), "modality": ["ehr"] * len(ids)})
     (warehouse / "tasks" / TASK).mkdir(parents=True)
     cohort.write_parquet(warehouse / "tasks" / TASK / "cohort.parquet")
+    pl.DataFrame({"subject_id": ids, "event": [False] * len(ids)}).write_parquet(
+        warehouse / "tasks" / TASK / "labels.parquet")
     events.write_parquet(warehouse / "events.parquet")
     codes = TabularCodes(["LOINC//8480-6"], ["LOINC//8480-6"])
     input_reference(aggregate_before(events, cohort, codes)).write_parquet(model / INPUT_REFERENCE_FILE)
