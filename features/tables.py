@@ -148,8 +148,9 @@ def file_preview(path: Path) -> str:
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        # A character cut at the end of the head is not binary content.
-        text = head[:exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
+        # A character cut where the head ends is not binary content.
+        cut = len(head) == RAW_LIMIT and exc.start >= len(head) - 3
+        text = head[:exc.start].decode("utf-8") if cut else ""
         if not text:
             return repr(head)[:RAW_LIMIT]
     if BINARY_TEXT.search(text):
