@@ -487,9 +487,19 @@ def deceased_subjects(patients: pl.DataFrame) -> pl.Series:
     return patients.filter(died)["subject_id"]
 
 
-def outcome_recorded_subjects(labels: pl.DataFrame) -> pl.Series:
-    """The subject ids whose outcome is already recorded: ``event`` true in the task's ``labels``
-    (the outcome after the prediction time, within the follow-up the data give)."""
+def outcome_recorded_subjects(labels_path: Path, task: str) -> pl.Series:
+    """The subject ids whose outcome is already recorded: ``event`` true in the task's
+    ``labels.parquet`` (the outcome after the prediction time, within the follow-up the data give).
+
+    Raises
+    ------
+    PublishError
+        When the task has no labels file.
+    """
+    if not labels_path.is_file():
+        raise PublishError(f"task '{task}' has no labels at {labels_path} (they say whose outcome is recorded since "
+                           "the prediction time): materialize labels first")
+    labels = pl.read_parquet(labels_path, columns=["subject_id", "event"], glob=False)
     return labels.filter(pl.col("event"))["subject_id"]
 
 

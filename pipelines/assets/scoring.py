@@ -240,12 +240,7 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
                                columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
     codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)
     outcome = task.description or task.name
-    labels_path = workspace.warehouse_dir / "tasks" / task.name / "labels.parquet"
-    if not labels_path.is_file():
-        raise PublishError(f"task '{task.name}' has no labels at {labels_path} (they say whose outcome is recorded "
-                           "since the prediction time): materialize labels first")
-    labels = pl.read_parquet(labels_path, columns=["subject_id", "event"], glob=False)
-    resolved = outcome_recorded_subjects(labels)
+    resolved = outcome_recorded_subjects(workspace.warehouse_dir / "tasks" / task.name / "labels.parquet", task.name)
     listed, left_out = patients_to_list(scores, patients, RiskTiers(task.publishing.high_share,
                                                                     task.publishing.medium_share), resolved)
     publication = publish(listed, patients, published_dir(workspace), task.name, task.horizon_days, outcome,

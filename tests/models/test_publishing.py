@@ -97,18 +97,24 @@ def test_patients_whose_outcome_is_recorded_since_are_left_off_and_their_assessm
                             schema_overrides={"death_time": pl.Datetime("us")})
     everyone, _ = patients_to_list(frame.to_arrow(), patients.with_columns(death_time=None, deceased=False),
                                    RiskTiers(high_share=0.2, medium_share=0.2))
-    publish(everyone, patients, tmp_path, "synthetic_1y", 365, "MACE", {})
+    publish(everyone, patients, tmp_path / "published", "synthetic_1y", 365, "MACE", {})
     # The riskiest had the outcome after the prediction time; the last had it and then died (counted once,
     # as deceased); the third was censored before the horizon without it (event false: stays on the list).
-    labels = pl.DataFrame({"subject_id": ids, "event": [True, False, False, False, True]})
-    resolved = outcome_recorded_subjects(labels)
+    labels = tmp_path / "warehouse" / "labels.parquet"
+    with pytest.raises(PublishError, match=f"task 'synthetic_1y' has no labels at {labels} "
+                                           r"\(they say whose outcome is recorded since the prediction time\): "
+                                           "materialize labels first"):
+        outcome_recorded_subjects(labels, "synthetic_1y")
+    labels.parent.mkdir()
+    pl.DataFrame({"subject_id": ids, "event": [True, False, False, False, True]}).write_parquet(labels)
+    resolved = outcome_recorded_subjects(labels, "synthetic_1y")
     assert resolved.to_list() == [ids[0], ids[4]]
     listed, left_out = patients_to_list(frame.to_arrow(), patients, RiskTiers(high_share=0.3, medium_share=0.3),
                                         resolved)
     assert left_out == {"deceased": 1, "outcome_recorded": 1}
     assert pl.from_arrow(listed).select("risk", "risk_tier").rows() == [(0.8, "high"), (0.7, "medium"),
                                                                         (0.2, "low")]
-    second = publish(listed, patients, tmp_path, "synthetic_1y", 365, "MACE", {}, left_out=left_out,
+    second = publish(listed, patients, tmp_path / "published", "synthetic_1y", 365, "MACE", {}, left_out=left_out,
                      outcome_recorded=resolved)
     withdrawn = pl.read_parquet(second.folder / "withdrawn.parquet")
     assert withdrawn.select("subject_id", "reason").rows() == [
