@@ -453,6 +453,34 @@ def describe_token(token: str, descriptions: Mapping[str, str]) -> str | None:
     return f"{described}: {descriptions.get(answer) or answer}" if answer else described
 
 
+def source_item_descriptions(scores: pa.Table, notes_path: Path, imaging_path: Path) -> pl.DataFrame:
+    """Descriptions of the explaining items that are one note or one study (``note <id>``,
+    ``study <id>``: :mod:`models.explain`) among ``scores``' top items, as ``code`` and
+    ``description`` rows like the warehouse's ``codes``: ``Note of 2023-04-30: progress_note``,
+    ``Image of 2022-03-20: US, Heart structure``. A care team cannot act on an id; the date and
+    kind say which document to open. Read from the warehouse's ``notes`` and ``imaging`` tables
+    (a missing table describes nothing); a note's text is never copied.
+    """
+    frame = pl.from_arrow(scores.select(["top_items"]))
+    assert isinstance(frame, pl.DataFrame)
+    names = frame.select(pl.col("top_items").explode().struct.field("item")).drop_nulls().unique()["item"]
+    parts = [pl.DataFrame(schema={"code": pl.String, "description": pl.String})]
+    sources = ((notes_path, "note", "note_id", "Note", [pl.col("note_type")]),
+               (imaging_path, "study", "study_id", "Image", [pl.col("modality"), pl.col("body_site")]))
+    for path, prefix, key, kind, what in sources:
+        ids = names.filter(names.str.starts_with(f"{prefix} ")).str.strip_prefix(f"{prefix} ")
+        if ids.is_empty() or not path.is_file():
+            continue
+        table = pl.scan_parquet(path, glob=False).select(key, "time", *what).filter(pl.col(key).is_in(ids.implode()))
+        dated = pl.format(f"{kind} of {{}}", pl.col("time").dt.date())
+        kind_of = pl.concat_str(what, separator=", ", ignore_nulls=True)
+        parts.append(table.select(
+            code=pl.lit(f"{prefix} ") + pl.col(key),
+            description=pl.when(kind_of != "").then(pl.format("{}: {}", dated, kind_of)).otherwise(dated),
+        ).unique("code", keep="first", maintain_order=True).collect())
+    return pl.concat(parts)
+
+
 def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataFrame:
     """``scores`` with a ``description`` in each ``top_items`` entry: the code's description from
     ``codes`` (``code``, ``description``; :func:`describe_token`), else the item's own name (a note,

@@ -54,9 +54,10 @@ from models.publishing import (
     patients_to_list,
     publish,
     quality_shortfalls,
+    source_item_descriptions,
 )
 from models.scoring import RiskTiers, score_task
-from pipelines.assets.tasks import task_of_partition, task_partitions
+from pipelines.assets.tasks import IMAGING, NOTES, task_of_partition, task_partitions
 from pipelines.assets.training import ModelQualityConfig, candidate_model_dir, model_dir, quality_gates
 from pipelines.resources import Workspace
 
@@ -221,8 +222,8 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
     )
 
 
-@dg.asset(group_name="publishing", partitions_def=task_partitions, deps=[risk_scores, "patients", "codes", "labels"],
-          kinds={"duckdb", "fhir"})
+@dg.asset(group_name="publishing", partitions_def=task_partitions,
+          deps=[risk_scores, "patients", "codes", "labels", NOTES, IMAGING], kinds={"duckdb", "fhir"})
 def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConfig,
                      workspace: Workspace) -> dg.MaterializeResult:
     """A new live version of the task's cohort: Parquet, DuckDB and FHIR RiskAssessments."""
@@ -238,7 +239,11 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
                       workspace.warehouse_dir, min_auroc, max_calibration_error, task.prediction_target())
     patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
                                columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
-    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)
+    codes = pl.concat([
+        pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False),
+        source_item_descriptions(scores, workspace.warehouse_dir / "notes.parquet",
+                                 workspace.warehouse_dir / "imaging.parquet"),
+    ])
     outcome = task.description or task.name
     resolved = outcome_recorded_subjects(workspace.warehouse_dir / "tasks" / task.name / "labels.parquet", task.name)
     listed, left_out = patients_to_list(scores, patients, RiskTiers(task.publishing.high_share,

@@ -36,6 +36,7 @@ from models.publishing import (
     quality_shortfalls,
     rebuild_database,
     risk_assessment_id,
+    source_item_descriptions,
 )
 from models.scoring import RiskTiers, model_version, score_task
 from tests.models.conftest import TrainedTask
@@ -173,6 +174,37 @@ def test_items_are_described_with_their_answer_variant_and_value() -> None:
         ["Variant in APOE: rs429358 < 0.5", "Systolic Blood Pressure 140 to 160, latest of 7", "note n1"],
         ["Tobacco smoking status: Smoker", "ICD10CM//I21"],
     ]
+
+
+def test_a_note_or_study_item_is_described_by_its_date_and_kind_not_its_id(tmp_path: Path) -> None:
+    def items(*names: str) -> list[dict[str, object]]:
+        return [{"modality": "notes", "item": name, "contribution": 0.01, "value_range": None, "readings": 0}
+                for name in names]
+
+    scores = pl.DataFrame(
+        {"subject_id": [1, 2], "top_items": [items("note n1", "study s1", "LOINC//8480-6"),
+                                             items("study s2", "note n9")]},
+        schema={"subject_id": pl.Int64, "top_items": pl.List(pl.Struct(
+            {"modality": pl.String, "item": pl.String, "contribution": pl.Float64, "value_range": pl.String,
+             "readings": pl.Int32}))},
+    )
+    notes, imaging = tmp_path / "notes.parquet", tmp_path / "imaging.parquet"
+    pl.DataFrame({"note_id": ["n1", "n2"], "time": [datetime(2023, 4, 30, 9), datetime(2023, 5, 1)],
+                  "note_type": ["progress_note", "discharge_summary"],
+                  "text": ["Pt well.", "Home."]}).write_parquet(notes)
+    pl.DataFrame({"study_id": ["s1", "s2"], "time": [datetime(2022, 3, 20), datetime(2022, 4, 1)],
+                  "modality": ["US", "CT"], "body_site": ["Heart structure", None]}).write_parquet(imaging)
+    described = source_item_descriptions(scores.to_arrow(), notes, imaging)
+    # Only the items the scores name; n9 is in no table (its item keeps its own name).
+    assert sorted(described.rows()) == [("note n1", "Note of 2023-04-30: progress_note"),
+                                        ("study s1", "Image of 2022-03-20: US, Heart structure"),
+                                        ("study s2", "Image of 2022-04-01: CT")]
+    published = describe_items(scores, described)
+    assert published["top_items"].list.eval(pl.element().struct.field("description")).to_list() == [
+        ["Note of 2023-04-30: progress_note", "Image of 2022-03-20: US, Heart structure", "LOINC//8480-6"],
+        ["Image of 2022-04-01: CT", "note n9"],
+    ]
+    assert source_item_descriptions(scores.to_arrow(), tmp_path / "none.parquet", tmp_path / "none.parquet").is_empty()
 
 
 def test_risk_assessments_are_valid_fhir_r4(scores: pa.Table, tmp_path: Path) -> None:

@@ -58,6 +58,10 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert not published["subject_id"].is_in(pl.concat([dead, had_outcome]).implode()).any()
     assert published.height == 381 - LIVING_WITH_OUTCOME
     assert (published["risk_tier"] == "high").sum() == HIGH_RISK
+    # A note or study that explains a risk is named by its date and kind, never by its id alone.
+    descriptions = published.select(pl.col("top_items").explode().struct.field("description")).to_series()
+    assert descriptions.str.starts_with("Image of ").sum() > 0 and descriptions.str.starts_with("Note of ").sum() > 0
+    assert not descriptions.str.contains(r"^(note|study) ").any()
     manifest = json.loads((published_dir / "manifest.json").read_text())
     assert manifest["left_out"] == {"deceased": 19, "outcome_recorded": LIVING_WITH_OUTCOME}
     output = console.export_text()
