@@ -453,13 +453,15 @@ def describe_token(token: str, descriptions: Mapping[str, str]) -> str | None:
     return f"{described}: {descriptions.get(answer) or answer}" if answer else described
 
 
-def source_item_descriptions(scores: pa.Table, notes_path: Path, imaging_path: Path) -> pl.DataFrame:
+def source_item_descriptions(scores: pa.Table, notes_path: Path, imaging_path: Path,
+                             site_timezone: str = "UTC") -> pl.DataFrame:
     """Descriptions of the explaining items that are one note or one study (``note <id>``,
     ``study <id>``: :mod:`models.explain`) among ``scores``' top items, as ``code`` and
     ``description`` rows like the warehouse's ``codes``: ``Note of 2023-04-30: progress_note``,
     ``Image of 2022-03-20: US, Heart structure``. A care team cannot act on an id; the date and
     kind say which document to open. Read from the warehouse's ``notes`` and ``imaging`` tables
-    (a missing table describes nothing); a note's text is never copied.
+    (a missing table describes nothing); a note's text is never copied. The date is the site's
+    (``site_timezone``: the tables hold UTC), as the record in the EHR shows it.
     """
     frame = pl.from_arrow(scores.select(["top_items"]))
     assert isinstance(frame, pl.DataFrame)
@@ -472,7 +474,8 @@ def source_item_descriptions(scores: pa.Table, notes_path: Path, imaging_path: P
         if ids.is_empty() or not path.is_file():
             continue
         table = pl.scan_parquet(path, glob=False).select(key, "time", *what).filter(pl.col(key).is_in(ids.implode()))
-        dated = pl.format(f"{kind} of {{}}", pl.col("time").dt.date())
+        local = pl.col("time").dt.replace_time_zone("UTC").dt.convert_time_zone(site_timezone)
+        dated = pl.format(f"{kind} of {{}}", local.dt.date())
         kind_of = pl.concat_str(what, separator=", ", ignore_nulls=True)
         parts.append(table.select(
             code=pl.lit(f"{prefix} ") + pl.col(key),

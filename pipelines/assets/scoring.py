@@ -29,6 +29,7 @@ import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 
+from features.ingest import warehouse_site_timezone
 from features.io import write_parquet_atomic
 from features.task_inputs import tabular_features_for
 from features.tasks import TaskDefinition
@@ -242,7 +243,8 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     codes = pl.concat([
         pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False),
         source_item_descriptions(scores, workspace.warehouse_dir / "notes.parquet",
-                                 workspace.warehouse_dir / "imaging.parquet"),
+                                 workspace.warehouse_dir / "imaging.parquet",
+                                 warehouse_site_timezone(workspace.warehouse_dir)),
     ])
     outcome = task.description or task.name
     resolved = outcome_recorded_subjects(workspace.warehouse_dir / "tasks" / task.name / "labels.parquet", task.name)

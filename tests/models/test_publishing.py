@@ -205,6 +205,9 @@ def test_a_note_or_study_item_is_described_by_its_date_and_kind_not_its_id(tmp_p
         ["Image of 2022-04-01: CT", "note n9"],
     ]
     assert source_item_descriptions(scores.to_arrow(), tmp_path / "none.parquet", tmp_path / "none.parquet").is_empty()
+    # The tables hold UTC; the date is the site's: 2022-03-20 00:00 UTC was the 19th in New York.
+    local = source_item_descriptions(scores.to_arrow(), notes, imaging, "America/New_York")
+    assert dict(local.rows())["study s1"] == "Image of 2022-03-19: US, Heart structure"
 
 
 def test_risk_assessments_are_valid_fhir_r4(scores: pa.Table, tmp_path: Path) -> None:
