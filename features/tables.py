@@ -53,6 +53,8 @@ BATCH_VALUES = 1_000_000
 """At most this many values (rows x columns) per batch of :func:`iter_batches`: a wide table's
 rows hold thousands of values each."""
 RAW_LIMIT = 500
+LINE_END_SAMPLE_BYTES = 65_536
+"""How much of a CSV/TSV file's start is searched for ``\r\r\n`` line ends."""
 BINARY_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 """Control characters no text table holds (a tab, line feed or carriage return it may)."""
 
@@ -286,6 +288,10 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 return
             yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
             number += batch.num_rows
+    with path.open("rb") as handle:
+        # Lines ended \r\r\n (a CSV written in text mode on Windows) read as a record and an
+        # empty line each: the blank lines' reason says so, once the start of the file shows it.
+        doubled_line_ends = b"\r\r\n" in handle.read(LINE_END_SAMPLE_BYTES)
     with _csv_reader(path) as reader:
         header = [name.strip() for name in next(reader)]
         batch_rows = max(1, min(BATCH_ROWS, BATCH_VALUES // len(header)))
@@ -311,7 +317,7 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
             if not joined.isascii() and NOT_UTF8.search(joined):
                 odd.append((number, {"__not_utf8__": [NOT_UTF8.sub("\ufffd", value) for value in values]}))
             elif not values:  # a blank line: no record, but a line of the file, so accounted for
-                odd.append((number, {"__blank_line__": ""}))
+                odd.append((number, {"__blank_line__": "\r\r\n" if doubled_line_ends else ""}))
             elif len(values) == len(header):
                 numbers.append(number)
                 fitting.append(values)
@@ -356,6 +362,10 @@ def _csv_reader(path: Path) -> Iterator[Any]:
 def check_row_shape(row: dict[str, Any]) -> None:
     """Raise :class:`RecordError` for a CSV/TSV row :func:`iter_batches` could not read as a row of
     the header's columns."""
+    if row.get("__blank_line__") == "\r\r\n":
+        raise RecordError("blank_line", "blank line: this file ends its lines with \\r\\r\\n, so an empty line follows "
+                          "each record (a CSV written in text mode on Windows, such as Python's csv module without "
+                          "newline=''); write it with \\n or \\r\\n line ends")
     if "__blank_line__" in row:
         raise RecordError("blank_line", "blank line (a table holds one record per line)")
     if "__bad_width__" in row:

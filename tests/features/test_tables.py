@@ -582,6 +582,19 @@ def test_a_blank_line_in_a_csv_is_one_blank_line_row(tmp_path: Path) -> None:
     assert summary.table_rows["notes"] == 2
 
 
+def test_blank_lines_of_a_csv_written_in_windows_text_mode_say_why(tmp_path: Path) -> None:
+    # Python's csv writer ends rows \r\n, and a file opened in text mode on Windows writes \n as \r\n.
+    csv = (b"patient_id,note_id,time,note_type,text\r\r\np1,n1,2020-01-01T10:00:00Z,progress,Pt well.\r\r\n"
+           b"p1,n2,2020-01-02T10:00:00Z,progress,Pt better.\r\r\n")
+    summary, quarantine = run(tmp_path, {"notes/notes.csv": csv})
+    reason = ("blank line: this file ends its lines with \\r\\r\\n, so an empty line follows each record (a CSV "
+              "written in text mode on Windows, such as Python's csv module without newline=''); write it with \\n "
+              "or \\r\\n line ends")
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (1, "blank_line", reason), (3, "blank_line", reason), (5, "blank_line", reason)]
+    assert summary.table_rows["notes"] == 2
+
+
 def test_two_patients_notes_with_one_id_are_an_id_conflict_not_a_duplicate(tmp_path: Path) -> None:
     # Two feeds that both number their notes from 1: the second patient's note is not a copy.
     csv = NOTES_HEADER + b"p1,1,2020-01-01,progress,Pt well.\np2,1,2020-01-02,progress,Pt short of breath.\n"
