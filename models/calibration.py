@@ -102,11 +102,17 @@ class PlattCalibrator:
             raise ValueError(f"calibration: arm logits of shape (n, 2) and n outcomes and arms expected, found "
                              f"{logits.shape}, {len(labels)} and {len(arms)}")
         rows = [(arms == arm) & ~np.isnan(labels) for arm in (0, 1)]
-        fewest = min(min(int((labels[r] == 1).sum()), int((labels[r] == 0).sum())) for r in rows)
-        if fewest < self.min_arm_outcomes:
+        counts = [(int((labels[r] == 1).sum()), int((labels[r] == 0).sum())) for r in rows]
+        held = (f"untreated {counts[0][0]} events and {counts[0][1]} non-events, treated {counts[1][0]} and "
+                f"{counts[1][1]}")
+        if min(min(arm) for arm in counts) < self.min_arm_outcomes:
             self.arms_ = list(_UNCALIBRATED_ARMS)
+            self.arm_calibration_ = (f"treatment-arm risks not calibrated (as the heads gave them): the tuning "
+                                     f"arms hold {held}, and calibration needs {self.min_arm_outcomes} of each in "
+                                     "each arm")
             return self
         self.arms_ = [_fit_platt(logits[r, arm], labels[r] == 1, weights[r]) for arm, r in enumerate(rows)]
+        self.arm_calibration_ = f"treatment-arm risks calibrated on each arm's tuning patients ({held})"
         return self
 
     def transform_arms(self, arm_logits: npt.ArrayLike) -> npt.NDArray[np.float64]:

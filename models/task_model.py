@@ -915,6 +915,7 @@ def train_task_model(task_dir: Path, model_dir: Path, task: TaskDefinition, args
     metrics = evaluate(result.model, result.calibrator, data, truth, baselines=baselines, seed=args.seed)
     metrics["best_epoch"] = result.best_epoch
     metrics["survival_calibration"] = getattr(result.calibrator, "survival_calibration_", None)
+    metrics["arm_calibration"] = getattr(result.calibrator, "arm_calibration_", None)
     metrics["training_arguments"] = asdict(args)
     metrics["trained_on"] = {"device": str(args.resolve_device()), "precision": training_precision(args),
                              "processes": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1}
@@ -1150,8 +1151,9 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
             f"{fusion['calibration_error_if_calibrated']:.3f} on this many patients from sampling alone "
             f"(95th percentile {fusion['calibration_error_if_calibrated_95']:.3f}).",
         ]
-    if metrics.get("survival_calibration"):
-        lines += ["", f"{metrics['survival_calibration'][0].upper()}{metrics['survival_calibration'][1:]}."]
+    for said in (metrics.get("survival_calibration"), metrics.get("arm_calibration")):
+        if said:
+            lines += ["", f"{said[0].upper()}{said[1:]}."]
     if not task.outcome.death:
         lines += ["", "Death is not part of this outcome and ends follow-up: the survival curve is cause-specific "
                   "(the chance of staying free of the outcome were no one to die first), so where deaths are "

@@ -42,9 +42,15 @@ def test_with_too_few_outcomes_in_an_arm_both_arms_keep_the_heads_probabilities(
     calibrator = PlattCalibrator(min_arm_outcomes=4).fit(logits[:, 0], np.nan_to_num(y)).fit_arms(logits, y, treated)
     assert calibrator.arms_ == [(1.0, 0.0), (1.0, 0.0)]
     np.testing.assert_allclose(calibrator.transform_arms(logits), _sigmoid(logits))
+    # The model card says which, with the counts.
+    assert calibrator.arm_calibration_ == (
+        "treatment-arm risks not calibrated (as the heads gave them): the tuning arms hold untreated 94 events and "
+        "95 non-events, treated 3 and 6, and calibration needs 4 of each in each arm")
     # With three outcomes enough, each arm gets its own fit.
     calibrator = PlattCalibrator(min_arm_outcomes=3).fit(logits[:, 0], np.nan_to_num(y)).fit_arms(logits, y, treated)
     assert calibrator.arms_[0] != (1.0, 0.0) and calibrator.arms_[1] != (1.0, 0.0)
+    assert calibrator.arm_calibration_ == ("treatment-arm risks calibrated on each arm's tuning patients (untreated "
+                                           "94 events and 95 non-events, treated 3 and 6)")
 
 
 def test_arm_calibration_is_saved_and_an_older_file_leaves_the_arms_as_the_heads_gave_them(tmp_path: Path) -> None:

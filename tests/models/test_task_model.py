@@ -73,6 +73,10 @@ def test_model_folder_holds_weights_vocabulary_calibration_metrics_and_card(trai
     power = json.loads((model_dir / "calibration.json").read_text())["survival_power"]
     assert metrics["survival_calibration"].startswith(f"survival curves calibrated in the large: power {power:.3f} ")
     assert f"\n\nS{metrics['survival_calibration'][1:]}.\n" in card
+    # So is whether the treatment-arm heads were (this small task's arms hold too few outcomes).
+    assert metrics["arm_calibration"].startswith("treatment-arm risks not calibrated (as the heads gave them): the "
+                                                 "tuning arms hold untreated ")
+    assert f"\n\nT{metrics['arm_calibration'][1:]}.\n" in card
     assert 0 < fusion["calibration_error_if_calibrated"] < fusion["calibration_error_if_calibrated_95"]
     # Early non-events have no label, so the censoring-weighted event rate is below the complete cases'.
     assert metrics["held_out_event_rate_weighted"] < metrics["held_out_event_rate"]
