@@ -39,10 +39,10 @@ logger = logging.getLogger(__name__)
 
 
 @contextmanager
-def quiet_weight_loading() -> Iterator[None]:
-    """Load Hugging Face weights without transformers' "Loading weights" progress bar, which runs
-    once per load and in a run's output breaks into its stage lines. The switch is process-wide
-    in transformers, so it is put back as it was."""
+def quiet_transformers_progress() -> Iterator[None]:
+    """Load or save Hugging Face weights without transformers' progress bars ("Loading weights",
+    "Writing model shards"), which run once per load or save and in a run's output break into its
+    stage lines. The switch is process-wide in transformers, so it is put back as it was."""
     from transformers.utils import logging as transformers_logging
 
     shown = transformers_logging.is_progress_bar_enabled()
@@ -198,7 +198,7 @@ class NoteEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_path), local_files_only=True)
-        with quiet_weight_loading():
+        with quiet_transformers_progress():
             self._model = AutoModel.from_pretrained(
                 str(self.model_path), local_files_only=True, dtype=getattr(torch, self.dtype))
         self._model.eval()

@@ -130,6 +130,7 @@ class PlattCalibrator:
         calibrator.slope_, calibrator.intercept_, calibrator.survival_power_ = 1.0, 0.0, 1.0
         calibrator.arms_ = list(_UNCALIBRATED_ARMS)
         calibrator.survival_calibration_ = "survival curves not calibrated (trained without calibration)"
+        calibrator.arm_calibration_ = "treatment-arm risks not calibrated (trained without calibration)"
         return calibrator
 
     def fit_survival(self, survival_at_horizon: npt.ArrayLike, event: npt.ArrayLike,

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from features.errors import CohortcastError, TrainingDataError
 from features.io import replace_dir, restore_retired_dir
-from features.note_embeddings import quiet_weight_loading
+from features.note_embeddings import quiet_transformers_progress
 from features.simulate.state import (
     CARRIED_BY,
     SEVERITY_TERMS,
@@ -608,7 +608,8 @@ def save_task_model(folder: Path, model: FusionForRiskPrediction, calibrator: Pl
     staging = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging)
+    with quiet_transformers_progress():
+        model.save_pretrained(staging)
     (staging / "vocabulary.json").write_bytes(vocabulary_json)
     calibrator.save(staging / "calibration.json")
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -721,7 +722,7 @@ def load_task_model(folder: Path) -> tuple[FusionForRiskPrediction, PlattCalibra
     info = check_model_folder(folder)
     # Sizes that differ are reported below as mismatched keys, not raised by transformers as a
     # bare RuntimeError.
-    with quiet_weight_loading():
+    with quiet_transformers_progress():
         loaded: Any = FusionForRiskPrediction.from_pretrained(folder, output_loading_info=True,
                                                               ignore_mismatched_sizes=True)
     model: FusionForRiskPrediction = loaded[0]
@@ -1151,7 +1152,7 @@ def model_card(task: TaskDefinition, data: TaskData, config: FusionConfig, metri
             f"{fusion['calibration_error_if_calibrated']:.3f} on this many patients from sampling alone "
             f"(95th percentile {fusion['calibration_error_if_calibrated_95']:.3f}).",
         ]
-    for said in (metrics.get("survival_calibration"), metrics.get("arm_calibration")):
+    for said in (metrics.get("survival_calibration"), data.has_treatment and metrics.get("arm_calibration")):
         if said:
             lines += ["", f"{said[0].upper()}{said[1:]}."]
     if not task.outcome.death:

@@ -28,6 +28,7 @@ from models.task_model import (
     load_task_model,
     model_file_digests,
     promote_model,
+    save_task_model,
     train_task_model,
     trained_with,
     training_fingerprint,
@@ -572,3 +573,30 @@ def test_the_card_of_an_outcome_death_competes_with_says_the_curve_is_cause_spec
     competing = replace(task, outcome=replace(task.outcome, death=False, codes=("ICD10CM//I21",)))
     assert f"\n\n{note} (the chance of staying free of the outcome were no one to die first)" in model_card(
         competing, data, config, metrics)
+
+
+def test_the_card_of_a_task_without_a_treatment_says_nothing_of_arms(trained: tuple[Path, dict]) -> None:
+    from dataclasses import replace
+
+    from models.fusion import FusionConfig
+    from models.task_model import model_card
+
+    model_dir, metrics = trained
+    task = load_task(model_dir.parent.parent / "synthetic_1y.yaml")
+    data = load_task_data(model_dir.parent.parent / "tasks" / "synthetic_1y", task.horizon_days)
+    config = FusionConfig.from_pretrained(model_dir)
+    assert data.has_treatment and "Treatment-arm risks not calibrated" in model_card(task, data, config, metrics)
+    assert "Treatment-arm risks" not in model_card(task, replace(data, has_treatment=False), config, metrics)
+
+
+def test_a_model_loads_and_saves_without_transformers_progress_bars(trained: tuple[Path, dict], tmp_path: Path,
+                                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    model_dir, metrics = trained
+    model, calibrator, _info = load_task_model(model_dir)
+    save_task_model(tmp_path / "copy", model, calibrator, (model_dir / "vocabulary.json").read_bytes(), metrics, [],
+                    "card", has_treatment=True, reference_risk={"train": np.array([0.1, 0.2])})
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    assert transformers_logging.is_progress_bar_enabled()  # put back for the rest of the process
