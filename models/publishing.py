@@ -469,13 +469,13 @@ def source_item_descriptions(scores: pa.Table, notes_path: Path, imaging_path: P
     parts = [pl.DataFrame(schema={"code": pl.String, "description": pl.String})]
     sources = ((notes_path, "note", "note_id", "Note", [pl.col("note_type")]),
                (imaging_path, "study", "study_id", "Image", [pl.col("modality"), pl.col("body_site")]))
+    local_date = pl.col("time").dt.replace_time_zone("UTC").dt.convert_time_zone(site_timezone).dt.date()
     for path, prefix, key, kind, what in sources:
         ids = names.filter(names.str.starts_with(f"{prefix} ")).str.strip_prefix(f"{prefix} ")
         if ids.is_empty() or not path.is_file():
             continue
         table = pl.scan_parquet(path, glob=False).select(key, "time", *what).filter(pl.col(key).is_in(ids.implode()))
-        local = pl.col("time").dt.replace_time_zone("UTC").dt.convert_time_zone(site_timezone)
-        dated = pl.format(f"{kind} of {{}}", local.dt.date())
+        dated = pl.format(f"{kind} of {{}}", local_date)
         kind_of = pl.concat_str(what, separator=", ", ignore_nulls=True)
         parts.append(table.select(
             code=pl.lit(f"{prefix} ") + pl.col(key),
