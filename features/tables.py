@@ -103,7 +103,7 @@ class TableRead:
         self.rejects.clear()
 
     def reject(self, number: int, row: Any, code: str, reason: str, ident: str | None = None) -> None:
-        self.rejects.append((number, ident, raw_text(row), code, reason))
+        self.rejects.append((number, ident, _raw_text_as_read(row), code, reason))
 
     def reject_file(self, err: FileError, path: Path) -> None:
         """The whole file becomes one quarantine row, whatever was read of it before ``err``; its raw
@@ -112,6 +112,18 @@ class TableRead:
         self.whole_file_rejected = True
         self.records_in = 1
         self.rejects.append((0, "", file_preview(path), err.code, err.reason))
+
+
+ROW_SHAPE_MARKERS = ("__blank_line__", "__bad_width__", "__not_utf8__")
+"""Keys of the rows :func:`iter_batches` could not read as rows of the header's columns."""
+
+
+def _raw_text_as_read(row: Any) -> str:
+    """:func:`raw_text` of a row as the file holds it: a row :func:`iter_batches` marked
+    (:data:`ROW_SHAPE_MARKERS`) as its fields, and a blank line as no text, never the marker."""
+    if isinstance(row, dict) and len(row) == 1 and (marker := next(iter(row))) in ROW_SHAPE_MARKERS:
+        return "" if marker == "__blank_line__" else raw_text(row[marker])
+    return raw_text(row)
 
 
 def file_preview(path: Path) -> str:

@@ -577,9 +577,17 @@ def test_a_blank_line_in_a_csv_is_one_blank_line_row(tmp_path: Path) -> None:
     csv = (b"patient_id,note_id,time,note_type,text\r\np1,n1,2020-01-01T10:00:00Z,progress,Pt well.\r\n\r\n"
            b"p1,n2,2020-01-02T10:00:00Z,progress,Pt better.\r\n")
     summary, quarantine = run(tmp_path, {"notes/notes.csv": csv})
-    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
-        (2, "blank_line", "blank line (a table holds one record per line)")]
+    assert quarantine.select("record_number", "reason_code", "reason", "raw_text").rows() == [
+        (2, "blank_line", "blank line (a table holds one record per line)", "")]
     assert summary.table_rows["notes"] == 2
+
+
+def test_a_row_of_another_width_than_the_header_shows_its_fields(tmp_path: Path) -> None:
+    csv = NOTES_HEADER + b"p1,n1,2020-01-01,progress,Pt well.,extra\n"
+    _summary, quarantine = run(tmp_path, {"notes/notes.csv": csv})
+    assert quarantine.select("record_number", "reason_code", "reason", "raw_text").rows() == [
+        (1, "bad_row", "row has a different number of fields than the header",
+         '["p1","n1","2020-01-01","progress","Pt well.","extra"]')]
 
 
 def test_blank_lines_of_a_csv_written_in_windows_text_mode_say_why(tmp_path: Path) -> None:
@@ -590,8 +598,8 @@ def test_blank_lines_of_a_csv_written_in_windows_text_mode_say_why(tmp_path: Pat
     reason = ("blank line: this file ends its lines with \\r\\r\\n, so an empty line follows each record (a CSV "
               "written in text mode on Windows, such as Python's csv module without newline=''); write it with \\n "
               "or \\r\\n line ends")
-    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
-        (1, "blank_line", reason), (3, "blank_line", reason), (5, "blank_line", reason)]
+    assert quarantine.select("record_number", "reason_code", "reason", "raw_text").rows() == [
+        (1, "blank_line", reason, ""), (3, "blank_line", reason, ""), (5, "blank_line", reason, "")]
     assert summary.table_rows["notes"] == 2
 
 
@@ -1003,7 +1011,8 @@ def test_a_byte_order_mark_and_bytes_that_are_not_utf8(tmp_path: Path) -> None:
     summary, quarantine = run(tmp_path, {"notes/notes.csv": b"\xef\xbb\xbf" + NOTES_HEADER + b"".join(rows)})
     assert quarantine.select("record_number", "reason_code").rows() == [(2, "not_utf8"), (251, "not_utf8")]
     assert quarantine["reason"][0] == "row holds bytes that are not UTF-8 (shown as U+FFFD; export the file as UTF-8)"
-    assert "Pt 5 \ufffdg at 37\ufffdC" in quarantine["raw_text"][0]
+    # The row's fields, as the file holds them (the bytes shown as U+FFFD).
+    assert quarantine["raw_text"][0] == '["p1","n2","2020-01-01","Nursing note","Pt 5 \ufffdg at 37\ufffdC"]'
     assert summary.table_rows["notes"] == 298
     # The note type is spelled as a DocumentReference's is: one code per kind of note.
     events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("modality") == "notes")
