@@ -21,7 +21,14 @@ import polars as pl
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from features.tokenize import events_before, token_expr, value_bin_edges  # noqa: E402
+from features.tokenize import (  # noqa: E402
+    events_before,
+    saved_units,
+    token_expr,
+    unit_token_expr,
+    value_bin_edges,
+    with_unit,
+)
 
 
 def bins_used(edges: np.ndarray, values: np.ndarray) -> int:
@@ -40,9 +47,10 @@ def main() -> None:
     cohort = pl.read_parquet(folder / "cohort.parquet")
     train = pl.read_parquet(folder / "splits.parquet").filter(pl.col("split") == "train")["subject_id"]
     seen = (
-        events_before(pl.scan_parquet(args.warehouse / "events.parquet"),
-                      cohort.filter(pl.col("subject_id").is_in(train.implode())))
+        with_unit(events_before(pl.scan_parquet(args.warehouse / "events.parquet"),
+                                cohort.filter(pl.col("subject_id").is_in(train.implode()))))
         .with_columns(token_expr())
+        .with_columns(unit_token_expr(saved_units(folder / "vocabulary.json")))
         .filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()
                 & pl.col("token").is_in(vocabulary))
         .group_by("token").agg(pl.col("numeric_value").cast(pl.Float64), pl.col("modality").first())

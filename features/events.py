@@ -24,8 +24,8 @@ conditions, ...     the primary coding (``SNOMED//..``)  -                      
                     order says ``do_not_perform``, or a
                     request is only a ``proposal`` or
                     an ``option``)
-observations        ``LOINC//..`` (components too; not   numeric_value or text_value     time
-                    when ``cancelled`` or only
+observations        ``LOINC//..`` (components too; not   numeric_value and its unit, or  time
+                    when ``cancelled`` or only           text_value
                     ``registered``)
 notes               ``NOTE//<note_type>``                text: note_id                   time
 imaging_studies     ``IMAGING_STUDY//<modality>`` (not   text: study_id                  started
@@ -72,9 +72,10 @@ def _null(dtype: pl.DataType) -> pl.Expr:
 
 def _frame(
     lf: pl.LazyFrame, code: pl.Expr, time: pl.Expr, numeric: pl.Expr, text: pl.Expr, modality: str, source: pl.Expr,
-    known: pl.Expr | None = None,
+    known: pl.Expr | None = None, unit: pl.Expr | None = None,
 ) -> pl.LazyFrame:
-    """EVENTS-shaped rows; ``known``: when each became known, kept as ``known_time`` where later than ``time``."""
+    """EVENTS-shaped rows; ``known``: when each became known, kept as ``known_time`` where later than
+    ``time``; ``unit``: the unit of ``numeric``, where it has one."""
     known_time = _null(pl.Datetime("us")) if known is None else pl.when(known > time).then(known)
     return lf.select(
         SUBJECT.cast(pl.Int64),
@@ -82,6 +83,7 @@ def _frame(
         known_time.cast(pl.Datetime("us")).alias("known_time"),
         code.cast(pl.String).alias("code"),
         numeric.cast(pl.Float32).alias("numeric_value"),
+        (_null(pl.String()) if unit is None else unit).cast(pl.String).alias("unit"),
         text.cast(pl.String).alias("text_value"),
         pl.lit(modality).alias("modality"),
         source.cast(pl.String).alias("source"),
@@ -211,6 +213,7 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             # A result is an input only once issued: a lab drawn before a prediction time but
             # resulted after it was not on anyone's screen at that time.
             pl.col("issued_time"),
+            pl.when(pl.col("numeric_value").is_not_null()).then(pl.col("unit")),
         ),
         _frame(
             with_subject("notes"),

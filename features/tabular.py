@@ -11,6 +11,11 @@ an observation's coded answer and a genotype's variant are part of it
 (``LOINC//72166-2//SNOMED//77176002``, a current smoker; ``GENE//CYP2C19//rs4244285``), so the
 baselines see what the fusion model sees, not only that smoking status was charted.
 
+A value in a unit other than its token's main unit is keyed with its unit, as the fusion model's
+vocabulary keys it (:func:`features.tokenize.unit_token_expr`, with the main units the task's
+:class:`~features.tokenize.EventTokenizer` learned on the train split): ``last__LOINC//29463-7``
+holds weights in kg only, and weights in pounds have columns of their own when common enough.
+
 Which codes get columns, and which of them get a ``last__<code>`` column, is learned on the train
 split only (:func:`select_tabular_codes`), so the column set never depends on tuning or held-out
 patients: a code whose train patients never have a value gets no ``last__`` column even where a
@@ -20,11 +25,11 @@ any.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 
-from features.tokenize import MICROSECONDS_PER_DAY, events_before, token_expr
+from features.tokenize import MICROSECONDS_PER_DAY, events_before, token_expr, unit_token_expr, units_in_use, with_unit
 
 
 @dataclass(frozen=True)
@@ -41,15 +46,21 @@ class TabularCodes:
     """Columns keyed by token (with the coded answer or variant); False: by the bare code, as
     models trained before the token keys saved their input references (their drift check must
     compare like with like)."""
+    units: dict[str, str] = field(default_factory=dict)
+    """Token -> its main unit (the tokenizer's ``units_``); empty for columns keyed before units
+    were (every value then under its bare token)."""
 
 
 def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
-                         train_ids: pl.Series | list[int], max_codes: int) -> TabularCodes:
+                         train_ids: pl.Series | list[int], max_codes: int,
+                         units: dict[str, str] | None = None) -> TabularCodes:
     """The ``max_codes`` codes seen in the most train patients before their prediction time (ties
-    by code), and which of them have numeric values in those patients."""
+    by code), and which of them have numeric values in those patients. ``units``: each token's
+    main unit (the task tokenizer's ``units_``); a value in another unit is a code of its own."""
+    units = units or {}
     train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
     ranked = (
-        _with_token_code(events_before(events, train))
+        _with_token_code(events_before(events, train), units)
         .group_by("code")
         .agg(
             pl.col("subject_id").n_unique().alias("patients"),
@@ -60,13 +71,16 @@ def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFra
         .sort("code")
         .collect()
     )
-    return TabularCodes(codes=ranked["code"].to_list(),
-                        numeric=ranked.filter(pl.col("numeric"))["code"].to_list())
+    codes = ranked["code"].to_list()
+    return TabularCodes(codes=codes, numeric=ranked.filter(pl.col("numeric"))["code"].to_list(),
+                        units=units_in_use(units, codes))
 
 
-def _with_token_code(events: pl.LazyFrame) -> pl.LazyFrame:
-    """``code`` replaced by the event's token (the code, with its coded answer or variant)."""
-    return events.with_columns(token_expr()).with_columns(pl.col("token").alias("code")).drop("token")
+def _with_token_code(events: pl.LazyFrame, units: dict[str, str]) -> pl.LazyFrame:
+    """``code`` replaced by the event's token (the code, with its coded answer or variant, and its
+    unit where that is not the token's main unit in ``units``)."""
+    return (with_unit(events).with_columns(token_expr()).with_columns(unit_token_expr(units))
+            .with_columns(pl.col("token").alias("code")).drop("token"))
 
 
 def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
@@ -89,7 +103,7 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     numeric_codes = set(selected.numeric)
     seen = events_before(events, cohort)
     if selected.by_token:
-        seen = _with_token_code(seen)
+        seen = _with_token_code(seen, selected.units)
     overall = (
         seen.group_by("subject_id")
         .agg(

@@ -37,7 +37,7 @@ from features.schemas import COHORT, EVENT_TOKENS, IMAGING_INPUTS, LABELS, NOTE_
 from features.splits import assign_splits
 from features.tabular import TabularCodes, aggregate_before, select_tabular_codes
 from features.tasks import TaskDefinition
-from features.tokenize import EventTokenizer
+from features.tokenize import EventTokenizer, saved_units
 
 STEPS = ("cohort", "labels", "splits", "event_tokens", "tabular_features", "note_embeddings",
          "imaging_inputs")
@@ -120,7 +120,7 @@ def _events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.scan_parquet(path, glob=False)
 
 
-STEPS_VERSION = 11
+STEPS_VERSION = 12
 """Part of every step's fingerprint: raised whenever a step computes something else from the same
 inputs (a corrected label rule, say), so that an upgrade recomputes existing task folders instead of
 keeping outputs the new code would not give."""
@@ -211,13 +211,18 @@ def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepRes
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
-        selected = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes)
+        # The tokenizer's main units: the baselines key a value in another unit apart, as the fusion
+        # model's vocabulary does, and a model's drift check keys today's values the same way.
+        units = saved_units(folder / "vocabulary.json")
+        selected = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes,
+                                        units)
         table = aggregate_before(events, cohort, selected)
         return table.to_arrow(), {"columns": table.width, "codes": len(selected.codes),
                                   "numeric_codes": len(selected.numeric)}
 
     return _run_step(folder / "tabular_features.parquet", [Path(warehouse_dir) / "events.parquet",
-                     folder / "cohort.parquet", folder / "splits.parquet"], _task_settings(task), compute)
+                     folder / "cohort.parquet", folder / "splits.parquet", folder / "vocabulary.json"],
+                     _task_settings(task), compute)
 
 
 def tabular_features_for(warehouse_dir: Path, task: TaskDefinition, selected: TabularCodes) -> pl.DataFrame:

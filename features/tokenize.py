@@ -18,6 +18,14 @@ embeddings instead. An id in the token would make every event a token of its own
 patient: it would never reach ``min_code_count``, or would put patients' study ids in the
 vocabulary.
 
+Units: one code can come with values in several units (a weight in ``kg`` or ``[lb_av]``, an eGFR
+in ``mL/min/{1.73_m2}`` or ``mL/min``, which is another quantity). ``fit`` learns each numeric
+token's main unit, the unit of most of its train values (:func:`main_units`, kept in ``units_``);
+a value in any other unit, or without one, becomes a token of its own with the unit appended
+(``LOINC//29463-7//[lb_av]``, ``LOINC//29463-7//{no unit}``: :func:`unit_token_expr`), with its
+own vocabulary entry and bins. Binned together, 180 lb would read as a very heavy patient in kg;
+a unit too rare in train for ``min_code_count`` leaves its values out rather than misread them.
+
 Sequence length: a patient's static facts (events without a time: sex, genomics) come first, then
 their most recent timed events, ``max_events`` tokens in all. A patient with more static facts than
 that (a large expression panel) keeps the first ``max_events`` of them in vocabulary order (the
@@ -36,6 +44,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from features.cohorts import with_known_time
+from features.events import most_common
 from features.io import write_bytes_atomic
 from features.schemas import MAX_VALUE_BINS
 
@@ -79,6 +88,75 @@ def token_expr() -> pl.Expr:
         .otherwise(pl.col("code"))
         .alias("token")
     )
+
+
+NO_UNIT = "{no unit}"
+"""The unit key of a numeric value whose event gives no unit (a UCUM annotation: no dimension)."""
+
+
+def with_unit(events: pl.LazyFrame) -> pl.LazyFrame:
+    """``events`` with a ``unit`` column: a warehouse ingested before events carried units has none
+    (every value then reads as in its token's main unit, as it was binned then)."""
+    if "unit" in events.collect_schema().names():
+        return events
+    return events.with_columns(pl.lit(None, dtype=pl.String).alias("unit"))
+
+
+def _unit_key() -> pl.Expr:
+    return pl.col("unit").fill_null(NO_UNIT)
+
+
+def main_units(seen: pl.LazyFrame) -> dict[str, str]:
+    """Token -> the unit most of its numeric values carry in ``seen`` (events with ``token``,
+    ``numeric_value`` and ``unit``; ties to the unit first in alphabetical order, so the choice does
+    not depend on row order). :data:`NO_UNIT` where most values have none."""
+    numeric = with_unit(seen).filter(pl.col("numeric_value").is_not_null()).with_columns(_unit_key().alias("unit"))
+    units = most_common(numeric, "token", "unit").select("token", "unit").collect()
+    return dict(units.sort("token").iter_rows())
+
+
+def unit_token_expr(units: dict[str, str]) -> pl.Expr:
+    """The ``token`` with its value's unit appended where the token has a main unit in ``units``
+    and the value is in another one, or in none (see the module docstring)."""
+    if not units:
+        return pl.col("token")
+    main = pl.col("token").replace_strict(units, default=None, return_dtype=pl.String)
+    other = main.is_not_null() & pl.col("numeric_value").is_not_null() & (_unit_key() != main)
+    return (pl.when(other).then(pl.concat_str([pl.col("token"), pl.lit("//"), _unit_key()]))
+            .otherwise(pl.col("token")).alias("token"))
+
+
+def units_in_use(units: dict[str, str], tokens: list[str] | dict[str, int]) -> dict[str, str]:
+    """The entries of ``units`` (token -> main unit) that ``tokens`` use: a token's own, or one of
+    its values in another unit (``LOINC//29463-7//[lb_av]`` uses ``LOINC//29463-7``'s). The others
+    are left out: a token too rare for the vocabulary must not be written beside it."""
+    used: dict[str, str] = {}
+    for token in tokens:
+        parts = token.split("//")
+        for end in range(len(parts), 1, -1):
+            if (prefix := "//".join(parts[:end])) in units:
+                used[prefix] = units[prefix]
+    return dict(sorted(used.items()))
+
+
+DIMENSIONLESS_UNITS = (NO_UNIT, "1")
+"""Unit keys shown with no unit: none given, and UCUM's unity."""
+
+
+def value_unit(token: str, units: dict[str, str]) -> str | None:
+    """The unit of a vocabulary token's values, to show beside them: the token's main unit, or for
+    a value in another unit (``LOINC//29463-7//[lb_av]``) that unit; None for a token without one.
+
+    >>> value_unit("LOINC//29463-7//[lb_av]", {"LOINC//29463-7": "kg"})
+    '[lb_av]'
+    >>> value_unit("LOINC//29463-7", {"LOINC//29463-7": "kg"}), value_unit("GENE//LPA", {"GENE//LPA": NO_UNIT})
+    ('kg', None)
+    """
+    unit = units.get(token)
+    if unit is None:
+        base, _, suffix = token.rpartition("//")
+        unit = suffix if base in units else None
+    return None if unit in DIMENSIONLESS_UNITS else unit
 
 
 def value_bin_edges(values: np.ndarray, n_bins: int) -> list[float]:
@@ -159,7 +237,9 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
         if train.height == 0:
             raise ValueError("EventTokenizer.fit: no cohort patient is in the train split")
-        seen = events_before(events, train).with_columns(token_expr())
+        seen = with_unit(events_before(events, train).with_columns(token_expr()))
+        units = main_units(seen)
+        seen = seen.with_columns(unit_token_expr(units))
         counts = (
             seen.group_by("token").agg(pl.col("subject_id").n_unique().alias("patients"))
             .filter(pl.col("patients") >= self.min_code_count)
@@ -183,6 +263,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
                  for token, values in numeric.iter_rows()}
         self.vocabulary_ = vocabulary
         self.bin_edges_ = edges
+        self.units_ = units_in_use(units, vocabulary)
         return self
 
     def _check_params(self) -> None:
@@ -195,7 +276,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
 
     def transform(self, events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.DataFrame:
         """Return the ``event_tokens`` table (one row per cohort patient, sorted by subject id)."""
-        check_is_fitted(self, ["vocabulary_", "bin_edges_"])
+        check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_"])
         # Again here: a tokenizer loaded from a file, or whose settings were changed after fit.
         self._check_params()
         vocabulary = pl.DataFrame(
@@ -203,8 +284,9 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
             schema={"token": pl.String, "token_id": pl.Int32},
         )
         seen = (
-            events_before(events, cohort)
+            with_unit(events_before(events, cohort))
             .with_columns(token_expr())
+            .with_columns(unit_token_expr(self.units_))
             .join(vocabulary.lazy(), on="token", how="inner")  # unknown tokens are dropped
             .with_columns(
                 pl.col("modality").replace_strict(
@@ -281,11 +363,11 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
 
     def save(self, path: Path) -> Path:
         """Write the fitted vocabulary and bins as JSON (no pickle), atomically."""
-        check_is_fitted(self, ["vocabulary_", "bin_edges_"])
+        check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_"])
         state: dict[str, Any] = {
             "max_events": self.max_events, "value_bins": self.value_bins,
             "min_code_count": self.min_code_count, "vocabulary": self.vocabulary_,
-            "bin_edges": self.bin_edges_,
+            "bin_edges": self.bin_edges_, "units": self.units_,
         }
         return write_bytes_atomic(json.dumps(state, indent=1, sort_keys=True).encode(), path)
 
@@ -296,4 +378,19 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         tokenizer = cls(state["max_events"], state["value_bins"], state["min_code_count"])
         tokenizer.vocabulary_ = {k: int(v) for k, v in state["vocabulary"].items()}
         tokenizer.bin_edges_ = {k: [float(x) for x in v] for k, v in state["bin_edges"].items()}
+        tokenizer.units_ = _units_of(state)
         return tokenizer
+
+
+def saved_units(path: Path) -> dict[str, str]:
+    """The main units of a tokenizer file written by :meth:`EventTokenizer.save` (token -> unit)."""
+    state = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(state, dict):
+        raise ValueError(f"tokenizer file {path}: expected a JSON object, found {type(state).__name__}")
+    return _units_of(state)
+
+
+def _units_of(state: dict[str, Any]) -> dict[str, str]:
+    # A file written before units were learned has none: its tokens were the bare token whatever
+    # the unit, and the model it belongs to must get the same inputs.
+    return {str(token): str(unit) for token, unit in state.get("units", {}).items()}

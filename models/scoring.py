@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from features.errors import TrainingDataError
 from features.schemas import SCORES
+from features.tokenize import saved_units, value_unit
 from models.data import FusionDataset
 from models.explain import ItemContribution, explain
 from models.task_model import (
@@ -165,6 +166,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
     n = len(dataset)
     vocabulary = inverse_vocabulary(model_dir / "vocabulary.json")
     bin_edges: dict[str, list[float]] = json.loads((model_dir / "vocabulary.json").read_text())["bin_edges"]
+    units = saved_units(model_dir / "vocabulary.json")
     explanations = (explain(model, calibrator, dataset.patients, vocabulary, explain_top_k, bf16=bf16)
                     if with_explanations else [])
     previous_risk: list[float | None] = [None] * n
@@ -206,7 +208,7 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             "treatment_effect": pa.array(effect, type=pa.float64()),
             "modality_shares": [list(e.modality_shares.items()) for e in explanations] if explanations else [[]] * n,
             "top_items": (
-                [[_published_item(item, bin_edges) for item in e.top_items] for e in explanations]
+                [[_published_item(item, bin_edges, units) for item in e.top_items] for e in explanations]
                 if explanations else [[]] * n
             ),
             "model_version": [version] * n,
@@ -240,9 +242,14 @@ def value_range(edges: list[float], value_bin: int) -> str | None:
     return f"{edges[value_bin - 2]:.4g} to {edges[value_bin - 1]:.4g}"
 
 
-def _published_item(item: ItemContribution, bin_edges: dict[str, list[float]]) -> dict[str, Any]:
+def _published_item(item: ItemContribution, bin_edges: dict[str, list[float]],
+                    units: dict[str, str]) -> dict[str, Any]:
+    shown = value_range(bin_edges.get(item.item, []), item.value_bin)
+    # "120 to 135 mm[Hg]": a range without its unit cannot be read (a weight of "< 75" in pounds?).
+    if shown is not None and (unit := value_unit(item.item, units)) is not None:
+        shown = f"{shown} {unit}"
     return {"modality": item.modality, "item": item.item, "contribution": item.contribution,
-            "value_range": value_range(bin_edges.get(item.item, []), item.value_bin), "readings": item.readings}
+            "value_range": shown, "readings": item.readings}
 
 
 def inverse_vocabulary(path: Path) -> list[str]:

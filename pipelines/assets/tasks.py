@@ -93,10 +93,11 @@ def event_tokens(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.
     return _result(task_inputs.build_event_tokens(workspace.warehouse_dir, _task(context)))
 
 
-@dg.asset(group_name="model_inputs", partitions_def=task_partitions, deps=[EVENTS, "cohort", "subject_splits"],
-          kinds={"parquet"})
+@dg.asset(group_name="model_inputs", partitions_def=task_partitions,
+          deps=[EVENTS, "cohort", "subject_splits", "event_tokens"], kinds={"parquet"})
 def tabular_features(context: dg.AssetExecutionContext, workspace: Workspace) -> dg.MaterializeResult:
-    """Counts, last values and time since, per code, before prediction time (baselines)."""
+    """Counts, last values and time since, per code, before prediction time (baselines); values
+    keyed by the event tokens' units."""
     return _result(task_inputs.build_tabular_features(workspace.warehouse_dir, _task(context)))
 
 

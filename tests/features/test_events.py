@@ -106,6 +106,7 @@ def test_conditions_vaccines_and_allergies_are_known_from_the_later_of_onset_and
             "known_time": [datetime(2018, 2, 1, 9), None, None, datetime(2019, 1, 5), datetime(2019, 3, 4)],
             "code": ["SNOMED//44054006"] * 5,
             "numeric_value": [None] * 5,
+            "unit": [None] * 5,
             "text_value": [None] * 5,
             "modality": ["ehr"] * 5,
             "source": ["conditions/late", "conditions/unrecorded", "conditions/recorded-first",
@@ -113,4 +114,38 @@ def test_conditions_vaccines_and_allergies_are_known_from_the_later_of_onset_and
         },
         schema=events.schema,
     )
+    assert_frame_equal(events, expected)
+
+
+def test_observation_events_carry_the_unit_of_their_value(tmp_path: Path) -> None:
+    def weighed(rid: str, quantity: dict[str, object]) -> bytes:
+        return orjson.dumps({
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2020-01-02", "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "valueQuantity": quantity})
+
+    lines = [
+        orjson.dumps({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1970-01-01"}),
+        # The UCUM code is the unit, before the display text; a quantity without either has none.
+        weighed("w1", {"value": 70.5, "unit": "kilogram", "system": "http://unitsofmeasure.org", "code": "kg"}),
+        weighed("w2", {"value": 155.0, "unit": "lb"}),
+        weighed("w3", {"value": 71.0}),
+        orjson.dumps({"resourceType": "Observation", "id": "s1", "status": "final",
+                      "subject": {"reference": "Patient/p1"}, "effectiveDateTime": "2020-01-02",
+                      "code": {"coding": [{"system": "http://loinc.org", "code": "72166-2"}]},
+                      "valueCodeableConcept": {"coding": [{"system": "http://snomed.info/sct", "code": "8517006"}]}}),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    ingest_landing_zone(landing.parent, tmp_path / "out", workers=1, export_time=datetime(2025, 1, 1))
+
+    events = (pl.read_parquet(tmp_path / "out" / "events.parquet")
+              .filter(pl.col("code").str.starts_with("LOINC//")).sort("source")
+              .select("source", "numeric_value", "unit", "text_value"))
+    expected = pl.DataFrame(
+        {"source": ["observations/s1", "observations/w1", "observations/w2", "observations/w3"],
+         "numeric_value": [None, 70.5, 155.0, 71.0], "unit": [None, "kg", "lb", None],
+         "text_value": ["SNOMED//8517006", None, None, None]},
+        schema={"source": pl.String, "numeric_value": pl.Float32, "unit": pl.String, "text_value": pl.String})
     assert_frame_equal(events, expected)

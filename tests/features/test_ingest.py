@@ -846,3 +846,11 @@ def test_a_damaged_table_or_summary_is_named_not_a_traceback(bulk: tuple[IngestS
     with pytest.raises(LandingZoneError, match=re.escape(f"{summary} is not an ingest summary as cohortcast writes "
                                                          "it (JSONDecodeError: ")):
         IngestSummary.from_json(summary)
+
+
+def test_bundle_events_keep_the_two_units_an_egfr_code_comes_in(bundles: tuple[IngestSummary, Path]) -> None:
+    # The export charts LOINC 33914-3 (eGFR) per 1.73 m2 of body surface 86 times and in plain mL/min
+    # 20 times: two quantities under one code, which the model inputs must not bin together.
+    _, out = bundles
+    egfr = pl.read_parquet(out / "events.parquet").filter(pl.col("code") == "LOINC//33914-3")
+    assert egfr.group_by("unit").len().sort("unit").rows() == [("mL/min", 20), ("mL/min/{1.73_m2}", 86)]

@@ -103,3 +103,19 @@ def test_a_nan_latest_value_does_not_hide_an_earlier_reading() -> None:
     table = aggregate_before(events, cohort, TabularCodes([LAB], [LAB]))
     assert table[f"last__{LAB}"].to_list() == [1.5, None, None]
     assert table[f"count__{LAB}"].to_list() == [2.0, 0.0, 0.0]
+
+
+def test_a_value_in_another_unit_than_its_tokens_main_unit_gets_columns_of_its_own() -> None:
+    weight = "LOINC//29463-7"
+    rows = [(s, day(-5), weight, 70.0 + s, None, "ehr") for s in range(1, 5)]
+    rows.append((5, day(-5), weight, 176.0, None, "ehr"))
+    units = ["kg"] * 4 + ["[lb_av]"]
+    events = events_frame(rows).with_columns(pl.Series("unit", units, dtype=pl.String))
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4, 5], "prediction_time": [T0] * 5,
+                           "age_years": [60.0] * 5, "sex": ["female"] * 5})
+    codes = select_tabular_codes(events, cohort, [1, 2, 3, 4, 5], max_codes=10, units={weight: "kg"})
+    assert codes.codes == [weight, f"{weight}//[lb_av]"] and codes.units == {weight: "kg"}
+    table = aggregate_before(events, cohort, codes)
+    # 176 lb is not the heaviest patient in kg: it has a column of its own.
+    assert table[f"last__{weight}"].to_list() == [71.0, 72.0, 73.0, 74.0, None]
+    assert table[f"last__{weight}//[lb_av]"].to_list() == [None, None, None, None, 176.0]

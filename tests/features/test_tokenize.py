@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from sklearn.exceptions import NotFittedError
 from features.cohorts import select_cohort
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets
-from features.tokenize import PAD, UNK, EventTokenizer, value_bin_edges
+from features.tokenize import PAD, UNK, EventTokenizer, units_in_use, value_bin_edges
 from tests.features.task_fixtures import BP, T0, day, events_frame, task, toy_events
 
 
@@ -248,3 +249,65 @@ def test_values_of_many_tokens_are_binned_each_by_its_own_edges() -> None:
     tokens = tokenizer.transform(events, cohort)
     # Each patient's 30 values: patients 1 and 2 below each code's median, 3 and 4 above.
     assert [set(bins) for bins in tokens["value_bins"].to_list()] == [{1}, {1}, {2}, {2}]
+
+
+WEIGHT = "LOINC//29463-7"
+
+
+def weights_frame(rows: list[tuple[int, float, str | None]]) -> pl.DataFrame:
+    """One body weight per (subject, value, unit), a day before T0."""
+    frame = events_frame([(s, day(-1), WEIGHT, value, None, "ehr") for s, value, _ in rows])
+    return frame.with_columns(pl.Series("unit", [unit for *_, unit in rows], dtype=pl.String))
+
+
+def test_values_in_another_unit_are_a_token_of_their_own_with_their_own_bins() -> None:
+    # Five patients weighed in kg, three in pounds (another hospital's scale), one without a unit.
+    # Binned together, 198 lb would read as the heaviest patient in kg.
+    rows = [(1, 60.0, "kg"), (2, 70.0, "kg"), (3, 80.0, "kg"), (4, 90.0, "kg"), (5, 100.0, "kg"),
+            (6, 132.0, "[lb_av]"), (7, 165.0, "[lb_av]"), (8, 198.0, "[lb_av]"), (9, 75.0, None)]
+    events = weights_frame(rows)
+    cohort = pl.DataFrame({"subject_id": list(range(1, 10)), "prediction_time": [T0] * 9})
+    tokenizer = EventTokenizer(value_bins=2, min_code_count=1).fit(events, cohort, list(range(1, 10)))
+    assert tokenizer.units_ == {WEIGHT: "kg"}
+    assert [t for t in tokenizer.vocabulary_ if t.startswith(WEIGHT)] == [
+        WEIGHT, f"{WEIGHT}//[lb_av]", f"{WEIGHT}//{{no unit}}"]
+    assert tokenizer.bin_edges_ == {WEIGHT: [85.0], f"{WEIGHT}//[lb_av]": [181.5], f"{WEIGHT}//{{no unit}}": []}
+    tokens = tokenizer.transform(events, cohort)
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    assert [names[ids[0]] for ids in tokens["token_ids"].to_list()] == [WEIGHT] * 5 + [f"{WEIGHT}//[lb_av]"] * 3 + [
+        f"{WEIGHT}//{{no unit}}"]
+    assert [bins[0] for bins in tokens["value_bins"].to_list()] == [1, 1, 1, 2, 2, 1, 1, 2, 1]
+
+
+def test_a_unit_too_rare_for_the_vocabulary_leaves_its_values_out() -> None:
+    rows = [(1, 60.0, "kg"), (2, 70.0, "kg"), (3, 80.0, "kg"), (4, 176.0, "[lb_av]")]
+    events = weights_frame(rows)
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [T0] * 4})
+    tokenizer = EventTokenizer(value_bins=2, min_code_count=2).fit(events, cohort, [1, 2, 3, 4])
+    assert f"{WEIGHT}//[lb_av]" not in tokenizer.vocabulary_
+    tokens = tokenizer.transform(events, cohort)
+    assert tokens["token_ids"].list.len().to_list() == [1, 1, 1, 0]
+    # A unit the train split never had is left out the same way, not read as kilograms.
+    held_out = weights_frame([(5, 150.0, "[lb_av]")])
+    five = pl.DataFrame({"subject_id": [5], "prediction_time": [T0]})
+    assert tokenizer.transform(held_out, five)["token_ids"].to_list() == [[]]
+
+
+def test_events_without_a_unit_column_and_files_without_units_read_as_before(tmp_path: Path) -> None:
+    # A warehouse ingested before events carried units, and a vocabulary.json written then: every
+    # value is the bare token's, as the model saved with that file was trained.
+    tokenizer, cohort = fitted()
+    assert tokenizer.units_ == {BP: "{no unit}"}
+    path = tokenizer.save(tmp_path / "vocabulary.json")
+    state = json.loads(path.read_text())
+    del state["units"]
+    path.write_text(json.dumps(state))
+    loaded = EventTokenizer.load(path)
+    assert loaded.units_ == {}
+    with_units = toy_events().with_columns(pl.lit("mm[Hg]").alias("unit"))
+    assert_frame_equal(loaded.transform(with_units, cohort), tokenizer.transform(toy_events(), cohort))
+
+
+def test_units_in_use_keeps_the_main_units_of_vocabulary_tokens_only() -> None:
+    units = {WEIGHT: "kg", BP: "mm[Hg]", "LOINC//rare": "g"}
+    assert units_in_use(units, [f"{WEIGHT}//[lb_av]", BP, "SEX//female"]) == {BP: "mm[Hg]", WEIGHT: "kg"}

@@ -15,6 +15,7 @@ from polars.testing import assert_frame_equal
 
 from features.errors import TrainingDataError
 from features.schemas import SCORES
+from models.explain import ItemContribution
 from models.scoring import RiskTiers, model_version, score_task, value_range, vocabulary_fingerprint
 from models.task_model import ModelFolderError
 from tests.models.conftest import TrainedTask
@@ -200,3 +201,18 @@ def test_value_ranges_name_the_bins_the_tokenizer_gives() -> None:
     assert ranges == ["< 0.5", "0.5 to 1.5", "0.5 to 1.5", ">= 1.5", ">= 1.5", None, None]
     assert value_range([120.0, 140.0, 160.0], 3) == "140 to 160"
     assert value_range([0.000123456, 2.5e6], 2) == "0.0001235 to 2.5e+06"
+
+
+def test_a_published_value_range_names_its_unit() -> None:
+    # "Body weight < 75" cannot be read: in kg or in pounds? The unit is the token's main unit, or
+    # the one a value in another unit carries in its token; unitless values show none.
+    from models.scoring import _published_item
+
+    edges = {"LOINC//29463-7": [75.0], "LOINC//29463-7//[lb_av]": [165.0], "GENE//LPA": [0.5]}
+    units = {"LOINC//29463-7": "kg", "GENE//LPA": "{no unit}"}
+    items = [ItemContribution("ehr", "LOINC//29463-7", 0.02, value_bin=1, readings=2),
+             ItemContribution("ehr", "LOINC//29463-7//[lb_av]", 0.01, value_bin=2, readings=1),
+             ItemContribution("genomics", "GENE//LPA", 0.01, value_bin=2, readings=1),
+             ItemContribution("ehr", "SNOMED//44054006", 0.01)]
+    assert [_published_item(item, edges, units)["value_range"] for item in items] == [
+        "< 75 kg", ">= 165 [lb_av]", ">= 0.5", None]
