@@ -266,6 +266,32 @@ def build_events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.concat(event_frames(tables), how="vertical").select(EVENTS.names)
 
 
+def codes_in_several_units(events: pl.LazyFrame) -> pl.DataFrame:
+    """The codes whose numeric values come in more than one unit: ``code``, ``unit`` (null where a
+    value has none) and ``values``, codes in name order, their units most values first.
+
+    Model inputs keep such units apart (:func:`features.tokenize.main_units`), so nothing is misread;
+    but a feed that starts charting a code in a new unit (another site's scale, in pounds) is
+    something a data engineer wants to hear of, and an eGFR sent both per 1.73 m2 and not is two
+    quantities under one code, which the site may want to map to two.
+    """
+    counts = (
+        events.filter(pl.col("numeric_value").is_not_null())
+        .group_by("code", "unit").agg(pl.len().alias("values"))
+        .filter(pl.len().over("code") > 1)
+        .sort(["code", "values", "unit"], descending=[False, True, False], nulls_last=True)
+        .collect()
+    )
+    return counts.with_columns(pl.col("values").cast(pl.Int64))
+
+
+def units_by_code(several: pl.DataFrame) -> pl.DataFrame:
+    """:func:`codes_in_several_units`' rows as one per code: ``code``, ``units`` as text
+    (``mL/min/{1.73_m2} (86), mL/min (20)``; a value without a unit is ``no unit``)."""
+    described = pl.format("{} ({})", pl.col("unit").fill_null("no unit"), pl.col("values"))
+    return several.group_by("code", maintain_order=True).agg(described.str.join(", ").alias("units"))
+
+
 def most_common(frame: pl.LazyFrame, key: str, value: str) -> pl.LazyFrame:
     """Per ``key``, its most common ``value`` and how often it occurs (``count``); ties go to the
     value first in alphabetical order, so the choice does not depend on row order."""

@@ -21,6 +21,8 @@ from features.simulate import SimulationConfig, simulate_hospital
 
 console = Console()
 REPO_DAGSTER_HOME = Path(__file__).resolve().parents[1] / "dagster_home"
+UNIT_CODES_LISTED = 10
+"""Codes charted in more than one unit that ``cohortcast ingest`` lists (all are counted)."""
 
 
 def _check_output_folder(folder: Path, what: str) -> None:
@@ -86,8 +88,10 @@ def simulate(out: Path, patients: int, seed: int, overwrite: bool, workers: int)
                                      "offset, are read on its clock.")
 def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezone: str) -> None:
     """Ingest a landing zone (FHIR, notes, genomics, imaging) into normalized tables and events."""
+    import polars as pl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from features.events import codes_in_several_units, units_by_code
     from features.ingest import ingest_landing_zone, quarantine_shares
 
     # The bar starts with the first FHIR batch read: a run refused before any reading prints its one
@@ -126,6 +130,17 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
         for file, records_in, quarantined, share, reason, _ in quarantine_shares(summary, out).head(5).iter_rows():
             worst.add_row(file, f"{records_in:,}", f"{quarantined:,}", f"{share:.1%}", reason)
         console.print(worst)
+    several = units_by_code(codes_in_several_units(pl.scan_parquet(out / "events.parquet", glob=False)))
+    if several.height:
+        units = Table(title=f"codes in more than one unit: {several.height:,}")
+        units.add_column("code")
+        units.add_column("units (values)")
+        for code, listed in several.head(UNIT_CODES_LISTED).iter_rows():
+            units.add_row(code, listed)
+        console.print(units)
+        # Not an error: nothing is misread. But a new unit in a feed, or two quantities under one code,
+        # is worth a look.
+        console.print("the model's inputs keep each unit of a code apart (see `inputs.value_bins` in the README)")
     if summary.fhir_export_time is not None:
         console.print(f"FHIR export time (manifest.json transactionTime): {summary.fhir_export_time:%Y-%m-%dT%H:%M:%S}"
                       " UTC; FHIR records dated later are quarantined")

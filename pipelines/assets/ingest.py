@@ -6,8 +6,9 @@ by ``IngestRunConfig.landing_dir``). Out: ``patients``, ``encounters``, ... ``ev
 (:func:`features.ingest.ingest_landing_zone`), which keeps the warehouse's tables when the new ones
 have a problem the checks look for or too few patients; checks prove the accounting balances, every event's
 patient exists, nothing is dated after the export and duplicates are reported; one more warns when
-a source file has more of its records quarantined than a set share, and one fails (without
-blocking) when ``fhir.resources`` raised on a record for no known reason.
+a source file has more of its records quarantined than a set share, one when a numeric code's
+values come in more than one unit, and one fails (without blocking) when ``fhir.resources`` raised
+on a record for no known reason.
 
 Nightly batches, one partition each, the sensor that ingests them and the one that promotes the
 newest to the warehouse (``from_batch``): :mod:`pipelines.sensors`.
@@ -20,6 +21,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from features.events import codes_in_several_units, units_by_code
 from features.fhir.validate import LIBRARY_ERROR
 from features.ingest import (
     MIN_PATIENT_SHARE,
@@ -198,6 +200,21 @@ def events_not_after_export(workspace: Workspace) -> dg.AssetCheckResult:
     late = events_after(workspace.warehouse_dir, summary.export_time)
     return dg.AssetCheckResult(
         passed=late == 0, metadata={"events_after_export": late, "export_time": summary.export_time.isoformat()}
+    )
+
+
+@dg.asset_check(asset="events", description="Each numeric code's values come in one unit (warns: the model's "
+                                            "inputs keep the units apart, but a feed charting a code in a new unit, "
+                                            "or two quantities under one code, is worth a look).")
+def codes_in_one_unit(workspace: Workspace) -> dg.AssetCheckResult:
+    several = units_by_code(codes_in_several_units(pl.scan_parquet(workspace.warehouse_dir / "events.parquet",
+                                                                    glob=False)))
+    listed = "\n".join(["| code | units (values) |", "| --- | --- |",
+                         *(f"| {code} | {units} |" for code, units in several.head(10).iter_rows())])
+    return dg.AssetCheckResult(
+        passed=several.is_empty(), severity=dg.AssetCheckSeverity.WARN,
+        metadata={"codes_in_several_units": several.height,
+                  "codes": dg.MetadataValue.md(listed if several.height else "every code in one unit")},
     )
 
 

@@ -9,7 +9,7 @@ import orjson
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from features.events import event_frames
+from features.events import codes_in_several_units, event_frames, units_by_code
 from features.fhir.specs import CODED_TABLES
 from features.ingest import ingest_landing_zone
 from features.schemas import INTERNAL_TABLES
@@ -149,3 +149,15 @@ def test_observation_events_carry_the_unit_of_their_value(tmp_path: Path) -> Non
          "text_value": ["SNOMED//8517006", None, None, None]},
         schema={"source": pl.String, "numeric_value": pl.Float32, "unit": pl.String, "text_value": pl.String})
     assert_frame_equal(events, expected)
+
+
+def test_codes_in_several_units_lists_each_unit_most_values_first() -> None:
+    events = pl.LazyFrame({
+        "code": ["LOINC//w"] * 4 + ["LOINC//bp"] * 2 + ["LOINC//smoking"] * 2,
+        "numeric_value": [70.0, 80.0, 150.0, 75.0, 120.0, 130.0, None, None],
+        "unit": ["kg", "kg", "[lb_av]", None, "mm[Hg]", "mm[Hg]", None, "x"],
+    })
+    several = codes_in_several_units(events)
+    expected = pl.DataFrame({"code": ["LOINC//w"] * 3, "unit": ["kg", "[lb_av]", None], "values": [2, 1, 1]})
+    assert_frame_equal(several, expected)
+    assert units_by_code(several).rows() == [("LOINC//w", "kg (2), [lb_av] (1), no unit (1)")]

@@ -70,3 +70,13 @@ def test_ingest_reads_dates_on_the_sites_clock(
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: site time zone 'Chicago' is not an IANA time zone name "
                                                "(expected like 'America/Chicago' or 'UTC')")
+
+
+def test_ingest_lists_the_codes_charted_in_more_than_one_unit(
+        shared_fhir_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["ingest", str(shared_fhir_dir / "synthea-bundles"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert "codes in more than one unit: 1" in printed
+    assert "the model's inputs keep each unit of a code apart" in printed
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in printed.splitlines()]
+    assert ["LOINC//33914-3", "mL/min/{1.73_m2} (86), mL/min (20)"] in rows, printed

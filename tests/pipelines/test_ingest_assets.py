@@ -28,6 +28,7 @@ from features.ingest import (
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE
 from pipelines.assets.ingest import (
     INGEST_ASSETS,
+    codes_in_one_unit,
     duplicates_reported,
     events_not_after_export,
     events_subjects_exist,
@@ -48,7 +49,7 @@ def unrelated_asset() -> int:
 
 
 CHECKS = [ingest_accounting_balances, events_subjects_exist, events_not_after_export, duplicates_reported,
-          quarantine_share_within_limit, export_matches_manifest, fhir_library_read_every_record]
+          quarantine_share_within_limit, export_matches_manifest, fhir_library_read_every_record, codes_in_one_unit]
 
 
 def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) -> None:
@@ -76,6 +77,7 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
     assert result.success
     evaluations = result.get_asset_check_evaluations()
     assert sorted(e.check_name for e in evaluations) == [
+        "codes_in_one_unit",
         "duplicates_reported",
         "events_not_after_export",
         "events_subjects_exist",
@@ -102,6 +104,20 @@ def test_an_event_dated_or_known_after_the_export_fails_its_check(
     pl.concat([events, late]).write_parquet(warehouse / "events.parquet")
     result = events_not_after_export(workspace=Workspace(root=str(tmp_path)))
     assert not result.passed and result.metadata["events_after_export"].value == 1
+
+
+def test_a_code_charted_in_two_units_warns_and_is_listed(small_warehouse: Path, tmp_path: Path) -> None:
+    warehouse = tmp_path / "warehouse"
+    shutil.copytree(small_warehouse, warehouse)
+    events = pl.read_parquet(warehouse / "events.parquet")
+    weights = events.filter(pl.col("code") == "LOINC//29463-7")
+    assert codes_in_one_unit(workspace=Workspace(root=str(tmp_path))).passed
+    pounds = weights.head(3).with_columns(pl.lit("[lb_av]").alias("unit"), pl.col("numeric_value") * 2.2046)
+    pl.concat([events, pounds]).write_parquet(warehouse / "events.parquet")
+    result = codes_in_one_unit(workspace=Workspace(root=str(tmp_path)))
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
+    assert result.metadata["codes_in_several_units"].value == 1
+    assert result.metadata["codes"].value.splitlines()[2] == f"| LOINC//29463-7 | kg ({weights.height}), [lb_av] (3) |"
 
 
 def test_accounting_check_fails_when_unbalanced(small_hospital: Path, tmp_path: Path) -> None:
