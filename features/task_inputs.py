@@ -186,7 +186,8 @@ def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
         settings = task.inputs
-        tokenizer = EventTokenizer(settings.max_events, settings.value_bins, settings.min_code_count)
+        tokenizer = EventTokenizer(settings.max_events, settings.value_bins, settings.min_code_count,
+                                   settings.max_static_events)
         tokenizer.fit(events, cohort, _train_ids(warehouse_dir, task))
         tokenizer.save(folder / "vocabulary.json")
         tokens = tokenizer.transform(events, cohort)

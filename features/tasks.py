@@ -154,9 +154,12 @@ class SplitFractions:
 class InputSettings:
     """How model inputs are built from the events before the prediction time."""
 
-    # Longest event-token sequence per patient; static facts are always kept, then the most
-    # recent timed events.
+    # Longest event-token sequence per patient: static facts first, then the most recent timed
+    # events.
     max_events: int = 512
+    # Most static facts (sex, genotypes, expression values) per patient; None: half of max_events.
+    # A wide expression panel would otherwise leave no room for the timed events.
+    max_static_events: int | None = None
     # Quantile bins per numeric code, learned on the train split.
     value_bins: int = 5
     # Codes seen in fewer train patients than this become unknown (and are dropped).
@@ -545,9 +548,13 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
     inputs = InputSettings()
     if raw.get("inputs") is not None:
         i = top.child("inputs")
-        i.check_keys({"max_events", "value_bins", "min_code_count", "tabular_codes", "max_notes", "max_studies"})
+        i.check_keys({"max_events", "max_static_events", "value_bins", "min_code_count", "tabular_codes", "max_notes",
+                      "max_studies"})
+        max_events = i.integer("max_events", inputs.max_events, 1)
         inputs = InputSettings(
-            max_events=i.integer("max_events", inputs.max_events, 1),
+            max_events=max_events,
+            max_static_events=(None if i.value.get("max_static_events") is None else
+                               i.integer("max_static_events", 0, 0, (max_events, "inputs.max_events"))),
             value_bins=i.integer("value_bins", inputs.value_bins, 1,
                                  (MAX_VALUE_BINS, "value bins are stored as int8")),
             min_code_count=i.integer("min_code_count", inputs.min_code_count, 1),

@@ -27,9 +27,11 @@ own vocabulary entry and bins. Binned together, 180 lb would read as a very heav
 a unit too rare in train for ``min_code_count`` leaves its values out rather than misread them.
 
 Sequence length: a patient's static facts (events without a time: sex, genomics) come first, then
-their most recent timed events, ``max_events`` tokens in all. A patient with more static facts than
-that (a large expression panel) keeps the first ``max_events`` of them in vocabulary order (the
-tokens seen in the most train patients first; ties by token, then by value) and no timed event.
+their most recent timed events, ``max_events`` tokens in all. Static facts take at most
+``max_static_events`` of them (half by default): a patient with more (an expression panel of
+thousands of genes) keeps the first ``max_static_events`` in vocabulary order (the tokens seen in
+the most train patients first; ties by token, then by value), so a wide panel never crowds out
+the laboratory results, diagnoses and visits.
 """
 
 from __future__ import annotations
@@ -214,8 +216,11 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
     ----------
     max_events
         Longest sequence per patient, after out-of-vocabulary events (which carry no information)
-        are dropped: static facts first (the first ``max_events`` of them in vocabulary order when
-        there are more), then the most recent timed events.
+        are dropped: static facts first, then the most recent timed events.
+    max_static_events
+        Most static facts per patient (the first ones in vocabulary order when there are more),
+        0 to ``max_events``; None: half of ``max_events``. The rest of the sequence is the timed
+        events': 1,000 expression values would otherwise leave no room for any of them.
     value_bins
         Quantile bins per numeric token (fewer when a token has fewer distinct values), 1 to
         :data:`MAX_VALUE_BINS`.
@@ -224,10 +229,16 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         codes would be memorised, and could identify a patient.
     """
 
-    def __init__(self, max_events: int = 512, value_bins: int = 5, min_code_count: int = 5) -> None:
+    def __init__(self, max_events: int = 512, value_bins: int = 5, min_code_count: int = 5,
+                 max_static_events: int | None = None) -> None:
         self.max_events = max_events
         self.value_bins = value_bins
         self.min_code_count = min_code_count
+        self.max_static_events = max_static_events
+
+    def static_limit(self) -> int:
+        """Most static facts per patient: ``max_static_events``, or half of ``max_events``."""
+        return self.max_events // 2 if self.max_static_events is None else self.max_static_events
 
     def fit(self, events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
             train_ids: pl.Series | list[int]) -> EventTokenizer:
@@ -269,6 +280,9 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
     def _check_params(self) -> None:
         if self.max_events < 1:
             raise ValueError(f"EventTokenizer: max_events must be at least 1 (found {self.max_events})")
+        if not 0 <= self.static_limit() <= self.max_events:
+            raise ValueError(f"EventTokenizer: max_static_events must be between 0 and max_events "
+                             f"({self.max_events}) (found {self.max_static_events})")
         if not 1 <= self.value_bins <= MAX_VALUE_BINS:
             # Beyond 127 the bins would wrap to negative numbers in the int8 column, silently.
             raise ValueError(f"EventTokenizer: value_bins must be between 1 and {MAX_VALUE_BINS}, as value bins "
@@ -279,6 +293,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_"])
         # Again here: a tokenizer loaded from a file, or whose settings were changed after fit.
         self._check_params()
+        static_limit = self.static_limit()
         vocabulary = pl.DataFrame(
             {"token": list(self.vocabulary_), "token_id": list(self.vocabulary_.values())},
             schema={"token": pl.String, "token_id": pl.Int32},
@@ -299,19 +314,20 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
             # (two weights charted in the same minute) must be cut and listed the same way on every
             # run. The ordinal rank then breaks ties in time by that order.
             .sort(["subject_id", "time", "token_id", "numeric_value"], nulls_last=False)
-            # Static facts first (the first max_events of them in the order above: by token id,
+            # Static facts first (the first static_limit of them in the order above: by token id,
             # i.e. vocabulary order, then value), then the most recent timed events up to the
             # limit. Int64: the counts are UInt32, and max_events - n_static would wrap to ~4e9
             # (keeping every timed event) for a patient with more static facts than max_events.
             .with_columns(
-                pl.col("time").is_null().sum().over("subject_id").cast(pl.Int64).alias("n_static"),
+                pl.min_horizontal(pl.col("time").is_null().sum().over("subject_id").cast(pl.Int64),
+                                  pl.lit(static_limit, dtype=pl.Int64)).alias("n_static"),
                 pl.col("time").is_null().cum_sum().over("subject_id").cast(pl.Int64).alias("static_rank"),
                 pl.col("time").rank("ordinal", descending=True).over("subject_id").cast(pl.Int64)
                 .alias("recency"),
                 pl.len().over("subject_id").cast(pl.Int32).alias("known_events"),
             )
             .filter(pl.when(pl.col("time").is_null())
-                    .then(pl.col("static_rank") <= self.max_events)
+                    .then(pl.col("static_rank") <= static_limit)
                     .otherwise(pl.col("recency") <= pl.lit(self.max_events, dtype=pl.Int64) - pl.col("n_static")))
             .select("subject_id", "prediction_time", "time", "token", "token_id", "numeric_value",
                     "time_before_days", "modality_id", "known_events")
@@ -365,7 +381,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         """Write the fitted vocabulary and bins as JSON (no pickle), atomically."""
         check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_"])
         state: dict[str, Any] = {
-            "max_events": self.max_events, "value_bins": self.value_bins,
+            "max_events": self.max_events, "max_static_events": self.max_static_events, "value_bins": self.value_bins,
             "min_code_count": self.min_code_count, "vocabulary": self.vocabulary_,
             "bin_edges": self.bin_edges_, "units": self.units_,
         }
@@ -375,7 +391,10 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
     def load(cls, path: Path) -> EventTokenizer:
         """Read a tokenizer written by :meth:`save`."""
         state = json.loads(Path(path).read_text(encoding="utf-8"))
-        tokenizer = cls(state["max_events"], state["value_bins"], state["min_code_count"])
+        # A file written before the limit existed: static facts could fill the whole sequence, and
+        # the model it belongs to must get the inputs it was trained on.
+        tokenizer = cls(state["max_events"], state["value_bins"], state["min_code_count"],
+                        state.get("max_static_events", state["max_events"]))
         tokenizer.vocabulary_ = {k: int(v) for k, v in state["vocabulary"].items()}
         tokenizer.bin_edges_ = {k: [float(x) for x in v] for k, v in state["bin_edges"].items()}
         tokenizer.units_ = _units_of(state)

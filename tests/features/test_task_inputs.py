@@ -94,10 +94,11 @@ def test_event_tokens_step_writes_a_deleted_or_changed_vocabulary_again(tmp_path
     assert not task_inputs.build_event_tokens(warehouse, definition).recomputed
 
 
-def event_tokens_of(tmp_path: Path, events: pl.DataFrame, max_events: int) -> tuple[pl.DataFrame, dict]:
+def event_tokens_of(tmp_path: Path, events: pl.DataFrame, max_events: int,
+                    max_static_events: int | None = None) -> tuple[pl.DataFrame, dict]:
     """The event_tokens step on ``events``, every patient a train patient: its table and statistics."""
     warehouse = toy_warehouse(tmp_path, events)
-    definition = task(inputs={"min_code_count": 1, "max_events": max_events},
+    definition = task(inputs={"min_code_count": 1, "max_events": max_events, "max_static_events": max_static_events},
                       splits={"train": 1.0, "tuning": 0.0, "held_out": 0.0})
     task_inputs.build_cohort(warehouse, definition)
     task_inputs.build_splits(warehouse, definition)
@@ -105,14 +106,19 @@ def event_tokens_of(tmp_path: Path, events: pl.DataFrame, max_events: int) -> tu
     return pl.read_parquet(result.path), result.stats
 
 
+@pytest.mark.parametrize(("max_static_events", "kept_static"), [
+    (None, 3),  # the task file's default, half the sequence: room is left for 3 timed events
+    (6, 6),  # allowed the whole sequence, the panel fills it
+])
 def test_event_tokens_step_cuts_and_counts_a_patient_with_more_static_facts_than_max_events(
-        tmp_path: Path) -> None:
+        tmp_path: Path, max_static_events: int | None, kept_static: int) -> None:
     # Patient 2 has 8 expression values besides its sex: 9 static facts, 4 timed events before day 0.
     panel = events_frame([(2, None, f"EXPRESSION//G{g}", 1.0, None, "genomics") for g in range(8)])
-    tokens, stats = event_tokens_of(tmp_path, pl.concat([toy_events(), panel]), max_events=6)
+    tokens, stats = event_tokens_of(tmp_path, pl.concat([toy_events(), panel]), 6, max_static_events)
     # Patients 1, 3 and 4: sex, birth, blood pressure, a condition and the visit (5 < 6).
     assert tokens["token_ids"].list.len().to_list() == [5, 6, 5, 5]
-    assert tokens.filter(pl.col("subject_id") == 2)["time_before_days"].to_list() == [[None] * 6]
+    times = tokens.filter(pl.col("subject_id") == 2)["time_before_days"].to_list()[0]
+    assert [t is None for t in times] == [True] * kept_static + [False] * (6 - kept_static)
     assert tokens["dropped_events"].to_list() == [0, 7, 0, 0]  # patient 2: 13 known, 6 kept
     assert stats["truncated_patients"] == 1
     assert stats["leaking_patients"] == 0

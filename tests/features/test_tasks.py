@@ -262,3 +262,12 @@ def test_task_dates_that_do_not_hold_on_the_sites_calendar_are_named() -> None:
             "task 'toy': cohort.prediction_time.first_event.before must be after on_or_after once read in the site's "
             "time zone America/Chicago (found 2023-01-01T06:00:00 and 2023-01-01T03:00:00 UTC)")):
         window.on_site_clock("America/Chicago")
+
+
+def test_the_static_facts_limit_comes_from_the_task_file_within_max_events() -> None:
+    assert task().inputs.max_static_events is None  # half of max_events, in the tokenizer
+    assert task(inputs={"max_events": 64, "max_static_events": 64}).inputs.max_static_events == 64
+    assert task(inputs={"max_static_events": 0}).inputs.max_static_events == 0
+    with pytest.raises(CohortDefinitionError, match=r"^task 'toy': inputs.max_static_events must be an integer <= 64 "
+                                                    r"\(inputs.max_events\) \(found int 65\)$"):
+        task(inputs={"max_events": 64, "max_static_events": 65})

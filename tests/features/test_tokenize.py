@@ -90,27 +90,59 @@ def test_events_at_the_same_time_are_listed_and_cut_the_same_way_in_any_row_orde
         assert_frame_equal(other, results[0])
 
 
-def test_more_static_facts_than_max_events_keep_max_events_tokens_in_vocabulary_order() -> None:
+def panel_events() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Patient 1: 3 static facts; patient 2: 6 (an expression panel). Both: 100 daily visits."""
     cohort = pl.DataFrame({"subject_id": [1, 2], "prediction_time": [day(0)] * 2},
                           schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
     rows: list[tuple[int, datetime | None, str, float | None, str | None, str]] = []
-    # Patient 1: 3 static facts; patient 2: 6 (an expression panel), more than max_events (4).
     for sid, n_static in ((1, 3), (2, 6)):
         rows += [(sid, None, f"EXPRESSION//G{g}", 1.0, None, "genomics") for g in range(n_static)]
         rows += [(sid, day(-d), "SNOMED//59621000", None, None, "ehr") for d in range(1, 101)]
-    events = events_frame(rows)
+    return events_frame(rows), cohort
+
+
+def test_static_facts_take_at_most_half_the_sequence_by_default() -> None:
+    events, cohort = panel_events()
     tokenizer = EventTokenizer(max_events=4, value_bins=2, min_code_count=1).fit(events, cohort, [1, 2])
     tokens = tokenizer.transform(events, cohort)
     names = {v: k for k, v in tokenizer.vocabulary_.items()}
     sequences = [[names[t] for t in ids] for ids in tokens["token_ids"].to_list()]
-    # Patient 1: its 3 static facts, then its most recent timed event.
+    # Each keeps 2 static facts in vocabulary order (G0-G2 are seen in two train patients, G3-G5
+    # in one), then its 2 most recent visits: the panel does not crowd them out.
+    for sequence in sequences:
+        assert sequence == ["EXPRESSION//G0", "EXPRESSION//G1", "SNOMED//59621000", "SNOMED//59621000"]
+    assert tokens["time_before_days"].to_list() == [[None, None, 2.0, 1.0]] * 2
+    assert tokens["dropped_events"].to_list() == [99, 102]
+
+
+def test_static_facts_may_fill_the_sequence_when_allowed_to() -> None:
+    events, cohort = panel_events()
+    tokenizer = EventTokenizer(max_events=4, value_bins=2, min_code_count=1, max_static_events=4)
+    tokens = tokenizer.fit(events, cohort, [1, 2]).transform(events, cohort)
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    sequences = [[names[t] for t in ids] for ids in tokens["token_ids"].to_list()]
+    # Patient 1: its 3 static facts, then its most recent timed event; patient 2: 4 static facts
+    # (G0, G1, G2, then G3 by token) and no timed event.
     assert sequences[0] == ["EXPRESSION//G0", "EXPRESSION//G1", "EXPRESSION//G2", "SNOMED//59621000"]
-    assert tokens["time_before_days"].to_list()[0] == [None, None, None, 1.0]
-    # Patient 2: 4 tokens, not 106: the static facts in vocabulary order (G0-G2 are seen in two train
-    # patients, G3-G5 in one: G0, G1, G2, then G3 by token), and no timed event.
     assert sequences[1] == ["EXPRESSION//G0", "EXPRESSION//G1", "EXPRESSION//G2", "EXPRESSION//G3"]
-    assert tokens["time_before_days"].to_list()[1] == [None, None, None, None]
     assert tokens["last_input_time"].to_list() == [day(-1), None]
+
+
+def test_a_static_limit_beyond_the_sequence_is_refused() -> None:
+    events, cohort = panel_events()
+    with pytest.raises(ValueError, match=r"max_static_events must be between 0 and max_events \(4\) \(found 5\)"):
+        EventTokenizer(max_events=4, max_static_events=5).fit(events, cohort, [1, 2])
+
+
+def test_a_file_written_before_the_static_limit_reads_as_it_was_trained(tmp_path: Path) -> None:
+    events, cohort = panel_events()
+    tokenizer = EventTokenizer(max_events=4, value_bins=2, min_code_count=1).fit(events, cohort, [1, 2])
+    path = tokenizer.save(tmp_path / "vocabulary.json")
+    state = json.loads(path.read_text())
+    assert state["max_static_events"] is None
+    del state["max_static_events"]
+    path.write_text(json.dumps(state))
+    assert EventTokenizer.load(path).static_limit() == 4
 
 
 def test_note_and_imaging_ids_are_not_part_of_the_token_but_coded_answers_are() -> None:
