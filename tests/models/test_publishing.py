@@ -176,6 +176,23 @@ def test_items_are_described_with_their_answer_variant_and_value() -> None:
     ]
 
 
+def test_a_value_in_a_codes_other_unit_is_described_with_its_unit() -> None:
+    codes = pl.DataFrame({"code": ["LOINC//29463-7"], "description": ["Body Weight"]})
+    scores = pl.DataFrame(
+        {"subject_id": [1], "top_items": [[
+            {"modality": "ehr", "item": "LOINC//29463-7//[lb_av]", "contribution": 0.01,
+             "value_range": ">= 165 [lb_av]", "readings": 1},
+            {"modality": "ehr", "item": "LOINC//29463-7", "contribution": 0.01, "value_range": "< 75 kg",
+             "readings": 2}]]},
+        schema={"subject_id": pl.Int64, "top_items": pl.List(pl.Struct(
+            {"modality": pl.String, "item": pl.String, "contribution": pl.Float64, "value_range": pl.String,
+             "readings": pl.Int32}))},
+    )
+    published = describe_items(scores, codes)
+    assert published["top_items"].list.eval(pl.element().struct.field("description")).to_list() == [
+        ["Body Weight: [lb_av] >= 165 [lb_av]", "Body Weight < 75 kg, latest of 2"]]
+
+
 def test_a_note_or_study_item_is_described_by_its_date_and_kind_not_its_id(tmp_path: Path) -> None:
     def items(*names: str) -> list[dict[str, object]]:
         return [{"modality": "notes", "item": name, "contribution": 0.01, "value_range": None, "readings": 0}
