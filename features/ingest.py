@@ -40,6 +40,7 @@ older batch is refused; :func:`prune_ingested_batches` then deletes old batches'
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import gc
@@ -55,7 +56,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import polars as pl
@@ -148,6 +149,9 @@ PROMOTED_BATCH_FILE = "promoted_batch.txt"
 PROMOTING_FILE = ".promoting"
 # The writer lock of a warehouse folder, and the prefix of the staging folders ingests write in.
 LOCK_FILE = ".ingest.lock"
+# Readers hold it shared while they read a warehouse's tables, writers exclusively while they put
+# files in place (warehouse_read).
+READ_LOCK_FILE = ".read.lock"
 STAGING_PREFIX = ".ingest-staging-"
 # The subfolder of a staging folder that holds the finished warehouse files until they are put in place.
 FINAL_FOLDER = "final"
@@ -1414,6 +1418,42 @@ def _writer_lock(warehouse_dir: Path, action: str, wait_seconds: float = 0.0) ->
         yield
 
 
+@contextmanager
+def warehouse_read(warehouse_dir: Path) -> Iterator[None]:
+    """Keep ``warehouse_dir``'s tables from being replaced while the caller reads them.
+
+    Readers scan tables lazily: a table replaced between the plan (which reads its footer) and the
+    read is read with the old footer, and fails ("page error") or mixes two exports. Readers hold a
+    shared ``flock`` on ``.read.lock``; an ingest or a promotion takes it exclusively while it puts
+    its files in place (a few renames), so it waits for the readers of the moment to finish and
+    new readers wait for it. A warehouse folder this process cannot create the file in (another
+    user's, read-only) is read without it.
+    """
+    path = Path(warehouse_dir) / READ_LOCK_FILE
+    handle: IO[bytes] | None
+    try:
+        handle = path.open("a+b") if Path(warehouse_dir).is_dir() else None
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        handle = path.open("rb") if path.is_file() else None
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        yield
+
+
+@contextmanager
+def _placing_files(warehouse_dir: Path) -> Iterator[None]:
+    """Hold the warehouse's readers off (:func:`warehouse_read`) while files are put in place:
+    waits for those reading now to finish."""
+    with (Path(warehouse_dir) / READ_LOCK_FILE).open("a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+
+
 def remove_leftovers(warehouse_dir: Path) -> list[str]:
     """Clear what killed ingests and promotions left in ``warehouse_dir``: staging folders and
     half-written warehouse files. Call only while holding its writer lock. Returns their names.
@@ -1457,9 +1497,10 @@ def _put_in_place(final: Path, warehouse_dir: Path, resuming: bool = False) -> N
     (``final`` is inside the warehouse, on its file system), the accounting last, so that the
     summary never describes tables not yet there. ``resuming`` a killed run's moves skips the files
     it had moved already."""
-    for name in warehouse_files():
-        if not resuming or (final / name).is_file():
-            os.replace(final / name, warehouse_dir / name)
+    with _placing_files(warehouse_dir):
+        for name in warehouse_files():
+            if not resuming or (final / name).is_file():
+                os.replace(final / name, warehouse_dir / name)
 
 
 @contextmanager
@@ -1930,14 +1971,15 @@ def _link_batch(ingested_dir: Path, warehouse_dir: Path) -> None:
     the promotion (:func:`remove_leftovers`), and readers refuse the warehouse until then
     (:func:`unsettled_warehouse`).
     """
-    write_bytes_atomic(f"{ingested_dir.absolute()}\n".encode(), warehouse_dir / PROMOTING_FILE)
-    write_bytes_atomic(f"{ingested_dir.name}\n".encode(), warehouse_dir / PROMOTED_BATCH_FILE)
-    for name in warehouse_files():
-        if (ingested_dir / name).is_file():
-            link_file_atomic(ingested_dir / name, warehouse_dir / name)
-        else:
-            write_parquet_atomic(INTERNAL_TABLES["deletions"].empty_table(), warehouse_dir / name)
-    (warehouse_dir / PROMOTING_FILE).unlink()
+    with _placing_files(warehouse_dir):
+        write_bytes_atomic(f"{ingested_dir.absolute()}\n".encode(), warehouse_dir / PROMOTING_FILE)
+        write_bytes_atomic(f"{ingested_dir.name}\n".encode(), warehouse_dir / PROMOTED_BATCH_FILE)
+        for name in warehouse_files():
+            if (ingested_dir / name).is_file():
+                link_file_atomic(ingested_dir / name, warehouse_dir / name)
+            else:
+                write_parquet_atomic(INTERNAL_TABLES["deletions"].empty_table(), warehouse_dir / name)
+        (warehouse_dir / PROMOTING_FILE).unlink()
 
 
 def warehouse_site_timezone(warehouse_dir: Path) -> str:

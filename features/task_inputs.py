@@ -11,24 +11,26 @@ A step whose inputs (file sizes and modification times, the task definition, the
 settings and :data:`STEPS_VERSION`) and outputs (its Parquet file and side files such as
 ``vocabulary.json``, by size and modification time) are those recorded in its ``.fingerprint`` file
 is skipped: a second run on unchanged data recomputes nothing, and a deleted or changed output is
-written again. Note embeddings are further cached per note text across tasks and runs.
+written again. Note embeddings are further cached per note text across tasks and runs. Each step
+reads the warehouse with its tables held in place (:func:`features.ingest.warehouse_read`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import polars as pl
 import pyarrow as pa
 
 from features.cohorts import select_cohort
 from features.errors import LandingZoneError
-from features.ingest import unsettled_warehouse, warehouse_site_timezone
+from features.ingest import unsettled_warehouse, warehouse_read, warehouse_site_timezone
 from features.io import write_bytes_atomic, write_parquet_atomic
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets, find_split_overlap
@@ -112,6 +114,21 @@ def _check_settled(warehouse_dir: Path) -> None:
         raise LandingZoneError(reason)
 
 
+Step = TypeVar("Step", bound=Callable[..., Any])
+
+
+def _reads_warehouse(step: Step) -> Step:
+    """Run ``step`` (whose first argument is the warehouse folder) with the warehouse's tables held
+    in place (:func:`features.ingest.warehouse_read`): an ingest or a promotion that finishes
+    meanwhile puts its files in place after the step, not under its lazy reads."""
+    @functools.wraps(step)
+    def reading(warehouse_dir: Path, *args: Any, **kwargs: Any) -> Any:
+        with warehouse_read(Path(warehouse_dir)):
+            return step(warehouse_dir, *args, **kwargs)
+
+    return cast(Step, reading)
+
+
 def _events(warehouse_dir: Path) -> pl.LazyFrame:
     path = Path(warehouse_dir) / "events.parquet"
     if not path.is_file():
@@ -130,6 +147,7 @@ def _task_settings(task: TaskDefinition, *parts: object) -> str:
     return json.dumps([STEPS_VERSION, asdict(task), *parts], default=str, sort_keys=True)
 
 
+@_reads_warehouse
 def build_cohort(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     _check_settled(warehouse_dir)
     out = task_dir(warehouse_dir, task) / "cohort.parquet"
@@ -148,6 +166,7 @@ def _cohort(warehouse_dir: Path, task: TaskDefinition) -> pl.DataFrame:
     return pl.read_parquet(task_dir(warehouse_dir, task) / "cohort.parquet", glob=False)
 
 
+@_reads_warehouse
 def build_task_labels(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
@@ -161,6 +180,7 @@ def build_task_labels(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
                      folder / "cohort.parquet"], _task_settings(task), compute)
 
 
+@_reads_warehouse
 def build_splits(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     folder = task_dir(warehouse_dir, task)
 
@@ -179,6 +199,7 @@ def _train_ids(warehouse_dir: Path, task: TaskDefinition) -> list[int]:
     return splits.filter(pl.col("split") == "train")["subject_id"].to_list()
 
 
+@_reads_warehouse
 def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
@@ -206,6 +227,7 @@ def build_event_tokens(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
                      side_outputs=(folder / "vocabulary.json",))
 
 
+@_reads_warehouse
 def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
@@ -226,6 +248,7 @@ def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepRes
                      _task_settings(task), compute)
 
 
+@_reads_warehouse
 def tabular_features_for(warehouse_dir: Path, task: TaskDefinition, selected: TabularCodes) -> pl.DataFrame:
     """The task cohort's tabular aggregates for codes chosen elsewhere (a model's, when drift is
     measured): today's data in the columns the model was trained with, whatever codes are the most
@@ -233,6 +256,7 @@ def tabular_features_for(warehouse_dir: Path, task: TaskDefinition, selected: Ta
     return aggregate_before(_events(warehouse_dir), _cohort(warehouse_dir, task), selected)
 
 
+@_reads_warehouse
 def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: NoteEncoder) -> StepResult:
     _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)
@@ -257,6 +281,7 @@ def build_note_embeddings(warehouse_dir: Path, task: TaskDefinition, encoder: No
                      _task_settings(task, encoder.fingerprint), compute)
 
 
+@_reads_warehouse
 def build_imaging_inputs(warehouse_dir: Path, task: TaskDefinition) -> StepResult:
     _check_settled(warehouse_dir)
     folder = task_dir(warehouse_dir, task)

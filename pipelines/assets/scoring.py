@@ -29,7 +29,7 @@ import dagster as dg
 import polars as pl
 import pyarrow.parquet as pq
 
-from features.ingest import warehouse_site_timezone
+from features.ingest import warehouse_read, warehouse_site_timezone
 from features.io import write_parquet_atomic
 from features.task_inputs import tabular_features_for
 from features.tasks import TaskDefinition
@@ -203,9 +203,11 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
     # Today's aggregates for the codes the reference has: the task's own table re-selects the most
     # common codes, and a code that slipped out of them would read as missing for everyone.
     units = saved_units(model_dir(workspace, task) / "vocabulary.json")
-    inputs = tabular_features_for(workspace.warehouse_dir, definition, reference_codes(reference, units))
+    with warehouse_read(workspace.warehouse_dir):
+        inputs = tabular_features_for(workspace.warehouse_dir, definition, reference_codes(reference, units))
+        codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"],
+                                glob=False)
     drift = input_drift(reference, inputs)
-    codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False)
     descriptions = dict(codes.iter_rows())
     worst = drift.head(INPUTS_LISTED).with_columns(
         pl.col("feature").map_elements(lambda f: _input_label(f, descriptions), return_dtype=pl.String))
@@ -237,16 +239,18 @@ def published_cohort(context: dg.AssetExecutionContext, config: ModelQualityConf
     # The model's and the ingest's blocking checks are not in every run that publishes (the nightly
     # one re-scores from whatever model folder and warehouse it finds), so their rules run here too.
     min_auroc, max_calibration_error = quality_gates(task, config)
-    check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
-                      workspace.warehouse_dir, min_auroc, max_calibration_error, task.prediction_target())
-    patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
-                               columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
-    codes = pl.concat([
-        pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False),
-        source_item_descriptions(scores, workspace.warehouse_dir / "notes.parquet",
-                                 workspace.warehouse_dir / "imaging.parquet",
-                                 warehouse_site_timezone(workspace.warehouse_dir)),
-    ])
+    # Patients, codes, notes and imaging of one ingest: a promotion finishing meanwhile waits.
+    with warehouse_read(workspace.warehouse_dir):
+        check_publishable(published_dir(workspace), task.name, scores, model_dir(workspace, task.name),
+                          workspace.warehouse_dir, min_auroc, max_calibration_error, task.prediction_target())
+        patients = pl.read_parquet(workspace.warehouse_dir / "patients.parquet",
+                                   columns=["subject_id", "patient_id", "death_time", "deceased"], glob=False)
+        codes = pl.concat([
+            pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"], glob=False),
+            source_item_descriptions(scores, workspace.warehouse_dir / "notes.parquet",
+                                     workspace.warehouse_dir / "imaging.parquet",
+                                     warehouse_site_timezone(workspace.warehouse_dir)),
+        ])
     outcome = task.description or task.name
     resolved = outcome_recorded_subjects(workspace.warehouse_dir / "tasks" / task.name / "labels.parquet", task.name)
     listed, left_out = patients_to_list(scores, patients, RiskTiers(task.publishing.high_share,

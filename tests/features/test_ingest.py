@@ -37,6 +37,7 @@ from features.ingest import (
     remove_leftovers,
     stray_batch_entries,
     warehouse_files,
+    warehouse_read,
 )
 from features.labels import build_labels
 from features.schemas import INTERNAL_TABLES
@@ -303,7 +304,7 @@ def test_a_killed_ingest_leaves_the_previous_warehouse_whole(
 
     summary = ingest_landing_zone(shared_fhir_dir / "synthea-bundles", warehouse, workers=1, export_time=EXPORT)
     assert not list(warehouse.glob(".ingest-staging-*"))
-    assert sorted(p.name for p in warehouse.iterdir()) == sorted([*warehouse_files(), ".ingest.lock"])
+    assert sorted(p.name for p in warehouse.iterdir()) == sorted([*warehouse_files(), ".ingest.lock", ".read.lock"])
     assert IngestSummary.from_json(warehouse / SUMMARY_FILE) == summary
     assert pl.read_parquet(warehouse / "patients.parquet").height == 28
 
@@ -343,6 +344,47 @@ def test_a_promotion_waits_for_the_writer_before_it(bulk: tuple[IngestSummary, P
     assert 0.9 < time.monotonic() - started < 30
     release.join()
     assert (warehouse / "patients.parquet").samefile(batch / "patients.parquet")
+
+
+def test_a_promotion_puts_its_files_in_place_only_once_the_readers_of_the_moment_are_done(
+        bulk: tuple[IngestSummary, Path], tmp_path: Path) -> None:
+    # A task step reads the warehouse lazily: a table replaced between its plan and its read would be
+    # read with the old footer. The promotion waits for it; the step reads the old tables whole.
+    batch = shutil.copytree(bulk[1], tmp_path / "batches" / "2024-06-02")
+    warehouse = shutil.copytree(bulk[1], tmp_path / "warehouse")
+    pl.DataFrame({"patient_id": ["old"]}).write_parquet(warehouse / "patients.parquet")
+    promoted = threading.Event()
+    with warehouse_read(warehouse):
+        promotion = threading.Thread(target=lambda: (promote_warehouse(batch, warehouse, min_patient_share=0),
+                                                     promoted.set()))
+        promotion.start()
+        assert not promoted.wait(1.0)
+        assert pl.read_parquet(warehouse / "patients.parquet")["patient_id"].to_list() == ["old"]
+    promotion.join(30)
+    assert promoted.is_set()
+    assert (warehouse / "patients.parquet").samefile(batch / "patients.parquet")
+
+
+def test_a_reader_waits_while_files_are_put_in_place(tmp_path: Path) -> None:
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    entered = threading.Event()
+
+    def read() -> None:
+        with warehouse_read(warehouse):
+            entered.set()
+
+    # As an ingest or a promotion holds it while it renames its files into the warehouse.
+    with (warehouse / ".read.lock").open("a+b") as placing:
+        fcntl.flock(placing.fileno(), fcntl.LOCK_EX)
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert not entered.wait(1.0)
+    reader.join(30)
+    assert entered.is_set()
+    # Readers share it: a second one is not held up by the first.
+    with warehouse_read(warehouse), warehouse_read(warehouse):
+        pass
 
 
 def test_leftovers_of_killed_writers_are_deleted_and_nothing_else(tmp_path: Path) -> None:

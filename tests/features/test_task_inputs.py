@@ -3,8 +3,10 @@ the event-tokens step on the toy events."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -162,3 +164,16 @@ def test_every_step_refuses_a_half_promoted_warehouse_even_with_its_output_cache
             step(warehouse, definition)
     with pytest.raises(LandingZoneError, match=reason):
         task_inputs.build_note_embeddings(warehouse, definition, encoder)
+
+
+def test_a_step_waits_while_an_ingest_puts_its_files_in_place(tmp_path: Path) -> None:
+    warehouse, definition = toy_warehouse(tmp_path, toy_events()), task()
+    done = threading.Event()
+    step = threading.Thread(target=lambda: (task_inputs.build_cohort(warehouse, definition), done.set()))
+    # As an ingest or a promotion holds it while it renames its files into the warehouse.
+    with (warehouse / ".read.lock").open("a+b") as placing:
+        fcntl.flock(placing.fileno(), fcntl.LOCK_EX)
+        step.start()
+        assert not done.wait(1.0)
+    step.join(30)
+    assert done.is_set() and (task_inputs.task_dir(warehouse, definition) / "cohort.parquet").is_file()
