@@ -37,6 +37,7 @@ from features.ingest import (
     quarantine_shares,
     quarantined_with,
     records_without_patient,
+    warehouse_read,
 )
 from pipelines.resources import Workspace
 
@@ -172,7 +173,8 @@ def ingest_accounting_balances(workspace: Workspace) -> dg.AssetCheckResult:
 @dg.asset_check(asset="events", blocking=True,
                 description="Every row of events and of each patient table belongs to a patient in patients.")
 def events_subjects_exist(workspace: Workspace) -> dg.AssetCheckResult:
-    missing = records_without_patient(workspace.warehouse_dir)
+    with warehouse_read(workspace.warehouse_dir):
+        missing = records_without_patient(workspace.warehouse_dir)
     return dg.AssetCheckResult(
         passed=not missing,
         metadata={"rows_without_patient": sum(missing.values()),
@@ -197,7 +199,8 @@ def export_matches_manifest(workspace: Workspace) -> dg.AssetCheckResult:
 @dg.asset_check(asset="events", blocking=True, description="No event is dated after the export time.")
 def events_not_after_export(workspace: Workspace) -> dg.AssetCheckResult:
     summary = _summary(workspace)
-    late = events_after(workspace.warehouse_dir, summary.export_time)
+    with warehouse_read(workspace.warehouse_dir):
+        late = events_after(workspace.warehouse_dir, summary.export_time)
     return dg.AssetCheckResult(
         passed=late == 0, metadata={"events_after_export": late, "export_time": summary.export_time.isoformat()}
     )
@@ -207,8 +210,9 @@ def events_not_after_export(workspace: Workspace) -> dg.AssetCheckResult:
                                             "inputs keep the units apart, but a feed charting a code in a new unit, "
                                             "or two quantities under one code, is worth a look).")
 def codes_in_one_unit(workspace: Workspace) -> dg.AssetCheckResult:
-    several = units_by_code(codes_in_several_units(pl.scan_parquet(workspace.warehouse_dir / "events.parquet",
-                                                                    glob=False)))
+    with warehouse_read(workspace.warehouse_dir):
+        several = units_by_code(codes_in_several_units(pl.scan_parquet(workspace.warehouse_dir / "events.parquet",
+                                                                        glob=False)))
     listed = "\n".join(["| code | units (values) |", "| --- | --- |",
                          *(f"| {code} | {units} |" for code, units in several.head(10).iter_rows())])
     return dg.AssetCheckResult(
@@ -223,8 +227,9 @@ def codes_in_one_unit(workspace: Workspace) -> dg.AssetCheckResult:
                             "one id from two records.")
 def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:
     summary = _summary(workspace)
-    quarantined = quarantined_with(workspace.warehouse_dir, "duplicate")
-    left = duplicate_records(workspace.warehouse_dir)
+    with warehouse_read(workspace.warehouse_dir):
+        quarantined = quarantined_with(workspace.warehouse_dir, "duplicate")
+        left = duplicate_records(workspace.warehouse_dir)
     return dg.AssetCheckResult(
         passed=quarantined == summary.duplicates and not left,
         metadata={"duplicates": summary.duplicates, "quarantined_duplicates": quarantined,
@@ -241,7 +246,8 @@ def duplicates_reported(workspace: Workspace) -> dg.AssetCheckResult:
 def fhir_library_read_every_record(workspace: Workspace) -> dg.AssetCheckResult:
     # Not blocking: the records are accounted for and the rest of the run is sound. An error, not a
     # warning: a broken or mismatched fhir.resources quarantines good data until someone looks.
-    unexplained = quarantined_with(workspace.warehouse_dir, LIBRARY_ERROR)
+    with warehouse_read(workspace.warehouse_dir):
+        unexplained = quarantined_with(workspace.warehouse_dir, LIBRARY_ERROR)
     return dg.AssetCheckResult(
         passed=unexplained == 0, severity=dg.AssetCheckSeverity.ERROR,
         metadata={"records": unexplained, "reason_code": LIBRARY_ERROR},
@@ -262,7 +268,8 @@ class QuarantineShareConfig(dg.Config):  # type: ignore[misc]
 )
 def quarantine_share_within_limit(config: QuarantineShareConfig, workspace: Workspace) -> dg.AssetCheckResult:
     summary = _summary(workspace)
-    shares = quarantine_shares(summary, workspace.warehouse_dir)
+    with warehouse_read(workspace.warehouse_dir):
+        shares = quarantine_shares(summary, workspace.warehouse_dir)
     over = shares.filter(pl.col("share") > config.max_share)
     # File names, counts and reason codes only: no record text in Dagster metadata.
     return dg.AssetCheckResult(
