@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import polars as pl
 from rich.console import Console
 from rich.table import Table
 
 from features.errors import LandingZoneError
-from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary
+from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary, warehouse_site_timezone
 from features.simulate.hospital import SIMULATION_MANIFEST
 from models.publishing import current_scores, current_version
 from pipelines.definitions import all_asset_checks, ingest_assets, task_assets
@@ -148,7 +149,7 @@ def run_demo(
             raise DemoFailed(f"stage '{title}' failed (steps: {', '.join(failed) or 'none'}; checks: "
                              f"{', '.join(failed_checks) or 'none'}){reason}; run {result.run_id} in Dagster "
                              "has details")
-    print_high_risk(workspace / "published", DEMO_TASK, console)
+    print_high_risk(workspace / "published", DEMO_TASK, console, warehouse_site_timezone(workspace / "warehouse"))
     console.print(f"every output is under {workspace}: landing/, warehouse/ (tables, tasks/, candidate_models/, "
                   "models/, scores/), "
                   "published/ (cohort versions, cohortcast.duckdb, FHIR RiskAssessments)")
@@ -184,13 +185,17 @@ def item_text(item: dict[str, Any]) -> str:
     return f"{text} ({item['contribution'] * 100:+.1f})"
 
 
-def print_high_risk(published: Path, task: str, console: Console, rows: int = 10) -> None:
-    """Print the top of the live high-risk list of a task."""
+def print_high_risk(published: Path, task: str, console: Console, site_timezone: str = "UTC", rows: int = 10) -> None:
+    """Print the top of the live high-risk list of a task, each risk with the day it is as of (its
+    prediction time, on the site's calendar: ``site_timezone``)."""
     scores = current_scores(published, task)
     if scores is None:
         console.print(f"no published cohort for {task} yet")
         return
-    top = scores.sort("risk", descending=True).head(rows)
+    # A risk is as of its prediction time, which may be long past: the list says which day.
+    top = scores.sort("risk", descending=True).head(rows).with_columns(
+        pl.col("prediction_time").dt.replace_time_zone("UTC").dt.convert_time_zone(site_timezone).dt.date()
+        .cast(pl.String).alias("as_of"))
     version = current_version(published, task)
     manifest = json.loads((published / task / str(version) / "manifest.json").read_text())
     left_out = manifest.get("left_out", {})
@@ -200,10 +205,10 @@ def print_high_risk(published: Path, task: str, console: Console, rows: int = 10
                   f"{left_out.get('deceased', 0)} who died and {left_out.get('outcome_recorded', 0)} whose outcome "
                   "is recorded since their prediction time)", style="italic")
     table = Table()
-    for column in ("patient", "risk", "tier", "treatment effect", "why (top items)"):
+    for column in ("patient", "as of", "risk", "tier", "treatment effect", "why (top items)"):
         table.add_column(column)
     for row in top.iter_rows(named=True):
         effect = "" if row["treatment_effect"] is None else f"{row['treatment_effect'] * 100:+.1f} pts"
         why = "\n".join(item_text(i) for i in row["top_items"][:3])
-        table.add_row(row["patient_id"][:13], f"{row['risk']:.2f}", row["risk_tier"], effect, why)
+        table.add_row(row["patient_id"][:13], row["as_of"], f"{row['risk']:.2f}", row["risk_tier"], effect, why)
     console.print(table)

@@ -70,6 +70,10 @@ def test_demo_materializes_every_asset_on_simulated_data(tmp_path: Path) -> None
     assert (f"top of the high-risk list (published v0001, {HIGH_RISK} high-risk of {381 - LIVING_WITH_OUTCOME}; "
             f"left out: 19 who died and {LIVING_WITH_OUTCOME} whose outcome is recorded since their prediction time)"
             in " ".join(output.split()))
+    # Each risk with the day it is as of: the top patient's prediction date (UTC, the demo's clock).
+    top = published.sort("risk", descending=True).row(0, named=True)
+    assert "as of" in output
+    assert f"{top['patient_id'][:13]} │ {top['prediction_time']:%Y-%m-%d} │ {top['risk']:.2f}" in output
 
     # Run again on unchanged inputs with the same settings, the model is neither trained nor deployed again.
     warehouse_models = tmp_path / "workspace" / "warehouse"
