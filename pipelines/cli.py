@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from features.errors import CohortcastError, LandingZoneError
@@ -128,7 +129,7 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
         for column in ("file", "records", "quarantined", "share", "main reason"):
             worst.add_column(column, justify="left" if column in ("file", "main reason") else "right")
         for file, records_in, quarantined, share, reason, _ in quarantine_shares(summary, out).head(5).iter_rows():
-            worst.add_row(file, f"{records_in:,}", f"{quarantined:,}", f"{share:.1%}", reason)
+            worst.add_row(escape(file), f"{records_in:,}", f"{quarantined:,}", f"{share:.1%}", reason)
         console.print(worst)
     several = units_by_code(codes_in_several_units(pl.scan_parquet(out / "events.parquet", glob=False)))
     if several.height:
@@ -136,7 +137,8 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
         units.add_column("code")
         units.add_column("units (values)")
         for code, listed in several.head(UNIT_CODES_LISTED).iter_rows():
-            units.add_row(code, listed)
+            # Rich would read a unit like [lb_av] as markup and print nothing of it.
+            units.add_row(escape(code), escape(listed))
         console.print(units)
         # Not an error: nothing is misread. But a new unit in a feed, or two quantities under one code,
         # is worth a look.
@@ -148,7 +150,8 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
         console.print(f"dates, and times without an offset, read on the {summary.site_timezone} clock")
     for line in summary.manifest_mismatches:
         # The run completed, so the exit status stays 0; a batch like this is never promoted.
-        console.print(f"the landing zone does not match its manifest (a copy cut short?): {line}", style="yellow")
+        console.print(f"the landing zone does not match its manifest (a copy cut short?): {escape(line)}",
+                      style="yellow")
     balance = "balanced" if summary.balanced else "NOT balanced"
     console.print(f"{summary.records_in:,} in = {summary.records_out:,} out + {summary.quarantined:,} quarantined "
                   f"({balance}); {summary.elapsed_seconds:.1f} s{' (strict)' if strict else ''}")

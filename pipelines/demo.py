@@ -17,6 +17,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from features.errors import LandingZoneError
@@ -210,5 +211,7 @@ def print_high_risk(published: Path, task: str, console: Console, site_timezone:
     for row in top.iter_rows(named=True):
         effect = "" if row["treatment_effect"] is None else f"{row['treatment_effect'] * 100:+.1f} pts"
         why = "\n".join(item_text(i) for i in row["top_items"][:3])
-        table.add_row(row["patient_id"][:13], row["as_of"], f"{row['risk']:.2f}", row["risk_tier"], effect, why)
+        # Escaped: rich would read a unit like [lb_av] in an item as markup and drop it.
+        table.add_row(escape(row["patient_id"][:13]), row["as_of"], f"{row['risk']:.2f}", row["risk_tier"], effect,
+                      escape(why))
     console.print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -80,3 +81,20 @@ def test_ingest_lists_the_codes_charted_in_more_than_one_unit(
     assert "the model's inputs keep each unit of a code apart" in printed
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in printed.splitlines()]
     assert ["LOINC//33914-3", "mL/min/{1.73_m2} (86), mL/min (20)"] in rows, printed
+
+
+def test_a_unit_in_square_brackets_is_printed_not_read_as_markup(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def weight(rid: str, value: float, unit: str) -> str:
+        return json.dumps({
+            "resourceType": "Observation", "id": rid, "status": "final", "subject": {"reference": "Patient/p1"},
+            "effectiveDateTime": "2020-01-01", "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7"}]},
+            "valueQuantity": {"value": value, "system": "http://unitsofmeasure.org", "code": unit}})
+
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    lines = ['{"resourceType":"Patient","id":"p1"}', weight("o1", 70, "kg"), weight("o2", 154, "[lb_av]")]
+    (landing / "export.ndjson").write_text("\n".join(lines) + "\n")
+    main(["ingest", str(tmp_path / "landing"), "--out", str(tmp_path / "out"), "--workers", "1"])
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()]
+    assert ["LOINC//29463-7", "[lb_av] (1), kg (1)"] in rows
