@@ -206,7 +206,8 @@ def print_high_risk(published: Path, task: str, console: Console, site_timezone:
                   f"{left_out.get('deceased', 0)} who died and {left_out.get('outcome_recorded', 0)} whose outcome "
                   "is recorded since their prediction time)", style="italic")
     table = Table()
-    for column in ("patient", "as of", "risk", "tier", "treatment effect", "why (top items)"):
+    # "if treated": the change in the risk if the patient starts the task's treatment.
+    for column in ("patient", "as of", "risk", "tier", "if treated", "why (top items)"):
         table.add_column(column)
     for row in top.iter_rows(named=True):
         effect = "" if row["treatment_effect"] is None else f"{row['treatment_effect'] * 100:+.1f} pts"
