@@ -494,9 +494,15 @@ def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataF
     names: dict[str, str] = {}
 
     def text(item: dict[str, Any]) -> str:
-        if item["item"] not in names:
-            names[item["item"]] = describe_token(item["item"], known) or item["item"]
         shown, readings = item.get("value_range"), item.get("readings") or 0
+        if item["item"] not in names:
+            token = item["item"]
+            base, _, unit = token.rpartition("//")
+            # A value in its code's other unit (LOINC//29463-7//[lb_av]: features.tokenize), whose
+            # range names that unit: the code's description, the unit said once, by the range.
+            if base and shown is not None and shown.endswith(f" {unit}"):
+                token = base
+            names[item["item"]] = describe_token(token, known) or item["item"]
         if shown is None:
             return names[item["item"]]
         return f"{names[item['item']]} {shown}{f', latest of {readings}' if readings > 1 else ''}"

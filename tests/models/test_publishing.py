@@ -190,7 +190,7 @@ def test_a_value_in_a_codes_other_unit_is_described_with_its_unit() -> None:
     )
     published = describe_items(scores, codes)
     assert published["top_items"].list.eval(pl.element().struct.field("description")).to_list() == [
-        ["Body Weight: [lb_av] >= 165 [lb_av]", "Body Weight < 75 kg, latest of 2"]]
+        ["Body Weight >= 165 [lb_av]", "Body Weight < 75 kg, latest of 2"]]
 
 
 def test_a_note_or_study_item_is_described_by_its_date_and_kind_not_its_id(tmp_path: Path) -> None:
