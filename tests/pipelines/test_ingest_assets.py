@@ -28,6 +28,7 @@ from features.ingest import (
 from features.schemas import CODES, EVENTS, INTERNAL_TABLES, QUARANTINE
 from pipelines.assets.ingest import (
     INGEST_ASSETS,
+    CodeUnitsConfig,
     codes_in_one_unit,
     duplicates_reported,
     events_not_after_export,
@@ -111,13 +112,19 @@ def test_a_code_charted_in_two_units_warns_and_is_listed(small_warehouse: Path, 
     shutil.copytree(small_warehouse, warehouse)
     events = pl.read_parquet(warehouse / "events.parquet")
     weights = events.filter(pl.col("code") == "LOINC//29463-7")
-    assert codes_in_one_unit(workspace=Workspace(root=str(tmp_path))).passed
+    workspace = Workspace(root=str(tmp_path))
+    assert codes_in_one_unit(config=CodeUnitsConfig(), workspace=workspace).passed
     pounds = weights.head(3).with_columns(pl.lit("[lb_av]").alias("unit"), pl.col("numeric_value") * 2.2046)
     pl.concat([events, pounds]).write_parquet(warehouse / "events.parquet")
-    result = codes_in_one_unit(workspace=Workspace(root=str(tmp_path)))
+    result = codes_in_one_unit(config=CodeUnitsConfig(), workspace=workspace)
     assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
-    assert result.metadata["codes_in_several_units"].value == 1
-    assert result.metadata["codes"].value.splitlines()[2] == f"| LOINC//29463-7 | kg ({weights.height}), [lb_av] (3) |"
+    assert (result.metadata["codes_in_several_units"].value, result.metadata["not_known"].value) == (1, 1)
+    assert result.metadata["codes"].value.splitlines()[2] == (
+        f"| LOINC//29463-7 | kg ({weights.height}), [lb_av] (3) | no |")
+    # A code the site has looked at is still listed, without a warning.
+    known = codes_in_one_unit(config=CodeUnitsConfig(known_codes=["LOINC//29463-7"]), workspace=workspace)
+    assert known.passed and known.metadata["codes_in_several_units"].value == 1
+    assert known.metadata["codes"].value.splitlines()[2].endswith("| yes |")
 
 
 def test_accounting_check_fails_when_unbalanced(small_hospital: Path, tmp_path: Path) -> None:
