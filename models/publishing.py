@@ -42,6 +42,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
+from features.cohorts import site_clock
 from features.errors import CohortcastError
 from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary, unsettled_warehouse
 from features.io import staging_dir
@@ -469,7 +470,7 @@ def source_item_descriptions(scores: pa.Table, notes_path: Path, imaging_path: P
     parts = [pl.DataFrame(schema={"code": pl.String, "description": pl.String})]
     sources = ((notes_path, "note", "note_id", "Note", [pl.col("note_type")]),
                (imaging_path, "study", "study_id", "Image", [pl.col("modality"), pl.col("body_site")]))
-    local_date = pl.col("time").dt.replace_time_zone("UTC").dt.convert_time_zone(site_timezone).dt.date()
+    local_date = site_clock(pl.col("time"), site_timezone).dt.date()
     for path, prefix, key, kind, what in sources:
         ids = names.filter(names.str.starts_with(f"{prefix} ")).str.strip_prefix(f"{prefix} ")
         if ids.is_empty() or not path.is_file():

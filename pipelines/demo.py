@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from features.cohorts import site_clock
 from features.errors import LandingZoneError
 from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary, warehouse_site_timezone
 from features.simulate.hospital import SIMULATION_MANIFEST
@@ -195,8 +196,7 @@ def print_high_risk(published: Path, task: str, console: Console, site_timezone:
         return
     # A risk is as of its prediction time, which may be long past: the list says which day.
     top = scores.sort("risk", descending=True).head(rows).with_columns(
-        pl.col("prediction_time").dt.replace_time_zone("UTC").dt.convert_time_zone(site_timezone).dt.date()
-        .cast(pl.String).alias("as_of"))
+        site_clock(pl.col("prediction_time"), site_timezone).dt.date().cast(pl.String).alias("as_of"))
     version = current_version(published, task)
     manifest = json.loads((published / task / str(version) / "manifest.json").read_text())
     left_out = manifest.get("left_out", {})
