@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from features.errors import TrainingDataError
 from features.schemas import SCORES
-from features.tokenize import saved_units, value_unit
+from features.tokenize import EventTokenizer, value_unit
 from models.data import FusionDataset
 from models.explain import ItemContribution, explain
 from models.task_model import (
@@ -164,9 +164,8 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
         bf16 = native_bf16(next(model.parameters()).device)
     p = predict(model, calibrator, dataset, bf16=bf16)
     n = len(dataset)
-    vocabulary = inverse_vocabulary(model_dir / "vocabulary.json")
-    bin_edges: dict[str, list[float]] = json.loads((model_dir / "vocabulary.json").read_text())["bin_edges"]
-    units = saved_units(model_dir / "vocabulary.json")
+    tokenizer = EventTokenizer.load(model_dir / "vocabulary.json")  # tokens, bins and units in one read
+    vocabulary = token_names(tokenizer.vocabulary_)
     explanations = (explain(model, calibrator, dataset.patients, vocabulary, explain_top_k, bf16=bf16)
                     if with_explanations else [])
     previous_risk: list[float | None] = [None] * n
@@ -208,7 +207,8 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             "treatment_effect": pa.array(effect, type=pa.float64()),
             "modality_shares": [list(e.modality_shares.items()) for e in explanations] if explanations else [[]] * n,
             "top_items": (
-                [[_published_item(item, bin_edges, units) for item in e.top_items] for e in explanations]
+                [[_published_item(item, tokenizer.bin_edges_, tokenizer.units_) for item in e.top_items]
+                 for e in explanations]
                 if explanations else [[]] * n
             ),
             "model_version": [version] * n,
@@ -254,7 +254,11 @@ def _published_item(item: ItemContribution, bin_edges: dict[str, list[float]],
 
 def inverse_vocabulary(path: Path) -> list[str]:
     """Token strings by id, from a tokenizer's ``vocabulary.json``."""
-    vocabulary: dict[str, int] = json.loads(path.read_text())["vocabulary"]
+    return token_names(json.loads(path.read_text())["vocabulary"])
+
+
+def token_names(vocabulary: dict[str, int]) -> list[str]:
+    """Token strings by id, from a tokenizer's token -> id map."""
     names = [""] * (max(vocabulary.values()) + 1)
     for token, index in vocabulary.items():
         names[index] = token
