@@ -90,6 +90,7 @@ from features.io import (
     link_file_atomic,
     sink_parquet_atomic,
     staging_dir,
+    take_pid_lock,
     write_bytes_atomic,
     write_parquet_atomic,
 )
@@ -1393,27 +1394,13 @@ def _writer_lock(warehouse_dir: Path, action: str, wait_seconds: float = 0.0) ->
     LandingZoneError
         When another process still holds the lock after ``wait_seconds``.
     """
-    path = warehouse_dir / LOCK_FILE
-    deadline = time.monotonic() + wait_seconds
-    with path.open("a+b") as handle:
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                    continue
-                handle.seek(0)
-                holder = handle.read(64).decode(errors="replace").strip() or "unknown"
-                waited = f" for {wait_seconds:g} s" if wait_seconds else ""
-                raise LandingZoneError(
-                    f"{action}: warehouse {warehouse_dir} is being written by another ingest or promotion "
-                    f"(process {holder} holds {LOCK_FILE}{waited}); wait for it to finish, or write elsewhere"
-                ) from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n".encode())
-        handle.flush()
+    with (warehouse_dir / LOCK_FILE).open("a+b") as handle:
+        if (holder := take_pid_lock(handle, wait_seconds)) is not None:
+            waited = f" for {wait_seconds:g} s" if wait_seconds else ""
+            raise LandingZoneError(
+                f"{action}: warehouse {warehouse_dir} is being written by another ingest or promotion "
+                f"(process {holder} holds {LOCK_FILE}{waited}); wait for it to finish, or write elsewhere"
+            )
         remove_leftovers(warehouse_dir)
         yield
 

@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every stage.
+"""Atomic file writes shared by every stage, and the lock one writer of a folder holds.
 
 Stage: shared. In: a table or bytes and a destination path. Out: the file, written to a temporary
 sibling and renamed into place, so a killed run leaves the previous good file readable.
@@ -7,13 +7,15 @@ sibling and renamed into place, so a killed run leaves the previous good file re
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,3 +140,27 @@ def replace_dir(staging: Path, target: Path) -> Path:
     else:
         staging.rename(target)
     return target
+
+
+def take_pid_lock(handle: BinaryIO, wait_seconds: float = 0.0) -> str | None:
+    """Take an exclusive ``flock`` on the open lock file ``handle`` and write this process's id in
+    it; None once held. While another process holds it after ``wait_seconds``, that process's id
+    as its file says (``unknown`` when blank), and nothing is taken: the caller words the refusal.
+
+    The operating system releases the lock when its holder exits, killed or not; so once it is
+    held, whatever a holder left half-done was left by one that died.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.seek(0)
+                return handle.read(64).decode(errors="replace").strip() or "unknown"
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n".encode())
+    handle.flush()
+    return None

@@ -13,7 +13,6 @@ simulation at a time writes a folder (a lock beside it, ``.<name>.lock``).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -35,7 +34,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from features.errors import LandingZoneError, SimulationError
-from features.io import replace_dir, staging_dir
+from features.io import replace_dir, staging_dir, take_pid_lock
 from features.schemas import GENOMICS_VARIANTS_INPUT, IMAGING_INPUT, NOTES_INPUT
 from features.simulate import vocabulary as v
 from features.simulate.records import (
@@ -221,16 +220,9 @@ def _writer_lock(out_dir: Path) -> Iterator[None]:
     except OSError as exc:
         raise LandingZoneError(f"output folder {out_dir} is not writable ({exc.strerror})") from exc
     with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read(64).decode(errors="replace").strip() or "unknown"
+        if (holder := take_pid_lock(handle)) is not None:
             raise LandingZoneError(f"output folder {out_dir} is being written by another simulation (process "
-                                   f"{holder} holds {lock.name}); wait for it to finish, or write elsewhere") from None
-        handle.truncate(0)
-        handle.write(f"{os.getpid()}\n".encode())
-        handle.flush()
+                                   f"{holder} holds {lock.name}); wait for it to finish, or write elsewhere")
         prefix = f".{out_dir.name}."
         for path in out_dir.parent.iterdir():
             if path.name.startswith(prefix) and path.name.endswith(STAGING_SUFFIX) and path.is_dir():
