@@ -62,6 +62,7 @@ from features.fhir.specs import (
     VISIT_DID_NOT_HAPPEN,
 )
 from features.schemas import CODES, EVENTS
+from features.units import unit_conversion
 
 SUBJECT = pl.col("subject_id")
 
@@ -270,10 +271,11 @@ def codes_in_several_units(events: pl.LazyFrame) -> pl.DataFrame:
     """The codes whose numeric values come in more than one unit: ``code``, ``unit`` (null where a
     value has none) and ``values``, codes in name order, their units most values first.
 
-    Model inputs keep such units apart (:func:`features.tokenize.main_units`), so nothing is misread;
-    but a feed that starts charting a code in a new unit (another site's scale, in pounds) is
-    something a data engineer wants to hear of, and an eGFR sent both per 1.73 m2 and not is two
-    quantities under one code, which the site may want to map to two.
+    Model inputs convert a value into its token's main unit where UCUM allows and keep the other
+    units apart (:mod:`features.tokenize`), so nothing is misread; but a feed that starts charting a
+    code in a new unit (another site's scale, in pounds) is something a data engineer wants to hear
+    of, and an eGFR sent both per 1.73 m2 and not is two quantities under one code, which the site
+    may want to map to two.
     """
     counts = (
         events.filter(pl.col("numeric_value").is_not_null())
@@ -286,10 +288,20 @@ def codes_in_several_units(events: pl.LazyFrame) -> pl.DataFrame:
 
 
 def units_by_code(several: pl.DataFrame) -> pl.DataFrame:
-    """:func:`codes_in_several_units`' rows as one per code: ``code``, ``units`` as text
-    (``mL/min/{1.73_m2} (86), mL/min (20)``; a value without a unit is ``no unit``)."""
-    described = pl.format("{} ({})", pl.col("unit").fill_null("no unit"), pl.col("values"))
-    return several.group_by("code", maintain_order=True).agg(described.str.join(", ").alias("units"))
+    """:func:`codes_in_several_units`' rows as one per code: ``code``, ``units`` as text, each unit
+    after the code's most common one marked as the model inputs read it against that one,
+    ``converted`` or ``kept apart`` (:func:`features.units.unit_conversion`):
+    ``mL/min/{1.73_m2} (86), mL/min (20, kept apart)``, ``kg (40), [lb_av] (9, converted)``. A
+    value without a unit is ``no unit``."""
+    rows: list[tuple[str, str]] = []
+    for (code,), units in several.group_by("code", maintain_order=True):
+        main = units["unit"][0]
+        described = [f"{'no unit' if main is None else main} ({units['values'][0]})"]
+        for unit, values in units.select("unit", "values").slice(1).iter_rows():
+            read = "converted" if None not in (unit, main) and unit_conversion(unit, main) else "kept apart"
+            described.append(f"{'no unit' if unit is None else unit} ({values}, {read})")
+        rows.append((str(code), ", ".join(described)))
+    return pl.DataFrame(rows, schema={"code": pl.String, "units": pl.String}, orient="row")
 
 
 def most_common(frame: pl.LazyFrame, key: str, value: str) -> pl.LazyFrame:

@@ -446,7 +446,7 @@ EVENTS = pa.schema(
         pa.field("numeric_value", pa.float32(), nullable=True),
         # The unit of numeric_value (UCUM where the source coded it: "kg", "[lb_av]"); null for
         # events without a unit. One code can come in several (a weight in kg or in pounds, an
-        # eGFR per 1.73 m2 or not): model inputs keep them apart (features.tokenize.main_units).
+        # eGFR per 1.73 m2 or not): model inputs convert or keep them apart (features.tokenize).
         pa.field("unit", pa.string(), nullable=True),
         pa.field("text_value", pa.string(), nullable=True),
         # ehr, notes, genomics or imaging: the token family the fusion model gives the event.

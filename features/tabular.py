@@ -11,10 +11,11 @@ an observation's coded answer and a genotype's variant are part of it
 (``LOINC//72166-2//SNOMED//77176002``, a current smoker; ``GENE//CYP2C19//rs4244285``), so the
 baselines see what the fusion model sees, not only that smoking status was charted.
 
-A value in a unit other than its token's main unit is keyed with its unit, as the fusion model's
-vocabulary keys it (:func:`features.tokenize.unit_token_expr`, with the main units the task's
-:class:`~features.tokenize.EventTokenizer` learned on the train split): ``last__LOINC//29463-7``
-holds weights in kg only, and weights in pounds have columns of their own when common enough.
+A value in a unit other than its token's main unit is read as the fusion model's vocabulary reads
+it (:func:`features.tokenize.unit_columns`, with the main units and conversions the task's
+:class:`~features.tokenize.EventTokenizer` learned on the train split): converted into the main
+unit where UCUM allows (``last__LOINC//29463-7`` holds weights in kg, pounds converted), else
+keyed with its unit (an eGFR's ``mL/min`` values have columns of their own when common enough).
 
 Which codes get columns, and which of them get a ``last__<code>`` column, is learned on the train
 split only (:func:`select_tabular_codes`), so the column set never depends on tuning or held-out
@@ -29,7 +30,16 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from features.tokenize import MICROSECONDS_PER_DAY, events_before, token_expr, unit_token_expr, units_in_use, with_unit
+from features.tokenize import (
+    MICROSECONDS_PER_DAY,
+    UnitConversions,
+    conversions_in_use,
+    events_before,
+    token_expr,
+    unit_columns,
+    units_in_use,
+    with_unit,
+)
 
 
 @dataclass(frozen=True)
@@ -49,18 +59,24 @@ class TabularCodes:
     units: dict[str, str] = field(default_factory=dict)
     """Token -> its main unit (the tokenizer's ``units_``); empty for columns keyed before units
     were (every value then under its bare token)."""
+    unit_conversions: UnitConversions = field(default_factory=dict)
+    """The tokenizer's ``unit_conversions_`` for these tokens: values in those units are converted
+    into the main unit; empty for columns keyed before conversions (other units then kept apart)."""
 
 
 def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
                          train_ids: pl.Series | list[int], max_codes: int,
-                         units: dict[str, str] | None = None) -> TabularCodes:
+                         units: dict[str, str] | None = None,
+                         unit_conversions: UnitConversions | None = None) -> TabularCodes:
     """The ``max_codes`` codes seen in the most train patients before their prediction time (ties
     by code), and which of them have numeric values in those patients. ``units``: each token's
-    main unit (the task tokenizer's ``units_``); a value in another unit is a code of its own."""
-    units = units or {}
+    main unit (the task tokenizer's ``units_``), into which values in a unit of
+    ``unit_conversions`` (its ``unit_conversions_``) are converted; a value in any other unit is a
+    code of its own."""
+    units, unit_conversions = units or {}, unit_conversions or {}
     train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
     ranked = (
-        _with_token_code(events_before(events, train), units)
+        _with_token_code(events_before(events, train), units, unit_conversions)
         .group_by("code")
         .agg(
             pl.col("subject_id").n_unique().alias("patients"),
@@ -72,14 +88,16 @@ def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFra
         .collect()
     )
     codes = ranked["code"].to_list()
+    in_use = units_in_use(units, codes)
     return TabularCodes(codes=codes, numeric=ranked.filter(pl.col("numeric"))["code"].to_list(),
-                        units=units_in_use(units, codes))
+                        units=in_use, unit_conversions=conversions_in_use(unit_conversions, in_use))
 
 
-def _with_token_code(events: pl.LazyFrame, units: dict[str, str]) -> pl.LazyFrame:
+def _with_token_code(events: pl.LazyFrame, units: dict[str, str], unit_conversions: UnitConversions) -> pl.LazyFrame:
     """``code`` replaced by the event's token (the code, with its coded answer or variant, and its
-    unit where that is not the token's main unit in ``units``)."""
-    return (with_unit(events).with_columns(token_expr()).with_columns(unit_token_expr(units))
+    unit where that is not the token's main unit in ``units`` and ``unit_conversions`` does not
+    convert it, in which case the value is converted)."""
+    return (with_unit(events).with_columns(token_expr()).with_columns(unit_columns(units, unit_conversions))
             .with_columns(pl.col("token").alias("code")).drop("token"))
 
 
@@ -103,7 +121,7 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     numeric_codes = set(selected.numeric)
     seen = events_before(events, cohort)
     if selected.by_token:
-        seen = _with_token_code(seen, selected.units)
+        seen = _with_token_code(seen, selected.units, selected.unit_conversions)
     overall = (
         seen.group_by("subject_id")
         .agg(

@@ -39,7 +39,7 @@ from features.schemas import COHORT, EVENT_TOKENS, IMAGING_INPUTS, LABELS, NOTE_
 from features.splits import assign_splits
 from features.tabular import TabularCodes, aggregate_before, select_tabular_codes
 from features.tasks import TaskDefinition
-from features.tokenize import EventTokenizer, saved_units
+from features.tokenize import EventTokenizer, saved_unit_conversions, saved_units
 
 STEPS = ("cohort", "labels", "splits", "event_tokens", "tabular_features", "note_embeddings",
          "imaging_inputs")
@@ -137,7 +137,7 @@ def _events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.scan_parquet(path, glob=False)
 
 
-STEPS_VERSION = 12
+STEPS_VERSION = 13
 """Part of every step's fingerprint: raised whenever a step computes something else from the same
 inputs (a corrected label rule, say), so that an upgrade recomputes existing task folders instead of
 keeping outputs the new code would not give."""
@@ -234,11 +234,11 @@ def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepRes
 
     def compute() -> tuple[pa.Table, dict[str, Any]]:
         cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
-        # The tokenizer's main units: the baselines key a value in another unit apart, as the fusion
-        # model's vocabulary does, and a model's drift check keys today's values the same way.
-        units = saved_units(folder / "vocabulary.json")
+        # The tokenizer's main units and conversions: the baselines read a value in another unit as
+        # the fusion model's vocabulary does (converted, or apart), and so does a model's drift check.
+        vocabulary = folder / "vocabulary.json"
         selected = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes,
-                                        units)
+                                        saved_units(vocabulary), saved_unit_conversions(vocabulary))
         table = aggregate_before(events, cohort, selected)
         return table.to_arrow(), {"columns": table.width, "codes": len(selected.codes),
                                   "numeric_codes": len(selected.numeric)}

@@ -20,11 +20,15 @@ vocabulary.
 
 Units: one code can come with values in several units (a weight in ``kg`` or ``[lb_av]``, an eGFR
 in ``mL/min/{1.73_m2}`` or ``mL/min``, which is another quantity). ``fit`` learns each numeric
-token's main unit, the unit of most of its train values (:func:`main_units`, kept in ``units_``);
-a value in any other unit, or without one, becomes a token of its own with the unit appended
-(``LOINC//29463-7//[lb_av]``, ``LOINC//29463-7//{no unit}``: :func:`unit_token_expr`), with its
-own vocabulary entry and bins. Binned together, 180 lb would read as a very heavy patient in kg;
-a unit too rare in train for ``min_code_count`` leaves its values out rather than misread them.
+token's main unit, the unit of most of its train values (:func:`main_units`, kept in ``units_``).
+A value in another unit that UCUM converts into the main one (pounds into kilograms, degrees
+Fahrenheit into Celsius: :func:`features.units.unit_conversion`, learned as ``unit_conversions_``)
+is converted and keeps the token, so one weight is one input however the scale was set. A value in
+a unit that must stay apart (``mL/min`` beside ``mL/min/{1.73_m2}``, ``mmol/L`` beside ``mg/dL``),
+or without one, becomes a token of its own with the unit appended (``LOINC//33914-3//mL/min``,
+``LOINC//29463-7//{no unit}``: :func:`unit_columns`), with its own vocabulary entry and bins.
+Binned together, a clearance would read as the eGFR it is not; a unit too rare in train for
+``min_code_count``, or first seen after ``fit``, leaves its values out rather than misread them.
 
 Sequence length: a patient's static facts (events without a time: sex, genomics) come first, then
 their most recent timed events, ``max_events`` tokens in all. Static facts take at most
@@ -46,9 +50,9 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from features.cohorts import with_known_time
-from features.events import most_common
 from features.io import write_bytes_atomic
 from features.schemas import MAX_VALUE_BINS
+from features.units import unit_conversion
 
 PAD, UNK = "[PAD]", "[UNK]"
 MODALITIES = ("ehr", "notes", "genomics", "imaging")
@@ -108,24 +112,70 @@ def _unit_key() -> pl.Expr:
     return pl.col("unit").fill_null(NO_UNIT)
 
 
-def main_units(seen: pl.LazyFrame) -> dict[str, str]:
-    """Token -> the unit most of its numeric values carry in ``seen`` (events with ``token``,
-    ``numeric_value`` and ``unit``; ties to the unit first in alphabetical order, so the choice does
-    not depend on row order). :data:`NO_UNIT` where most values have none."""
+UnitConversions = dict[str, dict[str, tuple[float, float]]]
+"""Token -> {another unit its values come in -> (scale, offset) into the token's main unit}."""
+
+
+def unit_counts(seen: pl.LazyFrame) -> pl.DataFrame:
+    """``token``, ``unit`` (:data:`NO_UNIT` where a value has none) and ``values``: how many numeric
+    values of each token ``seen`` (events with ``token``, ``numeric_value`` and ``unit``) holds in
+    each unit, by token, then most values first, ties by unit (so no choice depends on row order)."""
     numeric = with_unit(seen).filter(pl.col("numeric_value").is_not_null()).with_columns(_unit_key().alias("unit"))
-    units = most_common(numeric, "token", "unit").select("token", "unit").collect()
-    return dict(units.sort("token").iter_rows())
+    return (numeric.group_by("token", "unit").agg(pl.len().alias("values"))
+            .sort(["token", "values", "unit"], descending=[False, True, False]).collect())
 
 
-def unit_token_expr(units: dict[str, str]) -> pl.Expr:
-    """The ``token`` with its value's unit appended where the token has a main unit in ``units``
-    and the value is in another one, or in none (see the module docstring)."""
+def main_units(counts: pl.DataFrame) -> dict[str, str]:
+    """Token -> the unit most of its numeric values carry in :func:`unit_counts`' ``counts`` (ties
+    to the unit first in alphabetical order); :data:`NO_UNIT` where most values have none."""
+    return dict(counts.group_by("token", maintain_order=True).agg(pl.col("unit").first()).iter_rows())
+
+
+def unit_conversions(counts: pl.DataFrame, units: dict[str, str]) -> UnitConversions:
+    """The other units of each token in :func:`unit_counts`' ``counts`` that UCUM converts into its
+    main unit in ``units`` (:func:`features.units.unit_conversion`): the values that can be read on
+    the main unit's scale, rather than kept apart."""
+    conversions: UnitConversions = {}
+    for token, unit in counts.select("token", "unit").iter_rows():
+        main = units.get(token)
+        if main is None or unit == main or NO_UNIT in (unit, main):
+            continue
+        if (conversion := unit_conversion(unit, main)) is not None:
+            conversions.setdefault(token, {})[unit] = conversion
+    return conversions
+
+
+def unit_columns(units: dict[str, str], conversions: UnitConversions | None = None) -> list[pl.Expr]:
+    """``token`` and ``numeric_value`` with each value read in its token's main unit (``units``): a
+    value in a unit of ``conversions`` is converted into the main unit and keeps the token; a value
+    in another unit, or in none, keeps its number and gets a token of its own, the unit appended
+    (see the module docstring). Both read the events' own columns, so pass them together to one
+    ``with_columns``."""
     if not units:
-        return pl.col("token")
+        return [pl.col("token")]
     main = pl.col("token").replace_strict(units, default=None, return_dtype=pl.String)
     other = main.is_not_null() & pl.col("numeric_value").is_not_null() & (_unit_key() != main)
-    return (pl.when(other).then(pl.concat_str([pl.col("token"), pl.lit("//"), _unit_key()]))
-            .otherwise(pl.col("token")).alias("token"))
+    with_unit_token = pl.concat_str([pl.col("token"), pl.lit("//"), _unit_key()])
+    if not conversions:
+        return [pl.when(other).then(with_unit_token).otherwise(pl.col("token")).alias("token")]
+    # Keyed as the token a value in that unit would otherwise be (``LOINC//29463-7//[lb_av]``).
+    flat = {f"{token}//{unit}": conversion for token, by_unit in conversions.items()
+            for unit, conversion in by_unit.items()}
+    scale = with_unit_token.replace_strict({k: c[0] for k, c in flat.items()}, default=None, return_dtype=pl.Float64)
+    offset = with_unit_token.replace_strict({k: c[1] for k, c in flat.items()}, default=None, return_dtype=pl.Float64)
+    converted = other & scale.is_not_null()
+    return [
+        pl.when(other & ~converted).then(with_unit_token).otherwise(pl.col("token")).alias("token"),
+        # Float32 as events hold values (features.schemas.EVENTS); the arithmetic in float64.
+        pl.when(converted).then((pl.col("numeric_value").cast(pl.Float64) * scale + offset).cast(pl.Float32))
+        .otherwise(pl.col("numeric_value")).alias("numeric_value"),
+    ]
+
+
+def conversions_in_use(conversions: UnitConversions, units: dict[str, str]) -> UnitConversions:
+    """The entries of ``conversions`` whose token keeps a main unit in ``units`` (a vocabulary's,
+    from :func:`units_in_use`)."""
+    return {token: by_unit for token, by_unit in sorted(conversions.items()) if token in units}
 
 
 def units_in_use(units: dict[str, str], tokens: list[str] | dict[str, int]) -> dict[str, str]:
@@ -249,8 +299,10 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         if train.height == 0:
             raise ValueError("EventTokenizer.fit: no cohort patient is in the train split")
         seen = with_unit(events_before(events, train).with_columns(token_expr()))
-        units = main_units(seen)
-        seen = seen.with_columns(unit_token_expr(units))
+        counts = unit_counts(seen)
+        units = main_units(counts)
+        conversions = unit_conversions(counts, units)
+        seen = seen.with_columns(unit_columns(units, conversions))
         counts = (
             seen.group_by("token").agg(pl.col("subject_id").n_unique().alias("patients"))
             .filter(pl.col("patients") >= self.min_code_count)
@@ -275,6 +327,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         self.vocabulary_ = vocabulary
         self.bin_edges_ = edges
         self.units_ = units_in_use(units, vocabulary)
+        self.unit_conversions_ = conversions_in_use(conversions, self.units_)
         return self
 
     def _check_params(self) -> None:
@@ -290,7 +343,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
 
     def transform(self, events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> pl.DataFrame:
         """Return the ``event_tokens`` table (one row per cohort patient, sorted by subject id)."""
-        check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_"])
+        check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_", "unit_conversions_"])
         # Again here: a tokenizer loaded from a file, or whose settings were changed after fit.
         self._check_params()
         static_limit = self.static_limit()
@@ -301,7 +354,7 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         seen = (
             with_unit(events_before(events, cohort))
             .with_columns(token_expr())
-            .with_columns(unit_token_expr(self.units_))
+            .with_columns(unit_columns(self.units_, self.unit_conversions_))
             .join(vocabulary.lazy(), on="token", how="inner")  # unknown tokens are dropped
             .with_columns(
                 pl.col("modality").replace_strict(
@@ -379,18 +432,23 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
 
     def save(self, path: Path) -> Path:
         """Write the fitted vocabulary and bins as JSON (no pickle), atomically."""
-        check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_"])
+        check_is_fitted(self, ["vocabulary_", "bin_edges_", "units_", "unit_conversions_"])
         state: dict[str, Any] = {
             "max_events": self.max_events, "max_static_events": self.max_static_events, "value_bins": self.value_bins,
             "min_code_count": self.min_code_count, "vocabulary": self.vocabulary_,
             "bin_edges": self.bin_edges_, "units": self.units_,
         }
+        if self.unit_conversions_:
+            # Written only where there are any: a site charting each code in one unit keeps the file
+            # (and the fingerprint of the model trained on it) as it was before conversions.
+            state["unit_conversions"] = {token: {unit: list(conversion) for unit, conversion in by_unit.items()}
+                                         for token, by_unit in self.unit_conversions_.items()}
         return write_bytes_atomic(json.dumps(state, indent=1, sort_keys=True).encode(), path)
 
     @classmethod
     def load(cls, path: Path) -> EventTokenizer:
         """Read a tokenizer written by :meth:`save`."""
-        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        state = _saved_state(path)
         # A file written before the limit existed: static facts could fill the whole sequence, and
         # the model it belongs to must get the inputs it was trained on.
         tokenizer = cls(state["max_events"], state["value_bins"], state["min_code_count"],
@@ -398,15 +456,32 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         tokenizer.vocabulary_ = {k: int(v) for k, v in state["vocabulary"].items()}
         tokenizer.bin_edges_ = {k: [float(x) for x in v] for k, v in state["bin_edges"].items()}
         tokenizer.units_ = _units_of(state)
+        tokenizer.unit_conversions_ = _conversions_of(state)
         return tokenizer
 
 
 def saved_units(path: Path) -> dict[str, str]:
     """The main units of a tokenizer file written by :meth:`EventTokenizer.save` (token -> unit)."""
+    return _units_of(_saved_state(path))
+
+
+def saved_unit_conversions(path: Path) -> UnitConversions:
+    """The unit conversions of a tokenizer file written by :meth:`EventTokenizer.save` (see
+    :func:`unit_conversions`); none in a file written before conversions, or where none applied."""
+    return _conversions_of(_saved_state(path))
+
+
+def _saved_state(path: Path) -> dict[str, Any]:
     state = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(state, dict):
         raise ValueError(f"tokenizer file {path}: expected a JSON object, found {type(state).__name__}")
-    return _units_of(state)
+    return state
+
+
+def _conversions_of(state: dict[str, Any]) -> UnitConversions:
+    # A file written before conversions kept every other unit apart: its model gets the same inputs.
+    return {str(token): {str(unit): (float(scale), float(offset)) for unit, (scale, offset) in by_unit.items()}
+            for token, by_unit in state.get("unit_conversions", {}).items()}
 
 
 def _units_of(state: dict[str, Any]) -> dict[str, str]:

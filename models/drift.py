@@ -32,7 +32,7 @@ import numpy.typing as npt
 import polars as pl
 
 from features.tabular import TabularCodes
-from features.tokenize import units_in_use, value_bin_edges
+from features.tokenize import UnitConversions, conversions_in_use, units_in_use, value_bin_edges
 
 PSI_WARN = 0.1
 PSI_ALARM = 0.25
@@ -108,10 +108,12 @@ TOKEN_KEYS = "token"
 variant); a reference without the column keyed them by the bare code."""
 
 
-def reference_codes(reference: pl.DataFrame, units: dict[str, str] | None = None) -> TabularCodes:
+def reference_codes(reference: pl.DataFrame, units: dict[str, str] | None = None,
+                    unit_conversions: UnitConversions | None = None) -> TabularCodes:
     """The codes whose aggregates :func:`input_reference` saved (``count__<code>`` and the rest), so
     that today's aggregates can be computed for exactly those codes, keyed as they were: ``units``
-    are the main units of the model's tokenizer (``vocabulary.json``), which keyed them."""
+    and ``unit_conversions`` are the main units and conversions of the model's tokenizer
+    (``vocabulary.json``), which keyed them."""
     features = reference["feature"].to_list()
     codes = sorted({f.split("__", 1)[1] for f in features if f.startswith("count__")})
     numeric = sorted({f.split("__", 1)[1] for f in features if f.startswith("last__")})
@@ -121,7 +123,9 @@ def reference_codes(reference: pl.DataFrame, units: dict[str, str] | None = None
         # Written before the keys were recorded: by token if any key holds a coded answer or a
         # variant (a code is two parts, ``LOINC//72166-2``; a token with its answer more).
         by_token = any(len(code.split("//")) > 2 for code in codes)
-    return TabularCodes(codes, numeric, by_token=by_token, units=units_in_use(units or {}, codes))
+    in_use = units_in_use(units or {}, codes)
+    return TabularCodes(codes, numeric, by_token=by_token, units=in_use,
+                        unit_conversions=conversions_in_use(unit_conversions or {}, in_use))
 
 
 def input_drift(reference: pl.DataFrame, inputs: pl.DataFrame) -> pl.DataFrame:

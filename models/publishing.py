@@ -499,7 +499,7 @@ def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataF
         if item["item"] not in names:
             token = item["item"]
             base, _, unit = token.rpartition("//")
-            # A value in its code's other unit (LOINC//29463-7//[lb_av]: features.tokenize), whose
+            # A value in a unit kept apart from its code's (LOINC//33914-3//mL/min: features.tokenize), whose
             # range names that unit: the code's description, the unit said once, by the range.
             if base and shown is not None and shown.endswith(f" {unit}"):
                 token = base

@@ -142,7 +142,8 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
         console.print(units)
         # Not an error: nothing is misread. But a new unit in a feed, or two quantities under one code,
         # is worth a look.
-        console.print("the model's inputs keep each unit of a code apart (see `inputs.value_bins` in the README)")
+        console.print("the model's inputs convert a value into its code's main unit where UCUM allows and keep the "
+                      "other units apart (see `inputs.value_bins` in the README)")
     if summary.fhir_export_time is not None:
         console.print(f"FHIR export time (manifest.json transactionTime): {summary.fhir_export_time:%Y-%m-%dT%H:%M:%S}"
                       " UTC; FHIR records dated later are quarantined")

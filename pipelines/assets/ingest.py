@@ -216,9 +216,9 @@ class CodeUnitsConfig(dg.Config):  # type: ignore[misc]
 
 
 @dg.asset_check(asset="events", description="Each numeric code's values come in one unit, or the code is among "
-                                            "known_codes (warns: the model's inputs keep the units apart, but a feed "
-                                            "charting a code in a new unit, or two quantities under one code, is "
-                                            "worth a look).")
+                                            "known_codes (warns: the model's inputs convert the units UCUM converts "
+                                            "and keep the others apart, but a feed charting a code in a new unit, or "
+                                            "two quantities under one code, is worth a look).")
 def codes_in_one_unit(config: CodeUnitsConfig, workspace: Workspace) -> dg.AssetCheckResult:
     with warehouse_read(workspace.warehouse_dir):
         several = units_by_code(codes_in_several_units(pl.scan_parquet(workspace.warehouse_dir / "events.parquet",

@@ -160,4 +160,4 @@ def test_codes_in_several_units_lists_each_unit_most_values_first() -> None:
     several = codes_in_several_units(events)
     expected = pl.DataFrame({"code": ["LOINC//w"] * 3, "unit": ["kg", "[lb_av]", None], "values": [2, 1, 1]})
     assert_frame_equal(several, expected)
-    assert units_by_code(several).rows() == [("LOINC//w", "kg (2), [lb_av] (1), no unit (1)")]
+    assert units_by_code(several).rows() == [("LOINC//w", "kg (2), [lb_av] (1, converted), no unit (1, kept apart)")]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from features.cohorts import select_cohort
@@ -105,17 +106,33 @@ def test_a_nan_latest_value_does_not_hide_an_earlier_reading() -> None:
     assert table[f"count__{LAB}"].to_list() == [2.0, 0.0, 0.0]
 
 
-def test_a_value_in_another_unit_than_its_tokens_main_unit_gets_columns_of_its_own() -> None:
-    weight = "LOINC//29463-7"
-    rows = [(s, day(-5), weight, 70.0 + s, None, "ehr") for s in range(1, 5)]
-    rows.append((5, day(-5), weight, 176.0, None, "ehr"))
-    units = ["kg"] * 4 + ["[lb_av]"]
-    events = events_frame(rows).with_columns(pl.Series("unit", units, dtype=pl.String))
+def five_weights(last_unit: str, code: str = "LOINC//29463-7") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Events of four patients measured in the code's main unit and a fifth in ``last_unit``; the cohort."""
+    rows = [(s, day(-5), code, 70.0 + s, None, "ehr") for s in range(1, 5)]
+    rows.append((5, day(-5), code, 176.0, None, "ehr"))
+    events = events_frame(rows).with_columns(pl.Series("unit", ["kg"] * 4 + [last_unit], dtype=pl.String))
     cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4, 5], "prediction_time": [T0] * 5,
                            "age_years": [60.0] * 5, "sex": ["female"] * 5})
+    return events, cohort
+
+
+def test_a_value_in_a_unit_that_must_stay_apart_gets_columns_of_its_own() -> None:
+    weight = "LOINC//29463-7"
+    events, cohort = five_weights("[lb_av]")
+    # No conversion learned (a model trained before conversions): 176 lb is not the heaviest patient in kg.
     codes = select_tabular_codes(events, cohort, [1, 2, 3, 4, 5], max_codes=10, units={weight: "kg"})
     assert codes.codes == [weight, f"{weight}//[lb_av]"] and codes.units == {weight: "kg"}
     table = aggregate_before(events, cohort, codes)
-    # 176 lb is not the heaviest patient in kg: it has a column of its own.
     assert table[f"last__{weight}"].to_list() == [71.0, 72.0, 73.0, 74.0, None]
     assert table[f"last__{weight}//[lb_av]"].to_list() == [None, None, None, None, 176.0]
+
+
+def test_a_value_in_a_unit_the_tokenizer_converts_is_read_in_the_main_unit() -> None:
+    weight = "LOINC//29463-7"
+    events, cohort = five_weights("[lb_av]")
+    conversions = {weight: {"[lb_av]": (0.45359237, 0.0)}, "LOINC//other": {"g": (0.001, 0.0)}}
+    codes = select_tabular_codes(events, cohort, [1, 2, 3, 4, 5], max_codes=10, units={weight: "kg"},
+                                 unit_conversions=conversions)
+    assert codes.codes == [weight] and codes.unit_conversions == {weight: {"[lb_av]": (0.45359237, 0.0)}}
+    table = aggregate_before(events, cohort, codes)
+    assert table[f"last__{weight}"].to_list() == pytest.approx([71.0, 72.0, 73.0, 74.0, 176 * 0.45359237])

@@ -284,45 +284,69 @@ def test_values_of_many_tokens_are_binned_each_by_its_own_edges() -> None:
 
 
 WEIGHT = "LOINC//29463-7"
+EGFR = "LOINC//33914-3"
 
 
-def weights_frame(rows: list[tuple[int, float, str | None]]) -> pl.DataFrame:
-    """One body weight per (subject, value, unit), a day before T0."""
-    frame = events_frame([(s, day(-1), WEIGHT, value, None, "ehr") for s, value, _ in rows])
+def weights_frame(rows: list[tuple[int, float, str | None]], code: str = WEIGHT) -> pl.DataFrame:
+    """One measurement of ``code`` (a body weight) per (subject, value, unit), a day before T0."""
+    frame = events_frame([(s, day(-1), code, value, None, "ehr") for s, value, _ in rows])
     return frame.with_columns(pl.Series("unit", [unit for *_, unit in rows], dtype=pl.String))
 
 
-def test_values_in_another_unit_are_a_token_of_their_own_with_their_own_bins() -> None:
+def test_values_in_a_unit_ucum_converts_are_read_in_the_main_unit(tmp_path: Path) -> None:
     # Five patients weighed in kg, three in pounds (another hospital's scale), one without a unit.
-    # Binned together, 198 lb would read as the heaviest patient in kg.
+    # 198 lb is 89.8 kg: converted, it bins beside 90 kg, not as the heaviest patient.
     rows = [(1, 60.0, "kg"), (2, 70.0, "kg"), (3, 80.0, "kg"), (4, 90.0, "kg"), (5, 100.0, "kg"),
             (6, 132.0, "[lb_av]"), (7, 165.0, "[lb_av]"), (8, 198.0, "[lb_av]"), (9, 75.0, None)]
     events = weights_frame(rows)
     cohort = pl.DataFrame({"subject_id": list(range(1, 10)), "prediction_time": [T0] * 9})
     tokenizer = EventTokenizer(value_bins=2, min_code_count=1).fit(events, cohort, list(range(1, 10)))
     assert tokenizer.units_ == {WEIGHT: "kg"}
-    assert [t for t in tokenizer.vocabulary_ if t.startswith(WEIGHT)] == [
-        WEIGHT, f"{WEIGHT}//[lb_av]", f"{WEIGHT}//{{no unit}}"]
-    assert tokenizer.bin_edges_ == {WEIGHT: [85.0], f"{WEIGHT}//[lb_av]": [181.5], f"{WEIGHT}//{{no unit}}": []}
+    assert tokenizer.unit_conversions_ == {WEIGHT: {"[lb_av]": (0.45359237, 0.0)}}
+    assert [t for t in tokenizer.vocabulary_ if t.startswith(WEIGHT)] == [WEIGHT, f"{WEIGHT}//{{no unit}}"]
+    # The median of the eight weights in kg lies between 165 lb (74.8 kg) and 80 kg.
+    assert tokenizer.bin_edges_[WEIGHT] == [pytest.approx((165 * 0.45359237 + 80) / 2, abs=1e-4)]
     tokens = tokenizer.transform(events, cohort)
     names = {v: k for k, v in tokenizer.vocabulary_.items()}
-    assert [names[ids[0]] for ids in tokens["token_ids"].to_list()] == [WEIGHT] * 5 + [f"{WEIGHT}//[lb_av]"] * 3 + [
-        f"{WEIGHT}//{{no unit}}"]
-    assert [bins[0] for bins in tokens["value_bins"].to_list()] == [1, 1, 1, 2, 2, 1, 1, 2, 1]
+    assert [names[ids[0]] for ids in tokens["token_ids"].to_list()] == [WEIGHT] * 8 + [f"{WEIGHT}//{{no unit}}"]
+    assert [bins[0] for bins in tokens["value_bins"].to_list()] == [1, 1, 2, 2, 2, 1, 1, 2, 1]
+    # The conversions travel with the vocabulary, so scoring reads pounds as training did.
+    loaded = EventTokenizer.load(tokenizer.save(tmp_path / "vocabulary.json"))
+    assert loaded.unit_conversions_ == tokenizer.unit_conversions_
+    assert_frame_equal(loaded.transform(events, cohort), tokens)
 
 
-def test_a_unit_too_rare_for_the_vocabulary_leaves_its_values_out() -> None:
-    rows = [(1, 60.0, "kg"), (2, 70.0, "kg"), (3, 80.0, "kg"), (4, 176.0, "[lb_av]")]
-    events = weights_frame(rows)
+def test_values_in_a_unit_that_must_stay_apart_are_a_token_of_their_own_with_their_own_bins() -> None:
+    # An eGFR per 1.73 m2 of body surface and a clearance in plain mL/min are two quantities, though
+    # UCUM gives the annotation no dimension: binned together, a clearance would read as an eGFR.
+    rows = [(1, 30.0, "mL/min/{1.73_m2}"), (2, 45.0, "mL/min/{1.73_m2}"), (3, 60.0, "mL/min/{1.73_m2}"),
+            (4, 90.0, "mL/min/{1.73_m2}"), (5, 40.0, "mL/min"), (6, 80.0, "mL/min"), (7, 120.0, "mL/min")]
+    events = weights_frame(rows, EGFR)
+    cohort = pl.DataFrame({"subject_id": list(range(1, 8)), "prediction_time": [T0] * 7})
+    tokenizer = EventTokenizer(value_bins=2, min_code_count=1).fit(events, cohort, list(range(1, 8)))
+    assert tokenizer.units_ == {EGFR: "mL/min/{1.73_m2}"} and tokenizer.unit_conversions_ == {}
+    assert tokenizer.bin_edges_ == {EGFR: [52.5], f"{EGFR}//mL/min": [100.0]}
+    tokens = tokenizer.transform(events, cohort)
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    assert [names[ids[0]] for ids in tokens["token_ids"].to_list()] == [EGFR] * 4 + [f"{EGFR}//mL/min"] * 3
+    assert [bins[0] for bins in tokens["value_bins"].to_list()] == [1, 1, 2, 2, 1, 1, 2]
+
+
+def test_a_unit_too_rare_for_the_vocabulary_or_new_after_fit_leaves_its_values_out() -> None:
+    rows = [(1, 60.0, "mL/min/{1.73_m2}"), (2, 70.0, "mL/min/{1.73_m2}"), (3, 80.0, "mL/min/{1.73_m2}"),
+            (4, 100.0, "mL/min")]
+    events = weights_frame(rows, EGFR)
     cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4], "prediction_time": [T0] * 4})
     tokenizer = EventTokenizer(value_bins=2, min_code_count=2).fit(events, cohort, [1, 2, 3, 4])
-    assert f"{WEIGHT}//[lb_av]" not in tokenizer.vocabulary_
+    assert f"{EGFR}//mL/min" not in tokenizer.vocabulary_
     tokens = tokenizer.transform(events, cohort)
     assert tokens["token_ids"].list.len().to_list() == [1, 1, 1, 0]
-    # A unit the train split never had is left out the same way, not read as kilograms.
+    # A unit the train split never had is left out the same way, even one UCUM converts: the
+    # conversions are learned with the vocabulary, and a model reads only what it was trained on.
+    weights = EventTokenizer(value_bins=2, min_code_count=1).fit(weights_frame(rows[:3]), cohort, [1, 2, 3])
     held_out = weights_frame([(5, 150.0, "[lb_av]")])
     five = pl.DataFrame({"subject_id": [5], "prediction_time": [T0]})
-    assert tokenizer.transform(held_out, five)["token_ids"].to_list() == [[]]
+    assert weights.transform(held_out, five)["token_ids"].to_list() == [[]]
 
 
 def test_events_without_a_unit_column_and_files_without_units_read_as_before(tmp_path: Path) -> None:
@@ -335,7 +359,9 @@ def test_events_without_a_unit_column_and_files_without_units_read_as_before(tmp
     del state["units"]
     path.write_text(json.dumps(state))
     loaded = EventTokenizer.load(path)
-    assert loaded.units_ == {}
+    assert loaded.units_ == {} and loaded.unit_conversions_ == {}
+    # Nothing converted: the file has no conversions, as files written before conversions had not.
+    assert "unit_conversions" not in state
     with_units = toy_events().with_columns(pl.lit("mm[Hg]").alias("unit"))
     assert_frame_equal(loaded.transform(with_units, cohort), tokenizer.transform(toy_events(), cohort))
 

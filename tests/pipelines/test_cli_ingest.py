@@ -78,9 +78,9 @@ def test_ingest_lists_the_codes_charted_in_more_than_one_unit(
     main(["ingest", str(shared_fhir_dir / "synthea-bundles"), "--out", str(tmp_path / "out"), "--workers", "1"])
     printed = capsys.readouterr().out
     assert "codes in more than one unit: 1" in printed
-    assert "the model's inputs keep each unit of a code apart" in printed
+    assert "the model's inputs convert a value into its code's main unit where UCUM allows" in printed
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in printed.splitlines()]
-    assert ["LOINC//33914-3", "mL/min/{1.73_m2} (86), mL/min (20)"] in rows, printed
+    assert ["LOINC//33914-3", "mL/min/{1.73_m2} (86), mL/min (20, kept apart)"] in rows, printed
 
 
 def test_a_unit_in_square_brackets_is_printed_not_read_as_markup(
@@ -97,4 +97,4 @@ def test_a_unit_in_square_brackets_is_printed_not_read_as_markup(
     (landing / "export.ndjson").write_text("\n".join(lines) + "\n")
     main(["ingest", str(tmp_path / "landing"), "--out", str(tmp_path / "out"), "--workers", "1"])
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()]
-    assert ["LOINC//29463-7", "[lb_av] (1), kg (1)"] in rows
+    assert ["LOINC//29463-7", "[lb_av] (1), kg (1, converted)"] in rows

@@ -120,7 +120,7 @@ def test_a_code_charted_in_two_units_warns_and_is_listed(small_warehouse: Path, 
     assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
     assert (result.metadata["codes_in_several_units"].value, result.metadata["not_known"].value) == (1, 1)
     assert result.metadata["codes"].value.splitlines()[2] == (
-        f"| LOINC//29463-7 | kg ({weights.height}), [lb_av] (3) | no |")
+        f"| LOINC//29463-7 | kg ({weights.height}), [lb_av] (3, converted) | no |")
     # A code the site has looked at is still listed, without a warning.
     known = codes_in_one_unit(config=CodeUnitsConfig(known_codes=["LOINC//29463-7"]), workspace=workspace)
     assert known.passed and known.metadata["codes_in_several_units"].value == 1
