@@ -30,6 +30,8 @@ from pipelines.resources import resources_for_deployment
 
 DEMO_TASK = "simulated_mace_1y"
 """The task the simulated hospital is built for (``tasks/simulated_mace_1y.yaml``)."""
+DEMO_KNOWN_UNITS = "LOINC//29463-7"
+"""The code the simulated hospital charts in two units (body weight: kg, and pounds from its Bundle feed)."""
 
 # A failed step's reason is printed by the demo in one line (DemoFailed); Dagster's console
 # logger would print its whole traceback at ERROR level before it.
@@ -107,7 +109,10 @@ def run_demo(
             None,
             # Another simulated hospital, of any size, replaces the last one's tables.
             {"ops": {"simulated_landing_zone": {"config": {"patients": patients, "seed": seed}},
-                     "ingested_tables": {"config": {"min_patient_share": 0.0}}}},
+                     "ingested_tables": {"config": {"min_patient_share": 0.0}},
+                     # The simulated Bundle feed weighs its patients in pounds: a known second unit,
+                     # which the model's inputs convert; the check still warns of any other.
+                     "events_codes_in_one_unit": {"config": {"known_codes": [DEMO_KNOWN_UNITS]}}}},
         ),
         (
             f"task {DEMO_TASK}: inputs, model, scores, publication",

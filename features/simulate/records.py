@@ -412,8 +412,14 @@ class _PatientWriter:
         if rnd.random() < 0.5:
             bmi = 29 + 2.5 * ehr + 3 * ("obesity" in self.conditions) + rnd.gauss(0, 2)
             height_m = 1.77 if s.is_male else 1.63
-            self.observation(v.VITALS["body_weight"], bmi * height_m**2, 1, measured, encounter,
-                             "vital-signs")
+            weight_kg = bmi * height_m**2
+            # The Bundle feed is another source system, whose scale is set to pounds: the same
+            # code in a second unit, which the model's inputs convert (features.units).
+            if self.state.as_bundle:
+                self.observation(v.BODY_WEIGHT_IN_POUNDS, weight_kg / v.KILOGRAMS_PER_POUND, 1, measured, encounter,
+                                 "vital-signs")
+            else:
+                self.observation(v.VITALS["body_weight"], weight_kg, 1, measured, encounter, "vital-signs")
             self.observation(v.VITALS["bmi"], bmi, 1, measured, encounter, "vital-signs")
         if smoking is not None:
             self.smoking_status(smoking, measured, encounter)

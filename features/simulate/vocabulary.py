@@ -139,6 +139,9 @@ VITALS = {
     "body_weight": ("29463-7", "Body weight", "kg"),
     "bmi": ("39156-5", "Body mass index (BMI) [Ratio]", "kg/m2"),
 }
+BODY_WEIGHT_IN_POUNDS = ("29463-7", "Body weight", "[lb_av]")
+"""How the system that sends transaction Bundles charts a weight: in pounds, as many US clinics do."""
+KILOGRAMS_PER_POUND = 0.45359237
 BLOOD_PRESSURE = ("85354-9", "Blood pressure panel with all children optional")
 SYSTOLIC = ("8480-6", "Systolic blood pressure")
 DIASTOLIC = ("8462-4", "Diastolic blood pressure")

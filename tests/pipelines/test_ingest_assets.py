@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from datetime import datetime, timedelta
@@ -87,7 +88,12 @@ def test_materialize_ingest_with_checks(small_hospital: Path, tmp_path: Path) ->
         "ingest_accounting_balances",
         "quarantine_share_within_limit",
     ]
-    assert all(e.passed for e in evaluations)
+    # The simulated Bundle feed weighs its patients in pounds: a warning, the pounds read as kilograms.
+    (units,) = [e for e in evaluations if e.check_name == "codes_in_one_unit"]
+    assert not units.passed and units.severity == dg.AssetCheckSeverity.WARN
+    assert re.fullmatch(r"\| LOINC//29463-7 \| kg \(\d+\), \[lb_av\] \(\d+, converted\) \| no \|",
+                        units.metadata["codes"].value.splitlines()[2])
+    assert all(e.passed for e in evaluations if e.check_name != "codes_in_one_unit")
     keys = {event.asset_key.to_user_string() for event in result.get_asset_materialization_events()}
     assert {"events", "patients", "notes", "imaging", "genomics", "quarantine"} <= keys
     events = pl.read_parquet(tmp_path / "warehouse" / "events.parquet")
@@ -111,20 +117,24 @@ def test_a_code_charted_in_two_units_warns_and_is_listed(small_warehouse: Path, 
     warehouse = tmp_path / "warehouse"
     shutil.copytree(small_warehouse, warehouse)
     events = pl.read_parquet(warehouse / "events.parquet")
-    weights = events.filter(pl.col("code") == "LOINC//29463-7")
+    weights = events.filter(pl.col("code") == "LOINC//29463-7")["unit"].value_counts(sort=True)
+    (kilograms, pounds) = weights["count"]
+    assert weights["unit"].to_list() == ["kg", "[lb_av]"]
     workspace = Workspace(root=str(tmp_path))
-    assert codes_in_one_unit(config=CodeUnitsConfig(), workspace=workspace).passed
-    pounds = weights.head(3).with_columns(pl.lit("[lb_av]").alias("unit"), pl.col("numeric_value") * 2.2046)
-    pl.concat([events, pounds]).write_parquet(warehouse / "events.parquet")
-    result = codes_in_one_unit(config=CodeUnitsConfig(), workspace=workspace)
-    assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
-    assert (result.metadata["codes_in_several_units"].value, result.metadata["not_known"].value) == (1, 1)
-    assert result.metadata["codes"].value.splitlines()[2] == (
-        f"| LOINC//29463-7 | kg ({weights.height}), [lb_av] (3, converted) | no |")
-    # A code the site has looked at is still listed, without a warning.
+    # The simulated Bundle feed weighs in pounds; a site that has looked at that names the code.
     known = codes_in_one_unit(config=CodeUnitsConfig(known_codes=["LOINC//29463-7"]), workspace=workspace)
     assert known.passed and known.metadata["codes_in_several_units"].value == 1
-    assert known.metadata["codes"].value.splitlines()[2].endswith("| yes |")
+    assert known.metadata["codes"].value.splitlines()[2] == (
+        f"| LOINC//29463-7 | kg ({kilograms}), [lb_av] ({pounds}, converted) | yes |")
+    # A feed that starts sending heart rates in beats per second is warned of: a new code in two units.
+    rates = events.filter(pl.col("code") == "LOINC//8867-4")
+    per_second = rates.head(3).with_columns(pl.lit("/s").alias("unit"), pl.col("numeric_value") / 60)
+    pl.concat([events, per_second]).write_parquet(warehouse / "events.parquet")
+    result = codes_in_one_unit(config=CodeUnitsConfig(known_codes=["LOINC//29463-7"]), workspace=workspace)
+    assert not result.passed and result.severity == dg.AssetCheckSeverity.WARN
+    assert (result.metadata["codes_in_several_units"].value, result.metadata["not_known"].value) == (2, 1)
+    assert result.metadata["codes"].value.splitlines()[2] == (
+        f"| LOINC//8867-4 | /min ({rates.height}), /s (3, converted) | no |")
 
 
 def test_accounting_check_fails_when_unbalanced(small_hospital: Path, tmp_path: Path) -> None:
@@ -426,7 +436,8 @@ def test_newest_ingested_batch_becomes_the_warehouse(small_hospital: Path, tmp_p
     # Keeping one ingested batch: the older batch's copy is deleted, its export is not.
     assert sorted(p.name for p in (tmp_path / "warehouse" / "batches").iterdir()) == ["2024-06-02"]
     assert (batches / "2024-06-01" / "fhir").is_dir()
-    assert all(e.passed for e in promoted.get_asset_check_evaluations())
+    # Every check passes but the simulated Bundle feed's weights in pounds (a warning).
+    assert [e.check_name for e in promoted.get_asset_check_evaluations() if not e.passed] == ["codes_in_one_unit"]
     assert len(promoted.get_asset_check_evaluations()) == len(CHECKS)
     warehouse = tmp_path / "warehouse"
     for name in warehouse_files():
