@@ -151,16 +151,23 @@ def test_a_reference_keyed_by_bare_codes_is_compared_with_aggregates_keyed_alike
     assert input_drift(unrecorded, aggregate_before(events, cohort, reference_codes(unrecorded)))["psi"].max() == 0.0
 
 
+def weighed_in_two_units(weight: str, pounds: float) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """40 patients weighed 20 days before T0, every fourth in pounds (``pounds`` and up), the rest
+    in kg (70 and up); and their cohort."""
+    units = ["kg" if s % 4 else "[lb_av]" for s in range(1, 41)]
+    events = events_frame([(s, day(-20), weight, 70.0 + s % 7 if s % 4 else pounds + s % 7, None, "ehr")
+                           for s in range(1, 41)]).with_columns(pl.Series("unit", units, dtype=pl.String))
+    cohort = pl.DataFrame({"subject_id": list(range(1, 41)), "prediction_time": [T0] * 40,
+                           "age_years": [60.0] * 40, "sex": ["female"] * 40})
+    return events, cohort
+
+
 def test_todays_aggregates_key_units_as_the_models_tokenizer_did() -> None:
     # The reference was keyed with the tokenizer's main units (weights in kg, pounds apart, as a
     # model trained before conversions keyed them); today's aggregates must be keyed the same way,
     # or the pounds would read as a jump in kg.
     weight = "LOINC//29463-7"
-    units = ["kg" if s % 4 else "[lb_av]" for s in range(1, 41)]
-    events = events_frame([(s, day(-20), weight, 70.0 + s % 7 if s % 4 else 170.0 + s % 7, None, "ehr")
-                           for s in range(1, 41)]).with_columns(pl.Series("unit", units, dtype=pl.String))
-    cohort = pl.DataFrame({"subject_id": list(range(1, 41)), "prediction_time": [T0] * 40,
-                           "age_years": [60.0] * 40, "sex": ["female"] * 40})
+    events, cohort = weighed_in_two_units(weight, pounds=170.0)
     selected = select_tabular_codes(events, cohort, list(range(1, 41)), 10, units={weight: "kg", "LOINC//other": "g"})
     reference = input_reference(aggregate_before(events, cohort, selected))
     codes = reference_codes(reference, {weight: "kg", "LOINC//other": "g"})
@@ -172,11 +179,7 @@ def test_todays_aggregates_key_units_as_the_models_tokenizer_did() -> None:
 
 def test_todays_aggregates_convert_units_as_the_models_tokenizer_did() -> None:
     weight = "LOINC//29463-7"
-    units = ["kg" if s % 4 else "[lb_av]" for s in range(1, 41)]
-    events = events_frame([(s, day(-20), weight, 70.0 + s % 7 if s % 4 else 160.0 + s % 7, None, "ehr")
-                           for s in range(1, 41)]).with_columns(pl.Series("unit", units, dtype=pl.String))
-    cohort = pl.DataFrame({"subject_id": list(range(1, 41)), "prediction_time": [T0] * 40,
-                           "age_years": [60.0] * 40, "sex": ["female"] * 40})
+    events, cohort = weighed_in_two_units(weight, pounds=160.0)
     main, conversions = {weight: "kg"}, {weight: {"[lb_av]": (0.45359237, 0.0)}}
     selected = select_tabular_codes(events, cohort, list(range(1, 41)), 10, main, conversions)
     reference = input_reference(aggregate_before(events, cohort, selected))
