@@ -299,9 +299,9 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         if train.height == 0:
             raise ValueError("EventTokenizer.fit: no cohort patient is in the train split")
         seen = with_unit(events_before(events, train).with_columns(token_expr()))
-        counts = unit_counts(seen)
-        units = main_units(counts)
-        conversions = unit_conversions(counts, units)
+        values_by_unit = unit_counts(seen)
+        units = main_units(values_by_unit)
+        conversions = unit_conversions(values_by_unit, units)
         seen = seen.with_columns(unit_columns(units, conversions))
         counts = (
             seen.group_by("token").agg(pl.col("subject_id").n_unique().alias("patients"))
