@@ -23,8 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from features.tokenize import (  # noqa: E402
     events_before,
-    saved_unit_conversions,
-    saved_units,
+    saved_unit_keys,
     token_expr,
     unit_columns,
     value_bin_edges,
@@ -51,8 +50,7 @@ def main() -> None:
         with_unit(events_before(pl.scan_parquet(args.warehouse / "events.parquet"),
                                 cohort.filter(pl.col("subject_id").is_in(train.implode()))))
         .with_columns(token_expr())
-        .with_columns(unit_columns(saved_units(folder / "vocabulary.json"),
-                                   saved_unit_conversions(folder / "vocabulary.json")))
+        .with_columns(unit_columns(*saved_unit_keys(folder / "vocabulary.json")))
         .filter(pl.col("numeric_value").is_not_null() & pl.col("numeric_value").is_not_nan()
                 & pl.col("token").is_in(vocabulary))
         .group_by("token").agg(pl.col("numeric_value").cast(pl.Float64), pl.col("modality").first())

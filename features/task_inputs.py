@@ -39,7 +39,7 @@ from features.schemas import COHORT, EVENT_TOKENS, IMAGING_INPUTS, LABELS, NOTE_
 from features.splits import assign_splits
 from features.tabular import TabularCodes, aggregate_before, select_tabular_codes
 from features.tasks import TaskDefinition
-from features.tokenize import EventTokenizer, saved_unit_conversions, saved_units
+from features.tokenize import EventTokenizer, saved_unit_keys
 
 STEPS = ("cohort", "labels", "splits", "event_tokens", "tabular_features", "note_embeddings",
          "imaging_inputs")
@@ -236,9 +236,8 @@ def build_tabular_features(warehouse_dir: Path, task: TaskDefinition) -> StepRes
         cohort, events = _cohort(warehouse_dir, task), _events(warehouse_dir)
         # The tokenizer's main units and conversions: the baselines read a value in another unit as
         # the fusion model's vocabulary does (converted, or apart), and so does a model's drift check.
-        vocabulary = folder / "vocabulary.json"
         selected = select_tabular_codes(events, cohort, _train_ids(warehouse_dir, task), task.inputs.tabular_codes,
-                                        saved_units(vocabulary), saved_unit_conversions(vocabulary))
+                                        *saved_unit_keys(folder / "vocabulary.json"))
         table = aggregate_before(events, cohort, selected)
         return table.to_arrow(), {"columns": table.width, "codes": len(selected.codes),
                                   "numeric_codes": len(selected.numeric)}

@@ -460,15 +460,12 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
         return tokenizer
 
 
-def saved_units(path: Path) -> dict[str, str]:
-    """The main units of a tokenizer file written by :meth:`EventTokenizer.save` (token -> unit)."""
-    return _units_of(_saved_state(path))
-
-
-def saved_unit_conversions(path: Path) -> UnitConversions:
-    """The unit conversions of a tokenizer file written by :meth:`EventTokenizer.save` (see
-    :func:`unit_conversions`); none in a file written before conversions, or where none applied."""
-    return _conversions_of(_saved_state(path))
+def saved_unit_keys(path: Path) -> tuple[dict[str, str], UnitConversions]:
+    """The main units (token -> unit) and the unit conversions (:func:`unit_conversions`) of a
+    tokenizer file written by :meth:`EventTokenizer.save`, from one read; none of either in a file
+    written before them, so the inputs are keyed as its model's were."""
+    state = _saved_state(path)
+    return _units_of(state), _conversions_of(state)
 
 
 def _saved_state(path: Path) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from features.ingest import warehouse_read, warehouse_site_timezone
 from features.io import write_parquet_atomic
 from features.task_inputs import tabular_features_for
 from features.tasks import TaskDefinition
-from features.tokenize import saved_unit_conversions, saved_units
+from features.tokenize import saved_unit_keys
 from models.drift import (
     INPUT_REFERENCE_FILE,
     PSI_ALARM,
@@ -202,8 +202,7 @@ def risk_scores_input_drift(context: dg.AssetCheckExecutionContext, workspace: W
             "reference": f"none: {model_dir(workspace, task)} has no {INPUT_REFERENCE_FILE} (train the model again)"})
     # Today's aggregates for the codes the reference has: the task's own table re-selects the most
     # common codes, and a code that slipped out of them would read as missing for everyone.
-    vocabulary = model_dir(workspace, task) / "vocabulary.json"
-    selected = reference_codes(reference, saved_units(vocabulary), saved_unit_conversions(vocabulary))
+    selected = reference_codes(reference, *saved_unit_keys(model_dir(workspace, task) / "vocabulary.json"))
     with warehouse_read(workspace.warehouse_dir):
         inputs = tabular_features_for(workspace.warehouse_dir, definition, selected)
         codes = pl.read_parquet(workspace.warehouse_dir / "codes.parquet", columns=["code", "description"],
