@@ -287,6 +287,10 @@ def codes_in_several_units(events: pl.LazyFrame) -> pl.DataFrame:
     return counts.with_columns(pl.col("values").cast(pl.Int64))
 
 
+UNIT_CODES_LISTED = 10
+"""Codes charted in more than one unit that the ingest's listings show (all are counted)."""
+
+
 def units_by_code(several: pl.DataFrame) -> pl.DataFrame:
     """:func:`codes_in_several_units`' rows as one per code: ``code``, ``units`` as text, each unit
     after the code's most common one marked as the model inputs read it against that one,

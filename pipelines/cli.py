@@ -22,8 +22,6 @@ from features.simulate import SimulationConfig, simulate_hospital
 
 console = Console()
 REPO_DAGSTER_HOME = Path(__file__).resolve().parents[1] / "dagster_home"
-UNIT_CODES_LISTED = 10
-"""Codes charted in more than one unit that ``cohortcast ingest`` lists (all are counted)."""
 
 
 def _check_output_folder(folder: Path, what: str) -> None:
@@ -92,7 +90,7 @@ def ingest(landing_dir: Path, out: Path, strict: bool, workers: int, site_timezo
     import polars as pl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from features.events import codes_in_several_units, units_by_code
+    from features.events import UNIT_CODES_LISTED, codes_in_several_units, units_by_code
     from features.ingest import ingest_landing_zone, quarantine_shares
 
     # The bar starts with the first FHIR batch read: a run refused before any reading prints its one

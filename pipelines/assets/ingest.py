@@ -22,7 +22,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from features.events import codes_in_several_units, units_by_code
+from features.events import UNIT_CODES_LISTED, codes_in_several_units, units_by_code
 from features.fhir.validate import LIBRARY_ERROR
 from features.ingest import (
     MIN_PATIENT_SHARE,
@@ -226,7 +226,7 @@ def codes_in_one_unit(config: CodeUnitsConfig, workspace: Workspace) -> dg.Asset
     several = several.with_columns(known=pl.col("code").is_in(config.known_codes)).sort("known", maintain_order=True)
     listed = "\n".join(["| code | units (values) | known |", "| --- | --- | --- |",
                          *(f"| {code} | {units} | {'yes' if known else 'no'} |"
-                           for code, units, known in several.head(10).iter_rows())])
+                           for code, units, known in several.head(UNIT_CODES_LISTED).iter_rows())])
     new = int((~several["known"]).sum())
     return dg.AssetCheckResult(
         passed=new == 0, severity=dg.AssetCheckSeverity.WARN,
