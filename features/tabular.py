@@ -14,8 +14,9 @@ baselines see what the fusion model sees, not only that smoking status was chart
 A value in a unit other than its token's main unit is read as the fusion model's vocabulary reads
 it (:func:`features.tokenize.unit_columns`, with the main units and conversions the task's
 :class:`~features.tokenize.EventTokenizer` learned on the train split): converted into the main
-unit where UCUM allows (``last__LOINC//29463-7`` holds weights in kg, pounds converted), else
-keyed with its unit (an eGFR's ``mL/min`` values have columns of their own when common enough).
+unit where UCUM allows (``last__LOINC//29463-7`` holds weights in kg, pounds converted, as do
+units first seen after training), else keyed with its unit (an eGFR's ``mL/min`` values have
+columns of their own when common enough).
 
 Which codes get columns, and which of them get a ``last__<code>`` column, is learned on the train
 split only (:func:`select_tabular_codes`), so the column set never depends on tuning or held-out
@@ -35,6 +36,7 @@ from features.tokenize import (
     UnitConversions,
     conversions_in_use,
     events_before,
+    extend_unit_conversions,
     token_expr,
     unit_columns,
     units_in_use,
@@ -121,7 +123,9 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     numeric_codes = set(selected.numeric)
     seen = events_before(events, cohort)
     if selected.by_token:
-        seen = _with_token_code(seen, selected.units, selected.unit_conversions)
+        # A unit first seen after training that UCUM converts is read as the fusion model reads it.
+        conversions = extend_unit_conversions(events.lazy(), selected.units, selected.unit_conversions, codes)
+        seen = _with_token_code(seen, selected.units, conversions)
     overall = (
         seen.group_by("subject_id")
         .agg(

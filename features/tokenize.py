@@ -28,7 +28,10 @@ a unit that must stay apart (``mL/min`` beside ``mL/min/{1.73_m2}``, ``mmol/L`` 
 or without one, becomes a token of its own with the unit appended (``LOINC//33914-3//mL/min``,
 ``LOINC//29463-7//{no unit}``: :func:`unit_columns`), with its own vocabulary entry and bins.
 Binned together, a clearance would read as the eGFR it is not; a unit too rare in train for
-``min_code_count``, or first seen after ``fit``, leaves its values out rather than misread them.
+``min_code_count`` leaves its values out rather than misread them. So does a unit first seen after
+``fit`` that must stay apart; one that UCUM converts into the main unit is converted when
+``transform`` meets it (:func:`extend_unit_conversions`): a laboratory that starts reporting
+haemoglobin in ``g/L`` where the model learned ``g/dL`` is still read, on the scale it learned.
 
 Sequence length: a patient's static facts (events without a time: sex, genomics) come first, then
 their most recent timed events, ``max_events`` tokens in all. Static facts take at most
@@ -41,6 +44,7 @@ the laboratory results, diagnoses and visits.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +147,39 @@ def unit_conversions(counts: pl.DataFrame, units: dict[str, str]) -> UnitConvers
         if (conversion := unit_conversion(unit, main)) is not None:
             conversions.setdefault(token, {})[unit] = conversion
     return conversions
+
+
+def extend_unit_conversions(events: pl.LazyFrame, units: dict[str, str], conversions: UnitConversions,
+                            own_tokens: Collection[str] = ()) -> UnitConversions:
+    """``conversions`` with the other units that the numeric values in ``events`` come in and that
+    UCUM converts into their token's main unit in ``units``: units first seen after the conversions
+    were learned. A unit with a token of its own in ``own_tokens`` (the vocabulary's
+    ``LOINC//29463-7//[lb_av]``, kept apart by a model trained before conversions) keeps it.
+
+    ``fit`` converts every convertible unit of its train values, so no unit it saw is read
+    differently; only values that would otherwise be dropped as unknown tokens are added. UCUM is
+    loaded only when such a unit is found.
+    """
+    if not units:
+        return conversions
+    main = pl.col("token").replace_strict(units, default=None, return_dtype=pl.String)
+    pairs = (
+        with_unit(events).filter(pl.col("numeric_value").is_not_null() & pl.col("unit").is_not_null())
+        .with_columns(token_expr())
+        .filter(main.is_not_null() & (pl.col("unit") != main))
+        .select("token", "unit").unique().sort("token", "unit")
+        .collect()
+    )
+    added: UnitConversions = {}
+    for token, unit in pairs.iter_rows():
+        if unit in conversions.get(token, {}) or f"{token}//{unit}" in own_tokens:
+            continue
+        if (conversion := unit_conversion(unit, units[token])) is not None:
+            added.setdefault(token, {})[unit] = conversion
+    if not added:
+        return conversions
+    return {token: {**conversions.get(token, {}), **added.get(token, {})}
+            for token in sorted(conversions.keys() | added.keys())}
 
 
 def unit_columns(units: dict[str, str], conversions: UnitConversions | None = None) -> list[pl.Expr]:
@@ -351,10 +388,11 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
             {"token": list(self.vocabulary_), "token_id": list(self.vocabulary_.values())},
             schema={"token": pl.String, "token_id": pl.Int32},
         )
+        conversions = extend_unit_conversions(events.lazy(), self.units_, self.unit_conversions_, self.vocabulary_)
         seen = (
             with_unit(events_before(events, cohort))
             .with_columns(token_expr())
-            .with_columns(unit_columns(self.units_, self.unit_conversions_))
+            .with_columns(unit_columns(self.units_, conversions))
             .join(vocabulary.lazy(), on="token", how="inner")  # unknown tokens are dropped
             .with_columns(
                 pl.col("modality").replace_strict(

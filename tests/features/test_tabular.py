@@ -127,6 +127,18 @@ def test_a_value_in_a_unit_that_must_stay_apart_gets_columns_of_its_own() -> Non
     assert table[f"last__{weight}//[lb_av]"].to_list() == [None, None, None, None, 176.0]
 
 
+def test_a_unit_first_seen_after_training_that_ucum_converts_is_read_in_the_main_unit() -> None:
+    weight = "LOINC//29463-7"
+    events, cohort = five_weights("[lb_av]")
+    # Columns chosen while every weight was in kg: no conversion learned.
+    table = aggregate_before(events, cohort, TabularCodes([weight], [weight], units={weight: "kg"}))
+    assert table[f"last__{weight}"].to_list() == pytest.approx([71.0, 72.0, 73.0, 74.0, 176 * 0.45359237])
+    # A unit UCUM cannot convert into kg stays out of the weight's columns.
+    other, _ = five_weights("{beats}/min")
+    table = aggregate_before(other, cohort, TabularCodes([weight], [weight], units={weight: "kg"}))
+    assert table[f"last__{weight}"].to_list() == [71.0, 72.0, 73.0, 74.0, None]
+
+
 def test_a_value_in_a_unit_the_tokenizer_converts_is_read_in_the_main_unit() -> None:
     weight = "LOINC//29463-7"
     events, cohort = five_weights("[lb_av]")

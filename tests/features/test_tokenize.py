@@ -13,7 +13,7 @@ from sklearn.exceptions import NotFittedError
 from features.cohorts import select_cohort
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets
-from features.tokenize import PAD, UNK, EventTokenizer, units_in_use, value_bin_edges
+from features.tokenize import PAD, UNK, EventTokenizer, extend_unit_conversions, units_in_use, value_bin_edges
 from tests.features.task_fixtures import BP, T0, day, events_frame, task, toy_events
 
 
@@ -332,7 +332,7 @@ def test_values_in_a_unit_that_must_stay_apart_are_a_token_of_their_own_with_the
     assert [bins[0] for bins in tokens["value_bins"].to_list()] == [1, 1, 2, 2, 1, 1, 2]
 
 
-def test_a_unit_too_rare_for_the_vocabulary_or_new_after_fit_leaves_its_values_out() -> None:
+def test_a_unit_too_rare_for_the_vocabulary_or_new_after_fit_and_kept_apart_leaves_its_values_out() -> None:
     rows = [(1, 60.0, "mL/min/{1.73_m2}"), (2, 70.0, "mL/min/{1.73_m2}"), (3, 80.0, "mL/min/{1.73_m2}"),
             (4, 100.0, "mL/min")]
     events = weights_frame(rows, EGFR)
@@ -341,12 +341,42 @@ def test_a_unit_too_rare_for_the_vocabulary_or_new_after_fit_leaves_its_values_o
     assert f"{EGFR}//mL/min" not in tokenizer.vocabulary_
     tokens = tokenizer.transform(events, cohort)
     assert tokens["token_ids"].list.len().to_list() == [1, 1, 1, 0]
-    # A unit the train split never had is left out the same way, even one UCUM converts: the
-    # conversions are learned with the vocabulary, and a model reads only what it was trained on.
-    weights = EventTokenizer(value_bins=2, min_code_count=1).fit(weights_frame(rows[:3]), cohort, [1, 2, 3])
-    held_out = weights_frame([(5, 150.0, "[lb_av]")])
-    five = pl.DataFrame({"subject_id": [5], "prediction_time": [T0]})
-    assert weights.transform(held_out, five)["token_ids"].to_list() == [[]]
+    # A clearance first charted after fit is left out the same way: it is not the eGFR the model learned.
+    egfr_only = EventTokenizer(value_bins=2, min_code_count=1).fit(weights_frame(rows[:3], EGFR), cohort, [1, 2, 3])
+    assert egfr_only.transform(events, cohort)["token_ids"].list.len().to_list() == [1, 1, 1, 0]
+
+
+def test_a_unit_first_seen_after_fit_that_ucum_converts_is_read_on_the_learned_scale(tmp_path: Path) -> None:
+    # Trained on weights in kg; a scale in pounds arrives later. 187 lb is 84.8 kg: above the
+    # median of the train weights (75 kg), so in the upper bin, where 187 read as kg would also be,
+    # and 143 lb (64.9 kg) in the lower one, where 143 read as kg would not.
+    train_rows = [(1, 60.0, "kg"), (2, 70.0, "kg"), (3, 80.0, "kg"), (4, 90.0, "kg")]
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3, 4, 5, 6], "prediction_time": [T0] * 6})
+    tokenizer = EventTokenizer(value_bins=2, min_code_count=1).fit(weights_frame(train_rows), cohort, [1, 2, 3, 4])
+    assert tokenizer.unit_conversions_ == {} and tokenizer.bin_edges_ == {WEIGHT: [75.0]}
+    events = weights_frame([*train_rows, (5, 143.0, "[lb_av]"), (6, 187.0, "[lb_av]")])
+    tokens = tokenizer.transform(events, cohort)
+    assert tokens["token_ids"].to_list() == [[tokenizer.vocabulary_[WEIGHT]]] * 6
+    assert tokens["value_bins"].to_list() == [[1], [1], [2], [2], [1], [2]]
+    # Nothing learned changes: the conversion is found again on each transform, not saved.
+    assert tokenizer.unit_conversions_ == {}
+    assert "unit_conversions" not in json.loads(tokenizer.save(tmp_path / "vocabulary.json").read_text())
+
+
+def test_extend_unit_conversions_adds_only_new_units_ucum_converts_and_keeps_own_tokens() -> None:
+    events = pl.concat([
+        weights_frame([(1, 70.0, "kg"), (2, 154.0, "[lb_av]"), (3, 2.0, "[stone_av]"), (4, 70000.0, "g")]),
+        weights_frame([(5, 60.0, "mL/min/{1.73_m2}"), (6, 40.0, "mL/min")], EGFR),
+    ]).lazy()
+    units = {WEIGHT: "kg", EGFR: "mL/min/{1.73_m2}"}
+    learned = {WEIGHT: {"[lb_av]": (0.45359237, 0.0)}}
+    assert extend_unit_conversions(events, units, learned) == {
+        WEIGHT: {"[lb_av]": (0.45359237, 0.0), "[stone_av]": (6.35029318, 0.0), "g": (0.001, 0.0)}}
+    # A unit with a token of its own (kept apart by a model trained before conversions) keeps it.
+    assert extend_unit_conversions(events, units, {}, own_tokens=[f"{WEIGHT}//[lb_av]"]) == {
+        WEIGHT: {"[stone_av]": (6.35029318, 0.0), "g": (0.001, 0.0)}}
+    # No main units (a vocabulary written before units): nothing to convert into.
+    assert extend_unit_conversions(events, {}, {}) == {}
 
 
 def test_events_without_a_unit_column_and_files_without_units_read_as_before(tmp_path: Path) -> None:
