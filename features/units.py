@@ -18,6 +18,10 @@ a token of their own, wherever dimensional analysis alone would mislead a clinic
   an international unit has no fixed relation to any other unit, and an equivalent is a mole times
   the ion's valence (1 mmol of calcium is 2 meq), which UCUM sets to one;
 * different dimensions: ``mg/dL`` against ``mmol/L`` needs the analyte's molar mass.
+
+For people, a unit is shown in UCUM's print symbols (:func:`unit_print_symbol`): ``mm Hg`` for
+``mm[Hg]``, ``10³/μL`` for ``10*3/uL``, ``mL/min/1.73 m2`` for ``mL/min/{1.73_m2}``; the codes
+stay what the tables and ``vocabulary.json`` store.
 """
 
 from __future__ import annotations
@@ -38,11 +42,18 @@ def _ucum() -> tuple[Any, Any, Any]:
     registry instead). Loaded on first use only (0.4 s): most warehouses chart each code in one
     unit and never need them."""
     from ucumvert import PintUcumRegistry
-    from ucumvert.parser import get_ucum_parser
     from ucumvert.ucum_pint import UcumToPintTransformer
 
     registry = PintUcumRegistry()
-    return get_ucum_parser(), registry, UcumToPintTransformer(registry)
+    return _parser(), registry, UcumToPintTransformer(registry)
+
+
+@cache
+def _parser() -> Any:
+    """UCUM's grammar as a parser (without the pint registry: printing a unit needs only this)."""
+    from ucumvert.parser import get_ucum_parser
+
+    return get_ucum_parser()
 
 
 @cache
@@ -127,3 +138,62 @@ def unit_conversion(unit: str, into: str) -> tuple[float, float] | None:
     # Round off the last bits the subtraction leaves (0.4535923700000001 for a pound): the factors are
     # stored in vocabulary.json, where they should read as UCUM defines them.
     return float(f"{scale:.12g}"), float(f"{offset:.12g}")
+
+
+PRINT_SYMBOL_OVERRIDES = {"[IU]": "IU", "m[Hg]": "m Hg"}
+"""Print symbols read the English clinical way: UCUM prints an international unit ``i.U.`` and
+puts a no-break space in ``m Hg``."""
+_SUPERSCRIPT = str.maketrans("0123456789+-", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻")
+
+
+@cache
+def _print_symbols() -> dict[str, str]:
+    """UCUM's print symbol of each prefix, base unit and unit, by code (its code where it has none)."""
+    from ucumvert.xml_util import root
+
+    symbols: dict[str, str] = {}
+    for kind in ("prefix", "base-unit", "unit"):
+        for element in root.findall(f".//{{*}}{kind}[@Code]"):
+            printed = element.find("{*}printSymbol")
+            text = "".join(printed.itertext()).strip() if printed is not None else ""
+            symbols.setdefault(element.attrib["Code"], text or element.attrib["Code"])
+    return symbols | PRINT_SYMBOL_OVERRIDES
+
+
+@cache
+def unit_print_symbol(unit: str) -> str:
+    """``unit``, a UCUM code, as people read it: each prefix and unit by its UCUM print symbol,
+    exponents raised, annotations without their braces; ``unit`` itself when it is not UCUM.
+
+    >>> [unit_print_symbol(u) for u in ("mm[Hg]", "10*3/uL", "kg/m2", "mL/min/{1.73_m2}", "Cel")]
+    ['mm Hg', '10³/μL', 'kg/m²', 'mL/min/1.73 m2', '°C']
+    >>> unit_print_symbol("milligram per deciliter")
+    'milligram per deciliter'
+    """
+    from lark import Token, Tree
+    from lark.exceptions import LarkError
+    from ucumvert.parser import parse_ucum
+
+    try:
+        tree = parse_ucum(unit, _parser())
+    except LarkError:
+        return unit
+    symbols = _print_symbols()
+
+    def printed(node: Tree[Token] | Token, nested: bool = False) -> str:
+        if isinstance(node, Token):
+            if node.type == "EXPONENT":
+                return str(node).translate(_SUPERSCRIPT)
+            if node.type == "OPERATOR" and node == ".":
+                return "·"
+            if node.type == "ANNOTATION":
+                return str(node)[1:-1].replace("_", " ")
+            return symbols.get(str(node), str(node))
+        text = "".join(printed(child, nested=True) for child in node.children)
+        if node.data == "component" and len(node.children) == 2:
+            # A unit with an annotation (mg{creat}): the annotation said after the unit.
+            text = " ".join(printed(child, nested=True) for child in node.children)
+        # A term inside another term was in parentheses: mg/(kg.d).
+        return f"({text})" if nested and node.data == "main_term" else text
+
+    return printed(tree)

@@ -47,6 +47,7 @@ from features.errors import CohortcastError
 from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary, unsettled_warehouse
 from features.io import staging_dir
 from features.schemas import SCORES
+from features.units import unit_print_symbol
 from models.scoring import RiskTiers
 from models.scoring import model_version as model_version_of
 from models.task_model import ModelFolderError, check_model_folder, check_prediction_target, promote_model
@@ -501,7 +502,7 @@ def describe_items(scores: pl.DataFrame, codes: pl.DataFrame | None) -> pl.DataF
             base, _, unit = token.rpartition("//")
             # A value in a unit kept apart from its code's (LOINC//33914-3//mL/min: features.tokenize), whose
             # range names that unit: the code's description, the unit said once, by the range.
-            if base and shown is not None and shown.endswith(f" {unit}"):
+            if base and shown is not None and shown.endswith(f" {unit_print_symbol(unit)}"):
                 token = base
             names[item["item"]] = describe_token(token, known) or item["item"]
         if shown is None:

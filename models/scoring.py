@@ -27,6 +27,7 @@ import pyarrow as pa
 from features.errors import TrainingDataError
 from features.schemas import SCORES
 from features.tokenize import EventTokenizer, value_unit
+from features.units import unit_print_symbol
 from models.data import FusionDataset
 from models.explain import ItemContribution, explain
 from models.task_model import (
@@ -245,9 +246,9 @@ def value_range(edges: list[float], value_bin: int) -> str | None:
 def _published_item(item: ItemContribution, bin_edges: dict[str, list[float]],
                     units: dict[str, str]) -> dict[str, Any]:
     shown = value_range(bin_edges.get(item.item, []), item.value_bin)
-    # "120 to 135 mm[Hg]": a range without its unit cannot be read (a weight of "< 75" in pounds?).
+    # "120 to 135 mm Hg": a range without its unit cannot be read (a weight of "< 75" in pounds?).
     if shown is not None and (unit := value_unit(item.item, units)) is not None:
-        shown = f"{shown} {unit}"
+        shown = f"{shown} {unit_print_symbol(unit)}"
     return {"modality": item.modality, "item": item.item, "contribution": item.contribution,
             "value_range": shown, "readings": item.readings}
 

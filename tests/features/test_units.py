@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from features.units import unit_conversion
+from features.units import unit_conversion, unit_print_symbol
 
 
 @pytest.mark.parametrize(("unit", "into", "scale", "offset"), [
@@ -48,3 +48,15 @@ def test_temperatures_convert_with_their_offset() -> None:
 ])
 def test_units_that_must_stay_apart_have_no_conversion(unit: str, into: str) -> None:
     assert unit_conversion(unit, into) is None
+
+
+@pytest.mark.parametrize(("unit", "printed"), [
+    ("mm[Hg]", "mm Hg"), ("10*3/uL", "10³/μL"), ("10*9/L", "10⁹/L"), ("kg/m2", "kg/m²"), ("s-1", "s⁻¹"),
+    ("mL/min/{1.73_m2}", "mL/min/1.73 m2"), ("{beats}/min", "beats/min"), ("mg/g{creat}", "mg/g creat"),
+    ("mg/(kg.d)", "mg/(kg·d)"), ("[lb_av]", "lb"), ("Cel", "°C"), ("[degF]", "°F"), ("ug/L", "μg/L"),
+    ("[IU]/L", "IU/L"), ("%", "%"), ("mg/dL", "mg/dL"),
+    # Not UCUM: shown as sent.
+    ("milligram per deciliter", "milligram per deciliter"), ("(score)", "(score)"),
+])
+def test_a_unit_is_printed_with_ucums_print_symbols(unit: str, printed: str) -> None:
+    assert unit_print_symbol(unit) == printed

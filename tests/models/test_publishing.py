@@ -181,7 +181,7 @@ def test_a_value_in_a_codes_other_unit_is_described_with_its_unit() -> None:
     scores = pl.DataFrame(
         {"subject_id": [1], "top_items": [[
             {"modality": "ehr", "item": "LOINC//29463-7//[lb_av]", "contribution": 0.01,
-             "value_range": ">= 165 [lb_av]", "readings": 1},
+             "value_range": ">= 165 lb", "readings": 1},
             {"modality": "ehr", "item": "LOINC//29463-7", "contribution": 0.01, "value_range": "< 75 kg",
              "readings": 2}]]},
         schema={"subject_id": pl.Int64, "top_items": pl.List(pl.Struct(
@@ -190,7 +190,7 @@ def test_a_value_in_a_codes_other_unit_is_described_with_its_unit() -> None:
     )
     published = describe_items(scores, codes)
     assert published["top_items"].list.eval(pl.element().struct.field("description")).to_list() == [
-        ["Body Weight >= 165 [lb_av]", "Body Weight < 75 kg, latest of 2"]]
+        ["Body Weight >= 165 lb", "Body Weight < 75 kg, latest of 2"]]
 
 
 def test_a_note_or_study_item_is_described_by_its_date_and_kind_not_its_id(tmp_path: Path) -> None:

@@ -208,11 +208,16 @@ def test_a_published_value_range_names_its_unit() -> None:
     # the one a value in another unit carries in its token; unitless values show none.
     from models.scoring import _published_item
 
-    edges = {"LOINC//29463-7": [75.0], "LOINC//29463-7//[lb_av]": [165.0], "GENE//LPA": [0.5]}
-    units = {"LOINC//29463-7": "kg", "GENE//LPA": "{no unit}"}
+    # The unit is shown as people read it (UCUM's print symbols), not as UCUM codes it.
+    edges = {"LOINC//29463-7": [75.0], "LOINC//29463-7//[lb_av]": [165.0], "GENE//LPA": [0.5],
+             "LOINC//8480-6": [140.0], "LOINC//33914-3": [60.0]}
+    units = {"LOINC//29463-7": "kg", "GENE//LPA": "{no unit}", "LOINC//8480-6": "mm[Hg]",
+             "LOINC//33914-3": "mL/min/{1.73_m2}"}
     items = [ItemContribution("ehr", "LOINC//29463-7", 0.02, value_bin=1, readings=2),
              ItemContribution("ehr", "LOINC//29463-7//[lb_av]", 0.01, value_bin=2, readings=1),
              ItemContribution("genomics", "GENE//LPA", 0.01, value_bin=2, readings=1),
-             ItemContribution("ehr", "SNOMED//44054006", 0.01)]
+             ItemContribution("ehr", "SNOMED//44054006", 0.01),
+             ItemContribution("ehr", "LOINC//8480-6", 0.01, value_bin=2, readings=1),
+             ItemContribution("ehr", "LOINC//33914-3", 0.01, value_bin=1, readings=1)]
     assert [_published_item(item, edges, units)["value_range"] for item in items] == [
-        "< 75 kg", ">= 165 [lb_av]", ">= 0.5", None]
+        "< 75 kg", ">= 165 lb", ">= 0.5", None, ">= 140 mm Hg", "< 60 mL/min/1.73 m2"]
