@@ -28,7 +28,6 @@ from features.tasks import CodeRule, TaskDefinition
 BIRTH_CODE = "MEDS_BIRTH"
 DEATH_CODE = "MEDS_DEATH"
 SEX_PREFIX = "SEX//"
-DAYS_PER_YEAR = 365.25
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,26 @@ def site_day_start(time: pl.Expr, zone: str) -> pl.Expr:
     midnight = site_clock(time, zone).dt.date().cast(pl.Datetime("us"))
     # Where clocks jump from 00:00 to 01:00, the day starts at 01:00.
     return pl.coalesce(site_time_as_utc(midnight, zone), site_time_as_utc(midnight + pl.duration(hours=1), zone))
+
+
+def age_years(birth_time: pl.Expr, prediction_time: pl.Expr, zone: str = "UTC") -> pl.Expr:
+    """Age at the prediction time as people count it: the birthdays passed on the site's calendar
+    (``zone``), plus the share of the year since the last one. A patient is 18 from the first
+    instant of their 18th birthday (a 365.25-day year put some a few hours short on the day); one
+    born on 29 February has their birthday on the 28th in other years.
+
+    ``birth_time``: the birth date (its date part is read), ``prediction_time``: naive UTC.
+    """
+    born = birth_time.dt.date()
+    local = site_clock(prediction_time, zone).dt.replace_time_zone(None)
+    years = local.dt.year() - born.dt.year()
+
+    def birthday(after_years: pl.Expr) -> pl.Expr:
+        return born.dt.offset_by(after_years.cast(pl.String) + "y").cast(pl.Datetime("us"))
+
+    completed = pl.when(birthday(years) > local).then(years - 1).otherwise(years)
+    last, following = birthday(completed), birthday(completed + 1)
+    return completed + (local - last).dt.total_microseconds() / (following - last).dt.total_microseconds()
 
 
 def happened_by(time: pl.Expr, prediction_time: pl.Expr, zone: str = "UTC") -> pl.Expr:
@@ -203,10 +222,7 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
              .agg(pl.col("code").first().str.strip_prefix(SEX_PREFIX).alias("sex")).collect())
     cohort = (
         cohort.join(births, on="subject_id", how="left")
-        .with_columns(
-            ((pl.col("prediction_time") - pl.col("birth_time")).dt.total_microseconds()
-             / (86_400e6 * DAYS_PER_YEAR)).alias("age_years")
-        )
+        .with_columns(age_years(pl.col("birth_time"), pl.col("prediction_time"), task.site_timezone).alias("age_years"))
         .drop("birth_time")
         .join(sexes, on="subject_id", how="left")
     )
@@ -216,7 +232,7 @@ def select_cohort(events: pl.DataFrame | pl.LazyFrame, task: TaskDefinition) -> 
         if definition.min_age_years is not None:
             keep &= pl.col("age_years") >= definition.min_age_years
         if definition.max_age_years is not None:
-            # In completed years, as a clinician reads "aged 17 or under": 17.9 is 17.
+            # In completed years, as a clinician reads "aged 17 or under": 17.9 is 17 (age_years).
             keep &= pl.col("age_years").floor() <= definition.max_age_years
         cohort = cohort.filter(keep)
         attrition.append(("age within limits", cohort.height))

@@ -21,7 +21,8 @@ from the last visit to leaving care (0.131 there, and 9 % more patients with a r
 
 * ``event`` / ``duration_days``: the progression target, days to the event or to the end of
   follow-up when censored.
-* ``boolean_value``: the risk label, true when the event falls within the horizon, false when the
+* ``boolean_value``: the risk label, true when the event falls within the horizon (one dated only
+  by the horizon's last day included: it may have come before the horizon ended), false when the
   patient was followed for the whole horizon without it or died within it without it (when death
   is not part of the outcome, it competes with it), and **null** when follow-up ended before
   the horizon without the event. Such patients are excluded from the risk label and counted, never
@@ -47,9 +48,12 @@ would make the treated arm rich in events. (c) Immortal time: a patient whose fo
 the window (the event, death or censoring) had no chance to start, and calling them untreated puts
 every early event in the untreated arm. Against (b) and (c) the window ``[start, end]`` is a grace
 period read at a landmark. A start is a treatment code strictly after the prediction time, at least
-``start`` and at most ``end`` days after it. A new user has an arm only when they are followed
-event-free beyond ``end`` days after the prediction time: their follow-up (``duration_days``) ends
-after it, and so does their *observed* follow-up (their last record of any kind after the
+``start`` and at most ``end`` days after it (one dated only by the window's last day counts, as it
+may have come by then). A new user has an arm only when they are followed event-free beyond the
+window: beyond ``end`` days after the prediction time and beyond the end of that day on the site's
+calendar (the latest a start dated only by that day can be; a fixed-date cohort's window ends at a
+midnight, so no later). Their follow-up (``duration_days``) ends after it, and so does their
+*observed* follow-up (their last record of any kind after the
 prediction time, the event or death). The imputed ``follow_up_after_last_record`` extension is
 credit for the risk label, not evidence of who started: a patient whose records stop within the
 grace period (or who has none after the prediction time) could have started elsewhere, unseen.
@@ -68,7 +72,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 
-from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame, happened_by, site_clock
+from features.cohorts import BIRTH_CODE, DEATH_CODE, as_frame, happened_by, site_clock, site_day_start
 from features.schemas import LABELS
 from features.tasks import USUAL_INTERVAL, TaskDefinition, TreatmentDefinition
 
@@ -107,6 +111,11 @@ class LabelCounts:
         """Share of positives among patients with a risk label (nan when none has one)."""
         labelled = self.positive + self.negative
         return self.positive / labelled if labelled else float("nan")
+
+
+def _days_after(days: float) -> pl.Expr:
+    """The instant ``days`` after each patient's prediction time."""
+    return pl.col("prediction_time") + pl.duration(microseconds=round(days * MICROSECONDS_PER_DAY))
 
 
 def _days(expr: pl.Expr) -> pl.Expr:
@@ -238,7 +247,11 @@ def build_labels(
                   - pl.col("prediction_time")).alias("duration_days")
         )
         .with_columns(
-            pl.when(pl.col("event") & (pl.col("duration_days") <= task.horizon_days)).then(True)
+            # An outcome dated only by the horizon's last day may have come before the horizon ended,
+            # as a treatment start dated only by the grace period's last day counts as within it.
+            pl.when(pl.col("event") & ((pl.col("duration_days") <= task.horizon_days)
+                                       | happened_by(pl.col("event_time"), _days_after(task.horizon_days),
+                                                     task.site_timezone))).then(True)
             .when(pl.col("duration_days") >= task.horizon_days).then(False)
             # Death is a competing event when it is not the outcome: a patient who died within the
             # horizon without the outcome can no longer have it, so the risk (the cumulative
@@ -296,9 +309,6 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     has ``duration_days``, ``end_time`` and ``last_time``: the new-user, grace-period design of the
     module docstring."""
 
-    def days_after(days: float) -> pl.Expr:
-        return pl.col("prediction_time") + pl.duration(microseconds=round(days * MICROSECONDS_PER_DAY))
-
     codes = (
         lazy.filter(pl.col("code").is_in(list(treatment.codes)) & pl.col("time").is_not_null())
         .join(index, on="subject_id")
@@ -308,8 +318,8 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     # A code dated only by the index day may be from before the visit: history, not a start.
     started = (
         codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"), zone)
-                     & (pl.col("time") >= days_after(treatment.window_start_days))
-                     & happened_by(pl.col("time"), days_after(treatment.window_end_days), zone))
+                     & (pl.col("time") >= _days_after(treatment.window_start_days))
+                     & happened_by(pl.col("time"), _days_after(treatment.window_end_days), zone))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("started"))
     )
     # A start after the prediction time but before the window opens (a window starting at 7 days
@@ -317,16 +327,24 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     # treated by a refill inside the window, since the design leaves such early starts out.
     early = (
         codes.filter(~happened_by(pl.col("time"), pl.col("prediction_time"), zone)
-                     & (pl.col("time") < days_after(treatment.window_start_days)))
+                     & (pl.col("time") < _days_after(treatment.window_start_days)))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("early"))
     )
     # ... and a code at the prediction time itself makes a prevalent user: the washout is
     # [prediction time - washout_days, prediction time], so a washout of 0 days catches only that.
     prevalent = (
-        codes.filter((pl.col("time") >= days_after(-treatment.washout_days))
+        codes.filter((pl.col("time") >= _days_after(-treatment.washout_days))
                      & happened_by(pl.col("time"), pl.col("prediction_time"), zone))
         .select("subject_id").unique().with_columns(pl.lit(True).alias("prevalent"))
     )
+    # The grace period closes at the last instant a start counted in it can have: a code dated only by
+    # the window's last day (stored at that day's last instant on the site's calendar) may have come
+    # late that day, so follow-up must go beyond that day, or the outcome could precede the start.
+    window_end = _days_after(treatment.window_end_days)
+    one_microsecond = pl.duration(microseconds=1)
+    last_day_start = site_day_start(window_end - one_microsecond, zone)
+    last_day_end = site_day_start(last_day_start + pl.duration(hours=25), zone) - one_microsecond
+    close_days = _days(pl.max_horizontal(window_end, last_day_end) - pl.col("prediction_time"))
     # Observed follow-up: the last record after the prediction time (the event and death are records),
     # never past the end of follow-up (death, the export date). Null without any record after it.
     # (min_horizontal skips nulls: the explicit test keeps "no record" null.)
@@ -342,10 +360,10 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
             # Follow-up (event, death or censoring) ended within the grace period: the arm is not
             # known, whether or not they started. Calling them untreated would be immortal time for
             # the treated; calling a start after the event treated, reverse causation.
-            .when(pl.col("duration_days") <= treatment.window_end_days).then(None)
+            .when(pl.col("duration_days") <= close_days).then(None)
             # Records stop within the grace period (or there are none after the prediction time): the
             # follow_up_after_last_record extension is imputed, and says nothing of a start unseen.
-            .when(observed_days.is_null() | (observed_days <= treatment.window_end_days)).then(None)
+            .when(observed_days.is_null() | (observed_days <= close_days)).then(None)
             # Started before the window, whatever the window holds then (a refill is no new start).
             .when(pl.col("early").fill_null(False)).then(None)
             .otherwise(pl.col("started").fill_null(False))

@@ -501,7 +501,8 @@ COHORT = pa.schema(
         pa.field("subject_id", pa.int64(), nullable=False),
         pa.field("prediction_time", TIME, nullable=False),
         pa.field("task", pa.string(), nullable=False),
-        # Age at the prediction time in 365.25-day years; null when the birth date is unknown.
+        # Age at the prediction time (features.cohorts.age_years: birthdays passed on the site's calendar
+        # plus the share of the year since the last); null when the birth date is unknown.
         pa.field("age_years", pa.float64(), nullable=True),
         pa.field("sex", pa.string(), nullable=True),
     ]

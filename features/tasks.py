@@ -98,7 +98,7 @@ class CohortDefinition:
     """Who is in the cohort and when they enter it."""
 
     prediction_time: PredictionTimeRule
-    # Age at the prediction time, in years (365.25-day years); None means no limit.
+    # Age at the prediction time, in years (features.cohorts.age_years); None means no limit.
     min_age_years: float | None = None
     max_age_years: float | None = None
     # Administrative sexes allowed; empty means all.

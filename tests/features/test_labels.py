@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from features.cohorts import select_cohort
+from features.cohorts import age_years, select_cohort
 from features.errors import CohortDefinitionError
 from features.fhir.validate import parse_datetime
 from features.labels import LabelCounts, build_labels, labels_to_arrow, usual_interval_days
@@ -47,6 +47,35 @@ def test_age_limits_in_completed_years_and_no_recorded_sex_as_unknown() -> None:
     assert unknown.cohort.select("subject_id", "sex").rows() == [(2, None)]
     every_sex = select_cohort(events, task(cohort={**fixed, "sex": ["female", "male", "other", "unknown"]}, **end))
     assert every_sex.cohort["subject_id"].to_list() == [1, 2, 3]
+
+
+def test_a_patient_is_of_age_from_the_first_instant_of_their_birthday() -> None:
+    # On the 18th birthday a 365.25-day year gave 17.9997 to a patient born in 2005 (four leap days
+    # between) and 18.0024 to one born in 2004 (five): one was "under 18" on the day, the other not.
+    def person(subject: int, birth: datetime) -> list[tuple[int, datetime | None, str, float | None, str | None, str]]:
+        return [(subject, birth, "MEDS_BIRTH", None, None, "ehr"),
+                (subject, datetime(2022, 6, 1), BP, 120.0, None, "ehr")]
+
+    events = events_frame(person(1, datetime(2005, 1, 1)) + person(2, datetime(2005, 1, 2)))
+    fixed, end = {"prediction_time": {"fixed": "2023-01-01"}}, {"follow_up_end": "2024-01-01"}
+    adults = select_cohort(events, task(cohort={**fixed, "min_age_years": 18}, **end))
+    assert adults.cohort.select("subject_id", "age_years").rows() == [(1, 18.0)]
+    minors = select_cohort(events, task(cohort={**fixed, "max_age_years": 17}, **end))
+    assert minors.cohort["subject_id"].to_list() == [2]
+    assert minors.cohort["age_years"].item() == pytest.approx(17 + 364 / 365)
+
+
+@pytest.mark.parametrize(("birth", "at", "zone", "age"), [
+    (date(2004, 2, 29), datetime(2023, 2, 28, 0, 0), "UTC", 19.0),  # the 28th is the birthday in other years
+    (date(2004, 2, 29), datetime(2024, 2, 28, 12, 0), "UTC", 19 + 365.5 / 366),  # 2024 has the 29th
+    (date(1950, 6, 15), datetime(2023, 6, 15, 3, 0), "UTC", 73 + 0.125 / 366),  # 2024 is a leap year
+    # 03:00 UTC on the 15th is still the 14th in New York: a day short of 73.
+    (date(1950, 6, 15), datetime(2023, 6, 15, 3, 0), "America/New_York", 72 + (365 - 1 / 24) / 365),
+])
+def test_age_years_counts_birthdays_on_the_sites_calendar(birth: date, at: datetime, zone: str, age: float) -> None:
+    frame = pl.DataFrame({"birth_time": [datetime.combine(birth, datetime.min.time())], "prediction_time": [at]})
+    computed = frame.select(age_years(pl.col("birth_time"), pl.col("prediction_time"), zone)).item()
+    assert computed == pytest.approx(age, abs=1e-9)
 
 
 def test_cohort_excludes_the_dead_including_those_of_unknown_death_date() -> None:
@@ -322,6 +351,11 @@ def test_washout_days_decides_who_is_a_prevalent_user(washout_days: float, treat
                                                prevalent=bool(prevalent)))
     assert (counts.treated, counts.untreated, counts.treatment_prevalent, counts.treatment_undetermined) == (
         3 - prevalent, 1, prevalent, 4)
+
+
+def end_of(when: datetime) -> datetime:
+    """Where ingest stores a date without a time of day: the day's last instant."""
+    return when.replace(hour=23, minute=59, second=59, microsecond=999999)
 
 
 def arm_frame(treated: list[bool | None], prevalent: list[bool], boolean_value: list[bool | None],
@@ -650,7 +684,6 @@ def test_an_outcome_dated_only_by_the_index_day_is_history_and_one_dated_by_the_
     # one the patient came in with (history, as exclusions and treatment starts read it: once a
     # positive 0.6 days in); one dated only by the day of a timed death happened by the death (it
     # had fallen after the end of follow-up, and the death, not the outcome, made a negative).
-    end_of = lambda when: when.replace(hour=23, minute=59, second=59, microsecond=999999)  # noqa: E731
     events = events_frame([
         *[(sid, day(0), VISIT, None, None, "ehr") for sid in range(1, 4)],
         *[(sid, day(400), VISIT, None, None, "ehr") for sid in (1, 3)],
@@ -668,7 +701,6 @@ def test_an_outcome_dated_only_by_the_index_day_is_history_and_one_dated_by_the_
 def test_a_death_dated_only_by_the_index_day_is_the_outcome_of_a_mortality_task() -> None:
     # The patient was alive at the visit: a death dated only by its day (a deceasedDateTime given as
     # a date) happened after it, unlike a diagnosis dated that day, which may be what brought them in.
-    end_of = lambda when: when.replace(hour=23, minute=59, second=59, microsecond=999999)  # noqa: E731
     events = events_frame([
         *[(sid, day(0), VISIT, None, None, "ehr") for sid in (1, 2, 3)],
         (1, end_of(day(0)), "MEDS_DEATH", None, None, "ehr"),
@@ -683,3 +715,49 @@ def test_a_death_dated_only_by_the_index_day_is_the_outcome_of_a_mortality_task(
         (1, True, True, pytest.approx(15 / 24)),  # the day's last instant, from 09:00
         (2, True, True, 0.5), (3, False, False, 400.0)]
     assert counts.positive == 2
+
+
+def test_an_outcome_dated_only_by_the_horizons_last_day_is_within_it() -> None:
+    # The horizon ends at 09:00 on day 365. An MI dated only by that day may have come before 09:00:
+    # a positive (as a start dated only by the grace period's last day counts as in it), with its
+    # time to event as stored. One dated only by the next day is after the horizon: a negative.
+    events = events_frame([
+        *[(sid, day(0), VISIT, None, None, "ehr") for sid in (1, 2, 3)],
+        *[(sid, day(700), VISIT, None, None, "ehr") for sid in (1, 2, 3)],
+        (1, day(365) - timedelta(hours=1), MI, None, None, "ehr"),
+        (2, end_of(day(365)), MI, None, None, "ehr"),
+        (3, end_of(day(366)), MI, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [T0] * 3})
+    labels, counts = build_labels(events, cohort, new_user_task())
+    assert labels.select("subject_id", "boolean_value", "event", "duration_days").rows() == [
+        (1, True, True, pytest.approx(365 - 1 / 24)), (2, True, True, pytest.approx(365 + 15 / 24)),
+        (3, False, True, pytest.approx(366 + 15 / 24))]
+    assert (counts.positive, counts.negative) == (2, 1)
+    # A cohort at midnight: its horizon ends as day 365 begins, so neither MI of that day is within it.
+    midnight = cohort.with_columns(pl.lit(T0.replace(hour=0)).alias("prediction_time"))
+    labels, _ = build_labels(events, midnight, new_user_task())
+    assert labels["boolean_value"].to_list() == [False, False, False]
+
+
+def test_the_grace_period_closes_at_the_end_of_the_last_day_a_start_dated_only_by_it_counts_on() -> None:
+    # Window [0, 30]: it ends at 09:00 on day 30, and a start dated only by day 30 counts, as it may
+    # have come by then. Such a start may also have come after an MI at 17:00 that day
+    # (clopidogrel after the infarction): the arm is known only for patients followed beyond day
+    # 30, whether they started (1) or not (2). Followed past it, the start makes the treated (3).
+    events = events_frame([
+        *[(sid, day(0), VISIT, None, None, "ehr") for sid in (1, 2, 3)],
+        *[(sid, day(400), VISIT, None, None, "ehr") for sid in (1, 2, 3)],
+        (1, end_of(day(30)), DRUG, None, None, "ehr"), (1, day(30) + timedelta(hours=8), MI, None, None, "ehr"),
+        (2, day(30) + timedelta(hours=8), MI, None, None, "ehr"),
+        (3, end_of(day(30)), DRUG, None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2, 3], "prediction_time": [T0] * 3})
+    labels, counts = build_labels(events, cohort, new_user_task())
+    assert labels["treated"].to_list() == [None, None, True]
+    assert (counts.treated, counts.untreated, counts.treatment_undetermined) == (1, 0, 2)
+    # A cohort at midnight: its window ends as day 30 begins, so a start dated only by day 30 is not
+    # in it, and an MI later that day leaves the arm known: untreated, all three.
+    midnight = cohort.with_columns(pl.lit(T0.replace(hour=0)).alias("prediction_time"))
+    labels, _ = build_labels(events, midnight, new_user_task())
+    assert labels["treated"].to_list() == [False, False, False]
