@@ -222,12 +222,16 @@ class PlattCalibrator:
         arms = state.get("arms", [])
         if not isinstance(arms, list) or len(arms) not in (0, 2):
             raise ValueError(f"{path}: 'arms' should list the two treatment arms' calibrations, found {arms!r:.60}")
-        values = [state.get("slope"), state.get("intercept"), state.get("survival_power", 1.0),
+        def finite(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+        values = [state.get("slope"), state.get("intercept"),
                   *(arm.get(key) if isinstance(arm, dict) else None for arm in arms for key in ("slope", "intercept"))]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+        if not all(finite(v) for v in values):
             raise ValueError(f"{path}: expected a finite numeric slope and intercept (and per arm, if any)")
-        if not state.get("survival_power", 1.0) > 0:
-            raise ValueError(f"{path}: survival_power should be positive, found {state['survival_power']}")
+        power = state.get("survival_power", 1.0)
+        if not (finite(power) and power > 0):
+            raise ValueError(f"{path}: survival_power should be a finite positive number, found {power!r:.40}")
         calibrator = cls()
         calibrator.slope_ = float(state["slope"])
         calibrator.intercept_ = float(state["intercept"])

@@ -57,7 +57,7 @@ class RiskTiers:
     def __post_init__(self) -> None:
         if not (0 < self.high_share <= 1 and 0 <= self.medium_share <= 1 and self.high_share + self.medium_share <= 1):
             raise ValueError(f"risk tiers: high_share ({self.high_share}) and medium_share ({self.medium_share}) "
-                             "must be shares in (0, 1] that add up to at most 1")
+                             "must be shares (high in (0, 1], medium in [0, 1]) that add up to at most 1")
 
     def assign(self, risk: np.ndarray) -> list[str]:
         """``high``, ``medium`` or ``low`` for each risk, in the order given.
@@ -72,6 +72,10 @@ class RiskTiers:
         risk = np.asarray(risk, dtype=np.float64)
         if len(risk) == 0:
             return []
+        if (missing := int(np.isnan(risk).sum())) > 0:
+            # A NaN sorts first and would take the high tier's last place, emptying it.
+            raise ValueError(f"risk tiers: {missing} of {len(risk)} risks are NaN (expected a probability for "
+                             "every patient): the model's outputs are broken, score again with a sound model")
         descending = np.sort(risk)[::-1]
 
         def at_least_last_of(share: Fraction) -> np.ndarray:
@@ -233,14 +237,24 @@ def value_range(edges: list[float], value_bin: int) -> str | None:
 
     >>> [value_range([0.5, 1.5], b) for b in (0, 1, 2, 3)]
     [None, '< 0.5', '0.5 to 1.5', '>= 1.5']
+    >>> value_range([1250.5, 120000.5], 2)
+    '1250.5 to 120000.5'
     """
     if value_bin <= 0 or not edges:
         return None
     if value_bin == 1:
-        return f"< {edges[0]:.4g}"
+        return f"< {_edge_text(edges[0])}"
     if value_bin > len(edges):
-        return f">= {edges[-1]:.4g}"
-    return f"{edges[value_bin - 2]:.4g} to {edges[value_bin - 1]:.4g}"
+        return f">= {_edge_text(edges[-1])}"
+    return f"{_edge_text(edges[value_bin - 2])} to {_edge_text(edges[value_bin - 1])}"
+
+
+def _edge_text(edge: float) -> str:
+    """A bin edge as plain decimals, never in exponent form, to 6 significant digits and always to
+    its first decimal: an edge lies halfway between two charted values (1250.5 between 1250 and
+    1251), and rounded to one of them (``< 1250``) it would read as excluding a value its bin holds."""
+    digits = max(6, int(np.floor(np.log10(abs(edge)))) + 2) if edge else 6
+    return str(np.format_float_positional(edge, precision=digits, unique=True, fractional=False, trim="-"))
 
 
 def _published_item(item: ItemContribution, bin_edges: dict[str, list[float]],

@@ -128,7 +128,11 @@ def test_a_survival_target_out_of_reach_leaves_the_curves_and_a_power_must_be_po
     assert far_off.survival_calibration_.endswith("needs a power outside 1/20 to 20: the survival head is far off, "
                                                   "train again")
     path = tmp_path / "calibration.json"
-    for power in (0, -1.0):
+    for power, shown in ((0, "0"), (-1.0, "-1.0"), ("x", "'x'"), (True, "True"), (None, "None")):
         path.write_text(json.dumps({"method": "platt", "slope": 1.0, "intercept": 0.0, "survival_power": power}))
-        with pytest.raises(ValueError, match=f"survival_power should be positive, found {power}"):
+        # The message names the power, not the slope and intercept, which are fine.
+        with pytest.raises(ValueError, match=f"survival_power should be a finite positive number, found {shown}$"):
             PlattCalibrator.load(path)
+    path.write_text('{"method": "platt", "slope": 1.0, "intercept": 0.0, "survival_power": NaN}')
+    with pytest.raises(ValueError, match="survival_power should be a finite positive number, found nan"):
+        PlattCalibrator.load(path)

@@ -147,6 +147,14 @@ def test_the_model_version_changes_with_the_calibration(trained_task: TrainedTas
 def test_tiers_must_be_shares() -> None:
     with pytest.raises(ValueError, match=r"high_share \(0.9\) and medium_share \(0.2\) must be shares"):
         RiskTiers(0.9, 0.2)
+    assert RiskTiers(0.1, 0).assign(np.linspace(1, 0, 10)).count("medium") == 0
+
+
+def test_a_nan_risk_is_refused_not_ranked_into_the_high_tier() -> None:
+    # Sorted first, a NaN would take the high tier's one place and leave no one high.
+    risks = np.array([0.9, 0.8, 0.7, np.nan] + [0.1] * 16)
+    with pytest.raises(ValueError, match=r"risk tiers: 1 of 20 risks are NaN"):
+        RiskTiers(0.05, 0.15).assign(risks)
 
 
 @pytest.mark.parametrize(("high_share", "medium_share", "high", "medium"),
@@ -200,7 +208,13 @@ def test_value_ranges_name_the_bins_the_tokenizer_gives() -> None:
               for token, b in zip(seen["token"], bins, strict=True)]
     assert ranges == ["< 0.5", "0.5 to 1.5", "0.5 to 1.5", ">= 1.5", ">= 1.5", None, None]
     assert value_range([120.0, 140.0, 160.0], 3) == "140 to 160"
-    assert value_range([0.000123456, 2.5e6], 2) == "0.0001235 to 2.5e+06"
+    assert value_range([0.000123456, 2.5e6], 2) == "0.000123456 to 2500000"
+    # Edges halfway between charted integers (an NT-proBNP in pg/mL, platelets per μL) keep their
+    # half: "< 1250" would say a bin holding 1250 excludes it, and "1.2e+04" is no way to show a count.
+    edges = [1250.5, 12000.5, 250000.5]
+    tokenizer.bin_edges_ = {"LOINC//z": edges}
+    bins = tokenizer._bins(pl.DataFrame({"token": ["LOINC//z"] * 2, "numeric_value": [1250.0, 250000.0]})).tolist()
+    assert [value_range(edges, b) for b in bins] == ["< 1250.5", "12000.5 to 250000.5"]
 
 
 def test_a_published_value_range_names_its_unit() -> None:
