@@ -6,7 +6,10 @@ its :class:`~features.tasks.TaskDefinition`. Out: the ``labels`` table
 
 Follow-up of a patient ends at the first of: death; the patient's last record of any kind plus the
 task's ``follow_up_after_last_record`` (records that stop mean the patient left the health system);
-and the task's ``follow_up_end`` (the export date; without one, the latest record in the data). The
+and the task's ``follow_up_end`` (the export date; without one, the latest record in the data). A
+death is no record of care here unless death is the outcome: it is known whether or not the
+patient was still in care (a registry, the Patient record), so it can end follow-up but never
+extends it: an outcome between the last record and a death long after would have left no record. The
 event is the first outcome code (or death, when the outcome includes it) strictly after the
 prediction time and no later than the end of follow-up.
 
@@ -53,8 +56,8 @@ may have come by then). A new user has an arm only when they are followed event-
 window: beyond ``end`` days after the prediction time and beyond the end of that day on the site's
 calendar (the latest a start dated only by that day can be; a fixed-date cohort's window ends at a
 midnight, so no later). Their follow-up (``duration_days``) ends after it, and so does their
-*observed* follow-up (their last record of any kind after the
-prediction time, the event or death). The imputed ``follow_up_after_last_record`` extension is
+*observed* follow-up (their last record of any kind after the prediction time, the event included;
+a death only where it is the outcome). The imputed ``follow_up_after_last_record`` extension is
 credit for the risk label, not evidence of who started: a patient whose records stop within the
 grace period (or who has none after the prediction time) could have started elsewhere, unseen.
 Every other new user has an undetermined arm (null), whether or not they had started, so neither
@@ -191,7 +194,12 @@ def build_labels(
         after_last = usual_interval_days(lazy, cohort, task.site_timezone).lazy()
     else:
         after_last = index.select("subject_id", pl.lit(float(task.follow_up_after_last_record)).alias("interval_days"))
-    last_record = after.group_by("subject_id").agg(pl.col("time").max().alias("last_time"))
+    # A death is known whether or not the patient was still in care (a registry, the source system's
+    # Patient record): one after the records stop proves nothing of an outcome in between, so it
+    # ends follow-up without extending it, unless death is the outcome, whose record extends it as
+    # every outcome's does.
+    in_care = after if task.outcome.death else after.filter(pl.col("code") != DEATH_CODE)
+    last_record = in_care.group_by("subject_id").agg(pl.col("time").max().alias("last_time"))
     # A fixed-date cohort's prediction time is not a visit: without a record after it, follow-up runs
     # from the last record before it (birth aside), not from the date itself.
     last_before = (
@@ -345,8 +353,9 @@ def _treatment_arms(lazy: pl.LazyFrame, index: pl.LazyFrame, table: pl.LazyFrame
     last_day_start = site_day_start(window_end - one_microsecond, zone)
     last_day_end = site_day_start(last_day_start + pl.duration(hours=25), zone) - one_microsecond
     close_days = _days(pl.max_horizontal(window_end, last_day_end) - pl.col("prediction_time"))
-    # Observed follow-up: the last record after the prediction time (the event and death are records),
-    # never past the end of follow-up (death, the export date). Null without any record after it.
+    # Observed follow-up: the last record after the prediction time (the event is one; a death only
+    # where it is the outcome), never past the end of follow-up (death, the export date). Null without
+    # any record after it.
     # (min_horizontal skips nulls: the explicit test keeps "no record" null.)
     observed_days = _days(pl.when(pl.col("last_time").is_not_null())
                           .then(pl.min_horizontal("last_time", "end_time")) - pl.col("prediction_time"))

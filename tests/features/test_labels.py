@@ -275,7 +275,7 @@ def new_user_events() -> pl.DataFrame:
     1: on the drug 100 days before, refilled at day 10: prevalent user.
     2: last on the drug 400 days before (outside the washout), restarted at day 10: new user, treated.
     3: MI at day 5, clopidogrel the next day (standard care after an MI): follow-up ended in the window.
-    4: dies at day 20 without the drug (death is not the outcome here).
+    4: dies at day 20, in care (a visit that day), without the drug (death is not the outcome here).
     5: last record at day 15: censored in the window.
     6: starts at day 10, followed to day 400: treated.
     7: no drug, followed to day 400: untreated.
@@ -291,7 +291,7 @@ def new_user_events() -> pl.DataFrame:
         (2, day(400), VISIT, None, None, "ehr"),
         (3, day(5), MI, None, None, "ehr"), (3, day(6), DRUG, None, None, "ehr"),
         (3, day(400), VISIT, None, None, "ehr"),
-        (4, day(20), "MEDS_DEATH", None, None, "ehr"),
+        (4, day(20), VISIT, None, None, "ehr"), (4, day(20), "MEDS_DEATH", None, None, "ehr"),
         (5, day(15), VISIT, None, None, "ehr"),
         (6, day(10), DRUG, None, None, "ehr"), (6, day(400), VISIT, None, None, "ehr"),
         (7, day(400), VISIT, None, None, "ehr"),
@@ -761,3 +761,29 @@ def test_the_grace_period_closes_at_the_end_of_the_last_day_a_start_dated_only_b
     midnight = cohort.with_columns(pl.lit(T0.replace(hour=0)).alias("prediction_time"))
     labels, _ = build_labels(events, midnight, new_user_task())
     assert labels["treated"].to_list() == [False, False, False]
+
+
+@pytest.mark.parametrize("after_last_record", [0.0, 30.0])
+def test_a_death_known_after_the_records_stop_ends_follow_up_without_extending_it(after_last_record: float) -> None:
+    # Records stop at day 10; a death at day 200 is known all the same (a registry, the Patient
+    # record). An MI between the two would have left no record here, so the patient is not shown to
+    # be MI-free to day 200: censored when their records stop (plus the task's credit), not a
+    # competing-death negative, and with no arm. Dying in care (2: a visit that day), the death competes.
+    # Where death is the outcome (the mortality task), its record extends follow-up as the MI's
+    # does: the death is the event.
+    events = events_frame([
+        *[(sid, day(0), VISIT, None, None, "ehr") for sid in (1, 2)],
+        (1, day(10), VISIT, None, None, "ehr"), (1, day(200), "MEDS_DEATH", None, None, "ehr"),
+        (2, day(200), VISIT, None, None, "ehr"), (2, day(200), "MEDS_DEATH", None, None, "ehr"),
+    ])
+    cohort = pl.DataFrame({"subject_id": [1, 2], "prediction_time": [T0] * 2})
+    definition = replace(new_user_task(), follow_up_after_last_record=after_last_record)
+    labels, counts = build_labels(events, cohort, definition)
+    assert labels.select("subject_id", "boolean_value", "event", "duration_days", "treated").rows() == [
+        (1, None, False, 10.0 + after_last_record, None), (2, False, False, 200.0, False)]
+    assert (counts.negative, counts.censored_before_horizon) == (1, 1)
+    mortality = task(outcome={"death": True}, follow_up_after_last_record=after_last_record,
+                     follow_up_end="2024-12-31", treatment=None)
+    labels, _ = build_labels(events, cohort, mortality)
+    assert labels.select("subject_id", "boolean_value", "event", "duration_days").rows() == [
+        (1, True, True, 200.0), (2, True, True, 200.0)]
