@@ -250,10 +250,11 @@ def value_range(edges: list[float], value_bin: int) -> str | None:
 
 
 def _edge_text(edge: float) -> str:
-    """A bin edge as plain decimals, never in exponent form, to 6 significant digits and always to
-    its first decimal: an edge lies halfway between two charted values (1250.5 between 1250 and
-    1251), and rounded to one of them (``< 1250``) it would read as excluding a value its bin holds."""
-    digits = max(6, int(np.floor(np.log10(abs(edge)))) + 2) if edge else 6
+    """A bin edge as plain decimals, never in exponent form: 4 significant digits (a weight's edge
+    between two readings converted from pounds reads 76.11, not 76.1064), and always its first
+    decimal: an edge lies halfway between two charted values (1250.5 between 1250 and 1251), and
+    rounded to one of them (``< 1250``) it would read as excluding a value its bin holds."""
+    digits = max(4, int(np.floor(np.log10(abs(edge)))) + 2) if edge else 4
     return str(np.format_float_positional(edge, precision=digits, unique=True, fractional=False, trim="-"))
 
 

@@ -208,7 +208,8 @@ def test_value_ranges_name_the_bins_the_tokenizer_gives() -> None:
               for token, b in zip(seen["token"], bins, strict=True)]
     assert ranges == ["< 0.5", "0.5 to 1.5", "0.5 to 1.5", ">= 1.5", ">= 1.5", None, None]
     assert value_range([120.0, 140.0, 160.0], 3) == "140 to 160"
-    assert value_range([0.000123456, 2.5e6], 2) == "0.000123456 to 2500000"
+    assert value_range([0.000123456, 2.5e6], 2) == "0.0001235 to 2500000"
+    assert value_range([76.10644, 83.24219], 2) == "76.11 to 83.24"
     # Edges halfway between charted integers (an NT-proBNP in pg/mL, platelets per μL) keep their
     # half: "< 1250" would say a bin holding 1250 excludes it, and "1.2e+04" is no way to show a count.
     edges = [1250.5, 12000.5, 250000.5]
