@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -454,7 +454,9 @@ def _baselines(data: TaskData, matrices: _InputMatrices, labels: dict[str, np.nd
     scores["lightgbm"] = Scores(risk[known], risk)
     out["lightgbm"] = _risk_metrics(y, risk[known], w)
     out["lightgbm"].update(_survival_metrics(train_labels, labels, risk, horizon))
-    for name, fit in (("cox_ph", fit_cox), ("random_survival_forest", fit_random_survival_forest)):
+    survival_baselines: tuple[tuple[str, Any], ...] = (
+        ("cox_ph", fit_cox), ("random_survival_forest", partial(fit_random_survival_forest, seed=seed)))
+    for name, fit in survival_baselines:
         estimator = fit(x_train, train_labels["event"], train_labels["duration_days"])
         score = np.asarray(estimator.predict(x_test), dtype=np.float64)
         scores[name] = Scores(None, score)
