@@ -21,6 +21,10 @@ VOCABULARY_PREFIXES: dict[str, str] = {
     "http://hl7.org/fhir/sid/icd-10-cm": "ICD10CM",
     "http://hl7.org/fhir/sid/icd-10": "ICD10",
     "http://hl7.org/fhir/sid/icd-9-cm": "ICD9CM",
+    # ICD-10-PCS, the US inpatient procedure codes: HL7 names it by CMS's URL, whose last segment
+    # ("ICD10") would otherwise file the procedures under WHO ICD-10's diagnoses.
+    "http://www.cms.gov/Medicare/Coding/ICD10": "ICD10PCS",
+    "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets": "HCPCS",
     "http://hl7.org/fhir/sid/cvx": "CVX",
     "http://hl7.org/fhir/sid/ndc": "NDC",
     "http://www.ama-assn.org/go/cpt": "CPT",
@@ -37,6 +41,8 @@ VOCABULARY_PREFIXES: dict[str, str] = {
     "urn:oid:2.16.840.1.113883.6.90": "ICD10CM",
     "urn:oid:2.16.840.1.113883.6.3": "ICD10",
     "urn:oid:2.16.840.1.113883.6.103": "ICD9CM",
+    "urn:oid:2.16.840.1.113883.6.4": "ICD10PCS",
+    "urn:oid:2.16.840.1.113883.6.285": "HCPCS",
     "urn:oid:2.16.840.1.113883.12.292": "CVX",
     "urn:oid:2.16.840.1.113883.6.69": "NDC",
     "urn:oid:2.16.840.1.113883.6.12": "CPT",

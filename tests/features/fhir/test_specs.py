@@ -24,6 +24,11 @@ from features.fhir.specs import listed_prefix, vocabulary_prefix
         ("http://snomed.info/sct/", "SNOMED"),
         ("http://loinc.org//", "LOINC"),
         ("http://hl7.org/fhir/sid/icd-10-cm/", "ICD10CM"),
+        # ICD-10-PCS procedures by URL or OID: one vocabulary, never WHO ICD-10's diagnoses.
+        ("http://www.cms.gov/Medicare/Coding/ICD10", "ICD10PCS"),
+        ("urn:oid:2.16.840.1.113883.6.4", "ICD10PCS"),
+        ("http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "HCPCS"),
+        ("urn:oid:2.16.840.1.113883.6.285", "HCPCS"),
     ],
 )
 def test_listed_systems_by_url_or_oid_get_their_vocabulary(system: str, prefix: str) -> None:
