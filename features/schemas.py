@@ -226,9 +226,15 @@ MEDICATIONS = CODED_EVENTS.insert(
     # proposal (a suggestion no prescriber has acted on), option (one choice of a protocol's
     # alternatives), ...; null for the types without the element.
     pa.field("intent", pa.string(), nullable=True),
+).insert(
+    CODED_EVENTS.get_field_index("source_file") + 2,
+    # MedicationStatement.dateAsserted: when the statement was made ("taking metformin since
+    # 2015", said in 2018), so when the drug became known; null for the other types, known at their
+    # time (an order when written, an administration when charted).
+    pa.field("recorded_time", TIME, nullable=True),
 )
 """MedicationRequests, -Statements and -Administrations: the coded-events shape, whether an
-order forbids its drug, and what kind of request it is."""
+order forbids its drug, what kind of request it is, and when a statement was made."""
 
 RECORDED_EVENTS = CODED_EVENTS.insert(
     CODED_EVENTS.get_field_index("source_file"),

@@ -804,13 +804,16 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             status.alias("status"),
             verification.alias("verification_status"),
         ]
+        recorded_time: pl.Expr = pl.lit(None, dtype=pl.Datetime("us"))
         if rt in RECORDED_TYPES:
             # flatten._optional_time: read (and checked) even when the onset gives the time.
-            # recordedDate (issued) is one of the time fields, parsed already.
+            # recordedDate (issued, dateAsserted) is one of the time fields, parsed already.
             known = RECORDED_TYPES[rt]
             recorded = fhir_time(pl.col(known), ctx.latest, pl.col(f"__time_{known}"), ctx.zone)
             checks.append(pl.col(known).is_null() | recorded.ok)
-            coded.append(recorded.value.alias("recorded_time"))
+            recorded_time = recorded.value
+            if rt not in MEDICATION_TYPES:
+                coded.append(recorded_time.alias("recorded_time"))
         if rt not in MEDICATION_TYPES:
             return _finish(frame, _all(*checks), TABLE_OF_TYPE[rt], [*record, *coded, *LOCATION])
         # flatten._do_not_perform: only a MedicationRequest has the element.
@@ -826,7 +829,8 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
         clear = checked.get_column("__coded") | checked.get_column("__referenced")
         return clear.alias("__ok"), {
             TABLE_OF_TYPE[rt]: checked.filter(pl.col("__coded")).select(
-                *record, *coded, do_not_perform.alias("do_not_perform"), intent.alias("intent"), *LOCATION
+                *record, *coded, do_not_perform.alias("do_not_perform"), intent.alias("intent"),
+                recorded_time.alias("recorded_time"), *LOCATION
             ),
             "medication_references": checked.filter(pl.col("__referenced")).select(
                 *record,
@@ -834,6 +838,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
                 verification.alias("verification_status"),
                 do_not_perform.alias("do_not_perform"),
                 intent.alias("intent"),
+                recorded_time.alias("recorded_time"),
                 medication.value.alias("medication_id"),
                 *LOCATION,
             ),

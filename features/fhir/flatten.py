@@ -364,12 +364,17 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
             verification,
         )
         if rt in MEDICATION_TYPES:
-            row = (*row, _do_not_perform(res, rt), _intent(res, rt))
+            row = (*row, _do_not_perform(res, rt), _intent(res, rt), _recorded_time(res, rt, origin))
         elif rt in RECORDED_TYPES:
-            row = (*row, _optional_time(res, RECORDED_TYPES[rt], rt, origin))
+            row = (*row, _recorded_time(res, rt, origin))
         return [(*row, origin.source_file, origin.record_number)]
 
     return flatten
+
+
+def _recorded_time(res: dict[str, Any], rt: str, origin: Origin) -> datetime | None:
+    """When the record became known (:data:`RECORDED_TYPES`), or None for a type without the element."""
+    return _optional_time(res, RECORDED_TYPES[rt], rt, origin) if rt in RECORDED_TYPES else None
 
 
 def _do_not_perform(res: dict[str, Any], rt: str) -> bool | None:
@@ -462,7 +467,7 @@ def flatten_medication_reference(res: dict[str, Any], rid: str, origin: Origin) 
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     return [
         (rid, rt, patient, encounter, time, end, status, verification, _do_not_perform(res, rt), _intent(res, rt),
-         medication, origin.source_file, origin.record_number)
+         _recorded_time(res, rt, origin), medication, origin.source_file, origin.record_number)
     ]
 
 

@@ -89,16 +89,18 @@ MEDICATION_TYPES = ("MedicationRequest", "MedicationStatement", "MedicationAdmin
 ``Medication`` (contained in the record, or elsewhere in the export)."""
 
 RECORDED_TYPES: dict[str, str] = {"Condition": "recordedDate", "AllergyIntolerance": "recordedDate",
-                                  "DiagnosticReport": "issued", "Immunization": "recorded"}
+                                  "DiagnosticReport": "issued", "Immunization": "recorded",
+                                  "MedicationStatement": "dateAsserted"}
 """Types whose element saying when the record became known (value: its name) is kept beside their
 time, as ``recorded_time``: a diagnosis or an allergy is often entered with an onset years back
 ("diabetes since 2015", "penicillin allergy since childhood"), a report is issued hours or days
-after the specimen was taken, and a vaccination given elsewhere is recorded when the patient
-reports it; none was known before then."""
+after the specimen was taken, a vaccination given elsewhere is recorded when the patient
+reports it, and a medication statement ("taking metformin since 2015") is asserted when the
+patient or a relative says so; none was known before then."""
 
 CODED_TABLES = ("conditions", "medications", "procedures", "immunizations", "allergies", "diagnostic_reports")
 """Tables of the shared :data:`features.schemas.CODED_EVENTS` shape (``medications`` with
-``do_not_perform`` beside it: :data:`features.schemas.MEDICATIONS`; ``conditions``,
+``do_not_perform``, ``intent`` and ``recorded_time`` beside it: :data:`features.schemas.MEDICATIONS`; ``conditions``,
 ``immunizations``, ``allergies`` and ``diagnostic_reports`` with ``recorded_time``:
 :data:`features.schemas.RECORDED_EVENTS`)."""
 

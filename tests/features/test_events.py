@@ -68,9 +68,11 @@ def _schema(table: str) -> pl.Schema:
     return frame.schema
 
 
-def test_conditions_vaccines_and_allergies_are_known_from_the_later_of_onset_and_recorded_time() -> None:
+def test_conditions_vaccines_allergies_and_drug_statements_are_known_from_the_later_of_onset_and_recorded_time(
+) -> None:
     # A diagnosis entered in 2018 with onset 2015 happened in 2015 but is known from 2018: before,
-    # nobody knew of it; so is a vaccine given elsewhere in 2010 and reported in 2019. A record
+    # nobody knew of it; so is a vaccine given elsewhere in 2010 and reported in 2019, and a drug
+    # the patient said in 2019 they had taken since 2012 (MedicationStatement.dateAsserted). A record
     # without recorded_time, or recorded before its onset, is known from its onset (no known_time).
     names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
     tables = {name: pl.LazyFrame(schema=_schema(name)) for name in names}
@@ -96,21 +98,23 @@ def test_conditions_vaccines_and_allergies_are_known_from_the_later_of_onset_and
     ])
     tables["immunizations"] = coded("immunizations", [("reported", datetime(2010, 10, 1), datetime(2019, 1, 5))])
     tables["allergies"] = coded("allergies", [("allergy", datetime(2000, 1, 1), datetime(2019, 3, 4))])
+    tables["medications"] = coded("medications", [("statement", datetime(2012, 5, 1), datetime(2019, 4, 2))])
 
     events = pl.concat(event_frames(tables)).collect()
     expected = pl.DataFrame(
         {
-            "subject_id": [7] * 5,
-            "time": [datetime(2015, 6, 1), datetime(2016, 1, 1), datetime(2021, 1, 1), datetime(2010, 10, 1),
-                     datetime(2000, 1, 1)],
-            "known_time": [datetime(2018, 2, 1, 9), None, None, datetime(2019, 1, 5), datetime(2019, 3, 4)],
-            "code": ["SNOMED//44054006"] * 5,
-            "numeric_value": [None] * 5,
-            "unit": [None] * 5,
-            "text_value": [None] * 5,
-            "modality": ["ehr"] * 5,
+            "subject_id": [7] * 6,
+            "time": [datetime(2015, 6, 1), datetime(2016, 1, 1), datetime(2021, 1, 1), datetime(2012, 5, 1),
+                     datetime(2010, 10, 1), datetime(2000, 1, 1)],
+            "known_time": [datetime(2018, 2, 1, 9), None, None, datetime(2019, 4, 2), datetime(2019, 1, 5),
+                           datetime(2019, 3, 4)],
+            "code": ["SNOMED//44054006"] * 6,
+            "numeric_value": [None] * 6,
+            "unit": [None] * 6,
+            "text_value": [None] * 6,
+            "modality": ["ehr"] * 6,
             "source": ["conditions/late", "conditions/unrecorded", "conditions/recorded-first",
-                       "immunizations/reported", "allergies/allergy"],
+                       "medications/statement", "immunizations/reported", "allergies/allergy"],
         },
         schema=events.schema,
     )

@@ -640,7 +640,7 @@ def test_orders_not_to_give_a_drug_stay_in_medications_but_are_not_events(
     fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"bad_type": 3}
     table = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
-    assert table.columns[-4:] == ["do_not_perform", "intent", "source_file", "record_number"]
+    assert table.columns[-5:] == ["do_not_perform", "intent", "recorded_time", "source_file", "record_number"]
     assert table.select("resource_id", "resource_type", "code", "status", "do_not_perform").rows() == [
         ("give", "MedicationRequest", "RXNORM//309362", "active", None),
         ("do-not-give", "MedicationRequest", "RXNORM//309362", "active", True),
@@ -715,7 +715,7 @@ def test_medication_requests_only_proposed_stay_in_medications_but_are_not_event
     fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"bad_type": 2}
     table = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
-    assert table.columns[-4:] == ["do_not_perform", "intent", "source_file", "record_number"]
+    assert table.columns[-5:] == ["do_not_perform", "intent", "recorded_time", "source_file", "record_number"]
     assert table.select("resource_id", "code", "intent").rows() == [
         ("ordered", "RXNORM//309362", "order"),
         ("home-med", "RXNORM//309362", "plan"),
@@ -2330,3 +2330,39 @@ def test_the_end_of_a_day_whose_clocks_go_back_at_midnight_is_the_end_of_its_rep
     _fast_equals_per_record(landing.parent, tmp_path, monkeypatch, "America/Santiago")
     assert pl.read_parquet(tmp_path / "fast" / "observations.parquet").select("resource_id", "time").rows() == [
         ("o-date", datetime(2019, 4, 7, 3, 59, 59, 999999)), ("o-late", datetime(2019, 4, 7, 3, 30))]
+
+
+def test_a_medication_statement_is_known_from_when_it_was_asserted_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "Taking metformin since 2015", said in 2018: taken from 2015, known from 2018 (dateAsserted),
+    # whether the drug is coded in the statement or named by a Medication resource. A bad
+    # dateAsserted is refused, as a bad recordedDate is. Orders and administrations are known when
+    # written or charted: no recorded_time.
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    drug = {"coding": [{"system": rxnorm, "code": "860975"}]}
+    subject = {"reference": "Patient/p1"}
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        {"resourceType": "Medication", "id": "m1", "code": drug},
+        {"resourceType": "MedicationStatement", "id": "said", "status": "active", "subject": subject,
+         "medicationCodeableConcept": drug, "effectiveDateTime": "2015-03-01", "dateAsserted": "2018-06-01T10:00:00Z"},
+        {"resourceType": "MedicationStatement", "id": "said-ref", "status": "active", "subject": subject,
+         "medicationReference": {"reference": "Medication/m1"}, "effectiveDateTime": "2015-03-01",
+         "dateAsserted": "2018-06-01T10:00:00Z"},
+        {"resourceType": "MedicationStatement", "id": "bad", "status": "active", "subject": subject,
+         "medicationCodeableConcept": drug, "effectiveDateTime": "2015-03-01", "dateAsserted": "2018-13-01"},
+        {"resourceType": "MedicationRequest", "id": "order", "status": "active", "intent": "order",
+         "subject": subject, "medicationCodeableConcept": drug, "authoredOn": "2016-01-01T09:00:00Z"},
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"bad_date": 1}
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("source").str.starts_with("med"))
+    assert sorted(events.select("source", "time", "known_time").rows()) == [
+        ("medications/order", datetime(2016, 1, 1, 9), None),
+        ("medications/said", datetime(2015, 3, 1, 23, 59, 59, 999999), datetime(2018, 6, 1, 10)),
+        ("medications/said-ref", datetime(2015, 3, 1, 23, 59, 59, 999999), datetime(2018, 6, 1, 10)),
+    ]
