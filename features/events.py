@@ -197,8 +197,10 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
                 "ehr",
                 pl.lit(f"{name}/") + pl.col("resource_id"),
                 # A diagnosis entered in 2018 with onset 2015 was not known in 2016: read at its
-                # onset, it would be an input to predictions made before anyone recorded it.
-                pl.col("recorded_time") if name in recorded else None,
+                # onset, it would be an input to predictions made before anyone recorded it. A
+                # report over a period (a 24-hour collection) has no result before the period ends.
+                (pl.max_horizontal("end_time", "recorded_time") if name == "diagnostic_reports"
+                 else pl.col("recorded_time") if name in recorded else None),
             )
         )
     frames += [
@@ -212,8 +214,9 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
             "ehr",
             pl.lit("observations/") + pl.col("resource_id"),
             # A result is an input only once issued: a lab drawn before a prediction time but
-            # resulted after it was not on anyone's screen at that time.
-            pl.col("issued_time"),
+            # resulted after it was not on anyone's screen at that time; nor, before it ended, one
+            # of a collection over a period (a 24-hour urine).
+            pl.max_horizontal("end_time", "issued_time"),
             pl.when(pl.col("numeric_value").is_not_null()).then(pl.col("unit")),
         ),
         _frame(

@@ -328,9 +328,12 @@ OBSERVATIONS = pa.schema(
         pa.field("encounter_id", pa.string(), nullable=True),
         # When the observation was made (effective[DateTime|Period|Instant], else issued).
         pa.field("time", TIME, nullable=False),
+        # The end of an effectivePeriod (a 24-hour urine collection); null for a point in time.
+        pa.field("end_time", TIME, nullable=True),
         # ``issued``: when the result was made available to clinicians (a lab drawn at 08:00 may be
-        # resulted at 10:00); null when not given. The event is known from the later of the two
-        # (``known_time``): a prediction made at 09:00 could not have read that result.
+        # resulted at 10:00); null when not given. The event is known from the latest of ``time``,
+        # ``end_time`` and this (``known_time``): a prediction made at 09:00 could not have read that
+        # result, nor one made during a collection its result.
         pa.field("issued_time", TIME, nullable=True),
         # Chosen among the codings as CODED_EVENTS' code is. For a component, the component's
         # code; ``parent_code`` then holds the panel's code.

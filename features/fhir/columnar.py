@@ -946,6 +946,8 @@ def build_observation(frame: pl.DataFrame, ctx: Context) -> Built:
         pl.col("__patient").alias("patient_id"),
         pl.col("__encounter").alias("encounter_id"),
         pl.col("__time").alias("time"),
+        # Only effectiveDateTime is read here: a period is the Python path's (flatten_observation).
+        pl.lit(None, dtype=pl.Datetime("us")).alias("end_time"),
         pl.col("__issued").alias("issued_time"),
     ]
     tail = [pl.col("__category").alias("category"), pl.col("status"), *LOCATION]

@@ -632,7 +632,8 @@ def _comparator(value: Any, where: str) -> str | None:
 def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[Row]:
     patient = _patient(res, "Observation", origin)
     code, coding = _code(res.get("code"), "Observation.code")
-    time, _ = _time(res, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"), "Observation", origin)
+    time, end = _time(res, ("effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued"), "Observation",
+                      origin)
     issued_time = _optional_time(res, "issued", "Observation", origin)
     encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
     category, _ = _optional_code(_first_in_list(res.get("category")))
@@ -644,8 +645,8 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
     absent = _absent_reason(res, numeric, text, "Observation")
     if numeric is not None or text is not None or not components:
         display = _display(res.get("code"), coding)
-        rows.append((rid, patient, encounter, time, issued_time, code, display, None, numeric, comparator, unit, text,
-                     absent, *tail))
+        rows.append((rid, patient, encounter, time, end, issued_time, code, display, None, numeric, comparator, unit,
+                     text, absent, *tail))
     if components is not None:
         if not isinstance(components, list):
             raise RecordError("bad_type", "Observation.component should be a list")
@@ -661,6 +662,7 @@ def flatten_observation(res: dict[str, Any], rid: str, origin: Origin) -> list[R
                     patient,
                     encounter,
                     time,
+                    end,
                     issued_time,
                     c_code,
                     _display(component.get("code"), c_coding),

@@ -1057,7 +1057,7 @@ def test_quantity_comparators_are_kept_on_both_paths(tmp_path: Path, monkeypatch
     fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"bad_value": 3, "bad_type": 2}
     table = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
-    assert table.columns[8:11] == ["numeric_value", "value_comparator", "unit"]
+    assert table.columns[9:12] == ["numeric_value", "value_comparator", "unit"]
     assert table.select("resource_id", "code", "numeric_value", "value_comparator").rows() == [
         ("b-below", "LOINC//6598-7", 0.5, "<"),
         ("below", "LOINC//6598-7", 0.01, "<"),
@@ -2365,4 +2365,40 @@ def test_a_medication_statement_is_known_from_when_it_was_asserted_on_both_paths
         ("medications/order", datetime(2016, 1, 1, 9), None),
         ("medications/said", datetime(2015, 3, 1, 23, 59, 59, 999999), datetime(2018, 6, 1, 10)),
         ("medications/said-ref", datetime(2015, 3, 1, 23, 59, 59, 999999), datetime(2018, 6, 1, 10)),
+    ]
+
+
+def test_a_result_over_a_period_is_known_when_the_period_ends_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 24-hour urine protein collected from 08:00 on 1 January: no result exists before 08:00 on
+    # the 2nd, so it is no input to a prediction made at noon on the 1st, as an Observation or as a
+    # DiagnosticReport. Issued later still, it is known when issued. Labels still read when it began.
+    loinc = {"coding": [{"system": "http://loinc.org", "code": "2889-4"}]}
+    period = {"start": "2020-01-01T08:00:00Z", "end": "2020-01-02T08:00:00Z"}
+    subject = {"reference": "Patient/p1"}
+    quantity = {"value": 150, "unit": "mg/(24.h)", "system": "http://unitsofmeasure.org", "code": "mg/(24.h)"}
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        {"resourceType": "Observation", "id": "urine", "status": "final", "subject": subject, "code": loinc,
+         "effectivePeriod": period, "valueQuantity": quantity},
+        {"resourceType": "Observation", "id": "urine-issued", "status": "final", "subject": subject, "code": loinc,
+         "effectivePeriod": period, "issued": "2020-01-03T09:00:00Z", "valueQuantity": quantity},
+        {"resourceType": "DiagnosticReport", "id": "report", "status": "final", "subject": subject, "code": loinc,
+         "effectivePeriod": period},
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {}
+    observations = pl.read_parquet(tmp_path / "fast" / "observations.parquet")
+    assert observations.select("resource_id", "time", "end_time").rows() == [
+        ("urine", datetime(2020, 1, 1, 8), datetime(2020, 1, 2, 8)),
+        ("urine-issued", datetime(2020, 1, 1, 8), datetime(2020, 1, 2, 8))]
+    events = pl.read_parquet(tmp_path / "fast" / "events.parquet").filter(pl.col("code") == "LOINC//2889-4")
+    assert sorted(events.select("source", "time", "known_time").rows()) == [
+        ("diagnostic_reports/report", datetime(2020, 1, 1, 8), datetime(2020, 1, 2, 8)),
+        ("observations/urine", datetime(2020, 1, 1, 8), datetime(2020, 1, 2, 8)),
+        ("observations/urine-issued", datetime(2020, 1, 1, 8), datetime(2020, 1, 3, 9)),
     ]
