@@ -162,20 +162,11 @@ def extend_unit_conversions(events: pl.LazyFrame, units: dict[str, str], convers
     """
     if not units:
         return conversions
-    main = pl.col("token").replace_strict(units, default=None, return_dtype=pl.String)
-    pairs = (
-        with_unit(events).filter(pl.col("numeric_value").is_not_null() & pl.col("unit").is_not_null())
-        .with_columns(token_expr())
-        .filter(main.is_not_null() & (pl.col("unit") != main))
-        .select("token", "unit").unique().sort("token", "unit")
-        .collect()
-    )
-    added: UnitConversions = {}
-    for token, unit in pairs.iter_rows():
-        if unit in conversions.get(token, {}) or f"{token}//{unit}" in own_tokens:
-            continue
-        if (conversion := unit_conversion(unit, units[token])) is not None:
-            added.setdefault(token, {})[unit] = conversion
+    # Keyed as unit_columns keys a value in another unit (``LOINC//29463-7//[lb_av]``).
+    known = [f"{token}//{unit}" for token, by_unit in conversions.items() for unit in by_unit] + list(own_tokens)
+    counts = unit_counts(events.with_columns(token_expr()).filter(pl.col("token").is_in(list(units))))
+    unseen = counts.filter(~pl.concat_str([pl.col("token"), pl.lit("//"), pl.col("unit")]).is_in(known))
+    added = unit_conversions(unseen, units)
     if not added:
         return conversions
     return {token: {**conversions.get(token, {}), **added.get(token, {})}
