@@ -53,6 +53,7 @@ import pyarrow.json as pj
 from features.fhir.flatten import note_type_slug, text_charset
 from features.fhir.specs import (
     CODE_PADDING,
+    ENCOUNTER_REFERENCE_FIELD,
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
@@ -130,7 +131,7 @@ def _coded_schema(rt: str) -> pa.Schema:
     fields = [
         *_BASE,
         (PATIENT_REFERENCE_FIELD.get(rt, "subject"), _REF),
-        ("encounter", _REF),
+        (ENCOUNTER_REFERENCE_FIELD.get(rt, "encounter"), _REF),
         (code_field, _CONCEPT),
         (status_field, _CODES if status_concept else _S),
         *[(name, _PERIOD if name.endswith(("Period", "period")) else _S) for name in time_fields],
@@ -563,8 +564,8 @@ def display(concept: pl.Expr, coding: pl.Expr | None = None) -> pl.Expr:
     return pl.coalesce(concept.struct.field("text"), coding.struct.field("display"))
 
 
-_REFERENCE_FIELDS = ("subject", "patient", "encounter", "medicationReference")
-"""The references the fast path reads (a resource's patient and encounter, an order's drug)."""
+_REFERENCE_FIELDS = ("subject", "patient", "encounter", "context", "medicationReference")
+"""The references the fast path reads (a resource's patient and visit, an order's drug)."""
 
 
 def with_bundle_references(resource: dict[str, Any], full_urls: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
@@ -767,7 +768,8 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
 
     def build(frame: pl.DataFrame, ctx: Context) -> Built:
         patient = reference(pl.col(PATIENT_REFERENCE_FIELD.get(rt, "subject")), "Patient", required=True)
-        encounter = reference(pl.col("encounter"), "Encounter", required=False)
+        visit = pl.col(ENCOUNTER_REFERENCE_FIELD.get(rt, "encounter"))
+        encounter = reference(visit, "Encounter", required=False)
         frame = frame.with_columns(__coding=chosen_coding(pl.col(code_field)))
         codes = all_codes(pl.col(code_field))
         # Cleared codes (codes.ok) have a chosen code with a prefix.
@@ -793,7 +795,7 @@ def _coded_builder(rt: str) -> Callable[[pl.DataFrame, Context], Built]:
             pl.col("id").alias("resource_id"),
             pl.lit(rt).alias("resource_type"),
             patient.value.alias("patient_id"),
-            pl.when(pl.col("encounter").is_not_null()).then(encounter.value).alias("encounter_id"),
+            pl.when(visit.is_not_null()).then(encounter.value).alias("encounter_id"),
             time.alias("time"),
             end.alias("end_time"),
         ]

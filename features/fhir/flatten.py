@@ -28,6 +28,7 @@ from typing import Any
 
 from features.fhir.specs import (
     CODE_PADDING,
+    ENCOUNTER_REFERENCE_FIELD,
     ENTERED_IN_ERROR,
     MEDICATION_TYPES,
     PATIENT_REFERENCE_FIELD,
@@ -354,7 +355,7 @@ def _flatten_coded(rt: str) -> Callable[[dict[str, Any], str, Origin], list[Row]
             rid,
             rt,
             patient,
-            _optional_reference(res.get("encounter"), "Encounter", origin),
+            _optional_reference(res.get(ENCOUNTER_REFERENCE_FIELD.get(rt, "encounter")), "Encounter", origin),
             time,
             end,
             code,
@@ -464,7 +465,7 @@ def flatten_medication_reference(res: dict[str, Any], rid: str, origin: Origin) 
     patient = _patient(res, rt, origin)
     medication = _reference(res.get("medicationReference"), f"{rt}.medicationReference", "Medication", origin)
     time, end, status, verification = _time_and_status(res, rt, origin)
-    encounter = _optional_reference(res.get("encounter"), "Encounter", origin)
+    encounter = _optional_reference(res.get(ENCOUNTER_REFERENCE_FIELD.get(rt, "encounter")), "Encounter", origin)
     return [
         (rid, rt, patient, encounter, time, end, status, verification, _do_not_perform(res, rt), _intent(res, rt),
          _recorded_time(res, rt, origin), medication, origin.source_file, origin.record_number)

@@ -158,6 +158,13 @@ PATIENT_REFERENCE_FIELD: dict[str, str] = {
 }
 """Where a type names its patient when it is not ``subject``."""
 
+ENCOUNTER_REFERENCE_FIELD: dict[str, str] = {
+    "MedicationStatement": "context",
+    "MedicationAdministration": "context",
+}
+"""Where a type names its visit when it is not ``encounter`` (R4 names it ``context``, which may also
+be an EpisodeOfCare: then the record has no visit)."""
+
 
 def listed_prefix(system: str | None) -> str | None:
     """Return the prefix of a system of :data:`VOCABULARY_PREFIXES` (URL or OID, trailing slashes

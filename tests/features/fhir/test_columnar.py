@@ -2368,6 +2368,47 @@ def test_a_medication_statement_is_known_from_when_it_was_asserted_on_both_paths
     ]
 
 
+def test_a_medication_statement_or_administration_names_its_visit_in_context_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # R4 names the visit of a MedicationStatement or MedicationAdministration in ``context``, which
+    # may also be an EpisodeOfCare (then there is no visit); an order names it in ``encounter``. In a
+    # Bundle the visit is the entry's urn:uuid.
+    drug = {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]}
+    subject = {"reference": "Patient/p1"}
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female"},
+        {"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "AMB"}, "subject": subject,
+         "period": {"start": "2016-01-01T09:00:00Z", "end": "2016-01-01T10:00:00Z"}},
+        {"resourceType": "MedicationStatement", "id": "said", "status": "active", "subject": subject,
+         "context": {"reference": "Encounter/e1"}, "medicationCodeableConcept": drug,
+         "effectiveDateTime": "2016-01-01T09:30:00Z"},
+        {"resourceType": "MedicationStatement", "id": "episode", "status": "active", "subject": subject,
+         "context": {"reference": "EpisodeOfCare/c1"}, "medicationCodeableConcept": drug,
+         "effectiveDateTime": "2016-01-01T09:30:00Z"},
+        {"resourceType": "MedicationAdministration", "id": "given", "status": "completed", "subject": subject,
+         "context": {"reference": "Encounter/e1"}, "medicationCodeableConcept": drug,
+         "effectiveDateTime": "2016-01-01T09:40:00Z"},
+        {"resourceType": "MedicationRequest", "id": "order", "status": "active", "intent": "order",
+         "subject": subject, "encounter": {"reference": "Encounter/e1"}, "medicationCodeableConcept": drug,
+         "authoredOn": "2016-01-01T09:35:00Z"},
+    ]
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:e2", "resource": {**records[1], "id": "e2"}},
+        {"fullUrl": "urn:uuid:s2", "resource": {**records[2], "id": "said-bundle",
+                                                "context": {"reference": "urn:uuid:e2"}}},
+    ]}
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    (landing / "bundle.json").write_bytes(orjson.dumps(bundle))
+    fast = _fast_equals_per_record(landing.parent, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {}
+    medications = pl.read_parquet(tmp_path / "fast" / "medications.parquet")
+    assert sorted(medications.select("resource_id", "encounter_id").rows()) == [
+        ("episode", None), ("given", "e1"), ("order", "e1"), ("said", "e1"), ("said-bundle", "e2")]
+
+
 def test_a_result_over_a_period_is_known_when_the_period_ends_on_both_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
