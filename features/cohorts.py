@@ -22,7 +22,7 @@ from datetime import time as dt_time
 
 import polars as pl
 
-from features.fhir.columnar import site_time_as_utc
+from features.fhir.columnar import site_date_start
 from features.tasks import CodeRule, TaskDefinition
 
 BIRTH_CODE = "MEDS_BIRTH"
@@ -51,9 +51,7 @@ def site_clock(time: pl.Expr, zone: str) -> pl.Expr:
 
 def site_day_start(time: pl.Expr, zone: str) -> pl.Expr:
     """The first instant (naive UTC) of the day on the site's calendar that holds each naive UTC time."""
-    midnight = site_clock(time, zone).dt.date().cast(pl.Datetime("us"))
-    # Where clocks jump from 00:00 to 01:00, the day starts at 01:00.
-    return pl.coalesce(site_time_as_utc(midnight, zone), site_time_as_utc(midnight + pl.duration(hours=1), zone))
+    return site_date_start(site_clock(time, zone).dt.date(), zone)
 
 
 def age_years(birth_time: pl.Expr, prediction_time: pl.Expr, zone: str = "UTC") -> pl.Expr:
@@ -62,9 +60,10 @@ def age_years(birth_time: pl.Expr, prediction_time: pl.Expr, zone: str = "UTC") 
     instant of their 18th birthday (a 365.25-day year put some a few hours short on the day); one
     born on 29 February has their birthday on the 28th in other years.
 
-    ``birth_time``: the birth date (its date part is read), ``prediction_time``: naive UTC.
+    ``birth_time``: ``MEDS_BIRTH``'s time, the first instant of the birth date on the site's
+    calendar (naive UTC); ``prediction_time``: naive UTC.
     """
-    born = birth_time.dt.date()
+    born = site_clock(birth_time, zone).dt.date()
     local = site_clock(prediction_time, zone).dt.replace_time_zone(None)
     years = local.dt.year() - born.dt.year()
 

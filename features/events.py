@@ -38,11 +38,12 @@ genomics            ``GENE//<gene>``, ``EXPRESSION//..`` numeric (genotype or va
 ``source`` is ``<table>/<record id>``. The note text and the image embedding stay in their tables:
 later stages embed them, keyed by the id in ``text_value``.
 
-``time`` is when the fact happened (a diagnosis's onset, a specimen's draw): cohorts and labels
-read it. ``known_time`` is when it became known, where that is later: a condition's, allergy's or
-report's ``recorded_time`` (recordedDate, issued) and an observation's ``issued_time``. Model
-inputs are placed at it (:func:`features.tokenize.events_before`), so that a result drawn before a
-prediction time but issued after it is not an input, nor is an outcome's work-up an outcome.
+``time`` is when the fact happened (a diagnosis's onset, a specimen's draw): cohorts and labels read
+it. Birth is the first instant of the birth date on the site's calendar. ``known_time`` is when it
+became known, where that is later: a condition's, allergy's or report's ``recorded_time``
+(recordedDate, issued) and an observation's ``issued_time``. Model inputs are placed at it
+(:func:`features.tokenize.events_before`), so that a result drawn before a prediction time but
+issued after it is not an input, nor is an outcome's work-up an outcome.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pathlib import Path
 
 import polars as pl
 
+from features.fhir.columnar import site_date_start
 from features.fhir.specs import (
     CODED_TABLES,
     DID_NOT_HAPPEN,
@@ -61,6 +63,7 @@ from features.fhir.specs import (
     TABLE_OF_TYPE,
     VISIT_DID_NOT_HAPPEN,
 )
+from features.fhir.validate import SITE_ZONE
 from features.schemas import CODES, EVENTS
 from features.units import unit_conversion
 
@@ -115,8 +118,9 @@ def merged_patients(patients: pl.DataFrame) -> dict[str, str]:
     return merged
 
 
-def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
-    """One lazy EVENTS-shaped frame per source of events. ``tables`` maps table name -> frame.
+def event_frames(tables: dict[str, pl.LazyFrame], zone: str = SITE_ZONE) -> list[pl.LazyFrame]:
+    """One lazy EVENTS-shaped frame per source of events. ``tables`` maps table name -> frame;
+    ``zone`` is the site time zone the tables were read in.
 
     A patient merged into another (:func:`merged_patients`) has no events of its own: ingest
     gives its records to the patient it was merged into."""
@@ -132,7 +136,9 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
         _frame(
             patients.filter(pl.col("birth_date").is_not_null()),
             pl.lit("MEDS_BIRTH"),
-            pl.col("birth_date").cast(pl.Datetime("us")),
+            # A birth date is a day on the site's calendar: birth is its first instant, so that no
+            # record of the day of birth precedes it.
+            site_date_start(pl.col("birth_date"), zone),
             no_num,
             no_text,
             "ehr",
@@ -259,15 +265,16 @@ def event_frames(tables: dict[str, pl.LazyFrame]) -> list[pl.LazyFrame]:
     return frames
 
 
-def build_events(warehouse_dir: Path) -> pl.LazyFrame:
-    """The lazy ``events`` query over the normalized tables written in ``warehouse_dir``.
+def build_events(warehouse_dir: Path, zone: str = SITE_ZONE) -> pl.LazyFrame:
+    """The lazy ``events`` query over the normalized tables written in ``warehouse_dir``, read in
+    the site time zone ``zone``.
 
     Every event's subject is a patient of ``patients`` (rows of other tables whose patient is not
     there were quarantined before, and the inner join would drop nothing else).
     """
     names = ["patients", "encounters", *CODED_TABLES, "observations", "notes", "imaging_studies", "imaging", "genomics"]
     tables = {name: pl.scan_parquet(warehouse_dir / f"{name}.parquet", glob=False) for name in names}
-    return pl.concat(event_frames(tables), how="vertical").select(EVENTS.names)
+    return pl.concat(event_frames(tables, zone), how="vertical").select(EVENTS.names)
 
 
 def codes_in_several_units(events: pl.LazyFrame) -> pl.DataFrame:

@@ -1776,7 +1776,7 @@ def _ingest_locked(run: _IngestRun) -> IngestSummary:
             ]
             if drops.height
         ]
-        events_path = _sink_table(build_events(tables_dir), tables_dir / "events.parquet", EVENTS)
+        events_path = _sink_table(build_events(tables_dir, run.zone), tables_dir / "events.parquet", EVENTS)
         table_rows["events"] = pq.read_metadata(events_path).num_rows
         codes_path = _sink_table(build_codes(tables_dir), tables_dir / "codes.parquet", CODES)
         table_rows["codes"] = pq.read_metadata(codes_path).num_rows

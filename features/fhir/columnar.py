@@ -472,6 +472,13 @@ def site_time_as_utc(local: pl.Expr, zone: str, ambiguous: Literal["earliest", "
             .dt.convert_time_zone("UTC").dt.replace_time_zone(None))
 
 
+def site_date_start(day: pl.Expr, zone: str) -> pl.Expr:
+    """The first instant (naive UTC) of each date on the site's calendar (``zone``). Where clocks
+    jump from 00:00 to 01:00, the day starts at 01:00."""
+    midnight = day.cast(pl.Datetime("us"))
+    return pl.coalesce(site_time_as_utc(midnight, zone), site_time_as_utc(midnight + pl.duration(hours=1), zone))
+
+
 FAST_EARLIEST = EARLIEST + timedelta(days=1)
 """The fast path clears no time before this: the Python path judges a time without an offset by
 the year written on the site's calendar, which a UTC instant within a day of 1800 does not tell."""

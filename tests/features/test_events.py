@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from features.events import codes_in_several_units, event_frames, units_by_code
@@ -165,3 +166,28 @@ def test_codes_in_several_units_lists_each_unit_most_values_first() -> None:
     expected = pl.DataFrame({"code": ["LOINC//w"] * 3, "unit": ["kg", "[lb_av]", None], "values": [2, 1, 1]})
     assert_frame_equal(several, expected)
     assert units_by_code(several).rows() == [("LOINC//w", "kg (2), [lb_av] (1, converted), no unit (1, kept apart)")]
+
+
+@pytest.mark.parametrize(("zone", "birth"), [
+    ("Asia/Kolkata", datetime(2020, 3, 9, 18, 30)),  # 00:00 on the 10th at UTC+5:30
+    ("America/New_York", datetime(2020, 3, 10, 4, 0)),  # 00:00 on the 10th at UTC-4 (summer time began on the 8th)
+    ("UTC", datetime(2020, 3, 10)),
+])
+def test_birth_is_the_first_instant_of_the_birth_date_on_the_sites_calendar(
+    tmp_path: Path, zone: str, birth: datetime
+) -> None:
+    # A newborn seen at 02:00 on the day of birth, site time: the visit follows the birth.
+    lines = [
+        orjson.dumps({"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "2020-03-10"}),
+        orjson.dumps({"resourceType": "Encounter", "id": "e1", "status": "finished", "class": {"code": "IMP"},
+                      "subject": {"reference": "Patient/p1"}, "period": {"start": "2020-03-10T02:00:00"}}),
+    ]
+    landing = tmp_path / "landing" / "fhir"
+    landing.mkdir(parents=True)
+    (landing / "export.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    ingest_landing_zone(landing.parent, tmp_path / "out", workers=1, export_time=datetime(2025, 1, 1),
+                        site_timezone=zone)
+
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet").filter(pl.col("time").is_not_null())
+    assert events.sort("time").select("code", "time").rows() == [
+        ("MEDS_BIRTH", birth), ("ENCOUNTER//IMP", birth + timedelta(hours=2))]

@@ -10,6 +10,7 @@ from polars.testing import assert_frame_equal
 
 from features.cohorts import age_years, select_cohort
 from features.errors import CohortDefinitionError
+from features.fhir.columnar import site_date_start
 from features.fhir.validate import parse_datetime
 from features.labels import LabelCounts, build_labels, labels_to_arrow, usual_interval_days
 from features.schemas import LABELS
@@ -71,10 +72,14 @@ def test_a_patient_is_of_age_from_the_first_instant_of_their_birthday() -> None:
     (date(1950, 6, 15), datetime(2023, 6, 15, 3, 0), "UTC", 73 + 0.125 / 366),  # 2024 is a leap year
     # 03:00 UTC on the 15th is still the 14th in New York: a day short of 73.
     (date(1950, 6, 15), datetime(2023, 6, 15, 3, 0), "America/New_York", 72 + (365 - 1 / 24) / 365),
+    # 19:00 UTC on the 14th is 00:30 on the 15th in Kolkata: the birthday has begun.
+    (date(1950, 6, 15), datetime(2023, 6, 14, 19, 0), "Asia/Kolkata", 73 + 0.5 / 24 / 366),
 ])
 def test_age_years_counts_birthdays_on_the_sites_calendar(birth: date, at: datetime, zone: str, age: float) -> None:
-    frame = pl.DataFrame({"birth_time": [datetime.combine(birth, datetime.min.time())], "prediction_time": [at]})
-    computed = frame.select(age_years(pl.col("birth_time"), pl.col("prediction_time"), zone)).item()
+    # MEDS_BIRTH is the first instant of the birth date on the site's calendar (events.event_frames).
+    frame = pl.DataFrame({"birth_date": [birth], "prediction_time": [at]})
+    birth_time = site_date_start(pl.col("birth_date"), zone)
+    computed = frame.select(age_years(birth_time, pl.col("prediction_time"), zone)).item()
     assert computed == pytest.approx(age, abs=1e-9)
 
 
