@@ -190,7 +190,8 @@ def clear_long_rows(table: pa.Table, form: str) -> tuple[npt.NDArray[np.bool_], 
     if form == "variants":
         genotype = table.column("genotype")
         if pa.types.is_integer(genotype.type):
-            values = pc.fill_null(pc.cast(genotype, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+            # Unsafe: a value beyond 2**53 (a sentinel such as INT64_MIN) is no genotype either way.
+            values = pc.fill_null(pc.cast(genotype, pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False)
         elif is_text(genotype.type):
             digit = pc.fill_null(pc.match_substring_regex(genotype, "^[012]$"), False)
             values = pl.Series(pc.if_else(digit, genotype, None)).cast(pl.Float64).fill_null(np.nan).to_numpy()

@@ -1298,16 +1298,20 @@ def resolve_note_references(
         kept.select("binary_id", "content_type", "text", "text_sha256"), on="binary_id", how="left",
         maintain_order="left",
     )
-    resolved = joined.filter(pl.col("text").is_not_null()).select(INTERNAL_TABLES["notes"].names)
+    # A blank text says nothing (a notes table refuses one too).
+    has_text = pl.col("text").str.strip_chars().str.len_chars().fill_null(0) > 0
+    resolved = joined.filter(has_text).select(INTERNAL_TABLES["notes"].names)
     named = pl.lit("DocumentReference's text is Binary/") + pl.col("binary_id")
     missing = pl.col("content_type").is_null()
     unresolved = _drops(
-        joined.filter(pl.col("text").is_null()),
+        joined.filter(~has_text),
         pl.lit("DocumentReference"),
         pl.col("note_id"),
         pl.when(missing).then(pl.lit("orphan_reference")).otherwise(pl.lit("no_note_text")),
         pl.when(missing)
         .then(named + pl.lit(_NOT_IN_EXPORT))
+        .when(pl.col("text").is_not_null())
+        .then(named + pl.lit(", whose text is blank"))
         .when(pl.col("content_type").str.strip_chars().str.to_lowercase().str.starts_with("text/"))
         .then(named + pl.lit(", which has no data"))
         .otherwise(named + pl.lit(", of content type ") + pl.col("content_type") + pl.lit("; only text/* is read")),

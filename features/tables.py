@@ -187,7 +187,7 @@ def table_columns(path: Path) -> list[str]:
                         f"table format cohortcast reads (expected {', '.join(TABLE_SUFFIXES)}; decompress .gz files)")
     try:
         if path.suffix.lower() == ".parquet":
-            return _named_plainly(list(pq.read_schema(path).names))
+            return _named_plainly([name.strip() for name in pq.read_schema(path).names])
         with _csv_reader(path) as reader:
             header = next(reader, None)
     except (OSError, csv.Error) as exc:
@@ -267,11 +267,30 @@ def _unreadable_parquet(exc: Exception) -> FileError:
 
 
 def read_column(path: Path, name: str) -> pa.ChunkedArray:
-    """One column of a Parquet file, or :class:`FileError` when its data cannot be read."""
+    """One column of a Parquet file (``name`` as :func:`table_columns` gives it, trimmed), or
+    :class:`FileError` when its data cannot be read."""
     try:
-        return pq.read_table(path, columns=[name]).column(name)
+        stored = [column for column in pq.read_schema(path).names if column.strip() == name][:1] or [name]
+        return pq.read_table(path, columns=stored).column(0)
     except (pa.ArrowException, OSError) as exc:  # OSError: e.g. a corrupt compressed page
         raise _unreadable_parquet(exc) from None
+
+
+def _plain_columns(batch: pa.RecordBatch) -> pa.Table:
+    """A Parquet batch with its column names trimmed (as a CSV header's are) and Arrow's view types
+    as the plain types the readers' kernels take: pyarrow writes a ``string_view`` column's type into
+    the file, and it reads back as one."""
+    columns = []
+    for column in batch.columns:
+        if pa.types.is_string_view(column.type):
+            column = column.cast(pa.large_string())
+        elif pa.types.is_binary_view(column.type):
+            column = column.cast(pa.large_binary())
+        elif pa.types.is_list_view(column.type) or pa.types.is_large_list_view(column.type):
+            # By value: pyarrow's cast of a list view to a list writes invalid offsets.
+            column = pa.array(column.to_pylist(), type=pa.large_list(column.type.value_type))
+        columns.append(column)
+    return pa.Table.from_arrays(columns, names=[name.strip() for name in batch.schema.names])
 
 
 def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[int, dict[str, Any]]]]]:
@@ -298,7 +317,7 @@ def iter_batches(path: Path) -> Iterator[tuple[list[int], pa.Table, list[tuple[i
                 raise _unreadable_parquet(exc) from None
             if batch is None:
                 return
-            yield list(range(number + 1, number + 1 + batch.num_rows)), pa.Table.from_batches([batch]), []
+            yield list(range(number + 1, number + 1 + batch.num_rows)), _plain_columns(batch), []
             number += batch.num_rows
     with path.open("rb") as handle:
         # Lines ended \r\r\n (a CSV written in text mode on Windows) read as a record and an
@@ -585,8 +604,10 @@ def to_patient_id(row: dict[str, Any]) -> str:
 
 def to_string(row: dict[str, Any], name: str) -> str:
     value = require(row, name)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         raise RecordError("bad_type", f"column {name} should be text, found {type(value).__name__} {value!r:.40}")
+    if not value.strip():
+        raise RecordError("missing_value", f"column {name} is blank (only spaces or line breaks)")
     return value
 
 

@@ -36,7 +36,6 @@ makes them, so that the caller can merge both paths' rows back into file order.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import re
@@ -50,7 +49,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pj
 
-from features.fhir.flatten import note_type_slug, text_charset
+from features.fhir.flatten import base64_bytes, charset_text, note_type_slug, text_charset
 from features.fhir.specs import (
     CODE_PADDING,
     ENCOUNTER_REFERENCE_FIELD,
@@ -1097,15 +1096,17 @@ def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
 
 
 def _note_text(data: str, content_type: str | None) -> str | None:
-    """The decoded note of the first attachment, or None when only the Python path can tell."""
+    """The decoded note of the first attachment, or None when only the Python path can tell (it is
+    not text, cannot be decoded, or is blank: a later attachment may hold the note)."""
     charset = text_charset(content_type)
     if charset is None:
         return None
     try:
-        return base64.b64decode(data, validate=True).decode(charset)
+        text = charset_text(base64_bytes(data), charset)
     except (binascii.Error, ValueError, LookupError):
         # UnicodeDecodeError is a ValueError: every failure is the Python path's to explain.
         return None
+    return text if text.strip() else None
 
 
 def build_imaging_study(frame: pl.DataFrame, ctx: Context) -> Built:

@@ -697,7 +697,7 @@ def _note_text(res: dict[str, Any]) -> str:
     content = res.get("content")
     if not isinstance(content, list) or not content:
         raise RecordError("no_note_text", "DocumentReference.content is missing or empty")
-    urls = []
+    urls, blank = [], None
     for index, item in enumerate(content):
         attachment = item.get("attachment") if isinstance(item, dict) else None
         if not isinstance(attachment, dict):
@@ -713,8 +713,14 @@ def _note_text(res: dict[str, Any]) -> str:
                 urls.append(attachment["url"])
             continue
         text = decode_text(data, content_type, f"DocumentReference.content[{index}].attachment")
-        if text is not None:
+        if text is not None and text.strip():
             return text
+        if text is not None and blank is None:
+            # A blank text says nothing (a notes table refuses one too); a later attachment may.
+            blank = index
+    if blank is not None:
+        raise RecordError("no_note_text", f"DocumentReference.content[{blank}].attachment's text is blank, and no "
+                          "later text/* attachment has text")
     if urls:
         raise RecordError(
             "no_note_text",
@@ -739,6 +745,22 @@ def text_charset(content_type: str | None) -> str | None:
     return charset
 
 
+_BASE64_SPACE = str.maketrans("", "", " \t\r\n")
+
+
+def base64_bytes(data: str) -> bytes:
+    """FHIR ``base64Binary`` as bytes. The type allows whitespace around its four-character groups,
+    so text wrapped in 76-character lines (MIME style) is read; any other character than base64's
+    raises ``binascii.Error`` or ``ValueError``."""
+    return base64.b64decode(data.translate(_BASE64_SPACE), validate=True)
+
+
+def charset_text(raw: bytes, charset: str) -> str:
+    """``raw`` decoded by ``charset``, without a byte-order mark (a mark is no part of the note: kept,
+    the same note would have two digests). Raises ``LookupError`` or ``UnicodeError``."""
+    return raw.decode(charset).removeprefix("\ufeff")
+
+
 def decode_text(data: Any, content_type: str, where: str) -> str | None:
     """Base64 ``data`` of a ``text/*`` content type decoded by its charset (:func:`text_charset`);
     None for any other content type."""
@@ -748,11 +770,11 @@ def decode_text(data: Any, content_type: str, where: str) -> str | None:
     if not isinstance(data, str):
         raise RecordError("bad_type", f"{where}.data should be a base64 string")
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64_bytes(data)
     except (binascii.Error, ValueError):
         raise RecordError("bad_base64", f"{where}.data is not valid base64") from None
     try:
-        return raw.decode(charset)
+        return charset_text(raw, charset)
     except LookupError:
         raise RecordError("bad_charset", f"{where} charset {charset!r:.40} is unknown") from None
     except UnicodeError:  # UnicodeDecodeError, and the bare UnicodeError of codecs such as punycode

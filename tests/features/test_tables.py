@@ -1081,3 +1081,49 @@ def test_a_table_file_of_a_format_not_read_is_one_row_not_left_out(tmp_path: Pat
          ".txt is not a table format cohortcast reads (expected .parquet, .csv, .tsv; decompress .gz files)"),
     ]
     assert {account.source_file for account in summary.files} >= {"genomics/expression.tsv.gz", "notes/notes.txt"}
+
+
+def test_a_blank_note_text_is_named_blank(tmp_path: Path) -> None:
+    summary, quarantine = run(tmp_path, {"notes/notes.parquet": notes_table(text=["ok", " \r\n "])})
+    assert quarantine.select("record_number", "reason_code", "reason").rows() == [
+        (2, "missing_value", "column text is blank (only spaces or line breaks)")]
+    assert summary.table_rows["notes"] == 1
+
+
+def test_view_typed_parquet_columns_are_read(tmp_path: Path) -> None:
+    # pyarrow writes a string_view column's type into the file and reads it back as one; an
+    # embedding may likewise come back as a list_view.
+    notes = notes_table()
+    notes = notes.set_column(0, "patient_id", notes.column("patient_id").cast(pa.string_view()))
+    notes = notes.set_column(4, "text", notes.column("text").cast(pa.string_view()))
+    imaging = pa.table({
+        "patient_id": pa.array(["p1"], pa.string_view()), "study_id": ["s1"], "time": [datetime(2020, 3, 1)],
+        "modality": ["CT"], "body_site": ["chest"],
+        "embedding": pa.array([[0.5, -1.0, 2.0]], pa.list_view(pa.float32())),
+    })
+    _summary, quarantine = run(tmp_path, {"notes/notes.parquet": notes, "imaging/studies.parquet": imaging})
+    assert quarantine.height == 0
+    assert pl.read_parquet(tmp_path / "out" / "notes.parquet").select("note_id", "text").rows() == [
+        ("n1", "Pt well."), ("n2", "Pt short of breath.")]
+    assert pl.read_parquet(tmp_path / "out" / "imaging.parquet").select("study_id", "embedding").rows() == [
+        ("s1", [0.5, -1.0, 2.0])]
+
+
+def test_parquet_column_names_are_trimmed_as_a_csv_headers_are(tmp_path: Path) -> None:
+    # One gene is one code whichever file format the panel came in.
+    panel = pa.table({"patient_id": ["p1"], " IL6": [1.5], "CRP ": [2.5]})
+    csv = b"patient_id, IL6 ,CRP\np2,3.0,4.0\n"
+    run(tmp_path, {"genomics/a_panel.parquet": panel, "genomics/b_panel.csv": csv}, patients=2)
+    genomics = pl.read_parquet(tmp_path / "out" / "genomics.parquet")
+    assert genomics.select("patient_id", "code", "value").rows() == [
+        ("p1", "FEATURE//IL6", 1.5), ("p1", "FEATURE//CRP", 2.5),
+        ("p2", "FEATURE//IL6", 3.0), ("p2", "FEATURE//CRP", 4.0)]
+
+
+def test_a_genotype_sentinel_beyond_float_precision_is_one_quarantined_row(tmp_path: Path) -> None:
+    variants = pa.table({"patient_id": ["p1", "p1"], "gene": ["CYP2C19", "LPA"], "variant": ["rs4244285", "rs10455872"],
+                         "genotype": pa.array([1, -(2**63)], pa.int64())})
+    _summary, quarantine = run(tmp_path, {"genomics/variants.parquet": variants})
+    assert quarantine.select("record_number", "reason").rows() == [
+        (2, f"genotype {-(2**63)} is not 0, 1 or 2 alternate alleles")]
+    assert pl.read_parquet(tmp_path / "out" / "genomics.parquet")["code"].to_list() == ["GENE//CYP2C19"]

@@ -862,6 +862,54 @@ def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
 
 
 
+def test_note_text_wrapped_in_lines_or_with_a_byte_order_mark_is_read_and_a_blank_one_is_not_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FHIR's base64Binary allows whitespace between its groups: MIME-style 76-character lines. A
+    # byte-order mark is no part of the note (the same note would have two digests). A blank text
+    # says nothing: the next attachment's is the note; with none, the record is quarantined, as a
+    # blank row of a notes table is.
+    text = "Patient seen in clinic, doing well, afebrile, lungs clear, plan to follow up in three months."
+
+    def wrapped(raw: bytes) -> str:
+        encoded = base64.b64encode(raw).decode()
+        return "\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+
+    def doc(rid: str, *datas: str, binary: str | None = None) -> dict[str, object]:
+        content = [{"attachment": {"contentType": "text/plain", "data": data}} for data in datas]
+        content += [{"attachment": {"contentType": "text/plain", "url": f"Binary/{binary}"}}] if binary else []
+        return {"resourceType": "DocumentReference", "id": rid, "status": "current",
+                "subject": {"reference": "Patient/p1"}, "date": "2020-01-02T00:00:00Z",
+                "type": {"text": "Progress note"}, "content": content}
+
+    blank = base64.b64encode(b" \n ").decode()
+    records = [
+        {"resourceType": "Patient", "id": "p1"},
+        {"resourceType": "Binary", "id": "b-wrapped", "contentType": "text/plain", "data": wrapped(text.encode())},
+        {"resourceType": "Binary", "id": "b-blank", "contentType": "text/plain", "data": blank},
+        doc("d-wrapped", wrapped(text.encode())),
+        doc("d-mark", base64.b64encode(b"\xef\xbb\xbf" + text.encode()).decode()),
+        doc("d-blank-first", blank, base64.b64encode(text.encode()).decode()),
+        doc("d-blank", blank),
+        doc("d-binary-wrapped", binary="b-wrapped"),
+        doc("d-binary-blank", binary="b-blank"),
+    ]
+    landing = tmp_path / "landing"
+    (landing / "fhir").mkdir(parents=True)
+    (landing / "fhir" / "export.ndjson").write_bytes(b"\n".join(map(orjson.dumps, records)) + b"\n")
+    fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
+    assert fast.balanced and fast.quarantined_by_reason == {"no_note_text": 2}
+    notes = pl.read_parquet(tmp_path / "fast" / "notes.parquet").sort("note_id")
+    assert notes.select("note_id", "text").rows() == [
+        ("d-binary-wrapped", text), ("d-blank-first", text), ("d-mark", text), ("d-wrapped", text)]
+    assert notes["text_sha256"].unique().to_list() == [hashlib.sha256(text.encode()).hexdigest()]
+    quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("resource_id")
+    assert quarantine.select("resource_id", "reason").rows() == [
+        ("d-binary-blank", "DocumentReference's text is Binary/b-blank, whose text is blank"),
+        ("d-blank", "DocumentReference.content[0].attachment's text is blank, and no later text/* attachment has text"),
+    ]
+
+
 def test_merged_patients_records_go_to_the_survivor_on_both_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2079,12 +2127,13 @@ def test_versions_recorded_dates_and_note_periods_damaged_in_turn_equal_per_reco
     quarantined = sum(fast.quarantined_by_reason.values())
     assert 100 < quarantined < 2 * lines_in - 100, fast.quarantined_by_reason
     # Where both copies are usable, the rival loses on versionId (the same instant, a lower version)
-    # unless the line's own version was damaged: then it wins on lastUpdated or versionId.
+    # unless the line's own version was damaged: then it wins on lastUpdated or versionId. (A note
+    # whose data is "" is blank, and not usable.)
     duplicates = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").filter(pl.col("reason_code") == "duplicate")
     why = pl.col("reason").str.extract(r"is kept \((newer: \w+|first in file order)")
     outcomes = duplicates.group_by(why.alias("why"), pl.col("source_file").str.contains("rival").alias("rival")).len()
     assert sorted(outcomes.rows()) == [
-        ("newer: lastUpdated", False, 130), ("newer: versionId", False, 60), ("newer: versionId", True, 142)
+        ("newer: lastUpdated", False, 130), ("newer: versionId", False, 60), ("newer: versionId", True, 141)
     ]
 
 
