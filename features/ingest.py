@@ -1909,31 +1909,35 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
     """
     ingested_dir, warehouse_dir = Path(ingested_dir), Path(warehouse_dir)
     batch, record = ingested_dir.name, warehouse_dir / PROMOTED_BATCH_FILE
-    names = warehouse_files()
-    # A batch ingested before deletions were read has no deletions table: it deleted nothing.
-    missing = [name for name in names if not (ingested_dir / name).is_file() and name != "deletions.parquet"]
-    if missing:
-        raise LandingZoneError(
-            f"promote {ingested_dir}: {missing[0]} is missing ({len(missing)} of {len(names)} ingest files); "
-            "ingest the batch (again) before promoting it"
-        )
-    summary = IngestSummary.from_json(ingested_dir / SUMMARY_FILE)
-    problems = ingest_problems(ingested_dir)
-    if problems:
-        raise LandingZoneError(f"promote batch {batch}: {first_of(problems)}; the warehouse keeps its tables")
     _check_dirs(ingested_dir, warehouse_dir)
-    # What the warehouse holds is read under its lock: a promotion of a newer batch that finished
-    # between a check and the writing would otherwise be undone by this older one.
-    with _writer_lock(warehouse_dir, f"promote batch {batch}", lock_wait_seconds):
-        held = record.read_text().strip() if record.is_file() else ""
-        if held > batch and not allow_older_batch:
+    action = f"promote batch {batch}"
+    # The batch is checked and linked under its writer lock: a re-ingest of it finished between the
+    # checks and the linking would put unchecked tables in the warehouse.
+    with _writer_lock(ingested_dir, action, lock_wait_seconds):
+        names = warehouse_files()
+        # A batch ingested before deletions were read has no deletions table: it deleted nothing.
+        missing = [name for name in names if not (ingested_dir / name).is_file() and name != "deletions.parquet"]
+        if missing:
             raise LandingZoneError(
-                f"promote batch {batch}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected "
-                f"{held} or a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
+                f"promote {ingested_dir}: {missing[0]} is missing ({len(missing)} of {len(names)} ingest files); "
+                "ingest the batch (again) before promoting it"
             )
-        if share_problem := too_few_patients(summary, warehouse_dir, min_patient_share):
-            raise LandingZoneError(f"promote batch {batch}: {share_problem}; the warehouse keeps its tables")
-        _link_batch(ingested_dir, warehouse_dir)
+        summary = IngestSummary.from_json(ingested_dir / SUMMARY_FILE)
+        problems = ingest_problems(ingested_dir)
+        if problems:
+            raise LandingZoneError(f"{action}: {first_of(problems)}; the warehouse keeps its tables")
+        # What the warehouse holds is read under its lock: a promotion of a newer batch that
+        # finished between a check and the writing would otherwise be undone by this older one.
+        with _writer_lock(warehouse_dir, action, lock_wait_seconds):
+            held = record.read_text().strip() if record.is_file() else ""
+            if held > batch and not allow_older_batch:
+                raise LandingZoneError(
+                    f"{action}: warehouse {warehouse_dir} holds batch {held}, which is newer (expected {held} or "
+                    "a later batch); the warehouse keeps its tables (allow_older_batch rolls back on purpose)"
+                )
+            if share_problem := too_few_patients(summary, warehouse_dir, min_patient_share):
+                raise LandingZoneError(f"{action}: {share_problem}; the warehouse keeps its tables")
+            _link_batch(ingested_dir, warehouse_dir)
     # Its accounting predates the table too: the empty one just written has no rows.
     return replace(summary, table_rows={"deletions": 0, **summary.table_rows})
 

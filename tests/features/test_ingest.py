@@ -330,6 +330,22 @@ def test_a_second_writer_of_a_warehouse_is_refused(
     assert pl.read_parquet(warehouse / "patients.parquet").height == 28
 
 
+def test_a_batch_being_ingested_again_is_not_promoted_until_that_ingest_ends(
+    bulk: tuple[IngestSummary, Path], tmp_path: Path
+) -> None:
+    # The batch's checks and the linking happen under the batch's own writer lock: a re-ingest that
+    # ended between them would put tables nobody checked in the warehouse.
+    batch = shutil.copytree(bulk[1], tmp_path / "batches" / "2024-06-02")
+    warehouse = tmp_path / "warehouse"
+    warehouse.mkdir()
+    with (batch / ".ingest.lock").open("a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LandingZoneError, match=rf"^promote batch 2024-06-02: warehouse {batch} is being written"):
+            promote_warehouse(batch, warehouse, lock_wait_seconds=0)
+    assert not (warehouse / "patients.parquet").exists()
+    assert promote_warehouse(batch, warehouse, lock_wait_seconds=0) == bulk[0]
+
+
 def test_a_promotion_waits_for_the_writer_before_it(bulk: tuple[IngestSummary, Path], tmp_path: Path) -> None:
     # Two promotions started close together (a sensor's runs) queue: the second is not lost.
     batch = shutil.copytree(bulk[1], tmp_path / "batches" / "2024-06-02")
