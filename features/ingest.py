@@ -1909,19 +1909,13 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
     """
     ingested_dir, warehouse_dir = Path(ingested_dir), Path(warehouse_dir)
     batch, record = ingested_dir.name, warehouse_dir / PROMOTED_BATCH_FILE
+    _check_complete_ingest(ingested_dir)
     _check_dirs(ingested_dir, warehouse_dir)
     action = f"promote batch {batch}"
     # The batch is checked and linked under its writer lock: a re-ingest of it finished between the
     # checks and the linking would put unchecked tables in the warehouse.
     with _writer_lock(ingested_dir, action, lock_wait_seconds):
-        names = warehouse_files()
-        # A batch ingested before deletions were read has no deletions table: it deleted nothing.
-        missing = [name for name in names if not (ingested_dir / name).is_file() and name != "deletions.parquet"]
-        if missing:
-            raise LandingZoneError(
-                f"promote {ingested_dir}: {missing[0]} is missing ({len(missing)} of {len(names)} ingest files); "
-                "ingest the batch (again) before promoting it"
-            )
+        _check_complete_ingest(ingested_dir)
         summary = IngestSummary.from_json(ingested_dir / SUMMARY_FILE)
         problems = ingest_problems(ingested_dir)
         if problems:
@@ -1940,6 +1934,17 @@ def promote_warehouse(ingested_dir: Path, warehouse_dir: Path, allow_older_batch
             _link_batch(ingested_dir, warehouse_dir)
     # Its accounting predates the table too: the empty one just written has no rows.
     return replace(summary, table_rows={"deletions": 0, **summary.table_rows})
+
+
+def _check_complete_ingest(ingested_dir: Path) -> None:
+    names = warehouse_files()
+    # A batch ingested before deletions were read has no deletions table: it deleted nothing.
+    missing = [name for name in names if not (ingested_dir / name).is_file() and name != "deletions.parquet"]
+    if missing:
+        raise LandingZoneError(
+            f"promote {ingested_dir}: {missing[0]} is missing ({len(missing)} of {len(names)} ingest files); "
+            "ingest the batch (again) before promoting it"
+        )
 
 
 def too_few_patients(summary: IngestSummary, warehouse_dir: Path, min_patient_share: float) -> str | None:
@@ -2015,11 +2020,12 @@ def unsettled_warehouse(warehouse_dir: Path) -> str | None:
     return None
 
 
-BATCH_NAME = re.compile(r"[0-9][0-9A-Za-z._:+-]*")
-"""A landing batch's folder name: it starts with a digit, its landing date or time (``2024-06-01``,
-``20240601T0200Z``, ``2024-06-01T02:00:00Z``), so that names sort in landing order. A folder named
-otherwise (``archive``, ``tmp``, ``export-2024-06-02``) is no batch: read as one, it would sort after
-every dated batch and be taken for the newest."""
+BATCH_NAME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[T._:+-][0-9A-Za-z._:+-]*)?")
+"""A landing batch's folder name: it starts with its landing date written ``YYYY-MM-DD``, maybe
+followed by a time (``2024-06-01``, ``2024-06-01T02:00:00Z``), so that names sort in landing order.
+A folder named otherwise (``archive``, ``export-2024-06-02``) is no batch: read as one, it would sort
+after every dated batch and be taken for the newest; so would the same date written another way
+(``20240601T0200Z`` sorts after ``2024-06-02``)."""
 
 
 def is_batch_name(name: str) -> bool:

@@ -96,10 +96,50 @@ def _run_step(out: Path, inputs: list[Path], settings: str,
     table, stats = compute()
     if table is not None:
         write_parquet_atomic(table, out)
+    # The warehouse's files (any input outside the task folder) are named too, in the clear: scoring
+    # and publishing tell by them whether the inputs are of the ingest now in place.
     write_bytes_atomic(json.dumps({"key": key, "output": _file_key(out),
-                                   "side_outputs": [_file_key(p) for p in side_outputs], "stats": stats},
-                                  indent=1).encode(), stamp)
+                                   "side_outputs": [_file_key(p) for p in side_outputs],
+                                   "warehouse_inputs": [_file_key(p) for p in inputs if p.parent != out.parent],
+                                   "stats": stats}, indent=1).encode(), stamp)
     return StepResult(out, True, stats)
+
+
+def warehouse_events_key(warehouse_dir: Path) -> str:
+    """The key (name, size, modification time) of the warehouse's ``events.parquet`` now: every
+    ingest and promotion puts another file in place, so it names the ingest the tables are of."""
+    return _file_key(Path(warehouse_dir) / "events.parquet")
+
+
+def inputs_events_key(folder: Path) -> str | None:
+    """The key of the warehouse ``events.parquet`` a task folder's event tokens were built from
+    (:func:`warehouse_events_key` then); None for a folder whose steps recorded none."""
+    stamp = Path(folder) / "event_tokens.fingerprint.json"
+    if not stamp.is_file():
+        return None
+    keys = json.loads(stamp.read_text(encoding="utf-8")).get("warehouse_inputs") or []
+    return next((key for key in keys if key.split(":", 1)[0] == "events.parquet"), None)
+
+
+def stale_task_inputs(warehouse_dir: Path, task_name: str) -> str | None:
+    """Why the inputs in ``tasks/<task_name>/`` are not all of the ingest now in ``warehouse_dir``
+    (a promotion or an ingest finished since a step read the warehouse), or None.
+
+    Scores of such inputs would be published under the new ingest's name, with the old one's
+    patients and records. A folder written by hand (no step records) has nothing to compare.
+    """
+    folder = Path(warehouse_dir) / "tasks" / task_name
+    for stamp in sorted(folder.glob("*.fingerprint.json")):
+        step = stamp.name.removesuffix(".fingerprint.json")
+        recorded = json.loads(stamp.read_text(encoding="utf-8")).get("warehouse_inputs")
+        if recorded is None:
+            return f"{stamp} names no warehouse files (written by an earlier version); build the task inputs again"
+        for key in recorded:
+            now = _file_key(Path(warehouse_dir) / key.split(":", 1)[0])
+            if key != now:
+                return (f"task {task_name!r}: {step} was built from {key} (name:bytes:mtime), the warehouse now holds "
+                        f"{now} (another ingest or batch was put in place since); build the task inputs again")
+    return None
 
 
 def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:

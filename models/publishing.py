@@ -47,8 +47,9 @@ from features.errors import CohortcastError
 from features.ingest import PROMOTED_BATCH_FILE, SUMMARY_FILE, IngestSummary, unsettled_warehouse
 from features.io import staging_dir
 from features.schemas import SCORES
+from features.task_inputs import warehouse_events_key
 from features.units import unit_print_symbol
-from models.scoring import RiskTiers
+from models.scoring import SCORED_EVENTS_KEY, RiskTiers
 from models.scoring import model_version as model_version_of
 from models.task_model import ModelFolderError, check_model_folder, check_prediction_target, promote_model
 
@@ -238,6 +239,14 @@ def check_publishable(root: Path, task: str, scores: pa.Table, model_dir: Path, 
     if made_by - {held}:
         raise PublishError(f"{refused}: the scores were made by model {', '.join(sorted(made_by - {held}))}, "
                            f"the model folder {model_dir} holds {held} (score the task again)")
+    # Scores of inputs built before another ingest was put in place would go live under that ingest's
+    # lineage, for the patients and records of the one before.
+    scored = (scores.schema.metadata or {}).get(SCORED_EVENTS_KEY)
+    now = warehouse_events_key(warehouse_dir)
+    if scored is not None and scored.decode() != now:
+        raise PublishError(f"{refused}: the scores are of inputs built from {scored.decode()} (name:bytes:mtime), "
+                           f"warehouse {warehouse_dir} now holds {now} (another ingest or batch was put in place "
+                           "since); build the task inputs and score the task again")
 
 
 def held_out_metrics(model_dir: Path, refused: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from features.errors import TrainingDataError
 from features.schemas import SCORES
+from features.task_inputs import inputs_events_key
 from features.tokenize import EventTokenizer, value_unit
 from features.units import unit_print_symbol
 from models.data import FusionDataset
@@ -218,8 +219,19 @@ def score_task(model_dir: Path, task_dir: Path, task_name: str, tiers: RiskTiers
             ),
             "model_version": [version] * n,
         },
-        schema=SCORES,
+        schema=_scores_schema(task_dir),
     )
+
+
+SCORED_EVENTS_KEY = b"cohortcast.scored_events"
+"""Schema metadata of a scores table: the key of the warehouse ``events.parquet`` the scored inputs
+were built from (:func:`features.task_inputs.inputs_events_key`), which publishing compares with the
+warehouse's at the time (:func:`models.publishing.check_publishable`)."""
+
+
+def _scores_schema(task_dir: Path) -> pa.Schema:
+    events_key = inputs_events_key(task_dir)
+    return SCORES if events_key is None else SCORES.with_metadata({SCORED_EVENTS_KEY: events_key.encode()})
 
 
 def _read_present(path: Path, columns: list[str]) -> pl.DataFrame | None:

@@ -198,9 +198,9 @@ def landing_batch_sensor(context: dg.SensorEvaluationContext, workspace: Workspa
     again = [(name, key) for name in recent
              if (key := ingest_again_key(context.instance, name, workspace.batches_dir / name, now, ingested))]
     strays = stray_batch_entries(workspace.batches_dir)
-    stray_note = (f"left alone, not batches (a batch is a folder, whose name starts with a digit, its landing date "
-                  f"or time, such as 2024-06-01, and holds only letters, digits and . _ - : +; unpack an archive "
-                  f"into one): {', '.join(strays)}" if strays else "")
+    stray_note = (f"left alone, not batches (a batch is a folder, whose name starts with its landing date written "
+                  f"YYYY-MM-DD, such as 2024-06-01 or 2024-06-01T02:00:00Z, and holds only letters, digits and "
+                  f". _ - : +; unpack an archive into one): {', '.join(strays)}" if strays else "")
     if stray_note and (ready or again):
         context.log.warning(stray_note)
     if not ready and not again:

@@ -101,8 +101,8 @@ def ingested_tables(context: dg.AssetExecutionContext, config: IngestRunConfig, 
                          f"found {config.keep_ingested_batches}")
     if config.from_batch and not is_batch_name(config.from_batch):
         raise dg.Failure(f"ingested_tables: from_batch {config.from_batch!r} is not a batch name (expected a folder "
-                         "name under batches/ that starts with a digit, its landing date or time, such as "
-                         "2024-06-01)")
+                         "name under batches/ that starts with its landing date written YYYY-MM-DD, such as "
+                         "2024-06-01 or 2024-06-01T02:00:00Z)")
     if config.from_batch:
         ingested = workspace.batch_warehouse_dir(config.from_batch)
         summary = promote_warehouse(ingested, workspace.warehouse_dir, allow_older_batch=config.allow_older_batch,

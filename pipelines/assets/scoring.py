@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from features.ingest import warehouse_read, warehouse_site_timezone
 from features.io import write_parquet_atomic
-from features.task_inputs import tabular_features_for
+from features.task_inputs import stale_task_inputs, tabular_features_for
 from features.tasks import TaskDefinition
 from features.tokenize import saved_unit_keys
 from models.drift import (
@@ -92,6 +92,8 @@ def risk_scores(context: dg.AssetExecutionContext, config: ScoringRunConfig,
     task = context.partition_key
     definition = task_of_partition(task)
     check_model_deployed(workspace, definition)
+    if (stale := stale_task_inputs(workspace.warehouse_dir, task)) is not None:
+        raise PublishError(f"score {task} refused: {stale}")
     tiers = definition.publishing
     previous = comparable_scores(published_dir(workspace), task, definition.horizon_days,
                                  definition.description or definition.name)

@@ -96,6 +96,29 @@ def test_event_tokens_step_writes_a_deleted_or_changed_vocabulary_again(tmp_path
     assert not task_inputs.build_event_tokens(warehouse, definition).recomputed
 
 
+def test_inputs_built_before_another_ingest_was_put_in_place_are_named_stale(tmp_path: Path) -> None:
+    warehouse, definition = toy_warehouse(tmp_path, toy_events()), task(inputs={"min_code_count": 1})
+    task_inputs.build_cohort(warehouse, definition)
+    task_inputs.build_splits(warehouse, definition)
+    task_inputs.build_event_tokens(warehouse, definition)
+    folder = task_inputs.task_dir(warehouse, definition)
+    built = task_inputs.warehouse_events_key(warehouse)
+    assert task_inputs.inputs_events_key(folder) == built
+    assert task_inputs.stale_task_inputs(warehouse, "toy") is None
+    # Another ingest's events (here: the same events, written again) replace the warehouse's.
+    toy_events().write_parquet(tmp_path / "next.parquet")
+    (tmp_path / "next.parquet").replace(warehouse / "events.parquet")
+    now = task_inputs.warehouse_events_key(warehouse)
+    assert now != built
+    assert task_inputs.stale_task_inputs(warehouse, "toy") == (
+        f"task 'toy': cohort was built from {built} (name:bytes:mtime), the warehouse now holds {now} (another "
+        "ingest or batch was put in place since); build the task inputs again")
+    for step in (task_inputs.build_cohort, task_inputs.build_splits, task_inputs.build_event_tokens):
+        step(warehouse, definition)
+    assert task_inputs.stale_task_inputs(warehouse, "toy") is None
+    assert task_inputs.inputs_events_key(folder) == now
+
+
 def event_tokens_of(tmp_path: Path, events: pl.DataFrame, max_events: int,
                     max_static_events: int | None = None) -> tuple[pl.DataFrame, dict]:
     """The event_tokens step on ``events``, every patient a train patient: its table and statistics."""

@@ -38,7 +38,7 @@ from models.publishing import (
     risk_assessment_id,
     source_item_descriptions,
 )
-from models.scoring import RiskTiers, model_version, score_task
+from models.scoring import SCORED_EVENTS_KEY, RiskTiers, model_version, score_task
 from tests.models.conftest import TrainedTask
 
 
@@ -354,6 +354,14 @@ def test_publishing_is_refused_unless_the_model_and_the_ingest_pass_their_gates(
     assert str(edited_task.value) == (refused + f"model {model} was trained with horizon_days 365.0, task "
                                       "'synthetic_1y' now has 730.0 (the task file was edited since training; train "
                                       "the model again)")
+    # Scores of inputs built before another ingest was put in place.
+    earlier = scores.replace_schema_metadata({SCORED_EVENTS_KEY: b"events.parquet:1024:1700000000000000000"})
+    with pytest.raises(PublishError) as other_ingest:
+        check_publishable(root, "synthetic_1y", earlier, model, warehouse, 0.0, 1.0, target)
+    assert str(other_ingest.value) == (
+        refused + "the scores are of inputs built from events.parquet:1024:1700000000000000000 (name:bytes:mtime), "
+        f"warehouse {warehouse} now holds events.parquet:absent (another ingest or batch was put in place since); "
+        "build the task inputs and score the task again")
     assert current_version(root, "synthetic_1y") == "v0001"
     assert sorted(p.name for p in (root / "synthetic_1y").iterdir()) == ["CURRENT", "v0001"]
     check_publishable(root, "synthetic_1y", scores, model, warehouse, 0.0, 1.0, target)

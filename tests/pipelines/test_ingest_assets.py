@@ -580,20 +580,24 @@ def test_a_folder_not_named_by_date_is_no_batch(small_hospital: Path, tmp_path: 
     batches = tmp_path / "batches"
     shutil.copytree(small_hospital / "fhir", batches / "archive" / "fhir")
     (batches / "archive" / "_SUCCESS").touch()
+    # The date written without dashes would sort after 2024-06-02, and hold back every later batch.
+    shutil.copytree(batches / "archive", batches / "20240601T0200Z")
     workspace = Workspace(root=str(tmp_path))
     with dg.instance_for_test() as instance:
         result = landing_batch_sensor(dg.build_sensor_context(instance=instance, resources={"workspace": workspace}))
         assert result.run_requests == [] and result.dynamic_partitions_requests == []
         assert result.skip_reason is not None and result.skip_reason.skip_message == (
-            "left alone, not batches (a batch is a folder, whose name starts with a digit, its landing date or time, "
-            "such as 2024-06-01, and holds only letters, digits and . _ - : +; unpack an archive into one): archive")
+            "left alone, not batches (a batch is a folder, whose name starts with its landing date written YYYY-MM-DD, "
+            "such as 2024-06-01 or 2024-06-01T02:00:00Z, and holds only letters, digits and . _ - : +; unpack an "
+            "archive into one): 20240601T0200Z, archive")
         promoted = dg.materialize(
             [ingested_tables], instance=instance, resources={"workspace": workspace}, raise_on_error=False,
             run_config={"ops": {"ingested_tables": {"config": {"from_batch": "archive"}}}})
     assert not promoted.success
     (failure,) = promoted.get_step_failure_events()
-    assert "from_batch 'archive' is not a batch name (expected a folder name under batches/ that starts with a " \
-           "digit, its landing date or time, such as 2024-06-01)" in failure.step_failure_data.error.message  # type: ignore[union-attr]
+    assert "from_batch 'archive' is not a batch name (expected a folder name under batches/ that starts with its " \
+           "landing date written YYYY-MM-DD, such as 2024-06-01 or 2024-06-01T02:00:00Z)" \
+           in failure.step_failure_data.error.message  # type: ignore[union-attr]
 
 
 def test_a_batch_whose_ingest_failed_is_ingested_again_once_changed_even_with_its_times_kept(
