@@ -49,7 +49,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pj
 
-from features.fhir.flatten import base64_bytes, charset_text, note_type_slug, text_charset
+from features.fhir.flatten import (
+    base64_bytes,
+    charset_text,
+    is_plain_text,
+    note_type_slug,
+    readable_text,
+    text_charset,
+)
 from features.fhir.specs import (
     CODE_PADDING,
     ENCOUNTER_REFERENCE_FIELD,
@@ -1070,9 +1077,10 @@ def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
     )
     candidates = checked.filter(pl.col("__ok"))
     texts = [
-        _note_text(data, content_type)
-        for data, content_type in zip(
-            candidates.get_column("__data").to_list(), candidates.get_column("__content_type").to_list(), strict=True
+        _note_text(data, content_type, attachments)
+        for data, content_type, attachments in zip(
+            candidates.get_column("__data").to_list(), candidates.get_column("__content_type").to_list(),
+            candidates.get_column("content").list.len().to_list(), strict=True
         )
     ]
     candidates = candidates.with_columns(
@@ -1095,14 +1103,15 @@ def build_document_reference(frame: pl.DataFrame, ctx: Context) -> Built:
     return clear, {"notes": rows}
 
 
-def _note_text(data: str, content_type: str | None) -> str | None:
-    """The decoded note of the first attachment, or None when only the Python path can tell (it is
-    not text, cannot be decoded, or is blank: a later attachment may hold the note)."""
+def _note_text(data: str, content_type: str | None, attachments: int) -> str | None:
+    """The decoded note of the first of ``attachments`` attachments, or None when only the Python
+    path can tell (it is not text, cannot be decoded, or is blank, or is not plain text and a later
+    attachment may be: flatten._note_text prefers it)."""
     charset = text_charset(content_type)
-    if charset is None:
+    if charset is None or (attachments > 1 and not is_plain_text(content_type)):
         return None
     try:
-        text = charset_text(base64_bytes(data), charset)
+        text = readable_text(charset_text(base64_bytes(data), charset), content_type)
     except (binascii.Error, ValueError, LookupError):
         # UnicodeDecodeError is a ValueError: every failure is the Python path's to explain.
         return None

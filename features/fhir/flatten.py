@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from html.parser import HTMLParser
 from typing import Any
 
 from features.fhir.specs import (
@@ -697,7 +698,7 @@ def _note_text(res: dict[str, Any]) -> str:
     content = res.get("content")
     if not isinstance(content, list) or not content:
         raise RecordError("no_note_text", "DocumentReference.content is missing or empty")
-    urls, blank = [], None
+    urls, blank, rendered = [], None, None
     for index, item in enumerate(content):
         attachment = item.get("attachment") if isinstance(item, dict) else None
         if not isinstance(attachment, dict):
@@ -714,10 +715,16 @@ def _note_text(res: dict[str, Any]) -> str:
             continue
         text = decode_text(data, content_type, f"DocumentReference.content[{index}].attachment")
         if text is not None and text.strip():
-            return text
-        if text is not None and blank is None:
+            # The plain text over another rendering of the same note (HTML, RTF): the first
+            # text/plain attachment, else the first text attachment.
+            if is_plain_text(content_type):
+                return text
+            rendered = text if rendered is None else rendered
+        elif text is not None and blank is None:
             # A blank text says nothing (a notes table refuses one too); a later attachment may.
             blank = index
+    if rendered is not None:
+        return rendered
     if blank is not None:
         raise RecordError("no_note_text", f"DocumentReference.content[{blank}].attachment's text is blank, and no "
                           "later text/* attachment has text")
@@ -728,6 +735,51 @@ def _note_text(res: dict[str, Any]) -> str:
             f"{urls[0]!r:.60}); only those are read",
         )
     raise RecordError("no_note_text", "DocumentReference has no text/* attachment with inline data")
+
+
+def is_plain_text(content_type: str | None) -> bool:
+    """Whether a content type is ``text/plain`` (as no type is)."""
+    return (content_type or "text/plain").partition(";")[0].strip().lower() == "text/plain"
+
+
+class _HtmlText(HTMLParser):
+    """The text of an HTML note as a reader sees it: no markup, scripts or styles; entities read; a
+    line break at each block (paragraph, list item, row, heading)."""
+
+    BLOCKS = frozenset({"address", "article", "blockquote", "br", "dd", "div", "dl", "dt", "footer", "h1", "h2",
+                        "h3", "h4", "h5", "h6", "header", "hr", "li", "ol", "p", "pre", "section", "table", "tr",
+                        "ul"})
+    HIDDEN = frozenset({"head", "script", "style", "title"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self.HIDDEN:
+            self.hidden += 1
+        self.parts.append("\n" if tag in self.BLOCKS else " " if tag in ("td", "th") else "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.HIDDEN:
+            self.hidden = max(0, self.hidden - 1)
+        self.parts.append("\n" if tag in self.BLOCKS else "")
+
+    def handle_data(self, data: str) -> None:
+        if not self.hidden:
+            self.parts.append(data)
+
+
+def html_text(markup: str) -> str:
+    """An HTML note's text, one line per block, spaces collapsed (:class:`_HtmlText`): the markup
+    of an EHR's HTML rendering is no part of what the clinician wrote, and would fill the text
+    encoder's window."""
+    parser = _HtmlText()
+    parser.feed(markup)
+    parser.close()
+    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
+    return "\n".join(line for line in lines if line)
 
 
 @lru_cache(maxsize=256)
@@ -774,11 +826,19 @@ def decode_text(data: Any, content_type: str, where: str) -> str | None:
     except (binascii.Error, ValueError):
         raise RecordError("bad_base64", f"{where}.data is not valid base64") from None
     try:
-        return charset_text(raw, charset)
+        text = charset_text(raw, charset)
     except LookupError:
         raise RecordError("bad_charset", f"{where} charset {charset!r:.40} is unknown") from None
     except UnicodeError:  # UnicodeDecodeError, and the bare UnicodeError of codecs such as punycode
         raise RecordError("bad_charset", f"{where} is not valid {charset} text") from None
+    return readable_text(text, content_type)
+
+
+def readable_text(text: str, content_type: str | None) -> str:
+    """A decoded note as written: the text of an HTML note (:func:`html_text`), any other as it is."""
+    if (content_type or "").partition(";")[0].strip().lower() == "text/html":
+        return html_text(text)
+    return text
 
 
 def note_binary(res: dict[str, Any], origin: Origin) -> str | None:

@@ -862,7 +862,7 @@ def test_notes_whose_text_is_a_binary_resource_equal_per_record_path(
 
 
 
-def test_note_text_wrapped_in_lines_or_with_a_byte_order_mark_is_read_and_a_blank_one_is_not_on_both_paths(
+def test_note_text_wrapped_in_lines_with_a_byte_order_mark_or_in_html_is_read_and_a_blank_one_is_not_on_both_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # FHIR's base64Binary allows whitespace between its groups: MIME-style 76-character lines. A
@@ -883,6 +883,10 @@ def test_note_text_wrapped_in_lines_or_with_a_byte_order_mark_is_read_and_a_blan
                 "type": {"text": "Progress note"}, "content": content}
 
     blank = base64.b64encode(b" \n ").decode()
+    plain = base64.b64encode(b"Pt stable.").decode()
+    markup = (b"<html><head><style>p {color: red}</style></head><body><h1>Progress note</h1>"
+              b"<p>Pt <b>stable</b> &amp; afebrile.</p><ul><li>BP 120/80</li></ul></body></html>")
+    html = base64.b64encode(markup).decode()
     records = [
         {"resourceType": "Patient", "id": "p1"},
         {"resourceType": "Binary", "id": "b-wrapped", "contentType": "text/plain", "data": wrapped(text.encode())},
@@ -893,6 +897,12 @@ def test_note_text_wrapped_in_lines_or_with_a_byte_order_mark_is_read_and_a_blan
         doc("d-blank", blank),
         doc("d-binary-wrapped", binary="b-wrapped"),
         doc("d-binary-blank", binary="b-blank"),
+        # An EHR's HTML rendering is read as its text; beside a plain-text one, the plain text is the note.
+        {**doc("d-html"), "content": [{"attachment": {"contentType": "text/html; charset=utf-8", "data": html}}]},
+        {**doc("d-both"), "content": [{"attachment": {"contentType": "text/html", "data": html}},
+                                      {"attachment": {"contentType": "text/plain", "data": plain}}]},
+        {"resourceType": "Binary", "id": "b-html", "contentType": "text/html", "data": html},
+        doc("d-binary-html", binary="b-html"),
     ]
     landing = tmp_path / "landing"
     (landing / "fhir").mkdir(parents=True)
@@ -900,9 +910,12 @@ def test_note_text_wrapped_in_lines_or_with_a_byte_order_mark_is_read_and_a_blan
     fast = _fast_equals_per_record(landing, tmp_path, monkeypatch)
     assert fast.balanced and fast.quarantined_by_reason == {"no_note_text": 2}
     notes = pl.read_parquet(tmp_path / "fast" / "notes.parquet").sort("note_id")
+    read = "Progress note\nPt stable & afebrile.\nBP 120/80"
     assert notes.select("note_id", "text").rows() == [
-        ("d-binary-wrapped", text), ("d-blank-first", text), ("d-mark", text), ("d-wrapped", text)]
-    assert notes["text_sha256"].unique().to_list() == [hashlib.sha256(text.encode()).hexdigest()]
+        ("d-binary-html", read), ("d-binary-wrapped", text), ("d-blank-first", text), ("d-both", "Pt stable."),
+        ("d-html", read), ("d-mark", text), ("d-wrapped", text)]
+    assert notes.filter(pl.col("text") == text)["text_sha256"].unique().to_list() == [
+        hashlib.sha256(text.encode()).hexdigest()]
     quarantine = pl.read_parquet(tmp_path / "fast" / "quarantine.parquet").sort("resource_id")
     assert quarantine.select("resource_id", "reason").rows() == [
         ("d-binary-blank", "DocumentReference's text is Binary/b-blank, whose text is blank"),
