@@ -133,7 +133,8 @@ def stale_task_inputs(warehouse_dir: Path, task_name: str) -> str | None:
         step = stamp.name.removesuffix(".fingerprint.json")
         recorded = json.loads(stamp.read_text(encoding="utf-8")).get("warehouse_inputs")
         if recorded is None:
-            return f"{stamp} names no warehouse files (written by an earlier version); build the task inputs again"
+            return (f"task {task_name!r}: {step} names no warehouse files it read (written by an earlier version); "
+                    "build the task inputs again")
         for key in recorded:
             now = _file_key(Path(warehouse_dir) / key.split(":", 1)[0])
             if key != now:

@@ -737,9 +737,14 @@ def _note_text(res: dict[str, Any]) -> str:
     raise RecordError("no_note_text", "DocumentReference has no text/* attachment with inline data")
 
 
+def _media_type(content_type: str | None) -> str:
+    """``text/html`` for ``Text/HTML; charset=utf-8``; no type is ``text/plain``."""
+    return (content_type or "text/plain").partition(";")[0].strip().lower()
+
+
 def is_plain_text(content_type: str | None) -> bool:
     """Whether a content type is ``text/plain`` (as no type is)."""
-    return (content_type or "text/plain").partition(";")[0].strip().lower() == "text/plain"
+    return _media_type(content_type) == "text/plain"
 
 
 class _HtmlText(HTMLParser):
@@ -786,9 +791,9 @@ def html_text(markup: str) -> str:
 def text_charset(content_type: str | None) -> str | None:
     """The charset of a ``text/*`` content type (UTF-8 when none is given; no type is
     ``text/plain``); None for any other type."""
-    mime, _, params = (content_type or "text/plain").partition(";")
-    if not mime.strip().lower().startswith("text/"):
+    if not _media_type(content_type).startswith("text/"):
         return None
+    params = (content_type or "").partition(";")[2]
     charset = "utf-8"
     for param in params.split(";"):
         name, _, value = param.partition("=")
@@ -836,7 +841,7 @@ def decode_text(data: Any, content_type: str, where: str) -> str | None:
 
 def readable_text(text: str, content_type: str | None) -> str:
     """A decoded note as written: the text of an HTML note (:func:`html_text`), any other as it is."""
-    if (content_type or "").partition(";")[0].strip().lower() == "text/html":
+    if _media_type(content_type) == "text/html":
         return html_text(text)
     return text
 
