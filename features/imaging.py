@@ -14,6 +14,7 @@ give the same rows.
 from __future__ import annotations
 
 import math
+import string
 from collections import Counter
 from datetime import datetime
 from functools import partial
@@ -97,12 +98,25 @@ def _imaging_frame(table: pa.Table, record_numbers: npt.NDArray[np.int64], *, le
     assert times is not None  # clear_imaging_rows cleared rows: the column is of a time type
     frame = pa.table(
         # Unchecked casts: integer embeddings beyond float32's exact range (2**24) round, as floats do.
-        [times[0] if field.name == "time" else kept.column(field.name).cast(field.type, safe=False)
+        [times[0] if field.name == "time"
+         else pc.ascii_upper(pc.ascii_trim_whitespace(kept.column(field.name))).cast(field.type)
+         if field.name == "modality"
+         else kept.column(field.name).cast(field.type, safe=False)
          for field in IMAGING_INPUT]
         + [pa.repeat(pa.scalar(source_file, pa.string()), kept.num_rows), pa.array(record_numbers[cleared])],
         schema=IMAGING,
     )
     return cleared, frame
+
+
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def modality_code(modality: str) -> str:
+    """``CT`` for `` ct``: DICOM's modality codes are upper case, and one modality written two ways
+    would be two codes (``IMAGING//CT``, ``IMAGING//ct``) to the model. ASCII only, as
+    :func:`_imaging_frame` reads a whole column."""
+    return modality.strip(" \t\n\r\x0b\x0c").translate(_ASCII_UPPER)
 
 
 def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: datetime, zone: str,
@@ -112,7 +126,7 @@ def _read_row(number: int, row: dict[str, Any], *, length: int | None, latest: d
         patient_id = to_patient_id(row)
         study_id = to_id(row, "study_id")
         time = to_time(row, "time", latest, zone)
-        modality = to_string(row, "modality")
+        modality = modality_code(to_string(row, "modality"))
         body_site = to_string(row, "body_site")
         embedding = row.get("embedding")
         if not isinstance(embedding, list):

@@ -1127,3 +1127,19 @@ def test_a_genotype_sentinel_beyond_float_precision_is_one_quarantined_row(tmp_p
     assert quarantine.select("record_number", "reason").rows() == [
         (2, f"genotype {-(2**63)} is not 0, 1 or 2 alternate alleles")]
     assert pl.read_parquet(tmp_path / "out" / "genomics.parquet")["code"].to_list() == ["GENE//CYP2C19"]
+
+
+def test_an_imaging_modality_is_read_as_its_dicom_code_by_column_and_per_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One modality written two ways would be two codes to the model.
+    table = imaging_table([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    table = table.set_column(3, "modality", pa.array([" ct", "CT", "Mr\t"]))
+    run(tmp_path / "fast", {"imaging/studies.parquet": table})
+    fast = pl.read_parquet(tmp_path / "fast" / "out" / "imaging.parquet")
+    assert fast["modality"].to_list() == ["CT", "CT", "MR"]
+    events = pl.read_parquet(tmp_path / "fast" / "out" / "events.parquet").filter(pl.col("modality") == "imaging")
+    assert events["code"].to_list() == ["IMAGING//CT", "IMAGING//CT", "IMAGING//MR"]
+    monkeypatch.setattr(features.imaging, "clear_columns", lambda batch, *args: np.zeros(batch.num_rows, dtype=bool))
+    run(tmp_path / "slow", {"imaging/studies.parquet": table})
+    assert_frame_equal(fast, pl.read_parquet(tmp_path / "slow" / "out" / "imaging.parquet"), check_exact=True)
