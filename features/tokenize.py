@@ -33,12 +33,13 @@ Binned together, a clearance would read as the eGFR it is not; a unit too rare i
 ``transform`` meets it (:func:`extend_unit_conversions`): a laboratory that starts reporting
 haemoglobin in ``g/L`` where the model learned ``g/dL`` is still read, on the scale it learned.
 
-Sequence length: a patient's static facts (events without a time: sex, genomics) come first, then
-their most recent timed events, ``max_events`` tokens in all. Static facts take at most
+Sequence length: a patient's facts (birth, and the events without a time: sex, genomics) come
+first, then their most recent timed events, ``max_events`` tokens in all. Facts take at most
 ``max_static_events`` of them (half by default): a patient with more (an expression panel of
-thousands of genes) keeps the first ``max_static_events`` in vocabulary order (the tokens seen in
-the most train patients first; ties by token, then by value), so a wide panel never crowds out
-the laboratory results, diagnoses and visits.
+thousands of genes) keeps birth, sex and genotypes first (:func:`fact_priority`), then the others
+in vocabulary order (the tokens seen in the most train patients first; ties by token, then by
+value), so a wide panel never crowds out the laboratory results, diagnoses and visits, nor the
+patient's age and sex.
 """
 
 from __future__ import annotations
@@ -287,6 +288,24 @@ def value_bin_edges(values: np.ndarray, n_bins: int) -> list[float]:
     return result
 
 
+TIMED = 4
+""":func:`fact_priority` of an event that is neither birth nor a static fact."""
+
+
+def fact_priority() -> pl.Expr:
+    """Which facts a sequence keeps first when it has more than ``max_static_events``: birth (its
+    time before the prediction time is the patient's age, which the model has from no other
+    input), sex, genotypes, then other static facts (expression values, features). By vocabulary
+    order alone, a panel measured in every patient would come before sex (half of them each), and
+    birth, the oldest event, would be the first timed event cut. :data:`TIMED` for other events."""
+    token, time = pl.col("token"), pl.col("time")
+    return (pl.when(token == "MEDS_BIRTH").then(0)
+            .when(time.is_not_null()).then(TIMED)
+            .when(token.str.starts_with("SEX//")).then(1)
+            .when(token.str.starts_with("GENE//")).then(2)
+            .otherwise(3).cast(pl.Int8))
+
+
 class EventTokenizer(BaseEstimator):  # type: ignore[misc]
     """Learn a vocabulary and value bins on train patients; turn events into token sequences.
 
@@ -392,25 +411,27 @@ class EventTokenizer(BaseEstimator):  # type: ignore[misc]
                 ((pl.col("prediction_time") - pl.col("time")).dt.total_microseconds().cast(pl.Float64)
                  / MICROSECONDS_PER_DAY).cast(pl.Float32).alias("time_before_days"),
             )
+            .with_columns(fact_priority().alias("priority"))
             # A total order first: the join above does not keep one, and events at the same time
             # (two weights charted in the same minute) must be cut and listed the same way on every
             # run. The ordinal rank then breaks ties in time by that order.
-            .sort(["subject_id", "time", "token_id", "numeric_value"], nulls_last=False)
-            # Static facts first (the first static_limit of them in the order above: by token id,
-            # i.e. vocabulary order, then value), then the most recent timed events up to the
-            # limit. Int64: the counts are UInt32, and max_events - n_static would wrap to ~4e9
-            # (keeping every timed event) for a patient with more static facts than max_events.
+            .sort(["subject_id", "priority", "time", "token_id", "numeric_value"], nulls_last=False)
+            # Facts first (birth and the static facts: the first static_limit of them in the order
+            # above, by fact_priority, then token id, i.e. vocabulary order, then value), then the
+            # most recent timed events up to the limit. Int64: the counts are UInt32, and
+            # max_events - n_facts would wrap to ~4e9 (keeping every timed event) for a patient
+            # with more facts than max_events.
             .with_columns(
-                pl.min_horizontal(pl.col("time").is_null().sum().over("subject_id").cast(pl.Int64),
-                                  pl.lit(static_limit, dtype=pl.Int64)).alias("n_static"),
-                pl.col("time").is_null().cum_sum().over("subject_id").cast(pl.Int64).alias("static_rank"),
-                pl.col("time").rank("ordinal", descending=True).over("subject_id").cast(pl.Int64)
-                .alias("recency"),
+                pl.min_horizontal(pl.col("priority").lt(TIMED).sum().over("subject_id").cast(pl.Int64),
+                                  pl.lit(static_limit, dtype=pl.Int64)).alias("n_facts"),
+                pl.col("priority").lt(TIMED).cum_sum().over("subject_id").cast(pl.Int64).alias("fact_rank"),
+                pl.when(pl.col("priority") == TIMED).then(pl.col("time")).rank("ordinal", descending=True)
+                .over("subject_id").cast(pl.Int64).alias("recency"),
                 pl.len().over("subject_id").cast(pl.Int32).alias("known_events"),
             )
-            .filter(pl.when(pl.col("time").is_null())
-                    .then(pl.col("static_rank") <= static_limit)
-                    .otherwise(pl.col("recency") <= pl.lit(self.max_events, dtype=pl.Int64) - pl.col("n_static")))
+            .filter(pl.when(pl.col("priority") < TIMED)
+                    .then(pl.col("fact_rank") <= static_limit)
+                    .otherwise(pl.col("recency") <= pl.lit(self.max_events, dtype=pl.Int64) - pl.col("n_facts")))
             .select("subject_id", "prediction_time", "time", "token", "token_id", "numeric_value",
                     "time_before_days", "modality_id", "known_events")
             .collect()

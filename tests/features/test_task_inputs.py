@@ -132,12 +132,13 @@ def event_tokens_of(tmp_path: Path, events: pl.DataFrame, max_events: int,
 
 
 @pytest.mark.parametrize(("max_static_events", "kept_static"), [
-    (None, 3),  # the task file's default, half the sequence: room is left for 3 timed events
-    (6, 6),  # allowed the whole sequence, the panel fills it
+    (None, 2),  # the task file's default, half the sequence: birth, sex and one gene; 3 timed events
+    (6, 5),  # allowed the whole sequence: birth, sex and four genes fill it
 ])
 def test_event_tokens_step_cuts_and_counts_a_patient_with_more_static_facts_than_max_events(
         tmp_path: Path, max_static_events: int | None, kept_static: int) -> None:
-    # Patient 2 has 8 expression values besides its sex: 9 static facts, 4 timed events before day 0.
+    # Patient 2 has 8 expression values besides its sex: 9 static facts and birth, 4 timed events
+    # before day 0. Birth is kept before the static facts (its time is the patient's age).
     panel = events_frame([(2, None, f"EXPRESSION//G{g}", 1.0, None, "genomics") for g in range(8)])
     tokens, stats = event_tokens_of(tmp_path, pl.concat([toy_events(), panel]), 6, max_static_events)
     # Patients 1, 3 and 4: sex, birth, blood pressure, a condition and the visit (5 < 6).

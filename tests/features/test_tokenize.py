@@ -14,7 +14,7 @@ from features.cohorts import select_cohort
 from features.labels import build_labels
 from features.leakage import find_leaks, find_negative_offsets
 from features.tokenize import PAD, UNK, EventTokenizer, extend_unit_conversions, units_in_use, value_bin_edges
-from tests.features.task_fixtures import BP, T0, day, events_frame, task, toy_events
+from tests.features.task_fixtures import BP, T0, VISIT, day, events_frame, task, toy_events
 
 
 def fitted(**kwargs: int) -> tuple[EventTokenizer, pl.DataFrame]:
@@ -48,12 +48,41 @@ def test_transform_cuts_at_prediction_time_and_bins_values() -> None:
     assert find_negative_offsets(tokens).height == 0
 
 
-def test_length_limit_keeps_static_and_most_recent() -> None:
+def test_length_limit_keeps_facts_and_most_recent() -> None:
+    # Room for one fact (half of 3): birth, whose time is the patient's age, over sex; then the two
+    # most recent events.
     tokenizer, cohort = fitted(max_events=3)
     tokens = tokenizer.transform(toy_events(), cohort)
     names = {v: k for k, v in tokenizer.vocabulary_.items()}
     assert [names[t] for t in tokens.row(0, named=True)["token_ids"]] == [
-        "SEX//female", "SNOMED//59621000", "SNOMED//11429006"]
+        "MEDS_BIRTH", "SNOMED//59621000", "SNOMED//11429006"]
+    tokenizer.max_static_events = 2
+    tokens = tokenizer.transform(toy_events(), cohort)
+    assert [names[t] for t in tokens.row(0, named=True)["token_ids"]] == [
+        "SEX//female", "MEDS_BIRTH", "SNOMED//11429006"]
+
+
+def test_a_long_record_or_a_wide_panel_keeps_birth_sex_and_genotypes() -> None:
+    # Ten visits and a ten-gene expression panel measured in every patient: by vocabulary order
+    # alone the panel would come before sex (half the patients each), and birth, the oldest event,
+    # would be the first cut, leaving the model without age.
+    rows: list[tuple[int, datetime | None, str, float | None, str | None, str]] = []
+    for sid in (1, 2):
+        rows += [(sid, None, "SEX//female" if sid == 1 else "SEX//male", None, None, "ehr"),
+                 (sid, None, "GENE//CYP2C19", 1.0, "rs4244285", "genomics"),
+                 (sid, day(-365.25 * (70 + sid)), "MEDS_BIRTH", None, None, "ehr")]
+        rows += [(sid, None, f"EXPRESSION//G{g:02d}", float(g), None, "genomics") for g in range(10)]
+        rows += [(sid, day(-10 * v), VISIT, None, None, "ehr") for v in range(10)]
+    events = events_frame(rows)
+    cohort = pl.DataFrame({"subject_id": [1, 2], "prediction_time": [T0, T0]},
+                          schema={"subject_id": pl.Int64, "prediction_time": pl.Datetime("us")})
+    tokenizer = EventTokenizer(max_events=8, min_code_count=1).fit(events, cohort, [1, 2])
+    names = {v: k for k, v in tokenizer.vocabulary_.items()}
+    tokens = tokenizer.transform(events, cohort)
+    assert [names[t] for t in tokens.row(0, named=True)["token_ids"]] == [
+        "EXPRESSION//G00", "GENE//CYP2C19//rs4244285", "SEX//female", "MEDS_BIRTH", VISIT, VISIT, VISIT, VISIT]
+    assert tokens.row(1, named=True)["time_before_days"][3] == pytest.approx(365.25 * 72)
+    assert tokens["dropped_events"].to_list() == [15, 15]
 
 
 def test_unknown_codes_dropped_and_patients_without_events_kept() -> None:
@@ -74,7 +103,7 @@ def test_not_fitted_and_roundtrip(tmp_path: Path) -> None:
 
 
 def test_events_at_the_same_time_are_listed_and_cut_the_same_way_in_any_row_order() -> None:
-    tokenizer, cohort = fitted(max_events=4)
+    tokenizer, cohort = fitted(max_events=5)
     # Patient 1: three blood pressures in the same minute before day 0; the limit cuts among them.
     tied = events_frame([(1, day(-10), BP, v, None, "ehr") for v in (150.0, 105.0, 125.0)])
     events = pl.concat([toy_events(), tied])
@@ -82,10 +111,10 @@ def test_events_at_the_same_time_are_listed_and_cut_the_same_way_in_any_row_orde
         fraction=1.0, shuffle=True, seed=5))]
     first = results[0].row(0, named=True)
     names = {v: k for k, v in tokenizer.vocabulary_.items()}
-    # Static sex, then the 3 most recent timed events: the visit and two of the three tied blood
+    # Sex and birth, then the 3 most recent timed events: the visit and two of the three tied blood
     # pressures (ties in time are ordered by value: 105 and 125 are kept, 150 is cut).
-    assert [names[t] for t in first["token_ids"]] == ["SEX//female", BP, BP, "SNOMED//11429006"]
-    assert first["value_bins"] == [0, 1, 2, 0]  # 105 < 120 <= 125
+    assert [names[t] for t in first["token_ids"]] == ["SEX//female", "MEDS_BIRTH", BP, BP, "SNOMED//11429006"]
+    assert first["value_bins"] == [0, 0, 1, 2, 0]  # 105 < 120 <= 125
     for other in results[1:]:
         assert_frame_equal(other, results[0])
 
