@@ -37,11 +37,14 @@ from features.tokenize import (
     conversions_in_use,
     events_before,
     extend_unit_conversions,
+    main_units,
     token_expr,
     unit_columns,
+    unit_counts,
     units_in_use,
     with_unit,
 )
+from features.tokenize import unit_conversions as learned_conversions
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,19 @@ def select_tabular_codes(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFra
     by code), and which of them have numeric values in those patients. ``units``: each token's
     main unit (the task tokenizer's ``units_``), into which values in a unit of
     ``unit_conversions`` (its ``unit_conversions_``) are converted; a value in any other unit is a
-    code of its own."""
+    code of its own. A code too rare for the tokenizer's vocabulary has no main unit there: it gets
+    one learned here the same way (:func:`features.tokenize.main_units`), so that its values in
+    two units are not aggregated as one."""
     units, unit_conversions = units or {}, unit_conversions or {}
     train = cohort.filter(pl.col("subject_id").is_in(list(train_ids)))
+    seen = events_before(events, train)
+    counts = unit_counts(with_unit(seen).with_columns(token_expr()))
+    rare = counts.filter(~pl.col("token").is_in(list(units)))
+    rare_units = main_units(rare)
+    units = {**rare_units, **units}
+    unit_conversions = {**learned_conversions(rare, rare_units), **unit_conversions}
     ranked = (
-        _with_token_code(events_before(events, train), units, unit_conversions)
+        _with_token_code(seen, units, unit_conversions)
         .group_by("code")
         .agg(
             pl.col("subject_id").n_unique().alias("patients"),

@@ -7,6 +7,7 @@ from polars.testing import assert_frame_equal
 from features.cohorts import select_cohort
 from features.leakage import find_leaks
 from features.tabular import TabularCodes, aggregate_before, select_tabular_codes
+from features.tokenize import NO_UNIT, EventTokenizer
 from tests.features.task_fixtures import BP, MI, T0, day, events_frame, task, toy_events
 
 
@@ -68,11 +69,32 @@ def test_which_codes_get_a_last_value_column_is_decided_on_the_train_split_only(
     events = events_frame([(1, day(-3), LAB, 1.5, None, "ehr"), (2, day(-3), LAB, None, None, "ehr"),
                            (3, day(-3), LAB, None, None, "ehr")])
     selected = select_tabular_codes(events, cohort, [1, 2], 10)
-    assert selected == TabularCodes(codes=[LAB], numeric=[LAB])
+    assert selected == TabularCodes(codes=[LAB], numeric=[LAB], units={LAB: NO_UNIT})
     held_out = aggregate_before(events, cohort.filter(pl.col("subject_id") == 3), selected)
     assert held_out.columns == [*columns, f"last__{LAB}"]
     assert held_out[f"last__{LAB}"].to_list() == [None]
     assert aggregate_before(events, cohort, selected)[f"last__{LAB}"].to_list() == [1.5, None, None]
+
+
+def test_a_code_too_rare_for_the_vocabulary_keeps_its_units_apart() -> None:
+    # Glucose in three train patients, below the tokenizer's min_code_count: it has no main unit
+    # there, and its mmol/L value must not be aggregated with the mg/dL ones.
+    glucose = "LOINC//2345-7"
+    rows = [(s, day(-1), "SNOMED//11429006", None, None, "ehr") for s in range(1, 9)]
+    rows += [(1, day(-1), glucose, 100.0, None, "ehr"), (2, day(-1), glucose, 110.0, None, "ehr"),
+             (3, day(-1), glucose, 5.5, None, "ehr")]
+    events = events_frame(rows).with_columns(unit=pl.Series([None] * 8 + ["mg/dL", "mg/dL", "mmol/L"]))
+    ids = list(range(1, 9))
+    cohort = pl.DataFrame({"subject_id": ids, "prediction_time": [T0] * 8, "age_years": [60.0] * 8,
+                           "sex": ["male"] * 8})
+    tokenizer = EventTokenizer(min_code_count=5).fit(events, cohort, ids)
+    assert tokenizer.units_ == {}
+    selected = select_tabular_codes(events, cohort, ids, 200, tokenizer.units_, tokenizer.unit_conversions_)
+    assert selected.units == {glucose: "mg/dL"}
+    assert selected.codes == [glucose, f"{glucose}//mmol/L", "SNOMED//11429006"]
+    table = aggregate_before(events, cohort, selected)
+    assert table[f"last__{glucose}"].head(3).to_list() == [100.0, 110.0, None]
+    assert table[f"last__{glucose}//mmol/L"].head(3).to_list() == [None, None, 5.5]
 
 
 SMOKING = "LOINC//72166-2"
