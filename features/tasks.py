@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -60,6 +61,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _VOCABULARY = r"[A-Za-z][A-Za-z0-9_-]*"
 _CODE = re.compile(rf"^{_VOCABULARY}//\S+$")
 _PREFIX = re.compile(rf"^{_VOCABULARY}$")
+ISO_DATE_START = re.compile(r"\d{4}-\d{2}-\d{2}(?:$|[T ])")
 MAX_AGE_YEARS = 150.0
 MAX_DAYS = 73_050.0
 """The longest span in days a task may name (200 years): longer is a typo, and overflows time arithmetic."""
@@ -352,7 +354,9 @@ class _Reader:
         value = self.value.get(name)
         if value is None:
             return None
-        if isinstance(value, str):
+        # Only the extended form (2025-12-31, 2025-12-31T09:00): Python also reads 20251231, as a
+        # midnight, which would drop an inclusive end's last day.
+        if isinstance(value, str) and ISO_DATE_START.match(value):
             with contextlib.suppress(ValueError):  # not ISO: reported below with what was found
                 value = date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)
         if isinstance(value, datetime):
@@ -596,6 +600,29 @@ def parse_task(raw: Any, source: str = "<task>") -> TaskDefinition:
     )
 
 
+class _RepeatedKey(yaml.YAMLError):  # type: ignore[misc]
+    def __init__(self, key: object, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} is given twice")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
+    """YAML's safe loader, refusing a mapping that gives a key twice: PyYAML keeps the last, so a
+    second ``exclude:`` would silently replace the first rule."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, Hashable) and key in lines:
+                raise _RepeatedKey(key, lines[key], line)
+            if isinstance(key, Hashable):
+                lines[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
 def load_task(path: Path) -> TaskDefinition:
     """Read and validate one task YAML file.
 
@@ -616,7 +643,11 @@ def load_task(path: Path) -> TaskDefinition:
     except (OSError, UnicodeDecodeError) as exc:
         raise CohortDefinitionError(f"task file {path} cannot be read ({exc.__class__.__name__})") from exc
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _RepeatedKey as exc:
+        raise CohortDefinitionError(f"task file {path}: key {exc.key!r} is given twice (lines {exc.first} and "
+                                    f"{exc.second}; expected each key once: the second would silently replace "
+                                    "the first)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -217,6 +217,27 @@ def test_load_task_bad_yaml(tmp_path: Path) -> None:
         load_task(tmp_path / "latin1.yaml")
 
 
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    # YAML parsers keep the last copy: a second exclude rule would silently replace the first.
+    text = (REPO / "tasks" / "simulated_mace_1y.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "simulated_mace_1y.yaml"
+    path.write_text(text.replace("horizon_days: 365\n", "horizon_days: 365\nhorizon_days: 30\n", 1), encoding="utf-8")
+    line = text[:text.index("horizon_days: 365")].count("\n") + 1
+    with pytest.raises(CohortDefinitionError, match=re.escape(
+            f"task file {path}: key 'horizon_days' is given twice (lines {line} and {line + 1}; expected each key "
+            "once: the second would silently replace the first)")):
+        load_task(path)
+
+
+@pytest.mark.parametrize("written", ["20251231", "2025-W53-3", "2025-365"])
+def test_a_date_in_another_iso_form_is_refused(written: str) -> None:
+    # Python reads 20251231 as a midnight: an inclusive follow-up end would lose its last day.
+    with pytest.raises(CohortDefinitionError, match=re.escape(
+            f"follow_up_end must be a date or date-time like 2022-01-01 or 2022-01-01T00:00:00Z (found str "
+            f"'{written}')")):
+        task(follow_up_end=written)
+
+
 def test_missing_name() -> None:
     with pytest.raises(CohortDefinitionError, match="name must be a string"):
         parse_task({"cohort": {}})
