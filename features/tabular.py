@@ -4,8 +4,10 @@ Stage: model inputs. In: the ``events`` table, a task's ``cohort`` and the ids o
 patients. Out: a wide table, one row per cohort patient: ``subject_id, prediction_time,
 last_input_time`` (:data:`features.schemas.TABULAR_FEATURES_KEY`), then ``age_years``,
 ``sex_female``, counts per modality, and per selected code ``count__<code>`` (events before the
-prediction time), ``days_since__<code>`` (days since the latest one; null for static facts and when
-never seen) and, for codes with numeric values, ``last__<code>`` (the latest value). A "code" here
+prediction time), ``days_since__<code>`` (days since the latest one was taken; null for static
+facts and when never seen) and, for codes with numeric values, ``last__<code>`` (the latest value
+taken among those known at the prediction time: a result counts once issued, and a stat repeat
+issued before an earlier routine sample's result is still the latest). A "code" here
 is the event's token, as the fusion model's vocabulary keys it (:func:`features.tokenize.token_expr`):
 an observation's coded answer and a genotype's variant are part of it
 (``LOINC//72166-2//SNOMED//77176002``, a current smoker; ``GENE//CYP2C19//rs4244285``), so the
@@ -148,13 +150,16 @@ def aggregate_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame,
     )
     per_code = (
         seen.filter(pl.col("code").is_in(codes))
-        # The value as the last key: of two values charted at the same time, "last" is then the
-        # same one on every run (the larger), whatever order the join left them in.
-        .sort(["subject_id", "code", "time", "numeric_value"], nulls_last=False)
+        # Of the results known at the prediction time, the last one taken (a stat repeat drawn at
+        # 10:00 and issued at 10:30 over a routine sample drawn at 08:00 and issued at 11:30), and
+        # the days since it was taken. The value as the last key: of two values charted at the same
+        # time, "last" is then the same one on every run (the larger), whatever order the join left
+        # them in.
+        .sort(["subject_id", "code", "event_time", "time", "numeric_value"], nulls_last=False)
         .group_by(["subject_id", "code"])
         .agg(
             pl.len().cast(pl.Float64).alias("count"),
-            ((pl.col("prediction_time").first() - pl.col("time").max()).dt.total_microseconds()
+            ((pl.col("prediction_time").first() - pl.col("event_time").max()).dt.total_microseconds()
              .cast(pl.Float64) / MICROSECONDS_PER_DAY).alias("days_since"),
             # A NaN is no value (as in the selection above): it must not hide an earlier reading.
             pl.col("numeric_value").drop_nulls().drop_nans().last().cast(pl.Float64).alias("last"),

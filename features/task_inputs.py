@@ -178,7 +178,7 @@ def _events(warehouse_dir: Path) -> pl.LazyFrame:
     return pl.scan_parquet(path, glob=False)
 
 
-STEPS_VERSION = 16
+STEPS_VERSION = 17
 """Part of every step's fingerprint: raised whenever a step computes something else from the same
 inputs (a corrected label rule, say), so that an upgrade recomputes existing task folders instead of
 keeping outputs the new code would not give."""

@@ -77,11 +77,12 @@ def events_before(events: pl.DataFrame | pl.LazyFrame, cohort: pl.DataFrame) -> 
     ``time``): a lab drawn before the prediction time but issued after it is not an input, and one
     issued before it is read as that old. Static facts (null time) are known at every prediction
     time. Events exactly at the prediction time are kept: the prediction time is when the
-    information is complete (e.g. a visit's end).
+    information is complete (e.g. a visit's end). When each happened (a specimen's draw) stays as
+    ``event_time``.
     """
     return (
         with_known_time(events)
-        .with_columns(pl.col("known_at").alias("time"))
+        .with_columns(pl.col("time").alias("event_time"), pl.col("known_at").alias("time"))
         .drop("known_at")
         .join(cohort.lazy().select("subject_id", "prediction_time"), on="subject_id")
         .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time")))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -170,3 +172,19 @@ def test_a_value_in_a_unit_the_tokenizer_converts_is_read_in_the_main_unit() -> 
     assert codes.codes == [weight] and codes.unit_conversions == {weight: {"[lb_av]": (0.45359237, 0.0)}}
     table = aggregate_before(events, cohort, codes)
     assert table[f"last__{weight}"].to_list() == pytest.approx([71.0, 72.0, 73.0, 74.0, 176 * 0.45359237])
+
+
+def test_the_last_value_is_the_latest_taken_among_those_known() -> None:
+    # Creatinine drawn at 08:00 and issued at 11:30 (1.0), a stat repeat drawn at 10:00 and issued
+    # at 10:30 (3.5), a third drawn at 11:00 and issued after the prediction time at noon (9.9).
+    creatinine = "LOINC//2160-0"
+    noon = T0
+    rows = [(1, noon - timedelta(hours=4), creatinine, 1.0, None, "ehr"),
+            (1, noon - timedelta(hours=2), creatinine, 3.5, None, "ehr"),
+            (1, noon - timedelta(hours=1), creatinine, 9.9, None, "ehr")]
+    known = [noon - timedelta(minutes=30), noon - timedelta(minutes=90), noon + timedelta(hours=1)]
+    events = events_frame(rows).with_columns(known_time=pl.Series(known, dtype=pl.Datetime("us")))
+    cohort = pl.DataFrame({"subject_id": [1], "prediction_time": [noon], "age_years": [70.0], "sex": ["male"]})
+    table = aggregate_before(events, cohort, select_tabular_codes(events, cohort, [1], 10))
+    assert table.select(f"count__{creatinine}", f"last__{creatinine}").row(0) == (2.0, 3.5)
+    assert table[f"days_since__{creatinine}"].item() == pytest.approx(2 / 24)
