@@ -10,6 +10,7 @@ from sksurv.datasets import load_whas500
 from models.baselines import (
     feature_matrix,
     fit_cox,
+    fit_cox_tuned,
     fit_lightgbm,
     fit_logistic,
     fit_logistic_tuned,
@@ -34,6 +35,24 @@ def test_survival_baselines_rank_whas500_patients(whas500: tuple[np.ndarray, np.
     forest = fit_random_survival_forest(x[train], event[train], duration[train])
     assert harrell_c_index(event[test], duration[test], cox.predict(x[test])) > 0.7
     assert harrell_c_index(event[test], duration[test], forest.predict(x[test])) > 0.7
+
+
+def test_the_tuned_cox_model_takes_the_penalty_that_ranks_the_tuning_split_best(
+    whas500: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> None:
+    # WHAS500's covariates beside 200 columns of noise: a light penalty fits the noise.
+    x, event, duration = whas500
+    noisy = np.hstack([x, np.random.default_rng(0).normal(size=(len(x), 200))])
+    train, tuning = slice(0, 300), slice(300, 400)
+    alphas = (10.0, 1000.0)
+    tuned = fit_cox_tuned(noisy[train], event[train], duration[train], noisy[tuning], event[tuning],
+                          duration[tuning], alphas)
+    c = [harrell_c_index(event[tuning], duration[tuning], fit_cox(noisy[train], event[train], duration[train],
+                                                                   alpha).predict(noisy[tuning])) for alpha in alphas]
+    assert tuned[-1].alpha == alphas[int(np.argmax(c))]
+    with pytest.raises(ValueError, match=r"the tuning split has no event among 100 patients"):
+        fit_cox_tuned(noisy[train], event[train], duration[train], noisy[tuning], np.zeros(100, dtype=bool),
+                      duration[tuning], alphas)
 
 
 def test_feature_matrix_keeps_the_train_column_order_and_missing_values() -> None:

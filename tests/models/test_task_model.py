@@ -112,7 +112,8 @@ def test_evaluation_reports_every_metric_for_the_model_and_baselines(trained: tu
         assert key in fusion, key
     assert fusion["auroc"] > 0.65
     assert set(metrics["models"]) == {"fusion", "logistic_regression", "logistic_regression_all_modalities",
-                                      "lightgbm", "cox_ph", "random_survival_forest", "t_learner_lightgbm"}
+                                      "lightgbm", "lightgbm_all_modalities", "cox_ph", "cox_ph_all_modalities",
+                                      "random_survival_forest", "t_learner_lightgbm"}
     assert "policy_event_rate" in metrics["models"]["t_learner_lightgbm"]
 
 
@@ -160,19 +161,19 @@ def test_fusion_is_compared_with_each_baseline_on_the_same_patients(trained: tup
     model_dir, metrics = trained
     comparisons = metrics["comparisons"]
     models = metrics["models"]
-    for name in ("logistic_regression", "logistic_regression_all_modalities", "lightgbm"):
+    for name in ("logistic_regression", "logistic_regression_all_modalities", "lightgbm", "lightgbm_all_modalities"):
         row = comparisons[name]
         assert row["auroc_difference"] == pytest.approx(models["fusion"]["auroc"] - models[name]["auroc"])
         assert row["auroc_difference_low"] < row["auroc_difference"] < row["auroc_difference_high"]
-    for name in ("lightgbm", "cox_ph", "random_survival_forest"):
+    for name in ("lightgbm", "lightgbm_all_modalities", "cox_ph", "cox_ph_all_modalities", "random_survival_forest"):
         row = comparisons[name]
         assert row["harrell_c_difference"] == pytest.approx(models["fusion"]["harrell_c"] - models[name]["harrell_c"])
         assert row["harrell_c_difference_low"] < row["harrell_c_difference"] < row["harrell_c_difference_high"]
     assert "auroc_difference" not in comparisons["cox_ph"] and "harrell_c_difference" not in comparisons[
         "logistic_regression"]
     # The T-learner estimates treatment effects only: it has no ranking of risk to compare.
-    assert set(comparisons) == {"logistic_regression", "logistic_regression_all_modalities", "lightgbm", "cox_ph",
-                                "random_survival_forest"}
+    assert set(comparisons) == {"logistic_regression", "logistic_regression_all_modalities", "lightgbm",
+                                "lightgbm_all_modalities", "cox_ph", "cox_ph_all_modalities", "random_survival_forest"}
     card = (model_dir / "MODEL_CARD.md").read_text()
     assert metrics["comparison_resamples"] == 1000 and "(1,000 resamples of the patients)" in card
     lightgbm = comparisons["lightgbm"]
