@@ -615,9 +615,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc]
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
-            if isinstance(key, Hashable) and key in lines:
-                raise _RepeatedKey(key, lines[key], line)
             if isinstance(key, Hashable):
+                if key in lines:
+                    raise _RepeatedKey(key, lines[key], line)
                 lines[key] = line
         mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
         return mapping

@@ -54,7 +54,7 @@ import polars as pl
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from features.cohorts import with_known_time
+from features.cohorts import BIRTH_CODE, SEX_PREFIX, with_known_time
 from features.io import write_bytes_atomic
 from features.schemas import MAX_VALUE_BINS
 from features.units import unit_conversion
@@ -300,9 +300,9 @@ def fact_priority() -> pl.Expr:
     order alone, a panel measured in every patient would come before sex (half of them each), and
     birth, the oldest event, would be the first timed event cut. :data:`TIMED` for other events."""
     token, time = pl.col("token"), pl.col("time")
-    return (pl.when(token == "MEDS_BIRTH").then(0)
+    return (pl.when(token == BIRTH_CODE).then(0)
             .when(time.is_not_null()).then(TIMED)
-            .when(token.str.starts_with("SEX//")).then(1)
+            .when(token.str.starts_with(SEX_PREFIX)).then(1)
             .when(token.str.starts_with("GENE//")).then(2)
             .otherwise(3).cast(pl.Int8))
 
